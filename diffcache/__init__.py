@@ -1,0 +1,32 @@
+"""diffcache: training-free caching for diffusion models, driven by plan files.
+
+    pipe = diffcache.accelerate(pipe, plan="wan21.yaml")
+    diffcache.stats(pipe); diffcache.remove(pipe)
+"""
+
+from __future__ import annotations
+
+from diffcache import methods, pipelines  # noqa: F401  (fill the registries)
+from diffcache.adapter import Adapter, Target
+from diffcache.api import accelerate, is_accelerated, remove, stats
+from diffcache.errors import (
+    AlreadyAcceleratedError,
+    DiffCacheError,
+    KernelUnavailableError,
+    PlanError,
+    RunError,
+    UnsupportedModelError,
+)
+from diffcache.methods.base import MethodConfig
+from diffcache.models import load_model
+from diffcache.plan import Plan
+from diffcache.registry import register_adapter, register_method
+from diffcache.runstate import RunState, Stats
+
+__version__ = "0.1.0"
+__all__ = [
+    "accelerate", "remove", "stats", "is_accelerated", "load_model", "Plan", "Stats", "RunState",
+    "MethodConfig", "register_method", "Adapter", "Target", "register_adapter",
+    "DiffCacheError", "PlanError", "UnsupportedModelError", "KernelUnavailableError",
+    "AlreadyAcceleratedError", "RunError",
+]

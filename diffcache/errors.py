@@ -1,0 +1,30 @@
+"""The error hierarchy. Every message names the subject, the problem and the remedy."""
+
+from __future__ import annotations
+
+
+class DiffCacheError(Exception):
+    """Base class of every error diffcache raises on purpose."""
+
+
+class PlanError(DiffCacheError, ValueError):
+    """A plan file or plan dict is malformed, or does not fit the model or the call."""
+
+
+class UnsupportedModelError(DiffCacheError, TypeError):
+    """No adapter matches the model, or the method cannot run on it."""
+
+
+class KernelUnavailableError(DiffCacheError, NotImplementedError):
+    """An explicitly requested kernel backend cannot run on the given inputs."""
+
+
+class AlreadyAcceleratedError(DiffCacheError, RuntimeError):
+    """``accelerate`` on a model (or a shared component) that is already accelerated."""
+
+
+class RunError(DiffCacheError, RuntimeError):
+    """A mid-run inconsistency (NaN in a cached tensor, a shape change between steps).
+
+    The accelerated model is cleaned (all hooks removed) before this is raised.
+    """

@@ -1,0 +1,72 @@
+"""Registries of methods and adapters, with did-you-mean lookups."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from diffcache.adapter import Adapter
+from diffcache.errors import PlanError, UnsupportedModelError
+
+_METHODS: dict[str, tuple[type, Callable]] = {}
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` when a close match exists, else ``''``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def register_method(config_cls: type) -> Callable[[Callable], Callable]:
+    """Bind ``apply(target, config, run)`` to a MethodConfig subclass, keyed by its ``name``."""
+
+    def decorator(apply: Callable) -> Callable:
+        name = config_cls.name
+        missing = [m for m in ("identity", "aggressive") if not hasattr(config_cls, m)]
+        if missing:
+            raise TypeError(f"method {name!r} must define {', '.join(missing)}()")
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        _METHODS[name] = (config_cls, apply)
+        return apply
+
+    return decorator
+
+
+def get_method(name: str, where: str = "method") -> tuple[type, Callable]:
+    """The (config class, apply function) of a registered method, or a PlanError."""
+    if name not in _METHODS:
+        raise PlanError(
+            f"{where}: unknown method {name!r}{did_you_mean(name, _METHODS)}; "
+            f"registered: {', '.join(sorted(_METHODS))}."
+        )
+    return _METHODS[name]
+
+
+def methods() -> dict[str, type]:
+    return {name: cfg for name, (cfg, _) in sorted(_METHODS.items())}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    if adapter.name in _ADAPTERS:
+        raise ValueError(f"adapter {adapter.name!r} is registered twice")
+    _ADAPTERS[adapter.name] = adapter
+    return adapter
+
+
+def adapters() -> dict[str, Adapter]:
+    return dict(sorted(_ADAPTERS.items()))
+
+
+def find_adapter(obj: Any) -> Adapter:
+    """The adapter matching ``obj`` by exact class name, or UnsupportedModelError."""
+    for adapter in _ADAPTERS.values():
+        if adapter.matches(obj):
+            return adapter
+    known = "; ".join(f"{a.name} ({', '.join(a.pipelines + a.denoisers)})" for a in _ADAPTERS.values())
+    raise UnsupportedModelError(
+        f"no adapter for {type(obj).__name__}; known families: {known}. "
+        "Pass a pipeline or denoiser of a supported family, or add an adapter in pipelines/."
+    )

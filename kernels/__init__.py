@@ -1,0 +1,28 @@
+"""Fused kernels with torch references and Triton implementations.
+
+Each public op takes ``backend="auto" | "torch" | "triton"``. ``auto`` uses the Triton kernel on
+supported CUDA tensors and the torch reference otherwise; ``triton`` raises
+:class:`KernelUnavailableError` with every reason it cannot run. ``last_backend`` records which
+backend each op's latest call used. Importing this package works without Triton installed.
+"""
+
+from __future__ import annotations
+
+from diffcache.errors import KernelUnavailableError
+
+from ._dispatch import Backend, describe, last_backend, ops, pick
+from .add_residual import add_residual, add_residual_ref
+from .l1_change import l1_change, l1_change_ref
+
+__all__ = [
+    "Backend",
+    "KernelUnavailableError",
+    "add_residual",
+    "add_residual_ref",
+    "describe",
+    "l1_change",
+    "l1_change_ref",
+    "last_backend",
+    "ops",
+    "pick",
+]

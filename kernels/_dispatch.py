@@ -1,0 +1,288 @@
+"""Backend selection for the fused kernels.
+
+Every op has a torch reference and, where Triton can run, a Triton kernel. Callers pass
+``backend="auto" | "torch" | "triton"``:
+
+* ``torch`` always runs the reference.
+* ``triton`` runs the kernel or raises :class:`KernelUnavailableError` listing every reason.
+* ``auto`` runs the kernel only on CUDA tensors it supports (never the interpreter), else the
+  reference; the reasons are logged once per op at INFO.
+
+The environment variable ``DIFFCACHE_KERNELS`` (``torch`` | ``triton`` | ``auto``) overrides
+``auto`` calls. It is a debugging and CI knob, not a configuration surface.
+
+``TRITON_INTERPRET`` is read once, when this module is imported: ``@triton.jit`` reads it when
+it decorates, so the kernels are interpreted exactly when it was set at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from diffcache.errors import KernelUnavailableError
+
+try:
+    import triton
+except Exception as _exc:  # ImportError, or a broken install failing on import
+    triton = None
+    _TRITON_IMPORT_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
+else:
+    _TRITON_IMPORT_ERROR = None
+
+logger = logging.getLogger(__name__)
+
+ENV_OVERRIDE = "DIFFCACHE_KERNELS"
+
+# Dtypes the Triton interpreter can run on CPU: it has no bf16 arithmetic.
+INTERPRETER_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+
+
+class Backend(str, Enum):
+    """Which implementation of an op runs."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+def _read_interpret_env() -> bool:
+    """Return whether ``TRITON_INTERPRET`` is on, as Triton itself reads it."""
+    if triton is not None:
+        try:
+            return bool(triton.knobs.runtime.interpret)
+        except Exception:  # older Triton without knobs
+            pass
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRET_AT_IMPORT = _read_interpret_env()
+
+
+def _triton_import_error() -> str | None:
+    """Return why ``import triton`` failed, or None when it imported."""
+    return _TRITON_IMPORT_ERROR
+
+
+def _interpret_enabled() -> bool:
+    """Return whether the kernels were defined under the Triton interpreter."""
+    return _INTERPRET_AT_IMPORT
+
+
+def _cuda_available() -> bool:
+    """Return whether torch sees a CUDA device."""
+    return torch.cuda.is_available()
+
+
+def triton_status() -> list[str]:
+    """List the reasons Triton cannot run at all on this machine (empty when it can).
+
+    Returns:
+        Human-readable reasons: Triton not importable; no CUDA device and no interpreter.
+    """
+    reasons = []
+    err = _triton_import_error()
+    if err is not None:
+        reasons.append(f"triton is not importable ({err})")
+    if not _cuda_available() and not _interpret_enabled():
+        reasons.append("no CUDA device is available and TRITON_INTERPRET is not 1")
+    return reasons
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe_tensor(t: torch.Tensor) -> str:
+    return f"shape={tuple(t.shape)} dtype={_dtype_name(t.dtype)} device={t.device}"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What a fused op's Triton kernel supports.
+
+    Attributes:
+        name: Op name, the key in the registry and in ``last_backend``.
+        description: One line for ``diffcache info``.
+        dtypes: Torch dtypes the Triton kernel accepts.
+    """
+
+    name: str
+    description: str
+    dtypes: tuple[torch.dtype, ...] = field(default=())
+
+    def _reasons_for(self, inputs: Sequence[tuple[str, str, torch.dtype, bool]]) -> list[str]:
+        """Reasons for abstract inputs given as (label, device, dtype, needs grad)."""
+        reasons = list(triton_status())
+        interpret = _interpret_enabled()
+        devices: list[str] = []
+        for label, device, dtype, needs_grad in inputs:
+            if device not in devices:
+                devices.append(device)
+            dev = torch.device(device).type
+            if dev == "cuda":
+                if not _cuda_available():
+                    reasons.append(f"{label} is on cuda but torch sees no CUDA device")
+            elif dev == "cpu":
+                if not interpret:
+                    reasons.append(
+                        f"{label} is on cpu; the Triton kernel needs a CUDA tensor "
+                        "(cpu runs only under TRITON_INTERPRET=1)"
+                    )
+                elif dtype not in INTERPRETER_DTYPES:
+                    reasons.append(
+                        f"{label} has dtype {_dtype_name(dtype)}, which the Triton interpreter "
+                        "cannot run on cpu (it supports float32, float16)"
+                    )
+            else:
+                reasons.append(f"{label} is on {dev}; the Triton kernel needs a CUDA tensor")
+            if dtype not in self.dtypes:
+                supported = ", ".join(_dtype_name(d) for d in self.dtypes)
+                reasons.append(
+                    f"{label} has dtype {_dtype_name(dtype)}; the kernel supports {supported}"
+                )
+            if needs_grad:
+                reasons.append(f"{label} requires grad; the Triton kernel has no backward")
+        if len(devices) > 1:
+            reasons.append(f"inputs are on different devices ({', '.join(devices)})")
+        return reasons
+
+    def not_supported_reasons(self, *tensors: torch.Tensor) -> list[str]:
+        """List every reason the Triton kernel cannot run on these tensors.
+
+        Args:
+            *tensors: The op's tensor inputs.
+
+        Returns:
+            Human-readable reasons; empty when the kernel can run.
+        """
+        grad = torch.is_grad_enabled()
+        return self._reasons_for(
+            [
+                (f"input {i}", str(t.device), t.dtype, grad and t.requires_grad)
+                for i, t in enumerate(tensors)
+            ]
+        )
+
+
+_REGISTRY: dict[str, OpSpec] = {}
+
+last_backend: dict[str, str] = {}
+"""Op name -> backend value ("torch" or "triton") used by the latest call of that op."""
+
+_LOGGED: set[str] = set()
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    """Add an op to the registry (replacing one of the same name) and return it."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def ops() -> list[OpSpec]:
+    """Return the registered ops, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def _record(spec: OpSpec, backend: Backend) -> None:
+    """Note which backend ran for ``spec``."""
+    last_backend[spec.name] = backend.value
+
+
+def _as_backend(value: str | Backend, source: str) -> Backend:
+    if isinstance(value, Backend):
+        return value
+    try:
+        return Backend(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in Backend)
+        msg = f"{source}={value!r} is not a kernel backend; use one of {choices}"
+        raise ValueError(msg) from None
+
+
+def pick(
+    spec: OpSpec,
+    backend: str | Backend,
+    *tensors: torch.Tensor,
+    extra_reasons: Sequence[str] = (),
+) -> Backend:
+    """Choose the backend that runs ``spec`` on ``tensors``.
+
+    Args:
+        spec: The op.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (or a :class:`Backend`).
+        *tensors: The op's tensor inputs.
+        extra_reasons: Op-specific reasons the kernel cannot run (e.g. an output dtype).
+
+    Returns:
+        ``Backend.TORCH`` or ``Backend.TRITON``.
+
+    Raises:
+        KernelUnavailableError: ``triton`` was asked for and cannot run on these inputs.
+        ValueError: ``backend`` or ``DIFFCACHE_KERNELS`` is not a backend name.
+    """
+    choice = _as_backend(backend, "backend")
+    if choice is Backend.AUTO:
+        env = os.environ.get(ENV_OVERRIDE, "").strip()
+        if env:
+            choice = _as_backend(env, ENV_OVERRIDE)
+    if choice is Backend.TORCH:
+        return Backend.TORCH
+
+    reasons = spec.not_supported_reasons(*tensors) + list(extra_reasons)
+    if choice is Backend.TRITON:
+        if reasons:
+            inputs = "\n".join(f"  input {i}: {_describe_tensor(t)}" for i, t in enumerate(tensors))
+            why = "\n".join(f"  - {r}" for r in reasons)
+            raise KernelUnavailableError(
+                f"kernel {spec.name!r}: the Triton backend cannot run on these inputs.\n"
+                f"Inputs:\n{inputs}\nReasons:\n{why}\n"
+                "Remedy: use backend='auto' (falls back to torch) or backend='torch'."
+            )
+        return Backend.TRITON
+
+    # AUTO: only real CUDA kernels, never the interpreter.
+    if not reasons:
+        if not tensors or any(t.device.type != "cuda" for t in tensors):
+            reasons = ["inputs are not CUDA tensors (auto never picks the interpreter)"]
+        elif _interpret_enabled():
+            reasons = ["TRITON_INTERPRET=1 (auto never picks the interpreter)"]
+    if not reasons:
+        return Backend.TRITON
+    if spec.name not in _LOGGED:
+        _LOGGED.add(spec.name)
+        logger.info("kernel %r: using torch backend; %s", spec.name, "; ".join(reasons))
+    return Backend.TORCH
+
+
+def describe() -> list[dict]:
+    """Summarise each registered op for ``diffcache info``.
+
+    Returns:
+        One dict per op: ``name``, ``description``, ``dtypes``, ``auto_on_cuda`` ("triton" or
+        "torch"), ``auto_on_cuda_reasons`` (why not triton, for a CUDA float16 input on this
+        machine), ``cpu`` (the backend auto uses on cpu, always "torch") and ``interpreter``
+        (whether explicit ``backend="triton"`` on cpu runs under the Triton interpreter).
+    """
+    rows = []
+    for spec in ops():
+        reasons = spec._reasons_for([("a float16 input", "cuda", torch.float16, False)])
+        if not reasons and _interpret_enabled():
+            reasons = ["TRITON_INTERPRET=1 (auto never picks the interpreter)"]
+        rows.append(
+            {
+                "name": spec.name,
+                "description": spec.description,
+                "dtypes": [_dtype_name(d) for d in spec.dtypes],
+                "auto_on_cuda": "torch" if reasons else "triton",
+                "auto_on_cuda_reasons": reasons,
+                "cpu": "torch",
+                "interpreter": _interpret_enabled() and _triton_import_error() is None,
+            }
+        )
+    return rows

@@ -1,0 +1,11 @@
+"""Built-in model families: importing this registers every family's adapter.
+
+Each module holds one family's ``Adapter`` and builders of code-built pipelines with random
+weights. diffusers and transformers are imported only inside the builders.
+"""
+
+from __future__ import annotations
+
+from diffcache.pipelines import cogvideox, dit, flux, hunyuan_video, qwen_image, wan
+
+__all__ = ["cogvideox", "dit", "flux", "hunyuan_video", "qwen_image", "wan"]

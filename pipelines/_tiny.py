@@ -1,0 +1,108 @@
+"""Shared pieces for the code-built tiny pipelines: seeding and word-level tokenizers.
+
+Everything here is built offline from config; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+# Splits words, single punctuation marks and newline runs (each a token); drops other whitespace.
+_TOKEN_PATTERN = r"\w+|[^\w\s]|\n+"
+
+# A small prompt vocabulary; any other word maps to the unknown token.
+WORDS = """
+a an the of and or with in on at by to from for over under near behind through into
+is are was very two three many some one small large big tiny huge old young new
+cat dog bird fish horse cow lion tiger bear fox wolf rabbit mouse owl eagle duck panda
+monkey elephant giraffe dragon robot astronaut person man woman child girl boy people
+crowd knight wizard chef dancer musician soldier car bus train boat ship plane bicycle
+rocket house castle tower bridge city street road village forest tree trees flower flowers
+garden field mountain mountains hill river lake sea ocean beach wave waves island desert
+snow rain storm cloud clouds sky sun moon star stars night day sunset sunrise morning
+evening fire water ice stone wood glass metal gold silver light shadow smoke fog
+red orange yellow green blue purple pink brown black white gray grey colorful dark bright
+running walking jumping flying swimming surfing dancing sitting standing sleeping eating
+playing riding reading singing cooking fighting driving falling smiling looking holding
+wearing hat coat dress shirt glasses book table chair window door room kitchen library
+painting photo photograph portrait landscape cinematic realistic detailed style art
+drawing sketch cartoon anime oil watercolor digital render 3d 4k 8k hd high quality
+best masterpiece low worst blurry blur noisy noise distorted ugly bad deformed static
+motion camera close up wide shot view slow fast zoom pan background foreground scene
+video image picture frame soft sharp warm cold beautiful happy sad calm peaceful epic
+futuristic ancient medieval modern vintage neon golden hour cyberpunk fantasy magic
+""".split()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` without touching the caller's CPU RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def word_tokenizer(
+    texts: Sequence[str] = (),
+    *,
+    specials: Sequence[str] = (),
+    bos: str | None = None,
+    eos: str | None = "</s>",
+    pad: str = "<pad>",
+    unk: str = "<unk>",
+    prefix: Sequence[str] = (),
+    model_max_length: int | None = None,
+) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` built in code.
+
+    Args:
+        texts: extra text whose words join the vocabulary (e.g. a pipeline's prompt template).
+        specials: tokens matched whole before pre-tokenization (chat-template markers).
+        bos: token put before every sequence, if any.
+        eos: token put after every sequence, if any.
+        prefix: extra special tokens put first (after ``bos``) in every sequence.
+        model_max_length: the tokenizer's default maximum length.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    named = [t for t in (pad, eos, unk, bos) if t is not None]
+    for token in [*named, *specials, *prefix, *WORDS]:
+        vocab.setdefault(token, len(vocab))
+    for text in texts:
+        for token in re.findall(_TOKEN_PATTERN, text):
+            vocab.setdefault(token, len(vocab))
+
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(_TOKEN_PATTERN), behavior="removed", invert=True)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    head = [t for t in (bos, *prefix) if t is not None]
+    tail = [eos] if eos is not None else []
+    if head or tail:
+        used = dict.fromkeys([*head, *tail])
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join([*head, "$A", *tail]),
+            pair=" ".join([*head, "$A", *tail, "$B", *tail]),
+            special_tokens=[(t, vocab[t]) for t in used],
+        )
+    kwargs: dict[str, Any] = {"pad_token": pad, "unk_token": unk}
+    if bos is not None:
+        kwargs["bos_token"] = bos
+    if eos is not None:
+        kwargs["eos_token"] = eos
+    if specials:
+        kwargs["additional_special_tokens"] = list(specials)
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+
+
+def template_prefix_length(tokenizer: Any, template: str) -> int:
+    """Number of tokens the tokenizer gives the part of ``template`` before its ``{}``."""
+    return len(tokenizer(template.split("{}")[0]).input_ids)

@@ -1,0 +1,118 @@
+"""CogVideoX text-to-video: adapter and a code-built tiny pipeline with random weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcache.adapter import Adapter
+from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.registry import register_adapter
+
+# CogVideoXPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
+# [uncond, cond] (negative prompt first). The transformer takes (B, F, C, H, W) latents.
+ADAPTER = register_adapter(
+    Adapter(
+        name="cogvideox",
+        pipelines=("CogVideoXPipeline",),
+        denoisers=("CogVideoXTransformer3DModel",),
+        denoiser_attr="transformer",
+        latent_arg="hidden_states",
+        timestep_arg="timestep",
+        channel_dim=2,  # (B, F, C, H, W)
+        cfg="batched",
+        block_lists=("transformer_blocks",),
+        media="video",
+        call_args={
+            "prompt": "prompt",
+            "negative_prompt": "negative_prompt",
+            "height": "height",
+            "width": "width",
+            "frames": "num_frames",
+            "steps": "num_inference_steps",
+            "guidance": "guidance_scale",
+        },
+    )
+)
+
+# The pipeline pads prompts to 226 T5 tokens by default and the transformer's positional
+# table is laid out for exactly that many text tokens.
+_TEXT_LEN = 226
+
+
+def build_tiny(seed: int = 0) -> Any:
+    """CogVideoXPipeline (2B layout): 2 blocks (dim 32), tiny T5, tiny 8x/4x VAE.
+
+    The sin-cos positional table is sized for 64x64 pixels and 9 frames; other sizes are
+    recomputed on the fly by the transformer.
+    """
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    with seeded(seed):
+        tokenizer = word_tokenizer(model_max_length=_TEXT_LEN)
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=16,
+            out_channels=16,
+            time_embed_dim=32,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_width=8,
+            sample_height=8,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=_TEXT_LEN,
+        ).eval()
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_height=64,
+            sample_width=64,
+        ).eval()
+    scheduler = CogVideoXDDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )

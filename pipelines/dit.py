@@ -1,0 +1,71 @@
+"""DiT class-conditional image generation: adapter and a code-built tiny pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcache.adapter import Adapter
+from diffcache.pipelines._tiny import seeded
+from diffcache.registry import register_adapter
+
+# DiTPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
+# [cond, uncond] (the second half uses the null class 1000). It calls the transformer with the
+# latent positionally and reads ``.sample`` from a Transformer2DModelOutput.
+ADAPTER = register_adapter(
+    Adapter(
+        name="dit",
+        pipelines=("DiTPipeline",),
+        denoisers=("DiTTransformer2DModel",),
+        denoiser_attr="transformer",
+        latent_arg="hidden_states",
+        timestep_arg="timestep",
+        channel_dim=1,  # (B, C, H, W); output has 2*C channels (learned sigma)
+        cfg="batched",
+        block_lists=("transformer_blocks",),
+        media="image",
+        call_args={
+            "class_label": "class_labels",
+            "steps": "num_inference_steps",
+            "guidance": "guidance_scale",
+        },
+    )
+)
+
+
+def build_tiny(seed: int = 0) -> Any:
+    """DiTPipeline: 2-layer DiT (dim 32) on an 8x8x4 latent, tiny 8x VAE (64x64 images).
+
+    ``num_embeds_ada_norm`` is 1000 because the pipeline hard-codes the null class id 1000.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    with seeded(seed):
+        transformer = DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        ).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=0.18215,
+        ).eval()
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+    )
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)

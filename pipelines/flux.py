@@ -1,0 +1,123 @@
+"""FLUX.1 text-to-image: adapter and a code-built tiny pipeline with random weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcache.adapter import Adapter
+from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.registry import register_adapter
+
+# FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
+# embedding and the pipeline makes one transformer call per step. FluxPipeline can also run true
+# CFG: with ``true_cfg_scale > 1`` *and* a negative prompt it makes a second, separate call per
+# step (cond first, then uncond). That mode is not exposed here, so no ``negative_prompt`` field.
+ADAPTER = register_adapter(
+    Adapter(
+        name="flux",
+        pipelines=("FluxPipeline",),
+        denoisers=("FluxTransformer2DModel",),
+        denoiser_attr="transformer",
+        latent_arg="hidden_states",
+        timestep_arg="timestep",
+        channel_dim=-1,  # packed tokens (B, N, 4 * latent_channels)
+        cfg="none",
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        media="image",
+        call_args={
+            "prompt": "prompt",
+            "height": "height",
+            "width": "width",
+            "steps": "num_inference_steps",
+            "guidance": "guidance_scale",
+        },
+    )
+)
+
+
+def build_tiny(seed: int = 0) -> Any:
+    """FluxPipeline: 1 double + 2 single blocks (dim 32), tiny CLIP and T5, tiny 8x VAE."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with seeded(seed):
+        clip_tokenizer = word_tokenizer(
+            bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=77
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+                pad_token_id=clip_tokenizer.pad_token_id,
+                bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id,
+            )
+        ).eval()
+        t5_tokenizer = word_tokenizer(model_max_length=512)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+                decoder_start_token_id=t5_tokenizer.pad_token_id,
+            )
+        ).eval()
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )

@@ -1,0 +1,154 @@
+"""Qwen-Image text-to-image: adapter and a code-built tiny pipeline with random weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcache.adapter import Adapter
+from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
+from diffcache.registry import register_adapter
+
+# QwenImagePipeline runs true CFG as two separate transformer calls per step (cond, then
+# uncond) when ``true_cfg_scale > 1`` and a negative prompt is given; the request's guidance is
+# therefore ``true_cfg_scale``. The transformer has no guidance embedding (``guidance_scale``
+# is ignored by the stock model).
+ADAPTER = register_adapter(
+    Adapter(
+        name="qwenimage",
+        pipelines=("QwenImagePipeline",),
+        denoisers=("QwenImageTransformer2DModel",),
+        denoiser_attr="transformer",
+        latent_arg="hidden_states",
+        timestep_arg="timestep",
+        channel_dim=-1,  # packed tokens (B, N, 4 * latent_channels)
+        cfg="separate",
+        block_lists=("transformer_blocks",),
+        media="image",
+        call_args={
+            "prompt": "prompt",
+            "negative_prompt": "negative_prompt",
+            "height": "height",
+            "width": "width",
+            "steps": "num_inference_steps",
+            "guidance": "true_cfg_scale",
+        },
+    )
+)
+
+# Copied from the QwenImagePipeline constructor values (they are instance attributes there).
+_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+_DROP = 34
+_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _qwen_tokenizer() -> Any:
+    """Word-level tokenizer; like Qwen2's, it adds no BOS/EOS and pads with ``<|endoftext|>``."""
+    tokenizer = word_tokenizer(
+        texts=[_TEMPLATE],
+        specials=_SPECIALS,
+        bos=None,
+        eos=None,
+        pad="<|endoftext|>",
+        model_max_length=32768,
+    )
+    # The pipeline drops its template's first 34 tokens; our word split gives the same count.
+    assert template_prefix_length(tokenizer, _TEMPLATE) == _DROP
+    return tokenizer
+
+
+def _qwen_text_encoder(tokenizer: Any) -> Any:
+    """Tiny Qwen2.5-VL (2 text layers of width 32, 1 vision block) built from config."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "bos_token_id": None,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [2, 3, 3],
+            },
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_tiny(seed: int = 0) -> Any:
+    """QwenImagePipeline: 2 MMDiT blocks (dim 32), tiny Qwen2.5-VL encoder, tiny 8x VAE."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    with seeded(seed):
+        tokenizer = _qwen_tokenizer()
+        text_encoder = _qwen_text_encoder(tokenizer)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
+        vae = AutoencoderKLQwenImage(
+            base_dim=4,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )

@@ -1,0 +1,166 @@
+"""l1_change: the torch reference, and the Triton kernel under the interpreter on cpu."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from diffcache.kernels import (
+    KernelUnavailableError,
+    _dispatch,
+    l1_change,
+    l1_change_ref,
+    last_backend,
+)
+
+# The package attribute `l1_change` is the function; the module lives in sys.modules.
+l1_mod = importlib.import_module("diffcache.kernels.l1_change")
+
+needs_interpreter = pytest.mark.skipif(
+    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
+    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
+)
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+SIZES = [pytest.param(n, id=f"n{n}") for n in (1, 17, 1000, 4097)]
+
+
+def _pair(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    return a, b
+
+
+def test_ref_hand_computed() -> None:
+    a = torch.tensor([1.0, -2.0])
+    b = torch.tensor([0.0, 2.0])
+    out = l1_change_ref(a, b)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    assert out.tolist() == [2.5, 1.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(torch.float16, id="fp16"),
+        pytest.param(torch.bfloat16, id="bf16"),
+        pytest.param(torch.float64, id="fp64"),
+    ],
+)
+def test_ref_returns_float32_for_any_float(dtype: torch.dtype) -> None:
+    a = torch.tensor([[1.0, -2.0]], dtype=dtype)
+    b = torch.tensor([[0.0, 2.0]], dtype=dtype)
+    out = l1_change_ref(a, b)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [2.5, 1.5, 1.0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_shape_mismatch_raises_value_error(backend: str) -> None:
+    with pytest.raises(ValueError, match=r"same shape.*\(2,\).*\(3,\)"):
+        l1_change(torch.zeros(2), torch.zeros(3), backend=backend)
+    with pytest.raises(ValueError, match="same shape"):
+        l1_change_ref(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+@needs_interpreter
+def test_shape_mismatch_raises_value_error_triton() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        l1_change(torch.zeros(2), torch.zeros(3), backend="triton")
+
+
+@needs_interpreter
+def test_triton_hand_computed() -> None:
+    out = l1_change(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 2.0]), backend="triton")
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    assert out.tolist() == [2.5, 1.5, 1.0]
+    assert last_backend["l1_change"] == "triton"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_ref(n: int, dtype: torch.dtype) -> None:
+    a, b = _pair(n, dtype)
+    got = l1_change(a, b, backend="triton")
+    torch.testing.assert_close(got, l1_change_ref(a, b), rtol=1e-5, atol=1e-7)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param("transposed", id="transposed"), pytest.param("strided", id="strided")],
+)
+def test_triton_non_contiguous(layout: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    if layout == "transposed":
+        a = torch.randn(33, 40, generator=g).t()
+        b = torch.randn(33, 40, generator=g).t()
+    else:
+        a = torch.randn(30, 64, generator=g)[:, ::2]
+        b = torch.randn(30, 32, generator=g)
+    assert not a.is_contiguous()
+    got = l1_change(a, b, backend="triton")
+    torch.testing.assert_close(got, l1_change_ref(a, b), rtol=1e-5, atol=1e-7)
+
+
+@needs_interpreter
+def test_triton_expanded_input() -> None:
+    a = torch.randn(1, 50).expand(20, 50)
+    b = torch.randn(20, 50)
+    torch.testing.assert_close(
+        l1_change(a, b, backend="triton"), l1_change_ref(a, b), rtol=1e-5, atol=1e-7
+    )
+
+
+@needs_interpreter
+def test_triton_mixed_dtypes() -> None:
+    a, b = _pair(300, torch.float32)
+    a16 = a.half()
+    torch.testing.assert_close(
+        l1_change(a16, b, backend="triton"), l1_change_ref(a16, b), rtol=1e-5, atol=1e-7
+    )
+
+
+@needs_interpreter
+@pytest.mark.parametrize("programs", [1, 2, 3], ids=lambda p: f"max{p}")
+def test_triton_multi_tile_programs(monkeypatch: pytest.MonkeyPatch, programs: int) -> None:
+    """Cap the program count so each program loops over several tiles and a ragged tail."""
+    monkeypatch.setattr(l1_mod, "_MAX_PROGRAMS", programs)
+    a, b = _pair(4097, torch.float32, seed=2)
+    got = l1_change(a, b, backend="triton")
+    torch.testing.assert_close(got, l1_change_ref(a, b), rtol=1e-5, atol=1e-7)
+
+
+@needs_interpreter
+def test_triton_deterministic() -> None:
+    a, b = _pair(4097, torch.float16, seed=3)
+    first = l1_change(a, b, backend="triton")
+    assert torch.equal(first, l1_change(a, b, backend="triton"))
+
+
+@needs_interpreter
+def test_triton_empty_is_nan_like_ref() -> None:
+    e = torch.empty(0, 4)
+    assert all(math.isnan(v) for v in l1_change(e, e, backend="triton").tolist())
+    assert all(math.isnan(v) for v in l1_change_ref(e, e).tolist())
+
+
+def test_auto_on_cpu_uses_torch() -> None:
+    a, b = _pair(17, torch.float32)
+    last_backend.pop("l1_change", None)
+    out = l1_change(a, b)
+    assert last_backend["l1_change"] == "torch"
+    assert torch.equal(out, l1_change_ref(a, b))
+
+
+def test_bf16_cpu_explicit_triton_names_bf16() -> None:
+    a, b = _pair(17, torch.bfloat16)
+    with pytest.raises(KernelUnavailableError, match="bfloat16"):
+        l1_change(a, b, backend="triton")
+    # auto falls back to the reference.
+    torch.testing.assert_close(l1_change(a, b), l1_change_ref(a, b))
+    assert last_backend["l1_change"] == "torch"

@@ -1,0 +1,110 @@
+"""EasyCache on toys with exact arithmetic: the steps it computes and skips follow the rule in
+research/dit.md §1.1.2 for a hand-computed input sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.errors import RunError
+from tests.toys import ToyPipeline
+
+# Scripted latents a_i (every element equal). The denoiser returns v = 2x + e.
+# cond branch (e = +1), threshold 0.3, warm-up 2, 6 steps:
+#   step 0, 1: warm-up -> computed.            k = |v1 - v0| / |x1 - x0| = 2 ; mean|v1| = 17
+#   step 2: dx = |7 - 8| = 1 -> E = 2 * 1/17 = 0.1176 < 0.3  -> reuse: 7 + (17 - 8) = 16
+#   step 3: dx = 1 -> E = 0.2353 < 0.3                       -> reuse: 6 + 9 = 15
+#   step 4: dx = 1 -> E = 0.3529 >= 0.3 -> compute (E = 0): v = 11
+#   step 5: last step -> compute: v = 2*3 + 1 = 7
+SCRIPT = [16.0, 8.0, 7.0, 6.0, 5.0, 3.0]
+EXPECT_COMPUTED = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+EXPECT_COND = [33.0, 17.0, 16.0, 15.0, 11.0, 7.0]
+EXPECT_UNCOND = [31.0, 15.0, 14.0, 13.0, 9.0, 5.0]  # its own residual: 7 + (15 - 8) = 14, ...
+PLAN = {"diffcache": 1, "model": "toy", "method": "easycache",
+        "options": {"threshold": 0.3, "warmup_steps": 2}}
+
+
+def _pipe(cfg: str) -> ToyPipeline:
+    return ToyPipeline(cfg=cfg, script=[torch.full((1, 2, 3), a) for a in SCRIPT])
+
+
+def _guided(cond: float, unc: float, g: float = 2.0) -> float:
+    return unc + g * (cond - unc)
+
+
+@pytest.mark.parametrize("cfg", ["separate", "none"])
+def test_skips_follow_the_rule(cfg: str) -> None:
+    pipe = diffcache.accelerate(_pipe(cfg), PLAN)
+    pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    s = diffcache.stats(pipe)
+    assert s.per_step() == EXPECT_COMPUTED
+    outs = [float(o.flatten()[0]) for o in pipe.scheduler.outputs]
+    if cfg == "separate":
+        expect = [_guided(c, u) for c, u in zip(EXPECT_COND, EXPECT_UNCOND)]
+        assert [b for _, b, _ in s.calls] == [0, 1] * 6
+    else:
+        expect = EXPECT_COND
+    assert outs == expect, f"cfg={cfg}: outputs per step {outs} != {expect}"
+    assert pipe.transformer.calls == sum(EXPECT_COMPUTED) * (2 if cfg == "separate" else 1)
+    assert s.compute_fraction == pytest.approx(4 / 6)
+
+
+def test_threshold_just_above_accumulated_error_skips_one_more_step() -> None:
+    plan = {**PLAN, "options": {"threshold": 0.36, "warmup_steps": 2}}
+    pipe = diffcache.accelerate(_pipe("none"), plan)
+    pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    # E after step 4 = 3 * 2/17 = 0.3529 < 0.36 -> step 4 reuses too; step 5 is last -> computed
+    assert diffcache.stats(pipe).per_step() == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_warmup_covers_everything() -> None:
+    plan = {**PLAN, "options": {"threshold": 100.0, "warmup_steps": 6}}
+    pipe = diffcache.accelerate(_pipe("none"), plan)
+    pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    assert diffcache.stats(pipe).per_step() == [1.0] * 6
+
+
+def test_nan_entering_the_cache_raises_and_cleans() -> None:
+    pipe = ToyPipeline(cfg="none", nan_at_call=1)
+    diffcache.accelerate(pipe, PLAN)
+    with pytest.raises(RunError, match=r"NaN.*step 1, branch 0, method 'easycache'"):
+        pipe(torch.ones(1, 4), steps=6)
+    assert "_diffcache_hooks" not in pipe.transformer.__dict__
+    assert "_diffcache_hooks" not in pipe.scheduler.__dict__
+    assert not diffcache.is_accelerated(pipe)
+
+
+def test_shape_change_within_a_run_raises() -> None:
+    script = [torch.full((1, 2, 3), a) for a in SCRIPT[:3]] + [torch.full((1, 2, 4), 6.0)] * 3
+    pipe = diffcache.accelerate(ToyPipeline(cfg="none", script=script), PLAN)
+    with pytest.raises(RunError, match="shape changed"):
+        pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    assert not diffcache.is_accelerated(pipe)
+
+
+def test_learned_variance_channels_are_cached_raw() -> None:
+    """Output with more channels than the input (DiT's learned sigma): extra channels reuse the
+    last computed raw values, the latent channels reuse the residual."""
+    from diffcache.adapter import Adapter, Target
+    from diffcache.methods.easycache import EasyCacheConfig
+    from diffcache.methods.easycache import apply as apply_easycache
+    from diffcache.runstate import RunState
+
+    class Sigma(torch.nn.Module):
+        def forward(self, hidden_states, timestep):
+            return (torch.cat([2 * hidden_states, hidden_states + 100], dim=1),)
+
+    adapter = Adapter(name="sigma", pipelines=(), denoisers=("Sigma",), media="image")
+    model = Sigma()
+    target = Target(adapter, model, model, num_steps_hint=4)
+    run = RunState("easycache", expected_steps=4)
+    apply_easycache(target, EasyCacheConfig(threshold=1e6, warmup_steps=2), run)
+    run.begin_run(4)
+    outs = []
+    for i, a in enumerate([4.0, 2.0, 1.0, 0.5]):
+        outs.append(model(torch.full((1, 1, 2), a), torch.tensor(i))[0][0, :, 0].tolist())
+        run.end_step()
+    # step 2 reused: latent 1 + (4 - 2) = 3, variance channel = last computed 2 + 100
+    assert outs[2] == [3.0, 102.0]
+    assert run.stats.per_step() == [1.0, 1.0, 0.0, 1.0]

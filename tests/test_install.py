@@ -1,0 +1,42 @@
+"""Both an editable install and a plain ``pip install .`` import every subpackage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("diffcache.kernels", "diffcache.pipelines", "diffcache.eval", "diffcache.profiles",
+               "diffcache.methods")
+CHECK = ("import importlib, json; mods = {m: importlib.import_module(m).__file__ for m in %r}; "
+         "from diffcache.plan import bundled_plans; from diffcache.models import builtin_models; "
+         "print(json.dumps([mods, len(bundled_plans()), len(builtin_models())]))" % (SUBPACKAGES,))
+
+
+def _run(cmd: list[str], **kw) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def test_editable_install_maps_the_sibling_folders() -> None:
+    import json
+
+    mods, n_plans, n_models = json.loads(_run([sys.executable, "-c", CHECK], cwd="/"))
+    assert Path(mods["diffcache.kernels"]).parent == ROOT / "kernels"
+    assert Path(mods["diffcache.pipelines"]).parent == ROOT / "pipelines"
+    assert n_plans >= 2 and n_models >= 1
+
+
+def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
+    import json
+
+    target = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+          "--target", str(target), str(ROOT)], cwd=tmp_path)
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    mods, n_plans, n_models = json.loads(_run([sys.executable, "-c", CHECK], cwd="/", env=env))
+    for name, file in mods.items():
+        assert Path(file).is_relative_to(target), f"{name} imported from {file}, not the install"
+    assert n_plans >= 2 and n_models >= 1

@@ -1,0 +1,101 @@
+"""Plan: strict validation, did-you-mean, round trips, bundled plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffcache import Plan
+from diffcache.errors import PlanError
+from diffcache.plan import bundled_plans
+
+GOOD = {"diffcache": 1, "model": "wan2.1", "method": "easycache",
+        "options": {"threshold": 0.05, "warmup_steps": 10},
+        "valid_for": {"num_inference_steps": 50}, "provenance": {"source": "test"}}
+
+
+def test_load_dict_and_config() -> None:
+    plan = Plan.load(GOOD)
+    assert plan.config.threshold == 0.05 and plan.config.warmup_steps == 10
+    assert plan.kernels == "auto"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({**GOOD, "optoins": {}}, r"optoins: unknown key \(did you mean 'options'\?\)"),
+    ({**GOOD, "options": {"treshold": 0.1}}, r"options.treshold: unknown option .*did you mean 'threshold'"),
+    ({**GOOD, "options": {"threshold": "high"}}, r"options.threshold: expected float, got str"),
+    ({**GOOD, "options": {"warmup_steps": 2.5}}, r"options.warmup_steps: expected int"),
+    ({**GOOD, "options": {"warmup_steps": True}}, r"options.warmup_steps: expected int"),
+    ({**GOOD, "options": {"threshold": -0.1}}, r"options.threshold: must be >= 0.0"),
+    ({**GOOD, "options": {"threshold": float("nan")}}, r"finite"),
+    ({**GOOD, "method": "easycahce"}, r"unknown method 'easycahce' \(did you mean 'easycache'\?\)"),
+    ({**GOOD, "diffcache": 2}, r"schema version 2"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, r"model: required key is missing"),
+    ({**GOOD, "kernels": "cuda"}, r"kernels: 'cuda' is not one of"),
+    ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: unknown key"),
+    ({**GOOD, "valid_for": {"num_inference_steps": "50"}}, r"expected int"),
+    ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration data"),
+    ({**GOOD, "options": [1, 2]}, r"options: expected a mapping"),
+], ids=["top-typo", "option-typo", "wrong-type", "float-for-int", "bool-for-int", "negative",
+        "nan", "method-typo", "schema", "missing-model", "kernels", "valid-for-key",
+        "valid-for-type", "calibration", "options-list"])
+def test_bad_plans_raise_plan_error(bad: dict, match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        Plan.load(bad)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(PlanError) as e:
+        Plan.load({**GOOD, "options": {"treshold": 1, "warmup_steps": -1}})
+    assert "treshold" in str(e.value) and "warmup_steps" in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path) -> None:
+    path = tmp_path / "my.yaml"
+    path.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {treshold: 1}\n")
+    with pytest.raises(PlanError, match=r"my.yaml: options.treshold"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match=r"no such plan file.*bundled plans"):
+        Plan.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [unclosed\n")
+    with pytest.raises(PlanError, match="not valid YAML"):
+        Plan.load(tmp_path / "bad.yaml")
+
+
+def test_round_trip_is_byte_identical(tmp_path) -> None:
+    first = Plan.load(GOOD).save(tmp_path / "a.yaml")
+    second = Plan.load(first).save(tmp_path / "b.yaml")
+    assert first.read_bytes() == second.read_bytes()
+    assert Plan.load(second) == Plan.load(GOOD)
+
+
+def test_bundled_plans_load_and_round_trip(tmp_path) -> None:
+    plans = bundled_plans()
+    assert {"wan21.yaml", "hunyuanvideo.yaml", "wan2.1-tiny.yaml"} <= set(plans)
+    for name, path in plans.items():
+        plan = Plan.load(name)
+        assert plan.source == str(path)
+        assert plan.dumps() == path.read_text(), f"{name} is not in canonical form"
+
+
+def test_published_settings_in_bundled_plans() -> None:
+    wan, hy = Plan.load("wan21.yaml"), Plan.load("hunyuanvideo.yaml")
+    assert (wan.config.threshold, wan.config.warmup_steps) == (0.05, 10)
+    assert (hy.config.threshold, hy.config.warmup_steps) == (0.025, 5)
+    assert wan.valid_for["num_inference_steps"] == 50 and hy.valid_for["num_inference_steps"] == 50
+
+
+def test_sidecar_calibration_tensors(tmp_path) -> None:
+    """A plan can carry calibration tensors in a safetensors sidecar next to it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffcache.plan import Plan as P
+
+    save_file({"mask": torch.tensor([1, 0, 1])}, str(tmp_path / "cal.safetensors"))
+    plan = P(model="toy", method="easycache", source=str(tmp_path / "p.yaml"),
+             calibration={"sidecar": "cal.safetensors"})
+    assert plan.sidecar()["mask"].tolist() == [1, 0, 1]
+    missing = P(model="toy", method="easycache", source=str(tmp_path / "p.yaml"),
+                calibration={"sidecar": "nope.safetensors"})
+    with pytest.raises(PlanError, match="does not exist"):
+        missing.sidecar()
