@@ -1,7 +1,7 @@
 """diffcache: training-free caching for diffusion models, driven by plan files.
 
-    pipe = diffcache.accelerate(pipe, plan="wan21.yaml")
-    diffcache.stats(pipe); diffcache.remove(pipe)
+pipe = diffcache.accelerate(pipe, plan="wan21.yaml")
+diffcache.stats(pipe); diffcache.remove(pipe)
 """
 
 from __future__ import annotations
@@ -25,8 +25,23 @@ from diffcache.runstate import RunState, Stats
 
 __version__ = "0.1.0"
 __all__ = [
-    "accelerate", "remove", "stats", "is_accelerated", "load_model", "Plan", "Stats", "RunState",
-    "MethodConfig", "register_method", "Adapter", "Target", "register_adapter",
-    "DiffCacheError", "PlanError", "UnsupportedModelError", "KernelUnavailableError",
-    "AlreadyAcceleratedError", "RunError",
+    "accelerate",
+    "remove",
+    "stats",
+    "is_accelerated",
+    "load_model",
+    "Plan",
+    "Stats",
+    "RunState",
+    "MethodConfig",
+    "register_method",
+    "Adapter",
+    "Target",
+    "register_adapter",
+    "DiffCacheError",
+    "PlanError",
+    "UnsupportedModelError",
+    "KernelUnavailableError",
+    "AlreadyAcceleratedError",
+    "RunError",
 ]

@@ -13,7 +13,14 @@ import torch
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
 REQUEST_FIELDS = (
-    "prompt", "negative_prompt", "height", "width", "frames", "steps", "guidance", "class_label",
+    "prompt",
+    "negative_prompt",
+    "height",
+    "width",
+    "frames",
+    "steps",
+    "guidance",
+    "class_label",
 )
 
 
@@ -28,7 +35,7 @@ class Adapter:
         denoiser_attr: pipeline attribute holding the denoiser.
         latent_arg: denoiser argument carrying the latent (``hidden_states``).
         timestep_arg: denoiser argument carrying the timestep.
-        channel_dim: latent channel axis of the denoiser input and output (``-1`` for packed tokens).
+        channel_dim: latent channel axis of the denoiser input and output (``-1``: packed tokens).
         cfg: how the stock pipeline runs classifier-free guidance: ``separate`` (one denoiser call
             per branch, cond first), ``batched`` (both branches in one call) or ``none``
             (guidance-distilled, one call).

@@ -45,31 +45,39 @@ def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
     """
     if getattr(model, SESSION_ATTR, None) is not None:
         raise AlreadyAcceleratedError(
-            f"{type(model).__name__} is already accelerated; call diffcache.remove() first.")
+            f"{type(model).__name__} is already accelerated; call diffcache.remove() first."
+        )
     plan = Plan.load(plan)
     adapter = find_adapter(model)
     if plan.model != adapter.name:
         raise PlanError(
             f"{plan.source}: model: the plan is for {plan.model!r} but {type(model).__name__} is a "
-            f"{adapter.name!r} model; use a plan made for {adapter.name} (`diffcache plans list`).")
+            f"{adapter.name!r} model; use a plan made for {adapter.name} (`diffcache plans list`)."
+        )
     target = Target.resolve(adapter, model)
     target.num_steps_hint = plan.valid_for.get("num_inference_steps")
     for obj in _parts(target):
         if any(n.split(":", 1)[1].startswith("diffcache.") for n in hooks.hook_names(obj)):
             raise AlreadyAcceleratedError(
                 f"{type(obj).__name__} is already accelerated through another object sharing it; "
-                "call diffcache.remove() on that one first.")
+                "call diffcache.remove() on that one first."
+            )
     _check_valid_for(plan, target)
     config = plan.config
     reasons = config.not_supported_reasons(target)
     if reasons:
         raise UnsupportedModelError(
             f"method {config.name!r} cannot run on {type(model).__name__}:\n  - "
-            + "\n  - ".join(reasons))
+            + "\n  - ".join(reasons)
+        )
     _check_kernels(plan, config, target)
 
-    run = RunState(config.name, expected_steps=plan.valid_for.get("num_inference_steps"),
-                   kernels=plan.kernels, on_error=lambda: remove(model))
+    run = RunState(
+        config.name,
+        expected_steps=plan.valid_for.get("num_inference_steps"),
+        kernels=plan.kernels,
+        on_error=lambda: remove(model),
+    )
     _, apply = get_method(plan.method)
     try:
         apply(target, config, run)
@@ -78,8 +86,13 @@ def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
     except BaseException:
         _detach(target)
         raise
-    logger.info("diffcache: %s on %s (%s), kernels=%s", config.name, type(model).__name__,
-                adapter.name, plan.kernels)
+    logger.info(
+        "diffcache: %s on %s (%s), kernels=%s",
+        config.name,
+        type(model).__name__,
+        adapter.name,
+        plan.kernels,
+    )
     return model
 
 
@@ -97,8 +110,10 @@ def stats(model: Any) -> Stats:
     """Stats of the last call of an accelerated model."""
     session = getattr(model, SESSION_ATTR, None)
     if session is None:
-        raise DiffCacheError(f"{type(model).__name__} is not accelerated; call "
-                             "diffcache.accelerate(model, plan) first.")
+        raise DiffCacheError(
+            f"{type(model).__name__} is not accelerated; call "
+            "diffcache.accelerate(model, plan) first."
+        )
     s = session.run.stats
     return dataclasses.replace(s, calls=list(s.calls), kernels=dict(s.kernels))
 
@@ -124,7 +139,8 @@ def _check_valid_for(plan: Plan, target: Target) -> None:
     if have != want:
         raise PlanError(
             f"{plan.source}: valid_for.scheduler: the plan is valid for {want} but the pipeline "
-            f"uses {have}; set pipe.scheduler to a {want} or use a plan made for {have}.")
+            f"uses {have}; set pipe.scheduler to a {want} or use a plan made for {have}."
+        )
 
 
 def _check_kernels(plan: Plan, config: Any, target: Target) -> None:
@@ -133,15 +149,22 @@ def _check_kernels(plan: Plan, config: Any, target: Target) -> None:
     from diffcache import kernels
 
     param = next(target.denoiser.parameters(), None)
-    probe = torch.empty(0, device=param.device if param is not None else "cpu",
-                        dtype=param.dtype if param is not None else torch.float32)
+    probe = torch.empty(
+        0,
+        device=param.device if param is not None else "cpu",
+        dtype=param.dtype if param is not None else torch.float32,
+    )
     specs = {op.name: op for op in kernels.ops()}
-    reasons = [f"{name}: {r}" for name in config.kernels for r in specs[name].not_supported_reasons(probe)]
+    reasons = [
+        f"{name}: {r}" for name in config.kernels for r in specs[name].not_supported_reasons(probe)
+    ]
     if reasons:
         raise KernelUnavailableError(
             f"{plan.source}: kernels: triton cannot run the ops of {config.name!r} on "
-            f"{probe.device} {probe.dtype}:\n  - " + "\n  - ".join(reasons)
-            + "\nUse kernels: auto (falls back to torch) or kernels: torch.")
+            f"{probe.device} {probe.dtype}:\n  - "
+            + "\n  - ".join(reasons)
+            + "\nUse kernels: auto (falls back to torch) or kernels: torch."
+        )
 
 
 def _attach_driver(target: Target, run: RunState) -> None:
@@ -149,6 +172,7 @@ def _attach_driver(target: Target, run: RunState) -> None:
     denoiser's timestep argument (a new step when it changes, a new run when it goes up)."""
     scheduler = target.scheduler
     if scheduler is not None:
+
         def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
             run.begin_run(len(scheduler.timesteps))
@@ -161,9 +185,12 @@ def _attach_driver(target: Target, run: RunState) -> None:
 
         def guard() -> None:
             if getattr(target.pipe, "scheduler", scheduler) is not scheduler:
-                raise run.fail(RunError(
-                    f"the pipeline's scheduler was replaced after accelerate ({run.where()}); "
-                    "call diffcache.remove() and accelerate() again."))
+                raise run.fail(
+                    RunError(
+                        f"the pipeline's scheduler was replaced after accelerate ({run.where()}); "
+                        "call diffcache.remove() and accelerate() again."
+                    )
+                )
 
         hooks.attach(scheduler, "set_timesteps", RUN_HOOK, set_timesteps)
         hooks.attach(scheduler, "step", RUN_HOOK, step)
@@ -178,8 +205,12 @@ def _attach_driver(target: Target, run: RunState) -> None:
     def track(call: Any, *args: Any, **kwargs: Any) -> Any:
         t = kwargs.get(name, args[pos] if pos is not None and pos < len(args) else None)
         if t is None:
-            raise run.fail(RunError(f"{type(target.denoiser).__name__} was called without "
-                                    f"{name!r}; diffcache needs it to count steps."))
+            raise run.fail(
+                RunError(
+                    f"{type(target.denoiser).__name__} was called without "
+                    f"{name!r}; diffcache needs it to count steps."
+                )
+            )
         value = float(torch.as_tensor(t).flatten()[0])
         if not run.active or not last or value > last[0]:
             run.begin_run(target.num_steps_hint)

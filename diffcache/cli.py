@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ EXIT_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -23,8 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our own messages: transformers warns at import about optional image
+    processors (torchvision) that no diffcache command uses."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
 def _one_line(e: Exception) -> str:
-    return "; ".join(part.strip(" -") for part in str(e).splitlines() if part.strip())
+    parts = (line.strip().removeprefix("- ") for line in str(e).splitlines())
+    return "; ".join(p for p in parts if p)
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
@@ -39,8 +50,10 @@ def _request_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcache", description=(
-        "Training-free caching for diffusion models, driven by plan files."))
+    parser = argparse.ArgumentParser(
+        prog="diffcache",
+        description=("Training-free caching for diffusion models, driven by plan files."),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate one video / image with an optional plan")
@@ -73,9 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_plans_check)
 
     sub.add_parser("models", help="built-in models and supported families").set_defaults(
-        func=_models)
+        func=_models
+    )
     sub.add_parser("info", help="versions, devices, kernel backends, methods").set_defaults(
-        func=_info)
+        func=_info
+    )
     p = sub.add_parser("demo", help="baseline vs EasyCache on a built-in model, with a report")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--model", default="wan2.1-tiny")
@@ -86,8 +101,18 @@ def _parser() -> argparse.ArgumentParser:
 def _request(args: argparse.Namespace, prompt: str | None = None) -> Any:
     from diffcache.generate import Request
 
-    fields = {k: getattr(args, k) for k in ("steps", "height", "width", "frames", "guidance",
-                                            "negative_prompt", "class_label")}
+    fields = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "height",
+            "width",
+            "frames",
+            "guidance",
+            "negative_prompt",
+            "class_label",
+        )
+    }
     if args.seed is not None:
         fields["seed"] = args.seed
     return Request(prompt=prompt, **fields)
@@ -119,8 +144,11 @@ def _generate(args: argparse.Namespace) -> int:
     if "prompt" in adapter.call_args and not request.prompt:
         raise DiffCacheError(f"{args.model}: --prompt is required for {adapter.name} models")
     pipeline_kwargs(pipe, request)  # unsupported fields fail before any work
-    out = Path(args.out or f"out/{Path(args.model).name}-seed{request.seed}"
-               + (VIDEO_SUFFIXES[0] if adapter.media == "video" else ".png"))
+    out = Path(
+        args.out
+        or f"out/{Path(args.model).name}-seed{request.seed}"
+        + (VIDEO_SUFFIXES[0] if adapter.media == "video" else ".png")
+    )
     if plan is not None:
         diffcache.accelerate(pipe, plan)
     media = generate(pipe, request, progress=sys.stderr.isatty())
@@ -128,8 +156,10 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if plan is not None:
         s = diffcache.stats(pipe).as_dict()
-        print(f"{s['method']}: computed {s['computed']:g} of {s['model_calls']} denoiser calls "
-              f"(compute_fraction {s['compute_fraction']:.3f}), {s['wall_s']:.2f} s")
+        print(
+            f"{s['method']}: computed {s['computed']:g} of {s['model_calls']} denoiser calls "
+            f"(compute_fraction {s['compute_fraction']:.3f}), {s['wall_s']:.2f} s"
+        )
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
     elif args.stats_json:
@@ -151,8 +181,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise DiffCacheError(f"--seeds must be >= 1, got {args.seeds}")
     request = _check_request(args.model, _request(args))
-    report = evaluate(args.model, args.plan, args.out, prompts=prompts, seeds=args.seeds,
-                      request=request)
+    report = evaluate(
+        args.model, args.plan, args.out, prompts=prompts, seeds=args.seeds, request=request
+    )
     _print_report(report, args.out)
     return 0
 
@@ -160,8 +191,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _print_report(report: dict, out: str) -> None:
     print(f"baseline: {report['baseline']['latency_s']:.3f} s per sample on {report['device']}")
     for r in report["runs"]:
-        print(f"{r['plan']}: speedup {r['speedup']:.2f}x, compute_fraction "
-              f"{r['compute_fraction']:.3f}, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}")
+        print(
+            f"{r['plan']}: speedup {r['speedup']:.2f}x, compute_fraction "
+            f"{r['compute_fraction']:.3f}, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}"
+        )
     print(f"wrote {Path(out) / 'report.json'}, report.md, report.html")
 
 
@@ -192,8 +225,10 @@ def _plans_check(args: argparse.Namespace) -> int:
         pipe = diffcache.load_model(args.model)
         diffcache.accelerate(pipe, plan)
         diffcache.remove(pipe)
-    print(f"ok: {plan.source}: {plan.method} for {plan.model}"
-          + (f", attaches to {args.model}" if args.model else ""))
+    print(
+        f"ok: {plan.source}: {plan.method} for {plan.model}"
+        + (f", attaches to {args.model}" if args.model else "")
+    )
     return 0
 
 
@@ -225,17 +260,21 @@ def _info(args: argparse.Namespace) -> int:
         except md.PackageNotFoundError:
             return "not installed"
 
-    print(f"diffcache {diffcache.__version__}; torch {torch.__version__}; diffusers "
-          f"{version('diffusers')}; transformers {version('transformers')}; triton "
-          f"{version('triton')}")
+    print(
+        f"diffcache {diffcache.__version__}; torch {torch.__version__}; diffusers "
+        f"{version('diffusers')}; transformers {version('transformers')}; triton "
+        f"{version('triton')}"
+    )
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}")
     print("kernel ops (backend that `auto` picks):")
     for op in kernels.describe():
         why = f" ({'; '.join(op['auto_on_cuda_reasons'])})" if op["auto_on_cuda_reasons"] else ""
         interp = ", triton interpreter on" if op["interpreter"] else ""
-        print(f"  {op['name']:13s} on CUDA tensors: {op['auto_on_cuda']}{why}; on CPU: "
-              f"{op['cpu']}{interp} - {op['description']}")
+        print(
+            f"  {op['name']:13s} on CUDA tensors: {op['auto_on_cuda']}{why}; on CPU: "
+            f"{op['cpu']}{interp} - {op['description']}"
+        )
     print("methods:")
     for name, cls in methods().items():
         print(f"  {name:14s} granularity={cls.granularity}, kernels={', '.join(cls.kernels)}")
@@ -248,8 +287,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     plan = f"{args.model}.yaml"
     print(f"demo: {args.model}, baseline vs {plan}, 2 prompts x 2 seeds")
-    report = evaluate(args.model, [plan], args.out, prompts=DEFAULT_PROMPTS[:2], seeds=2,
-                      request=Request())
+    report = evaluate(
+        args.model, [plan], args.out, prompts=DEFAULT_PROMPTS[:2], seeds=2, request=Request()
+    )
     _print_report(report, args.out)
     return 0
 

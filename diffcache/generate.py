@@ -51,7 +51,8 @@ def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:
         if field not in adapter.call_args:
             accepted = ", ".join(f.replace("_", "-") for f in adapter.call_args)
             raise UnsupportedModelError(
-                f"{adapter.name} models take no {field.replace('_', '-')}; they take: {accepted}.")
+                f"{adapter.name} models take no {field.replace('_', '-')}; they take: {accepted}."
+            )
         kwargs[adapter.call_args[field]] = [value] if field == "class_label" else value
     kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed)
     kwargs["output_type"] = "np"
@@ -77,8 +78,9 @@ def save_media(media: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
     if path.suffix.lower() not in allowed:
         kind = "video" if video else "image"
-        raise DiffCacheError(f"{path}: a {kind} is written as {' or '.join(allowed)}; "
-                             f"change the file extension.")
+        raise DiffCacheError(
+            f"{path}: a {kind} is written as {' or '.join(allowed)}; change the file extension."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (np.clip(media, 0.0, 1.0) * 255).round().astype(np.uint8)
     if pixels.shape[-1] == 1:
@@ -88,8 +90,7 @@ def save_media(media: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     if path.suffix.lower() == ".gif":
         iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
     elif video:
-        iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264",
-                    macro_block_size=1)
+        iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
     else:
         iio.imwrite(path, pixels, extension=".png")
     return path

@@ -31,8 +31,13 @@ class ModelEntry:
 def builtin_models() -> dict[str, ModelEntry]:
     text = resources.files("diffcache.profiles").joinpath("models.yaml").read_text()
     return {
-        name: ModelEntry(name=name, family=e["family"], builder=e["builder"],
-                         description=e.get("description", ""), defaults=dict(e.get("defaults", {})))
+        name: ModelEntry(
+            name=name,
+            family=e["family"],
+            builder=e["builder"],
+            description=e.get("description", ""),
+            defaults=dict(e.get("defaults", {})),
+        )
         for name, e in yaml.safe_load(text).items()
     }
 
@@ -42,7 +47,8 @@ def model_entry(name: str) -> ModelEntry:
     if name not in models:
         raise UnsupportedModelError(
             f"{name}: not a built-in model{did_you_mean(name, models)} and not a local diffusers "
-            f"folder; built-in: {', '.join(models)} (see `diffcache models`).")
+            f"folder; built-in: {', '.join(models)} (see `diffcache models`)."
+        )
     return models[name]
 
 
@@ -57,7 +63,8 @@ def load_model(name_or_path: str | Path) -> Any:
         except (OSError, ValueError) as e:
             raise UnsupportedModelError(
                 f"{path}: cannot load a diffusers pipeline from this folder ({e}); point at the "
-                "folder holding model_index.json.") from e
+                "folder holding model_index.json."
+            ) from e
     entry = model_entry(str(name_or_path))
     module, func = entry.builder.split(":")
     return getattr(importlib.import_module(module), func)()

@@ -16,7 +16,16 @@ from diffcache.errors import PlanError
 from diffcache.registry import did_you_mean, get_method
 
 SCHEMA_VERSION = 1
-KEYS = ("diffcache", "model", "method", "options", "valid_for", "calibration", "kernels", "provenance")
+KEYS = (
+    "diffcache",
+    "model",
+    "method",
+    "options",
+    "valid_for",
+    "calibration",
+    "kernels",
+    "provenance",
+)
 REQUIRED = ("diffcache", "model", "method")
 VALID_FOR = {"num_inference_steps": int, "scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -68,8 +77,10 @@ class Plan:
         if isinstance(plan, Mapping):
             return cls.from_dict(plan)
         if not isinstance(plan, (str, Path)):
-            raise PlanError(f"plan must be a path, a bundled plan name, a dict or a Plan, got "
-                            f"{type(plan).__name__}")
+            raise PlanError(
+                f"plan must be a path, a bundled plan name, a dict or a Plan, got "
+                f"{type(plan).__name__}"
+            )
         path = Path(plan)
         if not path.is_file():
             bundled = bundled_plans()
@@ -91,16 +102,22 @@ class Plan:
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan is a mapping of {', '.join(KEYS)}")
         problems = [
-            f"{source}: {key}: unknown key{did_you_mean(str(key), KEYS)}; allowed: {', '.join(KEYS)}"
-            for key in data if key not in KEYS
+            f"{source}: {key}: unknown key{did_you_mean(str(key), KEYS)}; "
+            f"allowed: {', '.join(KEYS)}"
+            for key in data
+            if key not in KEYS
         ]
-        problems += [f"{source}: {key}: required key is missing" for key in REQUIRED if key not in data]
+        problems += [
+            f"{source}: {key}: required key is missing" for key in REQUIRED if key not in data
+        ]
         if problems:
             raise PlanError("\n".join(problems))
         version = data["diffcache"]
         if version != SCHEMA_VERSION or isinstance(version, bool):
-            raise PlanError(f"{source}: diffcache: schema version {version!r} is not supported "
-                            f"(this diffcache reads version {SCHEMA_VERSION}).")
+            raise PlanError(
+                f"{source}: diffcache: schema version {version!r} is not supported "
+                f"(this diffcache reads version {SCHEMA_VERSION})."
+            )
         for key in ("model", "method"):
             if not isinstance(data[key], str) or not data[key]:
                 raise PlanError(f"{source}: {key}: expected a non-empty string, got {data[key]!r}")
@@ -109,22 +126,33 @@ class Plan:
                 raise PlanError(f"{source}: {key}: expected a mapping, got {data[key]!r}")
         kernels = data.get("kernels", "auto")
         if kernels not in KERNEL_CHOICES:
-            raise PlanError(f"{source}: kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
-                            f"{did_you_mean(str(kernels), KERNEL_CHOICES)}")
+            raise PlanError(
+                f"{source}: kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
+                f"{did_you_mean(str(kernels), KERNEL_CHOICES)}"
+            )
         valid_for = dict(data.get("valid_for") or {})
         _check_valid_for(valid_for, source)
         config_cls, _ = get_method(data["method"], f"{source}: method")
         calibration = dict(data.get("calibration") or {})
         config_cls.check_calibration(calibration, f"{source}: calibration")
         return cls(
-            model=data["model"], method=data["method"], options=dict(data.get("options") or {}),
-            valid_for=valid_for, calibration=calibration, kernels=kernels,
-            provenance=dict(data.get("provenance") or {}), source=source,
+            model=data["model"],
+            method=data["method"],
+            options=dict(data.get("options") or {}),
+            valid_for=valid_for,
+            calibration=calibration,
+            kernels=kernels,
+            provenance=dict(data.get("provenance") or {}),
+            source=source,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data, in schema order; empty optional sections are left out."""
-        out: dict[str, Any] = {"diffcache": SCHEMA_VERSION, "model": self.model, "method": self.method}
+        out: dict[str, Any] = {
+            "diffcache": SCHEMA_VERSION,
+            "model": self.model,
+            "method": self.method,
+        }
         for key in ("options", "valid_for", "calibration"):
             if getattr(self, key):
                 out[key] = _plain(getattr(self, key))
@@ -149,8 +177,10 @@ class Plan:
             raise PlanError(f"{self.source}: calibration.sidecar: the plan names no sidecar file")
         path = Path(self.source).parent / name
         if not path.is_file():
-            raise PlanError(f"{self.source}: calibration.sidecar: {path} does not exist; re-run "
-                            "the profile command that wrote this plan.")
+            raise PlanError(
+                f"{self.source}: calibration.sidecar: {path} does not exist; re-run "
+                "the profile command that wrote this plan."
+            )
         from safetensors.torch import load_file
 
         return load_file(str(path))
@@ -160,11 +190,14 @@ def _check_valid_for(valid_for: dict[str, Any], source: str) -> None:
     problems = []
     for key, value in valid_for.items():
         if key not in VALID_FOR:
-            problems.append(f"{source}: valid_for.{key}: unknown key{did_you_mean(str(key), VALID_FOR)}"
-                            f"; allowed: {', '.join(VALID_FOR)}")
+            problems.append(
+                f"{source}: valid_for.{key}: unknown key{did_you_mean(str(key), VALID_FOR)}"
+                f"; allowed: {', '.join(VALID_FOR)}"
+            )
         elif not isinstance(value, VALID_FOR[key]) or isinstance(value, bool):
-            problems.append(f"{source}: valid_for.{key}: expected {VALID_FOR[key].__name__}, "
-                            f"got {value!r}")
+            problems.append(
+                f"{source}: valid_for.{key}: expected {VALID_FOR[key].__name__}, got {value!r}"
+            )
         elif key == "num_inference_steps" and value < 1:
             problems.append(f"{source}: valid_for.num_inference_steps: must be >= 1, got {value}")
     if problems:

@@ -65,7 +65,9 @@ def find_adapter(obj: Any) -> Adapter:
     for adapter in _ADAPTERS.values():
         if adapter.matches(obj):
             return adapter
-    known = "; ".join(f"{a.name} ({', '.join(a.pipelines + a.denoisers)})" for a in _ADAPTERS.values())
+    known = "; ".join(
+        f"{a.name} ({', '.join(a.pipelines + a.denoisers)})" for a in _ADAPTERS.values()
+    )
     raise UnsupportedModelError(
         f"no adapter for {type(obj).__name__}; known families: {known}. "
         "Pass a pipeline or denoiser of a supported family, or add an adapter in pipelines/."

@@ -46,10 +46,16 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method, "steps": self.steps, "model_calls": self.model_calls,
-            "computed": self.computed, "skipped": self.skipped,
-            "compute_fraction": self.compute_fraction, "kv_bytes_peak": self.kv_bytes_peak,
-            "wall_s": self.wall_s, "per_step_compute": self.per_step(), "kernels": dict(self.kernels),
+            "method": self.method,
+            "steps": self.steps,
+            "model_calls": self.model_calls,
+            "computed": self.computed,
+            "skipped": self.skipped,
+            "compute_fraction": self.compute_fraction,
+            "kv_bytes_peak": self.kv_bytes_peak,
+            "wall_s": self.wall_s,
+            "per_step_compute": self.per_step(),
+            "kernels": dict(self.kernels),
         }
 
 
@@ -57,9 +63,14 @@ class RunState:
     """Bookkeeping of one accelerated model. ``on_error`` cleans the model before a mid-run
     error propagates (set by ``accelerate``)."""
 
-    def __init__(self, method: str, expected_steps: int | None = None, kernels: str = "auto",
-                 on_error: Callable[[], None] | None = None,
-                 guard: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        method: str,
+        expected_steps: int | None = None,
+        kernels: str = "auto",
+        on_error: Callable[[], None] | None = None,
+        guard: Callable[[], None] | None = None,
+    ) -> None:
         self.method = method
         self.expected_steps = expected_steps
         self.kernels = kernels  # kernel backend for the method's ops: auto | torch | triton
@@ -76,13 +87,18 @@ class RunState:
     # -- drivers --------------------------------------------------------------------------
     def begin_run(self, num_steps: int | None) -> None:
         """Start a generation of ``num_steps`` steps (None when unknown); resets all state."""
-        if self.expected_steps is not None and num_steps is not None \
-                and num_steps != self.expected_steps:
-            raise self.fail(PlanError(
-                f"plan is valid for num_inference_steps={self.expected_steps} but this call runs "
-                f"{num_steps} steps; run with {self.expected_steps} steps or use a plan made for "
-                f"{num_steps} (valid_for.num_inference_steps)."
-            ))
+        if (
+            self.expected_steps is not None
+            and num_steps is not None
+            and num_steps != self.expected_steps
+        ):
+            raise self.fail(
+                PlanError(
+                    f"plan is valid for num_inference_steps={self.expected_steps} but this call "
+                    f"runs {num_steps} steps; run with {self.expected_steps} steps or use a plan "
+                    f"made for {num_steps} (valid_for.num_inference_steps)."
+                )
+            )
         self.num_steps = num_steps
         self.step, self.branch, self.active = 0, -1, True
         self._states.clear()

@@ -26,9 +26,15 @@ DEFAULT_PROMPTS = (
 )
 
 
-def evaluate(model: str, plans: Sequence[str | Plan], out: str | Path,
-             prompts: Sequence[str] = DEFAULT_PROMPTS[:2], seeds: int = 1,
-             request: Request | None = None, warmup: bool = True) -> dict[str, Any]:
+def evaluate(
+    model: str,
+    plans: Sequence[str | Plan],
+    out: str | Path,
+    prompts: Sequence[str] = DEFAULT_PROMPTS[:2],
+    seeds: int = 1,
+    request: Request | None = None,
+    warmup: bool = True,
+) -> dict[str, Any]:
     """Run the baseline and every plan on each (prompt, seed), interleaved so that machine noise
     hits them alike; write ``out/report.{json,md,html}`` and return the report dict.
 
@@ -48,14 +54,16 @@ def evaluate(model: str, plans: Sequence[str | Plan], out: str | Path,
     takes_prompt = "prompt" in adapter.call_args
     requests = [
         Request(**{**base_req.__dict__, "prompt": p if takes_prompt else None, "seed": s})
-        for p in (prompts if takes_prompt else prompts[:1]) for s in range(seeds)
+        for p in (prompts if takes_prompt else prompts[:1])
+        for s in range(seeds)
     ]
     if warmup:  # first-call costs (allocations, lazy init) must not count against anyone
         generate(pipe, requests[0])
 
     base_times, run_times = [], [[] for _ in plans]
     per_run: list[dict[str, list]] = [
-        {"psnr": [], "ssim": [], "lpips": [], "cf": [], "steps": []} for _ in plans]
+        {"psnr": [], "ssim": [], "lpips": [], "cf": [], "steps": []} for _ in plans
+    ]
     lpips_reason = metrics.lpips_unavailable_reason()
     peak = None
     for req in requests:
@@ -84,25 +92,36 @@ def evaluate(model: str, plans: Sequence[str | Plan], out: str | Path,
 
     base_latency = float(np.mean(base_times))
     runs = []
-    for plan, times, acc in zip(plans, run_times, per_run):
+    for plan, times, acc in zip(plans, run_times, per_run, strict=True):
         latency = float(np.mean(times))
-        runs.append({
-            "plan": plan.name, "method": plan.method, "latency_s": latency,
-            "speedup": base_latency / latency, "compute_fraction": metrics.mean(acc["cf"]),
-            "psnr": metrics.mean(acc["psnr"]), "ssim": metrics.mean(acc["ssim"]),
-            "lpips": metrics.mean(acc["lpips"]), "accuracy": None, "agreement": None,
-            "kv_bytes_peak": None, "samples": len(times),
-            "per_step_compute": np.mean(acc["steps"], axis=0).tolist(),
-        })
+        runs.append(
+            {
+                "plan": plan.name,
+                "method": plan.method,
+                "latency_s": latency,
+                "speedup": base_latency / latency,
+                "compute_fraction": metrics.mean(acc["cf"]),
+                "psnr": metrics.mean(acc["psnr"]),
+                "ssim": metrics.mean(acc["ssim"]),
+                "lpips": metrics.mean(acc["lpips"]),
+                "accuracy": None,
+                "agreement": None,
+                "kv_bytes_peak": None,
+                "samples": len(times),
+                "per_step_compute": np.mean(acc["steps"], axis=0).tolist(),
+            }
+        )
     notes = {}
     if lpips_reason:
         notes["lpips"] = f"LPIPS is null: {lpips_reason}"
     if peak is None:
         notes["peak_mem_bytes"] = "peak_mem_bytes is null: measured on CUDA only"
     report = {
-        "model": model, "device": device,
+        "model": model,
+        "device": device,
         "baseline": {"latency_s": base_latency, "peak_mem_bytes": peak},
-        "runs": runs, "notes": notes,
+        "runs": runs,
+        "notes": notes,
         "requests": [{k: v for k, v in r.__dict__.items() if v is not None} for r in requests],
     }
     write_report(report, out)

@@ -10,25 +10,37 @@ from diffcache import hooks
 from diffcache.errors import DiffCacheError, PlanError, RunError, UnsupportedModelError
 from tests.toys import ToyPipeline, ToyScheduler
 
-PLAN = {"diffcache": 1, "model": "toy", "method": "easycache",
-        "options": {"threshold": 1e6, "warmup_steps": 2}}
+PLAN = {
+    "diffcache": 1,
+    "model": "toy",
+    "method": "easycache",
+    "options": {"threshold": 1e6, "warmup_steps": 2},
+}
 
 
 def _untouched(pipe: ToyPipeline) -> bool:
-    return all(hooks.HOOKS_ATTR not in o.__dict__ for o in (pipe.transformer, pipe.scheduler)) \
-        and not diffcache.is_accelerated(pipe)
+    return all(
+        hooks.HOOKS_ATTR not in o.__dict__ for o in (pipe.transformer, pipe.scheduler)
+    ) and not diffcache.is_accelerated(pipe)
 
 
-@pytest.mark.parametrize("plan, error, match", [
-    ({**PLAN, "options": {"treshold": 1}}, PlanError, "did you mean 'threshold'"),
-    ({**PLAN, "options": {"threshold": -1}}, PlanError, "must be >= 0"),
-    ({**PLAN, "options": {"threshold": "x"}}, PlanError, "expected float"),
-    ({**PLAN, "model": "flux"}, PlanError, "plan is for 'flux'.*'toy' model"),
-    ({**PLAN, "method": "fastcache"}, PlanError, "unknown method 'fastcache'"),
-    ("no/such/plan.yaml", PlanError, "no such plan file"),
-    ({**PLAN, "valid_for": {"scheduler": "UniPCMultistepScheduler"}}, PlanError,
-     "valid for UniPCMultistepScheduler but the pipeline uses ToyScheduler"),
-], ids=["typo", "negative", "type", "other-family", "unknown-method", "missing-file", "scheduler"])
+@pytest.mark.parametrize(
+    "plan, error, match",
+    [
+        ({**PLAN, "options": {"treshold": 1}}, PlanError, "did you mean 'threshold'"),
+        ({**PLAN, "options": {"threshold": -1}}, PlanError, "must be >= 0"),
+        ({**PLAN, "options": {"threshold": "x"}}, PlanError, "expected float"),
+        ({**PLAN, "model": "flux"}, PlanError, "plan is for 'flux'.*'toy' model"),
+        ({**PLAN, "method": "fastcache"}, PlanError, "unknown method 'fastcache'"),
+        ("no/such/plan.yaml", PlanError, "no such plan file"),
+        (
+            {**PLAN, "valid_for": {"scheduler": "UniPCMultistepScheduler"}},
+            PlanError,
+            "valid for UniPCMultistepScheduler but the pipeline uses ToyScheduler",
+        ),
+    ],
+    ids=["typo", "negative", "type", "other-family", "unknown-method", "missing-file", "scheduler"],
+)
 def test_bad_plan_leaves_model_untouched(plan, error, match) -> None:
     pipe = ToyPipeline()
     with pytest.raises(error, match=match):
@@ -47,12 +59,16 @@ def test_no_adapter_for_family() -> None:
     class MysteryPipeline:
         transformer = torch.nn.Linear(1, 1)
 
-    with pytest.raises(UnsupportedModelError, match=r"no adapter for MysteryPipeline.*known families"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"no adapter for MysteryPipeline.*known families"
+    ):
         diffcache.accelerate(MysteryPipeline(), PLAN)
 
 
 def test_unknown_builtin_model() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"wan2.1-tiyn: not a built-in model.*did you mean"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"wan2.1-tiyn: not a built-in model.*did you mean"
+    ):
         diffcache.load_model("wan2.1-tiyn")
 
 

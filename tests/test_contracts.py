@@ -26,8 +26,10 @@ def _run(pipe: ToyPipeline) -> torch.Tensor:
 
 
 def _clean(pipe: ToyPipeline) -> bool:
-    return all(hooks.HOOKS_ATTR not in o.__dict__ and "forward" not in o.__dict__
-               for o in (pipe.transformer, pipe.scheduler))
+    return all(
+        hooks.HOOKS_ATTR not in o.__dict__ and "forward" not in o.__dict__
+        for o in (pipe.transformer, pipe.scheduler)
+    )
 
 
 @pytest.mark.parametrize("cfg", CFGS)

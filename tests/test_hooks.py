@@ -18,6 +18,7 @@ class Net(torch.nn.Module):
 def _add(n):
     def hook(call, *args, **kwargs):
         return call(*args, **kwargs) + n
+
     return hook
 
 

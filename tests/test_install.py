@@ -7,11 +7,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("diffcache.kernels", "diffcache.pipelines", "diffcache.eval", "diffcache.profiles",
-               "diffcache.methods")
-CHECK = ("import importlib, json; mods = {m: importlib.import_module(m).__file__ for m in %r}; "
-         "from diffcache.plan import bundled_plans; from diffcache.models import builtin_models; "
-         "print(json.dumps([mods, len(bundled_plans()), len(builtin_models())]))" % (SUBPACKAGES,))
+SUBPACKAGES = (
+    "diffcache.kernels",
+    "diffcache.pipelines",
+    "diffcache.eval",
+    "diffcache.profiles",
+    "diffcache.methods",
+)
+CHECK = (
+    f"import importlib, json; mods = {{m: importlib.import_module(m).__file__ for m in "
+    f"{SUBPACKAGES!r}}}; from diffcache.plan import bundled_plans; "
+    "from diffcache.models import builtin_models; "
+    "print(json.dumps([mods, len(bundled_plans()), len(builtin_models())]))"
+)
 
 
 def _run(cmd: list[str], **kw) -> str:
@@ -33,8 +41,21 @@ def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
     import json
 
     target = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-          "--target", str(target), str(ROOT)], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        cwd=tmp_path,
+    )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     mods, n_plans, n_models = json.loads(_run([sys.executable, "-c", CHECK], cwd="/", env=env))
     for name, file in mods.items():

@@ -8,9 +8,14 @@ from diffcache import Plan
 from diffcache.errors import PlanError
 from diffcache.plan import bundled_plans
 
-GOOD = {"diffcache": 1, "model": "wan2.1", "method": "easycache",
-        "options": {"threshold": 0.05, "warmup_steps": 10},
-        "valid_for": {"num_inference_steps": 50}, "provenance": {"source": "test"}}
+GOOD = {
+    "diffcache": 1,
+    "model": "wan2.1",
+    "method": "easycache",
+    "options": {"threshold": 0.05, "warmup_steps": 10},
+    "valid_for": {"num_inference_steps": 50},
+    "provenance": {"source": "test"},
+}
 
 
 def test_load_dict_and_config() -> None:
@@ -19,25 +24,49 @@ def test_load_dict_and_config() -> None:
     assert plan.kernels == "auto"
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({**GOOD, "optoins": {}}, r"optoins: unknown key \(did you mean 'options'\?\)"),
-    ({**GOOD, "options": {"treshold": 0.1}}, r"options.treshold: unknown option .*did you mean 'threshold'"),
-    ({**GOOD, "options": {"threshold": "high"}}, r"options.threshold: expected float, got str"),
-    ({**GOOD, "options": {"warmup_steps": 2.5}}, r"options.warmup_steps: expected int"),
-    ({**GOOD, "options": {"warmup_steps": True}}, r"options.warmup_steps: expected int"),
-    ({**GOOD, "options": {"threshold": -0.1}}, r"options.threshold: must be >= 0.0"),
-    ({**GOOD, "options": {"threshold": float("nan")}}, r"finite"),
-    ({**GOOD, "method": "easycahce"}, r"unknown method 'easycahce' \(did you mean 'easycache'\?\)"),
-    ({**GOOD, "diffcache": 2}, r"schema version 2"),
-    ({k: v for k, v in GOOD.items() if k != "model"}, r"model: required key is missing"),
-    ({**GOOD, "kernels": "cuda"}, r"kernels: 'cuda' is not one of"),
-    ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: unknown key"),
-    ({**GOOD, "valid_for": {"num_inference_steps": "50"}}, r"expected int"),
-    ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration data"),
-    ({**GOOD, "options": [1, 2]}, r"options: expected a mapping"),
-], ids=["top-typo", "option-typo", "wrong-type", "float-for-int", "bool-for-int", "negative",
-        "nan", "method-typo", "schema", "missing-model", "kernels", "valid-for-key",
-        "valid-for-type", "calibration", "options-list"])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({**GOOD, "optoins": {}}, r"optoins: unknown key \(did you mean 'options'\?\)"),
+        (
+            {**GOOD, "options": {"treshold": 0.1}},
+            r"options.treshold: unknown option .*did you mean 'threshold'",
+        ),
+        ({**GOOD, "options": {"threshold": "high"}}, r"options.threshold: expected float, got str"),
+        ({**GOOD, "options": {"warmup_steps": 2.5}}, r"options.warmup_steps: expected int"),
+        ({**GOOD, "options": {"warmup_steps": True}}, r"options.warmup_steps: expected int"),
+        ({**GOOD, "options": {"threshold": -0.1}}, r"options.threshold: must be >= 0.0"),
+        ({**GOOD, "options": {"threshold": float("nan")}}, r"finite"),
+        (
+            {**GOOD, "method": "easycahce"},
+            r"unknown method 'easycahce' \(did you mean 'easycache'\?\)",
+        ),
+        ({**GOOD, "diffcache": 2}, r"schema version 2"),
+        ({k: v for k, v in GOOD.items() if k != "model"}, r"model: required key is missing"),
+        ({**GOOD, "kernels": "cuda"}, r"kernels: 'cuda' is not one of"),
+        ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: unknown key"),
+        ({**GOOD, "valid_for": {"num_inference_steps": "50"}}, r"expected int"),
+        ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration data"),
+        ({**GOOD, "options": [1, 2]}, r"options: expected a mapping"),
+    ],
+    ids=[
+        "top-typo",
+        "option-typo",
+        "wrong-type",
+        "float-for-int",
+        "bool-for-int",
+        "negative",
+        "nan",
+        "method-typo",
+        "schema",
+        "missing-model",
+        "kernels",
+        "valid-for-key",
+        "valid-for-type",
+        "calibration",
+        "options-list",
+    ],
+)
 def test_bad_plans_raise_plan_error(bad: dict, match: str) -> None:
     with pytest.raises(PlanError, match=match):
         Plan.load(bad)
@@ -92,10 +121,18 @@ def test_sidecar_calibration_tensors(tmp_path) -> None:
     from diffcache.plan import Plan as P
 
     save_file({"mask": torch.tensor([1, 0, 1])}, str(tmp_path / "cal.safetensors"))
-    plan = P(model="toy", method="easycache", source=str(tmp_path / "p.yaml"),
-             calibration={"sidecar": "cal.safetensors"})
+    plan = P(
+        model="toy",
+        method="easycache",
+        source=str(tmp_path / "p.yaml"),
+        calibration={"sidecar": "cal.safetensors"},
+    )
     assert plan.sidecar()["mask"].tolist() == [1, 0, 1]
-    missing = P(model="toy", method="easycache", source=str(tmp_path / "p.yaml"),
-                calibration={"sidecar": "nope.safetensors"})
+    missing = P(
+        model="toy",
+        method="easycache",
+        source=str(tmp_path / "p.yaml"),
+        calibration={"sidecar": "nope.safetensors"},
+    )
     with pytest.raises(PlanError, match="does not exist"):
         missing.sidecar()

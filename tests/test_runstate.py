@@ -11,10 +11,17 @@ from tests.toys import ToyPipeline
 IDENTITY = {"diffcache": 1, "model": "toy", "method": "easycache", "options": {"threshold": 0.0}}
 
 
-@pytest.mark.parametrize("cfg, guidance, branches", [
-    ("separate", 3.0, (0, 1)), ("separate", 1.0, (0,)),
-    ("batched", 3.0, (0,)), ("batched", 1.0, (0,)), ("none", 3.0, (0,)),
-], ids=["separate", "separate-off", "batched", "batched-off", "none"])
+@pytest.mark.parametrize(
+    "cfg, guidance, branches",
+    [
+        ("separate", 3.0, (0, 1)),
+        ("separate", 1.0, (0,)),
+        ("batched", 3.0, (0,)),
+        ("batched", 1.0, (0,)),
+        ("none", 3.0, (0,)),
+    ],
+    ids=["separate", "separate-off", "batched", "batched-off", "none"],
+)
 def test_step_branch_sequence(cfg: str, guidance: float, branches: tuple[int, ...]) -> None:
     pipe = diffcache.accelerate(ToyPipeline(cfg), IDENTITY)
     for steps in (3, 5):  # a second call with another step count starts a fresh run
@@ -29,10 +36,20 @@ def test_stats_dict_fields() -> None:
     pipe = diffcache.accelerate(ToyPipeline(), IDENTITY)
     pipe(torch.ones(1, 2), steps=3)
     d = diffcache.stats(pipe).as_dict()
-    for key in ("method", "steps", "model_calls", "computed", "skipped", "compute_fraction",
-                "kv_bytes_peak", "wall_s"):
+    for key in (
+        "method",
+        "steps",
+        "model_calls",
+        "computed",
+        "skipped",
+        "compute_fraction",
+        "kv_bytes_peak",
+        "wall_s",
+    ):
         assert key in d
-    assert d["method"] == "easycache" and d["compute_fraction"] == 1.0 and d["kv_bytes_peak"] is None
+    assert (
+        d["method"] == "easycache" and d["compute_fraction"] == 1.0 and d["kv_bytes_peak"] is None
+    )
     assert d["kernels"] == {"l1_change": "torch"}
 
 

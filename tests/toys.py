@@ -10,8 +10,14 @@ import torch
 
 from diffcache.adapter import Adapter
 
-TOY = Adapter(name="toy", pipelines=("ToyPipeline",), denoisers=("ToyDenoiser",),
-              cfg="separate", media="image", call_args={})
+TOY = Adapter(
+    name="toy",
+    pipelines=("ToyPipeline",),
+    denoisers=("ToyDenoiser",),
+    cfg="separate",
+    media="image",
+    call_args={},
+)
 
 
 @dataclasses.dataclass
@@ -77,14 +83,19 @@ class ToyPipeline:
         cfg_on = guidance_scale > 1 and self.cfg != "none"
         for t in self.scheduler.timesteps:
             if cfg_on and self.cfg == "separate":
-                cond = self.transformer(x, t, encoder_hidden_states=torch.tensor([1.0]),
-                                        return_dict=False)[0]
-                unc = self.transformer(hidden_states=x, timestep=t,
-                                       encoder_hidden_states=torch.tensor([-1.0])).sample
+                cond = self.transformer(
+                    x, t, encoder_hidden_states=torch.tensor([1.0]), return_dict=False
+                )[0]
+                unc = self.transformer(
+                    hidden_states=x, timestep=t, encoder_hidden_states=torch.tensor([-1.0])
+                ).sample
                 v = unc + guidance_scale * (cond - unc)
             elif cfg_on and self.cfg == "batched":
-                both = self.transformer(torch.cat([x, x]), t.expand(2 * x.shape[0]),
-                                        torch.tensor([1.0, -1.0]).repeat_interleave(x.shape[0]))
+                both = self.transformer(
+                    torch.cat([x, x]),
+                    t.expand(2 * x.shape[0]),
+                    torch.tensor([1.0, -1.0]).repeat_interleave(x.shape[0]),
+                )
                 cond, unc = both.sample.chunk(2)
                 v = unc + guidance_scale * (cond - unc)
             else:

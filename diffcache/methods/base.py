@@ -40,7 +40,7 @@ class MethodConfig:
     profile_hint: ClassVar[str] = ""
 
     def not_supported_reasons(self, target: Any) -> list[str]:
-        """Every reason this method cannot run on ``target`` (a resolved Target); empty if it can."""
+        """Every reason this method cannot run on ``target`` (a resolved Target); [] if it can."""
         return []
 
     @classmethod

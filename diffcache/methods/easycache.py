@@ -64,8 +64,9 @@ class EasyCacheConfig(MethodConfig):
     granularity: ClassVar[str] = "step"
     kernels: ClassVar[tuple[str, ...]] = ("l1_change", "add_residual")
 
-    threshold: float = option(0.05, "tau: accumulated predicted change below which a step is reused",
-                              min=0.0)
+    threshold: float = option(
+        0.05, "tau: accumulated predicted change below which a step is reused", min=0.0
+    )
     warmup_steps: int = option(10, "R: the first R steps are always computed", min=0)
 
     @classmethod
@@ -78,8 +79,10 @@ class EasyCacheConfig(MethodConfig):
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.scheduler is None and target.num_steps_hint is None:
-            return ["a bare denoiser has no scheduler to tell the step count, and EasyCache always "
-                    "computes the last step: set valid_for.num_inference_steps in the plan"]
+            return [
+                "a bare denoiser has no scheduler to tell the step count, and EasyCache always "
+                "computes the last step: set valid_for.num_inference_steps in the plan"
+            ]
         return []
 
 
@@ -139,7 +142,8 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
         else:  # extra raw output channels (learned variance) ride along unchanged
             out = r.to(dtype, copy=True)
             latent(out, st.channels).copy_(
-                kernels.add_residual(x_lat, r_lat, dtype, backend=run.kernels))
+                kernels.add_residual(x_lat, r_lat, dtype, backend=run.kernels)
+            )
         run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
         return rebuild_output(st.template, out)
 
@@ -147,11 +151,18 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
         v = sample_of(output)
         n = min(x.shape[cdim], v.shape[cdim])
         x_lat = latent(x, n)
-        r = v.float() - x_lat.float() if v.shape == x_lat.shape else _partial_residual(v, x_lat, cdim)
+        r = (
+            v.float() - x_lat.float()
+            if v.shape == x_lat.shape
+            else _partial_residual(v, x_lat, cdim)
+        )
         if not bool(torch.isfinite(r).all()):
-            raise run.fail(RunError(
-                f"easycache: the output of {module} has NaN/inf and would enter the cache "
-                f"({run.where()}); check the model and inputs (dtype overflow?) before caching."))
+            raise run.fail(
+                RunError(
+                    f"easycache: the output of {module} has NaN/inf and would enter the cache "
+                    f"({run.where()}); check the model and inputs (dtype overflow?) before caching."
+                )
+            )
         st.residual, st.template, st.channels = r, output, n
         if decision is None:
             return
@@ -168,12 +179,17 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
         x = kwargs[latent_arg] if latent_arg in kwargs else args[latent_pos]
         lead = run.state(_Branch, branch=0)
         st = lead if branch == 0 else run.state(_Branch)
-        if st.residual is not None and latent(x, st.channels).shape != \
-                latent(st.residual, st.channels).shape:
-            raise run.fail(RunError(
-                f"easycache: {module} input shape changed from "
-                f"{tuple(latent(st.residual, st.channels).shape)} to {tuple(x.shape)} within a "
-                f"run ({run.where()}); generate at one size per call."))
+        if (
+            st.residual is not None
+            and latent(x, st.channels).shape != latent(st.residual, st.channels).shape
+        ):
+            raise run.fail(
+                RunError(
+                    f"easycache: {module} input shape changed from "
+                    f"{tuple(latent(st.residual, st.channels).shape)} to {tuple(x.shape)} within a "
+                    f"run ({run.where()}); generate at one size per call."
+                )
+            )
         if branch == 0:
             decide(lead, latent(x, lead.channels), step)
         if not lead.compute and st.residual is not None:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import textwrap
 
-import diffcache.kernels as kernels
 import pytest
 import torch
-from diffcache.kernels import Backend, KernelUnavailableError, _dispatch, l1_change, pick
 
+import diffcache.kernels as kernels
 from diffcache.errors import DiffCacheError
+from diffcache.kernels import Backend, KernelUnavailableError, _dispatch, l1_change, pick
 
 SPEC = next(s for s in kernels.ops() if s.name == "l1_change")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diffcache.kernels import (
     _dispatch,
     add_residual,

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from diffcache.kernels import (
     KernelUnavailableError,
     _dispatch,

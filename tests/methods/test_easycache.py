@@ -21,8 +21,12 @@ SCRIPT = [16.0, 8.0, 7.0, 6.0, 5.0, 3.0]
 EXPECT_COMPUTED = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
 EXPECT_COND = [33.0, 17.0, 16.0, 15.0, 11.0, 7.0]
 EXPECT_UNCOND = [31.0, 15.0, 14.0, 13.0, 9.0, 5.0]  # its own residual: 7 + (15 - 8) = 14, ...
-PLAN = {"diffcache": 1, "model": "toy", "method": "easycache",
-        "options": {"threshold": 0.3, "warmup_steps": 2}}
+PLAN = {
+    "diffcache": 1,
+    "model": "toy",
+    "method": "easycache",
+    "options": {"threshold": 0.3, "warmup_steps": 2},
+}
 
 
 def _pipe(cfg: str) -> ToyPipeline:
@@ -41,7 +45,7 @@ def test_skips_follow_the_rule(cfg: str) -> None:
     assert s.per_step() == EXPECT_COMPUTED
     outs = [float(o.flatten()[0]) for o in pipe.scheduler.outputs]
     if cfg == "separate":
-        expect = [_guided(c, u) for c, u in zip(EXPECT_COND, EXPECT_UNCOND)]
+        expect = [_guided(c, u) for c, u in zip(EXPECT_COND, EXPECT_UNCOND, strict=True)]
         assert [b for _, b, _ in s.calls] == [0, 1] * 6
     else:
         expect = EXPECT_COND

@@ -1,0 +1,434 @@
+"""Step caching on DiTs: diffcache's EasyCache beside diffusers' own caches, in one process.
+
+For each model, these configurations run on the same request (prompt, size, steps, seed):
+
+- ``baseline``: the pipeline as built, no acceleration.
+- ``identity``: diffcache.accelerate() with an EasyCache plan of threshold 0 (never reuses); it
+  measures what our hooks cost when they do nothing.
+- ``EasyCache tau=T``: diffcache.accelerate() with an EasyCache plan (one line per threshold).
+- ``FirstBlockCache``: diffusers' ``transformer.enable_cache(FirstBlockCacheConfig(threshold))``.
+- ``TaylorSeer``: diffusers' ``transformer.enable_cache(TaylorSeerCacheConfig(cache_interval,
+  disable_cache_before_step, max_order=1))``.
+
+Procedure: one untimed probe run per configuration (the baseline's comes first and is the
+warm-up), with forward hooks counting MACs and the decoded output kept for PSNR; then
+``for r in range(repeats): for config in configs: set up, time one generation, tear down``, no
+counting hooks attached. Latency is the median of the timed runs of a configuration (the whole
+pipeline call: text encoder, denoising loop, VAE decode).
+
+Definitions:
+
+- speedup = baseline median / config median.
+- calls = diffcache.stats(pipe).compute_fraction: computed denoiser calls / denoiser calls
+  (our method only; diffusers' caches skip inside the transformer and report nothing).
+- MACs = multiply-accumulates of every ``torch.nn.Linear`` inside ``pipe.transformer`` in the
+  run (input.numel() // in_features * in_features * out_features per call, counted by forward
+  hooks) / the same sum in the baseline run. A Linear inside a skipped block never runs, so its
+  hook never fires; attention's matmuls and convolutions are not counted.
+- PSNR = diffcache.eval.metrics.psnr(baseline media, config media) on the decoded output in
+  [0, 1]; "inf" means bit-identical.
+- overhead (ours) = speedup x calls: 1.0 means the speedup matches the work skipped exactly;
+  target >= 0.95.
+- identity / baseline = identity median / baseline median; target within 1%.
+
+Targets are printed as measured facts ("met" / "not met"), never asserted.
+
+Models: the tiny built-ins use their default request (20 steps, CFG on) and their bundled plan
+``<model>.yaml``. ``wan2.1-1.3b-random`` (the real Wan2.1-1.3B transformer, random weights) runs
+``--steps`` (default 10) with ``--guidance`` (default 1.0, CFG off) to stay affordable on a few
+CPU cores, with EasyCache warm-up = 20% of the steps (the reference's 10 of 50) and one line per
+``--threshold``. The defaults add tau=0.2 beside the paper's 0.05: on random weights 0.05 reuses
+no step, while 0.2 reuses about half (picked by a short exploratory run of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffcache
+from diffcache.eval.metrics import psnr
+from diffcache.generate import Request, generate
+from diffcache.models import builtin_models, load_model
+from diffcache.plan import Plan
+from diffcache.registry import find_adapter
+
+BIG = "wan2.1-1.3b-random"
+TINY = (
+    "wan2.1-tiny",
+    "hunyuanvideo-tiny",
+    "flux-tiny",
+    "qwenimage-tiny",
+    "dit-tiny",
+    "cogvideox-tiny",
+)
+PROMPT = "a cat surfing a wave at sunset"
+OVERHEAD_TARGET = 0.95
+IDENTITY_TOLERANCE = 0.01
+
+
+@dataclasses.dataclass
+class Config:
+    """One configuration: how to set it up and tear it down on a pipeline."""
+
+    name: str
+    setup: Callable[[Any], None]
+    teardown: Callable[[Any], None]
+    ours: bool = False  # diffcache-accelerated: stats() is available
+    fallible: bool = False  # a diffusers baseline: failures are reported, not raised
+    unavailable: str | None = None  # reason it cannot run on this model
+
+
+@dataclasses.dataclass
+class Result:
+    """What one configuration measured."""
+
+    times: list[float] = dataclasses.field(default_factory=list)
+    media: np.ndarray | None = None
+    macs: int = 0
+    calls: float | None = None
+    deterministic: bool = True
+    error: str | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@contextmanager
+def count_macs(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Sum the MACs of every nn.Linear call inside ``module`` into the yielded one-item list."""
+    total = [0]
+
+    def hook(mod: torch.nn.Linear, inputs: tuple[Any, ...], _out: Any) -> None:
+        total[0] += inputs[0].numel() // mod.in_features * mod.in_features * mod.out_features
+
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".splitlines()[0]
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def ours(plan: Plan, name: str) -> Config:
+    """A diffcache configuration."""
+    return Config(name, lambda p: diffcache.accelerate(p, plan), diffcache.remove, ours=True)
+
+
+def diffusers_cache(pipe: Any, name: str, make: Callable[[], Any]) -> Config:
+    """A diffusers ``enable_cache`` configuration (or an unavailable one, with the reason)."""
+    transformer = pipe.transformer
+    reason = None
+    if not hasattr(transformer, "enable_cache"):
+        reason = f"{type(transformer).__name__} has no enable_cache (not a diffusers CacheMixin)"
+
+    def teardown(p: Any) -> None:
+        if getattr(p.transformer, "is_cache_enabled", False):
+            p.transformer.disable_cache()
+
+    return Config(
+        name,
+        lambda p: p.transformer.enable_cache(make()),
+        teardown,
+        fallible=True,
+        unavailable=reason,
+    )
+
+
+def build_configs(name: str, pipe: Any, args: argparse.Namespace, steps: int) -> list[Config]:
+    """The configurations measured on model ``name``."""
+    family = find_adapter(pipe).name
+    if name == BIG:
+        warmup = max(2, round(0.2 * steps))
+        base = {
+            "diffcache": 1,
+            "model": family,
+            "method": "easycache",
+            "options": {"warmup_steps": warmup},
+            "valid_for": {"num_inference_steps": steps},
+        }
+        thresholds = args.thresholds
+    else:
+        base = Plan.load(f"{name}.yaml").to_dict()
+        warmup = int(base["options"]["warmup_steps"])
+        thresholds = [float(base["options"]["threshold"])]
+
+    def plan(threshold: float) -> Plan:
+        return Plan.load({**base, "options": {**base["options"], "threshold": threshold}})
+
+    dtype = next(pipe.transformer.parameters()).dtype
+    configs = [
+        Config("baseline", lambda p: None, lambda p: None),
+        ours(plan(0.0), "identity (EasyCache tau=0)"),
+    ]
+    configs += [ours(plan(t), f"EasyCache tau={t:g}") for t in thresholds]
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    configs.append(
+        diffusers_cache(
+            pipe,
+            f"FirstBlockCache tau={args.fbc_threshold:g}",
+            lambda: FirstBlockCacheConfig(threshold=args.fbc_threshold),
+        )
+    )
+    configs.append(
+        diffusers_cache(
+            pipe,
+            f"TaylorSeer N={args.taylor_interval} warm={warmup}",
+            lambda: TaylorSeerCacheConfig(
+                cache_interval=args.taylor_interval,
+                disable_cache_before_step=warmup,
+                max_order=1,
+                taylor_factors_dtype=dtype,
+            ),
+        )
+    )
+    return configs
+
+
+def run_once(
+    pipe: Any, config: Config, request: Request, device: torch.device, result: Result, probe: bool
+) -> None:
+    """Set up, run one generation (timed, or with MAC counting when ``probe``), tear down."""
+    config.setup(pipe)
+    try:
+        if probe:
+            with count_macs(pipe.transformer) as macs:
+                result.media = generate(pipe, request)
+            result.macs = macs[0]
+        else:
+            _sync(device)
+            t0 = time.perf_counter()
+            media = generate(pipe, request)
+            _sync(device)
+            result.times.append(time.perf_counter() - t0)
+            result.deterministic &= bool(np.array_equal(media, result.media))
+        if config.ours:
+            calls = diffcache.stats(pipe).compute_fraction
+            if probe:
+                result.calls = calls
+            else:
+                result.deterministic &= calls == result.calls
+    finally:
+        config.teardown(pipe)
+
+
+def request_for(name: str, pipe: Any, args: argparse.Namespace) -> Request:
+    """The one request every run of model ``name`` uses."""
+    accepted = find_adapter(pipe).call_args
+    req = Request(prompt=PROMPT if "prompt" in accepted else None, seed=args.seed)
+    if name == BIG:
+        req = dataclasses.replace(req, steps=args.steps, guidance=args.guidance)
+    return req.merged(dict(builtin_models()[name].defaults))
+
+
+def fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:
+    """Build ``name``, measure every configuration, print one table."""
+    t0 = time.perf_counter()
+    pipe = load_model(name)
+    pipe.to(device)
+    build_s = time.perf_counter() - t0
+    request = request_for(name, pipe, args)
+    configs = build_configs(name, pipe, args, request.steps)
+    size = "x".join(str(v) for v in (request.height, request.width) if v is not None)
+    frames = f"x{request.frames}f" if request.frames else ""
+    print(
+        f"\n== {name} ({find_adapter(pipe).name}, {type(pipe.transformer).__name__}) | "
+        f"{size or 'default size'}{frames}, {request.steps} steps, guidance {request.guidance}, "
+        f"seed {request.seed} | built in {build_s:.1f} s",
+        flush=True,
+    )
+
+    results = {c.name: Result() for c in configs}
+    active: list[Config] = []
+    for c in configs:  # probe runs: MACs, outputs, compute fraction; the baseline's is the warm-up
+        res = results[c.name]
+        if c.unavailable:
+            res.error = c.unavailable
+            continue
+        if not c.fallible:
+            run_once(pipe, c, request, device, res, probe=True)
+        else:
+            try:
+                run_once(pipe, c, request, device, res, probe=True)
+            except Exception as e:  # diffusers' caches only: unsupported blocks and the like
+                res.error = _one(e)
+                continue
+        active.append(c)
+
+    for r in range(args.repeats):
+        for c in active:
+            run_once(pipe, c, request, device, results[c.name], probe=False)
+        print(
+            f"  repeat {r + 1}/{args.repeats} (s, table order): "
+            + " ".join(f"{results[c.name].times[-1]:.2f}" for c in active),
+            flush=True,
+        )
+
+    print_table(configs, results)
+    del pipe
+    gc.collect()
+
+
+def print_table(configs: list[Config], results: dict[str, Result]) -> None:
+    """One compact table and the target lines."""
+    base = results["baseline"]
+    width = max(len(c.name) for c in configs)
+    print(
+        f"  {'config':<{width}}  {'median s':>9}  {'spread':>6}  {'speedup':>7}  {'calls':>5}  "
+        f"{'MACs':>5}  {'PSNR dB':>7}  {'overhead':>8}"
+    )
+    notes: list[str] = []
+    for c in configs:
+        res = results[c.name]
+        if res.error is not None:
+            print(f"  {c.name:<{width}}  n/a: {res.error}")
+            continue
+        med = res.median
+        spread = (max(res.times) - min(res.times)) / med
+        speedup = base.median / med
+        macs = res.macs / base.macs if base.macs else None
+        quality = "ref" if c.name == "baseline" else fmt(psnr(base.media, res.media), ".2f")
+        overhead = speedup * res.calls if res.calls is not None else None
+        print(
+            f"  {c.name:<{width}}  {med:9.3f}  {spread:6.1%}  {speedup:7.3f}  "
+            f"{fmt(res.calls, '.3f'):>5}  {fmt(macs, '.3f'):>5}  {quality:>7}  "
+            f"{fmt(overhead, '.3f'):>8}"
+        )
+        if not res.deterministic:
+            notes.append(
+                f"{c.name}: a timed run differs from its probe run in output or compute "
+                "fraction (nondeterministic)"
+            )
+        if c.ours and c.name.startswith("EasyCache"):
+            if res.calls == 1.0:
+                notes.append(
+                    f"{c.name} reused no step on this model (compute fraction 1.0); "
+                    "pass --threshold with larger values to see reuse"
+                )
+            met = "met" if overhead >= OVERHEAD_TARGET else "not met"
+            notes.append(f"{c.name} overhead {overhead:.3f} (target >= {OVERHEAD_TARGET}): {met}")
+        elif c.ours:
+            ratio = med / base.median
+            met = "met" if abs(ratio - 1.0) <= IDENTITY_TOLERANCE else "not met"
+            notes.append(
+                f"identity / baseline latency {ratio:.3f} "
+                f"(target within {IDENTITY_TOLERANCE:.0%}): {met}"
+            )
+    for n in notes:
+        print(f"  - {n}")
+    print(
+        "  spread = (max - min) / median of the timed runs; calls = diffcache compute_fraction; "
+        "MACs = nn.Linear MACs in the transformer / baseline's",
+        flush=True,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated built-in models (default: {', '.join(TINY + (BIG,))})",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per config (default 3)")
+    p.add_argument("--steps", type=int, default=10, help=f"{BIG} only (default 10)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help=f"{BIG} only (default 1.0: CFG off, one forward per step)",
+    )
+    p.add_argument(
+        "--threshold",
+        default="0.05,0.2",
+        help=f"{BIG} only: comma-separated EasyCache thresholds, one line each "
+        "(default 0.05,0.2: the paper's value and one that reuses on random weights); "
+        "tiny models use their bundled plan",
+    )
+    p.add_argument(
+        "--fbc-threshold",
+        type=float,
+        default=0.05,
+        help="diffusers FirstBlockCache threshold (default 0.05, diffusers' default)",
+    )
+    p.add_argument(
+        "--taylor-interval",
+        type=int,
+        default=2,
+        help="diffusers TaylorSeer cache_interval (default 2); its warm-up is EasyCache's",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny models only, 2 repeats (smoke run)")
+    args = p.parse_args(argv)
+    args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
+    if args.models is None:
+        args.models = ",".join(TINY if args.quick else TINY + (BIG,))
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    unknown = [m for m in args.models if m not in builtin_models()]
+    if unknown:
+        p.error(f"unknown models {unknown}; built-in: {', '.join(builtin_models())}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    import diffusers
+
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}, "
+        f"diffcache {getattr(diffcache, '__version__', '?')}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    print(
+        f"settings: models {','.join(args.models)}; repeats {args.repeats} (median); "
+        f"{BIG}: steps {args.steps}, guidance {args.guidance}, EasyCache tau "
+        f"{','.join(f'{t:g}' for t in args.thresholds)}, warm-up 20% of steps; tiny models: "
+        f"their defaults and bundled plans; FirstBlockCache tau {args.fbc_threshold:g}; "
+        f"TaylorSeer cache_interval {args.taylor_interval}, max_order 1, warm-up = EasyCache's"
+    )
+    for name in args.models:
+        bench_model(name, args, device)
+
+
+if __name__ == "__main__":
+    main()
