@@ -352,7 +352,7 @@ def render_steps_svg(runs: Sequence[dict[str, Any]]) -> str:
     label_w, right, top, row_h, gap = 220, 56, 28, 14, 6
     n_steps = max(len(steps) for _, steps in rows)
     cell = max(3.0, min(16.0, 560.0 / n_steps))
-    width = int(label_w + cell * n_steps + right)
+    width = max(int(label_w + cell * n_steps + right), label_w + 480)  # room for the legend
     height = int(top + len(rows) * (row_h + gap) + 30)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

@@ -107,3 +107,50 @@ def test_bare_denoiser_needs_step_count_and_tracks_timesteps() -> None:
         s = diffcache.stats(net)
         assert [(st, b) for st, b, _ in s.calls] == [(i, b) for i in range(4) for b in (0, 1)]
         assert s.steps == 4 and s.per_step() == [1.0, 1.0, 0.0, 1.0], f"run {run}: {s}"
+
+
+def test_plan_kernels_triton_runs_the_triton_ops() -> None:
+    """kernels: triton runs the Triton kernels (here in the interpreter) and Stats says so."""
+    pipe = ToyPipeline(cfg="none")
+    base_pipe = ToyPipeline(cfg="none")
+    plans = [{**PLAN, "kernels": k} for k in ("triton", "torch")]
+    outs = []
+    for plan, p in zip(plans, (pipe, base_pipe), strict=True):
+        diffcache.accelerate(p, plan)
+        outs.append(p(torch.linspace(-1, 1, 8).reshape(1, 8), steps=6))
+        assert set(diffcache.stats(p).kernels.values()) == {plan["kernels"]}
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_plan_kernels_triton_unavailable_raises_before_attaching(monkeypatch) -> None:
+    from diffcache.errors import KernelUnavailableError
+
+    monkeypatch.setattr("diffcache.kernels._dispatch._interpret_enabled", lambda: False)
+    pipe = ToyPipeline()
+    with pytest.raises(KernelUnavailableError, match=r"l1_change: .*\n.*add_residual"):
+        diffcache.accelerate(pipe, {**PLAN, "kernels": "triton"})
+    assert _untouched(pipe)
+
+
+def test_local_checkpoint_folder_loads_and_accelerates(tmp_path) -> None:
+    """A real checkpoint is a local diffusers folder: save a tiny one, load it by path."""
+    diffcache.load_model("dit-tiny").save_pretrained(tmp_path / "dit")
+    pipe = diffcache.load_model(str(tmp_path / "dit"))
+    assert type(pipe).__name__ == "DiTPipeline"
+    diffcache.accelerate(pipe, "dit-tiny.yaml")
+    diffcache.remove(pipe)
+    with pytest.raises(UnsupportedModelError, match="cannot load a diffusers pipeline"):
+        diffcache.load_model(str(tmp_path))
+
+
+def test_two_real_pipelines_of_one_class_stay_independent() -> None:
+    from diffcache.generate import Request, generate
+
+    a, b = diffcache.load_model("wan2.1-tiny"), diffcache.load_model("wan2.1-tiny")
+    req = Request(prompt="a cat", height=32, width=32, frames=5, steps=6, guidance=3.0)
+    base = generate(b, req)
+    diffcache.accelerate(a, {**PLAN, "model": "wan2.1"})
+    generate(a, req)
+    assert diffcache.stats(a).skipped > 0
+    assert (generate(b, req) == base).all() and not diffcache.is_accelerated(b)
+    assert "forward" not in b.transformer.__dict__ and "step" not in b.scheduler.__dict__

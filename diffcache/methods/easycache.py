@@ -172,7 +172,7 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
                 st.k = _ratio(out_change, l1(x_lat, st.anchor_input)[0])
         else:
             st.prev_output_norm = l1(v, v)[1]
-        st.anchor_input, st.prev_output = x_lat, v.detach().clone()
+        st.prev_output = v.detach().clone()
 
     def forward(call: Any, *args: Any, **kwargs: Any) -> Any:
         step, branch = run.begin_call()
@@ -199,8 +199,10 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
             out = call(*args, **kwargs)
             store(st, x, out, lead if branch == 0 else None)
             computed = True
-        if branch == 0:
+        if branch == 0:  # a private copy: pipelines may reuse the input buffer
             lead.prev_input = latent(x, lead.channels).detach().clone()
+            if computed:
+                lead.anchor_input = lead.prev_input
         run.record(float(computed))
         return out
 
