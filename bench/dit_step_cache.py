@@ -8,14 +8,16 @@ For each model, these configurations run on the same request (prompt, size, step
 - ``EasyCache tau=T``: diffcache.accelerate() with an EasyCache plan (one line per threshold).
 - ``FirstBlockCache``: diffusers' ``transformer.enable_cache(FirstBlockCacheConfig(threshold))``.
 - ``TaylorSeer``: diffusers' ``transformer.enable_cache(TaylorSeerCacheConfig(cache_interval,
-  disable_cache_before_step, max_order=1))``.
+  disable_cache_before_step, max_order=1, cache_identifiers))``: the attention modules of every
+  block (diffusers' default patterns miss Wan's and CogVideoX's ``attn1`` / ``attn2``, which would
+  make it a no-op there; the line shows how many modules are hooked). MLPs run every step.
 
 Procedure: one untimed probe run per configuration (the baseline's comes first and is the
 warm-up), with forward hooks counting MACs and timing the calls of ``pipe.transformer`` (the
 denoiser share), and the decoded output kept for PSNR; then
-``for r in range(repeats): for config in configs: set up, time one generation, tear down``, no
-counting hooks attached. Latency is the median of the timed runs of a configuration (the whole
-pipeline call: text encoder, denoising loop, VAE decode).
+``for r in range(repeats): for config in configs (order rotated by r): set up, time one
+generation, tear down``, no counting hooks attached. Latency is the median of the timed runs of
+a configuration (the whole pipeline call: text encoder, denoising loop, VAE decode).
 
 Definitions:
 
@@ -36,6 +38,10 @@ Definitions:
 
 Targets are printed as measured facts ("met" / "not met"), never asserted.
 
+Threads: 1 for the tiny models (their many small ops gain nothing from a second thread and stall
+badly when another process holds a core), torch's default for the real-size model; --threads
+sets both.
+
 Models: the tiny built-ins use their default request (20 steps, CFG on) and their bundled plan
 ``<model>.yaml``. ``wan2.1-1.3b-random`` (the real Wan2.1-1.3B transformer, random weights) runs
 ``--steps`` (default 10) with ``--guidance`` (default 1.0, CFG off) to stay affordable on a few
@@ -52,6 +58,7 @@ import gc
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +85,17 @@ TINY = (
     "cogvideox-tiny",
 )
 PROMPT = "a cat surfing a wave at sunset"
+# diffusers' default TaylorSeer patterns (hooks.taylorseer_cache) end in "attn", so under
+# re.fullmatch they miss the numbered attn1 / attn2 of Wan and CogVideoX blocks; allow a number.
+TAYLOR_PATTERNS = [
+    rf"^{blocks}.*attn\d*"
+    for blocks in (
+        "blocks",
+        "transformer_blocks",
+        "single_transformer_blocks",
+        "temporal_transformer_blocks",
+    )
+]
 OVERHEAD_TARGET = 0.95
 IDENTITY_TOLERANCE = 0.01
 
@@ -221,18 +239,24 @@ def build_configs(name: str, pipe: Any, args: argparse.Namespace, steps: int) ->
             lambda: FirstBlockCacheConfig(threshold=args.fbc_threshold),
         )
     )
-    configs.append(
-        diffusers_cache(
-            pipe,
-            f"TaylorSeer N={args.taylor_interval} warm={warmup}",
-            lambda: TaylorSeerCacheConfig(
-                cache_interval=args.taylor_interval,
-                disable_cache_before_step=warmup,
-                max_order=1,
-                taylor_factors_dtype=dtype,
-            ),
-        )
+    hooked = sum(
+        any(re.fullmatch(pat, n) for pat in TAYLOR_PATTERNS)
+        for n, _ in pipe.transformer.named_modules()
     )
+    taylor = diffusers_cache(
+        pipe,
+        f"TaylorSeer N={args.taylor_interval} warm={warmup} ({hooked} attn)",
+        lambda: TaylorSeerCacheConfig(
+            cache_interval=args.taylor_interval,
+            disable_cache_before_step=warmup,
+            max_order=1,
+            taylor_factors_dtype=dtype,
+            cache_identifiers=TAYLOR_PATTERNS,
+        ),
+    )
+    if taylor.unavailable is None and not hooked:
+        taylor.unavailable = "no attention module matches the TaylorSeer patterns"
+    configs.append(taylor)
     return configs
 
 
@@ -300,7 +324,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     print(
         f"\n== {name} ({find_adapter(pipe).name}, {type(pipe.transformer).__name__}) | "
         f"{size or 'default size'}{frames}, {request.steps} steps, guidance {request.guidance}, "
-        f"seed {request.seed} | built in {build_s:.1f} s",
+        f"seed {request.seed} | {torch.get_num_threads()} threads | built in {build_s:.1f} s",
         flush=True,
     )
 
@@ -323,10 +347,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     share = results["baseline"].share
     for r in range(args.repeats):
-        for c in active:
+        shift = r % len(active)  # rotate the order so that no config always runs in one slot
+        for c in active[shift:] + active[:shift]:
             run_once(pipe, c, request, device, results[c.name], probe=False)
         print(
-            f"  repeat {r + 1}/{args.repeats} (s, table order): "
+            f"  repeat {r + 1}/{args.repeats} (s, in table order): "
             + " ".join(f"{results[c.name].times[-1]:.2f}" for c in active),
             flush=True,
         )
@@ -439,7 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=None,
-        help="torch.set_num_threads (default: torch's own choice)",
+        help="torch.set_num_threads for every model (default: 1 for the tiny models, whose many "
+        "small ops only pay thread synchronisation and stall when another process holds a core; "
+        "torch's own choice for the real-size model)",
     )
     p.add_argument("--quick", action="store_true", help="tiny models only, 2 repeats (smoke run)")
     args = p.parse_args(argv)
@@ -458,14 +485,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     import diffusers
 
     cpu = platform.processor() or platform.machine()
     print(
         f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}, "
+        f"(default {default_threads} threads), diffusers {diffusers.__version__}, "
         f"diffcache {getattr(diffcache, '__version__', '?')}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
@@ -477,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         f"TaylorSeer cache_interval {args.taylor_interval}, max_order 1, warm-up = EasyCache's"
     )
     for name in args.models:
+        torch.set_num_threads(args.threads or (default_threads if name == BIG else 1))
         bench_model(name, args, device)
 
 
