@@ -106,3 +106,44 @@ def word_tokenizer(
 def template_prefix_length(tokenizer: Any, template: str) -> int:
     """Number of tokens the tokenizer gives the part of ``template`` before its ``{}``."""
     return len(tokenizer(template.split("{}")[0]).input_ids)
+
+
+def tiny_clip() -> tuple[Any, Any]:
+    """A CLIP-slot tokenizer (77 tokens, start/end markers) and a 2-layer CLIP text model of
+    width 32 whose ids match the tokenizer (the pooled output is read at the EOS position)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = word_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=77)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def tiny_t5(model_max_length: int) -> tuple[Any, Any]:
+    """A word-level tokenizer and a 2-layer T5 encoder of width 32."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = word_tokenizer(model_max_length=model_max_length)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, T5EncoderModel(config).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
 
 # CogVideoXPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
@@ -51,24 +51,9 @@ def build_tiny(seed: int = 0) -> Any:
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
 
     with seeded(seed):
-        tokenizer = word_tokenizer(model_max_length=_TEXT_LEN)
-        text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
+        tokenizer, text_encoder = tiny_t5(model_max_length=_TEXT_LEN)
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,

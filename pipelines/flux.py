@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
 
 # FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
@@ -43,41 +43,10 @@ def build_tiny(seed: int = 0) -> Any:
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     with seeded(seed):
-        clip_tokenizer = word_tokenizer(
-            bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=77
-        )
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=32,
-                pad_token_id=clip_tokenizer.pad_token_id,
-                bos_token_id=clip_tokenizer.bos_token_id,
-                eos_token_id=clip_tokenizer.eos_token_id,
-            )
-        ).eval()
-        t5_tokenizer = word_tokenizer(model_max_length=512)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id,
-                decoder_start_token_id=t5_tokenizer.pad_token_id,
-            )
-        ).eval()
+        clip_tokenizer, clip = tiny_clip()
+        t5_tokenizer, t5 = tiny_t5(model_max_length=512)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,

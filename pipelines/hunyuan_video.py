@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
+from diffcache.pipelines._tiny import seeded, template_prefix_length, tiny_clip, word_tokenizer
 from diffcache.registry import register_adapter
 
 # HunyuanVideo is guidance-distilled: ``guidance_scale`` feeds the transformer's guidance
@@ -69,7 +69,7 @@ def build_tiny(seed: int = 0) -> Any:
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     with seeded(seed):
         tokenizer = _llama_tokenizer()
@@ -87,23 +87,7 @@ def build_tiny(seed: int = 0) -> Any:
                 eos_token_id=None,
             )
         ).eval()
-        clip_tokenizer = word_tokenizer(
-            bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=77
-        )
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=32,
-                pad_token_id=clip_tokenizer.pad_token_id,
-                bos_token_id=clip_tokenizer.bos_token_id,
-                eos_token_id=clip_tokenizer.eos_token_id,
-            )
-        ).eval()
+        clip_tokenizer, clip = tiny_clip()
         transformer = HunyuanVideoTransformer3DModel(
             in_channels=16,
             out_channels=16,
