@@ -233,6 +233,8 @@ def pick(
             choice = _as_backend(env, ENV_OVERRIDE)
     if choice is Backend.TORCH:
         return Backend.TORCH
+    if choice is Backend.AUTO and spec.name in _LOGGED and not all(t.is_cuda for t in tensors):
+        return Backend.TORCH  # the hot path on CPU: the reasons were logged on the first call
 
     reasons = spec.not_supported_reasons(*tensors) + list(extra_reasons)
     if choice is Backend.TRITON:

@@ -99,6 +99,7 @@ class _Branch:
     k: float | None = None
     acc: float = 0.0
     compute: bool = True
+    dx: float | None = None  # this step's mean|x_i − x_{i−1}|, when the decision measured it
 
 
 def _ratio(num: float, den: float) -> float:
@@ -123,12 +124,13 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
         return x if n is None or x.shape[cdim] == n else x.narrow(cdim, 0, n)
 
     def decide(st: _Branch, x: torch.Tensor, step: int) -> None:
+        st.dx = None
         if step < cfg.warmup_steps or run.is_last_step():
             st.compute, st.acc = True, 0.0
         elif st.prev_input is None or st.prev_output is None or st.k is None:
             st.compute = True
         else:
-            dx = l1(x, st.prev_input)[0]
+            dx = st.dx = l1(x, st.prev_input)[0]
             st.acc += st.k * _ratio(dx, st.prev_output_norm)
             st.compute = not st.acc < cfg.threshold
             if st.compute:
@@ -156,7 +158,7 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
             if v.shape == x_lat.shape
             else _partial_residual(v, x_lat, cdim)
         )
-        if not bool(torch.isfinite(r).all()):
+        if not math.isfinite(r.sum().item()):  # one reduction; NaN or ±inf anywhere shows here
             raise run.fail(
                 RunError(
                     f"easycache: the output of {module} has NaN/inf and would enter the cache "
@@ -169,7 +171,10 @@ def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
         if st.prev_output is not None:
             out_change, st.prev_output_norm, _ = l1(v, st.prev_output)
             if st.anchor_input is not None:
-                st.k = _ratio(out_change, l1(x_lat, st.anchor_input)[0])
+                # after a computed step the anchor is x_{i−1}: the decision already measured it
+                consecutive = st.dx is not None and st.anchor_input is st.prev_input
+                in_change = st.dx if consecutive else l1(x_lat, st.anchor_input)[0]
+                st.k = _ratio(out_change, in_change)
         else:
             st.prev_output_norm = l1(v, v)[1]
         st.prev_output = v.detach().clone()
