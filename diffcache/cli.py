@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--plan", action="append", required=True, help="repeat for several plans")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1 per prompt")
+    p.add_argument("--seeds", type=int, default=1, help="K seeds per prompt: --seed .. --seed+K-1")
     _request_args(p)
     p.add_argument("--out", required=True, help="output folder for report.{json,md,html}")
     p.set_defaults(func=_eval)
@@ -133,10 +133,18 @@ def _check_request(model: str, request: Any) -> Any:
 
 def _generate(args: argparse.Namespace) -> int:
     import diffcache
-    from diffcache.generate import VIDEO_SUFFIXES, generate, pipeline_kwargs, save_media
+    from diffcache.generate import (
+        VIDEO_SUFFIXES,
+        check_media_path,
+        generate,
+        pipeline_kwargs,
+        save_media,
+    )
     from diffcache.plan import Plan
     from diffcache.registry import find_adapter
 
+    if args.stats_json and not args.plan:
+        raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     request = _check_request(args.model, _request(args, args.prompt))
     pipe = diffcache.load_model(args.model)
@@ -144,10 +152,12 @@ def _generate(args: argparse.Namespace) -> int:
     if "prompt" in adapter.call_args and not request.prompt:
         raise DiffCacheError(f"{args.model}: --prompt is required for {adapter.name} models")
     pipeline_kwargs(pipe, request)  # unsupported fields fail before any work
-    out = Path(
+    video = adapter.media == "video"
+    out = check_media_path(
         args.out
         or f"out/{Path(args.model).name}-seed{request.seed}"
-        + (VIDEO_SUFFIXES[0] if adapter.media == "video" else ".png")
+        + (VIDEO_SUFFIXES[0] if video else ".png"),
+        video,
     )
     if plan is not None:
         diffcache.accelerate(pipe, plan)
@@ -162,8 +172,6 @@ def _generate(args: argparse.Namespace) -> int:
         )
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
-    elif args.stats_json:
-        raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
     return 0
 
 

@@ -71,16 +71,22 @@ def generate(pipe: Any, request: Request, progress: bool = False) -> np.ndarray:
     return np.asarray(media[0], dtype=np.float32)
 
 
-def save_media(media: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write (F, H, W, C) video as .mp4/.gif or (H, W, C) image as .png."""
+def check_media_path(path: str | Path, video: bool) -> Path:
+    """``path`` as a Path if its extension fits the media kind, else a DiffCacheError."""
     path = Path(path)
-    video = media.ndim == 4
     allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
     if path.suffix.lower() not in allowed:
         kind = "video" if video else "image"
         raise DiffCacheError(
             f"{path}: a {kind} is written as {' or '.join(allowed)}; change the file extension."
         )
+    return path
+
+
+def save_media(media: np.ndarray, path: str | Path, fps: int = 8) -> Path:
+    """Write (F, H, W, C) video as .mp4/.gif or (H, W, C) image as .png."""
+    video = media.ndim == 4
+    path = check_media_path(path, video)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (np.clip(media, 0.0, 1.0) * 255).round().astype(np.uint8)
     if pixels.shape[-1] == 1:

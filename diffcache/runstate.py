@@ -69,18 +69,17 @@ class RunState:
         expected_steps: int | None = None,
         kernels: str = "auto",
         on_error: Callable[[], None] | None = None,
-        guard: Callable[[], None] | None = None,
     ) -> None:
         self.method = method
         self.expected_steps = expected_steps
         self.kernels = kernels  # kernel backend for the method's ops: auto | torch | triton
         self.on_error = on_error or (lambda: None)
-        self.guard = guard  # called before each denoiser call; raises if the model changed
+        self.guard: Callable[[], None] | None = None  # before each call; raises if model changed
         self.num_steps: int | None = None
         self.step = 0
         self.branch = -1
         self.active = False
-        self._states: dict[tuple[str, int], Any] = {}
+        self._states: dict[int, Any] = {}
         self._t0 = 0.0
         self.stats = Stats(method)
 
@@ -102,7 +101,7 @@ class RunState:
         self.num_steps = num_steps
         self.step, self.branch, self.active = 0, -1, True
         self._states.clear()
-        self.stats = Stats(self.method, kv_bytes_peak=None)
+        self.stats = Stats(self.method)
         self._t0 = time.perf_counter()
 
     def begin_call(self) -> tuple[int, int]:
@@ -130,16 +129,13 @@ class RunState:
         self.branch = -1
         self.stats.wall_s = time.perf_counter() - self._t0
 
-    def end_run(self) -> None:
-        self.active = False
-
     # -- queries ----------------------------------------------------------------------------
     def is_last_step(self) -> bool:
         return self.num_steps is not None and self.step >= self.num_steps - 1
 
-    def state(self, factory: Callable[[], Any], branch: int | None = None, key: str = "") -> Any:
+    def state(self, factory: Callable[[], Any], branch: int | None = None) -> Any:
         """The method state of ``branch`` (default: the current one), made by ``factory``."""
-        slot = (key, self.branch if branch is None else branch)
+        slot = self.branch if branch is None else branch
         if slot not in self._states:
             self._states[slot] = factory()
         return self._states[slot]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,8 @@ def evaluate(
     warmup: bool = True,
 ) -> dict[str, Any]:
     """Run the baseline and every plan on each (prompt, seed), interleaved so that machine noise
-    hits them alike; write ``out/report.{json,md,html}`` and return the report dict.
+    hits them alike; write ``out/report.{json,md,html}`` and return the report dict. The seeds
+    are ``request.seed`` .. ``request.seed + seeds - 1``.
 
     Latency is the mean wall time of one generation; ``speedup`` = baseline latency / latency;
     quality (PSNR, SSIM, LPIPS when its weights exist) compares each output with the baseline
@@ -44,6 +46,8 @@ def evaluate(
     """
     plans = [Plan.load(p) for p in plans]  # validate every plan before the first generation
     pipe = diffcache.load_model(model)
+    for plan in plans:  # every plan must fit this model before any generation runs
+        diffcache.remove(diffcache.accelerate(pipe, plan))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and hasattr(pipe, "to"):
         pipe.to(device)
@@ -53,9 +57,9 @@ def evaluate(
     adapter = find_adapter(pipe)
     takes_prompt = "prompt" in adapter.call_args
     requests = [
-        Request(**{**base_req.__dict__, "prompt": p if takes_prompt else None, "seed": s})
+        dataclasses.replace(base_req, prompt=p if takes_prompt else None, seed=base_req.seed + k)
         for p in (prompts if takes_prompt else prompts[:1])
-        for s in range(seeds)
+        for k in range(seeds)
     ]
     if warmup:  # first-call costs (allocations, lazy init) must not count against anyone
         generate(pipe, requests[0])

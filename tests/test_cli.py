@@ -219,3 +219,32 @@ def test_console_script_is_installed() -> None:
     exe = shutil.which("diffcache") or str(Path(__file__).parents[1] / ".venv/bin/diffcache")
     res = subprocess.run([exe, "plans", "list"], capture_output=True, text=True)
     assert res.returncode == 0 and "wan21.yaml" in res.stdout
+
+
+def test_eval_rejects_a_plan_for_another_family_before_generating(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "dit-tiny", "--plan", "flux-tiny.yaml", "--out", str(out)]) == 2
+    assert "plan is for 'flux'" in _err_line(capsys) and not out.exists()
+
+
+def test_eval_seeds_start_at_seed(tmp_path: Path) -> None:
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "dit-tiny",
+                "--plan",
+                "dit-tiny.yaml",
+                "--seed",
+                "7",
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    seeds = [r["seed"] for r in load_report(tmp_path / "report.json")["requests"]]
+    assert seeds == [7, 8]
