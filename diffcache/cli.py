@@ -140,13 +140,16 @@ def _generate(args: argparse.Namespace) -> int:
         pipeline_kwargs,
         save_media,
     )
-    from diffcache.plan import Plan
+    from diffcache.plan import Plan, steps_mismatch
     from diffcache.registry import find_adapter
 
     if args.stats_json and not args.plan:
         raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     request = _check_request(args.model, _request(args, args.prompt))
+    want = plan.valid_for.get("num_inference_steps") if plan is not None else None
+    if want is not None and request.steps is not None and request.steps != want:
+        raise steps_mismatch(want, request.steps)  # before the model is built
     pipe = diffcache.load_model(args.model)
     adapter = find_adapter(pipe)
     if "prompt" in adapter.call_args and not request.prompt:

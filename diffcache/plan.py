@@ -186,6 +186,15 @@ class Plan:
         return load_file(str(path))
 
 
+def steps_mismatch(expected: int, actual: int) -> PlanError:
+    """The error for a call outside the plan's ``valid_for.num_inference_steps``."""
+    return PlanError(
+        f"plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
+        f"run with {expected} steps or use a plan made for {actual} "
+        "(valid_for.num_inference_steps)."
+    )
+
+
 def _check_valid_for(valid_for: dict[str, Any], source: str) -> None:
     problems = []
     for key, value in valid_for.items():

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError
+from diffcache.plan import steps_mismatch
 
 
 @dataclasses.dataclass
@@ -91,13 +92,7 @@ class RunState:
             and num_steps is not None
             and num_steps != self.expected_steps
         ):
-            raise self.fail(
-                PlanError(
-                    f"plan is valid for num_inference_steps={self.expected_steps} but this call "
-                    f"runs {num_steps} steps; run with {self.expected_steps} steps or use a plan "
-                    f"made for {num_steps} (valid_for.num_inference_steps)."
-                )
-            )
+            raise self.fail(steps_mismatch(self.expected_steps, num_steps))
         self.num_steps = num_steps
         self.step, self.branch, self.active = 0, -1, True
         self._states.clear()
