@@ -27,10 +27,12 @@ import torch
 
 from diffcache.errors import KernelUnavailableError
 
-try:
+try:  # the one guarded import of Triton; kernel modules take ``triton`` / ``tl`` from here
     import triton
+    import triton.language as tl
 except Exception as _exc:  # ImportError, or a broken install failing on import
     triton = None
+    tl = None
     _TRITON_IMPORT_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
 else:
     _TRITON_IMPORT_ERROR = None

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _dtype_name, _record, pick, register_op
-
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # no triton, or a broken install: only the torch reference is defined
-    triton = None
-    tl = None
+from ._dispatch import Backend, OpSpec, _dtype_name, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(

@@ -11,14 +11,7 @@ import math
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op
-
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # no triton, or a broken install: only the torch reference is defined
-    triton = None
-    tl = None
+from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
