@@ -30,11 +30,14 @@ Definitions:
   hook never fires; attention's matmuls and convolutions are not counted.
 - PSNR = diffcache.eval.metrics.psnr(baseline media, config media) on the decoded output in
   [0, 1]; "inf" means bit-identical.
-- overhead (ours) = speedup x calls: 1.0 means the speedup matches the work skipped exactly;
-  target >= 0.95. The text encoder, VAE and scheduler are not cached, so even free caching gives
-  less than 1.0: with denoiser share s (denoiser time / baseline latency), the printed
-  "free caching would give" value is calls / (calls * s + 1 - s).
+- of ideal (ours) = speedup / ideal speedup, where the ideal speedup of a compute fraction c with
+  denoiser share s (denoiser time / baseline latency; the text encoder, VAE and scheduler are not
+  cached) is 1 / ((1 - s) + s * c): 1.0 means the reuse itself costs nothing; target >= 0.95.
 - identity / baseline = identity median / baseline median; target within 1%.
+- profile (``--profile-models``, default wan2.1-tiny and dit-tiny): ``diffcache.profile`` tunes
+  EasyCache's threshold (the bundled plan's warm-up kept) to ``--target-compute`` on 8 bundled
+  calibration prompts (class ids 0-7 for DiT), then the plan runs on 4 held-out prompts (class ids
+  100-103) and the compute fraction it reaches there is printed.
 
 Targets are printed as measured facts ("met" / "not met"), never asserted.
 
@@ -297,10 +300,10 @@ def run_once(
 
 def request_for(name: str, pipe: Any, args: argparse.Namespace) -> Request:
     """The one request every run of model ``name`` uses."""
-    accepted = find_adapter(pipe).call_args
-    req = Request(prompt=PROMPT if "prompt" in accepted else None, seed=args.seed)
+    takes_prompt = find_adapter(pipe).field("prompt") is not None
+    req = Request(prompt=PROMPT if takes_prompt else None, seed=args.seed)
     if name == BIG:
-        req = dataclasses.replace(req, steps=args.steps, guidance=args.guidance)
+        req = req.replace(steps=args.steps, guidance=args.guidance)
     return req.merged(dict(builtin_models()[name].defaults))
 
 
@@ -319,12 +322,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     pipe.to(device)
     build_s = time.perf_counter() - t0
     request = request_for(name, pipe, args)
-    configs = build_configs(name, pipe, args, request.steps)
-    size = "x".join(str(v) for v in (request.height, request.width) if v is not None)
-    frames = f"x{request.frames}f" if request.frames else ""
+    steps = request.get("steps")
+    configs = build_configs(name, pipe, args, steps)
+    size = "x".join(str(request.get(k)) for k in ("height", "width") if request.get(k))
+    frames = f"x{request.get('frames')}f" if request.get("frames") else ""
     print(
         f"\n== {name} ({find_adapter(pipe).name}, {type(pipe.transformer).__name__}) | "
-        f"{size or 'default size'}{frames}, {request.steps} steps, guidance {request.guidance}, "
+        f"{size or 'default size'}{frames}, {steps} steps, guidance {request.get('guidance')}, "
         f"seed {request.seed} | {torch.get_num_threads()} threads | built in {build_s:.1f} s",
         flush=True,
     )
@@ -358,6 +362,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         )
 
     print_table(configs, results, share)
+    if name in args.profile_models:
+        profile_section(name, pipe, request, args)
     del pipe
     gc.collect()
 
@@ -368,7 +374,7 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
     width = max(len(c.name) for c in configs)
     print(
         f"  {'config':<{width}}  {'median s':>9}  {'spread':>6}  {'speedup':>7}  {'calls':>5}  "
-        f"{'MACs':>5}  {'PSNR dB':>7}  {'overhead':>8}"
+        f"{'MACs':>5}  {'PSNR dB':>7}  {'of ideal':>8}"
     )
     notes: list[str] = []
     for c in configs:
@@ -381,7 +387,8 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
         speedup = base.median / med
         macs = res.macs / base.macs if base.macs else None
         quality = "ref" if c.name == "baseline" else fmt(psnr(base.media, res.media), ".2f")
-        overhead = speedup * res.calls if res.calls is not None else None
+        ideal = None if res.calls is None else 1.0 / ((1.0 - share) + share * res.calls)
+        overhead = speedup / ideal if ideal is not None else None
         print(
             f"  {c.name:<{width}}  {med:9.3f}  {spread:6.1%}  {speedup:7.3f}  "
             f"{fmt(res.calls, '.3f'):>5}  {fmt(macs, '.3f'):>5}  {quality:>7}  "
@@ -399,11 +406,9 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
                     "pass --threshold with larger values to see reuse"
                 )
             met = "met" if overhead >= OVERHEAD_TARGET else "not met"
-            ideal = res.calls / (res.calls * share + 1.0 - share)
             notes.append(
-                f"{c.name} overhead {overhead:.3f} (target >= {OVERHEAD_TARGET}): {met}; "
-                f"free caching would give {ideal:.3f} with this denoiser share "
-                f"(measured / free = {overhead / ideal:.3f})"
+                f"{c.name}: speedup {speedup:.3f} of ideal {ideal:.3f} = {overhead:.3f} "
+                f"(target >= {OVERHEAD_TARGET}): {met}"
             )
         elif c.ours:
             ratio = med / base.median
@@ -421,6 +426,47 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
     print(
         "  spread = (max - min) / median of the timed runs; calls = diffcache compute_fraction; "
         "MACs = nn.Linear MACs in the transformer / baseline's",
+        flush=True,
+    )
+
+
+def profile_section(name: str, pipe: Any, request: Request, args: argparse.Namespace) -> None:
+    """Tune EasyCache to the compute target on calibration prompts; measure held-out prompts."""
+    from importlib import resources
+
+    from diffcache.eval.runner import DEFAULT_PROMPTS
+    from diffcache.methods.easycache import EasyCacheConfig
+
+    bundled = Plan.load(f"{name}.yaml").config
+    start = EasyCacheConfig(warmup_steps=bundled.warmup_steps)
+    if find_adapter(pipe).field("prompt") is not None:
+        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
+        calibration = text.read_text().split("\n")[:8]
+        held_out = [request.replace(prompt=p) for p in DEFAULT_PROMPTS]
+    else:
+        calibration = [str(i) for i in range(8)]
+        held_out = [request.replace(class_label=c) for c in range(100, 104)]
+    t0 = time.perf_counter()
+    plan = diffcache.profile(
+        pipe, start, calibration, target_compute=args.target_compute, request=request
+    )
+    took = time.perf_counter() - t0
+    measured = plan.provenance["measured"]
+    fractions = []
+    for req in held_out:
+        diffcache.accelerate(pipe, plan)
+        try:
+            generate(pipe, req)
+            fractions.append(diffcache.stats(pipe).compute_fraction)
+        finally:
+            diffcache.remove(pipe)
+    mean = sum(fractions) / len(fractions)
+    print(
+        f"  profile --target-compute {args.target_compute}: threshold "
+        f"{plan.config.threshold:g} (warm-up {start.warmup_steps}) after "
+        f"{len(measured['search'])} calibration passes in {took:.1f} s; compute fraction "
+        f"{measured['compute_fraction']:.3f} on 8 calibration inputs, {mean:.3f} on 4 held-out "
+        f"({', '.join(f'{f:.2f}' for f in fractions)})",
         flush=True,
     )
 
@@ -470,12 +516,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "torch's own choice for the real-size model)",
     )
     p.add_argument("--quick", action="store_true", help="tiny models only, 2 repeats (smoke run)")
+    p.add_argument(
+        "--profile-models",
+        default="wan2.1-tiny,dit-tiny",
+        help="models on which to run the profile section (comma-separated; '' for none)",
+    )
+    p.add_argument("--target-compute", type=float, default=0.5, help="profile section target")
     args = p.parse_args(argv)
     args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
     args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.profile_models = [m.strip() for m in args.profile_models.split(",") if m.strip()]
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     unknown = [m for m in args.models if m not in builtin_models()]

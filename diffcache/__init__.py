@@ -7,7 +7,7 @@ diffcache.stats(pipe); diffcache.remove(pipe)
 from __future__ import annotations
 
 from diffcache import methods, pipelines  # noqa: F401  (fill the registries)
-from diffcache.adapter import Adapter, Target
+from diffcache.adapter import Adapter, ModuleSite, Stack, Target
 from diffcache.api import accelerate, is_accelerated, remove, stats
 from diffcache.errors import (
     AlreadyAcceleratedError,
@@ -20,8 +20,11 @@ from diffcache.errors import (
 from diffcache.methods.base import MethodConfig
 from diffcache.models import load_model
 from diffcache.plan import Plan
+from diffcache.profile import profile
 from diffcache.registry import register_adapter, register_method
+from diffcache.request import Field, Request
 from diffcache.runstate import RunState, Stats
+from diffcache.session import Call, Session
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,13 +33,20 @@ __all__ = [
     "stats",
     "is_accelerated",
     "load_model",
+    "profile",
     "Plan",
     "Stats",
     "RunState",
     "MethodConfig",
     "register_method",
     "Adapter",
+    "Stack",
+    "ModuleSite",
     "Target",
+    "Field",
+    "Request",
+    "Session",
+    "Call",
     "register_adapter",
     "DiffCacheError",
     "PlanError",

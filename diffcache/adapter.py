@@ -1,8 +1,16 @@
-"""Adapter (one per model family, pure data) and Target (one resolved model)."""
+"""Adapter (one per model family, pure data) and Target (one resolved model).
+
+An adapter says where diffcache finds things in a family: the denoiser(s) ("experts"), how step
+boundaries are seen (the *driver*), the latent and timestep arguments, the CFG style, the block
+stacks and the modules inside a block (the *sites* methods hook), the request fields a generation
+takes and which extra ``valid_for`` keys plans may carry. No upstream code is copied.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -10,91 +18,162 @@ from typing import Any
 
 import torch
 
+from diffcache.errors import UnsupportedModelError
+from diffcache.request import Field
+from diffcache.sites import ModuleSite, Site, Stack
+
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
-REQUEST_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "height",
-    "width",
-    "frames",
-    "steps",
-    "guidance",
-    "class_label",
-)
+DRIVERS = ("scheduler", "timestep", "pipeline")
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where diffcache finds things in one model family. Data only; no upstream code is copied.
+    """Where diffcache finds things in one model family. Data only.
 
     Args:
         name: family name used in plan files (``model: wan2.1``).
         pipelines: pipeline class names this adapter matches (exact names, no prefixes).
-        denoisers: denoiser class names it matches (for bare-transformer use).
-        denoiser_attr: pipeline attribute holding the denoiser.
+        denoisers: denoiser class names it matches (for bare-denoiser use).
+        experts: pipeline attributes holding denoisers, in order (Wan2.2: ``transformer`` and
+            ``transformer_2``); absent or ``None`` ones are skipped.
+        driver: who tells runs and steps: ``scheduler`` (stock diffusers: ``set_timesteps`` /
+            ``step``), ``pipeline`` (our own pipelines call ``begin_run`` / ``begin_step`` /
+            ``end_run``). A bare denoiser always uses the ``timestep`` driver.
         latent_arg: denoiser argument carrying the latent (``hidden_states``).
         timestep_arg: denoiser argument carrying the timestep.
         channel_dim: latent channel axis of the denoiser input and output (``-1``: packed tokens).
-        cfg: how the stock pipeline runs classifier-free guidance: ``separate`` (one denoiser call
-            per branch, cond first), ``batched`` (both branches in one call) or ``none``
-            (guidance-distilled, one call).
-        block_lists: attributes of the denoiser holding its transformer block lists.
-        media: what the pipeline produces: ``video`` (``.frames``) or ``image`` (``.images``).
-        call_args: generation request field -> pipeline keyword (see ``REQUEST_FIELDS``); a field
-            missing here is not accepted by this family.
+        cfg: how the pipeline runs classifier-free guidance: ``separate`` (one denoiser call per
+            branch, cond first), ``batched`` (both branches in one call) or ``none``.
+        stacks: the denoiser's block lists, with the modules inside each block.
+        media: what the pipeline produces: ``video``, ``image`` or ``text``.
+        fields: the generation request fields it takes (CLI flags and pipeline keywords).
+        valid_for: extra ``valid_for`` keys plans for this family may carry, with their types.
     """
 
     name: str
     pipelines: tuple[str, ...]
     denoisers: tuple[str, ...]
-    denoiser_attr: str = "transformer"
+    experts: tuple[str, ...] = ("transformer",)
+    driver: str = "scheduler"
     latent_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
     channel_dim: int = 1
     cfg: str = "separate"
-    block_lists: tuple[str, ...] = ("blocks",)
+    stacks: tuple[Stack, ...] = ()
     media: str = "video"
-    call_args: Mapping[str, str] = field(default_factory=dict)
+    fields: tuple[Field, ...] = ()
+    valid_for: Mapping[str, type] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
         assert self.media in MEDIA, f"{self.name}: media {self.media!r} not in {MEDIA}"
-        unknown = set(self.call_args) - set(REQUEST_FIELDS)
-        assert not unknown, f"{self.name}: unknown request fields {sorted(unknown)}"
-        object.__setattr__(self, "call_args", MappingProxyType(dict(self.call_args)))
+        assert self.driver in DRIVERS, f"{self.name}: driver {self.driver!r} not in {DRIVERS}"
+        names = [f.name for f in self.fields]
+        assert len(names) == len(set(names)), f"{self.name}: duplicate request fields {names}"
+        object.__setattr__(self, "valid_for", MappingProxyType(dict(self.valid_for)))
 
     def matches(self, obj: Any) -> bool:
         name = type(obj).__name__
         return name in self.pipelines or name in self.denoisers
 
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
 
 @dataclass
 class Target:
-    """One model resolved through its adapter: the things hooks attach to."""
+    """One model resolved through its adapter: the objects hooks attach to, and its sites."""
 
     adapter: Adapter
     root: Any  # what the user passed to accelerate()
-    denoiser: torch.nn.Module
+    experts: list[torch.nn.Module]
+    expert_names: list[str]
     pipe: Any | None = None  # the pipeline, when root is one
     scheduler: Any | None = None
-    num_steps_hint: int | None = None  # from the plan's valid_for, for bare denoisers
+    driver: str = "scheduler"
+    valid_for: Mapping[str, Any] = field(default_factory=dict)  # the plan's, once resolved
 
     @classmethod
     def resolve(cls, adapter: Adapter, obj: Any) -> Target:
         if type(obj).__name__ in adapter.denoisers:
-            return cls(adapter, obj, obj)
-        denoiser = getattr(obj, adapter.denoiser_attr, None)
-        if not isinstance(denoiser, torch.nn.Module):
-            from diffcache.errors import UnsupportedModelError
-
+            return cls(adapter, obj, [obj], [type(obj).__name__], driver="timestep")
+        experts, names = [], []
+        for attr in adapter.experts:
+            module = getattr(obj, attr, None)
+            if module is None:
+                continue
+            if not isinstance(module, torch.nn.Module):
+                raise UnsupportedModelError(
+                    f"{type(obj).__name__}: attribute {attr!r} is not a torch module "
+                    f"(adapter {adapter.name!r}); load the pipeline with its denoiser."
+                )
+            experts.append(module)
+            names.append(attr)
+        if not experts:
             raise UnsupportedModelError(
-                f"{type(obj).__name__}: attribute {adapter.denoiser_attr!r} is not a torch module "
+                f"{type(obj).__name__} has no denoiser in {', '.join(adapter.experts)} "
                 f"(adapter {adapter.name!r}); load the pipeline with its denoiser."
             )
-        return cls(adapter, obj, denoiser, pipe=obj, scheduler=getattr(obj, "scheduler", None))
+        scheduler = getattr(obj, "scheduler", None) if adapter.driver == "scheduler" else None
+        if adapter.driver == "scheduler" and scheduler is None:
+            raise UnsupportedModelError(
+                f"{type(obj).__name__} has no scheduler; diffcache counts steps with it."
+            )
+        return cls(adapter, obj, experts, names, obj, scheduler, adapter.driver)
 
-    def latent_index(self) -> int | None:
-        """Positional index of the latent argument in the denoiser's forward, if it has one."""
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The first (or only) expert."""
+        return self.experts[0]
+
+    def parts(self) -> list[Any]:
+        """Every object diffcache may hook on this model."""
+        return [self.root, *self.experts] + ([self.scheduler] if self.scheduler else [])
+
+    def arg_index(self, name: str) -> int | None:
+        """Positional index of a denoiser argument, if its forward takes it positionally."""
         params = list(inspect.signature(self.denoiser.forward).parameters)
-        return params.index(self.adapter.latent_arg) if self.adapter.latent_arg in params else None
+        return params.index(name) if name in params else None
+
+    def sites(self, kind: str) -> list[Site]:
+        """The ``block`` or ``module`` sites of every expert, in call order."""
+        out: list[Site] = []
+        for e, (module, prefix) in enumerate(zip(self.experts, self.expert_names, strict=True)):
+            for stack in self.adapter.stacks:
+                blocks = getattr(module, stack.attr, None)
+                if blocks is None:
+                    continue
+                for i, block in enumerate(blocks):
+                    name = f"{prefix}.{stack.attr}.{i}"
+                    if kind == "block":
+                        out.append(Site("block", name, block, e, stack, i))
+                    elif kind == "module":
+                        out += _module_sites(block, name, e, stack, i)
+        return out
+
+    def fingerprint(self) -> str:
+        """Denoiser class(es) + a hash of their configuration: what calibration is valid for."""
+        parts = []
+        for module in self.experts:
+            config = getattr(module, "config", None)
+            data = dict(config) if isinstance(config, Mapping) else _shapes(module)
+            blob = json.dumps(data, sort_keys=True, default=str).encode()
+            parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
+        return "+".join(parts)
+
+
+def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) -> list[Site]:
+    out = []
+    for m in stack.modules:
+        module = getattr(block, m.attr, None)
+        if isinstance(module, torch.nn.Module):
+            out.append(Site("module", f"{name}.{m.attr}", module, expert, stack, index, m))
+    return out
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+__all__ = ["Adapter", "Target", "Stack", "ModuleSite", "Site", "Field"]

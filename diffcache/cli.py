@@ -1,4 +1,9 @@
-"""The ``diffcache`` command. ``main(argv) -> int``; a DiffCacheError is one line and exit 2."""
+"""The ``diffcache`` command. ``main(argv) -> int``; errors are one line on stderr and exit 2.
+
+Every argument, plan and output path is checked before a model is built or a sample generated.
+The generation flags (``--height``, ``--class-label`` ...) come from the request fields the model
+families declare (``diffcache.request``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,39 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from diffcache.errors import DiffCacheError
 
 EXIT_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no abbreviated options (``--prompt`` is not
+    ``--prompts``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("diffcache").strip()
+        where = f"{command}: " if command else ""
+        print(f"diffcache: error: {where}{_one_line(ValueError(message))}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:  # argparse exits (usage errors: 2, --help: 0); main returns the code instead
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.error(_unrecognized(args.command, extra))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
         return args.func(args) or 0
     except DiffCacheError as e:
@@ -38,44 +64,72 @@ def _one_line(e: Exception) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def _request_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--frames", type=int, default=None, help="video frames")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--class-label", type=int, default=None, help="class-conditional models (DiT)")
+def _unrecognized(command: str, extra: list[str]) -> str:
+    """The error for arguments no parser took, with a hint for the usual mix-ups."""
+    message = f"{command}: unrecognized arguments: {' '.join(extra)}"
+    if command in ("eval", "profile") and "--prompt" in extra:
+        message += f"; {command} takes no --prompt, give --prompts FILE (one prompt per line)"
+    return message
+
+
+# ---------------------------------------------------------------------------- parser
+def _request_args(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    from diffcache.registry import request_fields
+
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    for f in request_fields().values():
+        if f.name not in skip:
+            p.add_argument(f.flag, dest=f.name, type=f.type, default=None, help=f.help)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffcache",
-        description=("Training-free caching for diffusion models, driven by plan files."),
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    import diffcache  # noqa: F401  (fills the registries the flags come from)
 
-    p = sub.add_parser("generate", help="generate one video / image with an optional plan")
-    p.add_argument("--model", required=True, help="built-in model name or local diffusers folder")
+    parser = _Parser(
+        prog="diffcache", description="Training-free caching for diffusion models, driven by plans."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("generate", help="generate one sample, optionally with a plan")
+    p.add_argument("--model", required=True, help="built-in model name or local model folder")
     p.add_argument("--plan", default=None, help="plan file or bundled plan name")
-    p.add_argument("--prompt", default=None)
     _request_args(p)
-    p.add_argument("--out", default=None, help=".mp4/.gif for video, .png for images")
-    p.add_argument("--stats-json", default=None, help="write the run's Stats here")
+    p.add_argument("--out", default=None, help=".mp4/.gif video, .png image, .txt or - for text")
+    p.add_argument("--stats-json", default=None, help="write the run's Stats here (needs --plan)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("profile", help="profile a model and write a plan for a method")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", default=None, help="calibration prompts, one per line")
+    src.add_argument("--num-prompts", type=int, default=None, help="N bundled calibration prompts")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed .. --seed+K-1")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--target-compute", type=float, default=None, help="compute fraction")
+    goal.add_argument("--target-speedup", type=float, default=None, help="speedup to reach")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a fixed option of the method (repeatable), e.g. --option warmup_steps=4; the "
+        "model's bundled default plan gives the others when it uses this method",
+    )
+    _request_args(p, skip=("prompt",))
+    p.add_argument("--out", required=True, help="plan file to write (.yaml)")
+    p.set_defaults(func=_profile)
 
     p = sub.add_parser("eval", help="baseline vs plans on the same prompts and seeds")
     p.add_argument("--model", required=True)
     p.add_argument("--plan", action="append", required=True, help="repeat for several plans")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--seeds", type=int, default=1, help="K seeds per prompt: --seed .. --seed+K-1")
-    _request_args(p)
+    _request_args(p, skip=("prompt",))
     p.add_argument("--out", required=True, help="output folder for report.{json,md,html}")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plans", help="list, show or check plan files")
-    psub = p.add_subparsers(dest="action", required=True)
+    psub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     psub.add_parser("list", help="bundled plans").set_defaults(func=_plans_list)
     q = psub.add_parser("show", help="print a plan")
     q.add_argument("name")
@@ -91,122 +145,256 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices, kernel backends, methods").set_defaults(
         func=_info
     )
-    p = sub.add_parser("demo", help="baseline vs EasyCache on a built-in model, with a report")
+    p = sub.add_parser("demo", help="baseline vs the default plan of a built-in model, reported")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--model", default="wan2.1-tiny")
     p.set_defaults(func=_demo)
     return parser
 
 
-def _request(args: argparse.Namespace, prompt: str | None = None) -> Any:
-    from diffcache.generate import Request
-
-    fields = {
-        k: getattr(args, k)
-        for k in (
-            "steps",
-            "height",
-            "width",
-            "frames",
-            "guidance",
-            "negative_prompt",
-            "class_label",
-        )
-    }
-    if args.seed is not None:
-        fields["seed"] = args.seed
-    return Request(prompt=prompt, **fields)
-
-
-def _check_request(model: str, request: Any) -> Any:
-    """Fill the built-in model's defaults and check the numeric fields."""
+# ---------------------------------------------------------------------------- helpers
+def _request(
+    args: argparse.Namespace, model: str, sample: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """The request from the flags (built-in defaults filled in) and the model's family adapter
+    when it is known before loading (built-in models). The request is checked with ``sample``
+    filling the fields a command sets per sample (eval and profile set the prompt)."""
     from diffcache.models import builtin_models
+    from diffcache.registry import adapters, request_fields
+    from diffcache.request import Request, check
 
-    if model in builtin_models():
-        request = request.merged(builtin_models()[model].defaults)
-    for name in ("steps", "height", "width", "frames"):
-        value = getattr(request, name)
-        if value is not None and value < 1:
-            raise DiffCacheError(f"--{name} must be >= 1, got {value}")
-    return request
+    values = {name: getattr(args, name, None) for name in request_fields()}
+    req = Request(seed=0 if args.seed is None else args.seed, **values)
+    entry = builtin_models().get(model)
+    if entry is None:
+        if not Path(model).is_dir():
+            from diffcache.models import model_entry
+
+            model_entry(model)  # raises: not built-in and not a folder
+        return req, None
+    adapter = adapters()[entry.family]
+    req = req.merged(entry.defaults)
+    filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
+    check(adapter.fields, adapter.name, req.replace(**filled))
+    return req, adapter
 
 
+def _family(pipe: Any, req: Any, sample: dict[str, Any] | None = None) -> Any:
+    """The loaded pipeline's adapter, with the request checked against the loaded model."""
+    from diffcache.registry import find_adapter
+    from diffcache.request import check
+
+    adapter = find_adapter(pipe)
+    filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
+    check(adapter.fields, adapter.name, req.replace(**filled), pipe)
+    return adapter
+
+
+def _out_dir(path: str, flag: str = "--out") -> Path:
+    """A report folder that can be written (checked now, created when the report is)."""
+    from diffcache.eval.runner import check_report_dir
+
+    return check_report_dir(path, flag)
+
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise DiffCacheError(f"--prompts {file}: no such file (one prompt per line)")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DiffCacheError(f"--prompts {file}: not UTF-8 text ({e.reason})") from e
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DiffCacheError(f"--prompts {file}: the file has no prompts")
+    return prompts
+
+
+def _check_seeds(n: int) -> None:
+    if not 1 <= n <= 10_000:
+        raise DiffCacheError(f"--seeds must be in 1..10000, got {n}")
+
+
+def _method_config(args: argparse.Namespace, steps: int | None) -> Any:
+    """The method's config: the options of the model's bundled default plan when it uses this
+    method (else the method's defaults), with ``--option KEY=VALUE`` on top; checked against the
+    step count before any model is built."""
+    from diffcache.plan import Plan, bundled_plans
+    from diffcache.registry import get_method
+    from diffcache.yamlio import loads_yaml
+
+    cls, _ = get_method(args.method, "--method")
+    options: dict[str, Any] = {}
+    default = f"{args.model}.yaml"
+    if default in bundled_plans() and Plan.load(default).method == args.method:
+        options.update(Plan.load(default).options)
+    for item in args.option or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise DiffCacheError(f"--option {item}: expected KEY=VALUE (e.g. warmup_steps=4)")
+        options[key.strip()] = loads_yaml(text, f"--option {item}")
+    config = cls.from_options(options, f"--method {args.method} options")
+    problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
+    if problems:
+        raise DiffCacheError(
+            f"--method {args.method} with --steps {steps}: {'; '.join(problems)} "
+            "(set the method's options with --option KEY=VALUE)"
+        )
+    return config
+
+
+# ---------------------------------------------------------------------------- commands
 def _generate(args: argparse.Namespace) -> int:
     import diffcache
-    from diffcache.generate import (
-        VIDEO_SUFFIXES,
-        check_media_path,
-        generate,
-        pipeline_kwargs,
-        save_media,
-    )
-    from diffcache.plan import Plan, steps_mismatch
-    from diffcache.registry import find_adapter
+    from diffcache.generate import check_writable, generate, save_output
+    from diffcache.plan import Plan
+    from diffcache.runstate import steps_mismatch
 
     if args.stats_json and not args.plan:
         raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
-    request = _check_request(args.model, _request(args, args.prompt))
+    req, adapter = _request(args, args.model)
     want = plan.valid_for.get("num_inference_steps") if plan is not None else None
-    if want is not None and request.steps is not None and request.steps != want:
-        raise steps_mismatch(want, request.steps)  # before the model is built
+    if want is not None and req.get("steps") is not None and req.get("steps") != want:
+        raise DiffCacheError(steps_mismatch(want, req.get("steps")))
+    if args.stats_json:
+        check_writable(Path(args.stats_json), "--stats-json")
+    out = None
+    if adapter is not None:
+        out = _generate_out(args, adapter, req)
     pipe = diffcache.load_model(args.model)
-    adapter = find_adapter(pipe)
-    if "prompt" in adapter.call_args and not request.prompt:
-        raise DiffCacheError(f"{args.model}: --prompt is required for {adapter.name} models")
-    pipeline_kwargs(pipe, request)  # unsupported fields fail before any work
-    video = adapter.media == "video"
-    out = check_media_path(
-        args.out
-        or f"out/{Path(args.model).name}-seed{request.seed}"
-        + (VIDEO_SUFFIXES[0] if video else ".png"),
-        video,
-    )
+    adapter = _family(pipe, req)
+    out = out or _generate_out(args, adapter, req)
     if plan is not None:
         diffcache.accelerate(pipe, plan)
-    media = generate(pipe, request, progress=sys.stderr.isatty())
-    save_media(media, out)
-    print(f"wrote {out}")
+    output = generate(pipe, req, progress=sys.stderr.isatty())
+    if str(out) != "-":
+        out.parent.mkdir(parents=True, exist_ok=True)
+    save_output(output, out)
+    if str(out) != "-":
+        print(f"wrote {out}")
     if plan is not None:
         s = diffcache.stats(pipe).as_dict()
         print(
-            f"{s['method']}: computed {s['computed']:g} of {s['model_calls']} denoiser calls "
-            f"(compute_fraction {s['compute_fraction']:.3f}), {s['wall_s']:.2f} s"
+            f"{s['method']}: computed {s['computed']:g} of {s['computed'] + s['skipped']:g} "
+            f"{s['kind']} units (compute_fraction {s['compute_fraction']:.3f}), "
+            f"{s['wall_s']:.2f} s",
+            file=sys.stderr if str(out) == "-" else sys.stdout,
         )
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from diffcache.eval.runner import DEFAULT_PROMPTS, evaluate
+def _generate_out(args: argparse.Namespace, adapter: Any, req: Any) -> Path:
+    """The output file, checked; by default ``out/<model>-seed<N>.<ext>`` (the ``out`` folder is
+    created only when the sample is saved)."""
+    from diffcache.generate import SUFFIXES, check_output_path, check_writable
 
-    prompts = DEFAULT_PROMPTS[:2]
+    if args.out is not None:
+        if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
+            raise DiffCacheError(f"--out {args.out}: is a folder; give a file name")
+        return check_output_path(args.out, adapter.media)
+    if adapter.media == "text":
+        return Path("-")
+    name = Path("out") / f"{Path(args.model).name}-seed{req.seed}{SUFFIXES[adapter.media][0]}"
+    if not name.parent.exists():
+        check_writable(name.parent, "--out")  # the folder can be made in the current one
+        return name
+    return check_output_path(name, adapter.media)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import diffcache
+    from diffcache.generate import check_writable
+
+    _check_seeds(args.seeds)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
+    check_writable(out, "--out")
+    if args.target_compute is not None and not 0 < args.target_compute <= 1:
+        raise DiffCacheError(f"--target-compute must be in (0, 1], got {args.target_compute}")
+    if args.target_speedup is not None and not 1 <= args.target_speedup < float("inf"):
+        raise DiffCacheError(f"--target-speedup must be a number >= 1, got {args.target_speedup}")
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise DiffCacheError(f"{path}: no such prompts file (one prompt per line)")
-        prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-        if not prompts:
-            raise DiffCacheError(f"{path}: the prompts file is empty")
-    if args.seeds < 1:
-        raise DiffCacheError(f"--seeds must be >= 1, got {args.seeds}")
-    request = _check_request(args.model, _request(args))
-    report = evaluate(
-        args.model, args.plan, args.out, prompts=prompts, seeds=args.seeds, request=request
+        prompts = _read_prompts(args.prompts)
+    else:
+        prompts = None
+        if not 1 <= args.num_prompts <= 10_000:
+            raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
+    sample = {"prompt": prompts[0] if prompts else "x"}
+    req, adapter = _request(args, args.model, sample)
+    config = _method_config(args, req.get("steps"))
+    pipe = diffcache.load_model(args.model)
+    adapter = _family(pipe, req, sample)
+    if prompts is None:
+        prompts = _bundled_prompts(adapter, pipe, args.num_prompts)
+    plan = diffcache.profile(
+        pipe,
+        config,
+        prompts,
+        seeds=args.seeds,
+        out=out,
+        target_compute=args.target_compute,
+        target_speedup=args.target_speedup,
+        request=req,
+        progress=sys.stderr.isatty(),
     )
-    _print_report(report, args.out)
+    measured = plan.provenance.get("measured", {})
+    opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
+    cf = measured.get("compute_fraction")
+    print(
+        f"wrote {out}: {plan.method} ({opts}); compute_fraction {cf} on {len(prompts)} prompt(s) "
+        f"x {args.seeds} seed(s)"
+    )
     return 0
 
 
-def _print_report(report: dict, out: str) -> None:
+def _bundled_prompts(adapter: Any, pipe: Any, n: int) -> list[str]:
+    """N calibration inputs: bundled prompts, or class ids 0..N-1 for class-conditional models."""
+    from importlib import resources
+
+    if adapter.field("prompt") is None:
+        return [str(i) for i in range(n)]
+    text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt").read_text()
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if n > len(prompts):
+        raise DiffCacheError(
+            f"--num-prompts {n}: {len(prompts)} calibration prompts are bundled; "
+            "pass --prompts FILE"
+        )
+    return prompts[:n]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from diffcache.eval.runner import DEFAULT_PROMPTS, evaluate
+    from diffcache.plan import Plan
+
+    plans = [Plan.load(p) for p in args.plan]
+    prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS[:2])
+    _check_seeds(args.seeds)
+    req, _ = _request(args, args.model, {"prompt": prompts[0]})
+    out = _out_dir(args.out)
+    report = evaluate(args.model, plans, out, prompts=prompts, seeds=args.seeds, request=req)
+    _print_report(report, out)
+    return 0
+
+
+def _print_report(report: dict, out: Path) -> None:
     print(f"baseline: {report['baseline']['latency_s']:.3f} s per sample on {report['device']}")
+
+    def num(value: Any, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
     for r in report["runs"]:
         print(
-            f"{r['plan']}: speedup {r['speedup']:.2f}x, compute_fraction "
-            f"{r['compute_fraction']:.3f}, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}"
+            f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
+            f"{num(r['compute_fraction'], '.3f')}, PSNR {num(r['psnr'], '.2f')} dB, "
+            f"SSIM {num(r['ssim'], '.4f')}"
         )
-    print(f"wrote {Path(out) / 'report.json'}, report.md, report.html")
+    print(f"wrote {out / 'report.json'}, report.md, report.html")
 
 
 def _plans_list(args: argparse.Namespace) -> int:
@@ -234,8 +422,7 @@ def _plans_check(args: argparse.Namespace) -> int:
     plan = Plan.load(args.file)
     if args.model:
         pipe = diffcache.load_model(args.model)
-        diffcache.accelerate(pipe, plan)
-        diffcache.remove(pipe)
+        diffcache.remove(diffcache.accelerate(pipe, plan))
     print(
         f"ok: {plan.source}: {plan.method} for {plan.model}"
         + (f", attaches to {args.model}" if args.model else "")
@@ -250,7 +437,7 @@ def _models(args: argparse.Namespace) -> int:
     print("built-in models:")
     for name, e in builtin_models().items():
         print(f"  {name:22s} {e.family:14s} {e.description}")
-    print("families (local diffusers checkpoints load by folder path):")
+    print("families (local checkpoints load by folder path):")
     for name, a in adapters().items():
         print(f"  {name:14s} {', '.join(a.pipelines)}  [cfg: {a.cfg}, {a.media}]")
     return 0
@@ -288,20 +475,34 @@ def _info(args: argparse.Namespace) -> int:
         )
     print("methods:")
     for name, cls in methods().items():
-        print(f"  {name:14s} granularity={cls.granularity}, kernels={', '.join(cls.kernels)}")
+        calib = ", calibrated (diffcache profile)" if cls.calibration else ""
+        print(
+            f"  {name:14s} granularity={cls.granularity}, kernels={', '.join(cls.kernels)}{calib}"
+        )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from diffcache.eval.runner import DEFAULT_PROMPTS, evaluate
-    from diffcache.generate import Request
+    from diffcache.models import builtin_models, model_entry
+    from diffcache.plan import Plan, bundled_plans
+    from diffcache.request import Request
 
-    plan = f"{args.model}.yaml"
-    print(f"demo: {args.model}, baseline vs {plan}, 2 prompts x 2 seeds")
+    model_entry(args.model)  # a built-in model
+    name = f"{args.model}.yaml"
+    if name not in bundled_plans():
+        demo = [m for m in builtin_models() if f"{m}.yaml" in bundled_plans()]
+        raise DiffCacheError(
+            f"--model {args.model}: no default plan ({name}) is bundled for it, so there is no "
+            f"demo for it; demo models: {', '.join(demo)}"
+        )
+    plan = Plan.load(name)
+    out = _out_dir(args.out)
+    print(f"demo: {args.model}, baseline vs {name}, 2 prompts x 2 seeds")
     report = evaluate(
-        args.model, [plan], args.out, prompts=DEFAULT_PROMPTS[:2], seeds=2, request=Request()
+        args.model, [plan], out, prompts=DEFAULT_PROMPTS[:2], seeds=2, request=Request()
     )
-    _print_report(report, args.out)
+    _print_report(report, out)
     return 0
 
 

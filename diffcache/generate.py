@@ -1,101 +1,100 @@
-"""Generation requests: one call of a supported pipeline, and saving what it makes."""
+"""One generation of a supported pipeline, and saving what it makes (media file or text)."""
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffcache.adapter import REQUEST_FIELDS
-from diffcache.errors import DiffCacheError, UnsupportedModelError
+from diffcache.errors import DiffCacheError
 from diffcache.registry import find_adapter
+from diffcache.request import Request, call_kwargs, check
 
-VIDEO_SUFFIXES = (".mp4", ".gif")
-IMAGE_SUFFIXES = (".png",)
+SUFFIXES = {"video": (".mp4", ".gif"), "image": (".png",), "text": (".txt",)}
 
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What to generate. ``None`` fields are left to the pipeline's own defaults."""
-
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    class_label: int | None = None
-    seed: int = 0
-
-    def merged(self, defaults: dict[str, Any]) -> Request:
-        """This request with ``defaults`` filling the fields left ``None``."""
-        unknown = set(defaults) - set(REQUEST_FIELDS) - {"seed"}
-        if unknown:
-            raise DiffCacheError(f"unknown request fields in model defaults: {sorted(unknown)}")
-        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **filled)
+__all__ = ["Request", "generate", "pipeline_kwargs", "check_output_path", "save_output"]
 
 
 def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:
-    """The keyword arguments of ``pipe(...)`` for ``request`` (validated against the family)."""
+    """The keyword arguments of ``pipe(...)`` for ``request`` (checked against the family)."""
     adapter = find_adapter(pipe)
-    kwargs: dict[str, Any] = {}
-    for field in REQUEST_FIELDS:
-        value = getattr(request, field)
-        if value is None:
-            continue
-        if field not in adapter.call_args:
-            accepted = ", ".join(f.replace("_", "-") for f in adapter.call_args)
-            raise UnsupportedModelError(
-                f"{adapter.name} models take no {field.replace('_', '-')}; they take: {accepted}."
-            )
-        kwargs[adapter.call_args[field]] = [value] if field == "class_label" else value
+    check(adapter.fields, adapter.name, request, pipe)
+    kwargs = call_kwargs(adapter.fields, request)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed)
-    kwargs["output_type"] = "np"
+    if adapter.media != "text":
+        kwargs["output_type"] = "np"
     return kwargs
 
 
-def generate(pipe: Any, request: Request, progress: bool = False) -> np.ndarray:
-    """Run ``pipe`` once; returns float32 media in [0, 1]: (F, H, W, C) video or (H, W, C) image."""
+def generate(pipe: Any, request: Request, progress: bool = False) -> np.ndarray | str:
+    """Run ``pipe`` once. Media come back as float32 in [0, 1]: (F, H, W, C) video or (H, W, C)
+    image; text models return the generated text."""
     adapter = find_adapter(pipe)
     kwargs = pipeline_kwargs(pipe, request)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not progress)
     with torch.inference_mode():
         out = pipe(**kwargs)
+    if adapter.media == "text":
+        return out.texts[0] if hasattr(out, "texts") else str(out)
     media = out.frames if adapter.media == "video" else out.images
     return np.asarray(media[0], dtype=np.float32)
 
 
-def check_media_path(path: str | Path, video: bool) -> Path:
-    """``path`` as a Path if its extension fits the media kind, else a DiffCacheError."""
+def check_output_path(path: str | Path, media: str, flag: str = "--out") -> Path:
+    """``path`` if a file of this media kind can be written there, else a DiffCacheError (before
+    any work is done). ``-`` means standard output (text only)."""
     path = Path(path)
-    allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    allowed = SUFFIXES[media]
+    if str(path) == "-" and media == "text":
+        return path
+    if path.is_dir():
+        raise DiffCacheError(f"{flag} {path}: is a folder; give a file name")
     if path.suffix.lower() not in allowed:
-        kind = "video" if video else "image"
         raise DiffCacheError(
-            f"{path}: a {kind} is written as {' or '.join(allowed)}; change the file extension."
+            f"{flag} {path}: a {media} is written as {' or '.join(allowed)}; change the extension."
         )
+    return check_writable(path, flag)
+
+
+def check_writable(path: Path, flag: str) -> Path:
+    """Refuse a file path whose folder is missing, not a folder, or not writable; or that is a
+    folder itself."""
+    import os
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise DiffCacheError(f"{flag} {path}: is a folder; give a file name")
+    if not folder.exists():
+        raise DiffCacheError(f"{flag} {path}: folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise DiffCacheError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DiffCacheError(f"{flag} {path}: folder {folder} is not writable")
     return path
 
 
-def save_media(media: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write (F, H, W, C) video as .mp4/.gif or (H, W, C) image as .png."""
-    video = media.ndim == 4
-    path = check_media_path(path, video)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (np.clip(media, 0.0, 1.0) * 255).round().astype(np.uint8)
+def save_output(output: np.ndarray | str, path: str | Path, fps: int = 8) -> Path:
+    """Write text (``.txt``, or stdout for ``-``), (F, H, W, C) video (.mp4/.gif) or (H, W, C)
+    image (.png)."""
+    path = Path(path)
+    if isinstance(output, str):
+        if str(path) == "-":
+            sys.stdout.write(output + "\n")
+        else:
+            path.write_text(output + "\n")
+        return path
+    pixels = (np.clip(output, 0.0, 1.0) * 255).round().astype(np.uint8)
     if pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     import imageio.v3 as iio
 
     if path.suffix.lower() == ".gif":
         iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
-    elif video:
+    elif output.ndim == 4:
         iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
     else:
         iio.imwrite(path, pixels, extension=".png")

@@ -1,87 +1,134 @@
-"""Named, instance-level wrappers of methods (``forward``, ``scheduler.step`` ...).
+"""Named, instance-level wrappers of callables (``forward``, ``scheduler.step`` ...).
 
-A hook is ``fn(call, *args, **kwargs)`` where ``call`` runs the next layer of the chain. Hooks live
-on the instance (``obj._diffcache_hooks``), never on its class, so two objects of one class stay
-independent. Removing the last hook of a method restores the instance exactly as it was.
+``attach(obj, attr, name, hook)`` puts a :class:`Layer` in the instance's slot for ``attr``; a hook
+is ``hook(call, *args, **kwargs)`` where ``call`` runs whatever the slot held before. Nothing is
+patched on classes, so two objects of one class stay independent.
+
+Other libraries wrap ``forward`` the same way and keep the callable they wrapped: accelerate's
+offload hooks in ``module._old_forward``, diffusers' hook registry in its function references.
+Two rules make us compose with them in either order:
+
+- On a module that carries an accelerate hook, a layer goes *under* it (into ``_old_forward``):
+  diffusers removes and re-adds that hook after every pipeline call, restoring ``forward`` from
+  ``_old_forward``, so a layer above it would be dropped.
+- :meth:`Attachment.detach` unlinks the layer wherever it now sits: in the slot, under another of
+  our layers, or in accelerate's / diffusers' saved reference. A layer that cannot be found any
+  more (a library dropped it) is made inert, so whoever still holds it calls straight through.
+
+A deep copy of a hooked object is a plain copy running its own weights; pickling one raises.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
-HOOKS_ATTR = "_diffcache_hooks"
-_ABSENT = object()  # the instance had no attribute of its own: the class method shows through
+from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
+PREFIX = "diffcache."
+_ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the wrapped forward
 
 
-class _Entry:
-    """The hooks of one method of one instance, innermost first."""
+class Layer:
+    """One hook around the callable that a slot held before (``inner``)."""
 
-    def __init__(self, original: Any) -> None:
-        self.original = original
-        self.hooks: dict[str, Hook] = {}
+    __slots__ = ("hook", "inner", "name", "owner_type", "owns_slot")
+
+    def __init__(self, name: str, hook: Hook, inner: Callable, owner: Any, owns: bool) -> None:
+        self.name, self.hook, self.inner = name, hook, inner
+        self.owner_type = type(owner).__name__
+        self.owns_slot = owns  # the slot was empty (the class attribute showed through)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hook is None:  # detached, but still held by a foreign wrapper
+            return self.inner(*args, **kwargs)
+        return self.hook(self.inner, *args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable:  # inspect.signature() sees the real parameters
+        return self.inner
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return copy.deepcopy(self.inner, memo)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise DiffCacheError(
+            f"cannot pickle {self.owner_type} while diffcache is attached ({self.name}); "
+            "call diffcache.remove(model) first, or save model.state_dict()."
+        )
 
 
-def attach(obj: Any, attr: str, name: str, hook: Hook) -> None:
-    """Wrap ``obj.<attr>`` with ``hook`` under ``name`` (outermost). Raises if the name is taken."""
-    registry: dict[str, _Entry] = obj.__dict__.setdefault(HOOKS_ATTR, {})
-    entry = registry.get(attr)
-    if entry is None:
-        entry = registry[attr] = _Entry(obj.__dict__.get(attr, _ABSENT))
-    if name in entry.hooks:
+class Attachment:
+    """Record of one attach: (object, attribute, name) and the layer it installed."""
+
+    def __init__(self, obj: Any, attr: str, layer: Layer) -> None:
+        self.obj, self.attr, self.layer = obj, attr, layer
+
+    def detach(self) -> None:
+        """Unlink the layer wherever it sits now; idempotent."""
+        layer = self.layer
+        if layer.hook is None:
+            return
+        layer.hook = None
+        d = self.obj.__dict__
+        for slot in dict.fromkeys((self.attr, "forward", _ACCELERATE_SLOT)):
+            if d.get(slot) is layer:
+                if layer.owns_slot and slot == self.attr:
+                    del d[slot]
+                else:
+                    d[slot] = layer.inner
+                return
+        for outer in layers(self.obj):
+            if outer.inner is layer:
+                outer.inner, outer.owns_slot = layer.inner, outer.owns_slot or layer.owns_slot
+                return
+        registry = d.get("_diffusers_hook")  # diffusers' HookRegistry function references
+        for ref in getattr(registry, "_fn_refs", ()):
+            for field in ("forward", "original_forward"):
+                if getattr(ref, field, None) is layer:
+                    setattr(ref, field, layer.inner)
+                    return
+        # Not found: a library dropped the layer; it stays inert wherever it may still be held.
+
+
+def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
+    """Wrap ``obj.<attr>`` with ``hook`` under ``name`` (outermost among our layers there)."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"hook names start with {PREFIX!r}, got {name!r}")
+    if not hasattr(obj, "__dict__"):
+        raise DiffCacheError(f"{type(obj).__name__} has no instance dict; diffcache cannot hook it")
+    d = obj.__dict__
+    slot = attr
+    if attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
+        slot = _ACCELERATE_SLOT
+    if any(layer.name == name for layer in _chain(d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
-    entry.hooks[name] = hook
-    _rebuild(obj, attr, entry)
+    owns = slot not in d
+    layer = Layer(name, hook, getattr(obj, attr) if owns else d[slot], obj, owns)
+    d[slot] = layer
+    return Attachment(obj, attr, layer)
 
 
-def detach(obj: Any, attr: str, name: str) -> None:
-    """Remove one hook; with the last one gone the original method is back, bit for bit."""
-    registry = obj.__dict__.get(HOOKS_ATTR, {})
-    entry = registry.get(attr)
-    if entry is None or name not in entry.hooks:
-        raise ValueError(f"no hook {name!r} on {type(obj).__name__}.{attr}")
-    del entry.hooks[name]
-    if entry.hooks:
-        _rebuild(obj, attr, entry)
-        return
-    del registry[attr]
-    if entry.original is _ABSENT:
-        del obj.__dict__[attr]
-    else:
-        obj.__dict__[attr] = entry.original
-    if not registry:
-        del obj.__dict__[HOOKS_ATTR]
+def layers(obj: Any) -> list[Layer]:
+    """Every active layer of ours on ``obj``, found by walking its slots' wrapper chains."""
+    found: list[Layer] = []
+    for value in getattr(obj, "__dict__", {}).values():
+        for layer in _chain(value):
+            if layer not in found:
+                found.append(layer)
+    registry = getattr(obj, "__dict__", {}).get("_diffusers_hook")
+    for ref in getattr(registry, "_fn_refs", ()):
+        for field in ("forward", "original_forward"):
+            for layer in _chain(getattr(ref, field, None)):
+                if layer not in found:
+                    found.append(layer)
+    return found
 
 
-def detach_all(obj: Any, prefix: str = "diffcache.") -> None:
-    """Remove every hook whose name starts with ``prefix`` from ``obj``."""
-    for attr, entry in list(obj.__dict__.get(HOOKS_ATTR, {}).items()):
-        for name in [n for n in entry.hooks if n.startswith(prefix)]:
-            detach(obj, attr, name)
-
-
-def hook_names(obj: Any) -> list[str]:
-    """``attr:name`` of every hook on ``obj``."""
-    return [f"{a}:{n}" for a, e in obj.__dict__.get(HOOKS_ATTR, {}).items() for n in e.hooks]
-
-
-def _rebuild(obj: Any, attr: str, entry: _Entry) -> None:
-    base = entry.original
-    if base is _ABSENT:
-        base = getattr(type(obj), attr).__get__(obj, type(obj))
-    fn = base
-    for hook in entry.hooks.values():
-        fn = _layer(hook, fn)
-    # __wrapped__ -> the original, so inspect.signature() sees the real parameters (pipelines
-    # inspect scheduler.step / set_timesteps signatures).
-    obj.__dict__[attr] = functools.update_wrapper(fn, base)
-
-
-def _layer(hook: Hook, inner: Callable[..., Any]) -> Callable[..., Any]:
-    def layer(*args: Any, **kwargs: Any) -> Any:
-        return hook(inner, *args, **kwargs)
-
-    return layer
+def _chain(value: Any) -> Iterator[Layer]:
+    while isinstance(value, Layer):
+        if value.hook is not None:
+            yield value
+        value = value.inner

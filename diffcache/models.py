@@ -1,11 +1,15 @@
-"""Built-in models (index in ``diffcache.profiles/models.yaml``) and ``load_model``."""
+"""Built-in models (index in ``diffcache.profiles/models.yaml``), folder loaders, ``load_model``.
+
+``load_model`` takes a built-in name or a local folder. Folders are read by registered loaders,
+one per format (diffusers pipelines now; our own formats register theirs next to their code).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,21 @@ class ModelEntry:
     defaults: Mapping[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Reads one folder format: ``detect(path)`` says whether a folder is in it."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path], Any]
+
+
+_EXTRA_MODELS: dict[str, ModelEntry] = {}
+_LOADERS: list[Loader] = []
+
+
 @functools.cache
-def builtin_models() -> dict[str, ModelEntry]:
+def _bundled_models() -> dict[str, ModelEntry]:
     text = resources.files("diffcache.profiles").joinpath("models.yaml").read_text()
     return {
         name: ModelEntry(
@@ -42,29 +59,62 @@ def builtin_models() -> dict[str, ModelEntry]:
     }
 
 
+def builtin_models() -> dict[str, ModelEntry]:
+    return {**_bundled_models(), **_EXTRA_MODELS}
+
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    """Add a built-in model from code (tests, plugins)."""
+    if entry.name in builtin_models():
+        raise ValueError(f"model {entry.name!r} is registered twice")
+    _EXTRA_MODELS[entry.name] = entry
+    return entry
+
+
+def register_loader(loader: Loader) -> Loader:
+    """Add a folder format; the first loader whose ``detect`` accepts a folder reads it."""
+    if any(x.name == loader.name for x in _LOADERS):
+        raise ValueError(f"loader {loader.name!r} is registered twice")
+    _LOADERS.append(loader)
+    return loader
+
+
 def model_entry(name: str) -> ModelEntry:
     models = builtin_models()
     if name not in models:
         raise UnsupportedModelError(
-            f"{name}: not a built-in model{did_you_mean(name, models)} and not a local diffusers "
+            f"{name}: not a built-in model{did_you_mean(name, models)} and not a local model "
             f"folder; built-in: {', '.join(models)} (see `diffcache models`)."
         )
     return models[name]
 
 
 def load_model(name_or_path: str | Path) -> Any:
-    """A built-in model by name (built offline) or a local diffusers checkpoint folder."""
+    """A built-in model by name (built offline) or a local model folder."""
     path = Path(name_or_path)
     if path.is_dir():
-        from diffusers import DiffusionPipeline
-
-        try:
-            return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise UnsupportedModelError(
-                f"{path}: cannot load a diffusers pipeline from this folder ({e}); point at the "
-                "folder holding model_index.json."
-            ) from e
+        for loader in _LOADERS:
+            if loader.detect(path):
+                return loader.load(path)
+        formats = ", ".join(x.name for x in _LOADERS)
+        raise UnsupportedModelError(
+            f"{path}: no loader recognises this folder (formats: {formats}); point at the folder "
+            "holding the checkpoint's index file (model_index.json for diffusers)."
+        )
     entry = model_entry(str(name_or_path))
     module, func = entry.builder.split(":")
     return getattr(importlib.import_module(module), func)()
+
+
+def _load_diffusers(path: Path) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(
+            f"{path}: cannot load a diffusers pipeline from this folder ({e})."
+        ) from e
+
+
+register_loader(Loader("diffusers", lambda p: (p / "model_index.json").is_file(), _load_diffusers))

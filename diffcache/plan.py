@@ -1,19 +1,29 @@
-"""Plan: strict load / validate / save of plan files (schema in DESIGN.md §3)."""
+"""Plan: strict load / validate / save of plan files (schema in DESIGN.md §3).
+
+A plan is one YAML file, plus an optional ``.safetensors`` sidecar beside it holding the
+calibration's tensors; the plan records the sidecar's sha256 and loading checks it. Everything is
+validated when a plan is built: keys, types, ranges, the method's options together with
+``valid_for``, and the calibration against the method's calibration dataclass.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
+import torch
 
 from diffcache.errors import PlanError
-from diffcache.registry import did_you_mean, get_method
+from diffcache.options import coerce, to_plain
+from diffcache.registry import adapters, did_you_mean, get_method
+from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
 KEYS = (
@@ -27,8 +37,12 @@ KEYS = (
     "provenance",
 )
 REQUIRED = ("diffcache", "model", "method")
-VALID_FOR = {"num_inference_steps": int, "scheduler": str}
+MAPPINGS = ("options", "valid_for", "calibration", "provenance")
+#: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
+#: (``MethodConfig.valid_for_keys``) declare more.
+VALID_FOR: dict[str, type] = {"num_inference_steps": int, "scheduler": str, "fingerprint": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
+SIDECAR = "sidecar"
 
 
 def bundled_plans() -> dict[str, Path]:
@@ -43,7 +57,11 @@ def bundled_plans() -> dict[str, Path]:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """One validated plan. Build it with ``Plan.load`` (path, bundled name, dict or Plan)."""
+    """One validated plan. Build it with ``Plan.load`` (path, bundled name, dict or Plan).
+
+    ``calibration`` holds the plain calibration fields, ``tensors`` the sidecar's tensors and
+    ``sidecar`` the sidecar's ``{file, sha256}`` once it exists on disk.
+    """
 
     model: str
     method: str
@@ -52,18 +70,28 @@ class Plan:
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     kernels: str = "auto"
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False)
+    sidecar: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
     source: str = dataclasses.field(default="<dict>", compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("options", "valid_for", "calibration", "provenance"):
+        for name in (*MAPPINGS, "tensors", "sidecar"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
-        self.config  # validate options now, so a Plan is always usable  # noqa: B018
+        problems = self.config.plan_problems(self.valid_for)
+        if problems:
+            raise PlanError("\n".join(f"{self.source}: {p}" for p in problems))
+        self.calibration_data  # validate now, so a Plan is always usable  # noqa: B018
 
     @functools.cached_property
     def config(self) -> Any:
         """The method's MethodConfig built from ``options`` (defaults for absent keys)."""
         cls, _ = get_method(self.method, f"{self.source}: method")
         return cls.from_options(self.options, f"{self.source}: options")
+
+    @functools.cached_property
+    def calibration_data(self) -> Any:
+        """The method's calibration dataclass (plain fields + sidecar tensors), or None."""
+        return _calibration(type(self.config), self.calibration, self.tensors, self.source)
 
     @property
     def name(self) -> str:
@@ -82,7 +110,7 @@ class Plan:
                 f"{type(plan).__name__}"
             )
         path = Path(plan)
-        if not path.is_file():
+        if not path.exists():
             bundled = bundled_plans()
             if path.name in bundled and path.name == str(plan):
                 path = bundled[path.name]
@@ -91,14 +119,11 @@ class Plan:
                     f"{plan}: no such plan file{did_you_mean(path.name, bundled)}; bundled plans: "
                     f"{', '.join(bundled)} (see `diffcache plans list`)."
                 )
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise PlanError(f"{path}: not valid YAML: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> Plan:
+        """Validate plain plan data (as read from YAML); every problem names ``source``."""
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan is a mapping of {', '.join(KEYS)}")
         problems = [
@@ -110,39 +135,49 @@ class Plan:
         problems += [
             f"{source}: {key}: required key is missing" for key in REQUIRED if key not in data
         ]
-        if problems:
-            raise PlanError("\n".join(problems))
-        version = data["diffcache"]
-        if version != SCHEMA_VERSION or isinstance(version, bool):
-            raise PlanError(
+        version = data.get("diffcache", SCHEMA_VERSION)
+        if type(version) is not int or version != SCHEMA_VERSION:
+            problems.append(
                 f"{source}: diffcache: schema version {version!r} is not supported "
-                f"(this diffcache reads version {SCHEMA_VERSION})."
+                f"(this diffcache reads version {SCHEMA_VERSION}, an integer)."
             )
         for key in ("model", "method"):
-            if not isinstance(data[key], str) or not data[key]:
-                raise PlanError(f"{source}: {key}: expected a non-empty string, got {data[key]!r}")
-        for key in ("options", "valid_for", "calibration", "provenance"):
-            if not isinstance(data.get(key, {}) or {}, Mapping):
-                raise PlanError(f"{source}: {key}: expected a mapping, got {data[key]!r}")
+            if key in data and (not isinstance(data[key], str) or not data[key]):
+                problems.append(f"{source}: {key}: expected a non-empty string, got {data[key]!r}")
+        for key in MAPPINGS:
+            if data.get(key) is not None and not isinstance(data[key], Mapping):
+                problems.append(f"{source}: {key}: expected a mapping, got {data[key]!r}")
         kernels = data.get("kernels", "auto")
         if kernels not in KERNEL_CHOICES:
-            raise PlanError(
+            problems.append(
                 f"{source}: kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
                 f"{did_you_mean(str(kernels), KERNEL_CHOICES)}"
             )
-        valid_for = dict(data.get("valid_for") or {})
-        _check_valid_for(valid_for, source)
+        if problems:
+            raise PlanError("\n".join(problems))
+        model = data["model"]
+        if model not in adapters():
+            raise PlanError(
+                f"{source}: model: unknown model family {model!r}{did_you_mean(model, adapters())}"
+                f"; known: {', '.join(adapters())}."
+            )
         config_cls, _ = get_method(data["method"], f"{source}: method")
+        valid_for = dict(data.get("valid_for") or {})
+        extra = {**adapters()[model].valid_for, **config_cls.valid_for_keys}
+        _check_valid_for(valid_for, extra, source)
         calibration = dict(data.get("calibration") or {})
-        config_cls.check_calibration(calibration, f"{source}: calibration")
+        sidecar = calibration.pop(SIDECAR, None)
+        tensors = _read_sidecar(sidecar, source) if sidecar is not None else {}
         return cls(
-            model=data["model"],
+            model=model,
             method=data["method"],
             options=dict(data.get("options") or {}),
             valid_for=valid_for,
             calibration=calibration,
             kernels=kernels,
             provenance=dict(data.get("provenance") or {}),
+            tensors=tensors,
+            sidecar=dict(sidecar or {}),
             source=source,
         )
 
@@ -153,69 +188,120 @@ class Plan:
             "model": self.model,
             "method": self.method,
         }
-        for key in ("options", "valid_for", "calibration"):
+        for key in ("options", "valid_for"):
             if getattr(self, key):
-                out[key] = _plain(getattr(self, key))
+                out[key] = to_plain(getattr(self, key))
+        if self.calibration or self.tensors:
+            out["calibration"] = to_plain(self.calibration)
+            if self.tensors:
+                out["calibration"][SIDECAR] = dict(self.sidecar) or {"file": "(not saved yet)"}
         out["kernels"] = self.kernels
         if self.provenance:
-            out["provenance"] = _plain(self.provenance)
+            out["provenance"] = to_plain(self.provenance)
         return out
 
     def dumps(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+        return dump_yaml(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
+        """Write the plan (and its sidecar ``<stem>.safetensors`` beside it, if it has tensors)."""
         path = Path(path)
-        path.write_text(self.dumps())
+        plan = self
+        if self.tensors:
+            from safetensors.torch import save
+
+            blob = save({k: v.contiguous() for k, v in sorted(self.tensors.items())})
+            side = path.with_suffix(".safetensors")
+            side.write_bytes(blob)
+            info = {"file": side.name, "sha256": hashlib.sha256(blob).hexdigest()}
+            plan = dataclasses.replace(self, sidecar=info, source=str(path))
+        path.write_text(plan.dumps())
         return path
 
-    def sidecar(self) -> dict[str, Any]:
-        """Tensors of the calibration sidecar (``calibration.sidecar``: a .safetensors file named
-        relative to the plan file)."""
-        name = self.calibration.get("sidecar")
-        if not name:
-            raise PlanError(f"{self.source}: calibration.sidecar: the plan names no sidecar file")
-        path = Path(self.source).parent / name
-        if not path.is_file():
-            raise PlanError(
-                f"{self.source}: calibration.sidecar: {path} does not exist; re-run "
-                "the profile command that wrote this plan."
-            )
-        from safetensors.torch import load_file
 
-        return load_file(str(path))
-
-
-def steps_mismatch(expected: int, actual: int) -> PlanError:
-    """The error for a call outside the plan's ``valid_for.num_inference_steps``."""
-    return PlanError(
-        f"plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
-        f"run with {expected} steps or use a plan made for {actual} "
-        "(valid_for.num_inference_steps)."
-    )
-
-
-def _check_valid_for(valid_for: dict[str, Any], source: str) -> None:
+def _check_valid_for(valid_for: dict[str, Any], extra: Mapping[str, type], source: str) -> None:
+    allowed = {**VALID_FOR, **extra}
     problems = []
     for key, value in valid_for.items():
-        if key not in VALID_FOR:
+        where = f"{source}: valid_for.{key}"
+        if key not in allowed:
             problems.append(
-                f"{source}: valid_for.{key}: unknown key{did_you_mean(str(key), VALID_FOR)}"
-                f"; allowed: {', '.join(VALID_FOR)}"
+                f"{where}: unknown key{did_you_mean(str(key), allowed)}; "
+                f"allowed: {', '.join(allowed)}"
             )
-        elif not isinstance(value, VALID_FOR[key]) or isinstance(value, bool):
-            problems.append(
-                f"{source}: valid_for.{key}: expected {VALID_FOR[key].__name__}, got {value!r}"
-            )
-        elif key == "num_inference_steps" and value < 1:
-            problems.append(f"{source}: valid_for.num_inference_steps: must be >= 1, got {value}")
+        elif not isinstance(value, allowed[key]) or isinstance(value, bool):
+            problems.append(f"{where}: expected {allowed[key].__name__}, got {value!r}")
+        elif isinstance(value, int) and value < 1:
+            problems.append(f"{where}: must be >= 1, got {value}")
+        elif isinstance(value, str) and not value.strip():
+            problems.append(f"{where}: must not be empty")
     if problems:
         raise PlanError("\n".join(problems))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
+    where = f"{source}: calibration.{SIDECAR}"
+    if not isinstance(info, Mapping) or set(info) != {"file", "sha256"}:
+        raise PlanError(f"{where}: expected {{file: NAME.safetensors, sha256: HEX}}, got {info!r}")
+    path = Path(source).parent / str(info["file"])
+    if not path.is_file():
+        raise PlanError(
+            f"{where}: {path} does not exist; keep the sidecar beside the plan file or re-run the "
+            "profile command that wrote this plan."
+        )
+    blob = path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != info["sha256"]:
+        raise PlanError(
+            f"{where}: {path.name} has sha256 {digest[:12]}… but the plan records "
+            f"{str(info['sha256'])[:12]}…; the sidecar was changed or belongs to another plan."
+        )
+    from safetensors.torch import load
+
+    try:
+        return load(blob)
+    except Exception as e:  # a corrupt file with the recorded hash: written by something else
+        raise PlanError(f"{where}: {path.name} is not a safetensors file ({e})") from e
+
+
+def _calibration(
+    config_cls: Any, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+) -> Any:
+    where = f"{source}: calibration"
+    schema = config_cls.calibration
+    if schema is None:
+        if data or tensors:
+            raise PlanError(f"{where}: method {config_cls.name!r} takes no calibration; remove it.")
+        return None
+    if not data and not tensors:
+        raise PlanError(
+            f"{where}: method {config_cls.name!r} needs calibration data and the plan has none; "
+            f"make it with: {config_cls.profile_hint()}"
+        )
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    wanted = {n for n in fields if hints[n] is torch.Tensor}
+    problems = [
+        f"{where}.{k}: unknown field{did_you_mean(str(k), fields)}; known: {', '.join(fields)}"
+        for k in data
+        if k not in fields or k in wanted
+    ]
+    problems += [f"{where}.{SIDECAR}: missing tensor {n!r}" for n in sorted(wanted - set(tensors))]
+    problems += [
+        f"{where}.{SIDECAR}: unexpected tensor {n!r}" for n in sorted(set(tensors) - wanted)
+    ]
+    values: dict[str, Any] = {n: tensors[n] for n in wanted & set(tensors)}
+    for name, f in fields.items():
+        if name in wanted:
+            continue
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{where}.{name}: required field is missing")
+            continue
+        try:
+            values[name] = coerce(data[name], hints[name], f.metadata, f"{where}.{name}")
+        except PlanError as e:
+            problems.append(str(e))
+    if problems:
+        raise PlanError("\n".join(problems))
+    return schema(**values)

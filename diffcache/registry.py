@@ -20,7 +20,7 @@ def did_you_mean(word: str, choices: Any) -> str:
 
 
 def register_method(config_cls: type) -> Callable[[Callable], Callable]:
-    """Bind ``apply(target, config, run)`` to a MethodConfig subclass, keyed by its ``name``."""
+    """Bind ``apply(session, config)`` to a MethodConfig subclass, keyed by its ``name``."""
 
     def decorator(apply: Callable) -> Callable:
         name = config_cls.name
@@ -50,10 +50,26 @@ def methods() -> dict[str, type]:
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
+    """Add a model family; a request field it shares with another family must mean the same."""
     if adapter.name in _ADAPTERS:
         raise ValueError(f"adapter {adapter.name!r} is registered twice")
+    known = request_fields()
+    for f in adapter.fields:
+        if f.name in known and (known[f.name].type, known[f.name].help) != (f.type, f.help):
+            raise ValueError(
+                f"adapter {adapter.name!r}: request field {f.name!r} differs from another family's"
+            )
     _ADAPTERS[adapter.name] = adapter
     return adapter
+
+
+def request_fields() -> dict[str, Any]:
+    """Every request field any family declares (name -> Field), for the CLI's flags."""
+    out: dict[str, Any] = {}
+    for adapter in _ADAPTERS.values():
+        for f in adapter.fields:
+            out.setdefault(f.name, f)
+    return out
 
 
 def adapters() -> dict[str, Adapter]:

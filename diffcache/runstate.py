@@ -1,53 +1,80 @@
-"""RunState: run / step / CFG-branch bookkeeping, per-branch method state, and Stats.
+"""RunState: run / step / sub-step / branch / expert bookkeeping, method state, and Stats.
 
-A run is one generation call. For diffusers pipelines it starts when the pipeline calls
-``scheduler.set_timesteps`` and a step ends at ``scheduler.step``; the CFG branch is the index of
-the denoiser call within the step (separate CFG: 0 = cond, 1 = uncond; batched CFG and no CFG: 0).
-Our own pipelines (DLMs, VAR) call ``begin_run`` / ``begin_call`` / ``record`` / ``end_step``
-directly. State is kept per branch and reset at the start of every run.
+A *run* is one generation call. Its *steps* are the steps the user asked for; a second-order
+scheduler's extra model evaluations are *sub-steps* of a step. The *branch* is the index of the
+denoiser call within a sub-step (separate CFG: 0 = cond, 1 = uncond; batched or no CFG: 0); the
+*expert* is which denoiser runs (Wan2.2 has two). Drivers (``diffcache.drivers``) feed the
+boundaries; our own pipelines call :meth:`begin_run`, :meth:`begin_step` and :meth:`end_run`
+themselves (through their driver events).
+
+Method state lives in slots keyed by the method (site, expert, branch ...) and is released when the
+run ends: nothing of one call is reachable from the next. Stats stay until the next run starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from diffcache.errors import DiffCacheError
-from diffcache.plan import steps_mismatch
+from diffcache.errors import DiffCacheError, PlanError
+from diffcache.sites import KINDS
+
+#: valid_for keys ``accelerate`` checks against the model itself (not per call).
+CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint")
 
 
 @dataclasses.dataclass
 class Stats:
-    """What the last call did. ``compute_fraction`` = computed work / work of the same call
-    without acceleration, in the method's units (see its docstring)."""
+    """What the last call did. ``compute_fraction`` = computed / total work of the method's
+    ``kind`` (its granularity), over the call; ``work`` has the same for every kind counted."""
 
     method: str
+    kind: str = "step"
     steps: int = 0
     model_calls: int = 0
-    computed: float = 0.0
-    skipped: float = 0.0
+    work: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # kind -> [done, all]
     kv_bytes_peak: int | None = None
+    kv_bytes_per_step: list[int] = dataclasses.field(default_factory=list)
     wall_s: float | None = None
     calls: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
+    def computed(self) -> float:
+        return self.work.get(self.kind, [0.0, 0.0])[0]
+
+    @property
+    def skipped(self) -> float:
+        done, total = self.work.get(self.kind, [0.0, 0.0])
+        return total - done
+
+    @property
     def compute_fraction(self) -> float | None:
-        total = self.computed + self.skipped
-        return self.computed / total if total else None
+        done, total = self.work.get(self.kind, [0.0, 0.0])
+        return done / total if total else None
 
     def per_step(self) -> list[float]:
-        """Fraction of work computed at each step (all branches of a step together)."""
+        """Fraction of the work computed at each step (all calls of a step together)."""
         done: dict[int, list[float]] = {}
         for step, _, frac in self.calls:
             done.setdefault(step, []).append(frac)
         return [sum(v) / len(v) for _, v in sorted(done.items())]
 
+    def copy(self) -> Stats:
+        return dataclasses.replace(
+            self,
+            work={k: list(v) for k, v in self.work.items()},
+            kv_bytes_per_step=list(self.kv_bytes_per_step),
+            calls=list(self.calls),
+            kernels=dict(self.kernels),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "kind": self.kind,
             "steps": self.steps,
             "model_calls": self.model_calls,
             "computed": self.computed,
@@ -56,90 +83,182 @@ class Stats:
             "kv_bytes_peak": self.kv_bytes_peak,
             "wall_s": self.wall_s,
             "per_step_compute": self.per_step(),
+            "work": {k: {"computed": d, "skipped": t - d} for k, (d, t) in self.work.items()},
+            "kv_bytes_per_step": list(self.kv_bytes_per_step),
             "kernels": dict(self.kernels),
         }
 
 
 class RunState:
-    """Bookkeeping of one accelerated model. ``on_error`` cleans the model before a mid-run
-    error propagates (set by ``accelerate``)."""
+    """Bookkeeping of one accelerated model.
+
+    Args:
+        method: the method name (for Stats and error messages).
+        kind: the work unit of the method's ``compute_fraction`` (a site kind).
+        valid_for: the plan's ``valid_for``; ``num_inference_steps`` and any key a driver
+            reports in ``begin_run(**facts)`` are checked at the first model call of a run.
+        kernels: kernel backend for the method's ops: ``auto | torch | triton``.
+        on_error: cleans the model before a mid-run error propagates (set by ``accelerate``).
+        owner: the accelerated object's class name, for messages.
+    """
 
     def __init__(
         self,
         method: str,
-        expected_steps: int | None = None,
+        kind: str = "step",
+        valid_for: Mapping[str, Any] | None = None,
         kernels: str = "auto",
         on_error: Callable[[], None] | None = None,
+        owner: str = "the model",
     ) -> None:
-        self.method = method
-        self.expected_steps = expected_steps
-        self.kernels = kernels  # kernel backend for the method's ops: auto | torch | triton
+        assert kind in KINDS, f"unknown work kind {kind!r}"
+        self.method, self.kind, self.kernels, self.owner = method, kind, kernels, owner
+        self.valid_for = dict(valid_for or {})
         self.on_error = on_error or (lambda: None)
-        self.guard: Callable[[], None] | None = None  # before each call; raises if model changed
         self.num_steps: int | None = None
-        self.step = 0
-        self.branch = -1
+        self.facts: dict[str, Any] = {}
         self.active = False
-        self._states: dict[int, Any] = {}
+        self.step = self.substep = self.branch = self.expert = 0
+        self._checked = False
+        self._opened = False  # the current step index is in use (a call or begin_step saw it)
+        self._slots: dict[Hashable, Any] = {}
+        self._call: list[float] | None = None  # [done, total] of the current model call
         self._t0 = 0.0
-        self.stats = Stats(method)
+        self.stats = Stats(method, kind)
 
-    # -- drivers --------------------------------------------------------------------------
-    def begin_run(self, num_steps: int | None) -> None:
-        """Start a generation of ``num_steps`` steps (None when unknown); resets all state."""
-        if (
-            self.expected_steps is not None
-            and num_steps is not None
-            and num_steps != self.expected_steps
-        ):
-            raise self.fail(steps_mismatch(self.expected_steps, num_steps))
-        self.num_steps = num_steps
-        self.step, self.branch, self.active = 0, -1, True
-        self._states.clear()
-        self.stats = Stats(self.method)
+    # -- driver events ----------------------------------------------------------------------
+    def begin_run(self, num_steps: int | None = None, **facts: Any) -> None:
+        """Start a generation of ``num_steps`` steps; releases everything of the last run."""
+        self.num_steps, self.facts = num_steps, facts
+        self.step, self.substep, self.branch = 0, 0, -1
+        self.active, self._checked, self._opened = True, False, False
+        self._slots.clear()
+        self.stats = Stats(self.method, self.kind)
         self._t0 = time.perf_counter()
 
-    def begin_call(self) -> tuple[int, int]:
-        """A denoiser call: returns (step, branch). Starts a run if none is active."""
-        if self.guard is not None:
-            self.guard()
+    def begin_step(self) -> None:
+        """The next step starts (the first step starts with the run)."""
+        if self._opened:
+            self.step += 1
+        self.substep, self.branch, self._opened = 0, -1, True
+
+    def end_substep(self, step_done: bool) -> None:
+        """A scheduler update finished: the whole step, or one sub-step of it."""
+        if step_done:
+            self.step += 1
+            self.substep, self._opened = 0, False
+        else:
+            self.substep += 1
+        self.branch = -1
+        self._tick()
+
+    def end_run(self) -> None:
+        """The run is over: method state is released, Stats stay."""
+        self.active = False
+        self._slots.clear()
+        self._tick()
+
+    # -- model calls ------------------------------------------------------------------------
+    def begin_call(self, expert: int = 0) -> None:
+        """A denoiser call starts (a run starts first if none is active)."""
         if not self.active:
-            self.begin_run(self.expected_steps)
+            self.begin_run(self.valid_for.get("num_inference_steps"))
+        if not self._checked:
+            self._check_valid_for()
         self.branch += 1
+        self.expert, self._opened = expert, True
         self.stats.model_calls += 1
         self.stats.steps = max(self.stats.steps, self.step + 1)
-        return self.step, self.branch
+        self._call = [0.0, 0.0]
 
-    def record(self, computed: float, total: float = 1.0) -> None:
-        """Work done by the current call, in the method's units (``computed`` of ``total``)."""
-        self.stats.computed += computed
-        self.stats.skipped += total - computed
-        self.stats.calls.append((self.step, self.branch, computed / total if total else 1.0))
-        self.stats.wall_s = time.perf_counter() - self._t0
+    def end_call(self, unseen: Mapping[str, float] | None = None) -> None:
+        """The denoiser call returned; ``unseen`` counts sites that never ran in it (skipped)."""
+        for kind, n in (unseen or {}).items():
+            self.record(kind, 0.0, n)
+        done, total = self._call or (0.0, 0.0)
+        if total:
+            self.stats.calls.append((self.step, self.branch, done / total))
+        self._call = None
+        self._tick()
 
-    def end_step(self) -> None:
-        if not self.active:
-            return
-        self.step += 1
-        self.branch = -1
-        self.stats.wall_s = time.perf_counter() - self._t0
+    def record(self, kind: str, computed: float, total: float = 1.0) -> None:
+        """Work of ``kind`` done in the current call: ``computed`` of ``total`` units."""
+        entry = self.stats.work.setdefault(kind, [0.0, 0.0])
+        entry[0] += computed
+        entry[1] += total
+        if kind == self.kind and self._call is not None:
+            self._call[0] += computed
+            self._call[1] += total
 
-    # -- queries ----------------------------------------------------------------------------
+    def record_kv(self, nbytes: int) -> None:
+        """Bytes the method's KV store holds now; Stats keep the peak, overall and per step."""
+        s = self.stats
+        s.kv_bytes_peak = max(s.kv_bytes_peak or 0, int(nbytes))
+        while len(s.kv_bytes_per_step) <= self.step:
+            s.kv_bytes_per_step.append(0)
+        s.kv_bytes_per_step[self.step] = max(s.kv_bytes_per_step[self.step], int(nbytes))
+
+    # -- state and queries ------------------------------------------------------------------
+    def slot(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        """Method state under ``key`` for this run, made by ``factory`` on first use."""
+        if key not in self._slots:
+            self._slots[key] = factory()
+        return self._slots[key]
+
+    def holding(self) -> int:
+        """How many method state slots the current run holds (0 once a run has ended)."""
+        return len(self._slots)
+
     def is_last_step(self) -> bool:
         return self.num_steps is not None and self.step >= self.num_steps - 1
 
-    def state(self, factory: Callable[[], Any], branch: int | None = None) -> Any:
-        """The method state of ``branch`` (default: the current one), made by ``factory``."""
-        slot = self.branch if branch is None else branch
-        if slot not in self._states:
-            self._states[slot] = factory()
-        return self._states[slot]
-
     def where(self) -> str:
-        return f"step {self.step}, branch {self.branch}, method {self.method!r}"
+        sub = f", sub-step {self.substep}" if self.substep else ""
+        expert = f", expert {self.expert}" if self.expert else ""
+        return f"step {self.step}{sub}, branch {self.branch}{expert}, method {self.method!r}"
 
     def fail(self, error: DiffCacheError) -> DiffCacheError:
-        """Clean the model (remove every hook), then hand back ``error`` for the caller to raise."""
+        """Clean the model (detach everything), then hand back ``error`` for the caller to raise."""
         self.active = False
+        self._slots.clear()
         self.on_error()
         return error
+
+    def refuse(self, problem: str) -> PlanError:
+        """A PlanError for a call the plan does not cover; the model stays accelerated."""
+        self.active = False
+        self._slots.clear()
+        return PlanError(
+            f"{problem}; no denoising step of this call ran and {self.owner} is still "
+            "accelerated (the next call starts a new run)."
+        )
+
+    def _check_valid_for(self) -> None:
+        self._checked = True
+        want = self.valid_for.get("num_inference_steps")
+        if want is not None and self.num_steps is not None and self.num_steps != want:
+            raise self.refuse(steps_mismatch(want, self.num_steps))
+        for key, want in self.valid_for.items():
+            if key in CHECKED_AT_ACCELERATE or key == "num_inference_steps":
+                continue
+            if key not in self.facts:
+                raise self.refuse(
+                    f"the plan is valid for {key}={want!r} but this call does not report {key} "
+                    f"(valid_for.{key})"
+                )
+            if self.facts[key] != want:
+                raise self.refuse(
+                    f"the plan is valid for {key}={want!r} but this call has "
+                    f"{key}={self.facts[key]!r} (valid_for.{key})"
+                )
+
+    def _tick(self) -> None:
+        self.stats.wall_s = time.perf_counter() - self._t0
+
+
+def steps_mismatch(expected: int, actual: int) -> str:
+    """The problem of a call outside the plan's ``valid_for.num_inference_steps``."""
+    return (
+        f"the plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
+        f"run with {expected} steps or use a plan made for {actual} (valid_for.num_inference_steps)"
+    )

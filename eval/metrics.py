@@ -1,21 +1,22 @@
 """Quality metrics: an accelerated output against the un-accelerated baseline.
 
 Both outputs come from the same prompt and seed. Media are numpy float arrays in [0, 1]:
-an image is (H, W, C), a video is (F, H, W, C). Video metrics are computed per frame and
-averaged over frames.
+an image is (H, W, C), a video is (F, H, W, C).
 
 Conventions:
 
-* ``psnr`` of identical inputs is ``float("inf")``. A video whose frames include one identical
-  pair therefore averages to ``inf`` as well (the mean of per-frame values, taken literally).
-  The report writer renders ``inf`` as "inf"; JSON has no inf, so the JSON writer stores it as
-  the string ``"inf"`` and :func:`diffcache.eval.report.load_report` turns it back into a float.
-* ``ssim`` uses torchmetrics' Gaussian window (sigma 1.5, 11 px) when both image sides are at
-  least 11 px. For smaller images the window is the largest odd size not above the shorter side,
-  with sigma scaled by the same ratio (sigma = 0.3 * radius), so tiny test images (8x8, 16x16)
-  work; sides of 1-2 px get a 1 px window (a per-pixel comparison).
-* ``lpips`` (AlexNet) is computed only when it can run offline; it never downloads anything.
-  Otherwise it returns ``(None, reason)``.
+* ``psnr`` is computed over the whole sample: one mean squared error over every frame, pixel and
+  channel, then ``10 * log10(1 / mse)``. It is not the mean of per-frame PSNRs, so a video with
+  one frame identical to the baseline (and others that differ) gets a finite PSNR; only a sample
+  equal to the baseline everywhere has ``float("inf")``. Reports never store inf: the eval
+  runner writes such a run's PSNR as null and says why in the report's ``notes``.
+* ``ssim`` is computed per frame and averaged over frames. It uses torchmetrics' Gaussian window
+  (sigma 1.5, 11 px) when both image sides are at least 11 px. For smaller images the window is
+  the largest odd size not above the shorter side, with sigma scaled by the same ratio
+  (sigma = 0.3 * radius), so tiny test images (8x8, 16x16) work; sides of 1-2 px get a 1 px
+  window (a per-pixel comparison).
+* ``lpips`` (AlexNet) is computed per frame and averaged, and only when it can run offline; it
+  never downloads anything. Otherwise it returns ``(None, reason)``.
 
 torch, torchmetrics and lpips are imported inside the functions that need them.
 """
@@ -79,21 +80,16 @@ def _to_nchw(frames: np.ndarray) -> torch.Tensor:
 
 
 def psnr(ref: Any, test: Any) -> float:
-    """Peak signal-to-noise ratio in dB (data range 1.0); ``inf`` for identical inputs.
+    """Peak signal-to-noise ratio in dB (data range 1.0) over the whole sample; ``inf`` when the
+    inputs are identical.
 
-    Video: PSNR per frame, then the mean over frames.
+    Video: one mean squared error over all frames and pixels (not a mean of per-frame PSNRs).
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
     a, b = _as_frames(ref, test)
-    values: list[float] = []
-    for fa, fb in zip(a, b, strict=True):
-        if np.array_equal(fa, fb):
-            values.append(float("inf"))
-            continue
-        ta, tb = _to_nchw(fa[None]), _to_nchw(fb[None])
-        values.append(float(peak_signal_noise_ratio(tb, ta, data_range=1.0)))
-    return float(np.mean(values))
+    mse = float(np.mean((a - b) ** 2))
+    if mse == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(1.0 / mse))
 
 
 def ssim_window(height: int, width: int) -> tuple[int, float]:

@@ -6,11 +6,15 @@ The dict (extra keys are allowed and kept in the JSON)::
      "runs": [{"plan", "method", "latency_s", "speedup", "compute_fraction", "psnr", "ssim",
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
                "per_step_compute": [float, ...]}, ...],
-     "notes": {"lpips": "why it is null", ...}}
+     "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
+     "requests": [{"prompt": str, "seed": int, ...}, ...]}
 
-JSON has no inf or nan, so the JSON writer stores those floats as the strings "inf", "-inf" and
-"nan"; :func:`load_report` turns them back into floats (except under text keys and in "notes").
-Markdown and HTML show None as "—", inf as "inf" and other floats with 4 significant digits.
+Contract of report.json: every value is a JSON number or null, except strings under the
+:data:`TEXT_KEYS` (and anything inside ``notes``). A metric that is not finite (the PSNR of an
+output equal to its baseline) is null, and ``notes`` says why; the producer (the eval runner)
+decides that. :func:`dumps_report` refuses inf/nan, booleans and strings in numeric fields with a
+ValueError instead of converting them, so a bad value cannot reach a report file silently.
+Markdown and HTML show null as "—" and floats with 4 significant digits.
 The HTML page is self-contained: inline CSS and two inline SVG plots drawn here (no scripts).
 """
 
@@ -38,58 +42,59 @@ COLUMNS: tuple[str, ...] = (
     "kv_bytes_peak",
     "samples",
 )
-#: Keys whose string values are never turned into floats by :func:`load_report`.
-TEXT_KEYS = frozenset({"model", "device", "plan", "method", "notes"})
+#: Keys whose values are text (every other leaf of a report is a number or null). ``notes`` may
+#: hold anything JSON-able; ``prompt`` and ``negative_prompt`` appear in ``requests``.
+TEXT_KEYS = frozenset({"model", "device", "plan", "method", "notes", "prompt", "negative_prompt"})
 NULL = "—"
-_SPECIAL_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 # ----------------------------------------------------------------------------- JSON
 
 
-def _to_jsonable(obj: Any) -> Any:
-    """Copy ``obj`` with inf/nan floats as strings, tuples as lists, numpy/torch unwrapped."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return float(obj)
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+def _to_jsonable(obj: Any, where: str = "report", text: bool = False) -> Any:
+    """Copy ``obj`` as plain JSON data (tuples as lists, numpy/torch unwrapped), checking the
+    contract: numbers are finite, strings and booleans only where text is allowed."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (int, float, str)):  # numpy, torch
+        obj = obj.tolist()
     if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy scalars/arrays, torch tensors
-        return _to_jsonable(obj.tolist())
-    return obj
-
-
-def _from_jsonable(obj: Any, key: str | None = None) -> Any:
-    """Undo :func:`_to_jsonable`'s inf/nan strings outside text keys."""
-    if key in TEXT_KEYS:
-        return obj
-    if isinstance(obj, str):
-        return _SPECIAL_FLOATS.get(obj, obj)
+        obj = str(obj)
+    if obj is None:
+        return None
     if isinstance(obj, dict):
-        return {k: _from_jsonable(v, k) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v, key) for v in obj]
-    return obj
+        return {
+            str(k): _to_jsonable(v, f"{where}.{k}", text or str(k) in TEXT_KEYS)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v, f"{where}[{i}]", text) for i, v in enumerate(obj)]
+    if isinstance(obj, (str, bool)):
+        if text:
+            return obj
+        raise ValueError(
+            f"{where}: {obj!r} is not a number; report values are numbers or null (text only "
+            f"under {', '.join(sorted(TEXT_KEYS))})"
+        )
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(
+                f"{where}: {obj} is not finite; write null and explain it in notes instead"
+            )
+        return float(obj)
+    raise ValueError(f"{where}: cannot store a {type(obj).__name__} in a report")
 
 
 def dumps_report(report: dict[str, Any]) -> str:
-    """The report as JSON text (indent 2; inf/nan as the strings "inf"/"-inf"/"nan")."""
+    """The report as JSON text (indent 2). ValueError on a non-finite number, or a string or
+    boolean outside the text keys."""
     return json.dumps(_to_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    """Read a report.json, turning "inf"/"-inf"/"nan" strings back into floats."""
+    """Read a report.json (plain JSON: numbers, null and text)."""
     with open(path, encoding="utf-8") as fh:
-        return _from_jsonable(json.load(fh))
+        return json.load(fh)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -100,7 +105,8 @@ def _is_number(value: Any) -> bool:
 
 
 def fmt_value(value: Any) -> str:
-    """A cell value as text: None -> "—", inf -> "inf", floats to 4 significant digits."""
+    """A cell value as text: None -> "—", floats to 4 significant digits (inf/nan, which a
+    report file never holds, as "inf"/"nan")."""
     if value is None:
         return NULL
     if isinstance(value, bool):
@@ -246,30 +252,30 @@ def _svg_message(width: int, height: int, title: str, message: str) -> str:
     )
 
 
+def _plottable(run: dict[str, Any]) -> bool:
+    x, y = run.get("speedup"), run.get("psnr")
+    return all(_is_number(v) and math.isfinite(v) for v in (x, y))
+
+
+def unplotted(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Labels of the runs the PSNR scatter leaves out (no speedup or no PSNR)."""
+    return [_run_label(run) for run in runs if not _plottable(run)]
+
+
 def render_quality_svg(runs: Sequence[dict[str, Any]]) -> str:
     """Scatter of PSNR (y) against speedup (x), one labelled point per run.
 
-    Runs without a finite speedup or without a PSNR are skipped; an infinite PSNR (output equal
-    to the baseline) is drawn at the highest finite PSNR with a triangle and an "inf" label.
+    Runs without a finite speedup and a finite PSNR are left out (:func:`unplotted` names them).
     """
     width, height = 720, 400
     left, right, top, bottom = 64, 200, 24, 52
     title = "PSNR vs speedup"
-    points: list[tuple[float, float, dict[str, Any]]] = []
-    for run in runs:
-        x, y = run.get("speedup"), run.get("psnr")
-        if not (_is_number(x) and math.isfinite(x)) or not _is_number(y) or math.isnan(y):
-            continue
-        if y == -math.inf:
-            continue
-        points.append((float(x), float(y), run))
+    points = [(float(run["speedup"]), float(run["psnr"]), run) for run in runs if _plottable(run)]
     if not points:
         return _svg_message(width, 120, title, "no run has both a speedup and a PSNR")
 
-    finite_y = [y for _, y, _ in points if math.isfinite(y)]
-    y_cap = max(finite_y) if finite_y else 40.0
     x_lo, x_hi = _padded_range([x for x, _, _ in points], 1.0, 0.5)
-    y_lo, y_hi = _padded_range(finite_y or [y_cap], None, 2.0)
+    y_lo, y_hi = _padded_range([y for _, y, _ in points], None, 2.0)
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def sx(x: float) -> float:
@@ -315,20 +321,12 @@ def render_quality_svg(runs: Sequence[dict[str, Any]]) -> str:
         f'transform="rotate(-90 16 {top + plot_h / 2:.1f})">PSNR (dB)</text>'
     )
     for x, y, run in points:
-        px = sx(x)
-        is_inf = math.isinf(y)
-        py = sy(y_cap if is_inf else y)
-        label = _run_label(run) + (" [PSNR inf]" if is_inf else "")
-        tip = f"{_run_label(run)}: speedup {fmt_value(x)}×, PSNR {fmt_value(y)} dB"
-        if is_inf:
-            shape = (
-                f'<polygon points="{px:.1f},{py - 6:.1f} {px - 6:.1f},{py + 5:.1f} '
-                f'{px + 6:.1f},{py + 5:.1f}" class="pt inf"/>'
-            )
-        else:
-            shape = f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" class="pt"/>'
+        px, py = sx(x), sy(y)
+        label = _run_label(run)
+        tip = f"{label}: speedup {fmt_value(x)}×, PSNR {fmt_value(y)} dB"
         parts.append(
-            f"<g><title>{_esc(tip)}</title>{shape}"
+            f"<g><title>{_esc(tip)}</title>"
+            f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" class="pt"/>'
             f'<text x="{px + 8:.1f}" y="{py - 6:.1f}" class="label">{_esc(label)}</text></g>'
         )
     parts.append("</svg>")
@@ -418,7 +416,6 @@ svg text { font-family: system-ui, sans-serif; }
 .axis { fill: #333; font-size: 12px; }
 .label { fill: #222; font-size: 11px; }
 .pt { fill: #2b6cb0; stroke: #fff; }
-.pt.inf { fill: #c05621; }
 .cell { fill: #2b6cb0; stroke: #bbb; stroke-width: 0.5; }
 .cell.missing { fill: none; stroke-dasharray: 2 2; }
 """
@@ -453,6 +450,12 @@ def render_html(report: dict[str, Any]) -> str:
     else:
         out.append("<p>No runs.</p>")
     out += ["<h2>Quality vs speedup</h2>", render_quality_svg(runs)]
+    left_out = unplotted(runs)
+    if left_out:
+        out.append(
+            f"<p>Not plotted (PSNR or speedup is null, see the notes): {_esc(', '.join(left_out))}"
+            "</p>"
+        )
     out += ["<h2>Per-step compute</h2>", render_steps_svg(runs)]
     notes = _note_items(report.get("notes"))
     if notes:
@@ -471,16 +474,18 @@ def render_html(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.html into ``out_dir`` (created if needed).
 
-    Returns the paths keyed "json", "md" and "html".
+    Everything is rendered first: a report that breaks the JSON contract (ValueError) leaves no
+    file and no folder behind. Returns the paths keyed "json", "md" and "html".
     """
+    texts = {
+        "json": dumps_report(report),
+        "md": render_markdown(report),
+        "html": render_html(report),
+    }
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": directory / "report.json",
-        "md": directory / "report.md",
-        "html": directory / "report.html",
-    }
-    paths["json"].write_text(dumps_report(report), encoding="utf-8")
-    paths["md"].write_text(render_markdown(report), encoding="utf-8")
-    paths["html"].write_text(render_html(report), encoding="utf-8")
+    paths = {}
+    for kind, text in texts.items():
+        paths[kind] = directory / f"report.{kind}"
+        paths[kind].write_text(text, encoding="utf-8")
     return paths

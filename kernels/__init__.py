@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from diffcache.errors import KernelUnavailableError
 
-from ._dispatch import Backend, describe, last_backend, ops, pick
+from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .l1_change import l1_change, l1_change_ref
 
@@ -25,4 +25,5 @@ __all__ = [
     "last_backend",
     "ops",
     "pick",
+    "resolve_backend",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -111,19 +111,23 @@ class OpSpec:
     Attributes:
         name: Op name, the key in the registry and in ``last_backend``.
         description: One line for ``diffcache info``.
-        dtypes: Torch dtypes the Triton kernel accepts.
+        dtypes: Torch dtypes the Triton kernel accepts (for every input without its own rule).
+        input_dtypes: Per-input rules by position, overriding ``dtypes`` for that input (an
+            index tensor: ``{1: (torch.int64,)}``). Integer inputs also run in the interpreter.
     """
 
     name: str
     description: str
     dtypes: tuple[torch.dtype, ...] = field(default=())
+    input_dtypes: Mapping[int, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
     def _reasons_for(self, inputs: Sequence[tuple[str, str, torch.dtype, bool]]) -> list[str]:
         """Reasons for abstract inputs given as (label, device, dtype, needs grad)."""
         reasons = list(triton_status())
         interpret = _interpret_enabled()
         devices: list[str] = []
-        for label, device, dtype, needs_grad in inputs:
+        for i, (label, device, dtype, needs_grad) in enumerate(inputs):
+            allowed = self.input_dtypes.get(i, self.dtypes)
             if device not in devices:
                 devices.append(device)
             dev = torch.device(device).type
@@ -136,15 +140,15 @@ class OpSpec:
                         f"{label} is on cpu; the Triton kernel needs a CUDA tensor "
                         "(cpu runs only under TRITON_INTERPRET=1)"
                     )
-                elif dtype not in INTERPRETER_DTYPES:
+                elif dtype.is_floating_point and dtype not in INTERPRETER_DTYPES:
                     reasons.append(
                         f"{label} has dtype {_dtype_name(dtype)}, which the Triton interpreter "
                         "cannot run on cpu (it supports float32, float16)"
                     )
             else:
                 reasons.append(f"{label} is on {dev}; the Triton kernel needs a CUDA tensor")
-            if dtype not in self.dtypes:
-                supported = ", ".join(_dtype_name(d) for d in self.dtypes)
+            if dtype not in allowed:
+                supported = ", ".join(_dtype_name(d) for d in allowed)
                 reasons.append(
                     f"{label} has dtype {_dtype_name(dtype)}; the kernel supports {supported}"
                 )
@@ -205,6 +209,21 @@ def _as_backend(value: str | Backend, source: str) -> Backend:
         choices = ", ".join(repr(b.value) for b in Backend)
         msg = f"{source}={value!r} is not a kernel backend; use one of {choices}"
         raise ValueError(msg) from None
+
+
+def resolve_backend(plan_value: str | Backend) -> str:
+    """The backend a plan's ``kernels:`` value means here: ``DIFFCACHE_KERNELS`` overrides
+    ``auto``. A bad value in either raises now (at ``accelerate``), not mid-run."""
+    from diffcache.errors import DiffCacheError
+
+    try:
+        choice = _as_backend(plan_value, "kernels")
+        env = os.environ.get(ENV_OVERRIDE, "").strip()
+        if choice is Backend.AUTO and env:
+            choice = _as_backend(env, ENV_OVERRIDE)
+    except ValueError as e:
+        raise DiffCacheError(str(e)) from None
+    return choice.value
 
 
 def pick(

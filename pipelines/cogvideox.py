@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
 
@@ -15,22 +16,21 @@ ADAPTER = register_adapter(
         name="cogvideox",
         pipelines=("CogVideoXPipeline",),
         denoisers=("CogVideoXTransformer3DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
         channel_dim=2,  # (B, F, C, H, W)
         cfg="batched",
-        block_lists=("transformer_blocks",),
+        stacks=(
+            Stack(
+                "transformer_blocks",
+                stream="dual",
+                returns=("hidden", "encoder"),
+                modules=(
+                    ModuleSite("attn1", "self_attn", returns=("hidden", "encoder")),
+                    ModuleSite("ff", "ff"),
+                ),
+            ),
+        ),
         media="video",
-        call_args={
-            "prompt": "prompt",
-            "negative_prompt": "negative_prompt",
-            "height": "height",
-            "width": "width",
-            "frames": "num_frames",
-            "steps": "num_inference_steps",
-            "guidance": "guidance_scale",
-        },
+        fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance()),
     )
 )
 

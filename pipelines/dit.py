@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import STEPS, guidance
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
+from diffcache.request import Field
+
+
+def _num_classes(pipe: Any) -> int:
+    """The largest class id: DiT's label table has one more row, the null class for CFG."""
+    return int(pipe.transformer.config.num_embeds_ada_norm) - 1
+
 
 # DiTPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [cond, uncond] (the second half uses the null class 1000). It calls the transformer with the
@@ -16,18 +24,28 @@ ADAPTER = register_adapter(
         name="dit",
         pipelines=("DiTPipeline",),
         denoisers=("DiTTransformer2DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
         channel_dim=1,  # (B, C, H, W); output has 2*C channels (learned sigma)
         cfg="batched",
-        block_lists=("transformer_blocks",),
+        stacks=(
+            Stack(
+                "transformer_blocks",
+                modules=(ModuleSite("attn1", "self_attn"), ModuleSite("ff", "ff")),
+            ),
+        ),
         media="image",
-        call_args={
-            "class_label": "class_labels",
-            "steps": "num_inference_steps",
-            "guidance": "guidance_scale",
-        },
+        fields=(
+            Field(
+                "class_label",
+                int,
+                "class id (class-conditional models)",
+                "class_labels",
+                min=0,
+                as_list=True,
+                limit=_num_classes,
+            ),
+            STEPS,
+            guidance(),
+        ),
     )
 )
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import IMAGE, STEPS, guidance, prompt
+from diffcache.pipelines._stacks import DUAL_STREAM
 from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
 
@@ -17,20 +19,23 @@ ADAPTER = register_adapter(
         name="flux",
         pipelines=("FluxPipeline",),
         denoisers=("FluxTransformer2DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
         channel_dim=-1,  # packed tokens (B, N, 4 * latent_channels)
         cfg="none",
-        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        stacks=(
+            Stack(
+                "transformer_blocks",
+                stream="dual",
+                returns=("encoder", "hidden"),
+                modules=DUAL_STREAM,
+            ),
+            Stack(
+                "single_transformer_blocks",
+                returns=("encoder", "hidden"),
+                modules=(ModuleSite("attn", "self_attn"), ModuleSite("proj_mlp", "ff")),
+            ),
+        ),
         media="image",
-        call_args={
-            "prompt": "prompt",
-            "height": "height",
-            "width": "width",
-            "steps": "num_inference_steps",
-            "guidance": "guidance_scale",
-        },
+        fields=(prompt(), *IMAGE, STEPS, guidance()),
     )
 )
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import FRAMES, IMAGE, STEPS, guidance, prompt
+from diffcache.pipelines._stacks import DUAL_STREAM
 from diffcache.pipelines._tiny import seeded, template_prefix_length, tiny_clip, word_tokenizer
 from diffcache.registry import register_adapter
 
@@ -17,21 +19,26 @@ ADAPTER = register_adapter(
         name="hunyuanvideo",
         pipelines=("HunyuanVideoPipeline",),
         denoisers=("HunyuanVideoTransformer3DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
         channel_dim=1,  # (B, C, F, H, W)
         cfg="none",
-        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        stacks=(
+            Stack(
+                "transformer_blocks",
+                stream="dual",
+                returns=("hidden", "encoder"),
+                modules=DUAL_STREAM,
+            ),
+            Stack(
+                "single_transformer_blocks",
+                returns=("hidden", "encoder"),
+                modules=(
+                    ModuleSite("attn", "self_attn", returns=("hidden", "encoder")),
+                    ModuleSite("proj_mlp", "ff"),
+                ),
+            ),
+        ),
         media="video",
-        call_args={
-            "prompt": "prompt",
-            "height": "height",
-            "width": "width",
-            "frames": "num_frames",
-            "steps": "num_inference_steps",
-            "guidance": "guidance_scale",
-        },
+        fields=(prompt(), *IMAGE, FRAMES, STEPS, guidance()),
     )
 )
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
 from diffcache.registry import register_adapter
 
@@ -17,21 +18,22 @@ ADAPTER = register_adapter(
         name="qwenimage",
         pipelines=("QwenImagePipeline",),
         denoisers=("QwenImageTransformer2DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
         channel_dim=-1,  # packed tokens (B, N, 4 * latent_channels)
         cfg="separate",
-        block_lists=("transformer_blocks",),
+        stacks=(
+            Stack(
+                "transformer_blocks",
+                stream="dual",
+                returns=("encoder", "hidden"),
+                modules=(
+                    ModuleSite("attn", "self_attn", returns=("hidden", "encoder")),
+                    ModuleSite("img_mlp", "ff"),
+                    ModuleSite("txt_mlp", "context_ff"),
+                ),
+            ),
+        ),
         media="image",
-        call_args={
-            "prompt": "prompt",
-            "negative_prompt": "negative_prompt",
-            "height": "height",
-            "width": "width",
-            "steps": "num_inference_steps",
-            "guidance": "true_cfg_scale",
-        },
+        fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, STEPS, guidance("true_cfg_scale")),
     )
 )
 

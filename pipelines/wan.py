@@ -4,33 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, word_tokenizer
 from diffcache.registry import register_adapter
 
 # WanPipeline runs CFG as two transformer calls per step (cond, then uncond) when
-# guidance_scale > 1; each call returns a tuple (return_dict=False).
+# guidance_scale > 1; each call returns a tuple (return_dict=False). With ``transformer_2`` and
+# ``boundary_ratio`` (Wan2.2) the high-noise steps run ``transformer`` and the rest
+# ``transformer_2``. A block returns the hidden states; attn1 / attn2 / ffn return tensors
+# before the block's AdaLN gates.
 ADAPTER = register_adapter(
     Adapter(
         name="wan2.1",
         pipelines=("WanPipeline",),
         denoisers=("WanTransformer3DModel",),
-        denoiser_attr="transformer",
-        latent_arg="hidden_states",
-        timestep_arg="timestep",
+        experts=("transformer", "transformer_2"),
         channel_dim=1,  # (B, C, F, H, W)
         cfg="separate",
-        block_lists=("blocks",),
+        stacks=(
+            Stack(
+                "blocks",
+                modules=(
+                    ModuleSite("attn1", "self_attn"),
+                    ModuleSite("attn2", "cross_attn"),
+                    ModuleSite("ffn", "ff"),
+                ),
+            ),
+        ),
         media="video",
-        call_args={
-            "prompt": "prompt",
-            "negative_prompt": "negative_prompt",
-            "height": "height",
-            "width": "width",
-            "frames": "num_frames",
-            "steps": "num_inference_steps",
-            "guidance": "guidance_scale",
-        },
+        fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance()),
     )
 )
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import diffcache
-from diffcache import hooks
 from diffcache.errors import DiffCacheError, PlanError, RunError, UnsupportedModelError
-from tests.toys import ToyPipeline, ToyScheduler
+from tests.toys import ToyPipeline, ToyScheduler, clean
 
 PLAN = {
     "diffcache": 1,
@@ -19,9 +18,9 @@ PLAN = {
 
 
 def _untouched(pipe: ToyPipeline) -> bool:
-    return all(
-        hooks.HOOKS_ATTR not in o.__dict__ for o in (pipe.transformer, pipe.scheduler)
-    ) and not diffcache.is_accelerated(pipe)
+    return clean(pipe.transformer, pipe.scheduler, *pipe.transformer.modules()) and (
+        not diffcache.is_accelerated(pipe)
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,11 +47,14 @@ def test_bad_plan_leaves_model_untouched(plan, error, match) -> None:
     assert _untouched(pipe)
 
 
-def test_step_count_outside_valid_for_raises_at_call_and_cleans() -> None:
-    pipe = diffcache.accelerate(ToyPipeline(), {**PLAN, "valid_for": {"num_inference_steps": 50}})
-    with pytest.raises(PlanError, match=r"num_inference_steps=50 but this call runs 6"):
+def test_step_count_outside_valid_for_refuses_the_call_and_stays_accelerated() -> None:
+    pipe = diffcache.accelerate(ToyPipeline(), {**PLAN, "valid_for": {"num_inference_steps": 8}})
+    with pytest.raises(PlanError, match=r"num_inference_steps=8 but this call runs 6.*still acc"):
         pipe(torch.ones(1, 2), steps=6)
-    assert _untouched(pipe)
+    assert pipe.transformer.calls == 0, "nothing of the refused call may run"
+    assert diffcache.is_accelerated(pipe)
+    pipe(torch.ones(1, 2), steps=8)
+    assert diffcache.stats(pipe).skipped > 0, "the next call at the plan's steps is cached"
 
 
 def test_no_adapter_for_family() -> None:
@@ -86,27 +88,51 @@ def test_remove_is_idempotent() -> None:
     assert _untouched(pipe)
 
 
-def test_replaced_scheduler_is_detected() -> None:
+@pytest.mark.parametrize("part", ["scheduler", "transformer"])
+def test_replaced_component_is_detected(part: str) -> None:
+    from tests.toys import ToyDenoiser
+
     pipe = diffcache.accelerate(ToyPipeline(), PLAN)
-    pipe.scheduler = ToyScheduler()
-    with pytest.raises(RunError, match="scheduler was replaced"):
+    old = getattr(pipe, part)
+    setattr(pipe, part, ToyScheduler() if part == "scheduler" else ToyDenoiser())
+    with pytest.raises(RunError, match=f"{part} was replaced"):
         pipe(torch.ones(1, 2), steps=4)
-    assert not diffcache.is_accelerated(pipe)
+    assert not diffcache.is_accelerated(pipe) and clean(old)
 
 
-def test_bare_denoiser_needs_step_count_and_tracks_timesteps() -> None:
+@pytest.mark.parametrize("times", [(40.0, 30.0, 20.0, 10.0), (0.0, 0.25, 0.5, 0.75)])
+def test_bare_denoiser_needs_step_count_and_tracks_timesteps(times) -> None:
+    """Time may run down (1000 -> 0) or up (0 -> 1); a second run starts cleanly either way."""
     net = ToyPipeline().transformer
     with pytest.raises(UnsupportedModelError, match="valid_for.num_inference_steps"):
         diffcache.accelerate(net, PLAN)
-    assert hooks.HOOKS_ATTR not in net.__dict__
+    assert clean(net)
     diffcache.accelerate(net, {**PLAN, "valid_for": {"num_inference_steps": 4}})
     for run in range(2):
-        for t in (40.0, 30.0, 20.0, 10.0):
+        for t in times:
             for e in (1.0, -1.0):  # separate CFG: two calls per timestep
                 net(torch.full((1, 2), 1.0 + t), torch.tensor(t), torch.tensor([e]))
         s = diffcache.stats(net)
         assert [(st, b) for st, b, _ in s.calls] == [(i, b) for i in range(4) for b in (0, 1)]
         assert s.steps == 4 and s.per_step() == [1.0, 1.0, 0.0, 1.0], f"run {run}: {s}"
+
+
+@pytest.mark.parametrize("steps, match", [(6, "goes on past step 4"), (3, "stopped after 3")])
+def test_bare_denoiser_enforces_valid_for_steps(steps: int, match: str) -> None:
+    """A 4-step plan refuses a run that goes past step 4 (before step 5 runs), and notices a run
+    that stopped at 3 when the next one starts; the model stays accelerated."""
+    net = ToyPipeline().transformer
+    diffcache.accelerate(net, {**PLAN, "valid_for": {"num_inference_steps": 4}})
+    times = [float(10 * (steps - i)) for i in range(steps)]
+    with pytest.raises(PlanError, match=match):
+        for _ in range(2):
+            for t in times:
+                net(torch.ones(1, 2), torch.tensor(t))
+    calls = net.calls
+    assert diffcache.is_accelerated(net) and calls in (4, 3)
+    for t in (40.0, 30.0, 20.0, 10.0):  # a run at the plan's steps works after the refusal
+        net(torch.ones(1, 2), torch.tensor(t))
+    assert diffcache.stats(net).steps == 4
 
 
 def test_plan_kernels_triton_runs_the_triton_ops() -> None:
@@ -139,7 +165,7 @@ def test_local_checkpoint_folder_loads_and_accelerates(tmp_path) -> None:
     assert type(pipe).__name__ == "DiTPipeline"
     diffcache.accelerate(pipe, "dit-tiny.yaml")
     diffcache.remove(pipe)
-    with pytest.raises(UnsupportedModelError, match="cannot load a diffusers pipeline"):
+    with pytest.raises(UnsupportedModelError, match="no loader recognises this folder"):
         diffcache.load_model(str(tmp_path))
 
 
@@ -153,4 +179,4 @@ def test_two_real_pipelines_of_one_class_stay_independent() -> None:
     generate(a, req)
     assert diffcache.stats(a).skipped > 0
     assert (generate(b, req) == base).all() and not diffcache.is_accelerated(b)
-    assert "forward" not in b.transformer.__dict__ and "step" not in b.scheduler.__dict__
+    assert clean(b.transformer, b.scheduler)

@@ -105,7 +105,10 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
             ],
             "num_inference_steps=20 but this call runs 4",
         ),
-        (["generate", "--model", "flux-tiny", "--prompt", "x", "--frames", "9"], "take no frames"),
+        (
+            ["generate", "--model", "flux-tiny", "--prompt", "x", "--frames", "9"],
+            "take no --frames",
+        ),
         (
             ["generate", "--model", "wan2.1-tiny", "--prompt", "x", "--out", "v.png"],
             "video is written as .mp4 or .gif",
@@ -128,7 +131,7 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
                 "--out",
                 "o",
             ],
-            "no such prompts file",
+            "--prompts none.txt: no such file",
         ),
     ],
     ids=[
@@ -248,3 +251,323 @@ def test_eval_seeds_start_at_seed(tmp_path: Path) -> None:
     )
     seeds = [r["seed"] for r in load_report(tmp_path / "report.json")["requests"]]
     assert seeds == [7, 8]
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.fixture
+def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a model is built or a sample generated."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be refused before any model is built or run")
+
+    monkeypatch.setattr("diffcache.load_model", refuse)
+    monkeypatch.setattr("diffcache.generate.generate", refuse)
+    monkeypatch.setattr("diffcache.eval.runner.generate", refuse)
+
+
+@pytest.fixture
+def no_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a sample is generated (building the model is allowed)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be refused before any generation")
+
+    monkeypatch.setattr("diffcache.generate.generate", refuse)
+    monkeypatch.setattr("diffcache.eval.runner.generate", refuse)
+
+
+def _files(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current folder with a file, folders (one named like a video) and prompts files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "d.mp4").mkdir()
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    return tmp_path
+
+
+GEN = ["generate", "--model", "wan2.1-tiny", "--prompt", "x"]
+DIT = ["generate", "--model", "dit-tiny"]
+STATS = [*DIT, "--plan", "dit-tiny.yaml", "--out", "x.png", "--stats-json"]
+EVAL = ["eval", "--model", "wan2.1-tiny", "--plan", "wan2.1-tiny.yaml"]
+PROFILE = ["profile", "--model", "dit-tiny", "--method", "easycache"]
+BAD_INPUT = {
+    "out-folder-missing": ([*GEN, "--out", "nodir/x.mp4"], "folder nodir does not exist"),
+    "out-folder-is-file": ([*GEN, "--out", "afile/x.mp4"], "afile is a file, not a folder"),
+    "out-is-folder": ([*GEN, "--out", "adir"], "--out adir: is a folder; give a file name"),
+    "out-is-folder-with-suffix": ([*GEN, "--out", "d.mp4"], "--out d.mp4: is a folder"),
+    "out-trailing-slash": ([*GEN, "--out", "new.mp4/"], "is a folder; give a file name"),
+    "stats-folder-missing": (
+        [*STATS, "nodir/s.json"],
+        "--stats-json nodir/s.json: folder nodir does not exist",
+    ),
+    "stats-is-folder": ([*STATS, "adir"], "--stats-json adir: is a folder"),
+    "stats-without-plan": ([*DIT, "--stats-json", "s.json"], "--stats-json needs --plan"),
+    "eval-out-is-file": ([*EVAL, "--out", "afile"], "--out afile: is a file"),
+    "eval-out-uncreatable": (
+        [*EVAL, "--out", "afile/report"],
+        "--out afile/report: cannot create the folder: afile is a file",
+    ),
+    "demo-out-uncreatable": (["demo", "--out", "afile/demo"], "cannot create the folder"),
+    "height-not-multiple": ([*GEN, "--height", "50"], "--height must be a multiple of 16"),
+    "height-zero": ([*GEN, "--height", "0"], "--height must be >= 16, got 0"),
+    "class-label-negative": ([*DIT, "--class-label", "-1"], "--class-label must be >= 0"),
+    "seed-over-64-bits": (
+        [*DIT, "--seed", str(2**64)],
+        "--seed must be a whole number in 0..2**64-1",
+    ),
+    "seed-negative": ([*DIT, "--seed", "-1"], "--seed must be a whole number in 0..2**64-1"),
+    "steps-absurd": ([*DIT, "--steps", "100000"], "--steps must be <= 1000"),
+    "steps-zero": ([*DIT, "--steps", "0"], "--steps must be >= 1"),
+    "guidance-nan": ([*DIT, "--guidance", "nan"], "--guidance must be a finite number"),
+    "guidance-inf": ([*DIT, "--guidance", "inf"], "--guidance must be a finite number"),
+    "guidance-negative": ([*DIT, "--guidance", "-1"], "--guidance must be >= 0"),
+    "seed-not-a-number": ([*DIT, "--seed", "abc"], "generate: argument --seed: invalid int"),
+    "eval-prompt-is-not-prompts": (
+        [*EVAL, "--prompt", "a cat", "--out", "ev"],
+        "eval: unrecognized arguments: --prompt a cat; eval takes no --prompt, give --prompts",
+    ),
+    "demo-model-without-plan": (
+        ["demo", "--model", "wan2.1-1.3b-random", "--out", "demo"],
+        "--model wan2.1-1.3b-random: no default plan (wan2.1-1.3b-random.yaml) is bundled",
+    ),
+    "prompts-empty": ([*EVAL, "--prompts", "empty.txt", "--out", "ev"], "has no prompts"),
+    "prompts-missing": ([*EVAL, "--prompts", "none.txt", "--out", "ev"], "no such file"),
+    "prompts-not-utf8": ([*EVAL, "--prompts", "latin1.txt", "--out", "ev"], "not UTF-8"),
+    "seeds-zero": ([*EVAL, "--seeds", "0", "--out", "ev"], "--seeds must be in 1..10000"),
+    "profile-out-not-yaml": (
+        [*PROFILE, "--num-prompts", "2", "--out", "x.txt"],
+        "--out x.txt: a plan is written as .yaml",
+    ),
+    "profile-out-folder-missing": (
+        [*PROFILE, "--num-prompts", "2", "--out", "nodir/p.yaml"],
+        "folder nodir does not exist",
+    ),
+    "profile-num-prompts-zero": (
+        [*PROFILE, "--num-prompts", "0", "--out", "p.yaml"],
+        "--num-prompts must be in 1..10000, got 0",
+    ),
+    "profile-unknown-method": (
+        ["profile", "--model", "dit-tiny", "--method", "easycach", "--num-prompts", "2"]
+        + ["--out", "p.yaml"],
+        "unknown method 'easycach' (did you mean 'easycache'?)",
+    ),
+    "profile-both-prompt-sources": (
+        [*PROFILE, "--prompts", "empty.txt", "--num-prompts", "2", "--out", "p.yaml"],
+        "argument --num-prompts: not allowed with argument --prompts",
+    ),
+    "profile-no-prompt-source": (
+        [*PROFILE, "--out", "p.yaml"],
+        "one of the arguments --prompts --num-prompts is required",
+    ),
+    "profile-target-compute-above-1": (
+        [*PROFILE, "--num-prompts", "2", "--target-compute", "1.5", "--out", "p.yaml"],
+        "--target-compute must be in (0, 1], got 1.5",
+    ),
+    "profile-target-compute-nan": (
+        [*PROFILE, "--num-prompts", "2", "--target-compute", "nan", "--out", "p.yaml"],
+        "--target-compute must be in (0, 1], got nan",
+    ),
+    "profile-target-speedup-below-1": (
+        [*PROFILE, "--num-prompts", "2", "--target-speedup", "0.5", "--out", "p.yaml"],
+        "--target-speedup must be a number >= 1",
+    ),
+    "profile-both-targets": (
+        [*PROFILE, "--num-prompts", "2", "--target-compute", "0.5", "--target-speedup", "2"]
+        + ["--out", "p.yaml"],
+        "not allowed with argument",
+    ),
+    "profile-warmup-covers-all-steps": (
+        [*PROFILE, "--num-prompts", "2", "--steps", "8", "--option", "warmup_steps=8"]
+        + ["--out", "p.yaml"],
+        "options.warmup_steps: 8 warm-up steps cover all 8 steps",
+    ),
+    "profile-bad-option-value": (
+        [*PROFILE, "--num-prompts", "2", "--option", "warmup_steps=-1", "--out", "p.yaml"],
+        "options.warmup_steps: must be >= 0, got -1",
+    ),
+    "profile-unknown-option": (
+        [*PROFILE, "--num-prompts", "2", "--option", "treshold=1", "--out", "p.yaml"],
+        "options.treshold: unknown option (did you mean 'threshold'?)",
+    ),
+    "profile-option-not-key-value": (
+        [*PROFILE, "--num-prompts", "2", "--option", "warmup_steps", "--out", "p.yaml"],
+        "--option warmup_steps: expected KEY=VALUE",
+    ),
+    "profile-prompts-not-utf8": (
+        [*PROFILE, "--prompts", "latin1.txt", "--out", "p.yaml"],
+        "--prompts latin1.txt: not UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("argv, match", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_refused_before_the_model_is_built(
+    argv: list[str], match: str, workdir: Path, nothing_runs: None, capsys
+) -> None:
+    before = _files(workdir)
+    assert main(argv) == 2
+    assert match in _err_line(capsys)
+    assert _files(workdir) == before  # nothing written, no folder created
+
+
+@pytest.mark.parametrize("label", ["1000", "5000"])
+def test_class_label_beyond_the_model_is_refused_before_generating(
+    label: str, workdir: Path, no_generation: None, capsys
+) -> None:
+    """The number of classes is read from the loaded model, so this fails after loading."""
+    before = _files(workdir)
+    assert main([*DIT, "--class-label", label, "--out", "x.png"]) == 2
+    assert f"--class-label must be <= 999 for this model, got {label}" in _err_line(capsys)
+    assert _files(workdir) == before
+
+
+def test_default_out_folder_is_not_created_on_bad_input(
+    workdir: Path, no_generation: None, capsys
+) -> None:
+    assert main([*DIT, "--class-label", "1000"]) == 2
+    assert "--class-label" in _err_line(capsys) and not (workdir / "out").exists()
+
+
+def test_profile_with_class_ids_beyond_the_model_is_refused_before_generating(
+    workdir: Path, no_generation: None, capsys
+) -> None:
+    (workdir / "ids.txt").write_text("3\n1000\n")
+    argv = [*PROFILE, "--prompts", "ids.txt", "--steps", "8", "--option", "warmup_steps=2"]
+    assert main([*argv, "--out", "p.yaml"]) == 2
+    assert "--class-label must be <= 999" in _err_line(capsys)
+    assert not (workdir / "p.yaml").exists()
+
+
+def _unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make access checks fail for ``folder`` (root passes real permission checks)."""
+    import os
+
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).resolve() == folder.resolve() and mode & os.W_OK:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([*GEN, "--out", "ro/x.mp4"], "--out ro/x.mp4: folder ro is not writable"),
+        ([*STATS, "ro/s.json"], "--stats-json ro/s.json: folder ro is not writable"),
+        ([*EVAL, "--out", "ro"], "--out ro: folder is not writable"),
+        ([*EVAL, "--out", "ro/ev"], "--out ro/ev: cannot create the folder: ro is not writable"),
+        ([*PROFILE, "--num-prompts", "1", "--out", "ro/p.yaml"], "folder ro is not writable"),
+    ],
+    ids=["generate", "stats-json", "eval", "eval-subfolder", "profile"],
+)
+def test_unwritable_folder_is_refused(
+    argv: list[str], match: str, workdir: Path, nothing_runs: None, monkeypatch, capsys
+) -> None:
+    (workdir / "ro").mkdir()
+    _unwritable(monkeypatch, workdir / "ro")
+    assert main(argv) == 2
+    assert match in _err_line(capsys)
+    assert list((workdir / "ro").iterdir()) == []
+
+
+def test_unwritable_folder_is_refused_by_real_permissions(
+    workdir: Path, nothing_runs: None, capsys
+) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root passes permission checks; the monkeypatched variant covers the logic")
+    ro = workdir / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main([*GEN, "--out", "ro/x.mp4"]) == 2
+        assert "folder ro is not writable" in _err_line(capsys)
+        assert main([*EVAL, "--out", "ro/ev"]) == 2
+        assert "cannot create the folder: ro is not writable" in _err_line(capsys)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_eval_out_file_fails_before_generating_and_leaves_no_report(
+    workdir: Path, no_generation: None, capsys
+) -> None:
+    """Through the runner's own check too (the API refuses the folder before loading)."""
+    from diffcache.errors import DiffCacheError
+    from diffcache.eval.runner import evaluate
+
+    with pytest.raises(DiffCacheError, match="is a file"):
+        evaluate("dit-tiny", ["dit-tiny.yaml"], workdir / "afile")
+    assert (workdir / "afile").read_text() == "not a folder"
+    assert not list(workdir.glob("**/report.*"))
+
+
+def _plan_file(folder: Path, threshold: float) -> Path:
+    folder.mkdir()
+    path = folder / "p.yaml"
+    path.write_text(
+        "diffcache: 1\nmodel: dit\nmethod: easycache\n"
+        f"options: {{threshold: {threshold}, warmup_steps: 1}}\n"
+    )
+    return path
+
+
+def test_eval_plans_with_the_same_file_name_stay_apart(tmp_path: Path) -> None:
+    a, b = _plan_file(tmp_path / "a", 0.0), _plan_file(tmp_path / "b", 5.0)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", "dit-tiny", "--plan", str(a), "--plan", str(b), "--steps", "4"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = load_report(out / "report.json")
+    assert [r["plan"] for r in report["runs"]] == ["a/p.yaml", "b/p.yaml"]
+    same, reused = report["runs"]
+    assert same["compute_fraction"] == 1.0 and reused["compute_fraction"] < 1.0
+    assert same["psnr"] is None and "psnr is null for a/p.yaml" in report["notes"]["psnr"]
+    md = (out / "report.md").read_text()
+    assert "| a/p.yaml |" in md and "| b/p.yaml |" in md
+
+
+def test_profile_writes_a_plan_that_generate_uses(tmp_path: Path, capsys) -> None:
+    plan, png, stats = tmp_path / "p.yaml", tmp_path / "x.png", tmp_path / "s.json"
+    argv = [*PROFILE, "--num-prompts", "2", "--steps", "8", "--target-compute", "0.5"]
+    assert main([*argv, "--option", "warmup_steps=2", "--out", str(plan)]) == 0
+    assert f"wrote {plan}: easycache" in capsys.readouterr().out
+    import yaml
+
+    data = yaml.safe_load(plan.read_text())
+    assert data["options"]["threshold"] > 0 and data["options"]["warmup_steps"] == 2
+    assert data["valid_for"]["num_inference_steps"] == 8
+    assert data["provenance"]["measured"]["compute_fraction"] <= 0.5
+    argv = [*DIT, "--plan", str(plan), "--steps", "8", "--out", str(png)]
+    assert main([*argv, "--stats-json", str(stats)]) == 0
+    s = json.loads(stats.read_text())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert s["method"] == "easycache" and s["steps"] == 8 and s["compute_fraction"] < 1
+    assert main([*DIT, "--plan", str(plan), "--steps", "6", "--out", str(png)]) == 2
+    assert "num_inference_steps=8 but this call runs 6" in _err_line(capsys)
+
+
+def test_profile_starts_from_the_models_default_plan(tmp_path: Path, capsys) -> None:
+    """The issue's command as written: dit-tiny's bundled plan gives the warm-up (4 of 20)."""
+    plan = tmp_path / "p.yaml"
+    argv = [*PROFILE, "--num-prompts", "2", "--target-compute", "0.5", "--out", str(plan)]
+    assert main(argv) == 0
+    import yaml
+
+    data = yaml.safe_load(plan.read_text())
+    assert data["options"]["warmup_steps"] == 4 and data["valid_for"]["num_inference_steps"] == 20
+    assert data["provenance"]["measured"]["compute_fraction"] <= 0.5
+    assert "compute_fraction 0.5" in capsys.readouterr().out

@@ -8,28 +8,34 @@ import pytest
 import torch
 
 import diffcache
-from diffcache import hooks
 from diffcache.errors import AlreadyAcceleratedError, DiffCacheError
 from diffcache.registry import methods
-from tests.toys import ToyPipeline
+from tests.toys import ToyPipeline, clean, plan_for
 
-METHODS = sorted(methods())
+
+def _runs_on_toy(name: str) -> bool:
+    """Methods for other worlds (text and next-scale KV methods) have their own toy pipelines
+    and their own contract tests (tests/test_seq_toys.py)."""
+    from diffcache.adapter import Target
+    from tests.toys import TOY
+
+    target = Target.resolve(TOY, ToyPipeline())
+    target.valid_for = {"num_inference_steps": STEPS}
+    return not methods()[name]().not_supported_reasons(target)
+
+
+STEPS = 8
+METHODS = sorted(m for m in methods() if _runs_on_toy(m))
 CFGS = ["separate", "batched", "none"]
 
 
-def _plan(method: str, config) -> dict:
-    return {"diffcache": 1, "model": "toy", "method": method, "options": config.to_options()}
+def _plan(pipe: ToyPipeline, method: str, which: str) -> dict:
+    config = getattr(methods()[method], which)()
+    return plan_for(pipe, config, num_inference_steps=STEPS)
 
 
 def _run(pipe: ToyPipeline) -> torch.Tensor:
-    return pipe(torch.linspace(-1.0, 1.0, 12).reshape(1, 3, 4), steps=8)
-
-
-def _clean(pipe: ToyPipeline) -> bool:
-    return all(
-        hooks.HOOKS_ATTR not in o.__dict__ and "forward" not in o.__dict__
-        for o in (pipe.transformer, pipe.scheduler)
-    )
+    return pipe(torch.linspace(-1.0, 1.0, 12).reshape(1, 3, 4), steps=STEPS)
 
 
 @pytest.mark.parametrize("cfg", CFGS)
@@ -37,11 +43,11 @@ def _clean(pipe: ToyPipeline) -> bool:
 def test_identity_equals_baseline_and_remove_is_exact(method: str, cfg: str) -> None:
     pipe = ToyPipeline(cfg)
     base = _run(pipe)
-    diffcache.accelerate(pipe, _plan(method, methods()[method].identity()))
+    diffcache.accelerate(pipe, _plan(pipe, method, "identity"))
     assert torch.equal(_run(pipe), base), f"{method}/{cfg}: identity() differs from baseline"
     assert diffcache.stats(pipe).skipped == 0
     diffcache.remove(pipe)
-    assert _clean(pipe), f"{method}/{cfg}: hooks left after remove()"
+    assert clean(pipe.transformer, pipe.scheduler), f"{method}/{cfg}: hooks left after remove()"
     assert torch.equal(_run(pipe), base)
 
 
@@ -50,7 +56,7 @@ def test_identity_equals_baseline_and_remove_is_exact(method: str, cfg: str) -> 
 def test_aggressive_skips_and_is_repeatable(method: str, cfg: str) -> None:
     pipe = ToyPipeline(cfg)
     base = _run(pipe)
-    diffcache.accelerate(pipe, _plan(method, methods()[method].aggressive()))
+    diffcache.accelerate(pipe, _plan(pipe, method, "aggressive"))
     first = _run(pipe)
     s = diffcache.stats(pipe)
     assert s.skipped > 0 and s.compute_fraction < 1, f"{method}/{cfg}: nothing skipped: {s}"
@@ -66,7 +72,7 @@ def test_aggressive_skips_and_is_repeatable(method: str, cfg: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_double_accelerate_raises(method: str) -> None:
     pipe = ToyPipeline()
-    plan = _plan(method, methods()[method].identity())
+    plan = _plan(pipe, method, "identity")
     diffcache.accelerate(pipe, plan)
     with pytest.raises(AlreadyAcceleratedError, match="remove"):
         diffcache.accelerate(pipe, plan)
@@ -79,22 +85,30 @@ def test_double_accelerate_raises(method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_failed_accelerate_leaves_no_hooks(method: str, monkeypatch) -> None:
+    """The driver attaches one hook, then fails: everything the method attached goes too."""
+    from diffcache import drivers
+
     pipe = ToyPipeline()
+    plan = _plan(pipe, method, "aggressive")
 
-    def boom(target, run):
-        raise DiffCacheError("driver failed")
+    class Broken(drivers.SchedulerDriver):
+        def attach(self, session) -> None:
+            session.attach(session.target.scheduler, "step", "diffcache.x", lambda c, *a: c(*a))
+            raise DiffCacheError("driver failed")
 
-    monkeypatch.setattr("diffcache.api._attach_driver", boom)
+    monkeypatch.setitem(drivers.DRIVERS, "scheduler", Broken)
+    monkeypatch.setattr("diffcache.api.DRIVERS", drivers.DRIVERS)
     with pytest.raises(DiffCacheError, match="driver failed"):
-        diffcache.accelerate(pipe, _plan(method, methods()[method].aggressive()))
-    assert _clean(pipe) and not diffcache.is_accelerated(pipe)
+        diffcache.accelerate(pipe, plan)
+    assert clean(pipe.transformer, pipe.scheduler, *pipe.transformer.modules())
+    assert not diffcache.is_accelerated(pipe)
 
 
 def test_two_pipelines_of_one_class_stay_independent() -> None:
     a, b = ToyPipeline(), ToyPipeline()
     base = _run(b)
-    diffcache.accelerate(a, _plan("easycache", methods()["easycache"].aggressive()))
+    diffcache.accelerate(a, _plan(a, "easycache", "aggressive"))
     _run(a)
     assert torch.equal(_run(b), base)
-    assert b.transformer.calls == 2 * 2 * 8, "the plain pipeline must compute every call"
+    assert b.transformer.calls == 2 * 2 * STEPS, "the plain pipeline must compute every call"
     assert not diffcache.is_accelerated(b)

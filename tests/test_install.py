@@ -38,8 +38,18 @@ def test_editable_install_maps_the_sibling_folders() -> None:
 
 
 def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
+    """A plain install of a copy of the tree with one more nested subpackage and a model file:
+    the new subpackage and its data ship without any packaging edit."""
     import json
+    import shutil
 
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "out", "*.egg-info", "build")
+    )
+    (src / "pipelines" / "newfam").mkdir()
+    (src / "pipelines" / "newfam" / "__init__.py").write_text("VALUE = 7\n")
+    (src / "pipelines" / "newfam" / "weights.safetensors").write_bytes(b"x")
     target = tmp_path / "site"
     _run(
         [
@@ -52,7 +62,7 @@ def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
             "--no-build-isolation",
             "--target",
             str(target),
-            str(ROOT),
+            str(src),
         ],
         cwd=tmp_path,
     )
@@ -61,3 +71,7 @@ def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
     for name, file in mods.items():
         assert Path(file).is_relative_to(target), f"{name} imported from {file}, not the install"
     assert n_plans >= 2 and n_models >= 1
+    new = "import diffcache.pipelines.newfam as m; print(m.VALUE)"
+    assert _run([sys.executable, "-c", new], cwd="/", env=env).strip() == "7"
+    assert (target / "diffcache" / "pipelines" / "newfam" / "weights.safetensors").is_file()
+    assert (target / "diffcache" / "profiles" / "calibration-prompts.txt").is_file()

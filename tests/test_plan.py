@@ -46,8 +46,17 @@ def test_load_dict_and_config() -> None:
         ({**GOOD, "kernels": "cuda"}, r"kernels: 'cuda' is not one of"),
         ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: unknown key"),
         ({**GOOD, "valid_for": {"num_inference_steps": "50"}}, r"expected int"),
-        ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration data"),
+        ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration; remove it"),
         ({**GOOD, "options": [1, 2]}, r"options: expected a mapping"),
+        ({**GOOD, "options": []}, r"options: expected a mapping, got \[\]"),
+        ({**GOOD, "options": 0}, r"options: expected a mapping, got 0"),
+        ({**GOOD, "options": ""}, r"options: expected a mapping, got ''"),
+        ({**GOOD, "diffcache": 1.0}, r"schema version 1.0 is not supported"),
+        ({**GOOD, "options": {"warmup_steps": 50}}, r"warmup_steps: 50 warm-up steps cover all 50"),
+        ({**GOOD, "valid_for": {"scheduler": ""}}, r"valid_for.scheduler: must not be empty"),
+        ({**GOOD, "valid_for": {"num_inference_steps": 0}}, r"must be >= 1"),
+        ({**GOOD, "model": "wan21"}, r"unknown model family 'wan21' \(did you mean 'wan2.1'\?\)"),
+        ({**GOOD, "valid_for": {"gen_length": 64}}, r"valid_for.gen_length: unknown key"),
     ],
     ids=[
         "top-typo",
@@ -65,6 +74,15 @@ def test_load_dict_and_config() -> None:
         "valid-for-type",
         "calibration",
         "options-list",
+        "options-empty-list",
+        "options-zero",
+        "options-empty-string",
+        "schema-float",
+        "warmup-covers-all",
+        "empty-scheduler",
+        "zero-steps",
+        "model-family-typo",
+        "valid-for-other-family",
     ],
 )
 def test_bad_plans_raise_plan_error(bad: dict, match: str) -> None:
@@ -113,26 +131,43 @@ def test_published_settings_in_bundled_plans() -> None:
     assert wan.valid_for["num_inference_steps"] == 50 and hy.valid_for["num_inference_steps"] == 50
 
 
-def test_sidecar_calibration_tensors(tmp_path) -> None:
-    """A plan can carry calibration tensors in a safetensors sidecar next to it."""
-    import torch
-    from safetensors.torch import save_file
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("diffcache: 1\nmodel: wan2.1\nmethod: easycache\nmodel: flux\n", r"model: duplicate key"),
+        (
+            "diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions:\n  threshold: 1\n"
+            "  threshold: 2\n",
+            r"options.threshold: duplicate key \(lines 5 and 6\)",
+        ),
+        (
+            "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n",
+            r"anchors and aliases are not allowed",
+        ),
+    ],
+    ids=["duplicate-top", "duplicate-nested", "alias-bomb"],
+)
+def test_bad_plan_files(tmp_path, text: str, match: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=match):
+        Plan.load(path)
 
-    from diffcache.plan import Plan as P
 
-    save_file({"mask": torch.tensor([1, 0, 1])}, str(tmp_path / "cal.safetensors"))
-    plan = P(
-        model="toy",
-        method="easycache",
-        source=str(tmp_path / "p.yaml"),
-        calibration={"sidecar": "cal.safetensors"},
-    )
-    assert plan.sidecar()["mask"].tolist() == [1, 0, 1]
-    missing = P(
-        model="toy",
-        method="easycache",
-        source=str(tmp_path / "p.yaml"),
-        calibration={"sidecar": "nope.safetensors"},
-    )
-    with pytest.raises(PlanError, match="does not exist"):
-        missing.sidecar()
+def test_plan_file_edge_cases(tmp_path) -> None:
+    (tmp_path / "latin.yaml").write_bytes("diffcache: 1\nmodel: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PlanError, match=r"latin.yaml: not UTF-8 text \(byte offset"):
+        Plan.load(tmp_path / "latin.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(PlanError, match="is a directory"):
+        Plan.load(tmp_path / "dir.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("diffcache: 1\n" + "# padding\n" * 200_000)
+    with pytest.raises(PlanError, match="over the"):
+        Plan.load(big)
+
+
+def test_exponent_floats_are_numbers(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {threshold: 5e-2}\n")
+    assert Plan.load(path).config.threshold == 0.05

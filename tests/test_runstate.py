@@ -50,19 +50,35 @@ def test_stats_dict_fields() -> None:
     assert (
         d["method"] == "easycache" and d["compute_fraction"] == 1.0 and d["kv_bytes_peak"] is None
     )
-    assert d["kernels"] == {"l1_change": "torch"}
+    assert d["kernels"] == {}, "threshold 0 can never reuse: EasyCache measures nothing"
+    diffcache.remove(pipe)
+    diffcache.accelerate(pipe, {**IDENTITY, "options": {"threshold": 1e-9, "warmup_steps": 1}})
+    pipe(torch.ones(1, 2), steps=3)
+    assert diffcache.stats(pipe).as_dict()["kernels"] == {"l1_change": "torch"}
 
 
-def test_own_pipelines_drive_runstate_directly() -> None:
-    """DLM / VAR pipelines call RunState themselves; KV methods record bytes in the stats."""
+def test_runstate_api_for_own_pipelines() -> None:
+    """Our own pipelines' driver events: begin_run / begin_step / end_run; work per kind, KV
+    bytes per step, state released at the end of the run, valid_for facts checked."""
+    from diffcache.errors import PlanError
     from diffcache.runstate import RunState
 
-    run = RunState("kv_method")
-    run.begin_run(3)
-    for _ in range(3):
+    run = RunState("kv_method", kind="token_layer", valid_for={"gen_length": 8})
+    run.begin_run(3, gen_length=8)
+    for step in range(3):
+        run.begin_step()
         run.begin_call()
-        run.record(computed=2, total=8)
-        run.stats.kv_bytes_peak = max(run.stats.kv_bytes_peak or 0, 1024)
-        run.end_step()
+        state = run.slot(("layer", 0), dict)
+        state[step] = True
+        run.record("token_layer", computed=2, total=8)
+        run.record_kv(1024 * (step + 1))
+        run.end_call()
+    assert run.slot(("layer", 0), dict) == {0: True, 1: True, 2: True}
+    run.end_run()
+    assert run.slot(("layer", 0), dict) == {}, "state of a finished run must be released"
     d = run.stats.as_dict()
-    assert d["compute_fraction"] == 0.25 and d["steps"] == 3 and d["kv_bytes_peak"] == 1024
+    assert d["compute_fraction"] == 0.25 and d["steps"] == 3 and d["kv_bytes_peak"] == 3072
+    assert d["kv_bytes_per_step"] == [1024, 2048, 3072] and d["per_step_compute"] == [0.25] * 3
+    run.begin_run(3, gen_length=16)
+    with pytest.raises(PlanError, match=r"gen_length=8 but this call has gen_length=16"):
+        run.begin_call()

@@ -13,15 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffcache import hooks
-from diffcache.adapter import Target
 from diffcache.errors import RunError
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
-from diffcache.runstate import RunState
-
-HOOK = "diffcache.easycache"
+from diffcache.session import Call, Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,22 +29,23 @@ class EasyCacheConfig(MethodConfig):
 
     - Steps ``i < warmup_steps`` and the last step are always computed (accumulator reset).
     - Otherwise, on the decision branch: ``Δx_i = mean|x_i − x_{i−1}|`` (``x_{i−1}`` is the previous
-      step's input, computed or skipped), ``E += k · Δx_i / mean|v_c|`` and the step reuses iff
-      ``E < threshold``; on compute ``E = 0``. Before ``k`` exists the step is computed.
-    - After each computed step ``i``: ``k = mean|v_i − v_c'| / mean|x_i − x_c'|`` with ``c'`` the
-      previous computed step.
+      call's input, computed or skipped), ``E += k · Δx_i / mean|v_c|`` and the call reuses iff
+      ``E < threshold``; on compute ``E = 0``. Before ``k`` exists the call is computed.
+    - After each computed call ``i``: ``k = mean|v_i − v_c'| / mean|x_i − x_c'|`` with ``c'`` the
+      previous computed call.
     - CFG: the decision is taken on the first denoiser call of the step (cond, as the reference's
       "even" call) and applied to every branch of that step; each branch keeps its own residual.
 
     ``compute_fraction`` = computed denoiser calls / denoiser calls.
 
     Reference defaults: Wan2.1 ``threshold=0.05, warmup_steps=10``; HunyuanVideo
-    ``threshold=0.025, warmup_steps=5`` (the bundled plans carry these).
+    ``threshold=0.025, warmup_steps=5`` (the bundled plans carry these). ``diffcache profile
+    --method easycache --target-compute F`` tunes ``threshold`` on calibration prompts.
 
     Deliberate differences from the reference code:
 
-    - State resets at the start of every call (the reference keeps ``k`` and the last output on
-      the class across videos; with ``warmup_steps >= 2`` this changes nothing).
+    - State is per call (the reference keeps ``k`` and the last output on the class across
+      videos; with ``warmup_steps >= 2`` this changes nothing).
     - Residuals are kept in float32 and the reused output is cast back to the model's output
       dtype, so the pipeline sees the dtype a computed call gives (the reference returns float32).
     - Batched-CFG pipelines (one call holds both branches) take the decision on the whole batch,
@@ -58,6 +55,8 @@ class EasyCacheConfig(MethodConfig):
       input's (DiT's learned variance) are cached raw.
     - A zero denominator in ``k`` or in the normaliser forces a compute (the reference divides
       by zero and ends up computing too).
+    - Each expert of a multi-expert pipeline (Wan2.2) keeps its own state; a second-order
+      scheduler's sub-steps are decided like steps (warm-up and last step count user steps).
     """
 
     name: ClassVar[str] = "easycache"
@@ -71,27 +70,49 @@ class EasyCacheConfig(MethodConfig):
 
     @classmethod
     def identity(cls) -> EasyCacheConfig:
-        return cls(threshold=0.0)
+        return cls(threshold=0.0, warmup_steps=0)
 
     @classmethod
     def aggressive(cls) -> EasyCacheConfig:
         return cls(threshold=1e6, warmup_steps=2)
 
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.scheduler is None and target.num_steps_hint is None:
+    def not_supported_reasons(self, target: Any) -> list[str]:
+        if target.driver == "timestep" and "num_inference_steps" not in target.valid_for:
             return [
                 "a bare denoiser has no scheduler to tell the step count, and EasyCache always "
                 "computes the last step: set valid_for.num_inference_steps in the plan"
             ]
         return []
 
+    def plan_problems(self, valid_for: Any) -> list[str]:
+        steps = valid_for.get("num_inference_steps")
+        if steps is not None and self.warmup_steps >= steps:
+            return [
+                f"options.warmup_steps: {self.warmup_steps} warm-up steps cover all {steps} steps "
+                "(valid_for.num_inference_steps), so nothing could be reused; use fewer"
+            ]
+        return []
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Keep the options, or with a compute target pick the smallest ``threshold`` whose
+        calibration runs compute at most that fraction (bisection on a log scale)."""
+        if profiling.target_compute is None:
+            return Calibrated(self, measured=profiling.measure(self))
+
+        def make(tau: float) -> EasyCacheConfig:
+            return dataclasses.replace(self, threshold=tau)
+
+        config, measured = profiling.tune(make, lo=1e-4, hi=1e3, knob="threshold")
+        return Calibrated(config, measured=measured)
+
 
 @dataclasses.dataclass
 class _Branch:
+    """State of one (expert, branch); the decision fields are used on branch 0 only."""
+
     residual: torch.Tensor | None = None  # v_c − x_c, float32
     template: Any = None  # output of the last compute (structure to rebuild on reuse)
     channels: int | None = None  # latent channels shared by input and output
-    # decision branch only
     prev_input: torch.Tensor | None = None  # x_{i−1}
     anchor_input: torch.Tensor | None = None  # x_{c'}
     prev_output: torch.Tensor | None = None  # v_c
@@ -99,7 +120,116 @@ class _Branch:
     k: float | None = None
     acc: float = 0.0
     compute: bool = True
-    dx: float | None = None  # this step's mean|x_i − x_{i−1}|, when the decision measured it
+    dx: float | None = None  # this call's mean|x_i − x_{i−1}|, when the decision measured it
+
+
+class _EasyCache:
+    """The rule above, as small functions over one branch's state."""
+
+    def __init__(self, session: Session, cfg: EasyCacheConfig) -> None:
+        t = session.target
+        self.cfg, self.run, self.backend = cfg, session.run, session.kernels
+        self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
+        self.cdim = t.adapter.channel_dim
+        self.module = type(t.denoiser).__name__
+
+    def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        from diffcache import kernels
+
+        out = kernels.l1_change(a, b, backend=self.backend).tolist()
+        self.run.stats.kernels["l1_change"] = kernels.last_backend["l1_change"]
+        return out
+
+    def latent(self, x: torch.Tensor, n: int | None) -> torch.Tensor:
+        return x if n is None or x.shape[self.cdim] == n else x.narrow(self.cdim, 0, n)
+
+    def decide(self, lead: _Branch, x: torch.Tensor) -> None:
+        lead.dx = None
+        if self.run.step < self.cfg.warmup_steps or self.run.is_last_step():
+            lead.compute, lead.acc = True, 0.0
+        elif lead.prev_input is None or lead.prev_output is None or lead.k is None:
+            lead.compute = True
+        else:
+            dx = lead.dx = self.l1(x, lead.prev_input)[0]
+            lead.acc += lead.k * _ratio(dx, lead.prev_output_norm)
+            lead.compute = not lead.acc < self.cfg.threshold
+            if lead.compute:
+                lead.acc = 0.0
+
+    def reuse(self, st: _Branch, x: torch.Tensor) -> Any:
+        from diffcache import kernels
+
+        r, dtype = st.residual, sample_of(st.template).dtype
+        x_lat, r_lat = self.latent(x, st.channels), self.latent(r, st.channels)
+        if r_lat is r:
+            out = kernels.add_residual(x_lat, r, dtype, backend=self.backend)
+        else:  # extra raw output channels (learned variance) ride along unchanged
+            out = r.to(dtype, copy=True)
+            self.latent(out, st.channels).copy_(
+                kernels.add_residual(x_lat, r_lat, dtype, backend=self.backend)
+            )
+        self.run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
+        return rebuild_output(st.template, out)
+
+    def store(self, st: _Branch, x: torch.Tensor, output: Any, lead: bool) -> None:
+        v = sample_of(output)
+        n = min(x.shape[self.cdim], v.shape[self.cdim])
+        x_lat = self.latent(x, n)
+        if v.shape == x_lat.shape:
+            r = v.float() - x_lat.float()
+        else:  # residual on the shared channels; extra output channels stay raw
+            r = v.float().clone()
+            r.narrow(self.cdim, 0, n).sub_(x_lat.float())
+        if not math.isfinite(r.sum().item()):  # one reduction: NaN or ±inf anywhere shows
+            raise self.run.fail(
+                RunError(
+                    f"easycache: the output of {self.module} has NaN/inf and would enter the "
+                    f"cache ({self.run.where()}); check the model and inputs (dtype overflow?)."
+                )
+            )
+        st.residual, st.template, st.channels = r, output, n
+        if not lead:
+            return
+        if st.prev_output is not None:
+            out_change, st.prev_output_norm, _ = self.l1(v, st.prev_output)
+            if st.anchor_input is not None:
+                # after a computed step the anchor is x_{i−1}: the decision already measured it
+                consecutive = st.dx is not None and st.anchor_input is st.prev_input
+                in_change = st.dx if consecutive else self.l1(x_lat, st.anchor_input)[0]
+                st.k = _ratio(out_change, in_change)
+        else:
+            st.prev_output_norm = self.l1(v, v)[1]
+        st.prev_output = v.detach().clone()
+
+    def __call__(self, call: Call) -> Any:
+        if self.cfg.threshold == 0:  # E < 0 never holds: nothing can be reused, nothing to measure
+            return call.compute()
+        x = call.arg(self.latent_arg, self.latent_pos)
+        lead = call.state(_Branch, branch=0)
+        st = lead if call.branch == 0 else call.state(_Branch)
+        if (
+            st.residual is not None
+            and self.latent(x, st.channels).shape != self.latent(st.residual, st.channels).shape
+        ):
+            raise self.run.fail(
+                RunError(
+                    f"easycache: {self.module} input shape changed from "
+                    f"{tuple(self.latent(st.residual, st.channels).shape)} to {tuple(x.shape)} "
+                    f"within a run ({self.run.where()}); generate at one size per call."
+                )
+            )
+        if call.branch == 0:
+            self.decide(lead, self.latent(x, lead.channels))
+        if not lead.compute and st.residual is not None:
+            out = self.reuse(st, x)
+        else:
+            out = call.compute()
+            self.store(st, x, out, lead=call.branch == 0)
+        if call.branch == 0:  # a private copy: pipelines may reuse the input buffer
+            lead.prev_input = self.latent(x, lead.channels).detach().clone()
+            if call.computed:
+                lead.anchor_input = lead.prev_input
+        return out
 
 
 def _ratio(num: float, den: float) -> float:
@@ -107,115 +237,6 @@ def _ratio(num: float, den: float) -> float:
 
 
 @register_method(EasyCacheConfig)
-def apply(target: Target, cfg: EasyCacheConfig, run: RunState) -> None:
-    """Attach EasyCache to the denoiser's forward (the whole-transformer step site)."""
-    from diffcache import kernels
-
-    latent_arg, latent_pos = target.adapter.latent_arg, target.latent_index()
-    cdim = target.adapter.channel_dim
-    module = type(target.denoiser).__name__
-
-    def l1(a: torch.Tensor, b: torch.Tensor) -> list[float]:
-        out = kernels.l1_change(a, b, backend=run.kernels).tolist()
-        run.stats.kernels["l1_change"] = kernels.last_backend["l1_change"]
-        return out
-
-    def latent(x: torch.Tensor, n: int | None) -> torch.Tensor:
-        return x if n is None or x.shape[cdim] == n else x.narrow(cdim, 0, n)
-
-    def decide(st: _Branch, x: torch.Tensor, step: int) -> None:
-        st.dx = None
-        if step < cfg.warmup_steps or run.is_last_step():
-            st.compute, st.acc = True, 0.0
-        elif st.prev_input is None or st.prev_output is None or st.k is None:
-            st.compute = True
-        else:
-            dx = st.dx = l1(x, st.prev_input)[0]
-            st.acc += st.k * _ratio(dx, st.prev_output_norm)
-            st.compute = not st.acc < cfg.threshold
-            if st.compute:
-                st.acc = 0.0
-
-    def reuse(st: _Branch, x: torch.Tensor) -> Any:
-        r, dtype = st.residual, sample_of(st.template).dtype
-        x_lat, r_lat = latent(x, st.channels), latent(r, st.channels)
-        if r_lat is r:
-            out = kernels.add_residual(x_lat, r, dtype, backend=run.kernels)
-        else:  # extra raw output channels (learned variance) ride along unchanged
-            out = r.to(dtype, copy=True)
-            latent(out, st.channels).copy_(
-                kernels.add_residual(x_lat, r_lat, dtype, backend=run.kernels)
-            )
-        run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
-        return rebuild_output(st.template, out)
-
-    def store(st: _Branch, x: torch.Tensor, output: Any, decision: _Branch | None) -> None:
-        v = sample_of(output)
-        n = min(x.shape[cdim], v.shape[cdim])
-        x_lat = latent(x, n)
-        r = (
-            v.float() - x_lat.float()
-            if v.shape == x_lat.shape
-            else _partial_residual(v, x_lat, cdim)
-        )
-        if not math.isfinite(r.sum().item()):  # one reduction; NaN or ±inf anywhere shows here
-            raise run.fail(
-                RunError(
-                    f"easycache: the output of {module} has NaN/inf and would enter the cache "
-                    f"({run.where()}); check the model and inputs (dtype overflow?) before caching."
-                )
-            )
-        st.residual, st.template, st.channels = r, output, n
-        if decision is None:
-            return
-        if st.prev_output is not None:
-            out_change, st.prev_output_norm, _ = l1(v, st.prev_output)
-            if st.anchor_input is not None:
-                # after a computed step the anchor is x_{i−1}: the decision already measured it
-                consecutive = st.dx is not None and st.anchor_input is st.prev_input
-                in_change = st.dx if consecutive else l1(x_lat, st.anchor_input)[0]
-                st.k = _ratio(out_change, in_change)
-        else:
-            st.prev_output_norm = l1(v, v)[1]
-        st.prev_output = v.detach().clone()
-
-    def forward(call: Any, *args: Any, **kwargs: Any) -> Any:
-        step, branch = run.begin_call()
-        x = kwargs[latent_arg] if latent_arg in kwargs else args[latent_pos]
-        lead = run.state(_Branch, branch=0)
-        st = lead if branch == 0 else run.state(_Branch)
-        if (
-            st.residual is not None
-            and latent(x, st.channels).shape != latent(st.residual, st.channels).shape
-        ):
-            raise run.fail(
-                RunError(
-                    f"easycache: {module} input shape changed from "
-                    f"{tuple(latent(st.residual, st.channels).shape)} to {tuple(x.shape)} within a "
-                    f"run ({run.where()}); generate at one size per call."
-                )
-            )
-        if branch == 0:
-            decide(lead, latent(x, lead.channels), step)
-        if not lead.compute and st.residual is not None:
-            out = reuse(st, x)
-            computed = False
-        else:
-            out = call(*args, **kwargs)
-            store(st, x, out, lead if branch == 0 else None)
-            computed = True
-        if branch == 0:  # a private copy: pipelines may reuse the input buffer
-            lead.prev_input = latent(x, lead.channels).detach().clone()
-            if computed:
-                lead.anchor_input = lead.prev_input
-        run.record(float(computed))
-        return out
-
-    hooks.attach(target.denoiser, "forward", HOOK, forward)
-
-
-def _partial_residual(v: torch.Tensor, x_lat: torch.Tensor, cdim: int) -> torch.Tensor:
-    """Residual on the channels shared with the input; extra output channels stay raw."""
-    r = v.float().clone()
-    r.narrow(cdim, 0, x_lat.shape[cdim]).sub_(x_lat.float())
-    return r
+def apply(session: Session, cfg: EasyCacheConfig) -> None:
+    """Answer every denoiser call (the whole-step site) with the EasyCache rule."""
+    session.on_step(_EasyCache(session, cfg))

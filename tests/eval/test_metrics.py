@@ -36,21 +36,25 @@ def test_psnr_decreases_with_noise() -> None:
     assert metrics.psnr(img, _noisy(img, scale=0.02)) > metrics.psnr(img, _noisy(img, scale=0.1))
 
 
-def test_video_is_mean_of_frames() -> None:
+def test_video_psnr_is_over_the_whole_sample_and_ssim_the_mean_of_frames() -> None:
     ref = _rand((3, 20, 20, 3), seed=2)
     test = _noisy(ref, seed=3)
+    mse = float(np.mean((ref - test) ** 2))
+    assert metrics.psnr(ref, test) == pytest.approx(10 * math.log10(1 / mse), rel=1e-12)
     per_psnr = [metrics.psnr(ref[i], test[i]) for i in range(3)]
+    assert len(set(per_psnr)) == 3  # the frames really differ
     per_ssim = [metrics.ssim(ref[i], test[i]) for i in range(3)]
-    assert metrics.psnr(ref, test) == pytest.approx(float(np.mean(per_psnr)), rel=1e-9)
     assert metrics.ssim(ref, test) == pytest.approx(float(np.mean(per_ssim)), rel=1e-9)
-    assert len(set(per_psnr)) == 3  # the frames really differ, so this is an average
 
 
-def test_video_with_one_identical_frame_averages_to_inf() -> None:
-    ref = _rand((2, 16, 16, 3), seed=4)
+def test_video_with_one_identical_frame_has_finite_psnr() -> None:
+    ref = np.full((2, 16, 16, 3), 0.5)
     test = ref.copy()
-    test[1] = _noisy(ref[1])
-    assert metrics.psnr(ref, test) == float("inf")
+    test[1] += 0.1  # frame 0 identical, frame 1 off by 0.1 (20 dB on its own)
+    value = metrics.psnr(ref, test)
+    assert math.isfinite(value)
+    assert value == pytest.approx(20.0 + 10 * math.log10(2), abs=1e-9)  # half the MSE: +3.01 dB
+    assert metrics.psnr(ref, ref.copy()) == float("inf")  # only a fully equal sample is inf
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 8, 10, 11, 16])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from diffcache.eval import report as rp
 
@@ -38,7 +39,7 @@ def _report() -> dict[str, Any]:
                 "latency_s": 0.3333333,
                 "speedup": 3.0000001,
                 "compute_fraction": 0.25,
-                "psnr": float("inf"),
+                "psnr": None,
                 "ssim": 1.0,
                 "lpips": None,
                 "accuracy": None,
@@ -48,7 +49,11 @@ def _report() -> dict[str, Any]:
                 "per_step_compute": [1.0, 0.5, 0.0, 0.0],
             },
         ],
-        "notes": {"lpips": "torchvision is not installed & the AlexNet weights are missing"},
+        "notes": {
+            "lpips": "torchvision is not installed & the AlexNet weights are missing",
+            "psnr": "psnr is null for a<b>.yaml: its outputs equal the baseline exactly",
+        },
+        "requests": [{"prompt": "a cat", "negative_prompt": "blurry", "seed": 0, "steps": 4}],
     }
 
 
@@ -59,31 +64,62 @@ def test_write_report_returns_three_paths(tmp_path: Path) -> None:
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
 
 
-def test_json_round_trip_with_inf(tmp_path: Path) -> None:
+def test_json_round_trip_numbers_and_nulls(tmp_path: Path) -> None:
     data = _report()
-    data["runs"][0]["extra_metric"] = float("nan")
     paths = rp.write_report(data, tmp_path)
     text = paths["json"].read_text()
-    raw = json.loads(text)  # strict JSON: no bare Infinity / NaN
-    assert "Infinity" not in text and "NaN" not in text
-    assert raw["runs"][1]["psnr"] == "inf"
-    assert raw["runs"][0]["extra_metric"] == "nan"
+    raw = json.loads(text)
+    assert raw["runs"][1]["psnr"] is None
     assert text.startswith('{\n  "model"')  # indent 2
+    assert rp.load_report(paths["json"]) == data == raw
 
-    loaded = rp.load_report(paths["json"])
-    assert loaded["runs"][1]["psnr"] == float("inf")
-    assert math.isnan(loaded["runs"][0].pop("extra_metric"))
-    data["runs"][0].pop("extra_metric")
-    assert loaded == data
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_dumps_refuses_non_finite_numbers(value: float) -> None:
+    data = _report()
+    data["runs"][0]["psnr"] = value
+    with pytest.raises(ValueError, match=r"runs\[0\]\.psnr: .* not finite"):
+        rp.dumps_report(data)
+    data = _report()
+    data["runs"][1]["per_step_compute"][2] = value
+    with pytest.raises(ValueError, match=r"per_step_compute\[2\]"):
+        rp.dumps_report(data)
+
+
+@pytest.mark.parametrize("value", ["inf", "31.2", True])
+def test_dumps_refuses_text_and_booleans_in_numeric_fields(value: Any) -> None:
+    data = _report()
+    data["runs"][0]["psnr"] = value
+    with pytest.raises(ValueError, match=r"runs\[0\]\.psnr: .* is not a number"):
+        rp.dumps_report(data)
+    data = _report()
+    data["baseline"]["latency_s"] = value
+    with pytest.raises(ValueError, match=r"baseline\.latency_s"):
+        rp.dumps_report(data)
+
+
+def test_write_report_with_a_bad_value_writes_nothing(tmp_path: Path) -> None:
+    data = _report()
+    data["runs"][0]["ssim"] = float("nan")
+    with pytest.raises(ValueError):
+        rp.write_report(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_json_keeps_text_fields_as_strings(tmp_path: Path) -> None:
     data = _report()
     data["runs"][0]["plan"] = "inf"
-    data["notes"] = {"weird": "nan"}
+    data["notes"] = {"weird": "nan", "nested": ["a", {"b": "c"}]}
+    data["requests"][0]["prompt"] = "nan"
     loaded = rp.load_report(rp.write_report(data, tmp_path)["json"])
     assert loaded["runs"][0]["plan"] == "inf"
-    assert loaded["notes"] == {"weird": "nan"}
+    assert loaded["notes"] == {"weird": "nan", "nested": ["a", {"b": "c"}]}
+    assert loaded["requests"][0] == {
+        "prompt": "nan",
+        "negative_prompt": "blurry",
+        "seed": 0,
+        "steps": 4,
+    }
 
 
 def test_json_handles_tuples_and_numpy(tmp_path: Path) -> None:
@@ -124,7 +160,8 @@ def test_markdown_rows_nulls_and_notes(tmp_path: Path) -> None:
         "—",
         "4",
     ]
-    assert "inf" in rows[1]
+    second = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert second[rp.COLUMNS.index("psnr")] == "—"
     assert "0.3333" in rows[1] and "3" in rows[1] and "123456" in rows[1]
     assert "torchvision is not installed & the AlexNet weights are missing" in md
     assert "## Notes" in md
@@ -160,20 +197,25 @@ def test_html_self_contained_with_two_svgs(tmp_path: Path) -> None:
     assert "—" in page
 
 
-def test_html_scatter_points_and_inf_marker() -> None:
-    svg = rp.render_quality_svg(_report()["runs"])
-    assert svg.count("<circle") == 1  # the finite-PSNR run
-    assert svg.count("<polygon") == 1  # the inf-PSNR run, clipped with its own marker
-    assert "PSNR inf" in svg
+def test_html_scatter_plots_finite_runs_and_names_the_others(tmp_path: Path) -> None:
+    runs = _report()["runs"]
+    svg = rp.render_quality_svg(runs)
+    assert svg.count("<circle") == 1  # only the run with a PSNR
     assert "easycache (wan2.1-tiny.yaml)" in svg
+    assert "teacache" not in svg
+    assert rp.unplotted(runs) == ["teacache (a<b>.yaml)"]
+    page = rp.write_report(_report(), tmp_path)["html"].read_text()
+    assert (
+        "Not plotted (PSNR or speedup is null, see the notes): teacache (a&lt;b&gt;.yaml)" in page
+    )
 
 
 def test_html_scatter_skips_runs_without_psnr() -> None:
     runs = [{"method": "x", "speedup": 2.0, "psnr": None}, {"method": "y", "psnr": 30.0}]
     svg = rp.render_quality_svg(runs)
     assert svg.startswith("<svg") and "<circle" not in svg
-    only_inf = rp.render_quality_svg([{"method": "z", "speedup": 1.5, "psnr": float("inf")}])
-    assert only_inf.count("<polygon") == 1
+    assert "no run has both a speedup and a PSNR" in svg
+    assert rp.unplotted(runs) == ["x", "y"]
 
 
 def test_html_per_step_cells() -> None:
@@ -185,3 +227,71 @@ def test_html_per_step_cells() -> None:
     missing = rp.render_steps_svg([{"method": "m", "per_step_compute": [1.0, None]}])
     assert 'class="cell missing"' in missing
     assert "<svg" in rp.render_steps_svg([{"method": "m"}])
+
+
+def _leaves(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(obj, dict):
+        return [leaf for k, v in obj.items() for leaf in _leaves(v, (*path, k))]
+    if isinstance(obj, list):
+        return [leaf for v in obj for leaf in _leaves(v, path)]
+    return [(path, obj)]
+
+
+def test_real_report_holds_numbers_nulls_and_text_only_under_text_keys(tmp_path: Path) -> None:
+    """A tiny eval with an identity plan (outputs equal the baseline: PSNR infinite) and a plan
+    that reuses steps: the JSON has numbers or null everywhere but under the text keys."""
+    from diffcache.eval.runner import evaluate
+    from diffcache.request import Request
+
+    def plan(threshold: float, warmup: int) -> dict[str, Any]:
+        options = {"threshold": threshold, "warmup_steps": warmup}
+        return {"diffcache": 1, "model": "dit", "method": "easycache", "options": options}
+
+    evaluate(
+        "dit-tiny",
+        [plan(0.0, 0), plan(5.0, 1)],
+        tmp_path / "ev",
+        prompts=["x"],
+        seeds=2,
+        request=Request(steps=4),
+        warmup=False,
+    )
+    text = (tmp_path / "ev" / "report.json").read_text()
+    raw = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    leaves = _leaves(raw)
+    assert len(leaves) > 30
+    text_keys = {"model", "device", "plan", "method", "prompt", "negative_prompt"}
+    for path, value in leaves:
+        if path[0] == "notes":
+            assert isinstance(value, str), path
+        elif path[-1] in text_keys:
+            assert isinstance(value, str) or value is None, path
+        else:
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            assert ok, (path, value)
+    same, reused = raw["runs"]
+    assert same["psnr"] is None and same["ssim"] == pytest.approx(1.0)
+    assert "psnr is null for dit-easycache #1" in raw["notes"]["psnr"]
+    assert "equal the baseline exactly" in raw["notes"]["psnr"]
+    assert isinstance(reused["psnr"], float) and reused["psnr"] > 10
+    assert reused["compute_fraction"] < 1 and "#2" not in raw["notes"]["psnr"]
+
+
+def test_plan_names_tell_files_apart_and_number_repeats(tmp_path: Path) -> None:
+    from diffcache.eval.runner import plan_names
+    from diffcache.plan import Plan
+
+    text = "diffcache: 1\nmodel: dit\nmethod: easycache\n"
+    for folder in ("a/x", "b/x", "c"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "p.yaml").write_text(text)
+    a, b, c = (Plan.load(tmp_path / f / "p.yaml") for f in ("a/x", "b/x", "c"))
+    assert plan_names([a, b]) == ["a/x/p.yaml", "b/x/p.yaml"]
+    assert plan_names([a, c]) == ["x/p.yaml", "c/p.yaml"]
+    assert plan_names([c, c]) == ["p.yaml #1", "p.yaml #2"]
+    d = {"diffcache": 1, "model": "dit", "method": "easycache"}
+    assert plan_names([Plan.load(d), Plan.load(d), c]) == [
+        "dit-easycache #1",
+        "dit-easycache #2",
+        "p.yaml",
+    ]

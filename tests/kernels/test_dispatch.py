@@ -14,6 +14,7 @@ import torch
 import diffcache.kernels as kernels
 from diffcache.errors import DiffCacheError
 from diffcache.kernels import Backend, KernelUnavailableError, _dispatch, l1_change, pick
+from diffcache.kernels._dispatch import OpSpec
 
 SPEC = next(s for s in kernels.ops() if s.name == "l1_change")
 
@@ -245,3 +246,33 @@ def test_import_without_triton() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_per_input_dtype_rules() -> None:
+    """An op with an index input: that input must be int64, the others follow ``dtypes``, and
+    integer inputs are not refused by the interpreter's float rule."""
+    spec = OpSpec(
+        name="gather_rows",
+        description="x[index]",
+        dtypes=(torch.float32, torch.float16),
+        input_dtypes={1: (torch.int64,)},
+    )
+    x = torch.zeros(4, 2)
+    assert spec.not_supported_reasons(x, torch.arange(2)) == []
+    reasons = spec.not_supported_reasons(x, torch.arange(2, dtype=torch.int32))
+    assert reasons == ["input 1 has dtype int32; the kernel supports int64"]
+    reasons = spec.not_supported_reasons(torch.arange(2), torch.arange(2))
+    assert reasons == ["input 0 has dtype int64; the kernel supports float32, float16"]
+
+
+def test_resolve_backend_checks_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffcache.errors import DiffCacheError
+    from diffcache.kernels import resolve_backend
+
+    monkeypatch.setenv("DIFFCACHE_KERNELS", "torch")
+    assert resolve_backend("auto") == "torch" and resolve_backend("triton") == "triton"
+    monkeypatch.setenv("DIFFCACHE_KERNELS", "bogus")
+    with pytest.raises(DiffCacheError, match=r"DIFFCACHE_KERNELS='bogus'.*'auto', 'torch'"):
+        resolve_backend("auto")
+    with pytest.raises(DiffCacheError, match=r"kernels='cuda'"):
+        resolve_backend("cuda")

@@ -8,7 +8,7 @@ import torch
 
 import diffcache
 from diffcache.errors import RunError
-from tests.toys import ToyPipeline
+from tests.toys import ToyPipeline, clean
 
 # Scripted latents a_i (every element equal). The denoiser returns v = 2x + e.
 # cond branch (e = +1), threshold 0.3, warm-up 2, 6 steps:
@@ -74,9 +74,7 @@ def test_nan_entering_the_cache_raises_and_cleans() -> None:
     diffcache.accelerate(pipe, PLAN)
     with pytest.raises(RunError, match=r"NaN.*step 1, branch 0, method 'easycache'"):
         pipe(torch.ones(1, 4), steps=6)
-    assert "_diffcache_hooks" not in pipe.transformer.__dict__
-    assert "_diffcache_hooks" not in pipe.scheduler.__dict__
-    assert not diffcache.is_accelerated(pipe)
+    assert clean(pipe.transformer, pipe.scheduler) and not diffcache.is_accelerated(pipe)
 
 
 def test_shape_change_within_a_run_raises() -> None:
@@ -90,25 +88,28 @@ def test_shape_change_within_a_run_raises() -> None:
 def test_learned_variance_channels_are_cached_raw() -> None:
     """Output with more channels than the input (DiT's learned sigma): extra channels reuse the
     last computed raw values, the latent channels reuse the residual."""
-    from diffcache.adapter import Adapter, Target
-    from diffcache.methods.easycache import EasyCacheConfig
-    from diffcache.methods.easycache import apply as apply_easycache
-    from diffcache.runstate import RunState
+    from diffcache.adapter import Adapter
+    from diffcache.registry import adapters, register_adapter
 
     class Sigma(torch.nn.Module):
         def forward(self, hidden_states, timestep):
             return (torch.cat([2 * hidden_states, hidden_states + 100], dim=1),)
 
-    adapter = Adapter(name="sigma", pipelines=(), denoisers=("Sigma",), media="image")
-    model = Sigma()
-    target = Target(adapter, model, model, num_steps_hint=4)
-    run = RunState("easycache", expected_steps=4)
-    apply_easycache(target, EasyCacheConfig(threshold=1e6, warmup_steps=2), run)
-    run.begin_run(4)
-    outs = []
-    for i, a in enumerate([4.0, 2.0, 1.0, 0.5]):
-        outs.append(model(torch.full((1, 1, 2), a), torch.tensor(i))[0][0, :, 0].tolist())
-        run.end_step()
+    if "sigma" not in adapters():
+        register_adapter(Adapter(name="sigma", pipelines=(), denoisers=("Sigma",), media="image"))
+    model = diffcache.accelerate(
+        Sigma(),
+        {
+            **PLAN,
+            "model": "sigma",
+            "options": {"threshold": 1e6, "warmup_steps": 2},
+            "valid_for": {"num_inference_steps": 4},
+        },
+    )
+    outs = [
+        model(torch.full((1, 1, 2), a), torch.tensor(10.0 - i))[0][0, :, 0].tolist()
+        for i, a in enumerate([4.0, 2.0, 1.0, 0.5])
+    ]
     # step 2 reused: latent 1 + (4 - 2) = 3, variance channel = last computed 2 + 100
     assert outs[2] == [3.0, 102.0]
-    assert run.stats.per_step() == [1.0, 1.0, 0.0, 1.0]
+    assert diffcache.stats(model).per_step() == [1.0, 1.0, 0.0, 1.0]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import diffcache
-from diffcache import hooks
 from diffcache.generate import Request, generate, pipeline_kwargs
 from diffcache.models import builtin_models, load_model
+from tests.toys import clean
 
 TINY = sorted(n for n in builtin_models() if n.endswith("-tiny"))
 STEPS = 5
@@ -65,7 +65,7 @@ def test_step_branch_sequence_and_identity(model: tuple[str, Any], cfg: str) -> 
     seen = [(step, b) for step, b, _ in s.calls]
     assert seen == [(i, b) for i in range(STEPS) for b in branches], f"{name} cfg {cfg}: {seen}"
     assert s.skipped == 0 and np.array_equal(same, base), f"{name}: identity differs"
-    assert hooks.HOOKS_ATTR not in pipe.transformer.__dict__
+    assert clean(pipe.transformer, pipe.scheduler)
     assert np.array_equal(_run(pipe, name, extra, fields), base), f"{name}: remove() not exact"
 
 

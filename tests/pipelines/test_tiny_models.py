@@ -15,6 +15,7 @@ import yaml
 import diffcache.pipelines  # noqa: F401  (registers the family adapters)
 from diffcache.adapter import Target
 from diffcache.registry import adapters, find_adapter
+from diffcache.request import Request, call_kwargs
 
 MODELS_YAML = Path(importlib.import_module("diffcache.profiles").__file__).parent / "models.yaml"
 MODELS: dict[str, dict[str, Any]] = yaml.safe_load(MODELS_YAML.read_text())
@@ -37,10 +38,9 @@ def _request(name: str, steps: int) -> dict[str, Any]:
     """The model's defaults as pipeline keywords, with a prompt and ``steps`` steps."""
     entry = MODELS[name]
     adapter = adapters()[entry["family"]]
-    request = {"prompt": "a cat surfing", **entry["defaults"], "steps": steps}
-    if isinstance(request.get("class_label"), int):
-        request["class_label"] = [request["class_label"]]
-    return {adapter.call_args[k]: v for k, v in request.items() if k in adapter.call_args}
+    prompt = "a cat surfing" if adapter.field("prompt") else None
+    request = Request(prompt=prompt, steps=steps).merged(entry["defaults"])
+    return call_kwargs(adapter.fields, request)
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -70,23 +70,40 @@ def test_adapter_matches_pipeline_and_denoiser(built: tuple[str, Any, Any]) -> N
     name, pipe, _ = built
     adapter = adapters()[MODELS[name]["family"]]
     assert find_adapter(pipe) is adapter
-    denoiser = getattr(pipe, adapter.denoiser_attr)
+    denoiser = getattr(pipe, adapter.experts[0])
     assert find_adapter(denoiser) is adapter
-    assert Target.resolve(adapter, pipe).denoiser is denoiser
+    assert Target.resolve(adapter, pipe).experts == [denoiser]
     assert Target.resolve(adapter, denoiser).pipe is None
     forward = inspect.signature(denoiser.forward).parameters
     assert adapter.latent_arg in forward and adapter.timestep_arg in forward
     children = [n for n, _ in denoiser.named_children()]
-    for attr in adapter.block_lists:
+    stacks = [s.attr for s in adapter.stacks]
+    for attr in stacks:
         assert isinstance(getattr(denoiser, attr), torch.nn.ModuleList), attr
-    assert sorted(adapter.block_lists, key=children.index) == list(adapter.block_lists)
+    assert sorted(stacks, key=children.index) == stacks
+
+
+def test_sites_resolve_to_the_named_modules(built: tuple[str, Any, Any]) -> None:
+    """Every stack and every module the adapter names exists, with the declared structure."""
+    name, pipe, _ = built
+    adapter = adapters()[MODELS[name]["family"]]
+    target = Target.resolve(adapter, pipe)
+    blocks, modules = target.sites("block"), target.sites("module")
+    expect_blocks = sum(len(getattr(pipe.transformer, s.attr)) for s in adapter.stacks)
+    assert len(blocks) == expect_blocks > 0
+    per_block = {s.attr: len(s.modules) for s in adapter.stacks}
+    assert len(modules) == sum(per_block[b.stack.attr] for b in blocks)
+    block_of = {(b.stack.attr, b.index): b.module for b in blocks}
+    for site in modules:
+        assert site.module is getattr(block_of[site.stack.attr, site.index], site.spec.attr)
+        assert site.name == f"transformer.{site.stack.attr}.{site.index}.{site.spec.attr}"
 
 
 def test_call_args_exist_in_pipeline_signature(built: tuple[str, Any, Any]) -> None:
     name, pipe, _ = built
     adapter = adapters()[MODELS[name]["family"]]
     params = inspect.signature(type(pipe).__call__).parameters
-    missing = [kw for kw in adapter.call_args.values() if kw not in params]
+    missing = [f.call_arg for f in adapter.fields if f.call_arg not in params]
     assert not missing, f"{type(pipe).__name__}.__call__ lacks {missing}"
 
 
@@ -97,7 +114,7 @@ def test_two_step_generation(built: tuple[str, Any, Any]) -> None:
     entry = MODELS[name]
     adapter = adapters()[entry["family"]]
     target = Target.resolve(adapter, pipe)
-    denoiser, index = target.denoiser, target.latent_index()
+    denoiser, index = target.denoiser, target.arg_index(adapter.latent_arg)
     seen: list[tuple[int, int, int]] = []  # (batch, in channels, out channels)
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
@@ -171,10 +188,10 @@ def test_models_yaml_entries() -> None:
         assert set(entry) == {"family", "builder", "description", "defaults"}, name
         adapter = adapters()[entry["family"]]
         assert callable(_builder(entry["builder"])), name
-        unknown = set(entry["defaults"]) - set(adapter.call_args)
-        assert not unknown, f"{name}: defaults {sorted(unknown)} not in {adapter.name} call_args"
+        unknown = set(entry["defaults"]) - {f.name for f in adapter.fields}
+        assert not unknown, f"{name}: defaults {sorted(unknown)} not in {adapter.name} fields"
         assert entry["defaults"]["guidance"] > 1, f"{name}: guidance should be on by default"
-        if adapter.cfg == "separate" and "negative_prompt" in adapter.call_args:
+        if adapter.cfg == "separate" and adapter.field("negative_prompt"):
             assert entry["defaults"].get("negative_prompt"), name
 
 

@@ -1,0 +1,173 @@
+"""Drivers: where runs and steps begin and end, for the three kinds of model.
+
+- ``scheduler`` (stock diffusers pipelines): ``set_timesteps`` starts a run of
+  ``num_inference_steps`` steps; each ``step`` ends a step, or a sub-step when a second-order
+  scheduler is half-way (``state_in_first_order`` is False); ``set_begin_index`` (img2img
+  ``strength``) trims the run to the steps actually run; the last ``step`` ends the run.
+- ``timestep`` (a bare denoiser): the timestep argument tells steps. Time may run either way;
+  the first two distinct values fix the direction. A move against it starts a new run. With a
+  step count from the plan, a run that goes past it, or one that ended short of it, is refused.
+- ``pipeline`` (our own pipelines): the pipeline calls its own ``begin_run(num_steps, **facts)``,
+  ``begin_step()`` and ``end_run()`` event methods; the driver listens there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from diffcache.errors import RunError
+from diffcache.session import Session
+
+
+class SchedulerDriver:
+    """Runs and steps from the pipeline's scheduler."""
+
+    def attach(self, session: Session) -> None:
+        self.session = session
+        run, scheduler = session.run, session.target.scheduler
+        self.left = 0  # scheduler updates left in this run
+
+        def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
+            out = call(*args, **kwargs)
+            session.check_parts()
+            updates = len(scheduler.timesteps)
+            order = max(int(getattr(scheduler, "order", 1)), 1)
+            steps = getattr(scheduler, "num_inference_steps", None) or math.ceil(updates / order)
+            run.begin_run(int(steps))
+            self.left, self.order = updates, order
+            return out
+
+        def set_begin_index(call: Any, begin_index: int = 0, *args: Any, **kwargs: Any) -> Any:
+            out = call(begin_index, *args, **kwargs)
+            if run.active and run.num_steps is not None:  # a schedule trimmed by strength
+                self.left -= begin_index
+                run.num_steps -= math.ceil(begin_index / self.order)
+            return out
+
+        def step(call: Any, *args: Any, **kwargs: Any) -> Any:
+            out = call(*args, **kwargs)
+            if run.active:
+                run.end_substep(bool(getattr(scheduler, "state_in_first_order", True)))
+                self.left -= 1
+                if self.left <= 0:
+                    run.end_run()
+            return out
+
+        session.attach(scheduler, "set_timesteps", "diffcache.run", set_timesteps)
+        session.attach(scheduler, "step", "diffcache.run", step)
+        if hasattr(scheduler, "set_begin_index"):
+            session.attach(scheduler, "set_begin_index", "diffcache.run", set_begin_index)
+
+    def before_call(self, args: tuple, kwargs: dict) -> None:
+        self.session.check_parts()
+
+    def after_call(self) -> None:
+        pass
+
+
+class TimestepDriver:
+    """Runs and steps from a bare denoiser's timestep argument."""
+
+    def attach(self, session: Session) -> None:
+        self.session = session
+        t = session.target
+        self.name = t.adapter.timestep_arg
+        self.index = t.arg_index(self.name)
+        self.expected: int | None = session.run.valid_for.get("num_inference_steps")
+        self.last: float | None = None
+        self.direction = 0
+        self.branches = 0  # calls per step, learned on the first step
+
+    def before_call(self, args: tuple, kwargs: dict) -> None:
+        run = self.session.run
+        t = kwargs.get(self.name)
+        if t is None and self.index is not None and self.index < len(args):
+            t = args[self.index]
+        if t is None:
+            raise run.fail(
+                RunError(
+                    f"{run.owner} was called without {self.name!r}; diffcache needs it to count "
+                    "steps of a bare denoiser."
+                )
+            )
+        value = float(torch.as_tensor(t).flatten()[0])
+        if self.last is None:
+            self._new_run(value)
+            return
+        move = 0 if value == self.last else (1 if value > self.last else -1)
+        seen, want = run.step + 1, self.expected
+        if not run.active:  # the last run ended after its last step
+            if move and move == self.direction:
+                self.last = None
+                raise run.refuse(self._too_long(want))
+            self._new_run(value)
+            return
+        if not move:  # another branch of the same step
+            return
+        if self.direction in (0, move):  # time goes on the same way
+            if want is None or seen < want:
+                self.direction, self.last = move, value
+                run.end_substep(True)
+                return
+            if self.direction:
+                self.last = None
+                raise run.refuse(self._too_long(want))
+        elif want is not None and seen < want:
+            self.last = None
+            raise run.refuse(
+                f"the plan is valid for num_inference_steps={want} but the last run stopped "
+                f"after {seen} steps (valid_for.num_inference_steps)"
+            )
+        run.end_run()
+        self._new_run(value)
+
+    def after_call(self) -> None:
+        run = self.session.run
+        if run.step == 0:
+            self.branches = max(self.branches, run.branch + 1)
+        elif run.is_last_step() and run.branch + 1 >= self.branches:
+            run.end_run()  # the last call of the last step: release the run's state now
+
+    @staticmethod
+    def _too_long(want: int | None) -> str:
+        return (
+            f"the plan is valid for num_inference_steps={want} but this run goes on past step "
+            f"{want} (valid_for.num_inference_steps)"
+        )
+
+    def _new_run(self, value: float) -> None:
+        self.session.run.begin_run(self.expected)
+        self.last, self.direction, self.branches = value, 0, 0
+
+
+class PipelineDriver:
+    """Runs and steps from our own pipelines' event methods."""
+
+    EVENTS = ("begin_run", "begin_step", "end_run")
+
+    def attach(self, session: Session) -> None:
+        self.session = session
+        run, pipe = session.run, session.target.pipe
+
+        def relay(event: Any) -> Any:
+            def hook(call: Any, *args: Any, **kwargs: Any) -> Any:
+                session.check_parts()
+                event(*args, **kwargs)
+                return call(*args, **kwargs)
+
+            return hook
+
+        for name in self.EVENTS:
+            session.attach(pipe, name, "diffcache.run", relay(getattr(run, name)))
+
+    def before_call(self, args: tuple, kwargs: dict) -> None:
+        pass
+
+    def after_call(self) -> None:
+        pass
+
+
+DRIVERS = {"scheduler": SchedulerDriver, "timestep": TimestepDriver, "pipeline": PipelineDriver}

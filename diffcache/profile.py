@@ -1,0 +1,399 @@
+"""Profiling: observe-only probes -> Trace -> the method's ``calibrate`` -> Plan.
+
+``profile`` runs the unmodified pipeline on calibration prompts with probes on the sites the
+method asks for (outputs stay bit-identical), collects a :class:`Trace` per (request, step,
+branch, site), and hands the method a :class:`Profiling`: the trace, the compute target, and
+``measure`` / ``tune`` for calibration runs with the method attached. The plan it returns carries
+the method's options and calibration, ``valid_for`` (steps, scheduler and, for calibrated
+methods, the model fingerprint) and provenance (toolkit version, model, prompts hash, what was
+measured). Nothing in a plan depends on the clock unless ``target_speedup`` is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcache.adapter import Target
+from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
+from diffcache.methods.base import Calibrated, MethodConfig
+from diffcache.output import sample_of
+from diffcache.plan import Plan
+from diffcache.registry import find_adapter, get_method
+from diffcache.request import Request, check
+from diffcache.runstate import RunState
+from diffcache.session import Call, Session
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What the probe saw at one site call."""
+
+    request: int  # index of the calibration request
+    step: int
+    substep: int
+    branch: int
+    expert: int
+    kind: str
+    site: str
+    values: dict[str, Any]
+
+
+class Trace:
+    """Every probe record of a profiling run, in call order."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def select(self, kind: str | None = None, site: str | None = None) -> list[Record]:
+        return [
+            r
+            for r in self.records
+            if (kind is None or r.kind == kind) and (site is None or r.site == site)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def probe(site_kind: str, x: torch.Tensor | None, output: Any, memory: dict) -> dict[str, Any]:
+    """Generic statistics of one site call, relative to the same site's previous call.
+
+    ``in_abs`` / ``out_abs``: mean|x|, mean|v|; ``in_change`` / ``out_change``: mean absolute
+    change from the previous call (None on the first); for blocks and modules also
+    ``out_channel_mean``: the output's mean over every axis but the last (one value per hidden
+    dimension). ``memory`` holds this site's previous tensors (private copies).
+    """
+    v = sample_of(output).detach().float()
+    values: dict[str, Any] = {"out_abs": v.abs().mean().item(), "out_change": None}
+    prev_v = memory.get("v")
+    if prev_v is not None and prev_v.shape == v.shape:
+        values["out_change"] = (v - prev_v).abs().mean().item()
+    memory["v"] = v.clone()
+    if x is not None:
+        x = x.detach().float()
+        values["in_abs"], values["in_change"] = x.abs().mean().item(), None
+        prev_x = memory.get("x")
+        if prev_x is not None and prev_x.shape == x.shape:
+            values["in_change"] = (x - prev_x).abs().mean().item()
+        memory["x"] = x.clone()
+    if site_kind != "step":
+        values["out_channel_mean"] = v.reshape(-1, v.shape[-1]).mean(0)
+    return values
+
+
+class Profiling:
+    """What a method's ``calibrate`` works with: the trace, the target and calibration runs."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        target: Target,
+        requests: Sequence[Request],
+        trace: Trace,
+        valid_for: dict[str, Any],
+        target_compute: float | None,
+        progress: bool = False,
+    ) -> None:
+        self.pipe, self.target, self.requests, self.trace = pipe, target, requests, trace
+        self.valid_for, self.target_compute, self.progress = valid_for, target_compute, progress
+        self.runs = 0
+
+    def measure(self, config: MethodConfig, calibration: Any = None) -> dict[str, Any]:
+        """Run every calibration request with ``config`` attached; the mean compute fraction."""
+        from diffcache.api import accelerate, remove, stats
+        from diffcache.generate import generate
+
+        plan = make_plan(self.target, config, calibration, self.valid_for)
+        fractions = []
+        for req in self.requests:
+            accelerate(self.pipe, plan)
+            try:
+                generate(self.pipe, req)
+                fractions.append(stats(self.pipe).compute_fraction)
+            finally:
+                remove(self.pipe)
+        self.runs += 1
+        return {"compute_fraction": round(sum(fractions) / len(fractions), 6)}
+
+    def tune(
+        self,
+        make: Callable[[float], MethodConfig],
+        lo: float,
+        hi: float,
+        knob: str,
+        iterations: int = 14,
+    ) -> tuple[MethodConfig, dict[str, Any]]:
+        """The smallest ``knob`` in [lo, hi] whose calibration runs compute at most
+        ``target_compute`` (the compute fraction must not rise with the knob)."""
+        goal = self.target_compute
+        assert goal is not None, "tune() needs a compute target"
+        search: list[list[float]] = []
+
+        def run(value: float) -> dict[str, Any]:
+            m = self.measure(make(value))
+            search.append([value, m["compute_fraction"]])
+            return m
+
+        best = run(hi)
+        if best["compute_fraction"] > goal:
+            raise DiffCacheError(
+                f"{knob}: even at {knob}={hi:g} the calibration runs compute "
+                f"{best['compute_fraction']:.3f} of the work, above the target {goal:.3f}; "
+                "lower the method's fixed options (warm-up steps) or ask for less."
+            )
+        low = run(lo)
+        if low["compute_fraction"] <= goal:
+            return make(lo), {**low, "search": search}
+        for _ in range(iterations):
+            mid = math.sqrt(lo * hi)
+            m = run(mid)
+            if m["compute_fraction"] <= goal:
+                hi, best = mid, m
+            else:
+                lo = mid
+        rounded = _round_up(hi)  # a readable knob, kept only if it measures the same
+        if rounded != hi and run(rounded)["compute_fraction"] == best["compute_fraction"]:
+            hi = rounded
+        return make(hi), {**best, "search": [[float(f"{k:.6g}"), c] for k, c in search]}
+
+
+def profile(
+    pipe: Any,
+    method: str | MethodConfig,
+    prompts: Sequence[str] = (),
+    seeds: int | Sequence[int] = 1,
+    out: str | Path | None = None,
+    *,
+    target_compute: float | None = None,
+    target_speedup: float | None = None,
+    request: Request | None = None,
+    progress: bool = False,
+) -> Plan:
+    """Profile ``pipe`` on ``prompts`` x ``seeds`` and return (and with ``out`` write) a plan.
+
+    Args:
+        pipe: a pipeline of a supported family, not accelerated.
+        method: a method name (its default options) or a MethodConfig.
+        prompts: calibration prompts (class ids as text for class-conditional models).
+        seeds: how many seeds per prompt (from ``request.seed`` on), or the seeds themselves.
+        out: where to write the plan (and its sidecar).
+        target_compute: the compute fraction the plan must not exceed on these prompts.
+        target_speedup: a speedup to reach; turned into a compute target with the denoiser's
+            measured share of the generation time.
+        request: the other request fields (size, steps, guidance ...).
+    """
+    config = method if isinstance(method, MethodConfig) else get_method(method)[0]()
+    if target_compute is not None and target_speedup is not None:
+        raise DiffCacheError("give target_compute or target_speedup, not both")
+    if target_compute is not None and not 0 < target_compute <= 1:
+        raise DiffCacheError(f"target_compute must be in (0, 1], got {target_compute}")
+    if target_speedup is not None and not target_speedup >= 1:
+        raise DiffCacheError(f"target_speedup must be >= 1, got {target_speedup}")
+    if not prompts:
+        raise PlanError("profiling needs at least one calibration prompt; got none")
+    from diffcache.api import session_of
+
+    if session_of(pipe) is not None:
+        raise AlreadyAcceleratedError(
+            f"{type(pipe).__name__} is accelerated; call diffcache.remove() before profiling."
+        )
+    adapter = find_adapter(pipe)
+    target = Target.resolve(adapter, pipe)
+    requests = calibration_requests(adapter, prompts, seeds, request or Request())
+    for req in requests:  # every request is checked before any work
+        check(adapter.fields, adapter.name, req, pipe)
+    trace, steps, share = record_trace(pipe, target, config, requests, progress)
+    if target_speedup is not None:
+        target_compute = compute_for_speedup(target_speedup, share)
+    valid_for: dict[str, Any] = {"num_inference_steps": steps}
+    if target.scheduler is not None:
+        valid_for["scheduler"] = type(target.scheduler).__name__
+    profiling = Profiling(pipe, target, requests, trace, valid_for, target_compute, progress)
+    calibrated = config.calibrate(profiling)
+    targets = {"target_compute": target_compute, "target_speedup": target_speedup}
+    if target_speedup is not None:
+        targets["denoiser_share"] = round(share, 3)
+    plan = _with_provenance(
+        make_plan(target, calibrated.config, calibrated.calibration, valid_for),
+        target,
+        calibrated,
+        prompts,
+        requests,
+        targets,
+    )
+    if out is not None:
+        plan = Plan.load(plan.save(out))
+    return plan
+
+
+def calibration_requests(
+    adapter: Any, prompts: Sequence[str], seeds: int | Sequence[int], base: Request
+) -> list[Request]:
+    """One request per (prompt, seed); class-conditional families read prompts as class ids."""
+    seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
+    if adapter.field("prompt") is not None:
+        field, values = "prompt", list(prompts)
+    elif adapter.field("class_label") is not None:
+        field = "class_label"
+        try:
+            values = [int(p) for p in prompts]
+        except ValueError as e:
+            raise PlanError(f"{adapter.name} models take class ids as prompts: {e}") from e
+    else:
+        return [base.replace(seed=s) for s in seed_list]
+    return [base.replace(seed=s, **{field: v}) for v in values for s in seed_list]
+
+
+def record_trace(
+    pipe: Any, target: Target, config: MethodConfig, requests: Sequence[Request], progress: bool
+) -> tuple[Trace, int, float]:
+    """Run each request with observe-only probes; returns the trace, the step count and the
+    denoiser's share of the generation time (probe time excluded)."""
+    from diffcache.drivers import DRIVERS
+    from diffcache.generate import generate
+
+    run = RunState("profile")
+    session = Session(target, None, run)
+    trace, memory, clock = Trace(), {}, {"denoiser": 0.0, "probe": 0.0}
+    index = [0]
+    latent_arg = target.adapter.latent_arg
+    latent_pos = target.arg_index(latent_arg)
+
+    def observe(call: Call) -> Any:
+        t0 = time.perf_counter()
+        out = call.compute()
+        t1 = time.perf_counter()
+        site = call.site
+        x = call.arg(latent_arg, latent_pos) if site.kind == "step" else None
+        key = (index[0], site.name, site.expert, call.branch)
+        values = probe(site.kind, x, out, memory.setdefault(key, {}))
+        trace.records.append(
+            Record(
+                index[0],
+                run.step,
+                run.substep,
+                call.branch,
+                site.expert,
+                site.kind,
+                site.name,
+                values,
+            )
+        )
+        if site.kind == "step":
+            clock["denoiser"] += t1 - t0
+        clock["probe"] += time.perf_counter() - t1
+        return out
+
+    session.on_step(observe)
+    for kind in config.probe_kinds:
+        if kind != "step":
+            session.on_sites(target.sites(kind), observe, "probe")
+    steps, total = 0, 0.0
+    try:
+        session.install(DRIVERS[target.driver]())
+        for i, req in enumerate(_progress(requests, progress, "profiling")):
+            index[0] = i
+            memory.clear()
+            t0 = time.perf_counter()
+            generate(pipe, req)
+            total += time.perf_counter() - t0
+            steps = run.num_steps or run.stats.steps
+    finally:
+        session.close()
+    share = clock["denoiser"] / max(total - clock["probe"], 1e-9)
+    return trace, steps, min(share, 1.0)
+
+
+def compute_for_speedup(speedup: float, share: float) -> float:
+    """The compute fraction of the denoiser that gives ``speedup`` when the denoiser is
+    ``share`` of the generation time: 1/speedup = (1 - share) + share * fraction."""
+    fraction = (1 / speedup - (1 - share)) / share if share > 0 else -1.0
+    if fraction <= 0:
+        best = 1 / (1 - share) if share < 1 else math.inf
+        raise DiffCacheError(
+            f"a {speedup:g}x speedup is out of reach: the denoiser is {share:.0%} of the "
+            f"generation time here, so skipping all of it gives at most {best:.2f}x."
+        )
+    return min(fraction, 1.0)
+
+
+def make_plan(
+    target: Target, config: MethodConfig, calibration: Any, valid_for: dict[str, Any]
+) -> Plan:
+    """A plan for ``target`` with these options and calibration (fingerprinted if calibrated)."""
+    plain, tensors = split_calibration(calibration)
+    valid = dict(valid_for)
+    if calibration is not None:
+        valid["fingerprint"] = target.fingerprint()
+    return Plan(
+        model=target.adapter.name,
+        method=config.name,
+        options=config.to_options(),
+        valid_for=valid,
+        calibration=plain,
+        tensors=tensors,
+    )
+
+
+def split_calibration(calibration: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A calibration dataclass as (plain fields, tensors for the sidecar)."""
+    if calibration is None:
+        return {}, {}
+    from diffcache.options import to_plain
+
+    hints = typing.get_type_hints(type(calibration))
+    plain, tensors = {}, {}
+    for f in dataclasses.fields(calibration):
+        value = getattr(calibration, f.name)
+        if hints[f.name] is torch.Tensor:
+            tensors[f.name] = value.detach().cpu().contiguous()
+        else:
+            plain[f.name] = to_plain(value)
+    return plain, tensors
+
+
+def _with_provenance(
+    plan: Plan,
+    target: Target,
+    calibrated: Calibrated,
+    prompts: Sequence[str],
+    requests: Sequence[Request],
+    targets: dict[str, Any],
+) -> Plan:
+    import diffcache
+
+    fields = {k: v for k, v in requests[0].values.items() if k not in ("prompt", "class_label")}
+    provenance: dict[str, Any] = {
+        "tool": f"diffcache {diffcache.__version__} profile",
+        "model_fingerprint": target.fingerprint(),
+        "prompts": len(prompts),
+        "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
+        "seeds": sorted({r.seed for r in requests}),
+        "request": fields,
+        "measured": dict(calibrated.measured),
+        **{k: v for k, v in targets.items() if v is not None},
+    }
+    return dataclasses.replace(plan, provenance=provenance)
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits."""
+    unit = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.ceil(x / unit) * unit:.{digits}g}")
+
+
+def _progress(items: Sequence[Any], on: bool, desc: str) -> Any:
+    if not on:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="run")

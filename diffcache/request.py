@@ -1,0 +1,137 @@
+"""Generation requests: the fields an adapter declares, and one request's values.
+
+Each adapter lists its :class:`Field` s (name, type, CLI flag, pipeline keyword, bounds). The CLI
+builds its flags from the union over all adapters, and ``generate`` / ``eval`` turn a
+:class:`Request` into the pipeline's keyword arguments, so adding a field touches one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from diffcache.errors import DiffCacheError
+
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field of a model family.
+
+    Args:
+        name: request key; the CLI flag is ``--name-with-dashes``.
+        type: ``int``, ``float`` or ``str``.
+        help: one line for ``--help``.
+        call_arg: the pipeline keyword the value becomes.
+        min, max: inclusive bounds for numbers.
+        multiple_of: the value must be a multiple of this (image sides).
+        as_list: passed as a one-element list (``class_labels=[c]``).
+        limit: model-dependent maximum, read from the loaded pipeline (number of classes).
+        required: a request without it is refused.
+    """
+
+    name: str
+    type: type
+    help: str
+    call_arg: str
+    min: float | None = None
+    max: float | None = None
+    multiple_of: int | None = None
+    as_list: bool = False
+    limit: Callable[[Any], int] | None = None
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def problems(self, value: Any, pipe: Any = None) -> list[str]:
+        """Why ``value`` is not acceptable (empty if it is)."""
+        flag = self.flag
+        if self.type is str:
+            ok = isinstance(value, str)
+            return [] if ok else [f"{flag} must be text, got {value!r}"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return [f"{flag} must be a number, got {value!r}"]
+        if self.type is int and not float(value).is_integer():
+            return [f"{flag} must be a whole number, got {value!r}"]
+        if not math.isfinite(value):
+            return [f"{flag} must be a finite number, got {value!r}"]
+        hi = self.max
+        if self.limit is not None and pipe is not None:
+            hi = self.limit(pipe) if hi is None else min(hi, self.limit(pipe))
+        if self.min is not None and value < self.min:
+            return [f"{flag} must be >= {self.min:g}, got {value:g}"]
+        if hi is not None and value > hi:
+            return [f"{flag} must be <= {hi:g} for this model, got {value:g}"]
+        if self.multiple_of and value % self.multiple_of:
+            return [
+                f"{flag} must be a multiple of {self.multiple_of} for this model, got {value:g}"
+            ]
+        return []
+
+
+class Request:
+    """What to generate: field values (absent = the pipeline's default) and a seed."""
+
+    def __init__(self, seed: int = 0, **values: Any) -> None:
+        self.seed = seed
+        self.values = MappingProxyType({k: v for k, v in values.items() if v is not None})
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def replace(self, **changes: Any) -> Request:
+        seed = changes.pop("seed", self.seed)
+        return Request(seed, **{**self.values, **changes})
+
+    def merged(self, defaults: Mapping[str, Any]) -> Request:
+        """This request with ``defaults`` filling the fields it leaves out."""
+        values = {k: v for k, v in defaults.items() if k != "seed"}
+        return Request(self.seed, **{**values, **self.values})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.values, "seed": self.seed}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+
+def check(fields: Iterable[Field], family: str, request: Request, pipe: Any = None) -> None:
+    """Refuse a request with unknown fields, missing required ones or bad values (all at once)."""
+    by_name = {f.name: f for f in fields}
+    problems = []
+    if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
+        problems.append(f"--seed must be a whole number in 0..2**64-1, got {request.seed!r}")
+    for name, value in request.values.items():
+        field = by_name.get(name)
+        if field is None:
+            flag = "--" + name.replace("_", "-")
+            takes = ", ".join(f.flag for f in by_name.values()) or "nothing"
+            problems.append(f"{family} models take no {flag}; they take: {takes}")
+        else:
+            problems += field.problems(value, pipe)
+    problems += [
+        f"{f.flag} is required for {family} models"
+        for f in by_name.values()
+        if f.required and f.name not in request.values
+    ]
+    if problems:
+        raise DiffCacheError("; ".join(problems))
+
+
+def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
+    """The pipeline keywords for ``request`` (checked with :func:`check` first)."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name in request.values:
+            value = f.type(request.values[f.name])
+            out[f.call_arg] = [value] if f.as_list else value
+    return out

@@ -1,0 +1,166 @@
+"""Session: what ``accelerate`` opens on one model.
+
+It records every attach it makes (object, attribute, name) and ``close()`` undoes exactly those,
+in any order, leaving other libraries' wrappers working. It owns the per-call bookkeeping: the
+core wraps every denoiser (and every site a method asks for) once, counts the call, hands the
+method a :class:`Call`, and records whether the method computed or reused the work.
+
+A method's ``apply(session, config)`` uses :meth:`on_step` (whole denoiser calls),
+:meth:`on_sites` (blocks or modules) and, for anything else, :meth:`attach`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from diffcache import hooks
+from diffcache.adapter import Target
+from diffcache.errors import RunError
+from diffcache.runstate import RunState
+from diffcache.sites import Site
+
+Handler = Callable[["Call"], Any]
+
+
+class Call:
+    """One call of a hooked site: its arguments, where it is in the run, and the real forward."""
+
+    __slots__ = ("args", "computed", "inner", "kwargs", "run", "site")
+
+    def __init__(self, run: RunState, site: Site, inner: Callable, args: tuple, kwargs: dict):
+        self.run, self.site, self.inner, self.args, self.kwargs = run, site, inner, args, kwargs
+        self.computed = False
+
+    def compute(self) -> Any:
+        """Run the real forward (and count it as computed)."""
+        self.computed = True
+        return self.inner(*self.args, **self.kwargs)
+
+    def arg(self, name: str, index: int | None) -> Any:
+        """An argument by keyword, else by its positional ``index``; None when absent."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if index is not None and index < len(self.args):
+            return self.args[index]
+        return None
+
+    @property
+    def step(self) -> int:
+        return self.run.step
+
+    @property
+    def branch(self) -> int:
+        return self.run.branch
+
+    def state(self, factory: Callable[[], Any], branch: int | None = None) -> Any:
+        """This site's method state for ``branch`` (default: the current one) in this run."""
+        b = self.run.branch if branch is None else branch
+        return self.run.slot((self.site.name, self.site.expert, b), factory)
+
+
+class Session:
+    """One accelerated model: target, plan, run state, and every attach made on it."""
+
+    def __init__(self, target: Target, plan: Any, run: RunState, calibration: Any = None):
+        self.target, self.plan, self.run, self.calibration = target, plan, run, calibration
+        self.attachments: list[hooks.Attachment] = []
+        self.driver: Any = None
+        self._step: Handler | None = None
+        self._expected: list[dict[str, int]] = [{} for _ in target.experts]
+        self._seen: dict[str, int] = {}
+
+    @property
+    def kernels(self) -> str:
+        return self.run.kernels
+
+    # -- attaching --------------------------------------------------------------------------
+    def attach(self, obj: Any, attr: str, name: str, hook: hooks.Hook) -> None:
+        """Wrap ``obj.<attr>`` and record it, so that ``close`` undoes exactly this."""
+        self.attachments.append(hooks.attach(obj, attr, name, hook))
+
+    def on_step(self, handler: Handler) -> None:
+        """``handler(call)`` answers every denoiser call (compute it or return a reuse)."""
+        if self._step is not None:
+            raise ValueError("a session has one step handler")
+        self._step = handler
+
+    def on_sites(self, sites: Sequence[Site], handler: Handler, name: str) -> None:
+        """``handler(call)`` answers every call of each site (blocks or modules)."""
+        for site in sites:
+            self._expected[site.expert][site.kind] = (
+                self._expected[site.expert].get(site.kind, 0) + 1
+            )
+            self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
+
+    def install(self, driver: Any) -> None:
+        """Attach the driver's hooks and the core's call hook on every expert (outermost)."""
+        self.driver = driver
+        driver.attach(self)
+        for e, module in enumerate(self.target.experts):
+            site = Site("step", self.target.expert_names[e], module, e)
+            self.attach(module, "forward", "diffcache.call", self._call_hook(site))
+
+    def close(self) -> None:
+        """Detach everything this session attached, newest first; idempotent."""
+        while self.attachments:
+            self.attachments.pop().detach()
+        self.run.active = False
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a deep copy of an accelerated pipeline is a plain pipeline
+
+    # -- the core's wrappers ----------------------------------------------------------------
+    def _call_hook(self, site: Site) -> hooks.Hook:
+        run, expected = self.run, self._expected[site.expert]
+
+        def call_hook(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+            self.driver.before_call(args, kwargs)
+            run.begin_call(site.expert)
+            self._seen = dict.fromkeys(expected, 0)
+            call = Call(run, site, inner, args, kwargs)
+            out = self._step(call) if self._step is not None else call.compute()
+            run.record("step", float(call.computed))
+            run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
+            self.driver.after_call()
+            return out
+
+        return call_hook
+
+    def _site_hook(self, site: Site, handler: Handler) -> hooks.Hook:
+        run = self.run
+
+        def site_hook(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+            call = Call(run, site, inner, args, kwargs)
+            out = handler(call)
+            run.record(site.kind, float(call.computed))
+            if site.kind in self._seen:
+                self._seen[site.kind] += 1
+            return out
+
+        return site_hook
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_parts(self) -> None:
+        """Raise (and clean the model) if the pipeline's scheduler or a denoiser was replaced."""
+        t = self.target
+        if t.pipe is None:
+            return
+        owned = list(zip(t.expert_names, t.experts, strict=True))
+        if t.scheduler is not None:
+            owned.append(("scheduler", t.scheduler))
+        for attr, obj in owned:
+            if getattr(t.pipe, attr, None) is not obj:
+                raise self.run.fail(
+                    RunError(
+                        f"the pipeline's {attr} was replaced after accelerate "
+                        f"({self.run.where()}); diffcache detached itself: call "
+                        "diffcache.accelerate() again."
+                    )
+                )
+
+
+def positions(fn: Callable) -> dict[str, int]:
+    """Parameter name -> positional index of a callable (for reading arguments by name)."""
+    return {name: i for i, name in enumerate(inspect.signature(fn).parameters)}

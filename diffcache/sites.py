@@ -1,0 +1,95 @@
+"""Sites: the places where a method may reuse or forecast work, named as adapter data.
+
+Kinds, coarse to fine: ``step`` (one whole denoiser call), ``block`` (one block of a stack),
+``module`` (a module inside a block: self-attention, cross-attention, feed-forward, context
+feed-forward), and for our own pipelines ``token_layer`` (one token row through one layer, text
+diffusion LMs) and ``scale`` (one scale of a next-scale model). Stats count work per kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KINDS = ("step", "block", "module", "token_layer", "scale")
+ROLES = ("self_attn", "cross_attn", "ff", "context_ff")
+PARTS = ("hidden", "encoder")  # the streams a block or module output may carry
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """A module inside a block, by attribute name.
+
+    Args:
+        attr: the block's attribute holding the module (``attn1``, ``ffn`` ...).
+        role: ``self_attn`` (self or joint attention), ``cross_attn``, ``ff`` or ``context_ff``.
+        returns: the output structure a hook must return: one tensor (``("hidden",)``) or a tuple
+            of these stream parts in this order (joint attention: ``("hidden", "encoder")``).
+    """
+
+    attr: str
+    role: str
+    returns: tuple[str, ...] = ("hidden",)
+
+    def __post_init__(self) -> None:
+        assert self.role in ROLES, f"module role {self.role!r} not in {ROLES}"
+        assert set(self.returns) <= set(PARTS), f"unknown output parts {self.returns}"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A list of blocks on the denoiser.
+
+    Args:
+        attr: the denoiser attribute holding the block list.
+        stream: ``single`` (one token stream) or ``dual`` (separate text and image streams).
+        returns: a block's output structure (see ``ModuleSite.returns``).
+        modules: the modules inside each block.
+    """
+
+    attr: str
+    stream: str = "single"
+    returns: tuple[str, ...] = ("hidden",)
+    modules: tuple[ModuleSite, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.stream in ("single", "dual"), f"stream {self.stream!r}"
+        assert set(self.returns) <= set(PARTS), f"unknown output parts {self.returns}"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One resolved site: a module of one expert, with where it sits."""
+
+    kind: str
+    name: str  # dotted path from the pipeline: "transformer.blocks.3.attn1"
+    module: torch.nn.Module
+    expert: int = 0
+    stack: Stack | None = None
+    index: int = 0  # block index within its stack
+    spec: ModuleSite | None = None
+
+    @property
+    def returns(self) -> tuple[str, ...]:
+        if self.spec is not None:
+            return self.spec.returns
+        return self.stack.returns if self.stack is not None else ("hidden",)
+
+    @property
+    def role(self) -> str | None:
+        return self.spec.role if self.spec is not None else None
+
+
+def map_output(fn: Callable[..., torch.Tensor], *outputs: Any) -> Any:
+    """Apply ``fn`` across tensors of outputs of one structure (tensor, tuple or list)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return fn(*outputs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(map_output(fn, *parts) for parts in zip(*outputs, strict=True))
+    if first is None:
+        return None
+    raise TypeError(f"cannot map over a site output of type {type(first).__name__}")

@@ -1,0 +1,31 @@
+"""Request fields shared by the diffusers families (each adapter lists the ones it takes)."""
+
+from __future__ import annotations
+
+from diffcache.request import Field
+
+#: diffusers schedulers are built for 1000 training timesteps; more steps than that are refused.
+MAX_STEPS = 1000
+
+
+def prompt(call_arg: str = "prompt") -> Field:
+    return Field("prompt", str, "what to generate", call_arg, required=True)
+
+
+NEGATIVE_PROMPT = Field("negative_prompt", str, "what to steer away from (CFG)", "negative_prompt")
+STEPS = Field("steps", int, "denoising steps", "num_inference_steps", min=1, max=MAX_STEPS)
+FRAMES = Field("frames", int, "video frames", "num_frames", min=1, max=1024)
+
+
+def side(name: str, multiple_of: int = 16) -> Field:
+    """Image height or width in pixels: a multiple of the VAE factor times the patch size."""
+    return Field(
+        name, int, f"{name} in pixels", name, min=multiple_of, max=8192, multiple_of=multiple_of
+    )
+
+
+def guidance(call_arg: str = "guidance_scale") -> Field:
+    return Field("guidance", float, "guidance scale", call_arg, min=0.0, max=100.0)
+
+
+IMAGE = (side("height"), side("width"))

@@ -1,0 +1,162 @@
+"""Profiling: observe-only probes, calibrated plans with sidecars, auto-tuning to a target."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
+from diffcache.generate import Request, generate
+from diffcache.methods.easycache import EasyCacheConfig
+from diffcache.plan import Plan
+from tests.toys import ToyPipeline, ToyStaticConfig, clean
+
+PROMPTS = ["a cat", "a red fox", "an old castle"]
+REQ = Request(steps=12)
+EASY = EasyCacheConfig(warmup_steps=2)
+
+
+def _static_plan(tmp_path, **kw) -> Plan:
+    pipe = ToyPipeline()
+    plan = diffcache.profile(pipe, ToyStaticConfig(reuse_fraction=0.5), PROMPTS, request=REQ)
+    return Plan.load(plan.save(tmp_path / "static.yaml")), pipe
+
+
+def test_probes_leave_outputs_bit_identical() -> None:
+    """Probing every site kind changes no output of any denoiser call."""
+    from diffcache.adapter import Target
+    from diffcache.profile import record_trace
+    from diffcache.registry import find_adapter
+
+    pipe = diffcache.load_model("wan2.1-tiny")
+    req = Request(prompt="a cat", height=32, width=32, frames=5, steps=4, guidance=3.0)
+    outs: list[torch.Tensor] = []
+    pipe.transformer.register_forward_hook(lambda m, a, o: outs.append(o[0].clone()))
+    plain = generate(pipe, req)
+
+    @dataclasses.dataclass(frozen=True)
+    class Everything(EasyCacheConfig):
+        probe_kinds = ("step", "block", "module")
+
+    target = Target.resolve(find_adapter(pipe), pipe)
+    trace, steps, share = record_trace(pipe, target, Everything(), [req], False)
+    assert steps == 4 and 0 < share <= 1
+    half = len(outs) // 2
+    assert half == 8 and all(
+        torch.equal(a, b) for a, b in zip(outs[:half], outs[half:], strict=True)
+    )
+    assert (generate(pipe, req) == plain).all() and clean(pipe.transformer, pipe.scheduler)
+    kinds = {r.kind for r in trace.records}
+    assert kinds == {"step", "block", "module"}
+    assert len(trace.select(kind="step")) == 8 and len(trace.select(kind="block")) == 16
+    first, later = trace.select(site="transformer.blocks.1.ffn")[:2]
+    assert first.values["out_change"] is None and later.values["out_change"] is None  # branches
+    assert trace.select(site="transformer.blocks.1.ffn")[2].values["out_change"] > 0
+    assert trace.select(kind="module")[0].values["out_channel_mean"].shape == (64,)
+
+
+def test_easycache_auto_tunes_its_threshold_to_a_compute_target() -> None:
+    pipe = ToyPipeline()
+    plan = diffcache.profile(pipe, EASY, PROMPTS, target_compute=0.5, request=REQ)
+    measured = plan.provenance["measured"]
+    assert plan.config.threshold > 0 and measured["compute_fraction"] <= 0.5
+    assert plan.provenance["target_compute"] == 0.5 and plan.valid_for == {
+        "num_inference_steps": 12,
+        "scheduler": "ToyScheduler",
+    }
+    fractions = []
+    for prompt in PROMPTS:  # the plan meets the target on the calibration prompts
+        diffcache.accelerate(pipe, plan)
+        generate(pipe, REQ.replace(prompt=prompt))
+        fractions.append(diffcache.stats(pipe).compute_fraction)
+        diffcache.remove(pipe)
+    assert sum(fractions) / len(fractions) == pytest.approx(measured["compute_fraction"])
+    smaller = dataclasses.replace(plan.config, threshold=plan.config.threshold * 0.5)
+    assert (
+        diffcache.profile(pipe, smaller, PROMPTS, request=REQ).provenance["measured"][
+            "compute_fraction"
+        ]
+        > 0.5
+    ), "the smallest threshold meeting the target was picked"
+
+
+def test_profiling_is_deterministic(tmp_path) -> None:
+    texts = []
+    for i in range(2):
+        plan = diffcache.profile(ToyPipeline(), EASY, PROMPTS, 2, target_compute=0.6, request=REQ)
+        texts.append(plan.save(tmp_path / f"{i}.yaml").read_text())
+    assert texts[0] == texts[1]
+    assert plan.provenance["seeds"] == [0, 1] and plan.provenance["prompts"] == 3
+    assert len(plan.provenance["prompts_sha256"]) == 64
+
+
+def test_calibrated_plan_and_sidecar_round_trip_byte_identically(tmp_path) -> None:
+    plan, pipe = _static_plan(tmp_path)
+    side = tmp_path / "static.safetensors"
+    assert side.is_file() and plan.sidecar["file"] == "static.safetensors"
+    assert plan.valid_for["fingerprint"].startswith("ToyDenoiser:")
+    assert len(plan.calibration_data.reuse_steps) == 5 and plan.calibration_data.scale.shape == (
+        12,
+    )
+    (tmp_path / "again").mkdir()
+    again = Plan.load(plan.save(tmp_path / "again" / "static.yaml"))
+    assert (tmp_path / "again" / "static.yaml").read_bytes() == (
+        tmp_path / "static.yaml"
+    ).read_bytes()
+    assert (tmp_path / "again" / "static.safetensors").read_bytes() == side.read_bytes()
+    assert again == plan
+    diffcache.accelerate(pipe, plan)
+    pipe(prompt="a cat", steps=12)
+    assert diffcache.stats(pipe).skipped == 5 * 2  # 5 planned steps, both CFG branches
+
+
+def test_sidecar_problems_are_plan_errors(tmp_path) -> None:
+    plan, pipe = _static_plan(tmp_path)
+    side = tmp_path / "static.safetensors"
+    blob = side.read_bytes()
+    side.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(PlanError, match=r"sha256 .* but the plan records"):
+        Plan.load(tmp_path / "static.yaml")
+    side.unlink()
+    with pytest.raises(PlanError, match=r"static.safetensors does not exist"):
+        Plan.load(tmp_path / "static.yaml")
+    from safetensors.torch import save
+
+    extra = dict(plan.tensors, junk=torch.zeros(1))
+    with pytest.raises(PlanError, match=r"unexpected tensor 'junk'"):
+        dataclasses.replace(plan, tensors=extra)
+    with pytest.raises(PlanError, match=r"missing tensor 'scale'"):
+        dataclasses.replace(plan, tensors={})
+    with pytest.raises(PlanError, match=r"needs calibration data.*diffcache profile"):
+        Plan.load({"diffcache": 1, "model": "toy", "method": "toy_static"})
+    del save
+
+
+def test_calibration_for_another_model_is_refused(tmp_path) -> None:
+    plan, pipe = _static_plan(tmp_path)
+    other = dataclasses.replace(
+        plan, valid_for={**plan.valid_for, "fingerprint": "ToyDenoiser:000000000000"}
+    )
+    with pytest.raises(PlanError, match=r"calibration was made for ToyDenoiser:000000000000"):
+        diffcache.accelerate(pipe, other)
+    assert clean(pipe.transformer, pipe.scheduler) and not diffcache.is_accelerated(pipe)
+
+
+def test_bad_profiling_requests() -> None:
+    pipe = ToyPipeline()
+    with pytest.raises(PlanError, match="at least one calibration prompt"):
+        diffcache.profile(pipe, "easycache", [])
+    with pytest.raises(DiffCacheError, match="target_compute must be in"):
+        diffcache.profile(pipe, "easycache", PROMPTS, target_compute=1.5)
+    with pytest.raises(DiffCacheError, match="out of reach"):
+        diffcache.profile(pipe, "easycache", PROMPTS, target_speedup=1e6, request=REQ)
+    with pytest.raises(DiffCacheError, match="even at threshold"):
+        diffcache.profile(
+            pipe, EasyCacheConfig(warmup_steps=10), PROMPTS, target_compute=0.2, request=REQ
+        )
+    diffcache.accelerate(pipe, {"diffcache": 1, "model": "toy", "method": "easycache"})
+    with pytest.raises(AlreadyAcceleratedError, match="remove"):
+        diffcache.profile(pipe, "easycache", PROMPTS)
