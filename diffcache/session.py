@@ -17,7 +17,7 @@ from typing import Any
 
 from diffcache import hooks
 from diffcache.adapter import Target
-from diffcache.errors import RunError
+from diffcache.errors import DiffCacheError, RunError
 from diffcache.runstate import RunState
 from diffcache.sites import Site
 
@@ -110,6 +110,12 @@ class Session:
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of an accelerated pipeline is a plain pipeline
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise DiffCacheError(
+            f"cannot pickle {type(self.target.root).__name__} while it is accelerated; call "
+            "diffcache.remove() first."
+        )
 
     # -- the core's wrappers ----------------------------------------------------------------
     def _call_hook(self, site: Site) -> hooks.Hook:

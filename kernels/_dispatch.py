@@ -200,9 +200,15 @@ def _record(spec: OpSpec, backend: Backend) -> None:
     last_backend[spec.name] = backend.value
 
 
+_BY_VALUE = {b.value: b for b in Backend}
+
+
 def _as_backend(value: str | Backend, source: str) -> Backend:
     if isinstance(value, Backend):
         return value
+    exact = _BY_VALUE.get(value)  # type: ignore[arg-type]
+    if exact is not None:  # the hot path: a plain lower-case name
+        return exact
     try:
         return Backend(str(value).strip().lower())
     except ValueError:

@@ -51,7 +51,8 @@ def l1_change_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_shapes(a, b)
     a32 = a.float()
     b32 = b.float()
-    return torch.stack([(a32 - b32).abs().mean(), a32.abs().mean(), b32.abs().mean()])
+    # one stacked |.| and one mean: few ops, which is what counts for the small tensors on CPU
+    return torch.stack((a32 - b32, a32, b32)).abs_().view(3, a32.numel()).mean(1)
 
 
 if triton is not None:

@@ -93,6 +93,8 @@ def test_deepcopy_of_an_accelerated_pipeline_is_plain_and_owns_its_weights(wan: 
         assert not np.array_equal(twin_out, _run(wan)), "the copy must run its own weights"
         with pytest.raises(DiffCacheError, match="remove"):
             pickle.dumps(wan.transformer)
+        with pytest.raises(DiffCacheError, match="remove"):
+            pickle.dumps(wan)
     finally:
         diffcache.remove(wan)
     pickle.dumps(wan.transformer)  # plain again

@@ -110,9 +110,10 @@ class EasyCacheConfig(MethodConfig):
 class _Branch:
     """State of one (expert, branch); the decision fields are used on branch 0 only."""
 
-    residual: torch.Tensor | None = None  # v_c − x_c, float32
+    residual: torch.Tensor | None = None  # v_c − x_c on the latent channels, float32
+    extra: torch.Tensor | None = None  # output channels beyond the input's, raw (DiT's sigma)
     template: Any = None  # output of the last compute (structure to rebuild on reuse)
-    channels: int | None = None  # latent channels shared by input and output
+    shape: tuple[int, ...] | None = None  # latent input shape of the run
     prev_input: torch.Tensor | None = None  # x_{i−1}
     anchor_input: torch.Tensor | None = None  # x_{c'}
     prev_output: torch.Tensor | None = None  # v_c
@@ -132,6 +133,7 @@ class _EasyCache:
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
         self.module = type(t.denoiser).__name__
+        self.channels: int | None = None  # latent channels shared by input and output
 
     def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
         from diffcache import kernels
@@ -140,7 +142,8 @@ class _EasyCache:
         self.run.stats.kernels["l1_change"] = kernels.last_backend["l1_change"]
         return out
 
-    def latent(self, x: torch.Tensor, n: int | None) -> torch.Tensor:
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.channels
         return x if n is None or x.shape[self.cdim] == n else x.narrow(self.cdim, 0, n)
 
     def decide(self, lead: _Branch, x: torch.Tensor) -> None:
@@ -159,74 +162,67 @@ class _EasyCache:
     def reuse(self, st: _Branch, x: torch.Tensor) -> Any:
         from diffcache import kernels
 
-        r, dtype = st.residual, sample_of(st.template).dtype
-        x_lat, r_lat = self.latent(x, st.channels), self.latent(r, st.channels)
-        if r_lat is r:
-            out = kernels.add_residual(x_lat, r, dtype, backend=self.backend)
-        else:  # extra raw output channels (learned variance) ride along unchanged
-            out = r.to(dtype, copy=True)
-            self.latent(out, st.channels).copy_(
-                kernels.add_residual(x_lat, r_lat, dtype, backend=self.backend)
-            )
+        dtype = sample_of(st.template).dtype
+        out = kernels.add_residual(x, st.residual, dtype, backend=self.backend)
         self.run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
+        if st.extra is not None:  # extra raw output channels (learned variance) ride along
+            out = torch.cat((out, st.extra), dim=self.cdim)
         return rebuild_output(st.template, out)
 
     def store(self, st: _Branch, x: torch.Tensor, output: Any, lead: bool) -> None:
         v = sample_of(output)
-        n = min(x.shape[self.cdim], v.shape[self.cdim])
-        x_lat = self.latent(x, n)
-        if v.shape == x_lat.shape:
-            r = v.float() - x_lat.float()
-        else:  # residual on the shared channels; extra output channels stay raw
-            r = v.float().clone()
-            r.narrow(self.cdim, 0, n).sub_(x_lat.float())
-        if not math.isfinite(r.sum().item()):  # one reduction: NaN or ±inf anywhere shows
+        if self.channels is None:
+            self.channels = min(x.shape[self.cdim], v.shape[self.cdim])
+        v_lat = self.latent(v)
+        st.residual = v_lat.float() - x.float()
+        extra = v.shape[self.cdim] - self.channels
+        st.extra = v.narrow(self.cdim, self.channels, extra).clone() if extra else None
+        st.template, st.shape = output, x.shape
+        if lead:  # the measurements below also see any NaN / inf in the output
+            if st.prev_output is not None:
+                out_change, norm, _ = self.l1(v, st.prev_output)
+                if st.anchor_input is not None:
+                    # after a computed step the anchor is x_{i−1}: the decision measured it
+                    consecutive = st.dx is not None and st.anchor_input is st.prev_input
+                    in_change = st.dx if consecutive else self.l1(x, st.anchor_input)[0]
+                    st.k = _ratio(out_change, in_change)
+            else:
+                norm = self.l1(v, v)[1]
+            st.prev_output_norm = norm
+            st.prev_output = v.detach().clone()
+        else:
+            norm = st.residual.sum().item()
+        if not math.isfinite(norm):
             raise self.run.fail(
                 RunError(
                     f"easycache: the output of {self.module} has NaN/inf and would enter the "
                     f"cache ({self.run.where()}); check the model and inputs (dtype overflow?)."
                 )
             )
-        st.residual, st.template, st.channels = r, output, n
-        if not lead:
-            return
-        if st.prev_output is not None:
-            out_change, st.prev_output_norm, _ = self.l1(v, st.prev_output)
-            if st.anchor_input is not None:
-                # after a computed step the anchor is x_{i−1}: the decision already measured it
-                consecutive = st.dx is not None and st.anchor_input is st.prev_input
-                in_change = st.dx if consecutive else self.l1(x_lat, st.anchor_input)[0]
-                st.k = _ratio(out_change, in_change)
-        else:
-            st.prev_output_norm = self.l1(v, v)[1]
-        st.prev_output = v.detach().clone()
 
     def __call__(self, call: Call) -> Any:
         if self.cfg.threshold == 0:  # E < 0 never holds: nothing can be reused, nothing to measure
             return call.compute()
-        x = call.arg(self.latent_arg, self.latent_pos)
+        x = self.latent(call.arg(self.latent_arg, self.latent_pos))
         lead = call.state(_Branch, branch=0)
         st = lead if call.branch == 0 else call.state(_Branch)
-        if (
-            st.residual is not None
-            and self.latent(x, st.channels).shape != self.latent(st.residual, st.channels).shape
-        ):
+        if st.shape is not None and x.shape != st.shape:
             raise self.run.fail(
                 RunError(
-                    f"easycache: {self.module} input shape changed from "
-                    f"{tuple(self.latent(st.residual, st.channels).shape)} to {tuple(x.shape)} "
-                    f"within a run ({self.run.where()}); generate at one size per call."
+                    f"easycache: {self.module} input shape changed from {tuple(st.shape)} to "
+                    f"{tuple(x.shape)} within a run ({self.run.where()}); generate at one size "
+                    "per call."
                 )
             )
         if call.branch == 0:
-            self.decide(lead, self.latent(x, lead.channels))
+            self.decide(lead, x)
         if not lead.compute and st.residual is not None:
             out = self.reuse(st, x)
         else:
             out = call.compute()
             self.store(st, x, out, lead=call.branch == 0)
         if call.branch == 0:  # a private copy: pipelines may reuse the input buffer
-            lead.prev_input = self.latent(x, lead.channels).detach().clone()
+            lead.prev_input = x.detach().clone()
             if call.computed:
                 lead.anchor_input = lead.prev_input
         return out
