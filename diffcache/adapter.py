@@ -157,7 +157,11 @@ class Target:
         parts = []
         for module in self.experts:
             config = getattr(module, "config", None)
-            data = dict(config) if isinstance(config, Mapping) else _shapes(module)
+            if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
+                # _use_default_values comes from a set: its order differs between processes
+                data = {k: v for k, v in config.items() if not str(k).startswith("_")}
+            else:
+                data = _shapes(module)
             blob = json.dumps(data, sort_keys=True, default=str).encode()
             parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
         return "+".join(parts)

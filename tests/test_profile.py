@@ -160,3 +160,27 @@ def test_bad_profiling_requests() -> None:
     diffcache.accelerate(pipe, {"diffcache": 1, "model": "toy", "method": "easycache"})
     with pytest.raises(AlreadyAcceleratedError, match="remove"):
         diffcache.profile(pipe, "easycache", PROMPTS)
+
+
+def test_fingerprint_is_the_same_in_every_process() -> None:
+    """diffusers' config carries a set-ordered list (_use_default_values): a fingerprint that
+    hashed it would refuse calibrated plans in the next process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import diffcache; from diffcache.adapter import Target; "
+        "from diffcache.registry import find_adapter; p = diffcache.load_model('dit-tiny'); "
+        "print(Target.resolve(find_adapter(p), p).fingerprint())"
+    )
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(prints) == 1 and next(iter(prints)).startswith("DiTTransformer2DModel:")
