@@ -197,17 +197,16 @@ def _out_dir(path: str, flag: str = "--out") -> Path:
     return check_report_dir(path, flag)
 
 
-def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise DiffCacheError(f"--prompts {file}: no such file (one prompt per line)")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DiffCacheError(f"--prompts {file}: not UTF-8 text ({e.reason})") from e
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise DiffCacheError(f"--prompts {file}: the file has no prompts")
+def _read_prompts(path: str, media: str | None = None) -> list[str]:
+    """The prompts of a prompt file; answers (``prompt<TAB>answer``) only for text models."""
+    from diffcache.request import read_prompts
+
+    prompts, answers = read_prompts(path)
+    if answers is not None and media not in (None, "text"):
+        raise DiffCacheError(
+            f"--prompts {path}: has answers, which only text models are checked against; this "
+            f"model makes {media}s (drop the answers)"
+        )
     return prompts
 
 
@@ -342,6 +341,10 @@ def _profile(args: argparse.Namespace) -> int:
         request=req,
         progress=sys.stderr.isatty(),
     )
+    from diffcache import distributed
+
+    if not distributed.is_main():  # under accelerate launch the main process writes and reports
+        return 0
     measured = plan.provenance.get("measured", {})
     opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
     cf = measured.get("compute_fraction")
@@ -369,30 +372,47 @@ def _bundled_prompts(adapter: Any, pipe: Any, n: int) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from diffcache.eval.runner import DEFAULT_PROMPTS, evaluate
-    from diffcache.plan import Plan
+    from diffcache.eval.baselines import comparison
+    from diffcache.eval.runner import evaluate
 
-    plans = [Plan.load(p) for p in args.plan]
-    prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS[:2])
+    for spec in args.plan:  # plans and diffusers specs are checked before any model is built
+        comparison(spec)
     _check_seeds(args.seeds)
-    req, _ = _request(args, args.model, {"prompt": prompts[0]})
+    req, adapter = _request(args, args.model, {"prompt": "x"})
+    prompts = (
+        _read_prompts(args.prompts, adapter.media if adapter else None) if args.prompts else None
+    )
     out = _out_dir(args.out)
-    report = evaluate(args.model, plans, out, prompts=prompts, seeds=args.seeds, request=req)
-    _print_report(report, out)
+    report = evaluate(
+        args.model,
+        args.plan,
+        out,
+        prompts=prompts,
+        seeds=args.seeds,
+        request=req,
+        progress=sys.stderr.isatty(),
+    )
+    if report is not None:  # the main process (others return None under accelerate launch)
+        _print_report(report, out)
     return 0
 
 
 def _print_report(report: dict, out: Path) -> None:
-    print(f"baseline: {report['baseline']['latency_s']:.3f} s per sample on {report['device']}")
-
     def num(value: Any, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
+    base = report["baseline"]
+    task = base.get("task_score")
+    print(
+        f"baseline: {base['latency_s']:.3f} s per sample on {report['device']}"
+        + (f", task score {task:.3f}" if task is not None else "")
+    )
     for r in report["runs"]:
         print(
             f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
             f"{num(r['compute_fraction'], '.3f')}, PSNR {num(r['psnr'], '.2f')} dB, "
             f"SSIM {num(r['ssim'], '.4f')}"
+            + (f", task score {r['task_score']:.3f}" if r.get("task_score") is not None else "")
         )
     print(f"wrote {out / 'report.json'}, report.md, report.html")
 

@@ -22,13 +22,38 @@ from diffcache.registry import did_you_mean
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-    """One built-in model: its family (adapter name), builder and default request fields."""
+    """One built-in model: its family (adapter name), builder, default request fields and, for
+    models that have them, default evaluation inputs and a task scorer.
+
+    ``scorer`` (``"module:function"``) is ``score(input, output) -> bool``: whether one generated
+    sample does what its input asked (the input is the prompt, or the class id for
+    class-conditional families). ``prompts`` is a list or ``"module:ATTRIBUTE"``.
+    """
 
     name: str
     family: str
     builder: str  # "module:function"
     description: str
     defaults: Mapping[str, Any]
+    scorer: str | None = None
+    prompts: str | tuple[str, ...] | None = None
+
+    def build(self) -> Any:
+        return _resolve(self.builder)()
+
+    def score_fn(self) -> Any:
+        """The task scorer, or None when the model has none."""
+        return _resolve(self.scorer) if self.scorer else None
+
+    def default_prompts(self) -> tuple[str, ...] | None:
+        if self.prompts is None or isinstance(self.prompts, tuple):
+            return self.prompts
+        return tuple(_resolve(self.prompts))
+
+
+def _resolve(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +79,8 @@ def _bundled_models() -> dict[str, ModelEntry]:
             builder=e["builder"],
             description=e.get("description", ""),
             defaults=dict(e.get("defaults", {})),
+            scorer=e.get("scorer"),
+            prompts=tuple(e["prompts"]) if isinstance(e.get("prompts"), list) else e.get("prompts"),
         )
         for name, e in yaml.safe_load(text).items()
     }
@@ -101,9 +128,7 @@ def load_model(name_or_path: str | Path) -> Any:
             f"{path}: no loader recognises this folder (formats: {formats}); point at the folder "
             "holding the checkpoint's index file (model_index.json for diffusers)."
         )
-    entry = model_entry(str(name_or_path))
-    module, func = entry.builder.split(":")
-    return getattr(importlib.import_module(module), func)()
+    return model_entry(str(name_or_path)).build()
 
 
 def _load_diffusers(path: Path) -> Any:

@@ -95,7 +95,11 @@ class Plan:
 
     @property
     def name(self) -> str:
-        return Path(self.source).name if self.source != "<dict>" else f"{self.model}-{self.method}"
+        """The file name, or for a plan made in memory its family, method and options."""
+        if self.source != "<dict>":
+            return Path(self.source).name
+        options = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.model}-{self.method}" + (f"({options})" if options else "")
 
     @classmethod
     def load(cls, plan: str | Path | Mapping[str, Any] | Plan) -> Plan:

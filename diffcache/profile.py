@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
+from diffcache import distributed
 from diffcache.adapter import Target
 from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 from diffcache.methods.base import Calibrated, MethodConfig
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
-from diffcache.request import Request, check
+from diffcache.request import Request, check, expand
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 
@@ -113,14 +114,15 @@ class Profiling:
         from diffcache.generate import generate
 
         plan = make_plan(self.target, config, calibration, self.valid_for)
-        fractions = []
-        for req in self.requests:
+        mine = []
+        for i, req in distributed.shard(list(enumerate(self.requests))):
             accelerate(self.pipe, plan)
             try:
                 generate(self.pipe, req)
-                fractions.append(stats(self.pipe).compute_fraction)
+                mine.append((i, stats(self.pipe).compute_fraction))
             finally:
                 remove(self.pipe)
+        fractions = [f for _, f in sorted(x for part in distributed.gather(mine) for x in part)]
         self.runs += 1
         return {"compute_fraction": round(sum(fractions) / len(fractions), 6)}
 
@@ -208,7 +210,7 @@ def profile(
         )
     adapter = find_adapter(pipe)
     target = Target.resolve(adapter, pipe)
-    requests = calibration_requests(adapter, prompts, seeds, request or Request())
+    requests = expand(adapter, prompts, seeds, request or Request())
     for req in requests:  # every request is checked before any work
         check(adapter.fields, adapter.name, req, pipe)
     trace, steps, share = record_trace(pipe, target, config, requests, progress)
@@ -230,34 +232,17 @@ def profile(
         requests,
         targets,
     )
-    if out is not None:
+    if out is not None and distributed.is_main():
         plan = Plan.load(plan.save(out))
     return plan
-
-
-def calibration_requests(
-    adapter: Any, prompts: Sequence[str], seeds: int | Sequence[int], base: Request
-) -> list[Request]:
-    """One request per (prompt, seed); class-conditional families read prompts as class ids."""
-    seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
-    if adapter.field("prompt") is not None:
-        field, values = "prompt", list(prompts)
-    elif adapter.field("class_label") is not None:
-        field = "class_label"
-        try:
-            values = [int(p) for p in prompts]
-        except ValueError as e:
-            raise PlanError(f"{adapter.name} models take class ids as prompts: {e}") from e
-    else:
-        return [base.replace(seed=s) for s in seed_list]
-    return [base.replace(seed=s, **{field: v}) for v in values for s in seed_list]
 
 
 def record_trace(
     pipe: Any, target: Target, config: MethodConfig, requests: Sequence[Request], progress: bool
 ) -> tuple[Trace, int, float]:
-    """Run each request with observe-only probes; returns the trace, the step count and the
-    denoiser's share of the generation time (probe time excluded)."""
+    """Run each request with observe-only probes (split across processes under accelerate
+    launch); returns the trace, the step count and the denoiser's share of the generation time
+    (probe time excluded)."""
     from diffcache.drivers import DRIVERS
     from diffcache.generate import generate
 
@@ -298,9 +283,10 @@ def record_trace(
         if kind != "step":
             session.on_sites(target.sites(kind), observe, "probe")
     steps, total = 0, 0.0
+    mine = distributed.shard(list(enumerate(requests)))
     try:
         session.install(DRIVERS[target.driver]())
-        for i, req in enumerate(_progress(requests, progress, "profiling")):
+        for i, req in _progress(mine, progress and distributed.is_main(), "profiling"):
             index[0] = i
             memory.clear()
             t0 = time.perf_counter()
@@ -309,8 +295,12 @@ def record_trace(
             steps = run.num_steps or run.stats.steps
     finally:
         session.close()
-    share = clock["denoiser"] / max(total - clock["probe"], 1e-9)
-    return trace, steps, min(share, 1.0)
+    parts = distributed.gather((trace.records, steps, clock, total))
+    trace.records = sorted((r for part in parts for r in part[0]), key=lambda r: r.request)
+    steps = max(part[1] for part in parts)
+    denoiser = sum(part[2]["denoiser"] for part in parts)
+    wall = sum(part[3] - part[2]["probe"] for part in parts)
+    return trace, steps, min(denoiser / max(wall, 1e-9), 1.0)
 
 
 def compute_for_speedup(speedup: float, share: float) -> float:

@@ -8,8 +8,9 @@ builds its flags from the union over all adapters, and ``generate`` / ``eval`` t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -135,3 +136,63 @@ def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
             value = f.type(request.values[f.name])
             out[f.call_arg] = [value] if f.as_list else value
     return out
+
+
+def expand(
+    adapter: Any, inputs: Sequence[str], seeds: int | Sequence[int], base: Request
+) -> list[Request]:
+    """One request per (input, seed): inputs are prompts, or class ids (as text) for
+    class-conditional families; families that take neither get one request per seed. ``seeds``
+    counts from ``base.seed`` or lists the seeds."""
+    seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
+    if adapter.field("prompt") is not None:
+        field, values = "prompt", list(inputs)
+    elif adapter.field("class_label") is not None:
+        field = "class_label"
+        try:
+            values = [int(p) for p in inputs]
+        except ValueError as e:
+            raise DiffCacheError(f"{adapter.name} models take class ids as inputs: {e}") from e
+    else:
+        return [base.replace(seed=s) for s in seed_list]
+    return [base.replace(seed=s, **{field: v}) for v in values for s in seed_list]
+
+
+def task_input(request: Request) -> Any:
+    """What a task scorer checks a sample against: the prompt, else the class id."""
+    value = request.get("prompt")
+    return value if value is not None else request.get("class_label")
+
+
+def read_prompts(path: str | Path, flag: str = "--prompts") -> tuple[list[str], list[str] | None]:
+    """A prompt file: one prompt per line, or ``prompt<TAB>answer`` on every line (answers are
+    what text models' outputs are checked against). Blank lines are skipped. An empty file,
+    a malformed line, or answers on only some lines is a DiffCacheError naming the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DiffCacheError(f"{flag} {file}: no such file (one prompt per line)")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DiffCacheError(f"{flag} {file}: not UTF-8 text ({e.reason})") from e
+    prompts, answers = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2 or not parts[0].strip() or (len(parts) == 2 and not parts[1].strip()):
+            raise DiffCacheError(
+                f"{flag} {file}:{number}: expected 'prompt' or 'prompt<TAB>answer', got {line!r}"
+            )
+        prompts.append(parts[0].strip())
+        answers.append(parts[1].strip() if len(parts) == 2 else None)
+    if not prompts:
+        raise DiffCacheError(f"{flag} {file}: the file has no prompts")
+    given = sum(a is not None for a in answers)
+    if 0 < given < len(answers):
+        missing = next(i for i, a in enumerate(answers) if a is None)
+        raise DiffCacheError(
+            f"{flag} {file}: {given} of {len(answers)} prompts have an answer (the first without "
+            f"one: {prompts[missing]!r}); give an answer for every prompt or for none"
+        )
+    return prompts, (answers if given else None)

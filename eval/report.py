@@ -15,7 +15,8 @@ output equal to its baseline) is null, and ``notes`` says why; the producer (the
 decides that. :func:`dumps_report` refuses inf/nan, booleans and strings in numeric fields with a
 ValueError instead of converting them, so a bad value cannot reach a report file silently.
 Markdown and HTML show null as "—" and floats with 4 significant digits.
-The HTML page is self-contained: inline CSS and two inline SVG plots drawn here (no scripts).
+The HTML page is self-contained (no scripts): inline CSS, the matplotlib charts of
+``eval/plots.py`` as inline SVG, and the sample grid of ``eval/samples.py`` as data URIs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ COLUMNS: tuple[str, ...] = (
     "psnr",
     "ssim",
     "lpips",
+    "task_score",
     "agreement",
     "accuracy",
     "kv_bytes_peak",
@@ -44,7 +46,20 @@ COLUMNS: tuple[str, ...] = (
 )
 #: Keys whose values are text (every other leaf of a report is a number or null). ``notes`` may
 #: hold anything JSON-able; ``prompt`` and ``negative_prompt`` appear in ``requests``.
-TEXT_KEYS = frozenset({"model", "device", "plan", "method", "notes", "prompt", "negative_prompt"})
+TEXT_KEYS = frozenset(
+    {
+        "model",
+        "device",
+        "plan",
+        "method",
+        "notes",
+        "prompt",
+        "negative_prompt",
+        "run",
+        "samples",
+        "environment",
+    }
+)
 NULL = "—"
 
 
@@ -199,291 +214,125 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- SVG plots
-
-
-def _nice_step(span: float, target: int = 5) -> float:
-    """A 1/2/5 x 10^k tick step giving about ``target`` ticks over ``span``."""
-    raw = span / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    for mult in (1, 2, 5, 10):
-        if raw <= mult * mag:
-            return mult * mag
-    return 10 * mag
-
-
-def _ticks(lo: float, hi: float) -> list[float]:
-    step = _nice_step(hi - lo)
-    first = math.ceil(lo / step) * step
-    out: list[float] = []
-    value = first
-    while value <= hi + step * 1e-9 and len(out) < 50:
-        out.append(round(value, 12))
-        value += step
-    return out
-
-
-def _padded_range(
-    values: Sequence[float], include: float | None, min_span: float
-) -> tuple[float, float]:
-    vals = list(values) + ([include] if include is not None else [])
-    lo, hi = min(vals), max(vals)
-    if hi - lo < min_span:
-        mid = (lo + hi) / 2
-        lo, hi = mid - min_span / 2, mid + min_span / 2
-    pad = (hi - lo) * 0.08
-    return lo - pad, hi + pad
-
-
-def _run_label(run: dict[str, Any]) -> str:
-    method = run.get("method")
-    plan = run.get("plan")
-    if method and plan:
-        return f"{method} ({plan})"
-    return str(method or plan or "run")
-
-
-def _svg_message(width: int, height: int, title: str, message: str) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">'
-        f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" '
-        f'class="muted">{_esc(message)}</text></svg>'
-    )
-
-
-def _plottable(run: dict[str, Any]) -> bool:
-    x, y = run.get("speedup"), run.get("psnr")
-    return all(_is_number(v) and math.isfinite(v) for v in (x, y))
-
-
-def unplotted(runs: Sequence[dict[str, Any]]) -> list[str]:
-    """Labels of the runs the PSNR scatter leaves out (no speedup or no PSNR)."""
-    return [_run_label(run) for run in runs if not _plottable(run)]
-
-
-def render_quality_svg(runs: Sequence[dict[str, Any]]) -> str:
-    """Scatter of PSNR (y) against speedup (x), one labelled point per run.
-
-    Runs without a finite speedup and a finite PSNR are left out (:func:`unplotted` names them).
-    """
-    width, height = 720, 400
-    left, right, top, bottom = 64, 200, 24, 52
-    title = "PSNR vs speedup"
-    points = [(float(run["speedup"]), float(run["psnr"]), run) for run in runs if _plottable(run)]
-    if not points:
-        return _svg_message(width, 120, title, "no run has both a speedup and a PSNR")
-
-    x_lo, x_hi = _padded_range([x for x, _, _ in points], 1.0, 0.5)
-    y_lo, y_hi = _padded_range([y for _, y, _ in points], None, 2.0)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * plot_h
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f"<title>{_esc(title)}</title>",
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="frame"/>',
-    ]
-    for tx in _ticks(x_lo, x_hi):
-        px = sx(tx)
-        parts.append(
-            f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + plot_h}" class="grid"/>'
-        )
-        parts.append(
-            f'<text x="{px:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">'
-            f"{_esc(fmt_value(tx))}</text>"
-        )
-    for ty in _ticks(y_lo, y_hi):
-        py = sy(ty)
-        parts.append(
-            f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" class="grid"/>'
-        )
-        parts.append(
-            f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" class="tick">'
-            f"{_esc(fmt_value(ty))}</text>"
-        )
-    if x_lo <= 1.0 <= x_hi:
-        px = sx(1.0)
-        parts.append(
-            f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + plot_h}" class="base"/>'
-            f'<text x="{px + 4:.1f}" y="{top + 12}" class="tick">baseline</text>'
-        )
-    parts.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 12}" text-anchor="middle" class="axis">'
-        "speedup (×)</text>"
-        f'<text x="16" y="{top + plot_h / 2:.1f}" text-anchor="middle" class="axis" '
-        f'transform="rotate(-90 16 {top + plot_h / 2:.1f})">PSNR (dB)</text>'
-    )
-    for x, y, run in points:
-        px, py = sx(x), sy(y)
-        label = _run_label(run)
-        tip = f"{label}: speedup {fmt_value(x)}×, PSNR {fmt_value(y)} dB"
-        parts.append(
-            f"<g><title>{_esc(tip)}</title>"
-            f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" class="pt"/>'
-            f'<text x="{px + 8:.1f}" y="{py - 6:.1f}" class="label">{_esc(label)}</text></g>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def render_steps_svg(runs: Sequence[dict[str, Any]]) -> str:
-    """Per-step compute: one row of cells per run, each filled by the fraction computed.
-
-    0 = the step was skipped (served from cache), 1 = fully computed; a missing value is drawn
-    as a dashed empty cell. Runs without ``per_step_compute`` are left out.
-    """
-    title = "Per-step compute"
-    rows = [
-        (run, list(run["per_step_compute"]))
-        for run in runs
-        if isinstance(run.get("per_step_compute"), (list, tuple)) and run["per_step_compute"]
-    ]
-    if not rows:
-        return _svg_message(720, 60, title, "no run recorded per-step compute")
-    label_w, right, top, row_h, gap = 220, 56, 28, 14, 6
-    n_steps = max(len(steps) for _, steps in rows)
-    cell = max(3.0, min(16.0, 560.0 / n_steps))
-    width = max(int(label_w + cell * n_steps + right), label_w + 480)  # room for the legend
-    height = int(top + len(rows) * (row_h + gap) + 30)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f"<title>{_esc(title)}</title>",
-    ]
-    tick_every = next(k for k in (1, 2, 5, 10, 20, 50, 100, 10**9) if n_steps / k <= 12)
-    for i in range(0, n_steps, tick_every):
-        parts.append(
-            f'<text x="{label_w + (i + 0.5) * cell:.1f}" y="{top - 8}" text-anchor="middle" '
-            f'class="tick">{i}</text>'
-        )
-    for r, (run, steps) in enumerate(rows):
-        y = top + r * (row_h + gap)
-        parts.append(
-            f'<text x="{label_w - 8}" y="{y + row_h - 3}" text-anchor="end" class="label">'
-            f"{_esc(_run_label(run))}</text>"
-        )
-        known: list[float] = []
-        for i, value in enumerate(steps):
-            x = label_w + i * cell
-            size = f'x="{x:.1f}" y="{y}" width="{cell:.1f}" height="{row_h}"'
-            if _is_number(value) and math.isfinite(value):
-                frac = min(1.0, max(0.0, float(value)))
-                known.append(frac)
-                parts.append(
-                    f'<rect {size} class="cell" fill-opacity="{frac:.3f}">'
-                    f"<title>step {i}: {_esc(fmt_value(float(value)))} computed</title></rect>"
-                )
-            else:
-                parts.append(
-                    f'<rect {size} class="cell missing"><title>step {i}: unknown</title></rect>'
-                )
-        if known:
-            avg = sum(known) / len(known)
-            parts.append(
-                f'<text x="{label_w + cell * n_steps + 6:.1f}" y="{y + row_h - 3}" class="tick">'
-                f"{_esc(fmt_value(avg))}</text>"
-            )
-    legend_y = top + len(rows) * (row_h + gap) + 14
-    parts.append(
-        f'<text x="{label_w}" y="{legend_y}" class="tick">step index →; fill = fraction computed '
-        "(empty = skipped, full = computed); right: mean</text>"
-    )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.muted { fill: #777; font-size: 13px; }
-svg text { font-family: system-ui, sans-serif; }
-.frame { fill: none; stroke: #999; }
-.grid { stroke: #eee; }
-.base { stroke: #aaa; stroke-dasharray: 4 3; }
-.tick { fill: #555; font-size: 11px; }
-.axis { fill: #333; font-size: 12px; }
-.label { fill: #222; font-size: 11px; }
-.pt { fill: #2b6cb0; stroke: #fff; }
-.cell { fill: #2b6cb0; stroke: #bbb; stroke-width: 0.5; }
-.cell.missing { fill: none; stroke-dasharray: 2 2; }
+figure { margin: 1em 0; }
+figure svg { max-width: 100%; height: auto; }
+img.sample { width: 128px; image-rendering: pixelated; }
+img.strip { height: 48px; image-rendering: pixelated; }
+table.grid th { font-weight: normal; max-width: 12em; }
+pre { white-space: pre-wrap; margin: 0; }
 """
 
 
-def render_html(report: dict[str, Any]) -> str:
-    """The report as one self-contained HTML page (inline CSS and SVG, no scripts)."""
-    runs = _runs(report)
-    title = _title(report)
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_esc(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        "<ul>",
-    ]
+def _table(runs: Sequence[dict[str, Any]]) -> str:
+    if not runs:
+        return "<p>No runs.</p>"
+    out = ['<table id="runs"><thead><tr>' + "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS)]
+    out.append("</tr></thead><tbody>")
+    for run in runs:
+        cells = []
+        for col in COLUMNS:
+            value = run.get(col)
+            cls = ' class="num"' if _is_number(value) or value is None else ""
+            cells.append(f"<td{cls}>{_esc(fmt_value(value))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _environment(report: dict[str, Any]) -> str:
+    env = report.get("environment") or {}
+    if not env:
+        return ""
+    rows = "".join(
+        f"<tr><th>{_esc(k)}</th><td>{_esc(fmt_value(v))}</td></tr>" for k, v in env.items()
+    )
+    return f'<table id="environment">{rows}</table>'
+
+
+def render_section(report: dict[str, Any], out_dir: Path | None = None, level: int = 2) -> str:
+    """The body of one model's report: facts, environment, table, charts, samples, notes."""
+    from diffcache.eval import plots
+    from diffcache.eval.samples import grid_html
+
+    runs, h = _runs(report), f"h{level}"
+    out = ["<ul>"]
     out += [f"<li>{_esc(name)}: {_esc(text)}</li>" for name, text in _header_facts(report)]
-    out += ["</ul>", "<h2>Runs</h2>"]
-    if runs:
-        out.append("<table><thead><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS))
-        out.append("</tr></thead><tbody>")
-        for run in runs:
-            cells = []
-            for col in COLUMNS:
-                value = run.get(col)
-                cls = ' class="num"' if _is_number(value) or value is None else ""
-                cells.append(f"<td{cls}>{_esc(fmt_value(value))}</td>")
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</tbody></table>")
-    else:
-        out.append("<p>No runs.</p>")
-    out += ["<h2>Quality vs speedup</h2>", render_quality_svg(runs)]
-    left_out = unplotted(runs)
-    if left_out:
+    out += ["</ul>", _environment(report), f"<{h}>Runs</{h}>", _table(runs)]
+    out += [f"<{h}>Quality vs speedup</{h}>", '<figure id="quality">']
+    out += [plots.quality_svg(runs, _baseline(report)), "</figure>"]
+    skipped = plots.left_out(runs, "psnr")
+    if skipped:
         out.append(
-            f"<p>Not plotted (PSNR or speedup is null, see the notes): {_esc(', '.join(left_out))}"
-            "</p>"
+            f"<p>Not placed on the PSNR panel (see the notes): {_esc(', '.join(skipped))}</p>"
         )
-    out += ["<h2>Per-step compute</h2>", render_steps_svg(runs)]
+    out += [f"<{h}>Computed vs reused work per step</{h}>", '<figure id="timeline">']
+    out += [plots.timeline_svg(runs), "</figure>"]
+    if out_dir is not None and report.get("samples"):
+        out += [f"<{h}>Samples</{h}>", grid_html(report, out_dir)]
     notes = _note_items(report.get("notes"))
     if notes:
-        out += ["<h2>Notes</h2>", "<ul>"]
+        out += [f"<{h}>Notes</{h}>", "<ul>"]
         for key, text in notes:
             prefix = f"<strong>{_esc(key)}</strong>: " if key is not None else ""
             out.append(f"<li>{prefix}{_esc(text)}</li>")
         out.append("</ul>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return "\n".join(out)
+
+
+def _page(title: str, body: str) -> str:
+    head = '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    head += f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
+    return f"{head}<body><h1>{_esc(title)}</h1>\n{body}\n</body></html>\n"
+
+
+def render_html(report: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """The report as one self-contained HTML page (inline CSS, inline SVG charts, samples as
+    data URIs read from ``out_dir``; no scripts)."""
+    return _page(_title(report), render_section(report, Path(out_dir) if out_dir else None))
+
+
+def render_index(reports: Sequence[tuple[str, dict[str, Any], Path]]) -> str:
+    """One page with several models' reports: (title, report, folder of its report files)."""
+    body = "\n".join(
+        f'<section id="{_esc(title)}"><h2>{_esc(title)}</h2>\n'
+        f"{render_section(r, folder, 3)}</section>"
+        for title, r, folder in reports
+    )
+    return _page("diffcache demo", body)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and report.html into ``out_dir`` (created if needed).
+def write_report(
+    report: dict[str, Any], out_dir: str | Path, media: dict[tuple[str, int], Any] | None = None
+) -> dict[str, Path]:
+    """Write report.json, report.md and report.html (and ``samples/`` from ``media``: the output
+    of (run or "baseline", request index)) into ``out_dir``, created if needed.
 
-    Everything is rendered first: a report that breaks the JSON contract (ValueError) leaves no
-    file and no folder behind. Returns the paths keyed "json", "md" and "html".
+    The JSON is checked first: a report that breaks its contract (ValueError) leaves no file
+    and no folder behind. Returns the paths keyed "json", "md" and "html".
     """
-    texts = {
-        "json": dumps_report(report),
-        "md": render_markdown(report),
-        "html": render_html(report),
-    }
+    plain = json.loads(dumps_report(report))  # checked, and numpy / tuples made plain
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    if media:
+        from diffcache.eval.samples import write_samples
+
+        plain["samples"] = report["samples"] = write_samples(plain, media, directory)
+    texts = {
+        "json": dumps_report(plain),
+        "md": render_markdown(plain),
+        "html": render_html(plain, directory),
+    }
     paths = {}
     for kind, text in texts.items():
         paths[kind] = directory / f"report.{kind}"

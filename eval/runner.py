@@ -1,9 +1,21 @@
-"""Quality-vs-speed evaluation: the baseline and each plan on the same prompts and seeds."""
+"""Quality-vs-speed evaluation: the baseline and each comparison on the same inputs and seeds.
+
+Every (input, seed) request runs the plain pipeline first and then each comparison (our plans,
+or diffusers' built-in caches: ``eval/baselines.py``), interleaved so that machine noise hits them
+alike. Each generation gives one *record*: latency, quality against the baseline output of the
+same request (PSNR over the whole sample, SSIM, LPIPS when its weights exist), the task score when
+the model has a scorer, and our compute fraction. A run's numbers are the means of its records.
+
+Under ``accelerate launch --num_processes N`` the requests are split across the processes
+(``diffcache.distributed``), records and sample media are gathered on the main process, and the
+report is the single-process one record for record (latencies aside).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +25,15 @@ import numpy as np
 import torch
 
 import diffcache
+from diffcache import distributed
 from diffcache.errors import DiffCacheError
 from diffcache.eval import metrics
+from diffcache.eval.baselines import Comparison, comparison
 from diffcache.eval.report import write_report
 from diffcache.generate import generate
 from diffcache.models import builtin_models
-from diffcache.plan import Plan
 from diffcache.registry import find_adapter
-from diffcache.request import Request, check
+from diffcache.request import Request, check, expand, task_input
 
 DEFAULT_PROMPTS = (
     "a cat surfing a wave at sunset",
@@ -28,121 +41,280 @@ DEFAULT_PROMPTS = (
     "an astronaut riding a horse on the moon",
     "a bowl of ramen on a wooden table, steam rising",
 )
+BASELINE = "baseline"
+METRICS = ("psnr", "ssim", "lpips")
 
 
 def evaluate(
     model: str,
-    plans: Sequence[str | Plan],
+    plans: Sequence[Any],
     out: str | Path,
-    prompts: Sequence[str] = DEFAULT_PROMPTS[:2],
+    prompts: Sequence[str] | None = None,
     seeds: int = 1,
     request: Request | None = None,
     warmup: bool = True,
-) -> dict[str, Any]:
-    """Run the baseline and every plan on each (prompt, seed), interleaved so that machine noise
-    hits them alike; write ``out/report.{json,md,html}`` and return the report dict. The seeds
-    are ``request.seed`` .. ``request.seed + seeds - 1``.
+    samples: int = 4,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
+    write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
 
-    Latency is the mean wall time of one generation; ``speedup`` = baseline latency / latency;
-    quality (PSNR, SSIM, LPIPS when its weights exist) compares each output with the baseline
-    output of the same prompt and seed, and a run's value is the mean over its samples. Every
-    value in the report is a finite number or None; a None metric is explained in ``notes``
-    (a PSNR is None when an output equals its baseline exactly: that PSNR is infinite).
-    The output folder is checked first and created only when the report is written.
+    ``prompts`` default to the model's own evaluation inputs (the bundled prompts, or the class
+    ids of a class-conditional reference model); the seeds are ``request.seed`` ..
+    ``request.seed + seeds - 1``. Every value in the report is a finite number or None, and a
+    None is explained in ``notes``. Returns the report (None on the other processes).
     """
     check_report_dir(out)
-    if not prompts:
-        raise DiffCacheError("evaluate needs at least one prompt")
     if seeds < 1:
         raise DiffCacheError(f"seeds must be >= 1, got {seeds}")
-    plans = [Plan.load(p) for p in plans]  # validate every plan before the first generation
-    names = plan_names(plans)
+    comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
+    for c, name in zip(comparisons, plan_names(comparisons), strict=True):
+        c.name = name
+    entry = builtin_models().get(model)
     pipe = diffcache.load_model(model)
-    for plan in plans:  # every plan must fit this model before any generation runs
-        diffcache.remove(diffcache.accelerate(pipe, plan))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and hasattr(pipe, "to"):
-        pipe.to(device)
-    base_req = request or Request()
-    if model in builtin_models():
-        base_req = base_req.merged(builtin_models()[model].defaults)
     adapter = find_adapter(pipe)
-    takes_prompt = adapter.field("prompt") is not None
-    requests = [
-        base_req.replace(prompt=p if takes_prompt else None, seed=base_req.seed + k)
-        for p in (prompts if takes_prompt else prompts[:1])
-        for k in range(seeds)
-    ]
+    for c in comparisons:  # and fits this model before any generation runs
+        c.check(pipe)
+    base_req = request or Request()
+    if entry is not None:
+        base_req = base_req.merged(entry.defaults)
+    inputs = list(prompts) if prompts else _default_inputs(entry, adapter, base_req)
+    if not inputs:
+        raise DiffCacheError("evaluate needs at least one prompt")
+    requests = expand(adapter, inputs, seeds, base_req)
     for req in requests:
         check(adapter.fields, adapter.name, req, pipe)
-    if warmup:  # first-call costs (allocations, lazy init) must not count against anyone
-        generate(pipe, requests[0])
-
-    base_times, run_times = [], [[] for _ in plans]
-    per_run: list[dict[str, list]] = [
-        {"psnr": [], "ssim": [], "lpips": [], "cf": [], "steps": []} for _ in plans
-    ]
-    lpips_reason = metrics.lpips_unavailable_reason()
-    peak = None
-    for req in requests:
+    scorer = entry.score_fn() if entry is not None else None
+    mine = distributed.shard(list(enumerate(requests)))  # (starts the process group first)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
+    if device == "cuda" and hasattr(pipe, "to"):
+        pipe.to(device)
+    if warmup and mine:  # first-call costs (allocations, lazy init) must not count
+        generate(pipe, mine[0][1])
+    records, media, peak = [], {}, None
+    for i, req in _progress(mine, progress and distributed.is_main()):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ref, seconds = _timed(pipe, req, device)
-        base_times.append(seconds)
         if device == "cuda":
             peak = max(peak or 0, torch.cuda.max_memory_allocated())
-        for i, plan in enumerate(plans):
-            diffcache.accelerate(pipe, plan)
+        records.append(_record(BASELINE, i, seconds, req, ref, None, scorer, None))
+        if i < samples:
+            media[BASELINE, i] = ref
+        for c in comparisons:
+            c.setup(pipe)
             try:
-                media, seconds = _timed(pipe, req, device)
-                s = diffcache.stats(pipe)
+                out_i, seconds = _timed(pipe, req, device)
+                stats = diffcache.stats(pipe) if c.plan is not None else None
             finally:
-                diffcache.remove(pipe)
-            run_times[i].append(seconds)
-            acc = per_run[i]
-            acc["psnr"].append(metrics.psnr(ref, media))
-            acc["ssim"].append(metrics.ssim(ref, media))
-            value, reason = metrics.lpips(ref, media) if lpips_reason is None else (None, None)
-            acc["lpips"].append(value)
-            lpips_reason = lpips_reason or reason
-            acc["cf"].append(s.compute_fraction)
-            acc["steps"].append(s.per_step())
+                c.teardown(pipe)
+            records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats))
+            if i < samples:
+                media[c.name, i] = out_i
+    gathered = distributed.gather((records, media, peak))
+    if not distributed.is_main():
+        return None
+    records = sorted((r for part in gathered for r in part[0]), key=_order(comparisons))
+    media = {k: v for part in gathered for k, v in part[1].items()}
+    peaks = [p for part in gathered if (p := part[2]) is not None]
+    report = _report(model, device, comparisons, requests, records, scorer, peaks)
+    write_report(report, out, media=media)
+    return report
 
-    base_latency = float(np.mean(base_times))
+
+def _record(
+    run: str, i: int, seconds: float, req: Request, out: Any, ref: Any, scorer: Any, stats: Any
+) -> dict[str, Any]:
+    """What one generation measured."""
+    rec: dict[str, Any] = {"run": run, "request": i, "latency_s": seconds}
+    if ref is not None:
+        rec["psnr"] = metrics.psnr(ref, out)
+        rec["ssim"] = metrics.ssim(ref, out)
+        rec["lpips"] = metrics.lpips(ref, out)[0]
+    rec["task_score"] = float(scorer(task_input(req), out)) if scorer is not None else None
+    if stats is not None:
+        rec["compute_fraction"] = stats.compute_fraction
+        rec["per_step"] = stats.per_step()
+        rec["kv_bytes_peak"] = stats.kv_bytes_peak
+    return rec
+
+
+def _report(
+    model: str,
+    device: str,
+    comparisons: Sequence[Comparison],
+    requests: Sequence[Request],
+    records: list[dict[str, Any]],
+    scorer: Any,
+    peaks: list[int],
+) -> dict[str, Any]:
     notes: dict[str, str] = {}
+    by_run = {BASELINE: [r for r in records if r["run"] == BASELINE]}
+    for c in comparisons:
+        by_run[c.name] = [r for r in records if r["run"] == c.name]
+    base = by_run[BASELINE]
+    base_latency = float(np.mean([r["latency_s"] for r in base]))
     runs = []
-    for plan, name, times, acc in zip(plans, names, run_times, per_run, strict=True):
-        latency = float(np.mean(times))
+    for c in comparisons:
+        recs = by_run[c.name]
+        latency = float(np.mean([r["latency_s"] for r in recs]))
+        ours = c.plan is not None
+        steps = [r["per_step"] for r in recs] if ours else []
         run = {
-            "plan": name,
-            "method": plan.method,
+            "plan": c.name,
+            "method": c.method,
             "latency_s": latency,
             "speedup": base_latency / latency if latency > 0 else None,
-            "compute_fraction": metrics.mean(acc["cf"]),
-            "psnr": _psnr_of_run(name, acc["psnr"], notes),
-            "ssim": metrics.mean(acc["ssim"]),
-            "lpips": metrics.mean(acc["lpips"]),
+            "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
+            if ours
+            else None,
+            "psnr": _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
+            "ssim": metrics.mean([r["ssim"] for r in recs]),
+            "lpips": metrics.mean([r["lpips"] for r in recs]),
+            "task_score": _mean_or_none([r["task_score"] for r in recs]),
             "accuracy": None,
             "agreement": None,
-            "kv_bytes_peak": None,
-            "samples": len(times),
-            "per_step_compute": np.mean(acc["steps"], axis=0).tolist(),
+            "kv_bytes_peak": max((r["kv_bytes_peak"] or 0 for r in recs), default=0) or None
+            if ours
+            else None,
+            "samples": len(recs),
+            "per_step_compute": np.mean(steps, axis=0).tolist() if steps else [],
         }
-        runs.append(_finite_or_null(run, name, notes))
-    if lpips_reason:
-        notes["lpips"] = f"LPIPS is null: {lpips_reason}"
-    if peak is None:
+        if not ours:
+            why = "diffusers' caches report no computed work"
+            _note(notes, "compute_fraction", f"compute_fraction is null for {c.name}: {why}")
+        runs.append(_finite_or_null(run, c.name, notes))
+    reason = metrics.lpips_unavailable_reason()
+    if reason:
+        notes["lpips"] = f"LPIPS is null: {reason}"
+    if scorer is None:
+        notes["task_score"] = f"task_score is null: {model} has no task scorer"
+    if not peaks:
         notes["peak_mem_bytes"] = "peak_mem_bytes is null: measured on CUDA only"
-    report = {
+    return {
         "model": model,
         "device": device,
-        "baseline": {"latency_s": base_latency, "peak_mem_bytes": peak},
+        "environment": environment(device),
+        "baseline": {
+            "latency_s": base_latency,
+            "peak_mem_bytes": max(peaks) if peaks else None,
+            "task_score": _mean_or_none([r["task_score"] for r in base]),
+            "samples": len(base),
+        },
         "runs": runs,
         "notes": notes,
         "requests": [r.as_dict() for r in requests],
+        "records": [_finite_record(r) for r in records],
     }
-    write_report(report, out)
-    return report
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return {
+        "device": gpu or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "processes": distributed.size(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
+        "diffcache": diffcache.__version__,
+    }
+
+
+def _default_inputs(entry: Any, adapter: Any, req: Request) -> list[str]:
+    if entry is not None and entry.default_prompts():
+        return list(entry.default_prompts())
+    if adapter.field("prompt") is not None:
+        return list(DEFAULT_PROMPTS[:2])
+    label = req.get("class_label")
+    return [str(label)] if label is not None else ["0"]
+
+
+def plan_names(items: Sequence[Comparison | Any]) -> list[str]:
+    """Report names of comparisons (or plans): a plan's file name, or as much of its path as
+    tells same-named files apart; the same plan (or spec) twice is numbered."""
+    plans = [c.plan if isinstance(c, Comparison) else c for c in items]
+    names = [c.name for c in items]
+    paths = [
+        None if p is None or p.source == "<dict>" else Path(p.source).resolve().parts for p in plans
+    ]
+    for name in set(names):
+        same = [i for i, n in enumerate(names) if n == name and paths[i] is not None]
+        distinct = {paths[i] for i in same}
+        if len(distinct) < 2:
+            continue
+        depth = 2
+        while len({p[-depth:] for p in distinct}) < len(distinct):
+            depth += 1
+        for i in same:
+            names[i] = "/".join(paths[i][-depth:])
+    counts = {n: names.count(n) for n in names}
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if counts[name] > 1:
+            seen[name] = seen.get(name, 0) + 1
+            names[i] = f"{name} #{seen[name]}"
+    return names
+
+
+def _order(comparisons: Sequence[Comparison]) -> Any:
+    rank = {BASELINE: 0, **{c.name: k + 1 for k, c in enumerate(comparisons)}}
+    return lambda r: (r["request"], rank[r["run"]])
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) or not values else float(np.mean(values))
+
+
+def _note(notes: dict[str, str], key: str, text: str) -> None:
+    notes[key] = f"{notes[key]}; {text}" if key in notes else text
+
+
+def _psnr_of_run(name: str, values: Sequence[float], notes: dict[str, str]) -> float | None:
+    """Mean PSNR over the samples; None (with a note) when an output equals its baseline."""
+    exact = sum(math.isinf(v) for v in values)
+    if not exact:
+        return metrics.mean(values)
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        why = "its outputs equal the baseline exactly (PSNR is infinite)"
+    else:
+        why = (
+            f"{exact} of {len(values)} outputs equal the baseline exactly (PSNR is infinite); "
+            f"the other {len(finite)} average {metrics.mean(finite):.2f} dB"
+        )
+    _note(notes, "psnr", f"psnr is null for {name}: {why}")
+    return None
+
+
+def _finite_or_null(run: dict[str, Any], name: str, notes: dict[str, str]) -> dict[str, Any]:
+    """``run`` with any non-finite number replaced by None, each noted."""
+    for key, value in run.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            run[key] = None
+            _note(notes, key, f"{key} is null for {name}: the measured value was {value}")
+        elif isinstance(value, list) and any(
+            isinstance(v, float) and not math.isfinite(v) for v in value
+        ):
+            run[key] = [None if isinstance(v, float) and not math.isfinite(v) else v for v in value]
+            _note(notes, key, f"{key} of {name} has non-finite entries, written as null")
+    return run
+
+
+def _finite_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record for report.json: infinite PSNR (an exact match) is null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
 
 
 def check_report_dir(out: str | Path, what: str = "report folder") -> Path:
@@ -168,67 +340,15 @@ def check_report_dir(out: str | Path, what: str = "report folder") -> Path:
     return out
 
 
-def plan_names(plans: Sequence[Plan]) -> list[str]:
-    """Report names of the plans: the file name, or, where two different files share it, as
-    much of their paths as tells them apart; the same file (or dict) twice is numbered."""
-    names = [p.name for p in plans]
-    paths = [None if p.source == "<dict>" else Path(p.source).resolve().parts for p in plans]
-    for name in set(names):
-        same = [i for i, n in enumerate(names) if n == name and paths[i] is not None]
-        distinct = {paths[i] for i in same}
-        if len(distinct) < 2:
-            continue
-        depth = 2
-        while len({p[-depth:] for p in distinct}) < len(distinct):
-            depth += 1
-        for i in same:
-            names[i] = "/".join(paths[i][-depth:])
-    counts = {n: names.count(n) for n in names}
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if counts[name] > 1:
-            seen[name] = seen.get(name, 0) + 1
-            names[i] = f"{name} #{seen[name]}"
-    return names
+def _progress(items: Sequence[Any], on: bool) -> Any:
+    if not on:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="eval", unit="request")
 
 
-def _note(notes: dict[str, str], key: str, text: str) -> None:
-    notes[key] = f"{notes[key]}; {text}" if key in notes else text
-
-
-def _psnr_of_run(name: str, values: Sequence[float], notes: dict[str, str]) -> float | None:
-    """Mean PSNR over the samples; None (with a note) when an output equals its baseline."""
-    exact = sum(math.isinf(v) for v in values)
-    if not exact:
-        return metrics.mean(values)
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        why = "its outputs equal the baseline exactly (PSNR is infinite)"
-    else:
-        why = (
-            f"{exact} of {len(values)} outputs equal the baseline exactly (PSNR is infinite); "
-            f"the other {len(finite)} average {metrics.mean(finite):.2f} dB"
-        )
-    _note(notes, "psnr", f"psnr is null for {name}: {why}")
-    return None
-
-
-def _finite_or_null(run: dict[str, Any], name: str, notes: dict[str, str]) -> dict[str, Any]:
-    """``run`` with any non-finite number replaced by None, each noted (reports hold numbers or
-    null only)."""
-    for key, value in run.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            run[key] = None
-            _note(notes, key, f"{key} is null for {name}: the measured value was {value}")
-        elif isinstance(value, list) and any(
-            isinstance(v, float) and not math.isfinite(v) for v in value
-        ):
-            run[key] = [None if isinstance(v, float) and not math.isfinite(v) else v for v in value]
-            _note(notes, key, f"{key} of {name} has non-finite entries, written as null")
-    return run
-
-
-def _timed(pipe: Any, req: Request, device: str) -> tuple[np.ndarray, float]:
+def _timed(pipe: Any, req: Request, device: str) -> tuple[Any, float]:
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

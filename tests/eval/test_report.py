@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,7 @@ def test_markdown_rows_nulls_and_notes(tmp_path: Path) -> None:
         "—",
         "—",
         "—",
+        "—",
         "4",
     ]
     second = [c.strip() for c in rows[1].strip("|").split("|")]
@@ -183,50 +185,89 @@ def test_fmt_value() -> None:
     assert rp.fmt_value(7) == "7"
 
 
-def test_html_self_contained_with_two_svgs(tmp_path: Path) -> None:
+class _Elements(HTMLParser):
+    """Collects ids, img sources and svg elements of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.imgs: list[str] = []
+        self.svgs = 0
+        self.cells: list[str] = []
+        self._cell = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        self.svgs += tag == "svg"
+        self._cell = tag == "td"
+
+    def handle_data(self, data: str) -> None:
+        if self._cell:
+            self.cells.append(data)
+            self._cell = False
+
+
+def _parse(page: str) -> _Elements:
+    parser = _Elements()
+    parser.feed(page)
+    return parser
+
+
+def test_html_self_contained_with_charts(tmp_path: Path) -> None:
     page = rp.write_report(_report(), tmp_path)["html"].read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<svg") == 2
+    found = _parse(page)
+    assert {"runs", "quality", "timeline"} <= set(found.ids) and found.svgs == 2
     assert "<script" not in page.lower()
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # no external assets
-    assert "a&lt;b&gt;.yaml" in page
-    assert "a<b>.yaml" not in page
+    assert "a&lt;b&gt;.yaml" in page and "a<b>.yaml" not in page
     assert "&amp; the AlexNet weights" in page
     body = page.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
     assert body.count("<tr>") == 2  # one row per run
-    assert "—" in page
+    assert "Not placed on the PSNR panel (see the notes): a&lt;b&gt;.yaml" in page
 
 
-def test_html_scatter_plots_finite_runs_and_names_the_others(tmp_path: Path) -> None:
+def test_charts_are_deterministic() -> None:
+    from diffcache.eval import plots
+
     runs = _report()["runs"]
-    svg = rp.render_quality_svg(runs)
-    assert svg.count("<circle") == 1  # only the run with a PSNR
-    assert "easycache (wan2.1-tiny.yaml)" in svg
-    assert "teacache" not in svg
-    assert rp.unplotted(runs) == ["teacache (a<b>.yaml)"]
-    page = rp.write_report(_report(), tmp_path)["html"].read_text()
-    assert (
-        "Not plotted (PSNR or speedup is null, see the notes): teacache (a&lt;b&gt;.yaml)" in page
-    )
+    assert plots.quality_svg(runs, {}) == plots.quality_svg(runs, {})
+    assert plots.timeline_svg(runs) == plots.timeline_svg(runs)
+    assert plots.left_out(runs, "psnr") == ["a<b>.yaml"]
+    assert plots.quality_svg(runs, {}).startswith("<svg")
 
 
-def test_html_scatter_skips_runs_without_psnr() -> None:
-    runs = [{"method": "x", "speedup": 2.0, "psnr": None}, {"method": "y", "psnr": 30.0}]
-    svg = rp.render_quality_svg(runs)
-    assert svg.startswith("<svg") and "<circle" not in svg
-    assert "no run has both a speedup and a PSNR" in svg
-    assert rp.unplotted(runs) == ["x", "y"]
+def test_samples_are_written_and_embedded(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    report = _report()
+    report["requests"] = [{"prompt": "a cat", "seed": 0}]
+    video = np.linspace(0, 1, 5 * 8 * 6 * 3, dtype=np.float32).reshape(5, 8, 6, 3)
+    media = {("baseline", 0): video}
+    media.update({(r["plan"], 0): video[::-1].copy() for r in report["runs"]})
+    rp.write_report(report, tmp_path, media=media)
+    section = rp.load_report(tmp_path / "report.json")["samples"]
+    assert section["runs"] == ["baseline", *(r["plan"] for r in report["runs"])]
+    gif = tmp_path / section["files"]["baseline"][0]
+    with Image.open(gif) as im:
+        assert im.n_frames == 5
+    with Image.open(tmp_path / section["strips"]["baseline"][0]) as strip:
+        assert strip.size == (6 * 5, 8)
+    found = _parse((tmp_path / "report.html").read_text())
+    assert "samples" in found.ids
+    assert len(found.imgs) == 2 * 3 and all(s.startswith("data:image/") for s in found.imgs)
 
 
-def test_html_per_step_cells() -> None:
-    runs = _report()["runs"]
-    svg = rp.render_steps_svg(runs)
-    assert svg.count('class="cell"') == 8  # 2 runs x 4 steps
-    assert 'fill-opacity="0.000"' in svg and 'fill-opacity="1.000"' in svg
-    assert 'fill-opacity="0.500"' in svg
-    missing = rp.render_steps_svg([{"method": "m", "per_step_compute": [1.0, None]}])
-    assert 'class="cell missing"' in missing
-    assert "<svg" in rp.render_steps_svg([{"method": "m"}])
+def test_index_holds_every_model(tmp_path: Path) -> None:
+    a, b = _report(), {**_report(), "model": "other"}
+    page = rp.render_index([("one", a, tmp_path), ("two", b, tmp_path)])
+    found = _parse(page)
+    assert found.ids.count("quality") == 2 and {"one", "two"} <= set(found.ids)
 
 
 def _leaves(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -251,7 +292,7 @@ def test_real_report_holds_numbers_nulls_and_text_only_under_text_keys(tmp_path:
         "dit-tiny",
         [plan(0.0, 0), plan(5.0, 1)],
         tmp_path / "ev",
-        prompts=["x"],
+        prompts=["1", "2"],
         seeds=2,
         request=Request(steps=4),
         warmup=False,
@@ -260,10 +301,12 @@ def test_real_report_holds_numbers_nulls_and_text_only_under_text_keys(tmp_path:
     raw = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     leaves = _leaves(raw)
     assert len(leaves) > 30
-    text_keys = {"model", "device", "plan", "method", "prompt", "negative_prompt"}
+    text_keys = {"model", "device", "plan", "method", "prompt", "negative_prompt", "run"}
     for path, value in leaves:
         if path[0] == "notes":
             assert isinstance(value, str), path
+        elif path[0] in ("environment", "samples"):
+            assert isinstance(value, (str, int)) or value is None, path
         elif path[-1] in text_keys:
             assert isinstance(value, str) or value is None, path
         else:
@@ -271,10 +314,10 @@ def test_real_report_holds_numbers_nulls_and_text_only_under_text_keys(tmp_path:
             assert ok, (path, value)
     same, reused = raw["runs"]
     assert same["psnr"] is None and same["ssim"] == pytest.approx(1.0)
-    assert "psnr is null for dit-easycache #1" in raw["notes"]["psnr"]
+    assert "psnr is null for dit-easycache(threshold=0.0,warmup_steps=0)" in raw["notes"]["psnr"]
     assert "equal the baseline exactly" in raw["notes"]["psnr"]
     assert isinstance(reused["psnr"], float) and reused["psnr"] > 10
-    assert reused["compute_fraction"] < 1 and "#2" not in raw["notes"]["psnr"]
+    assert reused["compute_fraction"] < 1 and "threshold=5.0" not in raw["notes"]["psnr"]
 
 
 def test_plan_names_tell_files_apart_and_number_repeats(tmp_path: Path) -> None:

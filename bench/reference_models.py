@@ -1,0 +1,91 @@
+"""Caches on the trained reference models: quality that means something, measured side by side.
+
+For each reference model (``dit-digits``, ``wan-shapes``) one ``diffcache.eval.runner.evaluate``
+call runs, on the same inputs and seeds and interleaved request by request: the plain pipeline,
+EasyCache at three thresholds (``--thresholds``; the model's bundled plan gives the warm-up),
+and diffusers' FirstBlockCache and TaylorSeer where the model's transformer supports diffusers'
+``enable_cache`` (DiT's does not: those rows say so). The table: latency, speedup,
+compute_fraction (ours: computed denoiser calls / calls; diffusers' caches report none), PSNR and
+SSIM against the plain output of the same request, and the task score (class accuracy of the
+generated digits / share of shape clips whose colour and motion direction are right) beside the
+baseline's. This is the table later DiT methods are judged on. Numbers are printed as measured;
+nothing is asserted. The full reports (with sample grids) are written under ``--out``.
+
+    python bench/reference_models.py                      # both models, their default inputs
+    python bench/reference_models.py --models dit-digits --seeds 2 --thresholds 0.05,0.1,0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcache.eval.runner import evaluate
+from diffcache.models import builtin_models
+from diffcache.plan import Plan
+
+MODELS = ("dit-digits", "wan-shapes")
+THRESHOLDS = {"dit-digits": (0.05, 0.1, 0.2), "wan-shapes": (0.05, 0.1, 0.2)}
+DIFFUSERS = ("diffusers:fbcache:threshold=0.1", "diffusers:taylorseer:cache_interval=2")
+
+
+def comparisons(model: str, thresholds: tuple[float, ...]) -> list[Any]:
+    base = Plan.load(f"{model}.yaml").to_dict()
+    plans = [
+        {**base, "options": {**base["options"], "threshold": t}, "provenance": {}}
+        for t in thresholds
+    ]
+    family = builtin_models()[model].family  # DiT has no diffusers enable_cache
+    return [*plans, *(DIFFUSERS if family != "dit" else ())]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(report: dict[str, Any], took: float) -> None:
+    base = report["baseline"]
+    print(
+        f"\n== {report['model']} | {base['samples']} samples | baseline {base['latency_s']:.3f} "
+        f"s, task score {fmt(base['task_score'], '.3f')} | {took:.0f} s"
+    )
+    print(
+        f"  {'config':<40} {'latency':>8} {'speedup':>7} {'compute':>7} {'PSNR':>6} "
+        f"{'SSIM':>6} {'task':>6}"
+    )
+    for r in report["runs"]:
+        print(
+            f"  {r['plan']:<40} {r['latency_s']:8.3f} {fmt(r['speedup'], '.3f'):>7} "
+            f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r['psnr'], '.2f'):>6} "
+            f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6}"
+        )
+    for key, note in report["notes"].items():
+        print(f"  - {key}: {note}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--seeds", type=int, default=1, help="seeds per default input")
+    p.add_argument("--thresholds", default=None, help="EasyCache thresholds (comma-separated)")
+    p.add_argument("--out", default="out/bench-reference")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        thresholds = THRESHOLDS[model]
+        if args.thresholds:
+            thresholds = tuple(float(t) for t in args.thresholds.split(","))
+        plans = comparisons(model, thresholds)
+        t0 = time.perf_counter()
+        report = evaluate(model, plans, Path(args.out) / model, seeds=args.seeds, progress=True)
+        table(report, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The report's charts, drawn with matplotlib as inline SVG (deterministic: same report, same
+bytes). ``quality_svg``: PSNR and task score against speedup, one marker per run.
+``timeline_svg``: per-step fraction of the work each run computed (1 = computed, 0 = reused)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+_RC = {"svg.hashsalt": "diffcache", "svg.fonttype": "none", "font.size": 9}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _svg(fig: Any) -> str:
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _figure(width: float, height: float, cols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(width, height))
+        axes = fig.subplots(1, cols, squeeze=False)[0]
+    return fig, axes
+
+
+def label(run: dict[str, Any]) -> str:
+    return str(run.get("plan") or run.get("method") or "?")
+
+
+def left_out(runs: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """Runs a quality panel cannot place: no speedup or no value of ``metric``."""
+    return [label(r) for r in runs if not (_number(r.get("speedup")) and _number(r.get(metric)))]
+
+
+def quality_svg(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> str:
+    """PSNR vs speedup (left) and task score vs speedup (right, with the baseline's score)."""
+    panels = [("psnr", "PSNR vs baseline (dB)")]
+    if any(_number(r.get("task_score")) for r in runs) or _number(baseline.get("task_score")):
+        panels.append(("task_score", "task score"))
+    fig, axes = _figure(4.2 * len(panels), 3.2, len(panels))
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        points = [r for r in runs if label(r) not in left_out([r], metric)]
+        for k, r in enumerate(points):
+            ax.scatter([r["speedup"]], [r[metric]], color=f"C{k % 10}", zorder=3)
+            ax.annotate(
+                label(r),
+                (r["speedup"], r[metric]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        if metric == "task_score" and _number(baseline.get("task_score")):
+            ax.axhline(baseline["task_score"], color="0.5", ls="--", lw=1, label="baseline")
+            ax.legend(loc="lower left", fontsize=7)
+        ax.axvline(1.0, color="0.8", lw=1)
+        ax.set_xlabel("speedup over the baseline (x)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "no run to place", ha="center", transform=ax.transAxes)
+    return _svg(fig)
+
+
+def timeline_svg(runs: Sequence[dict[str, Any]]) -> str:
+    """One row per run: the fraction of work computed at each step (dark = computed)."""
+    rows = [r for r in runs if r.get("per_step_compute")]
+    fig, axes = _figure(8.0, 0.5 + 0.35 * max(len(rows), 1))
+    ax = axes[0]
+    if not rows:
+        ax.text(0.5, 0.5, "no per-step data (diffusers' caches report none)", ha="center")
+        ax.set_axis_off()
+        return _svg(fig)
+    steps = max(len(r["per_step_compute"]) for r in rows)
+    grid = [
+        [v if _number(v) else math.nan for v in r["per_step_compute"]]
+        + [math.nan] * (steps - len(r["per_step_compute"]))
+        for r in rows
+    ]
+    image = ax.imshow(
+        grid, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
+    ax.set_yticks(range(len(rows)), [label(r) for r in rows])
+    ax.set_xticks(range(steps), [str(s) for s in range(steps)], fontsize=6)
+    ax.set_xlabel("step")
+    fig.colorbar(image, ax=ax, label="computed", fraction=0.03)
+    return _svg(fig)

@@ -1,0 +1,68 @@
+"""Beyond one process: ``accelerate launch`` splits eval requests and profiling prompts across
+2 CPU processes, and the merged results equal the single-process ones record for record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from diffcache.cli import main
+
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",  # accelerate's multi-process launcher; on CPU the processes use gloo
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "-m",
+    "diffcache.cli",
+]
+
+
+def _launch(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    res = subprocess.run([*LAUNCH, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"accelerate launch failed:\n{res.stdout}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def _without_timing(report: dict) -> dict:
+    timing = {"latency_s", "speedup"}
+    report = {k: v for k, v in report.items() if k not in ("environment", "baseline")}
+    report["runs"] = [{k: v for k, v in r.items() if k not in timing} for r in report["runs"]]
+    report["records"] = [{k: v for k, v in r.items() if k not in timing} for r in report["records"]]
+    return report
+
+
+def test_two_process_eval_equals_one_process(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "ids.txt").write_text("1\n2\n3\n")
+    args = ["eval", "--model", "dit-tiny", "--plan", "dit-tiny.yaml", "--prompts", "ids.txt"]
+    args += ["--seeds", "2"]
+    printed = _launch([*args, "--out", "two"], tmp_path)
+    assert printed.count("wrote ") == 1, "only the main process reports"
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--out", "one"]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["environment"]["processes"] == 2 and one["environment"]["processes"] == 1
+    assert len(two["records"]) == 12 and [r["request"] for r in two["records"]][:4] == [0, 0, 1, 1]
+    assert _without_timing(two) == _without_timing(one)
+
+
+def test_two_process_profile_writes_the_single_process_plan(tmp_path: Path, monkeypatch) -> None:
+    args = ["profile", "--model", "dit-tiny", "--method", "easycache", "--num-prompts", "4"]
+    args += ["--steps", "8", "--option", "warmup_steps=2", "--target-compute", "0.5"]
+    _launch([*args, "--out", "two.yaml"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--out", "one.yaml"]) == 0
+    assert (tmp_path / "two.yaml").read_text() == (tmp_path / "one.yaml").read_text()

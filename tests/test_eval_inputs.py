@@ -1,0 +1,113 @@
+"""Evaluation inputs and comparisons: prompt files (with answers), diffusers' caches beside our
+plans in one report, and task scores from a model's scorer for the baseline and every run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffcache.cli import main
+from diffcache.errors import DiffCacheError
+from diffcache.eval.baselines import comparison
+from diffcache.eval.runner import evaluate
+from diffcache.models import ModelEntry, builtin_models, register_model
+from diffcache.request import Request, read_prompts
+
+if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"
+    register_model(
+        ModelEntry(
+            name="dit-scored",
+            family="dit",
+            builder="diffcache.pipelines.dit:build_tiny",
+            description="dit-tiny with a toy scorer (tests)",
+            defaults={"class_label": 1, "steps": 6, "guidance": 4.0},
+            scorer="tests.test_eval_inputs:bright",
+            prompts=("1", "2", "3"),
+        )
+    )
+
+
+def bright(class_label: int, image: np.ndarray) -> bool:
+    """A toy task: is the image brighter than mid-grey?"""
+    assert isinstance(class_label, int)
+    return float(image.mean()) > 0.5
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "has no prompts"),
+        ("\n  \n", "has no prompts"),
+        ("a cat\tcat\na dog\n", "1 of 2 prompts have an answer"),
+        ("a cat\tcat\textra\n", r"p.txt:1: expected 'prompt' or 'prompt<TAB>answer'"),
+        ("\tanswer\n", "p.txt:1: expected"),
+        ("a cat\t \n", "p.txt:1: expected"),
+    ],
+    ids=["empty", "blank", "some-answers", "two-tabs", "no-prompt", "empty-answer"],
+)
+def test_bad_prompt_files(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "p.txt").write_text(text)
+    with pytest.raises(DiffCacheError, match=match):
+        read_prompts(tmp_path / "p.txt")
+
+
+def test_prompt_files_with_answers(tmp_path: Path, capsys) -> None:
+    (tmp_path / "p.txt").write_text("2+2\t4\n\n3+3\t6\n")
+    assert read_prompts(tmp_path / "p.txt") == (["2+2", "3+3"], ["4", "6"])
+    argv = ["eval", "--model", "dit-tiny", "--plan", "dit-tiny.yaml", "--prompts"]
+    assert main([*argv, str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "only text models are checked against" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_diffusers_specs() -> None:
+    with pytest.raises(DiffCacheError, match=r"unknown diffusers cache 'fbcahce'.*fbcache"):
+        comparison("diffusers:fbcahce")
+    with pytest.raises(DiffCacheError, match="expected key=value"):
+        comparison("diffusers:fbcache:threshold")
+    with pytest.raises(DiffCacheError, match="unexpected keyword"):
+        comparison("diffusers:fbcache:treshold=0.1")
+
+
+def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:
+    report = evaluate(
+        "flux-tiny",
+        ["flux-tiny.yaml", "diffusers:fbcache:threshold=0.5"],
+        tmp_path,
+        prompts=["a cat"],
+        request=Request(steps=20, height=64, width=64),
+    )
+    ours, theirs = report["runs"]
+    assert theirs["method"] == "diffusers:fbcache" and theirs["compute_fraction"] is None
+    assert "diffusers' caches report no computed work" in report["notes"]["compute_fraction"]
+    assert 0 < ours["compute_fraction"] < 1 and theirs["psnr"] is not None
+    with pytest.raises(DiffCacheError, match="has no diffusers enable_cache"):
+        evaluate("dit-tiny", ["diffusers:fbcache"], tmp_path / "x", prompts=["1"])
+
+
+def test_task_scores_for_baseline_and_runs(tmp_path: Path) -> None:
+    report = evaluate(
+        "dit-scored",
+        [
+            {
+                "diffcache": 1,
+                "model": "dit",
+                "method": "easycache",
+                "options": {"threshold": 1e6, "warmup_steps": 2},
+            }
+        ],
+        tmp_path,
+        seeds=2,
+    )
+    records = report["records"]
+    assert len(records) == 3 * 2 * 2 and {r["task_score"] for r in records} <= {0.0, 1.0}
+    base = [r["task_score"] for r in records if r["run"] == "baseline"]
+    assert report["baseline"]["task_score"] == pytest.approx(sum(base) / len(base))
+    assert report["runs"][0]["task_score"] is not None and "task_score" not in report["notes"]
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('class="sample"') == 2 * 4  # samples of the first 4 requests, 2 columns
+    plain = evaluate("dit-tiny", ["dit-tiny.yaml"], tmp_path / "plain", prompts=["1"])
+    assert plain["baseline"]["task_score"] is None
+    assert "dit-tiny has no task scorer" in plain["notes"]["task_score"]
