@@ -145,9 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices, kernel backends, methods").set_defaults(
         func=_info
     )
-    p = sub.add_parser("demo", help="baseline vs the default plan of a built-in model, reported")
+    p = sub.add_parser("demo", help="baseline vs the default plans of the reference models")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--model", default="wan2.1-tiny")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a built-in model with a bundled default plan (repeatable; default: the "
+        f"reference models {', '.join(DEMO_MODELS)})",
+    )
     p.set_defaults(func=_demo)
     return parser
 
@@ -502,27 +507,43 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MODELS = ("dit-digits", "wan-shapes")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from diffcache.eval.runner import DEFAULT_PROMPTS, evaluate
+    """Baseline vs each model's default plan on its own evaluation inputs, one report per model
+    in ``--out/<model>/`` and one page for all of them in ``--out/report.html``."""
+    from diffcache.eval.report import render_index
+    from diffcache.eval.runner import evaluate
     from diffcache.models import builtin_models, model_entry
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import bundled_plans
     from diffcache.request import Request
 
-    model_entry(args.model)  # a built-in model
-    name = f"{args.model}.yaml"
-    if name not in bundled_plans():
-        demo = [m for m in builtin_models() if f"{m}.yaml" in bundled_plans()]
-        raise DiffCacheError(
-            f"--model {args.model}: no default plan ({name}) is bundled for it, so there is no "
-            f"demo for it; demo models: {', '.join(demo)}"
-        )
-    plan = Plan.load(name)
+    models = args.model or [m for m in DEMO_MODELS if m in builtin_models()]
+    for model in models:
+        model_entry(model)  # a built-in model
+        if f"{model}.yaml" not in bundled_plans():
+            demo = [m for m in builtin_models() if f"{m}.yaml" in bundled_plans()]
+            raise DiffCacheError(
+                f"--model {model}: no default plan ({model}.yaml) is bundled for it, so there is "
+                f"no demo for it; demo models: {', '.join(demo)}"
+            )
     out = _out_dir(args.out)
-    print(f"demo: {args.model}, baseline vs {name}, 2 prompts x 2 seeds")
-    report = evaluate(
-        args.model, [plan], out, prompts=DEFAULT_PROMPTS[:2], seeds=2, request=Request()
-    )
-    _print_report(report, out)
+    sections = []
+    for model in models:
+        entry = builtin_models()[model]
+        seeds = 1 if entry.default_prompts() else 2
+        print(f"demo: {model}, baseline vs {model}.yaml", flush=True)
+        report = evaluate(
+            model, [f"{model}.yaml"], out / model, seeds=seeds, request=Request(),
+            progress=sys.stderr.isatty(),
+        )  # fmt: skip
+        if report is None:  # not the main process
+            return 0
+        _print_report(report, out / model)
+        sections.append((model, report, out / model))
+    (out / "report.html").write_text(render_index(sections), encoding="utf-8")
+    print(f"open {out / 'report.html'}")
     return 0
 
 

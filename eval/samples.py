@@ -98,8 +98,10 @@ def grid_html(report: dict[str, Any], out_dir: Path) -> str:
                     )
                 cells.append(f"<td>{cell}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    caption = "Same request and seed in every row."
+    if section.get("strips"):
+        caption += " Videos play as animated GIFs, with every frame below."
     return (
-        '<figure id="samples"><table class="grid">' + "".join(rows) + "</table>"
-        "<figcaption>Same request and seed in every row; videos play as animated GIFs, with "
-        "every frame below.</figcaption></figure>"
+        f'<figure id="samples"><table class="grid">{"".join(rows)}</table>'
+        f"<figcaption>{caption}</figcaption></figure>"
     )

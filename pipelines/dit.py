@@ -12,7 +12,11 @@ from diffcache.request import Field
 
 
 def _num_classes(pipe: Any) -> int:
-    """The largest class id: DiT's label table has one more row, the null class for CFG."""
+    """The largest class id: the pipeline's named labels when it has them (``id2label``), else
+    the label table, which has one more row (the null class for CFG)."""
+    labels = getattr(pipe, "labels", None)
+    if labels:
+        return max(int(i) for i in labels.values())
     return int(pipe.transformer.config.num_embeds_ada_norm) - 1
 
 

@@ -212,9 +212,10 @@ def test_eval_and_demo_write_reports(tmp_path: Path, capsys) -> None:
     assert 0 < run["compute_fraction"] < 1 and run["psnr"] > 10 and 0 < run["ssim"] <= 1
     assert run["lpips"] is None and "LPIPS" in report["notes"]["lpips"]
     assert len(run["per_step_compute"]) == 20
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--model", "dit-tiny", "--out", str(tmp_path / "demo")]) == 0
     for suffix in ("json", "md", "html"):
-        assert (tmp_path / "demo" / f"report.{suffix}").stat().st_size > 0
+        assert (tmp_path / "demo" / "dit-tiny" / f"report.{suffix}").stat().st_size > 0
+    assert 'id="dit-tiny"' in (tmp_path / "demo" / "report.html").read_text()
     assert "speedup" in capsys.readouterr().out
 
 

@@ -185,7 +185,8 @@ def test_prompt_words_are_in_vocabulary(built: tuple[str, Any, Any]) -> None:
 def test_models_yaml_entries() -> None:
     assert {"wan2.1-tiny", "wan2.1-1.3b-random", "dit-tiny"} <= MODELS.keys()
     for name, entry in MODELS.items():
-        assert set(entry) == {"family", "builder", "description", "defaults"}, name
+        required = {"family", "builder", "description", "defaults"}
+        assert required <= set(entry) <= required | {"scorer", "prompts"}, name
         adapter = adapters()[entry["family"]]
         assert callable(_builder(entry["builder"])), name
         unknown = set(entry["defaults"]) - {f.name for f in adapter.fields}
