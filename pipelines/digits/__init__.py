@@ -8,6 +8,8 @@ says whether the digit classifier trained with it reads the asked class in a gen
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,12 @@ TRAIN = "python -m diffcache.pipelines.digits.train"
 DEFAULTS = {"class_label": 3, "steps": 20, "guidance": 3.0}
 #: the default evaluation inputs: every class once
 PROMPTS = tuple(str(i) for i in range(10))
+#: the pipeline weights and the file, in the pipeline folder, that records their sha256
+WEIGHTS = (
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+CHECKSUMS = "sha256.json"
 
 
 def _refuse(path: Path, problem: str) -> UnsupportedModelError:
@@ -29,16 +37,35 @@ def _refuse(path: Path, problem: str) -> UnsupportedModelError:
     )
 
 
+def checksums(model: Path) -> dict[str, str]:
+    """The sha256 of each weights file of a saved pipeline folder, by relative path."""
+    return {name: hashlib.sha256((model / name).read_bytes()).hexdigest() for name in WEIGHTS}
+
+
+def _check(model: Path) -> None:
+    """Refuse a missing weights file, or one whose sha256 is not the recorded one (a file damaged
+    without changing its size still parses)."""
+    for name in WEIGHTS:
+        if not (model / name).is_file():
+            raise _refuse(model / name, "is missing")
+    record = model / CHECKSUMS
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise _refuse(record, f"cannot be read ({type(e).__name__})") from e
+    for name, digest in checksums(model).items():
+        if not isinstance(recorded, dict) or recorded.get(name) != digest:
+            raise _refuse(model / name, f"does not match the sha256 recorded in {record.name}")
+
+
 def load(folder: Path | None = None) -> Any:
-    """The ``DiTPipeline`` (fp32) from ``folder`` (default: the committed files)."""
+    """The ``DiTPipeline`` (fp32) from ``folder`` (default: the committed files), after checking
+    its weights against their recorded sha256."""
     import torch
     from diffusers import DiTPipeline
 
     folder = Path(folder or HERE) / "model"
-    for part in ("transformer", "vae"):
-        weights = folder / part / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise _refuse(weights, "is missing")
+    _check(folder)
     try:
         pipe = DiTPipeline.from_pretrained(
             str(folder),

@@ -5,13 +5,15 @@
 Data: scikit-learn's bundled 8x8 digits (1,797 images, offline), upsampled to 32x32 grey RGB in
 [-1, 1]; a fixed split keeps 297 images out of every training for the classifier's held-out
 accuracy. Everything is seeded and the batch order comes from seeded generators, so a run is
-deterministic on one machine. Writes a diffusers ``DiTPipeline`` folder (``model/``, fp16
-weights), ``classifier.safetensors`` and ``training.json`` (losses, accuracy, times).
+deterministic on one machine. Writes a diffusers ``DiTPipeline`` folder (``model/``: fp16
+weights and ``sha256.json``, their checksums), ``classifier.safetensors`` and ``training.json``
+(losses, accuracy, times).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcache.pipelines.digits import CHECKSUMS, checksums
+
 HERE = Path(__file__).parent
 SIZE = 32
 NULL_CLASS = 1000  # DiTPipeline's hard-coded unconditional class id
@@ -31,6 +35,12 @@ BETAS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (N, 3, 32, 32) in [-1, 1] and their labels, in a fixed shuffled order."""
+    x, y = _digits()
+    return x.clone(), y.clone()
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -111,9 +121,17 @@ def fit(
     return losses
 
 
-def train_vae(steps: int = 1200, seed: int = 0) -> tuple[Any, list[float]]:
-    x, _ = digits()
-    x = x[HELD_OUT:]
+def _training(limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training digits (all but the held-out ones), or their first ``limit`` for short runs."""
+    x, y = digits()
+    return x[HELD_OUT:][:limit], y[HELD_OUT:][:limit]
+
+
+def train_vae(
+    steps: int = 1200, seed: int = 0, limit: int | None = None
+) -> tuple[Any, list[float]]:
+    """The autoencoder: MSE reconstruction + 1e-5 KL on the training digits; the losses."""
+    x, _ = _training(limit)
     torch.manual_seed(seed)  # the initial weights too
     vae = vae_model()
 
@@ -126,13 +144,14 @@ def train_vae(steps: int = 1200, seed: int = 0) -> tuple[Any, list[float]]:
     return vae, fit(vae, loss_of, len(x), steps, 32, 2e-3, seed, "vae")
 
 
-def train_dit(vae: Any, steps: int = 2500, seed: int = 0) -> tuple[Any, float, list[float]]:
+def train_dit(
+    vae: Any, steps: int = 2500, seed: int = 0, limit: int | None = None
+) -> tuple[Any, float, list[float]]:
     """The DiT on the autoencoder's latents (its mean, scaled to unit std), epsilon objective,
     10% of labels dropped to the null class so CFG works."""
     from diffusers import DDPMScheduler
 
-    x, y = digits()
-    x, y = x[HELD_OUT:], y[HELD_OUT:]
+    x, y = _training(limit)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
     scale = float(1.0 / z.std())
@@ -152,10 +171,11 @@ def train_dit(vae: Any, steps: int = 2500, seed: int = 0) -> tuple[Any, float, l
     return dit, scale, fit(dit, loss_of, len(z), steps, 128, 3e-4, seed, "dit")
 
 
-def train_classifier(vae: Any, steps: int = 800, seed: int = 0) -> tuple[nn.Module, list[float]]:
+def train_classifier(
+    vae: Any, steps: int = 800, seed: int = 0, limit: int | None = None
+) -> tuple[nn.Module, list[float]]:
     """The scorer, on real digits and their autoencoder reconstructions, in [0, 1]."""
-    x, y = digits()
-    x, y = x[HELD_OUT:], y[HELD_OUT:]
+    x, y = _training(limit)
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     images = torch.cat([x, recon]) / 2 + 0.5
@@ -186,6 +206,8 @@ def save(out: Path, vae: Any, dit: Any, scale: float, classifier: nn.Module) -> 
         id2label={i: str(i) for i in range(10)},
     )  # fmt: skip
     pipe.save_pretrained(out / "model")
+    sums = checksums(out / "model")
+    (out / "model" / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
     state = {k: v.half().contiguous() for k, v in classifier.state_dict().items()}
     save_file(state, str(out / "classifier.safetensors"))
 
