@@ -8,54 +8,23 @@ says whether the digit classifier trained with it reads the asked class in a gen
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffcache.errors import UnsupportedModelError
+from diffcache.pipelines._weights import Weights
 
 HERE = Path(__file__).parent
 TRAIN = "python -m diffcache.pipelines.digits.train"
-#: the default request of the toolkit for this model
-DEFAULTS = {"class_label": 3, "steps": 20, "guidance": 3.0}
 #: the default evaluation inputs: every class once
 PROMPTS = tuple(str(i) for i in range(10))
-#: the pipeline weights and the file, in the pipeline folder, that records their sha256
-WEIGHTS = (
-    "transformer/diffusion_pytorch_model.safetensors",
-    "vae/diffusion_pytorch_model.safetensors",
+#: the pipeline weights (relative to ``model/``), checked against ``model/sha256.json``
+WEIGHTS = Weights(
+    "dit-digits",
+    TRAIN,
+    ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
 )
-CHECKSUMS = "sha256.json"
-
-
-def _refuse(path: Path, problem: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"dit-digits: {path} {problem}; re-create the weights with `{TRAIN}`."
-    )
-
-
-def checksums(model: Path) -> dict[str, str]:
-    """The sha256 of each weights file of a saved pipeline folder, by relative path."""
-    return {name: hashlib.sha256((model / name).read_bytes()).hexdigest() for name in WEIGHTS}
-
-
-def _check(model: Path) -> None:
-    """Refuse a missing weights file, or one whose sha256 is not the recorded one (a file damaged
-    without changing its size still parses)."""
-    for name in WEIGHTS:
-        if not (model / name).is_file():
-            raise _refuse(model / name, "is missing")
-    record = model / CHECKSUMS
-    try:
-        recorded = json.loads(record.read_text())
-    except (OSError, ValueError) as e:
-        raise _refuse(record, f"cannot be read ({type(e).__name__})") from e
-    for name, digest in checksums(model).items():
-        if not isinstance(recorded, dict) or recorded.get(name) != digest:
-            raise _refuse(model / name, f"does not match the sha256 recorded in {record.name}")
 
 
 def load(folder: Path | None = None) -> Any:
@@ -65,7 +34,7 @@ def load(folder: Path | None = None) -> Any:
     from diffusers import DiTPipeline
 
     folder = Path(folder or HERE) / "model"
-    _check(folder)
+    WEIGHTS.check(folder)
     try:
         pipe = DiTPipeline.from_pretrained(
             str(folder),
@@ -74,26 +43,17 @@ def load(folder: Path | None = None) -> Any:
             id2label={i: str(i) for i in range(10)},  # not part of the saved folder
         )
     except Exception as e:  # a truncated or corrupt file fails in safetensors or config parsing
-        raise _refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
+        raise WEIGHTS.refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @functools.cache
 def _classifier(folder: Path = HERE) -> Any:
-    from safetensors.torch import load_file
-
     from diffcache.pipelines.digits.train import classifier_net
 
-    path = folder / "classifier.safetensors"
-    if not path.is_file():
-        raise _refuse(path, "is missing")
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise _refuse(path, f"cannot be loaded ({e})") from e
     net = classifier_net()
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.load_state_dict(WEIGHTS.state(folder / "classifier.safetensors"))
     return net.eval()
 
 

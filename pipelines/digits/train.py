@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.pipelines.digits import CHECKSUMS, checksums
+from diffcache.pipelines.digits import WEIGHTS
 
 HERE = Path(__file__).parent
 SIZE = 32
@@ -206,8 +206,7 @@ def save(out: Path, vae: Any, dit: Any, scale: float, classifier: nn.Module) -> 
         id2label={i: str(i) for i in range(10)},
     )  # fmt: skip
     pipe.save_pretrained(out / "model")
-    sums = checksums(out / "model")
-    (out / "model" / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+    WEIGHTS.record(out / "model")
     state = {k: v.half().contiguous() for k, v in classifier.state_dict().items()}
     save_file(state, str(out / "classifier.safetensors"))
 

@@ -192,7 +192,9 @@ def test_models_yaml_entries() -> None:
         unknown = set(entry["defaults"]) - {f.name for f in adapter.fields}
         assert not unknown, f"{name}: defaults {sorted(unknown)} not in {adapter.name} fields"
         assert entry["defaults"]["guidance"] > 1, f"{name}: guidance should be on by default"
-        if adapter.cfg == "separate" and adapter.field("negative_prompt"):
+        # random-weight models get a negative prompt; trained ones (a scorer) keep the empty
+        # prompt they were trained to use as the unconditional branch
+        if adapter.cfg == "separate" and adapter.field("negative_prompt") and "scorer" not in entry:
             assert entry["defaults"].get("negative_prompt"), name
 
 
