@@ -3,6 +3,7 @@
 For each reference model (``dit-digits``, ``wan-shapes``) one ``diffcache.eval.runner.evaluate``
 call runs, on the same inputs and seeds and interleaved request by request: the plain pipeline,
 EasyCache at three thresholds (``--thresholds``; the model's bundled plan gives the warm-up),
+the model's bundled plans of other methods (``<model>-ertacache.yaml`` ...),
 and diffusers' FirstBlockCache and TaylorSeer where the model's transformer supports diffusers'
 ``enable_cache`` (DiT's does not: those rows say so). The table: latency, speedup,
 compute_fraction (ours: computed denoiser calls / calls; diffusers' caches report none), PSNR and
@@ -26,7 +27,7 @@ import torch
 
 from diffcache.eval.runner import evaluate
 from diffcache.models import builtin_models
-from diffcache.plan import Plan
+from diffcache.plan import Plan, bundled_plans
 
 MODELS = ("dit-digits", "wan-shapes")
 THRESHOLDS = {"dit-digits": (0.05, 0.1, 0.2), "wan-shapes": (0.05, 0.1, 0.2)}
@@ -39,8 +40,9 @@ def comparisons(model: str, thresholds: tuple[float, ...]) -> list[Any]:
         {**base, "options": {**base["options"], "threshold": t}, "provenance": {}}
         for t in thresholds
     ]
+    others = sorted(p for p in bundled_plans() if p.startswith(f"{model}-"))  # other methods
     family = builtin_models()[model].family  # DiT has no diffusers enable_cache
-    return [*plans, *(DIFFUSERS if family != "dit" else ())]
+    return [*plans, *others, *(DIFFUSERS if family != "dit" else ())]
 
 
 def fmt(value: float | None, spec: str) -> str:

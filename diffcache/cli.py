@@ -60,8 +60,11 @@ def _quiet_libraries() -> None:
 
 
 def _one_line(e: Exception) -> str:
-    parts = (line.strip().removeprefix("- ") for line in str(e).splitlines())
-    return "; ".join(p for p in parts if p)
+    parts = [line.strip().removeprefix("- ") for line in str(e).splitlines()]
+    parts = [p for p in parts if p]
+    if len(parts) > 1 and parts[0].endswith(":"):  # "title:" then its items
+        return f"{parts[0]} {'; '.join(parts[1:])}"
+    return "; ".join(parts)
 
 
 def _unrecognized(command: str, extra: list[str]) -> str:
@@ -495,7 +498,7 @@ def _info(args: argparse.Namespace) -> int:
         why = f" ({'; '.join(op['auto_on_cuda_reasons'])})" if op["auto_on_cuda_reasons"] else ""
         interp = ", triton interpreter on" if op["interpreter"] else ""
         print(
-            f"  {op['name']:13s} on CUDA tensors: {op['auto_on_cuda']}{why}; on CPU: "
+            f"  {op['name']:18s} on CUDA tensors: {op['auto_on_cuda']}{why}; on CPU: "
             f"{op['cpu']}{interp} - {op['description']}"
         )
     print("methods:")

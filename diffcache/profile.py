@@ -24,7 +24,12 @@ import torch
 
 from diffcache import distributed
 from diffcache.adapter import Target
-from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
+from diffcache.errors import (
+    AlreadyAcceleratedError,
+    DiffCacheError,
+    PlanError,
+    UnsupportedModelError,
+)
 from diffcache.methods.base import Calibrated, MethodConfig
 from diffcache.output import sample_of
 from diffcache.plan import Plan
@@ -49,10 +54,12 @@ class Record:
 
 
 class Trace:
-    """Every probe record of a profiling run, in call order."""
+    """Every probe record of a profiling run, in call order, and ``observed``: the sums a
+    method's own observer (``MethodConfig.observer``) accumulated, added up over processes."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.observed: dict[str, torch.Tensor] = {}
 
     def select(self, kind: str | None = None, site: str | None = None) -> list[Record]:
         return [
@@ -162,7 +169,7 @@ class Profiling:
                 hi, best = mid, m
             else:
                 lo = mid
-        rounded = _round_up(hi)  # a readable knob, kept only if it measures the same
+        rounded = round_up(hi)  # a readable knob, kept only if it measures the same
         if rounded != hi and run(rounded)["compute_fraction"] == best["compute_fraction"]:
             hi = rounded
         return make(hi), {**best, "search": [[float(f"{k:.6g}"), c] for k, c in search]}
@@ -210,6 +217,12 @@ def profile(
         )
     adapter = find_adapter(pipe)
     target = Target.resolve(adapter, pipe)
+    reasons = config.not_supported_reasons(target)
+    if reasons:  # before any calibration run
+        raise UnsupportedModelError(
+            f"method {config.name!r} cannot run on {type(pipe).__name__}:\n  - "
+            + "\n  - ".join(reasons)
+        )
     requests = expand(adapter, prompts, seeds, request or Request())
     for req in requests:  # every request is checked before any work
         check(adapter.fields, adapter.name, req, pipe)
@@ -250,6 +263,7 @@ def record_trace(
     session = Session(target, None, run)
     trace, memory, clock = Trace(), {}, {"denoiser": 0.0, "probe": 0.0}
     index = [0]
+    observer = config.observer(target)
     latent_arg = target.adapter.latent_arg
     latent_pos = target.arg_index(latent_arg)
 
@@ -275,6 +289,8 @@ def record_trace(
         )
         if site.kind == "step":
             clock["denoiser"] += t1 - t0
+            if observer is not None:
+                observer.see(run.step, call.branch, x, sample_of(out))
         clock["probe"] += time.perf_counter() - t1
         return out
 
@@ -293,10 +309,14 @@ def record_trace(
             generate(pipe, req)
             total += time.perf_counter() - t0
             steps = run.num_steps or run.stats.steps
+            if observer is not None:
+                observer.end_request()
     finally:
         session.close()
-    parts = distributed.gather((trace.records, steps, clock, total))
+    observed = observer.result() if observer is not None else {}
+    parts = distributed.gather((trace.records, steps, clock, total, observed))
     trace.records = sorted((r for part in parts for r in part[0]), key=lambda r: r.request)
+    trace.observed = {k: sum(part[4][k] for part in parts) for k in observed}
     steps = max(part[1] for part in parts)
     denoiser = sum(part[2]["denoiser"] for part in parts)
     wall = sum(part[3] - part[2]["probe"] for part in parts)
@@ -375,7 +395,7 @@ def _with_provenance(
     return dataclasses.replace(plan, provenance=provenance)
 
 
-def _round_up(x: float, digits: int = 3) -> float:
+def round_up(x: float, digits: int = 3) -> float:
     """``x`` rounded up to ``digits`` significant digits."""
     unit = 10 ** (math.floor(math.log10(x)) - digits + 1)
     return float(f"{math.ceil(x / unit) * unit:.{digits}g}")

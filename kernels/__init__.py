@@ -13,6 +13,7 @@ from diffcache.errors import KernelUnavailableError
 from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .l1_change import l1_change, l1_change_ref
+from .rectified_residual import rectified_residual, rectified_residual_ref
 
 __all__ = [
     "Backend",
@@ -25,5 +26,7 @@ __all__ = [
     "last_backend",
     "ops",
     "pick",
+    "rectified_residual",
+    "rectified_residual_ref",
     "resolve_backend",
 ]

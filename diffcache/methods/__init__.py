@@ -1,7 +1,15 @@
 """Caching methods, one file each; importing this package registers them all."""
 
-from diffcache.methods import easycache
+from diffcache.methods import easycache, ertacache
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
+from diffcache.methods.ertacache import ERTACacheConfig
 
-__all__ = ["MethodConfig", "option", "EasyCacheConfig", "easycache"]
+__all__ = [
+    "MethodConfig",
+    "option",
+    "EasyCacheConfig",
+    "ERTACacheConfig",
+    "easycache",
+    "ertacache",
+]

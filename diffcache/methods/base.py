@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
 
 from diffcache.errors import PlanError
 from diffcache.options import from_mapping, option, to_plain
@@ -21,7 +23,19 @@ if TYPE_CHECKING:
 
 GRANULARITIES = ("step", "block", "module", "kv")
 
-__all__ = ["MethodConfig", "Calibrated", "option", "GRANULARITIES"]
+__all__ = ["MethodConfig", "Calibrated", "Observer", "option", "GRANULARITIES"]
+
+
+class Observer(Protocol):
+    """A method's profiling recorder: ``see`` gets every whole-step call of the plain run (the
+    call's step and branch, its input and output tensors), ``end_request`` ends one calibration
+    request, and ``result`` gives sums of tensors, which are added up over processes."""
+
+    def see(self, step: int, branch: int, x: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def end_request(self) -> None: ...
+
+    def result(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +89,11 @@ class MethodConfig:
     def plan_problems(self, valid_for: Mapping[str, Any]) -> list[str]:
         """Problems of these options together with the plan's ``valid_for`` (checked at load)."""
         return []
+
+    def observer(self, target: Target) -> Observer | None:
+        """What this method records at the whole-step site while ``diffcache profile`` runs
+        the plain pipeline, beyond the generic probes (None: nothing)."""
+        return None
 
     def calibrate(self, profiling: Profiling) -> Calibrated:
         """Make this method's plan from a profiling session (observe-only trace + calibration

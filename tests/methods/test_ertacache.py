@@ -1,0 +1,214 @@
+"""ERTACache: the profiled schedule, the timestep adjustment, the rectifier, and the method on a
+real pipeline family with true CFG (Qwen-Image, flow-matching Euler)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.errors import PlanError, UnsupportedModelError
+from diffcache.generate import generate
+from diffcache.methods.ertacache import (
+    ERTACacheCalibration,
+    ERTACacheConfig,
+    adjusted_sigmas,
+    fit_threshold,
+    reuse_steps,
+    schedule,
+)
+from diffcache.plan import Plan
+from diffcache.request import Request
+from tests.toys import clean
+
+STEPS = 8
+REQ = Request(height=64, width=64, steps=STEPS, guidance=4.0, negative_prompt="blurry")
+PROMPTS = ["a cat", "a red fox"]
+
+
+def _calibration(t: int = 6, b: int = 1, c: int = 2, seed: int = 0) -> ERTACacheCalibration:
+    g = torch.Generator().manual_seed(seed)
+    rel = torch.rand(b, t, t, generator=g, dtype=torch.float64)
+    n = torch.full((b, t, t, c), 10.0, dtype=torch.float64)
+    u = torch.randn(b, t, t, c, generator=g, dtype=torch.float64)
+    uu = u**2 + 1
+    moments = torch.stack([n, u * n, 0.5 * u * n + 0.1 * n, uu * n, (0.5 * uu + 0.1 * u) * n], -1)
+    ones = torch.ones(b, t, dtype=torch.float64)
+    return ERTACacheCalibration(rel, rel / 2, ones, 2 * ones, moments, ones)
+
+
+def test_reuse_steps_follow_the_last_refresh() -> None:
+    rel = torch.tensor(
+        [[0, 0.1, 0.3, 0.5, 0.9], [0, 0, 0.05, 0.2, 0.9], [0, 0, 0, 0.1, 0.9], [0, 0, 0, 0, 0.1]]
+        + [[0, 0, 0, 0, 0]]
+    )
+    assert reuse_steps(rel, 0.0) == ()
+    assert reuse_steps(rel, 0.2) == (1, 3)  # 2 refreshes (rel[0, 2] = 0.3); rel[2, 3] = 0.1
+    assert reuse_steps(rel, 0.4) == (1, 2)  # 3 refreshes (rel[0, 3] = 0.5); 4 is the last step
+    assert reuse_steps(rel, 1.0) == (1, 2, 3)
+
+
+def test_unadjusted_schedule_is_unchanged_and_adjusted_steps_cover_the_interval() -> None:
+    sigmas = torch.tensor([1.0, 0.9, 0.7, 0.45, 0.2, 0.0])
+    assert torch.allclose(adjusted_sigmas(sigmas, (1.0,) * 5), sigmas.double(), atol=1e-15)
+    new = adjusted_sigmas(sigmas, (1.0, 0.3, 0.0, 0.8, 1.0))
+    steps = new[:-1] - new[1:]
+    assert new[0] == 1.0 and new[-1] == 0.0 and (steps >= 0).all()
+    assert torch.isclose(steps.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert steps[2] == 0.0 and steps[1] < sigmas[1] - sigmas[2]  # phi 0: no time; 0.3: shorter
+
+
+def test_rectifier_fits_the_error_and_is_the_identity_for_zero_error() -> None:
+    cal = _calibration()
+    sched = schedule(cal, ERTACacheConfig(threshold=1.0))
+    assert sched.reuse == (1, 2, 3, 4)
+    # the synthetic error is e = 0.5 u + 0.1 exactly: scale 1 - 0.5, shift -0.1
+    k = sched.reuse[0]
+    assert torch.allclose(sched.scale[:, k], torch.full((1, 2), 0.5))
+    assert torch.allclose(sched.shift[:, k], torch.full((1, 2), -0.1))
+    zero = torch.zeros_like(cal.moments)
+    zero[..., 0], zero[..., 1], zero[..., 3] = 10.0, cal.moments[..., 1], cal.moments[..., 3]
+    exact = schedule(dataclasses.replace(cal, moments=zero), ERTACacheConfig(threshold=1.0))
+    assert torch.equal(exact.scale, torch.ones_like(exact.scale))
+    assert torch.equal(exact.shift, torch.zeros_like(exact.shift))
+    assert torch.equal(sched.scale[:, 0], torch.ones(1, 2))  # computed steps untouched
+    none = schedule(cal, ERTACacheConfig(threshold=1.0, rectify="none"))
+    assert torch.equal(none.scale, torch.ones_like(none.scale))
+
+
+def test_threshold_meets_a_compute_target_exactly() -> None:
+    cal = _calibration(t=10)
+    for target in (0.9, 0.6, 0.3):
+        tau = fit_threshold(cal, target)
+        got = schedule(cal, ERTACacheConfig(threshold=tau)).compute_fraction
+        assert got <= target
+        # every smaller threshold computes more: the schedule only changes at a profiled value
+        rel = cal.pair_rel[0]
+        below = rel[(rel < tau) & torch.ones_like(rel, dtype=torch.bool).triu(1)]
+        if len(below):
+            smaller = ERTACacheConfig(threshold=float(below.max()))
+            assert schedule(cal, smaller).compute_fraction > target
+    with pytest.raises(diffcache.DiffCacheError, match="above the target"):
+        fit_threshold(cal, 0.1)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return diffcache.load_model("qwenimage-tiny")
+
+
+@pytest.fixture(scope="module")
+def profiled(qwen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("erta") / "qwen-erta.yaml"
+    plan = diffcache.profile(
+        qwen, ERTACacheConfig(), PROMPTS, target_compute=0.5, request=REQ, out=out
+    )
+    return Plan.load(out), plan
+
+
+def _gen(pipe, prompt: str = "a cat"):
+    return generate(pipe, REQ.replace(prompt=prompt))
+
+
+def test_profiled_plan_is_followed_exactly_per_branch(qwen, profiled) -> None:
+    plan, _ = profiled
+    reuse = plan.provenance["measured"]["reuse_steps"]
+    assert plan.options["threshold"] > 0 and 0 < len(reuse) and STEPS - len(reuse) <= 4
+    base = _gen(qwen)
+    diffcache.accelerate(qwen, plan)
+    try:
+        out = _gen(qwen)
+        stats = diffcache.stats(qwen)
+        adjusted = qwen.scheduler.sigmas.clone()
+    finally:
+        diffcache.remove(qwen)
+    assert stats.computed == 2 * (STEPS - len(reuse)) and stats.skipped == 2 * len(reuse)
+    assert stats.kernels["rectified_residual"] in ("torch", "triton")
+    assert out.shape == base.shape and torch.isfinite(torch.as_tensor(out)).all()
+    assert not (out == base).all()
+    assert (_gen(qwen) == base).all(), "remove() restores the plain pipeline and its scheduler"
+    phi = plan.provenance["measured"]["phi"]
+    assert len(phi) == len(reuse) and any(f < 1 for f in phi)
+    assert not torch.equal(adjusted, qwen.scheduler.sigmas), "reused steps were shortened"
+    assert adjusted[0] == qwen.scheduler.sigmas[0] and adjusted[-1] == 0
+
+
+def test_identity_equals_the_baseline(qwen, profiled) -> None:
+    plan, _ = profiled
+    base = _gen(qwen)
+    ident = dataclasses.replace(plan, options={**plan.options, "threshold": 0.0})
+    diffcache.accelerate(qwen, ident)
+    try:
+        assert (_gen(qwen) == base).all() and diffcache.stats(qwen).skipped == 0
+    finally:
+        diffcache.remove(qwen)
+
+
+def test_plan_round_trips_byte_identically_and_profiling_is_deterministic(
+    qwen, profiled, tmp_path
+) -> None:
+    plan, _ = profiled
+    first = Path(plan.source)
+    again = Plan.load(plan.save(tmp_path / "again.yaml"))
+    for a, b in (
+        (first, Path(again.source)),
+        (first.with_suffix(".safetensors"), tmp_path / "again.safetensors"),
+    ):
+        assert a.read_bytes().replace(a.stem.encode(), b"X") == b.read_bytes().replace(
+            b.stem.encode(), b"X"
+        )
+    other = diffcache.profile(qwen, ERTACacheConfig(), PROMPTS, target_compute=0.5, request=REQ)
+    assert other.options == plan.options and other.calibration == plan.calibration
+    assert all(torch.equal(other.tensors[k], plan.tensors[k]) for k in plan.tensors)
+
+
+def test_schedulers_the_adjustment_is_not_defined_for_are_refused() -> None:
+    pipe = diffcache.load_model("wan2.1-tiny")  # UniPC
+    with pytest.raises(UnsupportedModelError, match="time_adjust=false"):
+        diffcache.profile(pipe, ERTACacheConfig(), PROMPTS, request=REQ)
+    problems = ERTACacheConfig().plan_problems({"scheduler": "UniPCMultistepScheduler"})
+    assert problems and "time_adjust: false" in problems[0]
+    assert not ERTACacheConfig(time_adjust=False).plan_problems({"scheduler": "DDIMScheduler"})
+
+
+def test_a_calibration_for_another_step_count_is_refused(qwen, profiled) -> None:
+    plan, _ = profiled
+    other = dataclasses.replace(plan, valid_for={**plan.valid_for, "num_inference_steps": 12})
+    with pytest.raises(PlanError, match="calibration has 8 steps"):
+        diffcache.accelerate(qwen, other)
+    assert clean(qwen.transformer, qwen.scheduler)
+    assert (_gen(qwen) == _gen(qwen)).all()
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "dit-tiny", "cogvideox-tiny"],
+)
+def test_every_family_profiles_and_follows_its_schedule(model: str) -> None:
+    """Every DiT adapter: profile to compute 0.5 at 6 steps (the timestep adjustment where the
+    scheduler is flow-matching Euler), then the run computes exactly the planned steps."""
+    from diffcache.models import builtin_models
+
+    pipe = diffcache.load_model(model)
+    euler = type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    small = {"height": 32, "width": 32} if "height" in builtin_models()[model].defaults else {}
+    req = Request(steps=6, **small).merged(builtin_models()[model].defaults)
+    prompts = ["1", "2"] if model == "dit-tiny" else PROMPTS
+    plan = diffcache.profile(
+        pipe, ERTACacheConfig(time_adjust=euler), prompts, target_compute=0.5, request=req
+    )
+    reuse = plan.provenance["measured"]["reuse_steps"]
+    assert 6 - len(reuse) <= 3
+    diffcache.accelerate(pipe, plan)
+    try:
+        one = req.replace(class_label=1) if model == "dit-tiny" else req.replace(prompt="a cat")
+        out = generate(pipe, one)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    branches = stats.computed // (6 - len(reuse))
+    assert stats.computed == branches * (6 - len(reuse)) and stats.skipped == branches * len(reuse)
+    assert torch.isfinite(torch.as_tensor(out)).all()
