@@ -6,6 +6,8 @@ For each model, these configurations run on the same request (prompt, size, step
 - ``identity``: diffcache.accelerate() with an EasyCache plan of threshold 0 (never reuses); it
   measures what our hooks cost when they do nothing.
 - ``EasyCache tau=T``: diffcache.accelerate() with an EasyCache plan (one line per threshold).
+- ``ERTACache c<=F``: ``diffcache.profile`` makes an ERTACache plan for compute fraction F on two
+  calibration prompts (not the bench's), then it runs like the others (``--erta-compute``).
 - ``FirstBlockCache``: diffusers' ``transformer.enable_cache(FirstBlockCacheConfig(threshold))``.
 - ``TaylorSeer``: diffusers' ``transformer.enable_cache(TaylorSeerCacheConfig(cache_interval,
   disable_cache_before_step, max_order=1, cache_identifiers))``: the attention modules of every
@@ -186,6 +188,20 @@ def ours(plan: Plan, name: str) -> Config:
     return Config(name, lambda p: diffcache.accelerate(p, plan), diffcache.remove, ours=True)
 
 
+def ertacache(pipe: Any, request: Request, compute: float) -> Config:
+    """ERTACache profiled here to ``compute`` on two calibration prompts (other than the bench
+    request's), with the timestep adjustment where the scheduler is flow-matching Euler."""
+    from diffcache.methods.ertacache import EULER, ERTACacheConfig
+
+    euler = type(pipe.scheduler).__name__ == EULER
+    class_ids = request.get("class_label") is not None
+    prompts = ["5", "6"] if class_ids else ["a quiet harbour at dawn", "a dog running on grass"]
+    config = ERTACacheConfig(time_adjust=euler)
+    plan = diffcache.profile(pipe, config, prompts, target_compute=compute, request=request)
+    adjust = ", dt adjusted" if euler else ""
+    return ours(plan, f"ERTACache c<={compute:g} (lambda={plan.options['threshold']:g}{adjust})")
+
+
 def diffusers_cache(pipe: Any, name: str, make: Callable[[], Any]) -> Config:
     """A diffusers ``enable_cache`` configuration (or an unavailable one, with the reason)."""
     transformer = pipe.transformer
@@ -324,6 +340,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     request = request_for(name, pipe, args)
     steps = request.get("steps")
     configs = build_configs(name, pipe, args, steps)
+    configs[2:2] = [ertacache(pipe, request, c) for c in args.erta_computes]
     size = "x".join(str(request.get(k)) for k in ("height", "width") if request.get(k))
     frames = f"x{request.get('frames')}f" if request.get("frames") else ""
     print(
@@ -394,17 +411,17 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
             f"{fmt(res.calls, '.3f'):>5}  {fmt(macs, '.3f'):>5}  {quality:>7}  "
             f"{fmt(overhead, '.3f'):>8}"
         )
+        if c.ours and c.name.startswith("EasyCache") and res.calls == 1.0:
+            notes.append(
+                f"{c.name} reused no step on this model (compute fraction 1.0); "
+                "pass --threshold with larger values to see reuse"
+            )
         if not res.deterministic:
             notes.append(
                 f"{c.name}: a timed run differs from its probe run in output or compute "
                 "fraction (nondeterministic)"
             )
-        if c.ours and c.name.startswith("EasyCache"):
-            if res.calls == 1.0:
-                notes.append(
-                    f"{c.name} reused no step on this model (compute fraction 1.0); "
-                    "pass --threshold with larger values to see reuse"
-                )
+        if c.ours and not c.name.startswith("identity"):
             met = "met" if overhead >= OVERHEAD_TARGET else "not met"
             notes.append(
                 f"{c.name}: speedup {speedup:.3f} of ideal {ideal:.3f} = {overhead:.3f} "
@@ -505,6 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="diffusers TaylorSeer cache_interval (default 2); its warm-up is EasyCache's",
     )
+    p.add_argument(
+        "--erta-compute",
+        default="0.5",
+        help="comma-separated compute targets for ERTACache, profiled in the run (one line each; "
+        "'' for none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -525,6 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
     args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
+    args.erta_computes = [float(t) for t in args.erta_compute.split(",") if t.strip()]
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -30,7 +30,7 @@ from diffcache.errors import (
     PlanError,
     UnsupportedModelError,
 )
-from diffcache.methods.base import Calibrated, MethodConfig
+from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
@@ -114,6 +114,13 @@ class Profiling:
         self.pipe, self.target, self.requests, self.trace = pipe, target, requests, trace
         self.valid_for, self.target_compute, self.progress = valid_for, target_compute, progress
         self.runs = 0
+
+    def record(self, observer: Observer) -> dict[str, torch.Tensor]:
+        """Run every calibration request plain with ``observer`` attached (no other probes); its
+        results, added up over processes. For methods whose recording depends on the settings
+        ``calibrate`` picks (HyCa's interval)."""
+        trace = record_trace(self.pipe, self.target, None, self.requests, self.progress, observer)
+        return trace[0].observed
 
     def measure(self, config: MethodConfig, calibration: Any = None) -> dict[str, Any]:
         """Run every calibration request with ``config`` attached; the mean compute fraction."""
@@ -251,11 +258,17 @@ def profile(
 
 
 def record_trace(
-    pipe: Any, target: Target, config: MethodConfig, requests: Sequence[Request], progress: bool
+    pipe: Any,
+    target: Target,
+    config: MethodConfig | None,
+    requests: Sequence[Request],
+    progress: bool,
+    observer: Observer | None = None,
 ) -> tuple[Trace, int, float]:
     """Run each request with observe-only probes (split across processes under accelerate
     launch); returns the trace, the step count and the denoiser's share of the generation time
-    (probe time excluded)."""
+    (probe time excluded). With ``observer`` only it records (no generic probes); otherwise the
+    method's own observer, if any, rides along with the probes."""
     from diffcache.drivers import DRIVERS
     from diffcache.generate import generate
 
@@ -263,7 +276,10 @@ def record_trace(
     session = Session(target, None, run)
     trace, memory, clock = Trace(), {}, {"denoiser": 0.0, "probe": 0.0}
     index = [0]
-    observer = config.observer(target)
+    probes = observer is None and config is not None
+    if probes:
+        observer = config.observer(target)
+    seen = observer.kinds if observer is not None else ()
     latent_arg = target.adapter.latent_arg
     latent_pos = target.arg_index(latent_arg)
 
@@ -272,30 +288,21 @@ def record_trace(
         out = call.compute()
         t1 = time.perf_counter()
         site = call.site
-        x = call.arg(latent_arg, latent_pos) if site.kind == "step" else None
-        key = (index[0], site.name, site.expert, call.branch)
-        values = probe(site.kind, x, out, memory.setdefault(key, {}))
-        trace.records.append(
-            Record(
-                index[0],
-                run.step,
-                run.substep,
-                call.branch,
-                site.expert,
-                site.kind,
-                site.name,
-                values,
-            )
-        )
+        if probes and site.kind in config.probe_kinds:
+            x = call.arg(latent_arg, latent_pos) if site.kind == "step" else None
+            key = (index[0], site.name, site.expert, call.branch)
+            values = probe(site.kind, x, out, memory.setdefault(key, {}))
+            record = (run.step, run.substep, call.branch, site.expert, site.kind, site.name)
+            trace.records.append(Record(index[0], *record, values))
+        if site.kind in seen:
+            observer.see(call, out)
         if site.kind == "step":
             clock["denoiser"] += t1 - t0
-            if observer is not None:
-                observer.see(run.step, call.branch, x, sample_of(out))
         clock["probe"] += time.perf_counter() - t1
         return out
 
     session.on_step(observe)
-    for kind in config.probe_kinds:
+    for kind in dict.fromkeys([*(config.probe_kinds if probes else ()), *seen]):
         if kind != "step":
             session.on_sites(target.sites(kind), observe, "probe")
     steps, total = 0, 0.0

@@ -12,6 +12,7 @@ from diffcache.errors import KernelUnavailableError
 
 from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
+from .forecast import forecast, forecast_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
 
@@ -21,6 +22,8 @@ __all__ = [
     "add_residual",
     "add_residual_ref",
     "describe",
+    "forecast",
+    "forecast_ref",
     "l1_change",
     "l1_change_ref",
     "last_backend",

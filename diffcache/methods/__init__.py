@@ -1,15 +1,18 @@
 """Caching methods, one file each; importing this package registers them all."""
 
-from diffcache.methods import easycache, ertacache
+from diffcache.methods import easycache, ertacache, hyca
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
 from diffcache.methods.ertacache import ERTACacheConfig
+from diffcache.methods.hyca import HyCaConfig
 
 __all__ = [
     "MethodConfig",
     "option",
     "EasyCacheConfig",
     "ERTACacheConfig",
+    "HyCaConfig",
     "easycache",
     "ertacache",
+    "hyca",
 ]

@@ -27,11 +27,14 @@ __all__ = ["MethodConfig", "Calibrated", "Observer", "option", "GRANULARITIES"]
 
 
 class Observer(Protocol):
-    """A method's profiling recorder: ``see`` gets every whole-step call of the plain run (the
-    call's step and branch, its input and output tensors), ``end_request`` ends one calibration
-    request, and ``result`` gives sums of tensors, which are added up over processes."""
+    """A method's profiling recorder: ``see`` gets every call of the plain run at sites of the
+    ``kinds`` it names (the call: site, step, branch, arguments; and its output),
+    ``end_request`` ends one calibration request, and ``result`` gives sums of tensors, which
+    are added up over processes."""
 
-    def see(self, step: int, branch: int, x: torch.Tensor, v: torch.Tensor) -> None: ...
+    kinds: tuple[str, ...]
+
+    def see(self, call: Any, output: Any) -> None: ...
 
     def end_request(self) -> None: ...
 

@@ -183,7 +183,7 @@ class ERTACacheConfig(MethodConfig):
         return []
 
     def observer(self, target: Any) -> _Recorder:
-        return _Recorder(target.adapter.channel_dim)
+        return _Recorder(target)
 
     def calibrate(self, profiling: Any) -> Calibrated:
         """The profiled sums as calibration; with a compute target, the smallest threshold whose
@@ -224,14 +224,20 @@ class _Recorder:
     """The profiling observer: keeps this request's residuals per branch and adds every
     (computed step, later step) pair's statistics to running sums."""
 
-    def __init__(self, channel_dim: int) -> None:
-        self.cdim = channel_dim
+    kinds = ("step",)
+
+    def __init__(self, target: Any) -> None:
+        self.cdim = target.adapter.channel_dim
+        self.latent_arg = target.adapter.latent_arg
+        self.latent_pos = target.arg_index(self.latent_arg)
         self.residuals: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.prev_v: dict[int, torch.Tensor] = {}
         self.sums: dict[tuple, Any] = defaultdict(float)
         self.channels = 0
 
-    def see(self, step: int, branch: int, x: torch.Tensor, v: torch.Tensor) -> None:
+    def see(self, call: Call, output: Any) -> None:
+        step, branch = call.step, call.branch
+        x, v = call.arg(self.latent_arg, self.latent_pos), sample_of(output)
         n = min(x.shape[self.cdim], v.shape[self.cdim])
         x = _channels_first(x.narrow(self.cdim, 0, n), self.cdim)
         v = _channels_first(v.narrow(self.cdim, 0, n), self.cdim)

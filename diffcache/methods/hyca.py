@@ -1,0 +1,387 @@
+"""HyCa: hybrid feature caching, a solver per cluster of hidden dimensions.
+
+Paper: Zheng et al., "Let Features Decide Their Own Solvers: Hybrid Feature Caching for Diffusion
+Transformers" (HyCa, arXiv 2510.04188, ICLR 2026). No reference code was public; the rules
+follow the paper's main text as collected in ``shared/research/dit.md`` §1.4, and every formula
+the paper leaves to its (unavailable) appendix is an explicit choice below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from diffcache.errors import DiffCacheError, PlanError, RunError
+from diffcache.methods.base import Calibrated, MethodConfig, option
+from diffcache.registry import register_method
+from diffcache.session import Call, Session, positions
+from diffcache.sites import Site
+
+#: the solver pool: fixed-weight stencils over the cached residuals of full-compute steps
+SOLVERS = ("reuse", "linear", "quadratic", "ab2")
+#: history entries each solver uses (fewer while the history is shorter)
+POINTS = {"reuse": 1, "linear": 2, "quadratic": 3, "ab2": 3}
+HISTORY = 3
+_EPS = 1e-12
+
+
+def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
+    """Weights over history values at ``steps`` (oldest first) that forecast step ``k``.
+
+    - ``reuse``: the latest value.
+    - ``linear`` / ``quadratic``: the polynomial through the last 2 / 3 points, evaluated at
+      ``k`` (exact for linear / quadratic trajectories, at any spacing).
+    - ``ab2``: Adams-Bashforth 2 on backward-difference slopes,
+      ``F2 + h (3/2 f2 - 1/2 f1)`` with ``f2 = (F2 - F1) / (s2 - s1)``, ``f1 = (F1 - F0) /
+      (s1 - s0)``, ``h = k - s2`` (exact for linear trajectories).
+
+    A solver with fewer points than it needs uses the next lower order (ab2 and quadratic fall
+    back to linear, linear to reuse).
+    """
+    n = min(POINTS[name], len(steps))
+    pts = [float(s) for s in steps[-n:]]
+    if name == "ab2" and n == 3:
+        s0, s1, s2 = pts
+        a, b = 1.5 * (k - s2) / (s2 - s1), 0.5 * (k - s2) / (s1 - s0)
+        w = [b, -a - b, 1 + a]
+    else:
+        w = [
+            math.prod((k - pts[m]) / (pts[j] - pts[m]) for m in range(n) if m != j)
+            for j in range(n)
+        ]
+    return [0.0] * (len(steps) - n) + w
+
+
+@dataclasses.dataclass(frozen=True)
+class HyCaCalibration:
+    """``labels[b, d]``: the cluster of hidden dimension ``d`` of block site ``b`` (sites in the
+    adapter's order); ``cluster_solvers[c]``: the solver of cluster ``c``; ``errors[b, d, s]`` and
+    ``indicators[b, d, :]``: what the choice was made from (kept for inspection)."""
+
+    cluster_solvers: tuple[str, ...] = option(("reuse",), "the solver of each cluster")
+    labels: torch.Tensor = dataclasses.field(default=None)  # type: ignore[assignment]
+    errors: torch.Tensor = dataclasses.field(default=None)  # type: ignore[assignment]
+    indicators: torch.Tensor = dataclasses.field(default=None)  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True)
+class HyCaConfig(MethodConfig):
+    """HyCa (arXiv 2510.04188): every block's residual ``block(h) - h`` is computed on full
+    steps and forecast on the others, each hidden dimension by the solver of its cluster.
+
+    Rules:
+
+    - Schedule ("All-Time Solving"): steps ``k < warmup_steps`` and every ``interval``-th step
+      after them (``(k - warmup_steps) % interval == 0``) compute every block; the other steps
+      compute no block: each returns its input plus the forecast residual (per stream for
+      dual-stream blocks). ``compute_fraction`` = computed block calls / block calls.
+    - Offline ("One-Time Choosing", ``diffcache profile``): the plain model runs the calibration
+      prompts; for every block and hidden dimension it records (a) dynamics indicators of the
+      residual over consecutive steps and (b) the squared error of every solver of ``solvers``
+      forecasting each skipped step of this schedule from the residuals of its full steps. The
+      dimensions of all blocks are clustered by (a) with k-means (``clusters``, scikit-learn,
+      ``seed``); each cluster takes the solver with the lowest mean error over its dimensions
+      (the paper's Eq. 4, over the whole schedule rather than one step).
+    - ``diffcache profile --target-compute F`` picks the smallest ``interval`` whose schedule
+      computes at most ``F`` of the block calls (a ``--target-speedup`` becomes such an F).
+
+    Published settings (dit.md §1.4.4, inferred from the paper's FLOPs columns): FLUX.1-dev 50
+    steps ``interval`` 5-7 with warm-up 3, or 4 with warm-up 1; Qwen-Image 50 steps ``interval``
+    3/6/8, warm-up 3; HunyuanVideo 50 steps ``interval`` 6, warm-up 1. Two clusters in every
+    figure of the paper.
+
+    Choices where the paper defers to its appendix (ours, named):
+
+    - Solvers (``SOLVERS``): plain reuse, linear and quadratic extrapolation (polynomials
+      through the last 2 / 3 full-step residuals) and Adams-Bashforth 2; the step variable is
+      the step index; the history holds full-step residuals only (never forecasts). The
+      paper's RK, AM and BDF members are not implemented: written as extrapolation stencils on
+      the cached history they coincide with these or need model evaluations.
+    - Indicators per (block, dimension), summed over tokens, steps, branches and prompts: the
+      log energy ratios of the first to zeroth, second to first and third to second
+      consecutive-step differences of the residual (change rate, curvature ratio, jerk ratio),
+      standardised before k-means. One clustering for all blocks' dimensions.
+    - CFG branches keep their own histories and share the plan.
+    """
+
+    name: ClassVar[str] = "hyca"
+    granularity: ClassVar[str] = "block"
+    kernels: ClassVar[tuple[str, ...]] = ("forecast",)
+    calibration: ClassVar[type] = HyCaCalibration
+
+    interval: int = option(5, "N: one full step every N steps after the warm-up", min=1)
+    warmup_steps: int = option(3, "W: the first W steps compute every block", min=1)
+    clusters: int = option(2, "C: clusters of hidden dimensions (k-means)", min=1)
+    solvers: tuple[str, ...] = option(SOLVERS, "the solver pool")
+    seed: int = option(0, "k-means seed", min=0)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.solvers if s not in SOLVERS]
+        if unknown or not self.solvers:
+            raise PlanError(f"options.solvers: {unknown or '[]'}; choose from {list(SOLVERS)}")
+
+    @classmethod
+    def identity(cls) -> HyCaConfig:
+        return cls(interval=1)
+
+    @classmethod
+    def aggressive(cls) -> HyCaConfig:
+        return cls(interval=1000, warmup_steps=1)
+
+    def full(self, step: int) -> bool:
+        return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
+
+    def compute_fraction(self, steps: int) -> float:
+        return sum(self.full(k) for k in range(steps)) / steps
+
+    def plan_problems(self, valid_for: Any) -> list[str]:
+        steps = valid_for.get("num_inference_steps")
+        if steps is not None and self.warmup_steps >= steps:
+            return [
+                f"options.warmup_steps: {self.warmup_steps} warm-up steps cover all {steps} "
+                "steps, so nothing is forecast; use fewer"
+            ]
+        return []
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Pick the interval for a compute target, record the trace for that schedule,
+        cluster the dimensions and choose a solver per cluster."""
+        steps = profiling.valid_for["num_inference_steps"]
+        config = self
+        if profiling.target_compute is not None:
+            config = _fit_interval(self, steps, profiling.target_compute)
+        sites = profiling.target.sites("block")
+        data = profiling.record(_Recorder(config, sites))
+        if not data:
+            raise DiffCacheError("hyca: no block call was recorded; does the model have blocks?")
+        cal = choose(config, data["errors"], data["energy"])
+        measured = {
+            "compute_fraction": round(config.compute_fraction(steps), 6),
+            "cluster_sizes": torch.bincount(
+                cal.labels.flatten(), minlength=config.clusters
+            ).tolist(),
+            "cluster_solvers": list(cal.cluster_solvers),
+        }
+        return Calibrated(config, cal, measured=measured)
+
+
+def _fit_interval(cfg: HyCaConfig, steps: int, target: float) -> HyCaConfig:
+    for n in range(1, steps + 1):
+        candidate = dataclasses.replace(cfg, interval=n)
+        if candidate.compute_fraction(steps) <= target:
+            return candidate
+    best = dataclasses.replace(cfg, interval=steps).compute_fraction(steps)
+    raise DiffCacheError(
+        f"hyca: with warm-up {cfg.warmup_steps} the schedule computes at least {best:.3f} of the "
+        f"block calls at {steps} steps, above the target {target:.3f}; lower --option "
+        "warmup_steps or ask for less"
+    )
+
+
+def choose(cfg: HyCaConfig, errors: torch.Tensor, energy: torch.Tensor) -> HyCaCalibration:
+    """Cluster (block, dimension) pairs by their indicators; the best pool solver per cluster."""
+    from sklearn.cluster import KMeans
+
+    b, d, _ = errors.shape
+    e = energy.double() + _EPS
+    indicators = torch.stack(
+        [
+            (e[..., 1] / e[..., 0]).log(),
+            (e[..., 2] / e[..., 1]).log(),
+            (e[..., 3] / e[..., 2]).log(),
+        ],
+        -1,
+    )
+    flat = indicators.reshape(-1, 3)
+    z = (flat - flat.mean(0)) / flat.std(0).clamp_min(_EPS)
+    k = min(cfg.clusters, len(z))
+    labels = KMeans(k, n_init=10, random_state=cfg.seed).fit_predict(z.numpy())
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(b, d)
+    pool = [SOLVERS.index(s) for s in cfg.solvers]
+    solvers = []
+    for c in range(k):
+        mean = errors[labels == c][:, pool].mean(0)  # (pool,)
+        solvers.append(cfg.solvers[int(mean.argmin())])
+    return HyCaCalibration(tuple(solvers), labels, errors.float(), indicators.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# block inputs and outputs
+
+
+class _Blocks:
+    """Reads a block call's stream inputs and output parts, in the site's output order."""
+
+    def __init__(self, sites: Sequence[Site]) -> None:
+        self.where = {s.name: positions(s.module.forward) for s in sites}
+
+    def inputs(self, call: Call) -> tuple[torch.Tensor, ...]:
+        pos = self.where[call.site.name]
+        names = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
+        return tuple(call.arg(names[p], pos.get(names[p])) for p in call.site.returns)
+
+    @staticmethod
+    def parts(output: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+class _Recorder:
+    """Profiling observer: per (block, branch), the residual's consecutive-step differences
+    (indicators) and each solver's error on this schedule's skipped steps."""
+
+    kinds = ("block",)
+
+    def __init__(self, cfg: HyCaConfig, sites: Sequence[Site]) -> None:
+        self.cfg, self.blocks = cfg, _Blocks(sites)
+        self.index = {s.name: i for i, s in enumerate(sites)}
+        self.recent: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # last 3 steps
+        self.full: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self.errors: dict[int, torch.Tensor] = {}
+        self.energy: dict[int, torch.Tensor] = {}
+
+    def see(self, call: Call, output: Any) -> None:
+        x, y = self.blocks.inputs(call), _Blocks.parts(output)
+        r = torch.cat(
+            [(o.float() - i.float()).reshape(-1, o.shape[-1]) for i, o in zip(x, y, strict=True)]
+        )
+        key, b, k = (
+            (call.site.name, call.site.expert, call.branch),
+            self.index[call.site.name],
+            call.step,
+        )
+        dims = r.shape[1]
+        if b not in self.errors:
+            self.errors[b] = torch.zeros(dims, len(SOLVERS), dtype=torch.float64)
+            self.energy[b] = torch.zeros(dims, 4, dtype=torch.float64)
+        recent = self.recent[key]
+        level = [*recent, r]  # consecutive steps; differences of orders 0-3 ending at step k
+        for order in range(len(level)):
+            self.energy[b][:, order] += (level[-1].double() ** 2).sum(0).cpu()
+            level = [level[i + 1] - level[i] for i in range(len(level) - 1)]
+        recent.append(r)
+        del recent[:-3]
+        history = self.full[key]
+        if self.cfg.full(k):
+            history.append((k, r))
+            del history[:-HISTORY]
+            return
+        steps = [s for s, _ in history]
+        stacked = torch.stack([h for _, h in history])
+        for j, name in enumerate(SOLVERS):
+            w = torch.tensor(solver_weights(name, steps, k)).view(-1, 1, 1)
+            pred = (w * stacked).sum(0)
+            self.errors[b][:, j] += ((pred - r).double() ** 2).sum(0).cpu()
+
+    def end_request(self) -> None:
+        self.recent.clear()
+        self.full.clear()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.errors:
+            return {}
+        order = sorted(self.errors)
+        dims = {self.errors[b].shape[0] for b in order}
+        if len(dims) != 1 or order != list(range(len(self.index))):
+            raise DiffCacheError(
+                f"hyca: block sites differ in hidden size ({sorted(dims)}) or were not all "
+                "called; one dimension clustering needs one hidden size"
+            )
+        return {
+            "errors": torch.stack([self.errors[b] for b in order]),
+            "energy": torch.stack([self.energy[b] for b in order]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+
+
+@dataclasses.dataclass
+class _History:
+    steps: list[int] = dataclasses.field(default_factory=list)
+    parts: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (H, *part shape) each
+    template: Any = None
+
+
+class _HyCa:
+    def __init__(self, session: Session, cfg: HyCaConfig, sites: Sequence[Site]) -> None:
+        cal: HyCaCalibration = session.calibration
+        if cal.labels.dim() != 2 or cal.labels.shape[0] != len(sites):
+            raise PlanError(
+                f"hyca: the plan's dimension map has shape {tuple(cal.labels.shape)} but this "
+                f"model has {len(sites)} blocks; profile this model"
+            )
+        unknown = [s for s in cal.cluster_solvers if s not in SOLVERS]
+        if unknown:
+            raise PlanError(f"hyca: calibration.cluster_solvers {unknown} not in {list(SOLVERS)}")
+        if len(cal.cluster_solvers) != int(cal.labels.max()) + 1:
+            raise PlanError(
+                f"hyca: the plan names {len(cal.cluster_solvers)} cluster solvers for "
+                f"{int(cal.labels.max()) + 1} clusters"
+            )
+        self.cfg, self.run, self.backend = cfg, session.run, session.kernels
+        self.blocks = _Blocks(sites)
+        self.index = {s.name: i for i, s in enumerate(sites)}
+        solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
+        self.dim_solver = solver_of[cal.labels]  # (blocks, D) solver index per dimension
+        self.weights: dict[tuple, torch.Tensor] = {}
+
+    def weights_for(self, block: int, steps: tuple[int, ...], k: int, dims: int, device) -> Any:
+        key = (block, steps, k)
+        w = self.weights.get(key)
+        if w is None:
+            if self.dim_solver.shape[1] != dims:
+                raise self.run.fail(
+                    RunError(
+                        f"hyca: the plan clusters {self.dim_solver.shape[1]} hidden dimensions "
+                        f"but this block has {dims} ({self.run.where()}); profile this model"
+                    )
+                )
+            table = torch.tensor([solver_weights(s, steps, k) for s in SOLVERS])  # (S, H)
+            w = table[self.dim_solver[block]].T.contiguous().to(device)  # (H, D)
+            if len(self.weights) > 4096:
+                self.weights.clear()
+            self.weights[key] = w
+        return w
+
+    def __call__(self, call: Call) -> Any:
+        st = call.state(_History)
+        if self.cfg.full(call.step) or not st.steps:
+            out = call.compute()
+            x = self.blocks.inputs(call)
+            y = _Blocks.parts(out)
+            residuals = [(o.float() - i.float()) for i, o in zip(x, y, strict=True)]
+            if not st.parts:
+                st.parts = [r.unsqueeze(0) for r in residuals]
+            else:
+                keep = HISTORY - 1
+                st.parts = [
+                    torch.cat([p[-keep:], r.unsqueeze(0)])
+                    for p, r in zip(st.parts, residuals, strict=True)
+                ]
+            st.steps = [*st.steps[-(HISTORY - 1) :], call.step]
+            st.template = out
+            return out
+        from diffcache import kernels
+
+        x = self.blocks.inputs(call)
+        block = self.index[call.site.name]
+        w = self.weights_for(block, tuple(st.steps), call.step, x[0].shape[-1], x[0].device)
+        outs = [
+            kernels.forecast(i, h, w, backend=self.backend)
+            for i, h in zip(x, st.parts, strict=True)
+        ]
+        self.run.stats.kernels["forecast"] = kernels.last_backend["forecast"]
+        return tuple(outs) if isinstance(st.template, (tuple, list)) else outs[0]
+
+
+@register_method(HyCaConfig)
+def apply(session: Session, cfg: HyCaConfig) -> None:
+    """Forecast every block on the skipped steps of the schedule."""
+    sites = session.target.sites("block")
+    session.on_sites(sites, _HyCa(session, cfg, sites), "hyca")
