@@ -103,7 +103,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="profile a model and write a plan for a method")
     p.add_argument("--model", required=True)
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", default=None, help="the method (or the one of --from)")
+    p.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="start from a plan or template's method, options and step count (e.g. the "
+        "published settings in flux-hyca.yaml; `diffcache plans list`)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", default=None, help="calibration prompts, one per line")
     src.add_argument("--num-prompts", type=int, default=None, help="N bundled calibration prompts")
@@ -231,10 +238,20 @@ def _method_config(args: argparse.Namespace, steps: int | None) -> Any:
     from diffcache.registry import get_method
     from diffcache.yamlio import loads_yaml
 
+    start = Plan.load(args.start, template=True) if args.start else None
+    if args.method is None and start is None:
+        raise DiffCacheError("give --method, or --from a plan or template to take it from")
+    if start is not None and args.method not in (None, start.method):
+        raise DiffCacheError(
+            f"--method {args.method} but --from {args.start} is a {start.method} plan; give one"
+        )
+    args.method = args.method or start.method
     cls, _ = get_method(args.method, "--method")
     options: dict[str, Any] = {}
     default = f"{args.model}.yaml"
-    if default in bundled_plans() and Plan.load(default).method == args.method:
+    if start is not None:
+        options.update(start.options)
+    elif default in bundled_plans() and Plan.load(default).method == args.method:
         options.update(Plan.load(default).options)
     for item in args.option or ():
         key, sep, text = item.partition("=")
@@ -332,10 +349,19 @@ def _profile(args: argparse.Namespace) -> int:
         if not 1 <= args.num_prompts <= 10_000:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
+    from diffcache.plan import Plan
+
+    if args.start and args.steps is None:  # the template's step count, unless --steps says
+        args.steps = Plan.load(args.start, template=True).valid_for.get("num_inference_steps")
     req, adapter = _request(args, args.model, sample)
     config = _method_config(args, req.get("steps"))
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample)
+    if args.start and Plan.load(args.start, template=True).model != adapter.name:
+        raise DiffCacheError(
+            f"--from {args.start}: a plan for {Plan.load(args.start, template=True).model} "
+            f"models, and {args.model} is a {adapter.name} model"
+        )
     if prompts is None:
         prompts = _bundled_prompts(adapter, pipe, args.num_prompts)
     plan = diffcache.profile(
@@ -429,17 +455,20 @@ def _plans_list(args: argparse.Namespace) -> int:
     from diffcache.plan import Plan, bundled_plans
 
     for name in bundled_plans():
-        plan = Plan.load(name)
+        plan = Plan.load(name, template=True)
         opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
         valid = ", ".join(f"{k}={v}" for k, v in plan.valid_for.items()) or "any"
-        print(f"{name:28s} {plan.model:14s} {plan.method:12s} {opts}  (valid for: {valid})")
+        note = f"(valid for: {valid})"
+        if plan.is_template:
+            note = f"(template for {valid}: diffcache profile --model MODEL --from {name} ...)"
+        print(f"{name:28s} {plan.model:14s} {plan.method:12s} {opts}  {note}")
     return 0
 
 
 def _plans_show(args: argparse.Namespace) -> int:
     from diffcache.plan import Plan
 
-    print(Plan.load(args.name).dumps(), end="")
+    print(Plan.load(args.name, template=True).dumps(), end="")
     return 0
 
 

@@ -73,6 +73,7 @@ class Plan:
     tensors: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False)
     sidecar: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
     source: str = dataclasses.field(default="<dict>", compare=False)
+    template: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (*MAPPINGS, "tensors", "sidecar"):
@@ -80,7 +81,18 @@ class Plan:
         problems = self.config.plan_problems(self.valid_for)
         if problems:
             raise PlanError("\n".join(f"{self.source}: {p}" for p in problems))
-        self.calibration_data  # validate now, so a Plan is always usable  # noqa: B018
+        if not self.is_template:
+            self.calibration_data  # validate now, so a Plan is always usable  # noqa: B018
+
+    @property
+    def is_template(self) -> bool:
+        """Loaded with ``template=True`` and lacking the calibration its method needs: published
+        options to start ``diffcache profile --from`` with, not a plan to run."""
+        return (
+            self.template
+            and self.config.calibration is not None
+            and not (self.calibration or self.tensors)
+        )
 
     @functools.cached_property
     def config(self) -> Any:
@@ -102,12 +114,13 @@ class Plan:
         return f"{self.model}-{self.method}" + (f"({options})" if options else "")
 
     @classmethod
-    def load(cls, plan: str | Path | Mapping[str, Any] | Plan) -> Plan:
-        """Load from a Plan, a dict, a file path, or the name of a bundled plan."""
+    def load(cls, plan: str | Path | Mapping[str, Any] | Plan, template: bool = False) -> Plan:
+        """Load from a Plan, a dict, a file path, or the name of a bundled plan; with
+        ``template`` a calibrated method's plan may lack its calibration (see ``is_template``)."""
         if isinstance(plan, Plan):
             return plan
         if isinstance(plan, Mapping):
-            return cls.from_dict(plan)
+            return cls.from_dict(plan, template=template)
         if not isinstance(plan, (str, Path)):
             raise PlanError(
                 f"plan must be a path, a bundled plan name, a dict or a Plan, got "
@@ -123,10 +136,10 @@ class Plan:
                     f"{plan}: no such plan file{did_you_mean(path.name, bundled)}; bundled plans: "
                     f"{', '.join(bundled)} (see `diffcache plans list`)."
                 )
-        return cls.from_dict(read_yaml(path), source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path), template=template)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> Plan:
+    def from_dict(cls, data: Any, source: str = "<dict>", template: bool = False) -> Plan:
         """Validate plain plan data (as read from YAML); every problem names ``source``."""
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan is a mapping of {', '.join(KEYS)}")
@@ -183,6 +196,7 @@ class Plan:
             tensors=tensors,
             sidecar=dict(sidecar or {}),
             source=source,
+            template=template,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,9 +292,12 @@ def _calibration(
             raise PlanError(f"{where}: method {config_cls.name!r} takes no calibration; remove it.")
         return None
     if not data and not tensors:
+        hint = config_cls.profile_hint()
+        if source != "<dict>":  # a template: start from its options
+            hint = hint.replace(f"--method {config_cls.name}", f"--from {Path(source).name}")
         raise PlanError(
             f"{where}: method {config_cls.name!r} needs calibration data and the plan has none; "
-            f"make it with: {config_cls.profile_hint()}"
+            f"make it with: {hint}"
         )
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}

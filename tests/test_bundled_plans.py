@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 
+from diffcache.errors import PlanError
 from diffcache.plan import Plan, bundled_plans
 from diffcache.profiles.make import PLANS, make
 
@@ -32,3 +33,33 @@ def test_make_rewrites_a_bundled_plan_byte_for_byte(tmp_path) -> None:
     assert new.read_text() == old.read_text()
     sidecar = name.replace(".yaml", ".safetensors")
     assert (tmp_path / sidecar).read_bytes() == old.with_name(sidecar).read_bytes()
+
+
+TEMPLATES = [n for n in bundled_plans() if Plan.load(n, template=True).is_template]
+
+
+def test_templates_carry_published_settings_and_refuse_to_run_uncalibrated() -> None:
+    assert {"wan21-ertacache.yaml", "flux-hyca.yaml"} <= set(TEMPLATES)
+    for name in TEMPLATES:
+        plan = Plan.load(name, template=True)
+        assert {"source", "published"} <= set(plan.provenance), name
+        with pytest.raises(PlanError, match=f"--from {name}"):
+            Plan.load(name)
+
+
+def test_profile_from_a_template(tmp_path, capsys) -> None:
+    from diffcache.cli import main
+
+    out = tmp_path / "flux.yaml"
+    args = ["profile", "--model", "flux-tiny", "--from", "flux-hyca.yaml", "--num-prompts", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    template = Plan.load("flux-hyca.yaml", template=True)
+    assert plan.method == "hyca" and not plan.is_template
+    assert all(plan.options[k] == v for k, v in template.options.items())
+    assert plan.valid_for["num_inference_steps"] == template.valid_for["num_inference_steps"]
+    assert main(["profile", "--model", "dit-tiny", "--from", "flux-hyca.yaml", "--num-prompts",
+                 "1", "--out", str(out)]) == 2  # fmt: skip
+    assert "a plan for flux models" in capsys.readouterr().err
+    assert main(["profile", "--model", "flux-tiny", "--num-prompts", "1", "--out", str(out)]) == 2
+    assert "give --method" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_bundled_plans_load_and_round_trip(tmp_path) -> None:
     plans = bundled_plans()
     assert {"wan21.yaml", "hunyuanvideo.yaml", "wan2.1-tiny.yaml"} <= set(plans)
     for name, path in plans.items():
-        plan = Plan.load(name)
+        plan = Plan.load(name, template=True)
         assert plan.source == str(path)
         assert plan.dumps() == path.read_text(), f"{name} is not in canonical form"
 
@@ -129,6 +129,14 @@ def test_published_settings_in_bundled_plans() -> None:
     assert (wan.config.threshold, wan.config.warmup_steps) == (0.05, 10)
     assert (hy.config.threshold, hy.config.warmup_steps) == (0.025, 5)
     assert wan.valid_for["num_inference_steps"] == 50 and hy.valid_for["num_inference_steps"] == 50
+    lam = {
+        n: Plan.load(f"{n}-ertacache.yaml", template=True) for n in ("wan21", "flux", "cogvideox")
+    }
+    assert [p.config.threshold for p in lam.values()] == [0.08, 0.6, 0.3]  # dit.md 1.2.3
+    assert [p.valid_for["num_inference_steps"] for p in lam.values()] == [50, 30, 50]
+    hyca = {n: Plan.load(f"{n}-hyca.yaml", template=True).config for n in ("flux", "qwenimage")}
+    assert (hyca["flux"].interval, hyca["flux"].warmup_steps) == (5, 3)  # dit.md 1.4.4
+    assert (hyca["qwenimage"].interval, hyca["qwenimage"].warmup_steps) == (6, 3)
 
 
 @pytest.mark.parametrize(

@@ -150,9 +150,9 @@ class ERTACacheConfig(MethodConfig):
 
     @classmethod
     def profile_hint(cls, model: str = "MODEL") -> str:
+        """20 calibration prompts match a 1000-sample calibration, per the paper (App. A.2)."""
         return (
-            f"diffcache profile --model {model} --method ertacache --num-prompts 20 "
-            "--out plan.yaml (20 prompts match a 1000-sample calibration, per the paper)"
+            f"diffcache profile --model {model} --method ertacache --num-prompts 20 --out plan.yaml"
         )
 
     def not_supported_reasons(self, target: Any) -> list[str]:
