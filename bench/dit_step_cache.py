@@ -6,8 +6,9 @@ For each model, these configurations run on the same request (prompt, size, step
 - ``identity``: diffcache.accelerate() with an EasyCache plan of threshold 0 (never reuses); it
   measures what our hooks cost when they do nothing.
 - ``EasyCache tau=T``: diffcache.accelerate() with an EasyCache plan (one line per threshold).
-- ``ERTACache c<=F``: ``diffcache.profile`` makes an ERTACache plan for compute fraction F on two
-  calibration prompts (not the bench's), then it runs like the others (``--erta-compute``).
+- ``ERTACache c<=F`` / ``HyCa c<=F``: ``diffcache.profile`` makes the method's plan for compute
+  fraction F (HyCa: of the block calls) on two calibration prompts (not the bench's), then it
+  runs like the others (``--erta-compute``, ``--hyca-compute``).
 - ``FirstBlockCache``: diffusers' ``transformer.enable_cache(FirstBlockCacheConfig(threshold))``.
 - ``TaylorSeer``: diffusers' ``transformer.enable_cache(TaylorSeerCacheConfig(cache_interval,
   disable_cache_before_step, max_order=1, cache_identifiers))``: the attention modules of every
@@ -188,18 +189,31 @@ def ours(plan: Plan, name: str) -> Config:
     return Config(name, lambda p: diffcache.accelerate(p, plan), diffcache.remove, ours=True)
 
 
+#: calibration inputs of the profiled methods (not the bench request's)
+CALIBRATION = {"class": ["5", "6"], "text": ["a quiet harbour at dawn", "a dog running on grass"]}
+
+
 def ertacache(pipe: Any, request: Request, compute: float) -> Config:
     """ERTACache profiled here to ``compute`` on two calibration prompts (other than the bench
     request's), with the timestep adjustment where the scheduler is flow-matching Euler."""
     from diffcache.methods.ertacache import EULER, ERTACacheConfig
 
     euler = type(pipe.scheduler).__name__ == EULER
-    class_ids = request.get("class_label") is not None
-    prompts = ["5", "6"] if class_ids else ["a quiet harbour at dawn", "a dog running on grass"]
+    prompts = CALIBRATION["class" if request.get("class_label") is not None else "text"]
     config = ERTACacheConfig(time_adjust=euler)
     plan = diffcache.profile(pipe, config, prompts, target_compute=compute, request=request)
     adjust = ", dt adjusted" if euler else ""
     return ours(plan, f"ERTACache c<={compute:g} (lambda={plan.options['threshold']:g}{adjust})")
+
+
+def hyca(pipe: Any, request: Request, compute: float) -> Config:
+    """HyCa profiled here to ``compute`` (of the block calls) on two calibration prompts."""
+    from diffcache.methods.hyca import HyCaConfig
+
+    prompts = CALIBRATION["class" if request.get("class_label") is not None else "text"]
+    plan = diffcache.profile(pipe, HyCaConfig(), prompts, target_compute=compute, request=request)
+    solvers = "/".join(plan.calibration["cluster_solvers"])
+    return ours(plan, f"HyCa c<={compute:g} (N={plan.options['interval']}, {solvers})")
 
 
 def diffusers_cache(pipe: Any, name: str, make: Callable[[], Any]) -> Config:
@@ -340,7 +354,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     request = request_for(name, pipe, args)
     steps = request.get("steps")
     configs = build_configs(name, pipe, args, steps)
-    configs[2:2] = [ertacache(pipe, request, c) for c in args.erta_computes]
+    configs[2:2] = [
+        *(ertacache(pipe, request, c) for c in args.erta_computes),
+        *(hyca(pipe, request, c) for c in args.hyca_computes),
+    ]
     size = "x".join(str(request.get(k)) for k in ("height", "width") if request.get(k))
     frames = f"x{request.get('frames')}f" if request.get("frames") else ""
     print(
@@ -528,6 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated compute targets for ERTACache, profiled in the run (one line each; "
         "'' for none)",
     )
+    p.add_argument(
+        "--hyca-compute",
+        default="0.5",
+        help="comma-separated block-compute targets for HyCa, profiled in the run ('' for none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -549,6 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
     args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
     args.erta_computes = [float(t) for t in args.erta_compute.split(",") if t.strip()]
+    args.hyca_computes = [float(t) for t in args.hyca_compute.split(",") if t.strip()]
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

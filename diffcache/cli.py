@@ -148,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--model", default=None)
     q.set_defaults(func=_plans_check)
+    q = psub.add_parser(
+        "import", help="turn the InvarDiff reference code's JSON books into a plan for a model"
+    )
+    q.add_argument("file", help="the reference's cache book .json (Wan2.1 or FLUX layout)")
+    q.add_argument("--model", required=True, help="the model the books were made for")
+    q.add_argument("--out", required=True, help="plan file to write (.yaml)")
+    q.set_defaults(func=_plans_import)
 
     sub.add_parser("models", help="built-in models and supported families").set_defaults(
         func=_models
@@ -484,6 +491,23 @@ def _plans_check(args: argparse.Namespace) -> int:
         f"ok: {plan.source}: {plan.method} for {plan.model}"
         + (f", attaches to {args.model}" if args.model else "")
     )
+    return 0
+
+
+def _plans_import(args: argparse.Namespace) -> int:
+    import diffcache
+    from diffcache.generate import check_writable
+    from diffcache.methods.invardiff import import_reference_books
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
+    check_writable(out, "--out")
+    if not Path(args.file).is_file():
+        raise DiffCacheError(f"{args.file}: no such file")
+    plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
+    reused = int(plan.calibration_data.step_book.sum())
+    print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")
     return 0
 
 

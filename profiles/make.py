@@ -6,7 +6,8 @@ Each plan is ``diffcache profile`` on fixed calibration inputs and seeds, so a r
 machine writes the same plans (options, calibration sidecars, provenance). ``wan-shapes`` is
 calibrated on its own held-out prompts (other shapes than its evaluation prompts) and seed 100;
 ``dit-digits`` on its ten classes at seed 0. HyCa keeps its default warm-up (3) and takes the
-interval that computes at most half of the block calls. ERTACache runs with ``time_adjust:
+interval that computes at most half of the block calls; InvarDiff the one quantile that
+computes at most half of the module calls (first pass). ERTACache runs with ``time_adjust:
 false`` on both:
 their stock schedulers (UniPC, DDIM) are not the flow-matching Euler update the adjustment is
 defined for.
@@ -45,6 +46,8 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
     ),
     "dit-digits-hyca.yaml": ("dit-digits", "hyca", {}, 0.5, _digits, 0),
     "wan-shapes-hyca.yaml": ("wan-shapes", "hyca", {}, 0.5, _shapes_calibration, 100),
+    "dit-digits-invardiff.yaml": ("dit-digits", "invardiff", {}, 0.5, _digits, 0),
+    "wan-shapes-invardiff.yaml": ("wan-shapes", "invardiff", {}, 0.5, _shapes_calibration, 100),
 }  # fmt: skip
 
 

@@ -1,10 +1,11 @@
 """Caching methods, one file each; importing this package registers them all."""
 
-from diffcache.methods import easycache, ertacache, hyca
+from diffcache.methods import easycache, ertacache, hyca, invardiff
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
 from diffcache.methods.ertacache import ERTACacheConfig
 from diffcache.methods.hyca import HyCaConfig
+from diffcache.methods.invardiff import InvarDiffConfig
 
 __all__ = [
     "MethodConfig",
@@ -12,7 +13,9 @@ __all__ = [
     "EasyCacheConfig",
     "ERTACacheConfig",
     "HyCaConfig",
+    "InvarDiffConfig",
     "easycache",
     "ertacache",
     "hyca",
+    "invardiff",
 ]

@@ -1,0 +1,244 @@
+"""InvarDiff: the books from scores (quantiles, non-skip rows, step-first merge), the change-rate
+scores and their re-sampling correction, and the plan followed exactly on every DiT family; the
+reference code's JSON books imported."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.adapter import Target
+from diffcache.errors import PlanError
+from diffcache.generate import generate
+from diffcache.methods.invardiff import (
+    InvarDiffConfig,
+    _Recorder,
+    books,
+    import_reference_books,
+)
+from diffcache.models import builtin_models
+from diffcache.plan import Plan
+from diffcache.registry import find_adapter
+from diffcache.request import Request
+from tests.toys import clean
+
+STEPS = 8
+PROMPTS = ["a cat", "a red fox"]
+
+
+def _sites(n: int, role: str = "ff") -> list:
+    stack = types.SimpleNamespace(attr="blocks")
+    return [types.SimpleNamespace(expert=0, stack=stack, role=role) for _ in range(n)]
+
+
+def test_books_follow_quantiles_nonskip_rows_and_step_first() -> None:
+    cfg = InvarDiffConfig(nonskip_rate=0.2, step_quantile=0.5, module_quantiles={"ff": 0.5})
+    step_scores = torch.tensor([1.0, 0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6, 1.0])
+    module_scores = torch.arange(20, dtype=torch.float64).reshape(10, 2) / 20
+    step, module = books(cfg, step_scores, module_scores, _sites(2))
+    # rows 1..8 scored; the median of step scores is 0.5: 0.1 0.2 0.3 0.4 are below, rows 0-1
+    # are non-skip (int(0.2 * 10) = 2), the last row computes
+    assert step.nonzero().flatten().tolist() == [3, 5, 7]
+    assert module[[3, 5, 7]].all() and not module[[0, 1, 4, 6, 8, 9]].any()  # after a reused step
+    # module scores rise with the row: rows 2 and 3 hold the 4 lowest of 16 (< the median)
+    assert module[2].all()
+    assert not books(InvarDiffConfig.identity(), step_scores, module_scores, _sites(2))[1].any()
+
+
+def _call(step: int, name: str = "m0", kind: str = "module") -> types.SimpleNamespace:
+    site = types.SimpleNamespace(kind=kind, name=name, returns=("hidden",))
+    return types.SimpleNamespace(site=site, step=step, branch=0)
+
+
+def _record(plan=None) -> dict:
+    target = types.SimpleNamespace(
+        sites=lambda kind: [types.SimpleNamespace(name="m0")] if kind == "module" else []
+    )
+    rec = _Recorder(target, plan)
+    for t in range(6):  # a straight line: every step changes the feature by the same amount
+        rec.see(_call(t), torch.full((4,), float(t)))
+    return rec.result()
+
+
+def test_scores_are_centred_change_ratios_and_the_correction_freezes_references() -> None:
+    plain = _record()
+    assert torch.allclose(plain["module"][1:5, 0], torch.ones(4, dtype=torch.float64))
+    # planned reuse at steps 2-4: at step 3 (after the first reuse of the run) the reference
+    # refreshes once, then stays through the run: step 5 is measured against step 3's
+    # feature, two steps back, so the rate stored at row 4 doubles
+    module_book = torch.tensor([[False], [False], [True], [True], [True], [False]])
+    fixed = _record((torch.zeros(6, dtype=torch.bool), module_book))
+    assert fixed["module"][1:5, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)
+
+
+def _request(model: str) -> tuple[Request, list[str], Request]:
+    small = {"height": 32, "width": 32} if "height" in builtin_models()[model].defaults else {}
+    req = Request(steps=STEPS, **small).merged(builtin_models()[model].defaults)
+    if model == "dit-tiny":
+        return req, ["1", "2"], req.replace(class_label=1)
+    return req, PROMPTS, req.replace(prompt="a cat")
+
+
+FAMILIES = ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny", "dit-tiny"]
+
+
+@pytest.mark.parametrize("model", [*FAMILIES, "cogvideox-tiny"])
+def test_every_family_computes_exactly_the_planned_modules(model: str) -> None:
+    pipe = diffcache.load_model(model)
+    req, prompts, one = _request(model)
+    base = generate(pipe, one)
+    plan = diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), prompts, request=req)
+    cal = plan.calibration_data
+    planned = int((~cal.module_book).sum())
+    diffcache.accelerate(pipe, plan)
+    try:
+        out = generate(pipe, one)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    branches = stats.work["module"][1] / cal.module_book.numel()
+    assert branches in (1, 2) and stats.work["module"][0] == branches * planned
+    assert stats.compute_fraction == pytest.approx(planned / cal.module_book.numel())
+    assert torch.isfinite(torch.as_tensor(out)).all() and not (out == base).all()
+    assert clean(pipe.transformer) and (generate(pipe, one) == base).all()
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    pipe = diffcache.load_model("wan2.1-tiny")
+    req, prompts, one = _request("wan2.1-tiny")
+    out = tmp_path_factory.mktemp("inv") / "wan-inv.yaml"
+    diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), prompts, request=req, out=out)
+    return pipe, req, one, Plan.load(out)
+
+
+def test_identity_equals_the_baseline(wan) -> None:
+    pipe, req, one, plan = wan
+    base = generate(pipe, one)
+    cal = plan.calibration_data
+    none = torch.zeros_like(cal.module_book)
+    ident = dataclasses.replace(
+        plan, tensors={**plan.tensors, "module_book": none, "step_book": none[:, 0]}
+    )
+    diffcache.accelerate(pipe, ident)
+    try:
+        assert (generate(pipe, one) == base).all() and diffcache.stats(pipe).skipped == 0
+    finally:
+        diffcache.remove(pipe)
+
+
+def test_round_trip_and_deterministic_profiling(wan, tmp_path) -> None:
+    pipe, req, _, plan = wan
+    again = Plan.load(plan.save(tmp_path / "again.yaml"))
+    first = Path(plan.source)
+    assert (
+        first.with_suffix(".safetensors").read_bytes()
+        == (tmp_path / "again.safetensors").read_bytes()
+    )
+    assert first.read_text().replace(first.stem, "X") == Path(again.source).read_text().replace(
+        "again", "X"
+    )
+    other = diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), PROMPTS, request=req)
+    assert all(torch.equal(other.tensors[k], plan.tensors[k]) for k in plan.tensors)
+
+
+def test_a_plan_for_other_modules_is_refused(wan) -> None:
+    pipe, _, _, plan = wan
+    sites = list(plan.calibration["sites"])
+    bad = dataclasses.replace(plan, calibration={**plan.calibration, "sites": sites[:-1]})
+    with pytest.raises(PlanError, match="module sites are not this model"):
+        diffcache.accelerate(pipe, bad)
+    assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_compute_target_sets_one_quantile(wan) -> None:
+    pipe, req, _, _ = wan
+    plan = diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), PROMPTS, request=req,
+                             target_compute=0.6)  # fmt: skip
+    q = plan.options["step_quantile"]
+    assert set(plan.options["module_quantiles"].values()) == {q} and 0 < q <= 1
+    assert plan.provenance["measured"]["compute_fraction"] < 0.75
+
+
+def test_reference_wan_books_import_and_run(wan, tmp_path) -> None:
+    pipe, req, one, _ = wan
+    target = Target.resolve(find_adapter(pipe), pipe)
+    layers = len(target.sites("block"))
+    g = torch.Generator().manual_seed(0)
+    book = {
+        key: (torch.rand(STEPS, layers, generator=g) < 0.5).tolist()
+        for key in ("self_attn", "cross_attn", "ffn")
+    }
+    for key in book:
+        book[key][0] = [False] * layers
+    steps = [False, False, True, False, False, True, False, False]
+    path = tmp_path / "invardiff_t2v_stp8.json"
+    path.write_text(json.dumps({"step_cache_bool": steps, "module_cache_book": book}))
+    plan = import_reference_books(path, pipe, tmp_path / "imported.yaml")
+    cal = plan.calibration_data
+    assert cal.step_book.tolist() == steps
+    col = [s.name for s in target.sites("module")].index("transformer.blocks.1.attn2")
+    want = [r[1] for r in book["cross_attn"]]
+    want[2] = want[5] = True  # step first: a reused step reuses every module ...
+    want[3] = want[6] = False  # ... and the step after it computes them
+    assert cal.module_book[:, col].tolist() == want
+    diffcache.accelerate(pipe, plan)
+    try:
+        generate(pipe, one)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert cal.module_book[[2, 5]].all() and not cal.module_book[[3, 6]].any()  # step first
+    computed = int((~cal.module_book).sum())
+    assert stats.work["module"][0] == 2 * computed  # both CFG branches follow the book
+    with pytest.raises(PlanError, match="not an InvarDiff book"):
+        import_reference_books(tmp_path / "imported.yaml", pipe)
+    from diffcache.cli import main
+
+    cli = ["plans", "import", str(path), "--model", "wan2.1-tiny"]
+    assert main([*cli, "--out", str(tmp_path / "cli.yaml")]) == 0
+    assert Plan.load(tmp_path / "cli.yaml").calibration == plan.calibration
+    assert main([*cli[:2], str(tmp_path / "none.json"), *cli[3:], "--out", "x.yaml"]) == 2
+
+
+def test_reference_flux_books_map_both_stacks(tmp_path) -> None:
+    pipe = diffcache.load_model("flux-tiny")
+    target = Target.resolve(find_adapter(pipe), pipe)
+    double, single = (
+        len(pipe.transformer.transformer_blocks),
+        len(pipe.transformer.single_transformer_blocks),
+    )
+    rows = STEPS
+
+    def book(layers: int, every: int) -> list[list[bool]]:
+        return [
+            [t > 0 and (t + layer) % every == 0 for layer in range(layers)] for t in range(rows)
+        ]
+
+    data = {
+        "step_cache_book": [False] * rows,
+        "transformer_cache_book": {
+            "attn": book(double, 2), "context_attn": book(double, 4), "ip_attn": book(double, 1),
+            "ff": book(double, 3), "context_ff": book(double, 5),
+        },
+        "single_transformer_cache_book": {"attn": book(single, 2), "mlp": book(single, 3)},
+    }  # fmt: skip
+    path = tmp_path / "cache_books_stp8.json"
+    path.write_text(json.dumps(data))
+    cal = import_reference_books(path, pipe).calibration_data
+    names = [s.name for s in target.sites("module")]
+
+    def column(name: str) -> list[bool]:
+        return cal.module_book[:, names.index(name)].tolist()
+
+    both = [a and c for a, c in zip(book(double, 2), book(double, 4), strict=True)]
+    assert column("transformer.transformer_blocks.0.attn") == [r[0] for r in both]
+    assert column("transformer.transformer_blocks.0.ff_context") == [r[0] for r in book(double, 5)]
+    last = f"transformer.single_transformer_blocks.{single - 1}.proj_mlp"
+    assert column(last) == [r[single - 1] for r in book(single, 3)]
