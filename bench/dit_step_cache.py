@@ -6,9 +6,11 @@ For each model, these configurations run on the same request (prompt, size, step
 - ``identity``: diffcache.accelerate() with an EasyCache plan of threshold 0 (never reuses); it
   measures what our hooks cost when they do nothing.
 - ``EasyCache tau=T``: diffcache.accelerate() with an EasyCache plan (one line per threshold).
-- ``ERTACache c<=F`` / ``HyCa c<=F``: ``diffcache.profile`` makes the method's plan for compute
-  fraction F (HyCa: of the block calls) on two calibration prompts (not the bench's), then it
-  runs like the others (``--erta-compute``, ``--hyca-compute``).
+- ``ERTACache c<=F`` / ``HyCa c<=F`` / ``InvarDiff c<=F``: ``diffcache.profile`` makes the
+  method's plan for compute fraction F (HyCa: of the block calls, InvarDiff: of the module calls)
+  on two calibration prompts (not the bench's), then it runs like the others
+  (``--erta-compute``, ``--hyca-compute``, ``--invardiff-compute``). For block and module
+  methods "of ideal" is optimistic: the parts of the denoiser outside the blocks always run.
 - ``FirstBlockCache``: diffusers' ``transformer.enable_cache(FirstBlockCacheConfig(threshold))``.
 - ``TaylorSeer``: diffusers' ``transformer.enable_cache(TaylorSeerCacheConfig(cache_interval,
   disable_cache_before_step, max_order=1, cache_identifiers))``: the attention modules of every
@@ -216,6 +218,16 @@ def hyca(pipe: Any, request: Request, compute: float) -> Config:
     return ours(plan, f"HyCa c<={compute:g} (N={plan.options['interval']}, {solvers})")
 
 
+def invardiff(pipe: Any, request: Request, compute: float) -> Config:
+    """InvarDiff profiled here to ``compute`` (of the module calls) on two calibration prompts."""
+    from diffcache.methods.invardiff import InvarDiffConfig
+
+    prompts = CALIBRATION["class" if request.get("class_label") is not None else "text"]
+    config = InvarDiffConfig()
+    plan = diffcache.profile(pipe, config, prompts, target_compute=compute, request=request)
+    return ours(plan, f"InvarDiff c<={compute:g} (q={plan.options['step_quantile']:g})")
+
+
 def diffusers_cache(pipe: Any, name: str, make: Callable[[], Any]) -> Config:
     """A diffusers ``enable_cache`` configuration (or an unavailable one, with the reason)."""
     transformer = pipe.transformer
@@ -357,6 +369,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     configs[2:2] = [
         *(ertacache(pipe, request, c) for c in args.erta_computes),
         *(hyca(pipe, request, c) for c in args.hyca_computes),
+        *(invardiff(pipe, request, c) for c in args.invardiff_computes),
     ]
     size = "x".join(str(request.get(k)) for k in ("height", "width") if request.get(k))
     frames = f"x{request.get('frames')}f" if request.get("frames") else ""
@@ -550,6 +563,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0.5",
         help="comma-separated block-compute targets for HyCa, profiled in the run ('' for none)",
     )
+    p.add_argument(
+        "--invardiff-compute",
+        default="0.5",
+        help="comma-separated module-compute targets for InvarDiff, profiled in the run ('' for "
+        "none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -572,6 +591,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
     args.erta_computes = [float(t) for t in args.erta_compute.split(",") if t.strip()]
     args.hyca_computes = [float(t) for t in args.hyca_compute.split(",") if t.strip()]
+    args.invardiff_computes = [float(t) for t in args.invardiff_compute.split(",") if t.strip()]
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
