@@ -1,6 +1,6 @@
 """HyCa: hybrid feature caching, a solver per cluster of hidden dimensions.
 
-Paper: Zheng et al., "Let Features Decide Their Own Solvers: Hybrid Feature Caching for Diffusion
+Paper: "Let Features Decide Their Own Solvers: Hybrid Feature Caching for Diffusion
 Transformers" (HyCa, arXiv 2510.04188, ICLR 2026). No reference code was public; the rules
 follow the paper's main text as collected in ``shared/research/dit.md`` §1.4, and every formula
 the paper leaves to its (unavailable) appendix is an explicit choice below.
@@ -249,11 +249,8 @@ class _Recorder:
         r = torch.cat(
             [(o.float() - i.float()).reshape(-1, o.shape[-1]) for i, o in zip(x, y, strict=True)]
         )
-        key, b, k = (
-            (call.site.name, call.site.expert, call.branch),
-            self.index[call.site.name],
-            call.step,
-        )
+        key = (call.site.name, call.site.expert, call.branch)
+        b, k = self.index[call.site.name], call.step
         dims = r.shape[1]
         if b not in self.errors:
             self.errors[b] = torch.zeros(dims, len(SOLVERS), dtype=torch.float64)

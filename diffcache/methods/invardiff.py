@@ -1,6 +1,6 @@
 """InvarDiff: a deterministic two-level reuse plan from quantiles of feature change rates.
 
-Paper: Wu et al., "InvarDiff" (arXiv 2512.05134); reference code zihaowu25/InvarDiff (FLUX.1-dev,
+Paper: InvarDiff (arXiv 2512.05134); reference code zihaowu25/InvarDiff (FLUX.1-dev,
 DiT-XL/2, Wan2.1). The rules below follow the reference code as read for
 ``shared/research/dit.md`` §1.3; where we differ it is said.
 """

@@ -1,0 +1,91 @@
+"""Every DiT method on the trained reference models, at its default and two more aggressive
+settings, beside diffusers' caches: quality that means something, in one table and one report.
+
+For each reference model (``dit-digits``, ``wan-shapes``) the plans are:
+
+- each method's bundled plan for the model (``<model>.yaml`` is EasyCache; ``<model>-ertacache``,
+  ``-hyca``, ``-invardiff``), the method's default here;
+- the same method profiled in this run to two lower compute targets (``--targets``, default 0.4
+  and 0.3) on the model's calibration inputs (those ``python -m diffcache.profiles.make`` uses,
+  never the evaluation inputs), keeping the bundled plan's fixed options;
+- diffusers' FirstBlockCache and TaylorSeer where the transformer has ``enable_cache``.
+
+One ``diffcache.eval.runner.evaluate`` call then runs them all on the model's evaluation inputs
+and seeds, interleaved, and writes report.html (quality-vs-speedup charts, sample grids) under
+``--out``. The table: latency, speedup, compute fraction (of the method's work unit: steps for
+EasyCache / ERTACache, block calls for HyCa, module calls for InvarDiff), PSNR / SSIM against
+the plain output of the same request, and the task score beside the baseline's. Numbers are
+printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
+
+    python bench/dit_methods.py --models wan-shapes --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from reference_models import DIFFUSERS, table
+
+import diffcache
+from diffcache.eval.runner import evaluate
+from diffcache.models import builtin_models, load_model
+from diffcache.plan import Plan, bundled_plans
+from diffcache.profiles.make import PLANS
+from diffcache.request import Request
+
+MODELS = ("dit-digits", "wan-shapes")
+METHODS = ("", "-ertacache", "-hyca", "-invardiff")  # bundled plan suffixes
+
+
+def sweep(model: str, targets: list[float]) -> list[Plan]:
+    """Each method's bundled plan, then the method profiled to each lower target."""
+    pipe = load_model(model)
+    plans = []
+    for suffix in METHODS:
+        name = f"{model}{suffix}.yaml"
+        if name not in bundled_plans():
+            continue
+        base = Plan.load(name)
+        plans.append(base)
+        _, _, fixed, _, inputs, seed = PLANS[name]
+        request = Request(seed=seed).merged(builtin_models()[model].defaults)
+        for target in targets:
+            config = type(base.config).from_options(fixed, f"{name}: options")
+            t0 = time.perf_counter()
+            plan = diffcache.profile(pipe, config, inputs(), target_compute=target, request=request)
+            print(
+                f"  profiled {base.method} to {target:g} in {time.perf_counter() - t0:.0f} s: "
+                f"{dict(plan.options)}",
+                flush=True,
+            )
+            plans.append(dataclasses.replace(plan, source=f"{base.method} c<={target:g}"))
+    return plans
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--seeds", type=int, default=1, help="seeds per evaluation input")
+    p.add_argument("--targets", default="0.4,0.3", help="lower compute targets per method")
+    p.add_argument("--out", default="out/bench-dit-methods")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        print(f"== {model}: profiling the sweeps", flush=True)
+        plans: list = sweep(model, targets)
+        if builtin_models()[model].family != "dit":  # DiT's transformer has no enable_cache
+            plans += list(DIFFUSERS)
+        t0 = time.perf_counter()
+        report = evaluate(model, plans, Path(args.out) / model, seeds=args.seeds, progress=True)
+        table(report, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
