@@ -32,6 +32,16 @@ def _digits() -> list[str]:
     return [str(i) for i in range(10)]
 
 
+def _bundled() -> list[str]:
+    """The first 4 of the bundled calibration prompts (what ``--num-prompts 4`` takes)."""
+    text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
+    return [line for line in text.read_text().splitlines() if line.strip()][:4]
+
+
+def _classes() -> list[str]:
+    return [str(i) for i in range(4)]
+
+
 #: file -> (model, method, fixed options, target compute fraction, calibration inputs, seed)
 PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
     "dit-digits.yaml": ("dit-digits", "easycache", {"warmup_steps": 4}, 0.6, _digits, 0),
@@ -49,6 +59,29 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
     "dit-digits-invardiff.yaml": ("dit-digits", "invardiff", {}, 0.5, _digits, 0),
     "wan-shapes-invardiff.yaml": ("wan-shapes", "invardiff", {}, 0.5, _shapes_calibration, 100),
 }  # fmt: skip
+
+#: the random-weight tiny models: each profiled method to half the work, 4 bundled prompts (class
+#: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
+EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
+for _tiny in (
+    "wan2.1-tiny",
+    "hunyuanvideo-tiny",
+    "flux-tiny",
+    "qwenimage-tiny",
+    "dit-tiny",
+    "cogvideox-tiny",
+):
+    _inputs = _classes if _tiny == "dit-tiny" else _bundled
+    PLANS[f"{_tiny}-ertacache.yaml"] = (
+        _tiny,
+        "ertacache",
+        {"time_adjust": _tiny in EULER},
+        0.5,
+        _inputs,
+        0,
+    )
+    PLANS[f"{_tiny}-hyca.yaml"] = (_tiny, "hyca", {}, 0.5, _inputs, 0)
+    PLANS[f"{_tiny}-invardiff.yaml"] = (_tiny, "invardiff", {}, 0.5, _inputs, 0)
 
 
 def make(name: str, out: Path) -> Path:
