@@ -158,6 +158,17 @@ class OpSpec:
             reasons.append(f"inputs are on different devices ({', '.join(devices)})")
         return reasons
 
+    def out_dtype_reasons(self, dtype: torch.dtype, device: torch.device) -> list[str]:
+        """Why the Triton kernel cannot write ``dtype`` on ``device`` (empty when it can)."""
+        if dtype not in self.dtypes:
+            supported = ", ".join(_dtype_name(d) for d in self.dtypes)
+            return [
+                f"out_dtype {_dtype_name(dtype)} is not supported; the kernel writes {supported}"
+            ]
+        if device.type == "cpu" and dtype is torch.bfloat16:
+            return ["out_dtype bfloat16 cannot be written by the Triton interpreter on cpu"]
+        return []
+
     def not_supported_reasons(self, *tensors: torch.Tensor) -> list[str]:
         """List every reason the Triton kernel cannot run on these tensors.
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _dtype_name, _record, pick, register_op, tl, triton
+from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
@@ -124,14 +124,7 @@ def rectified_residual(
     """
     _check(x, r, scale, shift, channel_dim)
     dtype = out_dtype or x.dtype
-    extra = []
-    if dtype not in SPEC.dtypes:
-        supported = ", ".join(_dtype_name(d) for d in SPEC.dtypes)
-        extra.append(
-            f"out_dtype {_dtype_name(dtype)} is not supported; the kernel writes {supported}"
-        )
-    elif x.device.type == "cpu" and dtype is torch.bfloat16:
-        extra.append("out_dtype bfloat16 cannot be written by the Triton interpreter on cpu")
+    extra = SPEC.out_dtype_reasons(dtype, x.device)
     chosen = pick(SPEC, backend, x, r, scale, shift, extra_reasons=extra)
     if chosen is Backend.TRITON:
         out = _rectified_triton(x, r, scale, shift, channel_dim, dtype)
