@@ -237,15 +237,14 @@ def _check_seeds(n: int) -> None:
         raise DiffCacheError(f"--seeds must be in 1..10000, got {n}")
 
 
-def _method_config(args: argparse.Namespace, steps: int | None) -> Any:
-    """The method's config: the options of the model's bundled default plan when it uses this
-    method (else the method's defaults), with ``--option KEY=VALUE`` on top; checked against the
-    step count before any model is built."""
+def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
+    """The method's config: the options of ``start`` (a ``--from`` plan or template), else of the
+    model's bundled default plan when it uses this method (else the method's defaults), with
+    ``--option KEY=VALUE`` on top; checked against the step count before any model is built."""
     from diffcache.plan import Plan, bundled_plans
     from diffcache.registry import get_method
     from diffcache.yamlio import loads_yaml
 
-    start = Plan.load(args.start, template=True) if args.start else None
     if args.method is None and start is None:
         raise DiffCacheError("give --method, or --from a plan or template to take it from")
     if start is not None and args.method not in (None, start.method):
@@ -358,16 +357,17 @@ def _profile(args: argparse.Namespace) -> int:
     sample = {"prompt": prompts[0] if prompts else "x"}
     from diffcache.plan import Plan
 
-    if args.start and args.steps is None:  # the template's step count, unless --steps says
-        args.steps = Plan.load(args.start, template=True).valid_for.get("num_inference_steps")
+    start = Plan.load(args.start, template=True) if args.start else None
+    if start is not None and args.steps is None:  # the template's step count, unless --steps
+        args.steps = start.valid_for.get("num_inference_steps")
     req, adapter = _request(args, args.model, sample)
-    config = _method_config(args, req.get("steps"))
+    config = _method_config(args, req.get("steps"), start)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample)
-    if args.start and Plan.load(args.start, template=True).model != adapter.name:
+    if start is not None and start.model != adapter.name:
         raise DiffCacheError(
-            f"--from {args.start}: a plan for {Plan.load(args.start, template=True).model} "
-            f"models, and {args.model} is a {adapter.name} model"
+            f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
+            f"{adapter.name} model"
         )
     if prompts is None:
         prompts = _bundled_prompts(adapter, pipe, args.num_prompts)

@@ -29,3 +29,17 @@ def rebuild_output(template: Any, sample: torch.Tensor) -> Any:
     if dataclasses.is_dataclass(template):
         return dataclasses.replace(template, sample=sample)
     raise TypeError(f"cannot rebuild a denoiser output of type {type(template).__name__}")
+
+
+def split_residual(x: torch.Tensor, v: torch.Tensor, dim: int) -> tuple[torch.Tensor, Any]:
+    """``v - x`` in float32 on the channels the input ``x`` and output ``v`` share along ``dim``,
+    and ``v``'s extra channels (DiT's learned variance) as a raw copy, or None."""
+    n = min(x.shape[dim], v.shape[dim])
+    residual = v.narrow(dim, 0, n).float() - x.narrow(dim, 0, n).float()
+    extra = v.shape[dim] - n
+    return residual, (v.narrow(dim, n, extra).clone() if extra else None)
+
+
+def with_extra(out: torch.Tensor, extra: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``out`` with the raw extra channels of :func:`split_residual` appended along ``dim``."""
+    return out if extra is None else torch.cat((out, extra), dim=dim)

@@ -8,7 +8,7 @@ diffusion LMs) and ``scale`` (one scale of a next-scale model). Stats count work
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,26 @@ class Site:
     @property
     def role(self) -> str | None:
         return self.spec.role if self.spec is not None else None
+
+
+class BlockStreams:
+    """Reads a block call's stream inputs (``hidden_states``, ``encoder_hidden_states``) and
+    output parts, both in the site's output order (``Site.returns``)."""
+
+    ARGS = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
+
+    def __init__(self, sites: Sequence[Site]) -> None:
+        from diffcache.session import positions
+
+        self.where = {s.name: positions(s.module.forward) for s in sites}
+
+    def inputs(self, call: Any) -> tuple[torch.Tensor, ...]:
+        pos = self.where[call.site.name]
+        return tuple(call.arg(self.ARGS[p], pos.get(self.ARGS[p])) for p in call.site.returns)
+
+    @staticmethod
+    def parts(output: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(output) if isinstance(output, (tuple, list)) else (output,)
 
 
 def map_output(fn: Callable[..., torch.Tensor], *outputs: Any) -> Any:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,6 +55,19 @@ class Weights:
         for name, digest in self.checksums(folder).items():
             if not isinstance(recorded, dict) or recorded.get(name) != digest:
                 raise self.refuse(folder / name, f"does not match the sha256 in {record.name}")
+
+    def load(self, pipeline_cls: Any, folder: Path, **kwargs: Any) -> Any:
+        """``pipeline_cls`` from a saved folder (offline, fp32, progress bar off), after
+        :meth:`check`; a config, tokenizer or index that does not load is refused too."""
+        self.check(folder)
+        try:
+            pipe = pipeline_cls.from_pretrained(
+                str(folder), local_files_only=True, dtype=torch.float32, **kwargs
+            )
+        except Exception as e:  # a damaged config, tokenizer or index fails here
+            raise self.refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def state(self, path: Path) -> dict[str, torch.Tensor]:
         """A scorer's state dict (fp32) from a safetensors file, refused like the weights."""

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from diffcache.models import builtin_models
+
 HERE = Path(__file__).parent
 
 
@@ -63,14 +65,7 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
 #: the random-weight tiny models: each profiled method to half the work, 4 bundled prompts (class
 #: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
 EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
-for _tiny in (
-    "wan2.1-tiny",
-    "hunyuanvideo-tiny",
-    "flux-tiny",
-    "qwenimage-tiny",
-    "dit-tiny",
-    "cogvideox-tiny",
-):
+for _tiny in [m for m in builtin_models() if m.endswith("-tiny")]:
     _inputs = _classes if _tiny == "dit-tiny" else _bundled
     PLANS[f"{_tiny}-ertacache.yaml"] = (
         _tiny,
@@ -87,7 +82,7 @@ for _tiny in (
 def make(name: str, out: Path) -> Path:
     """Profile one bundled plan into ``out``; its path."""
     import diffcache
-    from diffcache.models import builtin_models, load_model
+    from diffcache.models import load_model
     from diffcache.registry import get_method
     from diffcache.request import Request
 

@@ -22,8 +22,8 @@ from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
 from diffcache.request import Field
-from diffcache.session import Call, Session, positions
-from diffcache.sites import map_output
+from diffcache.session import Call, Session
+from diffcache.sites import BlockStreams, map_output
 
 TOY = Adapter(
     name="toy",
@@ -193,19 +193,11 @@ class _Residual:
 @register_method(ToyBlocksConfig)
 def _apply_blocks(session: Session, cfg: ToyBlocksConfig) -> None:
     sites = session.target.sites("block")
-    where = {s.name: positions(s.module.forward) for s in sites}
-
-    def inputs(call: Call) -> tuple:
-        pos = where[call.site.name]
-        parts = {
-            "hidden": call.arg("hidden_states", pos.get("hidden_states")),
-            "encoder": call.arg("encoder_hidden_states", pos.get("encoder_hidden_states")),
-        }
-        return tuple(parts[p] for p in call.site.returns)
+    streams = BlockStreams(sites)
 
     def block(call: Call) -> Any:
         st = call.state(_Residual)
-        x = inputs(call)
+        x = streams.inputs(call)
         if call.step % cfg.every == 0 or st.residual is None:
             out = call.compute()
             parts = out if isinstance(out, tuple) else (out,)
@@ -304,6 +296,20 @@ def _apply_static(session: Session, cfg: ToyStaticConfig) -> None:
         return st.residual
 
     session.on_step(step)
+
+
+def tiny_request(model: str, steps: int) -> tuple[Any, list[str], Any]:
+    """For a built-in tiny model: a small request (32x32 where it has a size, ``steps``, its
+    defaults otherwise), two calibration inputs (class ids for DiT) and one generation request."""
+    from diffcache.models import builtin_models
+    from diffcache.request import Request
+
+    defaults = builtin_models()[model].defaults
+    small = {"height": 32, "width": 32} if "height" in defaults else {}
+    req = Request(steps=steps, **small).merged(defaults)
+    if model == "dit-tiny":
+        return req, ["1", "2"], req.replace(class_label=1)
+    return req, ["a cat", "a red fox"], req.replace(prompt="a cat")
 
 
 def clean(*objs: Any, exact: bool = True) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from diffcache.errors import RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option
-from diffcache.output import rebuild_output, sample_of
+from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
 
@@ -165,18 +165,13 @@ class _EasyCache:
         dtype = sample_of(st.template).dtype
         out = kernels.add_residual(x, st.residual, dtype, backend=self.backend)
         self.run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
-        if st.extra is not None:  # extra raw output channels (learned variance) ride along
-            out = torch.cat((out, st.extra), dim=self.cdim)
-        return rebuild_output(st.template, out)
+        return rebuild_output(st.template, with_extra(out, st.extra, self.cdim))
 
     def store(self, st: _Branch, x: torch.Tensor, output: Any, lead: bool) -> None:
         v = sample_of(output)
         if self.channels is None:
             self.channels = min(x.shape[self.cdim], v.shape[self.cdim])
-        v_lat = self.latent(v)
-        st.residual = v_lat.float() - x.float()
-        extra = v.shape[self.cdim] - self.channels
-        st.extra = v.narrow(self.cdim, self.channels, extra).clone() if extra else None
+        st.residual, st.extra = split_residual(x, v, self.cdim)
         st.template, st.shape = output, x.shape
         if lead:  # the measurements below also see any NaN / inf in the output
             if st.prev_output is not None:

@@ -18,7 +18,7 @@ import torch
 
 from diffcache.errors import DiffCacheError, PlanError, RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option
-from diffcache.output import rebuild_output, sample_of
+from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.profile import round_up
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
@@ -432,11 +432,7 @@ class _ERTACache:
         if call.step not in self.reuse or st.residual is None:
             out = call.compute()
             x = call.arg(self.latent_arg, self.latent_pos)
-            v = sample_of(out)
-            n = min(x.shape[self.cdim], v.shape[self.cdim])
-            st.residual = v.narrow(self.cdim, 0, n).float() - x.narrow(self.cdim, 0, n).float()
-            extra = v.shape[self.cdim] - n
-            st.extra = v.narrow(self.cdim, n, extra).clone() if extra else None
+            st.residual, st.extra = split_residual(x, sample_of(out), self.cdim)
             st.template = out
             return out
         if call.branch >= self.sched.scale.shape[0]:
@@ -458,9 +454,7 @@ class _ERTACache:
             x, st.residual, scale, shift, self.cdim, dtype, backend=self.backend
         )
         self.run.stats.kernels["rectified_residual"] = kernels.last_backend["rectified_residual"]
-        if st.extra is not None:
-            out = torch.cat((out, st.extra), dim=self.cdim)
-        return rebuild_output(st.template, out)
+        return rebuild_output(st.template, with_extra(out, st.extra, self.cdim))
 
 
 def _adjust_schedule(session: Session, phi: tuple[float, ...]) -> None:

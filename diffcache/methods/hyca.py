@@ -19,8 +19,8 @@ import torch
 from diffcache.errors import DiffCacheError, PlanError, RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import register_method
-from diffcache.session import Call, Session, positions
-from diffcache.sites import Site
+from diffcache.session import Call, Session
+from diffcache.sites import BlockStreams, Site
 
 #: the solver pool: fixed-weight stencils over the cached residuals of full-compute steps
 SOLVERS = ("reuse", "linear", "quadratic", "ab2")
@@ -214,22 +214,6 @@ def choose(cfg: HyCaConfig, errors: torch.Tensor, energy: torch.Tensor) -> HyCaC
 # block inputs and outputs
 
 
-class _Blocks:
-    """Reads a block call's stream inputs and output parts, in the site's output order."""
-
-    def __init__(self, sites: Sequence[Site]) -> None:
-        self.where = {s.name: positions(s.module.forward) for s in sites}
-
-    def inputs(self, call: Call) -> tuple[torch.Tensor, ...]:
-        pos = self.where[call.site.name]
-        names = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
-        return tuple(call.arg(names[p], pos.get(names[p])) for p in call.site.returns)
-
-    @staticmethod
-    def parts(output: Any) -> tuple[torch.Tensor, ...]:
-        return tuple(output) if isinstance(output, (tuple, list)) else (output,)
-
-
 class _Recorder:
     """Profiling observer: per (block, branch), the residual's consecutive-step differences
     (indicators) and each solver's error on this schedule's skipped steps."""
@@ -237,7 +221,7 @@ class _Recorder:
     kinds = ("block",)
 
     def __init__(self, cfg: HyCaConfig, sites: Sequence[Site]) -> None:
-        self.cfg, self.blocks = cfg, _Blocks(sites)
+        self.cfg, self.blocks = cfg, BlockStreams(sites)
         self.index = {s.name: i for i, s in enumerate(sites)}
         self.recent: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # last 3 steps
         self.full: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
@@ -245,7 +229,7 @@ class _Recorder:
         self.energy: dict[int, torch.Tensor] = {}
 
     def see(self, call: Call, output: Any) -> None:
-        x, y = self.blocks.inputs(call), _Blocks.parts(output)
+        x, y = self.blocks.inputs(call), BlockStreams.parts(output)
         r = torch.cat(
             [(o.float() - i.float()).reshape(-1, o.shape[-1]) for i, o in zip(x, y, strict=True)]
         )
@@ -322,7 +306,7 @@ class _HyCa:
                 f"{int(cal.labels.max()) + 1} clusters"
             )
         self.cfg, self.run, self.backend = cfg, session.run, session.kernels
-        self.blocks = _Blocks(sites)
+        self.blocks = BlockStreams(sites)
         self.index = {s.name: i for i, s in enumerate(sites)}
         solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
         self.dim_solver = solver_of[cal.labels]  # (blocks, D) solver index per dimension
@@ -351,7 +335,7 @@ class _HyCa:
         if self.cfg.full(call.step) or not st.steps:
             out = call.compute()
             x = self.blocks.inputs(call)
-            y = _Blocks.parts(out)
+            y = BlockStreams.parts(out)
             residuals = [(o.float() - i.float()) for i, o in zip(x, y, strict=True)]
             if not st.parts:
                 st.parts = [r.unsqueeze(0) for r in residuals]

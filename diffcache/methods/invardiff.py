@@ -21,8 +21,8 @@ import torch
 from diffcache.errors import DiffCacheError, PlanError
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import register_method
-from diffcache.session import Call, Session, positions
-from diffcache.sites import Site
+from diffcache.session import Call, Session
+from diffcache.sites import BlockStreams, Site
 
 _EPS = 1e-8
 ROLE_DEFAULTS = MappingProxyType(
@@ -355,8 +355,7 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
     module_book = cal.module_book.tolist()
     column = {s.name: m for m, s in enumerate(modules)}
     last = blocks[-1].name if blocks else None
-    where = {s.name: positions(s.module.forward) for s in blocks}
-    names = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
+    streams = BlockStreams(blocks)
 
     def module(call: Call) -> Any:
         slot = call.state(_Slot)
@@ -374,8 +373,7 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
             return out
         if call.site.name == last:
             return slot.output
-        pos = where[call.site.name]
-        parts = tuple(call.arg(names[p], pos.get(names[p])) for p in call.site.returns)
+        parts = streams.inputs(call)
         return parts if len(parts) > 1 else parts[0]
 
     session.on_sites(modules, module, "invardiff")

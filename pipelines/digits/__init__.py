@@ -30,22 +30,10 @@ WEIGHTS = Weights(
 def load(folder: Path | None = None) -> Any:
     """The ``DiTPipeline`` (fp32) from ``folder`` (default: the committed files), after checking
     its weights against their recorded sha256."""
-    import torch
     from diffusers import DiTPipeline
 
-    folder = Path(folder or HERE) / "model"
-    WEIGHTS.check(folder)
-    try:
-        pipe = DiTPipeline.from_pretrained(
-            str(folder),
-            local_files_only=True,
-            dtype=torch.float32,
-            id2label={i: str(i) for i in range(10)},  # not part of the saved folder
-        )
-    except Exception as e:  # a truncated or corrupt file fails in safetensors or config parsing
-        raise WEIGHTS.refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    labels = {i: str(i) for i in range(10)}  # not part of the saved folder
+    return WEIGHTS.load(DiTPipeline, Path(folder or HERE) / "model", id2label=labels)
 
 
 @functools.cache

@@ -40,17 +40,9 @@ WEIGHTS = Weights(
 def load(folder: Path | None = None) -> Any:
     """The ``WanPipeline`` (fp32, progress bar off) from ``folder`` (default: the committed
     files), built offline."""
-    import torch
     from diffusers import WanPipeline
 
-    folder = Path(folder or HERE) / "model"
-    WEIGHTS.check(folder)
-    try:
-        pipe = WanPipeline.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    except Exception as e:  # a damaged config, tokenizer or index fails here
-        raise WEIGHTS.refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return WEIGHTS.load(WanPipeline, Path(folder or HERE) / "model")
 
 
 @functools.cache

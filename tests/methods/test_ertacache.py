@@ -22,7 +22,7 @@ from diffcache.methods.ertacache import (
 )
 from diffcache.plan import Plan
 from diffcache.request import Request
-from tests.toys import clean
+from tests.toys import clean, tiny_request
 
 STEPS = 8
 REQ = Request(height=64, width=64, steps=STEPS, guidance=4.0, negative_prompt="blurry")
@@ -190,13 +190,9 @@ def test_a_calibration_for_another_step_count_is_refused(qwen, profiled) -> None
 def test_every_family_profiles_and_follows_its_schedule(model: str) -> None:
     """Every DiT adapter: profile to compute 0.5 at 6 steps (the timestep adjustment where the
     scheduler is flow-matching Euler), then the run computes exactly the planned steps."""
-    from diffcache.models import builtin_models
-
     pipe = diffcache.load_model(model)
     euler = type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    small = {"height": 32, "width": 32} if "height" in builtin_models()[model].defaults else {}
-    req = Request(steps=6, **small).merged(builtin_models()[model].defaults)
-    prompts = ["1", "2"] if model == "dit-tiny" else PROMPTS
+    req, prompts, one = tiny_request(model, 6)
     plan = diffcache.profile(
         pipe, ERTACacheConfig(time_adjust=euler), prompts, target_compute=0.5, request=req
     )
@@ -204,7 +200,6 @@ def test_every_family_profiles_and_follows_its_schedule(model: str) -> None:
     assert 6 - len(reuse) <= 3
     diffcache.accelerate(pipe, plan)
     try:
-        one = req.replace(class_label=1) if model == "dit-tiny" else req.replace(prompt="a cat")
         out = generate(pipe, one)
         stats = diffcache.stats(pipe)
     finally:

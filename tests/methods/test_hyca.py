@@ -13,10 +13,8 @@ import diffcache
 from diffcache.errors import PlanError
 from diffcache.generate import generate
 from diffcache.methods.hyca import SOLVERS, HyCaConfig, solver_weights
-from diffcache.models import builtin_models
 from diffcache.plan import Plan
-from diffcache.request import Request
-from tests.toys import clean
+from tests.toys import clean, tiny_request
 
 STEPS = 8
 PROMPTS = ["a cat", "a red fox"]
@@ -67,21 +65,11 @@ FAMILIES = [
 ]
 
 
-def _request(model: str) -> tuple[Request, list[str]]:
-    small = {"height": 32, "width": 32} if "height" in builtin_models()[model].defaults else {}
-    req = Request(steps=STEPS, **small).merged(builtin_models()[model].defaults)
-    return req, (["1", "2"] if model == "dit-tiny" else PROMPTS)
-
-
-def _one(model: str, req: Request) -> Request:
-    return req.replace(class_label=1) if model == "dit-tiny" else req.replace(prompt="a cat")
-
-
 @pytest.mark.parametrize("model", FAMILIES)
 def test_every_family_follows_its_plan_exactly(model: str) -> None:
     pipe = diffcache.load_model(model)
-    req, prompts = _request(model)
-    base = generate(pipe, _one(model, req))
+    req, prompts, one = tiny_request(model, STEPS)
+    base = generate(pipe, one)
     plan = diffcache.profile(
         pipe, HyCaConfig(warmup_steps=2), prompts, target_compute=0.6, request=req
     )
@@ -93,7 +81,7 @@ def test_every_family_follows_its_plan_exactly(model: str) -> None:
     )
     diffcache.accelerate(pipe, plan)
     try:
-        out = generate(pipe, _one(model, req))
+        out = generate(pipe, one)
         stats = diffcache.stats(pipe)
     finally:
         diffcache.remove(pipe)
@@ -102,13 +90,13 @@ def test_every_family_follows_its_plan_exactly(model: str) -> None:
     assert stats.skipped == branches * (STEPS - full) * blocks
     assert stats.kernels["forecast"] in ("torch", "triton")
     assert torch.isfinite(torch.as_tensor(out)).all() and not (out == base).all()
-    assert clean(pipe.transformer) and (generate(pipe, _one(model, req)) == base).all()
+    assert clean(pipe.transformer) and (generate(pipe, one) == base).all()
 
 
 @pytest.fixture(scope="module")
 def flux_plan(tmp_path_factory):
     pipe = diffcache.load_model("flux-tiny")
-    req, prompts = _request("flux-tiny")
+    req, prompts, _ = tiny_request("flux-tiny", STEPS)
     out = tmp_path_factory.mktemp("hyca") / "flux-hyca.yaml"
     diffcache.profile(pipe, HyCaConfig(warmup_steps=2, interval=3), prompts, request=req, out=out)
     return pipe, req, Plan.load(out)
@@ -116,10 +104,10 @@ def flux_plan(tmp_path_factory):
 
 def test_identity_equals_the_baseline(flux_plan) -> None:
     pipe, req, plan = flux_plan
-    base = generate(pipe, _one("flux-tiny", req))
+    base = generate(pipe, req.replace(prompt="a cat"))
     diffcache.accelerate(pipe, dataclasses.replace(plan, options={**plan.options, "interval": 1}))
     try:
-        assert (generate(pipe, _one("flux-tiny", req)) == base).all()
+        assert (generate(pipe, req.replace(prompt="a cat")) == base).all()
         assert diffcache.stats(pipe).skipped == 0
     finally:
         diffcache.remove(pipe)

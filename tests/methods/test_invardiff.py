@@ -22,11 +22,9 @@ from diffcache.methods.invardiff import (
     books,
     import_reference_books,
 )
-from diffcache.models import builtin_models
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter
-from diffcache.request import Request
-from tests.toys import clean
+from tests.toys import clean, tiny_request
 
 STEPS = 8
 PROMPTS = ["a cat", "a red fox"]
@@ -77,21 +75,13 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
     assert fixed["module"][1:5, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)
 
 
-def _request(model: str) -> tuple[Request, list[str], Request]:
-    small = {"height": 32, "width": 32} if "height" in builtin_models()[model].defaults else {}
-    req = Request(steps=STEPS, **small).merged(builtin_models()[model].defaults)
-    if model == "dit-tiny":
-        return req, ["1", "2"], req.replace(class_label=1)
-    return req, PROMPTS, req.replace(prompt="a cat")
-
-
 FAMILIES = ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny", "dit-tiny"]
 
 
 @pytest.mark.parametrize("model", [*FAMILIES, "cogvideox-tiny"])
 def test_every_family_computes_exactly_the_planned_modules(model: str) -> None:
     pipe = diffcache.load_model(model)
-    req, prompts, one = _request(model)
+    req, prompts, one = tiny_request(model, STEPS)
     base = generate(pipe, one)
     plan = diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), prompts, request=req)
     cal = plan.calibration_data
@@ -112,7 +102,7 @@ def test_every_family_computes_exactly_the_planned_modules(model: str) -> None:
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     pipe = diffcache.load_model("wan2.1-tiny")
-    req, prompts, one = _request("wan2.1-tiny")
+    req, prompts, one = tiny_request("wan2.1-tiny", STEPS)
     out = tmp_path_factory.mktemp("inv") / "wan-inv.yaml"
     diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), prompts, request=req, out=out)
     return pipe, req, one, Plan.load(out)
