@@ -221,6 +221,10 @@ def _out_dir(path: str, flag: str = "--out") -> Path:
 
 def _read_prompts(path: str, media: str | None = None) -> list[str]:
     """The prompts of a prompt file; answers (``prompt<TAB>answer``) only for text models."""
+    return _read_prompts_answers(path, media)[0]
+
+
+def _read_prompts_answers(path: str, media: str | None) -> tuple[list[str], list[str] | None]:
     from diffcache.request import read_prompts
 
     prompts, answers = read_prompts(path)
@@ -229,7 +233,7 @@ def _read_prompts(path: str, media: str | None = None) -> list[str]:
             f"--prompts {path}: has answers, which only text models are checked against; this "
             f"model makes {media}s (drop the answers)"
         )
-    return prompts
+    return prompts, answers
 
 
 def _check_seeds(n: int) -> None:
@@ -420,8 +424,10 @@ def _eval(args: argparse.Namespace) -> int:
         comparison(spec)
     _check_seeds(args.seeds)
     req, adapter = _request(args, args.model, {"prompt": "x"})
-    prompts = (
-        _read_prompts(args.prompts, adapter.media if adapter else None) if args.prompts else None
+    prompts, answers = (
+        _read_prompts_answers(args.prompts, adapter.media if adapter else None)
+        if args.prompts
+        else (None, None)
     )
     out = _out_dir(args.out)
     report = evaluate(
@@ -432,6 +438,7 @@ def _eval(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         request=req,
         progress=sys.stderr.isatty(),
+        answers=answers,
     )
     if report is not None:  # the main process (others return None under accelerate launch)
         _print_report(report, out)
@@ -444,11 +451,20 @@ def _print_report(report: dict, out: Path) -> None:
 
     base = report["baseline"]
     task = base.get("task_score")
+    acc = base.get("accuracy")
     print(
         f"baseline: {base['latency_s']:.3f} s per sample on {report['device']}"
         + (f", task score {task:.3f}" if task is not None else "")
+        + (f", accuracy {acc:.3f}" if acc is not None else "")
     )
     for r in report["runs"]:
+        if "tokens_per_s" in r:  # text
+            print(
+                f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
+                f"{num(r['compute_fraction'], '.3f')}, {num(r['tokens_per_s'], '.1f')} tokens/s, "
+                f"agreement {num(r['agreement'], '.3f')}, accuracy {num(r['accuracy'], '.3f')}"
+            )
+            continue
         print(
             f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
             f"{num(r['compute_fraction'], '.3f')}, PSNR {num(r['psnr'], '.2f')} dB, "

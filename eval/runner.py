@@ -55,14 +55,17 @@ def evaluate(
     warmup: bool = True,
     samples: int = 4,
     progress: bool = False,
+    answers: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
 
     ``prompts`` default to the model's own evaluation inputs (the bundled prompts, or the class
     ids of a class-conditional reference model); the seeds are ``request.seed`` ..
-    ``request.seed + seeds - 1``. Every value in the report is a finite number or None, and a
-    None is explained in ``notes``. Returns the report (None on the other processes).
+    ``request.seed + seeds - 1``. ``answers`` (text models; one per prompt) are what each
+    output is checked against for ``accuracy``; without them a text model's scorer decides.
+    Every value in the report is a finite number or None, and a None is explained in
+    ``notes``. Returns the report (None on the other processes).
     """
     check_report_dir(out)
     if seeds < 1:
@@ -85,6 +88,12 @@ def evaluate(
     for req in requests:
         check(adapter.fields, adapter.name, req, pipe)
     scorer = entry.score_fn() if entry is not None else None
+    if answers is not None:
+        if len(answers) != len(inputs):
+            raise DiffCacheError(f"{len(answers)} answers for {len(inputs)} prompts")
+        scorer = _answer_scorer(dict(zip(inputs, answers, strict=True)))
+    text = adapter.media == "text"
+    count = _token_counter(pipe) if text else None
     mine = distributed.shard(list(enumerate(requests)))  # (starts the process group first)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
     if device == "cuda" and hasattr(pipe, "to"):
@@ -98,7 +107,7 @@ def evaluate(
         ref, seconds = _timed(pipe, req, device)
         if device == "cuda":
             peak = max(peak or 0, torch.cuda.max_memory_allocated())
-        records.append(_record(BASELINE, i, seconds, req, ref, None, scorer, None))
+        records.append(_record(BASELINE, i, seconds, req, ref, None, scorer, None, count))
         if i < samples:
             media[BASELINE, i] = ref
         for c in comparisons:
@@ -108,7 +117,7 @@ def evaluate(
                 stats = diffcache.stats(pipe) if c.plan is not None else None
             finally:
                 c.teardown(pipe)
-            records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats))
+            records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats, count))
             if i < samples:
                 media[c.name, i] = out_i
     gathered = distributed.gather((records, media, peak))
@@ -117,21 +126,36 @@ def evaluate(
     records = sorted((r for part in gathered for r in part[0]), key=_order(comparisons))
     media = {k: v for part in gathered for k, v in part[1].items()}
     peaks = [p for part in gathered if (p := part[2]) is not None]
-    report = _report(model, device, comparisons, requests, records, scorer, peaks)
+    report = _report(model, device, comparisons, requests, records, scorer, peaks, text)
     write_report(report, out, media=media)
     return report
 
 
 def _record(
-    run: str, i: int, seconds: float, req: Request, out: Any, ref: Any, scorer: Any, stats: Any
+    run: str,
+    i: int,
+    seconds: float,
+    req: Request,
+    out: Any,
+    ref: Any,
+    scorer: Any,
+    stats: Any,
+    count: Any = None,
 ) -> dict[str, Any]:
-    """What one generation measured."""
+    """What one generation measured (text: agreement with the baseline text, accuracy, tokens;
+    media: PSNR, SSIM, LPIPS and the task score)."""
     rec: dict[str, Any] = {"run": run, "request": i, "latency_s": seconds}
-    if ref is not None:
-        rec["psnr"] = metrics.psnr(ref, out)
-        rec["ssim"] = metrics.ssim(ref, out)
-        rec["lpips"] = metrics.lpips(ref, out)[0]
-    rec["task_score"] = float(scorer(task_input(req), out)) if scorer is not None else None
+    if isinstance(out, str):
+        rec["tokens"] = count(out)
+        rec["agreement"] = metrics.agreement(ref, out) if ref is not None else None
+        rec["accuracy"] = float(scorer(task_input(req), out)) if scorer is not None else None
+        rec["task_score"] = None
+    else:
+        if ref is not None:
+            rec["psnr"] = metrics.psnr(ref, out)
+            rec["ssim"] = metrics.ssim(ref, out)
+            rec["lpips"] = metrics.lpips(ref, out)[0]
+        rec["task_score"] = float(scorer(task_input(req), out)) if scorer is not None else None
     if stats is not None:
         rec["compute_fraction"] = stats.compute_fraction
         rec["per_step"] = stats.per_step()
@@ -147,6 +171,7 @@ def _report(
     records: list[dict[str, Any]],
     scorer: Any,
     peaks: list[int],
+    text: bool = False,
 ) -> dict[str, Any]:
     notes: dict[str, str] = {}
     by_run = {BASELINE: [r for r in records if r["run"] == BASELINE]}
@@ -168,26 +193,40 @@ def _report(
             "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
             if ours
             else None,
-            "psnr": _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
-            "ssim": metrics.mean([r["ssim"] for r in recs]),
-            "lpips": metrics.mean([r["lpips"] for r in recs]),
+            "psnr": None if text else _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
+            "ssim": None if text else metrics.mean([r["ssim"] for r in recs]),
+            "lpips": None if text else metrics.mean([r["lpips"] for r in recs]),
             "task_score": _mean_or_none([r["task_score"] for r in recs]),
-            "accuracy": None,
-            "agreement": None,
+            "accuracy": _mean_or_none([r.get("accuracy") for r in recs]),
+            "agreement": _mean_or_none([r.get("agreement") for r in recs]),
             "kv_bytes_peak": max((r["kv_bytes_peak"] or 0 for r in recs), default=0) or None
             if ours
             else None,
             "samples": len(recs),
-            "per_step_compute": np.mean(steps, axis=0).tolist() if steps else [],
+            "per_step_compute": _mean_steps(steps),
         }
+        if text:
+            run["tokens_per_s"] = _tokens_per_s(recs)
+            base_acc = _mean_or_none([r.get("accuracy") for r in base])
+            acc = run["accuracy"]
+            run["accuracy_drop"] = None if acc is None or base_acc is None else base_acc - acc
         if not ours:
             why = "diffusers' caches report no computed work"
             _note(notes, "compute_fraction", f"compute_fraction is null for {c.name}: {why}")
         runs.append(_finite_or_null(run, c.name, notes))
     reason = metrics.lpips_unavailable_reason()
-    if reason:
+    if text:
+        why = "image metrics are not defined for text (see agreement and accuracy)"
+        for key in METRICS:
+            notes[key] = f"{key} is null: {why}"
+        notes["task_score"] = "task_score is null for text: see accuracy"
+        if scorer is None:
+            notes["accuracy"] = (
+                f"accuracy is null: {model} has no task checker and the prompts carry no answers"
+            )
+    elif reason:
         notes["lpips"] = f"LPIPS is null: {reason}"
-    if scorer is None:
+    if not text and scorer is None:
         notes["task_score"] = f"task_score is null: {model} has no task scorer"
     if not peaks:
         notes["peak_mem_bytes"] = "peak_mem_bytes is null: measured on CUDA only"
@@ -200,6 +239,14 @@ def _report(
             "peak_mem_bytes": max(peaks) if peaks else None,
             "task_score": _mean_or_none([r["task_score"] for r in base]),
             "samples": len(base),
+            **(
+                {
+                    "accuracy": _mean_or_none([r.get("accuracy") for r in base]),
+                    "tokens_per_s": _tokens_per_s(base),
+                }
+                if text
+                else {}
+            ),
         },
         "runs": runs,
         "notes": notes,
@@ -230,6 +277,39 @@ def environment(device: str) -> dict[str, Any]:
         "transformers": version("transformers"),
         "diffcache": diffcache.__version__,
     }
+
+
+def _answer_scorer(answers: dict[str, str]) -> Any:
+    """Exact match of a generated text with its prompt's answer (surrounding space ignored)."""
+
+    def score(prompt: str, text: str) -> bool:
+        return text.strip() == answers[prompt].strip()
+
+    return score
+
+
+def _token_counter(pipe: Any) -> Any:
+    """Tokens the last generation produced, up to and including its first EOS (one rule for
+    every method: research/dlm.md §4.3)."""
+
+    def count(text: str) -> int:
+        return int(pipe.last_output.generated[0])
+
+    return count
+
+
+def _tokens_per_s(recs: Sequence[dict[str, Any]]) -> float | None:
+    seconds = sum(r["latency_s"] for r in recs)
+    return sum(r["tokens"] for r in recs) / seconds if seconds > 0 else None
+
+
+def _mean_steps(steps: list[list[float]]) -> list[float]:
+    """Mean compute per step over samples (text runs may take different step counts: the
+    steps every sample ran)."""
+    if not steps:
+        return []
+    n = min(len(s) for s in steps)
+    return np.mean([s[:n] for s in steps], axis=0).tolist() if n else []
 
 
 def _default_inputs(entry: Any, adapter: Any, req: Request) -> list[str]:

@@ -13,8 +13,10 @@ from diffcache.errors import KernelUnavailableError
 from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
+from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
+from .token_confidence import token_confidence, token_confidence_ref
 
 __all__ = [
     "Backend",
@@ -24,6 +26,10 @@ __all__ = [
     "describe",
     "forecast",
     "forecast_ref",
+    "kv_gather",
+    "kv_gather_ref",
+    "kv_scatter",
+    "kv_scatter_ref",
     "l1_change",
     "l1_change_ref",
     "last_backend",
@@ -32,4 +38,6 @@ __all__ = [
     "rectified_residual",
     "rectified_residual_ref",
     "resolve_backend",
+    "token_confidence",
+    "token_confidence_ref",
 ]

@@ -6,6 +6,15 @@ weights. diffusers and transformers are imported only inside the builders.
 
 from __future__ import annotations
 
-from diffcache.pipelines import cogvideox, dit, flux, hunyuan_video, qwen_image, wan
+from diffcache.pipelines import cogvideox, dit, dream, flux, hunyuan_video, llada, qwen_image, wan
 
-__all__ = ["cogvideox", "dit", "flux", "hunyuan_video", "qwen_image", "wan"]
+__all__ = [
+    "cogvideox",
+    "dit",
+    "dream",
+    "flux",
+    "hunyuan_video",
+    "llada",
+    "qwen_image",
+    "wan",
+]

@@ -65,7 +65,11 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
 #: the random-weight tiny models: each profiled method to half the work, 4 bundled prompts (class
 #: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
 EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
-for _tiny in [m for m in builtin_models() if m.endswith("-tiny")]:
+for _tiny in [
+    m
+    for m, e in builtin_models().items()
+    if m.endswith("-tiny") and e.family not in ("llada", "dream")
+]:
     _inputs = _classes if _tiny == "dit-tiny" else _bundled
     PLANS[f"{_tiny}-ertacache.yaml"] = (
         _tiny,

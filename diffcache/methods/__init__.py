@@ -1,6 +1,15 @@
 """Caching methods, one file each; importing this package registers them all."""
 
-from diffcache.methods import easycache, ertacache, hyca, invardiff
+from diffcache.methods import (
+    d2cache,
+    dkv_cache,
+    easycache,
+    elastic_cache,
+    ertacache,
+    fast_dllm,
+    hyca,
+    invardiff,
+)
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
 from diffcache.methods.ertacache import ERTACacheConfig
@@ -14,7 +23,11 @@ __all__ = [
     "ERTACacheConfig",
     "HyCaConfig",
     "InvarDiffConfig",
+    "d2cache",
+    "dkv_cache",
     "easycache",
+    "elastic_cache",
+    "fast_dllm",
     "ertacache",
     "hyca",
     "invardiff",

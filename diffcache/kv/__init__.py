@@ -1,0 +1,26 @@
+"""KV machinery of the text diffusion LMs: the position-indexed store, the per-step plan and
+policy interface, and the forward pass over planned rows (research/dlm.md §6)."""
+
+from diffcache.kv.engine import forward_rows
+from diffcache.kv.policy import (
+    DecodeState,
+    LayerView,
+    Policy,
+    StepPlan,
+    pad_rows,
+    row_sets,
+    union_rows,
+)
+from diffcache.kv.store import KVStore
+
+__all__ = [
+    "DecodeState",
+    "KVStore",
+    "LayerView",
+    "Policy",
+    "StepPlan",
+    "forward_rows",
+    "pad_rows",
+    "row_sets",
+    "union_rows",
+]

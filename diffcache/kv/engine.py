@@ -1,0 +1,129 @@
+"""One forward pass of a text diffusion LM over the rows a step plan chose.
+
+The model (LLaDA or Dream, ``diffcache.pipelines``) exposes its layers as ``qkv`` -> ``attend``
+-> ``finish``; this loop runs them on the plan's rows only, writes the fresh K/V rows into the
+store, attends over every stored row, and applies the LM head only to the rows whose logits the
+sampler needs. With every row planned it performs exactly the model's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffcache.kv.policy import LayerView, Policy, StepPlan
+from diffcache.kv.store import KVStore
+
+
+def forward_rows(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    plan: StepPlan,
+    store: KVStore | None = None,
+    policy: Policy | None = None,
+    step: int = 0,
+) -> torch.Tensor:
+    """Logits ``[B, m, V]`` at ``plan.targets`` for token ids ``[B, L]``.
+
+    Args:
+        positions: ``[B, L]`` RoPE positions of every slot.
+        key_mask: ``[B, L]`` bool, False for padding keys (None: attend to all).
+        store: where K/V rows live between steps; None recomputes all rows (``plan.rows`` must
+            be None then).
+        policy: asked after each layer's attention when it ``wants_layers``; its ``hidden``
+            (per layer, ``[B, L, d]`` inputs of every position, or None) is kept up to date for
+            the rows computed (Elastic-Cache's depth refresh reads it).
+    """
+    rows = plan.rows
+    hidden = None if policy is None else policy.hidden
+    if rows is not None and store is None:
+        raise ValueError("recomputing a subset of rows needs a KV store")
+    h = model.embed(ids if rows is None else ids.gather(1, rows))
+    if policy is not None and policy.keeps_inputs and hidden is None:
+        hidden = policy.hidden = [h.new_zeros(*ids.shape, h.shape[-1]) for _ in model.layers]
+    cos, sin = model.rope(positions if rows is None else positions.gather(1, rows))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    watch = policy is not None and policy.wants_layers
+    batch, length = ids.shape
+    layers = len(model.layers)
+    full = torch.zeros(batch, dtype=torch.bool, device=ids.device)  # rows refreshed from here on
+    grow: torch.Tensor | None = None  # batch rows that start a full refresh at this layer
+    for index, layer in enumerate(model.layers):
+        if grow is not None:  # every position of those rows from here on, from stored inputs
+            full |= grow
+            h, rows = _expand(hidden[index], rows, h, full)
+            cos, sin = model.rope(positions.gather(1, rows))
+            grow = None
+        elif hidden is not None:
+            _keep(hidden[index], rows, h)
+        q, k, v = layer.qkv(h, cos, sin)
+        old_k = None
+        if watch and rows is not None:
+            old_k = store.k[index].gather(2, _index(rows, store.k[index]))
+        if store is None:
+            keys, values = k.contiguous(), v.contiguous()
+        else:
+            store.write(index, rows, k, v, step)
+            keys, values = store.k[index], store.v[index]
+        o = layer.attend(q, keys, values, mask)
+        if watch and rows is not None and index + 1 < layers:
+            view = LayerView(index, rows, q, keys, old_k, q.shape[-1] ** -0.5, full, key_mask)
+            new = torch.as_tensor(policy.layer_end(index, view), device=ids.device) & ~full
+            if bool(new.any()):
+                grow = new.expand(batch)
+                if plan.full_from is None:
+                    plan.full_from = torch.full((batch,), layers, device=ids.device)
+                plan.full_from = torch.where(grow, index + 1, plan.full_from)
+        elif watch:
+            scale = q.shape[-1] ** -0.5
+            policy.layer_end(index, LayerView(index, rows, q, keys, old_k, scale, full, key_mask))
+        h = layer.finish(h, o)
+    return model.head(h.gather(1, _sources(plan, rows, model.logit_shift, h)))
+
+
+def _index(rows: torch.Tensor, store: torch.Tensor) -> torch.Tensor:
+    """Gather index selecting ``rows`` [B, n] from a [B, H, L, hd] tensor."""
+    b, heads, _, hd = store.shape
+    return rows[:, None, :, None].expand(b, heads, rows.shape[1], hd)
+
+
+def _keep(hidden: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor) -> None:
+    if rows is None:
+        hidden.copy_(h)
+    else:
+        hidden.scatter_(1, rows[..., None].expand(-1, -1, h.shape[-1]), h)
+
+
+def _expand(
+    hidden: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, full: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer inputs for rows that grow to every position (``full`` [B]): the stored inputs with
+    the fresh rows written in. Other batch rows keep their rows, padded to the full length by
+    repeating their first position (computed twice, same values). Returns (h, rows)."""
+    _keep(hidden, rows, h)
+    batch, length = hidden.shape[:2]
+    every = torch.arange(length, device=rows.device).expand(batch, -1)
+    padded = torch.cat([rows, rows[:, :1].expand(-1, length - rows.shape[1])], 1)
+    rows = torch.where(full[:, None], every, padded)
+    return hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1])), rows
+
+
+def _sources(
+    plan: StepPlan, rows: torch.Tensor | None, shift: int, h: torch.Tensor
+) -> torch.Tensor:
+    """Gather index into ``h`` [B, n, d] of the rows whose hidden states give the logits."""
+    src = (plan.targets - shift).clamp(min=0)
+    if rows is not None:  # position -> index of that position in rows
+        where = torch.full(
+            (src.shape[0], int(rows.max()) + 1 if rows.numel() else 1),
+            -1,
+            dtype=torch.long,
+            device=rows.device,
+        )
+        where.scatter_(1, rows, torch.arange(rows.shape[1], device=rows.device).expand_as(rows))
+        found = where.gather(1, src.clamp(max=where.shape[1] - 1))
+        if bool((found < 0).any() | (src >= where.shape[1]).any()):
+            raise AssertionError("a logit target's source row was not recomputed this step")
+        src = found
+    return src[..., None].expand(-1, -1, h.shape[-1])

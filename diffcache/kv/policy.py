@@ -1,0 +1,163 @@
+"""What a text-diffusion step recomputes: the decoding state, the step plan, and the policy
+interface every DLM caching method implements (research/dlm.md §6.1).
+
+Each step the pipeline asks its policy for a :class:`StepPlan`: the positions whose hidden states
+are recomputed (their K/V rows are written to the :class:`~diffcache.kv.store.KVStore`), the
+positions whose logits the sampler needs, and optionally a layer from which every position is
+recomputed. Methods differ only in how they choose these and when they refresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from diffcache.kv.store import KVStore
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """The generation as policies see it. Positions are absolute indices into ``ids``."""
+
+    ids: torch.Tensor  # [B, L] prompt (left-padded) + generated region
+    mask_id: int
+    prompt_len: int  # P: the generated region is [P, L)
+    logit_shift: int  # Dream: the hidden state at p-1 gives the logits of p
+    num_layers: int
+    decoded_at: torch.Tensor  # [B, L] step each position was committed (-1: prompt; masks: -2)
+    block: tuple[int, int] = (0, 0)  # current block [start, end)
+    step: int = 0  # steps run so far in the generation
+    block_step: int = 0  # steps run so far in the current block
+    confidence: torch.Tensor | None = None  # [B, m] last step's confidence at plan.targets
+
+    @property
+    def masked(self) -> torch.Tensor:
+        return self.ids == self.mask_id
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def decoded_before(self, step: int) -> torch.Tensor:
+        """[B, L] positions that were already decoded when ``step`` began (prompt included)."""
+        return (self.decoded_at >= -1) & (self.decoded_at < step)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step's work. ``rows`` ``[B, n]`` are recomputed (None: every position); a ragged set
+    is padded by repeating one of the row's own positions (recomputing a row twice writes the
+    same K/V), and ``counts`` ``[B]`` says how many are real. ``targets`` ``[B, m]`` are the
+    positions whose logits are returned, in that order. ``full_from`` ``[B]`` is set by the
+    engine when a policy asks a batch row to recompute every position from some layer on (from
+    the stored layer inputs: Elastic-Cache's depth refresh); None: no row did."""
+
+    rows: torch.Tensor | None
+    targets: torch.Tensor
+    counts: torch.Tensor | None = None
+    full_from: torch.Tensor | None = None
+
+    def real_rows(self, length: int) -> torch.Tensor:
+        """[B] recomputed positions per batch row (padding excluded)."""
+        if self.rows is None:
+            return torch.full((self.targets.shape[0],), length)
+        if self.counts is None:
+            return torch.full((self.rows.shape[0],), self.rows.shape[1])
+        return self.counts
+
+
+class Policy:
+    """Caching policy of a text-diffusion generation; the base class recomputes everything
+    (no cache). Hooks are called by the pipeline in this order: ``start`` once, then per block
+    ``block_start``, and per step ``plan`` -> the model forward -> ``step_end``."""
+
+    name = "none"
+    uses_store = False
+
+    def __init__(self) -> None:
+        self.store: KVStore | None = None
+        self.hidden: list[torch.Tensor] | None = (
+            None  # per-layer inputs, for policies that keep them
+        )
+
+    def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The sampler settings this policy runs with (methods that come with their own
+        decoding rule, e.g. Fast-dLLM's threshold, change them here)."""
+        return settings
+
+    def start(self, state: DecodeState, store: KVStore | None) -> None:
+        self.store = store
+
+    def block_start(self, state: DecodeState) -> None:
+        """A new semi-autoregressive block begins (``state.block``)."""
+
+    def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
+        """Rows to recompute for logits at ``targets`` ``[B, m]``."""
+        return StepPlan(rows=None, targets=targets)
+
+    def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
+        """The step committed tokens at ``committed`` ``[B, L]`` (already in ``state.ids``)."""
+
+    def layer_end(self, layer: int, view: LayerView) -> torch.Tensor | bool:
+        """Called after each layer's attention when ``wants_layers``: which batch rows
+        (``[B]`` bool, or one bool for all) recompute every position from layer ``layer + 1``
+        on."""
+        return False
+
+    wants_layers = False  # layer_end is called
+    keeps_inputs = False  # the engine keeps every layer's inputs in ``hidden``
+
+
+@dataclasses.dataclass
+class LayerView:
+    """What a policy may read after one layer's attention (Elastic-Cache, d2Cache)."""
+
+    layer: int
+    rows: torch.Tensor | None  # [B, n] positions recomputed at this layer (None: all)
+    q: torch.Tensor  # [B, H, n, hd] post-RoPE queries of those rows
+    k: torch.Tensor  # [B, H_kv, L, hd] the layer's keys after this step's write
+    old_k: torch.Tensor | None  # [B, H_kv, n, hd] the rows' keys before the write (None: unknown)
+    scale: float
+    full: torch.Tensor  # [B] batch rows already recomputing every position at this layer
+    key_mask: torch.Tensor | None = None  # [B, L] False at padding keys (None: no padding)
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 attention probabilities ``[B, H, n, L]`` of queries ``[B, H, n, hd]`` over keys
+        (default: this layer's), padding keys masked, GQA heads shared."""
+        k = self.k if k is None else k
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        if self.key_mask is not None:
+            scores = scores.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(-1)
+
+
+def pad_rows(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-row position sets -> ``[B, n]`` padded by repeating each row's first position
+    (an empty set gets position 0), and the real counts ``[B]``."""
+    n = max(max((len(s) for s in sets), default=0), 1)
+    out = []
+    for s in sets:
+        fill = s[:1] if len(s) else torch.zeros(1, dtype=torch.long, device=s.device)
+        out.append(torch.cat([s, fill.expand(n - len(s))]))
+    counts = torch.tensor([len(s) for s in sets])
+    return torch.stack(out), counts
+
+
+def row_sets(mask: torch.Tensor) -> list[torch.Tensor]:
+    """[B, L] bool -> per row, the sorted positions where it is True."""
+    return [m.nonzero().flatten() for m in mask]
+
+
+def union_rows(
+    mask: torch.Tensor, targets: torch.Tensor, shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions set in ``mask`` [B, L] plus the logit sources of ``targets`` (p - shift, at
+    least 0), as padded rows and counts."""
+    need = mask.clone()
+    src = (targets - shift).clamp(min=0)
+    need.scatter_(1, src, True)
+    return pad_rows(row_sets(need))

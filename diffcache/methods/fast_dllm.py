@@ -1,0 +1,112 @@
+"""Fast-dLLM (Wu et al., "Fast-dLLM: Training-free Acceleration of Diffusion LLM by Enabling KV
+Cache and Parallel Decoding", arXiv 2505.22618; NVlabs/Fast-dLLM): the baseline every text
+diffusion cache compares against.
+
+Rules (research/dlm.md §2.1): at the start of each semi-autoregressive block one full forward
+refreshes every position's K/V and its logits decode the block's first step. Inside the block,
+``prefix`` mode recomputes the block and everything after it and reuses the prefix's K/V;
+``dual`` mode recomputes only the block and reuses the prefix's and the masked suffix's K/V.
+Confidence-aware parallel decoding commits, per step, the most confident masked token and every
+other one with confidence >= ``threshold`` (0.9 in all the paper's scripts) — or the factor rule
+with ``factor`` — until the block is done.
+
+Differences from the reference code: K/V are stored after RoPE by absolute position and written
+in place (the reference keeps pre-RoPE keys and re-rotates them every step); every batch row has
+its own positions and masks (the reference's dual cache flattens the batch, PR #17; its Dream path
+overwrites left-padding positions). For Dream, whose logits are shifted, the reference commits the
+block's first token at the refresh step by argmax; we recompute the row before the block instead,
+so that position is scored like the others (``reference_compat: true`` is not offered for this:
+it changes the decoding rule, not the cache). ``refresh_every`` adds refreshes inside a block
+(None: only at block starts, as the paper); 1 recomputes everything (identity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from diffcache.adapter import Target
+from diffcache.kv.method import attach_policy
+from diffcache.kv.policy import DecodeState, Policy, StepPlan
+from diffcache.methods.base import MethodConfig, option
+from diffcache.registry import register_method
+from diffcache.session import Session
+
+FAMILIES = ("llada", "dream")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastDLLMConfig(MethodConfig):
+    """Options of Fast-dLLM's prefix / dual cache and parallel decoding."""
+
+    name: ClassVar[str] = "fast_dllm"
+    granularity: ClassVar[str] = "kv"
+    kind: ClassVar[str] = "token_layer"
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
+
+    mode: Literal["prefix", "dual"] = option(
+        "prefix", "prefix: reuse K/V before the block; dual: also after it"
+    )
+    threshold: float | None = option(
+        0.9,
+        "parallel decoding: commit every candidate this confident (null: the sampler's count)",
+        min=0.0,
+        max=1.0,
+    )
+    factor: float | None = option(
+        None, "parallel decoding by the factor rule instead of the threshold", min=0.0
+    )
+    refresh_every: int | None = option(
+        None, "also refresh every N steps inside a block (null: block starts only)", min=1
+    )
+
+    @classmethod
+    def identity(cls) -> FastDLLMConfig:
+        return cls(threshold=None, refresh_every=1)
+
+    @classmethod
+    def aggressive(cls) -> FastDLLMConfig:
+        return cls(mode="dual", threshold=0.5)
+
+    def not_supported_reasons(self, target: Target) -> list[str]:
+        reasons = []
+        if target.adapter.name not in FAMILIES:
+            reasons.append(
+                f"fast_dllm runs on {' and '.join(FAMILIES)} pipelines, not {target.adapter.name}"
+            )
+        if self.threshold is not None and self.factor is not None:
+            reasons.append("fast_dllm: give threshold or factor, not both")
+        return reasons
+
+
+class FastDLLMPolicy(Policy):
+    name = "fast_dllm"
+    uses_store = True
+
+    def __init__(self, cfg: FastDLLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.factor is not None:
+            return {**settings, "threshold": None, "factor": self.cfg.factor}
+        if self.cfg.threshold is not None:
+            return {**settings, "threshold": self.cfg.threshold, "factor": None}
+        return settings
+
+    def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
+        i, every = state.block_step, self.cfg.refresh_every
+        if i == 0 or (every is not None and i % every == 0):
+            return StepPlan(rows=None, targets=targets)
+        start, end = state.block
+        lo = max(start - state.logit_shift, 0)
+        hi = end if self.cfg.mode == "dual" else state.length
+        rows = torch.arange(lo, hi, device=state.ids.device).expand(state.ids.shape[0], -1)
+        return StepPlan(rows=rows, targets=targets)
+
+
+@register_method(FastDLLMConfig)
+def apply(session: Session, cfg: FastDLLMConfig) -> None:
+    attach_policy(session, cfg.name, lambda: FastDLLMPolicy(cfg))

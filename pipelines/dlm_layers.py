@@ -1,0 +1,144 @@
+"""Layer pieces shared by our LLaDA and Dream modules, and their forward.
+
+RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA,
+and :func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
+planned rows with K/V kept in a position-indexed store (:func:`diffcache.kv.forward_rows`), which
+is how our text pipelines always call the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32 and cast back to the input dtype before the affine weight
+    (the LLaDA/OLMo and Qwen2 order); an optional bias follows the weight."""
+
+    def __init__(self, size: int, eps: float, bias: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.weight * y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[B, n, head_dim]`` in fp32 for integer ``positions`` ``[B, n]``.
+
+    ``inv_freq = 1 / theta^(arange(0, hd, 2) / hd)``; the angles are repeated over both halves
+    (``cat(freqs, freqs)``), as in HF Llama and the LLaDA/Dream references.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, n, hd]`` by cos/sin ``[B, n, hd]`` in fp32 (fp64 for an fp64 x);
+    returns x's dtype. ``rotate_half``: the first half pairs with the second."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Non-causal SDPA of q ``[B, H, n, hd]`` over k/v ``[B, Hkv, m, hd]``: ``[B, n, H*hd]``.
+
+    GQA: each k/v head serves ``H // Hkv`` consecutive query heads (``repeat_interleave``).
+    ``mask`` is bool ``[B, 1, 1|n, m]`` (True = attend) or None.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+    b, h, n, d = o.shape
+    return o.transpose(1, 2).reshape(b, n, h * d)
+
+
+class DiffusionLM(Protocol):
+    """What :func:`diffusion_forward` needs of a model (see the shared interface spec)."""
+
+    def blocks(self) -> nn.ModuleList: ...
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def head(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
+def default_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``cumsum(attention_mask) - 1`` clamped at 0 when a mask is given, else ``arange(L)``."""
+    b, n = input_ids.shape
+    if attention_mask is None:
+        return torch.arange(n, device=input_ids.device).expand(b, n)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def diffusion_forward(
+    model: DiffusionLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **step: Any,
+) -> torch.Tensor:
+    """embed -> every layer (cos/sin of ``position_ids``, key-padding mask) -> head: logits
+    ``[B, L, V]``. With ``plan=`` (and ``store=``, ``policy=``, ``step=``) only the planned rows
+    run and the logits are those of ``plan.targets`` (:func:`diffcache.kv.forward_rows`)."""
+    if position_ids is None:
+        position_ids = default_positions(input_ids, attention_mask)
+    if step.get("plan") is not None:
+        from diffcache.kv import forward_rows
+
+        mask = None if attention_mask is None else attention_mask.bool()
+        return forward_rows(model, input_ids, position_ids, mask, **step)
+    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    h = model.embed(input_ids)
+    cos, sin = model.rope(position_ids)
+    for layer in model.blocks():
+        h = layer(h, cos, sin, mask)
+    return model.head(h)
+
+
+def config_fields(cls: type, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config.json dict into the dataclass's own fields and the rest (``extra``)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+    own = {k: v for k, v in d.items() if k in names}
+    return own, {k: v for k, v in d.items() if k not in names}
+
+
+def tiny_init_(model: nn.Module, head: nn.Linear, head_std: float) -> None:
+    """Deterministic random weights in place (run it under ``seeded``): embeddings N(0, 1),
+    linear weights N(0, 1/fan_in), the LM head N(0, head_std²) (spread-out confidences), biases
+    N(0, 0.1²), norm weights 1 + N(0, 0.1²). Parameters are visited in registration order."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0)
+            elif isinstance(module, nn.Linear):
+                std = head_std if module is head else module.in_features**-0.5
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.1)
+            elif isinstance(module, RMSNorm):
+                module.weight.normal_(1.0, 0.1)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.1)

@@ -1,0 +1,395 @@
+"""The decoding loop shared by our LLaDA and Dream pipelines.
+
+A prompt (left-padded in a batch) is followed by ``gen_length`` mask tokens. The generated region
+is decoded in semi-autoregressive blocks of ``block_length``; each step runs the model on the rows
+the cache policy chose, scores the block's masked positions (the family's sampler) and commits
+some of them (a fixed count per step, or a parallel-decoding rule). Committed tokens are never
+re-masked. The policy (:class:`diffcache.kv.Policy`) comes from :meth:`cache_policy`, which
+``diffcache.accelerate`` hooks to install a method; plain, every step recomputes every row.
+
+Batching: every decision is per row and positions are ``cumsum(attention_mask) - 1``, so a row of
+a batch decodes exactly as it would alone (at temperature 0, or with one generator per row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from diffcache.errors import DiffCacheError
+from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
+from diffcache.pipelines.sampling import rules
+
+
+class RequestError(DiffCacheError, ValueError):
+    """A generation request the pipeline cannot run (checked before any model call)."""
+
+
+@dataclasses.dataclass
+class TextOutput:
+    """Generated texts, the full token ids and when each generated position was committed."""
+
+    texts: list[str]
+    tokens: torch.Tensor  # [B, P + G]
+    prompt_len: int  # P (after left padding)
+    committed_at: torch.Tensor  # [B, G] step of commitment; -1: never (left masked)
+    steps: int  # steps (model calls) run
+    generated: torch.Tensor  # [B] tokens generated up to and including the first EOS
+
+
+class DiffusionLMPipeline:
+    """Base of :class:`LLaDAPipeline` and :class:`DreamPipeline`: the decoding loop; the family
+    subclass scores candidates (:meth:`score`) and says how many to commit (:meth:`count`)."""
+
+    #: Default sampler settings of the family (call keywords override them).
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
+    def begin_run(self, num_steps: int | None, **facts: Any) -> None:
+        """A generation of ``num_steps`` steps starts; ``facts`` are checked against plans."""
+
+    def begin_step(self) -> None:
+        """The next step starts."""
+
+    def end_run(self) -> None:
+        """The generation is over."""
+
+    def cache_policy(self) -> Policy:
+        """The caching policy of the next generation (plain: recompute every row)."""
+        return Policy()
+
+    # -- family hooks ------------------------------------------------------------------------
+    def score(
+        self, logits: torch.Tensor, settings: dict[str, Any], generator: Any, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[B, m]`` and confidences ``[B, m]`` for candidates' logits ``[B, m, V]``
+        (``valid``: the real candidates, leading in each row)."""
+        raise NotImplementedError
+
+    def count(
+        self, masks_left: torch.Tensor, start_masks: torch.Tensor, i: int, steps: int, s: dict
+    ) -> torch.Tensor:
+        """How many candidates each row commits at block step ``i`` of ``steps`` ``[B]``."""
+        raise NotImplementedError
+
+    def check_request(self, gen_length: int, steps: int, block_length: int) -> None:
+        """Family rules on the step count (raise :class:`RequestError`)."""
+
+    # -- tokenization ------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_positions)
+
+    def encode(self, prompts: Sequence[str], chat: bool | None) -> list[list[int]]:
+        """Prompt token ids; with ``chat`` (default: when the tokenizer has a chat template) the
+        prompt is wrapped as one user turn with the assistant turn opened."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        use_chat = bool(template) if chat is None else chat
+        out = []
+        for text in prompts:
+            if use_chat:
+                if not template:
+                    raise RequestError("chat=True but this tokenizer has no chat template")
+                messages = [{"role": "user", "content": text}]
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True
+                )
+                ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            else:
+                ids = self.tokenizer.encode(text)
+            out.append(list(ids))
+        return out
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        gen_length: int = 128,
+        steps: int | None = None,
+        block_length: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        chat: bool | None = None,
+        **sampler: Any,
+    ) -> TextOutput:
+        """Generate ``gen_length`` tokens after each prompt in ``steps`` steps (default: one per
+        token) in blocks of ``block_length`` (default: one block). Family sampler keywords
+        (temperature, remasking, alg, threshold, factor ...) are listed in ``defaults``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = gen_length if steps is None else steps
+        block_length = gen_length if block_length is None else block_length
+        settings = self._settings(sampler)
+        self._check(prompts, gen_length, steps, block_length)
+        encoded = self.encode(prompts, chat)
+        self._check_lengths(encoded, gen_length)
+        policy = self.cache_policy()
+        settings = policy.decoding(settings)
+        return self._generate(encoded, gen_length, steps, block_length, settings, policy, generator)
+
+    def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            raise RequestError(
+                f"{type(self).__name__} takes no {', '.join(unknown)}; sampler settings: "
+                f"{', '.join(self.defaults)}"
+            )
+        return {**self.defaults, **given}
+
+    def _check(self, prompts: list[str], gen_length: int, steps: int, block_length: int) -> None:
+        problems = []
+        if not prompts:
+            problems.append("no prompt given")
+        empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+        if empty:
+            problems.append(f"prompt(s) {empty} of the batch are empty")
+        for name, value in (
+            ("gen_length", gen_length),
+            ("steps", steps),
+            ("block_length", block_length),
+        ):
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive whole number, got {value!r}")
+        if not problems and gen_length % block_length:
+            problems.append(
+                f"gen_length {gen_length} is not a multiple of block_length {block_length}"
+            )
+        if problems:
+            raise RequestError("; ".join(problems))
+        self.check_request(gen_length, steps, block_length)
+
+    def _check_lengths(self, encoded: list[list[int]], gen_length: int) -> None:
+        longest = max(len(ids) for ids in encoded)
+        if longest + gen_length > self.max_length:
+            raise RequestError(
+                f"prompt of {longest} tokens + gen_length {gen_length} exceeds the model's "
+                f"context of {self.max_length} tokens; shorten the prompt or gen_length"
+            )
+        if any(not ids for ids in encoded):
+            raise RequestError("a prompt encodes to no tokens")
+
+    def _inputs(
+        self, encoded: list[list[int]], gen_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Left-padded ids ``[B, P + G]``, the key mask (None without padding) and positions."""
+        model, device = self.model, next(self.model.parameters()).device
+        width = max(len(ids) for ids in encoded)
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        rows, keep = [], []
+        for ids in encoded:
+            n = width - len(ids)
+            rows.append([pad] * n + ids + [model.mask_id] * gen_length)
+            keep.append([0] * n + [1] * (len(ids) + gen_length))
+        ids = torch.tensor(rows, device=device)
+        key = torch.tensor(keep, dtype=torch.bool, device=device)
+        positions = (key.long().cumsum(1) - 1).clamp(min=0)
+        return ids, (None if bool(key.all()) else key), positions
+
+    def _generate(
+        self,
+        encoded: list[list[int]],
+        gen_length: int,
+        steps: int,
+        block_length: int,
+        s: dict[str, Any],
+        policy: Policy,
+        generator: Any,
+    ) -> TextOutput:
+        model = self.model
+        ids, key_mask, positions = self._inputs(encoded, gen_length)
+        batch, length = ids.shape
+        prompt_len = length - gen_length
+        cfg = float(s.get("cfg_scale") or 0.0)
+        if (
+            cfg
+        ):  # unconditional rows: the same sequence with the prompt masked (after the real rows)
+            key_mask = None if key_mask is None else torch.cat([key_mask, key_mask])
+            positions = torch.cat([positions, positions])
+        rows = 2 * batch if cfg else batch
+        decoded_at = torch.full((rows, length), -2, dtype=torch.long, device=ids.device)
+        decoded_at[:, :prompt_len] = -1
+        state = DecodeState(
+            ids=self._with_uncond(ids, prompt_len) if cfg else ids,
+            mask_id=model.mask_id,
+            prompt_len=prompt_len,
+            logit_shift=model.logit_shift,
+            num_layers=model.num_layers,
+            decoded_at=decoded_at,
+        )
+        store = KVStore.for_model(model, state.ids) if policy.uses_store else None
+        window = s.get("window")
+        blocks = 1 if window else gen_length // block_length
+        per_block = steps // blocks if not window else steps
+        self.begin_run(steps, gen_length=gen_length, block_length=block_length)
+        policy.start(state, store)
+        dropped = torch.zeros(batch, length, dtype=torch.bool, device=ids.device)  # after EOS
+        try:
+            for b in range(blocks):
+                start = prompt_len + b * block_length
+                end = length if window else start + block_length
+                state.block, state.block_step = (start, end), 0
+                policy.block_start(state)
+                start_masks = self._masked(state, batch, start, end).sum(1)
+                while True:
+                    masked = self._masked(state, batch, start, end) & ~dropped
+                    left = masked.sum(1)
+                    if not bool(left.any()) or (
+                        not self._until_done(s) and state.block_step >= per_block
+                    ):
+                        break
+                    if window:
+                        masked &= masked.cumsum(1) <= window
+                    self._step(
+                        state,
+                        policy,
+                        masked,
+                        left,
+                        start_masks,
+                        per_block,
+                        s,
+                        key_mask,
+                        positions,
+                        store,
+                        generator,
+                        cfg,
+                        batch,
+                        dropped,
+                    )
+        finally:
+            self.end_run()
+        out = state.ids[:batch]
+        committed = state.decoded_at[:batch, prompt_len:].clamp(min=-1)
+        texts = [self.decode(row[prompt_len:][row[prompt_len:] != model.mask_id]) for row in out]
+        gen = out[:, prompt_len:]
+        eos = gen == self.tokenizer.eos_token_id
+        first = torch.where(eos.any(1), eos.long().argmax(1) + 1, gen.shape[1])
+        self.last_output = TextOutput(texts, out, prompt_len, committed, state.step, first.cpu())
+        return self.last_output
+
+    @staticmethod
+    def _until_done(s: dict[str, Any]) -> bool:
+        """Parallel-decoding rules run a block until it has no masks left."""
+        return any(s.get(k) is not None for k in ("threshold", "factor")) or bool(s.get("window"))
+
+    def _masked(self, state: DecodeState, batch: int, start: int, end: int) -> torch.Tensor:
+        """[B, L] masked positions of the real rows inside [start, end)."""
+        masked = state.ids[:batch] == state.mask_id
+        span = torch.zeros_like(masked)
+        span[:, start:end] = True
+        return masked & span
+
+    def _with_uncond(self, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        un = ids.clone()
+        un[:, :prompt_len] = self.model.mask_id
+        return torch.cat([ids, un])
+
+    def _step(
+        self,
+        state: DecodeState,
+        policy: Policy,
+        masked: torch.Tensor,
+        left: torch.Tensor,
+        start_masks: torch.Tensor,
+        per_block: int,
+        s: dict[str, Any],
+        key_mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        store: KVStore | None,
+        generator: Any,
+        cfg: float,
+        batch: int,
+        dropped: torch.Tensor,
+    ) -> None:
+        self.begin_step()
+        targets, _ = pad_rows(row_sets(masked))
+        plan = policy.plan(state, torch.cat([targets, targets]) if cfg else targets)
+        logits = self.model(
+            state.ids, key_mask, positions, plan=plan, store=store, policy=policy, step=state.step
+        )
+        if cfg:
+            logits = self.mix_cfg(logits[:batch], logits[batch:], cfg)
+        targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
+        valid = first_occurrence(targets) & masked.gather(1, targets)
+        tokens, confidence = self.score(logits, s, generator, valid)
+        if s.get("prior_sigma"):
+            generated = state.ids[:batch, state.prompt_len :] != state.mask_id
+            density = prior.certainty_density(generated, s["prior_sigma"])
+            confidence = confidence * density.gather(1, targets - state.prompt_len)
+        confidence = confidence.masked_fill(~valid, float("-inf"))
+        state.confidence = confidence
+        commit = self.commit(
+            confidence, valid, left, start_masks, per_block, state.block_step, s, generator
+        )
+        committed = torch.zeros_like(masked)
+        committed.scatter_(1, targets, commit)
+        committed &= masked
+        new = state.ids[:batch].scatter(1, targets, tokens)
+        ids = torch.where(committed, new, state.ids[:batch])
+        step_committed = committed
+        if cfg:
+            state.ids[:batch], state.ids[batch:] = (
+                ids,
+                self._with_uncond(ids, state.prompt_len)[batch:],
+            )
+            step_committed = torch.cat([committed, committed])
+        else:
+            state.ids = ids
+        state.decoded_at[step_committed] = state.step
+        if s.get("eos_truncate"):
+            dropped |= self._after_eos(state, batch)
+        policy.step_end(state, plan, step_committed)
+        state.step += 1
+        state.block_step += 1
+
+    def commit(
+        self,
+        confidence: torch.Tensor,
+        valid: torch.Tensor,
+        left: torch.Tensor,
+        start_masks: torch.Tensor,
+        per_block: int,
+        i: int,
+        s: dict[str, Any],
+        generator: Any,
+    ) -> torch.Tensor:
+        """Which candidates to commit [B, m]: the parallel-decoding rule when one is set, else
+        the family's count of the most confident."""
+        if s.get("window"):
+            return rules.commit_confident(confidence, valid, s["threshold"])
+        if s.get("threshold") is not None:
+            return rules.commit_threshold(confidence, valid, s["threshold"])
+        if s.get("factor") is not None:
+            return rules.commit_factor(confidence, valid, s["factor"])
+        k = self.count(left, start_masks, i, per_block, s).clamp(max=left)
+        return rules.commit_topk(confidence, k)
+
+    def mix_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Unsupervised classifier-free guidance (SMDM / LLaDA): un + (s + 1)(cond − un)."""
+        return uncond + (scale + 1.0) * (cond - uncond)
+
+    def _after_eos(self, state: DecodeState, batch: int) -> torch.Tensor:
+        """Elastic-Cache's EOS truncation: [B, L] positions after each row's first decoded EOS
+        (they leave decoding and stay masks; the output text drops them)."""
+        eos = self.tokenizer.eos_token_id
+        hit = state.ids[:batch] == eos
+        hit[:, : state.prompt_len] = False
+        return hit.long().cumsum(1) - hit.long() > 0
+
+
+def first_occurrence(targets: torch.Tensor) -> torch.Tensor:
+    """[B, m] True where a target position appears for the first time in its row (padding of
+    ragged sets repeats positions)."""
+    m = targets.shape[1]
+    index = torch.arange(m, device=targets.device).expand_as(targets)
+    first = torch.full((targets.shape[0], int(targets.max()) + 1), m, device=targets.device)
+    first.scatter_reduce_(1, targets, index, reduce="amin")
+    return first.gather(1, targets) == index

@@ -1,0 +1,64 @@
+"""DLM caching methods on the tiny LLaDA and Dream models: identity equals the plain pipeline
+token for token, and batch rows equal batch-1 runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.registry import methods
+
+PROMPTS = ["hello there", "a", "the quick brown fox"]
+DLM_METHODS = ["fast_dllm", "dkv_cache", "elastic_cache", "d2cache"]
+REQ = {"gen_length": 16, "steps": 16, "block_length": 8}
+
+
+def plan(family: str, method: str, options: dict) -> dict:
+    return {"diffcache": 1, "model": family, "method": method, "options": options}
+
+
+def run(pipe, prompts, **kw):
+    """Generate with one seeded generator per row (row r of a batch draws as it would alone)."""
+    seeds = [PROMPTS.index(p) for p in prompts]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe(prompts, generator=gens, **{**REQ, **kw})
+    return out.tokens, out.texts
+
+
+@pytest.mark.parametrize("method", DLM_METHODS)
+def test_identity_equals_plain_batch_1_and_3(pipe, family: str, method: str) -> None:
+    plain1, _ = run(pipe, PROMPTS[:1])
+    plain3, _ = run(pipe, PROMPTS)
+    identity = methods()[method].identity()
+    diffcache.accelerate(pipe, plan(family, method, identity.to_options()))
+    got1, _ = run(pipe, PROMPTS[:1])
+    got3, _ = run(pipe, PROMPTS)
+    assert torch.equal(got1, plain1)
+    assert torch.equal(got3, plain3)
+    stats = diffcache.stats(pipe)
+    assert stats.method == method and stats.model_calls == 16
+
+
+@pytest.mark.parametrize("method", DLM_METHODS)
+def test_batch_rows_equal_single_runs(pipe, family: str, method: str) -> None:
+    pipe.model.double()  # fp64: matmuls of other shapes must not flip near-tied argmaxes
+    cfg = methods()[method]()
+    diffcache.accelerate(pipe, plan(family, method, cfg.to_options()))
+    fixed = {"alg": "maskgit_plus"} if family == "dream" else {}  # fixed counts per step
+    batch, texts = run(pipe, PROMPTS, **fixed)
+    singles = [run(pipe, [p], **fixed) for p in PROMPTS]
+    width = batch.shape[1]
+    for row, (tokens, text) in zip(range(len(PROMPTS)), singles, strict=True):
+        assert torch.equal(batch[row, width - tokens.shape[1] :], tokens[0])
+        assert texts[row] == text[0]
+    assert diffcache.stats(pipe).compute_fraction < 1.0
+
+
+def test_plain_batch_rows_equal_single_runs(pipe, family: str) -> None:
+    pipe.model.double()
+    fixed = {"alg": "maskgit_plus"} if family == "dream" else {}
+    batch, _ = run(pipe, PROMPTS, **fixed)
+    for row, p in enumerate(PROMPTS):
+        tokens, _ = run(pipe, [p], **fixed)
+        assert torch.equal(batch[row, batch.shape[1] - tokens.shape[1] :], tokens[0])
