@@ -1,4 +1,8 @@
-"""d²Cache's certainty prior and selection helpers (Kamichanw/d2Cache, research/dlm.md §2.4)."""
+"""d²Cache's certainty prior and selection helpers (Kamichanw/d2Cache, research/dlm.md §2.4).
+
+``certainty_density`` scales decoding confidences (the decoding prior, §2.4.5) and stage-1
+scores; ``nucleus_select`` and ``inflate`` build the query set (§2.4.4).
+"""
 
 from __future__ import annotations
 
@@ -6,42 +10,78 @@ import torch
 import torch.nn.functional as F
 
 
-def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian-weighted share of decoded positions around each generated position ``[B, G]``
-    (fp64): D(i) = Σ_j K(i−j) m_j / Σ_j K(i−j), K(d) = exp(−d²/2σ²), over a canvas where the
-    G positions before the answer count as decoded and the G after it count as decoded only
-    when the answer's last token is."""
+def _kernel(radius: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """exp(−d² / 2σ²) for d = −radius .. radius, fp64."""
+    d = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    return torch.exp(-(d**2) / (2 * sigma**2))
+
+
+def certainty_density(
+    decoded: torch.Tensor,
+    sigma: float,
+    prompt_decoded: bool = True,
+    reference_compat: bool = False,
+) -> torch.Tensor:
+    """d²Cache's certainty density ``[B, G]`` fp64 of the generated region ``decoded [B, G]``
+    (True = decoded): D(i) = Σ_j K(i − j) m_j / Σ_j K(i − j), K(d) = exp(−d² / 2σ²), with j
+    over a canvas of 3G positions — G before the region (decoded when ``prompt_decoded``,
+    d²Cache's rule; not decoded otherwise), the region, and G after it, which count as
+    decoded only when the region's last position is decoded.
+
+    Computed directly (a 1-D convolution in fp64); the reference uses an fp32 FFT. Its
+    denominator is the kernel summed over all 6G offsets of its FFT circle (−3G .. 3G − 1) at
+    every position, not over the canvas; the two differ by O(exp(−G² / 2σ²)), i.e. only when
+    G is not much larger than σ. ``reference_compat=True`` uses the reference's denominator.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     b, g = decoded.shape
-    m = decoded.double()
-    left = torch.ones(b, g, dtype=torch.float64, device=decoded.device)
+    if g == 0:
+        return torch.zeros(b, 0, dtype=torch.float64, device=decoded.device)
+    m = decoded.to(torch.float64)
+    left = torch.full((b, g), float(prompt_decoded), dtype=torch.float64, device=m.device)
     right = m[:, -1:].expand(b, g)
-    canvas = torch.cat([left, m, right], 1)[:, None]
-    d = torch.arange(-g, g + 1, device=decoded.device, dtype=torch.float64)
-    kernel = torch.exp(-(d**2) / (2 * sigma**2))[None, None]
-    num = F.conv1d(canvas, kernel)[:, 0, :]  # positions g .. 2g-1 of the canvas, centred
-    den = F.conv1d(torch.ones_like(canvas), kernel)[:, 0, :]
+    canvas = torch.cat([left, m, right], 1)[:, None]  # [B, 1, 3G]
+    # offsets up to 2G reach the whole canvas from every generated position; zero padding G
+    # each side makes the output exactly the G generated positions (kernel is symmetric)
+    kernel = _kernel(2 * g, sigma, m.device)[None, None]
+    num = F.conv1d(canvas, kernel, padding=g)[:, 0]
+    if reference_compat:
+        d = torch.arange(-3 * g, 3 * g, device=m.device, dtype=torch.float64)
+        return num / torch.exp(-(d**2) / (2 * sigma**2)).sum()
+    den = F.conv1d(torch.ones_like(canvas[:1]), kernel, padding=g)[:, 0]
     return num / den
 
 
-def nucleus_select(scores: torch.Tensor, p: float, allowed: torch.Tensor) -> torch.Tensor:
-    """The smallest set of allowed positions, most important first, whose normalised mass is
-    at most ``p`` — at least one per row with anything allowed."""
-    w = scores.double().clamp(min=0) * allowed
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
-    ordered, index = w.sort(dim=-1, descending=True, stable=True)
-    keep = ordered.cumsum(-1) <= p
-    keep[:, 0] = True
-    keep &= torch.gather(allowed, 1, index)
-    return torch.zeros_like(allowed).scatter(1, index, keep)
+def nucleus_select(
+    scores: torch.Tensor, p: float, allowed: torch.Tensor, min_k: int = 1
+) -> torch.Tensor:
+    """d²Cache's ``nucleus_select`` ``[B, L]`` bool: normalise the (non-negative) ``scores``
+    over the ``allowed`` positions, rank them (largest first, ties to the lower index), and
+    keep the longest prefix whose cumulative mass is <= ``p``, plus the top ``min_k`` (at
+    least one per row with anything allowed; all allowed ones when their scores are all 0, as
+    the reference). Never selects a position outside ``allowed``.
+
+    Differences: fp64, exact normalisation (the reference adds 1e-9 to the sum), stable
+    ranking (the reference's sort leaves ties unordered), negative scores count as 0."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    w = torch.where(allowed, scores.double().clamp(min=0), 0.0)
+    w = w / w.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    key = torch.where(allowed, w, -1.0)  # disallowed rank after every allowed position
+    ordered, index = key.sort(dim=-1, descending=True, stable=True)
+    keep = ordered.clamp(min=0).cumsum(-1) <= p
+    keep |= torch.arange(keep.shape[-1], device=keep.device) < min_k
+    keep &= allowed.gather(-1, index)
+    return torch.zeros_like(allowed).scatter(-1, index, keep)
 
 
-def inflate(selected: torch.Tensor, width: int) -> torch.Tensor:
-    """``selected`` plus every gap of at most ``width`` positions between two selected ones."""
-    length = selected.shape[1]
+def inflate(selected: torch.Tensor, w: int) -> torch.Tensor:
+    """d²Cache's inflation ``[B, L]``: ``selected`` plus every position lying between two
+    selected positions a < b with b − a <= ``w`` (d²Cache's "gap length" is that distance, so
+    at most w − 1 unselected positions are filled). ``w <= 1`` changes nothing."""
+    length = selected.shape[-1]
     pos = torch.arange(length, device=selected.device).expand_as(selected)
-    none = torch.full_like(pos, -1)
-    prev = torch.where(selected, pos, none).cummax(1).values
-    big = torch.full_like(pos, length)
-    nxt = torch.where(selected, pos, big).flip(1).cummin(1).values.flip(1)
-    gap = nxt - prev - 1
-    return selected | ((prev >= 0) & (nxt < length) & (gap <= width))
+    prev = torch.where(selected, pos, -1).cummax(-1).values
+    nxt = torch.where(selected, pos, length).flip(-1).cummin(-1).values.flip(-1)
+    return selected | ((prev >= 0) & (nxt < length) & (nxt - prev <= w))

@@ -16,16 +16,29 @@ def uniform(
     device: torch.device,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp64 U(0, 1) of ``shape`` ``[B, m, ...]``. With a generator per row, row b draws only for
-    its ``valid`` candidates (the leading ones of its padded set), so its draws do not depend on
-    how many candidates its batch-mates have."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+    """fp64 U(0, 1) of ``shape`` ``[B, m, ...]`` on ``device``.
+
+    One generator (or ``None``, the global one) draws the whole tensor at once. A list gives
+    row b its own generator, which draws ``prod(shape[2:])`` numbers for each of the row's
+    ``valid`` candidates, in candidate order, and nothing for padding (0.5 there): a row's
+    draws then depend only on its own candidates, not on its batch-mates. A generator draws on
+    its own device (CPU or CUDA)."""
+    if generator is None:
+        return torch.rand(shape, dtype=torch.float64, device=device)
+    if isinstance(generator, torch.Generator):
+        out = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device)
+        return out.to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} generators for {shape[0]} batch rows")
-    out = torch.full(shape, 0.5, dtype=torch.float64)
+    out = torch.full(shape, 0.5, dtype=torch.float64, device=device)
     inner = math.prod(shape[2:])
     for b, g in enumerate(generator):
-        n = shape[1] if valid is None else int(valid[b].sum())
-        out[b, :n] = torch.rand(n * inner, generator=g, dtype=torch.float64).view(n, *shape[2:])
-    return out.to(device)
+        if valid is None:
+            n = shape[1]
+            draws = torch.rand(n * inner, generator=g, dtype=torch.float64, device=g.device)
+            out[b] = draws.view(shape[1:]).to(device)
+        else:
+            n = int(valid[b].sum())
+            draws = torch.rand(n * inner, generator=g, dtype=torch.float64, device=g.device)
+            out[b, valid[b].to(device)] = draws.view(n, *shape[2:]).to(device)
+    return out

@@ -1,4 +1,8 @@
-"""LLaDA's sampler (ML-GSAI/LLaDA ``generate.py``, research/dlm.md §1.1)."""
+"""LLaDA's sampler pieces (ML-GSAI/LLaDA ``generate.py``, research/dlm.md §1.1).
+
+Inputs are one step's candidates: logits ``[B, m, V]`` with ``valid [B, m]`` marking the real
+ones of each padded row. Random draws come from one generator or one per row (``_random``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,16 @@ import torch
 
 from diffcache.pipelines.sampling._random import Generators, uniform
 
+REMASKING = ("low_confidence", "random")
+
 
 def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """Tokens committed at each of ``steps`` steps ``[B, steps]`` for ``mask_count`` masks
-    ``[B]``: ⌊M/steps⌋ each, the remainder one more on the first steps."""
+    """LLaDA's fixed schedule: tokens committed at each of ``steps`` steps ``[B, steps]`` for
+    ``mask_count`` masks ``[B]`` — ⌊M/steps⌋ each, the remainder M mod steps one more on the
+    first steps (``get_num_transfer_tokens``; e.g. M=10, 4 steps -> 3, 3, 2, 2)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    mask_count = mask_count.long()
     base = mask_count[:, None] // steps
     extra = torch.arange(steps, device=mask_count.device)[None] < (mask_count % steps)[:, None]
     return base + extra.long()
@@ -21,9 +31,10 @@ def gumbel_argmax(
     generator: Generators = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gumbel-max token choice: argmax(exp(l) / (−log u)^T) in fp64, exactly sampling from
-    softmax(l / T) (LLaDA's ``add_gumbel_noise``; fp64 on purpose, arXiv:2409.02908); T = 0
-    is the plain argmax."""
+    """Token choice ``[B, m]`` by LLaDA's Gumbel-max (``add_gumbel_noise``): T = 0 is the plain
+    argmax of ``logits``; T > 0 is argmax(exp(l) / (−log u)^T) with u ~ U(0, 1) in fp64, an
+    exact sample from softmax(l / T). fp64 on purpose (arXiv:2409.02908). ``valid`` only routes
+    per-row generator draws to the real candidates."""
     if temperature == 0:
         return logits.argmax(-1)
     noise = uniform(tuple(logits.shape), generator, logits.device, valid)
@@ -43,13 +54,21 @@ def llada_candidates(
     reference_compat: bool = False,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and fp64 confidences of candidates ``[B, m]`` from their logits ``[B, m, V]``.
+    """LLaDA's per-candidate token and confidence: ``(tokens [B, m], confidence [B, m] fp64)``.
 
-    ``low_confidence``: the un-noised softmax probability of the chosen token; ``random``: a
-    uniform draw. ``logits_eos_inf`` forbids EOS. ``confidence_eos_eot_inf`` gives EOS and EoT
-    choices confidence 0 (committed last); the reference demotes EOS only at temperature 0 (its
-    noisy logits alias the logits then) — ``reference_compat`` reproduces that.
+    Tokens by :func:`gumbel_argmax`. ``remasking="low_confidence"``: confidence is the
+    *un-noised* fp64 softmax probability of the chosen token; ``"random"``: a U(0, 1) draw
+    (drawn after the Gumbel noise). ``logits_eos_inf``: EOS gets logit −inf before sampling
+    (never produced). ``confidence_eos_eot_inf``: after the choice, EoT (and EOS) get logit
+    −inf in the softmax, so candidates that chose them get confidence 0 (committed last) and
+    the others are renormalised.
+
+    Deliberate difference: the intended rule demotes EOS and EoT at every temperature. The
+    reference demotes EoT always but EOS only at T = 0 (its ``logits_with_noise`` *is*
+    ``logits`` then, so the EOS write aliases); ``reference_compat=True`` reproduces that.
     """
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if logits_eos_inf:
         logits = logits.clone()
         logits[..., eos_id] = float("-inf")
@@ -65,6 +84,7 @@ def llada_candidates(
     return tokens, probs.gather(-1, tokens[..., None])[..., 0]
 
 
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Unsupervised classifier-free guidance (SMDM, LLaDA): un + (scale + 1)(cond − un)."""
-    return uncond + (scale + 1.0) * (cond - uncond)
+def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unsupervised classifier-free guidance (SMDM, LLaDA; the unconditional branch has the
+    prompt masked): ``un + (scale + 1) · (cond − un)``."""
+    return uncond_logits + (scale + 1.0) * (cond_logits - uncond_logits)

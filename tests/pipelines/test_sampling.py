@@ -1,0 +1,437 @@
+"""Text-diffusion sampler components on small hand-checked examples: LLaDA's schedule, Gumbel-max
+and EOS/EoT options, Dream's sampling and counts, the commit rules, d²Cache's prior, and
+per-row generators (a batch decodes exactly as its rows alone)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffcache.kv import prior
+from diffcache.pipelines.sampling import dream, llada, rules
+
+NEG = float("-inf")
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ---------------------------------------------------------------- LLaDA
+
+
+def test_num_transfer_tokens_floor_plus_remainder_first() -> None:
+    got = llada.num_transfer_tokens(torch.tensor([10, 3, 0, 8, 9]), 4)
+    assert got.tolist() == [[3, 3, 2, 2], [1, 1, 1, 0], [0, 0, 0, 0], [2, 2, 2, 2], [3, 2, 2, 2]]
+    assert got.dtype == torch.int64
+    assert llada.num_transfer_tokens(torch.tensor([5]), 5).tolist() == [[1] * 5]
+
+
+def test_gumbel_temperature_zero_is_argmax() -> None:
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(llada.gumbel_argmax(logits, 0.0), logits.argmax(-1))
+
+
+def test_gumbel_is_the_fp64_formula_and_reproducible() -> None:
+    logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    t = 0.7
+    u = torch.rand(2, 3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = (logits.double().exp() / (-u.log()) ** t).argmax(-1)
+    got = llada.gumbel_argmax(logits, t, torch.Generator().manual_seed(5))
+    assert torch.equal(got, want)
+    assert torch.equal(got, llada.gumbel_argmax(logits, t, torch.Generator().manual_seed(5)))
+
+
+def test_gumbel_samples_softmax_over_temperature() -> None:
+    n, t = 20000, 0.5
+    logits = torch.tensor([0.0, 0.5, 1.0]).expand(1, n, 3)
+    tokens = llada.gumbel_argmax(logits, t, torch.Generator().manual_seed(2))
+    freq = torch.bincount(tokens.flatten(), minlength=3).double() / n
+    want = torch.softmax(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64) / t, -1)
+    assert torch.allclose(freq, want, atol=0.015)
+
+
+EOS, EOT = 3, 4
+
+
+def _eos_logits() -> torch.Tensor:
+    """One row, three candidates choosing EOS, EoT and token 0 (strongly)."""
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, EOS] = 30.0
+    logits[0, 1, EOT] = 30.0
+    logits[0, 2, 0] = 2.0
+    return logits
+
+
+def _cands(logits, t, **kw):
+    return llada.llada_candidates(
+        logits, t, "low_confidence", torch.Generator().manual_seed(0), eos_id=EOS, eot_id=EOT, **kw
+    )
+
+
+def test_low_confidence_is_the_unnoised_fp64_probability() -> None:
+    logits = _eos_logits()
+    tokens, conf = _cands(logits, 0.0)
+    assert tokens.tolist() == [[EOS, EOT, 0]]
+    assert conf.dtype == torch.float64
+    assert torch.allclose(conf, logits.double().softmax(-1).max(-1).values)
+    # at T > 0 the confidence stays the un-noised probability of the (noisy) choice
+    tokens, conf = _cands(logits, 0.5)
+    p = logits.double().softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.equal(conf, p)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.1])
+def test_confidence_eos_eot_inf_demotes_both_by_default(t: float) -> None:
+    tokens, conf = _cands(_eos_logits(), t, confidence_eos_eot_inf=True)
+    assert tokens.tolist() == [[EOS, EOT, 0]]
+    assert conf[0, :2].tolist() == [0.0, 0.0]
+    # the other candidates are renormalised without EOS and EoT: 3 tokens left
+    assert conf[0, 2].item() == pytest.approx(math.exp(2) / (math.exp(2) + 2))
+
+
+def test_confidence_eos_eot_inf_reference_aliasing() -> None:
+    # T = 0: the reference demotes both (its noisy logits alias the logits)
+    _, conf = _cands(_eos_logits(), 0.0, confidence_eos_eot_inf=True, reference_compat=True)
+    assert conf[0, :2].tolist() == [0.0, 0.0]
+    # T > 0: only EoT; an EOS choice keeps its probability (EoT removed from the softmax)
+    tokens, conf = _cands(_eos_logits(), 0.1, confidence_eos_eot_inf=True, reference_compat=True)
+    assert tokens.tolist() == [[EOS, EOT, 0]]
+    assert conf[0, 1].item() == 0.0
+    assert conf[0, 0].item() == pytest.approx(math.exp(30) / (math.exp(30) + 3))
+    assert conf[0, 2].item() == pytest.approx(math.exp(2) / (math.exp(2) + 3))
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3])
+def test_logits_eos_inf_never_produces_eos(t: float) -> None:
+    tokens, conf = _cands(_eos_logits(), t, logits_eos_inf=True)
+    assert (tokens != EOS).all()
+    assert tokens[0, 1].item() == EOT  # EoT is still allowed
+    assert (conf > 0).all()
+
+
+def test_random_remasking_is_a_uniform_draw() -> None:
+    logits = torch.randn(2, 4, 6)
+    tok, conf = llada.llada_candidates(
+        logits, 0.0, "random", torch.Generator().manual_seed(3), eos_id=EOS, eot_id=EOT
+    )
+    want = torch.rand(2, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(tok, logits.argmax(-1))
+    assert torch.equal(conf, want)
+    with pytest.raises(ValueError, match="remasking"):
+        llada.llada_candidates(logits, 0.0, "entropy", eos_id=EOS, eot_id=EOT)
+
+
+def test_cfg_mix() -> None:
+    cond, uncond = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert llada.cfg_mix(cond, uncond, 1.0).tolist() == [3.0, -3.0]
+    assert torch.equal(llada.cfg_mix(cond, uncond, 0.0), cond)
+
+
+# ---------------------------------------------------------------- Dream
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def test_filter_logits_top_p_and_top_k_by_hand() -> None:
+    logits = PROBS.log()[None, None]
+    keep = lambda f: torch.isfinite(f)[0, 0].tolist()  # noqa: E731
+    # cumulative 0.5, 0.8, 0.95, 1: top_p 0.7 keeps up to the token that crosses it
+    assert keep(dream.filter_logits(logits, 0.0, 0.7, None)) == [True, True, False, False]
+    assert keep(dream.filter_logits(logits, 0.0, 0.45, None)) == [True, False, False, False]
+    assert keep(dream.filter_logits(logits, 0.0, 1.0, None)) == [True] * 4
+    assert keep(dream.filter_logits(logits, 0.0, None, 3)) == [True, True, True, False]
+    assert keep(dream.filter_logits(logits, 0.0, 0.9, 1)) == [True, False, False, False]
+    # temperature divides before top-p: at T = 2 probs ~ sqrt(p), top-p 0.7 keeps three
+    assert keep(dream.filter_logits(logits, 2.0, 0.7, None)) == [True, True, True, False]
+
+
+def test_sample_tokens_greedy_and_confidences() -> None:
+    logits = PROBS.log()[None, None]
+    conf, tok = dream.sample_tokens(logits, 0.0)
+    assert tok.item() == 0 and conf.item() == pytest.approx(0.5)
+    assert conf.dtype == torch.float64
+    conf, _ = dream.sample_tokens(logits, 0.0, top_p=0.7)
+    assert conf.item() == pytest.approx(0.5 / 0.8)
+    conf, _ = dream.sample_tokens(logits, 0.0, top_k=3)
+    assert conf.item() == pytest.approx(0.5 / 0.95)
+    conf, _ = dream.sample_tokens(logits, 0.0, margin=True)
+    assert conf.item() == pytest.approx(0.2)
+    conf, _ = dream.sample_tokens(logits, 0.0, neg_entropy=True)
+    assert conf.item() == pytest.approx(float((PROBS * (PROBS + 1e-10).log()).sum()), abs=1e-6)
+
+
+def test_sample_tokens_draws_from_the_filtered_distribution() -> None:
+    n = 20000
+    logits = PROBS.log().expand(1, n, 4)
+    conf, tok = dream.sample_tokens(logits, 1.0, 0.7, None, torch.Generator().manual_seed(4))
+    freq = torch.bincount(tok.flatten(), minlength=4).double() / n
+    assert freq[2:].sum() == 0  # filtered tokens are never drawn
+    assert freq[0].item() == pytest.approx(0.625, abs=0.015)
+    want = torch.where(tok == 0, 0.625, 0.375).double()
+    assert torch.allclose(conf, want, atol=1e-6)  # the probability of the drawn token
+
+
+def test_dream_confidence_algorithms() -> None:
+    logits = PROBS.log()[None, None]
+    for alg, want in [("maskgit_plus", 0.5), ("origin", 0.5), ("topk_margin", 0.2)]:
+        tok, conf = dream.dream_confidence(alg, logits, 0.0)
+        assert tok.item() == 0 and conf.item() == pytest.approx(want)
+    _, conf = dream.dream_confidence("entropy", logits, 0.0)
+    assert conf.item() < 0
+    with pytest.raises(ValueError, match="alg"):
+        dream.dream_confidence("low_confidence", logits, 0.0)
+
+
+def test_dream_transfer_count_per_row_and_batch_mean() -> None:
+    masks = torch.tensor([10, 20])
+    # timesteps linspace(1, 1e-3, 5) = 1, 0.75025, 0.5005, 0.25075, 0.001
+    r0 = 1 - 0.75025  # step 0: 0.24975
+    r1 = 1 - 0.5005 / 0.75025  # step 1: 0.33289
+    assert (
+        dream.dream_transfer_count(masks, 0, 4, 1e-3).tolist()
+        == [int(10 * r0), int(20 * r0)]
+        == [2, 4]
+    )
+    assert dream.dream_transfer_count(masks, 1, 4, 1e-3).tolist() == [3, 6]
+    # the reference's batch mean M = 15: int(15 * 0.24975) = 3, int(15 * 0.33289) = 4
+    assert dream.dream_transfer_count(masks, 0, 4, 1e-3, reference_compat=True).tolist() == [3, 3]
+    assert dream.dream_transfer_count(masks, 1, 4, 1e-3, reference_compat=True).tolist() == [4, 4]
+    assert int(15 * r1) == 4
+    for compat in (False, True):  # the last step commits everything left
+        assert dream.dream_transfer_count(masks, 3, 4, 1e-3, compat).tolist() == [10, 20]
+
+
+def test_origin_reveals_with_probability_one_minus_s_over_t() -> None:
+    valid = torch.ones(1, 20000, dtype=torch.bool)
+    valid[0, -100:] = False
+    got = dream.origin_commit(valid, 1, 4, 1e-3, torch.Generator().manual_seed(6))
+    assert not got[0, -100:].any()
+    assert got.double().sum().item() / 19900 == pytest.approx(1 - 0.5005 / 0.75025, abs=0.015)
+    assert torch.equal(dream.origin_commit(valid, 3, 4, 1e-3), valid)
+    logits = PROBS.log().expand(1, 20000, 4)
+    reveal, tokens = dream.origin_reveal(logits, valid, 3, 4, 1e-3)
+    assert torch.equal(reveal, valid) and (tokens == 0).all()
+
+
+# ---------------------------------------------------------------- commit rules
+
+
+def test_commit_topk_per_row_counts_ties_to_lower_index_never_padding() -> None:
+    conf = torch.tensor([[0.2, 0.9, 0.5, NEG], [0.7, 0.7, 0.7, 0.1]], dtype=torch.float64)
+    got = rules.commit_topk(conf, torch.tensor([2, 2]))
+    assert got.tolist() == [[False, True, True, False], [True, True, False, False]]
+    got = rules.commit_topk(conf, torch.tensor([4, 0]))
+    assert got.tolist() == [[True, True, True, False], [False] * 4]
+
+
+def test_commit_threshold() -> None:
+    conf = torch.tensor(
+        [[0.95, 0.5, 0.92, NEG], [0.3, 0.5, 0.1, 0.2], [0.9, 0.97, 0.99, 0.0]],
+        dtype=torch.float64,
+    )
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    got = rules.commit_threshold(conf, valid, 0.9)
+    assert got.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],  # nothing >= tau: exactly the best
+        [True, True, False, False],  # 0.9 >= 0.9 counts; an invalid 0.99 never
+    ]
+    assert not rules.commit_threshold(conf, torch.zeros_like(valid), 0.9).any()
+
+
+def _factor_by_definition(conf: list[float], factor: float, compat: bool) -> int:
+    """n* from the definition (sorted descending, rank 1 always)."""
+    c = sorted(conf, reverse=True)
+    n = len(c)
+    for k in range(2, n + 1):
+        if c[k - 1] < 1 - factor / (k + 1):
+            return n if (compat and k == n) else k - 1
+    return n
+
+
+def test_commit_factor_by_hand_and_the_last_candidate_quirk() -> None:
+    # factor 1: rank thresholds 1 - 1/(k+1) = 2/3, 3/4, 4/5 for k = 2, 3, 4
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    conf = torch.tensor([[0.9, 0.7, 0.8, 0.5]], dtype=torch.float64)  # fails at k = 3
+    assert rules.commit_factor(conf, valid, 1.0).tolist() == [[True, False, True, False]]
+    last = torch.tensor([[0.9, 0.8, 0.78, 0.5]], dtype=torch.float64)  # fails only at k = 4
+    assert rules.commit_factor(last, valid, 1.0).tolist() == [[True, True, True, False]]
+    assert rules.commit_factor(last, valid, 1.0, reference_compat=True).tolist() == [[True] * 4]
+    fine = torch.tensor([[0.99, 0.98, 0.97, 0.96]], dtype=torch.float64)
+    assert rules.commit_factor(fine, valid, 1.0).tolist() == [[True] * 4]
+    low = torch.tensor([[0.2, 0.6, 0.1, 0.3]], dtype=torch.float64)  # fails at k = 2: one
+    for compat in (False, True):
+        assert rules.commit_factor(low, valid, 1.0, compat).tolist() == [
+            [False, True, False, False]
+        ]
+    # padding is ignored: the quirk looks at the last *valid* rank
+    padded = torch.tensor([[0.9, 0.5, NEG, NEG]], dtype=torch.float64)
+    pvalid = torch.tensor([[True, True, False, False]])
+    assert rules.commit_factor(padded, pvalid, 1.0).tolist() == [[True, False, False, False]]
+    assert rules.commit_factor(padded, pvalid, 1.0, True).tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_commit_factor_matches_the_definition_on_random_rows(compat: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    conf = 1 - torch.rand(64, 6, generator=g, dtype=torch.float64) ** 3 * 0.6
+    n = torch.randint(1, 7, (64,), generator=g)
+    valid = torch.arange(6)[None] < n[:, None]
+    got = rules.commit_factor(conf.masked_fill(~valid, NEG), valid, 1.0, compat)
+    for b in range(64):
+        row = conf[b, : n[b]].tolist()
+        k = _factor_by_definition(row, 1.0, compat)
+        top = set(sorted(range(len(row)), key=lambda j: -row[j])[:k])
+        assert set(got[b].nonzero()[:, 0].tolist()) == top
+
+
+def test_commit_confident() -> None:
+    p = torch.tensor([[0.5, 0.7, 0.6], [0.95, 0.92, 0.5], [0.99, 0.3, 0.2]], dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    assert rules.commit_confident(p, valid, 0.9).tolist() == [
+        [False, True, False],  # nothing >= 0.9: the best
+        [True, True, False],
+        [False, True, False],  # an invalid 0.99 neither commits nor raises the bar
+    ]
+
+
+def test_commit_sampled_draws_k_valid_by_softmax_weights() -> None:
+    n = 8000
+    conf = torch.tensor([0.0, math.log(3.0), 5.0, 0.0], dtype=torch.float64).expand(n, 4)
+    valid = torch.tensor([True, True, False, True]).expand(n, 4)
+    got = rules.commit_sampled(conf, valid, torch.ones(n, dtype=torch.long), 1.0, gens(0)[0])
+    assert (got.sum(-1) == 1).all() and not got[:, 2].any()
+    freq = got.double().mean(0)
+    assert freq[1].item() == pytest.approx(0.6, abs=0.02)  # weights 1 : 3 : 1
+    got = rules.commit_sampled(conf, valid, torch.full((n,), 2), 0.5, gens(1)[0])
+    assert (got.sum(-1) == 2).all() and not got[:, 2].any()
+
+
+# ---------------------------------------------------------------- d²Cache prior
+
+
+def _density_brute(decoded: torch.Tensor, sigma: float, prompt_decoded: bool) -> torch.Tensor:
+    b, g = decoded.shape
+    out = torch.zeros(b, g, dtype=torch.float64)
+    for r in range(b):
+        right = float(decoded[r, -1])
+        canvas = [float(prompt_decoded)] * g + decoded[r].double().tolist() + [right] * g
+        for i in range(g):
+            num = den = 0.0
+            for j, m in enumerate(canvas):
+                k = math.exp(-((g + i - j) ** 2) / (2 * sigma**2))
+                num += k * m
+                den += k
+            out[r, i] = num / den
+    return out
+
+
+@pytest.mark.parametrize("prompt_decoded", [True, False])
+def test_certainty_density_matches_a_brute_force_loop(prompt_decoded: bool) -> None:
+    g = torch.Generator().manual_seed(8)
+    decoded = torch.rand(4, 13, generator=g) < 0.5
+    decoded[0, -1], decoded[1, -1] = True, False  # both right-padding cases
+    for sigma in (1.5, 4.0, 20.0):
+        got = prior.certainty_density(decoded, sigma, prompt_decoded)
+        want = _density_brute(decoded, sigma, prompt_decoded)
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_certainty_density_boundary_rules() -> None:
+    all_done = torch.ones(1, 6, dtype=torch.bool)
+    assert torch.allclose(prior.certainty_density(all_done, 3.0), torch.ones(1, 6).double())
+    none = torch.zeros(1, 6, dtype=torch.bool)
+    d = prior.certainty_density(none, 2.0)
+    assert (d[0, :-1] > d[0, 1:]).all()  # only the decoded left context: falls to the right
+    assert (prior.certainty_density(none, 2.0, prompt_decoded=False) == 0).all()
+    # the reference's constant denominator: kernel summed over offsets -3G .. 3G-1
+    dens = prior.certainty_density(all_done, 30.0, reference_compat=True)
+    total = sum(math.exp(-(d * d) / (2 * 30.0**2)) for d in range(-18, 18))
+    canvas = [sum(math.exp(-((6 + i - j) ** 2) / 1800) for j in range(18)) for i in range(6)]
+    assert torch.allclose(dens[0], torch.tensor(canvas, dtype=torch.float64) / total)
+    big = torch.rand(2, 200, generator=torch.Generator().manual_seed(9)) < 0.3
+    a, b = prior.certainty_density(big, 5.0), prior.certainty_density(big, 5.0, True, True)
+    assert torch.allclose(a, b, rtol=1e-12)  # G >> sigma: the two denominators agree
+
+
+def test_nucleus_select_mass_rule_and_at_least_one() -> None:
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    everything = torch.ones(1, 4, dtype=torch.bool)
+    sel = lambda p, allowed=everything: prior.nucleus_select(scores, p, allowed)[0].tolist()  # noqa: E731
+    # normalised 0.4, 0.3, 0.2, 0.1; cumulative 0.4, 0.7, 0.9, 1.0
+    assert sel(0.5) == [True, False, False, False]
+    assert sel(0.75) == [True, True, False, False]
+    assert sel(0.1) == [True, False, False, False]  # at least one
+    assert sel(1.0) == [True] * 4
+    # normalised over the allowed 3, 2, 1 only: 0.5, 0.333, 0.167
+    allowed = torch.tensor([[False, True, True, True]])
+    assert sel(0.5, allowed) == [False, True, False, False]
+    assert sel(0.85, allowed) == [False, True, True, False]
+    assert sel(0.0, allowed) == [False, True, False, False]
+    assert sel(0.9, torch.zeros(1, 4, dtype=torch.bool)) == [False] * 4
+
+
+def test_inflate_fills_short_gaps_between_selected() -> None:
+    sel = torch.zeros(1, 12, dtype=torch.bool)
+    sel[0, [2, 5, 11]] = True
+    filled = lambda w: prior.inflate(sel, w)[0].nonzero()[:, 0].tolist()  # noqa: E731
+    assert filled(1) == filled(2) == [2, 5, 11]
+    assert filled(3) == [2, 3, 4, 5, 11]  # 5 - 2 = 3 <= 3; never before the first / after last
+    assert filled(6) == list(range(2, 12))
+
+
+# ---------------------------------------------------------------- per-row generators
+
+
+def _rows_alone(fn, logits: torch.Tensor, valid: torch.Tensor, seeds: list[int]):
+    """fn run on each row's valid candidates alone (batch 1), scattered back to [B, m]."""
+    outs = []
+    for b, s in enumerate(seeds):
+        idx = valid[b].nonzero()[:, 0]
+        one = fn(logits[b : b + 1, idx], torch.ones(1, len(idx), dtype=torch.bool), gens(s))
+        outs.append((idx, one))
+    return outs
+
+
+def test_per_row_generators_make_a_batch_equal_to_its_rows_alone() -> None:
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(3, 5, 9, generator=g)
+    valid = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool
+    )  # row 1: not leading
+    seeds = [11, 12, 13]
+    kw = {"eos_id": EOS, "eot_id": EOT}
+    fns = {
+        "llada_lowconf": lambda lg, v, gs: llada.llada_candidates(
+            lg, 0.8, "low_confidence", gs, valid=v, **kw
+        ),
+        "llada_random": lambda lg, v, gs: llada.llada_candidates(
+            lg, 0.8, "random", gs, valid=v, **kw
+        ),
+        "dream_sample": lambda lg, v, gs: dream.sample_tokens(lg, 0.9, 0.95, 5, gs, valid=v),
+        "dream_origin": lambda lg, v, gs: dream.origin_reveal(
+            lg, v, 0, 4, 1e-3, 1.0, None, None, gs
+        ),
+        "sampled_commit": lambda lg, v, gs: (
+            rules.commit_sampled(lg[..., 0].double(), v, torch.full((lg.shape[0],), 2), 0.5, gs),
+        ),
+    }
+    for name, fn in fns.items():
+        batch = fn(logits, valid, gens(*seeds))
+        for b, (idx, alone) in enumerate(_rows_alone(fn, logits, valid, seeds)):
+            for got, want in zip(batch, alone, strict=True):
+                assert torch.equal(got[b, idx], want[0]), name
+        # one shared generator is reproducible too
+        again = fn(logits, valid, gens(3)[0])
+        assert all(
+            torch.equal(x, y) for x, y in zip(fn(logits, valid, gens(3)[0]), again, strict=True)
+        )
+
+
+def test_generator_list_length_must_match_the_batch() -> None:
+    with pytest.raises(ValueError, match="generators"):
+        llada.gumbel_argmax(torch.randn(2, 3, 4), 1.0, gens(1))
