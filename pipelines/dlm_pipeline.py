@@ -224,6 +224,7 @@ class DiffusionLMPipeline:
             logit_shift=model.logit_shift,
             num_layers=model.num_layers,
             decoded_at=decoded_at,
+            generator=generator,
         )
         store = KVStore.for_model(model, state.ids) if policy.uses_store else None
         window = s.get("window")
@@ -237,8 +238,9 @@ class DiffusionLMPipeline:
                 start = prompt_len + b * block_length
                 end = length if window else start + block_length
                 state.block, state.block_step = (start, end), 0
-                policy.block_start(state)
                 start_masks = self._masked(state, batch, start, end).sum(1)
+                state.block_steps, state.start_masks = per_block, start_masks
+                policy.block_start(state)
                 while True:
                     masked = self._masked(state, batch, start, end) & ~dropped
                     left = masked.sum(1)
@@ -326,6 +328,9 @@ class DiffusionLMPipeline:
             confidence = confidence * density.gather(1, targets - state.prompt_len)
         confidence = confidence.masked_fill(~valid, float("-inf"))
         state.confidence = confidence
+        order = policy.order(state, plan)
+        if order is not None:
+            confidence = order[:batch].masked_fill(~valid, float("-inf"))
         commit = self.commit(
             confidence, valid, left, start_masks, per_block, state.block_step, s, generator
         )

@@ -31,6 +31,9 @@ class DecodeState:
     step: int = 0  # steps run so far in the generation
     block_step: int = 0  # steps run so far in the current block
     confidence: torch.Tensor | None = None  # [B, m] last step's confidence at plan.targets
+    block_steps: int = 0  # steps per block (fixed-count samplers)
+    start_masks: torch.Tensor | None = None  # [B] masks in the block when it started
+    generator: Any = None  # the generation's generator(s), for policies that draw
 
     @property
     def masked(self) -> torch.Tensor:
@@ -96,6 +99,11 @@ class Policy:
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         """Rows to recompute for logits at ``targets`` ``[B, m]``."""
         return StepPlan(rows=None, targets=targets)
+
+    def order(self, state: DecodeState, plan: StepPlan) -> torch.Tensor | None:
+        """Scores ``[B, m]`` at ``plan.targets`` that replace the sampler's confidences when
+        choosing what to commit (dKV-Cache-Greedy's predetermined order); None: keep them."""
+        return None
 
     def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
         """The step committed tokens at ``committed`` ``[B, L]`` (already in ``state.ids``)."""

@@ -12,6 +12,11 @@ t+2 until the next refresh (research/dlm.md §2.2). Variants (``variant``):
   recomputes the generated region (and, for Dream, the last prompt position).
 - ``pd``: the prompt as in ``prefill`` plus ``decode``'s delayed cache over the generated region,
   refreshed (generated region only) every ``refresh_every`` steps.
+- ``greedy``: the block's decoding order is drawn at random once per block (random remasking,
+  as the reference requires), so the tokens of the next step are known: a cached step
+  recomputes only the tokens decoded at the last step, the ones scheduled now and, for each
+  scheduled one, its ``window`` nearest still-masked neighbours (alternately left and right);
+  every ``refresh_every``-th block step is a full forward (paper: 2, window 4).
 
 Dream's logits are shifted (p−1 predicts p), so a Dream position is cacheable when the token
 after it is decoded (``shift: un``, the reference default; ``un_right`` needs both, ``right``
@@ -27,13 +32,14 @@ counts); CFG works (the reference raises for ``cfg_scale > 0``).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from diffcache.adapter import Target
 from diffcache.kv.method import attach_policy
-from diffcache.kv.policy import DecodeState, Policy, StepPlan, union_rows
+from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
+from diffcache.kv.random import uniform
 from diffcache.methods.base import MethodConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Session
@@ -50,7 +56,10 @@ class DKVCacheConfig(MethodConfig):
     kind: ClassVar[str] = "token_layer"
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
 
-    variant: Literal["decode", "prefill", "pd"] = option("decode", "which tokens are cached")
+    variant: Literal["decode", "prefill", "pd", "greedy"] = option(
+        "decode", "which tokens are cached"
+    )
+    window: int = option(4, "greedy: masked neighbours recomputed per scheduled token", min=0)
     refresh_every: int = option(
         8, "full refresh every N steps (decode, pd; paper: LLaDA 8, Dream 4)", min=1
     )
@@ -71,6 +80,8 @@ class DKVCacheConfig(MethodConfig):
             return [
                 f"dkv_cache runs on {' and '.join(FAMILIES)} pipelines, not {target.adapter.name}"
             ]
+        if self.variant == "greedy" and target.adapter.name != "llada":
+            return ["dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"]
         return []
 
 
@@ -81,6 +92,41 @@ class DKVPolicy(Policy):
     def __init__(self, cfg: DKVCacheConfig, family: str) -> None:
         super().__init__()
         self.cfg, self.family = cfg, family
+        self.rank: torch.Tensor | None = None  # greedy: [B, L] decoding order in the block
+
+    def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.variant != "greedy":
+            return settings
+        return {**settings, "remasking": "random", "threshold": None, "factor": None}
+
+    def block_start(self, state: DecodeState) -> None:
+        if self.cfg.variant == "greedy":
+            start, end = state.block
+            draw = uniform((state.ids.shape[0], end - start), state.generator, state.ids.device)
+            self.rank = torch.full(state.ids.shape, float("inf"), device=state.ids.device)
+            self.rank[:, start:end] = draw.argsort(dim=-1).argsort(dim=-1).to(self.rank.dtype)
+
+    def order(self, state: DecodeState, plan: StepPlan) -> torch.Tensor | None:
+        if self.rank is None:
+            return None
+        return -self.rank.gather(1, plan.targets).double()
+
+    def _scheduled(self, state: DecodeState) -> torch.Tensor:
+        """[B, L] the masks this step commits: the next ones in the block's order."""
+        k = num_transfer_tokens(state.start_masks, state.block_steps)[:, state.block_step]
+        rank = self.rank.masked_fill(~state.masked, float("inf"))
+        nth = rank.argsort(dim=-1, stable=True).argsort(dim=-1)
+        return (nth < k.to(nth.device)[:, None]) & state.masked
+
+    def _greedy(self, state: DecodeState) -> StepPlan:
+        scheduled = self._scheduled(state)
+        targets, _ = pad_rows(row_sets(scheduled))  # only the scheduled masks need logits
+        if state.block_step % self.cfg.refresh_every == 0:
+            return StepPlan(rows=None, targets=targets)
+        need = scheduled | (state.decoded_at == state.step - 1)
+        need |= neighbours(scheduled, state.masked & ~scheduled, self.cfg.window)
+        rows, counts = union_rows(need, targets, state.logit_shift)
+        return StepPlan(rows=rows, targets=targets, counts=counts)
 
     def _refresh(self, state: DecodeState) -> bool:
         i = state.block_step if self.family == "llada" else state.step
@@ -96,6 +142,8 @@ class DKVPolicy(Policy):
         return after & decoded if self.cfg.shift == "un_right" else after
 
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
+        if self.cfg.variant == "greedy":
+            return self._greedy(state)
         variant, p = self.cfg.variant, state.prompt_len - state.logit_shift
         if state.step == 0 or (variant == "decode" and self._refresh(state)):
             return StepPlan(rows=None, targets=targets)
@@ -108,6 +156,30 @@ class DKVPolicy(Policy):
                 need[:, :p] = False
         rows, counts = union_rows(need, targets, state.logit_shift)
         return StepPlan(rows=rows, targets=targets, counts=counts)
+
+
+def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's per-step counts ``[B, steps]`` (the greedy order commits the same number)."""
+    extra = torch.arange(steps, device=mask_count.device)[None] < (mask_count % steps)[:, None]
+    return mask_count[:, None] // steps + extra.long()
+
+
+def neighbours(scheduled: torch.Tensor, masked: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, L] for each scheduled position, its ``window`` nearest ``masked`` positions, taken
+    alternately left and right (the reference's ``find_window_tokens``)."""
+    out = torch.zeros_like(masked)
+    for b in range(masked.shape[0]):
+        free = masked[b].nonzero().flatten().tolist()
+        for s in scheduled[b].nonzero().flatten().tolist():
+            left = [p for p in reversed(free) if p < s]
+            right = [p for p in free if p > s]
+            taken: list[int] = []
+            while len(taken) < window and (left or right):
+                for side in (left, right):
+                    if side and len(taken) < window:
+                        taken.append(side.pop(0))
+            out[b, taken] = True
+    return out
 
 
 @register_method(DKVCacheConfig)

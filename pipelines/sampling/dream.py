@@ -3,14 +3,14 @@ research/dlm.md §1.2).
 
 Inputs are one step's candidates: logits ``[B, m, V]`` (already shifted: the engine gives the
 logits that predict each candidate) with ``valid [B, m]`` marking the real ones. Random draws
-come from one generator or one per row (``_random``).
+come from one generator or one per row (``diffcache.kv.random``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffcache.pipelines.sampling._random import Generators, uniform
+from diffcache.kv.random import Generators, uniform
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 EPSILON = 1e-10  # the reference's log(p + eps) in the entropy confidence

@@ -1,14 +1,14 @@
 """LLaDA's sampler pieces (ML-GSAI/LLaDA ``generate.py``, research/dlm.md §1.1).
 
 Inputs are one step's candidates: logits ``[B, m, V]`` with ``valid [B, m]`` marking the real
-ones of each padded row. Random draws come from one generator or one per row (``_random``).
+ones of each padded row. Random draws come from one generator or one per row (``diffcache.kv.random``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffcache.pipelines.sampling._random import Generators, uniform
+from diffcache.kv.random import Generators, uniform
 
 REMASKING = ("low_confidence", "random")
 

@@ -105,3 +105,39 @@ def test_a_llada_plan_on_dream_is_refused_and_dream_stays_clean(dream) -> None:
     with pytest.raises(PlanError, match="llada"):
         diffcache.accelerate(dream, {"diffcache": 1, "model": "llada", "method": "dkv_cache"})
     assert "cache_policy" not in vars(dream)
+
+
+def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> None:
+    from diffcache.methods.dkv_cache import neighbours
+
+    hand = neighbours(
+        torch.tensor([[False, False, False, True, False, False, False, False]]),
+        torch.tensor([[True, True, False, False, True, True, True, False]]),
+        3,
+    )
+    assert hand[0].nonzero().flatten().tolist() == [0, 1, 4]  # left 1, right 4, left 0
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    out, rows = traced(llada, "dkv_cache", options)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    at = torch.full((length,), -1)
+    at[p:] = out.committed_at[0]
+    for step, got in rows.items():
+        if step % 4 % 2 == 0:  # refresh every 2 block steps (blocks of 4 steps)
+            assert got == set(range(length))
+            continue
+        now = at == step
+        masked = (at >= step) & ~now
+        masked[:p] = False
+        want = now | (at == step - 1) | neighbours(now[None], masked[None], 1)[0]
+        assert got == set(want.nonzero().flatten().tolist()), step
+
+
+def test_dkv_greedy_is_refused_on_dream(dream) -> None:
+    plan = {
+        "diffcache": 1,
+        "model": "dream",
+        "method": "dkv_cache",
+        "options": {"variant": "greedy"},
+    }
+    with pytest.raises(DiffCacheError, match="greedy is defined for LLaDA"):
+        diffcache.accelerate(dream, plan)

@@ -1,0 +1,197 @@
+"""Text diffusion LLM caches side by side: tokens/s of every method against no cache.
+
+A mid-size LLaDA-architecture model (default 12 layers, d_model 1024, the real 126,464-token
+vocabulary) and the Dream equivalent (GQA), random weights, generate ``--gen-length`` tokens in
+blocks of ``--block`` after a prompt. The runs are interleaved — no cache, the parallel-decoding
+control (no cache, Fast-dLLM's threshold 0.9: most of Fast-dLLM's speed is fewer steps, not the
+cache), then each method's bundled tiny-model plan — and each is timed ``--repeats`` times;
+the median counts. Per run: median seconds, speedup, tokens/s (tokens up to and including the
+first EOS), model calls, compute fraction (recomputed token-layers of the calls run), the work
+relative to the baseline (fraction × calls / baseline calls), the ideal speedup for that work
+given the decoder layers' share s of the baseline time — 1 / ((1 − s) · calls / baseline calls
++ s · work): the LM head (run on the needed rows only) and the sampler run once per call and
+are outside the cached work — the fraction of that ideal reached, and
+exact agreement of the tokens with the no-cache output. Nothing is asserted.
+
+With ``llada-arith`` installed the accuracy part runs ``diffcache eval`` on its held-out tasks
+for every LLaDA plan (accuracy beside the no-cache accuracy).
+
+    python bench/dlm.py                # full size (a GPU, or a lot of patience)
+    python bench/dlm.py --small        # 4 layers, d_model 256, 64 tokens: minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import diffcache
+from diffcache.models import builtin_models
+from diffcache.plan import Plan
+
+METHODS = ("fast_dllm", "dkv_cache", "elastic_cache", "d2cache")
+PROMPT = "Question: a train leaves at nine and travels two hundred miles at fifty per hour. "
+
+
+def build(family: str, layers: int, width: int, dtype: torch.dtype, device: str) -> Any:
+    """The pipeline at the bench size, real vocabulary and special ids, random weights."""
+    heads = max(width // 128, 1)
+    if family == "llada":
+        from diffcache.pipelines.llada import LLaDAPipeline
+        from diffcache.pipelines.llada.model import build_tiny_llada
+
+        model, tok = build_tiny_llada(
+            d_model=width, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+            mlp_hidden_size=3 * width, max_sequence_length=4096,
+        )  # fmt: skip
+        pipe = LLaDAPipeline(model, tok)
+    else:
+        from diffcache.pipelines.dream import DreamPipeline
+        from diffcache.pipelines.dream.model import build_tiny_dream
+
+        model, tok = build_tiny_dream(
+            hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=max(heads // 4, 1), intermediate_size=3 * width,
+            max_position_embeddings=4096,
+        )  # fmt: skip
+        pipe = DreamPipeline(model, tok)
+    pipe.model.to(device=device, dtype=dtype)
+    return pipe
+
+
+class Clock:
+    """Seconds spent inside a module's forward."""
+
+    def __init__(self, module: torch.nn.Module, device: str) -> None:
+        self.seconds, self.device, self._t0 = 0.0, device, 0.0
+        module.register_forward_pre_hook(lambda *a: self._start())
+        module.register_forward_hook(lambda *a: self._stop())
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _start(self) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+
+def lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head (its work is the same with and without a cache: logits of needed rows)."""
+    return model.lm_head if hasattr(model, "lm_head") else model.model.transformer["ff_out"]
+
+
+def timed(pipe: Any, kw: dict, device: str) -> tuple[float, Any]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = pipe(PROMPT, **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = build(family, args.layers, args.d_model, dtype, device)
+    kw = {"gen_length": args.gen_length, "steps": args.gen_length, "block_length": args.block}
+    if family == "dream":
+        kw["alg"] = "maskgit_plus"  # a confidence sampler (the references' cached Dream runs)
+    runs: list[tuple[str, Plan | None, dict]] = [
+        ("no cache", None, {}),
+        ("parallel only", None, {"threshold": 0.9}),
+    ]
+    runs += [(m, Plan.load(f"{family}-tiny-{m}.yaml"), {}) for m in METHODS]
+    clock, head = Clock(pipe.model, device), Clock(lm_head(pipe.model), device)
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    facts: dict[str, dict] = {}
+    timed(pipe, kw, device)  # warm-up
+    for rep in range(args.repeats):
+        for name, plan, extra in runs:
+            if plan is not None:
+                diffcache.accelerate(pipe, plan)
+            clock.seconds = head.seconds = 0.0
+            try:
+                s, out = timed(pipe, {**kw, **extra}, device)
+                stats = diffcache.stats(pipe) if plan is not None else None
+            finally:
+                if plan is not None:
+                    diffcache.remove(pipe)
+            seconds[name].append(s)
+            if rep == 0:
+                facts[name] = {
+                    "tokens": out.tokens.cpu(),
+                    "generated": int(out.generated[0]),
+                    "calls": out.steps,
+                    "cf": 1.0 if stats is None else stats.compute_fraction,
+                    "share": (clock.seconds - head.seconds) / s,
+                }
+    base = facts["no cache"]
+    base_s = statistics.median(seconds["no cache"])
+    share = base["share"]
+    print(f"\n== {family}: {args.layers} layers, d_model {args.d_model}, gen {args.gen_length}, "
+          f"block {args.block}, {device} {str(dtype).replace('torch.', '')}, "
+          f"decoder-layer share of the baseline {share:.3f}, median of {args.repeats}")  # fmt: skip
+    print(f"{'run':14s} {'s':>8s} {'speedup':>8s} {'tok/s':>8s} {'calls':>6s} {'cf':>6s} "
+          f"{'work':>6s} {'ideal':>6s} {'of ideal':>8s} {'agree':>6s}")  # fmt: skip
+    for name, _, _ in runs:
+        f, med = facts[name], statistics.median(seconds[name])
+        work = f["cf"] * f["calls"] / base["calls"]
+        steps = f["calls"] / base["calls"]  # the head and the sampler run once per call
+        ideal = 1.0 / ((1.0 - share) * steps + share * work)
+        speedup = base_s / med
+        agree = float(torch.equal(f["tokens"], base["tokens"]))
+        cells = [f"{med:8.3f}", f"{speedup:8.2f}", f"{f['generated'] / med:8.1f}"]
+        cells += [f"{f['calls']:6d}", f"{f['cf']:6.3f}", f"{work:6.3f}", f"{ideal:6.2f}"]
+        cells += [f"{speedup / ideal:8.2f}", f"{agree:6.0f}"]
+        print(f"{name:14s} " + " ".join(cells))
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    if "llada-arith" not in builtin_models():
+        print("\nllada-arith is not installed here: no accuracy part")
+        return
+    from diffcache.eval.runner import evaluate
+
+    plans = [Plan.load(f"llada-tiny-{m}.yaml") for m in METHODS]
+    report = evaluate("llada-arith", plans, Path(args.out) / "llada-arith", progress=True)
+    print(f"\n== llada-arith accuracy (baseline {report['baseline']['accuracy']:.3f})")
+    for r in report["runs"]:
+        print(f"{r['plan']:32s} accuracy {r['accuracy']:.3f}  drop {r['accuracy_drop']:+.3f}  "
+              f"agreement {r['agreement']:.3f}  compute {r['compute_fraction']:.3f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", default="llada,dream")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="4 layers, d_model 256, 64 tokens")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="out/bench-dlm")
+    args = p.parse_args(argv)
+    if args.small:
+        args.layers, args.d_model, args.gen_length, args.block = 4, 256, 64, 16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        bench_family(family, args, device)
+    accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
