@@ -81,9 +81,7 @@ class ElasticCacheConfig(MethodConfig):
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.adapter.name not in FAMILIES:
-            return [
-                f"elastic_cache runs on llada and dream pipelines, not {target.adapter.name}"
-            ]
+            return [f"elastic_cache runs on llada and dream pipelines, not {target.adapter.name}"]
         return []
 
 
