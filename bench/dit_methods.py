@@ -8,7 +8,10 @@ For each reference model (``dit-digits``, ``wan-shapes``) the plans are:
 - the same method profiled in this run to two lower compute targets (``--targets``, default 0.4
   and 0.3) on the model's calibration inputs (those ``python -m diffcache.profiles.make`` uses,
   never the evaluation inputs), keeping the bundled plan's fixed options;
-- diffusers' FirstBlockCache and TaylorSeer where the transformer has ``enable_cache``.
+- diffusers' FirstBlockCache, TaylorSeer and MagCache where the transformer has ``enable_cache``
+  (DiT's has not); MagCache at diffusers' default settings with magnitude ratios measured in
+  this run by diffusers' calibration mode on this model, on the calibration inputs and seed of
+  the model's bundled EasyCache plan (``eval/baselines.py``: ``magcache``).
 
 One ``diffcache.eval.runner.evaluate`` call then runs them all on the model's evaluation inputs
 and seeds, interleaved, and writes report.html (quality-vs-speedup charts, sample grids) under
@@ -18,6 +21,7 @@ the plain output of the same request, and the task score beside the baseline's. 
 printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
 
     python bench/dit_methods.py --models wan-shapes --seeds 2
+    python bench/dit_methods.py --models wan-shapes --targets 0.3 --inputs 8   # a short run
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from reference_models import DIFFUSERS, table
 
 import diffcache
+from diffcache.eval.baselines import magcache
 from diffcache.eval.runner import evaluate
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan, bundled_plans
@@ -66,6 +71,19 @@ def sweep(model: str, targets: list[float]) -> list[Plan]:
     return plans
 
 
+def builtins(model: str) -> list:
+    """diffusers' caches for the model: FirstBlockCache and TaylorSeer as specs, MagCache
+    calibrated here (none for DiT, whose transformer has no ``enable_cache``)."""
+    if builtin_models()[model].family == "dit":
+        return []
+    _, _, _, _, inputs, seed = PLANS[f"{model}.yaml"]
+    request = Request(seed=seed).merged(builtin_models()[model].defaults)
+    t0 = time.perf_counter()
+    mag = magcache(load_model(model), inputs(), request, threshold=0.06)
+    print(f"  calibrated {mag.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return [*DIFFUSERS, mag]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -73,17 +91,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", default="0.4,0.3", help="lower compute targets per method")
     p.add_argument("--out", default="out/bench-dit-methods")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--inputs", type=int, default=None, help="evaluate the first N evaluation inputs only"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"== {model}: profiling the sweeps", flush=True)
-        plans: list = sweep(model, targets)
-        if builtin_models()[model].family != "dit":  # DiT's transformer has no enable_cache
-            plans += list(DIFFUSERS)
+        plans: list = sweep(model, targets) + builtins(model)
+        prompts = None
+        if args.inputs:
+            prompts = list(builtin_models()[model].default_prompts() or [])[: args.inputs] or None
         t0 = time.perf_counter()
-        report = evaluate(model, plans, Path(args.out) / model, seeds=args.seeds, progress=True)
+        report = evaluate(
+            model, plans, Path(args.out) / model, prompts=prompts, seeds=args.seeds, progress=True
+        )
         table(report, time.perf_counter() - t0)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from diffcache.errors import UnsupportedModelError
 from diffcache.request import Field
-from diffcache.sites import ModuleSite, Site, Stack
+from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Site, Stack
 
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
@@ -180,4 +180,14 @@ def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
-__all__ = ["Adapter", "Target", "Stack", "ModuleSite", "Site", "Field"]
+__all__ = [
+    "Adapter",
+    "Target",
+    "Stack",
+    "ModuleSite",
+    "GatedBlock",
+    "GatedTerm",
+    "Modulation",
+    "Site",
+    "Field",
+]

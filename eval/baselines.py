@@ -8,16 +8,21 @@ A comparison is named by a plan (file, bundled name, dict or Plan) or by a spec 
   ``TaylorSeerCacheConfig``, with ``cache_identifiers`` defaulting to the attention modules of
   every block (diffusers' own default patterns miss Wan's and CogVideoX's ``attn1`` / ``attn2``);
 - ``diffusers:pab`` — ``PyramidAttentionBroadcastConfig`` (its ``current_timestep_callback``
-  reads the pipeline's current timestep).
+  reads the pipeline's current timestep);
+- ``diffusers:magcache:num_inference_steps=20,mag_ratios=[1.0, 1.02, ...]`` —
+  ``MagCacheConfig``. Its magnitude ratios belong to one checkpoint and schedule:
+  :func:`magcache` measures them on the model with diffusers' own calibration mode and returns
+  the comparison ready to evaluate (``bench/dit_methods.py`` does this).
 
-Values are YAML scalars. diffusers' caches report no computed work, so their
-``compute_fraction`` is null.
+Values are YAML (a list in brackets may hold commas). diffusers' caches report no computed
+work, so their ``compute_fraction`` is null. ``evaluate`` also takes a :class:`Comparison`
+itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from diffcache.errors import DiffCacheError
@@ -50,7 +55,10 @@ class Comparison:
 
 
 def comparison(spec: Any) -> Comparison:
-    """A comparison from a plan or a ``diffusers:...`` spec (validated, nothing attached)."""
+    """A comparison from a plan or a ``diffusers:...`` spec (validated, nothing attached), or
+    the comparison itself."""
+    if isinstance(spec, Comparison):
+        return spec
     if isinstance(spec, str) and spec.startswith(PREFIX):
         return _diffusers(spec)
     import diffcache
@@ -68,6 +76,7 @@ def comparison(spec: Any) -> Comparison:
 def _configs() -> dict[str, Callable[..., Any]]:
     from diffusers import (
         FirstBlockCacheConfig,
+        MagCacheConfig,
         PyramidAttentionBroadcastConfig,
         TaylorSeerCacheConfig,
     )
@@ -79,7 +88,23 @@ def _configs() -> dict[str, Callable[..., Any]]:
         "fbcache": FirstBlockCacheConfig,
         "taylorseer": taylorseer,
         "pab": PyramidAttentionBroadcastConfig,
+        "magcache": MagCacheConfig,
     }
+
+
+def _split(params: str) -> list[str]:
+    """``key=value`` items separated by commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(params):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(params[start:i])
+            start = i + 1
+    items.append(params[start:])
+    return [item for item in items if item.strip()]
 
 
 def _diffusers(spec: str) -> Comparison:
@@ -93,11 +118,22 @@ def _diffusers(spec: str) -> Comparison:
             f"known: {', '.join(configs)}"
         )
     kwargs: dict[str, Any] = {}
-    for item in filter(None, params.split(",")):
+    for item in _split(params):
         key, sep, text = item.partition("=")
         if not sep:
             raise DiffCacheError(f"--plan {spec}: expected key=value, got {item!r}")
         kwargs[key.strip()] = loads_yaml(text, f"--plan {spec}")
+    return _diffusers_comparison(spec, name, kwargs)
+
+
+def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Comparison:
+    configs = _configs()
+    if name == "magcache" and kwargs.get("mag_ratios") is None and not kwargs.get("calibrate"):
+        raise DiffCacheError(
+            f"--plan {spec}: MagCache needs mag_ratios=[...] and num_inference_steps=N, "
+            "measured on this model and schedule; diffcache.eval.baselines.magcache(pipe, "
+            "inputs, request) runs diffusers' calibration and returns the comparison"
+        )
     try:
         configs[name](**kwargs)
     except (TypeError, ValueError) as e:
@@ -119,3 +155,68 @@ def _diffusers(spec: str) -> Comparison:
             pipe.transformer.disable_cache()
 
     return Comparison(spec, f"diffusers:{name}", setup, teardown)
+
+
+def magcache_ratios(pipe: Any, inputs: Sequence[str], request: Any) -> list[float]:
+    """MagCache's magnitude ratios for ``pipe`` at ``request``'s steps, measured by diffusers'
+    own calibration mode (``MagCacheConfig(calibrate=True)``: nothing is skipped and, per cache
+    context, the mean over tokens of ``|r_t| / |r_(t-1)|`` of the block stack's residual is
+    logged when the last step ends) on each input at ``request``'s first seed. The ratios are
+    the mean over inputs and CFG contexts (cond and uncond each log a list; diffusers applies one
+    list to both)."""
+    import ast
+    import contextlib
+    import io
+    import logging
+
+    from diffusers import MagCacheConfig
+
+    from diffcache.generate import generate
+    from diffcache.registry import find_adapter
+    from diffcache.request import expand
+
+    steps = request.get("steps")
+    if not inputs or not steps:
+        raise DiffCacheError("magcache calibration needs inputs and a request with steps")
+    transformer = pipe.transformer
+    if not hasattr(transformer, "enable_cache"):
+        raise DiffCacheError(f"{type(transformer).__name__} has no diffusers enable_cache")
+    lists: list[list[float]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text.startswith("MagCache Calibration Results:"):
+                lists.append([float(v) for v in ast.literal_eval(text.split(":", 1)[1].strip())])
+
+    log = logging.getLogger("diffusers.hooks.mag_cache")
+    catch, level, propagate = Catch(), log.level, log.propagate
+    log.addHandler(catch)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        for req in expand(find_adapter(pipe), list(inputs), 1, request):
+            with contextlib.redirect_stdout(io.StringIO()):  # it also prints the list
+                generate(pipe, req)
+    finally:
+        transformer.disable_cache()
+        log.removeHandler(catch)
+        log.setLevel(level)
+        log.propagate = propagate
+    if not lists or any(len(v) != steps for v in lists):
+        raise DiffCacheError(
+            f"magcache calibration logged {[len(v) for v in lists]} ratios for {steps} steps"
+        )
+    return [sum(col) / len(col) for col in zip(*lists, strict=True)]
+
+
+def magcache(pipe: Any, inputs: Sequence[str], request: Any, **options: Any) -> Comparison:
+    """diffusers' MagCache calibrated on ``pipe`` (:func:`magcache_ratios` on ``inputs`` at
+    ``request``) with ``options`` (``threshold``, ``max_skip_steps``, ``retention_ratio``), as
+    a comparison named by its options."""
+    ratios = magcache_ratios(pipe, inputs, request)
+    shown = ",".join(f"{k}={v}" for k, v in options.items())
+    spec = f"{PREFIX}magcache" + (f":{shown}" if shown else "")
+    kwargs = {**options, "num_inference_steps": len(ratios), "mag_ratios": ratios}
+    return _diffusers_comparison(spec, "magcache", kwargs)

@@ -13,6 +13,7 @@ from diffcache.errors import KernelUnavailableError
 from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
+from .gated_apply import gated_apply, gated_apply_ref
 from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
@@ -26,6 +27,8 @@ __all__ = [
     "describe",
     "forecast",
     "forecast_ref",
+    "gated_apply",
+    "gated_apply_ref",
     "kv_gather",
     "kv_gather_ref",
     "kv_scatter",

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
 
 # CogVideoXPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [uncond, cond] (negative prompt first). The transformer takes (B, F, C, H, W) latents.
+# CogVideoXBlock: norm1 / norm2 (CogVideoXLayerNormZero, linear(silu(temb)) in 6 chunks) gate
+# attention (chunks 2 / 5 for video / text) and the feed-forward, which runs once on [text,
+# video] tokens: the text stream takes its first rows, the video stream the rest.
+GATED = GatedBlock(
+    blocks=("CogVideoXBlock",),
+    modulations=(Modulation("n1", "norm1"), Modulation("n2", "norm2")),
+    streams=(
+        ("hidden", (GatedTerm("attn1", 0, ("n1", 2)), GatedTerm("ff", 0, ("n2", 2), "rest"))),
+        ("encoder", (GatedTerm("attn1", 1, ("n1", 5)), GatedTerm("ff", 0, ("n2", 5), "encoder"))),
+    ),
+)
+
 ADAPTER = register_adapter(
     Adapter(
         name="cogvideox",
@@ -27,6 +39,7 @@ ADAPTER = register_adapter(
                     ModuleSite("attn1", "self_attn", returns=("hidden", "encoder")),
                     ModuleSite("ff", "ff"),
                 ),
+                gated=GATED,
             ),
         ),
         media="video",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import STEPS, guidance
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
@@ -20,6 +20,17 @@ def _num_classes(pipe: Any) -> int:
     return int(pipe.transformer.config.num_embeds_ada_norm) - 1
 
 
+# BasicTransformerBlock with ``ada_norm_zero`` (DiT): norm1 (AdaLayerNormZero with its own
+# timestep + class embedding) gives 6 chunks; attention is added times chunk 2 and the
+# feed-forward times chunk 5 (no cross-attention). GLIGEN inputs change the forward.
+GATED = GatedBlock(
+    blocks=("BasicTransformerBlock",),
+    modulations=(Modulation("mod", "norm1", args=("timestep", "class_labels")),),
+    streams=(("hidden", (GatedTerm("attn1", gate=("mod", 2)), GatedTerm("ff", gate=("mod", 5)))),),
+    requires=(("norm_type", "ada_norm_zero"), ("attn2", None), ("pos_embed", None)),
+    absent=("cross_attention_kwargs",),
+)
+
 # DiTPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [cond, uncond] (the second half uses the null class 1000). It calls the transformer with the
 # latent positionally and reads ``.sample`` from a Transformer2DModelOutput.
@@ -34,6 +45,7 @@ ADAPTER = register_adapter(
             Stack(
                 "transformer_blocks",
                 modules=(ModuleSite("attn1", "self_attn"), ModuleSite("ff", "ff")),
+                gated=GATED,
             ),
         ),
         media="image",

@@ -6,7 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, ModuleSite, Stack
 from diffcache.pipelines._fields import IMAGE, STEPS, guidance, prompt
-from diffcache.pipelines._stacks import DUAL_STREAM
+from diffcache.pipelines._stacks import DUAL_STREAM, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
 
@@ -27,6 +27,8 @@ ADAPTER = register_adapter(
                 stream="dual",
                 returns=("encoder", "hidden"),
                 modules=DUAL_STREAM,
+                # FluxTransformerBlock clips the text stream to the float16 range in float16
+                gated=dual_stream_gates("FluxTransformerBlock", clip_fp16=("encoder",)),
             ),
             Stack(
                 "single_transformer_blocks",

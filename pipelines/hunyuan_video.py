@@ -6,7 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, ModuleSite, Stack
 from diffcache.pipelines._fields import FRAMES, IMAGE, STEPS, guidance, prompt
-from diffcache.pipelines._stacks import DUAL_STREAM
+from diffcache.pipelines._stacks import DUAL_STREAM, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, template_prefix_length, tiny_clip, word_tokenizer
 from diffcache.registry import register_adapter
 
@@ -27,6 +27,8 @@ ADAPTER = register_adapter(
                 stream="dual",
                 returns=("hidden", "encoder"),
                 modules=DUAL_STREAM,
+                # the token-replace (I2V) block modulates differently: it keeps running
+                gated=dual_stream_gates("HunyuanVideoTransformerBlock"),
             ),
             Stack(
                 "single_transformer_blocks",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
 from diffcache.registry import register_adapter
@@ -13,6 +13,25 @@ from diffcache.registry import register_adapter
 # uncond) when ``true_cfg_scale > 1`` and a negative prompt is given; the request's guidance is
 # therefore ``true_cfg_scale``. The transformer has no guidance embedding (``guidance_scale``
 # is ignored by the stock model).
+# QwenImageTransformerBlock: img_mod / txt_mod (SiLU + Linear on temb) give 6 chunks per stream
+# (its two halves of 3 are chunks 0-2 and 3-5); each stream adds attention times chunk 2 and its
+# MLP times chunk 5, and is clipped to the float16 range in float16. With ``zero_cond_t`` or a
+# ``modulate_index`` (Qwen-Image-Edit) the modulation differs: such blocks keep running.
+GATED = GatedBlock(
+    blocks=("QwenImageTransformerBlock",),
+    modulations=(
+        Modulation("img", "img_mod", "call", dim=-1),
+        Modulation("txt", "txt_mod", "call", dim=-1),
+    ),
+    streams=(
+        ("encoder", (GatedTerm("attn", 1, ("txt", 2)), GatedTerm("txt_mlp", gate=("txt", 5)))),
+        ("hidden", (GatedTerm("attn", 0, ("img", 2)), GatedTerm("img_mlp", gate=("img", 5)))),
+    ),
+    requires=(("zero_cond_t", False),),
+    absent=("modulate_index",),
+    clip_fp16=("encoder", "hidden"),
+)
+
 ADAPTER = register_adapter(
     Adapter(
         name="qwenimage",
@@ -30,6 +49,7 @@ ADAPTER = register_adapter(
                     ModuleSite("img_mlp", "ff"),
                     ModuleSite("txt_mlp", "context_ff"),
                 ),
+                gated=GATED,
             ),
         ),
         media="image",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._tiny import seeded, word_tokenizer
 from diffcache.registry import register_adapter
@@ -14,6 +14,24 @@ from diffcache.registry import register_adapter
 # ``boundary_ratio`` (Wan2.2) the high-noise steps run ``transformer`` and the rest
 # ``transformer_2``. A block returns the hidden states; attn1 / attn2 / ffn return tensors
 # before the block's AdaLN gates.
+# WanTransformerBlock: h += attn1 * gate_msa (chunk 2 of scale_shift_table + temb, in float32);
+# h += attn2 (ungated); h += ffn * c_gate_msa (chunk 5). temb is (B, 6, D), or (B, N, 6, D) with
+# per-token modulation (Wan2.2 TI2V), so the chunks are taken along dim -2.
+GATED = GatedBlock(
+    blocks=("WanTransformerBlock",),
+    modulations=(Modulation("mod", "scale_shift_table", "table", dim=-2),),
+    streams=(
+        (
+            "hidden",
+            (
+                GatedTerm("attn1", gate=("mod", 2)),
+                GatedTerm("attn2"),
+                GatedTerm("ffn", gate=("mod", 5)),
+            ),
+        ),
+    ),
+)
+
 ADAPTER = register_adapter(
     Adapter(
         name="wan2.1",
@@ -30,6 +48,7 @@ ADAPTER = register_adapter(
                     ModuleSite("attn2", "cross_attn"),
                     ModuleSite("ffn", "ff"),
                 ),
+                gated=GATED,
             ),
         ),
         media="video",

@@ -111,3 +111,37 @@ def test_task_scores_for_baseline_and_runs(tmp_path: Path) -> None:
     plain = evaluate("dit-tiny", ["dit-tiny.yaml"], tmp_path / "plain", prompts=["1"])
     assert plain["baseline"]["task_score"] is None
     assert "dit-tiny has no task scorer" in plain["notes"]["task_score"]
+
+
+def test_magcache_needs_ratios_and_takes_them_as_a_list() -> None:
+    with pytest.raises(DiffCacheError, match=r"mag_ratios.*magcache\(pipe, inputs, request\)"):
+        comparison("diffusers:magcache:threshold=0.1")
+    spec = "diffusers:magcache:num_inference_steps=3,mag_ratios=[1.0, 0.9, 0.8],threshold=0.1"
+    assert comparison(spec).method == "diffusers:magcache"
+
+
+def test_magcache_calibrated_on_the_model(tmp_path: Path) -> None:
+    from diffcache.eval.baselines import magcache, magcache_ratios
+    from diffcache.generate import generate
+    from diffcache.models import load_model
+
+    pipe = load_model("wan2.1-tiny")  # separate CFG: cond and uncond contexts both log ratios
+    req = Request(steps=8, height=32, width=32).merged(builtin_models()["wan2.1-tiny"].defaults)
+    ratios = magcache_ratios(pipe, ["a cat", "a dog"], req)
+    assert len(ratios) == 8 and ratios[0] == 1.0 and all(0 < r < 10 for r in ratios)
+    assert not getattr(pipe.transformer, "is_cache_enabled", False)
+    one = req.replace(prompt="a cat")
+    base = generate(pipe, one)
+    outs = {}
+    for threshold in (0.0, 10.0):  # nothing / as much as max_skip_steps allows is skipped
+        c = magcache(pipe, ["a cat", "a dog"], req, threshold=threshold)
+        assert c.name == f"diffusers:magcache:threshold={threshold}"
+        c.setup(pipe)
+        try:
+            outs[threshold] = generate(pipe, one)
+        finally:
+            c.teardown(pipe)
+    assert np.array_equal(outs[0.0], base) and not np.array_equal(outs[10.0], base)
+    report = evaluate("wan2.1-tiny", [c], tmp_path, prompts=["a cat"], request=req)
+    assert report["runs"][0]["method"] == "diffusers:magcache"
+    assert report["runs"][0]["psnr"] is not None

@@ -66,6 +66,15 @@ class InvarDiffConfig(MethodConfig):
       block's input unchanged and the last block's cached output; a reused module returns its
       cached raw output. CFG branches keep their own caches and share the plan.
       ``compute_fraction`` = computed module calls / module calls.
+    - Block skip (ours, exact): at a step where every module of a block is reused, the block
+      is not run; its output is its input plus each cached module output times its AdaLN gate
+      (recomputed from the block's modulation and the current conditioning, as the block
+      does), in one fused pass (``kernels.gated_apply``; ``diffcache.gated``). This is the
+      block's own arithmetic (bit for bit in float32), for the block classes the adapter
+      describes (``Stack.gated``: Wan, FLUX and HunyuanVideo dual-stream, Qwen-Image,
+      CogVideoX, DiT); FLUX's and HunyuanVideo's single-stream blocks gate ``proj_out`` of
+      their concatenated module outputs, so they keep running. Such blocks count as skipped
+      block calls; module work is unchanged.
 
     ``diffcache profile --target-compute F`` sets one quantile ``q`` for the step gate and
     every module family: the smallest ``q`` whose first-pass books compute at most ``F`` makes
@@ -85,6 +94,7 @@ class InvarDiffConfig(MethodConfig):
 
     name: ClassVar[str] = "invardiff"
     granularity: ClassVar[str] = "module"
+    kernels: ClassVar[tuple[str, ...]] = ("gated_apply",)
     calibration: ClassVar[type] = InvarDiffCalibration
     probe_kinds: ClassVar[tuple[str, ...]] = ()
 
@@ -344,9 +354,16 @@ def _check(cal: InvarDiffCalibration, sites: Sequence[Site], steps: int | None) 
         raise PlanError("invardiff: " + "; ".join(problems) + "; profile this model")
 
 
+#: skip a block whose every module is planned reused (input + gated cached outputs, one fused
+#: pass) where the adapter describes the block; False runs such blocks (tests compare the two)
+FUSE_BLOCKS = True
+
+
 @register_method(InvarDiffConfig)
 def apply(session: Session, cfg: InvarDiffConfig) -> None:
     """Reuse modules and whole steps exactly as the books say."""
+    from diffcache.gated import BlockSkipper
+
     cal: InvarDiffCalibration = session.calibration
     target = session.target
     modules, blocks = target.sites("module"), target.sites("block")
@@ -356,6 +373,12 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
     column = {s.name: m for m, s in enumerate(modules)}
     last = blocks[-1].name if blocks else None
     streams = BlockStreams(blocks)
+    skipper = BlockSkipper(blocks, modules) if FUSE_BLOCKS else None
+    fusable: dict[str, list[bool]] = {}  # block -> steps where every module of it is reused
+    for b in blocks:
+        cols = [column[m.name] for m in (skipper.modules(b.name) if skipper else [])]
+        if cols:
+            fusable[b.name] = [all(row[c] for c in cols) for row in module_book]
 
     def module(call: Call) -> Any:
         slot = call.state(_Slot)
@@ -364,21 +387,30 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
         slot.output = call.compute()
         return slot.output
 
+    def cached(site: Site, call: Call) -> Any:
+        return call.run.slot((site.name, site.expert, call.branch), _Slot).output
+
     def block(call: Call) -> Any:
         slot = call.state(_Slot)
-        if not step_book[call.step] or (call.site.name == last and slot.output is None):
+        name = call.site.name
+        if step_book[call.step] and not (name == last and slot.output is None):
+            if name == last:
+                return slot.output
+            parts = streams.inputs(call)
+            return parts if len(parts) > 1 else parts[0]
+        out = None
+        if fusable.get(name, ())[call.step : call.step + 1] == [True]:
+            out = skipper(call, lambda site: cached(site, call), session.kernels)
+        if out is None:
             out = call.compute()
-            if call.site.name == last:
-                slot.output = out
-            return out
-        if call.site.name == last:
-            return slot.output
-        parts = streams.inputs(call)
-        return parts if len(parts) > 1 else parts[0]
+        if name == last:
+            slot.output = out
+        return out
 
     session.on_sites(modules, module, "invardiff")
-    if any(step_book):
-        session.on_sites(blocks, block, "invardiff_step")
+    hooked = blocks if any(step_book) else [b for b in blocks if any(fusable.get(b.name, ()))]
+    if hooked:
+        session.on_sites(hooked, block, "invardiff_step")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """LLaDA's sampler pieces (ML-GSAI/LLaDA ``generate.py``, research/dlm.md §1.1).
 
 Inputs are one step's candidates: logits ``[B, m, V]`` with ``valid [B, m]`` marking the real
-ones of each padded row. Random draws come from one generator or one per row (``diffcache.kv.random``).
+ones of each padded row. Random draws come from one generator or one per row
+(``diffcache.kv.random``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ import torch
 import diffcache
 from diffcache.errors import PlanError
 from diffcache.generate import generate
-from diffcache.methods.hyca import SOLVERS, HyCaConfig, solver_weights
+from diffcache.methods.hyca import (
+    POINTS,
+    SOLVERS,
+    HyCaConfig,
+    choose,
+    history_length,
+    solver_weights,
+)
 from diffcache.plan import Plan
 from tests.toys import clean, tiny_request
 
@@ -20,31 +28,118 @@ STEPS = 8
 PROMPTS = ["a cat", "a red fox"]
 
 
-@pytest.mark.parametrize(
-    ("solver", "exact_for"),
-    [("reuse", 0), ("linear", 1), ("quadratic", 2), ("ab2", 1)],
-)
-def test_each_solver_recovers_the_trajectories_it_is_exact_for(solver: str, exact_for: int) -> None:
-    steps = [0, 3, 5]  # uneven spacing, as after a warm-up
-    for degree in range(3):
-        coef = [0.7, -1.3, 0.4][: degree + 1]
+EXACT_FOR = {  # the highest polynomial degree each solver forecasts exactly, at any spacing
+    "reuse": 0, "linear": 1, "quadratic": 2, "ab2": 1, "ab3": 1, "tf2": 1, "tf3": 1, "rk2": 1,
+    "am2": 1, "bdf2": 1,
+}  # fmt: skip
 
-        def f(t: float, coef: list[float] = coef) -> float:
-            return sum(c * t**i for i, c in enumerate(coef))
 
-        for k in (6, 7, 9):
-            w = solver_weights(solver, steps, k)
-            got = sum(wi * f(s) for wi, s in zip(w, steps, strict=True))
-            if degree <= exact_for:
-                assert got == pytest.approx(f(k), abs=1e-9), (solver, degree, k)
-            elif k == 9:
-                assert got != pytest.approx(f(k), abs=1e-6), (solver, degree)
+def _poly(coef: list[float]):
+    return lambda t: sum(c * t**i for i, c in enumerate(coef))
+
+
+def _apply(w: list[float], steps: list[int], f) -> float:
+    return sum(wi * f(s) for wi, s in zip(w, steps, strict=True))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("steps", [[0, 3, 5], [0, 1, 4, 7]])  # uneven, as after a warm-up
+def test_each_solver_recovers_the_trajectories_it_is_exact_for(solver: str, steps: list) -> None:
+    assert set(EXACT_FOR) == set(SOLVERS)
+    exact_for = EXACT_FOR[solver]
+    for degree in range(4):
+        f = _poly([0.7, -1.3, 0.4, 0.25][: degree + 1])
+        got = {k: _apply(solver_weights(solver, steps, k), steps, f) for k in (8, 9, 12)}
+        if degree <= exact_for:
+            assert all(v == pytest.approx(f(k), abs=1e-9) for k, v in got.items()), degree
+        elif degree == exact_for + 1 and len(steps) >= POINTS[solver]:
+            assert got[12] != pytest.approx(f(12), abs=1e-6), degree
+
+
+def test_the_stencils_on_an_even_grid_one_step_ahead() -> None:
+    even = [0, 1, 2]
+    assert solver_weights("rk2", even, 3) == pytest.approx([-0.5, 0.0, 1.5])  # 3/2 F_n - 1/2 F_n-2
+    assert solver_weights("ab2", even, 3) == pytest.approx([0.5, -2.0, 2.5])
+    assert solver_weights("am2", even, 3) == pytest.approx([0.25, -1.5, 2.25])
+    assert solver_weights("bdf2", even, 3) == pytest.approx([2 / 3, -7 / 3, 8 / 3])
+    ab3 = [-5 / 12, 16 / 12 + 5 / 12, -23 / 12 - 16 / 12, 1 + 23 / 12]
+    assert solver_weights("ab3", [0, 1, 2, 3], 4) == pytest.approx(ab3)
+
+
+def test_am2_and_bdf2_are_their_correctors_on_the_extrapolated_slope() -> None:
+    steps, k = [0, 3, 5], 8
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(3, generator=g, dtype=torch.float64).tolist()  # noqa: N806
+    h, gap = k - steps[2], steps[2] - steps[1]
+    f1, f2 = (F[1] - F[0]) / (steps[1] - steps[0]), (F[2] - F[1]) / gap
+    pred = F[2] + h * (1.5 * f2 - 0.5 * f1)  # AB2 predictor
+    am2 = F[2] + h / 2 * (f2 + (pred - F[2]) / h)  # trapezoidal corrector
+    assert _apply(solver_weights("am2", steps, k), steps, lambda s: F[steps.index(s)]) == (
+        pytest.approx(am2)
+    )
+    fk = f2 + (k - steps[2]) * (f2 - f1) / gap  # the slope at k, extrapolated
+    w = (
+        h / gap
+    )  # variable-step BDF2: y_k - (1+w)^2/(1+2w) y_n + w^2/(1+2w) y_n-1 = h(1+w)/(1+2w) f_k
+    bdf2 = (
+        (1 + w) ** 2 / (1 + 2 * w) * F[2]
+        - w**2 / (1 + 2 * w) * F[1]
+        + h * (1 + w) / (1 + 2 * w) * fk
+    )
+    assert _apply(solver_weights("bdf2", steps, k), steps, lambda s: F[steps.index(s)]) == (
+        pytest.approx(bdf2)
+    )
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_tf_is_taylorseers_difference_ladder(order: int) -> None:
+    """The ladder updated full step by full step, as TaylorSeer does, then the Taylor sum."""
+    steps = [0, 1, 2, 5, 8][-(order + 1) :]
+    g = torch.Generator().manual_seed(order)
+    values = torch.randn(len(steps), generator=g, dtype=torch.float64).tolist()
+    derivs: list[float] = []
+    for i, (s, v) in enumerate(zip(steps, values, strict=True)):
+        new = [v]
+        for m in range(min(i, order)):
+            new.append((new[m] - derivs[m]) / (s - steps[i - 1]))
+        derivs = new
+    for k in (9, 10):
+        want = sum(d * (k - steps[-1]) ** m / math.factorial(m) for m, d in enumerate(derivs))
+        w = solver_weights(f"tf{order}", steps, k)
+        assert _apply(w, steps, lambda s: values[steps.index(s)]) == pytest.approx(want)
+
+
+def test_the_solvers_are_distinct_stencils() -> None:
+    steps = [0, 1, 2, 5, 8]  # warm-up 3, interval 3; forecasting one and two steps ahead
+    for k in (9, 10):
+        rows = {s: tuple(round(x, 9) for x in solver_weights(s, steps[-4:], k)) for s in SOLVERS}
+        assert len(set(rows.values())) == len(SOLVERS), rows
 
 
 def test_short_histories_fall_back_to_lower_orders() -> None:
     assert solver_weights("quadratic", [4], 6) == [1.0]
     assert solver_weights("ab2", [2, 4], 6) == pytest.approx([-1.0, 2.0])
+    assert solver_weights("ab3", [1, 2, 4], 6) == solver_weights("ab2", [1, 2, 4], 6)
+    assert solver_weights("tf3", [1, 2, 4], 6) == solver_weights("tf2", [1, 2, 4], 6)
+    for s in ("rk2", "am2", "bdf2", "tf2"):
+        assert solver_weights(s, [2, 4], 6) == pytest.approx([-1.0, 2.0])
     assert all(len(solver_weights(s, [1, 2, 3], 5)) == 3 for s in SOLVERS)
+    assert history_length(["reuse", "linear"]) == 2 and history_length(["tf3"]) == 4
+
+
+def test_each_cluster_takes_its_lowest_error_solver_from_the_whole_pool() -> None:
+    b, d = 2, 8
+    g = torch.Generator().manual_seed(0)
+    energy = torch.rand(b, d, 4, generator=g, dtype=torch.float64) + 0.1
+    energy[:, : d // 2, 1:] *= 100.0  # two clearly separated groups of dimensions
+    errors = torch.ones(b, d, len(SOLVERS), dtype=torch.float64)
+    errors[:, : d // 2, SOLVERS.index("bdf2")] = 0.1
+    errors[:, d // 2 :, SOLVERS.index("tf3")] = 0.1
+    cal = choose(HyCaConfig(), errors, energy)
+    got = {cal.cluster_solvers[int(cal.labels[0, 0])], cal.cluster_solvers[int(cal.labels[0, -1])]}
+    assert got == {"bdf2", "tf3"}
+    narrow = choose(HyCaConfig(solvers=("reuse", "linear", "tf3")), errors, energy)
+    assert set(narrow.cluster_solvers) == {"tf3", "reuse"}  # ties: the first of the pool
 
 
 def test_schedule_and_interval_for_a_target() -> None:
@@ -136,3 +231,34 @@ def test_a_dimension_map_of_another_shape_is_refused(flux_plan) -> None:
     with pytest.raises(PlanError, match="dimension map has shape"):
         diffcache.accelerate(pipe, bad)
     assert clean(pipe.transformer, pipe.scheduler)
+
+
+def _generate_with(pipe, plan, req):
+    diffcache.accelerate(pipe, plan)
+    try:
+        return generate(pipe, req), diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+
+
+def test_four_point_solvers_run_and_plans_of_the_old_pool_still_do(flux_plan) -> None:
+    pipe, req, plan = flux_plan
+    one = req.replace(prompt="a cat")
+    clusters = len(plan.calibration["cluster_solvers"])
+    assert plan.tensors["errors"].shape[-1] == len(SOLVERS)  # every solver was scored
+    outs = []
+    for solvers in (["linear"] * clusters, ["tf3"] * clusters, ["ab3", "bdf2"][:clusters]):
+        cal = {**plan.calibration, "cluster_solvers": solvers}
+        out, stats = _generate_with(pipe, dataclasses.replace(plan, calibration=cal), one)
+        assert stats.kernels["forecast"] in ("torch", "triton")
+        assert torch.isfinite(torch.as_tensor(out)).all()
+        outs.append(out)
+    assert all(not (o == outs[0]).all() for o in outs[1:])
+    # a plan profiled when the pool had four solvers (four error columns) runs as before
+    old = dataclasses.replace(
+        plan,
+        options={**plan.options, "solvers": list(SOLVERS[:4])},
+        tensors={**plan.tensors, "errors": plan.tensors["errors"][..., :4]},
+    )
+    old = Plan.load(old.save(Path(plan.source).with_name("old.yaml")))
+    assert (_generate_with(pipe, old, one)[0] == _generate_with(pipe, plan, one)[0]).all()

@@ -232,3 +232,53 @@ def test_reference_flux_books_map_both_stacks(tmp_path) -> None:
     assert column("transformer.transformer_blocks.0.ff_context") == [r[0] for r in book(double, 5)]
     last = f"transformer.single_transformer_blocks.{single - 1}.proj_mlp"
     assert column(last) == [r[single - 1] for r in book(single, 3)]
+
+
+#: families whose blocks the adapter describes (``Stack.gated``): a block whose every module is
+#: reused is skipped as input + gated cached outputs (FLUX's and HunyuanVideo's single-stream
+#: blocks gate ``proj_out`` of their concatenated outputs, so they keep running)
+GATED = [
+    "wan2.1-tiny",
+    "flux-tiny",
+    "hunyuanvideo-tiny",
+    "qwenimage-tiny",
+    "cogvideox-tiny",
+    "dit-tiny",
+]
+
+
+@pytest.mark.parametrize("model", GATED)
+def test_a_block_whose_modules_are_all_reused_is_skipped_exactly(model: str, monkeypatch) -> None:
+    from diffcache.methods import invardiff
+
+    pipe = diffcache.load_model(model)
+    req, prompts, one = tiny_request(model, STEPS)
+    quantiles = dict.fromkeys(invardiff.ROLE_DEFAULTS, 0.8)
+    cfg = InvarDiffConfig(nonskip_rate=0.2, step_quantile=0.0, module_quantiles=quantiles)
+    plan = diffcache.profile(pipe, cfg, prompts, request=req)
+    cal = plan.calibration_data
+    target = Target.resolve(find_adapter(pipe), pipe)
+    columns = {s.name: m for m, s in enumerate(target.sites("module"))}
+    fused = 0  # (step, block) pairs whose every module is planned reused
+    for b in target.sites("block"):
+        if b.stack.gated is None:
+            continue
+        cols = [c for name, c in columns.items() if name.startswith(b.name + ".")]
+        fused += int(cal.module_book[:, cols].all(1).sum())
+    assert fused > 0 and not cal.step_book.any()
+    runs = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(invardiff, "FUSE_BLOCKS", fuse)
+        diffcache.accelerate(pipe, plan)
+        try:
+            runs[fuse] = generate(pipe, one), diffcache.stats(pipe)
+        finally:
+            diffcache.remove(pipe)
+    (plain, plain_stats), (skipped, stats) = runs[False], runs[True]
+    assert torch.equal(torch.as_tensor(skipped), torch.as_tensor(plain))  # bit for bit
+    assert stats.work["module"] == plain_stats.work["module"]  # the plan's module work
+    branches = stats.work["module"][1] / cal.module_book.numel()
+    done, total = stats.work["block"]
+    assert total - done == branches * fused and "block" not in plain_stats.work
+    assert stats.kernels["gated_apply"] in ("torch", "triton")
+    assert clean(pipe.transformer)

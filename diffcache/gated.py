@@ -1,0 +1,117 @@
+"""Skipping a block whose every module reuses its cached output.
+
+A DiT block adds each module's output to its input through an AdaLN gate computed from the
+block's modulation parameters and the current conditioning (``Stack.gated``, adapter data). When
+a method reuses the raw output of every module of a block, running the block only recomputes
+its layer norms and modulations and multiplies and adds: the result is ``input + sum_m gate_m *
+cached_m`` (plus ungated terms), which :func:`diffcache.kernels.gated_apply` computes in one pass.
+:class:`BlockSkipper` does that for the blocks whose class the adapter describes, with the gates
+computed as the block's forward computes them, and answers None (compute the block) whenever a
+call is not one the description covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from diffcache.session import Call, positions
+from diffcache.sites import BlockStreams, GatedBlock, Site
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+class BlockSkipper:
+    """The block sites that can be answered from their modules' cached outputs.
+
+    A block qualifies when its stack has ``gated`` data, its class is one of ``gated.blocks``,
+    its ``gated.requires`` attributes hold, and the data's terms name exactly the block's module
+    sites and its streams exactly the block's output parts.
+    """
+
+    def __init__(self, blocks: Sequence[Site], modules: Sequence[Site]) -> None:
+        self.spec: dict[str, tuple[GatedBlock, list[Site], dict[str, int]]] = {}
+        for b in blocks:
+            g = b.stack.gated if b.stack is not None else None
+            if g is None or type(b.module).__name__ not in g.blocks:
+                continue
+            if any(getattr(b.module, a, None) != v for a, v in g.requires):
+                continue
+            mine = [m for m in modules if m.expert == b.expert and m.name.startswith(b.name + ".")]
+            used = {t.module for _, terms in g.streams for t in terms}
+            if used != {m.spec.attr for m in mine} or {p for p, _ in g.streams} != set(b.returns):
+                continue
+            self.spec[b.name] = (g, mine, positions(b.module.forward))
+
+    def modules(self, block: str) -> list[Site]:
+        """The module sites of a block that qualifies (empty for others)."""
+        return self.spec[block][1] if block in self.spec else []
+
+    def __call__(self, call: Call, cached: Callable[[Site], Any], backend: str) -> Any | None:
+        """The block's output from ``cached(module site)`` of every module, or None when some
+        module has no cached output or the call is outside what the data describes."""
+        from diffcache import kernels
+
+        found = self.spec.get(call.site.name)
+        if found is None:
+            return None
+        g, mine, pos = found
+        for a in g.absent:
+            v = call.arg(a, pos.get(a))
+            if v is not None and not (isinstance(v, Mapping) and not v):
+                return None
+        outs: dict[str, tuple] = {}
+        for m in mine:
+            o = cached(m)
+            parts = BlockStreams.parts(o) if o is not None else ()
+            if len(parts) != len(m.returns):  # nothing cached, or an extra output (IP adapter)
+                return None
+            outs[m.spec.attr] = parts
+        args = BlockStreams.ARGS
+        x = {p: call.arg(args[p], pos.get(args[p])) for p in call.site.returns}
+        chunks = {}
+        for mod in g.modulations:
+            cond = [call.arg(a, pos.get(a)) for a in mod.args]
+            if any(c is None for c in cond):
+                return None
+            src = _attr(call.site.module, mod.source)
+            if mod.kind == "table":
+                params = src + cond[0].float()
+            elif mod.kind == "linear":
+                emb = getattr(src, "emb", None)
+                c = emb(*cond, hidden_dtype=x["hidden"].dtype) if emb is not None else cond[0]
+                params = src.linear(src.silu(c))
+            else:
+                params = src(cond[0])
+            chunks[mod.name] = params.chunk(mod.chunks, dim=mod.dim)
+        streams = dict(g.streams)
+        results = []
+        for part in call.site.returns:
+            xs = x[part]
+            values, gates = [], []
+            for t in streams[part]:
+                v = outs[t.module][t.part]
+                if t.rows is not None:
+                    n = x["encoder"].shape[1]
+                    v = v[:, :n] if t.rows == "encoder" else v[:, n:]
+                gate = None
+                if t.gate is not None:
+                    gate = chunks[t.gate[0]][t.gate[1]]
+                    if gate.dim() > xs.dim():  # (B, N, 1, D) per-token chunks
+                        gate = gate.squeeze(-2)
+                    elif gate.dim() < xs.dim():  # (B, D)
+                        gate = gate.unsqueeze(1)
+                values.append(v)
+                gates.append(gate)
+            out = kernels.gated_apply(xs, values, gates, backend=backend)
+            if out.dtype == torch.float16 and part in g.clip_fp16:
+                out = out.clip(-65504, 65504)
+            results.append(out)
+        call.run.stats.kernels["gated_apply"] = kernels.last_backend["gated_apply"]
+        return tuple(results) if len(results) > 1 else results[0]
