@@ -60,6 +60,7 @@ class Trace:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.observed: dict[str, torch.Tensor] = {}
+        self.facts: dict[str, Any] = {}  # what the run reported of itself (gen_length ...)
 
     def select(self, kind: str | None = None, site: str | None = None) -> list[Record]:
         return [
@@ -147,39 +148,46 @@ class Profiling:
         hi: float,
         knob: str,
         iterations: int = 14,
+        rising: bool = False,
     ) -> tuple[MethodConfig, dict[str, Any]]:
-        """The smallest ``knob`` in [lo, hi] whose calibration runs compute at most
-        ``target_compute`` (the compute fraction must not rise with the knob)."""
+        """The ``knob`` in [lo, hi] (both > 0) closest to full computation whose calibration
+        runs compute at most ``target_compute``: the smallest one when the compute fraction does
+        not rise with the knob (a threshold on change), the largest when it does not fall
+        (``rising``: a confidence threshold, a refresh probability). Bisection on a log scale."""
         goal = self.target_compute
         assert goal is not None, "tune() needs a compute target"
         search: list[list[float]] = []
+        measured: dict[str, dict[str, Any]] = {}  # by config: a whole-number knob repeats
 
         def run(value: float) -> dict[str, Any]:
-            m = self.measure(make(value))
-            search.append([value, m["compute_fraction"]])
-            return m
+            key = repr(make(value))
+            if key not in measured:
+                measured[key] = self.measure(make(value))
+                search.append([value, measured[key]["compute_fraction"]])
+            return measured[key]
 
-        best = run(hi)
+        cheap, dear = (lo, hi) if rising else (hi, lo)  # least and most compute
+        best = run(cheap)
         if best["compute_fraction"] > goal:
             raise DiffCacheError(
-                f"{knob}: even at {knob}={hi:g} the calibration runs compute "
+                f"{knob}: even at {knob}={cheap:g} the calibration runs compute "
                 f"{best['compute_fraction']:.3f} of the work, above the target {goal:.3f}; "
                 "lower the method's fixed options (warm-up steps) or ask for less."
             )
-        low = run(lo)
+        low = run(dear)
         if low["compute_fraction"] <= goal:
-            return make(lo), {**low, "search": search}
+            return make(dear), {**low, "search": search}
         for _ in range(iterations):
-            mid = math.sqrt(lo * hi)
+            mid = math.sqrt(cheap * dear)
             m = run(mid)
             if m["compute_fraction"] <= goal:
-                hi, best = mid, m
+                cheap, best = mid, m
             else:
-                lo = mid
-        rounded = round_up(hi)  # a readable knob, kept only if it measures the same
-        if rounded != hi and run(rounded)["compute_fraction"] == best["compute_fraction"]:
-            hi = rounded
-        return make(hi), {**best, "search": [[float(f"{k:.6g}"), c] for k, c in search]}
+                dear = mid
+        rounded = round_to(cheap, down=rising)  # a readable knob, kept if it measures the same
+        if rounded != cheap and run(rounded)["compute_fraction"] == best["compute_fraction"]:
+            cheap = rounded
+        return make(cheap), {**best, "search": [[float(f"{k:.6g}"), c] for k, c in search]}
 
 
 def profile(
@@ -236,7 +244,7 @@ def profile(
     trace, steps, share = record_trace(pipe, target, config, requests, progress)
     if target_speedup is not None:
         target_compute = compute_for_speedup(target_speedup, share)
-    valid_for: dict[str, Any] = {"num_inference_steps": steps}
+    valid_for: dict[str, Any] = {"num_inference_steps": steps, **trace.facts}
     if target.scheduler is not None:
         valid_for["scheduler"] = type(target.scheduler).__name__
     profiling = Profiling(pipe, target, requests, trace, valid_for, target_compute, progress)
@@ -316,6 +324,7 @@ def record_trace(
             generate(pipe, req)
             total += time.perf_counter() - t0
             steps = run.num_steps or run.stats.steps
+            trace.facts = dict(run.facts)
             if observer is not None:
                 observer.end_request()
     finally:
@@ -402,10 +411,11 @@ def _with_provenance(
     return dataclasses.replace(plan, provenance=provenance)
 
 
-def round_up(x: float, digits: int = 3) -> float:
-    """``x`` rounded up to ``digits`` significant digits."""
+def round_to(x: float, digits: int = 3, down: bool = False) -> float:
+    """``x`` rounded up (or ``down``) to ``digits`` significant digits."""
     unit = 10 ** (math.floor(math.log10(x)) - digits + 1)
-    return float(f"{math.ceil(x / unit) * unit:.{digits}g}")
+    whole = math.floor(x / unit) if down else math.ceil(x / unit)
+    return float(f"{whole * unit:.{digits}g}")
 
 
 def _progress(items: Sequence[Any], on: bool, desc: str) -> Any:

@@ -312,8 +312,10 @@ class DiffusionLMPipeline:
         dropped: torch.Tensor,
     ) -> None:
         self.begin_step()
-        targets, _ = pad_rows(row_sets(masked))
+        targets, counts = pad_rows(row_sets(masked))
         plan = policy.plan(state, torch.cat([targets, targets]) if cfg else targets)
+        idle = (counts == 0).to(targets.device)
+        plan.idle = torch.cat([idle, idle]) if cfg else idle
         logits = self.model(
             state.ids, key_mask, positions, plan=plan, store=store, policy=policy, step=state.step
         )

@@ -123,7 +123,10 @@ def _sources(
         )
         where.scatter_(1, rows, torch.arange(rows.shape[1], device=rows.device).expand_as(rows))
         found = where.gather(1, src.clamp(max=where.shape[1] - 1))
-        if bool((found < 0).any() | (src >= where.shape[1]).any()):
+        missing = (found < 0) | (src >= where.shape[1])
+        if plan.idle is not None:  # a row with nothing to decode reads any recomputed row
+            missing &= ~plan.idle[:, None]
+        if bool(missing.any()):
             raise AssertionError("a logit target's source row was not recomputed this step")
-        src = found
+        src = found.clamp(min=0)
     return src[..., None].expand(-1, -1, h.shape[-1])

@@ -2,8 +2,14 @@
 
 A method's ``apply`` hands :func:`attach_policy` a factory of its :class:`Policy`; the pipeline's
 ``cache_policy`` is wrapped (instance-level, undone by ``remove``) to return it, and every model
-call is counted in token-layers: rows recomputed at each layer over all rows at all layers, per
-batch row (``compute_fraction`` of the DLM methods), with the store's bytes as KV memory.
+call is counted in token-layers (rows recomputed at each layer, per batch row), with the store's
+bytes as KV memory.
+
+``compute_fraction`` of the DLM methods is the token-layers recomputed over those of the plain
+generation: ``steps`` model calls of every row at every layer. A method that decodes in fewer
+calls (parallel decoding) is credited for the calls it never made, as a DiT step cache is for the
+steps it skips, so 1 / compute_fraction is the ideal speedup over no cache in both. (Should a
+decoding rule make more calls than ``steps``, the total is those calls'.)
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
     """Install ``factory()`` as the policy of every generation of the session's pipeline."""
     pipe, run = session.target.pipe, session.run
     current: list[Policy] = []
+    calls = [0, 0.0]  # model calls of this generation, token-layers of one full call
 
     def cache_policy(inner: Callable, *args: Any, **kwargs: Any) -> Policy:
         current[:] = [factory()]
+        calls[:] = [0, 0.0]
         return current[0]
 
     def step(call: Call) -> Any:
@@ -41,11 +49,20 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
         plan: StepPlan = call.kwargs["plan"]
         ids = call.args[0]
         model = session.target.denoiser
-        run.record("token_layer", *token_layers(plan, ids.shape[0], ids.shape[1], model.num_layers))
+        done, total = token_layers(plan, ids.shape[0], ids.shape[1], model.num_layers)
+        run.record("token_layer", done, total)
+        calls[:] = [calls[0] + 1, total]
         store = current[0].store if current else None
         if store is not None:
             run.record_kv(store.nbytes())
         return out
 
+    def end_run(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        unmade = (run.num_steps or 0) - calls[0]
+        if unmade > 0 and calls[0]:  # the plain generation's calls parallel decoding saved
+            run.record("token_layer", 0.0, calls[1] * unmade)
+        return inner(*args, **kwargs)
+
     session.attach(pipe, "cache_policy", f"diffcache.{name}", cache_policy)
+    session.attach(pipe, "end_run", f"diffcache.{name}.calls", end_run)
     session.on_step(step)

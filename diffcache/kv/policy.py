@@ -55,12 +55,15 @@ class StepPlan:
     same K/V), and ``counts`` ``[B]`` says how many are real. ``targets`` ``[B, m]`` are the
     positions whose logits are returned, in that order. ``full_from`` ``[B]`` is set by the
     engine when a policy asks a batch row to recompute every position from some layer on (from
-    the stored layer inputs: Elastic-Cache's depth refresh); None: no row did."""
+    the stored layer inputs: Elastic-Cache's depth refresh); None: no row did. ``idle`` ``[B]``
+    marks batch rows with no candidate left this step (their targets are padding, their logits
+    unused: the pipeline sets it)."""
 
     rows: torch.Tensor | None
     targets: torch.Tensor
     counts: torch.Tensor | None = None
     full_from: torch.Tensor | None = None
+    idle: torch.Tensor | None = None
 
     def real_rows(self, length: int) -> torch.Tensor:
         """[B] recomputed positions per batch row (padding excluded)."""

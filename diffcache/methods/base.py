@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 GRANULARITIES = ("step", "block", "module", "kv")
 
-__all__ = ["MethodConfig", "Calibrated", "Observer", "option", "GRANULARITIES"]
+__all__ = ["MethodConfig", "Calibrated", "Observer", "option", "tune_knob", "GRANULARITIES"]
 
 
 class Observer(Protocol):
@@ -115,3 +115,26 @@ class MethodConfig:
 
     def to_options(self) -> dict[str, Any]:
         return to_plain(self)
+
+
+def tune_knob(
+    config: MethodConfig,
+    profiling: Profiling,
+    knob: str,
+    lo: float,
+    hi: float,
+    rising: bool = False,
+    integer: bool = False,
+) -> Calibrated:
+    """``calibrate`` of a method with one knob: keep the options, or with a compute target set
+    ``knob`` to the value in [lo, hi] closest to full computation that meets it
+    (``Profiling.tune``; ``rising``: the compute fraction rises with the knob; ``integer``:
+    the knob is rounded to a whole number)."""
+    if profiling.target_compute is None:
+        return Calibrated(config, measured=profiling.measure(config))
+
+    def make(value: float) -> MethodConfig:
+        return dataclasses.replace(config, **{knob: round(value) if integer else value})
+
+    tuned, measured = profiling.tune(make, lo=lo, hi=hi, knob=knob, rising=rising)
+    return Calibrated(tuned, measured=measured)

@@ -33,7 +33,7 @@ from diffcache.adapter import Target
 from diffcache.kv import prior
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, row_sets
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -68,6 +68,12 @@ class D2CacheConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> D2CacheConfig:
         return cls(current_k=1, rollout_p=0.0)
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Keep the options, or with a compute target pick the largest ``rollout_p`` (the
+        share of rollout importance recomputed) whose calibration runs compute at most that
+        fraction."""
+        return tune_knob(self, profiling, "rollout_p", lo=1e-3, hi=1.0, rising=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.adapter.name not in FAMILIES:

@@ -37,10 +37,11 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from diffcache.adapter import Target
+from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
 from diffcache.kv.random import uniform
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -74,6 +75,19 @@ class DKVCacheConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> DKVCacheConfig:
         return cls(variant="pd", refresh_every=1000)
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Keep the options, or with a compute target pick the smallest ``refresh_every``
+        (decode, pd) or the largest greedy ``window`` whose calibration runs compute at most
+        that fraction; prefill has no knob (its cache is fixed)."""
+        if profiling.target_compute is not None and self.variant == "prefill":
+            raise DiffCacheError(
+                "dkv_cache variant prefill has no knob to meet a compute target; "
+                "use decode or pd (refresh_every) or greedy (window)"
+            )
+        if self.variant == "greedy":
+            return tune_knob(self, profiling, "window", 1, 256, rising=True, integer=True)
+        return tune_knob(self, profiling, "refresh_every", 1, 1024, integer=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.adapter.name not in FAMILIES:

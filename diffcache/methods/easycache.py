@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.errors import RunError
-from diffcache.methods.base import Calibrated, MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
@@ -96,14 +96,7 @@ class EasyCacheConfig(MethodConfig):
     def calibrate(self, profiling: Any) -> Calibrated:
         """Keep the options, or with a compute target pick the smallest ``threshold`` whose
         calibration runs compute at most that fraction (bisection on a log scale)."""
-        if profiling.target_compute is None:
-            return Calibrated(self, measured=profiling.measure(self))
-
-        def make(tau: float) -> EasyCacheConfig:
-            return dataclasses.replace(self, threshold=tau)
-
-        config, measured = profiling.tune(make, lo=1e-4, hi=1e3, knob="threshold")
-        return Calibrated(config, measured=measured)
+        return tune_knob(self, profiling, "threshold", lo=1e-4, hi=1e3)
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffcache.adapter import Target
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, union_rows
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -78,6 +78,12 @@ class ElasticCacheConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> ElasticCacheConfig:
         return cls(gamma=-1.0, threshold=0.5)
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Keep the options, or with a compute target pick the largest ``gamma`` (the
+        attention-similarity bar below which deeper layers refresh) whose calibration runs
+        compute at most that fraction."""
+        return tune_knob(self, profiling, "gamma", lo=0.01, hi=1.0, rising=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.adapter.name not in FAMILIES:

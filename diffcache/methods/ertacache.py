@@ -19,7 +19,7 @@ import torch
 from diffcache.errors import DiffCacheError, PlanError, RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
-from diffcache.profile import round_up
+from diffcache.profile import round_to
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
 
@@ -355,7 +355,7 @@ def fit_threshold(cal: ERTACacheCalibration, target: float) -> float:
         threshold = float(torch.nextafter(torch.tensor(v), torch.tensor(float("inf"))))
         steps = reuse_steps(rel, threshold)
         if 1 - len(steps) / t <= target:  # a readable value where it gives the same schedule
-            readable = (round_up(threshold, d) for d in (2, 3, 6))
+            readable = (round_to(threshold, d) for d in (2, 3, 6))
             return next((r for r in readable if reuse_steps(rel, r) == steps), threshold)
     raise DiffCacheError(
         f"ertacache: even reusing every step it can, the schedule computes {2 / t:.3f} of the "

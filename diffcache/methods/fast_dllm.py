@@ -30,7 +30,7 @@ import torch
 from diffcache.adapter import Target
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -69,6 +69,14 @@ class FastDLLMConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> FastDLLMConfig:
         return cls(mode="dual", threshold=0.5)
+
+    def calibrate(self, profiling: Any) -> Calibrated:
+        """Keep the options, or with a compute target pick the parallel-decoding knob: the
+        largest ``threshold`` (or, with ``factor`` set, the smallest factor) whose calibration
+        runs compute at most that fraction."""
+        if self.factor is not None:
+            return tune_knob(self, profiling, "factor", lo=1e-2, hi=1e2)
+        return tune_knob(self, profiling, "threshold", lo=0.05, hi=1.0, rising=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         reasons = []

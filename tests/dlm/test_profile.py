@@ -1,0 +1,72 @@
+"""Profiling the DLM methods: a compute target sets each method's knob (the value closest to
+full computation that meets it), plans carry the request's gen_length / block_length, and the
+compute fraction credits the calls parallel decoding never made."""
+
+from __future__ import annotations
+
+import pytest
+
+import diffcache
+from diffcache.errors import DiffCacheError
+from diffcache.methods.dkv_cache import DKVCacheConfig
+from diffcache.request import Request
+
+PROMPTS = ["hello there", "the quick brown fox"]
+KW = {"gen_length": 16, "steps": 16, "block_length": 8}
+REQUEST = Request(**KW)
+
+
+@pytest.mark.parametrize(
+    "method, knob, rising",
+    [("dkv_cache", "refresh_every", False), ("elastic_cache", "gamma", True),
+     ("d2cache", "rollout_p", True), ("fast_dllm", "threshold", True)],
+)  # fmt: skip
+def test_a_compute_target_sets_the_knob(llada, method: str, knob: str, rising: bool) -> None:
+    target = 0.6
+    plan = diffcache.profile(llada, method, PROMPTS, request=REQUEST, target_compute=target)
+    measured = plan.provenance["measured"]
+    assert measured["compute_fraction"] <= target
+    assert plan.valid_for == {"num_inference_steps": 16, "gen_length": 16, "block_length": 8}
+    value = plan.options[knob]
+    misses = [k for k, c in measured["search"] if c > target]
+    # closest to full computation: every value tried beyond it computes too much
+    assert all(k > value for k in misses) if rising else all(k < value for k in misses)
+    diffcache.accelerate(llada, plan)
+    llada(PROMPTS[0], **KW)
+    assert diffcache.stats(llada).compute_fraction <= 1.0
+
+
+def test_dkv_refresh_is_a_whole_number_and_the_closest_to_full(llada) -> None:
+    plan = diffcache.profile(llada, "dkv_cache", PROMPTS, request=REQUEST, target_compute=0.6)
+    every = plan.options["refresh_every"]
+    assert isinstance(every, int) and every > 1
+    search = dict((round(k), c) for k, c in plan.provenance["measured"]["search"])
+    assert search[every] <= 0.6
+    if every - 1 in search:
+        assert search[every - 1] > 0.6
+
+
+def test_prefill_has_no_knob(llada) -> None:
+    with pytest.raises(DiffCacheError, match="prefill has no knob"):
+        diffcache.profile(
+            llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST,
+            target_compute=0.5,
+        )  # fmt: skip
+    assert diffcache.profile(llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST)
+
+
+def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:
+    """Threshold 0 commits every masked position of a block at its first step: 2 calls of 16.
+    The work not done in the 14 unmade calls counts as skipped."""
+    diffcache.accelerate(
+        llada,
+        {"diffcache": 1, "model": "llada", "method": "fast_dllm",
+         "options": {"threshold": 0.0, "refresh_every": 1}},
+    )  # fmt: skip
+    llada("hello", **KW)
+    stats = diffcache.stats(llada)
+    done, total = stats.work["token_layer"]
+    full_call = (5 + 16) * llada.model.num_layers  # "hello" is 5 tokens
+    assert stats.model_calls == 2
+    assert done == 2 * full_call and total == 16 * full_call
+    assert stats.compute_fraction == pytest.approx(2 / 16)
