@@ -16,7 +16,9 @@ For each reference model (``dit-digits``, ``wan-shapes``) the plans are:
 One ``diffcache.eval.runner.evaluate`` call then runs them all on the model's evaluation inputs
 and seeds, interleaved, and writes report.html (quality-vs-speedup charts, sample grids) under
 ``--out``. The table: latency, speedup, compute fraction (of the method's work unit: steps for
-EasyCache / ERTACache, block calls for HyCa, module calls for InvarDiff), PSNR / SSIM against
+EasyCache / ERTACache, block calls for HyCa, module calls for InvarDiff), MACs (the denoiser's
+Linear multiply-accumulates over the baseline's, on the first input: one unit for every method
+and diffusers' caches alike), PSNR / SSIM against
 the plain output of the same request, and the task score beside the baseline's. Numbers are
 printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
 

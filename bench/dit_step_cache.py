@@ -77,6 +77,7 @@ import numpy as np
 import torch
 
 import diffcache
+from diffcache.eval.macs import count_macs
 from diffcache.eval.metrics import psnr
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
@@ -135,24 +136,6 @@ class Result:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
-
-
-@contextmanager
-def count_macs(module: torch.nn.Module) -> Iterator[list[int]]:
-    """Sum the MACs of every nn.Linear call inside ``module`` into the yielded one-item list."""
-    total = [0]
-
-    def hook(mod: torch.nn.Linear, inputs: tuple[Any, ...], _out: Any) -> None:
-        total[0] += inputs[0].numel() // mod.in_features * mod.in_features * mod.out_features
-
-    handles = [
-        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Linear)
-    ]
-    try:
-        yield total
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager

@@ -56,13 +56,14 @@ def table(report: dict[str, Any], took: float) -> None:
         f"s, task score {fmt(base['task_score'], '.3f')} | {took:.0f} s"
     )
     print(
-        f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'PSNR':>6} "
+        f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'MACs':>6} {'PSNR':>6} "
         f"{'SSIM':>6} {'task':>6}"
     )
     for r in report["runs"]:
         print(
             f"  {r['plan']:<46} {r['latency_s']:8.3f} {fmt(r['speedup'], '.3f'):>7} "
-            f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r['psnr'], '.2f'):>6} "
+            f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r.get('macs_fraction'), '.3f'):>6} "
+            f"{fmt(r['psnr'], '.2f'):>6} "
             f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6}"
         )
     if not any(r["method"].startswith("diffusers:") for r in report["runs"]):

@@ -461,13 +461,15 @@ def _print_report(report: dict, out: Path) -> None:
         if "tokens_per_s" in r:  # text
             print(
                 f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
-                f"{num(r['compute_fraction'], '.3f')}, {num(r['tokens_per_s'], '.1f')} tokens/s, "
+                f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
+                f"{num(r['tokens_per_s'], '.1f')} tokens/s, "
                 f"agreement {num(r['agreement'], '.3f')}, accuracy {num(r['accuracy'], '.3f')}"
             )
             continue
         print(
             f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
-            f"{num(r['compute_fraction'], '.3f')}, PSNR {num(r['psnr'], '.2f')} dB, "
+            f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
+            f"PSNR {num(r['psnr'], '.2f')} dB, "
             f"SSIM {num(r['ssim'], '.4f')}"
             + (f", task score {r['task_score']:.3f}" if r.get("task_score") is not None else "")
         )

@@ -15,7 +15,8 @@ A comparison is named by a plan (file, bundled name, dict or Plan) or by a spec 
   the comparison ready to evaluate (``bench/dit_methods.py`` does this).
 
 Values are YAML (a list in brackets may hold commas). diffusers' caches report no computed
-work, so their ``compute_fraction`` is null. ``evaluate`` also takes a :class:`Comparison`
+work, so their ``compute_fraction`` is null; the ``macs_fraction`` the runner counts compares
+them with ours. ``evaluate`` also takes a :class:`Comparison`
 itself.
 """
 

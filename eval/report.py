@@ -3,7 +3,8 @@
 The dict (extra keys are allowed and kept in the JSON)::
 
     {"model": str, "device": str, "baseline": {"latency_s": float, "peak_mem_bytes": int},
-     "runs": [{"plan", "method", "latency_s", "speedup", "compute_fraction", "psnr", "ssim",
+     "runs": [{"plan", "method", "latency_s", "speedup", "compute_fraction", "macs_fraction",
+               "psnr", "ssim",
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
                "per_step_compute": [float, ...]}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
@@ -35,6 +36,7 @@ COLUMNS: tuple[str, ...] = (
     "latency_s",
     "speedup",
     "compute_fraction",
+    "macs_fraction",
     "psnr",
     "ssim",
     "lpips",

@@ -5,6 +5,8 @@ or diffusers' built-in caches: ``eval/baselines.py``), interleaved so that machi
 alike. Each generation gives one *record*: latency, quality against the baseline output of the
 same request (PSNR over the whole sample, SSIM, LPIPS when its weights exist), the task score when
 the model has a scorer, and our compute fraction. A run's numbers are the means of its records.
+The untimed warm-up runs (one per configuration, on the first request) count the denoiser's
+Linear MACs (``eval/macs.py``): ``macs_fraction``, one unit for ours and diffusers' caches alike.
 
 Under ``accelerate launch --num_processes N`` the requests are split across the processes
 (``diffcache.distributed``), records and sample media are gathered on the main process, and the
@@ -98,8 +100,7 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
     if device == "cuda" and hasattr(pipe, "to"):
         pipe.to(device)
-    if warmup and mine:  # first-call costs (allocations, lazy init) must not count
-        generate(pipe, mine[0][1])
+    macs = _warm_up(pipe, adapter, comparisons, mine[0][1]) if warmup and mine else {}
     records, media, peak = [], {}, None
     for i, req in _progress(mine, progress and distributed.is_main()):
         if device == "cuda":
@@ -120,15 +121,40 @@ def evaluate(
             records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats, count))
             if i < samples:
                 media[c.name, i] = out_i
-    gathered = distributed.gather((records, media, peak))
+    gathered = distributed.gather((records, media, peak, macs))
     if not distributed.is_main():
         return None
+    macs = gathered[0][3]  # the main process's first request is request 0
     records = sorted((r for part in gathered for r in part[0]), key=_order(comparisons))
     media = {k: v for part in gathered for k, v in part[1].items()}
     peaks = [p for part in gathered if (p := part[2]) is not None]
-    report = _report(model, device, comparisons, requests, records, scorer, peaks, text)
+    report = _report(model, device, comparisons, requests, records, scorer, peaks, text, macs)
     write_report(report, out, media=media)
     return report
+
+
+def _warm_up(
+    pipe: Any, adapter: Any, comparisons: Sequence[Comparison], request: Request
+) -> dict[str, int]:
+    """One untimed generation of ``request`` plain and with each comparison (first-call costs:
+    allocations, lazy init, kernel compiles must not count), counting the denoisers' Linear
+    MACs of each."""
+    from diffcache.adapter import Target
+    from diffcache.eval.macs import count_macs
+
+    experts = Target.resolve(adapter, pipe).experts
+    with count_macs(*experts) as n:
+        generate(pipe, request)
+    macs = {BASELINE: n[0]}
+    for c in comparisons:
+        c.setup(pipe)
+        try:
+            with count_macs(*experts) as n:
+                generate(pipe, request)
+        finally:
+            c.teardown(pipe)
+        macs[c.name] = n[0]
+    return macs
 
 
 def _record(
@@ -172,8 +198,10 @@ def _report(
     scorer: Any,
     peaks: list[int],
     text: bool = False,
+    macs: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     notes: dict[str, str] = {}
+    macs = macs or {}
     by_run = {BASELINE: [r for r in records if r["run"] == BASELINE]}
     for c in comparisons:
         by_run[c.name] = [r for r in records if r["run"] == c.name]
@@ -193,6 +221,9 @@ def _report(
             "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
             if ours
             else None,
+            "macs_fraction": macs[c.name] / macs[BASELINE]
+            if macs.get(BASELINE) and c.name in macs
+            else None,
             "psnr": None if text else _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
             "ssim": None if text else metrics.mean([r["ssim"] for r in recs]),
             "lpips": None if text else metrics.mean([r["lpips"] for r in recs]),
@@ -211,7 +242,7 @@ def _report(
             acc = run["accuracy"]
             run["accuracy_drop"] = None if acc is None or base_acc is None else base_acc - acc
         if not ours:
-            why = "diffusers' caches report no computed work"
+            why = "diffusers' caches report no work of their own (see macs_fraction)"
             _note(notes, "compute_fraction", f"compute_fraction is null for {c.name}: {why}")
         runs.append(_finite_or_null(run, c.name, notes))
     reason = metrics.lpips_unavailable_reason()
@@ -228,6 +259,8 @@ def _report(
         notes["lpips"] = f"LPIPS is null: {reason}"
     if not text and scorer is None:
         notes["task_score"] = f"task_score is null: {model} has no task scorer"
+    if not macs:
+        notes["macs_fraction"] = "macs_fraction is null: it is counted in the warm-up runs (off)"
     if not peaks:
         notes["peak_mem_bytes"] = "peak_mem_bytes is null: measured on CUDA only"
     return {
