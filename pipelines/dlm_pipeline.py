@@ -336,11 +336,13 @@ class DiffusionLMPipeline:
         commit = self.commit(
             confidence, valid, left, start_masks, per_block, state.block_step, s, generator
         )
+        # padding repeats a position in ``targets``: write through the committed entries only
+        row, col = (commit & valid).nonzero(as_tuple=True)
+        position = targets[row, col]
         committed = torch.zeros_like(masked)
-        committed.scatter_(1, targets, commit)
-        committed &= masked
-        new = state.ids[:batch].scatter(1, targets, tokens)
-        ids = torch.where(committed, new, state.ids[:batch])
+        committed[row, position] = True
+        ids = state.ids[:batch].clone()
+        ids[row, position] = tokens[row, col]
         step_committed = committed
         if cfg:
             state.ids[:batch], state.ids[batch:] = (

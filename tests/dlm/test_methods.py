@@ -62,3 +62,18 @@ def test_plain_batch_rows_equal_single_runs(pipe, family: str) -> None:
     for row, p in enumerate(PROMPTS):
         tokens, _ = run(pipe, [p], **fixed)
         assert torch.equal(batch[row, batch.shape[1] - tokens.shape[1] :], tokens[0])
+
+
+def test_narrowed_candidates_commit_every_position_in_a_batch(pipe, family: str) -> None:
+    """d²Cache with current_k 2 narrows each row's candidates to a ragged set, padded by
+    repeating a position: a committed candidate must not be undone by its padding copy."""
+    pipe.model.double()
+    options = {"current_k": 2, "rollout_p": 0.1}
+    diffcache.accelerate(pipe, plan(family, "d2cache", options))
+    fixed = {"alg": "maskgit_plus"} if family == "dream" else {}
+    out = pipe(PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(3)],
+               **{**REQ, **fixed})  # fmt: skip
+    assert bool((out.committed_at >= 0).all()), out.committed_at
+    for row, p in enumerate(PROMPTS):
+        tokens, _ = run(pipe, [p], **fixed)
+        assert torch.equal(out.tokens[row, out.tokens.shape[1] - tokens.shape[1] :], tokens[0])
