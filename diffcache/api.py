@@ -43,7 +43,7 @@ def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
     plan = Plan.load(plan)
     target = resolve(model, plan)
     config = plan.config
-    reasons = config.not_supported_reasons(target)
+    reasons = config.support_problems(target)
     if reasons:
         raise UnsupportedModelError(
             f"method {config.name!r} cannot run on {type(model).__name__}:\n  - "
@@ -80,11 +80,7 @@ def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
 def resolve(model: Any, plan: Plan) -> Target:
     """The model's Target for ``plan``, with every check that needs no attaching."""
     adapter = find_adapter(model)
-    if plan.model != adapter.name:
-        raise PlanError(
-            f"{plan.source}: model: the plan is for {plan.model!r} but {type(model).__name__} is a "
-            f"{adapter.name!r} model; use a plan made for {adapter.name} (`diffcache plans list`)."
-        )
+    plan.check_family(adapter.name, type(model).__name__)
     target = Target.resolve(adapter, model)
     target.valid_for = plan.valid_for
     for obj in target.parts():

@@ -289,6 +289,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     req, adapter = _request(args, args.model)
+    if plan is not None and adapter is not None:
+        plan.check_family(adapter.name, args.model)
     want = plan.valid_for.get("num_inference_steps") if plan is not None else None
     if want is not None and req.get("steps") is not None and req.get("steps") != want:
         raise DiffCacheError(steps_mismatch(want, req.get("steps")))

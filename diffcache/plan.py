@@ -105,6 +105,14 @@ class Plan:
         """The method's calibration dataclass (plain fields + sidecar tensors), or None."""
         return _calibration(type(self.config), self.calibration, self.tensors, self.source)
 
+    def check_family(self, family: str, what: str) -> None:
+        """PlanError unless the plan is for ``family`` (``what``: the model, for the message)."""
+        if self.model != family:
+            raise PlanError(
+                f"{self.source}: model: the plan is for {self.model!r} but {what} is a {family!r} "
+                f"model; use a plan made for {family} (`diffcache plans list`)."
+            )
+
     @property
     def name(self) -> str:
         """The file name, or for a plan made in memory its family, method and options."""

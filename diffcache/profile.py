@@ -172,7 +172,8 @@ class Profiling:
             raise DiffCacheError(
                 f"{knob}: even at {knob}={cheap:g} the calibration runs compute "
                 f"{best['compute_fraction']:.3f} of the work, above the target {goal:.3f}; "
-                "lower the method's fixed options (warm-up steps) or ask for less."
+                "ask for less, or change the options the search keeps fixed (warm-up steps, "
+                "window, ...)."
             )
         low = run(dear)
         if low["compute_fraction"] <= goal:
@@ -232,7 +233,7 @@ def profile(
         )
     adapter = find_adapter(pipe)
     target = Target.resolve(adapter, pipe)
-    reasons = config.not_supported_reasons(target)
+    reasons = config.support_problems(target)
     if reasons:  # before any calibration run
         raise UnsupportedModelError(
             f"method {config.name!r} cannot run on {type(pipe).__name__}:\n  - "

@@ -89,6 +89,17 @@ class MethodConfig:
         """Every reason this method cannot run on ``target``; [] if it can."""
         return []
 
+    def support_problems(self, target: Target) -> list[str]:
+        """The core's reasons (a latent-denoiser method on a text diffusion LM) and then the
+        method's own (``not_supported_reasons``)."""
+        if target.adapter.media == "text" and self.granularity != "kv":
+            return [
+                f"{self.name} reuses a latent denoiser's {self.granularity} outputs; a text "
+                f"diffusion LM ({target.adapter.name}) takes a KV method (dkv_cache, "
+                "elastic_cache, d2cache, fast_dllm)"
+            ]
+        return self.not_supported_reasons(target)
+
     def plan_problems(self, valid_for: Mapping[str, Any]) -> list[str]:
         """Problems of these options together with the plan's ``valid_for`` (checked at load)."""
         return []

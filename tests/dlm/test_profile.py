@@ -70,3 +70,18 @@ def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:
     assert stats.model_calls == 2
     assert done == 2 * full_call and total == 16 * full_call
     assert stats.compute_fraction == pytest.approx(2 / 16)
+
+
+@pytest.mark.parametrize("method", ["easycache", "ertacache", "hyca", "invardiff"])
+def test_latent_methods_are_refused_on_text_models(llada, method: str) -> None:
+    from diffcache.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="takes a KV method"):
+        diffcache.profile(llada, method, PROMPTS, request=REQUEST)
+    if method == "easycache":  # the others' plans need calibration: refused at load already
+        with pytest.raises(UnsupportedModelError, match="takes a KV method"):
+            diffcache.accelerate(llada, {"diffcache": 1, "model": "llada", "method": method})
+    from diffcache.api import session_of
+
+    assert session_of(llada) is None
+    assert llada(PROMPTS[0], **KW).texts  # untouched: still runs plain
