@@ -236,7 +236,9 @@ pre { white-space: pre-wrap; margin: 0; }
 def _table(runs: Sequence[dict[str, Any]]) -> str:
     if not runs:
         return "<p>No runs.</p>"
-    out = ['<table id="runs"><thead><tr>' + "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS)]
+    # a header may break after an underscore, so the wide runs table fits the page
+    heads = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in COLUMNS)
+    out = ['<table id="runs"><thead><tr>' + heads]
     out.append("</tr></thead><tbody>")
     for run in runs:
         cells = []
