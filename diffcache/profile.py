@@ -170,7 +170,8 @@ class Profiling:
         best = run(cheap)
         if best["compute_fraction"] > goal:
             raise DiffCacheError(
-                f"{knob}: even at {knob}={cheap:g} the calibration runs compute "
+                f"{knob}: even at {knob}={getattr(make(cheap), knob, cheap):g} the calibration "
+                "runs compute "
                 f"{best['compute_fraction']:.3f} of the work, above the target {goal:.3f}; "
                 "ask for less, or change the options the search keeps fixed (warm-up steps, "
                 "window, ...)."

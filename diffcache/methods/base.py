@@ -136,16 +136,30 @@ def tune_knob(
     hi: float,
     rising: bool = False,
     integer: bool = False,
+    near_one: bool = False,
 ) -> Calibrated:
     """``calibrate`` of a method with one knob: keep the options, or with a compute target set
     ``knob`` to the value in [lo, hi] closest to full computation that meets it
     (``Profiling.tune``; ``rising``: the compute fraction rises with the knob; ``integer``:
-    the knob is rounded to a whole number)."""
+    the knob is rounded to a whole number; ``near_one``: the search runs on the distance to 1,
+    log-scaled, for knobs whose useful values crowd below 1 — a confidence or a similarity)."""
     if profiling.target_compute is None:
         return Calibrated(config, measured=profiling.measure(config))
 
-    def make(value: float) -> MethodConfig:
-        return dataclasses.replace(config, **{knob: round(value) if integer else value})
+    def value(x: float) -> float:
+        return round(x) if integer else 1.0 - x if near_one else x
 
+    def make(x: float) -> MethodConfig:
+        return dataclasses.replace(config, **{knob: value(x)})
+
+    tried: list[list[float]] = []
+    if near_one:  # x = 1 - knob on a log scale; x = 0 (knob 1, most compute) is off it: try it
+        assert rising and hi == 1.0, "a near_one knob rises to 1"
+        m = profiling.measure(make(0.0))
+        tried = [[1.0, m["compute_fraction"]]]
+        if m["compute_fraction"] <= profiling.target_compute:
+            return Calibrated(make(0.0), measured={**m, "search": tried})
+        lo, hi, rising = 1e-6, 1.0 - lo, False
     tuned, measured = profiling.tune(make, lo=lo, hi=hi, knob=knob, rising=rising)
-    return Calibrated(tuned, measured=measured)
+    search = [[float(f"{value(x):.6g}"), c] for x, c in measured.get("search", [])]
+    return Calibrated(tuned, measured={**measured, "search": tried + search})

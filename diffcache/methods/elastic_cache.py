@@ -83,7 +83,7 @@ class ElasticCacheConfig(MethodConfig):
         """Keep the options, or with a compute target pick the largest ``gamma`` (the
         attention-similarity bar below which deeper layers refresh) whose calibration runs
         compute at most that fraction."""
-        return tune_knob(self, profiling, "gamma", lo=0.01, hi=1.0, rising=True)
+        return tune_knob(self, profiling, "gamma", 0.01, 1.0, rising=True, near_one=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         if target.adapter.name not in FAMILIES:

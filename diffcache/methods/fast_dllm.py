@@ -76,7 +76,7 @@ class FastDLLMConfig(MethodConfig):
         runs compute at most that fraction."""
         if self.factor is not None:
             return tune_knob(self, profiling, "factor", lo=1e-2, hi=1e2)
-        return tune_knob(self, profiling, "threshold", lo=0.05, hi=1.0, rising=True)
+        return tune_knob(self, profiling, "threshold", 0.05, 1.0, rising=True, near_one=True)
 
     def not_supported_reasons(self, target: Target) -> list[str]:
         reasons = []
