@@ -327,7 +327,9 @@ class DiffusionLMPipeline:
         if s.get("prior_sigma"):
             generated = state.ids[:batch, state.prompt_len :] != state.mask_id
             density = prior.certainty_density(generated, s["prior_sigma"])
-            confidence = confidence * density.gather(1, targets - state.prompt_len)
+            # an idle row's padding target may lie in the prompt: clamped, masked just below
+            where = (targets - state.prompt_len).clamp(min=0)
+            confidence = confidence * density.gather(1, where)
         confidence = confidence.masked_fill(~valid, float("-inf"))
         state.confidence = confidence
         order = policy.order(state, plan)

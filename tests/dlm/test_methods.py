@@ -77,3 +77,14 @@ def test_narrowed_candidates_commit_every_position_in_a_batch(pipe, family: str)
     for row, p in enumerate(PROMPTS):
         tokens, _ = run(pipe, [p], **fixed)
         assert torch.equal(out.tokens[row, out.tokens.shape[1] - tokens.shape[1] :], tokens[0])
+
+
+@pytest.mark.parametrize("method", DLM_METHODS)
+def test_bf16_batch_runs_every_method(pipe, family: str, method: str) -> None:
+    """The upstream checkpoints run in bf16: each method's store, drift test and rollout take
+    bf16 activations, and every position of a padded batch gets committed."""
+    pipe.model.to(torch.bfloat16)
+    diffcache.accelerate(pipe, plan(family, method, methods()[method]().to_options()))
+    out = pipe(PROMPTS, **REQ)
+    assert bool((out.committed_at >= 0).all())
+    assert diffcache.stats(pipe).compute_fraction < 1.0
