@@ -12,6 +12,7 @@ call is not one the description covers.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,12 +20,6 @@ import torch
 
 from diffcache.session import Call, positions
 from diffcache.sites import BlockStreams, GatedBlock, Site
-
-
-def _attr(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 class BlockSkipper:
@@ -80,7 +75,7 @@ class BlockSkipper:
             cond = [call.arg(a, pos.get(a)) for a in mod.args]
             if any(c is None for c in cond):
                 return None
-            src = _attr(call.site.module, mod.source)
+            src = operator.attrgetter(mod.source)(call.site.module)
             if mod.kind == "table":
                 params = src + cond[0].float()
             elif mod.kind == "linear":

@@ -160,9 +160,10 @@ class Profiling:
         measured: dict[str, dict[str, Any]] = {}  # by config: a whole-number knob repeats
 
         def run(value: float) -> dict[str, Any]:
-            key = repr(make(value))
+            config = make(value)
+            key = repr(config)
             if key not in measured:
-                measured[key] = self.measure(make(value))
+                measured[key] = self.measure(config)
                 search.append([value, measured[key]["compute_fraction"]])
             return measured[key]
 
