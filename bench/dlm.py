@@ -15,10 +15,15 @@ the fraction of that ideal reached, and exact agreement of the tokens with the n
 Nothing is asserted.
 
 With ``llada-arith`` installed the accuracy part runs ``diffcache eval`` on its held-out tasks
-for every LLaDA plan (accuracy beside the no-cache accuracy).
+for every LLaDA plan: accuracy beside the no-cache accuracy, the tasks each plan lost and won
+against it, and accuracy per task type. ``--tasks N`` draws N fresh held-out tasks instead of
+the bundled 200 (a tighter estimate: one task is 0.5 points of 200). ``--batch N`` times N
+prompts of different lengths per call: the cached steps' few rows per layer become N times as
+many, which is where a CPU's matrix products get efficient.
 
     python bench/dlm.py                # full size (a GPU, or a lot of patience)
     python bench/dlm.py --small        # 4 layers, d_model 256, 64 tokens: minutes on a CPU
+    python bench/dlm.py --families "" --tasks 1000   # only the accuracy part, on 1000 tasks
 """
 
 from __future__ import annotations
@@ -91,11 +96,16 @@ def lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return model.lm_head if hasattr(model, "lm_head") else model.model.transformer["ff_out"]
 
 
-def timed(pipe: Any, kw: dict, device: str) -> tuple[float, Any]:
+def prompts(batch: int) -> list[str]:
+    """``batch`` prompts of different lengths (left padding in every batch above 1)."""
+    return [PROMPT[: len(PROMPT) - 9 * i] for i in range(batch)]
+
+
+def timed(pipe: Any, kw: dict, device: str, batch: int = 1) -> tuple[float, Any]:
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = pipe(PROMPT, **kw)
+    out = pipe(prompts(batch), **kw)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
@@ -115,14 +125,14 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
     clock, head = Clock(pipe.model, device), Clock(lm_head(pipe.model), device)
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     facts: dict[str, dict] = {}
-    timed(pipe, kw, device)  # warm-up
+    timed(pipe, kw, device, args.batch)  # warm-up
     for rep in range(args.repeats):
         for name, plan, extra in runs:
             if plan is not None:
                 diffcache.accelerate(pipe, plan)
             clock.seconds = head.seconds = 0.0
             try:
-                s, out = timed(pipe, {**kw, **extra}, device)
+                s, out = timed(pipe, {**kw, **extra}, device, args.batch)
                 stats = diffcache.stats(pipe) if plan is not None else None
             finally:
                 if plan is not None:
@@ -131,7 +141,7 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
             if rep == 0:
                 facts[name] = {
                     "tokens": out.tokens.cpu(),
-                    "generated": int(out.generated[0]),
+                    "generated": int(out.generated.sum()),
                     "calls": out.steps,
                     "cf": out.steps / kw["steps"] if stats is None else stats.compute_fraction,
                     "share": (clock.seconds - head.seconds) / s,
@@ -140,7 +150,7 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
     base_s = statistics.median(seconds["no cache"])
     share = base["share"]
     print(f"\n== {family}: {args.layers} layers, d_model {args.d_model}, gen {args.gen_length}, "
-          f"block {args.block}, {device} {str(dtype).replace('torch.', '')}, "
+          f"block {args.block}, batch {args.batch}, {device} {str(dtype).replace('torch.', '')}, "
           f"decoder-layer share of the baseline {share:.3f}, median of {args.repeats}")  # fmt: skip
     print(f"{'run':14s} {'s':>8s} {'speedup':>8s} {'tok/s':>8s} {'calls':>6s} {'compute':>8s} "
           f"{'ideal':>6s} {'of ideal':>8s} {'agree':>6s}")  # fmt: skip
@@ -156,20 +166,62 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
         print(f"{name:14s} " + " ".join(cells))
 
 
+def arith_tasks(n: int) -> list[Any]:
+    """``n`` held-out llada-arith tasks (about n/4 of each type) that are not in the bundled
+    file: a second, larger sample of the same held-out distribution for a tighter estimate."""
+    from diffcache.pipelines.arith import data
+
+    bundled = {ex.prompt for ex in data.read_task_file()}
+    per_task = -(-n // len(data.TASKS))
+    fresh = data.held_out_tasks(seed=data.TASK_FILE_SEED + 1, per_task=per_task + data.PER_TASK)
+    taken = dict.fromkeys(data.TASKS, 0)
+    out = []
+    for ex in fresh:
+        if ex.prompt not in bundled and taken[ex.task] < per_task:
+            taken[ex.task] += 1
+            out.append(ex)
+    return out[:n]
+
+
 def accuracy(args: argparse.Namespace) -> None:
     if "llada-arith" not in builtin_models():
         print("\nllada-arith is not installed here: no accuracy part")
         return
     from diffcache.eval.runner import evaluate
+    from diffcache.pipelines.arith import data
 
+    tasks = arith_tasks(args.tasks) if args.tasks else data.read_task_file()
     plans = [Plan.load(f"llada-tiny-{m}.yaml") for m in METHODS]
-    report = evaluate("llada-arith", plans, Path(args.out) / "llada-arith")
-    print(f"\n== llada-arith: {report['baseline']['samples']} held-out tasks one by one, "
+    report = evaluate(
+        "llada-arith", plans, Path(args.out) / "llada-arith",
+        prompts=[ex.prompt for ex in tasks], answers=[ex.answer for ex in tasks],
+    )  # fmt: skip
+    kinds = [ex.task for ex in tasks]
+    right: dict[str, dict[int, float]] = {}
+    for rec in report["records"]:
+        right.setdefault(rec["run"], {})[rec["request"]] = rec["accuracy"]
+    base = right["baseline"]
+    print(f"\n== llada-arith: {len(tasks)} held-out tasks one by one "
+          f"({'fresh' if args.tasks else 'the bundled file'}), "
           f"baseline accuracy {report['baseline']['accuracy']:.3f}")  # fmt: skip
+    print("by type: " + _by_type(base, kinds))
     for r in report["runs"]:
+        got = right[r["plan"]]
+        lost = sum(base[i] > got[i] for i in got)
+        won = sum(base[i] < got[i] for i in got)
         print(f"{r['plan']:32s} accuracy {r['accuracy']:.3f}  drop {r['accuracy_drop']:+.3f}  "
-              f"agreement {r['agreement']:.3f}  compute {r['compute_fraction']:.3f}  "
-              f"speedup {r['speedup']:.2f}")  # fmt: skip
+              f"(lost {lost}, won {won})  agreement {r['agreement']:.3f}  "
+              f"compute {r['compute_fraction']:.3f}  speedup {r['speedup']:.2f}")  # fmt: skip
+        print(f"{'':32s} by type: " + _by_type(got, kinds))
+
+
+def _by_type(right: dict[int, float], kinds: list[str]) -> str:
+    """Accuracy per task type, e.g. ``add 0.924  sort 0.972 ...``."""
+    cells = []
+    for kind in dict.fromkeys(kinds):
+        scores = [right[i] for i, k in enumerate(kinds) if k == kind]
+        cells.append(f"{kind} {statistics.fmean(scores):.3f}")
+    return "  ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="prompts per call (different lengths)")
+    p.add_argument(
+        "--tasks", type=int, default=0,
+        help="llada-arith: this many fresh held-out tasks instead of the bundled 200",
+    )  # fmt: skip
     p.add_argument("--small", action="store_true", help="4 layers, d_model 256, 64 tokens")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/bench-dlm")

@@ -4,9 +4,17 @@ The model (LLaDA or Dream, ``diffcache.pipelines``) exposes its layers as ``qkv`
 -> ``finish``; this loop runs them on the plan's rows only, writes the fresh K/V rows into the
 store, attends over every stored row, and applies the LM head only to the rows whose logits the
 sampler needs. With every row planned it performs exactly the model's own forward.
+
+A batch's ragged row sets are padded to one width by repeating a row's first position. The
+position-wise work (norms, projections, RoPE, the MLP) runs on the real rows only, packed into
+one matrix, and is spread back to the padded layout for attention: padding costs copies, not
+matrix products (it matters when one batch row refreshes every position and the others keep a
+few).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -49,15 +57,25 @@ def forward_rows(
     layers = len(model.layers)
     full = torch.zeros(batch, dtype=torch.bool, device=ids.device)  # rows refreshed from here on
     grow: torch.Tensor | None = None  # batch rows that start a full refresh at this layer
+    counts = None if rows is None or plan.counts is None else plan.counts.to(ids.device)
+    pack = _packing(rows, counts)
     for index, layer in enumerate(model.layers):
         if grow is not None:  # every position of those rows from here on, from stored inputs
             full |= grow
             h, rows = _expand(hidden[index], rows, h, full)
             cos, sin = model.rope(positions.gather(1, rows))
+            if counts is not None:
+                counts = torch.where(full, length, counts)
+            pack = _packing(rows, counts)
             grow = None
         elif hidden is not None:
             _keep(hidden[index], rows, h)
-        q, k, v = layer.qkv(h, cos, sin)
+        if pack is None:
+            q, k, v = layer.qkv(h, cos, sin)
+        else:
+            q, k, v = (
+                _spread(t, pack, 2) for t in layer.qkv(*(_take(t, pack) for t in (h, cos, sin)))
+            )
         old_k = None
         if watch and rows is not None:
             old_k = store.k[index].gather(2, _index(rows, store.k[index]))
@@ -78,8 +96,51 @@ def forward_rows(
         elif watch:
             scale = q.shape[-1] ** -0.5
             policy.layer_end(index, LayerView(index, rows, q, keys, old_k, scale, full, key_mask))
-        h = layer.finish(h, o)
+        if pack is None:
+            h = layer.finish(h, o)
+        else:
+            h = _spread(layer.finish(_take(h, pack), _take(o, pack)), pack, 1)
     return model.head(h.gather(1, _sources(plan, rows, model.logit_shift, h)))
+
+
+class _Pack(NamedTuple):
+    """The real entries of a padded ``[B, n]`` row set: ``take`` ``[N]`` their flat indices,
+    ``source`` ``[B * n]`` for every entry the index of its real entry among the N."""
+
+    take: torch.Tensor
+    source: torch.Tensor
+    batch: int
+    width: int
+
+
+def _packing(rows: torch.Tensor | None, counts: torch.Tensor | None) -> _Pack | None:
+    """The packing of ``rows`` ``[B, n]`` with ``counts`` real entries each (the padding trails
+    and repeats the row's first position; an empty row computes its one padding position), or
+    None when there is no padding."""
+    if rows is None or counts is None:
+        return None
+    batch, width = rows.shape
+    columns = torch.arange(width, device=rows.device)
+    real = columns < counts.clamp(min=1)[:, None]
+    if bool(real.all()):
+        return None
+    packed_at = real.flatten().cumsum(0) - 1
+    source = (
+        torch.where(real, columns, 0) + torch.arange(batch, device=rows.device)[:, None] * width
+    )
+    return _Pack(real.flatten().nonzero().flatten(), packed_at[source.flatten()], batch, width)
+
+
+def _take(x: torch.Tensor, pack: _Pack) -> torch.Tensor:
+    """The real rows of ``x`` ``[B, n, ...]`` as one batch row ``[1, N, ...]``."""
+    return x.flatten(0, 1)[pack.take][None]
+
+
+def _spread(x: torch.Tensor, pack: _Pack, dim: int) -> torch.Tensor:
+    """Packed ``x`` (batch 1, its N rows along ``dim``) back to the padded layout: batch first,
+    the n rows along ``dim``."""
+    out = x[0].index_select(dim - 1, pack.source).unflatten(dim - 1, (pack.batch, pack.width))
+    return out.movedim(dim - 1, 0)
 
 
 def _index(rows: torch.Tensor, store: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,9 @@ class DecodeState:
 @dataclasses.dataclass
 class StepPlan:
     """One step's work. ``rows`` ``[B, n]`` are recomputed (None: every position); a ragged set
-    is padded by repeating one of the row's own positions (recomputing a row twice writes the
-    same K/V), and ``counts`` ``[B]`` says how many are real. ``targets`` ``[B, m]`` are the
+    is padded at its end by repeating its first position (:func:`pad_rows`; a row computed twice
+    writes the same K/V), and ``counts`` ``[B]`` says how many are real: the engine then runs
+    the position-wise work on the real ones only. ``targets`` ``[B, m]`` are the
     positions whose logits are returned, in that order. ``full_from`` ``[B]`` is set by the
     engine when a policy asks a batch row to recompute every position from some layer on (from
     the stored layer inputs: Elastic-Cache's depth refresh); None: no row did. ``idle`` ``[B]``

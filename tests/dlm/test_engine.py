@@ -1,0 +1,79 @@
+"""The KV engine's packing of padded row sets: same logits, position-wise work on real rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffcache.kv.engine import forward_rows
+from diffcache.kv.policy import LayerView, Policy, StepPlan, pad_rows
+from diffcache.kv.store import KVStore
+from diffcache.pipelines.dream.model import build_tiny_dream
+from diffcache.pipelines.llada.model import build_tiny_llada
+
+BUILD = {"llada": build_tiny_llada, "dream": build_tiny_dream}
+
+
+class GrowFirstRow(Policy):
+    """Batch row 0 recomputes every position from layer 1 on (an Elastic-style refresh)."""
+
+    wants_layers = True
+    keeps_inputs = True
+
+    def layer_end(self, layer: int, view: LayerView) -> torch.Tensor | bool:
+        return torch.tensor([layer == 0, False])
+
+
+def _run(model, ids, plan: StepPlan, policy: Policy | None, store: KVStore) -> tuple:
+    """Logits, and per layer the rows its first projection multiplied."""
+    rows_seen: list[int] = []
+    hooks = []
+    for block in model.blocks():
+        linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        hooks.append(
+            linear.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].shape[:-1].numel()))
+        )
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    try:
+        with torch.no_grad():
+            logits = forward_rows(model, ids, positions, None, plan, store, policy, step=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, rows_seen
+
+
+@pytest.mark.parametrize("grow", [False, True])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_padded_rows_are_packed_with_the_same_logits(family: str, grow: bool) -> None:
+    model = BUILD[family](micro=True)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (2, 12))
+    rows, counts = pad_rows([torch.tensor([1, 4, 5, 9, 11]), torch.tensor([3, 7])])
+    targets = torch.tensor([[4, 5], [7, 7]]) + model.logit_shift  # rows 4, 5 and 7 give them
+    full = StepPlan(rows=None, targets=torch.arange(12).expand(2, -1))
+    results = {}
+    for packed in (True, False):
+        store = KVStore.for_model(model, ids)
+        policy = GrowFirstRow() if grow else None
+        _run(model, ids, full, policy, store)  # fills the store (and the stored layer inputs)
+        plan = StepPlan(rows=rows, targets=targets, counts=counts if packed else None)
+        results[packed] = _run(model, ids, plan, policy, store)
+    (logits, seen), (reference, seen_padded) = results[True], results[False]
+    torch.testing.assert_close(logits, reference)
+    layers = len(model.blocks())
+    # padded: 2 x 5 rows, 2 x 12 once row 0 refreshes every position; packed: the real ones
+    assert seen_padded == [10] + [24 if grow else 10] * (layers - 1)
+    assert seen == [7] + [14 if grow else 7] * (layers - 1)
+
+
+def test_an_empty_row_computes_its_one_padding_position() -> None:
+    model = copy.deepcopy(build_tiny_llada(micro=True)[0])
+    ids = torch.randint(0, 240, (2, 12))
+    store = KVStore.for_model(model, ids)
+    _run(model, ids, StepPlan(rows=None, targets=torch.arange(12).expand(2, -1)), None, store)
+    rows, counts = pad_rows([torch.tensor([2, 3, 4]), torch.tensor([], dtype=torch.long)])
+    plan = StepPlan(rows=rows, targets=torch.tensor([[2], [0]]), counts=counts)
+    logits, seen = _run(model, ids, plan, None, store)
+    assert seen == [3 + 1] * len(model.blocks()) and torch.isfinite(logits).all()
