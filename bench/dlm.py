@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/bench-dlm")
     args = p.parse_args(argv)
+    if not 0 <= args.tasks <= 2000:  # about 945 held-out word problems exist
+        p.error(f"--tasks must be in 0..2000, got {args.tasks}")
     if args.small:
         args.layers, args.d_model, args.gen_length, args.block = 4, 256, 64, 16
     if args.threads:
