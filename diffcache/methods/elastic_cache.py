@@ -141,27 +141,22 @@ class ElasticPolicy(Policy):
             self.track[layer] = self._pick(layer, view, view.q, None)
             return False
         rows = view.rows
-        index = rows[:, None, :, None].expand(-1, view.q.shape[1], -1, view.q.shape[3])
-        drift = self._similarity(layer, view) < self.cfg.gamma
-        self.q[layer].scatter_(2, index, view.q)
+        b, heads, _, hd = view.q.shape
+        tracked = self.track[layer][:, None, :, None].expand(b, heads, -1, hd)
+        old_q = self.q[layer].gather(2, tracked)
+        self.q[layer].scatter_(2, rows[:, None, :, None].expand(b, heads, -1, hd), view.q)
+        new_q = self.q[layer].gather(2, tracked)
+        drift = self._similarity(view, old_q, new_q) < self.cfg.gamma
         self.track[layer] = self._pick(layer, view, view.q, rows)
         return drift
 
-    def _similarity(self, layer: int, view: LayerView) -> torch.Tensor:
-        """Per batch row, the mean similarity of the tracked tokens' attention before and
-        after this step ``[B]``."""
-        track = self.track[layer]
-        b, heads, _, hd = view.q.shape
-        t_index = track[:, None, :, None].expand(b, heads, -1, hd)
-        old_q = self.q[layer].gather(2, t_index)
-        new_q = (
-            self.q[layer]
-            .clone()
-            .scatter_(2, view.rows[:, None, :, None].expand(b, heads, -1, hd), view.q)
-            .gather(2, t_index)
-        )
+    def _similarity(
+        self, view: LayerView, old_q: torch.Tensor, new_q: torch.Tensor
+    ) -> torch.Tensor:
+        """Per batch row, the mean similarity of the tracked tokens' attention (queries
+        ``old_q`` / ``new_q``) before and after this step ``[B]``."""
         old_k = view.k.clone()
-        kv_index = view.rows[:, None, :, None].expand(b, view.k.shape[1], -1, hd)
+        kv_index = view.rows[:, None, :, None].expand(-1, view.k.shape[1], -1, view.k.shape[3])
         old_k.scatter_(2, kv_index, view.old_k)
         before = view.probs(old_q, old_k)
         after = view.probs(new_q)
