@@ -57,7 +57,7 @@ def forward_rows(
     layers = len(model.layers)
     full = torch.zeros(batch, dtype=torch.bool, device=ids.device)  # rows refreshed from here on
     grow: torch.Tensor | None = None  # batch rows that start a full refresh at this layer
-    counts = None if rows is None or plan.counts is None else plan.counts.to(ids.device)
+    counts = None if rows is None or plan.counts is None else plan.counts.cpu()
     pack = _packing(rows, counts)
     for index, layer in enumerate(model.layers):
         if grow is not None:  # every position of those rows from here on, from stored inputs
@@ -65,7 +65,7 @@ def forward_rows(
             h, rows = _expand(hidden[index], rows, h, full)
             cos, sin = model.rope(positions.gather(1, rows))
             if counts is not None:
-                counts = torch.where(full, length, counts)
+                counts = torch.where(full.cpu(), length, counts)
             pack = _packing(rows, counts)
             grow = None
         elif hidden is not None:
@@ -114,16 +114,18 @@ class _Pack(NamedTuple):
 
 
 def _packing(rows: torch.Tensor | None, counts: torch.Tensor | None) -> _Pack | None:
-    """The packing of ``rows`` ``[B, n]`` with ``counts`` real entries each (the padding trails
-    and repeats the row's first position; an empty row computes its one padding position), or
-    None when there is no padding."""
+    """The packing of ``rows`` ``[B, n]`` with ``counts`` (on the CPU: no device sync when
+    there is nothing to pack) real entries each (the padding trails and repeats the row's first
+    position; an empty row computes its one padding position), or None when there is no
+    padding."""
     if rows is None or counts is None:
         return None
     batch, width = rows.shape
-    columns = torch.arange(width, device=rows.device)
-    real = columns < counts.clamp(min=1)[:, None]
-    if bool(real.all()):
+    counts = counts.clamp(min=1)
+    if bool((counts >= width).all()):
         return None
+    columns = torch.arange(width, device=rows.device)
+    real = columns < counts.to(rows.device)[:, None]
     packed_at = real.flatten().cumsum(0) - 1
     source = (
         torch.where(real, columns, 0) + torch.arange(batch, device=rows.device)[:, None] * width
