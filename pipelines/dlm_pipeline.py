@@ -67,10 +67,16 @@ class DiffusionLMPipeline:
 
     # -- family hooks ------------------------------------------------------------------------
     def score(
-        self, logits: torch.Tensor, settings: dict[str, Any], generator: Any, valid: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        settings: dict[str, Any],
+        generator: Any,
+        valid: torch.Tensor,
+        backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[B, m]`` and confidences ``[B, m]`` for candidates' logits ``[B, m, V]``
-        (``valid``: the real candidates, leading in each row)."""
+        (``valid``: the real candidates, leading in each row; ``backend``: the cache policy's
+        kernel backend, which may fuse the confidence statistics)."""
         raise NotImplementedError
 
     def count(
@@ -226,7 +232,7 @@ class DiffusionLMPipeline:
             decoded_at=decoded_at,
             generator=generator,
         )
-        store = KVStore.for_model(model, state.ids) if policy.uses_store else None
+        store = KVStore.for_model(model, state.ids, policy.kernels) if policy.uses_store else None
         window = s.get("window")
         blocks = 1 if window else gen_length // block_length
         per_block = steps // blocks if not window else steps
@@ -323,7 +329,7 @@ class DiffusionLMPipeline:
             logits = self.mix_cfg(logits[:batch], logits[batch:], cfg)
         targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
         valid = first_occurrence(targets) & masked.gather(1, targets)
-        tokens, confidence = self.score(logits, s, generator, valid)
+        tokens, confidence = self.score(logits, s, generator, valid, policy.kernels)
         if s.get("prior_sigma"):
             generated = state.ids[:batch, state.prompt_len :] != state.mask_id
             density = prior.certainty_density(generated, s["prior_sigma"])

@@ -10,6 +10,9 @@ generation: ``steps`` model calls of every row at every layer. A method that dec
 calls (parallel decoding) is credited for the calls it never made, as a DiT step cache is for the
 steps it skips, so 1 / compute_fraction is the ideal speedup over no cache in both. (Should a
 decoding rule make more calls than ``steps``, the total is those calls'.)
+
+The plan's ``kernels:`` backend goes to the policy (the store's K/V scatter and the sampler's
+fused confidence statistics); the run's stats name the backend each of them used.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from diffcache import kernels
 from diffcache.kv.policy import Policy, StepPlan
 from diffcache.session import Call, Session
 
@@ -38,11 +42,16 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
     pipe, run = session.target.pipe, session.run
     current: list[Policy] = []
     calls = [0, 0.0]  # model calls of this generation, token-layers of one full call
+    ops = ("kv_scatter", "token_confidence")
 
     def cache_policy(inner: Callable, *args: Any, **kwargs: Any) -> Policy:
-        current[:] = [factory()]
+        policy = factory()
+        policy.kernels = session.kernels
+        current[:] = [policy]
         calls[:] = [0, 0.0]
-        return current[0]
+        for op in ops:  # what this generation uses is recorded at its end
+            kernels.last_backend.pop(op, None)
+        return policy
 
     def step(call: Call) -> Any:
         out = call.compute()
@@ -61,6 +70,9 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
         unmade = (run.num_steps or 0) - calls[0]
         if unmade > 0 and calls[0]:  # the plain generation's calls parallel decoding saved
             run.record("token_layer", 0.0, calls[1] * unmade)
+        run.stats.kernels.update(
+            {op: kernels.last_backend[op] for op in ops if op in kernels.last_backend}
+        )
         return inner(*args, **kwargs)
 
     session.attach(pipe, "cache_policy", f"diffcache.{name}", cache_policy)

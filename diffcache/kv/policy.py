@@ -82,6 +82,7 @@ class Policy:
 
     name = "none"
     uses_store = False
+    kernels = "torch"  # kernel backend of the store and the sampler (a plan's ``kernels:``)
 
     def __init__(self) -> None:
         self.store: KVStore | None = None

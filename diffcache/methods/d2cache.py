@@ -47,7 +47,7 @@ class D2CacheConfig(MethodConfig):
     name: ClassVar[str] = "d2cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     current_k: int = option(32, "masked positions chosen by the certainty prior per step", min=1)
     rollout_p: float = option(0.1, "share of the rollout importance recomputed", min=0.0, max=1.0)

@@ -55,7 +55,7 @@ class DKVCacheConfig(MethodConfig):
     name: ClassVar[str] = "dkv_cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     variant: Literal["decode", "prefill", "pd", "greedy"] = option(
         "decode", "which tokens are cached"

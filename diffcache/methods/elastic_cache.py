@@ -45,7 +45,7 @@ class ElasticCacheConfig(MethodConfig):
     name: ClassVar[str] = "elastic_cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     window: int = option(
         16, "sliding window: the first N masked positions are decoded and queried", min=1

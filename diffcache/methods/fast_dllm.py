@@ -44,7 +44,7 @@ class FastDLLMConfig(MethodConfig):
     name: ClassVar[str] = "fast_dllm"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter",)
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     mode: Literal["prefix", "dual"] = option(
         "prefix", "prefix: reuse K/V before the block; dual: also after it"

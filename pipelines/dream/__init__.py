@@ -75,11 +75,13 @@ class DreamPipeline(DiffusionLMPipeline):
         model, tokenizer = dlm_loading.load_dlm_folder(folder, "dream", torch_dtype, device)
         return cls(model, tokenizer)
 
-    def score(self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any):
+    def score(
+        self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str
+    ):
         if s["alg"] not in ALGS:
             raise RequestError(f"alg must be one of {', '.join(ALGS)}, got {s['alg']!r}")
         return sampling.dream_confidence(
-            s["alg"], logits, s["temperature"], s["top_p"], s["top_k"], generator, valid
+            s["alg"], logits, s["temperature"], s["top_p"], s["top_k"], generator, valid, backend
         )
 
     def commit(self, confidence, valid, left, start_masks, per_block, i, s, generator):

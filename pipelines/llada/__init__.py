@@ -86,7 +86,9 @@ class LLaDAPipeline(DiffusionLMPipeline):
                 f"(gen_length {gen_length} / block_length {block_length})"
             )
 
-    def score(self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any):
+    def score(
+        self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str
+    ):
         if s["remasking"] not in ("low_confidence", "random"):
             raise RequestError(
                 f"remasking must be low_confidence or random, got {s['remasking']!r}"
@@ -103,6 +105,7 @@ class LLaDAPipeline(DiffusionLMPipeline):
             confidence_eos_eot_inf=s["confidence_eos_eot_inf"],
             reference_compat=s["reference_compat"],
             valid=valid,
+            backend=backend,
         )
 
     def count(self, masks_left, start_masks, i, steps, s):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.stats import token_stats
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 EPSILON = 1e-10  # the reference's log(p + eps) in the entropy confidence
@@ -84,14 +85,26 @@ def dream_confidence(
     top_k: int | None = None,
     generator: Generators = None,
     valid: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and confidences ``(tokens [B, m], confidence [B, m] fp64)`` for a Dream ``alg``:
     ``maskgit_plus`` (probability of the chosen token), ``topk_margin`` (top-1 − top-2),
     ``entropy`` (negative entropy); ``origin`` samples the same way (its confidence is not
     used: see :func:`origin_reveal`). Note the order: tokens first, like ``llada_candidates``
-    (``sample_tokens`` returns the reference's confidence-first order)."""
+    (``sample_tokens`` returns the reference's confidence-first order). At T = 0 without top-p
+    / top-k filtering, ``backend`` may route them through the fused kernel
+    (:mod:`~diffcache.pipelines.sampling.stats`; its entropy is Σ p log p, without the
+    reference's 1e-10 inside the log)."""
     if alg not in ALGS:
         raise ValueError(f"alg must be one of {ALGS}, got {alg!r}")
+    plain = temperature == 0 and (top_p is None or top_p >= 1) and top_k is None
+    stats = token_stats(logits, backend if plain else "torch")
+    if stats is not None:
+        if alg == "topk_margin":
+            return stats.top1, (stats.p1 - stats.p2).double()
+        if alg == "entropy":
+            return stats.top1, stats.neg_entropy.double()
+        return stats.top1, stats.p1.double()
     confidence, tokens = sample_tokens(
         logits,
         temperature,

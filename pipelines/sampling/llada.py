@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.stats import token_stats
 
 REMASKING = ("low_confidence", "random")
 
@@ -54,6 +55,7 @@ def llada_candidates(
     confidence_eos_eot_inf: bool = False,
     reference_compat: bool = False,
     valid: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA's per-candidate token and confidence: ``(tokens [B, m], confidence [B, m] fp64)``.
 
@@ -62,7 +64,8 @@ def llada_candidates(
     (drawn after the Gumbel noise). ``logits_eos_inf``: EOS gets logit −inf before sampling
     (never produced). ``confidence_eos_eot_inf``: after the choice, EoT (and EOS) get logit
     −inf in the softmax, so candidates that chose them get confidence 0 (committed last) and
-    the others are renormalised.
+    the others are renormalised. At T = 0 with ``low_confidence``, ``backend`` may route the
+    confidence through the fused kernel (:mod:`~diffcache.pipelines.sampling.stats`).
 
     Deliberate difference: the intended rule demotes EOS and EoT at every temperature. The
     reference demotes EoT always but EOS only at T = 0 (its ``logits_with_noise`` *is*
@@ -81,6 +84,9 @@ def llada_candidates(
         logits[..., eot_id] = float("-inf")
         if not reference_compat or temperature == 0:
             logits[..., eos_id] = float("-inf")
+    stats = token_stats(logits, backend if temperature == 0 else "torch")
+    if stats is not None:  # a token demoted to -inf above has probability 0
+        return tokens, torch.where(stats.top1 == tokens, stats.p1.double(), 0.0)
     probs = logits.double().softmax(-1)
     return tokens, probs.gather(-1, tokens[..., None])[..., 0]
 

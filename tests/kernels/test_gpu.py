@@ -97,3 +97,19 @@ def test_auto_falls_back_for_cpu_and_grad() -> None:
     assert last_backend["add_residual"] == "torch"
     l1_change(torch.ones(8), torch.zeros(8))
     assert last_backend["l1_change"] == "torch"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampler_fused_confidence_on_cuda(dtype: torch.dtype) -> None:
+    """LLaDA's sampler with ``backend="auto"`` on CUDA takes the fused statistics over the real
+    126,464-token vocabulary: the float64 path's tokens, confidences to float32 accuracy."""
+    from diffcache.pipelines.sampling import llada
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (6 * torch.randn(4, 32, 126464, device="cuda", generator=gen)).to(dtype)
+    kw = dict(eos_id=126081, eot_id=126348, confidence_eos_eot_inf=True)
+    want_t, want_c = llada.llada_candidates(logits, 0.0, "low_confidence", **kw)
+    got_t, got_c = llada.llada_candidates(logits, 0.0, "low_confidence", backend="auto", **kw)
+    assert last_backend["token_confidence"] == "triton"
+    assert torch.equal(got_t, want_t)
+    torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-8)
