@@ -2,8 +2,10 @@
 
 ``llada``: LLaDA's fixed per-step counts, fp64 Gumbel-max sampling, low-confidence / random
 confidences, the EOS/EoT options, CFG mixing. ``dream``: Dream's ``sample_tokens``, confidence
-algorithms, per-step count and ``origin`` reveal. ``rules``: which candidates to commit (top-k,
-Fast-dLLM's threshold and factor rules, Elastic-Cache's confident set, Dream's sampled commit).
+algorithms, per-step count and ``origin`` reveal. ``stats``: the fused confidence statistics
+(Triton) both take at T = 0 when a plan's kernel backend picks them. ``rules``: which
+candidates to commit (top-k, Fast-dLLM's threshold and factor rules, Elastic-Cache's confident
+set, Dream's sampled commit).
 d²Cache's certainty density, nucleus selection and inflation are in ``diffcache.kv.prior``
 (its cache policy uses them too).
 
@@ -14,6 +16,6 @@ draws only from generator b and only for its valid candidates, so a batch decode
 its rows would alone.
 """
 
-from diffcache.pipelines.sampling import dream, llada, rules
+from diffcache.pipelines.sampling import dream, llada, rules, stats
 
-__all__ = ["dream", "llada", "rules"]
+__all__ = ["dream", "llada", "rules", "stats"]
