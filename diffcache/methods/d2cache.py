@@ -12,7 +12,9 @@ set, chosen at the end of the previous step as the union of
    recomputed rows, heads averaged);
 4. with ``inflate_w`` > 0, every gap of at most that length between two selected positions.
 There is no periodic refresh. Only recomputed masked positions get logits, and decoding scores
-them by confidence × certainty density (``sigma``; 0 turns the prior off).
+them by confidence × certainty density of width ``decode_sigma`` (the reference's separate
+``generation.sigma``, which its ``gen_args.py`` sets to 10 with this cache; 0 decodes by
+confidence alone, as its docs advise with parallel decoding).
 
 Differences from the reference code: the rollout's column sums are computed by an exact reverse
 recursion over the recomputed rows, O(layers · |Q| · L) instead of dense L×L×L products, from
@@ -52,7 +54,10 @@ class D2CacheConfig(MethodConfig):
     current_k: int = option(32, "masked positions chosen by the certainty prior per step", min=1)
     rollout_p: float = option(0.1, "share of the rollout importance recomputed", min=0.0, max=1.0)
     sigma: float = option(
-        10.0, "certainty density width (stage 1 and decoding prior; 0: no decoding prior)", min=0.0
+        10.0, "certainty density width of the stage-1 selection (0: confidence only)", min=0.0
+    )
+    decode_sigma: float = option(
+        10.0, "certainty density width of the decoding prior (0: plain confidence)", min=0.0
     )
     inflate_w: int = option(
         0, "also recompute gaps of at most this length between chosen rows", min=0
@@ -63,7 +68,9 @@ class D2CacheConfig(MethodConfig):
 
     @classmethod
     def identity(cls) -> D2CacheConfig:
-        return cls(current_k=1_000_000, rollout_p=1.0, sigma=0.0, inflate_w=1_000_000)
+        return cls(
+            current_k=1_000_000, rollout_p=1.0, sigma=0.0, decode_sigma=0.0, inflate_w=1_000_000
+        )
 
     @classmethod
     def aggressive(cls) -> D2CacheConfig:
@@ -97,7 +104,7 @@ class D2Policy(Policy):
         self.key_mask: torch.Tensor | None = None  # [B, L] False at padding
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return {**settings, "prior_sigma": self.cfg.sigma}
+        return {**settings, "prior_sigma": self.cfg.decode_sigma}
 
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         self.attn = []

@@ -79,6 +79,21 @@ def test_narrowed_candidates_commit_every_position_in_a_batch(pipe, family: str)
         assert torch.equal(out.tokens[row, out.tokens.shape[1] - tokens.shape[1] :], tokens[0])
 
 
+@pytest.mark.parametrize("decode_sigma", [0.0, 10.0])
+def test_d2cache_decoding_prior_is_its_own_width(pipe, family: str, decode_sigma: float) -> None:
+    """``decode_sigma`` (the reference's generation.sigma) alone sets the decoding prior;
+    ``sigma`` only weighs the stage-1 selection. With every row recomputed, d²Cache decodes
+    exactly as the plain pipeline with that prior."""
+    full = {"current_k": 1_000_000, "rollout_p": 1.0, "inflate_w": 1_000_000, "sigma": 10.0}
+    fixed = {"alg": "maskgit_plus"} if family == "dream" else {}  # origin ignores confidence
+    plain, _ = run(pipe, PROMPTS, prior_sigma=decode_sigma, **fixed)
+    other, _ = run(pipe, PROMPTS, prior_sigma=10.0 - decode_sigma, **fixed)
+    assert not torch.equal(plain, other)  # the prior changes the decoding here
+    diffcache.accelerate(pipe, plan(family, "d2cache", {**full, "decode_sigma": decode_sigma}))
+    got, _ = run(pipe, PROMPTS, **fixed)
+    assert torch.equal(got, plain)
+
+
 @pytest.mark.parametrize("method", DLM_METHODS)
 def test_bf16_batch_runs_every_method(pipe, family: str, method: str) -> None:
     """The upstream checkpoints run in bf16: each method's store, drift test and rollout take
