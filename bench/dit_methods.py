@@ -18,9 +18,9 @@ and seeds, interleaved, and writes report.html (quality-vs-speedup charts, sampl
 ``--out``. The table: latency, speedup, compute fraction (of the method's work unit: steps for
 EasyCache / ERTACache, block calls for HyCa, module calls for InvarDiff), MACs (the denoiser's
 Linear multiply-accumulates over the baseline's, on the first input: one unit for every method
-and diffusers' caches alike), PSNR / SSIM against
-the plain output of the same request, and the task score beside the baseline's. Numbers are
-printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
+and diffusers' caches alike), PSNR / SSIM against the plain output of the same request, the task
+score beside the baseline's and the samples lost / won against it (paired by request). Numbers
+are printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
 
     python bench/dit_methods.py --models wan-shapes --seeds 2
     python bench/dit_methods.py --models wan-shapes --targets 0.3 --inputs 8   # a short run

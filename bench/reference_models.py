@@ -9,8 +9,10 @@ and diffusers' FirstBlockCache and TaylorSeer where the model's transformer supp
 compute_fraction (ours: computed denoiser calls / calls; diffusers' caches report none), PSNR and
 SSIM against the plain output of the same request, and the task score (class accuracy of the
 generated digits / share of shape clips whose colour and motion direction are right) beside the
-baseline's. This is the table later DiT methods are judged on. Numbers are printed as measured;
-nothing is asserted. The full reports (with sample grids) are written under ``--out``.
+baseline's, and the samples each run lost / won against the baseline on the same request (two
+runs with one score can differ in which samples they get right). This is the table later DiT
+methods are judged on. Numbers are printed as measured; nothing is asserted. The full reports
+(with sample grids) are written under ``--out``.
 
     python bench/reference_models.py                      # both models, their default inputs
     python bench/reference_models.py --models dit-digits --seeds 2 --thresholds 0.05,0.1,0.2
@@ -49,6 +51,15 @@ def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def lost_won(base: dict[int, float], run: dict[int, float]) -> str:
+    """Samples the run scores worse / better on than the baseline (paired, same request)."""
+    if not run:
+        return "—"
+    lost = sum(base[i] > v for i, v in run.items() if i in base)
+    won = sum(base[i] < v for i, v in run.items() if i in base)
+    return f"{lost}/{won}"
+
+
 def table(report: dict[str, Any], took: float) -> None:
     base = report["baseline"]
     print(
@@ -57,14 +68,19 @@ def table(report: dict[str, Any], took: float) -> None:
     )
     print(
         f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'MACs':>6} {'PSNR':>6} "
-        f"{'SSIM':>6} {'task':>6}"
+        f"{'SSIM':>6} {'task':>6} {'lost/won':>8}"
     )
+    scores: dict[str, dict[int, float]] = {}
+    for rec in report["records"]:
+        if rec.get("task_score") is not None:
+            scores.setdefault(rec["run"], {})[rec["request"]] = rec["task_score"]
     for r in report["runs"]:
         print(
             f"  {r['plan']:<46} {r['latency_s']:8.3f} {fmt(r['speedup'], '.3f'):>7} "
             f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r.get('macs_fraction'), '.3f'):>6} "
             f"{fmt(r['psnr'], '.2f'):>6} "
-            f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6}"
+            f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6} "
+            f"{lost_won(scores.get('baseline', {}), scores.get(r['plan'], {})):>8}"
         )
     if not any(r["method"].startswith("diffusers:") for r in report["runs"]):
         print("  - diffusers' caches: n/a (this model's transformer has no enable_cache)")
