@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reference_models import lost_won, per_request
 
 import diffcache
 from diffcache.models import builtin_models
@@ -180,6 +181,7 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
           f"{'ideal':>6s} {'of ideal':>8s} {'affine':>6s} {'of affine':>9s} "
           f"{'agree':>6s}")  # fmt: skip
     full = share * base_s / base["calls"]  # decoder seconds of one full call
+    slope = (full - floor) / max(base["rows"] - floor_rows, 1)  # per extra row
     for name, _, _ in runs:
         f, med = facts[name], statistics.median(seconds[name])
         steps = f["calls"] / base["calls"]  # the head and the sampler run once per call
@@ -189,7 +191,6 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
         cells = [f"{med:8.3f}", f"{speedup:8.2f}", f"{f['generated'] / med:8.1f}"]
         cells += [f"{f['calls']:6d}", f"{f['cf']:8.3f}", f"{ideal:6.2f}"]
         rows = [c * base["rows"] for c in f["per_call"]]
-        slope = (full - floor) / max(base["rows"] - floor_rows, 1)
         layers = sum(floor + slope * max(r - floor_rows, 0.0) for r in rows)
         affine = base_s / ((1.0 - share) * base_s * steps + layers)
         cells += [f"{speedup / ideal:8.2f}", f"{affine:6.2f}", f"{speedup / affine:9.2f}"]
@@ -228,9 +229,7 @@ def accuracy(args: argparse.Namespace) -> None:
         prompts=[ex.prompt for ex in tasks], answers=[ex.answer for ex in tasks],
     )  # fmt: skip
     kinds = [ex.task for ex in tasks]
-    right: dict[str, dict[int, float]] = {}
-    for rec in report["records"]:
-        right.setdefault(rec["run"], {})[rec["request"]] = rec["accuracy"]
+    right = per_request(report, "accuracy")
     base = right["baseline"]
     print(f"\n== llada-arith: {len(tasks)} held-out tasks one by one "
           f"({'fresh' if args.tasks else 'the bundled file'}), "
@@ -238,10 +237,8 @@ def accuracy(args: argparse.Namespace) -> None:
     print("by type: " + _by_type(base, kinds))
     for r in report["runs"]:
         got = right[r["plan"]]
-        lost = sum(base[i] > got[i] for i in got)
-        won = sum(base[i] < got[i] for i in got)
         print(f"{r['plan']:32s} accuracy {r['accuracy']:.3f}  drop {r['accuracy_drop']:+.3f}  "
-              f"(lost {lost}, won {won})  agreement {r['agreement']:.3f}  "
+              f"(lost/won {lost_won(base, got)})  agreement {r['agreement']:.3f}  "
               f"compute {r['compute_fraction']:.3f}  speedup {r['speedup']:.2f}")  # fmt: skip
         print(f"{'':32s} by type: " + _by_type(got, kinds))
 

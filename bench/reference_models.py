@@ -51,6 +51,16 @@ def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def per_request(report: dict[str, Any], key: str) -> dict[str, dict[int, float]]:
+    """``{run: {request: value}}`` of one per-sample field of a report's records (records
+    without it are left out)."""
+    out: dict[str, dict[int, float]] = {}
+    for rec in report["records"]:
+        if rec.get(key) is not None:
+            out.setdefault(rec["run"], {})[rec["request"]] = rec[key]
+    return out
+
+
 def lost_won(base: dict[int, float], run: dict[int, float]) -> str:
     """Samples the run scores worse / better on than the baseline (paired, same request)."""
     if not run:
@@ -70,10 +80,7 @@ def table(report: dict[str, Any], took: float) -> None:
         f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'MACs':>6} {'PSNR':>6} "
         f"{'SSIM':>6} {'task':>6} {'lost/won':>8}"
     )
-    scores: dict[str, dict[int, float]] = {}
-    for rec in report["records"]:
-        if rec.get("task_score") is not None:
-            scores.setdefault(rec["run"], {})[rec["request"]] = rec["task_score"]
+    scores = per_request(report, "task_score")
     for r in report["runs"]:
         print(
             f"  {r['plan']:<46} {r['latency_s']:8.3f} {fmt(r['speedup'], '.3f'):>7} "
