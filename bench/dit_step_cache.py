@@ -331,7 +331,7 @@ def request_for(name: str, pipe: Any, args: argparse.Namespace) -> Request:
     takes_prompt = find_adapter(pipe).field("prompt") is not None
     req = Request(prompt=PROMPT if takes_prompt else None, seed=args.seed)
     if name == BIG:
-        req = req.replace(steps=args.steps, guidance=args.guidance)
+        req = req.replace(steps=args.steps, guidance=args.guidance, **args.size)
     return req.merged(dict(builtin_models()[name].defaults))
 
 
@@ -343,11 +343,25 @@ def fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def cast(pipe: Any, dtype: torch.dtype) -> None:
+    """``pipe`` in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` loads it: the modules a
+    model lists in ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms) stay float32."""
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            keep = getattr(part, "_keep_in_fp32_modules", None) or []
+            torch.nn.Module.to(part, dtype)  # diffusers' .to warns about the list kept below
+            for name, module in part.named_modules():
+                if any(k in name.split(".") for k in keep):
+                    module.float()
+
+
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:
     """Build ``name``, measure every configuration, print one table."""
     t0 = time.perf_counter()
     pipe = load_model(name)
     pipe.to(device)
+    if name == BIG and args.dtype != "float32":
+        cast(pipe, getattr(torch, args.dtype))
     build_s = time.perf_counter() - t0
     request = request_for(name, pipe, args)
     steps = request.get("steps")
@@ -508,6 +522,16 @@ def profile_section(name: str, pipe: Any, request: Request, args: argparse.Names
     )
 
 
+def _size(p: argparse.ArgumentParser, text: str | None) -> dict[str, int]:
+    """``HxWxF`` as request fields (empty: the model's defaults)."""
+    if text is None:
+        return {}
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        p.error(f"--size must be HEIGHTxWIDTHxFRAMES with positive integers, got {text!r}")
+    return dict(zip(("height", "width", "frames"), map(int, parts), strict=True))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -559,6 +583,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated module-compute targets for InvarDiff, profiled in the run ('' for "
         "none)",
     )
+    p.add_argument(
+        "--size",
+        default=None,
+        help=f"{BIG} only: HEIGHTxWIDTHxFRAMES, e.g. 480x832x17 on a GPU (default: the model's "
+        "64x64x5, which a CPU can afford)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help=f"{BIG} only: the pipeline's dtype (default float32; bfloat16 on a GPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -577,6 +613,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--target-compute", type=float, default=0.5, help="profile section target")
     args = p.parse_args(argv)
+    args.size = _size(p, args.size)
     args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
     args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
     args.erta_computes = [float(t) for t in args.erta_compute.split(",") if t.strip()]
@@ -609,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"settings: models {','.join(args.models)}; repeats {args.repeats} (median); "
-        f"{BIG}: steps {args.steps}, guidance {args.guidance}, EasyCache tau "
+        f"{BIG}: steps {args.steps}, guidance {args.guidance}, {args.dtype}, EasyCache tau "
         f"{','.join(f'{t:g}' for t in args.thresholds)}, warm-up 20% of steps; tiny models: "
         f"their defaults and bundled plans; FirstBlockCache tau {args.fbc_threshold}; "
         f"TaylorSeer cache_interval {args.taylor_interval}, max_order 1, warm-up = EasyCache's"

@@ -13,9 +13,13 @@ from diffcache.kernels import (
     _dispatch,
     add_residual,
     add_residual_ref,
+    forecast,
+    forecast_ref,
     l1_change,
     l1_change_ref,
     last_backend,
+    rectified_residual,
+    rectified_residual_ref,
 )
 
 pytestmark = [
@@ -89,6 +93,39 @@ def test_add_residual_out_dtype(out_dtype: torch.dtype) -> None:
     got = add_residual(x.t(), r.t(), out_dtype=out_dtype, backend="triton")
     assert got.dtype == out_dtype
     torch.testing.assert_close(got, add_residual_ref(x.t(), r.t(), out_dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("h", [1, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forecast_native(h: int, dtype: torch.dtype) -> None:
+    """HyCa's per-dimension forecast at Wan2.1-1.3B's hidden width, float32 history."""
+    g = torch.Generator(device="cuda").manual_seed(h)
+    x = torch.randn(2, 4097, 1536, generator=g, device="cuda").to(dtype)
+    history = torch.randn(h, 2, 4097, 1536, generator=g, device="cuda")
+    weights = torch.randn(h, 1536, generator=g, device="cuda")
+    got = forecast(x, history, weights)
+    assert last_backend["forecast"] == "triton" and got.dtype == dtype
+    want = forecast_ref(x, history, weights)
+    tol = 1e-5 if dtype is torch.float32 else 1e-2  # the GPU may fuse multiply-adds
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rectified_residual_native(dim: int, dtype: torch.dtype) -> None:
+    """ERTACache's rectified residual on Wan latents (channels on dim 1) and channel-last."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, 16, 21, 60, 104) if dim == 1 else (2, 4097, 1536)
+    x = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    r = torch.randn(shape, generator=g, device="cuda")
+    c = shape[dim]
+    scale = torch.rand(c, generator=g, device="cuda") + 0.5
+    shift = torch.randn(c, generator=g, device="cuda")
+    got = rectified_residual(x, r, scale, shift, dim)
+    assert last_backend["rectified_residual"] == "triton" and got.dtype == dtype
+    want = rectified_residual_ref(x, r, scale, shift, dim)
+    tol = 1e-5 if dtype is torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_auto_falls_back_for_cpu_and_grad() -> None:

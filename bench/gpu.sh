@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a session lent a CUDA machine (bench/README.md, "GPU checks").
+#
+#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit (default: all four, in this order)
+#   SMALL=1 bench/gpu.sh       the same parts at smoke sizes: runs on a CPU in a few minutes
+#
+# Each part has its own time limit, so that the whole stays under 10 minutes and what finished
+# is kept. Logs go to $OUT (the device tool's folder that comes back) or out/gpu, one per part:
+#   tests    pytest -m gpu: every native Triton kernel against its torch reference
+#   kernels  bench/kernels.py: each kernel vs its torch backend at Wan2.1-1.3B / LLaDA-8B sizes
+#   dlm      bench/dlm.py: LLaDA and Dream at 12 x 1024, gen 256, block 32 (bf16), + llada-arith
+#   dit      bench/dit_step_cache.py: Wan2.1-1.3B (random weights) at 480x832x17, 10 steps, bf16
+# Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if ! (cd /tmp && python3 -c "import diffcache.pipelines, diffusers") 2>/dev/null; then
+    # a bare machine: the carried wheels and this checkout into one folder on the path
+    if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \
+        || { echo "gpu.sh: could not install diffcache from this checkout"; exit 1; }
+    export PYTHONPATH=/tmp/site  # -P below keeps the checkout's diffcache/ from shadowing it
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD  # the tests package
+
+if [ -n "${SMALL:-}" ]; then
+    DLM=(--small --families llada --repeats 1)
+    DIT=(--models wan2.1-tiny --repeats 1 --profile-models "")
+    KER=(--small --min-time 0.05)
+else
+    DLM=(--repeats 3)
+    DIT=(--models wan2.1-1.3b-random --size 480x832x17 --dtype bfloat16 --repeats 3
+         --profile-models "")
+    KER=()
+fi
+
+run() {  # run PART SECONDS COMMAND...: one part, its log, its exit status
+    local part=$1 limit=$2
+    shift 2
+    echo "== $part (limit ${limit} s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$part.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $part: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$part.log"
+    status=$((status | (rc != 0)))
+}
+
+status=0
+python3 -P -m diffcache.cli info 2>&1 | tee "$OUT/info.log"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/info.log"
+fi
+for part in "${@:-tests kernels dlm dit}"; do
+    for p in $part; do
+        case $p in
+            tests) run tests 120 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q tests ;;
+            kernels) run kernels 60 python3 bench/kernels.py "${KER[@]}" ;;
+            dlm) run dlm 180 python3 bench/dlm.py "${DLM[@]}" ;;
+            dit) run dit 180 python3 bench/dit_step_cache.py "${DIT[@]}" ;;
+            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit)"; exit 2 ;;
+        esac
+    done
+done
+exit $status

@@ -1,0 +1,24 @@
+"""``bench/kernels.py --small`` runs every kernel beside its torch backend (the interpreter on a
+CPU) and their outputs agree: the GPU script's kernel part cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from diffcache.kernels import _dispatch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+
+
+@pytest.mark.skipif(_dispatch.triton_status() != [], reason="triton cannot run here")
+def test_small_table_covers_every_op() -> None:
+    rows = runpy.run_path(str(BENCH))["main"](["--small", "--min-time", "0.001"])
+    ops = {r["op"] for r in rows}
+    assert {spec.name for spec in _dispatch.ops()} <= ops  # every registered kernel is timed
+    assert "sampler (float64 -> fused)" in ops
+    for r in rows:
+        assert r["torch_s"] > 0 and r["triton_s"] > 0, r
+        assert r["max_diff"] <= 1e-5, r  # float32 data: the kernels match their references
