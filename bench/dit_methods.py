@@ -17,10 +17,11 @@ One ``diffcache.eval.runner.evaluate`` call then runs them all on the model's ev
 and seeds, interleaved, and writes report.html (quality-vs-speedup charts, sample grids) under
 ``--out``. The table: latency, speedup, compute fraction (of the method's work unit: steps for
 EasyCache / ERTACache, block calls for HyCa, module calls for InvarDiff), MACs (the denoiser's
-Linear multiply-accumulates over the baseline's, on the first input: one unit for every method
-and diffusers' caches alike), PSNR / SSIM against the plain output of the same request, the task
-score beside the baseline's and the samples lost / won against it (paired by request). Numbers
-are printed as measured; nothing is asserted. Speed at real size: ``bench/dit_step_cache.py``.
+Linear multiply-accumulates over the baseline's, the mean over every request, ``--macs first``
+counts the first only: one unit for every method and diffusers' caches alike), PSNR / SSIM
+against the plain output of the same request, the task score beside the baseline's and the
+samples lost / won against it (paired by request). Numbers are printed as measured; nothing is
+asserted. Speed at real size: ``bench/dit_step_cache.py``.
 
     python bench/dit_methods.py --models wan-shapes --seeds 2
     python bench/dit_methods.py --models wan-shapes --targets 0.3 --inputs 8   # a short run
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="out/bench-dit-methods")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
+        "--macs", choices=("all", "first"), default="all",
+        help="count MACs on every request (default; adaptive caches differ per input, one more "
+        "untimed run each) or on the first only (half the time)",
+    )  # fmt: skip
+    p.add_argument(
         "--inputs", type=int, default=None, help="evaluate the first N evaluation inputs only"
     )
     args = p.parse_args(argv)
@@ -108,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
             prompts = list(builtin_models()[model].default_prompts() or [])[: args.inputs] or None
         t0 = time.perf_counter()
         report = evaluate(
-            model, plans, Path(args.out) / model, prompts=prompts, seeds=args.seeds, progress=True
-        )
+            model, plans, Path(args.out) / model, prompts=prompts, seeds=args.seeds,
+            progress=True, macs=args.macs,
+        )  # fmt: skip
         table(report, time.perf_counter() - t0)
 
 

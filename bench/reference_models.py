@@ -89,6 +89,8 @@ def table(report: dict[str, Any], took: float) -> None:
             f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6} "
             f"{lost_won(scores.get('baseline', {}), scores.get(r['plan'], {})):>8}"
         )
+    every = all("macs" in rec for rec in report["records"])
+    print(f"  - MACs: {'mean over every request' if every else 'counted on the first request'}")
     if not any(r["method"].startswith("diffusers:") for r in report["runs"]):
         print("  - diffusers' caches: n/a (this model's transformer has no enable_cache)")
     for key, note in report["notes"].items():

@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="K seeds per prompt: --seed .. --seed+K-1")
     _request_args(p, skip=("prompt",))
     p.add_argument("--out", required=True, help="output folder for report.{json,md,html}")
+    p.add_argument(
+        "--macs",
+        choices=("first", "all"),
+        default="first",
+        help="count the denoiser's Linear MACs on the first request (default) or on every "
+        "request (adaptive caches differ per input; one more untimed run each)",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plans", help="list, show or check plan files")
@@ -441,6 +448,7 @@ def _eval(args: argparse.Namespace) -> int:
         request=req,
         progress=sys.stderr.isatty(),
         answers=answers,
+        macs=args.macs,
     )
     if report is not None:  # the main process (others return None under accelerate launch)
         _print_report(report, out)

@@ -7,6 +7,9 @@ same request (PSNR over the whole sample, SSIM, LPIPS when its weights exist), t
 the model has a scorer, and our compute fraction. A run's numbers are the means of its records.
 The untimed warm-up runs (one per configuration, on the first request) count the denoiser's
 Linear MACs (``eval/macs.py``): ``macs_fraction``, one unit for ours and diffusers' caches alike.
+Adaptive caches skip different work on different inputs: ``macs="all"`` counts every request,
+in one more untimed run per configuration (twice the generations), and a run's
+``macs_fraction`` is then the mean of its per-request fractions.
 
 Under ``accelerate launch --num_processes N`` the requests are split across the processes
 (``diffcache.distributed``), records and sample media are gathered on the main process, and the
@@ -58,6 +61,7 @@ def evaluate(
     samples: int = 4,
     progress: bool = False,
     answers: Sequence[str] | None = None,
+    macs: str = "first",
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
@@ -66,12 +70,16 @@ def evaluate(
     ids of a class-conditional reference model); the seeds are ``request.seed`` ..
     ``request.seed + seeds - 1``. ``answers`` (text models; one per prompt) are what each
     output is checked against for ``accuracy``; without them a text model's scorer decides.
-    Every value in the report is a finite number or None, and a None is explained in
-    ``notes``. Returns the report (None on the other processes).
+    ``macs`` is ``"first"`` (the Linear MACs counted in the warm-up, on the first request) or
+    ``"all"`` (every request; needs ``warmup``). Every value in the report is a finite number
+    or None, and a None is explained in ``notes``. Returns the report (None on the other
+    processes).
     """
     check_report_dir(out)
     if seeds < 1:
         raise DiffCacheError(f"seeds must be >= 1, got {seeds}")
+    if macs not in ("first", "all") or (macs == "all" and not warmup):
+        raise DiffCacheError(f"macs must be 'first' or 'all' (with the warm-up), got {macs!r}")
     comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
     for c, name in zip(comparisons, plan_names(comparisons), strict=True):
         c.name = name
@@ -100,7 +108,7 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
     if device == "cuda" and hasattr(pipe, "to"):
         pipe.to(device)
-    macs = _warm_up(pipe, adapter, comparisons, mine[0][1]) if warmup and mine else {}
+    first = _warm_up(pipe, adapter, comparisons, mine[0][1]) if warmup and mine else {}
     records, media, peak = [], {}, None
     for i, req in _progress(mine, progress and distributed.is_main()):
         if device == "cuda":
@@ -121,14 +129,18 @@ def evaluate(
             records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats, count))
             if i < samples:
                 media[c.name, i] = out_i
-    gathered = distributed.gather((records, media, peak, macs))
+        if macs == "all":
+            counted = first if i == mine[0][0] else _warm_up(pipe, adapter, comparisons, req)
+            for rec in records[-1 - len(comparisons) :]:
+                rec["macs"] = counted[rec["run"]]
+    gathered = distributed.gather((records, media, peak, first))
     if not distributed.is_main():
         return None
-    macs = gathered[0][3]  # the main process's first request is request 0
+    first = gathered[0][3]  # the main process's first request is request 0
     records = sorted((r for part in gathered for r in part[0]), key=_order(comparisons))
     media = {k: v for part in gathered for k, v in part[1].items()}
     peaks = [p for part in gathered if (p := part[2]) is not None]
-    report = _report(model, device, comparisons, requests, records, scorer, peaks, text, macs)
+    report = _report(model, device, comparisons, requests, records, scorer, peaks, text, first)
     write_report(report, out, media=media)
     return report
 
@@ -136,9 +148,9 @@ def evaluate(
 def _warm_up(
     pipe: Any, adapter: Any, comparisons: Sequence[Comparison], request: Request
 ) -> dict[str, int]:
-    """One untimed generation of ``request`` plain and with each comparison (first-call costs:
-    allocations, lazy init, kernel compiles must not count), counting the denoisers' Linear
-    MACs of each."""
+    """One untimed generation of ``request`` plain and with each comparison, counting the
+    denoisers' Linear MACs of each. On the first request it is also the warm-up: first-call
+    costs (allocations, lazy init, kernel compiles) must not count."""
     from diffcache.adapter import Target
     from diffcache.eval.macs import count_macs
 
@@ -221,7 +233,9 @@ def _report(
             "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
             if ours
             else None,
-            "macs_fraction": macs[c.name] / macs[BASELINE]
+            "macs_fraction": _macs_fraction(recs, base)
+            if "macs" in base[0]
+            else macs[c.name] / macs[BASELINE]
             if macs.get(BASELINE) and c.name in macs
             else None,
             "psnr": None if text else _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
@@ -286,6 +300,12 @@ def _report(
         "requests": [r.as_dict() for r in requests],
         "records": [_finite_record(r) for r in records],
     }
+
+
+def _macs_fraction(recs: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
+    """Mean over requests of a run's Linear MACs over the baseline's on the same request."""
+    plain = {r["request"]: r["macs"] for r in base}
+    return metrics.mean(r["macs"] / plain[r["request"]] for r in recs if plain[r["request"]])
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from diffcache.errors import DiffCacheError
 from diffcache.eval.baselines import comparison
 from diffcache.eval.runner import evaluate
 from diffcache.models import ModelEntry, builtin_models, register_model
+from diffcache.plan import Plan
 from diffcache.request import Request, read_prompts
 
 if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"
@@ -89,6 +90,30 @@ def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:
     assert 0 < theirs["macs_fraction"] < 1
     with pytest.raises(DiffCacheError, match="has no diffusers enable_cache"):
         evaluate("dit-tiny", ["diffusers:fbcache"], tmp_path / "x", prompts=["1"])
+
+
+def test_macs_counted_on_every_request(tmp_path: Path) -> None:
+    """``macs="all"``: each record carries its own Linear MACs, and a run's fraction is the mean
+    of its per-request fractions; for a step cache each equals the request's compute fraction."""
+    plan = Plan.load("flux-tiny.yaml").to_dict()
+    plan["options"] = {**plan["options"], "threshold": 0.8}  # reuses more on one prompt
+    report = evaluate(
+        "flux-tiny",
+        [plan, "diffusers:fbcache:threshold=0.5"],
+        tmp_path,
+        prompts=["a cat", "a red fox running through fresh snow at dawn"],
+        request=Request(steps=20, height=64, width=64),
+        macs="all",
+    )
+    base = {r["request"]: r["macs"] for r in report["records"] if r["run"] == "baseline"}
+    ours = [r for r in report["records"] if r["run"] == report["runs"][0]["plan"]]
+    fractions = [r["macs"] / base[r["request"]] for r in ours]
+    assert fractions[0] != fractions[1]  # the first request alone would misreport the run
+    assert fractions == pytest.approx([r["compute_fraction"] for r in ours])
+    assert report["runs"][0]["macs_fraction"] == pytest.approx(sum(fractions) / 2)
+    assert all("macs" in r for r in report["records"])
+    with pytest.raises(DiffCacheError, match="macs must be 'first' or 'all'"):
+        evaluate("flux-tiny", [plan], tmp_path / "x", macs="every")
 
 
 def test_task_scores_for_baseline_and_runs(tmp_path: Path) -> None:
