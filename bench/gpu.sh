@@ -58,7 +58,7 @@ fi
 for part in "${@:-tests kernels dlm dit}"; do
     for p in $part; do
         case $p in
-            tests) run tests 120 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q tests ;;
+            tests) run tests 120 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q tests/kernels ;;
             kernels) run kernels 60 python3 bench/kernels.py "${KER[@]}" ;;
             dlm) run dlm 180 python3 bench/dlm.py "${DLM[@]}" ;;
             dit) run dit 180 python3 bench/dit_step_cache.py "${DIT[@]}" ;;
