@@ -87,6 +87,28 @@ def builtins(model: str) -> list:
     return [*DIFFUSERS, mag]
 
 
+def verdict(report: dict) -> None:
+    """The goal, read off the table: per method the fewest MACs among its settings that keep
+    the baseline's task score, and whether each of ours computes less than every diffusers
+    cache that keeps it."""
+    base = report["baseline"]["task_score"]
+    if base is None:
+        return
+    best: dict[str, tuple[float, str] | None] = {}
+    for r in report["runs"]:
+        macs, kept = r.get("macs_fraction"), (r["task_score"] or 0) >= base - 1e-9
+        old = best.setdefault(r["method"], None)
+        if kept and macs is not None and (old is None or macs < old[0]):
+            best[r["method"]] = (macs, r["plan"])
+    cells = [f"{m} {b[0]:.3f} ({b[1]})" if b else f"{m} none" for m, b in best.items()]
+    print(f"  - fewest MACs at task score >= baseline {base:.3f}: " + "; ".join(cells))
+    theirs = min((b[0] for m, b in best.items() if m.startswith("diffusers:") and b), default=None)
+    if theirs is not None:
+        ours = [f"{m} {'yes' if b and b[0] < theirs else 'no'}"
+                for m, b in best.items() if not m.startswith("diffusers:")]  # fmt: skip
+        print("  - fewer MACs than every diffusers cache at that score: " + ", ".join(ours))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -118,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=True, macs=args.macs,
         )  # fmt: skip
         table(report, time.perf_counter() - t0)
+        verdict(report)
 
 
 if __name__ == "__main__":
