@@ -95,12 +95,15 @@ def verdict(report: dict) -> None:
     if base is None:
         return
     best: dict[str, tuple[float, str] | None] = {}
+    top: dict[str, float] = {}  # each method's best task score, for those that never keep it
     for r in report["runs"]:
         macs, kept = r.get("macs_fraction"), (r["task_score"] or 0) >= base - 1e-9
         old = best.setdefault(r["method"], None)
+        top[r["method"]] = max(top.get(r["method"], 0.0), r["task_score"] or 0.0)
         if kept and macs is not None and (old is None or macs < old[0]):
             best[r["method"]] = (macs, r["plan"])
-    cells = [f"{m} {b[0]:.3f} ({b[1]})" if b else f"{m} none" for m, b in best.items()]
+    cells = [f"{m} {b[0]:.3f} ({b[1]})" if b else f"{m} none (best task {top[m]:.3f})"
+             for m, b in best.items()]  # fmt: skip
     print(f"  - fewest MACs at task score >= baseline {base:.3f}: " + "; ".join(cells))
     theirs = min((b[0] for m, b in best.items() if m.startswith("diffusers:") and b), default=None)
     if theirs is not None:
