@@ -233,11 +233,7 @@ def _report(
             "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
             if ours
             else None,
-            "macs_fraction": _macs_fraction(recs, base)
-            if "macs" in base[0]
-            else macs[c.name] / macs[BASELINE]
-            if macs.get(BASELINE) and c.name in macs
-            else None,
+            "macs_fraction": _macs_fraction(c.name, recs, base, macs),
             "psnr": None if text else _psnr_of_run(c.name, [r["psnr"] for r in recs], notes),
             "ssim": None if text else metrics.mean([r["ssim"] for r in recs]),
             "lpips": None if text else metrics.mean([r["lpips"] for r in recs]),
@@ -302,10 +298,15 @@ def _report(
     }
 
 
-def _macs_fraction(recs: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
-    """Mean over requests of a run's Linear MACs over the baseline's on the same request."""
-    plain = {r["request"]: r["macs"] for r in base}
-    return metrics.mean(r["macs"] / plain[r["request"]] for r in recs if plain[r["request"]])
+def _macs_fraction(
+    name: str, recs: list[dict[str, Any]], base: list[dict[str, Any]], first: dict[str, int]
+) -> float | None:
+    """A run's Linear MACs over the baseline's: the mean over requests when each request was
+    counted (``macs="all"``), else the first request's (the warm-up's count)."""
+    if "macs" in base[0]:
+        plain = {r["request"]: r["macs"] for r in base}
+        return metrics.mean(r["macs"] / plain[r["request"]] for r in recs if plain[r["request"]])
+    return first[name] / first[BASELINE] if first.get(BASELINE) and name in first else None
 
 
 def environment(device: str) -> dict[str, Any]:
