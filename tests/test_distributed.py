@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from diffcache.cli import main
 
 LAUNCH = [
@@ -44,10 +46,11 @@ def _without_timing(report: dict) -> dict:
     return report
 
 
-def test_two_process_eval_equals_one_process(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("macs", ["first", "all"])
+def test_two_process_eval_equals_one_process(tmp_path: Path, monkeypatch, macs: str) -> None:
     (tmp_path / "ids.txt").write_text("1\n2\n3\n")
     args = ["eval", "--model", "dit-tiny", "--plan", "dit-tiny.yaml", "--prompts", "ids.txt"]
-    args += ["--seeds", "2"]
+    args += ["--seeds", "2", "--macs", macs]
     printed = _launch([*args, "--out", "two"], tmp_path)
     assert printed.count("wrote ") == 1, "only the main process reports"
     monkeypatch.chdir(tmp_path)
@@ -57,6 +60,7 @@ def test_two_process_eval_equals_one_process(tmp_path: Path, monkeypatch) -> Non
     assert two["environment"]["processes"] == 2 and one["environment"]["processes"] == 1
     assert len(two["records"]) == 12 and [r["request"] for r in two["records"]][:4] == [0, 0, 1, 1]
     assert _without_timing(two) == _without_timing(one)
+    assert all(("macs" in r) == (macs == "all") for r in two["records"])
 
 
 def test_two_process_profile_writes_the_single_process_plan(tmp_path: Path, monkeypatch) -> None:
