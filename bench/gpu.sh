@@ -19,11 +19,13 @@ export PYTHONUNBUFFERED=1
 
 if ! (cd /tmp && python3 -c "import diffcache.pipelines, diffusers") 2>/dev/null; then
     # a bare machine: the carried wheels and this checkout into one folder on the path
-    if [ -d .whl ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    fi
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \
-        || { echo "gpu.sh: could not install diffcache from this checkout"; exit 1; }
+    wheels=()
+    [ -d .whl ] && wheels=(.whl/*.whl)
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+        --target /tmp/site "${wheels[@]}" . \
+        || { echo "gpu.sh: could not install the wheels in .whl/ and this checkout"; exit 1; }
+    (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import diffusers") 2>/dev/null \
+        || { echo "gpu.sh: no diffusers here: carry its wheel in .whl/ (bench/README.md)"; exit 1; }
     export PYTHONPATH=/tmp/site  # -P below keeps the checkout's diffcache/ from shadowing it
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD  # the tests package
