@@ -48,6 +48,7 @@ from reference_models import lost_won, per_request
 import diffcache
 from diffcache.models import builtin_models
 from diffcache.plan import Plan
+from diffcache.request import Request
 
 METHODS = ("fast_dllm", "dkv_cache", "elastic_cache", "d2cache")
 PROMPT = "Question: a train leaves at nine and travels two hundred miles at fifty per hour. "
@@ -227,20 +228,32 @@ def accuracy(args: argparse.Namespace) -> None:
     if "llada-arith" not in builtin_models():
         print("\nllada-arith is not installed here: no accuracy part")
         return
-    from diffcache.eval.runner import evaluate
-    from diffcache.pipelines.arith import data
+    from diffcache.pipelines.arith import LONG, data
 
     tasks = arith_tasks(args.tasks) if args.tasks else data.read_task_file()
+    for gen in args.arith_gen:
+        request = Request(**LONG[gen]) if gen in LONG else None
+        arith_table(args, tasks, gen, request)
+
+
+def arith_table(
+    args: argparse.Namespace, tasks: list[Any], gen: int, request: Request | None
+) -> None:
+    """Every LLaDA plan on ``tasks`` at generation length ``gen``: accuracy against the
+    no-cache run's, per task type, with the lost/won tasks, compute and speedup."""
+    from diffcache.eval.runner import evaluate
+
     plans = [Plan.load(f"llada-tiny-{m}.yaml") for m in METHODS]
     report = evaluate(
-        "llada-arith", plans, Path(args.out) / "llada-arith",
-        prompts=[ex.prompt for ex in tasks], answers=[ex.answer for ex in tasks],
+        "llada-arith", plans, Path(args.out) / f"llada-arith-gen{gen}",
+        prompts=[ex.prompt for ex in tasks], answers=[ex.answer for ex in tasks], request=request,
     )  # fmt: skip
     kinds = [ex.task for ex in tasks]
     right = per_request(report, "accuracy")
     base = right["baseline"]
-    print(f"\n== llada-arith: {len(tasks)} held-out tasks one by one "
-          f"({'fresh' if args.tasks else 'the bundled file'}), "
+    fields = {k: v for k, v in report["requests"][0].items() if k not in ("prompt", "seed")}
+    print(f"\n== llada-arith {fields}: {len(tasks)} held-out "
+          f"tasks one by one ({'fresh' if args.tasks else 'the bundled file'}), "
           f"baseline accuracy {report['baseline']['accuracy']:.3f}")  # fmt: skip
     print("by type: " + _by_type(base, kinds))
     for r in report["runs"]:
@@ -273,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         "--tasks", type=int, default=0,
         help="llada-arith: this many fresh held-out tasks instead of the bundled 200",
     )  # fmt: skip
+    p.add_argument(
+        "--arith-gen", default="16,64",
+        help="llada-arith generation lengths (16, 32, 64; the longer ones in blocks of 16)",
+    )  # fmt: skip
     p.add_argument("--small", action="store_true", help="4 layers, d_model 256, 64 tokens")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/bench-dlm")
@@ -281,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--batch must be at least 1, got {args.batch}")
     if not 0 <= args.tasks <= 2000:  # about 945 held-out word problems exist
         p.error(f"--tasks must be in 0..2000, got {args.tasks}")
+    try:
+        args.arith_gen = [int(g) for g in args.arith_gen.split(",") if g.strip()]
+    except ValueError:
+        p.error(f"--arith-gen must be comma-separated integers, got {args.arith_gen!r}")
+    if not set(args.arith_gen) <= {16, 32, 64}:
+        p.error(f"--arith-gen lengths must be 16, 32 or 64, got {args.arith_gen}")
     if args.small:
         args.layers, args.d_model, args.gen_length, args.block = 4, 256, 64, 16
     if args.threads:

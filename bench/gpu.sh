@@ -31,11 +31,11 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD  # the tests package
 
 if [ -n "${SMALL:-}" ]; then
-    DLM=(--small --families llada --repeats 1)
+    DLM=(--small --families llada --repeats 1 --arith-gen 16)
     DIT=(--models wan2.1-tiny --repeats 1 --profile-models "")
     KER=(--small --min-time 0.05)
 else
-    DLM=(--repeats 3)
+    DLM=(--repeats 3 --arith-gen 16)  # gen 64 on llada-arith: a CPU run
     DIT=(--models wan2.1-1.3b-random --size 480x832x17 --dtype bfloat16 --repeats 3
          --profile-models "")
     KER=()

@@ -22,6 +22,8 @@ TRAIN = "python -m diffcache.pipelines.arith.train"
 WEIGHTS = Weights("llada-arith", TRAIN, ("model.safetensors",))
 #: the default request: one block, one token per step (greedy, low-confidence remasking)
 DEFAULTS = {"gen_length": GEN_LENGTH, "steps": GEN_LENGTH, "block_length": GEN_LENGTH}
+#: longer requests the model is trained for: the answer in the first block of 16, EOS after it
+LONG = {n: {"gen_length": n, "steps": n, "block_length": GEN_LENGTH} for n in (32, 64)}
 
 
 @functools.cache

@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TASKS = ("add", "sort", "copy", "word")
-GEN_LENGTH = 16  # the generated region: the answer, then EOS up to this length
+GEN_LENGTH = 16  # the default generated region: the answer, then EOS up to this length
+#: the generated-region lengths of training, drawn per example with these weights: the answer
+#: then EOS to the end, so longer generations (``--gen-length 32`` or 64) decode the same answer
+REGIONS = {16: 1, 32: 1, 64: 1}
 MAX_ANSWER = 12
 HELD_OUT_EVERY = 20  # about 1 prompt in 20 is held out (by hash)
 TASK_FILE = Path(__file__).parent / "tasks.tsv"

@@ -1,30 +1,44 @@
 """Train ``llada-arith``: a small LLaDA-architecture masked diffusion LM on the synthetic tasks.
 
-    python -m diffcache.pipelines.arith.train [--out DIR] [--steps N] [--lr F] [--threads N]
+    python -m diffcache.pipelines.arith.train [--out DIR] [--steps N] [--extend-steps N]
+                                                [--lr F] [--threads N]
 
-Objective: LLaDA's SFT loss. A sequence is the prompt, then the generated region of
-``GEN_LENGTH`` tokens (the answer, then EOS to the end). The prompt is never masked; each sequence
-draws t in (eps, 1] (stratified over the batch) and masks every generated-region token with
-probability t; the loss is the cross-entropy on the masked tokens weighted 1/t, divided by the
-region length. Sequences are packed into rows of 128 tokens with block-diagonal attention and
-positions from 0 per sequence, which is exactly each sequence alone (as the pipeline decodes it)
-without the padding. Fresh examples every step, the four task types in turn (the held-out prompts
-never appear, ``data.is_held_out``); AdamW with warm-up and cosine decay.
+Objective: LLaDA's SFT loss. A sequence is the prompt, then the generated region: the answer,
+then EOS to the end. The prompt is never masked; each sequence draws t in (eps, 1] (stratified
+over the batch) and masks every generated-region token with probability t; the loss is the
+cross-entropy on the masked tokens weighted 1/t, divided by 16 per sequence. Sequences are packed
+into rows of 128 tokens with block-diagonal attention and positions from 0 per sequence, which is
+exactly each sequence alone (as the pipeline decodes it) without the padding. Fresh examples every
+step, the four task types in turn (the held-out prompts never appear, ``data.is_held_out``);
+AdamW with warm-up and cosine decay.
+
+Two phases. The first trains a fresh model on 16-token regions (``--steps``; these are the
+weights of the first llada-arith release, byte for byte). The second goes on from them with
+regions of 16, 32 and 64 tokens drawn per example (``data.REGIONS``, ``--extend-steps``, a lower
+learning rate and another data seed), so the model answers at every generation length a user
+asks for and fills the rest with EOS, as LLaDA's SFT pads with EOS. One phase on mixed lengths
+from scratch learned the addition carries too late (48% after 4,500 steps): the carries are
+learned in a sudden drop of the loss, and the EOS fill delayed it past the schedule. LLaDA
+divides each sequence's loss by its region length; the constant 16 keeps an answer token's weight
+the same at every length.
 
 Everything is seeded (data stream, initial weights, masks), so a run at one thread count is
 deterministic on one machine. Writes ``model/`` (``model.safetensors`` in the upstream LLaDA
 tensor names, ``config.json``, ``char_tokenizer.json`` and ``sha256.json``) and
-``training.json`` (losses, held-out accuracy per task, times).
+``training.json`` (losses, held-out accuracy per task at the default request and at
+generation lengths 32 and 64, times).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -41,7 +55,6 @@ from diffcache.pipelines.llada.model import LLaDAConfig, LLaDAModelLM
 
 HERE = Path(__file__).parent
 MODULE = "diffcache.pipelines.arith.train"
-G = data.GEN_LENGTH
 EPS = 1e-3
 #: special ids right after the 96 characters (newline and printable ASCII at ids 0..95)
 SPECIALS = {"eos": 96, "pad": 96, "eot": 97, "mask": 98, "bos": 99}
@@ -54,6 +67,8 @@ CONFIG: dict[str, Any] = dict(
 )  # fmt: skip
 ROW = 128  # packed row length
 STEPS, BATCH, LR, WARMUP = 3000, 96, 2e-3, 150
+#: the second phase: every region length of ``data.REGIONS``, from the first phase's weights
+EXTEND_STEPS, EXTEND_LR, EXTEND_SEED = 1500, 1e-3, 1
 
 
 def tokenizer() -> CharTokenizer:
@@ -85,7 +100,9 @@ class Packed:
     ids: torch.Tensor  # [R, ROW]
     segment: torch.Tensor  # [R, ROW] the sequence of each slot; -1: padding
     positions: torch.Tensor  # [R, ROW]
-    region: torch.Tensor  # [N, G] flat indices (into R * ROW) of each generated region
+    region: torch.Tensor  # [T] flat indices (into R * ROW) of every generated-region token
+    owner: torch.Tensor  # [T] the sequence of each of them
+    lengths: torch.Tensor  # [N] the generated-region length of each sequence
 
     @property
     def attention(self) -> torch.Tensor:
@@ -93,12 +110,13 @@ class Packed:
         return (self.segment[:, :, None] == self.segment[:, None, :])[:, None]
 
 
-def pack(tok: CharTokenizer, batch: Sequence[data.Example], row: int = ROW) -> Packed:
-    """First-fit-decreasing packing of ``batch`` (in a fixed order) into rows of ``row``."""
+def pack(tok: CharTokenizer, batch: Sequence[tuple[data.Example, int]], row: int = ROW) -> Packed:
+    """First-fit-decreasing packing of ``batch`` (examples with their generated-region lengths,
+    in a fixed order) into rows of ``row``."""
     seqs = []
-    for ex in batch:
+    for ex, length in batch:
         answer = tok.encode(ex.answer)
-        seqs.append(tok.encode(ex.prompt) + answer + [SPECIALS["eos"]] * (G - len(answer)))
+        seqs.append(tok.encode(ex.prompt) + answer + [SPECIALS["eos"]] * (length - len(answer)))
     rows: list[list[int]] = []  # the sequence indices of each row
     used: list[int] = []
     for i in sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)):
@@ -113,7 +131,8 @@ def pack(tok: CharTokenizer, batch: Sequence[data.Example], row: int = ROW) -> P
     ids = torch.full((len(rows), row), SPECIALS["pad"])
     segment = torch.full((len(rows), row), -1)
     positions = torch.zeros((len(rows), row), dtype=torch.long)
-    region = torch.zeros((len(seqs), G), dtype=torch.long)
+    lengths = torch.tensor([length for _, length in batch])
+    region = [torch.empty(0, dtype=torch.long)] * len(seqs)
     for r, members in enumerate(rows):
         at = 0
         for i in members:
@@ -121,20 +140,21 @@ def pack(tok: CharTokenizer, batch: Sequence[data.Example], row: int = ROW) -> P
             ids[r, at : at + n] = torch.tensor(seqs[i])
             segment[r, at : at + n] = i
             positions[r, at : at + n] = torch.arange(n)
-            region[i] = r * row + at + n - G + torch.arange(G)
+            region[i] = r * row + at + n - lengths[i] + torch.arange(lengths[i])
             at += n
-    return Packed(ids, segment, positions, region)
+    owner = torch.arange(len(seqs)).repeat_interleave(lengths)
+    return Packed(ids, segment, positions, torch.cat(region), owner, lengths)
 
 
 def sft_loss(model: LLaDAModelLM, packed: Packed, gen: torch.Generator) -> torch.Tensor:
     """LLaDA's SFT loss of packed sequences: t per sequence, stratified over the batch
     (t_i = eps + (1 - eps)(pi_i + u) / N for a random permutation pi, one u ~ U(0, 1)), each
     generated-region token masked with probability t, masked cross-entropy weighted 1/t, summed
-    and divided by N * G."""
-    n = packed.region.shape[0]
+    and divided by N * 16 (the default region length, whatever each region's length)."""
+    n = packed.lengths.shape[0]
     strata = torch.randperm(n, generator=gen).float()
-    t = (EPS + (1 - EPS) * (strata + torch.rand(1, generator=gen)) / n)[:, None]
-    masked = torch.rand(n, G, generator=gen) < t
+    t = (EPS + (1 - EPS) * (strata + torch.rand(1, generator=gen)) / n)[packed.owner]
+    masked = torch.rand(t.shape, generator=gen) < t
     flat = packed.ids.flatten()
     targets = flat[packed.region]
     noisy = flat.clone()
@@ -145,14 +165,23 @@ def sft_loss(model: LLaDAModelLM, packed: Packed, gen: torch.Generator) -> torch
     for layer in model.blocks():
         h = layer(h, cos, sin, mask)
     logits = model.head(h.flatten(0, 1)[packed.region])
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return ((ce * masked) / t).sum() / (n * G)
+    # classes on axis 1 of a [1, V, T] view: the memory layout of the first release's [N, V, 16]
+    # call, so that phase 1 still writes its weights byte for byte
+    ce = F.cross_entropy(logits.T[None], targets[None], reduction="none")[0]
+    return (ce * masked / t).sum() / (n * data.GEN_LENGTH)
 
 
-def batches(seed: int, size: int) -> Iterator[list[data.Example]]:
+def batches(
+    seed: int, size: int, regions: dict[int, int]
+) -> Iterator[list[tuple[data.Example, int]]]:
+    """Batches of fresh training examples, each with a generated-region length drawn from
+    ``regions`` (length: weight) by its own seeded stream (independent of the task type)."""
     stream = data.examples(seed)
+    rng = random.Random(seed + 1)
+    lengths, weights = zip(*regions.items(), strict=True)
     while True:
-        yield list(itertools.islice(stream, size))
+        chosen = rng.choices(lengths, weights, k=size)
+        yield list(zip(itertools.islice(stream, size), chosen, strict=True))
 
 
 def train(
@@ -161,11 +190,14 @@ def train(
     lr: float = LR,
     seed: int = 0,
     log_every: int = 100,
+    regions: dict[int, int] | None = None,
+    model: LLaDAModelLM | None = None,
     **overrides: Any,
 ) -> tuple[LLaDAModelLM, list[float]]:
-    """The trained model (eval mode) and the loss of every step."""
+    """The trained model (eval mode) and the loss of every step: ``model`` (default: a fresh
+    one) trained on regions of ``regions`` (default: 16 tokens only)."""
     tok = tokenizer()
-    model = build_model(seed, **overrides)
+    model = build_model(seed, **overrides) if model is None else model
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() == 1]
     opt = torch.optim.AdamW(
@@ -182,10 +214,11 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
+    model.train().requires_grad_(True)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for i, examples in zip(range(steps), batches(seed, batch), strict=False):
+    stream = batches(seed, batch, regions or {data.GEN_LENGTH: 1})
+    for i, examples in zip(range(steps), stream, strict=False):
         loss = sft_loss(model, pack(tok, examples), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,14 +236,17 @@ def train(
     return model.eval().requires_grad_(False), losses
 
 
-def accuracy(pipe: Any, tasks: Sequence[data.Example], batch: int = 50) -> dict[str, float]:
-    """Exact-match accuracy per task type and ``overall`` at the default request."""
+def accuracy(
+    pipe: Any, tasks: Sequence[data.Example], batch: int = 50, request: dict | None = None
+) -> dict[str, float]:
+    """Exact-match accuracy per task type and ``overall`` at ``request`` (default: the
+    default request)."""
     from diffcache.pipelines.arith import DEFAULTS, score
 
     right: dict[str, list[bool]] = {}
     for i in range(0, len(tasks), batch):
         chunk = tasks[i : i + batch]
-        texts = pipe([ex.prompt for ex in chunk], **DEFAULTS).texts
+        texts = pipe([ex.prompt for ex in chunk], **(request or DEFAULTS)).texts
         for ex, text in zip(chunk, texts, strict=True):
             right.setdefault(ex.task, []).append(score(ex.prompt, text))
     out = {task: sum(r) / len(r) for task, r in right.items()}
@@ -226,8 +262,7 @@ def save(model: LLaDAModelLM, folder: Path) -> None:
     from diffcache.pipelines.arith import WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(_state(model), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     tokenizer().save(folder)
     WEIGHTS.record(folder)
@@ -248,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(HERE))
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--extend-steps", type=int, default=EXTEND_STEPS)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--threads", type=int, default=2)
@@ -256,27 +292,59 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     model, losses = train(args.steps, args.batch, args.lr)
+    first_sha = _sha256(model)
+    model, extended = train(
+        args.extend_steps, args.batch, EXTEND_LR, EXTEND_SEED, regions=data.REGIONS, model=model
+    )
     train_s = time.perf_counter() - t0
     save(model, out / "model")
-    from diffcache.pipelines.arith import load
+    from diffcache.pipelines.arith import LONG, load
 
     t1 = time.perf_counter()
-    scores = accuracy(load(out), data.held_out_tasks())
+    pipe, tasks = load(out), data.held_out_tasks()
+    scores = accuracy(pipe, tasks)
+    longer = {n: accuracy(pipe, tasks, request=request) for n, request in LONG.items()}
     summary = {
         "steps": args.steps,
         "batch": args.batch,
         "lr": args.lr,
+        "first_phase_sha256": first_sha,
+        "extend_steps": args.extend_steps,
+        "extend_lr": EXTEND_LR,
+        "regions": data.REGIONS,
         "threads": args.threads,
-        "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
+        "final_loss": _mean_last(extended),
+        "first_phase_final_loss": _mean_last(losses),
         "held_out_accuracy": {k: round(v, 4) for k, v in scores.items()},
+        "held_out_accuracy_at_gen_length": {
+            n: {k: round(v, 4) for k, v in s.items()} for n, s in longer.items()
+        },
         "train_s": round(train_s, 1),
         "eval_s": round(time.perf_counter() - t1, 1),
-        "losses_every_100": [
-            round(sum(losses[i : i + 100]) / 100, 4) for i in range(0, len(losses) - 99, 100)
-        ],
+        "losses_every_100": _every_100(losses),
+        "extend_losses_every_100": _every_100(extended),
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses_every_100"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if "every_100" not in k}, indent=2))
+
+
+def _sha256(model: LLaDAModelLM) -> str:
+    """The sha256 of ``model``'s weights as ``save`` writes them."""
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(_state(model))).hexdigest()
+
+
+def _state(model: LLaDAModelLM) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _mean_last(losses: list[float]) -> float:
+    return round(sum(losses[-100:]) / len(losses[-100:]), 5)
+
+
+def _every_100(losses: list[float]) -> list[float]:
+    return [round(sum(losses[i : i + 100]) / 100, 4) for i in range(0, len(losses) - 99, 100)]
 
 
 if __name__ == "__main__":
