@@ -72,11 +72,16 @@ def test_score_is_exact_match() -> None:
     assert not arith.score("what is love?", "7")
 
 
+def _five_per_type() -> list[data.Example]:
+    """The first 5 held-out tasks of each type in tasks.tsv."""
+    tasks = data.read_task_file()
+    return [ex for t in data.TASKS for ex in [x for x in tasks if x.task == t][:5]]
+
+
 def test_answers_held_out_tasks(pipe) -> None:
     """The first 5 held-out tasks of each type (20 of tasks.tsv, one batch) at the default
     request: at least 18 right (the card reports the full file)."""
-    tasks = data.read_task_file()
-    chosen = [ex for t in data.TASKS for ex in [x for x in tasks if x.task == t][:5]]
+    chosen = _five_per_type()
     texts = pipe([ex.prompt for ex in chosen], **arith.DEFAULTS).texts
     right = [arith.score(ex.prompt, text) for ex, text in zip(chosen, texts, strict=True)]
     assert sum(right) >= 18, list(zip([ex.prompt for ex in chosen], texts, strict=True))
@@ -86,8 +91,7 @@ def test_answers_held_out_tasks(pipe) -> None:
 def test_answers_at_longer_generation_lengths(pipe, gen) -> None:
     """Trained with EOS fill to 16, 32 and 64 tokens, the model answers the same 20 held-out
     tasks at 32 and 64 tokens in blocks of 16 (at least 18 right), EOS after the answer."""
-    tasks = data.read_task_file()
-    chosen = [ex for t in data.TASKS for ex in [x for x in tasks if x.task == t][:5]]
+    chosen = _five_per_type()
     out = pipe([ex.prompt for ex in chosen], **arith.LONG[gen])
     right = [arith.score(ex.prompt, text) for ex, text in zip(chosen, out.texts, strict=True)]
     assert sum(right) >= 18, list(zip([ex.prompt for ex in chosen], out.texts, strict=True))
