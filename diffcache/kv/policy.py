@@ -136,16 +136,23 @@ class LayerView:
     full: torch.Tensor  # [B] batch rows already recomputing every position at this layer
     key_mask: torch.Tensor | None = None  # [B, L] False at padding keys (None: no padding)
 
-    def probs(self, q: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 attention probabilities ``[B, H, n, L]`` of queries ``[B, H, n, hd]`` over keys
-        (default: this layer's), padding keys masked, GQA heads shared."""
-        k = self.k if k is None else k
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+    def probs(self, q: torch.Tensor, previous: bool = False) -> torch.Tensor:
+        """fp32 attention probabilities ``[B, H, n, L]`` of queries ``[B, H, n, hd]`` over this
+        layer's keys, padding keys masked, GQA heads shared. ``previous``: over the keys as they
+        were before this step's write (the recomputed rows' scores from ``old_k``)."""
+        scores = self._scores(q, self.k)
+        if previous:
+            n, rows = q.shape[2], self.rows
+            index = rows[:, None, None, :].expand(-1, scores.shape[1], n, -1)
+            scores.scatter_(-1, index, self._scores(q, self.old_k))
         if self.key_mask is not None:
             scores = scores.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
         return scores.softmax(-1)
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        return (q.float() @ k.float().transpose(-1, -2)) * self.scale
 
 
 def pad_rows(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

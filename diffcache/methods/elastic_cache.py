@@ -15,9 +15,10 @@ forwards (not in the paper; 1 makes every step a full forward, the identity).
 
 Differences from the reference code: the drift similarity is the cosine between attention
 *distributions over keys* per head, averaged (the paper's rule); the reference takes the cosine
-across the head axis (``dim=1``), kept with ``reference_compat: true``. The previous keys are
-restored only for the recomputed rows instead of cloning the whole cache per layer; batch rows
-are independent (the reference runs batch 1).
+across the head axis (``dim=1``), kept with ``reference_compat: true``. The previous attention
+takes the current keys' scores and recomputes only the recomputed rows' from their old keys,
+instead of cloning the whole K cache per layer; batch rows are independent (the reference runs
+batch 1).
 """
 
 from __future__ import annotations
@@ -155,10 +156,7 @@ class ElasticPolicy(Policy):
     ) -> torch.Tensor:
         """Per batch row, the mean similarity of the tracked tokens' attention (queries
         ``old_q`` / ``new_q``) before and after this step ``[B]``."""
-        old_k = view.k.clone()
-        kv_index = view.rows[:, None, :, None].expand(-1, view.k.shape[1], -1, view.k.shape[3])
-        old_k.scatter_(2, kv_index, view.old_k)
-        before = view.probs(old_q, old_k)
+        before = view.probs(old_q, previous=True)
         after = view.probs(new_q)
         axis = 1 if self.cfg.reference_compat else -1
         return F.cosine_similarity(before, after, dim=axis).flatten(1).mean(1)

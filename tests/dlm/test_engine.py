@@ -75,3 +75,25 @@ def test_an_empty_row_computes_its_one_padding_position() -> None:
     plan = StepPlan(rows=rows, targets=torch.tensor([[2], [0]]), counts=counts)
     logits, seen = _run(model, ids, plan, None, store)
     assert seen == [3 + 1] * len(model.blocks()) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_previous_attention_uses_the_old_keys_of_the_written_rows(kv_heads: int) -> None:
+    """``LayerView.probs(q, previous=True)`` is the attention over the keys as they were before
+    the step's write: this step's keys with the written rows (padded by repetition) put back to
+    ``old_k``; GQA heads shared and padding keys masked as for the current keys."""
+    gen = torch.Generator().manual_seed(0)
+    b, heads, length, hd = 2, 4, 9, 8
+    k = torch.randn(b, kv_heads, length, hd, generator=gen)
+    rows = torch.tensor([[1, 4, 6], [2, 2, 2]])  # row 1: one real position, padded
+    old_k = torch.randn(b, kv_heads, 3, hd, generator=gen)
+    old_k[1] = old_k[1, :, :1]  # the padding repeats the first position's old key
+    key_mask = torch.ones(b, length, dtype=torch.bool)
+    key_mask[1, :2] = False
+    q = torch.randn(b, heads, 2, hd, generator=gen)
+    view = LayerView(0, rows, q, k, old_k, hd**-0.5, torch.zeros(b, dtype=torch.bool), key_mask)
+    restored = k.clone()
+    restored.scatter_(2, rows[:, None, :, None].expand(-1, kv_heads, -1, hd), old_k)
+    expected = LayerView(0, rows, q, restored, None, hd**-0.5, view.full, key_mask).probs(q)
+    torch.testing.assert_close(view.probs(q, previous=True), expected)
+    assert not torch.allclose(view.probs(q), expected), "the old keys must matter"
