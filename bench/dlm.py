@@ -47,10 +47,13 @@ from reference_models import lost_won, per_request
 
 import diffcache
 from diffcache.models import builtin_models
+from diffcache.pipelines.arith import DEFAULTS, LONG
 from diffcache.plan import Plan
 from diffcache.request import Request
 
 METHODS = ("fast_dllm", "dkv_cache", "elastic_cache", "d2cache")
+#: the llada-arith requests by generation length: the default (16) and the longer ones
+ARITH = {DEFAULTS["gen_length"]: DEFAULTS, **LONG}
 PROMPT = "Question: a train leaves at nine and travels two hundred miles at fifty per hour. "
 
 
@@ -228,17 +231,14 @@ def accuracy(args: argparse.Namespace) -> None:
     if "llada-arith" not in builtin_models():
         print("\nllada-arith is not installed here: no accuracy part")
         return
-    from diffcache.pipelines.arith import LONG, data
+    from diffcache.pipelines.arith import data
 
     tasks = arith_tasks(args.tasks) if args.tasks else data.read_task_file()
     for gen in args.arith_gen:
-        request = Request(**LONG[gen]) if gen in LONG else None
-        arith_table(args, tasks, gen, request)
+        arith_table(args, tasks, gen, Request(**ARITH[gen]))
 
 
-def arith_table(
-    args: argparse.Namespace, tasks: list[Any], gen: int, request: Request | None
-) -> None:
+def arith_table(args: argparse.Namespace, tasks: list[Any], gen: int, request: Request) -> None:
     """Every LLaDA plan on ``tasks`` at generation length ``gen``: accuracy against the
     no-cache run's, per task type, with the lost/won tasks, compute and speedup."""
     from diffcache.eval.runner import evaluate
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         args.arith_gen = [int(g) for g in args.arith_gen.split(",") if g.strip()]
     except ValueError:
         p.error(f"--arith-gen must be comma-separated integers, got {args.arith_gen!r}")
-    if not set(args.arith_gen) <= {16, 32, 64}:
-        p.error(f"--arith-gen lengths must be 16, 32 or 64, got {args.arith_gen}")
+    if not set(args.arith_gen) <= set(ARITH):
+        p.error(f"--arith-gen lengths must be among {sorted(ARITH)}, got {args.arith_gen}")
     if args.small:
         args.layers, args.d_model, args.gen_length, args.block = 4, 256, 64, 16
     if args.threads:
