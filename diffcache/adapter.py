@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -48,6 +48,9 @@ class Adapter:
         stacks: the denoiser's block lists, with the modules inside each block.
         media: what the pipeline produces: ``video``, ``image`` or ``text``.
         fields: the generation request fields it takes (CLI flags and pipeline keywords).
+        rules: checks across fields (text LMs: ``gen_length`` a multiple of ``block_length``),
+            each given a request's values and returning its problem or None; run, like the
+            fields' own bounds, before any model is built.
         valid_for: extra ``valid_for`` keys plans for this family may carry, with their types.
     """
 
@@ -63,6 +66,7 @@ class Adapter:
     stacks: tuple[Stack, ...] = ()
     media: str = "video"
     fields: tuple[Field, ...] = ()
+    rules: tuple[Callable[[Mapping[str, Any]], str | None], ...] = ()
     valid_for: Mapping[str, type] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiffCacheError as e:
         print(f"diffcache: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # a file that could not be read or written after all the checks
+        where = f": {e.filename}" if e.filename else ""
+        print(f"diffcache: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _quiet_libraries() -> None:
@@ -204,7 +208,7 @@ def _request(
     adapter = adapters()[entry.family]
     req = req.merged(entry.defaults)
     filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter.fields, adapter.name, req.replace(**filled))
+    check(adapter, req.replace(**filled))
     return req, adapter
 
 
@@ -215,7 +219,7 @@ def _family(pipe: Any, req: Any, sample: dict[str, Any] | None = None) -> Any:
 
     adapter = find_adapter(pipe)
     filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter.fields, adapter.name, req.replace(**filled), pipe)
+    check(adapter, req.replace(**filled), pipe)
     return adapter
 
 
@@ -246,6 +250,23 @@ def _read_prompts_answers(path: str, media: str | None) -> tuple[list[str], list
 def _check_seeds(n: int) -> None:
     if not 1 <= n <= 10_000:
         raise DiffCacheError(f"--seeds must be in 1..10000, got {n}")
+
+
+def _check_valid_for(plan: Any, req: Any) -> None:
+    """Refuse a request outside the plan's ``valid_for`` (the keys a request sets: steps and
+    family keys such as ``gen_length``) before any model is built."""
+    from diffcache.runstate import steps_mismatch
+
+    for key, want in plan.valid_for.items():
+        given = req.get("steps" if key == "num_inference_steps" else key)
+        if given is None or given == want:
+            continue
+        if key == "num_inference_steps":
+            raise DiffCacheError(f"{plan.name}: {steps_mismatch(want, given)}")
+        raise DiffCacheError(
+            f"{plan.name}: the plan is valid for {key}={want!r} but this call has "
+            f"{key}={given!r} (valid_for.{key})"
+        )
 
 
 def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
@@ -290,7 +311,6 @@ def _generate(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable, generate, save_output
     from diffcache.plan import Plan
-    from diffcache.runstate import steps_mismatch
 
     if args.stats_json and not args.plan:
         raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
@@ -298,9 +318,8 @@ def _generate(args: argparse.Namespace) -> int:
     req, adapter = _request(args, args.model)
     if plan is not None and adapter is not None:
         plan.check_family(adapter.name, args.model)
-    want = plan.valid_for.get("num_inference_steps") if plan is not None else None
-    if want is not None and req.get("steps") is not None and req.get("steps") != want:
-        raise DiffCacheError(steps_mismatch(want, req.get("steps")))
+    if plan is not None:
+        _check_valid_for(plan, req)
     if args.stats_json:
         check_writable(Path(args.stats_json), "--stats-json")
     out = None
@@ -375,15 +394,11 @@ def _profile(args: argparse.Namespace) -> int:
         args.steps = start.valid_for.get("num_inference_steps")
     req, adapter = _request(args, args.model, sample)
     config = _method_config(args, req.get("steps"), start)
+    if adapter is not None:  # a built-in model: its family is known before it is built
+        prompts = _profile_inputs(args, start, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample)
-    if start is not None and start.model != adapter.name:
-        raise DiffCacheError(
-            f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
-            f"{adapter.name} model"
-        )
-    if prompts is None:
-        prompts = _bundled_prompts(adapter, pipe, args.num_prompts)
+    prompts = _profile_inputs(args, start, adapter, prompts)
     plan = diffcache.profile(
         pipe,
         config,
@@ -409,7 +424,20 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundled_prompts(adapter: Any, pipe: Any, n: int) -> list[str]:
+def _profile_inputs(
+    args: argparse.Namespace, start: Any, adapter: Any, prompts: list[str] | None
+) -> list[str]:
+    """The calibration inputs for the model's family, after refusing a ``--from`` plan made
+    for another family."""
+    if start is not None and start.model != adapter.name:
+        raise DiffCacheError(
+            f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
+            f"{adapter.name} model"
+        )
+    return prompts if prompts is not None else _bundled_prompts(adapter, args.num_prompts)
+
+
+def _bundled_prompts(adapter: Any, n: int) -> list[str]:
     """N calibration inputs: bundled prompts, or class ids 0..N-1 for class-conditional models."""
     from importlib import resources
 
@@ -429,8 +457,8 @@ def _eval(args: argparse.Namespace) -> int:
     from diffcache.eval.baselines import comparison
     from diffcache.eval.runner import evaluate
 
-    for spec in args.plan:  # plans and diffusers specs are checked before any model is built
-        comparison(spec)
+    # plans and diffusers specs are checked before any model is built
+    comparisons = [comparison(spec) for spec in args.plan]
     _check_seeds(args.seeds)
     req, adapter = _request(args, args.model, {"prompt": "x"})
     prompts, answers = (
@@ -438,6 +466,11 @@ def _eval(args: argparse.Namespace) -> int:
         if args.prompts
         else (None, None)
     )
+    for c in comparisons:
+        if adapter is not None:
+            c.check_family(adapter, args.model)
+        if c.plan is not None:
+            _check_valid_for(c.plan, req)
     out = _out_dir(args.out)
     report = evaluate(
         args.model,
@@ -509,10 +542,14 @@ def _plans_show(args: argparse.Namespace) -> int:
 
 def _plans_check(args: argparse.Namespace) -> int:
     import diffcache
+    from diffcache.models import builtin_models
     from diffcache.plan import Plan
 
     plan = Plan.load(args.file)
     if args.model:
+        entry = builtin_models().get(args.model)
+        if entry is not None:  # a built-in model: the family is checked before it is built
+            plan.check_family(entry.family, args.model)
         pipe = diffcache.load_model(args.model)
         diffcache.remove(diffcache.accelerate(pipe, plan))
     print(
@@ -525,7 +562,7 @@ def _plans_check(args: argparse.Namespace) -> int:
 def _plans_import(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
-    from diffcache.methods.invardiff import import_reference_books
+    from diffcache.methods.invardiff import import_reference_books, read_reference_books
 
     out = Path(args.out)
     if out.suffix.lower() not in (".yaml", ".yml"):
@@ -533,6 +570,7 @@ def _plans_import(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     if not Path(args.file).is_file():
         raise DiffCacheError(f"{args.file}: no such file")
+    read_reference_books(args.file)  # a malformed book file fails before the model is built
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
     reused = int(plan.calibration_data.step_book.sum())
     print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")

@@ -21,7 +21,7 @@ __all__ = ["Request", "generate", "pipeline_kwargs", "check_output_path", "save_
 def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:
     """The keyword arguments of ``pipe(...)`` for ``request`` (checked against the family)."""
     adapter = find_adapter(pipe)
-    check(adapter.fields, adapter.name, request, pipe)
+    check(adapter, request, pipe)
     kwargs = call_kwargs(adapter.fields, request)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed)
     if adapter.media != "text":
@@ -60,11 +60,22 @@ def check_output_path(path: str | Path, media: str, flag: str = "--out") -> Path
     return check_writable(path, flag)
 
 
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder`` (None when one can): a file is
+    created and removed there, since permission bits say nothing for root or for special file
+    systems such as ``/proc``."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def check_writable(path: Path, flag: str) -> Path:
     """Refuse a file path whose folder is missing, not a folder, or not writable; or that is a
     folder itself."""
-    import os
-
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise DiffCacheError(f"{flag} {path}: is a folder; give a file name")
@@ -72,8 +83,9 @@ def check_writable(path: Path, flag: str) -> Path:
         raise DiffCacheError(f"{flag} {path}: folder {folder} does not exist; create it first")
     if not folder.is_dir():
         raise DiffCacheError(f"{flag} {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DiffCacheError(f"{flag} {path}: folder {folder} is not writable")
+    problem = write_problem(folder)
+    if problem:
+        raise DiffCacheError(f"{flag} {path}: folder {folder} is not writable ({problem})")
     return path
 
 

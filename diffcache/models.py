@@ -6,10 +6,12 @@ one per format (diffusers pipelines now; our own formats register theirs next to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,11 @@ def model_entry(name: str) -> ModelEntry:
 
 def load_model(name_or_path: str | Path) -> Any:
     """A built-in model by name (built offline) or a local model folder."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise UnsupportedModelError(
+            f"load_model takes a built-in model name or a folder path, got {name_or_path!r} "
+            "(see `diffcache models`)"
+        )
     path = Path(name_or_path)
     if path.is_dir():
         for loader in _LOADERS:
@@ -131,11 +138,25 @@ def load_model(name_or_path: str | Path) -> Any:
     return model_entry(str(name_or_path)).build()
 
 
+@contextlib.contextmanager
+def loading_bar(show: bool) -> Iterator[None]:
+    """diffusers' "Loading pipeline components" bar on or off for a ``from_pretrained``."""
+    from diffusers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if show else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
 def _load_diffusers(path: Path) -> Any:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        with loading_bar(sys.stderr.isatty()):  # a log or a pipe gets no bar
+            return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UnsupportedModelError(
             f"{path}: cannot load a diffusers pipeline from this folder ({e})."

@@ -9,6 +9,7 @@ validated when a plan is built: keys, types, ranges, the method's options togeth
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import typing
@@ -140,9 +141,12 @@ class Plan:
             if path.name in bundled and path.name == str(plan):
                 path = bundled[path.name]
             else:
+                stems = {Path(name).stem: name for name in bundled}  # ".yaml" is no likeness
+                close = difflib.get_close_matches(path.stem, list(stems), n=1, cutoff=0.6)
+                hint = f" (did you mean {stems[close[0]]!r}?)" if close else ""
                 raise PlanError(
-                    f"{plan}: no such plan file{did_you_mean(path.name, bundled)}; bundled plans: "
-                    f"{', '.join(bundled)} (see `diffcache plans list`)."
+                    f"{plan}: no such plan file{hint}; `diffcache plans list` shows the "
+                    f"{len(bundled)} bundled plans."
                 )
         return cls.from_dict(read_yaml(path), source=str(path), template=template)
 

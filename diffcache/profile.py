@@ -225,8 +225,24 @@ def profile(
         raise DiffCacheError(f"target_compute must be in (0, 1], got {target_compute}")
     if target_speedup is not None and not target_speedup >= 1:
         raise DiffCacheError(f"target_speedup must be >= 1, got {target_speedup}")
+    if isinstance(prompts, str):
+        raise DiffCacheError(
+            f"prompts must be a list of prompts, got the string {prompts[:40]!r}; "
+            "wrap one prompt in a list"
+        )
     if not prompts:
         raise PlanError("profiling needs at least one calibration prompt; got none")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise DiffCacheError(f"seeds must be >= 1 (seeds per prompt), got {seeds}")
+    elif not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise DiffCacheError(
+            f"seeds must be a count >= 1 or a non-empty list of seeds, got {seeds!r}"
+        )
+    if out is not None:
+        from diffcache.generate import check_writable
+
+        out = check_writable(Path(out), "out")  # before any calibration run
     from diffcache.api import session_of
 
     if session_of(pipe) is not None:
@@ -243,7 +259,7 @@ def profile(
         )
     requests = expand(adapter, prompts, seeds, request or Request())
     for req in requests:  # every request is checked before any work
-        check(adapter.fields, adapter.name, req, pipe)
+        check(adapter, req, pipe)
     trace, steps, share = record_trace(pipe, target, config, requests, progress)
     if target_speedup is not None:
         target_compute = compute_for_speedup(target_speedup, share)

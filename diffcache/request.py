@@ -29,7 +29,8 @@ class Field:
         help: one line for ``--help``.
         call_arg: the pipeline keyword the value becomes.
         min, max: inclusive bounds for numbers.
-        multiple_of: the value must be a multiple of this (image sides).
+        multiple_of: the value must be a multiple of this (image sides), plus ``offset``
+            (video frames: ``4k + 1``).
         as_list: passed as a one-element list (``class_labels=[c]``).
         limit: model-dependent maximum, read from the loaded pipeline (number of classes).
         required: a request without it is refused.
@@ -42,6 +43,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     multiple_of: int | None = None
+    offset: int = 0
     as_list: bool = False
     limit: Callable[[Any], int] | None = None
     required: bool = False
@@ -69,10 +71,10 @@ class Field:
             return [f"{flag} must be >= {self.min:g}, got {value:g}"]
         if hi is not None and value > hi:
             return [f"{flag} must be <= {hi:g} for this model, got {value:g}"]
-        if self.multiple_of and value % self.multiple_of:
-            return [
-                f"{flag} must be a multiple of {self.multiple_of} for this model, got {value:g}"
-            ]
+        if self.multiple_of and (value - self.offset) % self.multiple_of:
+            m, o = self.multiple_of, self.offset
+            what = f"a multiple of {m}" + (f" plus {o} (e.g. {m + o}, {2 * m + o})" if o else "")
+            return [f"{flag} must be {what} for this model, got {value:g}"]
         return []
 
 
@@ -105,9 +107,11 @@ class Request:
         return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
-def check(fields: Iterable[Field], family: str, request: Request, pipe: Any = None) -> None:
-    """Refuse a request with unknown fields, missing required ones or bad values (all at once)."""
-    by_name = {f.name: f for f in fields}
+def check(adapter: Any, request: Request, pipe: Any = None) -> None:
+    """Refuse a request with unknown fields, missing required ones, bad values or values that
+    break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family."""
+    family = adapter.name
+    by_name = {f.name: f for f in adapter.fields}
     problems = []
     if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
         problems.append(f"--seed must be a whole number in 0..2**64-1, got {request.seed!r}")
@@ -124,6 +128,8 @@ def check(fields: Iterable[Field], family: str, request: Request, pipe: Any = No
         for f in by_name.values()
         if f.required and f.name not in request.values
     ]
+    if not problems:
+        problems += [p for rule in adapter.rules if (p := rule(request.values))]
     if problems:
         raise DiffCacheError("; ".join(problems))
 

@@ -48,6 +48,16 @@ class Comparison:
     teardown: Callable[[Any], None]
     plan: Plan | None = None  # ours: diffcache.stats() describes its runs
 
+    def check_family(self, adapter: Any, model: str) -> None:
+        """Refuse a comparison made for another model family (before the model is built)."""
+        if self.plan is not None:
+            self.plan.check_family(adapter.name, model)
+        elif adapter.media == "text":
+            raise DiffCacheError(
+                f"--plan {self.name}: diffusers caches attach to a diffusers transformer, and "
+                f"{model} is a {adapter.name} text model; compare diffcache plans on it"
+            )
+
     def check(self, pipe: Any) -> None:
         """Attach and detach once: refuses a comparison that does not fit the model, before any
         generation runs."""
@@ -141,10 +151,16 @@ def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Compa
         raise DiffCacheError(f"--plan {spec}: {e}") from e
 
     def setup(pipe: Any) -> None:
-        transformer = pipe.transformer
+        transformer = getattr(pipe, "transformer", None)
         if not hasattr(transformer, "enable_cache"):
+            what = (
+                "no transformer"
+                if transformer is None
+                else f"a {type(transformer).__name__} without one"
+            )
             raise DiffCacheError(
-                f"--plan {spec}: {type(transformer).__name__} has no diffusers enable_cache"
+                f"--plan {spec}: diffusers caches attach to a transformer with enable_cache; "
+                f"{type(pipe).__name__} has {what}"
             )
         config = configs[name](**kwargs)
         if name == "pab":
@@ -152,7 +168,7 @@ def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Compa
         transformer.enable_cache(config)
 
     def teardown(pipe: Any) -> None:
-        if getattr(pipe.transformer, "is_cache_enabled", False):
+        if getattr(getattr(pipe, "transformer", None), "is_cache_enabled", False):
             pipe.transformer.disable_cache()
 
     return Comparison(spec, f"diffusers:{name}", setup, teardown)

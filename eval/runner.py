@@ -35,7 +35,7 @@ from diffcache.errors import DiffCacheError
 from diffcache.eval import metrics
 from diffcache.eval.baselines import Comparison, comparison
 from diffcache.eval.report import write_report
-from diffcache.generate import generate
+from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import find_adapter
 from diffcache.request import Request, check, expand, task_input
@@ -96,7 +96,7 @@ def evaluate(
         raise DiffCacheError("evaluate needs at least one prompt")
     requests = expand(adapter, inputs, seeds, base_req)
     for req in requests:
-        check(adapter.fields, adapter.name, req, pipe)
+        check(adapter, req, pipe)
     scorer = entry.score_fn() if entry is not None else None
     if answers is not None:
         if len(answers) != len(inputs):
@@ -461,16 +461,20 @@ def check_report_dir(out: str | Path, what: str = "report folder") -> Path:
     if out.exists():
         if not out.is_dir():
             raise DiffCacheError(f"{what} {out}: is a file; give a folder for the report")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise DiffCacheError(f"{what} {out}: folder is not writable")
+        problem = write_problem(out)
+        if problem:
+            raise DiffCacheError(f"{what} {out}: folder is not writable ({problem})")
         return out
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise DiffCacheError(f"{what} {out}: cannot create the folder: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DiffCacheError(f"{what} {out}: cannot create the folder: {ancestor} is not writable")
+    problem = write_problem(ancestor)
+    if problem:
+        raise DiffCacheError(
+            f"{what} {out}: cannot create the folder: {ancestor} is not writable ({problem})"
+        )
     return out
 
 

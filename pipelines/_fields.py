@@ -14,7 +14,11 @@ def prompt(call_arg: str = "prompt") -> Field:
 
 NEGATIVE_PROMPT = Field("negative_prompt", str, "what to steer away from (CFG)", "negative_prompt")
 STEPS = Field("steps", int, "denoising steps", "num_inference_steps", min=1, max=MAX_STEPS)
-FRAMES = Field("frames", int, "video frames", "num_frames", min=1, max=1024)
+#: the video VAEs of Wan, HunyuanVideo and CogVideoX compress time 4x and keep the first frame,
+#: so they make 4k + 1 frames; their pipelines would change another count without an error
+FRAMES = Field(
+    "frames", int, "video frames (4k + 1)", "num_frames", min=1, max=1025, multiple_of=4, offset=1
+)
 
 
 def side(name: str, multiple_of: int = 16) -> Field:

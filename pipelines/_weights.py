@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from diffcache.errors import UnsupportedModelError
+from diffcache.models import loading_bar
 
 CHECKSUMS = "sha256.json"
 
@@ -61,9 +62,10 @@ class Weights:
         :meth:`check`; a config, tokenizer or index that does not load is refused too."""
         self.check(folder)
         try:
-            pipe = pipeline_cls.from_pretrained(
-                str(folder), local_files_only=True, dtype=torch.float32, **kwargs
-            )
+            with loading_bar(False):
+                pipe = pipeline_cls.from_pretrained(
+                    str(folder), local_files_only=True, dtype=torch.float32, **kwargs
+                )
         except Exception as e:  # a damaged config, tokenizer or index fails here
             raise self.refuse(folder, f"cannot be loaded ({type(e).__name__}: {e})") from e
         pipe.set_progress_bar_config(disable=True)

@@ -14,7 +14,8 @@ a batch decodes exactly as it would alone (at temperature 0, or with one generat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,26 @@ import torch
 from diffcache.errors import DiffCacheError
 from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
 from diffcache.pipelines.sampling import rules
+
+#: sampler settings that are non-negative numbers when given (None: the setting is off)
+NON_NEGATIVE = ("temperature", "cfg_scale", "alg_temp", "threshold", "factor", "prior_sigma")
+
+#: the generation length of a call that gives none
+GEN_LENGTH = 128
+
+
+def lengths(values: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """``(gen_length, steps, block_length)`` of a request's values, with the call's defaults
+    (one step per token, one block)."""
+    gen_length = values.get("gen_length", GEN_LENGTH)
+    return gen_length, values.get("steps", gen_length), values.get("block_length", gen_length)
+
+
+def block_problem(gen_length: int, steps: int, block_length: int) -> str | None:
+    """The generation must split into whole blocks (``steps``: for one signature of rules)."""
+    if gen_length % block_length:
+        return f"gen_length {gen_length} is not a multiple of block_length {block_length}"
+    return None
 
 
 class RequestError(DiffCacheError, ValueError):
@@ -121,7 +142,7 @@ class DiffusionLMPipeline:
     def __call__(
         self,
         prompt: str | Sequence[str],
-        gen_length: int = 128,
+        gen_length: int = GEN_LENGTH,
         steps: int | None = None,
         block_length: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -149,7 +170,21 @@ class DiffusionLMPipeline:
                 f"{type(self).__name__} takes no {', '.join(unknown)}; sampler settings: "
                 f"{', '.join(self.defaults)}"
             )
-        return {**self.defaults, **given}
+        settings = {**self.defaults, **given}
+        bad = [
+            f"{key} must be a finite number >= 0, got {settings[key]!r}"
+            for key in NON_NEGATIVE
+            if key in settings
+            and settings[key] is not None
+            and not (
+                isinstance(settings[key], (int, float))
+                and not isinstance(settings[key], bool)
+                and 0 <= settings[key] < math.inf
+            )
+        ]
+        if bad:
+            raise RequestError("; ".join(bad))
+        return settings
 
     def _check(self, prompts: list[str], gen_length: int, steps: int, block_length: int) -> None:
         problems = []
@@ -165,10 +200,8 @@ class DiffusionLMPipeline:
         ):
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive whole number, got {value!r}")
-        if not problems and gen_length % block_length:
-            problems.append(
-                f"gen_length {gen_length} is not a multiple of block_length {block_length}"
-            )
+        if not problems and block_problem(gen_length, steps, block_length):
+            problems.append(block_problem(gen_length, steps, block_length))
         if problems:
             raise RequestError("; ".join(problems))
         self.check_request(gen_length, steps, block_length)

@@ -72,6 +72,9 @@ def test_unknown_builtin_model() -> None:
         UnsupportedModelError, match=r"wan2.1-tiyn: not a built-in model.*did you mean"
     ):
         diffcache.load_model("wan2.1-tiyn")
+    for bad in (None, 3, "", " "):  # not the current folder, not a TypeError
+        with pytest.raises(UnsupportedModelError, match="takes a built-in model name or a folder"):
+            diffcache.load_model(bad)
 
 
 def test_stats_of_plain_model_raises() -> None:

@@ -293,6 +293,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "d.mp4").mkdir()
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "books.json").write_text('{"step_cache_book": [0, 1], "transformer_cache_book": 3}')
     return tmp_path
 
 
@@ -301,7 +302,49 @@ DIT = ["generate", "--model", "dit-tiny"]
 STATS = [*DIT, "--plan", "dit-tiny.yaml", "--out", "x.png", "--stats-json"]
 EVAL = ["eval", "--model", "wan2.1-tiny", "--plan", "wan2.1-tiny.yaml"]
 PROFILE = ["profile", "--model", "dit-tiny", "--method", "easycache"]
+ARITH = ["generate", "--model", "llada-arith", "--prompt", "1+1="]
 BAD_INPUT = {
+    "out-folder-not-writable": ([*DIT, "--out", "/proc/x.png"], "folder /proc is not writable"),
+    "frames-not-4k-plus-1": ([*GEN, "--frames", "4"], "--frames must be a multiple of 4 plus 1"),
+    "text-blocks-do-not-divide": (
+        [*ARITH, "--gen-length", "10", "--block-length", "4"],
+        "gen_length 10 is not a multiple of block_length 4",
+    ),
+    "text-steps-do-not-split-over-blocks": (
+        [*ARITH, "--steps", "3", "--gen-length", "32", "--block-length", "16"],
+        "steps 3 is not divisible by the number of blocks 2",
+    ),
+    "eval-plan-of-another-family": (
+        ["eval", "--model", "llada-arith", "--plan", "flux-tiny.yaml", "--out", "ev"],
+        "the plan is for 'flux' but llada-arith is a 'llada' model",
+    ),
+    "eval-diffusers-cache-on-a-text-model": (
+        ["eval", "--model", "llada-arith", "--plan", "diffusers:fbcache:threshold=0.1"]
+        + ["--out", "ev"],
+        "diffusers caches attach to a diffusers transformer",
+    ),
+    "eval-steps-outside-the-plan": (
+        [*EVAL, "--steps", "7", "--out", "ev"],
+        "the plan is valid for num_inference_steps=20 but this call runs 7 steps",
+    ),
+    "plans-check-another-family": (
+        ["plans", "check", "flux-tiny.yaml", "--model", "dit-tiny"],
+        "the plan is for 'flux' but dit-tiny is a 'dit' model",
+    ),
+    "plans-import-malformed-books": (
+        ["plans", "import", "books.json", "--model", "flux-tiny", "--out", "p.yaml"],
+        "books.json: not an InvarDiff book file (transformer_cache_book is not an object",
+    ),
+    "profile-more-prompts-than-bundled": (
+        ["profile", "--model", "flux-tiny", "--method", "easycache", "--num-prompts", "500"]
+        + ["--out", "p.yaml"],
+        "--num-prompts 500: 16 calibration prompts are bundled",
+    ),
+    "profile-from-another-family": (
+        ["profile", "--model", "dit-tiny", "--from", "flux-hyca.yaml", "--num-prompts", "2"]
+        + ["--out", "p.yaml"],
+        "--from flux-hyca.yaml: a plan for flux models, and dit-tiny is a dit model",
+    ),
     "out-folder-missing": ([*GEN, "--out", "nodir/x.mp4"], "folder nodir does not exist"),
     "out-folder-is-file": ([*GEN, "--out", "afile/x.mp4"], "afile is a file, not a folder"),
     "out-is-folder": ([*GEN, "--out", "adir"], "--out adir: is a folder; give a file name"),
@@ -450,17 +493,17 @@ def test_profile_with_class_ids_beyond_the_model_is_refused_before_generating(
 
 
 def _unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    """Make access checks fail for ``folder`` (root passes real permission checks)."""
-    import os
+    """Make creating a file in ``folder`` fail (root passes real permission checks)."""
+    import tempfile
 
-    real = os.access
+    real = tempfile.TemporaryFile
 
-    def access(path, mode, *args, **kwargs):
-        if Path(path).resolve() == folder.resolve() and mode & os.W_OK:
-            return False
-        return real(path, mode, *args, **kwargs)
+    def create(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(tempfile, "TemporaryFile", create)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,12 @@ def test_loads_offline_as_a_stock_pipeline(pipe) -> None:
     assert np.array_equal(a, _samples(digits.load(), [4])), "two loads must agree"
 
 
+def test_loads_without_a_progress_bar(capfd) -> None:
+    """A command's stderr holds its own messages: diffusers' loading bar stays off."""
+    load_model("dit-digits")
+    assert "Loading pipeline components" not in capfd.readouterr().err
+
+
 def test_baseline_draws_the_asked_digits(pipe) -> None:
     """10 classes x 1 seed at the default 20 steps: the classifier reads >= 8 of them (the card
     reports the full measurement)."""

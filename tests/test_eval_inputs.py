@@ -88,7 +88,7 @@ def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:
     # FirstBlockCache always runs the first block
     assert ours["macs_fraction"] == pytest.approx(ours["compute_fraction"])
     assert 0 < theirs["macs_fraction"] < 1
-    with pytest.raises(DiffCacheError, match="has no diffusers enable_cache"):
+    with pytest.raises(DiffCacheError, match="DiTPipeline has a DiTTransformer2DModel without one"):
         evaluate("dit-tiny", ["diffusers:fbcache"], tmp_path / "x", prompts=["1"])
 
 

@@ -101,7 +101,7 @@ def test_file_errors_name_the_file(tmp_path) -> None:
     path.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {treshold: 1}\n")
     with pytest.raises(PlanError, match=r"my.yaml: options.treshold"):
         Plan.load(path)
-    with pytest.raises(PlanError, match=r"no such plan file.*bundled plans"):
+    with pytest.raises(PlanError, match=r"no such plan file.*shows the \d+ bundled plans"):
         Plan.load(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("a: [unclosed\n")
     with pytest.raises(PlanError, match="not valid YAML"):

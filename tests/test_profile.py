@@ -151,6 +151,13 @@ def test_bad_profiling_requests() -> None:
         diffcache.profile(pipe, "easycache", [])
     with pytest.raises(DiffCacheError, match="target_compute must be in"):
         diffcache.profile(pipe, "easycache", PROMPTS, target_compute=1.5)
+    with pytest.raises(DiffCacheError, match="prompts must be a list of prompts"):
+        diffcache.profile(pipe, "easycache", "a cat")
+    for seeds in (0, -2, [], [1.5]):
+        with pytest.raises(DiffCacheError, match="seeds must be"):
+            diffcache.profile(pipe, "easycache", PROMPTS, seeds=seeds)
+    with pytest.raises(DiffCacheError, match="folder /nonexistent does not exist"):
+        diffcache.profile(pipe, "easycache", PROMPTS, out="/nonexistent/p.yaml")
     with pytest.raises(DiffCacheError, match="out of reach"):
         diffcache.profile(pipe, "easycache", PROMPTS, target_speedup=1e6, request=REQ)
     with pytest.raises(DiffCacheError, match="even at threshold"):

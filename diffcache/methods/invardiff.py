@@ -429,6 +429,43 @@ REFERENCE_KEYS = {
 }  # fmt: skip
 
 
+def _flags(row: Any) -> bool:
+    return isinstance(row, list) and all(isinstance(v, (bool, int)) and v in (0, 1) for v in row)
+
+
+def read_reference_books(path: str | Path) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """The step book and the module books (section -> key -> one 0/1 row per step) of a
+    reference book file, checked for shape; a PlanError naming what is wrong."""
+
+    def bad(why: str) -> PlanError:
+        return PlanError(f"{path}: not an InvarDiff book file ({why})")
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise bad("the top level is not an object")
+    step = data.get("step_cache_bool", data.get("step_cache_book"))
+    if not _flags(step) or not step:
+        raise bad("step_cache_bool / step_cache_book is not a non-empty list of 0/1 flags")
+    books = {}
+    for section in sorted({sec for layout in REFERENCE_KEYS.values() for sec, _ in layout}):
+        book = data.get(section)
+        if book is None:
+            continue
+        if not isinstance(book, dict) or not all(
+            isinstance(rows, list) and len(rows) == len(step) and all(map(_flags, rows))
+            for rows in book.values()
+        ):
+            raise bad(
+                f"{section} is not an object of 0/1 lists per layer, one list per step "
+                f"({len(step)} steps)"
+            )
+        books[section] = book
+    return step, books
+
+
 def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None = None) -> Any:
     """A plan for ``pipe`` from the reference code's JSON books (Wan2.1: ``step_cache_bool`` +
     ``module_cache_book``; FLUX: ``step_cache_book`` + ``transformer_cache_book`` +
@@ -446,29 +483,29 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
             f"invardiff: no reference book layout for {target.adapter.name} models; "
             f"known: {', '.join(REFERENCE_KEYS)}"
         )
-    try:
-        data = json.loads(Path(path).read_text())
-        step = data.get("step_cache_bool", data.get("step_cache_book"))
-        t = len(step)
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise PlanError(f"{path}: not an InvarDiff book file ({type(e).__name__}: {e})") from e
+    step, data = read_reference_books(path)
+    t = len(step)
     sites = target.sites("module")
     module = torch.zeros(t, len(sites), dtype=torch.bool)
+
+    def column(section: str, key: str, layer: int) -> torch.Tensor:
+        rows = data[section][key]
+        if any(len(r) <= layer for r in rows):
+            raise PlanError(
+                f"{path}: {section}.{key} has the wrong shape for {target.adapter.name}: "
+                f"no layer {layer}"
+            )
+        return torch.tensor([bool(r[layer]) for r in rows])
+
     for m, s in enumerate(sites):
         attr = s.name.rsplit(".", 1)[1]
         found = [k for k, v in keys.items() if v == (s.stack.attr, attr)]
-        if not found or found[0][0] not in data or found[0][1] not in data[found[0][0]]:
+        if not found or found[0][1] not in data.get(found[0][0], {}):
             continue  # a module the book does not plan: always computed
         section, key = found[0]
-        rows = data[section][key]
-        if len(rows) != t or any(len(r) <= s.index for r in rows):
-            raise PlanError(
-                f"{path}: {section}.{key} has the wrong shape for {target.adapter.name}"
-            )
-        col = torch.tensor([bool(r[s.index]) for r in rows])
+        module[:, m] = column(section, key, s.index)
         if (section, key) == ("transformer_cache_book", "attn") and "context_attn" in data[section]:
-            col &= torch.tensor([bool(r[s.index]) for r in data[section]["context_attn"]])
-        module[:, m] = col
+            module[:, m] &= column(section, "context_attn", s.index)
     step_book = torch.tensor([bool(v) for v in step])
     step_book[0] = False  # nothing is cached before the first step
     cal = InvarDiffCalibration(

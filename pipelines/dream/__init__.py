@@ -24,8 +24,8 @@ import torch
 from diffcache.adapter import Adapter
 from diffcache.models import Loader, register_loader
 from diffcache.pipelines import dlm_loading
-from diffcache.pipelines.dlm_pipeline import DiffusionLMPipeline, RequestError
-from diffcache.pipelines.llada import FIELDS
+from diffcache.pipelines.dlm_pipeline import DiffusionLMPipeline, RequestError, block_problem
+from diffcache.pipelines.llada import FIELDS, rule
 from diffcache.pipelines.sampling import dream as sampling
 from diffcache.pipelines.sampling import rules
 from diffcache.pipelines.sampling.dream import origin_commit as rules_origin
@@ -45,6 +45,7 @@ ADAPTER = register_adapter(
         stacks=(Stack("layers"),),
         media="text",
         fields=FIELDS,
+        rules=(rule(block_problem),),
         valid_for={"gen_length": int, "block_length": int},
     )
 )

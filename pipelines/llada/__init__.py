@@ -16,6 +16,7 @@ temperature (the reference only demotes EOS at temperature 0, an aliasing effect
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,35 @@ import torch
 from diffcache.adapter import Adapter
 from diffcache.models import Loader, register_loader
 from diffcache.pipelines import dlm_loading
-from diffcache.pipelines.dlm_pipeline import DiffusionLMPipeline, RequestError
+from diffcache.pipelines.dlm_pipeline import (
+    DiffusionLMPipeline,
+    RequestError,
+    block_problem,
+    lengths,
+)
 from diffcache.pipelines.sampling import llada as sampling
 from diffcache.registry import register_adapter
 from diffcache.request import Field
 from diffcache.sites import Stack
+
+
+def steps_problem(gen_length: int, steps: int, block_length: int) -> str | None:
+    """LLaDA gives every block the same number of steps."""
+    blocks = gen_length // block_length
+    if blocks and steps % blocks:
+        return (
+            f"steps {steps} is not divisible by the number of blocks {blocks} "
+            f"(gen_length {gen_length} / block_length {block_length})"
+        )
+    return None
+
+
+def rule(
+    problem: Callable[[int, int, int], str | None],
+) -> Callable[[Mapping[str, Any]], str | None]:
+    """A request rule of the adapter from a ``(gen_length, steps, block_length)`` check."""
+    return lambda values: problem(*lengths(values))
+
 
 FIELDS = (
     Field("prompt", str, "what to generate", "prompt", required=True),
@@ -49,6 +74,7 @@ ADAPTER = register_adapter(
         stacks=(Stack("layers"),),
         media="text",
         fields=FIELDS,
+        rules=(rule(block_problem), rule(steps_problem)),
         valid_for={"gen_length": int, "block_length": int},
     )
 )
@@ -79,12 +105,9 @@ class LLaDAPipeline(DiffusionLMPipeline):
         return cls(model, tokenizer)
 
     def check_request(self, gen_length: int, steps: int, block_length: int) -> None:
-        blocks = gen_length // block_length
-        if steps % blocks:
-            raise RequestError(
-                f"steps {steps} is not divisible by the number of blocks {blocks} "
-                f"(gen_length {gen_length} / block_length {block_length})"
-            )
+        problem = steps_problem(gen_length, steps, block_length)
+        if problem:
+            raise RequestError(problem)
 
     def score(
         self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str

@@ -86,6 +86,9 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada) -> None:
         ({"gen_length": 10, "block_length": 4}, "not a multiple of block_length"),
         ({"gen_length": 8, "block_length": 4, "steps": 3}, "not divisible by the number of blocks"),
         ({"gen_length": 600}, "exceeds the model's context"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number >= 0, got inf"),
     ],
 )
 def test_bad_requests_fail_before_the_model_runs(llada, kw, message) -> None:
