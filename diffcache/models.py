@@ -60,11 +60,13 @@ def _resolve(ref: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Loader:
-    """Reads one folder format: ``detect(path)`` says whether a folder is in it."""
+    """Reads one folder format: ``detect(path)`` says whether a folder is in it; ``needs`` says
+    what it looks for (for the error when no loader takes a folder)."""
 
     name: str
     detect: Callable[[Path], bool]
     load: Callable[[Path], Any]
+    needs: str
 
 
 _EXTRA_MODELS: dict[str, ModelEntry] = {}
@@ -130,10 +132,10 @@ def load_model(name_or_path: str | Path) -> Any:
         for loader in _LOADERS:
             if loader.detect(path):
                 return loader.load(path)
-        formats = ", ".join(x.name for x in _LOADERS)
+        formats = "; ".join(f"{x.name}: {x.needs}" for x in _LOADERS)
         raise UnsupportedModelError(
-            f"{path}: no loader recognises this folder (formats: {formats}); point at the folder "
-            "holding the checkpoint's index file (model_index.json for diffusers)."
+            f"{path}: no loader recognises this folder ({formats}); point at the folder "
+            "holding the checkpoint's files."
         )
     return model_entry(str(name_or_path)).build()
 
@@ -163,4 +165,11 @@ def _load_diffusers(path: Path) -> Any:
         ) from e
 
 
-register_loader(Loader("diffusers", lambda p: (p / "model_index.json").is_file(), _load_diffusers))
+register_loader(
+    Loader(
+        "diffusers",
+        lambda p: (p / "model_index.json").is_file(),
+        _load_diffusers,
+        "model_index.json",
+    )
+)

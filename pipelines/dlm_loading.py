@@ -52,10 +52,7 @@ def detect_family(path: str | Path) -> str | None:
     config = Path(path) / CONFIG
     if not config.is_file():
         return None
-    try:
-        d = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
+    d = _read_json(config)  # an unreadable config.json is named, not passed over
     if not isinstance(d, dict):
         return None
     kind = str(d.get("model_type", "")).lower()
@@ -102,20 +99,33 @@ def checkpoint_files(folder: Path) -> list[Path]:
     )
 
 
+#: safetensors dtype codes of floating-point tensors (every LLaDA / Dream weight is one)
+FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
 def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors headers only."""
+    """Tensor name -> shape, read from the safetensors headers only; a tensor that is not
+    floating point is refused (every weight of these models is)."""
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
+    typed: list[str] = []
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+                    info = f.get_slice(name)
+                    shapes[name] = tuple(info.get_shape())
+                    if info.get_dtype() not in FLOAT_CODES:
+                        typed.append(f"{name} ({info.get_dtype()})")
         except Exception as e:  # a truncated or overwritten file fails to parse here
             raise UnsupportedModelError(
                 f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})"
             ) from e
+    if typed:
+        raise UnsupportedModelError(
+            f"{files[0].parent}: {len(typed)} weight(s) are not floating point: {_listed(typed)}"
+        )
     return shapes
 
 
@@ -168,15 +178,30 @@ def load_dlm_model(
     folder = Path(path)
     if not (folder / CONFIG).is_file():
         raise UnsupportedModelError(f"{folder}: no {CONFIG}; pass a LLaDA or Dream model folder")
-    family = family or detect_family(folder)
+    found = detect_family(folder)
+    if family is not None and found not in (None, family):
+        raise UnsupportedModelError(
+            f"{folder}: a {found} checkpoint (config.json), not a {family} one; load it with "
+            f"the {found} pipeline or diffcache.load_model"
+        )
+    family = family or found
     if family is None:
         raise UnsupportedModelError(
             f"{folder / CONFIG}: model_type / architectures name neither LLaDA nor Dream; "
             "pass family='llada' or 'dream' if the folder holds one of them"
         )
     config = _read_json(folder / CONFIG)
-    with torch.device("meta"):
-        model = build_model(family, config)
+    try:
+        if not isinstance(config, dict):
+            raise TypeError("the file is not a JSON object")
+        with torch.device("meta"):
+            model = build_model(family, config)
+    except UnsupportedModelError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a value of a wrong type
+        raise UnsupportedModelError(
+            f"{folder / CONFIG}: does not describe a {family} model ({type(e).__name__}: {e})"
+        ) from e
     files = checkpoint_files(folder)
     tied = getattr(model.config, "tie_word_embeddings", False)
     optional = frozenset({"lm_head.weight"}) if tied else frozenset()
@@ -274,7 +299,17 @@ def load_dlm_tokenizer(path: str | Path) -> Any:
     special_tokens_map.json; the chat template from chat_template.jinja, else
     tokenizer_config.json's ``chat_template``.
     """
-    folder = Path(path)
+    try:
+        return _tokenizer(Path(path))
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # damaged tokenizer files fail inside tokenizers / transformers
+        raise UnsupportedModelError(
+            f"{path}: the tokenizer files cannot be loaded ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _tokenizer(folder: Path) -> Any:
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     if (folder / "tokenizer.json").is_file():

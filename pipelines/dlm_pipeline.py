@@ -128,7 +128,7 @@ class DiffusionLMPipeline:
                 ids = self.tokenizer.apply_chat_template(
                     messages, add_generation_prompt=True, tokenize=True
                 )
-                ids = ids["input_ids"] if isinstance(ids, dict) else ids
+                ids = ids["input_ids"] if isinstance(ids, Mapping) else ids  # BatchEncoding
             else:
                 ids = self.tokenizer.encode(text)
             out.append(list(ids))

@@ -114,4 +114,8 @@ def _is_dream(path: Path) -> bool:
     return dlm_loading.detect_family(path) == "dream"
 
 
-register_loader(Loader("dream", _is_dream, DreamPipeline.from_pretrained))
+register_loader(
+    Loader(
+        "dream", _is_dream, DreamPipeline.from_pretrained, "config.json naming Dream, safetensors"
+    )
+)

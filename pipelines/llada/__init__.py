@@ -150,4 +150,8 @@ def _is_llada(path: Path) -> bool:
     return dlm_loading.detect_family(path) == "llada"
 
 
-register_loader(Loader("llada", _is_llada, LLaDAPipeline.from_pretrained))
+register_loader(
+    Loader(
+        "llada", _is_llada, LLaDAPipeline.from_pretrained, "config.json naming LLaDA, safetensors"
+    )
+)

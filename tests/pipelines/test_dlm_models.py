@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import diffcache
 from diffcache.errors import UnsupportedModelError
 from diffcache.pipelines.dlm_loading import detect_family, load_dlm_folder, load_dlm_tokenizer
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
@@ -193,6 +194,17 @@ def test_upstream_layout_loads_with_every_key(tmp_path: Path, family: str, shard
     assert model(ids).shape == (1, 4, 256)
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_folder_with_a_chat_template_generates(tmp_path: Path, family: str) -> None:
+    """transformers returns the chat ids as a BatchEncoding; the prompt is its input_ids."""
+    state = _random_state(LAYOUT[family](SMALL[family]))
+    pipe = diffcache.load_model(_write_folder(tmp_path / family, SMALL[family], state))
+    assert pipe.encode(["hello world"], None) == [[0, 1, 2]]  # "CONFIG hello world"
+    assert pipe.encode(["hello world"], False) == [[1, 2]]
+    out = pipe("hello world", gen_length=4, steps=4)
+    assert out.prompt_len == 3 and out.tokens.shape == (1, 7)  # the chat prompt, then 4
+
+
 def test_mismatched_weights_are_refused_naming_every_tensor(tmp_path: Path) -> None:
     state = _random_state(llada_layout(LLADA_SMALL))
     del state["model.transformer.blocks.1.up_proj.weight"]
@@ -210,6 +222,44 @@ def test_mismatched_weights_are_refused_naming_every_tensor(tmp_path: Path) -> N
     folder = _write_folder(tmp_path / "few", LLADA_SMALL, few)
     with pytest.raises(UnsupportedModelError, match=r"18 missing: .* and 10 more"):
         load_dlm_folder(folder)
+
+
+def _damaged(tmp_path: Path, name: str, family: str = "llada") -> Path:
+    state = _random_state(LAYOUT[family](SMALL[family]))
+    return _write_folder(tmp_path / name, SMALL[family], state)
+
+
+def test_damaged_folders_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """Each damage is one UnsupportedModelError naming what is wrong (the CLI's one line)."""
+    bad_json = _damaged(tmp_path, "bad-json")
+    (bad_json / "config.json").write_text("{not json")
+    string_width = _damaged(tmp_path, "string-width")
+    (string_width / "config.json").write_text(json.dumps({**LLADA_SMALL, "d_model": "64"}))
+    listed = _damaged(tmp_path, "listed")
+    (listed / "config.json").write_text("[1, 2]")
+    tokenizer = _damaged(tmp_path, "tokenizer")
+    (tokenizer / "tokenizer.json").write_text("garbage")
+    integer = tmp_path / "integer"
+    state = _random_state(LAYOUT["llada"](LLADA_SMALL))
+    state["model.transformer.ln_f.weight"] = torch.zeros(32, dtype=torch.int32)
+    _write_folder(integer, LLADA_SMALL, state)
+    cases = {
+        bad_json: r"bad-json/config.json: cannot be read \(JSONDecodeError",
+        string_width: r"config.json: does not describe a llada model \(TypeError",
+        listed: r"no loader recognises this folder \(diffusers: model_index.json; llada: config",
+        tokenizer: r"tokenizer: the tokenizer files cannot be loaded",
+        integer: r"1 weight\(s\) are not floating point: model.transformer.ln_f.weight \(I32\)",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(UnsupportedModelError, match=message):
+            diffcache.load_model(folder)
+
+
+def test_a_folder_of_the_other_family_is_named(tmp_path: Path) -> None:
+    from diffcache.pipelines.llada import LLaDAPipeline
+
+    with pytest.raises(UnsupportedModelError, match="a dream checkpoint .*, not a llada one"):
+        LLaDAPipeline.from_pretrained(_damaged(tmp_path, "dream", "dream"))
 
 
 def test_tied_dream_head_may_be_absent_and_shares_the_embedding(tmp_path: Path) -> None:
