@@ -251,6 +251,15 @@ def profile(
         )
     adapter = find_adapter(pipe)
     target = Target.resolve(adapter, pipe)
+    if target.driver == "timestep":
+        raise UnsupportedModelError(
+            f"profiling runs whole generations: pass the pipeline, not its "
+            f"{type(pipe).__name__}"
+        )
+    steps = (request or Request()).get("steps")
+    problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
+    if problems:  # before any calibration run
+        raise PlanError(f"{config.name} options at {steps} steps: {'; '.join(problems)}")
     reasons = config.support_problems(target)
     if reasons:  # before any calibration run
         raise UnsupportedModelError(

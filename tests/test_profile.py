@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import diffcache
-from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
+from diffcache.errors import (
+    AlreadyAcceleratedError,
+    DiffCacheError,
+    PlanError,
+    UnsupportedModelError,
+)
 from diffcache.generate import Request, generate
 from diffcache.methods.easycache import EasyCacheConfig
 from diffcache.plan import Plan
@@ -158,6 +163,11 @@ def test_bad_profiling_requests() -> None:
             diffcache.profile(pipe, "easycache", PROMPTS, seeds=seeds)
     with pytest.raises(DiffCacheError, match="folder /nonexistent does not exist"):
         diffcache.profile(pipe, "easycache", PROMPTS, out="/nonexistent/p.yaml")
+    with pytest.raises(UnsupportedModelError, match="pass the pipeline, not its ToyDenoiser"):
+        diffcache.profile(pipe.transformer, "easycache", PROMPTS)
+    few = REQ.replace(steps=4)
+    with pytest.raises(PlanError, match="easycache options at 4 steps: options.warmup_steps"):
+        diffcache.profile(pipe, EasyCacheConfig(warmup_steps=4), PROMPTS, request=few)
     with pytest.raises(DiffCacheError, match="out of reach"):
         diffcache.profile(pipe, "easycache", PROMPTS, target_speedup=1e6, request=REQ)
     with pytest.raises(DiffCacheError, match="even at threshold"):

@@ -21,6 +21,7 @@ from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.profile import round_to
 from diffcache.registry import register_method
+from diffcache.runstate import steps_mismatch
 from diffcache.session import Call, Session
 
 #: the scheduler whose Euler update the timestep adjustment is defined for
@@ -428,6 +429,14 @@ class _ERTACache:
         self.module = type(t.denoiser).__name__
 
     def __call__(self, call: Call) -> Any:
+        calibrated = self.sched.scale.shape[0]
+        if call.branch >= calibrated:  # seen at the first step's second call: refused there
+            problem = (
+                f"ertacache: the plan was calibrated with {calibrated} denoiser call(s) per step "
+                f"and this run has more ({self.run.where()}); profile with the guidance you "
+                "generate with"
+            )
+            raise self.run.refuse(problem) if call.step == 0 else self.run.fail(RunError(problem))
         st = call.state(_Branch)
         if call.step not in self.reuse or st.residual is None:
             out = call.compute()
@@ -435,14 +444,6 @@ class _ERTACache:
             st.residual, st.extra = split_residual(x, sample_of(out), self.cdim)
             st.template = out
             return out
-        if call.branch >= self.sched.scale.shape[0]:
-            raise self.run.fail(
-                RunError(
-                    f"ertacache: the plan was calibrated with {self.sched.scale.shape[0]} "
-                    f"denoiser call(s) per step and this run has more ({self.run.where()}); "
-                    "profile with the guidance you generate with"
-                )
-            )
         from diffcache import kernels
 
         x = call.arg(self.latent_arg, self.latent_pos)
@@ -465,13 +466,8 @@ def _adjust_schedule(session: Session, phi: tuple[float, ...]) -> None:
     def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
         out = call(*args, **kwargs)
         sigmas = scheduler.sigmas
-        if len(sigmas) != len(phi) + 1:
-            raise session.run.fail(
-                RunError(
-                    f"ertacache: the scheduler was set to {len(sigmas) - 1} steps but the plan's "
-                    f"schedule has {len(phi)} (valid_for.num_inference_steps)"
-                )
-            )
+        if len(sigmas) != len(phi) + 1:  # before any step: refused, the model stays accelerated
+            raise session.run.refuse(steps_mismatch(len(phi), len(sigmas) - 1))
         new = adjusted_sigmas(sigmas, phi)
         sigmas.copy_(new.to(sigmas.dtype))
         times = new[:-1] * scheduler.config.num_train_timesteps

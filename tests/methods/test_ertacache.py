@@ -183,6 +183,33 @@ def test_a_calibration_for_another_step_count_is_refused(qwen, profiled) -> None
     assert (_gen(qwen) == _gen(qwen)).all()
 
 
+def test_calls_outside_the_plan_are_refused_and_the_pipeline_stays_accelerated(
+    qwen, profiled
+) -> None:
+    """Another step count (seen by the timestep adjustment) and more CFG branches than the
+    calibration (seen at the first step) are PlanErrors before any denoising step; the next
+    call inside the plan runs as planned."""
+    plan, _ = profiled
+    no_cfg = REQ.replace(guidance=1.0)
+    one_branch = diffcache.profile(
+        qwen, ERTACacheConfig(), PROMPTS, target_compute=0.5, request=no_cfg
+    )
+    for p, bad, good, message in (
+        (plan, REQ.replace(steps=STEPS + 2), REQ, "valid for num_inference_steps=8 but this"),
+        (one_branch, REQ, no_cfg, "calibrated with 1 denoiser call"),
+    ):
+        diffcache.accelerate(qwen, p)
+        try:
+            with pytest.raises(PlanError, match=message + r".*still accelerated"):
+                generate(qwen, bad.replace(prompt="a cat"))
+            assert diffcache.is_accelerated(qwen)
+            generate(qwen, good.replace(prompt="a cat"))
+            assert diffcache.stats(qwen).skipped > 0
+        finally:
+            diffcache.remove(qwen)
+        assert clean(qwen.transformer, qwen.scheduler)
+
+
 @pytest.mark.parametrize(
     "model",
     ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "dit-tiny", "cogvideox-tiny"],
