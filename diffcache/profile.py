@@ -253,8 +253,7 @@ def profile(
     target = Target.resolve(adapter, pipe)
     if target.driver == "timestep":
         raise UnsupportedModelError(
-            f"profiling runs whole generations: pass the pipeline, not its "
-            f"{type(pipe).__name__}"
+            f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
     steps = (request or Request()).get("steps")
     problems = config.plan_problems({"num_inference_steps": steps}) if steps else []

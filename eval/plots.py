@@ -45,13 +45,25 @@ def left_out(runs: Sequence[dict[str, Any]], metric: str) -> list[str]:
     return [label(r) for r in runs if not (_number(r.get("speedup")) and _number(r.get(metric)))]
 
 
+def panels(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, axis title) of the quality panels: closeness to the baseline's output (PSNR, or
+    for text the agreement), then the task measure when there is one (task score, accuracy)."""
+    text = any("tokens_per_s" in r for r in runs)
+    out = (
+        [("agreement", "agreement with no cache")] if text else [("psnr", "PSNR vs baseline (dB)")]
+    )
+    task = "accuracy" if text else "task_score"
+    if any(_number(r.get(task)) for r in runs) or _number(baseline.get(task)):
+        out.append((task, task.replace("_", " ")))
+    return out
+
+
 def quality_svg(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> str:
-    """PSNR vs speedup (left) and task score vs speedup (right, with the baseline's score)."""
-    panels = [("psnr", "PSNR vs baseline (dB)")]
-    if any(_number(r.get("task_score")) for r in runs) or _number(baseline.get("task_score")):
-        panels.append(("task_score", "task score"))
-    fig, axes = _figure(4.2 * len(panels), 3.2, len(panels))
-    for ax, (metric, title) in zip(axes, panels, strict=True):
+    """Closeness to the baseline vs speedup (left: PSNR, or agreement for text) and the task
+    measure vs speedup (right: task score or accuracy, with the baseline's)."""
+    shown = panels(runs, baseline)
+    fig, axes = _figure(4.2 * len(shown), 3.2, len(shown))
+    for ax, (metric, title) in zip(axes, shown, strict=True):
         points = [r for r in runs if label(r) not in left_out([r], metric)]
         for k, r in enumerate(points):
             ax.scatter([r["speedup"]], [r[metric]], color=f"C{k % 10}", zorder=3)
@@ -62,8 +74,8 @@ def quality_svg(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> str
                 xytext=(4, 4),
                 textcoords="offset points",
             )
-        if metric == "task_score" and _number(baseline.get("task_score")):
-            ax.axhline(baseline["task_score"], color="0.5", ls="--", lw=1, label="baseline")
+        if metric in ("task_score", "accuracy") and _number(baseline.get(metric)):
+            ax.axhline(baseline[metric], color="0.5", ls="--", lw=1, label="baseline")
             ax.legend(loc="lower left", fontsize=7)
         ax.axvline(1.0, color="0.8", lw=1)
         ax.set_xlabel("speedup over the baseline (x)")
@@ -89,11 +101,13 @@ def timeline_svg(runs: Sequence[dict[str, Any]]) -> str:
         + [math.nan] * (steps - len(r["per_step_compute"]))
         for r in rows
     ]
-    image = ax.imshow(
-        grid, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest"
-    )
+    import matplotlib
+
+    # a step the run never made is grey, apart from "nothing computed"
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.75")
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_yticks(range(len(rows)), [label(r) for r in rows])
     ax.set_xticks(range(steps), [str(s) for s in range(steps)], fontsize=6)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (grey: not run)" if any(math.isnan(v) for g in grid for v in g) else "step")
     fig.colorbar(image, ax=ax, label="computed", fraction=0.03)
     return _svg(fig)

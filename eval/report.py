@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: Table columns, in order, for both the Markdown and the HTML report.
+#: Table columns, in order, for both the Markdown and the HTML report of image / video models.
 COLUMNS: tuple[str, ...] = (
     "plan",
     "method",
@@ -41,11 +41,30 @@ COLUMNS: tuple[str, ...] = (
     "ssim",
     "lpips",
     "task_score",
+    "samples",
+)
+#: The same for text models (their runs carry ``tokens_per_s``).
+TEXT_COLUMNS: tuple[str, ...] = (
+    "plan",
+    "method",
+    "latency_s",
+    "speedup",
+    "tokens_per_s",
+    "compute_fraction",
+    "macs_fraction",
     "agreement",
     "accuracy",
+    "accuracy_drop",
     "kv_bytes_peak",
     "samples",
 )
+
+
+def columns(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The table columns for these runs: text or image / video metrics."""
+    return TEXT_COLUMNS if any("tokens_per_s" in r for r in runs) else COLUMNS
+
+
 #: Keys whose values are text (every other leaf of a report is a number or null). ``notes`` may
 #: hold anything JSON-able; ``prompt`` and ``negative_prompt`` appear in ``requests``.
 TEXT_KEYS = frozenset(
@@ -187,6 +206,9 @@ def _header_facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     if "peak_mem_bytes" in base:
         mem = base.get("peak_mem_bytes")
         facts.append(("baseline peak memory", fmt_value(mem) + (" B" if _is_number(mem) else "")))
+    for key in ("task_score", "accuracy", "tokens_per_s"):
+        if _is_number(base.get(key)):
+            facts.append((f"baseline {key.replace('_', ' ')}", fmt_value(base[key])))
     return facts
 
 
@@ -200,10 +222,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Runs", ""]
     runs = _runs(report)
     if runs:
-        lines.append("| " + " | ".join(COLUMNS) + " |")
-        lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+        cols = columns(runs)
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
         for run in runs:
-            cells = [_md_text(fmt_value(run.get(col))) for col in COLUMNS]
+            cells = [_md_text(fmt_value(run.get(col))) for col in cols]
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("_No runs._")
@@ -237,12 +260,13 @@ def _table(runs: Sequence[dict[str, Any]]) -> str:
     if not runs:
         return "<p>No runs.</p>"
     # a header may break after an underscore, so the wide runs table fits the page
-    heads = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in COLUMNS)
+    cols = columns(runs)
+    heads = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in cols)
     out = ['<table id="runs"><thead><tr>' + heads]
     out.append("</tr></thead><tbody>")
     for run in runs:
         cells = []
-        for col in COLUMNS:
+        for col in cols:
             value = run.get(col)
             cls = ' class="num"' if _is_number(value) or value is None else ""
             cells.append(f"<td{cls}>{_esc(fmt_value(value))}</td>")
@@ -272,10 +296,12 @@ def render_section(report: dict[str, Any], out_dir: Path | None = None, level: i
     out += ["</ul>", _environment(report), f"<{h}>Runs</{h}>", _table(runs)]
     out += [f"<{h}>Quality vs speedup</{h}>", '<figure id="quality">']
     out += [plots.quality_svg(runs, _baseline(report)), "</figure>"]
-    skipped = plots.left_out(runs, "psnr")
+    first = plots.panels(runs, _baseline(report))[0]
+    skipped = plots.left_out(runs, first[0])
     if skipped:
         out.append(
-            f"<p>Not placed on the PSNR panel (see the notes): {_esc(', '.join(skipped))}</p>"
+            f"<p>Not placed on the {_esc(first[1])} panel (see the notes): "
+            f"{_esc(', '.join(skipped))}</p>"
         )
     out += [f"<{h}>Computed vs reused work per step</{h}>", '<figure id="timeline">']
     out += [plots.timeline_svg(runs), "</figure>"]

@@ -265,8 +265,15 @@ def _report(
             notes["accuracy"] = (
                 f"accuracy is null: {model} has no task checker and the prompts carry no answers"
             )
-    elif reason:
-        notes["lpips"] = f"LPIPS is null: {reason}"
+    else:
+        for key in ("accuracy", "agreement"):
+            notes[key] = f"{key} is null: text models only (see task_score and the image metrics)"
+        if reason:
+            notes["lpips"] = f"LPIPS is null: {reason}"
+    if any(r["kv_bytes_peak"] is None for r in runs):
+        notes["kv_bytes_peak"] = (
+            "kv_bytes_peak is null where no KV store was kept (DiT methods and diffusers' caches)"
+        )
     if not text and scorer is None:
         notes["task_score"] = f"task_score is null: {model} has no task scorer"
     if not macs:
@@ -358,12 +365,10 @@ def _tokens_per_s(recs: Sequence[dict[str, Any]]) -> float | None:
 
 
 def _mean_steps(steps: list[list[float]]) -> list[float]:
-    """Mean compute per step over samples (text runs may take different step counts: the
-    steps every sample ran)."""
-    if not steps:
-        return []
-    n = min(len(s) for s in steps)
-    return np.mean([s[:n] for s in steps], axis=0).tolist() if n else []
+    """Mean compute per step over the samples that ran that step (text runs may take different
+    step counts)."""
+    longest = max((len(s) for s in steps), default=0)
+    return [float(np.mean([s[k] for s in steps if len(s) > k])) for k in range(longest)]
 
 
 def _default_inputs(entry: Any, adapter: Any, req: Request) -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 from diffcache.errors import UnsupportedModelError
 from diffcache.pipelines import arith
 from diffcache.pipelines.arith import data
+from tests.toys import unexplained_nulls
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,25 @@ def test_cached_batch_rows_decode_as_alone(pipe, method) -> None:
         diffcache.remove(pipe)
     assert batch == alone
     assert sum(arith.score(p, t) for p, t in zip(prompts, batch, strict=True)) >= 7, batch
+
+
+def test_eval_reports_accuracy_and_its_drop(tmp_path) -> None:
+    """``diffcache eval`` on llada-arith: accuracy beside the baseline's, its drop, tokens/s,
+    agreement and compute for a cache; every null is explained."""
+    from diffcache.eval.runner import evaluate
+
+    tasks = data.read_task_file()[:3]
+    report = evaluate(
+        "llada-arith",
+        ["llada-tiny-elastic_cache.yaml"],
+        tmp_path,
+        prompts=[t.prompt for t in tasks],
+        answers=[t.answer for t in tasks],
+    )
+    base, (run,) = report["baseline"], report["runs"]
+    assert base["accuracy"] == 1.0 and base["tokens_per_s"] > 0
+    assert run["accuracy_drop"] == pytest.approx(base["accuracy"] - run["accuracy"])
+    assert 0 < run["compute_fraction"] < 1 and 0 <= run["agreement"] <= 1
+    assert run["kv_bytes_peak"] > 0 and run["psnr"] is None
+    assert not unexplained_nulls(report)
+    assert "accuracy" in (tmp_path / "report.md").read_text()

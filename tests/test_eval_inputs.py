@@ -15,6 +15,7 @@ from diffcache.eval.runner import evaluate
 from diffcache.models import ModelEntry, builtin_models, register_model
 from diffcache.plan import Plan
 from diffcache.request import Request, read_prompts
+from tests.toys import unexplained_nulls
 
 if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"
     register_model(
@@ -88,6 +89,7 @@ def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:
     # FirstBlockCache always runs the first block
     assert ours["macs_fraction"] == pytest.approx(ours["compute_fraction"])
     assert 0 < theirs["macs_fraction"] < 1
+    assert not unexplained_nulls(report)
     with pytest.raises(DiffCacheError, match="DiTPipeline has a DiTTransformer2DModel without one"):
         evaluate("dit-tiny", ["diffusers:fbcache"], tmp_path / "x", prompts=["1"])
 

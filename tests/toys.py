@@ -355,3 +355,11 @@ def _request(valid_for: dict) -> Any:
 
     steps = valid_for.get("num_inference_steps")
     return Request(steps=steps) if steps else Request()
+
+
+def unexplained_nulls(report: dict) -> list[str]:
+    """The null metrics of an eval report (baseline and runs) that ``notes`` gives no reason
+    for (every null needs one)."""
+    rows = [report["baseline"], *report["runs"]]
+    nulls = {k for row in rows for k, v in row.items() if v is None}
+    return sorted(nulls - set(report["notes"]))

@@ -160,14 +160,11 @@ def test_markdown_rows_nulls_and_notes(tmp_path: Path) -> None:
         "0.95",
         "—",
         "—",
-        "—",
-        "—",
-        "—",
         "4",
     ]
     second = [c.strip() for c in rows[1].strip("|").split("|")]
     assert second[rp.COLUMNS.index("psnr")] == "—"
-    assert "0.3333" in rows[1] and "3" in rows[1] and "123456" in rows[1]
+    assert "0.3333" in rows[1] and "3" in rows[1] and "123456" not in rows[1]  # a text column
     assert "torchvision is not installed & the AlexNet weights are missing" in md
     assert "## Notes" in md
     assert "a\\<b\\>.yaml" in md  # angle brackets escaped for Markdown renderers
@@ -231,7 +228,21 @@ def test_html_self_contained_with_charts(tmp_path: Path) -> None:
     assert "&amp; the AlexNet weights" in page
     body = page.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
     assert body.count("<tr>") == 2  # one row per run
-    assert "Not placed on the PSNR panel (see the notes): a&lt;b&gt;.yaml" in page
+    assert "Not placed on the PSNR vs baseline (dB) panel (see the notes): a&lt;b&gt;.yaml" in page
+
+
+def test_text_reports_show_text_metrics(tmp_path: Path) -> None:
+    """A text model's table and charts show tokens/s, agreement, accuracy and its drop (no image
+    metrics); the baseline's accuracy is in the header."""
+    report = _report()
+    report["baseline"].update(accuracy=0.9, tokens_per_s=50.0)
+    for run in report["runs"]:
+        run.update(tokens_per_s=100.0, accuracy=0.85, accuracy_drop=0.05, agreement=0.8)
+    md = rp.write_report(report, tmp_path)["md"].read_text()
+    assert "| " + " | ".join(rp.TEXT_COLUMNS) + " |" in md and "psnr" not in md.split("## Notes")[0]
+    assert "baseline accuracy: 0.9" in md and "| 0.05 |" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "agreement with no cache" in page and "Not placed" not in page
 
 
 def test_charts_are_deterministic() -> None:
