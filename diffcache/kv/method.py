@@ -8,8 +8,10 @@ bytes as KV memory.
 ``compute_fraction`` of the DLM methods is the token-layers recomputed over those of the plain
 generation: ``steps`` model calls of every row at every layer. A method that decodes in fewer
 calls (parallel decoding) is credited for the calls it never made, as a DiT step cache is for the
-steps it skips, so 1 / compute_fraction is the ideal speedup over no cache in both. (Should a
-decoding rule make more calls than ``steps``, the total is those calls'.)
+steps it skips, so 1 / compute_fraction is the ideal speedup over no cache in both. A decoding
+rule that makes more calls than ``steps`` (a confidence threshold commits at least one token a
+call, where the plain generation of ``steps < gen_length`` commits several) is charged for them:
+its fraction can then pass 1.
 
 The plan's ``kernels:`` backend goes to the policy (the store's K/V scatter and the sampler's
 fused confidence statistics); the run's stats name the backend each of them used.
@@ -68,8 +70,8 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
 
     def end_run(inner: Callable, *args: Any, **kwargs: Any) -> Any:
         unmade = (run.num_steps or 0) - calls[0]
-        if unmade > 0 and calls[0]:  # the plain generation's calls parallel decoding saved
-            run.record("token_layer", 0.0, calls[1] * unmade)
+        if unmade and calls[0]:  # the total is the plain generation's calls: those saved by
+            run.record("token_layer", 0.0, calls[1] * unmade)  # parallel decoding, or fewer
         run.stats.kernels.update(
             {op: kernels.last_backend[op] for op in ops if op in kernels.last_backend}
         )

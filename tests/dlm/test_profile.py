@@ -72,6 +72,23 @@ def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:
     assert stats.compute_fraction == pytest.approx(2 / 16)
 
 
+def test_more_calls_than_the_plain_generation_are_charged(llada) -> None:
+    """With 4 steps for 16 tokens the plain generation commits 4 tokens a call; a threshold of 1
+    commits one (its rule's minimum), so it makes 16 calls: 4 calls' worth is the total."""
+    diffcache.accelerate(
+        llada,
+        {"diffcache": 1, "model": "llada", "method": "fast_dllm",
+         "options": {"threshold": 1.0, "refresh_every": 1}},
+    )  # fmt: skip
+    llada("hello", **{**KW, "steps": 4})
+    stats = diffcache.stats(llada)
+    done, total = stats.work["token_layer"]
+    full_call = (5 + 16) * llada.model.num_layers
+    assert stats.model_calls == 16
+    assert done == 16 * full_call and total == 4 * full_call and stats.compute_fraction == 4.0
+    diffcache.remove(llada)
+
+
 @pytest.mark.parametrize("method", ["easycache", "ertacache", "hyca", "invardiff"])
 def test_latent_methods_are_refused_on_text_models(llada, method: str) -> None:
     from diffcache.errors import UnsupportedModelError
