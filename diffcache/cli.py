@@ -421,6 +421,13 @@ def _profile(args: argparse.Namespace) -> int:
         f"wrote {out}: {plan.method} ({opts}); compute_fraction {cf} on {len(prompts)} prompt(s) "
         f"x {args.seeds} seed(s)"
     )
+    measured = plan.provenance.get("speedup_measured")
+    if measured is not None:
+        short = " (short of the target: the ideal for that compute is not reached here)"
+        print(
+            f"measured speedup {measured:g}x on the calibration inputs for the target "
+            f"{args.target_speedup:g}x" + (short if measured < args.target_speedup else "")
+        )
     return 0
 
 

@@ -8,7 +8,9 @@ re-masked. The policy (:class:`diffcache.kv.Policy`) comes from :meth:`cache_pol
 ``diffcache.accelerate`` hooks to install a method; plain, every step recomputes every row.
 
 Batching: every decision is per row and positions are ``cumsum(attention_mask) - 1``, so a row of
-a batch decodes exactly as it would alone (at temperature 0, or with one generator per row).
+a batch decodes as it would alone: the same tokens at temperature 0. With sampling (one generator
+per row) the noise is the same, but a padded batch's matrix products round differently (float32
+logits differ by ~1e-6), which can flip a near-tied sample.
 """
 
 from __future__ import annotations

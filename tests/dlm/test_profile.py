@@ -36,6 +36,16 @@ def test_a_compute_target_sets_the_knob(llada, method: str, knob: str, rising: b
     assert diffcache.stats(llada).compute_fraction <= 1.0
 
 
+def test_a_speedup_target_is_checked_on_the_clock(llada) -> None:
+    """The speedup is turned into a compute target with the decoder's share, and the plan's
+    wall-clock speedup on the calibration inputs is recorded beside it (not asserted: noisy)."""
+    plan = diffcache.profile(llada, "dkv_cache", PROMPTS, request=REQUEST, target_speedup=1.05)
+    given = plan.provenance
+    assert given["target_speedup"] == 1.05 and 0 < given["denoiser_share"] <= 1
+    assert 0 < given["target_compute"] < 1 and given["speedup_measured"] > 0
+    assert not diffcache.is_accelerated(llada)
+
+
 def test_dkv_refresh_is_a_whole_number_and_the_closest_to_full(llada) -> None:
     plan = diffcache.profile(llada, "dkv_cache", PROMPTS, request=REQUEST, target_compute=0.6)
     every = plan.options["refresh_every"]
