@@ -100,8 +100,9 @@ class Target:
 
     @classmethod
     def resolve(cls, adapter: Adapter, obj: Any) -> Target:
-        if type(obj).__name__ in adapter.denoisers:
-            return cls(adapter, obj, [obj], [type(obj).__name__], driver="timestep")
+        if type(obj).__name__ in adapter.denoisers:  # named as in its pipeline, so that the
+            name = adapter.experts[0]  # site names of a plan profiled there match
+            return cls(adapter, obj, [obj], [name], driver="timestep")
         experts, names = [], []
         for attr in adapter.experts:
             module = getattr(obj, attr, None)

@@ -147,6 +147,21 @@ def test_a_plan_for_other_modules_is_refused(wan) -> None:
     assert clean(pipe.transformer, pipe.scheduler)
 
 
+def test_a_plan_profiled_on_the_pipeline_runs_on_its_bare_transformer() -> None:
+    """Site names do not depend on how the model was handed to accelerate."""
+    plan = Plan.load("flux-tiny-invardiff.yaml")
+    req, _, _ = tiny_request("flux-tiny", plan.valid_for["num_inference_steps"])
+    req = req.replace(prompt="a cat")
+    outs = []
+    for bare in (False, True):
+        pipe = diffcache.load_model("flux-tiny")
+        target = pipe.transformer if bare else pipe
+        diffcache.accelerate(target, plan)
+        outs.append((generate(pipe, req), diffcache.stats(target).compute_fraction))
+        diffcache.remove(target)
+    assert (outs[0][0] == outs[1][0]).all() and outs[0][1] == outs[1][1] < 1
+
+
 def test_compute_target_sets_one_quantile(wan) -> None:
     pipe, req, _, _ = wan
     plan = diffcache.profile(pipe, InvarDiffConfig(nonskip_rate=0.2), PROMPTS, request=req,
