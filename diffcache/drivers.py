@@ -114,7 +114,7 @@ class TimestepDriver:
                 return
             if self.direction:
                 self.last = None
-                raise run.refuse(self._too_long(want))
+                raise run.refuse(self._too_long(want), after=seen)
         elif want is not None and seen < want:
             self.last = None
             raise run.refuse(

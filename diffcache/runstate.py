@@ -224,13 +224,20 @@ class RunState:
         self.on_error()
         return error
 
-    def refuse(self, problem: str) -> PlanError:
-        """A PlanError for a call the plan does not cover; the model stays accelerated."""
+    def refuse(self, problem: str, after: int = 0) -> PlanError:
+        """A PlanError for a call the plan does not cover; the model stays accelerated.
+        ``after``: the steps of this call that already ran (a bare denoiser sees a run too
+        long only when it goes on)."""
         self.active = False
         self._slots.clear()
+        ran = (
+            f"this call stopped after {after} steps"
+            if after
+            else "no denoising step of this call ran"
+        )
         return PlanError(
-            f"{problem}; no denoising step of this call ran and {self.owner} is still "
-            "accelerated (the next call starts a new run)."
+            f"{problem}; {ran} and {self.owner} is still accelerated (the next call starts a "
+            "new run)."
         )
 
     def _check_valid_for(self) -> None:
