@@ -102,7 +102,7 @@ class TimestepDriver:
         if not run.active:  # the last run ended after its last step
             if move and move == self.direction:
                 self.last = None
-                raise run.refuse(self._too_long(want))
+                raise run.refuse(self._too_long(want), after=want or seen)
             self._new_run(value)
             return
         if not move:  # another branch of the same step
