@@ -175,7 +175,9 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> tuple[list[str], 
     what text models' outputs are checked against). Blank lines are skipped. An empty file,
     a malformed line, or answers on only some lines is a DiffCacheError naming the line."""
     file = Path(path)
-    if not file.is_file():
+    if file.is_dir():
+        raise DiffCacheError(f"{flag} {file}: is a folder; give a text file, one prompt per line")
+    if not file.exists():  # a pipe (``<(...)``) is read like a file
         raise DiffCacheError(f"{flag} {file}: no such file (one prompt per line)")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()

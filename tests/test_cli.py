@@ -386,6 +386,7 @@ BAD_INPUT = {
     ),
     "prompts-empty": ([*EVAL, "--prompts", "empty.txt", "--out", "ev"], "has no prompts"),
     "prompts-missing": ([*EVAL, "--prompts", "none.txt", "--out", "ev"], "no such file"),
+    "prompts-folder": ([*EVAL, "--prompts", "adir", "--out", "ev"], "--prompts adir: is a folder"),
     "prompts-not-utf8": ([*EVAL, "--prompts", "latin1.txt", "--out", "ev"], "not UTF-8"),
     "seeds-zero": ([*EVAL, "--seeds", "0", "--out", "ev"], "--seeds must be in 1..10000"),
     "profile-out-not-yaml": (
