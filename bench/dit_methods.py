@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from arg_types import among, fraction, listed, positive
 from reference_models import DIFFUSERS, table
 
 import diffcache
@@ -114,24 +115,32 @@ def verdict(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--seeds", type=int, default=1, help="seeds per evaluation input")
-    p.add_argument("--targets", default="0.4,0.3", help="lower compute targets per method")
+    p.add_argument("--models", type=among(MODELS), default=",".join(MODELS))
+    p.add_argument("--seeds", type=positive, default=1, help="seeds per evaluation input")
+    p.add_argument(
+        "--targets", type=listed(fraction), default="0.4,0.3",
+        help="lower compute targets per method",
+    )  # fmt: skip
     p.add_argument("--out", default="out/bench-dit-methods")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive, default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument(
         "--macs", choices=("all", "first"), default="all",
         help="count MACs on every request (default; adaptive caches differ per input, one more "
         "untimed run each) or on the first only (half the time)",
     )  # fmt: skip
     p.add_argument(
-        "--inputs", type=int, default=None, help="evaluate the first N evaluation inputs only"
+        "--inputs",
+        type=positive,
+        default=None,
+        help="evaluate the first N evaluation inputs only",
     )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    targets = [float(t) for t in args.targets.split(",") if t.strip()]
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    targets = args.targets
+    for model in args.models:
         print(f"== {model}: profiling the sweeps", flush=True)
         plans: list = sweep(model, targets) + builtins(model)
         prompts = None

@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from arg_types import fraction, listed, names, non_negative, non_negative_float, positive
 
 import diffcache
 from diffcache.eval.macs import count_macs
@@ -539,16 +540,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated built-in models (default: {', '.join(TINY + (BIG,))})",
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per config (default 3)")
-    p.add_argument("--steps", type=int, default=10, help=f"{BIG} only (default 10)")
+    p.add_argument(
+        "--repeats", type=positive, default=None, help="timed runs per config (default 3)"
+    )
+    p.add_argument("--steps", type=positive, default=10, help=f"{BIG} only (default 10)")
     p.add_argument(
         "--guidance",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help=f"{BIG} only (default 1.0: CFG off, one forward per step)",
     )
     p.add_argument(
         "--threshold",
+        type=listed(non_negative_float),
         default="0.05,0.3",
         help=f"{BIG} only: comma-separated EasyCache thresholds, one line each "
         "(default 0.05,0.3: the paper's value and one that reuses on random weights); "
@@ -556,29 +560,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--fbc-threshold",
+        type=listed(non_negative_float),
         default="0.05,0.35",
         help="comma-separated diffusers FirstBlockCache thresholds, one line each (default "
         f"0.05,0.35: diffusers' default, and one that skips about half the tail on {BIG})",
     )
     p.add_argument(
         "--taylor-interval",
-        type=int,
+        type=positive,
         default=2,
         help="diffusers TaylorSeer cache_interval (default 2); its warm-up is EasyCache's",
     )
     p.add_argument(
         "--erta-compute",
+        type=listed(fraction),
         default="0.5",
         help="comma-separated compute targets for ERTACache, profiled in the run (one line each; "
         "'' for none)",
     )
     p.add_argument(
         "--hyca-compute",
+        type=listed(fraction),
         default="0.5",
         help="comma-separated block-compute targets for HyCa, profiled in the run ('' for none)",
     )
     p.add_argument(
         "--invardiff-compute",
+        type=listed(fraction),
         default="0.5",
         help="comma-separated module-compute targets for InvarDiff, profiled in the run ('' for "
         "none)",
@@ -595,11 +603,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "float16", "bfloat16"],
         help=f"{BIG} only: the pipeline's dtype (default float32; bfloat16 on a GPU)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive,
         default=None,
         help="torch.set_num_threads for every model (default: 1 for the tiny models, whose many "
         "small ops only pay thread synchronisation and stall when another process holds a core; "
@@ -608,26 +618,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny models only, 2 repeats (smoke run)")
     p.add_argument(
         "--profile-models",
-        default="wan2.1-tiny,dit-tiny",
-        help="models on which to run the profile section (comma-separated; '' for none)",
+        type=names,
+        default=None,
+        help="models on which to run the profile section (comma-separated, among --models; "
+        "'' for none; default: wan2.1-tiny and dit-tiny where run)",
     )
-    p.add_argument("--target-compute", type=float, default=0.5, help="profile section target")
+    p.add_argument("--target-compute", type=fraction, default=0.5, help="profile section target")
     args = p.parse_args(argv)
     args.size = _size(p, args.size)
-    args.thresholds = [float(t) for t in args.threshold.split(",") if t.strip()]
-    args.fbc_thresholds = [float(t) for t in args.fbc_threshold.split(",") if t.strip()]
-    args.erta_computes = [float(t) for t in args.erta_compute.split(",") if t.strip()]
-    args.hyca_computes = [float(t) for t in args.hyca_compute.split(",") if t.strip()]
-    args.invardiff_computes = [float(t) for t in args.invardiff_compute.split(",") if t.strip()]
+    args.thresholds, args.fbc_thresholds = args.threshold, args.fbc_threshold
+    args.erta_computes, args.hyca_computes = args.erta_compute, args.hyca_compute
+    args.invardiff_computes = args.invardiff_compute
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.profile_models = [m.strip() for m in args.profile_models.split(",") if m.strip()]
+    args.models = names(args.models)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     unknown = [m for m in args.models if m not in builtin_models()]
     if unknown:
         p.error(f"unknown models {unknown}; built-in: {', '.join(builtin_models())}")
+    if args.profile_models is None:
+        args.profile_models = [m for m in ("wan2.1-tiny", "dit-tiny") if m in args.models]
+    outside = [m for m in args.profile_models if m not in args.models]
+    if outside:
+        p.error(f"--profile-models {outside} are not among --models {args.models}")
     return args
 
 

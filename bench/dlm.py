@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from arg_types import among, non_negative, positive
 from reference_models import lost_won, per_request
 
 import diffcache
@@ -275,28 +276,39 @@ def _by_type(right: dict[int, float], kinds: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", default="llada,dream")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--d-model", type=int, default=1024)
-    p.add_argument("--gen-length", type=int, default=256)
-    p.add_argument("--block", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1, help="prompts per call (different lengths)")
     p.add_argument(
-        "--tasks", type=int, default=0,
-        help="llada-arith: this many fresh held-out tasks instead of the bundled 200",
+        "--families", type=among(("llada", "dream")), default="llada,dream",
+        help="speed tables to run ('' for none: the accuracy part only)",
+    )  # fmt: skip
+    p.add_argument("--layers", type=positive, default=12)
+    p.add_argument("--d-model", type=positive, default=1024, help="a multiple of 64")
+    p.add_argument("--gen-length", type=positive, default=256)
+    p.add_argument("--block", type=positive, default=32, help="divides --gen-length")
+    p.add_argument("--repeats", type=positive, default=3)
+    p.add_argument("--batch", type=positive, default=1, help="prompts per call (different lengths)")
+    p.add_argument(
+        "--tasks", type=non_negative, default=0,
+        help="llada-arith: this many fresh held-out tasks (0: the bundled 200)",
     )  # fmt: skip
     p.add_argument(
         "--arith-gen", default="16,64",
-        help="llada-arith generation lengths (16, 32, 64; the longer ones in blocks of 16)",
+        help="llada-arith generation lengths (16, 32, 64; the longer ones in blocks of 16; '' "
+        "skips the accuracy part)",
     )  # fmt: skip
-    p.add_argument("--small", action="store_true", help="4 layers, d_model 256, 64 tokens")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--small", action="store_true",
+        help="4 layers, d_model 256, 64 tokens in blocks of 16 (overrides those flags)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=positive, default=None)
     p.add_argument("--out", default="out/bench-dlm")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error(f"--batch must be at least 1, got {args.batch}")
-    if not 0 <= args.tasks <= 2000:  # about 945 held-out word problems exist
+    if args.d_model % 64:
+        p.error(
+            f"--d-model must be a multiple of 64 (heads of 128 or one head), got {args.d_model}"
+        )
+    if args.gen_length % args.block:
+        p.error(f"--block {args.block} must divide --gen-length {args.gen_length}")
+    if args.tasks > 2000:  # about 945 held-out word problems exist
         p.error(f"--tasks must be in 0..2000, got {args.tasks}")
     try:
         args.arith_gen = [int(g) for g in args.arith_gen.split(",") if g.strip()]
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+    for family in args.families:
         bench_family(family, args, device)
     accuracy(args)
 

@@ -33,6 +33,7 @@ import torch
 if not torch.cuda.is_available():  # the interpreter reads this when the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from arg_types import positive_seconds  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
 from diffcache import kernels  # noqa: E402
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--dtype", choices=["float32", "float16", "bfloat16"],
         help="data dtype (default: bfloat16 on CUDA; float32 elsewhere, as the interpreter needs)",
     )  # fmt: skip
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per backend")
+    p.add_argument(
+        "--min-time", type=positive_seconds, default=0.5, help="seconds of timing per backend"
+    )
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from arg_types import among, listed, non_negative_float, positive
 
 from diffcache.eval.runner import evaluate
 from diffcache.models import builtin_models
@@ -99,18 +100,23 @@ def table(report: dict[str, Any], took: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--seeds", type=int, default=1, help="seeds per default input")
-    p.add_argument("--thresholds", default=None, help="EasyCache thresholds (comma-separated)")
+    p.add_argument("--models", type=among(MODELS), default=",".join(MODELS))
+    p.add_argument("--seeds", type=positive, default=1, help="seeds per default input")
+    p.add_argument(
+        "--thresholds", type=listed(non_negative_float), default=None,
+        help="EasyCache thresholds (comma-separated)",
+    )  # fmt: skip
     p.add_argument("--out", default="out/bench-reference")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive, default=None, help="torch threads (default: torch's)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for model in args.models:
         thresholds = THRESHOLDS[model]
         if args.thresholds:
-            thresholds = tuple(float(t) for t in args.thresholds.split(","))
+            thresholds = tuple(args.thresholds)
         plans = comparisons(model, thresholds)
         t0 = time.perf_counter()
         report = evaluate(model, plans, Path(args.out) / model, seeds=args.seeds, progress=True)
