@@ -170,12 +170,17 @@ class Profiling:
         cheap, dear = (lo, hi) if rising else (hi, lo)  # least and most compute
         best = run(cheap)
         if best["compute_fraction"] > goal:
+            config = make(cheap)
+            fixed = ", ".join(
+                f"{f.name}={getattr(config, f.name)}"
+                for f in dataclasses.fields(config)
+                if f.name != knob
+            )
             raise DiffCacheError(
-                f"{knob}: even at {knob}={getattr(make(cheap), knob, cheap):g} the calibration "
-                "runs compute "
-                f"{best['compute_fraction']:.3f} of the work, above the target {goal:.3f}; "
-                "ask for less, or change the options the search keeps fixed (warm-up steps, "
-                "window, ...)."
+                f"{knob}: even at {knob}={getattr(config, knob, cheap):g} the calibration runs "
+                f"compute {best['compute_fraction']:.3f} of the work, above the target "
+                f"{goal:.3f}; ask for less, or change the options the search keeps fixed "
+                f"({fixed}) with --option KEY=VALUE."
             )
         low = run(dear)
         if low["compute_fraction"] <= goal:
