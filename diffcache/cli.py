@@ -255,18 +255,12 @@ def _check_seeds(n: int) -> None:
 def _check_valid_for(plan: Any, req: Any) -> None:
     """Refuse a request outside the plan's ``valid_for`` (the keys a request sets: steps and
     family keys such as ``gen_length``) before any model is built."""
-    from diffcache.runstate import steps_mismatch
+    from diffcache.runstate import outside_valid_for
 
     for key, want in plan.valid_for.items():
         given = req.get("steps" if key == "num_inference_steps" else key)
-        if given is None or given == want:
-            continue
-        if key == "num_inference_steps":
-            raise DiffCacheError(f"{plan.name}: {steps_mismatch(want, given)}")
-        raise DiffCacheError(
-            f"{plan.name}: the plan is valid for {key}={want!r} but this call has "
-            f"{key}={given!r} (valid_for.{key})"
-        )
+        if given is not None and given != want:
+            raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
 
 
 def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:

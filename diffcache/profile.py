@@ -230,24 +230,7 @@ def profile(
         raise DiffCacheError(f"target_compute must be in (0, 1], got {target_compute}")
     if target_speedup is not None and not target_speedup >= 1:
         raise DiffCacheError(f"target_speedup must be >= 1, got {target_speedup}")
-    if isinstance(prompts, str):
-        raise DiffCacheError(
-            f"prompts must be a list of prompts, got the string {prompts[:40]!r}; "
-            "wrap one prompt in a list"
-        )
-    if not prompts:
-        raise PlanError("profiling needs at least one calibration prompt; got none")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise DiffCacheError(f"seeds must be >= 1 (seeds per prompt), got {seeds}")
-    elif not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise DiffCacheError(
-            f"seeds must be a count >= 1 or a non-empty list of seeds, got {seeds!r}"
-        )
-    if out is not None:
-        from diffcache.generate import check_writable
-
-        out = check_writable(Path(out), "out")  # before any calibration run
+    out = _check_inputs(prompts, seeds, out)
     from diffcache.api import session_of
 
     if session_of(pipe) is not None:
@@ -371,6 +354,33 @@ def record_trace(
     denoiser = sum(part[2]["denoiser"] for part in parts)
     wall = sum(part[3] - part[2]["probe"] for part in parts)
     return trace, steps, min(denoiser / max(wall, 1e-9), 1.0)
+
+
+def _check_inputs(
+    prompts: Sequence[str], seeds: int | Sequence[int], out: str | Path | None
+) -> Path | None:
+    """Refuse prompts given as one string or none, bad seeds and an unwritable ``out``
+    (before any calibration run); ``out`` as a Path."""
+    from diffcache.generate import check_writable
+
+    if isinstance(prompts, str):
+        raise DiffCacheError(
+            f"prompts must be a list of prompts, got the string {prompts[:40]!r}; "
+            "wrap one prompt in a list"
+        )
+    if not prompts:
+        raise PlanError("profiling needs at least one calibration prompt; got none")
+
+    def whole(s: Any) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool)
+
+    if whole(seeds) and seeds < 1:
+        raise DiffCacheError(f"seeds must be >= 1 (seeds per prompt), got {seeds}")
+    if not whole(seeds) and (not seeds or not all(map(whole, seeds))):
+        raise DiffCacheError(
+            f"seeds must be a count >= 1 or a non-empty list of seeds, got {seeds!r}"
+        )
+    return None if out is None else check_writable(Path(out), "out")
 
 
 def measure_speedup(pipe: Any, plan: Plan, requests: Sequence[Request]) -> float:

@@ -254,13 +254,20 @@ class RunState:
                     f"(valid_for.{key})"
                 )
             if self.facts[key] != want:
-                raise self.refuse(
-                    f"the plan is valid for {key}={want!r} but this call has "
-                    f"{key}={self.facts[key]!r} (valid_for.{key})"
-                )
+                raise self.refuse(outside_valid_for(key, want, self.facts[key]))
 
     def _tick(self) -> None:
         self.stats.wall_s = time.perf_counter() - self._t0
+
+
+def outside_valid_for(key: str, want: Any, given: Any) -> str:
+    """The problem of a call whose ``key`` is ``given`` where the plan's ``valid_for`` says
+    ``want``."""
+    if key == "num_inference_steps":
+        return steps_mismatch(want, given)
+    return (
+        f"the plan is valid for {key}={want!r} but this call has {key}={given!r} (valid_for.{key})"
+    )
 
 
 def steps_mismatch(expected: int, actual: int) -> str:

@@ -45,10 +45,15 @@ def left_out(runs: Sequence[dict[str, Any]], metric: str) -> list[str]:
     return [label(r) for r in runs if not (_number(r.get("speedup")) and _number(r.get(metric)))]
 
 
+def is_text(runs: Sequence[dict[str, Any]]) -> bool:
+    """Runs of a text model (they carry ``tokens_per_s``)."""
+    return any("tokens_per_s" in r for r in runs)
+
+
 def panels(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, axis title) of the quality panels: closeness to the baseline's output (PSNR, or
     for text the agreement), then the task measure when there is one (task score, accuracy)."""
-    text = any("tokens_per_s" in r for r in runs)
+    text = is_text(runs)
     out = (
         [("agreement", "agreement with no cache")] if text else [("psnr", "PSNR vs baseline (dB)")]
     )

@@ -62,7 +62,9 @@ TEXT_COLUMNS: tuple[str, ...] = (
 
 def columns(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     """The table columns for these runs: text or image / video metrics."""
-    return TEXT_COLUMNS if any("tokens_per_s" in r for r in runs) else COLUMNS
+    from diffcache.eval.plots import is_text
+
+    return TEXT_COLUMNS if is_text(runs) else COLUMNS
 
 
 #: Keys whose values are text (every other leaf of a report is a number or null). ``notes`` may
