@@ -15,6 +15,14 @@ class UnsupportedModelError(DiffCacheError, TypeError):
     """No adapter matches the model, or the method cannot run on it."""
 
 
+class TargetUnreachable(DiffCacheError):
+    """A compute target below the least that a method's fixed options allow (``least``)."""
+
+    def __init__(self, message: str, least: float) -> None:
+        super().__init__(message)
+        self.least = least
+
+
 class KernelUnavailableError(DiffCacheError, NotImplementedError):
     """An explicitly requested kernel backend cannot run on the given inputs."""
 

@@ -28,6 +28,7 @@ from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
     PlanError,
+    TargetUnreachable,
     UnsupportedModelError,
 )
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
@@ -176,11 +177,12 @@ class Profiling:
                 for f in dataclasses.fields(config)
                 if f.name != knob
             )
-            raise DiffCacheError(
+            raise TargetUnreachable(
                 f"{knob}: even at {knob}={getattr(config, knob, cheap):g} the calibration runs "
                 f"compute {best['compute_fraction']:.3f} of the work, above the target "
                 f"{goal:.3f}; ask for less, or change the options the search keeps fixed "
-                f"({fixed}) with --option KEY=VALUE."
+                f"({fixed}) with --option KEY=VALUE.",
+                best["compute_fraction"],
             )
         low = run(dear)
         if low["compute_fraction"] <= goal:
@@ -263,8 +265,16 @@ def profile(
     if target.scheduler is not None:
         valid_for["scheduler"] = type(target.scheduler).__name__
     profiling = Profiling(pipe, target, requests, trace, valid_for, target_compute, progress)
-    calibrated = config.calibrate(profiling)
     targets = {"target_compute": target_compute, "target_speedup": target_speedup}
+    try:
+        calibrated = config.calibrate(profiling)
+    except TargetUnreachable as e:
+        if target_speedup is None:  # a compute target is a bound: refused
+            raise
+        # a speed is a goal: the best plan the method can make for it, the fastest one
+        targets["least_compute"] = e.least
+        profiling.target_compute = e.least * (1 + 1e-9)
+        calibrated = config.calibrate(profiling)
     plan = make_plan(target, calibrated.config, calibrated.calibration, valid_for)
     if target_speedup is not None:  # the compute target assumed ideal scaling: check the clock
         targets["denoiser_share"] = round(share, 3)

@@ -410,10 +410,6 @@ BAD_INPUT = {
         [*PROFILE, "--prompts", "empty.txt", "--num-prompts", "2", "--out", "p.yaml"],
         "argument --num-prompts: not allowed with argument --prompts",
     ),
-    "profile-no-prompt-source": (
-        [*PROFILE, "--out", "p.yaml"],
-        "one of the arguments --prompts --num-prompts is required",
-    ),
     "profile-target-compute-above-1": (
         [*PROFILE, "--num-prompts", "2", "--target-compute", "1.5", "--out", "p.yaml"],
         "--target-compute must be in (0, 1], got 1.5",
@@ -603,6 +599,19 @@ def test_profile_writes_a_plan_that_generate_uses(tmp_path: Path, capsys) -> Non
     assert s["method"] == "easycache" and s["steps"] == 8 and s["compute_fraction"] < 1
     assert main([*DIT, "--plan", str(plan), "--steps", "6", "--out", str(png)]) == 2
     assert "num_inference_steps=8 but this call runs 6" in _err_line(capsys)
+
+
+def test_profile_without_a_prompt_source_calibrates_on_bundled_inputs(
+    tmp_path: Path, capsys
+) -> None:
+    """The issue's `profile --model dit-digits --method hyca --target-speedup 3` form (no
+    --prompts, no --num-prompts): the bundled calibration inputs, 8 of them."""
+    plan = tmp_path / "p.yaml"
+    assert main([*PROFILE, "--steps", "8", "--option", "warmup_steps=2", "--out", str(plan)]) == 0
+    assert "on 8 prompt(s) x 1 seed(s)" in capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load(plan.read_text())["provenance"]["prompts"] == 8
 
 
 def test_profile_starts_from_the_models_default_plan(tmp_path: Path, capsys) -> None:

@@ -150,6 +150,17 @@ def test_calibration_for_another_model_is_refused(tmp_path) -> None:
     assert clean(pipe.transformer, pipe.scheduler) and not diffcache.is_accelerated(pipe)
 
 
+def test_a_speed_out_of_the_options_reach_gets_the_fastest_plan() -> None:
+    """A compute target below what the fixed options allow is refused; a speed target gets the
+    fastest plan they allow, with that least compute and the measured speed recorded."""
+    config = EasyCacheConfig(warmup_steps=10)  # 10 of 12 steps always compute
+    plan = diffcache.profile(ToyPipeline(), config, PROMPTS, target_speedup=1.2, request=REQ)
+    given = plan.provenance
+    assert given["target_compute"] < given["least_compute"] == pytest.approx(11 / 12, abs=1e-6)
+    assert given["measured"]["compute_fraction"] == given["least_compute"]
+    assert given["speedup_measured"] > 0 and plan.options["warmup_steps"] == 10
+
+
 def test_bad_profiling_requests() -> None:
     pipe = ToyPipeline()
     with pytest.raises(PlanError, match="at least one calibration prompt"):

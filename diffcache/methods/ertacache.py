@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.errors import DiffCacheError, PlanError, RunError
+from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.profile import round_to
@@ -358,9 +358,10 @@ def fit_threshold(cal: ERTACacheCalibration, target: float) -> float:
         if 1 - len(steps) / t <= target:  # a readable value where it gives the same schedule
             readable = (round_to(threshold, d) for d in (2, 3, 6))
             return next((r for r in readable if reuse_steps(rel, r) == steps), threshold)
-    raise DiffCacheError(
+    raise TargetUnreachable(
         f"ertacache: even reusing every step it can, the schedule computes {2 / t:.3f} of the "
-        f"{t} steps (the first and last always compute), above the target {target:.3f}"
+        f"{t} steps (the first and last always compute), above the target {target:.3f}",
+        2 / t,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffcache.errors import DiffCacheError, PlanError, RunError
+from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
@@ -283,10 +283,11 @@ def _fit_interval(cfg: HyCaConfig, steps: int, target: float) -> HyCaConfig:
         if candidate.compute_fraction(steps) <= target:
             return candidate
     best = dataclasses.replace(cfg, interval=steps).compute_fraction(steps)
-    raise DiffCacheError(
+    raise TargetUnreachable(
         f"hyca: with warm-up {cfg.warmup_steps} the schedule computes at least {best:.3f} of the "
         f"block calls at {steps} steps, above the target {target:.3f}; lower --option "
-        "warmup_steps or ask for less"
+        "warmup_steps or ask for less",
+        best,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
@@ -215,9 +215,10 @@ def _fit_quantile(
         return 1 - float(books(make(q), *scores, sites)[1].float().mean())
 
     if fraction(1.0) > target:
-        raise DiffCacheError(
+        raise TargetUnreachable(
             f"invardiff: even at quantile 1 the plan computes {fraction(1.0):.3f} of the module "
-            f"calls, above the target {target:.3f}; lower nonskip_rate or ask for less"
+            f"calls, above the target {target:.3f}; lower nonskip_rate or ask for less",
+            fraction(1.0),
         )
     lo, hi = 0.0, 1.0
     for _ in range(20):
