@@ -142,15 +142,20 @@ def load_model(name_or_path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def loading_bar(show: bool) -> Iterator[None]:
-    """diffusers' "Loading pipeline components" bar on or off for a ``from_pretrained``."""
-    from diffusers.utils import logging
+    """The loading bars of a ``from_pretrained`` on or off: diffusers' "Loading pipeline
+    components" and transformers' "Loading weights" (a text encoder)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    was = logging.is_progress_bar_enabled()
-    (logging.enable_progress_bar if show else logging.disable_progress_bar)()
+    libraries = (diffusers_logging, transformers_logging)
+    was = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        (lib.enable_progress_bar if show else lib.disable_progress_bar)()
     try:
         yield
     finally:
-        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+        for lib, on in zip(libraries, was, strict=True):
+            (lib.enable_progress_bar if on else lib.disable_progress_bar)()
 
 
 def _load_diffusers(path: Path) -> Any:

@@ -29,10 +29,13 @@ def test_loads_offline_as_a_stock_pipeline(pipe) -> None:
     assert np.array_equal(a, _samples(digits.load(), [4])), "two loads must agree"
 
 
-def test_loads_without_a_progress_bar(capfd) -> None:
-    """A command's stderr holds its own messages: diffusers' loading bar stays off."""
-    load_model("dit-digits")
-    assert "Loading pipeline components" not in capfd.readouterr().err
+@pytest.mark.parametrize("model", ["dit-digits", "wan-shapes"])
+def test_loads_without_a_progress_bar(model: str, capfd) -> None:
+    """A command's stderr holds its own messages: diffusers' and transformers' (wan-shapes'
+    text encoder) loading bars stay off."""
+    load_model(model)
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
 
 
 def test_baseline_draws_the_asked_digits(pipe) -> None:
