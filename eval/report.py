@@ -182,12 +182,20 @@ def _baseline(report: dict[str, Any]) -> dict[str, Any]:
     return base if isinstance(base, dict) else {}
 
 
-def _note_items(notes: Any) -> list[tuple[str | None, str]]:
-    """Notes as (key or None, text) pairs, whether given as a dict, a list or a string."""
+#: metrics the page shows outside the table (header facts, the per-step chart), whose notes are
+#: shown beside those of the table's columns
+SHOWN_ELSEWHERE = ("latency_s", "peak_mem_bytes", "per_step_compute")
+
+
+def _note_items(report: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """The notes as (key or None, text) pairs, whether given as a dict, a list or a string; of a
+    dict, those of the metrics the page shows (report.json keeps every note)."""
+    notes = report.get("notes")
     if not notes:
         return []
     if isinstance(notes, dict):
-        return [(str(k), str(v)) for k, v in notes.items()]
+        shown = {*columns(_runs(report)), *SHOWN_ELSEWHERE}
+        return [(str(k), str(v)) for k, v in notes.items() if k in shown]
     if isinstance(notes, (list, tuple)):
         return [(None, str(v)) for v in notes]
     return [(None, str(notes))]
@@ -232,7 +240,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("_No runs._")
-    notes = _note_items(report.get("notes"))
+    notes = _note_items(report)
     if notes:
         lines += ["", "## Notes", ""]
         for key, text in notes:
@@ -309,7 +317,7 @@ def render_section(report: dict[str, Any], out_dir: Path | None = None, level: i
     out += [plots.timeline_svg(runs), "</figure>"]
     if out_dir is not None and report.get("samples"):
         out += [f"<{h}>Samples</{h}>", grid_html(report, out_dir)]
-    notes = _note_items(report.get("notes"))
+    notes = _note_items(report)
     if notes:
         out += [f"<{h}>Notes</{h}>", "<ul>"]
         for key, text in notes:

@@ -243,6 +243,7 @@ def test_text_reports_show_text_metrics(tmp_path: Path) -> None:
     assert "baseline accuracy: 0.9" in md and "| 0.05 |" in md
     page = (tmp_path / "report.html").read_text()
     assert "agreement with no cache" in page and "Not placed" not in page
+    assert "AlexNet" not in md and "AlexNet" not in page  # LPIPS is no column of a text table
 
 
 def test_charts_are_deterministic() -> None:
