@@ -126,7 +126,11 @@ class Session:
             run.begin_call(site.expert)
             self._seen = dict.fromkeys(expected, 0)
             call = Call(run, site, inner, args, kwargs)
-            out = self._step(call) if self._step is not None else call.compute()
+            try:
+                out = self._step(call) if self._step is not None else call.compute()
+            except BaseException:  # an error or an interrupt in the denoiser ends the run:
+                run.end_run()  # its cached tensors are released now, not at the next call
+                raise
             run.record("step", float(call.computed))
             run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
             self.driver.after_call()

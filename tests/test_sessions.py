@@ -162,6 +162,31 @@ def test_two_experts_are_both_cached_with_their_own_state() -> None:
     assert clean(pipe.transformer, pipe.transformer_2, pipe.scheduler)
 
 
+def test_an_error_in_the_denoiser_releases_the_run(wan: Any) -> None:
+    """An exception (or Ctrl-C) inside a denoiser call ends the run: no cached tensor is held
+    until the next call, and the next call runs as planned."""
+    diffcache.accelerate(wan, AGGRESSIVE)
+    calls = []
+
+    def fail_at_step_1(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:  # CFG: the cond call of step 1, with step 0's residuals cached
+            raise KeyboardInterrupt
+
+    handle = wan.transformer.blocks[0].register_forward_pre_hook(fail_at_step_1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(wan)
+        run = session_of(wan).run
+        assert not run.active and run.holding() == 0
+        handle.remove()
+        _run(wan)
+        assert diffcache.stats(wan).skipped > 0
+    finally:
+        handle.remove()
+        diffcache.remove(wan)
+
+
 def test_nothing_of_a_call_is_kept_after_it_returns(wan: Any) -> None:
     diffcache.accelerate(wan, AGGRESSIVE)
     try:
