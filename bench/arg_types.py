@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import Any
 
 
 def _number(text: str, kind: type) -> float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        what = "whole number" if kind is int else "number"
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
@@ -50,10 +52,10 @@ def fraction(text: str) -> float:
     return value
 
 
-def listed(item: Callable[[str], float]) -> Callable[[str], list[float]]:
+def listed(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     """A comma-separated list of ``item`` values ('' for none)."""
 
-    def parse(text: str) -> list[float]:
+    def parse(text: str) -> list[Any]:
         return [item(part.strip()) for part in text.split(",") if part.strip()]
 
     return parse

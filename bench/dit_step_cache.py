@@ -552,6 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threshold",
+        dest="thresholds",
         type=listed(non_negative_float),
         default="0.05,0.3",
         help=f"{BIG} only: comma-separated EasyCache thresholds, one line each "
@@ -560,6 +561,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--fbc-threshold",
+        dest="fbc_thresholds",
         type=listed(non_negative_float),
         default="0.05,0.35",
         help="comma-separated diffusers FirstBlockCache thresholds, one line each (default "
@@ -573,6 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--erta-compute",
+        dest="erta_computes",
         type=listed(fraction),
         default="0.5",
         help="comma-separated compute targets for ERTACache, profiled in the run (one line each; "
@@ -580,12 +583,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--hyca-compute",
+        dest="hyca_computes",
         type=listed(fraction),
         default="0.5",
         help="comma-separated block-compute targets for HyCa, profiled in the run ('' for none)",
     )
     p.add_argument(
         "--invardiff-compute",
+        dest="invardiff_computes",
         type=listed(fraction),
         default="0.5",
         help="comma-separated module-compute targets for InvarDiff, profiled in the run ('' for "
@@ -626,9 +631,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-compute", type=fraction, default=0.5, help="profile section target")
     args = p.parse_args(argv)
     args.size = _size(p, args.size)
-    args.thresholds, args.fbc_thresholds = args.threshold, args.fbc_threshold
-    args.erta_computes, args.hyca_computes = args.erta_compute, args.hyca_compute
-    args.invardiff_computes = args.invardiff_compute
     if args.models is None:
         args.models = ",".join(TINY if args.quick else TINY + (BIG,))
     args.models = names(args.models)
@@ -662,7 +664,8 @@ def main(argv: list[str] | None = None) -> None:
         f"settings: models {','.join(args.models)}; repeats {args.repeats} (median); "
         f"{BIG}: steps {args.steps}, guidance {args.guidance}, {args.dtype}, EasyCache tau "
         f"{','.join(f'{t:g}' for t in args.thresholds)}, warm-up 20% of steps; tiny models: "
-        f"their defaults and bundled plans; FirstBlockCache tau {args.fbc_threshold}; "
+        f"their defaults and bundled plans; FirstBlockCache tau "
+        f"{','.join(f'{t:g}' for t in args.fbc_thresholds)}; "
         f"TaylorSeer cache_interval {args.taylor_interval}, max_order 1, warm-up = EasyCache's"
     )
     for name in args.models:

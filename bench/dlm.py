@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from arg_types import among, non_negative, positive
+from arg_types import among, listed, non_negative, positive
 from reference_models import lost_won, per_request
 
 import diffcache
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         help="llada-arith: this many fresh held-out tasks (0: the bundled 200)",
     )  # fmt: skip
     p.add_argument(
-        "--arith-gen", default="16,64",
+        "--arith-gen", type=listed(positive), default="16,64",
         help="llada-arith generation lengths (16, 32, 64; the longer ones in blocks of 16; '' "
         "skips the accuracy part)",
     )  # fmt: skip
@@ -310,10 +310,6 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--block {args.block} must divide --gen-length {args.gen_length}")
     if args.tasks > 2000:  # about 945 held-out word problems exist
         p.error(f"--tasks must be in 0..2000, got {args.tasks}")
-    try:
-        args.arith_gen = [int(g) for g in args.arith_gen.split(",") if g.strip()]
-    except ValueError:
-        p.error(f"--arith-gen must be comma-separated integers, got {args.arith_gen!r}")
     if not set(args.arith_gen) <= set(ARITH):
         p.error(f"--arith-gen lengths must be among {sorted(ARITH)}, got {args.arith_gen}")
     if args.small:

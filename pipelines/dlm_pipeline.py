@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,13 @@ def lengths(values: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     (one step per token, one block)."""
     gen_length = values.get("gen_length", GEN_LENGTH)
     return gen_length, values.get("steps", gen_length), values.get("block_length", gen_length)
+
+
+def rule(
+    problem: Callable[[int, int, int], str | None],
+) -> Callable[[Mapping[str, Any]], str | None]:
+    """An adapter's request rule from a ``(gen_length, steps, block_length)`` check."""
+    return lambda values: problem(*lengths(values))
 
 
 def block_problem(gen_length: int, steps: int, block_length: int) -> str | None:

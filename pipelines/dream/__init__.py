@@ -24,8 +24,13 @@ import torch
 from diffcache.adapter import Adapter
 from diffcache.models import Loader, register_loader
 from diffcache.pipelines import dlm_loading
-from diffcache.pipelines.dlm_pipeline import DiffusionLMPipeline, RequestError, block_problem
-from diffcache.pipelines.llada import FIELDS, rule
+from diffcache.pipelines.dlm_pipeline import (
+    DiffusionLMPipeline,
+    RequestError,
+    block_problem,
+    rule,
+)
+from diffcache.pipelines.llada import FIELDS
 from diffcache.pipelines.sampling import dream as sampling
 from diffcache.pipelines.sampling import rules
 from diffcache.pipelines.sampling.dream import origin_commit as rules_origin

@@ -16,7 +16,6 @@ temperature (the reference only demotes EOS at temperature 0, an aliasing effect
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from diffcache.pipelines.dlm_pipeline import (
     DiffusionLMPipeline,
     RequestError,
     block_problem,
-    lengths,
+    rule,
 )
 from diffcache.pipelines.sampling import llada as sampling
 from diffcache.registry import register_adapter
@@ -46,13 +45,6 @@ def steps_problem(gen_length: int, steps: int, block_length: int) -> str | None:
             f"(gen_length {gen_length} / block_length {block_length})"
         )
     return None
-
-
-def rule(
-    problem: Callable[[int, int, int], str | None],
-) -> Callable[[Mapping[str, Any]], str | None]:
-    """A request rule of the adapter from a ``(gen_length, steps, block_length)`` check."""
-    return lambda values: problem(*lengths(values))
 
 
 FIELDS = (
