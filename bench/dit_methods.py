@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from arg_types import among, fraction, listed, positive
-from reference_models import DIFFUSERS, table
+from reference_models import DIFFUSERS, fmt, lost_won, per_request, sign_p, table
 
 import diffcache
 from diffcache.eval.baselines import magcache
@@ -95,16 +95,24 @@ def verdict(report: dict) -> None:
     base = report["baseline"]["task_score"]
     if base is None:
         return
+    scores = per_request(report, "task_score")
     best: dict[str, tuple[float, str] | None] = {}
-    top: dict[str, float] = {}  # each method's best task score, for those that never keep it
     for r in report["runs"]:
         macs, kept = r.get("macs_fraction"), (r["task_score"] or 0) >= base - 1e-9
         old = best.setdefault(r["method"], None)
-        top[r["method"]] = max(top.get(r["method"], 0.0), r["task_score"] or 0.0)
         if kept and macs is not None and (old is None or macs < old[0]):
             best[r["method"]] = (macs, r["plan"])
-    cells = [f"{m} {b[0]:.3f} ({b[1]})" if b else f"{m} none (best task {top[m]:.3f})"
-             for m, b in best.items()]  # fmt: skip
+
+    def short_of(m: str) -> str:
+        """The method's best task score (fewest MACs among equals), with its paired test."""
+        runs = [r for r in report["runs"] if r["method"] == m]
+        r = max(runs, key=lambda r: (r["task_score"] or 0, -(r.get("macs_fraction") or 1e9)))
+        paired = (scores.get("baseline", {}), scores.get(r["plan"], {}))
+        return (f"{m} none (best task {fmt(r['task_score'], '.3f')} at MACs "
+                f"{fmt(r.get('macs_fraction'), '.3f')}, lost/won {lost_won(*paired)}, "
+                f"sign test p {sign_p(*paired)})")  # fmt: skip
+
+    cells = [f"{m} {b[0]:.3f} ({b[1]})" if b else short_of(m) for m, b in best.items()]
     print(f"  - fewest MACs at task score >= baseline {base:.3f}: " + "; ".join(cells))
     theirs = min((b[0] for m, b in best.items() if m.startswith("diffusers:") and b), default=None)
     if theirs is not None:

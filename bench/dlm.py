@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 from arg_types import among, listed, non_negative, positive
-from reference_models import lost_won, per_request
+from reference_models import lost_won, per_request, sign_p
 
 import diffcache
 from diffcache.models import builtin_models
@@ -260,7 +260,8 @@ def arith_table(args: argparse.Namespace, tasks: list[Any], gen: int, request: R
     for r in report["runs"]:
         got = right[r["plan"]]
         print(f"{r['plan']:32s} accuracy {r['accuracy']:.3f}  drop {r['accuracy_drop']:+.3f}  "
-              f"(lost/won {lost_won(base, got)})  agreement {r['agreement']:.3f}  "
+              f"(lost/won {lost_won(base, got)}, sign test p {sign_p(base, got)})  "
+              f"agreement {r['agreement']:.3f}  "
               f"compute {r['compute_fraction']:.3f}  speedup {r['speedup']:.2f}")  # fmt: skip
         print(f"{'':32s} by type: " + _by_type(got, kinds))
 

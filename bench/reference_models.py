@@ -10,9 +10,11 @@ compute_fraction (ours: computed denoiser calls / calls; diffusers' caches repor
 SSIM against the plain output of the same request, and the task score (class accuracy of the
 generated digits / share of shape clips whose colour and motion direction are right) beside the
 baseline's, and the samples each run lost / won against the baseline on the same request (two
-runs with one score can differ in which samples they get right). This is the table later DiT
-methods are judged on. Numbers are printed as measured; nothing is asserted. The full reports
-(with sample grids) are written under ``--out``.
+runs with one score can differ in which samples they get right) with the exact sign test's p of
+that split (below 0.05: the run's task score differs from the baseline's by more than which
+samples happen to flip). This is the table later DiT methods are judged on. Numbers are
+printed as measured; nothing is asserted. The full reports (with sample grids) are written
+under ``--out``.
 
     python bench/reference_models.py                      # both models, their default inputs
     python bench/reference_models.py --models dit-digits --seeds 2 --thresholds 0.05,0.1,0.2
@@ -66,9 +68,26 @@ def lost_won(base: dict[int, float], run: dict[int, float]) -> str:
     """Samples the run scores worse / better on than the baseline (paired, same request)."""
     if not run:
         return "—"
+    lost, won = _counts(base, run)
+    return f"{lost}/{won}"
+
+
+def sign_p(base: dict[int, float], run: dict[int, float]) -> str:
+    """Two-sided exact sign test of lost against won (scipy's ``binomtest``, p = 1/2): how
+    likely a split at least this uneven is when the run scores like the baseline. A small p
+    says the difference in task score is more than which samples happen to flip."""
+    if not run:
+        return "—"
+    from scipy.stats import binomtest
+
+    lost, won = _counts(base, run)
+    return "1" if lost + won == 0 else f"{binomtest(lost, lost + won).pvalue:.2g}"
+
+
+def _counts(base: dict[int, float], run: dict[int, float]) -> tuple[int, int]:
     lost = sum(base[i] > v for i, v in run.items() if i in base)
     won = sum(base[i] < v for i, v in run.items() if i in base)
-    return f"{lost}/{won}"
+    return lost, won
 
 
 def table(report: dict[str, Any], took: float) -> None:
@@ -79,7 +98,7 @@ def table(report: dict[str, Any], took: float) -> None:
     )
     print(
         f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'MACs':>6} {'PSNR':>6} "
-        f"{'SSIM':>6} {'task':>6} {'lost/won':>8}"
+        f"{'SSIM':>6} {'task':>6} {'lost/won':>8} {'p':>5}"
     )
     scores = per_request(report, "task_score")
     for r in report["runs"]:
@@ -88,8 +107,10 @@ def table(report: dict[str, Any], took: float) -> None:
             f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r.get('macs_fraction'), '.3f'):>6} "
             f"{fmt(r['psnr'], '.2f'):>6} "
             f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6} "
-            f"{lost_won(scores.get('baseline', {}), scores.get(r['plan'], {})):>8}"
+            f"{lost_won(scores.get('baseline', {}), scores.get(r['plan'], {})):>8} "
+            f"{sign_p(scores.get('baseline', {}), scores.get(r['plan'], {})):>5}"
         )
+    print("  - p: two-sided exact sign test of lost against won (small: a real difference)")
     every = all("macs" in rec for rec in report["records"])
     print(f"  - MACs: {'mean over every request' if every else 'counted on the first request'}")
     if not any(r["method"].startswith("diffusers:") for r in report["runs"]):
