@@ -271,11 +271,27 @@ def _check_valid_for(plan: Any, req: Any) -> None:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
 
 
-def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
-    """The method's config: the options of ``start`` (a ``--from`` plan or template), else of the
-    model's bundled default plan when it uses this method (else the method's defaults), with
-    ``--option KEY=VALUE`` on top; checked against the step count before any model is built."""
+def _start(args: argparse.Namespace) -> Any:
+    """The plan ``profile`` takes its options and step count from: ``--from``, else a built-in
+    model's bundled plan for the method (``MODEL.yaml`` or ``MODEL-METHOD.yaml``), else None
+    (a checkpoint folder's published settings are looked up once its family is known)."""
+    from diffcache.models import builtin_models
     from diffcache.plan import Plan, bundled_plans
+
+    if args.start:
+        return Plan.load(args.start, template=True)
+    if args.method is None or args.model not in builtin_models():
+        return None
+    for name in (f"{args.model}.yaml", f"{args.model}-{args.method}.yaml"):
+        if name in bundled_plans() and Plan.load(name, template=True).method == args.method:
+            return Plan.load(name, template=True)
+    return None
+
+
+def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
+    """The method's config: the options of ``start`` (see ``_start``; else the method's
+    defaults) with ``--option KEY=VALUE`` on top; checked against the step count before any
+    model is built."""
     from diffcache.registry import get_method
     from diffcache.yamlio import loads_yaml
 
@@ -287,12 +303,7 @@ def _method_config(args: argparse.Namespace, steps: int | None, start: Any = Non
         )
     args.method = args.method or start.method
     cls, _ = get_method(args.method, "--method")
-    options: dict[str, Any] = {}
-    default = f"{args.model}.yaml"
-    if start is not None:
-        options.update(start.options)
-    elif default in bundled_plans() and Plan.load(default).method == args.method:
-        options.update(Plan.load(default).options)
+    options: dict[str, Any] = dict(start.options) if start is not None else {}
     for item in args.option or ():
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -391,10 +402,10 @@ def _profile(args: argparse.Namespace) -> int:
         if not 1 <= args.num_prompts <= 10_000:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
-    from diffcache.plan import Plan
+    from diffcache.plan import published_plan
 
-    start = Plan.load(args.start, template=True) if args.start else None
-    if start is not None and args.steps is None:  # the template's step count, unless --steps
+    start = _start(args)
+    if start is not None and args.steps is None:  # the plan's step count, unless --steps
         args.steps = start.valid_for.get("num_inference_steps")
     req, adapter = _request(args, args.model, sample)
     config = _method_config(args, req.get("steps"), start)
@@ -402,6 +413,21 @@ def _profile(args: argparse.Namespace) -> int:
         prompts = _profile_inputs(args, start, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample)
+    if start is None:  # a checkpoint folder: start from its family's published settings
+        start = published_plan(adapter.name, args.method)
+        if start is not None:
+            if args.steps is None:
+                args.steps = start.valid_for.get("num_inference_steps")
+            req, _ = _request(args, args.model, sample)
+            adapter = _family(pipe, req, sample)
+            config = _method_config(args, req.get("steps"), start)
+            opts = ", ".join(f"{k}={v}" for k, v in start.options.items())
+            print(
+                f"starting from {start.name}, the published {args.method} settings for "
+                f"{adapter.name} ({opts}; {req.get('steps') or 'default'} steps); --from or "
+                "--option to change",
+                file=sys.stderr,
+            )
     prompts = _profile_inputs(args, start, adapter, prompts)
     plan = diffcache.profile(
         pipe,

@@ -56,6 +56,18 @@ def bundled_plans() -> dict[str, Path]:
     }
 
 
+def published_plan(family: str, method: str) -> Plan | None:
+    """The bundled published settings of ``method`` for real checkpoints of ``family`` (the
+    plan whose provenance names a ``checkpoint``), loaded as a template; None if there is none."""
+    for path in bundled_plans().values():
+        data = read_yaml(path)
+        if (data.get("model"), data.get("method")) == (family, method) and "checkpoint" in (
+            data.get("provenance") or {}
+        ):
+            return Plan.load(path, template=True)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """One validated plan. Build it with ``Plan.load`` (path, bundled name, dict or Plan).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import diffcache
 from diffcache.cli import main
 from diffcache.eval.report import load_report
 
@@ -338,7 +339,7 @@ BAD_INPUT = {
     "profile-more-prompts-than-bundled": (
         ["profile", "--model", "flux-tiny", "--method", "easycache", "--num-prompts", "500"]
         + ["--out", "p.yaml"],
-        "--num-prompts 500: 16 calibration prompts are bundled",
+        "--num-prompts 500: 64 calibration prompts are bundled",
     ),
     "profile-from-another-family": (
         ["profile", "--model", "dit-tiny", "--from", "flux-hyca.yaml", "--num-prompts", "2"]
@@ -612,6 +613,39 @@ def test_profile_without_a_prompt_source_calibrates_on_bundled_inputs(
     import yaml
 
     assert yaml.safe_load(plan.read_text())["provenance"]["prompts"] == 8
+
+
+def test_profile_a_checkpoint_folder_on_20_bundled_prompts(tmp_path: Path, capsys) -> None:
+    """The issue's `profile --model /models/Wan2.1-T2V-1.3B-Diffusers --method ertacache
+    --num-prompts 20` form, on a Wan folder: 20 distinct bundled prompts (16 were once all), and
+    the published Wan2.1 settings to start from (λ 0.08, no timestep adjustment: Wan's diffusers
+    checkpoints sample with UniPC, where the method defaults would be refused)."""
+    folder, plan = tmp_path / "Wan2.1-T2V-Diffusers", tmp_path / "wan21-ertacache.yaml"
+    diffcache.load_model("wan2.1-tiny").save_pretrained(folder)
+    argv = ["profile", "--model", str(folder), "--method", "ertacache", "--num-prompts", "20"]
+    small = ["--steps", "6", "--height", "32", "--width", "32", "--frames", "5"]
+    assert main([*argv, *small, "--out", str(plan)]) == 0
+    out, err = capsys.readouterr()
+    assert "on 20 prompt(s) x 1 seed(s)" in out
+    assert "starting from wan21-ertacache.yaml, the published ertacache settings" in err
+    import yaml
+
+    data = yaml.safe_load(plan.read_text())
+    assert data["provenance"]["prompts"] == 20
+    assert data["options"]["time_adjust"] is False and data["options"]["threshold"] == 0.08
+    assert data["valid_for"]["num_inference_steps"] == 6
+
+
+def test_profile_starts_from_the_models_plan_for_the_method(tmp_path: Path) -> None:
+    """A built-in model's bundled plan of the method gives the options: wan2.1-tiny's
+    ERTACache plan has no timestep adjustment (UniPC), so profiling it is not refused."""
+    plan = tmp_path / "p.yaml"
+    argv = ["profile", "--model", "wan2.1-tiny", "--method", "ertacache", "--num-prompts", "2"]
+    assert main([*argv, "--steps", "6", "--out", str(plan)]) == 0
+    import yaml
+
+    options = yaml.safe_load(plan.read_text())["options"]
+    assert options["time_adjust"] is False and options["rectify"] == "channel"
 
 
 def test_profile_starts_from_the_models_default_plan(tmp_path: Path, capsys) -> None:
