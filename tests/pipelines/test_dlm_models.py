@@ -205,6 +205,27 @@ def test_a_folder_with_a_chat_template_generates(tmp_path: Path, family: str) ->
     assert out.prompt_len == 3 and out.tokens.shape == (1, 7)  # the chat prompt, then 4
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_published_plan_accelerates_a_folder_loaded_in_bf16(tmp_path: Path, family: str) -> None:
+    """The issue's user story: ``from_pretrained(folder, torch_dtype=torch.bfloat16)``, the
+    published plan (``llada.yaml``: Elastic-Cache; ``dream.yaml``: dKV-Cache), then a call at
+    gen_length 256 in blocks of 32 (the published plans hold for any length)."""
+    from diffcache.pipelines.dream import DreamPipeline
+    from diffcache.pipelines.llada import LLaDAPipeline
+
+    state = _random_state(LAYOUT[family](SMALL[family]))
+    folder = _write_folder(tmp_path / family, SMALL[family], state)
+    cls = {"llada": LLaDAPipeline, "dream": DreamPipeline}[family]
+    pipe = diffcache.accelerate(cls.from_pretrained(folder, torch_dtype=torch.bfloat16),
+                                plan=f"{family}.yaml")  # fmt: skip
+    blocks = {"block_length": 32} if family == "llada" else {}
+    out = pipe("What is 12*7?", gen_length=256, steps=256, **blocks)
+    assert out.tokens.shape[1] == out.prompt_len + 256
+    stats = diffcache.stats(pipe)
+    assert stats.method == {"llada": "elastic_cache", "dream": "dkv_cache"}[family]
+    assert 0 < stats.compute_fraction < 1
+
+
 def test_mismatched_weights_are_refused_naming_every_tensor(tmp_path: Path) -> None:
     state = _random_state(llada_layout(LLADA_SMALL))
     del state["model.transformer.blocks.1.up_proj.weight"]
