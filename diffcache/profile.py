@@ -202,7 +202,7 @@ class Profiling:
 
 def profile(
     pipe: Any,
-    method: str | MethodConfig,
+    method: str | MethodConfig | Plan,
     prompts: Sequence[str] = (),
     seeds: int | Sequence[int] = 1,
     out: str | Path | None = None,
@@ -216,7 +216,9 @@ def profile(
 
     Args:
         pipe: a pipeline of a supported family, not accelerated.
-        method: a method name (its default options) or a MethodConfig.
+        method: a method name (its default options), a MethodConfig, or a plan to start from
+            (a Plan, or a ``.yaml`` path or bundled name, templates included, e.g. the published
+            ``"wan21-ertacache.yaml"``): its options, and its step count when ``request`` has none.
         prompts: calibration prompts (class ids as text for class-conditional models).
         seeds: how many seeds per prompt (from ``request.seed`` on), or the seeds themselves.
         out: where to write the plan (and its sidecar).
@@ -225,6 +227,13 @@ def profile(
             measured share of the generation time.
         request: the other request fields (size, steps, guidance ...).
     """
+    start = None
+    if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
+        start = Plan.load(method, template=True)
+        steps = start.valid_for.get("num_inference_steps")
+        if steps is not None and (request or Request()).get("steps") is None:
+            request = (request or Request()).replace(steps=steps)
+        method = start.config
     config = method if isinstance(method, MethodConfig) else get_method(method)[0]()
     if target_compute is not None and target_speedup is not None:
         raise DiffCacheError("give target_compute or target_speedup, not both")
@@ -240,6 +249,8 @@ def profile(
             f"{type(pipe).__name__} is accelerated; call diffcache.remove() before profiling."
         )
     adapter = find_adapter(pipe)
+    if start is not None:
+        start.check_family(adapter.name, type(pipe).__name__)
     target = Target.resolve(adapter, pipe)
     if target.driver == "timestep":
         raise UnsupportedModelError(
