@@ -283,8 +283,9 @@ def _start(args: argparse.Namespace) -> Any:
     if args.method is None or args.model not in builtin_models():
         return None
     for name in (f"{args.model}.yaml", f"{args.model}-{args.method}.yaml"):
-        if name in bundled_plans() and Plan.load(name, template=True).method == args.method:
-            return Plan.load(name, template=True)
+        plan = Plan.load(name, template=True) if name in bundled_plans() else None
+        if plan is not None and plan.method == args.method:
+            return plan
     return None
 
 
@@ -402,6 +403,7 @@ def _profile(args: argparse.Namespace) -> int:
         if not 1 <= args.num_prompts <= 10_000:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
+    from diffcache import distributed
     from diffcache.plan import published_plan
 
     start = _start(args)
@@ -422,12 +424,13 @@ def _profile(args: argparse.Namespace) -> int:
             adapter = _family(pipe, req, sample)
             config = _method_config(args, req.get("steps"), start)
             opts = ", ".join(f"{k}={v}" for k, v in start.options.items())
-            print(
-                f"starting from {start.name}, the published {args.method} settings for "
-                f"{adapter.name} ({opts}; {req.get('steps') or 'default'} steps); --from or "
-                "--option to change",
-                file=sys.stderr,
-            )
+            if distributed.is_main():
+                print(
+                    f"starting from {start.name}, the published {args.method} settings for "
+                    f"{adapter.name} ({opts}; {req.get('steps') or 'default'} steps); --from "
+                    "or --option to change",
+                    file=sys.stderr,
+                )
     prompts = _profile_inputs(args, start, adapter, prompts)
     plan = diffcache.profile(
         pipe,
@@ -440,8 +443,6 @@ def _profile(args: argparse.Namespace) -> int:
         request=req,
         progress=sys.stderr.isatty(),
     )
-    from diffcache import distributed
-
     if not distributed.is_main():  # under accelerate launch the main process writes and reports
         return 0
     measured = plan.provenance.get("measured", {})
