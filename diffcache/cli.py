@@ -410,19 +410,20 @@ def _profile(args: argparse.Namespace) -> int:
     if start is not None and args.steps is None:  # the plan's step count, unless --steps
         args.steps = start.valid_for.get("num_inference_steps")
     req, adapter = _request(args, args.model, sample)
-    config = _method_config(args, req.get("steps"), start)
+    folder = start is None and adapter is None  # its starting plan is known once it is loaded
+    config = _method_config(args, None if folder else req.get("steps"), start)
     if adapter is not None:  # a built-in model: its family is known before it is built
         prompts = _profile_inputs(args, start, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample)
-    if start is None:  # a checkpoint folder: start from its family's published settings
+    if folder:  # a checkpoint folder: start from its family's published settings, if any
         start = published_plan(adapter.name, args.method)
-        if start is not None:
-            if args.steps is None:
-                args.steps = start.valid_for.get("num_inference_steps")
+        if start is not None and args.steps is None:
+            args.steps = start.valid_for.get("num_inference_steps")
             req, _ = _request(args, args.model, sample)
             adapter = _family(pipe, req, sample)
-            config = _method_config(args, req.get("steps"), start)
+        config = _method_config(args, req.get("steps"), start)
+        if start is not None:
             opts = ", ".join(f"{k}={v}" for k, v in start.options.items())
             if distributed.is_main():
                 print(

@@ -636,6 +636,19 @@ def test_profile_a_checkpoint_folder_on_20_bundled_prompts(tmp_path: Path, capsy
     assert data["valid_for"]["num_inference_steps"] == 6
 
 
+def test_profile_checks_a_folders_options_against_its_published_plan(tmp_path: Path) -> None:
+    """A folder's step check waits for its published plan: HunyuanVideo's EasyCache warm-up is
+    5 steps, so --steps 10 profiles (the method's default warm-up of 10 would cover them all)."""
+    folder, plan = tmp_path / "HunyuanVideo", tmp_path / "p.yaml"
+    diffcache.load_model("hunyuanvideo-tiny").save_pretrained(folder)
+    argv = ["profile", "--model", str(folder), "--method", "easycache", "--num-prompts", "1"]
+    small = ["--steps", "10", "--height", "32", "--width", "32", "--frames", "5"]
+    assert main([*argv, *small, "--out", str(plan)]) == 0
+    import yaml
+
+    assert yaml.safe_load(plan.read_text())["options"]["warmup_steps"] == 5
+
+
 def test_profile_starts_from_the_models_plan_for_the_method(tmp_path: Path) -> None:
     """A built-in model's bundled plan of the method gives the options: wan2.1-tiny's
     ERTACache plan has no timestep adjustment (UniPC), so profiling it is not refused."""
