@@ -227,12 +227,12 @@ def profile(
             measured share of the generation time.
         request: the other request fields (size, steps, guidance ...).
     """
-    start = None
+    request, start = request or Request(), None
     if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
         start = Plan.load(method, template=True)
         steps = start.valid_for.get("num_inference_steps")
-        if steps is not None and (request or Request()).get("steps") is None:
-            request = (request or Request()).replace(steps=steps)
+        if steps is not None and request.get("steps") is None:
+            request = request.replace(steps=steps)
         method = start.config
     config = method if isinstance(method, MethodConfig) else get_method(method)[0]()
     if target_compute is not None and target_speedup is not None:
@@ -256,7 +256,7 @@ def profile(
         raise UnsupportedModelError(
             f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
-    steps = (request or Request()).get("steps")
+    steps = request.get("steps")
     problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
     if problems:  # before any calibration run
         raise PlanError(f"{config.name} options at {steps} steps: {'; '.join(problems)}")
@@ -266,7 +266,7 @@ def profile(
             f"method {config.name!r} cannot run on {type(pipe).__name__}:\n  - "
             + "\n  - ".join(reasons)
         )
-    requests = expand(adapter, prompts, seeds, request or Request())
+    requests = expand(adapter, prompts, seeds, request)
     for req in requests:  # every request is checked before any work
         check(adapter, req, pipe)
     trace, steps, share = record_trace(pipe, target, config, requests, progress)
