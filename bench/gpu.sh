@@ -7,7 +7,7 @@
 # Each part has its own time limit, so that the whole stays under 10 minutes and what finished
 # is kept. Logs go to $OUT (the device tool's folder that comes back) or out/gpu, one per part:
 #   tests    pytest -m gpu: every native Triton kernel against its torch reference
-#   kernels  bench/kernels.py: each kernel vs its torch backend at Wan2.1-1.3B / LLaDA-8B sizes
+#   kernels  bench/kernel_speed.py: each kernel vs its torch backend at Wan2.1-1.3B / LLaDA-8B sizes
 #   dlm      bench/dlm.py: LLaDA and Dream at 12 x 1024, gen 256, block 32 (bf16), + llada-arith
 #   dit      bench/dit_step_cache.py: Wan2.1-1.3B (random weights) at 480x832x17, 10 steps, bf16
 # Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
@@ -61,7 +61,7 @@ for part in "${@:-tests kernels dlm dit}"; do
     for p in $part; do
         case $p in
             tests) run tests 120 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q tests/kernels ;;
-            kernels) run kernels 60 python3 bench/kernels.py "${KER[@]}" ;;
+            kernels) run kernels 60 python3 bench/kernel_speed.py "${KER[@]}" ;;
             dlm) run dlm 180 python3 bench/dlm.py "${DLM[@]}" ;;
             dit) run dit 180 python3 bench/dit_step_cache.py "${DIT[@]}" ;;
             *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit)"; exit 2 ;;

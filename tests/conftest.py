@@ -11,9 +11,9 @@ if not torch.cuda.is_available():  # CPU machines run the Triton kernels in the 
 
 import pytest  # noqa: E402
 
-import tests.toys_seq  # noqa: F401, E402  (registers the toy text and next-scale families)
+import diffcache.testing.toys_seq  # noqa: F401, E402  (registers the toy text and next-scale families)
 from diffcache.registry import adapters, register_adapter  # noqa: E402
-from tests.toys import TOY  # noqa: E402
+from diffcache.testing.toys import TOY  # noqa: E402
 
 if "toy" not in adapters():
     register_adapter(TOY)

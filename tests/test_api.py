@@ -7,7 +7,7 @@ import torch
 
 import diffcache
 from diffcache.errors import DiffCacheError, PlanError, RunError, UnsupportedModelError
-from tests.toys import ToyPipeline, ToyScheduler, clean
+from diffcache.testing.toys import ToyPipeline, ToyScheduler, clean
 
 PLAN = {
     "diffcache": 1,
@@ -93,7 +93,7 @@ def test_remove_is_idempotent() -> None:
 
 @pytest.mark.parametrize("part", ["scheduler", "transformer"])
 def test_replaced_component_is_detected(part: str) -> None:
-    from tests.toys import ToyDenoiser
+    from diffcache.testing.toys import ToyDenoiser
 
     pipe = diffcache.accelerate(ToyPipeline(), PLAN)
     old = getattr(pipe, part)

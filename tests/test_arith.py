@@ -12,7 +12,7 @@ import pytest
 from diffcache.errors import UnsupportedModelError
 from diffcache.pipelines import arith
 from diffcache.pipelines.arith import data
-from tests.toys import unexplained_nulls
+from diffcache.testing.toys import unexplained_nulls
 
 
 @pytest.fixture(scope="module")

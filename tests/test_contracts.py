@@ -10,14 +10,14 @@ import torch
 import diffcache
 from diffcache.errors import AlreadyAcceleratedError, DiffCacheError
 from diffcache.registry import methods
-from tests.toys import ToyPipeline, clean, plan_for
+from diffcache.testing.toys import ToyPipeline, clean, plan_for
 
 
 def _runs_on_toy(name: str) -> bool:
     """Methods for other worlds (text and next-scale KV methods) have their own toy pipelines
     and their own contract tests (tests/test_seq_toys.py)."""
     from diffcache.adapter import Target
-    from tests.toys import TOY
+    from diffcache.testing.toys import TOY
 
     target = Target.resolve(TOY, ToyPipeline())
     target.valid_for = {"num_inference_steps": STEPS}

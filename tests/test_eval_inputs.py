@@ -15,7 +15,7 @@ from diffcache.eval.runner import evaluate
 from diffcache.models import ModelEntry, builtin_models, register_model
 from diffcache.plan import Plan
 from diffcache.request import Request, read_prompts
-from tests.toys import unexplained_nulls
+from diffcache.testing.toys import unexplained_nulls
 
 if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"
     register_model(
@@ -25,16 +25,10 @@ if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright image
             builder="diffcache.pipelines.dit:build_tiny",
             description="dit-tiny with a toy scorer (tests)",
             defaults={"class_label": 1, "steps": 6, "guidance": 4.0},
-            scorer="tests.test_eval_inputs:bright",
+            scorer="diffcache.testing.toys:bright",
             prompts=("1", "2", "3"),
         )
     )
-
-
-def bright(class_label: int, image: np.ndarray) -> bool:
-    """A toy task: is the image brighter than mid-grey?"""
-    assert isinstance(class_label, int)
-    return float(image.mean()) > 0.5
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from diffcache.errors import (
 from diffcache.generate import Request, generate
 from diffcache.methods.easycache import EasyCacheConfig
 from diffcache.plan import Plan
-from tests.toys import ToyPipeline, ToyStaticConfig, clean
+from diffcache.testing.toys import ToyPipeline, ToyStaticConfig, clean
 
 PROMPTS = ["a cat", "a red fox", "an old castle"]
 REQ = Request(steps=12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffcache
-from tests.toys import ToyPipeline
+from diffcache.testing.toys import ToyPipeline
 
 IDENTITY = {"diffcache": 1, "model": "toy", "method": "easycache", "options": {"threshold": 0.0}}
 

@@ -1,5 +1,5 @@
 """The ``pipeline`` driver seam: our own text-diffusion and next-scale toy pipelines with toy KV
-methods (``tests.toys_seq``): identity is bit-exact, work and KV bytes follow the arithmetic,
+methods (``diffcache.testing.toys_seq``): identity is bit-exact, work and KV bytes follow the arithmetic,
 valid_for facts are checked, remove() restores the plain pipeline."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import diffcache
 from diffcache.errors import AlreadyAcceleratedError, PlanError, UnsupportedModelError
 from diffcache.generate import generate
 from diffcache.request import Request
-from tests import toys_seq
-from tests.toys import ToyPipeline, clean
-from tests.toys_seq import (
+from diffcache.testing import toys_seq
+from diffcache.testing.toys import ToyPipeline, clean
+from diffcache.testing.toys_seq import (
     WIDTH,
     ScaleOutput,
     TextOutput,

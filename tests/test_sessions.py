@@ -18,7 +18,7 @@ from diffcache.api import session_of
 from diffcache.errors import DiffCacheError
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
-from tests.toys import ToyModulesConfig, clean
+from diffcache.testing.toys import ToyModulesConfig, clean
 
 EASY = {"diffcache": 1, "model": "wan2.1", "method": "easycache"}
 AGGRESSIVE = {**EASY, "options": {"threshold": 1e6, "warmup_steps": 2}}
@@ -253,7 +253,7 @@ def test_block_and_module_sites_are_counted_exactly(name: str) -> None:
 def test_a_schedule_trimmed_by_strength_counts_the_steps_run() -> None:
     """img2img pipelines call set_begin_index(t_start) after set_timesteps and run the rest:
     Stats and valid_for see the steps actually run, and the run ends after the last of them."""
-    from tests.toys import ToyPipeline, ToyScheduler
+    from diffcache.testing.toys import ToyPipeline, ToyScheduler
 
     class Img2ImgScheduler(ToyScheduler):
         def set_begin_index(self, begin_index: int = 0) -> None:

@@ -15,7 +15,7 @@ if "toy-text" not in builtin_models():
         ModelEntry(
             name="toy-text",
             family="toy-text",
-            builder="tests.toys_seq:toy_text_pipeline",
+            builder="diffcache.testing.toys_seq:toy_text_pipeline",
             description="the toy masked-diffusion text pipeline (tests)",
             defaults={"gen_length": 8, "steps": 4},
         )

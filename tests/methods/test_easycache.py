@@ -8,7 +8,7 @@ import torch
 
 import diffcache
 from diffcache.errors import RunError
-from tests.toys import ToyPipeline, clean
+from diffcache.testing.toys import ToyPipeline, clean
 
 # Scripted latents a_i (every element equal). The denoiser returns v = 2x + e.
 # cond branch (e = +1), threshold 0.3, warm-up 2, 6 steps:

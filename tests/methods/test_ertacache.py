@@ -22,7 +22,7 @@ from diffcache.methods.ertacache import (
 )
 from diffcache.plan import Plan
 from diffcache.request import Request
-from tests.toys import clean, tiny_request
+from diffcache.testing.toys import clean, tiny_request
 
 STEPS = 8
 REQ = Request(height=64, width=64, steps=STEPS, guidance=4.0, negative_prompt="blurry")

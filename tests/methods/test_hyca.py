@@ -22,7 +22,7 @@ from diffcache.methods.hyca import (
     solver_weights,
 )
 from diffcache.plan import Plan
-from tests.toys import clean, tiny_request
+from diffcache.testing.toys import clean, tiny_request
 
 STEPS = 8
 PROMPTS = ["a cat", "a red fox"]

@@ -24,7 +24,7 @@ from diffcache.methods.invardiff import (
 )
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter
-from tests.toys import clean, tiny_request
+from diffcache.testing.toys import clean, tiny_request
 
 STEPS = 8
 PROMPTS = ["a cat", "a red fox"]

@@ -12,7 +12,7 @@ import pytest
 import diffcache
 from diffcache.generate import Request, generate, pipeline_kwargs
 from diffcache.models import builtin_models, load_model
-from tests.toys import clean
+from diffcache.testing.toys import clean
 
 TINY = sorted(  # the diffusers families (text models have their own tests in tests/dlm)
     n

@@ -363,3 +363,9 @@ def unexplained_nulls(report: dict) -> list[str]:
     rows = [report["baseline"], *report["runs"]]
     nulls = {k for row in rows for k, v in row.items() if v is None}
     return sorted(nulls - set(report["notes"]))
+
+
+def bright(class_label: int, image: np.ndarray) -> bool:
+    """A toy task scorer: is the image brighter than mid-grey?"""
+    assert isinstance(class_label, int)
+    return float(image.mean()) > 0.5

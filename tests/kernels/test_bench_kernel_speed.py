@@ -1,4 +1,4 @@
-"""``bench/kernels.py --small`` runs every kernel beside its torch backend (the interpreter on a
+"""``bench/kernel_speed.py --small`` runs every kernel beside its torch backend (the interpreter on a
 CPU) and their outputs agree: the GPU script's kernel part cannot rot unnoticed."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 
 from diffcache.kernels import _dispatch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernel_speed.py"
 
 
 @pytest.mark.skipif(_dispatch.triton_status() != [], reason="triton cannot run here")
 def test_small_table_covers_every_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(BENCH.parent))  # as `python bench/kernels.py` has it
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # as `python bench/kernel_speed.py` has it
     rows = runpy.run_path(str(BENCH))["main"](["--small", "--min-time", "0.001"])
     ops = {r["op"] for r in rows}
     assert {spec.name for spec in _dispatch.ops()} <= ops  # every registered kernel is timed

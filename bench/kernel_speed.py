@@ -16,8 +16,8 @@ interpreter can run the table on a CPU in seconds (set on CPU machines before th
 defined); interpreter times say nothing about speed, only that the path works. Nothing is
 asserted.
 
-    python bench/kernels.py                  # on a CUDA machine
-    python bench/kernels.py --small          # anywhere: a smoke run
+    python bench/kernel_speed.py                  # on a CUDA machine
+    python bench/kernel_speed.py --small          # anywhere: a smoke run
 """
 
 from __future__ import annotations
