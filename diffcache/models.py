@@ -1,4 +1,4 @@
-"""Built-in models (index in ``diffcache.profiles/models.yaml``), folder loaders, ``load_model``.
+"""Built-in models (index in ``profiles/src/models.yaml``), folder loaders, ``load_model``.
 
 ``load_model`` takes a built-in name or a local folder. Folders are read by registered loaders,
 one per format (diffusers pipelines now; our own formats register theirs next to their code).

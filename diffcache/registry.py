@@ -86,5 +86,5 @@ def find_adapter(obj: Any) -> Adapter:
     )
     raise UnsupportedModelError(
         f"no adapter for {type(obj).__name__}; known families: {known}. "
-        "Pass a pipeline or denoiser of a supported family, or add an adapter in pipelines/."
+        "Pass a pipeline or denoiser of a supported family, or add an adapter in pipelines/src/."
     )

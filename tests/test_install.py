@@ -32,8 +32,8 @@ def test_editable_install_maps_the_sibling_folders() -> None:
     import json
 
     mods, n_plans, n_models = json.loads(_run([sys.executable, "-c", CHECK], cwd="/"))
-    assert Path(mods["diffcache.kernels"]).parent == ROOT / "kernels"
-    assert Path(mods["diffcache.pipelines"]).parent == ROOT / "pipelines"
+    assert Path(mods["diffcache.kernels"]).parent == ROOT / "kernels" / "src"
+    assert Path(mods["diffcache.pipelines"]).parent == ROOT / "pipelines" / "src"
     assert n_plans >= 2 and n_models >= 1
 
 
@@ -45,11 +45,12 @@ def test_plain_install_imports_every_subpackage(tmp_path: Path) -> None:
 
     src = tmp_path / "src"
     shutil.copytree(
-        ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "out", "*.egg-info", "build")
+        ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "out", "*.egg-info", "build")
     )
-    (src / "pipelines" / "newfam").mkdir()
-    (src / "pipelines" / "newfam" / "__init__.py").write_text("VALUE = 7\n")
-    (src / "pipelines" / "newfam" / "weights.safetensors").write_bytes(b"x")
+    newfam = src / "pipelines" / "src" / "newfam"
+    newfam.mkdir()
+    (newfam / "__init__.py").write_text("VALUE = 7\n")
+    (newfam / "weights.safetensors").write_bytes(b"x")
     target = tmp_path / "site"
     _run(
         [

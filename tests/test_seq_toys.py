@@ -1,6 +1,6 @@
 """The ``pipeline`` driver seam: our own text-diffusion and next-scale toy pipelines with toy KV
-methods (``diffcache.testing.toys_seq``): identity is bit-exact, work and KV bytes follow the arithmetic,
-valid_for facts are checked, remove() restores the plain pipeline."""
+methods (``diffcache.testing.toys_seq``): identity is bit-exact, work and KV bytes follow the
+arithmetic, valid_for facts are checked, remove() restores the plain pipeline."""
 
 from __future__ import annotations
 

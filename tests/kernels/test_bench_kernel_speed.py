@@ -1,5 +1,5 @@
-"""``bench/kernel_speed.py --small`` runs every kernel beside its torch backend (the interpreter on a
-CPU) and their outputs agree: the GPU script's kernel part cannot rot unnoticed."""
+"""``bench/kernel_speed.py --small`` runs every kernel beside its torch backend (the interpreter
+on a CPU) and their outputs agree: the GPU script's kernel part cannot rot unnoticed."""
 
 from __future__ import annotations
 

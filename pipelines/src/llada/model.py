@@ -6,7 +6,7 @@ RMSNorm -> ``ff_out(silu(ff_proj(x)) * up_proj(x))`` residual; final ``ln_f`` an
 ``ff_out``. Parameter names match the published checkpoints (``model.transformer.wte.weight``,
 ``model.transformer.blocks.{i}.q_proj.weight``, ...), so their safetensors load unchanged.
 
-The layer pieces shared with Dream are in ``pipelines/dlm_layers.py``.
+The layer pieces shared with Dream are in ``pipelines/src/dlm_layers.py``.
 """
 
 from __future__ import annotations
