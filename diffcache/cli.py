@@ -534,8 +534,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict, out: Path) -> None:
-    def num(value: Any, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
+    from diffcache.eval.paired import describe, flips
+    from diffcache.eval.plots import task_metric
+
+    def num(value: Any, fmt: str, unit: str = "") -> str:
+        return "n/a" if value is None else format(value, fmt) + unit
+
+    paired = flips(report, task_metric(report["runs"]))
+
+    def scored(r: dict, key: str, name: str) -> str:
+        """``, task score 0.812 (lost 1 / won 0, p 1)`` or ''."""
+        if r.get(key) is None:
+            return ""
+        shown = f" ({describe(*paired[r['plan']])})" if r["plan"] in paired else ""
+        return f", {name} {r[key]:.3f}{shown}"
 
     base = report["baseline"]
     task = base.get("task_score")
@@ -551,15 +563,15 @@ def _print_report(report: dict, out: Path) -> None:
                 f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
                 f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
                 f"{num(r['tokens_per_s'], '.1f')} tokens/s, "
-                f"agreement {num(r['agreement'], '.3f')}, accuracy {num(r['accuracy'], '.3f')}"
+                f"agreement {num(r['agreement'], '.3f')}"
+                + (scored(r, "accuracy", "accuracy") or ", accuracy n/a")
             )
             continue
         print(
             f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
             f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
-            f"PSNR {num(r['psnr'], '.2f')} dB, "
-            f"SSIM {num(r['ssim'], '.4f')}"
-            + (f", task score {r['task_score']:.3f}" if r.get("task_score") is not None else "")
+            f"PSNR {num(r['psnr'], '.2f', ' dB')}, "
+            f"SSIM {num(r['ssim'], '.4f')}" + scored(r, "task_score", "task score")
         )
     print(f"wrote {out / 'report.json'}, report.md, report.html")
 

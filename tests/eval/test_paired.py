@@ -87,3 +87,17 @@ def test_grid_says_how_many_requests_it_shows(tmp_path: Path) -> None:
     media = {(run, i): image for run in ("baseline", "a", "b") for i in range(5)}
     rp.write_report(report, tmp_path, media=media)
     assert "All 5 requests." in (tmp_path / "report.html").read_text()
+
+
+def test_eval_summary_gives_lost_won_and_no_unit_after_n_a(tmp_path: Path, capsys) -> None:
+    from diffcache.cli import _print_report
+
+    report = _toy()
+    report["device"] = "cpu"
+    for run in report["runs"]:
+        run.update(compute_fraction=0.5, macs_fraction=0.5, ssim=0.9)
+    report["runs"][1]["psnr"] = None  # an exact match
+    _print_report(report, tmp_path)
+    a, b = capsys.readouterr().out.splitlines()[1:3]
+    assert a.endswith("PSNR 30.00 dB, SSIM 0.9000, task score 0.600 (lost 1 / won 1, p 1)")
+    assert "PSNR n/a, SSIM" in b and "task score 0.600 (lost 0 / won 0, p 1)" in b
