@@ -519,7 +519,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     report = evaluate(
         args.model,
-        args.plan,
+        comparisons,
         out,
         prompts=prompts,
         seeds=args.seeds,

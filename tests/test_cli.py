@@ -324,6 +324,11 @@ BAD_INPUT = {
         + ["--out", "ev"],
         "diffusers caches attach to a diffusers transformer",
     ),
+    "eval-diffusers-cache-on-dit": (
+        ["eval", "--model", "dit-digits", "--plan", "diffusers:fbcache:threshold=0.1"]
+        + ["--out", "ev"],
+        "DiTTransformer2DModel (dit-digits) has none",
+    ),
     "eval-steps-outside-the-plan": (
         [*EVAL, "--steps", "7", "--out", "ev"],
         "the plan is valid for num_inference_steps=20 but this call runs 7 steps",
