@@ -404,7 +404,7 @@ def _profile(args: argparse.Namespace) -> int:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
     from diffcache import distributed
-    from diffcache.plan import published_plan
+    from diffcache.plan import format_options, published_plan
 
     start = _start(args)
     if start is not None and args.steps is None:  # the plan's step count, unless --steps
@@ -424,7 +424,7 @@ def _profile(args: argparse.Namespace) -> int:
             adapter = _family(pipe, req, sample)
         config = _method_config(args, req.get("steps"), start)
         if start is not None:
-            opts = ", ".join(f"{k}={v}" for k, v in start.options.items())
+            opts = format_options(start.options)
             if distributed.is_main():
                 print(
                     f"starting from {start.name}, the published {args.method} settings for "
@@ -447,7 +447,7 @@ def _profile(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under accelerate launch the main process writes and reports
         return 0
     measured = plan.provenance.get("measured", {})
-    opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
+    opts = format_options(plan.options)
     cf = measured.get("compute_fraction")
     print(
         f"wrote {out}: {plan.method} ({opts}); compute_fraction {cf} on {len(prompts)} prompt(s) "
@@ -577,16 +577,19 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan, bundled_plans, format_options
 
+    rows = [("plan", "family", "method", "options (valid for)")]
     for name in bundled_plans():
         plan = Plan.load(name, template=True)
-        opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
-        valid = ", ".join(f"{k}={v}" for k, v in plan.valid_for.items()) or "any"
+        valid = format_options(plan.valid_for) or "any"
         note = f"(valid for: {valid})"
         if plan.is_template:
             note = f"(template for {valid}: diffcache profile --model MODEL --from {name} ...)"
-        print(f"{name:28s} {plan.model:14s} {plan.method:12s} {opts}  {note}")
+        rows.append((name, plan.model, plan.method, f"{format_options(plan.options)}  {note}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     return 0
 
 

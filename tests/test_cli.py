@@ -168,6 +168,27 @@ def test_plans_list_show_check(tmp_path: Path, capsys) -> None:
     assert "options.treshold" in _err_line(capsys)
 
 
+def test_plans_list_columns_align_and_floats_are_rounded(capsys) -> None:
+    import re
+
+    from diffcache.plan import Plan, bundled_plans
+
+    assert main(["plans", "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(bundled_plans())
+    starts = [head.index(word) for word in ("family", "method", "options")]
+    for row in rows:
+        name, family, method = row.split()[:3]
+        plan = Plan.load(name, template=True)
+        assert (family, method) == (plan.model, plan.method)
+        assert [row.index(f" {w} ") + 1 for w in (family, method)] == starts[:2], row
+        assert row[starts[2] - 1] == " " and row[starts[2]] != " ", row
+    row = next(r for r in rows if r.startswith("dit-digits.yaml "))
+    shown = float(re.search(r"threshold=([0-9.e+-]+),", row).group(1))
+    full = Plan.load("dit-digits.yaml").options["threshold"]
+    assert shown == pytest.approx(full, rel=5e-4) and len(str(shown)) <= len("0.1234")
+
+
 def test_models_and_info(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
