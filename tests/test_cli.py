@@ -112,7 +112,11 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
         ),
         (
             ["generate", "--model", "wan2.1-tiny", "--prompt", "x", "--out", "v.png"],
-            "video is written as .mp4 or .gif",
+            "--out v.png: video output is written as .mp4 or .gif",
+        ),
+        (
+            ["generate", "--model", "flux-tiny", "--prompt", "x", "--out", "i.mp4"],
+            "--out i.mp4: image output is written as .png",
         ),
         (["generate", "--model", "wan2.1-tiny"], "--prompt is required"),
         (
@@ -142,6 +146,7 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
         "valid-for",
         "unsupported-field",
         "suffix",
+        "image-suffix",
         "no-prompt",
         "steps",
         "show-typo",
