@@ -12,9 +12,9 @@ generated digits / share of shape clips whose colour and motion direction are ri
 baseline's, and the samples each run lost / won against the baseline on the same request (two
 runs with one score can differ in which samples they get right) with the exact sign test's p of
 that split (below 0.05: the run's task score differs from the baseline's by more than which
-samples happen to flip). This is the table later DiT methods are judged on. Numbers are
-printed as measured; nothing is asserted. The full reports (with sample grids) are written
-under ``--out``.
+samples happen to flip; ``diffcache.eval.paired``, as in the report's tables). This is the
+table later DiT methods are judged on. Numbers are printed as measured; nothing is asserted.
+The full reports (with sample grids) are written under ``--out``.
 
     python bench/reference_models.py                      # both models, their default inputs
     python bench/reference_models.py --models dit-digits --seeds 2 --thresholds 0.05,0.1,0.2
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from arg_types import among, listed, non_negative_float, positive
 
+from diffcache.eval import paired
+from diffcache.eval.paired import per_request
 from diffcache.eval.runner import evaluate
 from diffcache.models import builtin_models
 from diffcache.plan import Plan, bundled_plans
@@ -54,40 +56,14 @@ def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def per_request(report: dict[str, Any], key: str) -> dict[str, dict[int, float]]:
-    """``{run: {request: value}}`` of one per-sample field of a report's records (records
-    without it are left out)."""
-    out: dict[str, dict[int, float]] = {}
-    for rec in report["records"]:
-        if rec.get(key) is not None:
-            out.setdefault(rec["run"], {})[rec["request"]] = rec[key]
-    return out
-
-
 def lost_won(base: dict[int, float], run: dict[int, float]) -> str:
-    """Samples the run scores worse / better on than the baseline (paired, same request)."""
-    if not run:
-        return "—"
-    lost, won = _counts(base, run)
-    return f"{lost}/{won}"
+    """``lost/won``: samples the run scores worse / better on than the baseline (same request)."""
+    return "—" if not run else "{}/{}".format(*paired.lost_won(base, run))
 
 
 def sign_p(base: dict[int, float], run: dict[int, float]) -> str:
-    """Two-sided exact sign test of lost against won (scipy's ``binomtest``, p = 1/2): how
-    likely a split at least this uneven is when the run scores like the baseline. A small p
-    says the difference in task score is more than which samples happen to flip."""
-    if not run:
-        return "—"
-    from scipy.stats import binomtest
-
-    lost, won = _counts(base, run)
-    return "1" if lost + won == 0 else f"{binomtest(lost, lost + won).pvalue:.2g}"
-
-
-def _counts(base: dict[int, float], run: dict[int, float]) -> tuple[int, int]:
-    lost = sum(base[i] > v for i, v in run.items() if i in base)
-    won = sum(base[i] < v for i, v in run.items() if i in base)
-    return lost, won
+    """The exact sign test's p of lost against won (``diffcache.eval.paired.sign_test``)."""
+    return "—" if not run else f"{paired.sign_test(*paired.lost_won(base, run)):.2g}"
 
 
 def table(report: dict[str, Any], took: float) -> None:

@@ -404,7 +404,7 @@ def _profile(args: argparse.Namespace) -> int:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
     from diffcache import distributed
-    from diffcache.plan import published_plan
+    from diffcache.plan import format_options, published_plan
 
     start = _start(args)
     if start is not None and args.steps is None:  # the plan's step count, unless --steps
@@ -424,7 +424,7 @@ def _profile(args: argparse.Namespace) -> int:
             adapter = _family(pipe, req, sample)
         config = _method_config(args, req.get("steps"), start)
         if start is not None:
-            opts = ", ".join(f"{k}={v}" for k, v in start.options.items())
+            opts = format_options(start.options)
             if distributed.is_main():
                 print(
                     f"starting from {start.name}, the published {args.method} settings for "
@@ -447,7 +447,7 @@ def _profile(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under accelerate launch the main process writes and reports
         return 0
     measured = plan.provenance.get("measured", {})
-    opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
+    opts = format_options(plan.options)
     cf = measured.get("compute_fraction")
     print(
         f"wrote {out}: {plan.method} ({opts}); compute_fraction {cf} on {len(prompts)} prompt(s) "
@@ -519,7 +519,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     report = evaluate(
         args.model,
-        args.plan,
+        comparisons,
         out,
         prompts=prompts,
         seeds=args.seeds,
@@ -534,8 +534,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict, out: Path) -> None:
-    def num(value: Any, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
+    from diffcache.eval.paired import describe, flips
+    from diffcache.eval.plots import task_metric
+
+    def num(value: Any, fmt: str, unit: str = "") -> str:
+        return "n/a" if value is None else format(value, fmt) + unit
+
+    paired = flips(report, task_metric(report["runs"]))
+
+    def scored(r: dict, key: str, name: str) -> str:
+        """``, task score 0.812 (lost 1 / won 0, p 1)`` or ''."""
+        if r.get(key) is None:
+            return ""
+        shown = f" ({describe(*paired[r['plan']])})" if r["plan"] in paired else ""
+        return f", {name} {r[key]:.3f}{shown}"
 
     base = report["baseline"]
     task = base.get("task_score")
@@ -551,30 +563,33 @@ def _print_report(report: dict, out: Path) -> None:
                 f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
                 f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
                 f"{num(r['tokens_per_s'], '.1f')} tokens/s, "
-                f"agreement {num(r['agreement'], '.3f')}, accuracy {num(r['accuracy'], '.3f')}"
+                f"agreement {num(r['agreement'], '.3f')}"
+                + (scored(r, "accuracy", "accuracy") or ", accuracy n/a")
             )
             continue
         print(
             f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
             f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
-            f"PSNR {num(r['psnr'], '.2f')} dB, "
-            f"SSIM {num(r['ssim'], '.4f')}"
-            + (f", task score {r['task_score']:.3f}" if r.get("task_score") is not None else "")
+            f"PSNR {num(r['psnr'], '.2f', ' dB')}, "
+            f"SSIM {num(r['ssim'], '.4f')}" + scored(r, "task_score", "task score")
         )
     print(f"wrote {out / 'report.json'}, report.md, report.html")
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan, bundled_plans, format_options
 
+    rows = [("plan", "family", "method", "options (valid for)")]
     for name in bundled_plans():
         plan = Plan.load(name, template=True)
-        opts = ", ".join(f"{k}={v}" for k, v in plan.options.items())
-        valid = ", ".join(f"{k}={v}" for k, v in plan.valid_for.items()) or "any"
+        valid = format_options(plan.valid_for) or "any"
         note = f"(valid for: {valid})"
         if plan.is_template:
             note = f"(template for {valid}: diffcache profile --model MODEL --from {name} ...)"
-        print(f"{name:28s} {plan.model:14s} {plan.method:12s} {opts}  {note}")
+        rows.append((name, plan.model, plan.method, f"{format_options(plan.options)}  {note}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     return 0
 
 

@@ -55,7 +55,8 @@ def check_output_path(path: str | Path, media: str, flag: str = "--out") -> Path
         raise DiffCacheError(f"{flag} {path}: is a folder; give a file name")
     if path.suffix.lower() not in allowed:
         raise DiffCacheError(
-            f"{flag} {path}: a {media} is written as {' or '.join(allowed)}; change the extension."
+            f"{flag} {path}: {media} output is written as {' or '.join(allowed)}; change the "
+            "extension."
         )
     return check_writable(path, flag)
 

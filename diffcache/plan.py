@@ -46,6 +46,24 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 SIDECAR = "sidecar"
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float in it rounded to ``digits`` significant digits, for display
+    (a profiled threshold of 0.10211610431000394 shows as 0.1021; files keep every digit)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, (list, tuple)):
+        return type(value)(rounded(v, digits) for v in value)
+    if isinstance(value, Mapping):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
+
+
+def format_options(options: Mapping[str, Any], sep: str = ", ") -> str:
+    """``key=value`` items of plan options as the CLI and report names show them (floats to 4
+    significant digits)."""
+    return sep.join(f"{k}={rounded(v)}" for k, v in options.items())
+
+
 def bundled_plans() -> dict[str, Path]:
     """Plan files shipped in ``diffcache.profiles`` (name -> path); ``models.yaml`` is no plan."""
     root = resources.files("diffcache.profiles")
@@ -131,7 +149,7 @@ class Plan:
         """The file name, or for a plan made in memory its family, method and options."""
         if self.source != "<dict>":
             return Path(self.source).name
-        options = ",".join(f"{k}={v}" for k, v in self.options.items())
+        options = format_options(self.options, ",")
         return f"{self.model}-{self.method}" + (f"({options})" if options else "")
 
     @classmethod

@@ -112,7 +112,11 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
         ),
         (
             ["generate", "--model", "wan2.1-tiny", "--prompt", "x", "--out", "v.png"],
-            "video is written as .mp4 or .gif",
+            "--out v.png: video output is written as .mp4 or .gif",
+        ),
+        (
+            ["generate", "--model", "flux-tiny", "--prompt", "x", "--out", "i.mp4"],
+            "--out i.mp4: image output is written as .png",
         ),
         (["generate", "--model", "wan2.1-tiny"], "--prompt is required"),
         (
@@ -142,6 +146,7 @@ def test_generate_gif_and_png(tmp_path: Path) -> None:
         "valid-for",
         "unsupported-field",
         "suffix",
+        "image-suffix",
         "no-prompt",
         "steps",
         "show-typo",
@@ -166,6 +171,27 @@ def test_plans_list_show_check(tmp_path: Path, capsys) -> None:
     bad.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {treshold: 0.1}\n")
     assert main(["plans", "check", str(bad), "--model", "wan2.1-tiny"]) == 2
     assert "options.treshold" in _err_line(capsys)
+
+
+def test_plans_list_columns_align_and_floats_are_rounded(capsys) -> None:
+    import re
+
+    from diffcache.plan import Plan, bundled_plans
+
+    assert main(["plans", "list"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(bundled_plans())
+    starts = [head.index(word) for word in ("family", "method", "options")]
+    for row in rows:
+        name, family, method = row.split()[:3]
+        plan = Plan.load(name, template=True)
+        assert (family, method) == (plan.model, plan.method)
+        assert [row.index(f" {w} ") + 1 for w in (family, method)] == starts[:2], row
+        assert row[starts[2] - 1] == " " and row[starts[2]] != " ", row
+    row = next(r for r in rows if r.startswith("dit-digits.yaml "))
+    shown = float(re.search(r"threshold=([0-9.e+-]+),", row).group(1))
+    full = Plan.load("dit-digits.yaml").options["threshold"]
+    assert shown == pytest.approx(full, rel=5e-4) and len(str(shown)) <= len("0.1234")
 
 
 def test_models_and_info(capsys) -> None:
@@ -323,6 +349,11 @@ BAD_INPUT = {
         ["eval", "--model", "llada-arith", "--plan", "diffusers:fbcache:threshold=0.1"]
         + ["--out", "ev"],
         "diffusers caches attach to a diffusers transformer",
+    ),
+    "eval-diffusers-cache-on-dit": (
+        ["eval", "--model", "dit-digits", "--plan", "diffusers:fbcache:threshold=0.1"]
+        + ["--out", "ev"],
+        "DiTTransformer2DModel (dit-digits) has none",
     ),
     "eval-steps-outside-the-plan": (
         [*EVAL, "--steps", "7", "--out", "ev"],

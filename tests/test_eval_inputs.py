@@ -84,8 +84,28 @@ def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:
     assert ours["macs_fraction"] == pytest.approx(ours["compute_fraction"])
     assert 0 < theirs["macs_fraction"] < 1
     assert not unexplained_nulls(report)
-    with pytest.raises(DiffCacheError, match="DiTPipeline has a DiTTransformer2DModel without one"):
+
+
+def test_diffusers_cache_on_dit_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("diffcache.load_model", refuse)
+    with pytest.raises(DiffCacheError, match=r"DiTTransformer2DModel \(dit-tiny\) has none"):
         evaluate("dit-tiny", ["diffusers:fbcache"], tmp_path / "x", prompts=["1"])
+
+
+def test_pab_default_is_announced_once_per_eval(tmp_path: Path, caplog, capfd) -> None:
+    """diffusers warns of PAB's default skip range at every attach (the check, the warm-up, each
+    request); the comparison fills in that default and says so once."""
+    report = evaluate(
+        "wan2.1-tiny", ["diffusers:pab"], tmp_path, prompts=["a cat"], seeds=2,
+        request=Request(steps=4),
+    )  # fmt: skip
+    assert report["runs"][0]["method"] == "diffusers:pab"
+    ours = [r for r in caplog.records if "no attention skip range given" in r.getMessage()]
+    assert len(ours) == 1 and "spatial_attention_block_skip_range=2" in ours[0].getMessage()
+    assert "Pyramid Attention Broadcast requires" not in capfd.readouterr().err
 
 
 def test_macs_counted_on_every_request(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_generate_prints_text_and_writes_txt(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert out.read_text().strip() == printed and f"wrote {out}" in capsys.readouterr().out
     assert main([*argv[:-1], str(tmp_path / "t.png")]) == 2
-    assert "a text is written as .txt" in capsys.readouterr().err
+    assert "text output is written as .txt" in capsys.readouterr().err
 
 
 def test_text_plan_checks_gen_length(tmp_path: Path, capsys) -> None:

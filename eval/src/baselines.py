@@ -23,6 +23,7 @@ itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,13 @@ from diffcache.plan import Plan
 from diffcache.registry import did_you_mean
 
 PREFIX = "diffusers:"
+#: PyramidAttentionBroadcastConfig's skip ranges; without any, diffusers uses the first at 2
+PAB_RANGES = (
+    "spatial_attention_block_skip_range",
+    "temporal_attention_block_skip_range",
+    "cross_attention_block_skip_range",
+)
+logger = logging.getLogger(__name__)
 #: re.fullmatch patterns of the attention modules of every block, across the families we adapt.
 ATTENTION_PATTERNS = [
     rf"^{blocks}.*attn\d*"
@@ -57,12 +65,28 @@ class Comparison:
                 f"--plan {self.name}: diffusers caches attach to a diffusers transformer, and "
                 f"{model} is a {adapter.name} text model; compare diffcache plans on it"
             )
+        elif not cache_capable(adapter):
+            raise DiffCacheError(
+                f"--plan {self.name}: diffusers caches attach to a transformer with "
+                f"enable_cache, and {' / '.join(adapter.denoisers)} ({model}) has none; compare "
+                "diffcache plans on it"
+            )
 
     def check(self, pipe: Any) -> None:
         """Attach and detach once: refuses a comparison that does not fit the model, before any
         generation runs."""
         self.setup(pipe)
         self.teardown(pipe)
+
+
+def cache_capable(adapter: Any) -> bool:
+    """Whether a family's denoiser takes diffusers' ``enable_cache`` (DiT's does not): read from
+    the diffusers classes it names, so nothing is built (a family naming none that diffusers has
+    is left to the attach check)."""
+    import diffusers
+
+    known = [cls for name in adapter.denoisers if (cls := getattr(diffusers, name, None))]
+    return not known or any(hasattr(cls, "enable_cache") for cls in known)
 
 
 def comparison(spec: Any) -> Comparison:
@@ -145,6 +169,15 @@ def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Compa
             "measured on this model and schedule; diffcache.eval.baselines.magcache(pipe, "
             "inputs, request) runs diffusers' calibration and returns the comparison"
         )
+    if name == "pab" and not any(kwargs.get(k) is not None for k in PAB_RANGES):
+        # diffusers warns of its default each time the cache is attached (once per request)
+        logger.warning(
+            "--plan %s: no attention skip range given; using diffusers' default "
+            "spatial_attention_block_skip_range=2 (set one of %s to choose)",
+            spec,
+            ", ".join(PAB_RANGES),
+        )
+        kwargs = {**kwargs, PAB_RANGES[0]: 2}
     try:
         configs[name](**kwargs)
     except (TypeError, ValueError) as e:

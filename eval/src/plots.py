@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _RC = {"svg.hashsalt": "diffcache", "svg.fonttype": "none", "font.size": 9}
@@ -50,6 +50,11 @@ def is_text(runs: Sequence[dict[str, Any]]) -> bool:
     return any("tokens_per_s" in r for r in runs)
 
 
+def task_metric(runs: Sequence[dict[str, Any]]) -> str:
+    """The per-sample task measure of these runs: accuracy for text, else the task score."""
+    return "accuracy" if is_text(runs) else "task_score"
+
+
 def panels(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, axis title) of the quality panels: closeness to the baseline's output (PSNR, or
     for text the agreement), then the task measure when there is one (task score, accuracy)."""
@@ -57,38 +62,92 @@ def panels(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> list[tup
     out = (
         [("agreement", "agreement with no cache")] if text else [("psnr", "PSNR vs baseline (dB)")]
     )
-    task = "accuracy" if text else "task_score"
+    task = task_metric(runs)
     if any(_number(r.get(task)) for r in runs) or _number(baseline.get(task)):
         out.append((task, task.replace("_", " ")))
     return out
 
 
-def quality_svg(runs: Sequence[dict[str, Any]], baseline: dict[str, Any]) -> str:
+#: metrics that are shares of samples or tokens: their axis is [0, 1], so a gap of one sample
+#: in sixteen looks as big as it is
+BOUNDED = ("agreement", "accuracy", "task_score")
+MARKERS = "osD^vP*Xph"
+
+
+def style(k: int) -> dict[str, Any]:
+    """Colour and marker of the ``k``-th run, the same in every panel (100 runs told apart)."""
+    return {"color": f"C{k % 10}", "marker": MARKERS[k // 10 % len(MARKERS)]}
+
+
+def quality_svg(
+    runs: Sequence[dict[str, Any]],
+    baseline: dict[str, Any],
+    flips: Mapping[str, tuple[int, int, float]] | None = None,
+) -> str:
+    """The :func:`quality_figure` as SVG."""
+    return _svg(quality_figure(runs, baseline, flips))
+
+
+def quality_figure(
+    runs: Sequence[dict[str, Any]],
+    baseline: dict[str, Any],
+    flips: Mapping[str, tuple[int, int, float]] | None = None,
+) -> Any:
     """Closeness to the baseline vs speedup (left: PSNR, or agreement for text) and the task
-    measure vs speedup (right: task score or accuracy, with the baseline's)."""
+    measure vs speedup (right: task score or accuracy, with the baseline's). Runs are named in
+    one legend below the panels (with ``flips``: the samples each lost / won against the baseline
+    on the task measure and the sign test's p), so no name covers a point or an axis."""
     shown = panels(runs, baseline)
     fig, axes = _figure(4.2 * len(shown), 3.2, len(shown))
+    handles: dict[str, Any] = {}
     for ax, (metric, title) in zip(axes, shown, strict=True):
-        points = [r for r in runs if label(r) not in left_out([r], metric)]
-        for k, r in enumerate(points):
-            ax.scatter([r["speedup"]], [r[metric]], color=f"C{k % 10}", zorder=3)
-            ax.annotate(
-                label(r),
-                (r["speedup"], r[metric]),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
+        placed = 0
+        for k, r in enumerate(runs):
+            if not left_out([r], metric):
+                mark = ax.scatter([r["speedup"]], [r[metric]], zorder=3, clip_on=False, **style(k))
+                handles.setdefault(label(r), mark)
+                placed += 1
+        if metric in BOUNDED:
+            ax.set_ylim(0.0, 1.0)
         if metric in ("task_score", "accuracy") and _number(baseline.get(metric)):
-            ax.axhline(baseline[metric], color="0.5", ls="--", lw=1, label="baseline")
-            ax.legend(loc="lower left", fontsize=7)
+            line = ax.axhline(baseline[metric], color="0.5", ls="--", lw=1)
+            handles[f"baseline ({title} {baseline[metric]:.3g})"] = line
         ax.axvline(1.0, color="0.8", lw=1)
+        ax.margins(x=0.1)
         ax.set_xlabel("speedup over the baseline (x)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-        if not points:
+        if not placed:
             ax.text(0.5, 0.5, "no run to place", ha="center", transform=ax.transAxes)
-    return _svg(fig)
+    if handles:
+        task = shown[1] if len(shown) > 1 else None
+        names = [_legend_name(name, runs, task, flips or {}) for name in handles]
+        fig.legend(
+            list(handles.values()),
+            names,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(2, len(names)),
+            fontsize=8,
+            frameon=False,
+        )
+    fig.tight_layout()
+    return fig
+
+
+def _legend_name(
+    name: str,
+    runs: Sequence[dict[str, Any]],
+    task: tuple[str, str] | None,
+    flips: Mapping[str, tuple[int, int, float]],
+) -> str:
+    """A run's legend entry: its name, and its task measure with the samples lost / won."""
+    from diffcache.eval.paired import describe
+
+    run = next((r for r in runs if label(r) == name), None)
+    if task is None or run is None or name not in flips or not _number(run.get(task[0])):
+        return name
+    return f"{name}: {task[1]} {run[task[0]]:.3g} ({describe(*flips[name])})"
 
 
 def timeline_svg(runs: Sequence[dict[str, Any]]) -> str:

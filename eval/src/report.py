@@ -225,6 +225,16 @@ def _header_facts(report: dict[str, Any]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- Markdown
 
 
+def _md_cell(run: dict[str, Any], col: str, task: str, flips: dict[str, Any]) -> str:
+    """A Markdown cell: the value, and beside the task measure the samples lost / won."""
+    from diffcache.eval.paired import describe
+
+    text = fmt_value(run.get(col))
+    if col == task and run.get("plan") in flips:
+        text += f" ({describe(*flips[run['plan']])})"
+    return text
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: header, one table row per run, then the notes."""
     lines = [f"# {_md_text(_title(report))}", ""]
@@ -235,9 +245,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         cols = columns(runs)
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join("---" for _ in cols) + "|")
+        task, flips = _flips(report)
         for run in runs:
-            cells = [_md_text(fmt_value(run.get(col))) for col in cols]
+            cells = [_md_text(_md_cell(run, col, task, flips)) for col in cols]
             lines.append("| " + " | ".join(cells) + " |")
+        if flips:
+            lines += ["", FLIPS_NOTE]
     else:
         lines.append("_No runs._")
     notes = _note_items(report)
@@ -260,15 +273,42 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; }
 figure svg { max-width: 100%; height: auto; }
 img.sample { width: 128px; image-rendering: pixelated; }
-img.strip { height: 48px; image-rendering: pixelated; }
-table.grid th { font-weight: normal; max-width: 12em; }
+img.strip { image-rendering: pixelated; }
+table.grid th { font-weight: normal; overflow-wrap: anywhere; }
 pre { white-space: pre-wrap; margin: 0; }
+.flips { font-size: 0.8em; color: #555; }
+span.flips { white-space: nowrap; }
+table.grid { table-layout: fixed; width: 100%; }
+table.grid th:first-child { width: 10em; }
+table.grid img { max-width: 100%; }
+img.strip { width: 100%; height: auto; }
+table.grid pre { overflow-wrap: anywhere; }
 """
 
 
-def _table(runs: Sequence[dict[str, Any]]) -> str:
+def _flips(report: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int, float]]]:
+    """The task measure's column and, per run, its samples lost / won against the baseline and
+    the sign test's p (from the report's records; {} without them)."""
+    from diffcache.eval.paired import flips
+    from diffcache.eval.plots import task_metric
+
+    task = task_metric(_runs(report))
+    return task, flips(report, task)
+
+
+#: what the lost / won beside a task measure means (shown under the table)
+FLIPS_NOTE = (
+    "lost / won: samples the run scores worse / better on than the baseline, same request and "
+    "seed; p: two-sided exact sign test of that split (below 0.05: more than which samples "
+    "happen to flip)."
+)
+
+
+def _table(runs: Sequence[dict[str, Any]], task: str = "", flips: Any = None) -> str:
     if not runs:
         return "<p>No runs.</p>"
+    from diffcache.eval.paired import describe
+
     # a header may break after an underscore, so the wide runs table fits the page
     cols = columns(runs)
     heads = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in cols)
@@ -279,9 +319,14 @@ def _table(runs: Sequence[dict[str, Any]]) -> str:
         for col in cols:
             value = run.get(col)
             cls = ' class="num"' if _is_number(value) or value is None else ""
-            cells.append(f"<td{cls}>{_esc(fmt_value(value))}</td>")
+            text = _esc(fmt_value(value))
+            if col == task and (flips or {}).get(run.get("plan")):
+                text += f'<br><span class="flips">{_esc(describe(*flips[run["plan"]]))}</span>'
+            cells.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
+    if flips:
+        out.append(f'<p class="flips">{_esc(FLIPS_NOTE)}</p>')
     return "\n".join(out)
 
 
@@ -303,9 +348,10 @@ def render_section(report: dict[str, Any], out_dir: Path | None = None, level: i
     runs, h = _runs(report), f"h{level}"
     out = ["<ul>"]
     out += [f"<li>{_esc(name)}: {_esc(text)}</li>" for name, text in _header_facts(report)]
-    out += ["</ul>", _environment(report), f"<{h}>Runs</{h}>", _table(runs)]
+    task, flips = _flips(report)
+    out += ["</ul>", _environment(report), f"<{h}>Runs</{h}>", _table(runs, task, flips)]
     out += [f"<{h}>Quality vs speedup</{h}>", '<figure id="quality">']
-    out += [plots.quality_svg(runs, _baseline(report)), "</figure>"]
+    out += [plots.quality_svg(runs, _baseline(report), flips), "</figure>"]
     first = plots.panels(runs, _baseline(report))[0]
     skipped = plots.left_out(runs, first[0])
     if skipped:

@@ -37,7 +37,7 @@ from diffcache.eval.baselines import Comparison, comparison
 from diffcache.eval.report import write_report
 from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
-from diffcache.registry import find_adapter
+from diffcache.registry import adapters, find_adapter
 from diffcache.request import Request, check, expand, task_input
 
 DEFAULT_PROMPTS = (
@@ -84,6 +84,9 @@ def evaluate(
     for c, name in zip(comparisons, plan_names(comparisons), strict=True):
         c.name = name
     entry = builtin_models().get(model)
+    if entry is not None:  # a built-in model's family is known before it is built
+        for c in comparisons:
+            c.check_family(adapters()[entry.family], model)
     pipe = diffcache.load_model(model)
     adapter = find_adapter(pipe)
     for c in comparisons:  # and fits this model before any generation runs

@@ -72,6 +72,15 @@ def _caption(request: Mapping[str, Any]) -> str:
     return f"{what} (seed {request.get('seed')})"
 
 
+def shown(requests: list[int], n: int) -> str:
+    """What the grid holds of the report's ``n`` requests (``requests``: the indices shown)."""
+    k = len(requests)
+    if k >= n:
+        return f"All {n} requests."
+    which = f"the first {k}" if requests == list(range(k)) else "rows name them"
+    return f"Showing {k} of {n} requests ({which}; the table scores all {n})."
+
+
 def grid_html(report: dict[str, Any], out_dir: Path) -> str:
     """The sample grid (``<figure id="samples">``), or '' when the report has no samples."""
     section = report.get("samples")
@@ -98,7 +107,8 @@ def grid_html(report: dict[str, Any], out_dir: Path) -> str:
                     )
                 cells.append(f"<td>{cell}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    caption = "Same request and seed in every row."
+    total = len(report.get("requests") or requests)
+    caption = f"{shown(list(requests), total)} Same request and seed in every row."
     if section.get("strips"):
         caption += " Videos play as animated GIFs, with every frame below."
     return (

@@ -89,6 +89,7 @@ def make(name: str, out: Path) -> Path:
     """Profile one bundled plan into ``out``; its path."""
     import diffcache
     from diffcache.models import load_model
+    from diffcache.plan import format_options
     from diffcache.registry import get_method
     from diffcache.request import Request
 
@@ -99,7 +100,7 @@ def make(name: str, out: Path) -> Path:
         load_model(model), config, inputs(), out=out / name, target_compute=target,
         request=request, progress=True,
     )  # fmt: skip
-    print(f"{name}: {plan.method} {dict(plan.options)}")
+    print(f"{name}: {plan.method} {format_options(plan.options)}")
     return out / name
 
 
