@@ -25,11 +25,13 @@ from diffcache.registry import did_you_mean
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     """One built-in model: its family (adapter name), builder, default request fields and, for
-    models that have them, default evaluation inputs and a task scorer.
+    models that have them, default evaluation inputs, calibration inputs and a task scorer.
 
     ``scorer`` (``"module:function"``) is ``score(input, output) -> bool``: whether one generated
     sample does what its input asked (the input is the prompt, or the class id for
-    class-conditional families). ``prompts`` is a list or ``"module:ATTRIBUTE"``.
+    class-conditional families). ``prompts`` (evaluation) and ``calibration`` (what ``profile``
+    tunes on: inputs of the model's training distribution, never its held-out evaluation set)
+    are each a list or ``"module:ATTRIBUTE"``.
     """
 
     name: str
@@ -39,6 +41,7 @@ class ModelEntry:
     defaults: Mapping[str, Any]
     scorer: str | None = None
     prompts: str | tuple[str, ...] | None = None
+    calibration: str | tuple[str, ...] | None = None
 
     def build(self) -> Any:
         return _resolve(self.builder)()
@@ -48,9 +51,24 @@ class ModelEntry:
         return _resolve(self.scorer) if self.scorer else None
 
     def default_prompts(self) -> tuple[str, ...] | None:
-        if self.prompts is None or isinstance(self.prompts, tuple):
-            return self.prompts
-        return tuple(_resolve(self.prompts))
+        """The default evaluation inputs, or None."""
+        return _inputs(self.prompts)
+
+    def calibration_prompts(self) -> tuple[str, ...] | None:
+        """The model's own calibration inputs, or None (``profile`` then takes the bundled
+        generic prompts, or class ids)."""
+        return _inputs(self.calibration)
+
+
+def _inputs(value: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if value is None or isinstance(value, tuple):
+        return value
+    return tuple(_resolve(value))
+
+
+def _listed(value: Any) -> Any:
+    """A models.yaml list as a tuple; a ``"module:ATTRIBUTE"`` reference or None as it is."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _resolve(ref: str) -> Any:
@@ -84,7 +102,8 @@ def _bundled_models() -> dict[str, ModelEntry]:
             description=e.get("description", ""),
             defaults=dict(e.get("defaults", {})),
             scorer=e.get("scorer"),
-            prompts=tuple(e["prompts"]) if isinstance(e.get("prompts"), list) else e.get("prompts"),
+            prompts=_listed(e.get("prompts")),
+            calibration=_listed(e.get("calibration")),
         )
         for name, e in yaml.safe_load(text).items()
     }
