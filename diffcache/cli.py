@@ -277,17 +277,13 @@ def _start(args: argparse.Namespace) -> Any:
     model's bundled plan for the method (``MODEL.yaml`` or ``MODEL-METHOD.yaml``), else None
     (a checkpoint folder's published settings are looked up once its family is known)."""
     from diffcache.models import builtin_models
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan, model_plan
 
     if args.start:
         return Plan.load(args.start, template=True)
     if args.method is None or args.model not in builtin_models():
         return None
-    for name in (f"{args.model}.yaml", f"{args.model}-{args.method}.yaml"):
-        plan = Plan.load(name, template=True) if name in bundled_plans() else None
-        if plan is not None and plan.method == args.method:
-            return plan
-    return None
+    return model_plan(args.model, args.method)
 
 
 def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
