@@ -123,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         "--num-prompts",
         type=int,
         default=None,
-        help=f"N bundled calibration prompts (class ids 0..N-1 for class-conditional models); "
-        f"the default without --prompts: {DEFAULT_CALIBRATION}",
+        help=f"N calibration inputs: the model's own where it has them, else bundled prompts "
+        f"(class ids 0..N-1 for class-conditional models); the default without --prompts: "
+        f"{DEFAULT_CALIBRATION}",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: --seed .. --seed+K-1")
     goal = p.add_mutually_exclusive_group()
@@ -276,17 +277,13 @@ def _start(args: argparse.Namespace) -> Any:
     model's bundled plan for the method (``MODEL.yaml`` or ``MODEL-METHOD.yaml``), else None
     (a checkpoint folder's published settings are looked up once its family is known)."""
     from diffcache.models import builtin_models
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan, model_plan
 
     if args.start:
         return Plan.load(args.start, template=True)
     if args.method is None or args.model not in builtin_models():
         return None
-    for name in (f"{args.model}.yaml", f"{args.model}-{args.method}.yaml"):
-        plan = Plan.load(name, template=True) if name in bundled_plans() else None
-        if plan is not None and plan.method == args.method:
-            return plan
-    return None
+    return model_plan(args.model, args.method)
 
 
 def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
@@ -479,22 +476,30 @@ def _profile_inputs(
             f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
             f"{adapter.name} model"
         )
-    return prompts if prompts is not None else _bundled_prompts(adapter, args.num_prompts)
+    if prompts is not None:
+        return prompts
+    return _bundled_prompts(args.model, adapter, args.num_prompts)
 
 
-def _bundled_prompts(adapter: Any, n: int) -> list[str]:
-    """N calibration inputs: bundled prompts, or class ids 0..N-1 for class-conditional models."""
+def _bundled_prompts(model: str, adapter: Any, n: int) -> list[str]:
+    """N calibration inputs: a built-in model's own (models.yaml ``calibration``), else the
+    bundled generic prompts, or class ids 0..N-1 for class-conditional models."""
     from importlib import resources
 
-    if adapter.field("prompt") is None:
+    from diffcache.models import builtin_models
+
+    entry = builtin_models().get(model)
+    own = entry.calibration_prompts() if entry is not None else None
+    if own is not None:
+        prompts, which = list(own), f"{model} has {len(own)} calibration prompts"
+    elif adapter.field("prompt") is None:
         return [str(i) for i in range(n)]
-    text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt").read_text()
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
+        prompts = [line.strip() for line in text.read_text().splitlines() if line.strip()]
+        which = f"{len(prompts)} calibration prompts are bundled"
     if n > len(prompts):
-        raise DiffCacheError(
-            f"--num-prompts {n}: {len(prompts)} calibration prompts are bundled; "
-            "pass --prompts FILE"
-        )
+        raise DiffCacheError(f"--num-prompts {n}: {which}; pass --prompts FILE")
     return prompts[:n]
 
 

@@ -86,6 +86,16 @@ def published_plan(family: str, method: str) -> Plan | None:
     return None
 
 
+def model_plan(model: str, method: str) -> Plan | None:
+    """A built-in model's bundled plan of ``method`` (its default ``MODEL.yaml`` when it uses
+    the method, else ``MODEL-METHOD.yaml``), loaded as a template; None if there is none."""
+    for name in (f"{model}.yaml", f"{model}-{method}.yaml"):
+        plan = Plan.load(name, template=True) if name in bundled_plans() else None
+        if plan is not None and plan.method == method:
+            return plan
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """One validated plan. Build it with ``Plan.load`` (path, bundled name, dict or Plan).

@@ -32,8 +32,9 @@ from diffcache.errors import (
     UnsupportedModelError,
 )
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
+from diffcache.models import builtin_of
 from diffcache.output import sample_of
-from diffcache.plan import Plan
+from diffcache.plan import Plan, model_plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.request import Request, check, expand
 from diffcache.runstate import RunState
@@ -216,24 +217,32 @@ def profile(
 
     Args:
         pipe: a pipeline of a supported family, not accelerated.
-        method: a method name (its default options), a MethodConfig, or a plan to start from
-            (a Plan, or a ``.yaml`` path or bundled name, templates included, e.g. the published
+        method: a method name, a MethodConfig, or a plan to start from (a Plan, or a ``.yaml``
+            path or bundled name, templates included, e.g. the published
             ``"wan21-ertacache.yaml"``): its options, and its step count when ``request`` has none.
+            A name on a built-in model (``load_model``) starts from the model's bundled plan
+            of the method, as ``diffcache profile`` does; else from the method's defaults.
         prompts: calibration prompts (class ids as text for class-conditional models).
         seeds: how many seeds per prompt (from ``request.seed`` on), or the seeds themselves.
         out: where to write the plan (and its sidecar).
         target_compute: the compute fraction the plan must not exceed on these prompts.
         target_speedup: a speedup to reach; turned into a compute target with the denoiser's
             measured share of the generation time.
-        request: the other request fields (size, steps, guidance ...).
+        request: the other request fields (size, steps, guidance ...); a built-in model's
+            defaults fill the ones it leaves out.
     """
-    request, start = request or Request(), None
+    request, start, entry = request or Request(), None, builtin_of(pipe)
     if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
         start = Plan.load(method, template=True)
+    elif isinstance(method, str) and entry is not None:
+        start = model_plan(entry.name, method)
+    if start is not None:
         steps = start.valid_for.get("num_inference_steps")
         if steps is not None and request.get("steps") is None:
             request = request.replace(steps=steps)
         method = start.config
+    if entry is not None:
+        request = request.merged(entry.defaults)
     config = method if isinstance(method, MethodConfig) else get_method(method)[0]()
     if target_compute is not None and target_speedup is not None:
         raise DiffCacheError("give target_compute or target_speedup, not both")

@@ -703,3 +703,46 @@ def test_profile_starts_from_the_models_default_plan(tmp_path: Path, capsys) -> 
     assert data["options"]["warmup_steps"] == 4 and data["valid_for"]["num_inference_steps"] == 20
     assert data["provenance"]["measured"]["compute_fraction"] <= 0.5
     assert "compute_fraction 0.5" in capsys.readouterr().out
+
+
+def _prompts_hash(prompts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def test_profile_calibrates_llada_arith_on_its_own_training_tasks(tmp_path: Path, capsys) -> None:
+    """llada-arith is profiled on prompts of its tasks (the generic prose was once used), taken
+    from the training split: none of them is a held-out evaluation task."""
+    from diffcache.pipelines.arith import data
+
+    plan = tmp_path / "p.yaml"
+    argv = ["profile", "--model", "llada-arith", "--method", "dkv_cache", "--num-prompts", "4"]
+    assert main([*argv, "--out", str(plan)]) == 0
+    import yaml
+
+    used = yaml.safe_load(plan.read_text())["provenance"]["prompts_sha256"]
+    own = list(diffcache.models.model_entry("llada-arith").calibration_prompts())
+    assert used == _prompts_hash(own[:4])
+    held_out = {line.split("\t")[0] for line in data.TASK_FILE.read_text().splitlines()}
+    assert len(own) == 64 and not set(own) & held_out
+    assert not any(data.is_held_out(p) for p in own)
+    assert [data.task_of(p) for p in own[:4]] == ["add", "sort", "copy", "word"]
+    assert main([*argv[:-1], "65", "--out", str(plan)]) == 2
+    assert "--num-prompts 65: llada-arith has 64 calibration prompts" in _err_line(capsys)
+
+
+def test_profile_calibrates_wan_shapes_on_its_calibration_prompts(tmp_path: Path) -> None:
+    """wan-shapes is profiled on its own calibration captions (pipelines/shapes), which are
+    none of its evaluation prompts."""
+    from diffcache.pipelines import shapes
+
+    plan = tmp_path / "p.yaml"
+    argv = ["profile", "--model", "wan-shapes", "--method", "easycache", "--num-prompts", "2"]
+    assert main([*argv, "--steps", "6", "--out", str(plan)]) == 0
+    import yaml
+
+    text = (shapes.HERE / "calibration-prompts.txt").read_text().splitlines()
+    used = yaml.safe_load(plan.read_text())["provenance"]["prompts_sha256"]
+    assert used == _prompts_hash(text[:2])
+    assert not set(text) & set(shapes.PROMPTS)

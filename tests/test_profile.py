@@ -217,11 +217,17 @@ def test_fingerprint_is_the_same_in_every_process() -> None:
 def test_profile_starts_from_a_published_template() -> None:
     """The Python form of the issue's Wan2.1 ERTACache command: the published template gives the
     options (no timestep adjustment under Wan's UniPC, where the method defaults are refused);
-    a template of another family is refused before any calibration run."""
+    a template of another family is refused before any calibration run. A method name on a
+    built-in model starts from the model's bundled plan (as the CLI does), on another pipeline
+    from the method's defaults."""
+    from diffcache.pipelines.wan import build_tiny
+
     pipe = diffcache.load_model("wan2.1-tiny")
     req = Request(height=32, width=32, frames=5, steps=6)
     with pytest.raises(UnsupportedModelError, match="time_adjust is defined for the flow-matching"):
-        diffcache.profile(pipe, "ertacache", PROMPTS, request=req)
+        diffcache.profile(build_tiny(), "ertacache", PROMPTS, request=req)
+    plan = diffcache.profile(pipe, "ertacache", PROMPTS, request=req)
+    assert plan.options == diffcache.Plan.load("wan2.1-tiny-ertacache.yaml").options
     plan = diffcache.profile(pipe, "wan21-ertacache.yaml", PROMPTS, request=req)
     assert plan.method == "ertacache" and plan.options["time_adjust"] is False
     assert plan.options["threshold"] == 0.08 and plan.valid_for["num_inference_steps"] == 6

@@ -402,7 +402,8 @@ def write_report(
     report: dict[str, Any], out_dir: str | Path, media: dict[tuple[str, int], Any] | None = None
 ) -> dict[str, Path]:
     """Write report.json, report.md and report.html (and ``samples/`` from ``media``: the output
-    of (run or "baseline", request index)) into ``out_dir``, created if needed.
+    of (run or "baseline", request index)) into ``out_dir``, created if needed. The sample
+    files of an earlier report there are removed first; other files are left alone.
 
     The JSON is checked first: a report that breaks its contract (ValueError) leaves no file
     and no folder behind. Returns the paths keyed "json", "md" and "html".
@@ -410,9 +411,10 @@ def write_report(
     plain = json.loads(dumps_report(report))  # checked, and numpy / tuples made plain
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    if media:
-        from diffcache.eval.samples import write_samples
+    from diffcache.eval.samples import remove_samples, write_samples
 
+    remove_samples(directory)  # an earlier report's samples, which this one may not list
+    if media:
         plain["samples"] = report["samples"] = write_samples(plain, media, directory)
     texts = {
         "json": dumps_report(plain),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 BASELINE = "baseline"
+#: the names ``write_samples`` gives its files: ``r<request>-<column>`` and a suffix
+SAMPLE_FILE = re.compile(r"r\d+-\d+(\.gif|\.png|\.txt|-strip\.png)")
 
 
 def _pixels(media: np.ndarray) -> np.ndarray:
@@ -60,6 +63,20 @@ def write_samples(
     if any(s for col in strips.values() for s in col):
         section["strips"] = strips
     return section
+
+
+def remove_samples(out_dir: Path) -> None:
+    """Remove the sample files an earlier report wrote in ``out_dir/samples`` (only files named
+    as :func:`write_samples` names them), and the folder when that leaves it empty: a reused
+    report folder then holds no sample its new report does not list."""
+    folder = out_dir / "samples"
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and SAMPLE_FILE.fullmatch(path.name):
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _data_uri(path: Path) -> str:

@@ -4,7 +4,7 @@
 
 Each plan is ``diffcache profile`` on fixed calibration inputs and seeds, so a rerun on one
 machine writes the same plans (options, calibration sidecars, provenance). ``wan-shapes`` is
-calibrated on its own held-out prompts (other shapes than its evaluation prompts) and seed 100;
+calibrated on its own calibration prompts (other shapes than its evaluation prompts) and seed 100;
 ``dit-digits`` on its ten classes at seed 0. HyCa keeps its default warm-up (3) and takes the
 interval that computes at most half of the block calls; InvarDiff the one quantile that
 computes at most half of the module calls (first pass). ERTACache runs with ``time_adjust:
@@ -26,8 +26,7 @@ HERE = Path(__file__).parent
 
 
 def _shapes_calibration() -> list[str]:
-    text = resources.files("diffcache.pipelines.shapes").joinpath("calibration-prompts.txt")
-    return [line for line in text.read_text().splitlines() if line.strip()]
+    return list(builtin_models()["wan-shapes"].calibration_prompts() or ())
 
 
 def _digits() -> list[str]:

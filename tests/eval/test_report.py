@@ -278,6 +278,36 @@ def test_samples_are_written_and_embedded(tmp_path: Path) -> None:
     assert len(found.imgs) == 2 * 3 and all(s.startswith("data:image/") for s in found.imgs)
 
 
+def test_reused_folder_keeps_no_stale_samples(tmp_path: Path) -> None:
+    """A second report in the same folder removes the samples of the first that it does not
+    list, and leaves the user's own files there (beside the report and inside samples/)."""
+    import numpy as np
+
+    image = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    report = _report()
+    report["requests"] = [{"prompt": "a cat", "seed": 0}, {"prompt": "a dog", "seed": 0}]
+    runs = ["baseline", *(r["plan"] for r in report["runs"])]
+    rp.write_report(report, tmp_path, media={(run, i): image for run in runs for i in (0, 1)})
+    first = set((tmp_path / "samples").iterdir())
+    assert len(first) == 2 * len(runs)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "samples" / "mine.png").write_bytes(b"mine")
+    rp.write_report(report, tmp_path, media={(run, 0): image for run in runs})
+    section = rp.load_report(tmp_path / "report.json")["samples"]
+    listed = {tmp_path / f for files in section["files"].values() for f in files}
+    assert set((tmp_path / "samples").iterdir()) == listed | {tmp_path / "samples" / "mine.png"}
+    assert all(p.name.startswith("r0-") for p in listed) and len(listed) == len(runs)
+    rp.write_report(_report(), tmp_path)  # no samples at all: none of ours is left
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["mine.png"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "samples" / "mine.png").unlink()
+    rp.write_report(_report(), tmp_path)
+    assert not (tmp_path / "samples").exists()  # our own folder goes once it is empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "report.html", "report.json", "report.md",
+    ]  # fmt: skip
+
+
 def test_index_holds_every_model(tmp_path: Path) -> None:
     a, b = _report(), {**_report(), "model": "other"}
     page = rp.render_index([("one", a, tmp_path), ("two", b, tmp_path)])

@@ -14,6 +14,7 @@ import yaml
 
 import diffcache.pipelines  # noqa: F401  (registers the family adapters)
 from diffcache.adapter import Target
+from diffcache.models import model_entry
 from diffcache.registry import adapters, find_adapter
 from diffcache.request import Request, call_kwargs
 
@@ -187,7 +188,11 @@ def test_models_yaml_entries() -> None:
     assert {"wan2.1-tiny", "wan2.1-1.3b-random", "dit-tiny"} <= MODELS.keys()
     for name, entry in MODELS.items():
         required = {"family", "builder", "description", "defaults"}
-        assert required <= set(entry) <= required | {"scorer", "prompts"}, name
+        assert required <= set(entry) <= required | {"scorer", "prompts", "calibration"}, name
+        if "calibration" in entry:  # calibration inputs are never evaluation inputs
+            model = model_entry(name)
+            own = set(model.calibration_prompts())
+            assert own and not own & set(model.default_prompts() or ()), name
         adapter = adapters()[entry["family"]]
         assert callable(_builder(entry["builder"])), name
         unknown = set(entry["defaults"]) - {f.name for f in adapter.fields}

@@ -4,7 +4,8 @@ beside this file), run through our ``LLaDAPipeline``.
 
 ``load()`` builds the pipeline offline from the committed files; ``score(prompt, text)`` says
 whether a generated text is exactly the prompt's answer; ``PROMPTS`` are the held-out prompts of
-the bundled task file ``tasks.tsv`` (``prompt<TAB>answer``) and ``DEFAULTS`` the default request.
+the bundled task file ``tasks.tsv`` (``prompt<TAB>answer``), ``CALIBRATION`` training-split
+prompts for profiling (``data.calibration_prompts``) and ``DEFAULTS`` the default request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from diffcache.pipelines._weights import Weights
-from diffcache.pipelines.arith.data import GEN_LENGTH, TASK_FILE, read_task_file, solve
+from diffcache.pipelines.arith.data import (
+    GEN_LENGTH,
+    TASK_FILE,
+    calibration_prompts,
+    read_task_file,
+    solve,
+)
 
 HERE = Path(__file__).parent
 TRAIN = "python -m diffcache.pipelines.arith.train"
@@ -33,9 +40,11 @@ def _tasks() -> dict[str, str]:
 
 def __getattr__(name: str) -> Any:
     """``PROMPTS``: the default evaluation inputs, the held-out prompts of ``tasks.tsv`` (read
-    on first use)."""
+    on first use); ``CALIBRATION``: the calibration inputs, training-split prompts."""
     if name == "PROMPTS":
         return tuple(_tasks())
+    if name == "CALIBRATION":
+        return tuple(calibration_prompts())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -34,6 +34,8 @@ HELD_OUT_EVERY = 20  # about 1 prompt in 20 is held out (by hash)
 TASK_FILE = Path(__file__).parent / "tasks.tsv"
 TASK_FILE_SEED = 1234
 PER_TASK = 50  # held-out prompts of each type in the task file
+CALIBRATION_SEED = 4321  # the training-split stream that calibration prompts are drawn from
+CALIBRATION_SIZE = 64
 
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")
 ITEMS = ("pens", "cards", "apples", "books", "coins", "eggs", "cups", "hats", "keys", "toys")
@@ -116,6 +118,18 @@ def held_out_tasks(seed: int = TASK_FILE_SEED, per_task: int = PER_TASK) -> list
             counts[ex.task] += 1
             out.append(ex)
         if all(c == per_task for c in counts.values()):
+            return out
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def calibration_prompts(seed: int = CALIBRATION_SEED, n: int = CALIBRATION_SIZE) -> list[str]:
+    """``n`` distinct training-split prompts (the task types in turn): what ``profile`` tunes
+    a cache on, of the training distribution and disjoint from the held-out task file."""
+    out: list[str] = []
+    for ex in examples(seed):
+        if ex.prompt not in out:
+            out.append(ex.prompt)
+        if len(out) == n:
             return out
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -25,6 +25,13 @@ PROMPTS = tuple(
     for c in range(len(data.COLOURS))
     for d in range(len(data.DIRECTIONS))
 )
+#: the calibration prompts (``calibration-prompts.txt``): 16 captions of the training
+#: distribution that are not evaluation prompts (other shapes for each colour and direction)
+CALIBRATION = tuple(
+    line.strip()
+    for line in (HERE / "calibration-prompts.txt").read_text().splitlines()
+    if line.strip()
+)
 #: the pipeline weights (relative to ``model/``), checked against ``model/sha256.json``
 WEIGHTS = Weights(
     "wan-shapes",
