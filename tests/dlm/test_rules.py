@@ -223,3 +223,33 @@ def test_dkv_greedy_is_refused_on_dream(dream) -> None:
     }
     with pytest.raises(DiffCacheError, match="greedy is defined for LLaDA"):
         diffcache.accelerate(dream, plan)
+
+
+def test_d2cache_rollout_is_the_column_sums_of_the_layer_product() -> None:
+    """Importance = 1^T M_last ... M_0 with M_l the identity whose recomputed rows i are
+    (A_l[i] + e_i) / 2 (heads averaged), as dense float64 matrices; a padded row set repeats
+    its first position, which must count once."""
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    g = torch.Generator().manual_seed(0)
+    length = 5
+    layers = [  # (rows [B, n] or None: all, head-averaged probs [B, n, L])
+        (None, torch.randn(2, length, length, generator=g).softmax(-1)),
+        (torch.tensor([[1, 3, 1], [0, 2, 4]]), torch.randn(2, 3, length, generator=g).softmax(-1)),
+        (torch.tensor([[4, 0, 4], [2, 2, 2]]), torch.randn(2, 3, length, generator=g).softmax(-1)),
+    ]
+    # a padding copy has its position's query, so the same probs
+    for layer, b, copies in ((1, 0, [2]), (2, 0, [2]), (2, 1, [1, 2])):
+        layers[layer][1][b, copies] = layers[layer][1][b, 0].clone()
+    policy = D2Policy(D2CacheConfig())
+    policy.attn = layers
+    got = policy._rollout(2, length, torch.device("cpu"))
+    for b in range(2):
+        product = torch.eye(length, dtype=torch.float64)
+        for rows, probs in layers:
+            m = torch.eye(length, dtype=torch.float64)
+            picked = range(length) if rows is None else rows[b].tolist()
+            for j, i in enumerate(picked):
+                m[i] = (probs[b, j].double() + torch.eye(length, dtype=torch.float64)[i]) / 2
+            product = m @ product
+        assert torch.allclose(got[b].double(), product.sum(0), atol=1e-6), b
