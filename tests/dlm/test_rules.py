@@ -3,6 +3,8 @@ hand-checkable generation), and bad requests fail before any model call."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,18 +38,40 @@ def traced(pipe, method: str, options: dict, **kw):
     return out, per_step
 
 
-def test_dkv_decode_recomputes_positions_not_decoded_two_steps_earlier(llada) -> None:
-    out, rows = traced(llada, "dkv_cache", {"refresh_every": 100})
+@pytest.mark.parametrize("every", [2, 3, 100])
+def test_dkv_decode_recomputes_positions_not_decoded_two_steps_earlier(llada, every) -> None:
+    """Full forwards at block steps 0, 1 and every ``every``-th (blocks of 4 steps); any other
+    step recomputes the generated positions not decoded before the previous step."""
+    out, rows = traced(llada, "dkv_cache", {"refresh_every": every})
     p, length = out.prompt_len, out.tokens.shape[1]
     decoded_at = torch.full((length,), -1)
     decoded_at[p:] = out.committed_at[0]
+    full = {s for s in range(8) if s % 4 in (0, 1) or s % 4 % every == 0}
+    assert full == {2: {0, 1, 2, 4, 5, 6}, 3: {0, 1, 3, 4, 5, 7}, 100: {0, 1, 4, 5}}[every]
     for step, got in rows.items():
-        block_step = step % 4  # 2 blocks of 4 steps
-        if block_step in (0, 1):  # block start and the step after it: full forwards
+        if step in full:
             assert got == set(range(length)), step
             continue
         want = {q for q in range(p, length) if not (0 <= decoded_at[q] < step - 1)}
         assert got == want, (step, got, want)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_dkv_decode_on_dream_refreshes_every_n_steps(dream, every) -> None:
+    """Dream has no blocks: full forwards at steps 0, N, 2N, ...; other steps recompute every
+    position whose next one was not decoded before the previous step (shifted logits), and
+    the last position."""
+    out, rows = traced(dream, "dkv_cache", {"refresh_every": every})
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length,), -1)
+    decoded_at[p:] = out.committed_at[0]
+    assert sorted(rows) == list(range(8))
+    for step, got in rows.items():
+        if step % every == 0:
+            assert got == set(range(length)), step
+            continue
+        cached = {q for q in range(length - 1) if decoded_at[q + 1] < step - 1}
+        assert got == set(range(length)) - cached, (step, got)
 
 
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
@@ -64,20 +88,75 @@ def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
                 assert got == set(range(start, end)), (mode, step)
 
 
-def test_elastic_refreshes_from_the_layer_after_a_drift(llada) -> None:
-    diffcache.accelerate(
-        llada,
-        {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {"gamma": 2.0}},
-    )
-    llada("hello", gen_length=8, steps=8, block_length=8)
-    stats = diffcache.stats(llada)
-    layers, length = llada.model.num_layers, 5 + 8  # "hello" is 5 characters
-    # gamma > 1: every step after the first drifts at layer 0, so layer 1 recomputes all rows
-    done, total = stats.work["token_layer"]
-    steps = stats.steps
-    assert total == steps * length * layers
-    assert done > (steps - 1) * length * (layers - 1) + length * layers - 1e-9
-    assert done < total
+@pytest.mark.parametrize("gamma", [2.0, -1.0])
+def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> None:
+    """An attention similarity (a cosine of probabilities, in (0, 1]) is below gamma 2 at every
+    layer and never below -1: with 2 every step after the first recomputes its rows at layer 0
+    and every position from layer 1 on; with -1 only its rows at every layer."""
+    out, rows = traced(llada, "elastic_cache", {"gamma": gamma}, block_length=8)
+    layers, length = llada.model.num_layers, out.tokens.shape[1]
+    assert layers >= 2
+    per_step = diffcache.stats(llada).per_step()
+    assert len(per_step) == len(rows) >= 2
+    want = [1.0]
+    for step in range(1, len(per_step)):
+        n = len(rows[step])
+        assert n < length, step
+        done = n + length * (layers - 1) if gamma > 1 else n * layers
+        want.append(done / (length * layers))
+    assert per_step == pytest.approx(want, abs=1e-12)
+
+
+def _elastic_layer_end(gamma: float, heads_axis: bool = False):
+    """One Elastic-Cache layer on a hand-made attention (batch 1, 2 heads, head dim 1, keys at
+    positions 0-2, position 2 masked): step 0 computes all rows, step 1 rows 1 and 2."""
+    from diffcache.kv.policy import DecodeState, LayerView
+    from diffcache.methods.elastic_cache import ElasticCacheConfig, ElasticPolicy
+
+    def col(*heads):  # [1, H, n, 1]
+        return torch.tensor(heads, dtype=torch.float32)[None, :, :, None]
+
+    k0 = col([0.5, 1.5, 3.0], [0.5, 1.5, 3.0])
+    k1 = col([0.5, 0.5, 2.0], [0.5, 2.0, -1.0])  # rows 1, 2 rewritten at step 1
+    q0 = col([0.0, 1.0, 2.0], [0.0, -1.0, 2.0])
+    q1 = col([2.0, 2.0], [0.5, 2.0])  # rows 1, 2
+    policy = ElasticPolicy(ElasticCacheConfig(gamma=gamma, reference_compat=heads_axis))
+    ids = torch.tensor([[5, 6, 99]])
+    state = DecodeState(ids, 99, 1, 0, 2, torch.tensor([[-1, 0, -2]]))
+    policy.start(state, None)
+    targets, full = torch.tensor([[2]]), torch.zeros(1, dtype=torch.bool)
+    assert policy.plan(state, targets).rows is None
+    assert not policy.layer_end(0, LayerView(0, None, q0, k0, None, 1.0, full))
+    # the window query (position 2) attends most to key 1 among the decoded keys: tracked
+    assert policy.track[0].tolist() == [[1]]
+    state.step = 1
+    rows = policy.plan(state, targets).rows
+    assert rows.tolist() == [[1, 2]]
+    old_k = k0[:, :, 1:]
+    return policy.layer_end(0, LayerView(0, rows, q1, k1, old_k, 1.0, full))
+
+
+def test_elastic_drift_is_the_key_cosine_of_the_tracked_attention_below_gamma() -> None:
+    """The tracked token's attention before (its old query on the old keys) and after (new
+    query, new keys), per head; their cosine over the keys, averaged over heads, is compared
+    with gamma (``reference_compat``: the cosine across heads per key, averaged over keys)."""
+
+    def softmax(s):
+        e = [math.exp(x) for x in s]
+        return [x / sum(e) for x in e]
+
+    def cos(a, b):
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    before = [softmax([1.0 * k for k in [0.5, 1.5, 3.0]]), softmax([-k for k in [0.5, 1.5, 3.0]])]
+    after = [softmax([2.0 * k for k in [0.5, 0.5, 2.0]]), softmax([0.5 * k for k in [0.5, 2, -1]])]
+    over_keys = sum(cos(b, a) for b, a in zip(before, after, strict=True)) / 2
+    over_heads = sum(cos([b[j] for b in before], [a[j] for a in after]) for j in range(3)) / 3
+    assert abs(over_keys - over_heads) > 0.1  # the toy tells the two readings apart
+    for sim, compat in ((over_keys, False), (over_heads, True)):
+        assert bool(_elastic_layer_end(sim + 1e-4, compat))
+        assert not bool(_elastic_layer_end(sim - 1e-4, compat))
 
 
 @pytest.mark.parametrize(
@@ -144,3 +223,33 @@ def test_dkv_greedy_is_refused_on_dream(dream) -> None:
     }
     with pytest.raises(DiffCacheError, match="greedy is defined for LLaDA"):
         diffcache.accelerate(dream, plan)
+
+
+def test_d2cache_rollout_is_the_column_sums_of_the_layer_product() -> None:
+    """Importance = 1^T M_last ... M_0 with M_l the identity whose recomputed rows i are
+    (A_l[i] + e_i) / 2 (heads averaged), as dense float64 matrices; a padded row set repeats
+    its first position, which must count once."""
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    g = torch.Generator().manual_seed(0)
+    length = 5
+    layers = [  # (rows [B, n] or None: all, head-averaged probs [B, n, L])
+        (None, torch.randn(2, length, length, generator=g).softmax(-1)),
+        (torch.tensor([[1, 3, 1], [0, 2, 4]]), torch.randn(2, 3, length, generator=g).softmax(-1)),
+        (torch.tensor([[4, 0, 4], [2, 2, 2]]), torch.randn(2, 3, length, generator=g).softmax(-1)),
+    ]
+    # a padding copy has its position's query, so the same probs
+    for layer, b, copies in ((1, 0, [2]), (2, 0, [2]), (2, 1, [1, 2])):
+        layers[layer][1][b, copies] = layers[layer][1][b, 0].clone()
+    policy = D2Policy(D2CacheConfig())
+    policy.attn = layers
+    got = policy._rollout(2, length, torch.device("cpu"))
+    for b in range(2):
+        product = torch.eye(length, dtype=torch.float64)
+        for rows, probs in layers:
+            m = torch.eye(length, dtype=torch.float64)
+            picked = range(length) if rows is None else rows[b].tolist()
+            for j, i in enumerate(picked):
+                m[i] = (probs[b, j].double() + torch.eye(length, dtype=torch.float64)[i]) / 2
+            product = m @ product
+        assert torch.allclose(got[b].double(), product.sum(0), atol=1e-6), b

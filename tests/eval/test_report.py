@@ -247,13 +247,21 @@ def test_text_reports_show_text_metrics(tmp_path: Path) -> None:
 
 
 def test_charts_are_deterministic() -> None:
+    """Same report, same bytes (a copy, drawn after other charts), and other data, other
+    bytes (a chart that ignored its runs would be deterministic too)."""
+    import copy
+
     from diffcache.eval import plots
 
     runs = _report()["runs"]
-    assert plots.quality_svg(runs, {}) == plots.quality_svg(runs, {})
-    assert plots.timeline_svg(runs) == plots.timeline_svg(runs)
+    quality, timeline = plots.quality_svg(runs, {}), plots.timeline_svg(runs)
+    other = copy.deepcopy(runs)
+    other[0].update(psnr=20.0, per_step_compute=[0.0, 1.0, 1.0, 1.0])
+    assert plots.quality_svg(other, {}) != quality and plots.timeline_svg(other) != timeline
+    assert plots.quality_svg(copy.deepcopy(runs), {}) == quality
+    assert plots.timeline_svg(copy.deepcopy(runs)) == timeline
     assert plots.left_out(runs, "psnr") == ["a<b>.yaml"]
-    assert plots.quality_svg(runs, {}).startswith("<svg")
+    assert quality.startswith("<svg") and "wan2.1-tiny.yaml" in quality
 
 
 def test_samples_are_written_and_embedded(tmp_path: Path) -> None:

@@ -113,3 +113,63 @@ def test_learned_variance_channels_are_cached_raw() -> None:
     # step 2 reused: latent 1 + (4 - 2) = 3, variance channel = last computed 2 + 100
     assert outs[2] == [3.0, 102.0]
     assert diffcache.stats(model).per_step() == [1.0, 1.0, 0.0, 1.0]
+
+
+def _rule(script: list[float], threshold: float, warmup: int) -> tuple[list[bool], list[float]]:
+    """The rule of research/dit.md §1.1.2 on scalar latents of ``v = 2x + 1``, written out:
+    (computed per step, output per step)."""
+    computed, outs = [], []
+    k = prev_x = v_c = x_c = None
+    acc = 0.0
+    for i, x in enumerate(script):
+        if i < warmup or i == len(script) - 1:
+            compute, acc = True, 0.0
+        elif k is None:
+            compute = True
+        else:
+            acc += k * abs(x - prev_x) / abs(v_c)
+            compute = not acc < threshold
+            if compute:
+                acc = 0.0
+        if compute:
+            v = 2 * x + 1
+            if v_c is not None:
+                k = abs(v - v_c) / abs(x - x_c)
+            v_c, x_c = v, x
+        else:
+            v = x + (v_c - x_c)
+        prev_x = x
+        computed.append(compute)
+        outs.append(v)
+    return computed, outs
+
+
+def _run(script: list[float], threshold: float, warmup: int) -> tuple[list[bool], list[float]]:
+    plan = {**PLAN, "options": {"threshold": threshold, "warmup_steps": warmup}}
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, 3), a) for a in script])
+    diffcache.accelerate(pipe, plan)
+    pipe(torch.full((1, 2, 3), script[0]), steps=len(script))
+    computed = [f == 1.0 for f in diffcache.stats(pipe).per_step()]
+    return computed, [float(o.flatten()[0]) for o in pipe.scheduler.outputs]
+
+
+def test_the_accumulator_restarts_after_a_computed_step() -> None:
+    # steps 2, 3 reuse (E = 2/17, 4/17); step 4 computes (E = 6/17 >= 0.3) and resets E; then
+    # k = |11 - 17| / |5 - 8| = 2 and mean|v_4| = 11: step 5 has E = 2/11 < 0.3 and reuses
+    # (E kept at 6/17 would compute it); step 6 has E = 4/11 and computes; 7 is the last
+    script = [16.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]
+    want = _rule(script, 0.3, 2)
+    assert want[0] == [True, True, False, False, True, False, True, True]
+    assert _run(script, 0.3, 2) == want
+
+
+def test_an_accumulated_change_equal_to_the_threshold_computes() -> None:
+    # mean|v_1| = 2 * 7.5 + 1 = 16, k = 2: step 2 has E = 2 * 1 / 16 = 0.125 exactly, and
+    # E < threshold fails at equality, so it computes; a hair above, it reuses
+    script = [15.5, 7.5, 6.5, 5.5]
+    at = _rule(script, 0.125, 2)
+    assert at[0] == [True, True, True, True]
+    assert _run(script, 0.125, 2) == at
+    above = _rule(script, 0.1251, 2)
+    assert above[0] == [True, True, False, True]
+    assert _run(script, 0.1251, 2) == above

@@ -131,7 +131,13 @@ def test_profiled_plan_is_followed_exactly_per_branch(qwen, profiled) -> None:
     assert not (out == base).all()
     assert (_gen(qwen) == base).all(), "remove() restores the plain pipeline and its scheduler"
     phi = plan.provenance["measured"]["phi"]
-    assert len(phi) == len(reuse) and any(f < 1 for f in phi)
+    cal, want = plan.tensors, []
+    for k in reuse:  # phi_k = clip(1 - E_k / D_k): sums over branches and requests / count
+        c = max(s for s in range(k) if s not in reuse)
+        n = cal["count"][:, k].sum()
+        ratio = (cal["pair_err"][:, c, k].sum() / n) / (cal["out_abs"][:, k].sum() / n)
+        want.append(min(max(1 - float(ratio), 0.0), 1.0))
+    assert phi == pytest.approx(want, abs=1e-4) and any(f < 1 for f in phi)
     assert not torch.equal(adjusted, qwen.scheduler.sigmas), "reused steps were shortened"
     assert adjusted[0] == qwen.scheduler.sigmas[0] and adjusted[-1] == 0
 
@@ -234,3 +240,26 @@ def test_every_family_profiles_and_follows_its_schedule(model: str) -> None:
     branches = stats.computed // (6 - len(reuse))
     assert stats.computed == branches * (6 - len(reuse)) and stats.skipped == branches * len(reuse)
     assert torch.isfinite(torch.as_tensor(out)).all()
+
+
+@pytest.mark.parametrize("phi", ["output", "step_change"])
+def test_phi_is_one_minus_the_reuse_error_over_that_steps_denominator(phi: str) -> None:
+    """5 steps, two calibration requests (sums over both, count 2): threshold 0.5 reuses steps
+    1 and 2 from step 0 (rel 0.1, 0.2) and computes step 3 (rel 0.9). ``phi_k = 1 - E_k / D_k``
+    with ``E_k = pair_err[0, k] / 2`` and ``D_k`` the reused step's own mean|v_k| (``output``) or
+    mean|v_k - v_(k-1)| (``step_change``), each summed over the requests / 2."""
+    t = 5
+    rel = torch.full((1, t, t), 0.9, dtype=torch.float64)
+    rel[0, 0, 1], rel[0, 0, 2] = 0.1, 0.2
+    err = torch.zeros(1, t, t, dtype=torch.float64)
+    err[0, 0, 1], err[0, 0, 2] = 1.0, 3.0  # E_1 = 0.5, E_2 = 1.5
+    out_abs = torch.tensor([[16.0, 4.0, 8.0, 32.0, 64.0]], dtype=torch.float64)
+    step_change = torch.tensor([[0.0, 2.0, 5.0, 10.0, 12.0]], dtype=torch.float64)
+    cal = ERTACacheCalibration(
+        2 * rel, err, step_change, out_abs, torch.ones(1, t, t, 1, 5), torch.full((1, t), 2.0)
+    )
+    got = schedule(cal, ERTACacheConfig(threshold=0.5, phi=phi, rectify="none"))
+    assert got.reuse == (1, 2) and got.source == (0, 0, 0, 3, 4)
+    # output: D_1 = 4 / 2, D_2 = 8 / 2; step_change: D_1 = 2 / 2, D_2 = 5 / 2
+    want = {"output": [1 - 0.5 / 2, 1 - 1.5 / 4], "step_change": [1 - 0.5 / 1, 1 - 1.5 / 2.5]}[phi]
+    assert got.phi == pytest.approx((1.0, *want, 1.0, 1.0), abs=1e-12)

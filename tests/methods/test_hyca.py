@@ -262,3 +262,43 @@ def test_four_point_solvers_run_and_plans_of_the_old_pool_still_do(flux_plan) ->
     )
     old = Plan.load(old.save(Path(plan.source).with_name("old.yaml")))
     assert (_generate_with(pipe, old, one)[0] == _generate_with(pipe, plan, one)[0]).all()
+
+
+def test_skipped_steps_return_the_solvers_forecast_for_that_step() -> None:
+    """Toy blocks on scripted latents ``x_k = k^2``: block 0's residual is ``x_k`` (forecast
+    by ``linear``), block 1's is ``-2x_k / 2 = -x_k`` at its computed input ``2x_k`` (by
+    ``reuse``). A skipped step ``k`` then returns ``v = 2 (x_k + f_k - x_s) + 1`` with ``s``
+    the last full step and ``f_k`` the line through the last two full steps' ``x`` at ``k``;
+    full steps return the plain ``2 x_k + 1``."""
+    from diffcache.testing.toys import ToyPipeline
+
+    steps, dims = 8, 3
+    xs = [float(k * k) for k in range(steps)]
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), x) for x in xs])
+    cfg = HyCaConfig(warmup_steps=2, interval=3, solvers=("linear", "reuse"))
+    plan = Plan(
+        model="toy",
+        method="hyca",
+        options=cfg.to_options(),
+        calibration={"cluster_solvers": ["linear", "reuse"]},
+        tensors={
+            "labels": torch.tensor([[0] * dims, [1] * dims]),
+            "errors": torch.zeros(2, dims, 2),
+            "indicators": torch.zeros(2, dims, 3),
+        },
+    )
+    diffcache.accelerate(pipe, plan)
+    pipe(torch.full((1, 2, dims), xs[0]), steps=steps)
+    full = [0, 1, 2, 5]  # k < 2, and (k - 2) % 3 == 0
+    want = []
+    for k, x in enumerate(xs):
+        if k in full:
+            want.append(2 * x + 1)
+            continue
+        s1, s2 = [s for s in full if s < k][-2:]
+        f = xs[s2] + (k - s2) * (xs[s2] - xs[s1]) / (s2 - s1)
+        want.append(2 * (x + f - xs[s2]) + 1)
+    assert want[3] == 2 * (9 + 7 - 4) + 1  # history (1, 2): f_3 = 4 + 1 * (4 - 1) = 7
+    got = [o.flatten().tolist() for o in pipe.scheduler.outputs]
+    assert got == [[w] * 2 * dims for w in want]
+    assert diffcache.stats(pipe).per_step() == [float(k in full) for k in range(steps)]
