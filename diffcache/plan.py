@@ -285,7 +285,7 @@ def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
     where = f"{source}: calibration.{SIDECAR}"
     if not isinstance(info, Mapping) or set(info) != {"file", "sha256"}:
         raise PlanError(f"{where}: expected {{file: NAME.safetensors, sha256: HEX}}, got {info!r}")
-    path = Path(source).parent / str(info["file"])
+    path = _sidecar_path(str(info["file"]), source, where)
     if not path.is_file():
         raise PlanError(
             f"{where}: {path} does not exist; keep the sidecar beside the plan file or re-run the "
@@ -304,6 +304,19 @@ def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
         return load(blob)
     except Exception as e:  # a corrupt file with the recorded hash: written by something else
         raise PlanError(f"{where}: {path.name} is not a safetensors file ({e})") from e
+
+
+def _sidecar_path(name: str, source: str, where: str) -> Path:
+    """The sidecar file ``name`` of the plan ``source``, refused unless it lies inside the
+    plan's folder (no absolute path, no ``..`` or symlink out of it), before anything is read."""
+    folder = Path(source).parent.resolve()
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(folder):
+        raise PlanError(
+            f"{where}: file {name!r} is outside the plan's folder {folder}; a sidecar is named "
+            "relative to the plan and kept beside it"
+        )
+    return path
 
 
 def _calibration(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from diffcache import Plan
 from diffcache.errors import PlanError
 from diffcache.plan import bundled_plans
+from diffcache.yamlio import dump_yaml, read_yaml
 
 GOOD = {
     "diffcache": 1,
@@ -179,3 +182,32 @@ def test_exponent_floats_are_numbers(tmp_path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {threshold: 5e-2}\n")
     assert Plan.load(path).config.threshold == 0.05
+
+
+def _plan_with_sidecar(folder: Path, name: str) -> Path:
+    """dit-tiny-ertacache.yaml written into ``folder`` with its sidecar named ``name``."""
+    source = bundled_plans()["dit-tiny-ertacache.yaml"]
+    data = read_yaml(source)
+    data["calibration"]["sidecar"]["file"] = name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "p.yaml"
+    path.write_text(dump_yaml(data))
+    return path
+
+
+def test_sidecars_stay_in_the_plan_folder(tmp_path, monkeypatch) -> None:
+    """A sidecar named outside the plan's folder (``..``, an absolute path, a symlink out of
+    it) is refused before any file is opened; one beside the plan, or below it, loads."""
+    blob = bundled_plans()["dit-tiny-ertacache.yaml"].with_suffix(".safetensors").read_bytes()
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(blob)  # the right bytes: only where it lies is wrong
+    plans = tmp_path / "plans" / "a"
+    (plans / "sub").mkdir(parents=True)
+    (plans / "sub" / "side.safetensors").write_bytes(blob)
+    (plans / "link.safetensors").symlink_to(outside)
+    assert Plan.load(_plan_with_sidecar(plans, "sub/side.safetensors")).tensors
+    assert Plan.load(_plan_with_sidecar(plans, "sub/../sub/side.safetensors")).tensors
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    for name in ("../../outside.safetensors", str(outside), "link.safetensors"):
+        with pytest.raises(PlanError, match=r"calibration.sidecar: file .* is outside the plan"):
+            Plan.load(_plan_with_sidecar(plans, name))
