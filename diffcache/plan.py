@@ -41,7 +41,9 @@ REQUIRED = ("diffcache", "model", "method")
 MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
-VALID_FOR: dict[str, type] = {"num_inference_steps": int, "scheduler": str, "fingerprint": str}
+VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str}
+#: what plans for a family with a scheduler (every driver but our own pipelines') may carry
+SCHEDULED: dict[str, type] = {"scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
 SIDECAR = "sidecar"
 
@@ -204,8 +206,7 @@ class Plan:
             )
         config_cls, _ = get_method(data["method"], f"{source}: method")
         valid_for = dict(data.get("valid_for") or {})
-        extra = {**adapters()[model].valid_for, **config_cls.valid_for_keys}
-        _check_valid_for(valid_for, extra, source)
+        _check_valid_for(valid_for, valid_for_keys(model, config_cls), model, source)
         calibration = dict(data.get("calibration") or {})
         sidecar = calibration.pop(SIDECAR, None)
         tensors = _read_sidecar(sidecar, source) if sidecar is not None else {}
@@ -261,14 +262,23 @@ class Plan:
         return path
 
 
-def _check_valid_for(valid_for: dict[str, Any], extra: Mapping[str, type], source: str) -> None:
-    allowed = {**VALID_FOR, **extra}
+def valid_for_keys(family: str, config_cls: Any) -> dict[str, type]:
+    """The ``valid_for`` keys (with their types) of a plan for ``family`` with this method:
+    the core's, ``scheduler`` where the family has one, and those the adapter and method add."""
+    adapter = adapters()[family]
+    scheduled = SCHEDULED if adapter.driver != "pipeline" else {}
+    return {**VALID_FOR, **scheduled, **adapter.valid_for, **config_cls.valid_for_keys}
+
+
+def _check_valid_for(
+    valid_for: dict[str, Any], allowed: Mapping[str, type], family: str, source: str
+) -> None:
     problems = []
     for key, value in valid_for.items():
         where = f"{source}: valid_for.{key}"
         if key not in allowed:
             problems.append(
-                f"{where}: unknown key{did_you_mean(str(key), allowed)}; "
+                f"{where}: {family} plans have no such key{did_you_mean(str(key), allowed)}; "
                 f"allowed: {', '.join(allowed)}"
             )
         elif not isinstance(value, allowed[key]) or isinstance(value, bool):
