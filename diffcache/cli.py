@@ -608,6 +608,7 @@ def _plans_import(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
     from diffcache.methods.invardiff import import_reference_books, read_reference_books
+    from diffcache.models import builtin_models
 
     out = Path(args.out)
     if out.suffix.lower() not in (".yaml", ".yml"):
@@ -615,7 +616,9 @@ def _plans_import(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     if not Path(args.file).is_file():
         raise DiffCacheError(f"{args.file}: no such file")
-    read_reference_books(args.file)  # a malformed book file fails before the model is built
+    entry = builtin_models().get(args.model)  # a built-in model's family is known now
+    # a malformed book file fails before the model is built
+    read_reference_books(args.file, entry.family if entry is not None else None)
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
     reused = int(plan.calibration_data.step_book.sum())
     print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")
