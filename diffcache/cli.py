@@ -196,11 +196,15 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- helpers
 def _request(
-    args: argparse.Namespace, model: str, sample: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    model: str,
+    sample: dict[str, Any] | None = None,
+    inputs: str | None = None,
 ) -> tuple[Any, Any]:
     """The request from the flags (built-in defaults filled in) and the model's family adapter
     when it is known before loading (built-in models). The request is checked with ``sample``
-    filling the fields a command sets per sample (eval and profile set the prompt)."""
+    filling the fields a command sets per sample (eval and profile set the prompt), which
+    errors call ``inputs`` (see ``request.check``)."""
     from diffcache.models import builtin_models
     from diffcache.registry import adapters, request_fields
     from diffcache.request import Request, check
@@ -217,18 +221,21 @@ def _request(
     adapter = adapters()[entry.family]
     req = req.merged(entry.defaults)
     filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter, req.replace(**filled))
+    check(adapter, req.replace(**filled), inputs=inputs)
     return req, adapter
 
 
-def _family(pipe: Any, req: Any, sample: dict[str, Any] | None = None) -> Any:
-    """The loaded pipeline's adapter, with the request checked against the loaded model."""
+def _family(
+    pipe: Any, req: Any, sample: dict[str, Any] | None = None, inputs: str | None = None
+) -> Any:
+    """The loaded pipeline's adapter, with the request checked against the loaded model
+    (``sample`` and ``inputs`` as for ``_request``)."""
     from diffcache.registry import find_adapter
     from diffcache.request import check
 
     adapter = find_adapter(pipe)
     filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter, req.replace(**filled), pipe)
+    check(adapter, req.replace(**filled), pipe, inputs)
     return adapter
 
 
@@ -256,9 +263,18 @@ def _read_prompts_answers(path: str, media: str | None) -> tuple[list[str], list
     return prompts, answers
 
 
-def _check_seeds(n: int) -> None:
+def _check_seeds(args: argparse.Namespace) -> None:
+    """--seeds in range, and the seeds it adds after --seed within the seeds a request takes."""
+    from diffcache.request import MAX_SEED
+
+    n = args.seeds
     if not 1 <= n <= 10_000:
         raise DiffCacheError(f"--seeds must be in 1..10000, got {n}")
+    if args.seed is not None and args.seed + n - 1 > MAX_SEED >= args.seed:
+        raise DiffCacheError(
+            f"--seed {args.seed} with --seeds {n}: the seeds run to {args.seed + n - 1}, past "
+            "2**64-1; give a lower --seed"
+        )
 
 
 def _check_valid_for(plan: Any, req: Any) -> None:
@@ -286,10 +302,13 @@ def _start(args: argparse.Namespace) -> Any:
     return model_plan(args.model, args.method)
 
 
-def _method_config(args: argparse.Namespace, steps: int | None, start: Any = None) -> Any:
+def _method_config(
+    args: argparse.Namespace, steps: int | None, start: Any = None, given_steps: int | None = None
+) -> Any:
     """The method's config: the options of ``start`` (see ``_start``; else the method's
     defaults) with ``--option KEY=VALUE`` on top; checked against the step count before any
-    model is built."""
+    model is built (``given_steps``: the user's --steps, to tell it from the plan's or the
+    model's default in errors)."""
     from diffcache.registry import get_method
     from diffcache.yamlio import loads_yaml
 
@@ -299,6 +318,7 @@ def _method_config(args: argparse.Namespace, steps: int | None, start: Any = Non
         raise DiffCacheError(
             f"--method {args.method} but --from {args.start} is a {start.method} plan; give one"
         )
+    method = f"--method {args.method}" if args.method else f"--from {args.start} ({start.method})"
     args.method = args.method or start.method
     cls, _ = get_method(args.method, "--method")
     options: dict[str, Any] = dict(start.options) if start is not None else {}
@@ -310,8 +330,9 @@ def _method_config(args: argparse.Namespace, steps: int | None, start: Any = Non
     config = cls.from_options(options, f"--method {args.method} options")
     problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
     if problems:
+        at = f"--steps {steps}" if steps == given_steps else f"{steps} steps"
         raise DiffCacheError(
-            f"--method {args.method} with --steps {steps}: {'; '.join(problems)} "
+            f"{method} at {at}: {'; '.join(problems)} "
             "(set the method's options with --option KEY=VALUE)"
         )
     return config
@@ -382,7 +403,7 @@ def _profile(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
 
-    _check_seeds(args.seeds)
+    _check_seeds(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
@@ -402,24 +423,25 @@ def _profile(args: argparse.Namespace) -> int:
     sample = {"prompt": prompts[0] if prompts else "x"}
     from diffcache import distributed
     from diffcache.plan import format_options, published_plan
+    from diffcache.request import CALIBRATION_INPUT
 
-    start = _start(args)
+    start, given_steps = _start(args), args.steps
     if start is not None and args.steps is None:  # the plan's step count, unless --steps
         args.steps = start.valid_for.get("num_inference_steps")
-    req, adapter = _request(args, args.model, sample)
+    req, adapter = _request(args, args.model, sample, CALIBRATION_INPUT)
     folder = start is None and adapter is None  # its starting plan is known once it is loaded
-    config = _method_config(args, None if folder else req.get("steps"), start)
+    config = _method_config(args, None if folder else req.get("steps"), start, given_steps)
     if adapter is not None:  # a built-in model: its family is known before it is built
         prompts = _profile_inputs(args, start, adapter, prompts)
     pipe = diffcache.load_model(args.model)
-    adapter = _family(pipe, req, sample)
+    adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
     if folder:  # a checkpoint folder: start from its family's published settings, if any
         start = published_plan(adapter.name, args.method)
         if start is not None and args.steps is None:
             args.steps = start.valid_for.get("num_inference_steps")
-            req, _ = _request(args, args.model, sample)
-            adapter = _family(pipe, req, sample)
-        config = _method_config(args, req.get("steps"), start)
+            req, _ = _request(args, args.model, sample, CALIBRATION_INPUT)
+            adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
+        config = _method_config(args, req.get("steps"), start, given_steps)
         if start is not None:
             opts = format_options(start.options)
             if distributed.is_main():
@@ -429,7 +451,7 @@ def _profile(args: argparse.Namespace) -> int:
                     "or --option to change",
                     file=sys.stderr,
                 )
-    prompts = _profile_inputs(args, start, adapter, prompts)
+    prompts = _profile_inputs(args, start, adapter, prompts, pipe)
     plan = diffcache.profile(
         pipe,
         config,
@@ -467,23 +489,29 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _profile_inputs(
-    args: argparse.Namespace, start: Any, adapter: Any, prompts: list[str] | None
+    args: argparse.Namespace,
+    start: Any,
+    adapter: Any,
+    prompts: list[str] | None,
+    pipe: Any = None,
 ) -> list[str]:
-    """The calibration inputs for the model's family, after refusing a ``--from`` plan made
-    for another family."""
+    """The calibration inputs for the model's family (``--prompts``, else bundled; checked
+    against ``pipe`` once it is loaded), after refusing a ``--from`` plan made for another
+    family."""
     if start is not None and start.model != adapter.name:
         raise DiffCacheError(
             f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
             f"{adapter.name} model"
         )
-    if prompts is not None:
+    if args.prompts:
         return prompts
-    return _bundled_prompts(args.model, adapter, args.num_prompts)
+    return _bundled_prompts(args.model, adapter, args.num_prompts, pipe)
 
 
-def _bundled_prompts(model: str, adapter: Any, n: int) -> list[str]:
+def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list[str]:
     """N calibration inputs: a built-in model's own (models.yaml ``calibration``), else the
-    bundled generic prompts, or class ids 0..N-1 for class-conditional models."""
+    bundled generic prompts, or class ids 0..N-1 for class-conditional models (as many as
+    ``pipe`` has classes, once it is loaded)."""
     from importlib import resources
 
     from diffcache.models import builtin_models
@@ -493,6 +521,15 @@ def _bundled_prompts(model: str, adapter: Any, n: int) -> list[str]:
     if own is not None:
         prompts, which = list(own), f"{model} has {len(own)} calibration prompts"
     elif adapter.field("prompt") is None:
+        field = adapter.field("class_label")
+        if field is not None and field.limit is not None and pipe is not None:
+            classes = field.limit(pipe) + 1
+            if n > classes:
+                raise DiffCacheError(
+                    f"--num-prompts {n}: the bundled inputs of {model} are its {classes} class "
+                    f"labels (0..{classes - 1}); give --num-prompts {classes} or fewer, or "
+                    "--prompts FILE of class ids"
+                )
         return [str(i) for i in range(n)]
     else:
         text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
@@ -506,11 +543,12 @@ def _bundled_prompts(model: str, adapter: Any, n: int) -> list[str]:
 def _eval(args: argparse.Namespace) -> int:
     from diffcache.eval.baselines import comparison
     from diffcache.eval.runner import evaluate
+    from diffcache.request import EVAL_INPUT
 
     # plans and diffusers specs are checked before any model is built
     comparisons = [comparison(spec) for spec in args.plan]
-    _check_seeds(args.seeds)
-    req, adapter = _request(args, args.model, {"prompt": "x"})
+    _check_seeds(args)
+    req, adapter = _request(args, args.model, {"prompt": "x"}, EVAL_INPUT)
     prompts, answers = (
         _read_prompts_answers(args.prompts, adapter.media if adapter else None)
         if args.prompts
@@ -628,6 +666,7 @@ def _plans_import(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
     from diffcache.methods.invardiff import import_reference_books, read_reference_books
+    from diffcache.models import builtin_models
 
     out = Path(args.out)
     if out.suffix.lower() not in (".yaml", ".yml"):
@@ -635,7 +674,9 @@ def _plans_import(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     if not Path(args.file).is_file():
         raise DiffCacheError(f"{args.file}: no such file")
-    read_reference_books(args.file)  # a malformed book file fails before the model is built
+    entry = builtin_models().get(args.model)  # a built-in model's family is known now
+    # a malformed book file fails before the model is built
+    read_reference_books(args.file, entry.family if entry is not None else None)
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
     reused = int(plan.calibration_data.step_book.sum())
     print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")

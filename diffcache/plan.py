@@ -41,7 +41,9 @@ REQUIRED = ("diffcache", "model", "method")
 MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
-VALID_FOR: dict[str, type] = {"num_inference_steps": int, "scheduler": str, "fingerprint": str}
+VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str}
+#: what plans for a family with a scheduler (every driver but our own pipelines') may carry
+SCHEDULED: dict[str, type] = {"scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
 SIDECAR = "sidecar"
 
@@ -232,8 +234,7 @@ class Plan:
             )
         config_cls, _ = get_method(data["method"], f"{source}: method")
         valid_for = dict(data.get("valid_for") or {})
-        extra = {**adapters()[model].valid_for, **config_cls.valid_for_keys}
-        _check_valid_for(valid_for, extra, source)
+        _check_valid_for(valid_for, valid_for_keys(model, config_cls), model, source)
         calibration = dict(data.get("calibration") or {})
         sidecar = calibration.pop(SIDECAR, None)
         tensors = _read_sidecar(sidecar, source) if sidecar is not None else {}
@@ -289,14 +290,23 @@ class Plan:
         return path
 
 
-def _check_valid_for(valid_for: dict[str, Any], extra: Mapping[str, type], source: str) -> None:
-    allowed = {**VALID_FOR, **extra}
+def valid_for_keys(family: str, config_cls: Any) -> dict[str, type]:
+    """The ``valid_for`` keys (with their types) of a plan for ``family`` with this method:
+    the core's, ``scheduler`` where the family has one, and those the adapter and method add."""
+    adapter = adapters()[family]
+    scheduled = SCHEDULED if adapter.driver != "pipeline" else {}
+    return {**VALID_FOR, **scheduled, **adapter.valid_for, **config_cls.valid_for_keys}
+
+
+def _check_valid_for(
+    valid_for: dict[str, Any], allowed: Mapping[str, type], family: str, source: str
+) -> None:
     problems = []
     for key, value in valid_for.items():
         where = f"{source}: valid_for.{key}"
         if key not in allowed:
             problems.append(
-                f"{where}: unknown key{did_you_mean(str(key), allowed)}; "
+                f"{where}: {family} plans have no such key{did_you_mean(str(key), allowed)}; "
                 f"allowed: {', '.join(allowed)}"
             )
         elif not isinstance(value, allowed[key]) or isinstance(value, bool):
@@ -313,7 +323,7 @@ def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
     where = f"{source}: calibration.{SIDECAR}"
     if not isinstance(info, Mapping) or set(info) != {"file", "sha256"}:
         raise PlanError(f"{where}: expected {{file: NAME.safetensors, sha256: HEX}}, got {info!r}")
-    path = Path(source).parent / str(info["file"])
+    path = _sidecar_path(str(info["file"]), source, where)
     if not path.is_file():
         raise PlanError(
             f"{where}: {path} does not exist; keep the sidecar beside the plan file or re-run the "
@@ -332,6 +342,19 @@ def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
         return load(blob)
     except Exception as e:  # a corrupt file with the recorded hash: written by something else
         raise PlanError(f"{where}: {path.name} is not a safetensors file ({e})") from e
+
+
+def _sidecar_path(name: str, source: str, where: str) -> Path:
+    """The sidecar file ``name`` of the plan ``source``, refused unless it lies inside the
+    plan's folder (no absolute path, no ``..`` or symlink out of it), before anything is read."""
+    folder = Path(source).parent.resolve()
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(folder):
+        raise PlanError(
+            f"{where}: file {name!r} is outside the plan's folder {folder}; a sidecar is named "
+            "relative to the plan and kept beside it"
+        )
+    return path
 
 
 def _calibration(

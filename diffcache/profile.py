@@ -36,7 +36,7 @@ from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan, model_plan
 from diffcache.registry import find_adapter, get_method
-from diffcache.request import Request, check, expand
+from diffcache.request import CALIBRATION_INPUT, Request, check, expand
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 
@@ -277,7 +277,7 @@ def profile(
         )
     requests = expand(adapter, prompts, seeds, request)
     for req in requests:  # every request is checked before any work
-        check(adapter, req, pipe)
+        check(adapter, req, pipe, CALIBRATION_INPUT)
     trace, steps, share = record_trace(pipe, target, config, requests, progress)
     if target_speedup is not None:
         target_compute = compute_for_speedup(target_speedup, share)

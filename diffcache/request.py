@@ -17,6 +17,9 @@ from typing import Any
 from diffcache.errors import DiffCacheError
 
 MAX_SEED = 2**64 - 1
+#: what ``eval``'s and ``profile``'s inputs (a prompt file, bundled prompts or class ids) are
+#: called in errors: the user passed no --prompt or --class-label
+EVAL_INPUT, CALIBRATION_INPUT = "evaluation input", "calibration input"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Field:
         as_list: passed as a one-element list (``class_labels=[c]``).
         limit: model-dependent maximum, read from the loaded pipeline (number of classes).
         required: a request without it is refused.
+        accepts: model-dependent check of a text value with the loaded pipeline,
+            ``accepts(pipe, text)`` -> the problem or None (a prompt against a text model's
+            tokenizer).
     """
 
     name: str
@@ -47,17 +53,22 @@ class Field:
     as_list: bool = False
     limit: Callable[[Any], int] | None = None
     required: bool = False
+    accepts: Callable[[Any, str], str | None] | None = None
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def problems(self, value: Any, pipe: Any = None) -> list[str]:
-        """Why ``value`` is not acceptable (empty if it is)."""
-        flag = self.flag
+    def problems(self, value: Any, pipe: Any = None, name: str | None = None) -> list[str]:
+        """Why ``value`` is not acceptable (empty if it is); each problem names the value by
+        ``name`` (default: the field's flag)."""
+        flag = name or self.flag
         if self.type is str:
-            ok = isinstance(value, str)
-            return [] if ok else [f"{flag} must be text, got {value!r}"]
+            if not isinstance(value, str):
+                return [f"{flag} must be text, got {value!r}"]
+            problem = self.accepts(pipe, value) if self.accepts and pipe is not None else None
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            return [f"{flag} {shown!r}: {problem}"] if problem else []
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return [f"{flag} must be a number, got {value!r}"]
         if self.type is int and not float(value).is_integer():
@@ -107,11 +118,17 @@ class Request:
         return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
-def check(adapter: Any, request: Request, pipe: Any = None) -> None:
+def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None = None) -> None:
     """Refuse a request with unknown fields, missing required ones, bad values or values that
-    break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family."""
+    break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family.
+
+    ``inputs`` names the family's input field (:func:`input_field`) in the errors, instead of
+    its flag, where a command filled it from its inputs (a prompt file, bundled inputs): the
+    user gave no ``--prompt`` or ``--class-label`` then."""
     family = adapter.name
     by_name = {f.name: f for f in adapter.fields}
+    given = input_field(adapter)
+    names = {given.name: inputs} if inputs and given is not None else {}
     problems = []
     if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
         problems.append(f"--seed must be a whole number in 0..2**64-1, got {request.seed!r}")
@@ -122,7 +139,7 @@ def check(adapter: Any, request: Request, pipe: Any = None) -> None:
             takes = ", ".join(f.flag for f in by_name.values()) or "nothing"
             problems.append(f"{family} models take no {flag}; they take: {takes}")
         else:
-            problems += field.problems(value, pipe)
+            problems += field.problems(value, pipe, names.get(name))
     problems += [
         f"{f.flag} is required for {family} models"
         for f in by_name.values()
@@ -144,6 +161,12 @@ def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
     return out
 
 
+def input_field(adapter: Any) -> Field | None:
+    """The field a family's inputs fill (see :func:`expand`): the prompt, else the class id
+    of class-conditional families, else None."""
+    return adapter.field("prompt") or adapter.field("class_label")
+
+
 def expand(
     adapter: Any, inputs: Sequence[str], seeds: int | Sequence[int], base: Request
 ) -> list[Request]:
@@ -151,17 +174,16 @@ def expand(
     class-conditional families; families that take neither get one request per seed. ``seeds``
     counts from ``base.seed`` or lists the seeds."""
     seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
-    if adapter.field("prompt") is not None:
-        field, values = "prompt", list(inputs)
-    elif adapter.field("class_label") is not None:
-        field = "class_label"
+    field = input_field(adapter)
+    if field is None:
+        return [base.replace(seed=s) for s in seed_list]
+    values: list[Any] = list(inputs)
+    if field.name == "class_label":
         try:
             values = [int(p) for p in inputs]
         except ValueError as e:
             raise DiffCacheError(f"{adapter.name} models take class ids as inputs: {e}") from e
-    else:
-        return [base.replace(seed=s) for s in seed_list]
-    return [base.replace(seed=s, **{field: v}) for v in values for s in seed_list]
+    return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]
 
 
 def task_input(request: Request) -> Any:

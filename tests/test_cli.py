@@ -421,6 +421,10 @@ BAD_INPUT = {
     "prompts-folder": ([*EVAL, "--prompts", "adir", "--out", "ev"], "--prompts adir: is a folder"),
     "prompts-not-utf8": ([*EVAL, "--prompts", "latin1.txt", "--out", "ev"], "not UTF-8"),
     "seeds-zero": ([*EVAL, "--seeds", "0", "--out", "ev"], "--seeds must be in 1..10000"),
+    "seeds-past-the-last-seed": (  # the second seed, 2**64, was reported as a --seed given
+        [*EVAL, "--seed", str(2**64 - 1), "--seeds", "2", "--out", "ev"],
+        f"error: --seed {2**64 - 1} with --seeds 2: the seeds run to {2**64}, past 2**64-1",
+    ),
     "profile-out-not-yaml": (
         [*PROFILE, "--num-prompts", "2", "--out", "x.txt"],
         "--out x.txt: a plan is written as .yaml",
@@ -462,7 +466,13 @@ BAD_INPUT = {
     "profile-warmup-covers-all-steps": (
         [*PROFILE, "--num-prompts", "2", "--steps", "8", "--option", "warmup_steps=8"]
         + ["--out", "p.yaml"],
-        "options.warmup_steps: 8 warm-up steps cover all 8 steps",
+        "error: --method easycache at --steps 8: options.warmup_steps: 8 warm-up steps cover "
+        "all 8 steps",
+    ),
+    "profile-steps-of-the-from-plan": (  # no --method, no --steps: both come from the plan
+        ["profile", "--model", "dit-tiny", "--from", "dit-tiny-hyca.yaml", "--num-prompts", "2"]
+        + ["--option", "warmup_steps=20", "--out", "p.yaml"],
+        "error: --from dit-tiny-hyca.yaml (hyca) at 20 steps: options.warmup_steps: 20 warm-up",
     ),
     "profile-bad-option-value": (
         [*PROFILE, "--num-prompts", "2", "--option", "warmup_steps=-1", "--out", "p.yaml"],
@@ -517,8 +527,68 @@ def test_profile_with_class_ids_beyond_the_model_is_refused_before_generating(
     (workdir / "ids.txt").write_text("3\n1000\n")
     argv = [*PROFILE, "--prompts", "ids.txt", "--steps", "8", "--option", "warmup_steps=2"]
     assert main([*argv, "--out", "p.yaml"]) == 2
-    assert "--class-label must be <= 999" in _err_line(capsys)
+    assert _err_line(capsys) == (
+        "diffcache: error: calibration input must be <= 999 for this model, got 1000"
+    )  # the ids came from --prompts: no --class-label was given
     assert not (workdir / "p.yaml").exists()
+
+
+def test_bundled_class_inputs_beyond_the_model_name_num_prompts(
+    workdir: Path, no_generation: None, capsys
+) -> None:
+    """dit-digits' bundled calibration inputs are its class labels: asking for more of them
+    than it has classes names --num-prompts (it said --class-label, never passed); so does
+    eval's prompt file of class ids."""
+    classes = 10  # trained on scikit-learn's digits 0..9
+    argv = ["profile", "--model", "dit-digits", "--method", "easycache", "--out", "p.yaml"]
+    assert main([*argv, "--num-prompts", str(classes + 1)]) == 2
+    assert _err_line(capsys) == (
+        f"diffcache: error: --num-prompts {classes + 1}: the bundled inputs of dit-digits are "
+        f"its {classes} class labels (0..{classes - 1}); give --num-prompts {classes} or "
+        "fewer, or --prompts FILE of class ids"
+    )
+    (workdir / "ids.txt").write_text(f"3\n{classes}\n")
+    argv = ["eval", "--model", "dit-digits", "--plan", "dit-digits.yaml", "--out", "ev"]
+    assert main([*argv, "--prompts", "ids.txt"]) == 2
+    assert _err_line(capsys) == (
+        f"diffcache: error: evaluation input must be <= {classes - 1} for this model, got {classes}"
+    )
+    assert not (workdir / "p.yaml").exists() and not (workdir / "ev").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["generate", "--model", "llada-arith", "--prompt", "12+3 ≈ héllo"], "--prompt"),
+        (
+            ["eval", "--model", "llada-arith", "--plan", "llada-tiny-dkv_cache.yaml", "--prompts"]
+            + ["p.txt", "--out", "ev"],
+            "evaluation input",
+        ),  # fmt: skip
+        (
+            ["profile", "--model", "llada-arith", "--method", "dkv_cache", "--prompts", "p.txt"]
+            + ["--out", "p.yaml"],
+            "calibration input",
+        ),  # fmt: skip
+    ],
+    ids=["generate", "eval", "profile"],
+)
+def test_prompts_outside_a_text_models_alphabet_are_refused_before_it_runs(
+    argv: list[str], name: str, workdir: Path, no_generation: None, monkeypatch, capsys
+) -> None:
+    """llada-arith's character tokenizer knows newline and printable ASCII: a prompt with
+    other characters ended in a traceback from the tokenizer inside the generation."""
+    from diffcache.pipelines.dlm_pipeline import DiffusionLMPipeline
+
+    monkeypatch.setattr(DiffusionLMPipeline, "__call__", lambda *a, **k: pytest.fail("ran"))
+    (workdir / "p.txt").write_text("12+3=\n12+3 ≈ héllo\n")
+    before = _files(workdir)
+    assert main(argv) == 2
+    assert _err_line(capsys) == (
+        f"diffcache: error: {name} '12+3 ≈ héllo': character(s) '≈', 'é' not in this model's "
+        "alphabet (its character tokenizer has newline and printable ASCII)"
+    )
+    assert _files(workdir) == before
 
 
 def _unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:

@@ -3,14 +3,22 @@ plans in one report, and task scores from a model's scorer for the baseline and 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import (
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 
 from diffcache.cli import main
 from diffcache.errors import DiffCacheError
-from diffcache.eval.baselines import comparison
+from diffcache.eval.baselines import OPTIONS, _options, comparison
 from diffcache.eval.runner import evaluate
 from diffcache.models import ModelEntry, builtin_models, register_model
 from diffcache.plan import Plan
@@ -63,8 +71,53 @@ def test_bad_diffusers_specs() -> None:
         comparison("diffusers:fbcahce")
     with pytest.raises(DiffCacheError, match="expected key=value"):
         comparison("diffusers:fbcache:threshold")
-    with pytest.raises(DiffCacheError, match="unexpected keyword"):
+    with pytest.raises(DiffCacheError, match=r"treshold: fbcache has no such option \(did you"):
         comparison("diffusers:fbcache:treshold=0.1")
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("fbcache:threshold=abc", r"threshold: expected float, got str 'abc'"),
+        ("fbcache:threshold=-1", r"threshold: must be >= 0, got -1.0"),
+        ("taylorseer:cache_interval=0", r"cache_interval: must be >= 1, got 0"),
+        ("taylorseer:cache_interval=1.5", r"cache_interval: expected int, got float 1.5"),
+        ("taylorseer:disable_cache_before_step=0", r"disable_cache_before_step: must be >= 1"),
+        ("pab:cross_attention_block_skip_range=0", r"cross_attention_block_skip_range: must be >="),
+        (
+            "pab:spatial_attention_timestep_skip_range=[1]",
+            r"spatial_attention_timestep_skip_range: expected a list of 2",
+        ),
+        ("magcache:mag_ratios=[1.0, -0.5]", r"mag_ratios\[1\]: must be >= 0, got -0.5"),
+        ("magcache:retention_ratio=2,calibrate=true", r"retention_ratio: must be <= 1, got 2.0"),
+    ],
+)
+def test_diffusers_cache_options_are_checked_when_parsed(spec: str, match: str, capsys) -> None:
+    """Types and ranges of diffusers' cache options are refused at the spec, before any model
+    is built (they crashed after the baseline run, or were accepted)."""
+    with pytest.raises(DiffCacheError, match=rf"^--plan diffusers:{re.escape(spec)}: {match}"):
+        comparison(f"diffusers:{spec}")
+    argv = ["eval", "--model", "no-such-model", "--plan", f"diffusers:{spec}", "--out", "o"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffcache: error: --plan diffusers:{spec}: ") and err.count("\n") == 1
+
+
+def test_diffusers_cache_options_are_fields_of_their_configs() -> None:
+    """Every option a spec may set is a field of the diffusers config it builds, and the
+    config's own default for it passes the check."""
+    classes = {
+        "fbcache": FirstBlockCacheConfig,
+        "taylorseer": TaylorSeerCacheConfig,
+        "pab": PyramidAttentionBroadcastConfig,
+        "magcache": MagCacheConfig,
+    }
+    assert set(classes) == set(OPTIONS)
+    for name, options in OPTIONS.items():
+        fields = {f.name: f for f in dataclasses.fields(classes[name])}
+        assert set(options) <= set(fields), name
+        defaults = {k: fields[k].default for k in options}
+        assert _options(name, name, defaults) == defaults
 
 
 def test_diffusers_caches_beside_our_plan(tmp_path: Path) -> None:

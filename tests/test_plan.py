@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from diffcache import Plan
 from diffcache.errors import PlanError
 from diffcache.plan import bundled_plans
+from diffcache.yamlio import dump_yaml, read_yaml
 
 GOOD = {
     "diffcache": 1,
@@ -16,6 +19,8 @@ GOOD = {
     "valid_for": {"num_inference_steps": 50},
     "provenance": {"source": "test"},
 }
+#: a text family's runs have no scheduler (our own pipeline drives them)
+TEXT_STEPS = {"num_inference_steps": 64, "scheduler": "DDIMScheduler"}
 
 
 def test_load_dict_and_config() -> None:
@@ -44,7 +49,7 @@ def test_load_dict_and_config() -> None:
         ({**GOOD, "diffcache": 2}, r"schema version 2"),
         ({k: v for k, v in GOOD.items() if k != "model"}, r"model: required key is missing"),
         ({**GOOD, "kernels": "cuda"}, r"kernels: 'cuda' is not one of"),
-        ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: unknown key"),
+        ({**GOOD, "valid_for": {"steps": 50}}, r"valid_for.steps: wan2.1 plans have no such key"),
         ({**GOOD, "valid_for": {"num_inference_steps": "50"}}, r"expected int"),
         ({**GOOD, "calibration": {"step_set": [1, 2]}}, r"takes no calibration; remove it"),
         ({**GOOD, "options": [1, 2]}, r"options: expected a mapping"),
@@ -56,7 +61,16 @@ def test_load_dict_and_config() -> None:
         ({**GOOD, "valid_for": {"scheduler": ""}}, r"valid_for.scheduler: must not be empty"),
         ({**GOOD, "valid_for": {"num_inference_steps": 0}}, r"must be >= 1"),
         ({**GOOD, "model": "wan21"}, r"unknown model family 'wan21' \(did you mean 'wan2.1'\?\)"),
-        ({**GOOD, "valid_for": {"gen_length": 64}}, r"valid_for.gen_length: unknown key"),
+        (
+            {**GOOD, "valid_for": {"gen_length": 64}},
+            r"valid_for.gen_length: wan2.1 plans have no such key; allowed: num_inference_steps, "
+            r"fingerprint, scheduler$",
+        ),
+        (
+            {"diffcache": 1, "model": "llada", "method": "dkv_cache", "valid_for": TEXT_STEPS},
+            r"valid_for.scheduler: llada plans have no such key; allowed: num_inference_steps, "
+            r"fingerprint, gen_length, block_length$",
+        ),
     ],
     ids=[
         "top-typo",
@@ -83,6 +97,7 @@ def test_load_dict_and_config() -> None:
         "zero-steps",
         "model-family-typo",
         "valid-for-other-family",
+        "valid-for-scheduler-of-text-family",
     ],
 )
 def test_bad_plans_raise_plan_error(bad: dict, match: str) -> None:
@@ -179,3 +194,32 @@ def test_exponent_floats_are_numbers(tmp_path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("diffcache: 1\nmodel: wan2.1\nmethod: easycache\noptions: {threshold: 5e-2}\n")
     assert Plan.load(path).config.threshold == 0.05
+
+
+def _plan_with_sidecar(folder: Path, name: str) -> Path:
+    """dit-tiny-ertacache.yaml written into ``folder`` with its sidecar named ``name``."""
+    source = bundled_plans()["dit-tiny-ertacache.yaml"]
+    data = read_yaml(source)
+    data["calibration"]["sidecar"]["file"] = name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "p.yaml"
+    path.write_text(dump_yaml(data))
+    return path
+
+
+def test_sidecars_stay_in_the_plan_folder(tmp_path, monkeypatch) -> None:
+    """A sidecar named outside the plan's folder (``..``, an absolute path, a symlink out of
+    it) is refused before any file is opened; one beside the plan, or below it, loads."""
+    blob = bundled_plans()["dit-tiny-ertacache.yaml"].with_suffix(".safetensors").read_bytes()
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(blob)  # the right bytes: only where it lies is wrong
+    plans = tmp_path / "plans" / "a"
+    (plans / "sub").mkdir(parents=True)
+    (plans / "sub" / "side.safetensors").write_bytes(blob)
+    (plans / "link.safetensors").symlink_to(outside)
+    assert Plan.load(_plan_with_sidecar(plans, "sub/side.safetensors")).tensors
+    assert Plan.load(_plan_with_sidecar(plans, "sub/../sub/side.safetensors")).tensors
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    for name in ("../../outside.safetensors", str(outside), "link.safetensors"):
+        with pytest.raises(PlanError, match=r"calibration.sidecar: file .* is outside the plan"):
+            Plan.load(_plan_with_sidecar(plans, name))

@@ -20,7 +20,7 @@ import torch
 
 from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
-from diffcache.registry import register_method
+from diffcache.registry import did_you_mean, register_method
 from diffcache.session import Call, Session
 from diffcache.sites import BlockStreams, Site
 
@@ -430,13 +430,38 @@ REFERENCE_KEYS = {
 }  # fmt: skip
 
 
+#: reference keys with no site of their own: FLUX's ``context_attn`` narrows ``attn`` (see
+#: ``import_reference_books``) and ``ip_attn`` is IP-adapter attention, which we do not hook
+UNMAPPED_KEYS = {"flux": {("transformer_cache_book", "context_attn"),
+                          ("transformer_cache_book", "ip_attn")}}  # fmt: skip
+#: top-level keys that are no module book: the step book (Wan2.1's name, FLUX's) and the
+#: metadata later reference releases write beside the books (not read)
+STEP_KEYS = ("step_cache_bool", "step_cache_book")
+METADATA_KEYS = ("cache_version", "rate_method", "config", "release")
+
+
+def book_layout(family: str | None = None) -> dict[str, list[str]]:
+    """Section -> the module keys the reference writes in it, for ``family``'s books (None: any
+    family's)."""
+    layout: dict[str, list[str]] = {}
+    for fam, keys in REFERENCE_KEYS.items():
+        if family in (None, fam):
+            for section, key in [*keys, *sorted(UNMAPPED_KEYS.get(fam, ()))]:
+                layout.setdefault(section, []).append(key)
+    return layout
+
+
 def _flags(row: Any) -> bool:
     return isinstance(row, list) and all(isinstance(v, (bool, int)) and v in (0, 1) for v in row)
 
 
-def read_reference_books(path: str | Path) -> tuple[list[Any], dict[str, dict[str, Any]]]:
-    """The step book and the module books (section -> key -> one 0/1 row per step) of a
-    reference book file, checked for shape; a PlanError naming what is wrong."""
+def read_reference_books(
+    path: str | Path, family: str | None = None
+) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """The step book and the module books (section -> key -> one 0/1 row per step, one flag
+    per layer) of a reference book file for ``family`` (None: any family's layout), checked
+    for shape; unknown sections and keys are refused (with "did you mean"). A PlanError
+    naming what is wrong."""
 
     def bad(why: str) -> PlanError:
         return PlanError(f"{path}: not an InvarDiff book file ({why})")
@@ -447,22 +472,38 @@ def read_reference_books(path: str | Path) -> tuple[list[Any], dict[str, dict[st
         raise bad(f"{type(e).__name__}: {e}") from e
     if not isinstance(data, dict):
         raise bad("the top level is not an object")
+    layout = book_layout(family)
+    whose = f"{family} " if family else ""
+    known = [*STEP_KEYS, *layout]
+    for key in data:
+        if key not in known and key not in METADATA_KEYS:
+            raise bad(
+                f"unknown section {key!r}{did_you_mean(key, known)}; {whose}books have "
+                f"{', '.join(known)}"
+            )
     step = data.get("step_cache_bool", data.get("step_cache_book"))
     if not _flags(step) or not step:
         raise bad("step_cache_bool / step_cache_book is not a non-empty list of 0/1 flags")
     books = {}
-    for section in sorted({sec for layout in REFERENCE_KEYS.values() for sec, _ in layout}):
-        book = data.get(section)
-        if book is None:
-            continue
+    for section in sorted(set(layout) & set(data)):
+        book = data[section]
         if not isinstance(book, dict) or not all(
-            isinstance(rows, list) and len(rows) == len(step) and all(map(_flags, rows))
+            isinstance(rows, list)
+            and len(rows) == len(step)
+            and all(map(_flags, rows))
+            and len({len(r) for r in rows}) == 1
             for rows in book.values()
         ):
             raise bad(
                 f"{section} is not an object of 0/1 lists per layer, one list per step "
                 f"({len(step)} steps)"
             )
+        for key in book:
+            if key not in layout[section]:
+                raise bad(
+                    f"{section}.{key}: unknown module{did_you_mean(key, layout[section])}; "
+                    f"{whose}{section} has {', '.join(layout[section])}"
+                )
         books[section] = book
     return step, books
 
@@ -484,19 +525,25 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
             f"invardiff: no reference book layout for {target.adapter.name} models; "
             f"known: {', '.join(REFERENCE_KEYS)}"
         )
-    step, data = read_reference_books(path)
+    step, data = read_reference_books(path, target.adapter.name)
     t = len(step)
     sites = target.sites("module")
     module = torch.zeros(t, len(sites), dtype=torch.bool)
+    layers: dict[str, int] = defaultdict(int)  # stack attribute -> its blocks
+    for s in target.sites("block"):
+        layers[s.stack.attr] = max(layers[s.stack.attr], s.index + 1)
+    stacks = {section: stack for (section, _), (stack, _) in keys.items()}
+    for section, book in data.items():
+        for key, rows in book.items():
+            if len(rows[0]) != layers[stacks[section]]:
+                raise PlanError(
+                    f"{path}: {section}.{key} has books for {len(rows[0])} layers but the "
+                    f"model has {layers[stacks[section]]} {stacks[section]}; import books made "
+                    "for this model"
+                )
 
     def column(section: str, key: str, layer: int) -> torch.Tensor:
-        rows = data[section][key]
-        if any(len(r) <= layer for r in rows):
-            raise PlanError(
-                f"{path}: {section}.{key} has the wrong shape for {target.adapter.name}: "
-                f"no layer {layer}"
-            )
-        return torch.tensor([bool(r[layer]) for r in rows])
+        return torch.tensor([bool(r[layer]) for r in data[section][key]])
 
     for m, s in enumerate(sites):
         attr = s.name.rsplit(".", 1)[1]

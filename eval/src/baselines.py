@@ -14,7 +14,8 @@ A comparison is named by a plan (file, bundled name, dict or Plan) or by a spec 
   :func:`magcache` measures them on the model with diffusers' own calibration mode and returns
   the comparison ready to evaluate (``bench/dit_methods.py`` does this).
 
-Values are YAML (a list in brackets may hold commas). diffusers' caches report no computed
+Values are YAML (a list in brackets may hold commas); each key's type and range are checked
+(``OPTIONS``) when the spec is parsed. diffusers' caches report no computed
 work, so their ``compute_fraction`` is null; the ``macs_fraction`` the runner counts compares
 them with ours. ``evaluate`` also takes a :class:`Comparison`
 itself.
@@ -27,7 +28,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from diffcache.errors import DiffCacheError
+from diffcache.errors import DiffCacheError, PlanError
+from diffcache.options import coerce
 from diffcache.plan import Plan
 from diffcache.registry import did_you_mean
 
@@ -44,6 +46,39 @@ ATTENTION_PATTERNS = [
     rf"^{blocks}.*attn\d*"
     for blocks in ("blocks", "transformer_blocks", "single_transformer_blocks")
 ]
+PAB_KINDS = ("spatial", "temporal", "cross")
+
+#: the options a spec may set, per cache: type and bounds (inclusive), as diffusers' config
+#: dataclasses and the hooks that read them use each one (the config itself checks nothing)
+_AT_LEAST_0, _AT_LEAST_1 = {"min": 0}, {"min": 1}
+_SKIP_RANGE = (int | None, _AT_LEAST_1)  # PAB: attention is computed once every N calls
+_TIMESTEPS = (tuple[int, int], _AT_LEAST_0)  # PAB: the timesteps where it may skip
+_PATTERNS = (tuple[str, ...], {})
+OPTIONS: dict[str, dict[str, tuple[Any, dict[str, float]]]] = {
+    "fbcache": {"threshold": (float, _AT_LEAST_0)},
+    "taylorseer": {
+        "cache_interval": (int, _AT_LEAST_1),  # one full step every N
+        "disable_cache_before_step": (int, _AT_LEAST_1),  # a forecast needs a computed step
+        "disable_cache_after_step": (int | None, _AT_LEAST_0),
+        "max_order": (int, _AT_LEAST_0),  # 0: reuse the last output
+        "skip_predict_identifiers": (list[str] | None, {}),
+        "cache_identifiers": (list[str] | None, {}),
+        "use_lite_mode": (bool, {}),
+    },
+    "pab": {
+        **{f"{kind}_attention_block_skip_range": _SKIP_RANGE for kind in PAB_KINDS},
+        **{f"{kind}_attention_timestep_skip_range": _TIMESTEPS for kind in PAB_KINDS},
+        **{f"{kind}_attention_block_identifiers": _PATTERNS for kind in PAB_KINDS},
+    },
+    "magcache": {
+        "threshold": (float, _AT_LEAST_0),
+        "max_skip_steps": (int, _AT_LEAST_0),
+        "retention_ratio": (float, {"min": 0, "max": 1}),
+        "num_inference_steps": (int, _AT_LEAST_1),
+        "mag_ratios": (list[float] | None, _AT_LEAST_0),
+        "calibrate": (bool, {}),
+    },
+}
 
 
 @dataclasses.dataclass
@@ -169,6 +204,7 @@ def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Compa
             "measured on this model and schedule; diffcache.eval.baselines.magcache(pipe, "
             "inputs, request) runs diffusers' calibration and returns the comparison"
         )
+    kwargs = _options(spec, name, kwargs)
     if name == "pab" and not any(kwargs.get(k) is not None for k in PAB_RANGES):
         # diffusers warns of its default each time the cache is attached (once per request)
         logger.warning(
@@ -205,6 +241,27 @@ def _diffusers_comparison(spec: str, name: str, kwargs: dict[str, Any]) -> Compa
             pipe.transformer.disable_cache()
 
     return Comparison(spec, f"diffusers:{name}", setup, teardown)
+
+
+def _options(spec: str, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` checked against ``OPTIONS[name]`` (known keys, types, bounds), every problem
+    in one DiffCacheError naming the key and the value."""
+    known, problems, out = OPTIONS[name], [], {}
+    for key, value in kwargs.items():
+        if key not in known:
+            problems.append(
+                f"{key}: {name} has no such option{did_you_mean(key, known)}; options: "
+                f"{', '.join(known)}"
+            )
+            continue
+        hint, bounds = known[key]
+        try:
+            out[key] = coerce(value, hint, bounds, key)
+        except PlanError as e:
+            problems.append(str(e))
+    if problems:
+        raise DiffCacheError(f"--plan {spec}: {'; '.join(problems)}")
+    return out
 
 
 def magcache_ratios(pipe: Any, inputs: Sequence[str], request: Any) -> list[float]:

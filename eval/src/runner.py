@@ -38,7 +38,7 @@ from diffcache.eval.report import write_report
 from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
-from diffcache.request import Request, check, expand, task_input
+from diffcache.request import EVAL_INPUT, Request, check, expand, task_input
 
 DEFAULT_PROMPTS = (
     "a cat surfing a wave at sunset",
@@ -99,7 +99,7 @@ def evaluate(
         raise DiffCacheError("evaluate needs at least one prompt")
     requests = expand(adapter, inputs, seeds, base_req)
     for req in requests:
-        check(adapter, req, pipe)
+        check(adapter, req, pipe, EVAL_INPUT)
     scorer = entry.score_fn() if entry is not None else None
     if answers is not None:
         if len(answers) != len(inputs):

@@ -123,6 +123,12 @@ class DiffusionLMPipeline:
     def max_length(self) -> int:
         return int(self.model.max_positions)
 
+    def prompt_problem(self, text: str) -> str | None:
+        """Why ``text`` cannot be a prompt of this model (characters its tokenizer cannot
+        encode), or None; checked with the request, before any model call."""
+        problem = getattr(self.tokenizer, "text_problem", None)
+        return problem(text) if problem is not None else None
+
     def encode(self, prompts: Sequence[str], chat: bool | None) -> list[list[int]]:
         """Prompt token ids; with ``chat`` (default: when the tokenizer has a chat template) the
         prompt is wrapped as one user turn with the assistant turn opened."""
@@ -209,6 +215,11 @@ class DiffusionLMPipeline:
         ):
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive whole number, got {value!r}")
+        problems += [
+            f"prompt {i} of the batch: {problem}"
+            for i, p in enumerate(prompts)
+            if i not in empty and (problem := self.prompt_problem(p))
+        ]
         if not problems and block_problem(gen_length, steps, block_length):
             problems.append(block_problem(gen_length, steps, block_length))
         if problems:

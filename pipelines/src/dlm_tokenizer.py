@@ -94,15 +94,23 @@ class CharTokenizer:
         return self.vocab_size
 
     # -- text <-> ids -------------------------------------------------------------------------
+    def text_problem(self, text: str) -> str | None:
+        """Why ``text`` cannot be encoded (the characters outside the alphabet), or None."""
+        missing = "".join(dict.fromkeys(c for c in text if c not in self._ids))
+        if not missing:
+            return None
+        which = "newline and printable ASCII" if self.alphabet == ALPHABET else "its alphabet"
+        return (
+            f"character(s) {', '.join(map(repr, missing))} not in this model's alphabet "
+            f"(its character tokenizer has {which})"
+        )
+
     def encode(self, text: str) -> list[int]:
         """One id per character; a character outside the alphabet is an error."""
-        try:
-            return [self._ids[c] for c in text]
-        except KeyError as e:
-            raise ValueError(
-                f"CharTokenizer: character {e.args[0]!r} is not in the alphabet "
-                "(newline and printable ASCII by default)"
-            ) from None
+        problem = self.text_problem(text)
+        if problem:
+            raise ValueError(f"CharTokenizer: {problem}")
+        return [self._ids[c] for c in text]
 
     def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list or a 1-D tensor). Specials are dropped, or written as

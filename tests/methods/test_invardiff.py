@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 import diffcache
 from diffcache.adapter import Target
+from diffcache.cli import main
 from diffcache.errors import PlanError
 from diffcache.generate import generate
 from diffcache.methods.invardiff import (
@@ -210,6 +212,53 @@ def test_reference_wan_books_import_and_run(wan, tmp_path) -> None:
     assert main([*cli, "--out", str(tmp_path / "cli.yaml")]) == 0
     assert Plan.load(tmp_path / "cli.yaml").calibration == plan.calibration
     assert main([*cli[:2], str(tmp_path / "none.json"), *cli[3:], "--out", "x.yaml"]) == 2
+
+
+def _wan_books(layers: int, keys: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")) -> dict:
+    rows = [[t > 0 and (t + layer) % 2 == 0 for layer in range(layers)] for t in range(STEPS)]
+    return {key: rows for key in keys}
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (
+            {"module_cache_bok": _wan_books(2)},
+            r"unknown section 'module_cache_bok' \(did you mean 'module_cache_book'\?\); wan2.1 "
+            r"books have step_cache_bool, step_cache_book, module_cache_book\)$",
+        ),
+        (
+            {"module_cache_book": _wan_books(2, ("self_atn", "cross_attn", "ffn"))},
+            r"module_cache_book.self_atn: unknown module \(did you mean 'self_attn'\?\); wan2.1 "
+            r"module_cache_book has self_attn, cross_attn, ffn\)$",
+        ),
+        (
+            {"transformer_cache_book": {"attn": _wan_books(2)["ffn"]}},
+            r"unknown section 'transformer_cache_book'",  # FLUX's books on a Wan2.1 model
+        ),
+        (
+            {"module_cache_book": _wan_books(7)},
+            r"module_cache_book.self_attn has books for 7 layers but the model has {blocks} "
+            r"blocks; import books made for this model$",
+        ),
+    ],
+    ids=["section-typo", "key-typo", "another-family", "layer-count"],
+)
+def test_malformed_reference_books_are_refused(tmp_path, capsys, data: dict, match: str) -> None:
+    """A misspelled section or module key dropped those books silently (and still wrote the
+    plan); books for another number of layers were imported onto the model."""
+    blocks = len(diffcache.load_model("wan2.1-tiny").transformer.blocks)
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps({"step_cache_bool": [False] * STEPS, **data}))
+    out = tmp_path / "p.yaml"
+    assert main(["plans", "import", str(path), "--model", "wan2.1-tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(match.format(blocks=blocks), err), err
+    assert "\n" not in err and not out.exists()
+    # the metadata later reference releases write beside the books is no section
+    path.write_text(json.dumps({"step_cache_bool": [False] * STEPS, "cache_version": 2,
+                                "module_cache_book": _wan_books(blocks)}))  # fmt: skip
+    assert main(["plans", "import", str(path), "--model", "wan2.1-tiny", "--out", str(out)]) == 0
 
 
 def test_reference_flux_books_map_both_stacks(tmp_path) -> None:

@@ -472,13 +472,26 @@ def test_tiny_builders_are_deterministic_and_round_trip(tmp_path: Path, family: 
         assert torch.equal(model(ids), a(ids))
 
 
+@pytest.mark.parametrize("name", ["llada-tiny", "dream-tiny"])
+def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_any_model_call(
+    name: str, monkeypatch
+) -> None:
+    from diffcache.pipelines.dlm_pipeline import RequestError
+
+    pipe = diffcache.load_model(name)
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(RequestError, match=r"^prompt 1 of the batch: character\(s\) 'é' not"):
+        pipe(["ok", "é"], gen_length=4)
+
+
 def test_char_tokenizer() -> None:
     tok = CharTokenizer({"mask": 250, "eos": 251, "pad": 251, "eot": 252}, vocab_size=256)
     ids = tok.encode("a+b=\n")
     assert tok.decode(ids) == "a+b=\n" and len(tok) == 256 and tok.bos_token_id is None
     assert tok.decode([*ids, 250, 251, 252, 200]) == "a+b=\n\ufffd"
     assert tok.decode([250, 251, 252], skip_special_tokens=False) == "<|mask|><|eos|><|eot|>"
-    with pytest.raises(ValueError, match="not in the alphabet"):
-        tok.encode("é")
+    with pytest.raises(ValueError, match=r"character\(s\) 'é', 'ü' not in this model's alphabet"):
+        tok.encode("aébüé")
+    assert tok.text_problem("a+b=\n") is None
     with pytest.raises(ValueError, match="fall in the character ids"):
         CharTokenizer({"mask": 5})

@@ -48,7 +48,14 @@ def steps_problem(gen_length: int, steps: int, block_length: int) -> str | None:
 
 
 FIELDS = (
-    Field("prompt", str, "what to generate", "prompt", required=True),
+    Field(
+        "prompt",
+        str,
+        "what to generate",
+        "prompt",
+        required=True,
+        accepts=DiffusionLMPipeline.prompt_problem,
+    ),
     Field("gen_length", int, "tokens to generate", "gen_length", min=1, max=65536),
     Field("block_length", int, "semi-autoregressive block length", "block_length", min=1),
     Field("steps", int, "denoising steps", "steps", min=1, max=65536),
