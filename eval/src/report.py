@@ -162,6 +162,34 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
+def speedup_text(run: dict[str, Any]) -> str:
+    """A run's speedup with its spread, ``1.38× (1.31–1.44)``; one above the ideal of its
+    compute fraction is flagged as the measurement problem it is, not shown as a result."""
+    from diffcache.eval.timing import above_ideal, ideal_speedup
+
+    speedup, spread = run.get("speedup"), run.get("speedup_spread")
+    if not _is_number(speedup):
+        return fmt_value(speedup)
+    text = f"{speedup:.2f}×"
+    if isinstance(spread, (list, tuple)) and len(spread) == 2 and all(map(_is_number, spread)):
+        text += f" ({spread[0]:.2f}–{spread[1]:.2f})"
+    cf = run.get("compute_fraction")
+    if above_ideal(speedup, cf):
+        return f"⚠ {text} above the ideal {ideal_speedup(cf):.2f}×: a measurement problem"
+    return text
+
+
+def cell(run: dict[str, Any], col: str) -> str:
+    """A run's table cell: the speedup with its spread, a compute fraction above 1 marked as
+    costing more than no cache, anything else by :func:`fmt_value`."""
+    value = run.get(col)
+    if col == "speedup":
+        return speedup_text(run)
+    if col == "compute_fraction" and _is_number(value) and value > 1:
+        return f"⚠ {fmt_value(value)}: costs more than no cache"
+    return fmt_value(value)
+
+
 def _md_text(text: str) -> str:
     """Escape text for a Markdown table cell or list item (pipes, angle brackets, newlines)."""
     for char in ("\\", "|", "<", ">", "`"):
@@ -236,7 +264,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join("---" for _ in cols) + "|")
         for run in runs:
-            cells = [_md_text(fmt_value(run.get(col))) for col in cols]
+            cells = [_md_text(cell(run, col)) for col in cols]
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("_No runs._")
@@ -279,7 +307,7 @@ def _table(runs: Sequence[dict[str, Any]]) -> str:
         for col in cols:
             value = run.get(col)
             cls = ' class="num"' if _is_number(value) or value is None else ""
-            cells.append(f"<td{cls}>{_esc(fmt_value(value))}</td>")
+            cells.append(f"<td{cls}>{_esc(cell(run, col))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
