@@ -3,8 +3,8 @@
 The dict (extra keys are allowed and kept in the JSON)::
 
     {"model": str, "device": str, "baseline": {"latency_s": float, "peak_mem_bytes": int},
-     "runs": [{"plan", "method", "latency_s", "speedup", "compute_fraction", "macs_fraction",
-               "psnr", "ssim",
+     "runs": [{"plan", "method", "latency_s", "speedup", "speedup_spread": [low, high],
+               "compute_fraction", "macs_fraction", "psnr", "ssim",
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
                "per_step_compute": [float, ...]}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
@@ -15,7 +15,10 @@ Contract of report.json: every value is a JSON number or null, except strings un
 output equal to its baseline) is null, and ``notes`` says why; the producer (the eval runner)
 decides that. :func:`dumps_report` refuses inf/nan, booleans and strings in numeric fields with a
 ValueError instead of converting them, so a bad value cannot reach a report file silently.
-Markdown and HTML show null as "—" and floats with 4 significant digits.
+Markdown and HTML show null as "—" and floats with 4 significant digits; the speedup as
+``1.38× (1.31–1.44)`` (median of the paired per-round ratios, and their range: ``eval/timing.py``),
+flagged with "⚠" when it is above the ideal of its compute fraction (a measurement problem), and
+a compute fraction above 1 flagged as costing more than no cache.
 The HTML page is self-contained (no scripts): inline CSS, the matplotlib charts of
 ``eval/plots.py`` as inline SVG, and the sample grid of ``eval/samples.py`` as data URIs.
 """

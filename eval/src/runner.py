@@ -144,7 +144,6 @@ def _evaluate(
             raise DiffCacheError(f"{len(answers)} answers for {len(inputs)} prompts")
         scorer = _answer_scorer(dict(zip(inputs, answers, strict=True)))
     text = adapter.media == "text"
-    count = _token_counter(pipe) if text else None
     mine = distributed.shard(list(enumerate(requests)))  # (starts the process group first)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
     if device == "cuda" and hasattr(pipe, "to"):
@@ -164,16 +163,17 @@ def _evaluate(
                 if device == "cuda" and c is None:
                     peak = max(peak or 0, torch.cuda.max_memory_allocated())
                 times.setdefault(name, []).append(seconds)
-                outputs.setdefault(name, (out_i, stats))  # the first round's (deterministic)
-        ref = outputs[BASELINE][0]
-        records.append(_record(BASELINE, i, times[BASELINE], req, ref, None, scorer, None, count))
+                if r == 0:  # what the first round made (the others make the same)
+                    outputs[name] = (out_i, stats, _tokens(pipe) if text else None)
+        ref, _, tokens = outputs[BASELINE]
+        records.append(_record(BASELINE, i, times[BASELINE], req, ref, None, scorer, None, tokens))
         for c in comparisons:
-            out_i, stats = outputs[c.name]
-            rec = _record(c.name, i, times[c.name], req, out_i, ref, scorer, stats, count)
+            out_i, stats, tokens = outputs[c.name]
+            rec = _record(c.name, i, times[c.name], req, out_i, ref, scorer, stats, tokens)
             rec["speedup_repeats"] = paired_speedups(times[BASELINE], times[c.name])
             records.append(rec)
         if i < samples:
-            media.update({(name, i): out for name, (out, _) in outputs.items()})
+            media.update({(name, i): out for name, (out, _, _) in outputs.items()})
         if macs == "all":
             counted = first if i == mine[0][0] else _warm_up(pipe, adapter, comparisons, req)
             for rec in records[-1 - len(comparisons) :]:
@@ -225,7 +225,7 @@ def _record(
     ref: Any,
     scorer: Any,
     stats: Any,
-    count: Any = None,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
     """What one generation measured (text: agreement with the baseline text, accuracy, tokens;
     media: PSNR, SSIM, LPIPS and the task score); its latency is the median of its timed
@@ -237,7 +237,7 @@ def _record(
         "latency_repeats": list(times),
     }
     if isinstance(out, str):
-        rec["tokens"] = count(out)
+        rec["tokens"] = tokens
         rec["agreement"] = metrics.agreement(ref, out) if ref is not None else None
         rec["accuracy"] = float(scorer(task_input(req), out)) if scorer is not None else None
         rec["task_score"] = None
@@ -429,14 +429,10 @@ def _answer_scorer(answers: dict[str, str]) -> Any:
     return score
 
 
-def _token_counter(pipe: Any) -> Any:
+def _tokens(pipe: Any) -> int:
     """Tokens the last generation produced, up to and including its first EOS (one rule for
     every method: research/dlm.md §4.3)."""
-
-    def count(text: str) -> int:
-        return int(pipe.last_output.generated[0])
-
-    return count
+    return int(pipe.last_output.generated[0])
 
 
 def _tokens_per_s(recs: Sequence[dict[str, Any]]) -> float | None:

@@ -4,6 +4,7 @@ the report's speedup aggregation, flags and notes, and one real eval of the same
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,3 +193,42 @@ def test_the_same_plan_twice_reports_speedups_within_each_others_spread(tmp_path
     for one, other in itertools.permutations((a, b)):
         low, high = other["speedup_spread"]
         assert low <= one["speedup"] <= high, (a, b)
+
+
+def test_generate_says_a_plan_costs_more_than_no_cache(capsys) -> None:
+    """The issue's case: Fast-dLLM on dream-tiny, 7 tokens in 3 steps, computes more token-layers
+    than the plain generation."""
+    args = ["generate", "--model", "dream-tiny", "--plan", "dream-tiny-fast_dllm.yaml"]
+    assert main([*args, "--gen-length", "7", "--steps", "3", "--prompt", "hi"]) == 0
+    err = capsys.readouterr().err
+    computed, total = map(int, re.search(r"computed (\d+) of (\d+) ", err).groups())
+    assert computed > total
+    said = f"compute_fraction {computed / total:.3f} is above 1: the plan costs more than no cache"
+    assert said in err
+
+
+def test_each_text_record_counts_the_tokens_of_its_own_generation(tmp_path: Path, monkeypatch):
+    """Records are made after the rounds: each keeps the tokens its own first-round generation
+    made, not those of whichever configuration ran last."""
+    import diffcache
+
+    real = runner.generate
+
+    def generate(pipe: Any, req: Any) -> Any:
+        out = real(pipe, req)
+        pipe.last_output = SimpleNamespace(generated=[5 if diffcache.is_accelerated(pipe) else 3])
+        return out
+
+    monkeypatch.setattr(runner, "generate", generate)
+    request = runner.Request(gen_length=4, steps=4, block_length=4)
+    report = runner.evaluate(
+        "llada-tiny", ["llada-tiny-fast_dllm.yaml"], tmp_path, prompts=["hi", "a b"],
+        request=request, repeats=2, samples=0,
+    )  # fmt: skip
+    tokens = {(r["run"], r["request"]): r["tokens"] for r in report["records"]}
+    assert tokens == {
+        ("baseline", 0): 3,
+        ("baseline", 1): 3,
+        ("llada-tiny-fast_dllm.yaml", 0): 5,
+        ("llada-tiny-fast_dllm.yaml", 1): 5,
+    }
