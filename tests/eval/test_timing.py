@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from diffcache.cli import main
+from diffcache.eval import plots, runner, timing
 from diffcache.eval import report as rp
-from diffcache.eval import runner, timing
 from diffcache.plan import Plan
 
 
@@ -123,7 +123,10 @@ def test_a_speedup_above_the_ideal_is_flagged_not_shown_as_a_result(tmp_path: Pa
     rp.write_report(report, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "⚠ 14.50×" in md and "| 14.5 |" not in md
-    assert "⚠ 14.50×" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "⚠ 14.50×" in page and "Not placed on the PSNR" in page  # nor on the chart
+    assert plots.left_out([run], "psnr") == ["fast.yaml"]
+    assert plots.left_out([{**run, "speedup": 1.6}], "psnr") == []
 
 
 def test_a_compute_fraction_above_one_says_the_plan_costs_more(tmp_path: Path) -> None:
