@@ -83,6 +83,7 @@ from arg_types import fraction, listed, names, non_negative, non_negative_float,
 import diffcache
 from diffcache.eval.macs import count_macs
 from diffcache.eval.metrics import psnr
+from diffcache.eval.timing import rotated, sync, timed
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
@@ -148,11 +149,11 @@ def time_module(module: torch.nn.Module, device: torch.device) -> Iterator[list[
     total, start = [0.0], [0.0]
 
     def pre(_mod: Any, _args: Any) -> None:
-        _sync(device)
+        sync(device)
         start[0] = time.perf_counter()
 
     def post(_mod: Any, _args: Any, _out: Any) -> None:
-        _sync(device)
+        sync(device)
         total[0] += time.perf_counter() - start[0]
 
     handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -161,11 +162,6 @@ def time_module(module: torch.nn.Module, device: torch.device) -> Iterator[list[
     finally:
         for h in handles:
             h.remove()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _one(e: BaseException) -> str:
@@ -300,22 +296,19 @@ def run_once(
     config.setup(pipe)
     try:
         if probe:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             with (
                 count_macs(pipe.transformer) as macs,
                 time_module(pipe.transformer, device) as inside,
             ):
                 result.media = generate(pipe, request)
-            _sync(device)
+            sync(device)
             result.share = inside[0] / (time.perf_counter() - t0)
             result.macs = macs[0]
         else:
-            _sync(device)
-            t0 = time.perf_counter()
-            media = generate(pipe, request)
-            _sync(device)
-            result.times.append(time.perf_counter() - t0)
+            media, seconds = timed(lambda: generate(pipe, request), device)
+            result.times.append(seconds)
             result.deterministic &= bool(np.array_equal(media, result.media))
         if config.ours:
             calls = diffcache.stats(pipe).compute_fraction
@@ -400,8 +393,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     share = results["baseline"].share
     for r in range(args.repeats):
-        shift = r % len(active)  # rotate the order so that no config always runs in one slot
-        for c in active[shift:] + active[:shift]:
+        for c in rotated(active, r):  # no config always runs in one slot
             run_once(pipe, c, request, device, results[c.name], probe=False)
         print(
             f"  repeat {r + 1}/{args.repeats} (s, in table order): "

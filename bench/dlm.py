@@ -2,7 +2,8 @@
 
 A mid-size LLaDA-architecture model (default 12 layers, d_model 1024, the real 126,464-token
 vocabulary) and the Dream equivalent (GQA), random weights, generate ``--gen-length`` tokens in
-blocks of ``--block`` after a prompt. The runs are interleaved — no cache, the parallel-decoding
+blocks of ``--block`` after a prompt. The runs are interleaved (in an order rotated by the round,
+``diffcache.eval.timing``) — no cache, the parallel-decoding
 control (no cache, Fast-dLLM's threshold 0.9: most of Fast-dLLM's speed is fewer steps, not the
 cache), then each method's bundled tiny-model plan — and each is timed ``--repeats`` times; the
 median counts (on CUDA after one more, untimed pass: the one whose synchronising clocks measure
@@ -47,6 +48,7 @@ from arg_types import among, listed, non_negative, positive
 from reference_models import lost_won, per_request, sign_p
 
 import diffcache
+from diffcache.eval import timing
 from diffcache.models import builtin_models
 from diffcache.pipelines.arith import DEFAULTS, LONG
 from diffcache.plan import Plan
@@ -120,13 +122,10 @@ def prompts(batch: int) -> list[str]:
 def timed(
     pipe: Any, kw: dict, device: str, batch: int = 1, prompt: str | None = None
 ) -> tuple[float, Any]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = pipe(prompts(batch) if prompt is None else [prompt], **kw)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    out, seconds = timing.timed(
+        lambda: pipe(prompts(batch) if prompt is None else [prompt], **kw), device
+    )
+    return seconds, out
 
 
 def short_call(pipe: Any, clock: Clock, head: Clock, device: str) -> tuple[float, int]:
@@ -162,7 +161,7 @@ def bench_family(family: str, args: argparse.Namespace, device: str) -> None:
     probe = int(device == "cuda")
     for rep in range(args.repeats + probe):
         clock.on = head.on = rep == 0
-        for name, plan, extra in runs:
+        for name, plan, extra in timing.rotated(runs, rep):  # no run always in one slot
             if plan is not None:
                 diffcache.accelerate(pipe, plan)
             clock.seconds = head.seconds = 0.0

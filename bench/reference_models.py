@@ -5,7 +5,8 @@ call runs, on the same inputs and seeds and interleaved request by request: the 
 EasyCache at three thresholds (``--thresholds``; the model's bundled plan gives the warm-up),
 the model's bundled plans of other methods (``<model>-ertacache.yaml`` ...),
 and diffusers' FirstBlockCache and TaylorSeer where the model's transformer supports diffusers'
-``enable_cache`` (DiT's does not: those rows say so). The table: latency, speedup,
+``enable_cache`` (DiT's does not: those rows say so). The table: latency, speedup (median of
+the paired per-round ratios, with their range; ``--repeats`` rounds on ``--threads`` threads),
 compute_fraction (ours: computed denoiser calls / calls; diffusers' caches report none), PSNR and
 SSIM against the plain output of the same request, and the task score (class accuracy of the
 generated digits / share of shape clips whose colour and motion direction are right) beside the
@@ -27,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from arg_types import among, listed, non_negative_float, positive
 
 from diffcache.eval import paired
 from diffcache.eval.paired import per_request
+from diffcache.eval.report import speedup_text
 from diffcache.eval.runner import evaluate
+from diffcache.eval.timing import REPEATS
 from diffcache.models import builtin_models
 from diffcache.plan import Plan, bundled_plans
 
@@ -73,13 +75,13 @@ def table(report: dict[str, Any], took: float) -> None:
         f"s, task score {fmt(base['task_score'], '.3f')} | {took:.0f} s"
     )
     print(
-        f"  {'config':<46} {'latency':>8} {'speedup':>7} {'compute':>7} {'MACs':>6} {'PSNR':>6} "
-        f"{'SSIM':>6} {'task':>6} {'lost/won':>8} {'p':>5}"
+        f"  {'config':<46} {'latency':>8} {'speedup (range)':>20} {'compute':>7} {'MACs':>6} "
+        f"{'PSNR':>6} {'SSIM':>6} {'task':>6} {'lost/won':>8} {'p':>5}"
     )
     scores = per_request(report, "task_score")
     for r in report["runs"]:
         print(
-            f"  {r['plan']:<46} {r['latency_s']:8.3f} {fmt(r['speedup'], '.3f'):>7} "
+            f"  {r['plan']:<46} {r['latency_s']:8.3f} {speedup_text(r):>20} "
             f"{fmt(r['compute_fraction'], '.3f'):>7} {fmt(r.get('macs_fraction'), '.3f'):>6} "
             f"{fmt(r['psnr'], '.2f'):>6} "
             f"{fmt(r['ssim'], '.4f'):>6} {fmt(r['task_score'], '.3f'):>6} "
@@ -105,18 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--out", default="out/bench-reference")
     p.add_argument(
-        "--threads", type=positive, default=None, help="torch threads (default: torch's)"
-    )
+        "--threads", type=positive, default=None,
+        help="torch threads while measuring (default: OMP_NUM_THREADS, else 1)",
+    )  # fmt: skip
+    p.add_argument("--repeats", type=positive, default=REPEATS, help="timed rounds per request")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for model in args.models:
         thresholds = THRESHOLDS[model]
         if args.thresholds:
             thresholds = tuple(args.thresholds)
         plans = comparisons(model, thresholds)
         t0 = time.perf_counter()
-        report = evaluate(model, plans, Path(args.out) / model, seeds=args.seeds, progress=True)
+        report = evaluate(
+            model, plans, Path(args.out) / model, seeds=args.seeds, progress=True,
+            repeats=args.repeats, threads=args.threads,
+        )  # fmt: skip
         table(report, time.perf_counter() - t0)
 
 

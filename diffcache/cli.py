@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _request_args(p, skip=("prompt",))
     p.add_argument("--out", required=True, help="plan file to write (.yaml)")
+    _timing_args(p)
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("eval", help="baseline vs plans on the same prompts and seeds")
@@ -156,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="count the denoiser's Linear MACs on the first request (default) or on every "
         "request (adaptive caches differ per input; one more untimed run each)",
     )
+    _timing_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plans", help="list, show or check plan files")
@@ -190,8 +192,36 @@ def _parser() -> argparse.ArgumentParser:
         help="a built-in model with a bundled default plan (repeatable; default: the "
         f"reference models {', '.join(DEMO_MODELS)})",
     )
+    _timing_args(p)
     p.set_defaults(func=_demo)
     return parser
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    """--repeats and --threads: how speed is measured (``diffcache.eval.timing``)."""
+    from diffcache.eval.timing import REPEATS
+
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help=f"timed rounds per request, baseline and plans interleaved after a warm-up; the "
+        f"speedup is their median, with the spread (default {REPEATS})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads while measuring (default: OMP_NUM_THREADS, else 1)",
+    )
+
+
+def _check_timing(args: argparse.Namespace) -> None:
+    from diffcache.eval.timing import check_count
+
+    check_count(args.repeats, "--repeats")
+    if args.threads is not None:
+        check_count(args.threads, "--threads")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -376,6 +406,12 @@ def _generate(args: argparse.Namespace) -> int:
             f"{s['wall_s']:.2f} s",
             file=sys.stderr if str(out) == "-" else sys.stdout,
         )
+        if s["compute_fraction"] > 1:
+            from diffcache.eval.timing import costlier
+
+            print(
+                costlier(s["compute_fraction"]), file=sys.stderr if str(out) == "-" else sys.stdout
+            )
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
     return 0
@@ -401,9 +437,12 @@ def _generate_out(args: argparse.Namespace, adapter: Any, req: Any) -> Path:
 
 def _profile(args: argparse.Namespace) -> int:
     import diffcache
+    from diffcache.eval.report import speedup_text
+    from diffcache.eval.timing import costlier, measurement_threads
     from diffcache.generate import check_writable
 
     _check_seeds(args)
+    _check_timing(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
@@ -452,17 +491,19 @@ def _profile(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     prompts = _profile_inputs(args, start, adapter, prompts, pipe)
-    plan = diffcache.profile(
-        pipe,
-        config,
-        prompts,
-        seeds=args.seeds,
-        out=out,
-        target_compute=args.target_compute,
-        target_speedup=args.target_speedup,
-        request=req,
-        progress=sys.stderr.isatty(),
-    )
+    with measurement_threads(args.threads):
+        plan = diffcache.profile(
+            pipe,
+            config,
+            prompts,
+            seeds=args.seeds,
+            out=out,
+            target_compute=args.target_compute,
+            target_speedup=args.target_speedup,
+            request=req,
+            progress=sys.stderr.isatty(),
+            repeats=args.repeats,
+        )
     if not distributed.is_main():  # under accelerate launch the main process writes and reports
         return 0
     measured = plan.provenance.get("measured", {})
@@ -472,6 +513,8 @@ def _profile(args: argparse.Namespace) -> int:
         f"wrote {out}: {plan.method} ({opts}); compute_fraction {cf} on {len(prompts)} prompt(s) "
         f"x {args.seeds} seed(s)"
     )
+    if cf is not None and cf > 1:
+        print(costlier(cf))
     measured = plan.provenance.get("speedup_measured")
     if measured is not None:
         least = plan.provenance.get("least_compute")
@@ -481,9 +524,11 @@ def _profile(args: argparse.Namespace) -> int:
             else "the ideal for that compute is not reached here"
         )
         short = f" (short of the target: {why})" if measured < args.target_speedup else ""
+        run = {"speedup": measured, "speedup_spread": plan.provenance.get("speedup_spread")}
         print(
-            f"measured speedup {measured:g}x on the calibration inputs for the target "
-            f"{args.target_speedup:g}x{short}"
+            f"measured speedup {speedup_text({**run, 'compute_fraction': cf})} on the "
+            f"calibration inputs ({args.repeats} rounds, {plan.provenance.get('threads')} "
+            f"thread(s)) for the target {args.target_speedup:g}x{short}"
         )
     return 0
 
@@ -548,6 +593,7 @@ def _eval(args: argparse.Namespace) -> int:
     # plans and diffusers specs are checked before any model is built
     comparisons = [comparison(spec) for spec in args.plan]
     _check_seeds(args)
+    _check_timing(args)
     req, adapter = _request(args, args.model, {"prompt": "x"}, EVAL_INPUT)
     prompts, answers = (
         _read_prompts_answers(args.prompts, adapter.media if adapter else None)
@@ -570,6 +616,8 @@ def _eval(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         answers=answers,
         macs=args.macs,
+        repeats=args.repeats,
+        threads=args.threads,
     )
     if report is not None:  # the main process (others return None under accelerate launch)
         _print_report(report, out)
@@ -579,6 +627,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _print_report(report: dict, out: Path) -> None:
     from diffcache.eval.paired import describe, flips
     from diffcache.eval.plots import task_metric
+    from diffcache.eval.report import speedup_text
+    from diffcache.eval.timing import costlier
 
     def num(value: Any, fmt: str, unit: str = "") -> str:
         return "n/a" if value is None else format(value, fmt) + unit
@@ -601,21 +651,24 @@ def _print_report(report: dict, out: Path) -> None:
         + (f", accuracy {acc:.3f}" if acc is not None else "")
     )
     for r in report["runs"]:
+        line = (
+            f"{r['plan']}: speedup {speedup_text(r)}, compute_fraction "
+            f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
+        )
         if "tokens_per_s" in r:  # text
-            print(
-                f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
-                f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
+            line += (
                 f"{num(r['tokens_per_s'], '.1f')} tokens/s, "
                 f"agreement {num(r['agreement'], '.3f')}"
                 + (scored(r, "accuracy", "accuracy") or ", accuracy n/a")
             )
-            continue
-        print(
-            f"{r['plan']}: speedup {num(r['speedup'], '.2f')}x, compute_fraction "
-            f"{num(r['compute_fraction'], '.3f')}, MACs {num(r['macs_fraction'], '.3f')}, "
-            f"PSNR {num(r['psnr'], '.2f', ' dB')}, "
-            f"SSIM {num(r['ssim'], '.4f')}" + scored(r, "task_score", "task score")
-        )
+        else:
+            line += f"PSNR {num(r['psnr'], '.2f', ' dB')}, SSIM {num(r['ssim'], '.4f')}" + scored(
+                r, "task_score", "task score"
+            )
+        print(line)
+        cf = r["compute_fraction"]
+        if cf is not None and cf > 1:
+            print(f"  {r['plan']}: {costlier(cf)}")
     print(f"wrote {out / 'report.json'}, report.md, report.html")
 
 
@@ -747,6 +800,7 @@ def _demo(args: argparse.Namespace) -> int:
     from diffcache.plan import bundled_plans
     from diffcache.request import Request
 
+    _check_timing(args)
     models = args.model or [m for m in DEMO_MODELS if m in builtin_models()]
     for model in models:
         model_entry(model)  # a built-in model
@@ -764,7 +818,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"demo: {model}, baseline vs {model}.yaml", flush=True)
         report = evaluate(
             model, [f"{model}.yaml"], out / model, seeds=seeds, request=Request(),
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty(), repeats=args.repeats, threads=args.threads,
         )  # fmt: skip
         if report is None:  # not the main process
             return 0

@@ -31,6 +31,14 @@ from diffcache.errors import (
     TargetUnreachable,
     UnsupportedModelError,
 )
+from diffcache.eval.timing import (
+    REPEATS,
+    check_count,
+    paired_speedups,
+    rotated,
+    summary,
+    timed,
+)
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
@@ -212,6 +220,7 @@ def profile(
     target_speedup: float | None = None,
     request: Request | None = None,
     progress: bool = False,
+    repeats: int = REPEATS,
 ) -> Plan:
     """Profile ``pipe`` on ``prompts`` x ``seeds`` and return (and with ``out`` write) a plan.
 
@@ -230,6 +239,8 @@ def profile(
             measured share of the generation time.
         request: the other request fields (size, steps, guidance ...); a built-in model's
             defaults fill the ones it leaves out.
+        repeats: timed rounds of the speedup measured for ``target_speedup`` (its median,
+            lowest and highest go in the provenance, with the torch threads it ran on).
     """
     request, start, entry = request or Request(), None, builtin_of(pipe)
     if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
@@ -250,6 +261,7 @@ def profile(
         raise DiffCacheError(f"target_compute must be in (0, 1], got {target_compute}")
     if target_speedup is not None and not target_speedup >= 1:
         raise DiffCacheError(f"target_speedup must be >= 1, got {target_speedup}")
+    check_count(repeats, "repeats")
     out = _check_inputs(prompts, seeds, out)
     from diffcache.api import session_of
 
@@ -298,7 +310,11 @@ def profile(
     plan = make_plan(target, calibrated.config, calibrated.calibration, valid_for)
     if target_speedup is not None:  # the compute target assumed ideal scaling: check the clock
         targets["denoiser_share"] = round(share, 3)
-        targets["speedup_measured"] = round(measure_speedup(pipe, plan, requests), 3)
+        median, low, high = measure_speedup(pipe, plan, requests, repeats)
+        targets["speedup_measured"] = round(median, 3)
+        targets["speedup_spread"] = [round(low, 3), round(high, 3)]
+        targets["speedup_repeats"] = repeats
+        targets["threads"] = torch.get_num_threads()
     plan = _with_provenance(
         plan,
         target,
@@ -413,25 +429,37 @@ def _check_inputs(
     return None if out is None else check_writable(Path(out), "out")
 
 
-def measure_speedup(pipe: Any, plan: Plan, requests: Sequence[Request]) -> float:
-    """Wall-clock speedup of ``plan`` over the plain pipeline on ``requests`` (all of them
-    plain, then all accelerated; one pass each, so as noisy as the machine)."""
+def measure_speedup(
+    pipe: Any, plan: Plan, requests: Sequence[Request], repeats: int = REPEATS
+) -> tuple[float, float, float]:
+    """Wall-clock speedup of ``plan`` over the plain pipeline on ``requests``, measured as
+    ``eval`` measures it (``diffcache.eval.timing``): one untimed warm-up generation of each,
+    then ``repeats`` rounds in which every request runs plain and accelerated back to back, in
+    a rotated order. Returns the median of the paired ratios, and the lowest and highest."""
     import diffcache
     from diffcache.generate import generate
 
-    def seconds() -> float:
-        t0 = time.perf_counter()
-        for req in requests:
-            generate(pipe, req)
-        return time.perf_counter() - t0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    plain = seconds()
-    diffcache.accelerate(pipe, plan)
-    try:
-        cached = seconds()
-    finally:
-        diffcache.remove(pipe)
-    return plain / cached
+    def seconds(with_plan: bool, req: Request) -> float:
+        if with_plan:
+            diffcache.accelerate(pipe, plan)
+        try:
+            return timed(lambda: generate(pipe, req), device)[1]
+        finally:
+            if with_plan:
+                diffcache.remove(pipe)
+
+    for with_plan in (False, True):  # warm-up: first-call costs must not count
+        seconds(with_plan, requests[0])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(repeats):
+        for i, req in enumerate(requests):
+            for with_plan in rotated([False, True], r + i):
+                times[with_plan].append(seconds(with_plan, req))
+    measured = summary(paired_speedups(times[False], times[True]))
+    assert measured is not None  # at least one request and one round
+    return measured
 
 
 def compute_for_speedup(speedup: float, share: float) -> float:

@@ -39,8 +39,9 @@ def _launch(args: list[str], cwd: Path) -> str:
 
 
 def _without_timing(report: dict) -> dict:
-    timing = {"latency_s", "speedup"}
+    timing = {"latency_s", "speedup", "speedup_spread", "latency_repeats", "speedup_repeats"}
     report = {k: v for k, v in report.items() if k not in ("environment", "baseline")}
+    report["notes"] = {k: v for k, v in report["notes"].items() if k != "speedup"}
     report["runs"] = [{k: v for k, v in r.items() if k not in timing} for r in report["runs"]]
     report["records"] = [{k: v for k, v in r.items() if k not in timing} for r in report["records"]]
     return report

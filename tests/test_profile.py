@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -159,6 +160,48 @@ def test_a_speed_out_of_the_options_reach_gets_the_fastest_plan() -> None:
     assert given["target_compute"] < given["least_compute"] == pytest.approx(11 / 12, abs=1e-6)
     assert given["measured"]["compute_fraction"] == given["least_compute"]
     assert given["speedup_measured"] > 0 and plan.options["warmup_steps"] == 10
+
+
+def test_the_measured_speedup_is_the_median_of_interleaved_rounds_after_a_warm_up(
+    monkeypatch,
+) -> None:
+    """measure_speedup (profile --target-speedup) times as eval does: an untimed warm-up of
+    each, then rounds of plain and accelerated back to back in a rotated order, paired."""
+    prof = importlib.import_module("diffcache.profile")  # the function hides the module
+
+    pipe = ToyPipeline()
+    plan = diffcache.profile(pipe, EasyCacheConfig(warmup_steps=4), PROMPTS, request=REQ)
+    seconds = {False: iter([100.0, 2.0, 4.0, 3.0, 6.0]), True: iter([100.0, 1.0, 1.0, 2.0, 2.0])}
+    order = []
+
+    def fake_timed(fn, device="cpu"):
+        fn()
+        order.append(diffcache.is_accelerated(pipe))
+        return None, next(seconds[order[-1]])
+
+    monkeypatch.setattr(prof, "timed", fake_timed)
+    req = REQ.replace(prompt=PROMPTS[0])
+    median, low, high = prof.measure_speedup(pipe, plan, [req, req], repeats=2)
+    warm_up, rounds = order[:2], order[2:]
+    assert warm_up == [False, True]
+    assert rounds == [False, True, True, False, True, False, False, True]  # rotated
+    assert (median, low, high) == (2.5, 1.5, 4.0)  # ratios 2, 4, 1.5, 3
+    assert not diffcache.is_accelerated(pipe)
+
+
+def test_a_speed_target_records_the_spread_repeats_and_threads(monkeypatch) -> None:
+    prof = importlib.import_module("diffcache.profile")  # the function hides the module
+
+    monkeypatch.setattr(prof, "measure_speedup", lambda pipe, plan, reqs, n: (1.1, 1.0, 1.3))
+    plan = diffcache.profile(
+        ToyPipeline(), EasyCacheConfig(warmup_steps=4), PROMPTS, target_speedup=1.2,
+        request=REQ, repeats=4,
+    )  # fmt: skip
+    given = plan.provenance
+    assert given["speedup_measured"] == 1.1 and given["speedup_spread"] == [1.0, 1.3]
+    assert given["speedup_repeats"] == 4 and given["threads"] == torch.get_num_threads()
+    with pytest.raises(DiffCacheError, match="repeats must be a whole number >= 1, got 0"):
+        diffcache.profile(ToyPipeline(), "easycache", PROMPTS, request=REQ, repeats=0)
 
 
 def test_bad_profiling_requests() -> None:

@@ -41,8 +41,15 @@ def label(run: dict[str, Any]) -> str:
 
 
 def left_out(runs: Sequence[dict[str, Any]], metric: str) -> list[str]:
-    """Runs a quality panel cannot place: no speedup or no value of ``metric``."""
-    return [label(r) for r in runs if not (_number(r.get("speedup")) and _number(r.get(metric)))]
+    """Runs a quality panel cannot place: no speedup (or one flagged as a measurement problem:
+    above the ideal of its compute fraction) or no value of ``metric``."""
+    from diffcache.eval.timing import above_ideal
+
+    def placed(r: dict[str, Any]) -> bool:
+        speedup = r.get("speedup")
+        return _number(speedup) and not above_ideal(speedup, r.get("compute_fraction"))
+
+    return [label(r) for r in runs if not (placed(r) and _number(r.get(metric)))]
 
 
 def is_text(runs: Sequence[dict[str, Any]]) -> bool:

@@ -3,8 +3,8 @@
 The dict (extra keys are allowed and kept in the JSON)::
 
     {"model": str, "device": str, "baseline": {"latency_s": float, "peak_mem_bytes": int},
-     "runs": [{"plan", "method", "latency_s", "speedup", "compute_fraction", "macs_fraction",
-               "psnr", "ssim",
+     "runs": [{"plan", "method", "latency_s", "speedup", "speedup_spread": [low, high],
+               "compute_fraction", "macs_fraction", "psnr", "ssim",
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
                "per_step_compute": [float, ...]}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
@@ -15,7 +15,10 @@ Contract of report.json: every value is a JSON number or null, except strings un
 output equal to its baseline) is null, and ``notes`` says why; the producer (the eval runner)
 decides that. :func:`dumps_report` refuses inf/nan, booleans and strings in numeric fields with a
 ValueError instead of converting them, so a bad value cannot reach a report file silently.
-Markdown and HTML show null as "—" and floats with 4 significant digits.
+Markdown and HTML show null as "—" and floats with 4 significant digits; the speedup as
+``1.38× (1.31–1.44)`` (median of the paired per-round ratios, and their range: ``eval/timing.py``),
+flagged with "⚠" when it is above the ideal of its compute fraction (a measurement problem), and
+a compute fraction above 1 flagged as costing more than no cache.
 The HTML page is self-contained (no scripts): inline CSS, the matplotlib charts of
 ``eval/plots.py`` as inline SVG, and the sample grid of ``eval/samples.py`` as data URIs.
 """
@@ -162,6 +165,34 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
+def speedup_text(run: dict[str, Any]) -> str:
+    """A run's speedup with its spread, ``1.38× (1.31–1.44)``; one above the ideal of its
+    compute fraction is flagged as the measurement problem it is, not shown as a result."""
+    from diffcache.eval.timing import above_ideal, ideal_speedup
+
+    speedup, spread = run.get("speedup"), run.get("speedup_spread")
+    if not _is_number(speedup):
+        return fmt_value(speedup)
+    text = f"{speedup:.2f}×"
+    if isinstance(spread, (list, tuple)) and len(spread) == 2 and all(map(_is_number, spread)):
+        text += f" ({spread[0]:.2f}–{spread[1]:.2f})"
+    cf = run.get("compute_fraction")
+    if above_ideal(speedup, cf):
+        return f"⚠ {text} above the ideal {ideal_speedup(cf):.2f}×: a measurement problem"
+    return text
+
+
+def cell(run: dict[str, Any], col: str) -> str:
+    """A run's table cell: the speedup with its spread, a compute fraction above 1 marked as
+    costing more than no cache, anything else by :func:`fmt_value`."""
+    value = run.get(col)
+    if col == "speedup":
+        return speedup_text(run)
+    if col == "compute_fraction" and _is_number(value) and value > 1:
+        return f"⚠ {fmt_value(value)}: costs more than no cache"
+    return fmt_value(value)
+
+
 def _md_text(text: str) -> str:
     """Escape text for a Markdown table cell or list item (pipes, angle brackets, newlines)."""
     for char in ("\\", "|", "<", ">", "`"):
@@ -229,7 +260,7 @@ def _md_cell(run: dict[str, Any], col: str, task: str, flips: dict[str, Any]) ->
     """A Markdown cell: the value, and beside the task measure the samples lost / won."""
     from diffcache.eval.paired import describe
 
-    text = fmt_value(run.get(col))
+    text = cell(run, col)
     if col == task and run.get("plan") in flips:
         text += f" ({describe(*flips[run['plan']])})"
     return text
@@ -319,7 +350,7 @@ def _table(runs: Sequence[dict[str, Any]], task: str = "", flips: Any = None) ->
         for col in cols:
             value = run.get(col)
             cls = ' class="num"' if _is_number(value) or value is None else ""
-            text = _esc(fmt_value(value))
+            text = _esc(cell(run, col))
             if col == task and (flips or {}).get(run.get("plan")):
                 text += f'<br><span class="flips">{_esc(describe(*flips[run["plan"]]))}</span>'
             cells.append(f"<td{cls}>{text}</td>")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-import time
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,18 @@ from diffcache.errors import DiffCacheError
 from diffcache.eval import metrics
 from diffcache.eval.baselines import Comparison, comparison
 from diffcache.eval.report import write_report
+from diffcache.eval.timing import (
+    REPEATS,
+    above_ideal,
+    check_count,
+    costlier,
+    ideal_speedup,
+    measurement_threads,
+    paired_speedups,
+    rotated,
+    summary,
+    timed,
+)
 from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
@@ -62,6 +74,8 @@ def evaluate(
     progress: bool = False,
     answers: Sequence[str] | None = None,
     macs: str = "first",
+    repeats: int = REPEATS,
+    threads: int | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
@@ -72,7 +86,9 @@ def evaluate(
     output is checked against for ``accuracy``; without them a text model's scorer decides.
     ``macs`` is ``"first"`` (the Linear MACs counted in the warm-up, on the first request) or
     ``"all"`` (every request; needs ``warmup``). Every value in the report is a finite number
-    or None, and a None is explained in ``notes``. Returns the report (None on the other
+    or None, and a None is explained in ``notes``. Every request runs ``repeats`` timed rounds
+    of the baseline and each comparison, interleaved (``eval/timing.py``), on ``threads`` torch
+    threads (default: ``OMP_NUM_THREADS``, else 1). Returns the report (None on the other
     processes).
     """
     check_report_dir(out)
@@ -80,6 +96,31 @@ def evaluate(
         raise DiffCacheError(f"seeds must be >= 1, got {seeds}")
     if macs not in ("first", "all") or (macs == "all" and not warmup):
         raise DiffCacheError(f"macs must be 'first' or 'all' (with the warm-up), got {macs!r}")
+    check_count(repeats, "repeats")
+    if threads is not None:
+        check_count(threads, "threads")
+    with measurement_threads(threads):
+        return _evaluate(
+            model, plans, out, prompts, seeds, request, warmup, samples, progress, answers, macs,
+            repeats,
+        )  # fmt: skip
+
+
+def _evaluate(
+    model: str,
+    plans: Sequence[Any],
+    out: str | Path,
+    prompts: Sequence[str] | None,
+    seeds: int,
+    request: Request | None,
+    warmup: bool,
+    samples: int,
+    progress: bool,
+    answers: Sequence[str] | None,
+    macs: str,
+    repeats: int,
+) -> dict[str, Any] | None:
+    """:func:`evaluate` after its arguments are checked, on the measurement's threads."""
     comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
     for c, name in zip(comparisons, plan_names(comparisons), strict=True):
         c.name = name
@@ -106,32 +147,36 @@ def evaluate(
             raise DiffCacheError(f"{len(answers)} answers for {len(inputs)} prompts")
         scorer = _answer_scorer(dict(zip(inputs, answers, strict=True)))
     text = adapter.media == "text"
-    count = _token_counter(pipe) if text else None
     mine = distributed.shard(list(enumerate(requests)))  # (starts the process group first)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # this process's GPU when several
     if device == "cuda" and hasattr(pipe, "to"):
         pipe.to(device)
     first = _warm_up(pipe, adapter, comparisons, mine[0][1]) if warmup and mine else {}
     records, media, peak = [], {}, None
+    configs: list[Comparison | None] = [None, *comparisons]  # None: the plain pipeline
     for i, req in _progress(mine, progress and distributed.is_main()):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ref, seconds = _timed(pipe, req, device)
-        if device == "cuda":
-            peak = max(peak or 0, torch.cuda.max_memory_allocated())
-        records.append(_record(BASELINE, i, seconds, req, ref, None, scorer, None, count))
-        if i < samples:
-            media[BASELINE, i] = ref
+        times: dict[str, list[float]] = {}
+        outputs: dict[str, tuple[Any, Any]] = {}
+        for r in range(repeats):  # interleaved, in an order rotated by round and request
+            for c in rotated(configs, r + i):
+                name = BASELINE if c is None else c.name
+                if device == "cuda" and c is None:
+                    torch.cuda.reset_peak_memory_stats()
+                out_i, seconds, stats = _timed(pipe, req, device, c)
+                if device == "cuda" and c is None:
+                    peak = max(peak or 0, torch.cuda.max_memory_allocated())
+                times.setdefault(name, []).append(seconds)
+                if r == 0:  # what the first round made (the others make the same)
+                    outputs[name] = (out_i, stats, _tokens(pipe) if text else None)
+        ref, _, tokens = outputs[BASELINE]
+        records.append(_record(BASELINE, i, times[BASELINE], req, ref, None, scorer, None, tokens))
         for c in comparisons:
-            c.setup(pipe)
-            try:
-                out_i, seconds = _timed(pipe, req, device)
-                stats = diffcache.stats(pipe) if c.plan is not None else None
-            finally:
-                c.teardown(pipe)
-            records.append(_record(c.name, i, seconds, req, out_i, ref, scorer, stats, count))
-            if i < samples:
-                media[c.name, i] = out_i
+            out_i, stats, tokens = outputs[c.name]
+            rec = _record(c.name, i, times[c.name], req, out_i, ref, scorer, stats, tokens)
+            rec["speedup_repeats"] = paired_speedups(times[BASELINE], times[c.name])
+            records.append(rec)
+        if i < samples:
+            media.update({(name, i): out for name, (out, _, _) in outputs.items()})
         if macs == "all":
             counted = first if i == mine[0][0] else _warm_up(pipe, adapter, comparisons, req)
             for rec in records[-1 - len(comparisons) :]:
@@ -143,7 +188,9 @@ def evaluate(
     records = sorted((r for part in gathered for r in part[0]), key=_order(comparisons))
     media = {k: v for part in gathered for k, v in part[1].items()}
     peaks = [p for part in gathered if (p := part[2]) is not None]
-    report = _report(model, device, comparisons, requests, records, scorer, peaks, text, first)
+    report = _report(
+        model, device, comparisons, requests, records, scorer, peaks, text, first, repeats
+    )
     write_report(report, out, media=media)
     return report
 
@@ -175,19 +222,25 @@ def _warm_up(
 def _record(
     run: str,
     i: int,
-    seconds: float,
+    times: Sequence[float],
     req: Request,
     out: Any,
     ref: Any,
     scorer: Any,
     stats: Any,
-    count: Any = None,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
     """What one generation measured (text: agreement with the baseline text, accuracy, tokens;
-    media: PSNR, SSIM, LPIPS and the task score)."""
-    rec: dict[str, Any] = {"run": run, "request": i, "latency_s": seconds}
+    media: PSNR, SSIM, LPIPS and the task score); its latency is the median of its timed
+    rounds ``times``, which it keeps as ``latency_repeats``."""
+    rec: dict[str, Any] = {
+        "run": run,
+        "request": i,
+        "latency_s": statistics.median(times),
+        "latency_repeats": list(times),
+    }
     if isinstance(out, str):
-        rec["tokens"] = count(out)
+        rec["tokens"] = tokens
         rec["agreement"] = metrics.agreement(ref, out) if ref is not None else None
         rec["accuracy"] = float(scorer(task_input(req), out)) if scorer is not None else None
         rec["task_score"] = None
@@ -214,6 +267,7 @@ def _report(
     peaks: list[int],
     text: bool = False,
     macs: dict[str, int] | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     notes: dict[str, str] = {}
     macs = macs or {}
@@ -228,11 +282,13 @@ def _report(
         latency = float(np.mean([r["latency_s"] for r in recs]))
         ours = c.plan is not None
         steps = [r["per_step"] for r in recs] if ours else []
+        speed = summary([s for r in recs for s in r["speedup_repeats"]])
         run = {
             "plan": c.name,
             "method": c.method,
             "latency_s": latency,
-            "speedup": base_latency / latency if latency > 0 else None,
+            "speedup": speed[0] if speed else None,
+            "speedup_spread": list(speed[1:]) if speed else None,
             "compute_fraction": metrics.mean([r["compute_fraction"] for r in recs])
             if ours
             else None,
@@ -257,6 +313,7 @@ def _report(
         if not ours:
             why = "diffusers' caches report no work of their own (see macs_fraction)"
             _note(notes, "compute_fraction", f"compute_fraction is null for {c.name}: {why}")
+        _speed_notes(run, notes)
         runs.append(_finite_or_null(run, c.name, notes))
     reason = metrics.lpips_unavailable_reason()
     if text:
@@ -283,10 +340,16 @@ def _report(
         notes["macs_fraction"] = "macs_fraction is null: it is counted in the warm-up runs (off)"
     if not peaks:
         notes["peak_mem_bytes"] = "peak_mem_bytes is null: measured on CUDA only"
+    notes["speedup"] = (
+        f"median of the paired ratios baseline / run, one per request and timed round "
+        f"({repeats} rounds, interleaved after an untimed warm-up), with the lowest and highest "
+        f"in brackets{'; ' + notes['speedup'] if 'speedup' in notes else ''}"
+    )
     return {
         "model": model,
         "device": device,
         "environment": environment(device),
+        "repeats": repeats,
         "baseline": {
             "latency_s": base_latency,
             "peak_mem_bytes": max(peaks) if peaks else None,
@@ -306,6 +369,23 @@ def _report(
         "requests": [r.as_dict() for r in requests],
         "records": [_finite_record(r) for r in records],
     }
+
+
+def _speed_notes(run: dict[str, Any], notes: dict[str, str]) -> None:
+    """Note a speedup above the ideal of its compute fraction (a measurement problem, not a
+    result) and a compute fraction above 1 (the plan costs more than no cache)."""
+    cf, name = run["compute_fraction"], run["plan"]
+    if above_ideal(run["speedup"], cf):
+        _note(
+            notes,
+            "speedup",
+            f"the speedup of {name}, {run['speedup']:.2f}x, is above the ideal "
+            f"{ideal_speedup(cf):.2f}x of its compute fraction {cf:.3f}: a measurement problem "
+            "(machine load, a stalled run), not a result; rerun with more --repeats on a quiet "
+            "machine",
+        )
+    if cf is not None and cf > 1:
+        _note(notes, "compute_fraction", f"{name}: {costlier(cf)}")
 
 
 def _macs_fraction(
@@ -352,14 +432,10 @@ def _answer_scorer(answers: dict[str, str]) -> Any:
     return score
 
 
-def _token_counter(pipe: Any) -> Any:
+def _tokens(pipe: Any) -> int:
     """Tokens the last generation produced, up to and including its first EOS (one rule for
     every method: research/dlm.md §4.3)."""
-
-    def count(text: str) -> int:
-        return int(pipe.last_output.generated[0])
-
-    return count
+    return int(pipe.last_output.generated[0])
 
 
 def _tokens_per_s(recs: Sequence[dict[str, Any]]) -> float | None:
@@ -494,11 +570,15 @@ def _progress(items: Sequence[Any], on: bool) -> Any:
     return tqdm(items, desc="eval", unit="request")
 
 
-def _timed(pipe: Any, req: Request, device: str) -> tuple[Any, float]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    media = generate(pipe, req)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return media, time.perf_counter() - t0
+def _timed(pipe: Any, req: Request, device: str, c: Comparison | None) -> tuple[Any, float, Any]:
+    """One timed generation of ``req``, plain (``c`` None) or with comparison ``c`` set up for
+    it: the output, the seconds, and our stats (None for the plain pipeline and diffusers')."""
+    if c is None:
+        return (*timed(lambda: generate(pipe, req), device), None)
+    c.setup(pipe)
+    try:
+        out, seconds = timed(lambda: generate(pipe, req), device)
+        stats = diffcache.stats(pipe) if c.plan is not None else None
+    finally:
+        c.teardown(pipe)
+    return out, seconds, stats

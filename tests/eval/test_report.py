@@ -153,7 +153,7 @@ def test_markdown_rows_nulls_and_notes(tmp_path: Path) -> None:
         "wan2.1-tiny.yaml",
         "easycache",
         "0.5",
-        "2",
+        "2.00×",  # no spread in this report
         "0.5",
         "0.55",
         "31.2",
