@@ -1,0 +1,207 @@
+"""Golden outputs and Stats of the bundled plans on the small built-in models.
+
+    python -m diffcache.testing.golden --write     # regenerate tests/golden/bundled_plans.json
+    python -m diffcache.testing.golden [--only PLAN ...]   # print what differs from the file
+
+Each entry is one run of the model's default request (its ``models.yaml`` defaults, seed 0, the
+model's first evaluation prompt or else the first bundled calibration prompt, batch 1) with the
+plan applied, on one CPU thread: a sha256 of the output's raw bytes (media as float32, text
+models' token ids: prompt and answer) with its shape, mean and abs-max (6 significant digits,
+for readable diffs), and the run's Stats without their wall time; ``bit_stable`` says whether
+the bytes survive a rerun on 2 threads (see :func:`differences`). ``tests/test_golden.py``
+recomputes every entry. The bytes depend on the torch version and CPU too: regenerate after a
+torch upgrade, and say so in the commit message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden" / "bundled_plans.json"
+ABOUT = (
+    "Outputs and Stats of the bundled plans on the small built-in models; regenerate with "
+    "`python -m diffcache.testing.golden --write`. A change to this file must be explained in "
+    "the commit message."
+)
+
+
+def golden_plans() -> dict[str, str]:
+    """Bundled plan -> the built-in model it is named after (``<model>.yaml`` or
+    ``<model>-<method>.yaml``), for the models small enough to run in about a second.
+    Templates and the plans of real-size models are left out."""
+    from diffcache.models import builtin_models
+    from diffcache.plan import Plan, bundled_plans
+
+    small = [m for m in builtin_models() if m.endswith("-tiny")] + ["dit-digits", "wan-shapes"]
+    found = {}
+    for name in bundled_plans():
+        stem = name.removesuffix(".yaml")
+        models = [m for m in small if stem == m or stem.startswith(f"{m}-")]
+        if models and not Plan.load(name, template=True).is_template:
+            found[name] = max(models, key=len)
+    return dict(sorted(found.items()))
+
+
+@contextlib.contextmanager
+def threads(n: int = 1) -> Iterator[None]:
+    """torch on ``n`` intra-op threads (1: results independent of the machine's cores), then
+    restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_request(model: str) -> Any:
+    """The model's default request at seed 0, with a fixed prompt where the family takes one."""
+    from diffcache.models import builtin_models
+    from diffcache.registry import adapters
+    from diffcache.request import Request
+
+    spec = builtin_models()[model]
+    request = Request(seed=0).merged(spec.defaults)
+    if adapters()[spec.family].field("prompt") is None:
+        return request
+    prompts = spec.default_prompts()
+    if not prompts:
+        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
+        prompts = [line for line in text.read_text().splitlines() if line.strip()]
+    return request.replace(prompt=prompts[0])
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def summary(array: np.ndarray) -> dict[str, Any]:
+    """sha256 of the raw bytes, dtype, shape, mean and abs-max (6 significant digits)."""
+    array = np.ascontiguousarray(array)
+    values = array.astype(np.float64)
+    return {
+        "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "mean": _round(values.mean()),
+        "abs_max": _round(np.abs(values).max()),
+    }
+
+
+def run_plan(pipe: Any, plan: str, request: Any, n_threads: int = 1) -> dict[str, Any]:
+    """``pipe`` run once on ``request`` with ``plan`` applied (then removed), on ``n_threads``:
+    the request, output summary and Stats."""
+    import diffcache
+    from diffcache.generate import generate
+
+    diffcache.accelerate(pipe, plan)
+    try:
+        with threads(n_threads):
+            out = generate(pipe, request)
+        stats = diffcache.stats(pipe).as_dict()
+    finally:
+        diffcache.remove(pipe)
+    stats.pop("wall_s")
+    array = pipe.last_output.tokens.numpy() if isinstance(out, str) else out
+    result = {"request": request.as_dict(), "output": summary(array), "stats": stats}
+    return json.loads(json.dumps(result))  # as the golden file reads back (lists, not tuples)
+
+
+def entry(plan: str, pipes: dict[str, Any]) -> dict[str, Any]:
+    """The golden entry of ``plan``; ``pipes`` caches the built models by name."""
+    from diffcache.models import load_model
+
+    model = golden_plans()[plan]
+    if model not in pipes:
+        with threads():
+            pipes[model] = load_model(model)
+    return {"model": model, **run_plan(pipes[model], plan, default_request(model))}
+
+
+def compute(plans: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The golden entries of ``plans`` (default: all of :func:`golden_plans`), each with
+    ``bit_stable``: whether a rerun on 2 threads gives the same output bytes. Where it does not
+    (float sums split across threads), the bytes depend on the machine, and the test compares
+    the output's summary numbers instead of its hash."""
+    pipes: dict[str, Any] = {}
+    entries = {}
+    for plan in plans or golden_plans():
+        entries[plan] = entry(plan, pipes)
+        model, request = entries[plan]["model"], default_request(entries[plan]["model"])
+        rerun = run_plan(pipes[model], plan, request, n_threads=2)
+        stable = rerun["output"]["sha256"] == entries[plan]["output"]["sha256"]
+        entries[plan]["bit_stable"] = stable
+    return entries
+
+
+def differences(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """What of the entry ``got`` differs from the golden ``want``: model, request and Stats
+    exactly; the output by its hash where ``want`` is bit-stable, else by dtype, shape and
+    summary numbers within their rounding."""
+    diffs = [
+        f"{k}: {got[k]} != {want[k]}" for k in ("model", "request", "stats") if got[k] != want[k]
+    ]
+    out, ref = got["output"], want["output"]
+    for key, value in ref.items():
+        close = not want["bit_stable"] and key in ("mean", "abs_max")
+        if key != "sha256" or want["bit_stable"]:
+            same = math.isclose(out[key], value, rel_tol=1e-5) if close else out[key] == value
+            diffs += [] if same else [f"output {key}: {out[key]} != {value}"]
+    return diffs
+
+
+def _format(value: Any, indent: str = "") -> str:
+    """JSON with sorted keys, one key a line, lists of numbers on one line."""
+    if not isinstance(value, dict) or not value:
+        return json.dumps(value, sort_keys=True)
+    inner = indent + " "
+    items = [f"{inner}{json.dumps(k)}: {_format(v, inner)}" for k, v in sorted(value.items())]
+    return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+
+
+def dumps(entries: dict[str, dict[str, Any]]) -> str:
+    """The golden file's text: readable, sorted keys."""
+    return _format({"about": ABOUT, "plans": entries}) + "\n"
+
+
+def load() -> dict[str, dict[str, Any]]:
+    """The committed golden entries."""
+    return json.loads(GOLDEN.read_text())["plans"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help=f"rewrite {GOLDEN.name}")
+    p.add_argument("--only", nargs="*", choices=list(golden_plans()), help="these plans only")
+    args = p.parse_args(argv)
+    if args.write and args.only:
+        p.error("--write regenerates the whole file; give no --only")
+    entries = compute(args.only)
+    if args.write:
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(dumps(entries))
+        print(f"wrote {GOLDEN}: {len(entries)} plans")
+        return 0
+    golden = load()
+    changed = 0
+    for name, got in entries.items():
+        for diff in differences(got, golden[name]):
+            changed += 1
+            print(f"{name}: {diff}")
+    print(f"{len(entries)} plans, {changed} differences from {GOLDEN}")
+    return 1 if changed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

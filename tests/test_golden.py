@@ -1,0 +1,37 @@
+"""Every bundled plan of a small built-in model still gives the output and Stats recorded in
+tests/golden/bundled_plans.json (regenerate: ``python -m diffcache.testing.golden --write``, and
+explain the change in the commit message). Runs are on one CPU thread. Stats are compared
+exactly (without wall time); outputs by the sha256 of their bytes, except where the golden file
+marks a plan not ``bit_stable`` (its bytes change with the thread count, so they depend on the
+machine): there by dtype, shape and mean / abs-max within their 6-digit rounding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from diffcache.plan import bundled_plans
+from diffcache.testing import golden
+
+GOLDEN = golden.load()
+
+
+@pytest.fixture(scope="module")
+def pipes() -> dict[str, Any]:
+    """The built models, shared by the plans of one model."""
+    return {}
+
+
+def test_golden_file_covers_the_bundled_plans_of_the_small_models() -> None:
+    plans = golden.golden_plans()
+    assert sorted(GOLDEN) == sorted(plans)
+    assert set(plans) < set(bundled_plans())
+    assert {"wan2.1-tiny.yaml", "dit-digits-hyca.yaml", "llada-tiny-d2cache.yaml"} <= set(plans)
+    # templates and the plans of real-size models are not run here
+    assert not {"wan21.yaml", "flux-hyca.yaml", "llada.yaml", "dit-invardiff.yaml"} & set(plans)
+
+
+@pytest.mark.parametrize("plan", list(golden.golden_plans()))
+def test_bundled_plan_gives_its_golden_output_and_stats(plan: str, pipes: dict[str, Any]) -> None:
+    assert golden.differences(golden.entry(plan, pipes), GOLDEN[plan]) == []
