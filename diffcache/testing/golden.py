@@ -9,8 +9,10 @@ plan applied, on one CPU thread: a sha256 of the output's raw bytes (media as fl
 models' token ids: prompt and answer) with its shape, mean and abs-max (6 significant digits,
 for readable diffs), and the run's Stats without their wall time; ``bit_stable`` says whether
 the bytes survive a rerun on 2 threads (see :func:`differences`). ``tests/test_golden.py``
-recomputes every entry. The bytes depend on the torch version and CPU too: regenerate after a
-torch upgrade, and say so in the commit message.
+recomputes every entry. The bytes depend on the torch version and the CPU's vector unit too: the
+file records the :func:`platform` it was written on, and elsewhere (another torch, a CPU with
+AVX-512 ...) outputs are compared by their summary numbers, Stats still exactly, so a fresh clone
+on another machine stays green. Regenerate after a torch upgrade, and say so in the commit.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ def default_request(model: str) -> Any:
     return request.replace(prompt=prompts[0])
 
 
+def platform() -> dict[str, str]:
+    """What the output bytes depend on besides our code: torch's version and the CPU vector
+    unit it dispatches to."""
+    return {"cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
@@ -145,17 +153,18 @@ def compute(plans: list[str] | None = None) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def differences(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+def differences(got: dict[str, Any], want: dict[str, Any], exact: bool = True) -> list[str]:
     """What of the entry ``got`` differs from the golden ``want``: model, request and Stats
-    exactly; the output by its hash where ``want`` is bit-stable, else by dtype, shape and
-    summary numbers within their rounding."""
+    exactly; the output by its hash where ``want`` is bit-stable and ``exact`` (the golden
+    file's platform), else by dtype, shape and summary numbers within their rounding."""
     diffs = [
         f"{k}: {got[k]} != {want[k]}" for k in ("model", "request", "stats") if got[k] != want[k]
     ]
     out, ref = got["output"], want["output"]
     for key, value in ref.items():
-        close = not want["bit_stable"] and key in ("mean", "abs_max")
-        if key != "sha256" or want["bit_stable"]:
+        bitwise = exact and want["bit_stable"]
+        close = not bitwise and key in ("mean", "abs_max")
+        if key != "sha256" or bitwise:
             same = math.isclose(out[key], value, rel_tol=1e-5) if close else out[key] == value
             diffs += [] if same else [f"output {key}: {out[key]} != {value}"]
     return diffs
@@ -172,12 +181,13 @@ def _format(value: Any, indent: str = "") -> str:
 
 def dumps(entries: dict[str, dict[str, Any]]) -> str:
     """The golden file's text: readable, sorted keys."""
-    return _format({"about": ABOUT, "plans": entries}) + "\n"
+    return _format({"about": ABOUT, "platform": platform(), "plans": entries}) + "\n"
 
 
-def load() -> dict[str, dict[str, Any]]:
-    """The committed golden entries."""
-    return json.loads(GOLDEN.read_text())["plans"]
+def load() -> tuple[dict[str, dict[str, Any]], bool]:
+    """The committed golden entries, and whether this is the platform they were written on."""
+    data = json.loads(GOLDEN.read_text())
+    return data["plans"], data["platform"] == platform()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         GOLDEN.write_text(dumps(entries))
         print(f"wrote {GOLDEN}: {len(entries)} plans")
         return 0
-    golden = load()
+    golden, exact = load()
     changed = 0
     for name, got in entries.items():
-        for diff in differences(got, golden[name]):
+        for diff in differences(got, golden[name], exact):
             changed += 1
             print(f"{name}: {diff}")
     print(f"{len(entries)} plans, {changed} differences from {GOLDEN}")
