@@ -251,7 +251,19 @@ def _request(
     adapter = adapters()[entry.family]
     req = req.merged(entry.defaults)
     filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter, req.replace(**filled), inputs=inputs)
+    try:
+        check(adapter, req.replace(**filled), inputs=inputs)
+    except DiffCacheError as e:  # name the model defaults the problem involves: no flag gave them
+        implied = [
+            f"{adapter.field(k).flag} {v}"
+            for k, v in entry.defaults.items()
+            if values.get(k) is None and adapter.field(k) is not None and k in str(e)
+        ]
+        if not implied:
+            raise
+        raise DiffCacheError(
+            f"{e} ({', '.join(implied)}: {model}'s default; pass the flag to change it)"
+        ) from e
     return req, adapter
 
 

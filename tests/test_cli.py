@@ -337,6 +337,10 @@ BAD_INPUT = {
         [*ARITH, "--gen-length", "10", "--block-length", "4"],
         "gen_length 10 is not a multiple of block_length 4",
     ),
+    "text-blocks-from-the-model-default": (  # the user gave no --block-length: say whose it is
+        [*ARITH, "--gen-length", "8"],
+        "block_length 16 (--block-length 16: llada-arith's default; pass the flag to change it)",
+    ),
     "text-steps-do-not-split-over-blocks": (
         [*ARITH, "--steps", "3", "--gen-length", "32", "--block-length", "16"],
         "steps 3 is not divisible by the number of blocks 2",
