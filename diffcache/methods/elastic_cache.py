@@ -105,7 +105,6 @@ class ElasticPolicy(Policy):
         self.track: list[torch.Tensor] = []  # per layer: [B, track_num] tracked positions
         self.window_src: torch.Tensor | None = None  # [B, W] rows whose attention picks tracks
         self.masked: torch.Tensor | None = None
-        self.refreshed_from: list[int] = []  # per step: first fully recomputed layer (N: none)
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
         if not self.cfg.decode:
