@@ -204,13 +204,14 @@ def call_defaults(pipe: Any) -> dict[str, Any]:
 def _with_defaults_class(cls: type) -> type:
     """The subclass of ``cls`` that :func:`with_defaults` gives a built-in pipeline: the same
     name, signature and docstring, its ``__call__`` filling :func:`call_defaults` for the
-    arguments not given (by keyword or position). Copies and pickles keep it."""
-    call = cls.__call__
-    signature = inspect.signature(call)
+    arguments not given (by keyword or position). Copies and pickles keep it. The class is
+    made once per ``cls``, so its ``__call__`` reads ``cls.__call__`` at each call (a later
+    patch or hook on ``cls`` applies; one captured here would outlive it)."""
 
-    @functools.wraps(call)
+    @functools.wraps(cls.__call__)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        given = set(signature.bind_partial(self, *args).arguments) | set(kwargs)
+        call = cls.__call__
+        given = set(inspect.signature(call).bind_partial(self, *args).arguments) | set(kwargs)
         filled = {k: v for k, v in call_defaults(self).items() if k not in given}
         return call(self, *args, **filled, **kwargs)
 

@@ -79,3 +79,20 @@ def test_python_profile_plans_as_the_cli(tmp_path: Path) -> None:
     assert got["valid_for"]["num_inference_steps"] == bundled.valid_for["num_inference_steps"]
     assert got["options"]["warmup_steps"] == bundled.options["warmup_steps"]
     assert got == want
+
+
+def test_the_defaults_class_calls_its_base_classs_current_call(monkeypatch) -> None:
+    """The subclass is made once per class: a ``__call__`` captured at that time outlived a
+    test's patch of the base class (the golden test then ran the patch's stand-in)."""
+    from diffcache import models
+
+    class Base:
+        def __call__(self, x: int = 1) -> tuple[str, int]:
+            return ("base", x)
+
+    pipe = models._with_defaults_class(Base)()
+    assert pipe(2) == ("base", 2)
+    monkeypatch.setattr(Base, "__call__", lambda self, x=1: ("patched", x))
+    assert pipe(3) == ("patched", 3)
+    monkeypatch.undo()
+    assert pipe(4) == ("base", 4)
