@@ -87,6 +87,7 @@ from diffcache.eval.timing import rotated, sync, timed
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
+from diffcache.profiles import calibration_prompts
 from diffcache.registry import find_adapter
 
 BIG = "wan2.1-1.3b-random"
@@ -476,16 +477,13 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
 
 def profile_section(name: str, pipe: Any, request: Request, args: argparse.Namespace) -> None:
     """Tune EasyCache to the compute target on calibration prompts; measure held-out prompts."""
-    from importlib import resources
-
     from diffcache.eval.runner import DEFAULT_PROMPTS
     from diffcache.methods.easycache import EasyCacheConfig
 
     bundled = Plan.load(f"{name}.yaml").config
     start = EasyCacheConfig(warmup_steps=bundled.warmup_steps)
     if find_adapter(pipe).field("prompt") is not None:
-        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
-        calibration = text.read_text().split("\n")[:8]
+        calibration = calibration_prompts()[:8]
         held_out = [request.replace(prompt=p) for p in DEFAULT_PROMPTS]
     else:
         calibration = [str(i) for i in range(8)]

@@ -412,18 +412,17 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     if plan is not None:
         s = diffcache.stats(pipe).as_dict()
+        stream = sys.stderr if str(out) == "-" else sys.stdout  # stdout carries the text
         print(
             f"{s['method']}: computed {s['computed']:g} of {s['computed'] + s['skipped']:g} "
             f"{s['kind']} units (compute_fraction {s['compute_fraction']:.3f}), "
             f"{s['wall_s']:.2f} s",
-            file=sys.stderr if str(out) == "-" else sys.stdout,
+            file=stream,
         )
         if s["compute_fraction"] > 1:
             from diffcache.eval.timing import costlier
 
-            print(
-                costlier(s["compute_fraction"]), file=sys.stderr if str(out) == "-" else sys.stdout
-            )
+            print(costlier(s["compute_fraction"]), file=stream)
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
     return 0
@@ -569,9 +568,8 @@ def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list
     """N calibration inputs: a built-in model's own (models.yaml ``calibration``), else the
     bundled generic prompts, or class ids 0..N-1 for class-conditional models (as many as
     ``pipe`` has classes, once it is loaded)."""
-    from importlib import resources
-
     from diffcache.models import builtin_models
+    from diffcache.profiles import calibration_prompts
 
     entry = builtin_models().get(model)
     own = entry.calibration_prompts() if entry is not None else None
@@ -589,8 +587,7 @@ def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list
                 )
         return [str(i) for i in range(n)]
     else:
-        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
-        prompts = [line.strip() for line in text.read_text().splitlines() if line.strip()]
+        prompts = calibration_prompts()
         which = f"{len(prompts)} calibration prompts are bundled"
     if n > len(prompts):
         raise DiffCacheError(f"--num-prompts {n}: {which}; pass --prompts FILE")

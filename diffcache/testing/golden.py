@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +69,7 @@ def threads(n: int = 1) -> Iterator[None]:
 def default_request(model: str) -> Any:
     """The model's default request at seed 0, with a fixed prompt where the family takes one."""
     from diffcache.models import builtin_models
+    from diffcache.profiles import calibration_prompts
     from diffcache.registry import adapters
     from diffcache.request import Request
 
@@ -79,8 +79,7 @@ def default_request(model: str) -> Any:
         return request
     prompts = spec.default_prompts()
     if not prompts:
-        text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
-        prompts = [line for line in text.read_text().splitlines() if line.strip()]
+        prompts = calibration_prompts()
     return request.replace(prompt=prompts[0])
 
 

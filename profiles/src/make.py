@@ -16,11 +16,11 @@ defined for.
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from diffcache.models import builtin_models
+from diffcache.profiles import calibration_prompts
 
 HERE = Path(__file__).parent
 
@@ -35,8 +35,7 @@ def _digits() -> list[str]:
 
 def _bundled() -> list[str]:
     """The first 4 of the bundled calibration prompts (what ``--num-prompts 4`` takes)."""
-    text = resources.files("diffcache.profiles").joinpath("calibration-prompts.txt")
-    return [line for line in text.read_text().splitlines() if line.strip()][:4]
+    return calibration_prompts()[:4]
 
 
 def _classes() -> list[str]:
