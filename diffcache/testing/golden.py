@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffcache.plan import rounded
+
 GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden" / "bundled_plans.json"
 ABOUT = (
     "Outputs and Stats of the bundled plans on the small built-in models; regenerate with "
@@ -89,10 +91,6 @@ def platform() -> dict[str, str]:
     return {"cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
 def summary(array: np.ndarray) -> dict[str, Any]:
     """sha256 of the raw bytes, dtype, shape, mean and abs-max (6 significant digits)."""
     array = np.ascontiguousarray(array)
@@ -101,8 +99,8 @@ def summary(array: np.ndarray) -> dict[str, Any]:
         "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
         "dtype": str(array.dtype),
         "shape": list(array.shape),
-        "mean": _round(values.mean()),
-        "abs_max": _round(np.abs(values).max()),
+        "mean": rounded(float(values.mean()), 6),
+        "abs_max": rounded(float(np.abs(values).max()), 6),
     }
 
 
