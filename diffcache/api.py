@@ -28,9 +28,12 @@ logger = logging.getLogger(__name__)
 SESSION_ATTR = "_diffcache"
 
 
-def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
+def accelerate(
+    model: Any, plan: str | Path | Mapping[str, Any] | Plan, *, trace: bool = False
+) -> Any:
     """Apply ``plan`` to ``model`` (a diffusers pipeline, a bare denoiser or one of our own
-    pipelines) in place; returns ``model``.
+    pipelines) in place; returns ``model``. ``trace``: keep every decision of each call in
+    ``diffcache.stats(model).trace`` (for debugging a plan; it costs time and memory).
 
     All or nothing: the plan, the model family, ``valid_for``, the method's requirements and the
     kernel backend are checked before anything is attached, and a failure while attaching
@@ -57,6 +60,7 @@ def accelerate(model: Any, plan: str | Path | Mapping[str, Any] | Plan) -> Any:
         kernels=kernels,
         on_error=lambda: remove(model),
         owner=type(model).__name__,
+        tracing=trace,
     )
     session = Session(target, plan, run, plan.calibration_data)
     _, apply = get_method(plan.method)

@@ -9,6 +9,11 @@ themselves (through their driver events).
 
 Method state lives in slots keyed by the method (site, expert, branch ...) and is released when the
 run ends: nothing of one call is reachable from the next. Stats stay until the next run starts.
+
+With tracing on (``accelerate(..., trace=True)``) every decision a method makes is kept in
+``Stats.trace``, one event per site call (and per decision of the text methods), each of the
+same shape: ``{"step", "substep", "branch", "expert", "site", "action", "values"}``. ``action``
+is one of :data:`ACTIONS`; ``values`` are the numbers that decided it (plain Python).
 """
 
 from __future__ import annotations
@@ -18,11 +23,29 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import torch
+
 from diffcache.errors import DiffCacheError, PlanError
 from diffcache.sites import KINDS
 
 #: valid_for keys ``accelerate`` checks against the model itself (not per call).
 CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint")
+
+#: What a trace event says happened at its site: the work was run (``computed``), answered from
+#: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only
+#: (``partial``), cached state dropped (``evicted``), tokens decoded (``committed``).
+ACTIONS = ("computed", "reused", "forecast", "partial", "evicted", "committed")
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain Python for a trace (tensors to numbers or nested lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 @dataclasses.dataclass
@@ -40,6 +63,7 @@ class Stats:
     wall_s: float | None = None
     calls: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    trace: list[dict[str, Any]] | None = None  # the decisions, when tracing is on
 
     @property
     def computed(self) -> float:
@@ -69,6 +93,7 @@ class Stats:
             kv_bytes_per_step=list(self.kv_bytes_per_step),
             calls=list(self.calls),
             kernels=dict(self.kernels),
+            trace=None if self.trace is None else [dict(e) for e in self.trace],
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +111,7 @@ class Stats:
             "work": {k: {"computed": d, "skipped": t - d} for k, (d, t) in self.work.items()},
             "kv_bytes_per_step": list(self.kv_bytes_per_step),
             "kernels": dict(self.kernels),
+            **({} if self.trace is None else {"trace": [dict(e) for e in self.trace]}),
         }
 
 
@@ -100,6 +126,7 @@ class RunState:
         kernels: kernel backend for the method's ops: ``auto | torch | triton``.
         on_error: cleans the model before a mid-run error propagates (set by ``accelerate``).
         owner: the accelerated object's class name, for messages.
+        tracing: keep every decision in ``Stats.trace``.
     """
 
     def __init__(
@@ -110,9 +137,11 @@ class RunState:
         kernels: str = "auto",
         on_error: Callable[[], None] | None = None,
         owner: str = "the model",
+        tracing: bool = False,
     ) -> None:
         assert kind in KINDS, f"unknown work kind {kind!r}"
         self.method, self.kind, self.kernels, self.owner = method, kind, kernels, owner
+        self.tracing = tracing
         self.valid_for = dict(valid_for or {})
         self.on_error = on_error or (lambda: None)
         self.num_steps: int | None = None
@@ -124,7 +153,7 @@ class RunState:
         self._slots: dict[Hashable, Any] = {}
         self._call: list[float] | None = None  # [done, total] of the current model call
         self._t0 = 0.0
-        self.stats = Stats(method, kind)
+        self.stats = self._new_stats()
 
     # -- driver events ----------------------------------------------------------------------
     def begin_run(self, num_steps: int | None = None, **facts: Any) -> None:
@@ -133,7 +162,7 @@ class RunState:
         self.step, self.substep, self.branch = 0, 0, -1
         self.active, self._checked, self._opened = True, False, False
         self._slots.clear()
-        self.stats = Stats(self.method, self.kind)
+        self.stats = self._new_stats()
         self._t0 = time.perf_counter()
 
     def begin_step(self) -> None:
@@ -198,6 +227,23 @@ class RunState:
             s.kv_bytes_per_step.append(0)
         s.kv_bytes_per_step[self.step] = max(s.kv_bytes_per_step[self.step], int(nbytes))
 
+    def trace(self, site: str, action: str, **values: Any) -> None:
+        """Keep one decision at ``site`` of the current call (a no-op unless tracing)."""
+        if self.stats.trace is None:
+            return
+        assert action in ACTIONS, f"unknown trace action {action!r}"
+        self.stats.trace.append(
+            {
+                "step": self.step,
+                "substep": self.substep,
+                "branch": self.branch,
+                "expert": self.expert,
+                "site": site,
+                "action": action,
+                "values": plain(values),
+            }
+        )
+
     # -- state and queries ------------------------------------------------------------------
     def slot(self, key: Hashable, factory: Callable[[], Any]) -> Any:
         """Method state under ``key`` for this run, made by ``factory`` on first use."""
@@ -255,6 +301,9 @@ class RunState:
                 )
             if self.facts[key] != want:
                 raise self.refuse(outside_valid_for(key, want, self.facts[key]))
+
+    def _new_stats(self) -> Stats:
+        return Stats(self.method, self.kind, trace=[] if self.tracing else None)
 
     def _tick(self) -> None:
         self.stats.wall_s = time.perf_counter() - self._t0

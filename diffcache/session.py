@@ -27,11 +27,25 @@ Handler = Callable[["Call"], Any]
 class Call:
     """One call of a hooked site: its arguments, where it is in the run, and the real forward."""
 
-    __slots__ = ("args", "computed", "inner", "kwargs", "run", "site")
+    __slots__ = ("action", "args", "computed", "inner", "kwargs", "run", "site", "values")
 
     def __init__(self, run: RunState, site: Site, inner: Callable, args: tuple, kwargs: dict):
         self.run, self.site, self.inner, self.args, self.kwargs = run, site, inner, args, kwargs
         self.computed = False
+        self.action: str | None = None  # the trace's action when not computed/reused
+        self.values: dict[str, Any] = {}
+
+    def explain(self, action: str | None = None, **values: Any) -> None:
+        """What decided this call, for the trace (``action``: e.g. ``forecast`` where the
+        answer was neither computed nor reused as is). Cheap: kept only when tracing."""
+        if self.run.tracing:
+            self.action = action or self.action
+            self.values.update(values)
+
+    def traced(self) -> None:
+        """Record this call's trace event (computed / reused unless :meth:`explain` said)."""
+        action = self.action or ("computed" if self.computed else "reused")
+        self.run.trace(self.site.name, action, **self.values)
 
     def compute(self) -> Any:
         """Run the real forward (and count it as computed)."""
@@ -132,6 +146,8 @@ class Session:
                 run.end_run()  # its cached tensors are released now, not at the next call
                 raise
             run.record("step", float(call.computed))
+            if run.tracing and self._step is not None:
+                call.traced()
             run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
             self.driver.after_call()
             return out
@@ -145,6 +161,8 @@ class Session:
             call = Call(run, site, inner, args, kwargs)
             out = handler(call)
             run.record(site.kind, float(call.computed))
+            if run.tracing:
+                call.traced()
             if site.kind in self._seen:
                 self._seen[site.kind] += 1
             return out

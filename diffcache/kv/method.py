@@ -49,6 +49,8 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
     def cache_policy(inner: Callable, *args: Any, **kwargs: Any) -> Policy:
         policy = factory()
         policy.kernels = session.kernels
+        if run.tracing:
+            policy.tracer = run.trace
         current[:] = [policy]
         calls[:] = [0, 0.0]
         for op in ops:  # what this generation uses is recorded at its end
@@ -62,6 +64,13 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
         model = session.target.denoiser
         done, total = token_layers(plan, ids.shape[0], ids.shape[1], model.num_layers)
         run.record("token_layer", done, total)
+        if run.tracing and plan.rows is not None:
+            rows = plan.rows.cpu()
+            counts = plan.real_rows(ids.shape[1]).tolist()
+            full = None if plan.full_from is None else plan.full_from.tolist()
+            call.explain(
+                "partial", rows=[r[:n] for r, n in zip(rows, counts, strict=True)], full_from=full
+            )
         calls[:] = [calls[0] + 1, total]
         store = current[0].store if current else None
         if store is not None:

@@ -10,6 +10,7 @@ recomputed. Methods differ only in how they choose these and when they refresh.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,6 +84,16 @@ class Policy:
     name = "none"
     uses_store = False
     kernels = "torch"  # kernel backend of the store and the sampler (a plan's ``kernels:``)
+    tracer: Callable[..., None] | None = None  # the run's trace while tracing (attach_policy)
+
+    @property
+    def tracing(self) -> bool:
+        return self.tracer is not None
+
+    def trace(self, site: str, action: str, **values: Any) -> None:
+        """Keep one decision in the run's trace (``RunState.trace``); a no-op unless tracing."""
+        if self.tracer is not None:
+            self.tracer(site, action, **values)
 
     def __init__(self) -> None:
         self.store: KVStore | None = None

@@ -416,6 +416,10 @@ class DiffusionLMPipeline:
         state.decoded_at[step_committed] = state.step
         if s.get("eos_truncate"):
             dropped |= self._after_eos(state, batch)
+        if policy.tracing:
+            where = row_sets(committed)
+            tokens = [row[w] for row, w in zip(ids, where, strict=True)]
+            policy.trace("decode", "committed", positions=where, tokens=tokens)
         policy.step_end(state, plan, step_committed)
         state.step += 1
         state.block_step += 1
