@@ -47,7 +47,10 @@ def _without_timing(report: dict) -> dict:
     return report
 
 
-@pytest.mark.parametrize("macs", ["first", "all"])
+@pytest.mark.parametrize(
+    "macs",
+    [pytest.param("first", marks=pytest.mark.slow), "all"],  # 20 s each: one by default
+)
 def test_two_process_eval_equals_one_process(tmp_path: Path, monkeypatch, macs: str) -> None:
     (tmp_path / "ids.txt").write_text("1\n2\n3\n")
     args = ["eval", "--model", "dit-tiny", "--plan", "dit-tiny.yaml", "--prompts", "ids.txt"]
