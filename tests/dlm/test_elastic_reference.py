@@ -46,6 +46,8 @@ class Step:
     tokens: list[int]
     picked: list[list[int]]  # per layer, its tracked tokens for the next step
     similarity: list[float | None]  # per layer (None: no drift test)
+    tracked: list[int] = dataclasses.field(default_factory=list)  # compared by the drift tests
+    refresh_from: list[int] = dataclasses.field(default_factory=list)  # traced per layer
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,7 @@ def plain_elastic(pipe: Any, prompt: str, gen_length: int, opts: dict, rules: Ru
             query, start = everything, -1
         else:
             query, start = torch.cat([track, new_decoded, window_rows]), layers
+        compared = sorted(track.tolist())  # the tracked tokens this step's drift tests use
         h = model.embed(x[:, query])
         similarity: list[float | None] = []
         for index, layer in enumerate(model.layers):
@@ -136,6 +139,7 @@ def plain_elastic(pipe: Any, prompt: str, gen_length: int, opts: dict, rules: Ru
                 token[keep][order].tolist(),
                 [p.tolist() for p in picked],
                 similarity,
+                compared,
             )
         )
         new_decoded = decoded
@@ -173,6 +177,10 @@ def ours(pipe: Any, prompt: str, gen_length: int, opts: dict, compat: bool) -> l
         elif site == "layer":
             step.picked.append(values["picked"][0])
             step.similarity.append(values.get("similarity", [None])[0])
+            if event["action"] == "partial":
+                assert values["gamma"] == opts["gamma"]
+                step.tracked = sorted(values["tracked"][0])
+                step.refresh_from += [f for f in values["refresh_from"] if f is not None]
         elif site == "decode":
             step.committed, step.tokens = values["positions"][0], values["tokens"][0]
     assert sorted(steps) == list(range(len(steps)))
@@ -184,6 +192,8 @@ def compare(got: list[Step], want: list[Step]) -> None:
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         where = f"step {step}"
         assert (g.rows, g.full_from) == (w.rows, w.full_from), where
+        assert g.refresh_from == ([] if w.full_from is None else [w.full_from]), where
+        assert g.tracked == w.tracked, where
         assert [sorted(p) for p in g.picked] == [sorted(p) for p in w.picked], where
         assert (g.committed, g.tokens) == (w.committed, w.tokens), where
         assert [s is None for s in g.similarity] == [s is None for s in w.similarity], where
