@@ -35,6 +35,7 @@ class DecodeState:
     block_steps: int = 0  # steps per block (fixed-count samplers)
     start_masks: torch.Tensor | None = None  # [B] masks in the block when it started
     generator: Any = None  # the generation's generator(s), for policies that draw
+    dropped: torch.Tensor | None = None  # [B, L] out of decoding: from a row's EOS on (real rows)
 
     @property
     def masked(self) -> torch.Tensor:

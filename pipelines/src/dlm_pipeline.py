@@ -291,7 +291,8 @@ class DiffusionLMPipeline:
         per_block = steps // blocks if not window else steps
         self.begin_run(steps, gen_length=gen_length, block_length=block_length)
         policy.start(state, store)
-        dropped = torch.zeros(batch, length, dtype=torch.bool, device=ids.device)  # after EOS
+        dropped = torch.zeros(batch, length, dtype=torch.bool, device=ids.device)  # from EOS on
+        state.dropped = dropped
         try:
             for b in range(blocks):
                 start = prompt_len + b * block_length
@@ -415,7 +416,8 @@ class DiffusionLMPipeline:
             state.ids = ids
         state.decoded_at[step_committed] = state.step
         if s.get("eos_truncate"):
-            dropped |= self._after_eos(state, batch)
+            once = s["eos_truncate"] == "once"
+            dropped |= self._after_eos(state, batch, committed if once else None, dropped)
         if policy.tracing:
             where = row_sets(committed)
             tokens = [row[w] for row, w in zip(ids, where, strict=True)]
@@ -450,13 +452,25 @@ class DiffusionLMPipeline:
         """Unsupervised classifier-free guidance (SMDM / LLaDA): un + (s + 1)(cond − un)."""
         return uncond + (scale + 1.0) * (cond - uncond)
 
-    def _after_eos(self, state: DecodeState, batch: int) -> torch.Tensor:
-        """Elastic-Cache's EOS truncation: [B, L] positions after each row's first decoded EOS
-        (they leave decoding and stay masks; the output text drops them)."""
+    def _after_eos(
+        self,
+        state: DecodeState,
+        batch: int,
+        committed: torch.Tensor | None,
+        dropped: torch.Tensor,
+    ) -> torch.Tensor:
+        """Elastic-Cache's EOS truncation: [B, L] positions from each row's first decoded EOS on
+        (the masks among them leave decoding and stay masks; the output text drops them; the
+        EOS itself is decoded already, it marks the row as truncated). ``eos_truncate: true``
+        follows the first EOS wherever it is decoded, so a later EOS further left cuts again;
+        ``"once"`` (the Elastic-Cache reference) cuts a row once, at the first EOS among the
+        tokens ``committed`` ``[B, L]`` at the first step that commits one."""
         eos = self.tokenizer.eos_token_id
         hit = state.ids[:batch] == eos
         hit[:, : state.prompt_len] = False
-        return hit.long().cumsum(1) - hit.long() > 0
+        if committed is not None:
+            hit &= committed & ~dropped.any(1, keepdim=True)
+        return hit.long().cumsum(1) > 0
 
 
 def first_occurrence(targets: torch.Tensor) -> torch.Tensor:
