@@ -455,6 +455,8 @@ class _HyCa:
             x = self.blocks.inputs(call)
             y = BlockStreams.parts(out)
             residuals = [(o.float() - i.float()) for i, o in zip(x, y, strict=True)]
+            if self.run.tracing:
+                call.explain(residual_mean=[float(r.mean()) for r in residuals])
             if not st.parts:
                 st.parts = [r.unsqueeze(0) for r in residuals]
             else:
@@ -482,7 +484,7 @@ class _HyCa:
     def explain(self, call: Call, steps: list[int], x: list, outs: list) -> None:
         """The trace of a forecast: the full steps it extrapolates from, each cluster's solver
         (as run on this history) with its weights over them, and per stream the mean of the
-        forecast residual."""
+        forecast residual (computed calls trace their residual's mean too)."""
         used = [effective_solver(s, len(steps)) for s in self.cluster_solvers]
         call.explain(
             "forecast",

@@ -186,6 +186,40 @@ def test_every_family_follows_its_plan_exactly(model: str) -> None:
     assert stats.kernels["forecast"] in ("torch", "triton")
     assert torch.isfinite(torch.as_tensor(out)).all() and not (out == base).all()
     assert clean(pipe.transformer) and (generate(pipe, one) == base).all()
+    _forecasts_extrapolate_the_computed_residuals(pipe, plan, one, full)
+
+
+def _forecasts_extrapolate_the_computed_residuals(pipe, plan, request, full: int) -> None:
+    """With every cluster on ``linear``, each forecast residual's mean (per block, branch and
+    stream) is the line through the last two computed residuals' means, evaluated at the
+    forecast step (the weights written out here, the means measured on computed calls)."""
+    cal = {
+        **plan.calibration,
+        "cluster_solvers": ["linear"] * len(plan.calibration["cluster_solvers"]),
+    }
+    diffcache.accelerate(pipe, dataclasses.replace(plan, calibration=cal), trace=True)
+    try:
+        generate(pipe, request)
+        trace = diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+    seen: dict[tuple, dict[int, list[float]]] = {}
+    forecasts = 0
+    for e in trace:
+        means = seen.setdefault((e["site"], e["branch"], e["expert"]), {})
+        if e["action"] == "computed":
+            means[e["step"]] = e["values"]["residual_mean"]
+            continue
+        assert e["action"] == "forecast", e
+        k, (s1, s2) = e["step"], sorted(means)[-2:]
+        want = [
+            a * (k - s2) / (s1 - s2) + b * (k - s1) / (s2 - s1)
+            for a, b in zip(means[s1], means[s2], strict=True)
+        ]
+        assert e["values"]["history"] == [s1, s2]
+        assert e["values"]["residual_mean"] == pytest.approx(want, rel=1e-3, abs=1e-5), e
+        forecasts += 1
+    assert forecasts > 0 and len({e["step"] for e in trace if e["action"] == "computed"}) == full
 
 
 @pytest.fixture(scope="module")
