@@ -107,11 +107,11 @@ def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
     A solver with fewer points than it needs uses ``FALLBACK`` (ab3 -> ab2 -> linear -> reuse,
     tf3 -> tf2 -> linear, quadratic / rk2 / am2 / bdf2 -> linear).
     """
-    if len(steps) == 0:
-        raise ValueError("solver_weights: empty history")
-    if name in POINTS and len(steps) < POINTS[name]:
+    if len(steps) < POINTS[name]:
+        if len(steps) == 0:
+            raise ValueError("solver_weights: empty history")
         return solver_weights(effective_solver(name, len(steps)), steps, k)
-    n = POINTS.get(name, 1)
+    n = POINTS[name]
     pts = [float(s) for s in steps[-n:]]
     h = k - pts[-1]
     last = [0.0] * (n - 1) + [1.0]
