@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     _request_args(p)
     p.add_argument("--out", default=None, help=".mp4/.gif video, .png image, .txt or - for text")
     p.add_argument("--stats-json", default=None, help="write the run's Stats here (needs --plan)")
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="write the plan's step trace here as JSON: every decision and the values that made "
+        "it (needs --plan)",
+    )
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("profile", help="profile a model and write a plan for a method")
@@ -156,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
         default="first",
         help="count the denoiser's Linear MACs on the first request (default) or on every "
         "request (adaptive caches differ per input; one more untimed run each)",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="write each plan's step trace, per request, to DIR/traces/<plan>.jsonl (one more "
+        "untimed run per plan and request)",
     )
     _timing_args(p)
     p.set_defaults(func=_eval)
@@ -388,14 +401,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.stats_json and not args.plan:
         raise DiffCacheError("--stats-json needs --plan (stats describe an accelerated run)")
+    if args.trace and not args.plan:
+        raise DiffCacheError(f"--trace {args.trace} needs --plan (a trace is a plan's decisions)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     req, adapter = _request(args, args.model)
     if plan is not None and adapter is not None:
         plan.check_family(adapter.name, args.model)
     if plan is not None:
         _check_valid_for(plan, req)
-    if args.stats_json:
-        check_writable(Path(args.stats_json), "--stats-json")
+    for flag, path in (("--stats-json", args.stats_json), ("--trace", args.trace)):
+        if path:
+            check_writable(Path(path), flag)
     out = None
     if adapter is not None:
         out = _generate_out(args, adapter, req)
@@ -403,7 +419,7 @@ def _generate(args: argparse.Namespace) -> int:
     adapter = _family(pipe, req)
     out = out or _generate_out(args, adapter, req)
     if plan is not None:
-        diffcache.accelerate(pipe, plan)
+        diffcache.accelerate(pipe, plan, trace=bool(args.trace))
     output = generate(pipe, req, progress=sys.stderr.isatty())
     if str(out) != "-":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -423,8 +439,12 @@ def _generate(args: argparse.Namespace) -> int:
             from diffcache.eval.timing import costlier
 
             print(costlier(s["compute_fraction"]), file=stream)
+        trace = s.pop("trace", None)
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(s, indent=2))
+        if args.trace:
+            Path(args.trace).write_text(json.dumps(trace, indent=1) + "\n")
+            print(f"wrote {args.trace}: {len(trace)} trace events", file=stream)
     return 0
 
 
@@ -627,6 +647,7 @@ def _eval(args: argparse.Namespace) -> int:
         macs=args.macs,
         repeats=args.repeats,
         threads=args.threads,
+        trace=args.trace,
     )
     if report is not None:  # the main process (others return None under accelerate launch)
         _print_report(report, out)
@@ -678,6 +699,8 @@ def _print_report(report: dict, out: Path) -> None:
         cf = r["compute_fraction"]
         if cf is not None and cf > 1:
             print(f"  {r['plan']}: {costlier(cf)}")
+        if r.get("trace"):
+            print(f"  {r['plan']}: trace in {out / r['trace']}")
     print(f"wrote {out / 'report.json'}, report.md, report.html")
 
 

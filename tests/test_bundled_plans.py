@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import torch
 
 from diffcache.errors import PlanError
 from diffcache.plan import Plan, bundled_plans
@@ -33,6 +34,34 @@ def test_make_rewrites_a_bundled_plan_byte_for_byte(tmp_path) -> None:
     assert new.read_text() == old.read_text()
     sidecar = name.replace(".yaml", ".safetensors")
     assert (tmp_path / sidecar).read_bytes() == old.with_name(sidecar).read_bytes()
+
+
+def _without_sidecar_hash(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.strip().startswith("sha256:")]
+
+
+@pytest.mark.parametrize(
+    "name", ["dit-tiny-ertacache.yaml", "dit-tiny-hyca.yaml", "dit-tiny-invardiff.yaml"]
+)
+def test_make_rewrites_a_tiny_bundled_plan(name: str, tmp_path) -> None:
+    """The fast twin of the slow test above, on dit-tiny: the same plan text (options, measured
+    values, provenance), the same integer and boolean tensors (clusters, books) exactly, and
+    float tensors within 1e-3 relative (their last bits follow the machine's float sums; the
+    slow test compares bytes)."""
+    from safetensors.torch import load_file
+
+    new = make(name, tmp_path)
+    old = bundled_plans()[name]
+    assert _without_sidecar_hash(new.read_text()) == _without_sidecar_hash(old.read_text())
+    sidecar = name.replace(".yaml", ".safetensors")
+    got, want = load_file(tmp_path / sidecar), load_file(old.with_name(sidecar))
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=1e-3, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(got[key], value), key
 
 
 TEMPLATES = [n for n in bundled_plans() if Plan.load(n, template=True).is_template]

@@ -246,6 +246,45 @@ def test_eval_and_demo_write_reports(tmp_path: Path, capsys) -> None:
     assert "speedup" in capsys.readouterr().out
 
 
+def _actions_per_step(events: list[dict]) -> list[float]:
+    """1.0 where the step's denoiser call was computed, from a whole-step method's trace."""
+    return [float(e["action"] == "computed") for e in events]
+
+
+def test_generate_writes_the_plans_trace(tmp_path: Path, capsys) -> None:
+    """One event per denoiser call; its actions are the run's computed steps (--stats-json),
+    and every reuse shows the accumulated change below the threshold."""
+    trace, stats = tmp_path / "t.json", tmp_path / "s.json"
+    argv = [*STATS[:-2], str(tmp_path / "x.png"), "--stats-json", str(stats)]
+    assert main([*argv, "--trace", str(trace)]) == 0
+    assert f"wrote {trace}" in capsys.readouterr().out
+    events, s = json.loads(trace.read_text()), json.loads(stats.read_text())
+    assert "trace" not in s and len(events) == s["model_calls"] == s["steps"]
+    assert [e["step"] for e in events] == list(range(s["steps"]))
+    assert _actions_per_step(events) == s["per_step_compute"] and 0 in s["per_step_compute"]
+    for e in events:
+        v = e["values"]
+        if e["action"] == "reused":
+            assert v["acc"] < v["threshold"] == 0.1, e
+
+
+def test_eval_trace_writes_each_plans_trace_per_request(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", "dit-tiny", "--plan", "dit-tiny.yaml", "--seeds", "2"]
+    assert main([*argv, "--repeats", "1", "--out", str(out), "--trace"]) == 0
+    report = load_report(out / "report.json")
+    run = report["runs"][0]
+    assert run["trace"] == "traces/dit-tiny.yaml.jsonl"
+    assert f"trace in {out / run['trace']}" in capsys.readouterr().out
+    events = [json.loads(line) for line in (out / run["trace"]).read_text().splitlines()]
+    records = [r for r in report["records"] if r["run"] == run["plan"]]
+    assert [r["request"] for r in records] == [0, 1]
+    for r in records:  # the traced run decided as the timed runs did
+        mine = [e for e in events if e["request"] == r["request"]]
+        assert _actions_per_step(mine) == r["per_step"]
+    assert "trace" not in load_report(out / "report.json")["notes"]
+
+
 def test_console_script_is_installed() -> None:
     exe = shutil.which("diffcache") or str(Path(__file__).parents[1] / ".venv/bin/diffcache")
     res = subprocess.run([exe, "plans", "list"], capture_output=True, text=True)
@@ -392,6 +431,12 @@ BAD_INPUT = {
     ),
     "stats-is-folder": ([*STATS, "adir"], "--stats-json adir: is a folder"),
     "stats-without-plan": ([*DIT, "--stats-json", "s.json"], "--stats-json needs --plan"),
+    "trace-without-plan": ([*DIT, "--trace", "t.json"], "--trace t.json needs --plan"),
+    "trace-folder-missing": (
+        [*STATS[:-1], "--trace", "nodir/t.json"],
+        "--trace nodir/t.json: folder nodir does not exist",
+    ),
+    "trace-is-folder": ([*STATS[:-1], "--trace", "adir"], "--trace adir: is a folder"),
     "eval-out-is-file": ([*EVAL, "--out", "afile"], "--out afile: is a file"),
     "eval-out-uncreatable": (
         [*EVAL, "--out", "afile/report"],

@@ -135,15 +135,28 @@ class DKVPolicy(Policy):
     def _greedy(self, state: DecodeState) -> StepPlan:
         scheduled = self._scheduled(state)
         targets, _ = pad_rows(row_sets(scheduled))  # only the scheduled masks need logits
-        if state.block_step % self.cfg.refresh_every == 0:
+        refresh = state.block_step % self.cfg.refresh_every == 0
+        self.trace(
+            "refresh",
+            "computed" if refresh else "partial",
+            position=state.block_step,
+            refresh_every=self.cfg.refresh_every,
+            scheduled=row_sets(scheduled),
+        )
+        if refresh:
             return StepPlan(rows=None, targets=targets)
         need = scheduled | (state.decoded_at == state.step - 1)
         need |= neighbours(scheduled, state.masked & ~scheduled, self.cfg.window)
         rows, counts = union_rows(need, targets, state.logit_shift)
         return StepPlan(rows=rows, targets=targets, counts=counts)
 
+    def _position(self, state: DecodeState) -> int:
+        """Where this step is in the refresh schedule: its block step (LLaDA, whose cache is
+        reset at each block) or its step (Dream)."""
+        return state.block_step if self.family == "llada" else state.step
+
     def _refresh(self, state: DecodeState) -> bool:
-        i = state.block_step if self.family == "llada" else state.step
+        i = self._position(state)
         return i == 0 or i % self.cfg.refresh_every == 0 or (self.family == "llada" and i == 1)
 
     def cacheable(self, state: DecodeState) -> torch.Tensor:
@@ -159,7 +172,16 @@ class DKVPolicy(Policy):
         if self.cfg.variant == "greedy":
             return self._greedy(state)
         variant, p = self.cfg.variant, state.prompt_len - state.logit_shift
-        if state.step == 0 or (variant == "decode" and self._refresh(state)):
+        refresh = self._refresh(state)
+        full = state.step == 0 or (variant == "decode" and refresh)
+        self.trace(
+            "refresh",
+            "computed" if full else "partial",
+            position=self._position(state),
+            refresh_every=self.cfg.refresh_every,
+            refresh=refresh and variant in ("decode", "pd"),
+        )
+        if full:
             return StepPlan(rows=None, targets=targets)
         need = torch.zeros_like(state.ids, dtype=torch.bool)
         if variant == "prefill" or (variant == "pd" and self._refresh(state)):

@@ -139,16 +139,27 @@ class _EasyCache:
         n = self.channels
         return x if n is None or x.shape[self.cdim] == n else x.narrow(self.cdim, 0, n)
 
-    def decide(self, lead: _Branch, x: torch.Tensor) -> None:
+    def decide(self, call: Call, lead: _Branch, x: torch.Tensor) -> None:
+        """Set ``lead.compute`` for this step; the trace gets the rule's reason or its values
+        (``acc``: the accumulated change compared with ``threshold``, before any reset)."""
         lead.dx = None
         if self.run.step < self.cfg.warmup_steps or self.run.is_last_step():
             lead.compute, lead.acc = True, 0.0
+            call.explain(reason="warmup" if self.run.step < self.cfg.warmup_steps else "last")
         elif lead.prev_input is None or lead.prev_output is None or lead.k is None:
             lead.compute = True
+            call.explain(reason="no k")
         else:
             dx = lead.dx = self.l1(x, lead.prev_input)[0]
             lead.acc += lead.k * _ratio(dx, lead.prev_output_norm)
             lead.compute = not lead.acc < self.cfg.threshold
+            call.explain(
+                dx=dx,
+                k=lead.k,
+                norm=lead.prev_output_norm,
+                acc=lead.acc,
+                threshold=self.cfg.threshold,
+            )
             if lead.compute:
                 lead.acc = 0.0
 
@@ -190,6 +201,7 @@ class _EasyCache:
 
     def __call__(self, call: Call) -> Any:
         if self.cfg.threshold == 0:  # E < 0 never holds: nothing can be reused, nothing to measure
+            call.explain(reason="threshold 0")
             return call.compute()
         x = self.latent(call.arg(self.latent_arg, self.latent_pos))
         lead = call.state(_Branch, branch=0)
@@ -203,12 +215,14 @@ class _EasyCache:
                 )
             )
         if call.branch == 0:
-            self.decide(lead, x)
+            self.decide(call, lead, x)
         if not lead.compute and st.residual is not None:
             out = self.reuse(st, x)
         else:
             out = call.compute()
             self.store(st, x, out, lead=call.branch == 0)
+            if call.branch == 0:  # k as measured after this compute, for the next decisions
+                call.explain(new_k=lead.k)
         if call.branch == 0:  # a private copy: pipelines may reuse the input buffer
             lead.prev_input = x.detach().clone()
             if call.computed:

@@ -439,7 +439,11 @@ class _ERTACache:
             )
             raise self.run.refuse(problem) if call.step == 0 else self.run.fail(RunError(problem))
         st = call.state(_Branch)
-        if call.step not in self.reuse or st.residual is None:
+        k = call.step
+        planned = k in self.reuse
+        if self.run.tracing and k < len(self.sched.source):
+            call.explain(planned_reuse=planned, source=self.sched.source[k], phi=self.sched.phi[k])
+        if not planned or st.residual is None:
             out = call.compute()
             x = call.arg(self.latent_arg, self.latent_pos)
             st.residual, st.extra = split_residual(x, sample_of(out), self.cdim)
@@ -451,6 +455,7 @@ class _ERTACache:
         x = x.narrow(self.cdim, 0, st.residual.shape[self.cdim])
         scale = self.sched.scale[call.branch, call.step].to(x.device)
         shift = self.sched.shift[call.branch, call.step].to(x.device)
+        call.explain(scale=scale, shift=shift)  # the rectifier, per latent channel
         dtype = sample_of(st.template).dtype
         out = kernels.rectified_residual(
             x, st.residual, scale, shift, self.cdim, dtype, backend=self.backend

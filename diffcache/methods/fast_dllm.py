@@ -107,12 +107,30 @@ class FastDLLMPolicy(Policy):
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         i, every = state.block_step, self.cfg.refresh_every
         if i == 0 or (every is not None and i % every == 0):
+            self.trace("refresh", "computed", block_step=i, refresh_every=every)
             return StepPlan(rows=None, targets=targets)
         start, end = state.block
         lo = max(start - state.logit_shift, 0)
         hi = end if self.cfg.mode == "dual" else state.length
+        self.trace("refresh", "partial", block_step=i, refresh_every=every, rows=[lo, hi])
         rows = torch.arange(lo, hi, device=state.ids.device).expand(state.ids.shape[0], -1)
         return StepPlan(rows=rows, targets=targets)
+
+    def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
+        """Trace the parallel-decoding decision: each candidate's confidence and the rule."""
+        if not self.tracing or state.confidence is None:
+            return
+        batch = state.confidence.shape[0]
+        valid = state.confidence > float("-inf")  # the real candidates of each batch row
+        rows = list(zip(plan.targets[:batch], state.confidence, valid, strict=True))
+        self.trace(
+            "parallel_decode",
+            "committed",
+            threshold=self.cfg.threshold,
+            factor=self.cfg.factor,
+            candidates=[t[v] for t, _, v in rows],
+            confidence=[c[v] for _, c, v in rows],
+        )
 
 
 @register_method(FastDLLMConfig)

@@ -46,6 +46,14 @@ def history_length(solvers: Sequence[str]) -> int:
     return max(POINTS[s] for s in solvers)
 
 
+def effective_solver(name: str, points: int) -> str:
+    """The solver ``name`` runs as with ``points`` history entries (``FALLBACK`` while it has
+    fewer than it needs)."""
+    while POINTS[name] > points:
+        name = FALLBACK[name]
+    return name
+
+
 def _slopes(pts: list[float], n: int) -> list[list[float]]:
     """Backward-difference slopes ``f_j = (F_j - F_(j-1)) / (s_j - s_(j-1))`` of the last
     ``len(pts) - 1`` intervals, each as weights over the ``n`` points ``pts`` (oldest first)."""
@@ -102,7 +110,7 @@ def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
     if len(steps) < POINTS[name]:
         if len(steps) == 0:
             raise ValueError("solver_weights: empty history")
-        return solver_weights(FALLBACK[name], steps, k)
+        return solver_weights(effective_solver(name, len(steps)), steps, k)
     n = POINTS[name]
     pts = [float(s) for s in steps[-n:]]
     h = k - pts[-1]
@@ -419,6 +427,7 @@ class _HyCa:
         solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
         self.dim_solver = solver_of[cal.labels]  # (blocks, D) solver index per dimension
         self.keep = history_length(cal.cluster_solvers)  # history entries the plan reads
+        self.cluster_solvers = cal.cluster_solvers
         self.weights: dict[tuple, torch.Tensor] = {}
 
     def weights_for(self, block: int, steps: tuple[int, ...], k: int, dims: int, device) -> Any:
@@ -446,6 +455,8 @@ class _HyCa:
             x = self.blocks.inputs(call)
             y = BlockStreams.parts(out)
             residuals = [(o.float() - i.float()) for i, o in zip(x, y, strict=True)]
+            if self.run.tracing:
+                call.explain(residual_mean=[float(r.mean()) for r in residuals])
             if not st.parts:
                 st.parts = [r.unsqueeze(0) for r in residuals]
             else:
@@ -466,7 +477,24 @@ class _HyCa:
             for i, h in zip(x, st.parts, strict=True)
         ]
         self.run.stats.kernels["forecast"] = kernels.last_backend["forecast"]
+        if self.run.tracing:
+            self.explain(call, st.steps, x, outs)
         return tuple(outs) if isinstance(st.template, (tuple, list)) else outs[0]
+
+    def explain(self, call: Call, steps: list[int], x: list, outs: list) -> None:
+        """The trace of a forecast: the full steps it extrapolates from, each cluster's solver
+        (as run on this history) with its weights over them, and per stream the mean of the
+        forecast residual (computed calls trace their residual's mean too)."""
+        used = [effective_solver(s, len(steps)) for s in self.cluster_solvers]
+        call.explain(
+            "forecast",
+            history=list(steps),
+            solvers=used,
+            weights=[solver_weights(s, steps, call.step) for s in used],
+            residual_mean=[
+                float((o.float() - i.float()).mean()) for i, o in zip(x, outs, strict=True)
+            ],
+        )
 
 
 @register_method(HyCaConfig)

@@ -381,8 +381,24 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
         if cols:
             fusable[b.name] = [all(row[c] for c in cols) for row in module_book]
 
+    tracing = session.run.tracing
+    step_scores = cal.step_scores.tolist() if tracing and cal.step_scores is not None else None
+    module_scores = (
+        cal.module_scores.tolist() if tracing and cal.module_scores is not None else None
+    )
+
+    def explain(call: Call, book: list, scores: list | None, *index: int) -> None:
+        """The book entry that decided ``call`` and the calibration score it came from."""
+        if call.run.tracing:
+            entry = book[call.step]
+            score = scores[call.step] if scores is not None else None
+            for i in index:
+                entry, score = entry[i], None if score is None else score[i]
+            call.explain(book=bool(entry), score=score)
+
     def module(call: Call) -> Any:
         slot = call.state(_Slot)
+        explain(call, module_book, module_scores, column[call.site.name])
         if module_book[call.step][column[call.site.name]] and slot.output is not None:
             return slot.output
         slot.output = call.compute()
@@ -394,6 +410,7 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
     def block(call: Call) -> Any:
         slot = call.state(_Slot)
         name = call.site.name
+        explain(call, step_book, step_scores)
         if step_book[call.step] and not (name == last and slot.output is None):
             if name == last:
                 return slot.output
@@ -402,6 +419,7 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
         out = None
         if fusable.get(name, ())[call.step : call.step + 1] == [True]:
             out = skipper(call, lambda site: cached(site, call), session.kernels)
+            call.explain(fused=out is not None)  # every module reused: the block not run
         if out is None:
             out = call.compute()
         if name == last:

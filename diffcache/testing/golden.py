@@ -1,7 +1,7 @@
-"""Golden outputs and Stats of the bundled plans on the small built-in models.
+"""Golden outputs, Stats and traces of the bundled plans on the small built-in models.
 
-    python -m diffcache.testing.golden --write     # regenerate tests/golden/bundled_plans.json
-    python -m diffcache.testing.golden [--only PLAN ...]   # print what differs from the file
+    python -m diffcache.testing.golden --write     # regenerate tests/golden/ (all plans)
+    python -m diffcache.testing.golden [--only PLAN ...]   # print what differs from the files
 
 Each entry is one run of the model's default request (its ``models.yaml`` defaults, seed 0, the
 model's first evaluation prompt or else the first bundled calibration prompt, batch 1) with the
@@ -13,6 +13,12 @@ recomputes every entry. The bytes depend on the torch version and the CPU's vect
 file records the :func:`platform` it was written on, and elsewhere (another torch, a CPU with
 AVX-512 ...) outputs are compared by their summary numbers, Stats still exactly, so a fresh clone
 on another machine stays green. Regenerate after a torch upgrade, and say so in the commit.
+
+Each plan's step trace (``accelerate(..., trace=True)``: every decision and the values that made
+it) is kept in ``tests/golden/traces/<plan>.json``, one event a line, floats rounded to 6
+significant digits like the summaries. On the golden file's platform a trace must match line for
+line; elsewhere only what does not depend on float rounding is compared: the event's step,
+site and action, and its integer, boolean and text values (floats are left out).
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ import torch
 from diffcache.plan import rounded
 
 GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden" / "bundled_plans.json"
+TRACES = GOLDEN.parent / "traces"
 ABOUT = (
-    "Outputs and Stats of the bundled plans on the small built-in models; regenerate with "
-    "`python -m diffcache.testing.golden --write`. A change to this file must be explained in "
-    "the commit message."
+    "Outputs and Stats of the bundled plans on the small built-in models (their traces: "
+    "traces/<plan>.json); regenerate with `python -m diffcache.testing.golden --write`. A "
+    "change to these files must be explained in the commit message."
 )
+DIGITS = 6  # significant digits of the floats in summaries and traces
 
 
 def golden_plans() -> dict[str, str]:
@@ -99,18 +107,18 @@ def summary(array: np.ndarray) -> dict[str, Any]:
         "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
         "dtype": str(array.dtype),
         "shape": list(array.shape),
-        "mean": rounded(float(values.mean()), 6),
-        "abs_max": rounded(float(np.abs(values).max()), 6),
+        "mean": rounded(float(values.mean()), DIGITS),
+        "abs_max": rounded(float(np.abs(values).max()), DIGITS),
     }
 
 
 def run_plan(pipe: Any, plan: str, request: Any, n_threads: int = 1) -> dict[str, Any]:
-    """``pipe`` run once on ``request`` with ``plan`` applied (then removed), on ``n_threads``:
-    the request, output summary and Stats."""
+    """``pipe`` run once on ``request`` with ``plan`` applied (then removed) and traced, on
+    ``n_threads``: the request, output summary, Stats and trace (floats rounded)."""
     import diffcache
     from diffcache.generate import generate
 
-    diffcache.accelerate(pipe, plan)
+    diffcache.accelerate(pipe, plan, trace=True)
     try:
         with threads(n_threads):
             out = generate(pipe, request)
@@ -118,9 +126,48 @@ def run_plan(pipe: Any, plan: str, request: Any, n_threads: int = 1) -> dict[str
     finally:
         diffcache.remove(pipe)
     stats.pop("wall_s")
+    trace = rounded(stats.pop("trace"), DIGITS)
     array = pipe.last_output.tokens.numpy() if isinstance(out, str) else out
     result = {"request": request.as_dict(), "output": summary(array), "stats": stats}
-    return json.loads(json.dumps(result))  # as the golden file reads back (lists, not tuples)
+    result = json.loads(json.dumps(result))  # as the golden file reads back (lists, not tuples)
+    return {**result, "trace": [json.loads(line) for line in trace_lines(trace)]}
+
+
+def trace_lines(trace: list[dict[str, Any]]) -> list[str]:
+    """One JSON line per event, keys sorted: the golden trace file's lines."""
+    return [json.dumps(event, sort_keys=True) for event in trace]
+
+
+def trace_file(plan: str) -> Path:
+    return TRACES / plan.replace(".yaml", ".json")
+
+
+def skeleton(event: dict[str, Any]) -> dict[str, Any]:
+    """What of a trace event does not depend on float rounding: every value but the floats
+    (kept as None)."""
+
+    def keep(value: Any) -> Any:
+        if isinstance(value, float):
+            return None
+        if isinstance(value, dict):
+            return {k: keep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [keep(v) for v in value]
+        return value
+
+    return keep(event)
+
+
+def trace_differences(got: list[dict], want: list[dict], exact: bool = True) -> list[str]:
+    """The first event where trace ``got`` differs from the golden ``want`` (its file line
+    where ``exact``, else its :func:`skeleton`), or that one is longer; [] when they agree."""
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        mine, golden = trace_lines([a, b])
+        if (mine != golden) if exact else (skeleton(a) != skeleton(b)):
+            return [f"trace event {i}: {mine} != golden {golden}"]
+    if len(got) != len(want):
+        return [f"trace: {len(got)} events != golden {len(want)}"]
+    return []
 
 
 def entry(plan: str, pipes: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +204,7 @@ def differences(got: dict[str, Any], want: dict[str, Any], exact: bool = True) -
     diffs = [
         f"{k}: {got[k]} != {want[k]}" for k in ("model", "request", "stats") if got[k] != want[k]
     ]
+    diffs += trace_differences(got["trace"], want["trace"], exact)
     out, ref = got["output"], want["output"]
     for key, value in ref.items():
         bitwise = exact and want["bit_stable"]
@@ -177,28 +225,49 @@ def _format(value: Any, indent: str = "") -> str:
 
 
 def dumps(entries: dict[str, dict[str, Any]]) -> str:
-    """The golden file's text: readable, sorted keys."""
-    return _format({"about": ABOUT, "platform": platform(), "plans": entries}) + "\n"
+    """The golden file's text (traces left out: they have files of their own): readable,
+    sorted keys."""
+    plans = {name: {k: v for k, v in e.items() if k != "trace"} for name, e in entries.items()}
+    return _format({"about": ABOUT, "platform": platform(), "plans": plans}) + "\n"
+
+
+def dumps_trace(trace: list[dict[str, Any]]) -> str:
+    """A golden trace file's text: a JSON list, one event a line."""
+    return "[\n" + ",\n".join(trace_lines(trace)) + "\n]\n"
+
+
+def write(entries: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the golden file and every trace file (stale trace files removed)."""
+    TRACES.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text(dumps(entries))
+    for old in TRACES.glob("*.json"):
+        old.unlink()
+    for name, e in entries.items():
+        trace_file(name).write_text(dumps_trace(e["trace"]))
 
 
 def load() -> tuple[dict[str, dict[str, Any]], bool]:
-    """The committed golden entries, and whether this is the platform they were written on."""
+    """The committed golden entries (each with its trace), and whether this is the platform
+    they were written on."""
     data = json.loads(GOLDEN.read_text())
-    return data["plans"], data["platform"] == platform()
+    plans = {
+        name: {**e, "trace": json.loads(trace_file(name).read_text())}
+        for name, e in data["plans"].items()
+    }
+    return plans, data["platform"] == platform()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--write", action="store_true", help=f"rewrite {GOLDEN.name}")
+    p.add_argument("--write", action="store_true", help=f"rewrite {GOLDEN.name} and the traces")
     p.add_argument("--only", nargs="*", choices=list(golden_plans()), help="these plans only")
     args = p.parse_args(argv)
     if args.write and args.only:
         p.error("--write regenerates the whole file; give no --only")
     entries = compute(args.only)
     if args.write:
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(dumps(entries))
-        print(f"wrote {GOLDEN}: {len(entries)} plans")
+        write(entries)
+        print(f"wrote {GOLDEN} and {TRACES}/: {len(entries)} plans")
         return 0
     golden, exact = load()
     changed = 0

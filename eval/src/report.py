@@ -84,6 +84,7 @@ TEXT_KEYS = frozenset(
         "run",
         "samples",
         "environment",
+        "trace",
     }
 )
 NULL = "—"

@@ -18,9 +18,11 @@ report is the single-process one record for record (latencies aside).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +78,7 @@ def evaluate(
     macs: str = "first",
     repeats: int = REPEATS,
     threads: int | None = None,
+    trace: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
@@ -88,8 +91,10 @@ def evaluate(
     ``"all"`` (every request; needs ``warmup``). Every value in the report is a finite number
     or None, and a None is explained in ``notes``. Every request runs ``repeats`` timed rounds
     of the baseline and each comparison, interleaved (``eval/timing.py``), on ``threads`` torch
-    threads (default: ``OMP_NUM_THREADS``, else 1). Returns the report (None on the other
-    processes).
+    threads (default: ``OMP_NUM_THREADS``, else 1). With ``trace``, each diffcache plan runs
+    every request once more, untimed and traced, and its step traces are written to
+    ``out/traces/<plan>.jsonl`` (one event a line, with its ``request`` index), named in the
+    run's ``trace``. Returns the report (None on the other processes).
     """
     check_report_dir(out)
     if seeds < 1:
@@ -102,7 +107,7 @@ def evaluate(
     with measurement_threads(threads):
         return _evaluate(
             model, plans, out, prompts, seeds, request, warmup, samples, progress, answers, macs,
-            repeats,
+            repeats, trace,
         )  # fmt: skip
 
 
@@ -119,6 +124,7 @@ def _evaluate(
     answers: Sequence[str] | None,
     macs: str,
     repeats: int,
+    trace: bool = False,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` after its arguments are checked, on the measurement's threads."""
     comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
@@ -153,6 +159,7 @@ def _evaluate(
         pipe.to(device)
     first = _warm_up(pipe, adapter, comparisons, mine[0][1]) if warmup and mine else {}
     records, media, peak = [], {}, None
+    traces: dict[str, list[dict[str, Any]]] = {}  # plan -> its events, each with its request
     configs: list[Comparison | None] = [None, *comparisons]  # None: the plain pipeline
     for i, req in _progress(mine, progress and distributed.is_main()):
         times: dict[str, list[float]] = {}
@@ -177,11 +184,16 @@ def _evaluate(
             records.append(rec)
         if i < samples:
             media.update({(name, i): out for name, (out, _, _) in outputs.items()})
+        if trace:
+            for c in comparisons:
+                if c.plan is not None:
+                    events = _traced(pipe, req, c.plan)
+                    traces.setdefault(c.name, []).extend({"request": i, **e} for e in events)
         if macs == "all":
             counted = first if i == mine[0][0] else _warm_up(pipe, adapter, comparisons, req)
             for rec in records[-1 - len(comparisons) :]:
                 rec["macs"] = counted[rec["run"]]
-    gathered = distributed.gather((records, media, peak, first))
+    gathered = distributed.gather((records, media, peak, first, traces))
     if not distributed.is_main():
         return None
     first = gathered[0][3]  # the main process's first request is request 0
@@ -191,8 +203,48 @@ def _evaluate(
     report = _report(
         model, device, comparisons, requests, records, scorer, peaks, text, first, repeats
     )
-    write_report(report, out, media=media)
+    events: dict[str, list[dict[str, Any]]] = {}
+    for part in gathered:
+        for name, part_events in part[4].items():
+            events.setdefault(name, []).extend(part_events)
+    files = _trace_files(report, events) if trace else {}
+    write_report(report, out, media=media)  # checked first: a bad report leaves no trace files
+    for path, lines in files.items():
+        (Path(out) / path).parent.mkdir(exist_ok=True)
+        (Path(out) / path).write_text(lines)
     return report
+
+
+def _traced(pipe: Any, req: Request, plan: Any) -> list[dict[str, Any]]:
+    """The step trace of one untimed generation of ``req`` with ``plan``."""
+    diffcache.accelerate(pipe, plan, trace=True)
+    try:
+        generate(pipe, req)
+        return diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+
+
+def _trace_files(report: dict[str, Any], events: dict[str, list[dict]]) -> dict[str, str]:
+    """Each plan's trace file ``traces/<plan>.jsonl`` (relative to the report) -> its text,
+    one event a line in request order; the file is named in the run's ``trace``. A comparison
+    with no trace (diffusers') gets null and a note."""
+    files = {}
+    for run in report["runs"]:
+        name = run["plan"]
+        if name not in events:
+            run["trace"] = None
+            _note(
+                report["notes"],
+                "trace",
+                f"trace is null for {name}: only diffcache plans record their decisions",
+            )
+            continue
+        path = f"traces/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jsonl"
+        ordered = sorted(events[name], key=lambda e: e["request"])  # stable within a request
+        files[path] = "".join(json.dumps(e, sort_keys=True) + "\n" for e in ordered)
+        run["trace"] = path
+    return files
 
 
 def _warm_up(

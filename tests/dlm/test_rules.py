@@ -253,3 +253,35 @@ def test_d2cache_rollout_is_the_column_sums_of_the_layer_product() -> None:
                 m[i] = (probs[b, j].double() + torch.eye(length, dtype=torch.float64)[i]) / 2
             product = m @ product
         assert torch.allclose(got[b].double(), product.sum(0), atol=1e-6), b
+
+
+def _refresh_trace(pipe, options: dict) -> list[dict]:
+    family = type(pipe).__name__.replace("Pipeline", "").lower()
+    plan = {"diffcache": 1, "model": family, "method": "dkv_cache", "options": options}
+    diffcache.accelerate(pipe, plan, trace=True)
+    try:
+        pipe("hello", **REQ)
+        return diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 5])
+def test_dkv_refresh_schedule_follows_a_plain_schedule(pipe, family, every) -> None:
+    """dKV-Cache decode (paper §3, horseee/dKV-Cache): LLaDA refreshes at block steps 0, 1 and
+    every N-th (its cache resets per block of 4 steps here); Dream at steps 0, N, 2N, ... The
+    trace's refresh events and the model's full forwards follow that schedule step by step."""
+    trace = _refresh_trace(pipe, {"refresh_every": every})
+    steps = REQ["steps"]
+    if family == "llada":
+        pos = [s % REQ["block_length"] for s in range(steps)]
+        full = [i == 0 or i == 1 or i % every == 0 for i in pos]
+    else:
+        pos = list(range(steps))
+        full = [i % every == 0 for i in pos]
+    refresh = [e for e in trace if e["site"] == "refresh"]
+    assert [e["step"] for e in refresh] == list(range(steps))
+    assert [e["values"]["position"] for e in refresh] == pos
+    assert [e["action"] == "computed" for e in refresh] == full
+    model = [e for e in trace if e["site"] == "model"]
+    assert [e["action"] == "computed" for e in model] == full

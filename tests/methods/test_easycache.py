@@ -173,3 +173,57 @@ def test_an_accumulated_change_equal_to_the_threshold_computes() -> None:
     above = _rule(script, 0.1251, 2)
     assert above[0] == [True, True, False, True]
     assert _run(script, 0.1251, 2) == above
+
+
+def _plain_easycache(xs: list[float], threshold: float, warmup: int) -> list[tuple]:
+    """EasyCache's rule (arXiv 2507.02860, H-EmbodVis/EasyCache) written out on scalar latents
+    (every element equal) for the toy ``v = 2x + 1``: per step the action and, where the rule
+    compared, the accumulated change ``acc`` (before its reset) and ``k``."""
+    out, acc, k = [], 0.0, None
+    prev_x = last_x = last_v = None
+    for i, x in enumerate(xs):
+        compared = None
+        if i < warmup or i == len(xs) - 1:
+            compute, acc = True, 0.0
+        elif k is None:
+            compute = True
+        else:
+            acc += k * (abs(x - prev_x) / abs(last_v))
+            compared = (acc, k)
+            compute = not acc < threshold
+            if compute:
+                acc = 0.0
+        if compute:
+            v = 2 * x + 1
+            if last_v is not None:
+                k = abs(v - last_v) / abs(x - last_x)
+            last_x, last_v = x, v
+        prev_x = x
+        out.append(("computed" if compute else "reused", compared))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.125, 0.13, 0.2])
+def test_trace_follows_a_plain_easycache_at_the_threshold_and_after_a_reset(threshold) -> None:
+    """Latents 10, 7.5, 6.5, 6, 5.5, 5 (warm-up 2): k = 2 and mean|v_1| = 16, so step 2's
+    accumulated change is exactly 2 * 1/16 = 0.125. At threshold 0.125 it is not below: step 2
+    computes and resets the accumulator, step 3 (2 * 0.5/14 = 0.0714) reuses, step 4 (0.1429)
+    computes. Above 0.125 step 2 reuses and the sum goes on (0.1875 at step 3)."""
+    xs = [10.0, 7.5, 6.5, 6.0, 5.5, 5.0]
+    plan = {**PLAN, "options": {"threshold": threshold, "warmup_steps": 2}}
+    pipe = diffcache.accelerate(_pipe_of(xs), plan, trace=True)
+    pipe(torch.full((1, 2, 3), xs[0]), steps=len(xs))
+    trace = diffcache.stats(pipe).trace
+    want = _plain_easycache(xs, threshold, 2)
+    got = [
+        (e["action"], (e["values"]["acc"], e["values"]["k"]) if "acc" in e["values"] else None)
+        for e in trace
+    ]
+    assert got == want
+    assert all(e["values"]["threshold"] == threshold for e in trace if "acc" in e["values"])
+    expect = {0.125: "CCCRCC", 0.13: "CCRCRC", 0.2: "CCRRCC"}[threshold]
+    assert "".join(a[0].upper() for a, _ in want) == expect
+
+
+def _pipe_of(xs: list[float]) -> ToyPipeline:
+    return ToyPipeline(cfg="none", script=[torch.full((1, 2, 3), a) for a in xs])

@@ -4,6 +4,7 @@ real pipeline family with true CFG (Qwen-Image, flow-matching Euler)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from diffcache.methods.ertacache import (
     reuse_steps,
     schedule,
 )
-from diffcache.plan import Plan
+from diffcache.plan import Plan, rounded
 from diffcache.request import Request
+from diffcache.testing import golden
 from diffcache.testing.toys import clean, tiny_request
 
 STEPS = 8
@@ -263,3 +265,51 @@ def test_phi_is_one_minus_the_reuse_error_over_that_steps_denominator(phi: str) 
     # output: D_1 = 4 / 2, D_2 = 8 / 2; step_change: D_1 = 2 / 2, D_2 = 5 / 2
     want = {"output": [1 - 0.5 / 2, 1 - 1.5 / 4], "step_change": [1 - 0.5 / 1, 1 - 1.5 / 2.5]}[phi]
     assert got.phi == pytest.approx((1.0, *want, 1.0, 1.0), abs=1e-12)
+
+
+def _plain_schedule(tensors: dict, threshold: float, phi_of: str) -> list[tuple]:
+    """ERTACache's offline policy and time factor (arXiv 2508.21091, as our docstring reads it)
+    written out over the calibration sums: per step (reused?, source step, phi)."""
+    count = tensors["count"].sum(0).tolist()
+    rel = (tensors["pair_rel"].sum(0) / tensors["count"].sum(0)).tolist()
+    err = tensors["pair_err"].sum(0).tolist()
+    den = tensors["out_abs" if phi_of == "output" else "step_change"].sum(0).tolist()
+    steps = len(count)
+    out, c = [], 0
+    for k in range(steps):
+        if 0 < k < steps - 1 and rel[c][k] < threshold:
+            e, d = err[c][k] / count[k], den[k] / count[k]
+            out.append((True, c, min(max(1 - e / d, 0.0), 1.0) if d > 0 else float(e == 0)))
+        else:
+            c = k
+            out.append((False, k, 1.0))
+    return out
+
+
+ERTA_GOLDEN = [p for p in golden.golden_plans() if p.endswith("-ertacache.yaml")]
+
+
+@pytest.mark.parametrize("name", ERTA_GOLDEN)
+def test_golden_trace_reuses_the_plain_schedule_with_its_phi(name: str) -> None:
+    """The golden trace of each bundled ERTACache plan (pinned to the runtime by
+    tests/test_golden.py) takes the reuse set, sources and phi a plain reading of the
+    calibration gives, step by step (phi to the trace's 6 digits)."""
+    plan = Plan.load(name)
+    want = _plain_schedule(plan.tensors, plan.options["threshold"], plan.options["phi"])
+    trace = json.loads(golden.trace_file(name).read_text())
+    assert {e["branch"] for e in trace} <= set(range(plan.tensors["count"].shape[0]))
+    for e in trace:
+        reuse, source, phi = want[e["step"]]
+        v = e["values"]
+        got = (v["planned_reuse"], v["source"], v["phi"], e["action"])
+        assert got == (reuse, source, rounded(phi, 6), "reused" if reuse else "computed"), e
+
+
+def test_some_golden_erta_plan_has_a_phi_strictly_between_0_and_1() -> None:
+    """So that the test above pins phi's formula, not only its clipping."""
+    phis = []
+    for name in ERTA_GOLDEN:
+        plan = Plan.load(name)
+        want = _plain_schedule(plan.tensors, plan.options["threshold"], plan.options["phi"])
+        phis += [phi for reuse, _, phi in want if reuse]
+    assert any(0 < p < 1 for p in phis), phis

@@ -186,6 +186,40 @@ def test_every_family_follows_its_plan_exactly(model: str) -> None:
     assert stats.kernels["forecast"] in ("torch", "triton")
     assert torch.isfinite(torch.as_tensor(out)).all() and not (out == base).all()
     assert clean(pipe.transformer) and (generate(pipe, one) == base).all()
+    _forecasts_extrapolate_the_computed_residuals(pipe, plan, one, full)
+
+
+def _forecasts_extrapolate_the_computed_residuals(pipe, plan, request, full: int) -> None:
+    """With every cluster on ``linear``, each forecast residual's mean (per block, branch and
+    stream) is the line through the last two computed residuals' means, evaluated at the
+    forecast step (the weights written out here, the means measured on computed calls)."""
+    cal = {
+        **plan.calibration,
+        "cluster_solvers": ["linear"] * len(plan.calibration["cluster_solvers"]),
+    }
+    diffcache.accelerate(pipe, dataclasses.replace(plan, calibration=cal), trace=True)
+    try:
+        generate(pipe, request)
+        trace = diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+    seen: dict[tuple, dict[int, list[float]]] = {}
+    forecasts = 0
+    for e in trace:
+        means = seen.setdefault((e["site"], e["branch"], e["expert"]), {})
+        if e["action"] == "computed":
+            means[e["step"]] = e["values"]["residual_mean"]
+            continue
+        assert e["action"] == "forecast", e
+        k, (s1, s2) = e["step"], sorted(means)[-2:]
+        want = [
+            a * (k - s2) / (s1 - s2) + b * (k - s1) / (s2 - s1)
+            for a, b in zip(means[s1], means[s2], strict=True)
+        ]
+        assert e["values"]["history"] == [s1, s2]
+        assert e["values"]["residual_mean"] == pytest.approx(want, rel=1e-3, abs=1e-5), e
+        forecasts += 1
+    assert forecasts > 0 and len({e["step"] for e in trace if e["action"] == "computed"}) == full
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +336,55 @@ def test_skipped_steps_return_the_solvers_forecast_for_that_step() -> None:
     got = [o.flatten().tolist() for o in pipe.scheduler.outputs]
     assert got == [[w] * 2 * dims for w in want]
     assert diffcache.stats(pipe).per_step() == [float(k in full) for k in range(steps)]
+
+
+def _lagrange(steps: list[int], k: int) -> list[float]:
+    """Weights of the polynomial through ``steps`` evaluated at ``k`` (written out here)."""
+    return [math.prod((k - m) / (s - m) for m in steps if m != s) for s in steps]
+
+
+@pytest.mark.parametrize(
+    "solver,path", [("linear", lambda k: 3.0 * k + 2), ("quadratic", lambda k: k * k - 2.0 * k)]
+)
+def test_forecasts_extrapolate_a_known_feature_path(solver: str, path) -> None:
+    """Scripted latents ``x_k`` on a line / parabola: block 0's residual is ``x_k`` itself, so
+    a forecast by the polynomial through the last 2 / 3 full steps is exact: block 0 returns
+    ``2 x_k`` at every step, forecast or not, and the trace's forecast events name the full
+    steps, the solver and its Lagrange weights (written out in the test) for step ``k``."""
+    from diffcache.testing.toys import ToyPipeline
+
+    steps, dims = 9, 2
+    xs = [path(k) for k in range(steps)]
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), x) for x in xs])
+    cfg = HyCaConfig(warmup_steps=3, interval=3, solvers=(solver,))
+    plan = Plan(
+        model="toy",
+        method="hyca",
+        options=cfg.to_options(),
+        calibration={"cluster_solvers": [solver]},
+        tensors={
+            "labels": torch.zeros(2, dims, dtype=torch.int64),
+            "errors": torch.zeros(2, dims, 1),
+            "indicators": torch.zeros(2, dims, 3),
+        },
+    )
+    block0: list[float] = []
+    pipe.transformer.blocks[0].register_forward_hook(
+        lambda m, i, o: block0.append(o.flatten()[0].item())
+    )
+    diffcache.accelerate(pipe, plan, trace=True)
+    pipe(torch.full((1, 2, dims), xs[0]), steps=steps)
+    full = [k for k in range(steps) if k < 3 or (k - 3) % 3 == 0]  # 0, 1, 2, 3, 6
+    assert block0 == pytest.approx([2 * x for x in xs], rel=1e-6, abs=1e-6)
+    assert [block0[k] for k in (4, 5)] == [2 * xs[4], 2 * xs[5]]  # integer weights: exact
+    events = [e for e in diffcache.stats(pipe).trace if e["site"].endswith("blocks.0")]
+    n = {"linear": 2, "quadratic": 3}[solver]
+    for k, e in enumerate(events):
+        if k in full:
+            assert e["action"] == "computed", e
+            continue
+        history = [s for s in full if s < k][-n:]
+        assert e["action"] == "forecast" and e["values"]["history"] == history
+        assert e["values"]["solvers"] == [solver]
+        assert e["values"]["weights"] == [pytest.approx(_lagrange(history, k), abs=1e-12)]
+        assert e["values"]["residual_mean"] == [pytest.approx(xs[k], rel=1e-6, abs=1e-6)]
