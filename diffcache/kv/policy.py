@@ -31,7 +31,8 @@ class DecodeState:
     block: tuple[int, int] = (0, 0)  # current block [start, end)
     step: int = 0  # steps run so far in the generation
     block_step: int = 0  # steps run so far in the current block
-    confidence: torch.Tensor | None = None  # [B, m] last step's confidence at plan.targets
+    # [B, m] last step's confidence at plan.targets before the decoding prior (-inf: not a mask)
+    confidence: torch.Tensor | None = None
     block_steps: int = 0  # steps per block (fixed-count samplers)
     start_masks: torch.Tensor | None = None  # [B] masks in the block when it started
     generator: Any = None  # the generation's generator(s), for policies that draw

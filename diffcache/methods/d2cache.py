@@ -1,11 +1,16 @@
 """d²Cache (Jiang et al., "d²Cache: Accelerating Diffusion-Based LLMs via Dual Adaptive
-Caching", arXiv 2509.23094, ICLR 2026; Kamichanw/d2Cache): per-token adaptive K/V refresh.
+Caching", arXiv 2509.23094, ICLR 2026; Kamichanw/d2Cache @72feb60): per-token adaptive K/V
+refresh.
 
-Rules (research/dlm.md §2.4): step 0 is a full forward. Every later step recomputes only its query
-set, chosen at the end of the previous step as the union of
+Rules (research/dlm.md §2.4): step 0 is a full forward, with logits at every generated position
+(their confidences seed stage 1, also beyond the current block). Every later step recomputes
+only its query set, chosen at the end of the previous step as the union of
 1. *certainty prior*: the ``current_k`` masked positions with the highest confidence × certainty
    density (a Gaussian-weighted share of decoded neighbours, σ = ``sigma``), searched from the
-   block start up to the block boundary that holds ``current_k`` masks, current block preferred;
+   block start up to the block boundary that holds ``current_k`` masks, current block preferred.
+   The confidence is the sampler's, before the decoding prior. For Dream, whose logits of a
+   position come from the row before it, the rows are the chosen masks' predecessors (the last
+   prompt row when the first generated position is chosen), not the masks;
 2. the tokens decoded at that step (they turn from mask to real tokens);
 3. *attention rollout*: the smallest set of the remaining positions holding ``rollout_p`` of the
    rollout importance (column sums of the product over layers of (A + I)/2 restricted to the
@@ -14,14 +19,49 @@ set, chosen at the end of the previous step as the union of
 There is no periodic refresh. Only recomputed masked positions get logits, and decoding scores
 them by confidence × certainty density of width ``decode_sigma`` (the reference's separate
 ``generation.sigma``, which its ``gen_args.py`` sets to 10 with this cache; 0 decodes by
-confidence alone, as its docs advise with parallel decoding).
+confidence alone, as its docs advise with parallel decoding). With tracing, each step records
+stage 1's masks and their scores (``stage1``), the rollout's positions and their importance
+(``rollout``) and the inflated gaps (``inflate``): the rows of the next step.
 
-Differences from the reference code: the rollout's column sums are computed by an exact reverse
-recursion over the recomputed rows, O(layers · |Q| · L) instead of dense L×L×L products, from
-the layer's attention probabilities in fp32. The reference's stage-1 confidence is frozen at step
-0 (an operator-precedence slip); we update it with each recomputed mask's latest confidence, and
-``reference_compat: true`` keeps it frozen. Batch rows have ragged query sets (the reference tops
-rows up with extra tokens, which makes a row depend on its batch-mates).
+Cost: stage 1 alone recomputes up to ``current_k`` masks a step, so while the generation holds
+at most ``current_k`` masks (32 by default: every request of 32 tokens or fewer) it recomputes
+every remaining mask each step, on average half the generation, plus the decoded tokens and the
+rollout's rows. Measured with the bundled options (one block, one token a step, fp32 CPU), the
+share of token-layers computed is 0.45 / 0.48 / 0.40 / 0.32 on ``llada-arith`` at 16 / 32 / 64
+/ 96 tokens and 0.42 / 0.46 / 0.40 / 0.28 / 0.20 on ``llada-tiny`` at 16 / 32 / 64 / 128 /
+256: it pays from about 2 × ``current_k`` tokens on. On these CPU toys the per-step overhead
+(rollout, selection) outweighs that saving on ``llada-arith`` up to 96 tokens (0.27 s vs 0.16 s
+plain at 16); ``llada-tiny``, whose 126k-token LM head d²Cache applies to the recomputed masks
+only, runs faster from 64 tokens (5.2 s vs 9.3 s plain; 54 s vs 176 s at 256).
+
+Each difference from the reference code below is ours by default; ``reference_compat: true``
+takes the reference's where it is a bug there (so the reference's decisions are reproduced step
+by step: ``tests/dlm/test_d2cache_reference.py``):
+- stage 1's confidence is frozen at step 0 in the reference (an operator-precedence slip and a
+  write into an indexing copy leave its update a no-op); we update it with each recomputed
+  mask's latest confidence. ``reference_compat`` freezes it.
+- for Dream, the reference *assigns* the last prompt row from "first generated position chosen"
+  after the rollout, which also drops that row when the rollout chose it (its comment says the
+  row is to be added); we add it. ``reference_compat`` assigns.
+- the reference's certainty density divides by the kernel summed over its whole FFT circle,
+  a constant, not by the kernel's mass over the canvas (so a fully decoded region scores below
+  1, least at its ends; 5% apart at 16 tokens, σ 10); we divide by the mass. ``reference_compat``
+  uses the constant, in stage 1 and in the decoding prior.
+- the rollout's column sums come from an exact reverse recursion over the recomputed rows,
+  O(layers · |Q| · L) instead of dense L×L×L products, from fp32 attention probabilities.
+- the reference decodes among every masked position of the block, those it did not recompute
+  with all-zero logits (confidence 1/V, token 0: its restriction to recomputed rows is an
+  in-place op on an indexing copy); we decode the recomputed ones only, in both modes.
+- batch rows have ragged query sets and their own block bias (the reference tops rows up with
+  extra tokens and takes the bias from the whole batch, which makes a row depend on its
+  batch-mates).
+Taken from the reference as they are: stage 1 scores the raw confidence (ours scored it after
+the decoding prior, applying the density twice), Dream's rows are the masks' predecessors only,
+and step 0 scores the whole generation (ours scored the first block only, leaving later masks
+tied at 0 when the search reaches past the block). One consequence: at step 0 the sampler sees
+every generated position as a candidate (only the block's are committed), so with one shared
+generator and sampling (temperature > 0) the random stream differs from the plain pipeline's;
+per-row generators draw for the block's candidates only, as plain.
 """
 
 from __future__ import annotations
@@ -51,7 +91,12 @@ class D2CacheConfig(MethodConfig):
     kind: ClassVar[str] = "token_layer"
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
-    current_k: int = option(32, "masked positions chosen by the certainty prior per step", min=1)
+    current_k: int = option(
+        32,
+        "masked positions chosen by the certainty prior per step (at or above the number of "
+        "masks, every mask is recomputed each step: d2cache pays from about twice this length)",
+        min=1,
+    )
     rollout_p: float = option(0.1, "share of the rollout importance recomputed", min=0.0, max=1.0)
     sigma: float = option(
         10.0, "certainty density width of the stage-1 selection (0: confidence only)", min=0.0
@@ -63,7 +108,9 @@ class D2CacheConfig(MethodConfig):
         0, "also recompute gaps of at most this length between chosen rows", min=0
     )
     reference_compat: bool = option(
-        False, "freeze stage-1 confidence at step 0, as the reference code"
+        False,
+        "the reference code's decisions: stage-1 confidence frozen at step 0, its density "
+        "denominator, and (Dream) the last prompt row assigned",
     )
 
     @classmethod
@@ -104,12 +151,19 @@ class D2Policy(Policy):
         self.key_mask: torch.Tensor | None = None  # [B, L] False at padding
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return {**settings, "prior_sigma": self.cfg.decode_sigma}
+        """The decoding prior of width ``decode_sigma`` (with the reference's density
+        denominator under ``reference_compat``)."""
+        return {
+            **settings,
+            "prior_sigma": self.cfg.decode_sigma,
+            "prior_compat": self.cfg.reference_compat,
+        }
 
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         self.attn = []
-        if self.next is None:
-            return StepPlan(rows=None, targets=targets)
+        if self.next is None:  # step 0: full; every generated position scored for stage 1
+            every = torch.arange(state.prompt_len, state.length, device=targets.device)
+            return StepPlan(rows=None, targets=every.expand(targets.shape[0], -1))
         q = self.next
         shift = state.logit_shift
         src = (targets - shift).clamp(min=0)
@@ -129,17 +183,57 @@ class D2Policy(Policy):
 
     def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
         b, length = state.ids.shape
-        masked = state.masked
+        p = state.prompt_len
         self._update_conf(state, plan)
-        q = self._stage1(state, masked)
+        chosen, scores = self._stage1(state, state.masked)
+        q = chosen.clone()
+        if state.logit_shift:  # Dream: a mask's logits come from the row before it
+            q.zero_()
+            q[:, p:-1] = chosen[:, p + 1 :]
         q |= committed  # decoded now: recompute once with the real token
+        rolled, importance = None, None
         if self.cfg.rollout_p > 0 and self.attn:
             importance = self._rollout(b, length, state.ids.device)
             allowed = ~q if self.key_mask is None else ~q & self.key_mask
-            q |= prior.nucleus_select(importance, self.cfg.rollout_p, allowed)
+            rolled = prior.nucleus_select(importance, self.cfg.rollout_p, allowed)
+            q |= rolled
+        if state.logit_shift:  # the first generated position's logits come from the prompt
+            first = chosen[:, p]
+            q[:, p - 1] = first if self.cfg.reference_compat else q[:, p - 1] | first
+        picked = q
         if self.cfg.inflate_w:
             q = prior.inflate(q, self.cfg.inflate_w)
         self.next = q
+        if self.tracing:
+            self._trace(chosen, scores, rolled, importance, q & ~picked)
+
+    def _trace(
+        self,
+        chosen: torch.Tensor,
+        scores: torch.Tensor,
+        rolled: torch.Tensor | None,
+        importance: torch.Tensor | None,
+        gaps: torch.Tensor,
+    ) -> None:
+        """The step's choices of the next step's rows, per batch row: stage 1's masks and
+        their scores, the rollout's positions and their importance, the inflated gaps."""
+        where = row_sets(chosen)
+        self.trace(
+            "stage1",
+            "partial",
+            positions=where,
+            scores=[s[w] for s, w in zip(scores, where, strict=True)],
+        )
+        if rolled is not None and importance is not None:
+            where = row_sets(rolled)
+            self.trace(
+                "rollout",
+                "partial",
+                positions=where,
+                importance=[v[w] for v, w in zip(importance, where, strict=True)],
+            )
+        if self.cfg.inflate_w:
+            self.trace("inflate", "partial", positions=row_sets(gaps))
 
     def _update_conf(self, state: DecodeState, plan: StepPlan) -> None:
         conf = state.confidence
@@ -149,18 +243,26 @@ class D2Policy(Policy):
             self.conf = torch.zeros(state.ids.shape, dtype=torch.float64, device=state.ids.device)
         elif self.cfg.reference_compat:
             return
-        targets = plan.targets[: conf.shape[0]]
-        finite = torch.isfinite(conf)
-        value = torch.where(finite, conf.double(), self.conf[: conf.shape[0]].gather(1, targets))
-        self.conf[: conf.shape[0]].scatter_(1, targets, value)
-        if self.conf.shape[0] > conf.shape[0]:  # CFG rows share the real rows' confidence
-            self.conf[conf.shape[0] :] = self.conf[: conf.shape[0]]
+        real = conf.shape[0]
+        row, col = torch.isfinite(conf).nonzero(as_tuple=True)  # padding copies are -inf
+        self.conf[row, plan.targets[row, col]] = conf[row, col].double()
+        if self.conf.shape[0] > real:  # CFG rows share the real rows' confidence
+            self.conf[real:] = self.conf[:real]
 
-    def _stage1(self, state: DecodeState, masked: torch.Tensor) -> torch.Tensor:
-        """Masked positions chosen by confidence × certainty density (research §2.4.3)."""
+    def _stage1(
+        self, state: DecodeState, masked: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked positions ``[B, L]`` chosen by confidence × certainty density (research
+        §2.4.3), and the scores ``[B, L]`` they were ranked by (before the block bias)."""
         p, (start, end) = state.prompt_len, state.block
         gen_masked = masked[:, p:]
-        density = prior.certainty_density(~gen_masked, self.cfg.sigma) if self.cfg.sigma else 1.0
+        density = (
+            prior.certainty_density(
+                ~gen_masked, self.cfg.sigma, reference_compat=self.cfg.reference_compat
+            )
+            if self.cfg.sigma
+            else 1.0
+        )
         conf = (
             self.conf[:, p:]
             if self.conf is not None
@@ -170,21 +272,19 @@ class D2Policy(Policy):
         block = end - start
         col = torch.arange(gen_masked.shape[1], device=masked.device)
         in_block = (col >= start - p) & (col < end - p)
-        scores = scores + in_block * scores.max(dim=1, keepdim=True).values
+        biased = scores + in_block * scores.max(dim=1, keepdim=True).values
         k = self.cfg.current_k
         reached = gen_masked.long().cumsum(1) >= k
         first = torch.where(reached.any(1), reached.long().argmax(1), gen_masked.shape[1] - 1)
         search_end = ((first - (start - p)) // block + 1) * block + (start - p)
         allowed = gen_masked & (col[None] >= start - p) & (col[None] < search_end[:, None])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        chosen = torch.zeros_like(gen_masked)
-        chosen.scatter_(1, top.indices, torch.isfinite(top.values))
-        out = torch.zeros_like(masked)
-        out[:, p:] = chosen
-        if state.logit_shift:  # Dream: a mask's logits come from the row before it
-            out[:, :-1] |= out[:, 1:].clone()
-        return out
+        biased = biased.masked_fill(~allowed, float("-inf"))
+        top = biased.topk(min(k, biased.shape[1]), dim=1)
+        chosen = torch.zeros_like(masked)
+        chosen[:, p:].scatter_(1, top.indices, torch.isfinite(top.values))
+        full = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
+        full[:, p:] = scores
+        return chosen, full
 
     def _rollout(self, b: int, length: int, device: torch.device) -> torch.Tensor:
         """Column sums of the attention rollout, by the reverse recursion over layers."""

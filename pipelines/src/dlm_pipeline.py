@@ -384,14 +384,20 @@ class DiffusionLMPipeline:
         targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
         valid = first_occurrence(targets) & masked.gather(1, targets)
         tokens, confidence = self.score(logits, s, generator, valid, policy.kernels)
+        # what policies read: every masked target (a policy may widen the targets beyond the
+        # block, d2Cache at step 0), before the decoding prior
+        scored = first_occurrence(targets) & (state.ids[:batch].gather(1, targets) == state.mask_id)
+        state.confidence = confidence.masked_fill(~scored, float("-inf"))
         if s.get("prior_sigma"):
             generated = state.ids[:batch, state.prompt_len :] != state.mask_id
-            density = prior.certainty_density(generated, s["prior_sigma"])
+            # prior_compat: set by a policy (d2Cache's reference_compat), not a user setting
+            density = prior.certainty_density(
+                generated, s["prior_sigma"], reference_compat=bool(s.get("prior_compat"))
+            )
             # an idle row's padding target may lie in the prompt: clamped, masked just below
             where = (targets - state.prompt_len).clamp(min=0)
             confidence = confidence * density.gather(1, where)
         confidence = confidence.masked_fill(~valid, float("-inf"))
-        state.confidence = confidence
         order = policy.order(state, plan)
         if order is not None:
             confidence = order[:batch].masked_fill(~valid, float("-inf"))
