@@ -106,3 +106,9 @@ def test_explicit_triton_checks_every_input(bf16_input: int) -> None:
     inputs[bf16_input] = inputs[bf16_input].bfloat16()
     with pytest.raises(KernelUnavailableError, match="bfloat16"):
         forecast(*inputs, out_dtype=torch.float32, backend="triton")
+
+
+def test_default_backend_is_auto() -> None:
+    x, history, weights, want = _hand_case()
+    assert forecast(x, history, weights).tolist() == want
+    assert last_backend["forecast"] == "torch"

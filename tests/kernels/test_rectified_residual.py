@@ -139,3 +139,8 @@ def test_explicit_triton_checks_every_input(bf16_input: int) -> None:
     inputs[bf16_input] = inputs[bf16_input].bfloat16()
     with pytest.raises(KernelUnavailableError, match="bfloat16"):
         rectified_residual(*inputs, out_dtype=torch.float32, backend="triton")
+
+
+def test_default_backend_is_auto() -> None:
+    assert rectified_residual(*_hand_case()).tolist() == WANT
+    assert last_backend["rectified_residual"] == "torch"
