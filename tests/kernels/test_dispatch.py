@@ -371,3 +371,15 @@ def test_describe_with_cuda_under_interpreter(monkeypatch: pytest.MonkeyPatch) -
         assert row["auto_on_cuda_reasons"] == [
             "TRITON_INTERPRET=1 (auto never picks the interpreter)"
         ]
+
+
+def test_out_dtype_reasons() -> None:
+    cpu = torch.device("cpu")
+    assert SPEC.out_dtype_reasons(torch.float16, cpu) == []
+    assert SPEC.out_dtype_reasons(torch.int32, cpu) == [
+        "out_dtype int32 is not supported; the kernel writes float32, float16, bfloat16"
+    ]
+    assert SPEC.out_dtype_reasons(torch.bfloat16, cpu) == [
+        "out_dtype bfloat16 cannot be written by the Triton interpreter on cpu"
+    ]
+    assert SPEC.out_dtype_reasons(torch.bfloat16, torch.device("meta")) == []
