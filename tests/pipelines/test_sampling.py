@@ -435,3 +435,64 @@ def test_per_row_generators_make_a_batch_equal_to_its_rows_alone() -> None:
 def test_generator_list_length_must_match_the_batch() -> None:
     with pytest.raises(ValueError, match="generators"):
         llada.gumbel_argmax(torch.randn(2, 3, 4), 1.0, gens(1))
+
+
+def test_commit_topk_ties_go_to_the_lower_index_in_wide_rows() -> None:
+    """100 tied candidates (wide enough that an unstable sort reorders them): the first k."""
+    got = rules.commit_topk(torch.zeros(1, 100), torch.tensor([3]))
+    assert got.nonzero()[:, 1].tolist() == [0, 1, 2]
+
+
+def test_commit_factor_threshold_boundary_in_float64() -> None:
+    """c_k equal to 1 - factor/(k + 1) does not fail (the rule is c_k < threshold), and the
+    threshold is computed in float64: 0.966666655 lies between 1 - 0.1/3 in float64
+    (0.96666666...67) and in float32 (0.96666664), so it fails at k = 2."""
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    at = torch.tensor([[0.9, 0.75]], dtype=torch.float64)  # 1 - 0.75/3 = 0.75 exactly
+    assert rules.commit_factor(at, valid, 0.75).tolist() == [[True, True]]
+    between = torch.tensor([[0.99, 0.966666655]], dtype=torch.float64)
+    assert 1 - 0.1 / 3 > 0.966666655 > float(torch.tensor(1 - 0.1 / 3, dtype=torch.float32))
+    assert rules.commit_factor(between, valid, 0.1).tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("alg_temp", [0.0, -0.5])
+def test_commit_sampled_refuses_non_positive_temperature(alg_temp: float) -> None:
+    with pytest.raises(
+        ValueError, match=rf"^alg_temp must be > 0 for sampled commits, got {alg_temp}$"
+    ):
+        rules.commit_sampled(
+            torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]), alg_temp
+        )
+
+
+def test_commit_sampled_divides_by_the_temperature() -> None:
+    """softmax([1, 0] / 0.01) puts e^-100 on the second candidate: it is never drawn (with
+    confidence * 0.01 the two would be near 50/50)."""
+    conf, valid, k = (
+        torch.tensor([[1.0, 0.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([1]),
+    )
+    g = torch.Generator().manual_seed(0)
+    draws = [rules.commit_sampled(conf, valid, k, 0.01, g)[0].tolist() for _ in range(200)]
+    assert draws == [[True, False]] * 200
+
+
+def test_commit_sampled_per_row_draws_skip_padding() -> None:
+    """With one generator per row, a row with padding between its candidates draws as the
+    same row without the padding (one uniform per valid candidate, in order)."""
+    conf = torch.tensor([[0.3, 0.0, 0.2, 0.1, 0.0, 0.25, 0.15]])
+    valid = torch.tensor([[True, False, True, True, False, True, True]])
+    packed = conf[valid][None]
+    k = torch.tensor([2])
+    for seed in range(20):
+        gap = rules.commit_sampled(conf, valid, k, 0.5, [torch.Generator().manual_seed(seed)])
+        alone = rules.commit_sampled(
+            packed,
+            torch.ones_like(packed, dtype=torch.bool),
+            k,
+            0.5,
+            [torch.Generator().manual_seed(seed)],
+        )
+        assert gap[valid].tolist() == alone[0].tolist()
+        assert not gap[~valid].any()
