@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from diffcache.kernels import _dispatch
 from diffcache.kv import prior
 from diffcache.pipelines.sampling import dream, llada, rules
 
@@ -496,3 +497,27 @@ def test_commit_sampled_per_row_draws_skip_padding() -> None:
         )
         assert gap[valid].tolist() == alone[0].tolist()
         assert not gap[~valid].any()
+
+
+def test_num_transfer_tokens_refuses_zero_steps() -> None:
+    with pytest.raises(ValueError, match="^steps must be >= 1, got 0$"):
+        llada.num_transfer_tokens(torch.tensor([4]), 0)
+
+
+@pytest.mark.skipif(
+    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
+    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
+)
+def test_llada_sampled_confidence_ignores_the_fused_backend() -> None:
+    """At T > 0 the chosen token is not the argmax, so the fused argmax statistics cannot give
+    its probability: the confidence is the plain softmax probability of the drawn token on
+    every backend."""
+    logits = torch.tensor([[[0.0, 0.1, 0.2, 0.3], [1.0, 0.9, 0.8, 0.7]]])
+    probs = logits.double().softmax(-1)
+    for backend in ("torch", "triton"):
+        g = torch.Generator().manual_seed(3)
+        tokens, conf = llada.llada_candidates(
+            logits, 5.0, "low_confidence", g, eos_id=0, eot_id=1, backend=backend
+        )
+        assert conf.tolist() == probs.gather(-1, tokens[..., None])[..., 0].tolist()
+    assert (tokens != logits.argmax(-1)).any()  # seed 3 draws a non-argmax token
