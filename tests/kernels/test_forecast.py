@@ -112,3 +112,8 @@ def test_default_backend_is_auto() -> None:
     x, history, weights, want = _hand_case()
     assert forecast(x, history, weights).tolist() == want
     assert last_backend["forecast"] == "torch"
+
+
+def test_explicit_triton_checks_the_out_dtype() -> None:
+    with pytest.raises(KernelUnavailableError, match="out_dtype bfloat16"):
+        forecast(*_hand_case()[:3], out_dtype=torch.bfloat16, backend="triton")

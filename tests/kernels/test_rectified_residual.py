@@ -144,3 +144,8 @@ def test_explicit_triton_checks_every_input(bf16_input: int) -> None:
 def test_default_backend_is_auto() -> None:
     assert rectified_residual(*_hand_case()).tolist() == WANT
     assert last_backend["rectified_residual"] == "torch"
+
+
+def test_explicit_triton_checks_the_out_dtype() -> None:
+    with pytest.raises(KernelUnavailableError, match="out_dtype bfloat16"):
+        rectified_residual(*_hand_case(), out_dtype=torch.bfloat16, backend="triton")
