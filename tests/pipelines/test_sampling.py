@@ -521,3 +521,108 @@ def test_llada_sampled_confidence_ignores_the_fused_backend() -> None:
         )
         assert conf.tolist() == probs.gather(-1, tokens[..., None])[..., 0].tolist()
     assert (tokens != logits.argmax(-1)).any()  # seed 3 draws a non-argmax token
+
+
+def _fixed_uniform(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
+    """Every U(0, 1) draw of the Dream sampler returns ``value``."""
+    monkeypatch.setattr(
+        dream, "uniform", lambda shape, *_: torch.full(shape, value, dtype=torch.float64)
+    )
+
+
+def test_filter_logits_temperature_below_one_and_exact_boundaries() -> None:
+    logits = torch.tensor([[2.0, 1.0, -1.0]])
+    assert torch.equal(dream.filter_logits(logits, 0.5, None, None), logits / 0.5)
+    # probabilities 0.5, 0.25, 0.25 (exact in binary): with top_p = 0.75 the second token
+    # reaches 0.75 without exceeding it, so the third, which crosses, is kept too
+    quarter = torch.tensor([[math.log(2.0), 0.0, 0.0]], dtype=torch.float64)
+    assert quarter.softmax(-1).tolist() == [[0.5, 0.25, 0.25]]
+    assert torch.equal(dream.filter_logits(quarter, 0, 0.75, None), quarter)
+    with pytest.raises(ValueError, match="^top_k must be >= 1, got 0$"):
+        dream.filter_logits(logits, 0, None, 0)
+
+
+def test_sample_tokens_promotes_half_logits_to_float32() -> None:
+    logits = torch.tensor([[[2.0, 1.0, 0.3]]], dtype=torch.float16)
+    conf, tokens = dream.sample_tokens(logits, 0)
+    assert tokens.tolist() == [[0]]
+    assert conf.item() == logits.float().softmax(-1)[0, 0, 0].item()
+
+
+@pytest.mark.parametrize("u,token", [(0.99, 3), (0.5, 2), (0.25, 2), (0.2, 0)])
+def test_sample_tokens_inverse_cdf(monkeypatch: pytest.MonkeyPatch, u: float, token: int) -> None:
+    """Token = the first whose cumulative probability exceeds u; a removed (zero-mass) token
+    is never drawn, even where u lands exactly on the cumulative mass before it."""
+    _fixed_uniform(monkeypatch, u)
+    # probabilities 0.25, 0, 0.5, 0.25 (token 1 removed)
+    logits = torch.tensor([[[0.0, float("-inf"), math.log(2.0), 0.0]]], dtype=torch.float64)
+    conf, tokens = dream.sample_tokens(logits, 1.0)
+    assert tokens.tolist() == [[token]]
+    assert conf.tolist() == [[[0.25, 0.0, 0.5, 0.25][token]]]
+
+
+def test_sample_tokens_margin_with_two_tokens() -> None:
+    conf, _ = dream.sample_tokens(torch.tensor([[[math.log(3.0), 0.0]]]), 0, margin=True)
+    assert conf.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("top_p", [None, 1.0])
+def test_dream_confidence_unfiltered_uses_the_fused_backend(top_p: float | None) -> None:
+    """top_p = 1 filters nothing, so T = 0 with it is the plain case the fused kernel serves."""
+    from diffcache.kernels import last_backend
+
+    if _dispatch.triton_status() != [] or not _dispatch._interpret_enabled():
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    dream.dream_confidence("maskgit_plus", torch.randn(1, 2, 5), 0, top_p, backend="triton")
+    assert last_backend["token_confidence"] == "triton"
+
+
+def test_dream_confidence_passes_filters_generators_and_valid() -> None:
+    """dream_confidence samples exactly as sample_tokens with the same arguments."""
+    logits = torch.randn(1, 7, 30, generator=torch.Generator().manual_seed(1))
+    valid = torch.tensor([[True, False, True, True, False, True, True]])
+    for top_p, top_k in [(None, None), (0.3, None), (None, 2)]:
+        for seed in range(3):
+            tokens, conf = dream.dream_confidence(
+                "maskgit_plus",
+                logits,
+                1.0,
+                top_p,
+                top_k,
+                [torch.Generator().manual_seed(seed)],
+                valid,
+            )
+            want_conf, want_tokens = dream.sample_tokens(
+                logits, 1.0, top_p, top_k, [torch.Generator().manual_seed(seed)], valid=valid
+            )
+            assert torch.equal(tokens, want_tokens) and torch.equal(conf, want_conf)
+    tokens, _ = dream.dream_confidence("maskgit_plus", logits, 1.0, None, 1)
+    assert torch.equal(tokens, logits.argmax(-1))  # top_k = 1 leaves only the argmax
+
+
+def test_timesteps_grid() -> None:
+    assert dream.timesteps(4, 0.2).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_origin_reveal_before_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the last step a candidate is revealed only when its draw is below 1 - s/t
+    (here every draw is 0.99); on the last step all are. Tokens honour top-k."""
+    _fixed_uniform(monkeypatch, 0.99)
+    valid = torch.tensor([[True, True, False]])
+    logits = torch.tensor([[[0.0, 3.0], [2.0, 0.0], [0.0, 0.0]]])
+    for i in range(3):
+        reveal, tokens = dream.origin_reveal(logits, valid, i, 4, 0.2, 1.0, None, 1)
+        assert not reveal.any()
+        assert tokens[valid].tolist() == [1, 0]
+    reveal, tokens = dream.origin_reveal(logits, valid, 3, 4, 0.2, 1.0, 0.1, None)
+    assert torch.equal(reveal, valid)
+    assert tokens[valid].tolist() == [1, 0]  # top_p = 0.1 keeps only the most probable
+
+
+def test_origin_commit_draw_equal_to_the_ratio_is_not_revealed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Revealed when u < 1 - s/t, strictly."""
+    grid = dream.timesteps(4, 0.2)
+    _fixed_uniform(monkeypatch, float(1 - grid[2] / grid[1]))
+    assert not dream.origin_commit(torch.ones(1, 2, dtype=torch.bool), 1, 4, 0.2).any()
