@@ -10,7 +10,7 @@ PIN := -c constraints-cpu.txt
 COMPILE := --extra dev $(PIN) --all-build-deps --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links
 
-.PHONY: setup demo test test-all test-latest lint bench lock clean
+.PHONY: setup demo test test-all test-latest lint bench mutation lock clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/dit_step_cache.py
+
+# Mutation testing (slow, not in CI): every module of bench/mutation_targets.tsv, or MODULE=path;
+# resumable, survivors in out/mutation/survivors.md. mutmut comes from the `mutation` extra.
+mutation: $(VENV)/.mutation-installed
+	$(PY) bench/mutation.py $(if $(MODULE),--module $(MODULE))
+
+$(VENV)/.mutation-installed: $(STAMP)
+	$(PY) -m pip install -q $(PIN) --no-build-isolation -e ".[mutation]"
+	touch $@
 
 # Regenerate requirements-lock.txt with pip-tools (pinned here) at the newest versions allowed.
 lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from diffcache.kernels import (
     add_residual_ref,
     last_backend,
 )
+
+# The package attribute `add_residual` is the function; the module lives in sys.modules.
+add_mod = importlib.import_module("diffcache.kernels.add_residual")
 
 needs_interpreter = pytest.mark.skipif(
     _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
@@ -123,3 +128,35 @@ def test_unsupported_out_dtype_falls_back_on_auto() -> None:
         add_residual(x, r, out_dtype=torch.float64, backend="triton")
     out = add_residual(x, r, out_dtype=torch.float64)
     assert out.dtype == torch.float64 and last_backend["add_residual"] == "torch"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("broadcast", [0, 1], ids=["x", "r"])
+def test_triton_zero_stride_input(broadcast: int) -> None:
+    """An input that reshape leaves non-contiguous (a broadcast scalar) is copied first."""
+    pair = [torch.randn(20, 50), torch.randn(20, 50)]
+    pair[broadcast] = torch.tensor([[0.5]]).expand(20, 50)
+    assert not pair[broadcast].reshape(-1).is_contiguous()
+    got = add_residual(*pair, backend="triton")
+    torch.testing.assert_close(got, pair[0] + pair[1])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
+def test_backend_runs_its_implementation(
+    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+) -> None:
+    """The chosen backend is the one that runs (on CPU, auto is torch)."""
+    calls = []
+    kernel = add_mod._add_residual_triton
+    monkeypatch.setattr(add_mod, "_add_residual_triton", lambda *a: calls.append(1) or kernel(*a))
+    add_residual(*_pair(17, torch.float32, torch.float32), backend=backend)
+    assert len(calls) == kernel_calls
+
+
+@pytest.mark.parametrize("bf16_input", [0, 1], ids=["x", "r"])
+def test_explicit_triton_checks_both_inputs(bf16_input: int) -> None:
+    pair = list(_pair(17, torch.float32, torch.float32))
+    pair[bf16_input] = pair[bf16_input].bfloat16()
+    with pytest.raises(KernelUnavailableError, match="bfloat16"):
+        add_residual(*pair, out_dtype=torch.float32, backend="triton")

@@ -276,3 +276,110 @@ def test_resolve_backend_checks_the_override(monkeypatch: pytest.MonkeyPatch) ->
         resolve_backend("auto")
     with pytest.raises(DiffCacheError, match=r"kernels='cuda'"):
         resolve_backend("cuda")
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("1", True), (" True ", True), ("ON", True), ("yes", True), ("0", False), (None, False)],
+)
+def test_interpret_env_without_triton(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, expected: bool
+) -> None:
+    """Without triton, TRITON_INTERPRET is read from the environment like Triton reads it."""
+    monkeypatch.setattr(_dispatch, "triton", None)
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _dispatch._read_interpret_env() is expected
+
+
+@needs_interpreter
+def test_interpret_env_from_triton() -> None:
+    """With triton importable, its own setting is read (conftest turns the interpreter on)."""
+    assert _dispatch._read_interpret_env() is True
+
+
+def test_bad_backend_names_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"^backend='cuda' is not a kernel backend"):
+        pick(SPEC, "cuda", torch.zeros(2))
+
+
+def test_resolve_backend_without_override() -> None:
+    from diffcache.kernels import resolve_backend
+
+    assert [resolve_backend(b) for b in ("auto", "torch", "triton")] == ["auto", "torch", "triton"]
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["interp", "no_interp"])
+def test_auto_on_cpu_logs_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, interpret: bool
+) -> None:
+    """The one log line of auto on cpu gives the op and every reason, '; '-joined."""
+    monkeypatch.setattr(_dispatch, "_interpret_enabled", lambda: interpret)
+    monkeypatch.setattr(_dispatch, "_LOGGED", set())
+    t = torch.zeros(4)
+    with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
+        pick(SPEC, "auto", t, t)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == _dispatch.__name__]
+    if interpret:  # the inputs could run in the interpreter: auto's own reason
+        reasons = ["inputs are not CUDA tensors (auto never picks the interpreter)"]
+    else:
+        cpu = "input {} is on cpu; the Triton kernel needs a CUDA tensor (cpu runs only under "
+        reasons = _dispatch.triton_status() + [
+            cpu.format(i) + "TRITON_INTERPRET=1)" for i in (0, 1)
+        ]
+    assert message == "kernel 'l1_change': using torch backend; " + "; ".join(reasons)
+
+
+def test_explicit_triton_error_lists_inputs_and_remedy(no_interpreter: None) -> None:
+    t = torch.zeros(4)
+    with pytest.raises(KernelUnavailableError) as err:
+        pick(SPEC, "triton", t, t)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines[2:4]] == ["  input 0", "  input 1"]
+    assert lines[-1] == "Remedy: use backend='auto' (falls back to torch) or backend='torch'."
+
+
+def test_cuda_input_without_cuda_under_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dispatch, "_interpret_enabled", lambda: True)
+    monkeypatch.setattr(_dispatch, "_cuda_available", lambda: False)
+    monkeypatch.setattr(_dispatch, "triton_status", lambda: [])
+    reasons = SPEC._reasons_for([("input 0", "cuda", torch.float32, False)])
+    assert reasons == ["input 0 is on cuda but torch sees no CUDA device"]
+    monkeypatch.setattr(_dispatch, "_cuda_available", lambda: True)
+    assert SPEC._reasons_for([("input 0", "cuda", torch.float32, False)]) == []
+
+
+@needs_interpreter
+def test_describe_under_interpreter_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this CPU machine under the interpreter: explicit triton runs here, auto on cuda
+    would not (no CUDA device)."""
+    monkeypatch.setattr(_dispatch, "_cuda_available", lambda: False)
+    for row in kernels.describe():
+        assert row["interpreter"] is True
+        assert row["auto_on_cuda"] == "torch"
+        assert row["auto_on_cuda_reasons"] == [
+            "a float16 input is on cuda but torch sees no CUDA device"
+        ]
+
+
+@needs_interpreter
+def test_describe_with_cuda_under_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dispatch, "_cuda_available", lambda: True)
+    for row in kernels.describe():
+        assert row["auto_on_cuda_reasons"] == [
+            "TRITON_INTERPRET=1 (auto never picks the interpreter)"
+        ]
+
+
+def test_out_dtype_reasons() -> None:
+    cpu = torch.device("cpu")
+    assert SPEC.out_dtype_reasons(torch.float16, cpu) == []
+    assert SPEC.out_dtype_reasons(torch.int32, cpu) == [
+        "out_dtype int32 is not supported; the kernel writes float32, float16, bfloat16"
+    ]
+    assert SPEC.out_dtype_reasons(torch.bfloat16, cpu) == [
+        "out_dtype bfloat16 cannot be written by the Triton interpreter on cpu"
+    ]
+    assert SPEC.out_dtype_reasons(torch.bfloat16, torch.device("meta")) == []

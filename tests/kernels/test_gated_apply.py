@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcache.kernels import _dispatch, gated_apply, gated_apply_ref, last_backend
+from diffcache.kernels import (
+    KernelUnavailableError,
+    _dispatch,
+    gated_apply,
+    gated_apply_ref,
+    last_backend,
+)
 
 needs_interpreter = pytest.mark.skipif(
     _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
@@ -114,3 +120,50 @@ def test_native_kernel_on_cuda(dtype: torch.dtype) -> None:
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def _hand_case() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """x + g0 * v0 + v1 (ungated), in fp16: [1 + 2*3 + 0.5, 2 + (-1)*4 + 0.5]."""
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float16)
+    values = [torch.tensor([[3.0, 4.0]], dtype=torch.float16), torch.full((1, 2), 0.5).half()]
+    return x, values, [torch.tensor([2.0, -1.0]), None]
+
+
+WANT = [[7.5, -1.5]]
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", "auto", pytest.param("triton", marks=needs_interpreter)]
+)
+def test_public_hand_computed(backend: str) -> None:
+    out = gated_apply(*_hand_case(), out_dtype=torch.float32, backend=backend)
+    assert out.dtype == torch.float32 and out.tolist() == WANT
+    out = gated_apply(*_hand_case(), backend=backend)
+    assert out.dtype == torch.float16 and out.tolist() == WANT
+
+
+def test_ref_out_dtype() -> None:
+    assert gated_apply_ref(*_hand_case()).dtype == torch.float16
+    out = gated_apply_ref(*_hand_case(), out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.tolist() == WANT
+
+
+@needs_interpreter
+def test_triton_single_element() -> None:
+    one = torch.ones(1)
+    out = gated_apply(one, [torch.full((1,), 2.0)], [torch.full((1,), 3.0)], backend="triton")
+    assert out.tolist() == [7.0]
+
+
+@pytest.mark.parametrize("bf16_input", ["x", "value", "gate"])
+def test_explicit_triton_checks_every_input(bf16_input: str) -> None:
+    x, values, gates = _hand_case()
+    x, values, gates = x.float(), [v.float() for v in values], [gates[0], None]
+    if bf16_input == "x":
+        x = x.bfloat16()
+    elif bf16_input == "value":
+        values[1] = values[1].bfloat16()
+    else:
+        gates[0] = gates[0].bfloat16()
+    with pytest.raises(KernelUnavailableError, match="bfloat16"):
+        gated_apply(x, values, gates, out_dtype=torch.float32, backend="triton")

@@ -270,3 +270,58 @@ def test_native_strided() -> None:
     kv_scatter(store, rows, vals, backend="triton")
     assert torch.equal(store, want)
     assert torch.equal(kv_gather(store, rows, backend="triton"), vals)
+
+
+def _bad_batch_message(op: str) -> str:
+    return rf"^{op}: rows must be \[B, n\] with B = 2 \(the store's batch\), got shape \(3, 1\)$"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", None], ids=["torch", "triton", "ref"])
+def test_errors_name_the_op(backend: str | None) -> None:
+    """Each entry point (and each reference on its own) names itself and what it was given."""
+    store = torch.zeros(2, 3, 4, 2)  # B=2 differs from H=3
+    rows = torch.zeros(3, 1, dtype=torch.long)
+    values = torch.zeros(2, 3, 1, 2)
+    gather, scatter = (
+        (kv_gather_ref, kv_scatter_ref) if backend is None else (kv_gather, kv_scatter)
+    )
+    kw = {} if backend is None else {"backend": backend}
+    with pytest.raises(ValueError, match=_bad_batch_message("kv_gather")):
+        gather(store, rows, **kw)
+    with pytest.raises(ValueError, match=_bad_batch_message("kv_scatter")):
+        scatter(store, rows, values, **kw)
+    with pytest.raises(ValueError, match="^kv_scatter: values dtype torch.float16 differs from "):
+        scatter(store, rows[:2], values.half(), **kw)
+    with pytest.raises(ValueError, match="cast the fresh rows to the store dtype$"):
+        scatter(store, rows[:2], values.half(), **kw)
+    with pytest.raises(ValueError, match=r"^kv_scatter: values must be \[B, H, n, hd\]"):
+        scatter(store, rows[:2], values[:, :2], **kw)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(1, 1, 4, 0), (1, 0, 4, 2)], ids=["hd0", "h0"])
+def test_triton_empty_heads(shape: tuple[int, ...]) -> None:
+    """No heads or a zero head size: nothing to move, no launch."""
+    store = torch.zeros(shape)
+    rows = torch.tensor([[1]])
+    values = torch.zeros(shape[0], shape[1], 1, shape[3])
+    kv_scatter(store, rows, values, backend="triton")
+    assert kv_gather(store, rows, backend="triton").shape == values.shape
+
+
+@needs_interpreter
+def test_triton_single_element() -> None:
+    store = torch.zeros(1, 1, 3, 1)
+    kv_scatter(store, torch.tensor([[2]]), torch.tensor([[[[5.0]]]]), backend="triton")
+    assert store.flatten().tolist() == [0.0, 0.0, 5.0]
+    assert kv_gather(store, torch.tensor([[2]]), backend="triton").flatten().tolist() == [5.0]
+
+
+@needs_interpreter
+def test_explicit_triton_checks_the_rows_device() -> None:
+    store = torch.zeros(1, 1, 4, 2)
+    rows = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    with pytest.raises(KernelUnavailableError, match="different devices"):
+        kv_gather(store, rows, backend="triton")
+    with pytest.raises(KernelUnavailableError, match="different devices"):
+        kv_scatter(store, rows, torch.zeros(1, 1, 1, 2), backend="triton")

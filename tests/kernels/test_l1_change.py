@@ -172,3 +172,49 @@ def test_bf16_cpu_explicit_triton_names_bf16() -> None:
     out = l1_change(a, b)
     assert last_backend["l1_change"] == "torch"
     torch.testing.assert_close(out.double(), _means(a, b), rtol=1e-6, atol=1e-7)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [0, 17], ids=["empty", "n17"])
+def test_triton_float32_under_float64_default(n: int) -> None:
+    """The result is float32 of shape (3,) whatever torch's default dtype is."""
+    a, b = _pair(n, torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = l1_change(a, b, backend="triton")
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("broadcast", [0, 1], ids=["a", "b"])
+def test_triton_zero_stride_input(broadcast: int) -> None:
+    """An input that reshape leaves non-contiguous (a broadcast scalar) is copied first."""
+    pair = [torch.randn(20, 50), torch.randn(20, 50)]
+    pair[broadcast] = torch.tensor([[0.5]]).expand(20, 50)
+    assert not pair[broadcast].reshape(-1).is_contiguous()
+    got = l1_change(*pair, backend="triton")
+    torch.testing.assert_close(got.double(), _means(*pair), rtol=1e-5, atol=1e-7)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
+def test_backend_runs_its_implementation(
+    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+) -> None:
+    """The chosen backend is the one that runs (on CPU, auto is torch)."""
+    calls = []
+    kernel = l1_mod._l1_change_triton
+    monkeypatch.setattr(l1_mod, "_l1_change_triton", lambda a, b: calls.append(1) or kernel(a, b))
+    l1_change(*_pair(17, torch.float32), backend=backend)
+    assert len(calls) == kernel_calls
+
+
+@pytest.mark.parametrize("bf16_input", [0, 1], ids=["a", "b"])
+def test_explicit_triton_checks_both_inputs(bf16_input: int) -> None:
+    pair = list(_pair(17, torch.float32))
+    pair[bf16_input] = pair[bf16_input].bfloat16()
+    with pytest.raises(KernelUnavailableError, match="bfloat16"):
+        l1_change(*pair, backend="triton")

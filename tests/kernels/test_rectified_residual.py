@@ -3,10 +3,13 @@ on cpu against it (every channel position, odd sizes, fp16)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from diffcache.kernels import (
+    KernelUnavailableError,
     _dispatch,
     add_residual_ref,
     last_backend,
@@ -57,3 +60,92 @@ def test_triton_matches_the_reference(dim: int, dtype: torch.dtype) -> None:
     want = rectified_residual_ref(x, r, scale, shift, dim)
     tol = 1e-6 if dtype is torch.float32 else 1e-3  # a GPU may fuse the multiply-add
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+rr_mod = importlib.import_module("diffcache.kernels.rectified_residual")
+BACKENDS = ["torch", "auto", pytest.param("triton", marks=needs_interpreter)]
+
+
+def _hand_case() -> tuple[torch.Tensor, ...]:
+    """x [1, 2, 3] with channels on dim 1 (the default): (x + r) * scale[c] + shift[c]."""
+    x = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]], dtype=torch.float16)
+    r = torch.ones(1, 2, 3, dtype=torch.float16)
+    return x, r, torch.tensor([2.0, -1.0]), torch.tensor([0.5, 10.0])
+
+
+WANT = [[[4.5, 6.5, 8.5], [5.0, 4.0, 3.0]]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_public_hand_computed_default_channel_dim(backend: str) -> None:
+    out = rectified_residual(*_hand_case(), out_dtype=torch.float32, backend=backend)
+    assert out.dtype == torch.float32 and out.tolist() == WANT
+    out = rectified_residual(*_hand_case(), backend=backend)
+    assert out.dtype == torch.float16 and out.tolist() == WANT
+
+
+def test_ref_default_channel_dim_and_out_dtype() -> None:
+    assert rectified_residual_ref(*_hand_case()).dtype == torch.float16
+    out = rectified_residual_ref(*_hand_case(), out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.tolist() == WANT
+    # the first axis counted from the end is the same axis
+    assert rectified_residual_ref(*_hand_case(), channel_dim=-2).tolist() == WANT
+
+
+def test_channel_dim_range() -> None:
+    x, r, scale, shift = _hand_case()
+    with pytest.raises(
+        ValueError, match="^rectified_residual: channel_dim 3 is out of range for 3-D x$"
+    ):
+        rectified_residual(x, r, scale, shift, channel_dim=3)
+    x0 = x[0, 0]  # 1-D: -1 is its only channel axis, -1 = -x.dim()
+    out = rectified_residual(x0, r[0, 0], torch.full((3,), 2.0), torch.zeros(3), channel_dim=-1)
+    assert out.tolist() == [4.0, 6.0, 8.0]
+
+
+@pytest.mark.parametrize("bad", ["scale", "shift"])
+def test_either_per_channel_vector_is_checked(bad: str) -> None:
+    x, r, scale, shift = _hand_case()
+    if bad == "scale":
+        scale = torch.ones(3)
+    else:
+        shift = torch.ones(3)
+    with pytest.raises(ValueError, match="one value per channel"):
+        rectified_residual(x, r, scale, shift)
+
+
+@needs_interpreter
+def test_triton_single_element() -> None:
+    one = torch.ones(1, 1)
+    out = rectified_residual(one, one, torch.full((1,), 3.0), torch.ones(1), backend="triton")
+    assert out.tolist() == [[7.0]]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
+def test_backend_runs_its_implementation(
+    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+) -> None:
+    calls = []
+    kernel = rr_mod._rectified_triton
+    monkeypatch.setattr(rr_mod, "_rectified_triton", lambda *a: calls.append(1) or kernel(*a))
+    rectified_residual(*_hand_case(), backend=backend)
+    assert len(calls) == kernel_calls
+
+
+@pytest.mark.parametrize("bf16_input", [0, 1, 2, 3], ids=["x", "r", "scale", "shift"])
+def test_explicit_triton_checks_every_input(bf16_input: int) -> None:
+    inputs = [t.float() for t in _hand_case()]
+    inputs[bf16_input] = inputs[bf16_input].bfloat16()
+    with pytest.raises(KernelUnavailableError, match="bfloat16"):
+        rectified_residual(*inputs, out_dtype=torch.float32, backend="triton")
+
+
+def test_default_backend_is_auto() -> None:
+    assert rectified_residual(*_hand_case()).tolist() == WANT
+    assert last_backend["rectified_residual"] == "torch"
+
+
+def test_explicit_triton_checks_the_out_dtype() -> None:
+    with pytest.raises(KernelUnavailableError, match="out_dtype bfloat16"):
+        rectified_residual(*_hand_case(), out_dtype=torch.bfloat16, backend="triton")

@@ -223,3 +223,31 @@ def test_native_matches_ref(shape: tuple[int, int], dtype: torch.dtype) -> None:
     _assert_close(got, token_confidence_ref(logits), tol=1e-5)
     again = token_confidence(logits)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # deterministic
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [0, 3], ids=["empty", "n3"])
+def test_triton_float32_under_float64_default(n: int) -> None:
+    """The probabilities are float32 whatever torch's default dtype is."""
+    logits = _logits(n, 40, torch.float32, seed=4)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        top1, *probs = token_confidence(logits, backend="triton")
+    finally:
+        torch.set_default_dtype(previous)
+    assert top1.dtype == torch.int64
+    assert [p.dtype for p in probs] == [torch.float32] * 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
+def test_backend_runs_its_implementation(
+    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+) -> None:
+    """The chosen backend is the one that runs (on CPU, auto is torch)."""
+    calls = []
+    kernel = tc_mod._token_confidence_triton
+    monkeypatch.setattr(tc_mod, "_token_confidence_triton", lambda x: calls.append(1) or kernel(x))
+    token_confidence(_logits(3, 40, torch.float32, seed=5), backend=backend)
+    assert len(calls) == kernel_calls

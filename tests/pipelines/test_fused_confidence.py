@@ -16,6 +16,7 @@ from diffcache.kernels import _dispatch
 from diffcache.pipelines import arith
 from diffcache.pipelines.arith import data
 from diffcache.pipelines.sampling import dream, llada
+from diffcache.pipelines.sampling.stats import token_stats
 from diffcache.plan import Plan
 
 needs_interpreter = pytest.mark.skipif(
@@ -112,3 +113,9 @@ def test_plan_kernels_reach_the_sampler_and_the_store() -> None:
     assert texts["triton"] == texts["torch"]
     assert used["torch"] == {"kv_scatter": "torch", "token_confidence": "torch"}
     assert used["triton"] == {"kv_scatter": "triton", "token_confidence": "triton"}
+
+
+def test_token_stats_auto_on_cpu_is_none() -> None:
+    """auto never runs the kernel off CUDA: no statistics, the caller's torch path runs."""
+    assert token_stats(torch.randn(1, 2, 5), "auto") is None
+    assert kernels.last_backend["token_confidence"] == "torch"

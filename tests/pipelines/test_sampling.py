@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from diffcache.kernels import _dispatch
 from diffcache.kv import prior
 from diffcache.pipelines.sampling import dream, llada, rules
 
@@ -435,3 +436,193 @@ def test_per_row_generators_make_a_batch_equal_to_its_rows_alone() -> None:
 def test_generator_list_length_must_match_the_batch() -> None:
     with pytest.raises(ValueError, match="generators"):
         llada.gumbel_argmax(torch.randn(2, 3, 4), 1.0, gens(1))
+
+
+def test_commit_topk_ties_go_to_the_lower_index_in_wide_rows() -> None:
+    """100 tied candidates (wide enough that an unstable sort reorders them): the first k."""
+    got = rules.commit_topk(torch.zeros(1, 100), torch.tensor([3]))
+    assert got.nonzero()[:, 1].tolist() == [0, 1, 2]
+
+
+def test_commit_factor_threshold_boundary_in_float64() -> None:
+    """c_k equal to 1 - factor/(k + 1) does not fail (the rule is c_k < threshold), and the
+    threshold is computed in float64: 0.966666655 lies between 1 - 0.1/3 in float64
+    (0.96666666...67) and in float32 (0.96666664), so it fails at k = 2."""
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    at = torch.tensor([[0.9, 0.75]], dtype=torch.float64)  # 1 - 0.75/3 = 0.75 exactly
+    assert rules.commit_factor(at, valid, 0.75).tolist() == [[True, True]]
+    between = torch.tensor([[0.99, 0.966666655]], dtype=torch.float64)
+    assert 1 - 0.1 / 3 > 0.966666655 > float(torch.tensor(1 - 0.1 / 3, dtype=torch.float32))
+    assert rules.commit_factor(between, valid, 0.1).tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("alg_temp", [0.0, -0.5])
+def test_commit_sampled_refuses_non_positive_temperature(alg_temp: float) -> None:
+    with pytest.raises(
+        ValueError, match=rf"^alg_temp must be > 0 for sampled commits, got {alg_temp}$"
+    ):
+        rules.commit_sampled(
+            torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]), alg_temp
+        )
+
+
+def test_commit_sampled_divides_by_the_temperature() -> None:
+    """softmax([1, 0] / 0.01) puts e^-100 on the second candidate: it is never drawn (with
+    confidence * 0.01 the two would be near 50/50)."""
+    conf, valid, k = (
+        torch.tensor([[1.0, 0.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([1]),
+    )
+    g = torch.Generator().manual_seed(0)
+    draws = [rules.commit_sampled(conf, valid, k, 0.01, g)[0].tolist() for _ in range(200)]
+    assert draws == [[True, False]] * 200
+
+
+def test_commit_sampled_per_row_draws_skip_padding() -> None:
+    """With one generator per row, a row with padding between its candidates draws as the
+    same row without the padding (one uniform per valid candidate, in order)."""
+    conf = torch.tensor([[0.3, 0.0, 0.2, 0.1, 0.0, 0.25, 0.15]])
+    valid = torch.tensor([[True, False, True, True, False, True, True]])
+    packed = conf[valid][None]
+    k = torch.tensor([2])
+    for seed in range(20):
+        gap = rules.commit_sampled(conf, valid, k, 0.5, [torch.Generator().manual_seed(seed)])
+        alone = rules.commit_sampled(
+            packed,
+            torch.ones_like(packed, dtype=torch.bool),
+            k,
+            0.5,
+            [torch.Generator().manual_seed(seed)],
+        )
+        assert gap[valid].tolist() == alone[0].tolist()
+        assert not gap[~valid].any()
+
+
+def test_num_transfer_tokens_refuses_zero_steps() -> None:
+    with pytest.raises(ValueError, match="^steps must be >= 1, got 0$"):
+        llada.num_transfer_tokens(torch.tensor([4]), 0)
+
+
+@pytest.mark.skipif(
+    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
+    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
+)
+def test_llada_sampled_confidence_ignores_the_fused_backend() -> None:
+    """At T > 0 the chosen token is not the argmax, so the fused argmax statistics cannot give
+    its probability: the confidence is the plain softmax probability of the drawn token on
+    every backend."""
+    logits = torch.tensor([[[0.0, 0.1, 0.2, 0.3], [1.0, 0.9, 0.8, 0.7]]])
+    probs = logits.double().softmax(-1)
+    for backend in ("torch", "triton"):
+        g = torch.Generator().manual_seed(3)
+        tokens, conf = llada.llada_candidates(
+            logits, 5.0, "low_confidence", g, eos_id=0, eot_id=1, backend=backend
+        )
+        assert conf.tolist() == probs.gather(-1, tokens[..., None])[..., 0].tolist()
+    assert (tokens != logits.argmax(-1)).any()  # seed 3 draws a non-argmax token
+
+
+def _fixed_uniform(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
+    """Every U(0, 1) draw of the Dream sampler returns ``value``."""
+    monkeypatch.setattr(
+        dream, "uniform", lambda shape, *_: torch.full(shape, value, dtype=torch.float64)
+    )
+
+
+def test_filter_logits_temperature_below_one_and_exact_boundaries() -> None:
+    logits = torch.tensor([[2.0, 1.0, -1.0]])
+    assert torch.equal(dream.filter_logits(logits, 0.5, None, None), logits / 0.5)
+    # probabilities 0.5, 0.25, 0.25 (exact in binary): with top_p = 0.75 the second token
+    # reaches 0.75 without exceeding it, so the third, which crosses, is kept too
+    quarter = torch.tensor([[math.log(2.0), 0.0, 0.0]], dtype=torch.float64)
+    assert quarter.softmax(-1).tolist() == [[0.5, 0.25, 0.25]]
+    assert torch.equal(dream.filter_logits(quarter, 0, 0.75, None), quarter)
+    with pytest.raises(ValueError, match="^top_k must be >= 1, got 0$"):
+        dream.filter_logits(logits, 0, None, 0)
+
+
+def test_sample_tokens_promotes_half_logits_to_float32() -> None:
+    logits = torch.tensor([[[2.0, 1.0, 0.3]]], dtype=torch.float16)
+    conf, tokens = dream.sample_tokens(logits, 0)
+    assert tokens.tolist() == [[0]]
+    assert conf.item() == logits.float().softmax(-1)[0, 0, 0].item()
+
+
+@pytest.mark.parametrize("u,token", [(0.99, 3), (0.5, 2), (0.25, 2), (0.2, 0)])
+def test_sample_tokens_inverse_cdf(monkeypatch: pytest.MonkeyPatch, u: float, token: int) -> None:
+    """Token = the first whose cumulative probability exceeds u; a removed (zero-mass) token
+    is never drawn, even where u lands exactly on the cumulative mass before it."""
+    _fixed_uniform(monkeypatch, u)
+    # probabilities 0.25, 0, 0.5, 0.25 (token 1 removed)
+    logits = torch.tensor([[[0.0, float("-inf"), math.log(2.0), 0.0]]], dtype=torch.float64)
+    conf, tokens = dream.sample_tokens(logits, 1.0)
+    assert tokens.tolist() == [[token]]
+    assert conf.tolist() == [[[0.25, 0.0, 0.5, 0.25][token]]]
+
+
+def test_sample_tokens_margin_with_two_tokens() -> None:
+    conf, _ = dream.sample_tokens(torch.tensor([[[math.log(3.0), 0.0]]]), 0, margin=True)
+    assert conf.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("top_p", [None, 1.0])
+def test_dream_confidence_unfiltered_uses_the_fused_backend(top_p: float | None) -> None:
+    """top_p = 1 filters nothing, so T = 0 with it is the plain case the fused kernel serves."""
+    from diffcache.kernels import last_backend
+
+    if _dispatch.triton_status() != [] or not _dispatch._interpret_enabled():
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    dream.dream_confidence("maskgit_plus", torch.randn(1, 2, 5), 0, top_p, backend="triton")
+    assert last_backend["token_confidence"] == "triton"
+
+
+def test_dream_confidence_passes_filters_generators_and_valid() -> None:
+    """dream_confidence samples exactly as sample_tokens with the same arguments."""
+    logits = torch.randn(1, 7, 30, generator=torch.Generator().manual_seed(1))
+    valid = torch.tensor([[True, False, True, True, False, True, True]])
+    for top_p, top_k in [(None, None), (0.3, None), (None, 2)]:
+        for seed in range(3):
+            tokens, conf = dream.dream_confidence(
+                "maskgit_plus",
+                logits,
+                1.0,
+                top_p,
+                top_k,
+                [torch.Generator().manual_seed(seed)],
+                valid,
+            )
+            want_conf, want_tokens = dream.sample_tokens(
+                logits, 1.0, top_p, top_k, [torch.Generator().manual_seed(seed)], valid=valid
+            )
+            assert torch.equal(tokens, want_tokens) and torch.equal(conf, want_conf)
+    tokens, _ = dream.dream_confidence("maskgit_plus", logits, 1.0, None, 1)
+    assert torch.equal(tokens, logits.argmax(-1))  # top_k = 1 leaves only the argmax
+
+
+def test_timesteps_grid() -> None:
+    assert dream.timesteps(4, 0.2).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_origin_reveal_before_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the last step a candidate is revealed only when its draw is below 1 - s/t
+    (here every draw is 0.99); on the last step all are. Tokens honour top-k."""
+    _fixed_uniform(monkeypatch, 0.99)
+    valid = torch.tensor([[True, True, False]])
+    logits = torch.tensor([[[0.0, 3.0], [2.0, 0.0], [0.0, 0.0]]])
+    for i in range(3):
+        reveal, tokens = dream.origin_reveal(logits, valid, i, 4, 0.2, 1.0, None, 1)
+        assert not reveal.any()
+        assert tokens[valid].tolist() == [1, 0]
+    reveal, tokens = dream.origin_reveal(logits, valid, 3, 4, 0.2, 1.0, 0.1, None)
+    assert torch.equal(reveal, valid)
+    assert tokens[valid].tolist() == [1, 0]  # top_p = 0.1 keeps only the most probable
+
+
+def test_origin_commit_draw_equal_to_the_ratio_is_not_revealed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Revealed when u < 1 - s/t, strictly."""
+    grid = dream.timesteps(4, 0.2)
+    _fixed_uniform(monkeypatch, float(1 - grid[2] / grid[1]))
+    assert not dream.origin_commit(torch.ones(1, 2, dtype=torch.bool), 1, 4, 0.2).any()
