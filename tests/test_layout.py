@@ -87,6 +87,7 @@ def test_the_command_runs_as_a_module_from_the_root(entry: list[str]) -> None:
     assert "dit-digits" in out and "llada-arith" in out
 
 
+@pytest.mark.slow  # `make test` itself collects the suite from the root (10 s more here)
 def test_pytest_collects_the_whole_suite_from_the_root() -> None:
     out = _run(["-m", "pytest", "--co", "-q", "-p", "no:cacheprovider"], ROOT)
     counts = dict(line.rsplit(": ", 1) for line in out.splitlines() if line.startswith("tests/"))
