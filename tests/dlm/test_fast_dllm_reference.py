@@ -135,36 +135,45 @@ def plain_fast_dllm(pipe: Any, prompt: str, gen_length: int, block_length: int, 
 
 def ours(pipe: Any, prompt: str, gen_length: int, block_length: int, opts: dict):
     """Our Fast-dLLM's steps, read from its trace, and the output ids."""
+    rows, tokens = ours_batch(pipe, [prompt], gen_length, block_length, opts)
+    return rows[0], tokens
+
+
+def ours_batch(pipe: Any, prompts: list[str], gen_length: int, block_length: int, opts: dict):
+    """Per batch row, our Fast-dLLM's steps where that row had candidates (a finished row
+    waits idle for the others), read from the trace; and the output ids."""
     family = type(pipe).__name__.replace("Pipeline", "").lower()
     plan = {"diffcache": 1, "model": family, "method": "fast_dllm", "options": opts}
     diffcache.accelerate(pipe, plan, trace=True)
     try:
-        out = pipe(prompt, gen_length=gen_length, block_length=block_length)
+        out = pipe(prompts, gen_length=gen_length, block_length=block_length)
         trace = diffcache.stats(pipe).trace
     finally:
         diffcache.remove(pipe)
-    steps: dict[int, Step] = {}
+    steps: list[dict[int, Step]] = [{} for _ in prompts]
     for event in trace:
         values, site, action = event["values"], event["site"], event["action"]
-        step = steps.setdefault(event["step"], Step(-1, None, [], [], [], []))
-        if site == "refresh":
-            assert values["refresh_every"] == opts.get("refresh_every")
-            step.block_step = values["block_step"]
-            step.rows = list(range(*values["rows"])) if action == "partial" else None
-            assert action == ("partial" if "rows" in values else "computed"), event
-        elif site == "model":
-            rows = values["rows"][0] if action == "partial" else None
-            assert rows == step.rows and values.get("full_from") is None, (event, step)
-        elif site == "parallel_decode":
-            assert (values["threshold"], values["factor"]) == (
-                opts.get("threshold", 0.9 if opts.get("factor") is None else None),
-                opts.get("factor"),
-            )
-            step.candidates, step.confidence = values["candidates"][0], values["confidence"][0]
-        elif site == "decode":
-            step.committed, step.tokens = values["positions"][0], values["tokens"][0]
-    assert sorted(steps) == list(range(len(steps)))
-    return list(steps.values()), out.tokens
+        for row, row_steps in enumerate(steps):
+            step = row_steps.setdefault(event["step"], Step(-1, None, [], [], [], []))
+            if site == "refresh":
+                assert values["refresh_every"] == opts.get("refresh_every")
+                step.block_step = values["block_step"]
+                step.rows = list(range(*values["rows"])) if action == "partial" else None
+                assert action == ("partial" if "rows" in values else "computed"), event
+            elif site == "model":
+                rows = values["rows"][row] if action == "partial" else None
+                assert rows == step.rows and values.get("full_from") is None, (event, step)
+            elif site == "parallel_decode":
+                assert (values["threshold"], values["factor"]) == (
+                    opts.get("threshold", 0.9 if opts.get("factor") is None else None),
+                    opts.get("factor"),
+                )
+                step.candidates = values["candidates"][row]
+                step.confidence = values["confidence"][row]
+            elif site == "decode":
+                step.committed, step.tokens = values["positions"][row], values["tokens"][row]
+    assert all(sorted(r) == list(range(len(r))) for r in steps)
+    return [[s for s in r.values() if s.candidates] for r in steps], out.tokens
 
 
 def compare(got: list[Step], want: list[Step]) -> None:
@@ -228,3 +237,32 @@ def test_a_confidence_equal_to_the_threshold_is_committed(name: str) -> None:
     assert at[0].confidence == conf == above[0].confidence
     assert at[0].committed == top2
     assert above[0].committed == [cands[conf.index(max(conf))]]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name", ["llada-tiny", "dream-tiny"])
+def test_each_batch_row_makes_its_own_plain_loops_decisions(name: str, mode: str) -> None:
+    """Two prompts of different lengths in one batch (the shorter left-padded): each row's
+    steps, while it has candidates, are the plain loop's for that prompt alone, its positions
+    moved by its padding."""
+    pipe = pipeline(name)
+    prompts, opts = ["hello", "the quick brown fox jumps"], {"threshold": 0.025, "mode": mode}
+    lengths = [len(ids) for ids in pipe.encode(prompts, None)]
+    assert lengths[0] < lengths[1]
+    got, got_ids = ours_batch(pipe, prompts, 16, 8, opts)
+    for row, prompt in enumerate(prompts):
+        pad = max(lengths) - lengths[row]
+        want, want_ids = plain_fast_dllm(pipe, prompt, 16, 8, opts)
+        moved = [
+            dataclasses.replace(
+                s,
+                rows=None if s.rows is None else [p + pad for p in s.rows],
+                candidates=[p + pad for p in s.candidates],
+                committed=[p + pad for p in s.committed],
+            )
+            for s in want
+        ]
+        compare(got[row], moved)
+        assert torch.equal(got_ids[row, pad:], want_ids[0])
+    # the rows finish their blocks at different steps (one waits idle for the other)
+    assert [s.block_step for s in got[0]] != [s.block_step for s in got[1]]
