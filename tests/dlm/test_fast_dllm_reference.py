@@ -10,9 +10,12 @@ it (``prefix``) is recomputed, plus for Dream the row before the block (its logi
 by one), attending to the K/V of the last refresh elsewhere. Decoding commits the most
 confident masked token of the block and every other one whose confidence (fp64 max
 probability) is >= the threshold, or with ``factor`` the top n for the largest n whose n-th
-confidence is >= 1 − factor / (n + 1). The loop uses only the model's building blocks
-(embedding, ``qkv`` = norm + projections + RoPE, ``finish`` = output projection + MLP, head),
-never the method's, the store's or the engine's code.
+confidence is >= 1 − factor / (n + 1) (as the paper states it; the reference's
+``get_transfer_index_dynamic`` also commits all N when only the N-th fails, a slip our sampler
+keeps behind ``reference_compat``, not exercised here). ``refresh_every`` and Dream's row
+before the block are this method's documented additions to the reference. The loop uses only
+the model's building blocks (embedding, ``qkv`` = norm + projections + RoPE, ``finish`` =
+output projection + MLP, head), never the method's, the store's or the engine's code.
 
 Our pipeline runs the same generation with tracing on, and each step must agree: the rows
 recomputed (the ``model`` event and the method's ``refresh`` event), the candidates and their
