@@ -10,6 +10,7 @@ import re
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,3 +347,197 @@ def test_a_block_whose_modules_are_all_reused_is_skipped_exactly(model: str, mon
     assert total - done == branches * fused and "block" not in plain_stats.work
     assert stats.kernels["gated_apply"] in ("torch", "triton")
     assert clean(pipe.transformer)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference tests (issue 21): the runtime rule written out here, compared step by step
+#
+# The rule (paper §3.3, zihaowu25/InvarDiff's cached forward): at a step the step book marks,
+# every block but the last returns its input and the last returns its output of the last
+# computed step; otherwise each module the module book marks for that step returns its raw
+# output of the last step it was computed at (a reused or skipped step refreshes nothing), and
+# every other module computes. The trace names the book entry and the calibration score behind
+# each call.
+
+TOY_GAINS = {"attn": (0.5, -0.25), "ff": (0.5, -0.25)}  # ToyBlock k scales by 0.5, then -0.25
+
+
+def _toy_plan(step_book: list[int], module_book: list[list[int]], sites: list[str]) -> Plan:
+    steps = len(step_book)
+    return Plan(
+        model="toy",
+        method="invardiff",
+        options={},
+        calibration={"sites": sites},
+        tensors={
+            "step_book": torch.tensor(step_book, dtype=torch.bool),
+            "module_book": torch.tensor(module_book, dtype=torch.bool),
+            "step_scores": torch.arange(steps, dtype=torch.float32) / 4 + 0.5,
+            "module_scores": torch.arange(steps * len(sites), dtype=torch.float32).reshape(
+                steps, len(sites)
+            )
+            / 8,
+        },
+    )
+
+
+def _plain_toy(xs: list[float], step_book: list[int], module_book: list[list[int]]) -> tuple:
+    """The toy denoiser ``2 h + 1`` after two blocks ``h + attn(h) + ff(h)`` under the rule:
+    its output per step and each call's action, keyed (step, site)."""
+    cache: dict[str, float] = {}
+    last: float | None = None
+    outputs, actions = [], {}
+    for t, x in enumerate(xs):
+        if step_book[t] and last is not None:
+            outputs.append(2 * last + 1)
+            actions.update({(t, f"transformer.blocks.{b}"): "reused" for b in (0, 1)})
+            continue
+        h = x
+        for b in (0, 1):
+            parts = []
+            for j, kind in enumerate(("attn", "ff")):
+                name = f"transformer.blocks.{b}.{kind}"
+                reuse = bool(module_book[t][2 * b + j]) and name in cache
+                if not reuse:
+                    cache[name] = TOY_GAINS[kind][b] * h
+                actions[t, name] = "reused" if reuse else "computed"
+                parts.append(cache[name])
+            h = h + sum(parts)
+            actions[t, f"transformer.blocks.{b}"] = "computed"
+        last = h
+        outputs.append(2 * h + 1)
+    return outputs, actions
+
+
+def _decisions(trace: list[dict]) -> dict:
+    return {(e["step"], e["site"]): e for e in trace}
+
+
+def test_toy_calls_follow_the_books_and_reuse_the_last_computed_values() -> None:
+    """Scripted latents ``x_t = t² + 1`` (exact arithmetic): each step's denoiser output equals
+    the plain rule's, and each call's traced action, book entry and score are the plan's.
+    Module reuse reaches back over a reused step (step 7's ``blocks.1.attn`` comes from step 5)."""
+    from diffcache.testing.toys import ToyPipeline
+
+    steps, dims = 8, 2
+    xs = [float(t * t + 1) for t in range(steps)]
+    sites = [f"transformer.blocks.{b}.{k}" for b in (0, 1) for k in ("attn", "ff")]
+    step_book = [0, 0, 0, 1, 0, 0, 1, 0]
+    module_book = [[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1],
+                   [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]]  # fmt: skip
+    plan = _toy_plan(step_book, module_book, sites)
+    want, actions = _plain_toy(xs, step_book, module_book)
+    assert want[3] == want[2] != want[4] and len(set(want)) == steps - 2  # reuse shows
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), x) for x in xs])
+    diffcache.accelerate(pipe, plan, trace=True)
+    try:
+        pipe(torch.full((1, 2, dims), xs[0]), steps=steps)
+        trace = diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+    assert [o.flatten().tolist() for o in pipe.scheduler.outputs] == [[w] * 2 * dims for w in want]
+    got = _decisions(trace)
+    assert {k: e["action"] for k, e in got.items()} == actions and len(got) == len(trace)
+    scores = plan.tensors["module_scores"].tolist()
+    for (t, site), e in got.items():
+        if site in sites:
+            m = sites.index(site)
+            assert e["values"] == {"book": bool(module_book[t][m]), "score": scores[t][m]}, e
+        else:
+            assert e["values"] == {"book": bool(step_book[t]), "score": t / 4 + 0.5}, e
+
+
+def _plain_replay(pipe, one, cal) -> tuple:
+    """``one`` generated with the rule applied by wrapping the DiT's own block and module
+    forwards (no diffcache layer): the output, each call's action keyed (step, site) and the
+    (step, block) pairs whose every module was reused."""
+    import functools
+
+    tr = pipe.transformer
+    blocks = list(tr.transformer_blocks)
+    sites, step_book, module_book = list(cal.sites), cal.step_book, cal.module_book
+    step, cache, last = [-1], {}, {}
+    actions: dict = {}
+
+    def module(name, original, *args, **kwargs):
+        t, m = step[0], sites.index(name)
+        reuse = bool(module_book[t, m]) and name in cache
+        if not reuse:
+            cache[name] = original(*args, **kwargs)
+        actions[t, name] = "reused" if reuse else "computed"
+        return cache[name]
+
+    def block(index, original, *args, **kwargs):
+        t, name = step[0], f"transformer.transformer_blocks.{index}"
+        is_last = index == len(blocks) - 1
+        if bool(step_book[t]) and not (is_last and "out" not in last):
+            actions[t, name] = "reused"
+            return last["out"] if is_last else (args[0] if args else kwargs["hidden_states"])
+        cols = [sites.index(s) for s in sites if s.startswith(name + ".")]
+        fused = bool(module_book[t, cols].all()) and all(sites[c] in cache for c in cols)
+        out = original(*args, **kwargs)
+        actions[t, name] = ("reused", True) if fused else "computed"
+        for c in cols if fused else ():  # the method skips a fused block: no module calls
+            del actions[t, sites[c]]
+        if is_last:
+            last["out"] = out
+        return out
+
+    def count(*_):
+        step[0] += 1
+
+    wrapped = []
+    for index, b in enumerate(blocks):
+        b.forward = functools.partial(block, index, b.forward)
+        wrapped.append(b)
+        for kind in ("attn1", "ff"):
+            mod = getattr(b, kind)
+            name = f"transformer.transformer_blocks.{index}.{kind}"
+            mod.forward = functools.partial(module, name, mod.forward)
+            wrapped.append(mod)
+    hook = tr.register_forward_pre_hook(count)
+    try:
+        out = generate(pipe, one)
+    finally:
+        hook.remove()
+        for mod in wrapped:
+            del mod.forward
+    return out, actions
+
+
+def test_dit_tiny_bundled_plan_follows_its_books_step_by_step() -> None:
+    """dit-tiny with its bundled plan (reused steps 9-14, blocks whose every module is reused
+    at steps 2, 3, 5, 6): each call's traced action, book entry and score are the plan's, the
+    fused blocks are exactly those, and the output equals a plain replay of the rule on the
+    model's own forwards bit for bit (so every reused value is the one the rule names)."""
+    plan = Plan.load("dit-tiny-invardiff.yaml")
+    cal = plan.calibration_data
+    pipe = diffcache.load_model("dit-tiny")
+    req, _, one = tiny_request("dit-tiny", plan.valid_for["num_inference_steps"])
+    want, actions = _plain_replay(pipe, one, cal)
+    assert clean(pipe.transformer)
+    diffcache.accelerate(pipe, plan, trace=True)
+    try:
+        got = generate(pipe, one)
+        trace = diffcache.stats(pipe).trace
+    finally:
+        diffcache.remove(pipe)
+    assert np.array_equal(got, want) and not np.array_equal(got, generate(pipe, one))
+    assert any(a == ("reused", True) for a in actions.values())  # fused blocks happen
+    assert {e["branch"] for e in trace} == {0} and len(_decisions(trace)) == len(trace)
+    decisions = {
+        k: (e["action"], True) if e["values"].get("fused") else e["action"]
+        for k, e in _decisions(trace).items()
+    }
+    assert decisions == actions
+    sites = list(cal.sites)
+    step_scores, module_scores = cal.step_scores.tolist(), cal.module_scores.tolist()
+    for (t, site), e in _decisions(trace).items():
+        if site in sites:
+            m = sites.index(site)
+            want_values = {"book": bool(cal.module_book[t, m]), "score": module_scores[t][m]}
+        else:
+            want_values = {"book": bool(cal.step_book[t]), "score": step_scores[t]}
+            if decisions[t, site] == ("reused", True):
+                want_values["fused"] = True
+        assert e["values"] == want_values, e
