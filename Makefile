@@ -30,11 +30,14 @@ $(STAMP): pyproject.toml setup.py constraints-cpu.txt $(LOCK) requirements-nodep
 demo: $(STAMP)
 	$(VENV)/bin/diffcache demo --out out/demo
 
+# Two pytest-xdist workers, a test file each at a time, one torch thread each (2 cores busy).
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(XDIST)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(XDIST) -m "slow or not slow"
 
 # The newest versions the ranges allow, in a separate environment: the next upstream break
 # shows up here first. Its versions are written to out/test-latest-versions.txt.
@@ -43,7 +46,7 @@ test-latest:
 	$(call install,.venv-latest,--upgrade setuptools wheel -e ".[dev]")
 	@mkdir -p out && .venv-latest/bin/python -m pip freeze --exclude-editable \
 		> out/test-latest-versions.txt
-	.venv-latest/bin/python -m pytest
+	OMP_NUM_THREADS=1 .venv-latest/bin/python -m pytest $(XDIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
