@@ -388,3 +388,72 @@ def test_forecasts_extrapolate_a_known_feature_path(solver: str, path) -> None:
         assert e["values"]["solvers"] == [solver]
         assert e["values"]["weights"] == [pytest.approx(_lagrange(history, k), abs=1e-12)]
         assert e["values"]["residual_mean"] == [pytest.approx(xs[k], rel=1e-6, abs=1e-6)]
+
+
+def _full_steps(steps: int, warmup: int, interval: int) -> int:
+    """Full steps of the schedule, counted by hand: the warm-up, then one every ``interval``."""
+    return warmup + math.ceil((steps - warmup) / interval)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "target", "interval"),
+    [(2, 1.0, 1), (2, 0.9, 2), (2, 0.6, 2), (2, 0.59, 3), (1, 0.2, 9)],
+    ids=["all", "below-all", "equal-to-interval-2", "just-below-it", "last-useful-interval"],
+)
+def test_the_smallest_interval_meeting_the_target(warmup: int, target: float, interval: int):
+    """10 steps: interval n computes (warmup + ceil((10 - warmup) / n)) / 10; the profile picks
+    the smallest n at or below the target, up to the interval that leaves one full step after
+    the warm-up (9 with warm-up 1)."""
+    from diffcache.methods.hyca import _fit_interval
+
+    fracs = {n: _full_steps(10, warmup, n) / 10 for n in range(1, 11)}
+    assert interval == min(n for n, f in fracs.items() if f <= target)
+    cfg = HyCaConfig(warmup_steps=warmup, interval=5)
+    assert _fit_interval(cfg, 10, target) == dataclasses.replace(cfg, interval=interval)
+
+
+def test_an_unreachable_target_names_the_least_compute() -> None:
+    from diffcache.errors import TargetUnreachable
+    from diffcache.methods.hyca import _fit_interval
+
+    least = _full_steps(10, 3, 10) / 10  # the warm-up and step 3
+    with pytest.raises(TargetUnreachable) as err:
+        _fit_interval(HyCaConfig(warmup_steps=3, interval=5), 10, 0.3)
+    assert err.value.least == least == 0.4
+    assert str(err.value) == (
+        "hyca: with warm-up 3 the schedule computes at least 0.400 of the block calls at 10 "
+        "steps, above the target 0.300; lower --option warmup_steps or ask for less"
+    )
+
+
+def test_identity_and_aggressive_schedules() -> None:
+    """identity() computes every step; aggressive() only step 0 (its warm-up) and step 1 (the
+    first after it), then forecasts (past the default interval's next full step, 6)."""
+    assert [HyCaConfig.identity().full(k) for k in range(12)] == [True] * 12
+    assert [HyCaConfig.aggressive().full(k) for k in range(12)] == [True, True] + [False] * 10
+
+
+def test_a_dimension_map_of_another_hidden_size_is_refused_at_the_first_forecast(flux_plan):
+    from diffcache.errors import RunError
+
+    pipe, req, plan = flux_plan
+    labels = plan.tensors["labels"]
+    d = labels.shape[1]
+    bad = dataclasses.replace(plan, tensors={**plan.tensors, "labels": labels[:, :-1]})
+    diffcache.accelerate(pipe, bad)
+    with pytest.raises(RunError) as err:
+        generate(pipe, req.replace(prompt="a cat"))
+    message = str(err.value)
+    assert message.startswith(f"hyca: the plan clusters {d - 1} hidden dimensions but this ")
+    assert f"block has {d} (step 3, " in message and message.endswith("; profile this model")
+    assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_an_unknown_cluster_solver_is_refused(flux_plan) -> None:
+    pipe, _, plan = flux_plan
+    solvers = ["rk4"] + list(plan.calibration["cluster_solvers"][1:])
+    bad = dataclasses.replace(plan, calibration={**plan.calibration, "cluster_solvers": solvers})
+    with pytest.raises(PlanError) as err:
+        diffcache.accelerate(pipe, bad)
+    assert str(err.value) == f"hyca: calibration.cluster_solvers ['rk4'] not in {list(SOLVERS)}"
+    assert clean(pipe.transformer, pipe.scheduler)
