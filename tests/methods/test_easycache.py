@@ -8,6 +8,7 @@ import torch
 
 import diffcache
 from diffcache.errors import RunError
+from diffcache.profile import Profiling
 from diffcache.testing.toys import ToyPipeline, clean
 
 # Scripted latents a_i (every element equal). The denoiser returns v = 2x + e.
@@ -363,3 +364,29 @@ def test_trace_records_the_new_k_on_the_deciding_branch() -> None:
     trace = diffcache.stats(pipe).trace
     assert [e["values"]["new_k"] for e in trace if "new_k" in e["values"]] == [None, 2.0, 2.0, 2.0]
     assert all(e["branch"] == 0 for e in trace if "new_k" in e["values"])
+
+
+class _StepProfiling:
+    """Calibration runs that compute everything below the threshold ``knee`` and half above it
+    (the real bisection of ``Profiling.tune`` runs on them)."""
+
+    def __init__(self, knee: float, target_compute: float | None) -> None:
+        self.knee, self.target_compute, self.runs = knee, target_compute, 0
+
+    def measure(self, config, calibration=None) -> dict:
+        self.runs += 1
+        return {"compute_fraction": 1.0 if config.threshold < self.knee else 0.5}
+
+    tune = Profiling.tune
+
+
+@pytest.mark.parametrize("knee", [0.0123, 12.3])
+def test_calibrate_finds_the_smallest_threshold_meeting_the_target(knee: float) -> None:
+    from diffcache.methods.easycache import EasyCacheConfig
+
+    cfg = EasyCacheConfig(threshold=0.05, warmup_steps=3)
+    tuned = cfg.calibrate(_StepProfiling(knee, 0.5))
+    assert knee <= tuned.config.threshold <= knee * 1.01  # 3 significant digits, rounded up
+    assert tuned.config.warmup_steps == 3 and tuned.measured["compute_fraction"] == 0.5
+    kept = cfg.calibrate(_StepProfiling(knee, None))
+    assert kept.config == cfg and kept.measured == {"compute_fraction": 0.5 if knee < 0.05 else 1.0}
