@@ -457,3 +457,38 @@ def test_an_unknown_cluster_solver_is_refused(flux_plan) -> None:
         diffcache.accelerate(pipe, bad)
     assert str(err.value) == f"hyca: calibration.cluster_solvers ['rk4'] not in {list(SOLVERS)}"
     assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_the_plan_records_the_schedules_compute_and_clusters(flux_plan) -> None:
+    """Warm-up 2, interval 3 at 8 steps: full steps 0, 1, 2, 5 -> half the block calls."""
+    _, _, plan = flux_plan
+    measured = plan.provenance["measured"]
+    labels = plan.tensors["labels"].flatten()
+    clusters = len(plan.calibration["cluster_solvers"])
+    assert measured["compute_fraction"] == _full_steps(STEPS, 2, 3) / STEPS == 0.5
+    assert measured["cluster_sizes"] == [int((labels == c).sum()) for c in range(clusters)]
+    assert measured["cluster_solvers"] == list(plan.calibration["cluster_solvers"])
+
+
+class _NoBlocks:
+    """Profiling of a model whose recorder saw no block call."""
+
+    valid_for = {"num_inference_steps": 4}
+    target_compute = None
+
+    class target:  # noqa: N801 - the attribute Profiling has
+        @staticmethod
+        def sites(kind: str) -> list:
+            return []
+
+    @staticmethod
+    def record(observer) -> dict:
+        return {}
+
+
+def test_profiling_without_block_calls_is_refused() -> None:
+    from diffcache.errors import DiffCacheError
+
+    with pytest.raises(DiffCacheError) as err:
+        HyCaConfig().calibrate(_NoBlocks())
+    assert str(err.value) == "hyca: no block call was recorded; does the model have blocks?"
