@@ -492,3 +492,34 @@ def test_profiling_without_block_calls_is_refused() -> None:
     with pytest.raises(DiffCacheError) as err:
         HyCaConfig().calibrate(_NoBlocks())
     assert str(err.value) == "hyca: no block call was recorded; does the model have blocks?"
+
+
+class _Block(torch.nn.Module):
+    def forward(self, hidden_states):
+        return hidden_states
+
+
+def test_the_recorder_measures_the_residual_energy_and_solver_errors() -> None:
+    """One block, two hidden dimensions with residuals ``block(h) - h`` r_k = (k, k^2) at steps
+    0-4 on the input h = 10 (warm-up 2, interval 3: steps 3 and 4 are forecast from 0, 1, 2).
+    Energies of the differences of order 0-3, summed over steps: (30, 4, 0, 0) for k and
+    (354, 84, 12, 0) for k^2. Errors on steps 3 and 4: reuse (r_2) 1 + 4 and 25 + 144; linear
+    through steps 1, 2 is exact for k and gives 7, 10 for k^2 (4 + 36); quadratic is exact."""
+    from types import SimpleNamespace
+
+    from diffcache.methods.hyca import _Recorder
+    from diffcache.sites import Site
+
+    site = Site(kind="block", name="blocks.0", module=_Block())
+    rec = _Recorder(HyCaConfig(warmup_steps=2, interval=3), [site])
+    h = torch.full((1, 1, 2), 10.0)
+    for k in range(5):
+        call = SimpleNamespace(site=site, branch=0, step=k, arg=lambda name, pos: h)
+        rec.see(call, h + torch.tensor([[[k, k**2]]], dtype=torch.float32))
+    out = rec.result()
+    assert out["energy"].dtype == out["errors"].dtype == torch.float64  # sums over many steps
+    assert out["energy"].tolist() == [[[30.0, 4.0, 0.0, 0.0], [354.0, 84.0, 12.0, 0.0]]]
+    errors = out["errors"][0]
+    assert errors[:, SOLVERS.index("reuse")].tolist() == [5.0, 169.0]
+    assert errors[:, SOLVERS.index("linear")].tolist() == [0.0, 40.0]
+    assert errors[:, SOLVERS.index("quadratic")].tolist() == [0.0, 0.0]
