@@ -523,3 +523,34 @@ def test_the_recorder_measures_the_residual_energy_and_solver_errors() -> None:
     assert errors[:, SOLVERS.index("reuse")].tolist() == [5.0, 169.0]
     assert errors[:, SOLVERS.index("linear")].tolist() == [0.0, 40.0]
     assert errors[:, SOLVERS.index("quadratic")].tolist() == [0.0, 0.0]
+
+
+def test_blocks_of_two_hidden_sizes_are_refused_by_the_recorder() -> None:
+    from types import SimpleNamespace
+
+    from diffcache.errors import DiffCacheError
+    from diffcache.methods.hyca import _Recorder
+    from diffcache.sites import Site
+
+    sites = [Site(kind="block", name=f"blocks.{i}", module=_Block()) for i in range(2)]
+    rec = _Recorder(HyCaConfig(warmup_steps=2, interval=3), sites)
+    for site, d in zip(sites, (2, 3), strict=True):
+        h = torch.ones(1, 1, d)
+        rec.see(SimpleNamespace(site=site, branch=0, step=0, arg=lambda n, p, h=h: h), 2 * h)
+    with pytest.raises(DiffCacheError) as err:
+        rec.result()
+    assert str(err.value) == (
+        "hyca: block sites differ in hidden size ([2, 3]) or were not all called; one dimension "
+        "clustering needs one hidden size"
+    )
+
+
+def test_plan_problems_and_an_empty_history() -> None:
+    problems = HyCaConfig(warmup_steps=8).plan_problems({"num_inference_steps": 8})
+    assert problems == [
+        "options.warmup_steps: 8 warm-up steps cover all 8 steps, so nothing is forecast; use fewer"
+    ]
+    assert HyCaConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8}) == []
+    with pytest.raises(ValueError) as err:
+        solver_weights("ab3", [], 3)
+    assert str(err.value) == "solver_weights: empty history"
