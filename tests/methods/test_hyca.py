@@ -554,3 +554,18 @@ def test_plan_problems_and_an_empty_history() -> None:
     with pytest.raises(ValueError) as err:
         solver_weights("ab3", [], 3)
     assert str(err.value) == "solver_weights: empty history"
+
+
+def test_more_cluster_solvers_than_clusters_are_refused(flux_plan) -> None:
+    pipe, _, plan = flux_plan
+    solvers = list(plan.calibration["cluster_solvers"])
+    clusters = int(plan.tensors["labels"].max()) + 1
+    bad = dataclasses.replace(
+        plan, calibration={**plan.calibration, "cluster_solvers": [*solvers, "reuse"]}
+    )
+    with pytest.raises(PlanError) as err:
+        diffcache.accelerate(pipe, bad)
+    assert str(err.value) == (
+        f"hyca: the plan names {len(solvers) + 1} cluster solvers for {clusters} clusters"
+    )
+    assert clean(pipe.transformer, pipe.scheduler)
