@@ -173,8 +173,6 @@ class _EasyCache:
 
     def store(self, st: _Branch, x: torch.Tensor, output: Any, lead: bool) -> None:
         v = sample_of(output)
-        if self.channels is None:
-            self.channels = min(x.shape[self.cdim], v.shape[self.cdim])
         st.residual, st.extra = split_residual(x, v, self.cdim)
         st.template, st.shape = output, x.shape
         if lead:  # the measurements below also see any NaN / inf in the output
@@ -220,6 +218,9 @@ class _EasyCache:
             out = self.reuse(st, x)
         else:
             out = call.compute()
+            if self.channels is None:  # the first compute tells the latent channels
+                self.channels = min(x.shape[self.cdim], sample_of(out).shape[self.cdim])
+                x = self.latent(x)
             self.store(st, x, out, lead=call.branch == 0)
             if call.branch == 0:  # k as measured after this compute, for the next decisions
                 call.explain(new_k=lead.k)

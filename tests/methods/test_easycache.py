@@ -8,6 +8,7 @@ import torch
 
 import diffcache
 from diffcache.errors import RunError
+from diffcache.profile import Profiling
 from diffcache.testing.toys import ToyPipeline, clean
 
 # Scripted latents a_i (every element equal). The denoiser returns v = 2x + e.
@@ -80,8 +81,12 @@ def test_nan_entering_the_cache_raises_and_cleans() -> None:
 def test_shape_change_within_a_run_raises() -> None:
     script = [torch.full((1, 2, 3), a) for a in SCRIPT[:3]] + [torch.full((1, 2, 4), 6.0)] * 3
     pipe = diffcache.accelerate(ToyPipeline(cfg="none", script=script), PLAN)
-    with pytest.raises(RunError, match="shape changed"):
+    with pytest.raises(RunError) as err:
         pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    assert str(err.value) == (
+        "easycache: ToyDenoiser input shape changed from (1, 2, 3) to (1, 2, 4) within a run "
+        "(step 3, branch 0, method 'easycache'); generate at one size per call."
+    )
     assert not diffcache.is_accelerated(pipe)
 
 
@@ -227,3 +232,161 @@ def test_trace_follows_a_plain_easycache_at_the_threshold_and_after_a_reset(thre
 
 def _pipe_of(xs: list[float]) -> ToyPipeline:
     return ToyPipeline(cfg="none", script=[torch.full((1, 2, 3), a) for a in xs])
+
+
+def _bare(module: torch.nn.Module, options: dict, steps: int | None = 4) -> torch.nn.Module:
+    """``module`` (a bare denoiser ``forward(hidden_states, timestep)``) under EasyCache, with
+    an adapter registered under its class name."""
+    from diffcache.adapter import Adapter
+    from diffcache.registry import adapters, register_adapter
+
+    name = type(module).__name__
+    if name.lower() not in adapters():
+        register_adapter(Adapter(name=name.lower(), pipelines=(), denoisers=(name,), media="image"))
+    plan = {**PLAN, "model": name.lower(), "options": options}
+    if steps is not None:
+        plan["valid_for"] = {"num_inference_steps": steps}
+    return diffcache.accelerate(module, plan)
+
+
+class Conditioned(torch.nn.Module):
+    """Wan I2V's shape: 2 latent channels and a conditioning channel in, 2 channels out."""
+
+    def forward(self, hidden_states, timestep):
+        return (2 * hidden_states[:, :2] + hidden_states[:, 2:],)
+
+
+def test_conditioning_channels_beyond_the_output_are_not_the_input() -> None:
+    """Only the latent channels (those the output has) are the input: a reuse returns
+    latent + (v_c - latent_c) on them, whatever the conditioning channel holds. Before the fix
+    the first call kept all 3 channels and step 1 failed with 'input shape changed'."""
+    model = _bare(Conditioned(), {"threshold": 1e6, "warmup_steps": 2})
+    latents, conds = [4.0, 2.0, 1.0, 0.5], [0.0, 10.0, 20.0, 30.0]
+    outs = []
+    for i, (a, c) in enumerate(zip(latents, conds, strict=True)):
+        x = torch.cat([torch.full((1, 2, 2), a), torch.full((1, 1, 2), c)], dim=1)
+        outs.append(model(x, torch.tensor(10.0 - i))[0])
+    assert diffcache.stats(model).per_step() == [1.0, 1.0, 0.0, 1.0]
+    computed = [2 * a + c for a, c in zip(latents, conds, strict=True)]
+    reused = latents[2] + (computed[1] - latents[1])  # step 2: x_2 + (v_1 - x_1), latent only
+    expect = [computed[0], computed[1], reused, computed[3]]
+    assert [o.tolist() for o in outs] == [torch.full((1, 2, 2), e).tolist() for e in expect]
+
+
+class Upcast(torch.nn.Module):
+    """A half-precision input and a float32 output (``v = 2x + 1``)."""
+
+    def forward(self, hidden_states, timestep):
+        return (2 * hidden_states.float() + 1,)
+
+
+def test_a_reused_output_has_the_dtype_of_a_computed_one() -> None:
+    model = _bare(Upcast(), {"threshold": 1e6, "warmup_steps": 2})
+    outs = [
+        model(torch.full((1, 2, 2), a, dtype=torch.float16), torch.tensor(10.0 - i))[0]
+        for i, a in enumerate([4.0, 2.0, 1.0, 0.5])
+    ]
+    assert diffcache.stats(model).per_step() == [1.0, 1.0, 0.0, 1.0]
+    assert [o.dtype for o in outs] == [torch.float32] * 4
+    assert float(outs[2][0, 0, 0]) == 1.0 + (5.0 - 2.0)  # x_2 + (v_1 - x_1)
+
+
+def test_a_step_without_k_computes() -> None:
+    """Warm-up 1: step 1 has an input and an output to compare with but no k yet (k needs two
+    computed steps), so it computes; reuse starts at step 2."""
+    script = [16.0, 8.0, 7.0, 6.0, 5.0, 3.0]
+    want = _rule(script, 1e6, 1)
+    assert want[0] == [True, True, False, False, False, True]
+    assert _run(script, 1e6, 1) == want
+
+
+def test_identity_and_aggressive_configs() -> None:
+    """identity() computes every step (the plain outputs 2x + 1), even where the default
+    threshold 0.05 would reuse (step 2: E = 2 * 0.125 / 17); aggressive() reuses every step
+    after its 2 warm-up steps but the last."""
+    from diffcache.methods.easycache import EasyCacheConfig
+
+    script = [16.0, 8.0, 7.875, 7.75, 7.625, 3.0]
+    assert _rule(script, 0.05, 0)[0][2] is False
+    identity = EasyCacheConfig.identity()
+    plain = ([True] * 6, [2 * x + 1 for x in script])
+    assert _run(script, identity.threshold, identity.warmup_steps) == plain
+    aggressive = EasyCacheConfig.aggressive()
+    want = _rule(script, 1e6, 2)
+    assert want[0] == [True, True, False, False, False, True]
+    assert _run(script, aggressive.threshold, aggressive.warmup_steps) == want
+
+
+def test_plan_problems_name_a_warmup_covering_every_step() -> None:
+    from diffcache.methods.easycache import EasyCacheConfig
+
+    problems = EasyCacheConfig(warmup_steps=8).plan_problems({"num_inference_steps": 8})
+    assert problems == [
+        "options.warmup_steps: 8 warm-up steps cover all 8 steps (valid_for.num_inference_steps), "
+        "so nothing could be reused; use fewer"
+    ]
+    assert EasyCacheConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8}) == []
+    assert EasyCacheConfig(warmup_steps=8).plan_problems({}) == []
+
+
+def test_a_bare_denoiser_needs_the_step_count() -> None:
+    with pytest.raises(diffcache.DiffCacheError) as err:
+        _bare(Upcast(), {"threshold": 0.3, "warmup_steps": 2}, steps=None)
+    assert (
+        "a bare denoiser has no scheduler to tell the step count, and EasyCache always computes "
+        "the last step: set valid_for.num_inference_steps in the plan"
+    ) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [[4.0, 4.0, 3.0, 2.0], [4.0, -0.5, -1.0, -2.0]],
+    ids=["same input twice: k = 0/0", "zero output: mean|v_1| = 0"],
+)
+def test_a_zero_denominator_forces_a_compute(script: list[float]) -> None:
+    """k = mean|v_1 - v_0| / mean|x_1 - x_0| with x_1 = x_0, or E's normaliser mean|v_1| = 0
+    (v = 2x + 1 at x = -0.5): the ratio is infinite and step 2 computes at any threshold."""
+    assert _run(script, 1e6, 2) == ([True] * 4, [2 * x + 1 for x in script])
+
+
+def test_a_threshold_of_one_is_a_threshold() -> None:
+    """Only threshold 0 skips the rule (nothing could be reused); threshold 1 reuses."""
+    want = _rule(SCRIPT, 1.0, 2)
+    assert want[0] == [True, True, False, False, False, True]
+    assert _run(SCRIPT, 1.0, 2) == want
+
+
+def test_trace_records_the_new_k_on_the_deciding_branch() -> None:
+    """With CFG the cond branch (0) decides and measures k: its computed calls trace new_k
+    (None after step 0, then 2 = |dv| / |dx| of v = 2x + 1), the uncond branch traces none."""
+    pipe = diffcache.accelerate(_pipe("separate"), PLAN, trace=True)
+    pipe(torch.full((1, 2, 3), SCRIPT[0]), steps=6)
+    trace = diffcache.stats(pipe).trace
+    assert [e["values"]["new_k"] for e in trace if "new_k" in e["values"]] == [None, 2.0, 2.0, 2.0]
+    assert all(e["branch"] == 0 for e in trace if "new_k" in e["values"])
+
+
+class _StepProfiling:
+    """Calibration runs that compute everything below the threshold ``knee`` and half above it
+    (the real bisection of ``Profiling.tune`` runs on them)."""
+
+    def __init__(self, knee: float, target_compute: float | None) -> None:
+        self.knee, self.target_compute, self.runs = knee, target_compute, 0
+
+    def measure(self, config, calibration=None) -> dict:
+        self.runs += 1
+        return {"compute_fraction": 1.0 if config.threshold < self.knee else 0.5}
+
+    tune = Profiling.tune
+
+
+@pytest.mark.parametrize("knee", [0.0123, 12.3])
+def test_calibrate_finds_the_smallest_threshold_meeting_the_target(knee: float) -> None:
+    from diffcache.methods.easycache import EasyCacheConfig
+
+    cfg = EasyCacheConfig(threshold=0.05, warmup_steps=3)
+    tuned = cfg.calibrate(_StepProfiling(knee, 0.5))
+    assert knee <= tuned.config.threshold <= knee * 1.01  # 3 significant digits, rounded up
+    assert tuned.config.warmup_steps == 3 and tuned.measured["compute_fraction"] == 0.5
+    kept = cfg.calibrate(_StepProfiling(knee, None))
+    assert kept.config == cfg and kept.measured == {"compute_fraction": 0.5 if knee < 0.05 else 1.0}

@@ -388,3 +388,184 @@ def test_forecasts_extrapolate_a_known_feature_path(solver: str, path) -> None:
         assert e["values"]["solvers"] == [solver]
         assert e["values"]["weights"] == [pytest.approx(_lagrange(history, k), abs=1e-12)]
         assert e["values"]["residual_mean"] == [pytest.approx(xs[k], rel=1e-6, abs=1e-6)]
+
+
+def _full_steps(steps: int, warmup: int, interval: int) -> int:
+    """Full steps of the schedule, counted by hand: the warm-up, then one every ``interval``."""
+    return warmup + math.ceil((steps - warmup) / interval)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "target", "interval"),
+    [(2, 1.0, 1), (2, 0.9, 2), (2, 0.6, 2), (2, 0.59, 3), (1, 0.2, 9)],
+    ids=["all", "below-all", "equal-to-interval-2", "just-below-it", "last-useful-interval"],
+)
+def test_the_smallest_interval_meeting_the_target(warmup: int, target: float, interval: int):
+    """10 steps: interval n computes (warmup + ceil((10 - warmup) / n)) / 10; the profile picks
+    the smallest n at or below the target, up to the interval that leaves one full step after
+    the warm-up (9 with warm-up 1)."""
+    from diffcache.methods.hyca import _fit_interval
+
+    fracs = {n: _full_steps(10, warmup, n) / 10 for n in range(1, 11)}
+    assert interval == min(n for n, f in fracs.items() if f <= target)
+    cfg = HyCaConfig(warmup_steps=warmup, interval=5)
+    assert _fit_interval(cfg, 10, target) == dataclasses.replace(cfg, interval=interval)
+
+
+def test_an_unreachable_target_names_the_least_compute() -> None:
+    from diffcache.errors import TargetUnreachable
+    from diffcache.methods.hyca import _fit_interval
+
+    least = _full_steps(10, 3, 10) / 10  # the warm-up and step 3
+    with pytest.raises(TargetUnreachable) as err:
+        _fit_interval(HyCaConfig(warmup_steps=3, interval=5), 10, 0.3)
+    assert err.value.least == least == 0.4
+    assert str(err.value) == (
+        "hyca: with warm-up 3 the schedule computes at least 0.400 of the block calls at 10 "
+        "steps, above the target 0.300; lower --option warmup_steps or ask for less"
+    )
+
+
+def test_identity_and_aggressive_schedules() -> None:
+    """identity() computes every step; aggressive() only step 0 (its warm-up) and step 1 (the
+    first after it), then forecasts (past the default interval's next full step, 6)."""
+    assert [HyCaConfig.identity().full(k) for k in range(12)] == [True] * 12
+    assert [HyCaConfig.aggressive().full(k) for k in range(12)] == [True, True] + [False] * 10
+
+
+def test_a_dimension_map_of_another_hidden_size_is_refused_at_the_first_forecast(flux_plan):
+    from diffcache.errors import RunError
+
+    pipe, req, plan = flux_plan
+    labels = plan.tensors["labels"]
+    d = labels.shape[1]
+    bad = dataclasses.replace(plan, tensors={**plan.tensors, "labels": labels[:, :-1]})
+    diffcache.accelerate(pipe, bad)
+    with pytest.raises(RunError) as err:
+        generate(pipe, req.replace(prompt="a cat"))
+    message = str(err.value)
+    assert message.startswith(f"hyca: the plan clusters {d - 1} hidden dimensions but this ")
+    assert f"block has {d} (step 3, " in message and message.endswith("; profile this model")
+    assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_an_unknown_cluster_solver_is_refused(flux_plan) -> None:
+    pipe, _, plan = flux_plan
+    solvers = ["rk4"] + list(plan.calibration["cluster_solvers"][1:])
+    bad = dataclasses.replace(plan, calibration={**plan.calibration, "cluster_solvers": solvers})
+    with pytest.raises(PlanError) as err:
+        diffcache.accelerate(pipe, bad)
+    assert str(err.value) == f"hyca: calibration.cluster_solvers ['rk4'] not in {list(SOLVERS)}"
+    assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_the_plan_records_the_schedules_compute_and_clusters(flux_plan) -> None:
+    """Warm-up 2, interval 3 at 8 steps: full steps 0, 1, 2, 5 -> half the block calls."""
+    _, _, plan = flux_plan
+    measured = plan.provenance["measured"]
+    labels = plan.tensors["labels"].flatten()
+    clusters = len(plan.calibration["cluster_solvers"])
+    assert measured["compute_fraction"] == _full_steps(STEPS, 2, 3) / STEPS == 0.5
+    assert measured["cluster_sizes"] == [int((labels == c).sum()) for c in range(clusters)]
+    assert measured["cluster_solvers"] == list(plan.calibration["cluster_solvers"])
+
+
+class _NoBlocks:
+    """Profiling of a model whose recorder saw no block call."""
+
+    valid_for = {"num_inference_steps": 4}
+    target_compute = None
+
+    class target:  # noqa: N801 - the attribute Profiling has
+        @staticmethod
+        def sites(kind: str) -> list:
+            return []
+
+    @staticmethod
+    def record(observer) -> dict:
+        return {}
+
+
+def test_profiling_without_block_calls_is_refused() -> None:
+    from diffcache.errors import DiffCacheError
+
+    with pytest.raises(DiffCacheError) as err:
+        HyCaConfig().calibrate(_NoBlocks())
+    assert str(err.value) == "hyca: no block call was recorded; does the model have blocks?"
+
+
+class _Block(torch.nn.Module):
+    def forward(self, hidden_states):
+        return hidden_states
+
+
+def test_the_recorder_measures_the_residual_energy_and_solver_errors() -> None:
+    """One block, two hidden dimensions with residuals ``block(h) - h`` r_k = (k, k^2) at steps
+    0-4 on the input h = 10 (warm-up 2, interval 3: steps 3 and 4 are forecast from 0, 1, 2).
+    Energies of the differences of order 0-3, summed over steps: (30, 4, 0, 0) for k and
+    (354, 84, 12, 0) for k^2. Errors on steps 3 and 4: reuse (r_2) 1 + 4 and 25 + 144; linear
+    through steps 1, 2 is exact for k and gives 7, 10 for k^2 (4 + 36); quadratic is exact."""
+    from types import SimpleNamespace
+
+    from diffcache.methods.hyca import _Recorder
+    from diffcache.sites import Site
+
+    site = Site(kind="block", name="blocks.0", module=_Block())
+    rec = _Recorder(HyCaConfig(warmup_steps=2, interval=3), [site])
+    h = torch.full((1, 1, 2), 10.0)
+    for k in range(5):
+        call = SimpleNamespace(site=site, branch=0, step=k, arg=lambda name, pos: h)
+        rec.see(call, h + torch.tensor([[[k, k**2]]], dtype=torch.float32))
+    out = rec.result()
+    assert out["energy"].dtype == out["errors"].dtype == torch.float64  # sums over many steps
+    assert out["energy"].tolist() == [[[30.0, 4.0, 0.0, 0.0], [354.0, 84.0, 12.0, 0.0]]]
+    errors = out["errors"][0]
+    assert errors[:, SOLVERS.index("reuse")].tolist() == [5.0, 169.0]
+    assert errors[:, SOLVERS.index("linear")].tolist() == [0.0, 40.0]
+    assert errors[:, SOLVERS.index("quadratic")].tolist() == [0.0, 0.0]
+
+
+def test_blocks_of_two_hidden_sizes_are_refused_by_the_recorder() -> None:
+    from types import SimpleNamespace
+
+    from diffcache.errors import DiffCacheError
+    from diffcache.methods.hyca import _Recorder
+    from diffcache.sites import Site
+
+    sites = [Site(kind="block", name=f"blocks.{i}", module=_Block()) for i in range(2)]
+    rec = _Recorder(HyCaConfig(warmup_steps=2, interval=3), sites)
+    for site, d in zip(sites, (2, 3), strict=True):
+        h = torch.ones(1, 1, d)
+        rec.see(SimpleNamespace(site=site, branch=0, step=0, arg=lambda n, p, h=h: h), 2 * h)
+    with pytest.raises(DiffCacheError) as err:
+        rec.result()
+    assert str(err.value) == (
+        "hyca: block sites differ in hidden size ([2, 3]) or were not all called; one dimension "
+        "clustering needs one hidden size"
+    )
+
+
+def test_plan_problems_and_an_empty_history() -> None:
+    problems = HyCaConfig(warmup_steps=8).plan_problems({"num_inference_steps": 8})
+    assert problems == [
+        "options.warmup_steps: 8 warm-up steps cover all 8 steps, so nothing is forecast; use fewer"
+    ]
+    assert HyCaConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8}) == []
+    with pytest.raises(ValueError) as err:
+        solver_weights("ab3", [], 3)
+    assert str(err.value) == "solver_weights: empty history"
+
+
+def test_more_cluster_solvers_than_clusters_are_refused(flux_plan) -> None:
+    pipe, _, plan = flux_plan
+    solvers = list(plan.calibration["cluster_solvers"])
+    clusters = int(plan.tensors["labels"].max()) + 1
+    bad = dataclasses.replace(
+        plan, calibration={**plan.calibration, "cluster_solvers": [*solvers, "reuse"]}
+    )
+    with pytest.raises(PlanError) as err:
+        diffcache.accelerate(pipe, bad)
+    assert str(err.value) == (
+        f"hyca: the plan names {len(solvers) + 1} cluster solvers for {clusters} clusters"
+    )
+    assert clean(pipe.transformer, pipe.scheduler)
