@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffcache
-from diffcache.errors import PlanError, UnsupportedModelError
+from diffcache.errors import PlanError, TargetUnreachable, UnsupportedModelError
 from diffcache.generate import generate
 from diffcache.methods.ertacache import (
     ERTACacheCalibration,
@@ -313,3 +313,152 @@ def test_some_golden_erta_plan_has_a_phi_strictly_between_0_and_1() -> None:
         want = _plain_schedule(plan.tensors, plan.options["threshold"], plan.options["phi"])
         phis += [phi for reuse, _, phi in want if reuse]
     assert any(0 < p < 1 for p in phis), phis
+
+
+def _recorder_target():
+    from types import SimpleNamespace
+
+    adapter = SimpleNamespace(channel_dim=1, latent_arg="latents")
+    return SimpleNamespace(adapter=adapter, arg_index=lambda name: 0)
+
+
+def _plain_sums(requests: list[list[tuple[list, list]]]) -> dict:
+    """The calibration sums of the ERTACacheCalibration docstring, written out over plain lists:
+    ``requests[i][k] = (x_k, v_k)`` with ``x[ch][j]`` per latent channel (one branch)."""
+
+    def mean_abs(rows: list[list[float]]) -> float:
+        flat = [abs(a) for row in rows for a in row]
+        return sum(flat) / len(flat)
+
+    def sub(a: list, b: list) -> list:
+        return [[p - q for p, q in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
+
+    t, ch = len(requests[0]), len(requests[0][0][0])
+    rel = [[0.0] * t for _ in range(t)]
+    err = [[0.0] * t for _ in range(t)]
+    moments = [[[[0.0] * 5 for _ in range(ch)] for _ in range(t)] for _ in range(t)]
+    step_change, out_abs, count = [0.0] * t, [0.0] * t, [0.0] * t
+    for steps in requests:
+        r = [sub(v, x) for x, v in steps]
+        for k, (x, v) in enumerate(steps):
+            for c in range(k):
+                e = sub(r[c], r[k])
+                rel[c][k] += mean_abs(e) / mean_abs(r[k])
+                err[c][k] += mean_abs(e)
+                for i in range(ch):
+                    u = [a + b for a, b in zip(x[i], r[c][i], strict=True)]
+                    ei = e[i]
+                    m = [len(u), sum(u), sum(ei), sum(a * a for a in u)]
+                    m.append(sum(a * b for a, b in zip(u, ei, strict=True)))
+                    moments[c][k][i] = [p + q for p, q in zip(moments[c][k][i], m, strict=True)]
+            if k:
+                step_change[k] += mean_abs(sub(v, steps[k - 1][1]))
+            out_abs[k] += mean_abs(v)
+            count[k] += 1
+    return {
+        "pair_rel": [rel],
+        "pair_err": [err],
+        "step_change": [step_change],
+        "out_abs": [out_abs],
+        "moments": [moments],
+        "count": [count],
+    }
+
+
+def test_the_recorder_sums_each_pair_of_steps_as_its_docstring_says() -> None:
+    """Two requests of 3 steps, latents of 2 channels x 3 values and an output with a third
+    (extra) channel that is not a latent one: the recorded sums equal the docstring's
+    definitions written out over plain lists."""
+    from types import SimpleNamespace
+
+    from diffcache.methods.ertacache import _Recorder
+
+    g = torch.Generator().manual_seed(3)
+    rec = _Recorder(_recorder_target())
+    requests = []
+    for _ in range(2):
+        steps = []
+        for k in range(3):
+            x = torch.randn(1, 2, 3, generator=g)
+            v = torch.randn(1, 3, 3, generator=g)
+            rec.see(SimpleNamespace(step=k, branch=0, arg=lambda name, pos, x=x: x), v)
+            steps.append((x[0].tolist(), v[0, :2].tolist()))
+        rec.end_request()
+        requests.append(steps)
+    got = rec.result()
+    want = _plain_sums(requests)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].dtype == torch.float64, name
+        assert torch.allclose(got[name], torch.tensor(value, dtype=torch.float64), atol=1e-5), name
+
+
+def test_the_recorder_refuses_a_step_out_of_order_and_records_nothing_without_calls() -> None:
+    from types import SimpleNamespace
+
+    from diffcache.methods.ertacache import _Recorder
+
+    rec = _Recorder(_recorder_target())
+    assert rec.result() == {}
+    x = torch.ones(1, 2, 3)
+    with pytest.raises(diffcache.DiffCacheError) as err:
+        rec.see(SimpleNamespace(step=1, branch=0, arg=lambda name, pos: x), 2 * x)
+    assert str(err.value) == (
+        "ertacache profiling: step 1 of branch 0 came after 0 steps; ERTACache needs one "
+        "denoiser call per step and branch"
+    )
+
+
+def test_calibrations_that_do_not_fit_together_are_refused_with_what_is_wrong() -> None:
+    cal = _calibration(t=4, b=1, c=2)
+    bad_moments = dataclasses.replace(cal, moments=cal.moments[:, :, :3])
+    square = dataclasses.replace(cal, pair_rel=cal.pair_rel[:, :, :3])
+    one_step = _calibration(t=1)
+    no_channel = dataclasses.replace(cal, moments=cal.moments[..., 0])
+    remedy = "; re-run diffcache profile"
+    for given, message in (
+        (bad_moments, "(pair_rel (1, 4, 4); moments (1, 4, 3, 2, 5) (want (1, 4, 4, 2, 5)))"),
+        (square, "(pair_rel (1, 4, 3)"),  # not square
+        (one_step, "(pair_rel (1, 1, 1); no steps)"),
+        (no_channel, "(pair_rel (1, 4, 4); moments (1, 4, 4, 2) (want (1, 4, 4, -1, 5)))"),
+    ):
+        with pytest.raises(PlanError) as err:
+            schedule(given, ERTACacheConfig())
+        text = str(err.value)
+        assert text.startswith("ertacache calibration: tensors do not fit together " + message)
+        assert text.endswith(remedy), text
+    unseen = cal.count.clone()
+    unseen[0, 2] = 0.0
+    with pytest.raises(PlanError, match=r"^ertacache calibration: a \(branch, step\) was never"):
+        fit_threshold(dataclasses.replace(cal, count=unseen), 0.5)
+    assert schedule(_calibration(t=2), ERTACacheConfig()).reuse == ()  # 2 steps: both compute
+
+
+def test_the_fitted_threshold_is_the_shortest_rounding_up_that_keeps_the_schedule() -> None:
+    """5 steps with rel 0.1, 0.2, 0.205 from step 0: computing 3/5 needs steps 1 and 2 reused
+    and step 3 computed, so a threshold in (0.2, 0.205]: 0.21 (two digits, rounded up) would
+    reuse step 3 too, 0.201 (three) is the first that keeps the schedule. Below 2/5 no
+    schedule reaches: the error names that least fraction."""
+    t = 5
+    rel = torch.full((1, t, t), 0.9, dtype=torch.float64)
+    rel[0, 0, 1], rel[0, 0, 2], rel[0, 0, 3] = 0.1, 0.2, 0.205
+    cal = dataclasses.replace(_calibration(t=t), pair_rel=rel)
+    assert fit_threshold(cal, 0.6) == 0.201
+    assert schedule(cal, ERTACacheConfig(threshold=0.201)).reuse == (1, 2)
+    assert fit_threshold(cal, 0.4) == 0.21
+    with pytest.raises(TargetUnreachable) as err:
+        fit_threshold(cal, 0.3)
+    assert str(err.value) == (
+        "ertacache: even reusing every step it can, the schedule computes 0.400 of the 5 steps "
+        "(the first and last always compute), above the target 0.300"
+    )
+    assert err.value.least == 2 / 5
+
+
+def test_adjusted_sigmas_by_hand() -> None:
+    """s = (1, 0.5, 0.25, 0), phi = (1, 0.5, 1): s'_1 = 1 (1 - 0.5) = 0.5, s'_2 = 0.5 (1 - 0.5
+    * 0.5) = 0.375, s'_3 = 0. A step from flow time 0 takes its whole (empty) remainder: with
+    s = (1, 0, 0) and phi = (0.5, 0.5), s'_1 = 0.5 and s'_2 = 0.5 (1 - 0.5) = 0.25."""
+    got = adjusted_sigmas(torch.tensor([1.0, 0.5, 0.25, 0.0]), (1.0, 0.5, 1.0))
+    assert got.dtype == torch.float64 and got.tolist() == [1.0, 0.5, 0.375, 0.0]
+    assert adjusted_sigmas(torch.tensor([1.0, 0.0, 0.0]), (0.5, 0.5)).tolist() == [1.0, 0.5, 0.25]
