@@ -173,6 +173,26 @@ def test_plan_round_trips_byte_identically_and_profiling_is_deterministic(
     assert all(torch.equal(other.tensors[k], plan.tensors[k]) for k in plan.tensors)
 
 
+def test_set_timesteps_gets_the_adjusted_times_however_it_is_called(qwen, profiled) -> None:
+    """The scheduler called directly with positional arguments (steps, device, sigmas, mu) gets
+    the plan's adjusted flow times and timesteps = times x num_train_timesteps."""
+    plan, _ = profiled
+    scheduler = qwen.scheduler
+    scheduler.set_timesteps(STEPS, "cpu", None, 1.0)
+    plain = scheduler.sigmas.clone()
+    phi = schedule(ERTACacheCalibration(**plan.tensors), ERTACacheConfig(**plan.options)).phi
+    diffcache.accelerate(qwen, plan)
+    try:
+        scheduler.set_timesteps(STEPS, "cpu", None, 1.0)
+        sigmas, timesteps = scheduler.sigmas.clone(), scheduler.timesteps.clone()
+    finally:
+        diffcache.remove(qwen)
+    want = adjusted_sigmas(plain, phi).float()
+    assert not torch.equal(want, plain) and torch.equal(sigmas, want)
+    train = scheduler.config.num_train_timesteps
+    assert torch.allclose(timesteps, want[:-1] * train, rtol=1e-6)
+
+
 def test_schedulers_the_adjustment_is_not_defined_for_are_refused() -> None:
     pipe = diffcache.load_model("wan2.1-tiny")  # UniPC
     with pytest.raises(UnsupportedModelError, match="time_adjust=false"):
@@ -203,7 +223,12 @@ def test_calls_outside_the_plan_are_refused_and_the_pipeline_stays_accelerated(
         qwen, ERTACacheConfig(), PROMPTS, target_compute=0.5, request=no_cfg
     )
     for p, bad, good, message in (
-        (plan, REQ.replace(steps=STEPS + 2), REQ, "valid for num_inference_steps=8 but this"),
+        (
+            plan,
+            REQ.replace(steps=STEPS + 2),
+            REQ,
+            "valid for num_inference_steps=8 but this call runs 10 steps",
+        ),
         (one_branch, REQ, no_cfg, "calibrated with 1 denoiser call"),
     ):
         diffcache.accelerate(qwen, p)
