@@ -427,7 +427,6 @@ class _ERTACache:
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
         self.reuse = frozenset(sched.reuse)
-        self.module = type(t.denoiser).__name__
 
     def __call__(self, call: Call) -> Any:
         calibrated = self.sched.scale.shape[0]

@@ -14,6 +14,7 @@ import diffcache
 from diffcache.errors import PlanError, TargetUnreachable, UnsupportedModelError
 from diffcache.generate import generate
 from diffcache.methods.ertacache import (
+    EULER,
     ERTACacheCalibration,
     ERTACacheConfig,
     adjusted_sigmas,
@@ -487,3 +488,33 @@ def test_adjusted_sigmas_by_hand() -> None:
     got = adjusted_sigmas(torch.tensor([1.0, 0.5, 0.25, 0.0]), (1.0, 0.5, 1.0))
     assert got.dtype == torch.float64 and got.tolist() == [1.0, 0.5, 0.375, 0.0]
     assert adjusted_sigmas(torch.tensor([1.0, 0.0, 0.0]), (0.5, 0.5)).tolist() == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize(
+    "config, euler",
+    [
+        (None, True),
+        ({}, True),
+        ({"stochastic_sampling": True}, False),
+        ({"invert_sigmas": True}, False),
+        ({"stochastic_sampling": False, "invert_sigmas": False}, True),
+    ],
+)
+def test_time_adjust_needs_the_deterministic_flow_matching_euler_update(config, euler) -> None:
+    """A scheduler of that class name without a config, or with neither option set, has the
+    update the adjustment is defined for; stochastic sampling or inverted sigmas do not."""
+    from types import SimpleNamespace
+
+    scheduler = type(EULER, (), {} if config is None else {"config": config})()
+    target = SimpleNamespace(driver="scheduler", scheduler=scheduler)
+    reasons = ERTACacheConfig().not_supported_reasons(target)
+    assert reasons == (
+        []
+        if euler
+        else [
+            f"time_adjust is defined for the flow-matching Euler update ({EULER}, deterministic); "
+            f"this pipeline uses {EULER}: set option time_adjust=false (reuse and rectification "
+            "still apply) or use that scheduler"
+        ]
+    )
+    assert not ERTACacheConfig(time_adjust=False).not_supported_reasons(target)
