@@ -518,3 +518,22 @@ def test_time_adjust_needs_the_deterministic_flow_matching_euler_update(config, 
         ]
     )
     assert not ERTACacheConfig(time_adjust=False).not_supported_reasons(target)
+
+
+def test_calibrate_without_a_target_keeps_the_threshold_and_records_the_schedule() -> None:
+    """7 steps, only step 1 reused (rel 0.1 from step 0) with E_1 = 1, D_1 = 3: compute 6/7 and
+    phi_1 = 2/3, recorded to 6 and 4 digits."""
+    from types import SimpleNamespace
+
+    t = 7
+    rel = torch.full((1, t, t), 0.9, dtype=torch.float64)
+    rel[0, 0, 1] = 0.1
+    err = torch.zeros(1, t, t, dtype=torch.float64)
+    err[0, 0, 1] = 1.0
+    cal = dataclasses.replace(_calibration(t=t), pair_rel=rel, pair_err=err)
+    cal = dataclasses.replace(cal, out_abs=torch.full((1, t), 3.0, dtype=torch.float64))
+    config = ERTACacheConfig(threshold=0.5)
+    profiling = SimpleNamespace(trace=SimpleNamespace(observed=vars(cal)), target_compute=None)
+    got = config.calibrate(profiling)
+    assert got.config == config
+    assert got.measured == {"compute_fraction": 0.857143, "reuse_steps": [1], "phi": [0.6667]}
