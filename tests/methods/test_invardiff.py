@@ -24,6 +24,7 @@ from diffcache.methods.invardiff import (
     _Recorder,
     books,
     import_reference_books,
+    read_reference_books,
 )
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter
@@ -260,6 +261,63 @@ def test_malformed_reference_books_are_refused(tmp_path, capsys, data: dict, mat
     path.write_text(json.dumps({"step_cache_bool": [False] * STEPS, "cache_version": 2,
                                 "module_cache_book": _wan_books(blocks)}))  # fmt: skip
     assert main(["plans", "import", str(path), "--model", "wan2.1-tiny", "--out", str(out)]) == 0
+
+
+_STEP_ROWS = "step_cache_bool / step_cache_book is not a non-empty list of 0/1 flags"
+_SECTION_ROWS = (
+    "module_cache_book is not an object of 0/1 lists per layer, one list per step (2 steps)"
+)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[]", "the top level is not an object"),
+        (
+            '{"step_cache_bool": [0, 0], "bogus": {}}',
+            "unknown section 'bogus'; books have step_cache_bool, step_cache_book, "
+            "module_cache_book, transformer_cache_book, single_transformer_cache_book",
+        ),
+        ('{"step_cache_bool": [false, 2]}', _STEP_ROWS),
+        ('{"step_cache_bool": [false, 1.0]}', _STEP_ROWS),
+        ('{"step_cache_book": []}', _STEP_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": [1]}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0]]}}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0], [0, 1]]}}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0], [2]]}}', _SECTION_ROWS),
+    ],
+    ids=[
+        "not-object",
+        "any-family",
+        "flag-2",
+        "flag-float",
+        "no-steps",
+        "section-list",
+        "step-count",
+        "ragged",
+        "row-flag-2",
+    ],  # fmt: skip
+)
+def test_reference_book_files_are_checked_before_any_model(tmp_path, text: str, why: str) -> None:
+    """Each malformed file is refused with the whole reason; without a family the reason lists
+    every family's sections and names no family."""
+    path = tmp_path / "books.json"
+    path.write_text(text)
+    with pytest.raises(PlanError) as e:
+        read_reference_books(path)
+    assert str(e.value) == f"{path}: not an InvarDiff book file ({why})"
+
+
+def test_a_reference_book_file_that_is_no_json_names_the_parse_error(tmp_path) -> None:
+    path = tmp_path / "books.json"
+    path.write_text("{")
+    try:
+        json.loads("{")
+    except ValueError as parse:
+        why = f"JSONDecodeError: {parse}"
+    with pytest.raises(PlanError) as e:
+        read_reference_books(path)
+    assert str(e.value) == f"{path}: not an InvarDiff book file ({why})"
 
 
 def test_reference_flux_books_map_both_stacks(tmp_path) -> None:
