@@ -53,6 +53,25 @@ def test_books_follow_quantiles_nonskip_rows_and_step_first() -> None:
     assert not books(InvarDiffConfig.identity(), step_scores, module_scores, _sites(2))[1].any()
 
 
+def test_identity_and_aggressive_books() -> None:
+    """20 steps (the default nonskip_rate 0.1 would keep 2 first rows, aggressive() keeps 1).
+    Rising step scores: aggressive() reuses every scored step but the highest (row 18), and
+    row 18 computes after the reused row 17. Equal step scores (none below their quantile)
+    and rising module scores: every scored module entry but the highest is reused."""
+    t, sites = 20, _sites(2)
+    rising = torch.arange(t, dtype=torch.float64)
+    modules = torch.arange(2 * t, dtype=torch.float64).reshape(t, 2)
+    aggressive, identity = InvarDiffConfig.aggressive(), InvarDiffConfig.identity()
+    step, module = books(aggressive, rising, torch.zeros(t, 2, dtype=torch.float64), sites)
+    assert step.tolist() == [False] + [True] * 17 + [False, False]
+    assert module.tolist() == [[s, s] for s in step.tolist()]
+    step, module = books(aggressive, torch.ones(t, dtype=torch.float64), modules, sites)
+    want = [[0 < r < t - 1, 0 < r < t - 2] for r in range(t)]
+    assert not step.any() and module.tolist() == want
+    for scores in ((rising, modules), (torch.ones(t, dtype=torch.float64), modules)):
+        assert not any(b.any() for b in books(identity, *scores, sites))
+
+
 def _call(step: int, name: str = "m0", kind: str = "module") -> types.SimpleNamespace:
     site = types.SimpleNamespace(kind=kind, name=name, returns=("hidden",))
     return types.SimpleNamespace(site=site, step=step, branch=0)
