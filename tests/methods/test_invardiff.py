@@ -24,6 +24,7 @@ from diffcache.methods.invardiff import (
     _Recorder,
     books,
     import_reference_books,
+    read_reference_books,
 )
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter
@@ -50,6 +51,25 @@ def test_books_follow_quantiles_nonskip_rows_and_step_first() -> None:
     # module scores rise with the row: rows 2 and 3 hold the 4 lowest of 16 (< the median)
     assert module[2].all()
     assert not books(InvarDiffConfig.identity(), step_scores, module_scores, _sites(2))[1].any()
+
+
+def test_identity_and_aggressive_books() -> None:
+    """20 steps (the default nonskip_rate 0.1 would keep 2 first rows, aggressive() keeps 1).
+    Rising step scores: aggressive() reuses every scored step but the highest (row 18), and
+    row 18 computes after the reused row 17. Equal step scores (none below their quantile)
+    and rising module scores: every scored module entry but the highest is reused."""
+    t, sites = 20, _sites(2)
+    rising = torch.arange(t, dtype=torch.float64)
+    modules = torch.arange(2 * t, dtype=torch.float64).reshape(t, 2)
+    aggressive, identity = InvarDiffConfig.aggressive(), InvarDiffConfig.identity()
+    step, module = books(aggressive, rising, torch.zeros(t, 2, dtype=torch.float64), sites)
+    assert step.tolist() == [False] + [True] * 17 + [False, False]
+    assert module.tolist() == [[s, s] for s in step.tolist()]
+    step, module = books(aggressive, torch.ones(t, dtype=torch.float64), modules, sites)
+    want = [[0 < r < t - 1, 0 < r < t - 2] for r in range(t)]
+    assert not step.any() and module.tolist() == want
+    for scores in ((rising, modules), (torch.ones(t, dtype=torch.float64), modules)):
+        assert not any(b.any() for b in books(identity, *scores, sites))
 
 
 def _call(step: int, name: str = "m0", kind: str = "module") -> types.SimpleNamespace:
@@ -260,6 +280,63 @@ def test_malformed_reference_books_are_refused(tmp_path, capsys, data: dict, mat
     path.write_text(json.dumps({"step_cache_bool": [False] * STEPS, "cache_version": 2,
                                 "module_cache_book": _wan_books(blocks)}))  # fmt: skip
     assert main(["plans", "import", str(path), "--model", "wan2.1-tiny", "--out", str(out)]) == 0
+
+
+_STEP_ROWS = "step_cache_bool / step_cache_book is not a non-empty list of 0/1 flags"
+_SECTION_ROWS = (
+    "module_cache_book is not an object of 0/1 lists per layer, one list per step (2 steps)"
+)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[]", "the top level is not an object"),
+        (
+            '{"step_cache_bool": [0, 0], "bogus": {}}',
+            "unknown section 'bogus'; books have step_cache_bool, step_cache_book, "
+            "module_cache_book, transformer_cache_book, single_transformer_cache_book",
+        ),
+        ('{"step_cache_bool": [false, 2]}', _STEP_ROWS),
+        ('{"step_cache_bool": [false, 1.0]}', _STEP_ROWS),
+        ('{"step_cache_book": []}', _STEP_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": [1]}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0]]}}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0], [0, 1]]}}', _SECTION_ROWS),
+        ('{"step_cache_bool": [0, 0], "module_cache_book": {"ffn": [[0], [2]]}}', _SECTION_ROWS),
+    ],
+    ids=[
+        "not-object",
+        "any-family",
+        "flag-2",
+        "flag-float",
+        "no-steps",
+        "section-list",
+        "step-count",
+        "ragged",
+        "row-flag-2",
+    ],  # fmt: skip
+)
+def test_reference_book_files_are_checked_before_any_model(tmp_path, text: str, why: str) -> None:
+    """Each malformed file is refused with the whole reason; without a family the reason lists
+    every family's sections and names no family."""
+    path = tmp_path / "books.json"
+    path.write_text(text)
+    with pytest.raises(PlanError) as e:
+        read_reference_books(path)
+    assert str(e.value) == f"{path}: not an InvarDiff book file ({why})"
+
+
+def test_a_reference_book_file_that_is_no_json_names_the_parse_error(tmp_path) -> None:
+    path = tmp_path / "books.json"
+    path.write_text("{")
+    try:
+        json.loads("{")
+    except ValueError as parse:
+        why = f"JSONDecodeError: {parse}"
+    with pytest.raises(PlanError) as e:
+        read_reference_books(path)
+    assert str(e.value) == f"{path}: not an InvarDiff book file ({why})"
 
 
 def test_reference_flux_books_map_both_stacks(tmp_path) -> None:
