@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -144,12 +145,10 @@ def test_triton_zero_stride_input(broadcast: int) -> None:
 @needs_interpreter
 @pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
 def test_backend_runs_its_implementation(
-    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+    spy_kernel: Callable, backend: str, kernel_calls: int
 ) -> None:
     """The chosen backend is the one that runs (on CPU, auto is torch)."""
-    calls = []
-    kernel = add_mod._add_residual_triton
-    monkeypatch.setattr(add_mod, "_add_residual_triton", lambda *a: calls.append(1) or kernel(*a))
+    calls = spy_kernel(add_mod, "_add_residual_triton")
     add_residual(*_pair(17, torch.float32, torch.float32), backend=backend)
     assert len(calls) == kernel_calls
 

@@ -4,6 +4,7 @@ against it (1-4 history entries, odd sizes, fp16)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -91,11 +92,9 @@ def test_triton_single_element() -> None:
 @needs_interpreter
 @pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
 def test_backend_runs_its_implementation(
-    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+    spy_kernel: Callable, backend: str, kernel_calls: int
 ) -> None:
-    calls = []
-    kernel = forecast_mod._forecast_triton
-    monkeypatch.setattr(forecast_mod, "_forecast_triton", lambda *a: calls.append(1) or kernel(*a))
+    calls = spy_kernel(forecast_mod, "_forecast_triton")
     forecast(*_hand_case()[:3], backend=backend)
     assert len(calls) == kernel_calls
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -202,12 +203,10 @@ def test_triton_zero_stride_input(broadcast: int) -> None:
 @needs_interpreter
 @pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
 def test_backend_runs_its_implementation(
-    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+    spy_kernel: Callable, backend: str, kernel_calls: int
 ) -> None:
     """The chosen backend is the one that runs (on CPU, auto is torch)."""
-    calls = []
-    kernel = l1_mod._l1_change_triton
-    monkeypatch.setattr(l1_mod, "_l1_change_triton", lambda a, b: calls.append(1) or kernel(a, b))
+    calls = spy_kernel(l1_mod, "_l1_change_triton")
     l1_change(*_pair(17, torch.float32), backend=backend)
     assert len(calls) == kernel_calls
 

@@ -4,6 +4,7 @@ on cpu against it (every channel position, odd sizes, fp16)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -124,11 +125,9 @@ def test_triton_single_element() -> None:
 @needs_interpreter
 @pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
 def test_backend_runs_its_implementation(
-    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+    spy_kernel: Callable, backend: str, kernel_calls: int
 ) -> None:
-    calls = []
-    kernel = rr_mod._rectified_triton
-    monkeypatch.setattr(rr_mod, "_rectified_triton", lambda *a: calls.append(1) or kernel(*a))
+    calls = spy_kernel(rr_mod, "_rectified_triton")
     rectified_residual(*_hand_case(), backend=backend)
     assert len(calls) == kernel_calls
 

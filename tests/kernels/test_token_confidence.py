@@ -5,6 +5,7 @@ vocab tiles, fp32/fp16); native CUDA checks at real vocab sizes are marked ``gpu
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -243,11 +244,9 @@ def test_triton_float32_under_float64_default(n: int) -> None:
 @needs_interpreter
 @pytest.mark.parametrize("backend,kernel_calls", [("triton", 1), ("torch", 0), ("auto", 0)])
 def test_backend_runs_its_implementation(
-    monkeypatch: pytest.MonkeyPatch, backend: str, kernel_calls: int
+    spy_kernel: Callable, backend: str, kernel_calls: int
 ) -> None:
     """The chosen backend is the one that runs (on CPU, auto is torch)."""
-    calls = []
-    kernel = tc_mod._token_confidence_triton
-    monkeypatch.setattr(tc_mod, "_token_confidence_triton", lambda x: calls.append(1) or kernel(x))
+    calls = spy_kernel(tc_mod, "_token_confidence_triton")
     token_confidence(_logits(3, 40, torch.float32, seed=5), backend=backend)
     assert len(calls) == kernel_calls
