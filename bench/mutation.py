@@ -67,11 +67,14 @@ def slug(module: str) -> str:
 
 
 def fingerprint(module: str, tests: list[str]) -> str:
-    """Hash of the module and every file of its tests: a change restarts the module."""
+    """Hash of the module, every file of its tests and each conftest.py above them: a change
+    restarts the module."""
     files = [ROOT / module]
-    for t in ["tests/conftest.py", *tests]:
+    for t in tests:
         p = ROOT / t
+        files += [d / "conftest.py" for d in reversed(p.parents) if (d / "conftest.py").exists()]
         files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    files = list(dict.fromkeys(files))
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())

@@ -25,18 +25,10 @@ import pytest
 import torch
 
 import diffcache
-from diffcache.models import load_model
+from diffcache.testing.plain_dlm import cached_model, dense_forward
 
 MODELS = {"llada-tiny": "llada", "dream-tiny": "dream", "llada-arith": "llada"}
 OPTIONS = {"current_k": 4, "rollout_p": 0.1, "sigma": 10.0, "decode_sigma": 10.0, "inflate_w": 0}
-
-_PIPES: dict[str, Any] = {}
-
-
-def pipeline(name: str) -> Any:
-    if name not in _PIPES:
-        _PIPES[name] = load_model(name)
-    return _PIPES[name]
 
 
 def density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -71,24 +63,18 @@ def inflate(q: torch.Tensor, w: int) -> torch.Tensor:
 
 
 def forward(model, ids, rows, cache, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[n, V]`` of ``rows`` and the step's attention rollout ``[T, T]``."""
-    length = ids.shape[1]
-    eye = torch.eye(length, dtype=torch.float64)
+    """Logits ``[n, V]`` of ``rows`` and the step's attention rollout ``[T, T]``: per layer the
+    head-mean attention of the recomputed rows (identity elsewhere) plus I, rows normalised."""
+    attentions: list[torch.Tensor] = []
+    logits = dense_forward(model, ids, rows, cache, (cos, sin), attentions.append)
+    eye = torch.eye(ids.shape[1], dtype=torch.float64)
     rollout = eye
-    h = model.embed(ids[:, rows])
-    for layer, block in enumerate(model.blocks()):
-        q, k, v = block.qkv(h, cos[:, rows], sin[:, rows])
-        if layer not in cache:
-            cache[layer] = (k.clone(), v.clone())
-        cache[layer][0][:, :, rows], cache[layer][1][:, :, rows] = k, v
-        keys, values = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in cache[layer])
-        attn = ((q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
-        h = block.finish(h, (attn @ values).transpose(1, 2).flatten(2))
+    for attn in attentions:
         effective = eye.clone()
         effective[rows] = attn[0].mean(0).double()
         residual = effective + eye
         rollout = (residual / residual.sum(-1, keepdim=True)) @ rollout
-    return model.head(h)[0], rollout
+    return logits, rollout
 
 
 def reference(pipe, ids: torch.Tensor, gen: int, block_length: int, o: dict) -> list[dict]:
@@ -197,7 +183,7 @@ CASES = [  # model, prompt, gen_length, block_length, options
 def test_reference_compat_makes_the_reference_decisions(
     name: str, prompt: str | None, gen: int, block_length: int, options: dict
 ) -> None:
-    pipe = pipeline(name)
+    pipe = cached_model(name)
     pipe.model.double()  # fp64 both sides: the rollout's sums differ only in the last bits
     if prompt is None:
         from diffcache.pipelines import arith

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import diffcache
-from diffcache.models import load_model
+from diffcache.testing.plain_dlm import cached_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ CASES = [
 def test_elastic_makes_the_plain_loops_decisions(case: tuple, compat: bool) -> None:
     """``reference_compat: true`` against the reference's rules, the default against ours."""
     name, prompt, gen_length, opts = case
-    pipe = load_model(name)
+    pipe = cached_model(name)
     want = plain_elastic(pipe, prompt, gen_length, opts, REFERENCE if compat else DEFAULT)
     cached = [s.full_from for s in want[1:]]
     assert None in cached and any(f is not None for f in cached), cached
@@ -228,7 +228,7 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     EOS is decoded at several steps, a later one left of the first. The reference truncates
     once (it keeps decoding the masks between the two EOS and may track masks it cut off);
     ours follows the first EOS and never tracks a mask."""
-    pipe = load_model("llada-tiny")
+    pipe = cached_model("llada-tiny")
     opts, eos = {"window": 8, "gamma": 0.99}, pipe.tokenizer.eos_token_id
     tokens = [t for s in plain_elastic(pipe, "hello", 24, opts, DEFAULT) for t in s.tokens]
     with torch.no_grad():

@@ -35,17 +35,10 @@ import pytest
 import torch
 
 import diffcache
-from diffcache.models import load_model
+from diffcache.testing.plain_dlm import cached_model, dense_forward
 
-_PIPES: dict[str, Any] = {}
 NOISE = 1e-4  # relative: the plain loop's and our confidences differ by float rounding only
 MARGIN = 1e-6  # no decision may rest on a smaller difference of confidences
-
-
-def pipeline(name: str) -> Any:
-    if name not in _PIPES:
-        _PIPES[name] = load_model(name)
-    return _PIPES[name]
 
 
 @dataclasses.dataclass
@@ -56,22 +49,6 @@ class Step:
     confidence: list[float]
     committed: list[int]
     tokens: list[int]
-
-
-def forward(model: Any, ids: torch.Tensor, rows: torch.Tensor, cache: dict, rope: tuple) -> Any:
-    """Logits ``[n, V]`` of ``rows``: their K/V are written into ``cache`` (one dense tensor
-    per layer, created by the first full forward) and they attend to every position."""
-    cos, sin = rope
-    h = model.embed(ids[:, rows])
-    for layer, block in enumerate(model.blocks()):
-        q, k, v = block.qkv(h, cos[:, rows], sin[:, rows])
-        if layer not in cache:
-            cache[layer] = (k.clone(), v.clone())
-        cache[layer][0][:, :, rows], cache[layer][1][:, :, rows] = k, v
-        keys, values = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in cache[layer])
-        attn = ((q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
-        h = block.finish(h, (attn @ values).transpose(1, 2).flatten(2))
-    return model.head(h)[0]
 
 
 def commit(conf: torch.Tensor, opts: dict) -> torch.Tensor:
@@ -116,7 +93,7 @@ def plain_fast_dllm(pipe: Any, prompt: str, gen_length: int, block_length: int, 
             refresh = i == 0 or (every is not None and i % every == 0)
             lo = max(start - shift, 0)
             rows = torch.arange(length) if refresh else torch.arange(lo, end if dual else length)
-            logits = forward(model, ids, rows, cache, rope)
+            logits = dense_forward(model, ids, rows, cache, rope)
             targets = (ids[0, start:end] == model.mask_id).nonzero().flatten() + start
             source = logits[targets - shift - int(rows[0])]
             conf, token = source.double().softmax(-1).max(-1)
@@ -211,7 +188,7 @@ CASES = [
 def test_fast_dllm_makes_the_plain_loops_decisions(case: tuple, mode: str) -> None:
     name, prompt, gen_length, block_length, opts = case
     opts = {**opts, "mode": mode}
-    pipe = pipeline(name)
+    pipe = cached_model(name)
     want, want_ids = plain_fast_dllm(pipe, prompt, gen_length, block_length, opts)
     assert any(len(s.committed) > 1 for s in want)  # several tokens in one step
     assert any(len(s.committed) == 1 < len(s.candidates) for s in want)  # only the best one
@@ -229,7 +206,7 @@ def test_a_confidence_equal_to_the_threshold_is_committed(name: str) -> None:
     second most confident candidate, step 0 commits the two most confident; one ulp above it,
     the best one only. Step 0 is a full forward, so its confidences do not depend on the
     threshold."""
-    pipe = pipeline(name)
+    pipe = cached_model(name)
     first, _ = ours(pipe, "hello", 16, 8, {"threshold": 0.9})
     conf, cands = first[0].confidence, first[0].candidates
     second = sorted(conf, reverse=True)[1]
@@ -248,7 +225,7 @@ def test_each_batch_row_makes_its_own_plain_loops_decisions(name: str, mode: str
     """Two prompts of different lengths in one batch (the shorter left-padded): each row's
     steps, while it has candidates, are the plain loop's for that prompt alone, its positions
     moved by its padding."""
-    pipe = pipeline(name)
+    pipe = cached_model(name)
     prompts, opts = ["hello", "the quick brown fox jumps"], {"threshold": 0.025, "mode": mode}
     lengths = [len(ids) for ids in pipe.encode(prompts, None)]
     assert lengths[0] < lengths[1]
