@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +62,8 @@ def accelerate(
         owner=type(model).__name__,
         tracing=trace,
     )
-    session = Session(target, plan, run, plan.calibration_data)
     _, apply = get_method(plan.method)
-    try:
-        apply(session, config)
-        session.install(DRIVERS[target.driver]())
-        model.__dict__[SESSION_ATTR] = session
-    except BaseException:
-        session.close()
-        raise
+    open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)
     logger.info(
         "diffcache: %s on %s (%s), kernels=%s",
         config.name,
@@ -79,6 +72,20 @@ def accelerate(
         kernels,
     )
     return model
+
+
+def open_session(model: Any, session: Session, attach: Callable[..., None], *args: Any) -> Session:
+    """Attach through ``attach(session, *args)`` (a method's ``apply``, or profiling's probes),
+    install the target's driver and keep the session on ``model``: the one way diffcache
+    attaches to a model. All or nothing: a failure detaches everything."""
+    try:
+        attach(session, *args)
+        session.install(DRIVERS[session.target.driver]())
+        model.__dict__[SESSION_ATTR] = session
+    except BaseException:
+        session.close()
+        raise
+    return session
 
 
 def resolve(model: Any, plan: Plan) -> Target:

@@ -343,54 +343,17 @@ def _check_valid_for(plan: Any, req: Any) -> None:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
 
 
-def _start(args: argparse.Namespace) -> Any:
-    """The plan ``profile`` takes its options and step count from: ``--from``, else a built-in
-    model's bundled plan for the method (``MODEL.yaml`` or ``MODEL-METHOD.yaml``), else None
-    (a checkpoint folder's published settings are looked up once its family is known)."""
-    from diffcache.models import builtin_models
-    from diffcache.plan import Plan, model_plan
-
-    if args.start:
-        return Plan.load(args.start, template=True)
-    if args.method is None or args.model not in builtin_models():
-        return None
-    return model_plan(args.model, args.method)
-
-
-def _method_config(
-    args: argparse.Namespace, steps: int | None, start: Any = None, given_steps: int | None = None
-) -> Any:
-    """The method's config: the options of ``start`` (see ``_start``; else the method's
-    defaults) with ``--option KEY=VALUE`` on top; checked against the step count before any
-    model is built (``given_steps``: the user's --steps, to tell it from the plan's or the
-    model's default in errors)."""
-    from diffcache.registry import get_method
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--option KEY=VALUE`` flags as options (each value read as YAML)."""
     from diffcache.yamlio import loads_yaml
 
-    if args.method is None and start is None:
-        raise DiffCacheError("give --method, or --from a plan or template to take it from")
-    if start is not None and args.method not in (None, start.method):
-        raise DiffCacheError(
-            f"--method {args.method} but --from {args.start} is a {start.method} plan; give one"
-        )
-    method = f"--method {args.method}" if args.method else f"--from {args.start} ({start.method})"
-    args.method = args.method or start.method
-    cls, _ = get_method(args.method, "--method")
-    options: dict[str, Any] = dict(start.options) if start is not None else {}
+    options: dict[str, Any] = {}
     for item in args.option or ():
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise DiffCacheError(f"--option {item}: expected KEY=VALUE (e.g. warmup_steps=4)")
         options[key.strip()] = loads_yaml(text, f"--option {item}")
-    config = cls.from_options(options, f"--method {args.method} options")
-    problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
-    if problems:
-        at = f"--steps {steps}" if steps == given_steps else f"{steps} steps"
-        raise DiffCacheError(
-            f"{method} at {at}: {'; '.join(problems)} "
-            "(set the method's options with --option KEY=VALUE)"
-        )
-    return config
+    return options
 
 
 # ---------------------------------------------------------------------------- commands
@@ -468,9 +431,14 @@ def _generate_out(args: argparse.Namespace, adapter: Any, req: Any) -> Path:
 
 def _profile(args: argparse.Namespace) -> int:
     import diffcache
+    from diffcache import distributed
     from diffcache.eval.report import speedup_text
     from diffcache.eval.timing import costlier, measurement_threads
     from diffcache.generate import check_writable
+    from diffcache.models import builtin_models
+    from diffcache.plan import format_options
+    from diffcache.profile import CLI, check_targets, resolve_start
+    from diffcache.request import CALIBRATION_INPUT
 
     _check_seeds(args)
     _check_timing(args)
@@ -478,10 +446,7 @@ def _profile(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
     check_writable(out, "--out")
-    if args.target_compute is not None and not 0 < args.target_compute <= 1:
-        raise DiffCacheError(f"--target-compute must be in (0, 1], got {args.target_compute}")
-    if args.target_speedup is not None and not 1 <= args.target_speedup < float("inf"):
-        raise DiffCacheError(f"--target-speedup must be a number >= 1, got {args.target_speedup}")
+    check_targets(args.target_compute, args.target_speedup, CLI)
     if args.prompts:
         prompts = _read_prompts(args.prompts)
     else:
@@ -491,41 +456,46 @@ def _profile(args: argparse.Namespace) -> int:
         if not 1 <= args.num_prompts <= 10_000:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
     sample = {"prompt": prompts[0] if prompts else "x"}
-    from diffcache import distributed
-    from diffcache.plan import format_options, published_plan
-    from diffcache.request import CALIBRATION_INPUT
+    entry, options, given_steps = builtin_models().get(args.model), _options(args), args.steps
 
-    start, given_steps = _start(args), args.steps
-    if start is not None and args.steps is None:  # the plan's step count, unless --steps
-        args.steps = start.valid_for.get("num_inference_steps")
+    def start_for(family: str | None) -> Any:  # where profiling starts (one rule: profile.py)
+        return resolve_start(
+            args.method,
+            family=family,
+            model=args.model if entry is not None else None,
+            start=args.start,
+            options=options,
+            steps=given_steps,
+            default_steps=entry.defaults.get("steps") if entry is not None else None,
+            what=args.model,
+            names=CLI,
+        )
+
+    start = start_for(entry.family if entry is not None else None)  # before loading anything
+    args.steps = start.request_steps
     req, adapter = _request(args, args.model, sample, CALIBRATION_INPUT)
-    folder = start is None and adapter is None  # its starting plan is known once it is loaded
-    config = _method_config(args, None if folder else req.get("steps"), start, given_steps)
-    if adapter is not None:  # a built-in model: its family is known before it is built
-        prompts = _profile_inputs(args, start, adapter, prompts)
+    if adapter is not None:  # a built-in model: its inputs are known before it is built
+        prompts = _profile_inputs(args, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
-    if folder:  # a checkpoint folder: start from its family's published settings, if any
-        start = published_plan(adapter.name, args.method)
-        if start is not None and args.steps is None:
-            args.steps = start.valid_for.get("num_inference_steps")
+    if entry is None:  # a checkpoint folder: its family's published settings are known now
+        start = start_for(adapter.name)
+        if start.request_steps != args.steps:
+            args.steps = start.request_steps
             req, _ = _request(args, args.model, sample, CALIBRATION_INPUT)
             adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
-        config = _method_config(args, req.get("steps"), start, given_steps)
-        if start is not None:
-            opts = format_options(start.options)
-            if distributed.is_main():
-                print(
-                    f"starting from {start.name}, the published {args.method} settings for "
-                    f"{adapter.name} ({opts}; {req.get('steps') or 'default'} steps); --from "
-                    "or --option to change",
-                    file=sys.stderr,
-                )
-    prompts = _profile_inputs(args, start, adapter, prompts, pipe)
+        if start.published and distributed.is_main():
+            print(
+                f"starting from {start.plan.name}, the published {start.config.name} settings "
+                f"for {adapter.name} ({format_options(start.plan.options)}; "
+                f"{req.get('steps') or 'default'} steps); --from or --option to change",
+                file=sys.stderr,
+            )
+    prompts = _profile_inputs(args, adapter, prompts, pipe)
     with measurement_threads(args.threads):
         plan = diffcache.profile(
             pipe,
-            config,
+            start.config,
             prompts,
             seeds=args.seeds,
             out=out,
@@ -565,20 +535,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _profile_inputs(
-    args: argparse.Namespace,
-    start: Any,
-    adapter: Any,
-    prompts: list[str] | None,
-    pipe: Any = None,
+    args: argparse.Namespace, adapter: Any, prompts: list[str] | None, pipe: Any = None
 ) -> list[str]:
-    """The calibration inputs for the model's family (``--prompts``, else bundled; checked
-    against ``pipe`` once it is loaded), after refusing a ``--from`` plan made for another
-    family."""
-    if start is not None and start.model != adapter.name:
-        raise DiffCacheError(
-            f"--from {args.start}: a plan for {start.model} models, and {args.model} is a "
-            f"{adapter.name} model"
-        )
+    """The calibration inputs for the model's family: ``--prompts``, else bundled (checked
+    against ``pipe`` once it is loaded)."""
     if args.prompts:
         return prompts
     return _bundled_prompts(args.model, adapter, args.num_prompts, pipe)

@@ -16,7 +16,7 @@ import hashlib
 import math
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from diffcache.eval.timing import (
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
-from diffcache.plan import Plan, model_plan
+from diffcache.plan import Plan, model_plan, published_plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.request import CALIBRATION_INPUT, Request, check, expand
 from diffcache.runstate import RunState
@@ -209,6 +209,123 @@ class Profiling:
         return make(cheap), {**best, "search": [[float(f"{k:.6g}"), c] for k, c in search]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """How errors name a profile's inputs: Python's arguments, or the CLI's flags (``CLI``)."""
+
+    method: str = "method"
+    start: str = ""  # the plan to start from
+    steps: str = ""  # a step count the caller gave (empty: "N steps")
+    options: str = ""  # where the caller sets options (empty: not named)
+    target_compute: str = "target_compute"
+    target_speedup: str = "target_speedup"
+
+    def of(self, name: str, value: Any) -> str:
+        """``value`` labelled with the input ``name`` names (``--from x.yaml``, ``x.yaml``)."""
+        return f"{getattr(self, name)} {value}".strip()
+
+
+CLI = Names(
+    "--method", "--from", "--steps", "--option KEY=VALUE", "--target-compute", "--target-speedup"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a profile starts: the method's options, the plan they came from and the steps."""
+
+    config: MethodConfig
+    plan: Plan | None  # the plan the options came from (None: the method's defaults)
+    published: bool  # ``plan`` is the family's published settings for real checkpoints
+    request_steps: int | None  # the step count the request sets: the caller's, else the plan's
+
+
+def resolve_start(
+    method: str | Path | MethodConfig | Plan | None,
+    *,
+    family: str | None,
+    model: str | None = None,
+    start: str | Path | Plan | None = None,
+    options: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+    default_steps: int | None = None,
+    what: str = "the model",
+    names: Names = Names(),
+) -> Start:
+    """The one rule for where ``diffcache.profile`` and ``diffcache profile`` start.
+
+    The options are those of (the first that applies) the plan ``start`` or ``method`` names
+    (a ``.yaml`` path, bundled name or Plan: templates too), the built-in ``model``'s bundled
+    plan of the method, the ``family``'s published settings for real checkpoints, else the
+    method's defaults; ``options`` go on top. The step count is ``steps``, else the starting
+    plan's, else ``default_steps``. ``family`` None means not known yet (a checkpoint folder
+    before it is loaded): the options are checked against the step count once a plan or the
+    family is known. ``what`` names the model in errors, ``names`` the inputs.
+    """
+    if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
+        if start is not None:
+            raise PlanError(f"give a plan to start from once, not {method} and {start}")
+        method, start = None, method
+    plan = Plan.load(start, template=True) if start is not None else None
+    name = method.name if isinstance(method, MethodConfig) else method
+    if plan is not None:
+        if name not in (None, plan.method):
+            raise PlanError(
+                f"{names.of('method', name)} but {names.of('start', plan.name)} is a "
+                f"{plan.method} plan; give one"
+            )
+        if family is not None and plan.model != family:
+            raise PlanError(
+                f"{names.of('start', plan.name)}: a plan for {plan.model} models, and {what} is a "
+                f"{family} model; use a plan made for {family} (`diffcache plans list`)"
+            )
+    published = False
+    if plan is None and isinstance(method, str):
+        if model is not None:
+            plan = model_plan(model, method)
+        elif family is not None:
+            plan = published_plan(family, method)
+            published = plan is not None
+    if name is None and plan is None:
+        raise PlanError(f"give {names.method}, or {names.start} a plan or template to take it from")
+    name = name or plan.method
+    if isinstance(method, MethodConfig) and not options:
+        config = method
+    else:
+        cls, _ = get_method(name, names.method)
+        given = method.to_options() if isinstance(method, MethodConfig) else {}
+        merged = {**(plan.options if plan is not None else {}), **given, **(options or {})}
+        config = cls.from_options(merged, f"{names.of('method', name)} options")
+    request_steps = steps
+    if request_steps is None and plan is not None:
+        request_steps = plan.valid_for.get("num_inference_steps")
+    checked = request_steps if request_steps is not None else default_steps
+    problems = config.plan_problems({"num_inference_steps": checked}) if checked else []
+    if problems and (plan is not None or family is not None):
+        origin = (
+            names.of("method", name)
+            if method is not None
+            else (f"{names.of('start', plan.name)} ({name})")
+        )
+        at = f"{names.steps} {checked}" if names.steps and checked == steps else f"{checked} steps"
+        hint = f" (set the method's options with {names.options})" if names.options else ""
+        raise PlanError(f"{origin} at {at}: {'; '.join(problems)}{hint}")
+    return Start(config, plan, published, request_steps)
+
+
+def check_targets(
+    target_compute: float | None, target_speedup: float | None, names: Names = Names()
+) -> None:
+    """Refuse both targets at once and a target out of range (before any work)."""
+    compute, speedup = names.target_compute, names.target_speedup
+    if target_compute is not None and target_speedup is not None:
+        raise DiffCacheError(f"give {compute} or {speedup}, not both")
+    if target_compute is not None and not 0 < target_compute <= 1:
+        raise DiffCacheError(f"{compute} must be in (0, 1], got {target_compute}")
+    if target_speedup is not None and not 1 <= target_speedup < math.inf:
+        raise DiffCacheError(f"{speedup} must be a number >= 1, got {target_speedup}")
+
+
 def profile(
     pipe: Any,
     method: str | MethodConfig | Plan,
@@ -229,8 +346,9 @@ def profile(
         method: a method name, a MethodConfig, or a plan to start from (a Plan, or a ``.yaml``
             path or bundled name, templates included, e.g. the published
             ``"wan21-ertacache.yaml"``): its options, and its step count when ``request`` has none.
-            A name on a built-in model (``load_model``) starts from the model's bundled plan
-            of the method, as ``diffcache profile`` does; else from the method's defaults.
+            A name starts where ``diffcache profile --method`` does (``resolve_start``): a
+            built-in model's bundled plan of the method, else the published settings of the
+            pipeline's family (e.g. Wan2.1's ERTACache for UniPC), else the method's defaults.
         prompts: calibration prompts (class ids as text for class-conditional models).
         seeds: how many seeds per prompt (from ``request.seed`` on), or the seeds themselves.
         out: where to write the plan (and its sidecar).
@@ -242,25 +360,8 @@ def profile(
         repeats: timed rounds of the speedup measured for ``target_speedup`` (its median,
             lowest and highest go in the provenance, with the torch threads it ran on).
     """
-    request, start, entry = request or Request(), None, builtin_of(pipe)
-    if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
-        start = Plan.load(method, template=True)
-    elif isinstance(method, str) and entry is not None:
-        start = model_plan(entry.name, method)
-    if start is not None:
-        steps = start.valid_for.get("num_inference_steps")
-        if steps is not None and request.get("steps") is None:
-            request = request.replace(steps=steps)
-        method = start.config
-    if entry is not None:
-        request = request.merged(entry.defaults)
-    config = method if isinstance(method, MethodConfig) else get_method(method)[0]()
-    if target_compute is not None and target_speedup is not None:
-        raise DiffCacheError("give target_compute or target_speedup, not both")
-    if target_compute is not None and not 0 < target_compute <= 1:
-        raise DiffCacheError(f"target_compute must be in (0, 1], got {target_compute}")
-    if target_speedup is not None and not target_speedup >= 1:
-        raise DiffCacheError(f"target_speedup must be >= 1, got {target_speedup}")
+    request = request or Request()
+    check_targets(target_compute, target_speedup)
     check_count(repeats, "repeats")
     out = _check_inputs(prompts, seeds, out)
     from diffcache.api import session_of
@@ -269,18 +370,25 @@ def profile(
         raise AlreadyAcceleratedError(
             f"{type(pipe).__name__} is accelerated; call diffcache.remove() before profiling."
         )
-    adapter = find_adapter(pipe)
-    if start is not None:
-        start.check_family(adapter.name, type(pipe).__name__)
+    adapter, entry = find_adapter(pipe), builtin_of(pipe)
+    start = resolve_start(
+        method,
+        family=adapter.name,
+        model=entry.name if entry is not None else None,
+        steps=request.get("steps"),
+        default_steps=entry.defaults.get("steps") if entry is not None else None,
+        what=type(pipe).__name__,
+    )
+    if start.request_steps is not None:
+        request = request.replace(steps=start.request_steps)
+    if entry is not None:
+        request = request.merged(entry.defaults)
+    config = start.config
     target = Target.resolve(adapter, pipe)
     if target.driver == "timestep":
         raise UnsupportedModelError(
             f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
-    steps = request.get("steps")
-    problems = config.plan_problems({"num_inference_steps": steps}) if steps else []
-    if problems:  # before any calibration run
-        raise PlanError(f"{config.name} options at {steps} steps: {'; '.join(problems)}")
     reasons = config.support_problems(target)
     if reasons:  # before any calibration run
         raise UnsupportedModelError(
@@ -328,6 +436,45 @@ def profile(
     return plan
 
 
+class _Probes:
+    """The observe-only handler of a profiling run: the generic probes of the method's
+    ``probe_kinds`` and its observer (or, with ``observer`` given, that observer only)."""
+
+    def __init__(self, target: Target, config: MethodConfig | None, observer: Observer | None):
+        self.generic = observer is None and config is not None
+        self.kinds = config.probe_kinds if self.generic else ()
+        self.observer = config.observer(target) if self.generic else observer
+        self.seen = self.observer.kinds if self.observer is not None else ()
+        self.latent = target.adapter.latent_arg, target.arg_index(target.adapter.latent_arg)
+        self.trace, self.clock = Trace(), {"denoiser": 0.0, "probe": 0.0}
+        self.memory: dict[tuple, dict] = {}  # each site's previous tensors, per request
+        self.request = 0  # the index of the request running
+
+    def attach(self, session: Session) -> None:
+        session.on_step(self)
+        for kind in dict.fromkeys([*self.kinds, *self.seen]):
+            if kind != "step":
+                session.on_sites(session.target.sites(kind), self, "probe")
+
+    def __call__(self, call: Call) -> Any:
+        t0 = time.perf_counter()
+        out = call.compute()
+        t1 = time.perf_counter()
+        site, run = call.site, call.run
+        if site.kind in self.kinds:
+            x = call.arg(*self.latent) if site.kind == "step" else None
+            key = (self.request, site.name, site.expert, call.branch)
+            values = probe(site.kind, x, out, self.memory.setdefault(key, {}))
+            where = (run.step, run.substep, call.branch, site.expert, site.kind, site.name)
+            self.trace.records.append(Record(self.request, *where, values))
+        if site.kind in self.seen:
+            self.observer.see(call, out)
+        if site.kind == "step":
+            self.clock["denoiser"] += t1 - t0
+        self.clock["probe"] += time.perf_counter() - t1
+        return out
+
+
 def record_trace(
     pipe: Any,
     target: Target,
@@ -340,49 +487,18 @@ def record_trace(
     launch); returns the trace, the step count and the denoiser's share of the generation time
     (probe time excluded). With ``observer`` only it records (no generic probes); otherwise the
     method's own observer, if any, rides along with the probes."""
-    from diffcache.drivers import DRIVERS
+    from diffcache.api import open_session, remove
     from diffcache.generate import generate
 
-    run = RunState("profile")
-    session = Session(target, None, run)
-    trace, memory, clock = Trace(), {}, {"denoiser": 0.0, "probe": 0.0}
-    index = [0]
-    probes = observer is None and config is not None
-    if probes:
-        observer = config.observer(target)
-    seen = observer.kinds if observer is not None else ()
-    latent_arg = target.adapter.latent_arg
-    latent_pos = target.arg_index(latent_arg)
-
-    def observe(call: Call) -> Any:
-        t0 = time.perf_counter()
-        out = call.compute()
-        t1 = time.perf_counter()
-        site = call.site
-        if probes and site.kind in config.probe_kinds:
-            x = call.arg(latent_arg, latent_pos) if site.kind == "step" else None
-            key = (index[0], site.name, site.expert, call.branch)
-            values = probe(site.kind, x, out, memory.setdefault(key, {}))
-            record = (run.step, run.substep, call.branch, site.expert, site.kind, site.name)
-            trace.records.append(Record(index[0], *record, values))
-        if site.kind in seen:
-            observer.see(call, out)
-        if site.kind == "step":
-            clock["denoiser"] += t1 - t0
-        clock["probe"] += time.perf_counter() - t1
-        return out
-
-    session.on_step(observe)
-    for kind in dict.fromkeys([*(config.probe_kinds if probes else ()), *seen]):
-        if kind != "step":
-            session.on_sites(target.sites(kind), observe, "probe")
+    run, probes = RunState("profile"), _Probes(target, config, observer)
+    trace, clock, observer = probes.trace, probes.clock, probes.observer
     steps, total = 0, 0.0
     mine = distributed.shard(list(enumerate(requests)))
+    open_session(pipe, Session(target, None, run), probes.attach)
     try:
-        session.install(DRIVERS[target.driver]())
         for i, req in _progress(mine, progress and distributed.is_main(), "profiling"):
-            index[0] = i
-            memory.clear()
+            probes.request = i
+            probes.memory.clear()
             t0 = time.perf_counter()
             generate(pipe, req)
             total += time.perf_counter() - t0
@@ -391,7 +507,7 @@ def record_trace(
             if observer is not None:
                 observer.end_request()
     finally:
-        session.close()
+        remove(pipe)
     observed = observer.result() if observer is not None else {}
     parts = distributed.gather((trace.records, steps, clock, total, observed))
     trace.records = sorted((r for part in parts for r in part[0]), key=lambda r: r.request)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffcache
 from diffcache.cli import main
@@ -784,6 +785,28 @@ def test_profile_a_checkpoint_folder_on_20_bundled_prompts(tmp_path: Path, capsy
     assert data["provenance"]["prompts"] == 20
     assert data["options"]["time_adjust"] is False and data["options"]["threshold"] == 0.08
     assert data["valid_for"]["num_inference_steps"] == 6
+
+
+def test_profile_of_a_folder_gives_the_plan_python_gives(tmp_path: Path) -> None:
+    """One front door: ``diffcache profile --model FOLDER --method ertacache`` and
+    ``diffcache.profile(pipe, "ertacache", prompts)`` on that folder loaded in Python start from
+    the same published settings and write the same plan (options, valid_for, calibration
+    tensors, provenance)."""
+    from diffcache.profiles import calibration_prompts
+    from diffcache.request import Request
+
+    folder, path = tmp_path / "Wan2.1-T2V-Diffusers", tmp_path / "cli.yaml"
+    diffcache.load_model("wan2.1-tiny").save_pretrained(folder)
+    argv = ["profile", "--model", str(folder), "--method", "ertacache", "--num-prompts", "2"]
+    small = {"steps": 6, "height": 32, "width": 32, "frames": 5}
+    flags = [x for k, v in small.items() for x in (f"--{k}", str(v))]
+    assert main([*argv, *flags, "--out", str(path)]) == 0
+    pipe = diffcache.load_model(str(folder))
+    ours = diffcache.profile(pipe, "ertacache", calibration_prompts()[:2], request=Request(**small))
+    cli = diffcache.Plan.load(path)
+    assert ours == cli and ours.options["threshold"] == 0.08  # every field but the tensors
+    assert ours.tensors.keys() == cli.tensors.keys() and ours.tensors
+    assert all(torch.equal(ours.tensors[k], cli.tensors[k]) for k in ours.tensors)
 
 
 def test_profile_checks_a_folders_options_against_its_published_plan(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from diffcache.errors import (
 )
 from diffcache.generate import Request, generate
 from diffcache.methods.easycache import EasyCacheConfig
+from diffcache.methods.ertacache import ERTACacheConfig
 from diffcache.plan import Plan
 from diffcache.testing.toys import ToyPipeline, ToyStaticConfig, clean
 
@@ -220,7 +221,7 @@ def test_bad_profiling_requests() -> None:
     with pytest.raises(UnsupportedModelError, match="pass the pipeline, not its ToyDenoiser"):
         diffcache.profile(pipe.transformer, "easycache", PROMPTS)
     few = REQ.replace(steps=4)
-    with pytest.raises(PlanError, match="easycache options at 4 steps: options.warmup_steps"):
+    with pytest.raises(PlanError, match="method easycache at 4 steps: options.warmup_steps"):
         diffcache.profile(pipe, EasyCacheConfig(warmup_steps=4), PROMPTS, request=few)
     with pytest.raises(DiffCacheError, match="out of reach"):
         diffcache.profile(pipe, "easycache", PROMPTS, target_speedup=1e6, request=REQ)
@@ -255,21 +256,67 @@ def test_fingerprint_is_the_same_in_every_process() -> None:
 
 
 def test_profile_starts_from_a_published_template() -> None:
-    """The Python form of the issue's Wan2.1 ERTACache command: the published template gives the
-    options (no timestep adjustment under Wan's UniPC, where the method defaults are refused);
-    a template of another family is refused before any calibration run. A method name on a
-    built-in model starts from the model's bundled plan (as the CLI does), on another pipeline
-    from the method's defaults."""
+    """The Python form of the issue's Wan2.1 ERTACache command: a Wan pipeline that is not a
+    built-in model starts from the published settings (no timestep adjustment under Wan's
+    UniPC, where the method defaults are refused), as ``diffcache profile`` does on a folder;
+    a built-in model from its bundled plan of the method; a template of another family is
+    refused before any calibration run."""
     from diffcache.pipelines.wan import build_tiny
 
     pipe = diffcache.load_model("wan2.1-tiny")
     req = Request(height=32, width=32, frames=5, steps=6)
+    published = diffcache.Plan.load("wan21-ertacache.yaml", template=True)
+    plan = diffcache.profile(build_tiny(), "ertacache", PROMPTS, request=req)
+    assert plan.options == published.config.to_options() and plan.options["time_adjust"] is False
+    assert plan.valid_for["num_inference_steps"] == 6
     with pytest.raises(UnsupportedModelError, match="time_adjust is defined for the flow-matching"):
-        diffcache.profile(build_tiny(), "ertacache", PROMPTS, request=req)
+        diffcache.profile(build_tiny(), ERTACacheConfig(), PROMPTS, request=req)
     plan = diffcache.profile(pipe, "ertacache", PROMPTS, request=req)
     assert plan.options == diffcache.Plan.load("wan2.1-tiny-ertacache.yaml").options
     plan = diffcache.profile(pipe, "wan21-ertacache.yaml", PROMPTS, request=req)
     assert plan.method == "ertacache" and plan.options["time_adjust"] is False
     assert plan.options["threshold"] == 0.08 and plan.valid_for["num_inference_steps"] == 6
-    with pytest.raises(PlanError, match="the plan is for 'flux' but WanPipeline is a 'wan2.1'"):
+    with pytest.raises(PlanError, match="flux-hyca.yaml: a plan for flux models, and WanPipeline"):
         diffcache.profile(pipe, "flux-hyca.yaml", PROMPTS, request=req)
+
+
+def test_resolve_start_order_options_and_steps() -> None:
+    """Where a profile starts, one rule for Python and the CLI: an explicit plan, else the
+    built-in model's bundled plan of the method, else the family's published settings, else
+    the method's defaults; options on top; the caller's steps, else the plan's."""
+    from diffcache.profile import CLI, resolve_start
+
+    published = resolve_start("ertacache", family="wan2.1")
+    assert published.plan.name == "wan21-ertacache.yaml" and published.published
+    assert published.config.threshold == 0.08 and published.request_steps == 50
+    own = resolve_start("ertacache", family="wan2.1", model="wan2.1-tiny")
+    assert own.plan.name == "wan2.1-tiny-ertacache.yaml" and not own.published
+    assert own.request_steps == 20
+    plain = resolve_start("ertacache", family="flux-nonexistent")
+    assert plain.plan is None and plain.config == ERTACacheConfig() and plain.request_steps is None
+    explicit = resolve_start(
+        None,
+        family="wan2.1",
+        model="wan2.1-tiny",
+        start="wan21-ertacache.yaml",
+        steps=7,
+        options={"threshold": 0.2},
+    )
+    assert explicit.plan.name == "wan21-ertacache.yaml" and explicit.request_steps == 7
+    assert explicit.config.threshold == 0.2 and explicit.config.time_adjust is False
+    config = EasyCacheConfig(warmup_steps=3)
+    assert resolve_start(config, family="dit", model="dit-tiny").config is config
+    with pytest.raises(PlanError, match="^--method hyca but --from wan21-ertacache.yaml is a "):
+        resolve_start("hyca", family=None, start="wan21-ertacache.yaml", names=CLI)
+    with pytest.raises(PlanError, match="^--from flux-hyca.yaml: a plan for flux models, and "):
+        resolve_start(None, family="dit", start="flux-hyca.yaml", what="dit-tiny", names=CLI)
+    with pytest.raises(PlanError, match="^give --method, or --from a plan"):
+        resolve_start(None, family="dit", names=CLI)
+    # a warm-up covering every step: refused once the starting plan is known, with the flag
+    # that set the steps; a folder (family not known yet) waits for its published plan
+    late = {"options": {"warmup_steps": 8}, "steps": 8, "names": CLI}
+    assert resolve_start("easycache", family=None, **late).request_steps == 8
+    with pytest.raises(PlanError, match="^--method easycache at --steps 8: options.warmup_steps"):
+        resolve_start("easycache", family="dit", **late)
+    with pytest.raises(PlanError, match=r"^--method easycache at 8 steps: .*with --option KEY="):
+        resolve_start("easycache", family="dit", **{**late, "steps": None}, default_steps=8)
