@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from diffcache.session import Call, positions
-from diffcache.sites import BlockStreams, GatedBlock, Site
+from diffcache.session import Call
+from diffcache.sites import BlockStreams, GatedBlock, Site, positions
 
 
 class BlockSkipper:

@@ -11,7 +11,6 @@ A method's ``apply(session, config)`` uses :meth:`on_step` (whole denoiser calls
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -187,8 +186,3 @@ class Session:
                         "diffcache.accelerate() again."
                     )
                 )
-
-
-def positions(fn: Callable) -> dict[str, int]:
-    """Parameter name -> positional index of a callable (for reading arguments by name)."""
-    return {name: i for i, name in enumerate(inspect.signature(fn).parameters)}

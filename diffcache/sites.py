@@ -8,6 +8,7 @@ diffusion LMs) and ``scale`` (one scale of a next-scale model). Stats count work
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,8 +159,6 @@ class BlockStreams:
     ARGS = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
 
     def __init__(self, sites: Sequence[Site]) -> None:
-        from diffcache.session import positions
-
         self.where = {s.name: positions(s.module.forward) for s in sites}
 
     def inputs(self, call: Any) -> tuple[torch.Tensor, ...]:
@@ -169,6 +168,11 @@ class BlockStreams:
     @staticmethod
     def parts(output: Any) -> tuple[torch.Tensor, ...]:
         return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def positions(fn: Callable) -> dict[str, int]:
+    """Parameter name -> positional index of a callable (for reading arguments by name)."""
+    return {name: i for i, name in enumerate(inspect.signature(fn).parameters)}
 
 
 def map_output(fn: Callable[..., torch.Tensor], *outputs: Any) -> Any:
