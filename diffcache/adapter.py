@@ -52,6 +52,12 @@ class Adapter:
             each given a request's values and returning its problem or None; run, like the
             fields' own bounds, before any model is built.
         valid_for: extra ``valid_for`` keys plans for this family may carry, with their types.
+        output: the attribute of the pipeline's return value holding its batch of samples
+            (``frames``, ``images``, ``texts``): ``generate`` returns the first (empty: the
+            family is used through its bare denoiser only).
+        call_args: keywords every generation passes (diffusers: ``output_type="np"``).
+        seed_arg: the keyword that takes a ``torch.Generator`` seeded with the request's seed
+            (declared with ``output``).
     """
 
     name: str
@@ -68,6 +74,9 @@ class Adapter:
     fields: tuple[Field, ...] = ()
     rules: tuple[Callable[[Mapping[str, Any]], str | None], ...] = ()
     valid_for: Mapping[str, type] = field(default_factory=dict)
+    output: str = ""
+    call_args: Mapping[str, Any] = field(default_factory=dict)
+    seed_arg: str = ""
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -75,7 +84,11 @@ class Adapter:
         assert self.driver in DRIVERS, f"{self.name}: driver {self.driver!r} not in {DRIVERS}"
         names = [f.name for f in self.fields]
         assert len(names) == len(set(names)), f"{self.name}: duplicate request fields {names}"
+        inputs = [f.name for f in self.fields if f.input]
+        assert len(inputs) <= 1, f"{self.name}: more than one input field {inputs}"
+        assert bool(self.output) == bool(self.seed_arg), f"{self.name}: output and seed_arg"
         object.__setattr__(self, "valid_for", MappingProxyType(dict(self.valid_for)))
+        object.__setattr__(self, "call_args", MappingProxyType(dict(self.call_args)))
 
     def matches(self, obj: Any) -> bool:
         name = type(obj).__name__
@@ -83,6 +96,11 @@ class Adapter:
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
+
+    @property
+    def input_field(self) -> Field | None:
+        """The field a command's inputs fill (``Field.input``), if the family has one."""
+        return next((f for f in self.fields if f.input), None)
 
 
 @dataclass

@@ -241,13 +241,13 @@ def _check_timing(args: argparse.Namespace) -> None:
 def _request(
     args: argparse.Namespace,
     model: str,
-    sample: dict[str, Any] | None = None,
+    sample: str | None = None,
     inputs: str | None = None,
 ) -> tuple[Any, Any]:
     """The request from the flags (built-in defaults filled in) and the model's family adapter
-    when it is known before loading (built-in models). The request is checked with ``sample``
-    filling the fields a command sets per sample (eval and profile set the prompt), which
-    errors call ``inputs`` (see ``request.check``)."""
+    when it is known before loading (built-in models). The request is checked with ``sample``,
+    one of a command's inputs (eval's and profile's), in the family's required input field,
+    which errors call ``inputs`` (see ``request.check``)."""
     from diffcache.models import builtin_models
     from diffcache.registry import adapters, request_fields
     from diffcache.request import Request, check
@@ -263,9 +263,8 @@ def _request(
         return req, None
     adapter = adapters()[entry.family]
     req = req.merged(entry.defaults)
-    filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
     try:
-        check(adapter, req.replace(**filled), inputs=inputs)
+        check(adapter, _with_input(adapter, req, sample), inputs=inputs)
     except DiffCacheError as e:  # name the model defaults the problem involves: no flag gave them
         implied = [
             f"{adapter.field(k).flag} {v}"
@@ -280,17 +279,23 @@ def _request(
     return req, adapter
 
 
-def _family(
-    pipe: Any, req: Any, sample: dict[str, Any] | None = None, inputs: str | None = None
-) -> Any:
+def _with_input(adapter: Any, req: Any, sample: str | None) -> Any:
+    """``req`` with ``sample`` in the family's input field when that is required (a prompt):
+    eval and profile fill it from their inputs, so it is not missing."""
+    field = adapter.input_field
+    if sample is None or field is None or not field.required:
+        return req
+    return req.replace(**{field.name: sample})
+
+
+def _family(pipe: Any, req: Any, sample: str | None = None, inputs: str | None = None) -> Any:
     """The loaded pipeline's adapter, with the request checked against the loaded model
     (``sample`` and ``inputs`` as for ``_request``)."""
     from diffcache.registry import find_adapter
     from diffcache.request import check
 
     adapter = find_adapter(pipe)
-    filled = {k: v for k, v in (sample or {}).items() if adapter.field(k) is not None}
-    check(adapter, req.replace(**filled), pipe, inputs)
+    check(adapter, _with_input(adapter, req, sample), pipe, inputs)
     return adapter
 
 
@@ -455,7 +460,7 @@ def _profile(args: argparse.Namespace) -> int:
             args.num_prompts = DEFAULT_CALIBRATION
         if not 1 <= args.num_prompts <= 10_000:
             raise DiffCacheError(f"--num-prompts must be in 1..10000, got {args.num_prompts}")
-    sample = {"prompt": prompts[0] if prompts else "x"}
+    sample = prompts[0] if prompts else "x"
     entry, options, given_steps = builtin_models().get(args.model), _options(args), args.steps
 
     def start_for(family: str | None) -> Any:  # where profiling starts (one rule: profile.py)
@@ -555,9 +560,9 @@ def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list
     own = entry.calibration_prompts() if entry is not None else None
     if own is not None:
         prompts, which = list(own), f"{model} has {len(own)} calibration prompts"
-    elif adapter.field("prompt") is None:
-        field = adapter.field("class_label")
-        if field is not None and field.limit is not None and pipe is not None:
+    elif adapter.input_field is not None and adapter.input_field.type is not str:
+        field = adapter.input_field  # class ids
+        if field.limit is not None and pipe is not None:
             classes = field.limit(pipe) + 1
             if n > classes:
                 raise DiffCacheError(
@@ -583,7 +588,7 @@ def _eval(args: argparse.Namespace) -> int:
     comparisons = [comparison(spec) for spec in args.plan]
     _check_seeds(args)
     _check_timing(args)
-    req, adapter = _request(args, args.model, {"prompt": "x"}, EVAL_INPUT)
+    req, adapter = _request(args, args.model, "x", EVAL_INPUT)
     prompts, answers = (
         _read_prompts_answers(args.prompts, adapter.media if adapter else None)
         if args.prompts

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcache.errors import DiffCacheError
+from diffcache.errors import DiffCacheError, UnsupportedModelError
 from diffcache.registry import find_adapter
 from diffcache.request import Request, call_kwargs, check
 
@@ -22,10 +22,8 @@ def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:
     """The keyword arguments of ``pipe(...)`` for ``request`` (checked against the family)."""
     adapter = find_adapter(pipe)
     check(adapter, request, pipe)
-    kwargs = call_kwargs(adapter.fields, request)
-    kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed)
-    if adapter.media != "text":
-        kwargs["output_type"] = "np"
+    kwargs = {**call_kwargs(adapter.fields, request), **adapter.call_args}
+    kwargs[adapter.seed_arg] = torch.Generator("cpu").manual_seed(request.seed)
     return kwargs
 
 
@@ -33,15 +31,18 @@ def generate(pipe: Any, request: Request, progress: bool = False) -> np.ndarray 
     """Run ``pipe`` once. Media come back as float32 in [0, 1]: (F, H, W, C) video or (H, W, C)
     image; text models return the generated text."""
     adapter = find_adapter(pipe)
+    if not adapter.output:
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__}: its family's adapter ({adapter.name!r}) declares no output "
+            "to read; generate() runs pipelines"
+        )
     kwargs = pipeline_kwargs(pipe, request)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not progress)
     with torch.inference_mode():
         out = pipe(**kwargs)
-    if adapter.media == "text":
-        return out.texts[0] if hasattr(out, "texts") else str(out)
-    media = out.frames if adapter.media == "video" else out.images
-    return np.asarray(media[0], dtype=np.float32)
+    sample = getattr(out, adapter.output)[0]  # the family's declared output
+    return str(sample) if adapter.media == "text" else np.asarray(sample, dtype=np.float32)
 
 
 def check_output_path(path: str | Path, media: str, flag: str = "--out") -> Path:

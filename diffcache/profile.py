@@ -636,7 +636,8 @@ def _with_provenance(
 ) -> Plan:
     import diffcache
 
-    fields = {k: v for k, v in requests[0].values.items() if k not in ("prompt", "class_label")}
+    given = target.adapter.input_field  # each request's own input: not one of the fields
+    fields = {k: v for k, v in requests[0].values.items() if given is None or k != given.name}
     provenance: dict[str, Any] = {
         "tool": f"diffcache {diffcache.__version__} profile",
         "model_fingerprint": target.fingerprint(),

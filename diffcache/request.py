@@ -40,6 +40,8 @@ class Field:
         accepts: model-dependent check of a text value with the loaded pipeline,
             ``accepts(pipe, text)`` -> the problem or None (a prompt against a text model's
             tokenizer).
+        input: the field ``eval``'s and ``profile``'s inputs fill (prompts, or class ids given
+            as text), at most one per family (see :func:`expand`).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Field:
     limit: Callable[[Any], int] | None = None
     required: bool = False
     accepts: Callable[[Any, str], str | None] | None = None
+    input: bool = False
 
     @property
     def flag(self) -> str:
@@ -122,12 +125,12 @@ def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None =
     """Refuse a request with unknown fields, missing required ones, bad values or values that
     break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family.
 
-    ``inputs`` names the family's input field (:func:`input_field`) in the errors, instead of
+    ``inputs`` names the family's input field (``Adapter.input_field``) in the errors, instead of
     its flag, where a command filled it from its inputs (a prompt file, bundled inputs): the
     user gave no ``--prompt`` or ``--class-label`` then."""
     family = adapter.name
     by_name = {f.name: f for f in adapter.fields}
-    given = input_field(adapter)
+    given = adapter.input_field
     names = {given.name: inputs} if inputs and given is not None else {}
     problems = []
     if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
@@ -161,35 +164,27 @@ def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
     return out
 
 
-def input_field(adapter: Any) -> Field | None:
-    """The field a family's inputs fill (see :func:`expand`): the prompt, else the class id
-    of class-conditional families, else None."""
-    return adapter.field("prompt") or adapter.field("class_label")
-
-
 def expand(
     adapter: Any, inputs: Sequence[str], seeds: int | Sequence[int], base: Request
 ) -> list[Request]:
-    """One request per (input, seed): inputs are prompts, or class ids (as text) for
-    class-conditional families; families that take neither get one request per seed. ``seeds``
-    counts from ``base.seed`` or lists the seeds."""
+    """One request per (input, seed): each input, as text, fills the family's input field
+    (``Adapter.input_field``: a prompt, a class id); a family without one gets one request per
+    seed. ``seeds`` counts from ``base.seed`` or lists the seeds."""
     seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
-    field = input_field(adapter)
+    field = adapter.input_field
     if field is None:
         return [base.replace(seed=s) for s in seed_list]
-    values: list[Any] = list(inputs)
-    if field.name == "class_label":
-        try:
-            values = [int(p) for p in inputs]
-        except ValueError as e:
-            raise DiffCacheError(f"{adapter.name} models take class ids as inputs: {e}") from e
+    try:
+        values = [field.type(p) for p in inputs]
+    except ValueError as e:
+        raise DiffCacheError(f"{adapter.name} models take {field.help} as inputs: {e}") from e
     return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]
 
 
-def task_input(request: Request) -> Any:
-    """What a task scorer checks a sample against: the prompt, else the class id."""
-    value = request.get("prompt")
-    return value if value is not None else request.get("class_label")
+def task_input(adapter: Any, request: Request) -> Any:
+    """What a task scorer checks a sample against: the value of the family's input field."""
+    field = adapter.input_field
+    return request.get(field.name) if field is not None else None
 
 
 def read_prompts(path: str | Path, flag: str = "--prompts") -> tuple[list[str], list[str] | None]:

@@ -32,8 +32,10 @@ TOY = Adapter(
     cfg="separate",
     stacks=(Stack("blocks", modules=(ModuleSite("attn", "self_attn"), ModuleSite("ff", "ff"))),),
     media="image",
+    output="images",
+    seed_arg="generator",
     fields=(
-        Field("prompt", str, "what to generate", "prompt", required=True),
+        Field("prompt", str, "what to generate", "prompt", required=True, input=True),
         Field("steps", int, "denoising steps", "steps", min=1, max=1000),
     ),
 )

@@ -43,8 +43,10 @@ TEXT = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="text",
+    output="texts",
+    seed_arg="generator",
     fields=(
-        Field("prompt", str, "what to generate", "prompt", required=True),
+        Field("prompt", str, "what to generate", "prompt", required=True, input=True),
         Field("gen_length", int, "tokens to generate", "gen_length", min=1),
         Field("steps", int, "denoising steps", "steps", min=1, max=1000),
     ),
@@ -60,7 +62,9 @@ SCALE = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="image",
-    fields=(Field("prompt", str, "what to generate", "prompt", required=True),),
+    output="scales",
+    seed_arg="generator",
+    fields=(Field("prompt", str, "what to generate", "prompt", required=True, input=True),),
 )
 
 for _adapter in (TEXT, SCALE):

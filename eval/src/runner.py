@@ -176,10 +176,11 @@ def _evaluate(
                 if r == 0:  # what the first round made (the others make the same)
                     outputs[name] = (out_i, stats, _tokens(pipe) if text else None)
         ref, _, tokens = outputs[BASELINE]
-        records.append(_record(BASELINE, i, times[BASELINE], req, ref, None, scorer, None, tokens))
+        task = task_input(adapter, req)
+        records.append(_record(BASELINE, i, times[BASELINE], task, ref, None, scorer, None, tokens))
         for c in comparisons:
             out_i, stats, tokens = outputs[c.name]
-            rec = _record(c.name, i, times[c.name], req, out_i, ref, scorer, stats, tokens)
+            rec = _record(c.name, i, times[c.name], task, out_i, ref, scorer, stats, tokens)
             rec["speedup_repeats"] = paired_speedups(times[BASELINE], times[c.name])
             records.append(rec)
         if i < samples:
@@ -275,7 +276,7 @@ def _record(
     run: str,
     i: int,
     times: Sequence[float],
-    req: Request,
+    task: Any,
     out: Any,
     ref: Any,
     scorer: Any,
@@ -284,7 +285,8 @@ def _record(
 ) -> dict[str, Any]:
     """What one generation measured (text: agreement with the baseline text, accuracy, tokens;
     media: PSNR, SSIM, LPIPS and the task score); its latency is the median of its timed
-    rounds ``times``, which it keeps as ``latency_repeats``."""
+    rounds ``times``, which it keeps as ``latency_repeats``. ``scorer`` checks ``out`` against
+    ``task``, the request's input (its prompt or class id)."""
     rec: dict[str, Any] = {
         "run": run,
         "request": i,
@@ -294,14 +296,14 @@ def _record(
     if isinstance(out, str):
         rec["tokens"] = tokens
         rec["agreement"] = metrics.agreement(ref, out) if ref is not None else None
-        rec["accuracy"] = float(scorer(task_input(req), out)) if scorer is not None else None
+        rec["accuracy"] = float(scorer(task, out)) if scorer is not None else None
         rec["task_score"] = None
     else:
         if ref is not None:
             rec["psnr"] = metrics.psnr(ref, out)
             rec["ssim"] = metrics.ssim(ref, out)
             rec["lpips"] = metrics.lpips(ref, out)[0]
-        rec["task_score"] = float(scorer(task_input(req), out)) if scorer is not None else None
+        rec["task_score"] = float(scorer(task, out)) if scorer is not None else None
     if stats is not None:
         rec["compute_fraction"] = stats.compute_fraction
         rec["per_step"] = stats.per_step()
@@ -505,10 +507,11 @@ def _mean_steps(steps: list[list[float]]) -> list[float]:
 def _default_inputs(entry: Any, adapter: Any, req: Request) -> list[str]:
     if entry is not None and entry.default_prompts():
         return list(entry.default_prompts())
-    if adapter.field("prompt") is not None:
+    field = adapter.input_field
+    if field is None or field.type is str:
         return list(DEFAULT_PROMPTS[:2])
-    label = req.get("class_label")
-    return [str(label)] if label is not None else ["0"]
+    given = req.get(field.name)  # class ids: the one asked for, else the first
+    return [str(given)] if given is not None else ["0"]
 
 
 def plan_names(items: Sequence[Comparison | Any]) -> list[str]:

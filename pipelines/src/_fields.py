@@ -9,7 +9,7 @@ MAX_STEPS = 1000
 
 
 def prompt(call_arg: str = "prompt") -> Field:
-    return Field("prompt", str, "what to generate", call_arg, required=True)
+    return Field("prompt", str, "what to generate", call_arg, required=True, input=True)
 
 
 NEGATIVE_PROMPT = Field("negative_prompt", str, "what to steer away from (CFG)", "negative_prompt")

@@ -49,6 +49,9 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        output="images",
+        seed_arg="generator",
+        call_args={"output_type": "np"},
         fields=(
             Field(
                 "class_label",
@@ -58,6 +61,7 @@ ADAPTER = register_adapter(
                 min=0,
                 as_list=True,
                 limit=_num_classes,
+                input=True,
             ),
             STEPS,
             guidance(),

@@ -37,6 +37,9 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        output="images",
+        seed_arg="generator",
+        call_args={"output_type": "np"},
         fields=(prompt(), *IMAGE, STEPS, guidance()),
     )
 )

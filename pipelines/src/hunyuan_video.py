@@ -40,6 +40,9 @@ ADAPTER = register_adapter(
             ),
         ),
         media="video",
+        output="frames",
+        seed_arg="generator",
+        call_args={"output_type": "np"},
         fields=(prompt(), *IMAGE, FRAMES, STEPS, guidance()),
     )
 )

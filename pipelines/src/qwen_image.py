@@ -53,6 +53,9 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        output="images",
+        seed_arg="generator",
+        call_args={"output_type": "np"},
         fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, STEPS, guidance("true_cfg_scale")),
     )
 )

@@ -52,6 +52,9 @@ ADAPTER = register_adapter(
             ),
         ),
         media="video",
+        output="frames",
+        seed_arg="generator",
+        call_args={"output_type": "np"},
         fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance()),
     )
 )
