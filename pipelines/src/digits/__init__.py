@@ -38,7 +38,7 @@ def load(folder: Path | None = None) -> Any:
 
 @functools.cache
 def _classifier(folder: Path = HERE) -> Any:
-    from diffcache.pipelines.digits.train import classifier_net
+    from diffcache.pipelines.digits.classifier import classifier_net
 
     net = classifier_net()
     net.load_state_dict(WEIGHTS.state(folder / "classifier.safetensors"))

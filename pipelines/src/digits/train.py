@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcache.pipelines.digits import WEIGHTS
+from diffcache.pipelines.digits.classifier import classifier_net
 
 HERE = Path(__file__).parent
 SIZE = 32
@@ -49,15 +50,6 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     x = (x * 2 - 1).clamp(-1, 1).repeat(1, 3, 1, 1)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     return x[order], torch.tensor(data.target)[order]
-
-
-def classifier_net() -> nn.Module:
-    """A small CNN on (N, 3, 32, 32) images in [0, 1]."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10),
-    )  # fmt: skip
 
 
 def vae_model() -> Any:

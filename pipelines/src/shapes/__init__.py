@@ -54,7 +54,7 @@ def load(folder: Path | None = None) -> Any:
 
 @functools.cache
 def _checker(folder: Path = HERE) -> Any:
-    from diffcache.pipelines.shapes.train import checker_net
+    from diffcache.pipelines.shapes.checker import checker_net
 
     net = checker_net()
     net.load_state_dict(WEIGHTS.state(folder / "checker.safetensors"))
@@ -68,7 +68,7 @@ def read(videos: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from diffcache.pipelines.shapes.train import checker_predict
+    from diffcache.pipelines.shapes.checker import checker_predict
 
     x = torch.as_tensor(np.asarray(videos, dtype=np.float32)).permute(0, 4, 1, 2, 3)
     if x.shape[1] == 1:

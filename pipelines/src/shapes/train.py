@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcache.pipelines.shapes import WEIGHTS, data
+from diffcache.pipelines.shapes.checker import checker_net, checker_predict
 
 HERE = Path(__file__).parent
 Z_DIM = 8
@@ -124,18 +125,6 @@ def scheduler() -> Any:
     return UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT
     )
-
-
-def checker_net() -> nn.Module:
-    """A small 3D CNN on (N, 3, F, H, W) clips in [0, 1]: 4 colour logits, then 5 motion logits
-    (left, right, up, down, still)."""
-    return nn.Sequential(
-        nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d((1, 2, 2)),
-        nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool3d((1, 2, 2)),
-        nn.Conv3d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d((3, 2, 2)),
-        nn.Flatten(), nn.Linear(32 * 12, 64), nn.ReLU(),
-        nn.Linear(64, len(data.COLOURS) + len(data.DIRECTIONS) + 1),
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,14 +372,6 @@ def checker_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :n], labels[:, 0]) + F.cross_entropy(
         logits[:, n:], labels[:, 1]
     )
-
-
-def checker_predict(net: nn.Module, videos: torch.Tensor) -> torch.Tensor:
-    """(N, 2) predicted (colour, motion) of (N, 3, F, H, W) clips in [0, 1]."""
-    n = len(data.COLOURS)
-    with torch.no_grad():
-        logits = net(videos)
-    return torch.stack([logits[:, :n].argmax(1), logits[:, n:].argmax(1)], 1)
 
 
 @torch.no_grad()
