@@ -6,6 +6,8 @@ diffcache.stats(pipe); diffcache.remove(pipe)
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from diffcache import methods, pipelines  # noqa: F401  (fill the registries)
 from diffcache.adapter import Adapter, ModuleSite, Stack, Target
 from diffcache.api import accelerate, is_accelerated, remove, stats
@@ -26,7 +28,7 @@ from diffcache.request import Field, Request
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Call, Session
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("diffcache")  # pyproject.toml's
 __all__ = [
     "accelerate",
     "remove",

@@ -17,6 +17,7 @@ import math
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 
 from diffcache import distributed
 from diffcache.adapter import Target
+from diffcache.api import accelerate, open_session, remove, session_of, stats
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -39,6 +41,7 @@ from diffcache.eval.timing import (
     summary,
     timed,
 )
+from diffcache.generate import check_writable, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
@@ -135,9 +138,6 @@ class Profiling:
 
     def measure(self, config: MethodConfig, calibration: Any = None) -> dict[str, Any]:
         """Run every calibration request with ``config`` attached; the mean compute fraction."""
-        from diffcache.api import accelerate, remove, stats
-        from diffcache.generate import generate
-
         plan = make_plan(self.target, config, calibration, self.valid_for)
         mine = []
         for i, req in distributed.shard(list(enumerate(self.requests))):
@@ -364,8 +364,6 @@ def profile(
     check_targets(target_compute, target_speedup)
     check_count(repeats, "repeats")
     out = _check_inputs(prompts, seeds, out)
-    from diffcache.api import session_of
-
     if session_of(pipe) is not None:
         raise AlreadyAcceleratedError(
             f"{type(pipe).__name__} is accelerated; call diffcache.remove() before profiling."
@@ -487,9 +485,6 @@ def record_trace(
     launch); returns the trace, the step count and the denoiser's share of the generation time
     (probe time excluded). With ``observer`` only it records (no generic probes); otherwise the
     method's own observer, if any, rides along with the probes."""
-    from diffcache.api import open_session, remove
-    from diffcache.generate import generate
-
     run, probes = RunState("profile"), _Probes(target, config, observer)
     trace, clock, observer = probes.trace, probes.clock, probes.observer
     steps, total = 0, 0.0
@@ -523,8 +518,6 @@ def _check_inputs(
 ) -> Path | None:
     """Refuse prompts given as one string or none, bad seeds and an unwritable ``out``
     (before any calibration run); ``out`` as a Path."""
-    from diffcache.generate import check_writable
-
     if isinstance(prompts, str):
         raise DiffCacheError(
             f"prompts must be a list of prompts, got the string {prompts[:40]!r}; "
@@ -552,19 +545,16 @@ def measure_speedup(
     ``eval`` measures it (``diffcache.eval.timing``): one untimed warm-up generation of each,
     then ``repeats`` rounds in which every request runs plain and accelerated back to back, in
     a rotated order. Returns the median of the paired ratios, and the lowest and highest."""
-    import diffcache
-    from diffcache.generate import generate
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def seconds(with_plan: bool, req: Request) -> float:
         if with_plan:
-            diffcache.accelerate(pipe, plan)
+            accelerate(pipe, plan)
         try:
             return timed(lambda: generate(pipe, req), device)[1]
         finally:
             if with_plan:
-                diffcache.remove(pipe)
+                remove(pipe)
 
     for with_plan in (False, True):  # warm-up: first-call costs must not count
         seconds(with_plan, requests[0])
@@ -634,12 +624,10 @@ def _with_provenance(
     requests: Sequence[Request],
     targets: dict[str, Any],
 ) -> Plan:
-    import diffcache
-
     given = target.adapter.input_field  # each request's own input: not one of the fields
     fields = {k: v for k, v in requests[0].values.items() if given is None or k != given.name}
     provenance: dict[str, Any] = {
-        "tool": f"diffcache {diffcache.__version__} profile",
+        "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": target.fingerprint(),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),

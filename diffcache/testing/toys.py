@@ -33,6 +33,7 @@ TOY = Adapter(
     stacks=(Stack("blocks", modules=(ModuleSite("attn", "self_attn"), ModuleSite("ff", "ff"))),),
     media="image",
     output="images",
+    call_args={"output_type": "np"},
     seed_arg="generator",
     fields=(
         Field("prompt", str, "what to generate", "prompt", required=True, input=True),
