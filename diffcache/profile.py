@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import math
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -45,7 +44,7 @@ from diffcache.generate import check_writable, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
-from diffcache.plan import Plan, model_plan, published_plan
+from diffcache.plan import Plan, make_plan, model_plan, published_plan, round_to
 from diffcache.registry import find_adapter, get_method
 from diffcache.request import CALIBRATION_INPUT, Request, check, expand
 from diffcache.runstate import RunState
@@ -113,7 +112,8 @@ def probe(site_kind: str, x: torch.Tensor | None, output: Any, memory: dict) -> 
 
 
 class Profiling:
-    """What a method's ``calibrate`` works with: the trace, the target and calibration runs."""
+    """What a method's ``calibrate`` works with (``methods.base.Profiling``): the trace, the
+    target and calibration runs."""
 
     def __init__(
         self,
@@ -581,41 +581,6 @@ def compute_for_speedup(speedup: float, share: float) -> float:
     return min(fraction, 1.0)
 
 
-def make_plan(
-    target: Target, config: MethodConfig, calibration: Any, valid_for: dict[str, Any]
-) -> Plan:
-    """A plan for ``target`` with these options and calibration (fingerprinted if calibrated)."""
-    plain, tensors = split_calibration(calibration)
-    valid = dict(valid_for)
-    if calibration is not None:
-        valid["fingerprint"] = target.fingerprint()
-    return Plan(
-        model=target.adapter.name,
-        method=config.name,
-        options=config.to_options(),
-        valid_for=valid,
-        calibration=plain,
-        tensors=tensors,
-    )
-
-
-def split_calibration(calibration: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A calibration dataclass as (plain fields, tensors for the sidecar)."""
-    if calibration is None:
-        return {}, {}
-    from diffcache.options import to_plain
-
-    hints = typing.get_type_hints(type(calibration))
-    plain, tensors = {}, {}
-    for f in dataclasses.fields(calibration):
-        value = getattr(calibration, f.name)
-        if hints[f.name] is torch.Tensor:
-            tensors[f.name] = value.detach().cpu().contiguous()
-        else:
-            plain[f.name] = to_plain(value)
-    return plain, tensors
-
-
 def _with_provenance(
     plan: Plan,
     target: Target,
@@ -637,13 +602,6 @@ def _with_provenance(
         **{k: v for k, v in targets.items() if v is not None},
     }
     return dataclasses.replace(plan, provenance=provenance)
-
-
-def round_to(x: float, digits: int = 3, down: bool = False) -> float:
-    """``x`` rounded up (or ``down``) to ``digits`` significant digits."""
-    unit = 10 ** (math.floor(math.log10(x)) - digits + 1)
-    whole = math.floor(x / unit) if down else math.ceil(x / unit)
-    return float(f"{whole * unit:.{digits}g}")
 
 
 def _progress(items: Sequence[Any], on: bool, desc: str) -> Any:

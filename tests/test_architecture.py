@@ -7,13 +7,87 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diffcache"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "diffcache"
+#: checkout folder -> the package it installs as (pyproject.toml's package-dir)
+FOLDERS = {
+    "diffcache": "diffcache",
+    "kernels/src": "diffcache.kernels",
+    "pipelines/src": "diffcache.pipelines",
+    "eval/src": "diffcache.eval",
+    "profiles/src": "diffcache.profiles",
+}
 #: the core engine, and the front doors on it that every family goes through
 CORE = ("api", "session", "drivers", "runstate", "hooks", "sites", "adapter", "registry", "plan")
 CORE += ("options", "yamlio", "request", "generate", "profile")
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}
+
+
+#: what the core may not import: the layers built on it
+UPPER = ("methods", "profile", "pipelines", "eval", "cli", "models", "kv", "generate", "testing")
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package (test helpers in ``diffcache.testing`` too)."""
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts]
+            found[".".join([package, *(p for p in parts if p != "__init__")])] = path
+    return found
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the diffcache modules it imports anywhere (lazy and type-only imports too):
+    ``from a import b`` names ``a.b`` when that is a module, else ``a``."""
+
+    def known(name: str) -> str:
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {known(a.name) for a in node.names if a.name.startswith("diffcache")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffcache"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    found.add(full if full in modules else known(node.module))
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_cycle_and_no_import_up_from_the_core() -> None:
+    """Every import, lazy and type-only ones too, goes one way: no cycle anywhere in the
+    package, and the core imports nothing built on it (methods, the profiler, pipelines ...)."""
+    graph = _imports(_modules())
+    up = [
+        (m, d)
+        for m in (f"diffcache.{c}" for c in CORE if c not in ("generate", "profile"))
+        for d in sorted(graph[m])
+        if d.split(".")[1:2] and d.split(".")[1] in UPPER or d == "diffcache"
+    ]
+    assert up == [], f"the core imports up: {up}"
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def cycle_from(m: str, path: list[str]) -> list[str] | None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return [*path[path.index(d) :], d] if d in path else [m, d]
+            if d not in state and (found := cycle_from(d, [*path, d])):
+                return found
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            assert (found := cycle_from(m, [m])) is None, f"import cycle: {' -> '.join(found)}"
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -18,12 +18,21 @@ from diffcache.errors import PlanError
 from diffcache.options import from_mapping, option, to_plain
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from diffcache.adapter import Target
-    from diffcache.profile import Profiling
 
 GRANULARITIES = ("step", "block", "module", "kv")
 
-__all__ = ["MethodConfig", "Calibrated", "Observer", "option", "tune_knob", "GRANULARITIES"]
+__all__ = [
+    "MethodConfig",
+    "Calibrated",
+    "Observer",
+    "Profiling",
+    "option",
+    "tune_knob",
+    "GRANULARITIES",
+]
 
 
 class Observer(Protocol):
@@ -39,6 +48,36 @@ class Observer(Protocol):
     def end_request(self) -> None: ...
 
     def result(self) -> dict[str, torch.Tensor]: ...
+
+
+class Profiling(Protocol):
+    """What a method's ``calibrate`` is handed (``diffcache.profile`` makes it): the trace of
+    the plain run, the model and its compute target, and calibration runs."""
+
+    trace: Any  # every probe record, and ``observed``: the observer's sums
+    target: Target
+    target_compute: float | None  # the compute fraction the plan must not exceed, if any
+    valid_for: dict[str, Any]  # of the plan being made
+
+    def record(self, observer: Observer) -> dict[str, torch.Tensor]:
+        """Run the calibration requests plain with ``observer`` attached; its sums."""
+        ...
+
+    def measure(self, config: MethodConfig, calibration: Any = None) -> dict[str, Any]:
+        """Run the calibration requests with ``config``; the mean ``compute_fraction``."""
+        ...
+
+    def tune(
+        self,
+        make: Callable[[float], MethodConfig],
+        lo: float,
+        hi: float,
+        knob: str,
+        iterations: int = 14,
+        rising: bool = False,
+    ) -> tuple[MethodConfig, dict[str, Any]]:
+        """The ``knob`` in [lo, hi] closest to full computation that meets the target."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
-from diffcache.profile import round_to
+from diffcache.plan import round_to
 from diffcache.registry import register_method
 from diffcache.runstate import steps_mismatch
 from diffcache.session import Call, Session

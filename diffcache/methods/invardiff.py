@@ -532,8 +532,7 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
     ``single_transformer_cache_book``, where ``attn`` is reused only where ``context_attn`` is
     too, and ``ip_attn`` has no site here)."""
     from diffcache.adapter import Target
-    from diffcache.plan import Plan
-    from diffcache.profile import make_plan
+    from diffcache.plan import Plan, make_plan
     from diffcache.registry import find_adapter
 
     target = Target.resolve(find_adapter(pipe), pipe)
