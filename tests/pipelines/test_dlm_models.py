@@ -14,16 +14,11 @@ from safetensors.torch import save_file
 
 import diffcache
 from diffcache.errors import UnsupportedModelError
+from diffcache.pipelines.dlm_layers import apply_rope, rope_cos_sin
 from diffcache.pipelines.dlm_loading import detect_family, load_dlm_folder, load_dlm_tokenizer
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 from diffcache.pipelines.dream.model import DreamConfig, DreamModel, build_tiny_dream
-from diffcache.pipelines.llada.model import (
-    LLaDAConfig,
-    LLaDAModelLM,
-    apply_rope,
-    build_tiny_llada,
-    rope_cos_sin,
-)
+from diffcache.pipelines.llada.model import LLaDAConfig, LLaDAModelLM, build_tiny_llada
 
 # The published config.json of LLaDA-8B-Instruct and Dream-v0-Instruct-7B (research/dlm.md §1.3).
 LLADA_8B: dict[str, Any] = {
@@ -339,6 +334,23 @@ def test_config_round_trip_and_refusals() -> None:
     with pytest.raises(UnsupportedModelError, match="rope_scaling"):
         DreamConfig.from_dict({**DREAM_7B, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
     assert detect_family(Path("/nonexistent")) is None
+
+
+@pytest.mark.parametrize(
+    "config,kv_heads,heads",
+    [
+        (LLaDAConfig, "n_kv_heads", "n_heads"),
+        (DreamConfig, "num_key_value_heads", "num_attention_heads"),
+    ],
+)
+def test_zero_kv_heads_is_refused_with_the_family_field_names(
+    config: type, kv_heads: str, heads: str
+) -> None:
+    """No key/value heads is a refused setting named in config.json's own words (it was a
+    ZeroDivisionError for LLaDA and silently MHA for Dream)."""
+    with pytest.raises(UnsupportedModelError) as e:
+        config(**{kv_heads: 0})
+    assert f"{kv_heads}=0 (must divide {heads}=" in str(e.value)
 
 
 # -- numerics -------------------------------------------------------------------------------
