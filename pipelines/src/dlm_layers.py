@@ -8,11 +8,14 @@ is how our text pipelines always call the model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffcache.pipelines._tiny import seeded
+from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
     from diffcache.pipelines.dlm_config import DLMConfig
@@ -172,6 +175,8 @@ class DLMModel(nn.Module):
     """
 
     logit_shift: ClassVar[int]
+    #: the LM head's submodule path
+    HEAD: ClassVar[str]
 
     def __init__(self, config: DLMConfig) -> None:
         super().__init__()
@@ -221,3 +226,23 @@ def tiny_init_(model: nn.Module, head: nn.Linear, head_std: float) -> None:
                 module.weight.normal_(1.0, 0.1)
                 if module.bias is not None:
                     module.bias.normal_(0.0, 0.1)
+
+
+M = TypeVar("M", bound=DLMModel)
+
+
+def build_tiny(
+    model_cls: type[M],
+    config: DLMConfig,
+    seed: int,
+    dtype: torch.dtype,
+    head_std: float,
+    specials: dict[str, int],
+) -> tuple[M, CharTokenizer]:
+    """``model_cls(config)`` with :func:`tiny_init_` weights drawn under ``seeded(seed)`` (the
+    global RNG is left alone), in ``dtype`` and eval mode, and a :class:`CharTokenizer` with
+    ``specials`` over its logits."""
+    with seeded(seed):  # the default init inside the constructor is overwritten
+        model = model_cls(config)
+        tiny_init_(model, model.get_submodule(model.HEAD), head_std)
+    return model.to(dtype).eval(), CharTokenizer(specials, vocab_size=config.logits_size)

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.pipelines._tiny import seeded
 from diffcache.pipelines.dlm_config import DLMConfig
-from diffcache.pipelines.dlm_layers import DLMBlock, DLMModel, RMSNorm, tiny_init_
+from diffcache.pipelines.dlm_layers import DLMBlock, DLMModel, RMSNorm, build_tiny
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
 
@@ -149,6 +148,7 @@ class DreamModel(DLMModel):
     """
 
     logit_shift = 1
+    HEAD = "lm_head"
 
     def __init__(self, config: DreamConfig) -> None:
         super().__init__(config)
@@ -202,9 +202,6 @@ def build_tiny_dream(
     Leaves the global RNG alone.
     """
     config = DreamConfig(**{**(DREAM_MICRO if micro else DREAM_TINY), **overrides})
-    with seeded(seed):  # the default init inside the constructor is overwritten
-        model = DreamModel(config)
-        tiny_init_(model, model.lm_head, head_std)
     specials = {
         "mask": config.mask_token_id,
         "eos": config.eos_token_id,
@@ -212,5 +209,4 @@ def build_tiny_dream(
     }
     if config.vocab_size in DREAM_EOT:
         specials["eot"] = DREAM_EOT[config.vocab_size]
-    tokenizer = CharTokenizer(specials, vocab_size=config.vocab_size)
-    return model.to(dtype).eval(), tokenizer
+    return build_tiny(DreamModel, config, seed, dtype, head_std, specials)

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.pipelines._tiny import seeded
 from diffcache.pipelines.dlm_config import DLMConfig
-from diffcache.pipelines.dlm_layers import DLMBlock, DLMModel, RMSNorm, tiny_init_
+from diffcache.pipelines.dlm_layers import DLMBlock, DLMModel, RMSNorm, build_tiny
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +168,7 @@ class LLaDAModelLM(DLMModel):
     """
 
     logit_shift = 0
+    HEAD = "model.transformer.ff_out"
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__(config)
@@ -220,14 +220,10 @@ def build_tiny_llada(
     / eos = pad 251 / eot 252. ``overrides`` replace config fields. Leaves the global RNG alone.
     """
     config = LLaDAConfig(**{**(LLADA_MICRO if micro else LLADA_TINY), **overrides})
-    with seeded(seed):  # the default init inside the constructor is overwritten
-        model = LLaDAModelLM(config)
-        tiny_init_(model, model.model.transformer["ff_out"], head_std)
     specials = {
         "mask": config.mask_token_id, "eos": config.eos_token_id, "eot": config.eot_token_id,
         "pad": config.pad_token_id,
     }  # fmt: skip
     if config.logits_size in LLADA_BOS:
         specials["bos"] = LLADA_BOS[config.logits_size]
-    tokenizer = CharTokenizer(specials, vocab_size=config.logits_size)
-    return model.to(dtype).eval(), tokenizer
+    return build_tiny(LLaDAModelLM, config, seed, dtype, head_std, specials)
