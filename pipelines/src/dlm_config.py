@@ -92,10 +92,12 @@ class DLMConfig:
 
     @property
     def dim_per_head(self) -> int:
-        """The head size: config.json's ``head_dim`` where it has one and it is set, else
-        ``width // heads``."""
-        explicit = self._size("head_dim") if "head_dim" in self.SIZES else None
-        return explicit or self.width // self.heads
+        """The head size: config.json's ``head_dim`` where it is set, else ``width // heads``."""
+        return self._set_head_dim() or self.width // self.heads
+
+    def _set_head_dim(self) -> int | None:
+        """config.json's ``head_dim`` where the family has one (None or 0: not set)."""
+        return self._size("head_dim") if "head_dim" in self.SIZES else None
 
     @property
     def max_positions(self) -> int:
@@ -125,11 +127,10 @@ class DLMConfig:
         size (RoPE rotates halves), key/value heads that do not divide the query heads."""
         names = self.SIZES
         problems = []
-        if "head_dim" not in names or not self._size("head_dim"):
-            if self.width % self.heads:
-                problems.append(
-                    f"{names['width']}={self.width} not divisible by {names['heads']}={self.heads}"
-                )
+        if not self._set_head_dim() and self.width % self.heads:
+            problems.append(
+                f"{names['width']}={self.width} not divisible by {names['heads']}={self.heads}"
+            )
         if self.dim_per_head % 2:
             problems.append(f"head_dim={self.dim_per_head} (needs an even head_dim)")
         if self.kv_heads < 1 or self.heads % self.kv_heads:

@@ -1,9 +1,11 @@
-"""Layer pieces shared by our LLaDA and Dream modules, and their forward.
+"""Layer pieces shared by our LLaDA and Dream modules, their bases, and their forward.
 
-RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA,
-and :func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
+RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA;
+:class:`DLMBlock` and :class:`DLMModel`, the bases of the families' layers and models;
+:func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
 planned rows with K/V kept in a position-indexed store (:func:`diffcache.kv.forward_rows`), which
-is how our text pipelines always call the model.
+is how our text pipelines always call the model; :func:`build_tiny`, the deterministic tiny
+models of tests and demos.
 """
 
 from __future__ import annotations

@@ -337,20 +337,23 @@ def test_config_round_trip_and_refusals() -> None:
 
 
 @pytest.mark.parametrize(
-    "config,kv_heads,heads",
+    "config,width,heads,kv_heads",
     [
-        (LLaDAConfig, "n_kv_heads", "n_heads"),
-        (DreamConfig, "num_key_value_heads", "num_attention_heads"),
+        (LLaDAConfig, "d_model", "n_heads", "n_kv_heads"),
+        (DreamConfig, "hidden_size", "num_attention_heads", "num_key_value_heads"),
     ],
 )
-def test_zero_kv_heads_is_refused_with_the_family_field_names(
-    config: type, kv_heads: str, heads: str
+def test_size_refusals_name_the_family_fields(
+    config: type, width: str, heads: str, kv_heads: str
 ) -> None:
-    """No key/value heads is a refused setting named in config.json's own words (it was a
-    ZeroDivisionError for LLaDA and silently MHA for Dream)."""
+    """Both families refuse each bad size by its own config.json name; zero key/value heads is
+    one of them (it was a ZeroDivisionError for LLaDA and silently MHA for Dream)."""
     with pytest.raises(UnsupportedModelError) as e:
-        config(**{kv_heads: 0})
-    assert f"{kv_heads}=0 (must divide {heads}=" in str(e.value)
+        config(**{width: 30, heads: 4, kv_heads: 0})
+    message = str(e.value)
+    assert f"{width}=30 not divisible by {heads}=4" in message
+    assert f"head_dim={30 // 4} (needs an even head_dim)" in message
+    assert f"{kv_heads}=0 (must divide {heads}=4)" in message
 
 
 # -- numerics -------------------------------------------------------------------------------
