@@ -85,10 +85,8 @@ def attend(
 
 class DLMBlock(nn.Module):
     """One layer, split into :meth:`qkv`, :meth:`attend` and :meth:`finish` (the pieces
-    :func:`diffcache.kv.forward_rows` runs on the planned rows). A family names its input norm
-    and q/k/v projections in ``QKV`` (submodule paths) and writes :meth:`finish`."""
-
-    QKV: ClassVar[tuple[str, str, str, str]]
+    :func:`diffcache.kv.forward_rows` runs on the planned rows). A family gives its input norm
+    and q/k/v projections (:meth:`qkv_modules`) and writes :meth:`finish`."""
 
     def __init__(self, config: DLMConfig) -> None:
         super().__init__()
@@ -99,13 +97,17 @@ class DLMBlock(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, H, n, hd]``, k and v ``[B, Hkv, n, hd]``; q and k after RoPE."""
-        norm, q_proj, k_proj, v_proj = (self.get_submodule(name) for name in self.QKV)
+        norm, q_proj, k_proj, v_proj = self.qkv_modules()
         b, n, _ = h.shape
         x = norm(h)
         q = q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
+        """The input norm and the q, k and v projections."""
+        raise NotImplementedError
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

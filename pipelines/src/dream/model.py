@@ -113,14 +113,16 @@ class DreamMLP(nn.Module):
 class DreamDecoderLayer(DLMBlock):
     """One Dream layer: ``input_layernorm`` and q/k/v, then ``o_proj`` and the MLP."""
 
-    QKV = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-
     def __init__(self, config: DreamConfig) -> None:
         super().__init__(config)
         self.self_attn = DreamAttention(config)
         self.mlp = DreamMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
+        a = self.self_attn
+        return self.input_layernorm, a.q_proj, a.k_proj, a.v_proj
 
     def finish(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """``h + o_proj(o)``, then the MLP residual."""

@@ -120,8 +120,6 @@ class LLaDAConfig(DLMConfig):
 class LLaDALlamaBlock(DLMBlock):
     """One LLaDA layer: ``attn_norm`` and q/k/v, then ``attn_out`` and the SwiGLU MLP."""
 
-    QKV = ("attn_norm", "q_proj", "k_proj", "v_proj")
-
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__(config)
         d, hd, bias = config.d_model, config.dim_per_head, config.include_bias
@@ -135,6 +133,9 @@ class LLaDALlamaBlock(DLMBlock):
         self.ff_proj = nn.Linear(d, config.mlp_hidden, bias=bias)
         self.up_proj = nn.Linear(d, config.mlp_hidden, bias=bias)
         self.ff_out = nn.Linear(config.mlp_hidden, d, bias=bias)
+
+    def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
+        return self.attn_norm, self.q_proj, self.k_proj, self.v_proj
 
     def finish(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """``h + attn_out(o)``, then the SwiGLU MLP residual."""
