@@ -1,19 +1,26 @@
-"""Layer pieces shared by our LLaDA and Dream modules, and their forward.
+"""Layer pieces shared by our LLaDA and Dream modules, their bases, and their forward.
 
-RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA,
-and :func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
+RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA;
+:class:`DLMBlock` and :class:`DLMModel`, the bases of the families' layers and models;
+:func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
 planned rows with K/V kept in a position-indexed store (:func:`diffcache.kv.forward_rows`), which
-is how our text pipelines always call the model.
+is how our text pipelines always call the model; :func:`build_tiny`, the deterministic tiny
+models of tests and demos.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffcache.pipelines._tiny import seeded
+from diffcache.pipelines.dlm_tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from diffcache.pipelines.dlm_config import DLMConfig
 
 # ---------------------------------------------------------------------------------------------
 
@@ -76,6 +83,49 @@ def attend(
     return o.transpose(1, 2).reshape(b, n, h * d)
 
 
+class DLMBlock(nn.Module):
+    """One layer, split into :meth:`qkv`, :meth:`attend` and :meth:`finish` (the pieces
+    :func:`diffcache.kv.forward_rows` runs on the planned rows). A family gives its input norm
+    and q/k/v projections (:meth:`qkv_modules`) and writes :meth:`finish`."""
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.heads, config.kv_heads
+        self.head_dim = config.dim_per_head
+
+    def qkv(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, H, n, hd]``, k and v ``[B, Hkv, n, hd]``; q and k after RoPE."""
+        norm, q_proj, k_proj, v_proj = self.qkv_modules()
+        b, n, _ = h.shape
+        x = norm(h)
+        q = q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
+        """The input norm and the q, k and v projections."""
+        raise NotImplementedError
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Non-causal attention of q over k/v (GQA); ``[B, n, H*hd]`` before the output
+        projection."""
+        return attend(q, k, v, mask)
+
+    def finish(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The attention output ``o`` projected into the residual ``h``, then the MLP residual."""
+        raise NotImplementedError
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.finish(h, self.attend(*self.qkv(h, cos, sin), mask))
+
+
 class DiffusionLM(Protocol):
     """What :func:`diffusion_forward` needs of a model (see the shared interface spec)."""
 
@@ -118,11 +168,49 @@ def diffusion_forward(
     return model.head(h)
 
 
-def config_fields(cls: type, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a config.json dict into the dataclass's own fields and the rest (``extra``)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
-    own = {k: v for k, v in d.items() if k in names}
-    return own, {k: v for k, v in d.items() if k not in names}
+class DLMModel(nn.Module):
+    """Base of the LLaDA and Dream modules: the sizes diffcache reads, RoPE and the forward.
+
+    A family registers its modules under the checkpoint's names and gives :meth:`blocks`,
+    :meth:`embed` and :meth:`head` (the :class:`DiffusionLM` protocol) and ``logit_shift``
+    (1: the row at p-1 predicts token p). :meth:`forward` defaults ``position_ids`` to
+    ``cumsum(attention_mask) - 1`` (clamped at 0) when a mask is given, so a left-padded row
+    decodes as the same row alone.
+    """
+
+    logit_shift: ClassVar[int]
+    #: the LM head's submodule path
+    HEAD: ClassVar[str]
+
+    def __init__(self, config: DLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mask_id = config.mask_token_id  # type: ignore[attr-defined]
+        self.num_layers = config.layers
+        self.num_heads = config.heads
+        self.num_kv_heads = config.kv_heads
+        self.head_dim = config.dim_per_head
+        self.vocab_size = config.logits_size
+        self.max_positions = config.max_positions
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.head_dim, self.config.rope_theta)  # type: ignore[attr-defined]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **step: Any,
+    ) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of a full bidirectional forward (unshifted). With ``plan=``:
+        the planned rows only (:func:`diffusion_forward`)."""
+        return diffusion_forward(self, input_ids, attention_mask, position_ids, **step)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (the block sites diffcache hooks)."""
+        return self.blocks()
 
 
 def tiny_init_(model: nn.Module, head: nn.Linear, head_std: float) -> None:
@@ -142,3 +230,23 @@ def tiny_init_(model: nn.Module, head: nn.Linear, head_std: float) -> None:
                 module.weight.normal_(1.0, 0.1)
                 if module.bias is not None:
                     module.bias.normal_(0.0, 0.1)
+
+
+M = TypeVar("M", bound=DLMModel)
+
+
+def build_tiny(
+    model_cls: type[M],
+    config: DLMConfig,
+    seed: int,
+    dtype: torch.dtype,
+    head_std: float,
+    specials: dict[str, int],
+) -> tuple[M, CharTokenizer]:
+    """``model_cls(config)`` with :func:`tiny_init_` weights drawn under ``seeded(seed)`` (the
+    global RNG is left alone), in ``dtype`` and eval mode, and a :class:`CharTokenizer` with
+    ``specials`` over its logits."""
+    with seeded(seed):  # the default init inside the constructor is overwritten
+        model = model_cls(config)
+        tiny_init_(model, model.get_submodule(model.HEAD), head_std)
+    return model.to(dtype).eval(), CharTokenizer(specials, vocab_size=config.logits_size)

@@ -11,6 +11,7 @@ when a tokenizer is loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from diffcache.errors import UnsupportedModelError
+from diffcache.models import Loader, register_loader
 from diffcache.pipelines.dlm_tokenizer import FILE as CHAR_TOKENIZER
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
@@ -62,6 +64,19 @@ def detect_family(path: str | Path) -> str | None:
     if kind == "dream" or "DreamModel" in archs:
         return "dream"
     return None
+
+
+def register_family_loader(family: str, title: str, load: Callable[[Path], Any]) -> Loader:
+    """Register ``load`` for the folders whose config.json names ``family``
+    (:func:`detect_family`); ``title`` is the family as written in the loader's description."""
+    return register_loader(
+        Loader(
+            family,
+            lambda path: detect_family(path) == family,
+            load,
+            f"config.json naming {title}, safetensors",
+        )
+    )
 
 
 def build_model(family: str, config: dict[str, Any]) -> nn.Module:

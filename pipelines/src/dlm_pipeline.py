@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from diffcache.errors import DiffCacheError
 from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
+from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.sampling import rules
 
 #: sampler settings that are non-negative numbers when given (None: the setting is off)
@@ -70,16 +72,32 @@ class TextOutput:
     generated: torch.Tensor  # [B] tokens generated up to and including the first EOS
 
 
+P = TypeVar("P", bound="DiffusionLMPipeline")
+
+
 class DiffusionLMPipeline:
     """Base of :class:`LLaDAPipeline` and :class:`DreamPipeline`: the decoding loop; the family
     subclass scores candidates (:meth:`score`) and says how many to commit (:meth:`count`)."""
 
+    #: The family's name in config.json detection and loading (``"llada"``, ``"dream"``).
+    family: ClassVar[str]
     #: Default sampler settings of the family (call keywords override them).
     defaults: dict[str, Any] = {}
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls: type[P],
+        folder: str | Path,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> P:
+        """The pipeline of a model folder of this family (:func:`dlm_loading.load_dlm_folder`)."""
+        model, tokenizer = dlm_loading.load_dlm_folder(folder, cls.family, torch_dtype, device)
+        return cls(model, tokenizer)
 
     # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
     def begin_run(self, num_steps: int | None, **facts: Any) -> None:

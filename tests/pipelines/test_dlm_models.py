@@ -14,16 +14,11 @@ from safetensors.torch import save_file
 
 import diffcache
 from diffcache.errors import UnsupportedModelError
+from diffcache.pipelines.dlm_layers import apply_rope, rope_cos_sin
 from diffcache.pipelines.dlm_loading import detect_family, load_dlm_folder, load_dlm_tokenizer
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 from diffcache.pipelines.dream.model import DreamConfig, DreamModel, build_tiny_dream
-from diffcache.pipelines.llada.model import (
-    LLaDAConfig,
-    LLaDAModelLM,
-    apply_rope,
-    build_tiny_llada,
-    rope_cos_sin,
-)
+from diffcache.pipelines.llada.model import LLaDAConfig, LLaDAModelLM, build_tiny_llada
 
 # The published config.json of LLaDA-8B-Instruct and Dream-v0-Instruct-7B (research/dlm.md §1.3).
 LLADA_8B: dict[str, Any] = {
@@ -339,6 +334,26 @@ def test_config_round_trip_and_refusals() -> None:
     with pytest.raises(UnsupportedModelError, match="rope_scaling"):
         DreamConfig.from_dict({**DREAM_7B, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
     assert detect_family(Path("/nonexistent")) is None
+
+
+@pytest.mark.parametrize(
+    "config,width,heads,kv_heads",
+    [
+        (LLaDAConfig, "d_model", "n_heads", "n_kv_heads"),
+        (DreamConfig, "hidden_size", "num_attention_heads", "num_key_value_heads"),
+    ],
+)
+def test_size_refusals_name_the_family_fields(
+    config: type, width: str, heads: str, kv_heads: str
+) -> None:
+    """Both families refuse each bad size by its own config.json name; zero key/value heads is
+    one of them (it was a ZeroDivisionError for LLaDA and silently MHA for Dream)."""
+    with pytest.raises(UnsupportedModelError) as e:
+        config(**{width: 30, heads: 4, kv_heads: 0})
+    message = str(e.value)
+    assert f"{width}=30 not divisible by {heads}=4" in message
+    assert f"head_dim={30 // 4} (needs an even head_dim)" in message
+    assert f"{kv_heads}=0 (must divide {heads}=4)" in message
 
 
 # -- numerics -------------------------------------------------------------------------------

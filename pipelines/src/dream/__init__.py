@@ -16,13 +16,11 @@ it).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffcache.adapter import Adapter
-from diffcache.models import Loader, register_loader
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.dlm_pipeline import (
     DiffusionLMPipeline,
@@ -61,6 +59,7 @@ ADAPTER = register_adapter(
 class DreamPipeline(DiffusionLMPipeline):
     """Dream generation: ``pipe("Write a haiku", gen_length=128, steps=128, alg="entropy")``."""
 
+    family = "dream"
     defaults: dict[str, Any] = {
         "temperature": 0.0,
         "top_p": None,
@@ -75,13 +74,6 @@ class DreamPipeline(DiffusionLMPipeline):
         "eos_truncate": False,
         "prior_sigma": 0.0,
     }
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | Path, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> DreamPipeline:
-        model, tokenizer = dlm_loading.load_dlm_folder(folder, "dream", torch_dtype, device)
-        return cls(model, tokenizer)
 
     def score(
         self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str
@@ -117,12 +109,4 @@ def build_tiny() -> DreamPipeline:
     return DreamPipeline(*build_tiny_dream())
 
 
-def _is_dream(path: Path) -> bool:
-    return dlm_loading.detect_family(path) == "dream"
-
-
-register_loader(
-    Loader(
-        "dream", _is_dream, DreamPipeline.from_pretrained, "config.json naming Dream, safetensors"
-    )
-)
+dlm_loading.register_family_loader(DreamPipeline.family, "Dream", DreamPipeline.from_pretrained)

@@ -19,22 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.errors import UnsupportedModelError
-from diffcache.pipelines._tiny import seeded
-from diffcache.pipelines.dlm_layers import (
-    RMSNorm,
-    apply_rope,
-    attend,
-    config_fields,
-    diffusion_forward,
-    rope_cos_sin,
-    tiny_init_,
-)
+from diffcache.pipelines.dlm_config import DLMConfig
+from diffcache.pipelines.dlm_layers import DLMBlock, DLMModel, RMSNorm, build_tiny
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
 
 @dataclasses.dataclass
-class DreamConfig:
+class DreamConfig(DLMConfig):
     """The fields of a Dream ``config.json`` this module uses (defaults: Dream-v0-7B).
 
     Unknown keys are kept in ``extra`` and written back by :meth:`to_dict`. ``head_dim`` None
@@ -60,72 +51,37 @@ class DreamConfig:
     pad_token_id: int = 151643
     eos_token_id: int = 151643
     bos_token_id: int | None = 151643
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    FAMILY: ClassVar[str] = "Dream"
     MODEL_TYPE: ClassVar[str] = "Dream"
     ARCHITECTURE: ClassVar[str] = "DreamModel"
-
-    def __post_init__(self) -> None:
-        problems = self.unsupported()
-        if problems:
-            raise UnsupportedModelError(
-                f"Dream config: unsupported setting(s) {'; '.join(problems)}. diffcache's Dream "
-                "module implements the published Dream-v0 architecture (Qwen2 layers, SiLU, "
-                "default RoPE, full attention); use a checkpoint with that architecture."
-            )
+    IMPLEMENTS: ClassVar[str] = (
+        "Dream-v0 architecture (Qwen2 layers, SiLU, default RoPE, full attention)"
+    )
+    SIZES: ClassVar[dict[str, str]] = {
+        "width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+        "positions": "max_position_embeddings",
+    }  # fmt: skip
+    REQUIRED: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "use_sliding_window": False}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DreamConfig:
-        """From a config.json dict; unknown keys go to ``extra``. A transformers-v5 style
-        ``rope_parameters`` dict supplies ``rope_theta`` / ``rope_scaling`` when they are absent."""
-        own, extra = config_fields(cls, d)
+    def from_dict_fields(cls, own: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
+        """A transformers-v5 style ``rope_parameters`` dict supplies ``rope_theta`` /
+        ``rope_scaling`` when they are absent."""
         params = d.get("rope_parameters")
         if isinstance(params, dict):
             if "rope_theta" not in own and "rope_theta" in params:
                 own["rope_theta"] = params["rope_theta"]
             if "rope_scaling" not in own and params.get("rope_type", "default") != "default":
                 own["rope_scaling"] = params
-        return cls(**own, extra=extra)
+        return own
 
-    def to_dict(self) -> dict[str, Any]:
-        """A config.json dict (``extra`` keys, then the fields; model_type/architectures added)."""
-        out = {"model_type": self.MODEL_TYPE, "architectures": [self.ARCHITECTURE], **self.extra}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        out.pop("extra")
-        return out
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def unsupported(self) -> list[str]:
-        """Every setting this module does not implement, as ``name=value (needs ...)``."""
-        problems = []
-        if self.hidden_act != "silu":
-            problems.append(f"hidden_act={self.hidden_act!r} (needs 'silu')")
+    def family_problems(self) -> list[str]:
         scaling = self.rope_scaling or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind != "default":
-            problems.append(f"rope_scaling={self.rope_scaling!r} (needs None / default RoPE)")
-        if self.use_sliding_window:
-            problems.append("use_sliding_window=True (needs False)")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size={self.hidden_size} not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.dim_per_head % 2:
-            problems.append(f"head_dim={self.dim_per_head} (needs an even head_dim)")
-        if self.num_attention_heads % self.kv_heads:
-            problems.append(
-                f"num_key_value_heads={self.kv_heads} (must divide "
-                f"num_attention_heads={self.num_attention_heads})"
-            )
-        return problems
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            return [f"rope_scaling={self.rope_scaling!r} (needs None / default RoPE)"]
+        return []
 
 
 class DreamAttention(nn.Module):
@@ -154,46 +110,24 @@ class DreamMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DreamDecoderLayer(nn.Module):
-    """One Dream layer, split into :meth:`qkv`, :meth:`attend` and :meth:`finish`."""
+class DreamDecoderLayer(DLMBlock):
+    """One Dream layer: ``input_layernorm`` and q/k/v, then ``o_proj`` and the MLP."""
 
     def __init__(self, config: DreamConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.kv_heads
-        self.head_dim = config.dim_per_head
+        super().__init__(config)
         self.self_attn = DreamAttention(config)
         self.mlp = DreamMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def qkv(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``[B, H, n, hd]``, k and v ``[B, Hkv, n, hd]``; q and k after RoPE."""
-        b, n, _ = h.shape
-        x = self.input_layernorm(h)
+    def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
         a = self.self_attn
-        q = a.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = a.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = a.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Non-causal attention of q over k/v (GQA); ``[B, n, H*hd]`` before ``o_proj``."""
-        return attend(q, k, v, mask)
+        return self.input_layernorm, a.q_proj, a.k_proj, a.v_proj
 
     def finish(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """``h + o_proj(o)``, then the MLP residual."""
         h = h + self.self_attn.o_proj(o)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-    def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self.finish(h, self.attend(*self.qkv(h, cos, sin), mask))
 
 
 class DreamBaseModel(nn.Module):
@@ -207,29 +141,21 @@ class DreamBaseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
-    """Dream diffusion LM (``logit_shift = 1``).
+class DreamModel(DLMModel):
+    """Dream diffusion LM (``logit_shift = 1``: the logits are unshifted, row p-1 predicts p).
 
-    :meth:`forward` defaults ``position_ids`` to ``cumsum(attention_mask) - 1`` (clamped at 0)
-    when a mask is given, as the reference sampler does for padded batches. With
+    Positions default as in the reference sampler for padded batches. With
     ``tie_word_embeddings`` the LM head shares the embedding weight (:meth:`tie_weights`; call it
     again after replacing parameters, e.g. after ``load_state_dict(assign=True)``).
     """
 
     logit_shift = 1
+    HEAD = "lm_head"
 
     def __init__(self, config: DreamConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mask_id = config.mask_token_id
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.kv_heads
-        self.head_dim = config.dim_per_head
-        self.vocab_size = config.vocab_size
-        self.max_positions = config.max_position_embeddings
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -243,27 +169,8 @@ class DreamModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
-
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **step: Any,
-    ) -> torch.Tensor:
-        """Logits ``[B, L, V]`` of a full bidirectional forward (unshifted: row p-1 predicts
-        p). With ``plan=``: the planned rows only (``dlm_layers.diffusion_forward``)."""
-        return diffusion_forward(self, input_ids, attention_mask, position_ids, **step)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        """The decoder layers (the block sites diffcache hooks)."""
-        return self.blocks()
 
 
 # Tier B "real-vocab tiny" (research/dlm.md §3.2): GQA, the real vocabulary and special ids.
@@ -297,9 +204,6 @@ def build_tiny_dream(
     Leaves the global RNG alone.
     """
     config = DreamConfig(**{**(DREAM_MICRO if micro else DREAM_TINY), **overrides})
-    with seeded(seed):  # the default init inside the constructor is overwritten
-        model = DreamModel(config)
-        tiny_init_(model, model.lm_head, head_std)
     specials = {
         "mask": config.mask_token_id,
         "eos": config.eos_token_id,
@@ -307,5 +211,4 @@ def build_tiny_dream(
     }
     if config.vocab_size in DREAM_EOT:
         specials["eot"] = DREAM_EOT[config.vocab_size]
-    tokenizer = CharTokenizer(specials, vocab_size=config.vocab_size)
-    return model.to(dtype).eval(), tokenizer
+    return build_tiny(DreamModel, config, seed, dtype, head_std, specials)

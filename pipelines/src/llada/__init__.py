@@ -16,13 +16,11 @@ temperature (the reference only demotes EOS at temperature 0, an aliasing effect
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffcache.adapter import Adapter
-from diffcache.models import Loader, register_loader
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.dlm_pipeline import (
     DiffusionLMPipeline,
@@ -85,6 +83,7 @@ ADAPTER = register_adapter(
 class LLaDAPipeline(DiffusionLMPipeline):
     """LLaDA generation: ``pipe("What is 12*7?", gen_length=256, steps=256, block_length=32)``."""
 
+    family = "llada"
     defaults: dict[str, Any] = {
         "temperature": 0.0,
         "remasking": "low_confidence",  # or "random"
@@ -98,13 +97,6 @@ class LLaDAPipeline(DiffusionLMPipeline):
         "eos_truncate": False,  # drop masks after the first decoded EOS (Elastic-Cache)
         "prior_sigma": 0.0,  # certainty-prior decoding (d2Cache)
     }
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | Path, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> LLaDAPipeline:
-        model, tokenizer = dlm_loading.load_dlm_folder(folder, "llada", torch_dtype, device)
-        return cls(model, tokenizer)
 
     def check_request(self, gen_length: int, steps: int, block_length: int) -> None:
         problem = steps_problem(gen_length, steps, block_length)
@@ -148,12 +140,4 @@ def build_tiny() -> LLaDAPipeline:
     return LLaDAPipeline(*build_tiny_llada())
 
 
-def _is_llada(path: Path) -> bool:
-    return dlm_loading.detect_family(path) == "llada"
-
-
-register_loader(
-    Loader(
-        "llada", _is_llada, LLaDAPipeline.from_pretrained, "config.json naming LLaDA, safetensors"
-    )
-)
+dlm_loading.register_family_loader(LLaDAPipeline.family, "LLaDA", LLaDAPipeline.from_pretrained)
