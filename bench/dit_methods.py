@@ -42,7 +42,8 @@ import diffcache
 from diffcache.eval.baselines import magcache
 from diffcache.eval.runner import evaluate
 from diffcache.models import builtin_models, load_model
-from diffcache.plan import Plan, bundled_plans
+from diffcache.plan import Plan
+from diffcache.profiles import bundled_plans
 from diffcache.profiles.make import PLANS
 from diffcache.request import Request
 

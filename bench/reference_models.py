@@ -36,7 +36,8 @@ from diffcache.eval.report import speedup_text
 from diffcache.eval.runner import evaluate
 from diffcache.eval.timing import REPEATS
 from diffcache.models import builtin_models
-from diffcache.plan import Plan, bundled_plans
+from diffcache.plan import Plan
+from diffcache.profiles import bundled_plans
 
 MODELS = ("dit-digits", "wan-shapes")
 THRESHOLDS = {"dit-digits": (0.05, 0.1, 0.2), "wan-shapes": (0.05, 0.1, 0.2)}

@@ -670,7 +670,8 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    from diffcache.plan import Plan, bundled_plans, format_options
+    from diffcache.plan import Plan, format_options
+    from diffcache.profiles import bundled_plans
 
     rows = [("plan", "family", "method", "options (valid for)")]
     for name in bundled_plans():
@@ -794,7 +795,7 @@ def _demo(args: argparse.Namespace) -> int:
     from diffcache.eval.report import render_index
     from diffcache.eval.runner import evaluate
     from diffcache.models import builtin_models, model_entry
-    from diffcache.plan import bundled_plans
+    from diffcache.profiles import bundled_plans
     from diffcache.request import Request
 
     _check_timing(args)

@@ -15,7 +15,6 @@ import hashlib
 import math
 import typing
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ import torch
 
 from diffcache.errors import PlanError
 from diffcache.options import coerce, to_plain
+from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, did_you_mean, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
@@ -68,38 +68,6 @@ def format_options(options: Mapping[str, Any], sep: str = ", ") -> str:
     """``key=value`` items of plan options as the CLI and report names show them (floats to 4
     significant digits)."""
     return sep.join(f"{k}={rounded(v)}" for k, v in options.items())
-
-
-def bundled_plans() -> dict[str, Path]:
-    """Plan files shipped in ``diffcache.profiles`` (name -> path); ``models.yaml`` is no plan."""
-    root = resources.files("diffcache.profiles")
-    return {
-        p.name: Path(str(p))
-        for p in sorted(root.iterdir(), key=lambda p: p.name)
-        if p.name.endswith(".yaml") and p.name != "models.yaml"
-    }
-
-
-def published_plan(family: str, method: str) -> Plan | None:
-    """The bundled published settings of ``method`` for real checkpoints of ``family`` (the
-    plan whose provenance names a ``checkpoint``), loaded as a template; None if there is none."""
-    for path in bundled_plans().values():
-        data = read_yaml(path)
-        if (data.get("model"), data.get("method")) == (family, method) and "checkpoint" in (
-            data.get("provenance") or {}
-        ):
-            return Plan.load(path, template=True)
-    return None
-
-
-def model_plan(model: str, method: str) -> Plan | None:
-    """A built-in model's bundled plan of ``method`` (its default ``MODEL.yaml`` when it uses
-    the method, else ``MODEL-METHOD.yaml``), loaded as a template; None if there is none."""
-    for name in (f"{model}.yaml", f"{model}-{method}.yaml"):
-        plan = Plan.load(name, template=True) if name in bundled_plans() else None
-        if plan is not None and plan.method == method:
-            return plan
-    return None
 
 
 @dataclasses.dataclass(frozen=True)

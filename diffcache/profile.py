@@ -44,11 +44,13 @@ from diffcache.generate import check_writable, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
-from diffcache.plan import Plan, make_plan, model_plan, published_plan, round_to
+from diffcache.plan import Plan, make_plan, round_to
+from diffcache.profiles import bundled_plans
 from diffcache.registry import find_adapter, get_method
 from diffcache.request import CALIBRATION_INPUT, Request, check, expand
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
+from diffcache.yamlio import read_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +240,28 @@ class Start:
     plan: Plan | None  # the plan the options came from (None: the method's defaults)
     published: bool  # ``plan`` is the family's published settings for real checkpoints
     request_steps: int | None  # the step count the request sets: the caller's, else the plan's
+
+
+def published_plan(family: str, method: str) -> Plan | None:
+    """The bundled published settings of ``method`` for real checkpoints of ``family`` (the
+    plan whose provenance names a ``checkpoint``), loaded as a template; None if there is none."""
+    for path in bundled_plans().values():
+        data = read_yaml(path)
+        if (data.get("model"), data.get("method")) == (family, method) and "checkpoint" in (
+            data.get("provenance") or {}
+        ):
+            return Plan.load(path, template=True)
+    return None
+
+
+def model_plan(model: str, method: str) -> Plan | None:
+    """A built-in model's bundled plan of ``method`` (its default ``MODEL.yaml`` when it uses
+    the method, else ``MODEL-METHOD.yaml``), loaded as a template; None if there is none."""
+    for name in (f"{model}.yaml", f"{model}-{method}.yaml"):
+        plan = Plan.load(name, template=True) if name in bundled_plans() else None
+        if plan is not None and plan.method == method:
+            return plan
+    return None
 
 
 def resolve_start(

@@ -52,7 +52,8 @@ def golden_plans() -> dict[str, str]:
     ``<model>-<method>.yaml``), for the models small enough to run in about a second.
     Templates and the plans of real-size models are left out."""
     from diffcache.models import builtin_models
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan
+    from diffcache.profiles import bundled_plans
 
     small = [m for m in builtin_models() if m.endswith("-tiny")] + ["dit-digits", "wan-shapes"]
     found = {}
