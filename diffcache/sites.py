@@ -173,15 +173,3 @@ class BlockStreams:
 def positions(fn: Callable) -> dict[str, int]:
     """Parameter name -> positional index of a callable (for reading arguments by name)."""
     return {name: i for i, name in enumerate(inspect.signature(fn).parameters)}
-
-
-def map_output(fn: Callable[..., torch.Tensor], *outputs: Any) -> Any:
-    """Apply ``fn`` across tensors of outputs of one structure (tensor, tuple or list)."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return fn(*outputs)
-    if isinstance(first, (tuple, list)):
-        return type(first)(map_output(fn, *parts) for parts in zip(*outputs, strict=True))
-    if first is None:
-        return None
-    raise TypeError(f"cannot map over a site output of type {type(first).__name__}")

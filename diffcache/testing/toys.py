@@ -23,7 +23,7 @@ from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
 from diffcache.request import Field
 from diffcache.session import Call, Session
-from diffcache.sites import BlockStreams, map_output
+from diffcache.sites import BlockStreams
 
 TOY = Adapter(
     name="toy",
@@ -204,9 +204,9 @@ def _apply_blocks(session: Session, cfg: ToyBlocksConfig) -> None:
         if call.step % cfg.every == 0 or st.residual is None:
             out = call.compute()
             parts = out if isinstance(out, tuple) else (out,)
-            st.residual = map_output(torch.sub, parts, x)
+            st.residual = tuple(p - i for p, i in zip(parts, x, strict=True))
             return out
-        parts = map_output(torch.add, x, st.residual)
+        parts = tuple(i + r for i, r in zip(x, st.residual, strict=True))
         return parts if len(parts) > 1 else parts[0]
 
     session.on_sites(sites, block, "toy_blocks")
