@@ -306,14 +306,50 @@ def _out_dir(path: str, flag: str = "--out") -> Path:
     return check_report_dir(path, flag)
 
 
+def read_prompts(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """A prompt file: one prompt per line, or ``prompt<TAB>answer`` on every line (answers are
+    what text models' outputs are checked against). Blank lines are skipped. An empty file,
+    a malformed line, or answers on only some lines is a DiffCacheError naming the line."""
+    file = Path(path)
+    if file.is_dir():
+        raise DiffCacheError(
+            f"--prompts {file}: is a folder; give a text file, one prompt per line"
+        )
+    if not file.exists():  # a pipe (``<(...)``) is read like a file
+        raise DiffCacheError(f"--prompts {file}: no such file (one prompt per line)")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DiffCacheError(f"--prompts {file}: not UTF-8 text ({e.reason})") from e
+    prompts, answers = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2 or not parts[0].strip() or (len(parts) == 2 and not parts[1].strip()):
+            raise DiffCacheError(
+                f"--prompts {file}:{number}: expected 'prompt' or 'prompt<TAB>answer', got {line!r}"
+            )
+        prompts.append(parts[0].strip())
+        answers.append(parts[1].strip() if len(parts) == 2 else None)
+    if not prompts:
+        raise DiffCacheError(f"--prompts {file}: the file has no prompts")
+    given = sum(a is not None for a in answers)
+    if 0 < given < len(answers):
+        missing = next(i for i, a in enumerate(answers) if a is None)
+        raise DiffCacheError(
+            f"--prompts {file}: {given} of {len(answers)} prompts have an answer (the first "
+            f"without one: {prompts[missing]!r}); give an answer for every prompt or for none"
+        )
+    return prompts, (answers if given else None)
+
+
 def _read_prompts(path: str, media: str | None = None) -> list[str]:
     """The prompts of a prompt file; answers (``prompt<TAB>answer``) only for text models."""
     return _read_prompts_answers(path, media)[0]
 
 
 def _read_prompts_answers(path: str, media: str | None) -> tuple[list[str], list[str] | None]:
-    from diffcache.request import read_prompts
-
     prompts, answers = read_prompts(path)
     if answers is not None and media not in (None, "text"):
         raise DiffCacheError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -179,45 +178,3 @@ def expand(
     except ValueError as e:
         raise DiffCacheError(f"{adapter.name} models take {field.help} as inputs: {e}") from e
     return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]
-
-
-def task_input(adapter: Any, request: Request) -> Any:
-    """What a task scorer checks a sample against: the value of the family's input field."""
-    field = adapter.input_field
-    return request.get(field.name) if field is not None else None
-
-
-def read_prompts(path: str | Path, flag: str = "--prompts") -> tuple[list[str], list[str] | None]:
-    """A prompt file: one prompt per line, or ``prompt<TAB>answer`` on every line (answers are
-    what text models' outputs are checked against). Blank lines are skipped. An empty file,
-    a malformed line, or answers on only some lines is a DiffCacheError naming the line."""
-    file = Path(path)
-    if file.is_dir():
-        raise DiffCacheError(f"{flag} {file}: is a folder; give a text file, one prompt per line")
-    if not file.exists():  # a pipe (``<(...)``) is read like a file
-        raise DiffCacheError(f"{flag} {file}: no such file (one prompt per line)")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DiffCacheError(f"{flag} {file}: not UTF-8 text ({e.reason})") from e
-    prompts, answers = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) > 2 or not parts[0].strip() or (len(parts) == 2 and not parts[1].strip()):
-            raise DiffCacheError(
-                f"{flag} {file}:{number}: expected 'prompt' or 'prompt<TAB>answer', got {line!r}"
-            )
-        prompts.append(parts[0].strip())
-        answers.append(parts[1].strip() if len(parts) == 2 else None)
-    if not prompts:
-        raise DiffCacheError(f"{flag} {file}: the file has no prompts")
-    given = sum(a is not None for a in answers)
-    if 0 < given < len(answers):
-        missing = next(i for i, a in enumerate(answers) if a is None)
-        raise DiffCacheError(
-            f"{flag} {file}: {given} of {len(answers)} prompts have an answer (the first without "
-            f"one: {prompts[missing]!r}); give an answer for every prompt or for none"
-        )
-    return prompts, (answers if given else None)

@@ -16,13 +16,13 @@ from diffusers import (
     TaylorSeerCacheConfig,
 )
 
-from diffcache.cli import main
+from diffcache.cli import main, read_prompts
 from diffcache.errors import DiffCacheError
 from diffcache.eval.baselines import OPTIONS, _options, comparison
 from diffcache.eval.runner import evaluate
 from diffcache.models import ModelEntry, builtin_models, register_model
 from diffcache.plan import Plan
-from diffcache.request import Request, read_prompts
+from diffcache.request import Request
 from diffcache.testing.toys import unexplained_nulls
 
 if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"

@@ -52,7 +52,7 @@ from diffcache.eval.timing import (
 from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
-from diffcache.request import EVAL_INPUT, Request, check, expand, task_input
+from diffcache.request import EVAL_INPUT, Request, check, expand
 
 DEFAULT_PROMPTS = (
     "a cat surfing a wave at sunset",
@@ -176,7 +176,8 @@ def _evaluate(
                 if r == 0:  # what the first round made (the others make the same)
                     outputs[name] = (out_i, stats, _tokens(pipe) if text else None)
         ref, _, tokens = outputs[BASELINE]
-        task = task_input(adapter, req)
+        field = adapter.input_field  # what a task scorer checks a sample against
+        task = req.get(field.name) if field is not None else None
         records.append(_record(BASELINE, i, times[BASELINE], task, ref, None, scorer, None, tokens))
         for c in comparisons:
             out_i, stats, tokens = outputs[c.name]
