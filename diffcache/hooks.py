@@ -84,12 +84,10 @@ class Attachment:
             if outer.inner is layer:
                 outer.inner, outer.owns_slot = layer.inner, outer.owns_slot or layer.owns_slot
                 return
-        registry = d.get("_diffusers_hook")  # diffusers' HookRegistry function references
-        for ref in getattr(registry, "_fn_refs", ()):
-            for field in ("forward", "original_forward"):
-                if getattr(ref, field, None) is layer:
-                    setattr(ref, field, layer.inner)
-                    return
+        for ref, field in _diffusers_refs(self.obj):
+            if getattr(ref, field, None) is layer:
+                setattr(ref, field, layer.inner)
+                return
         # Not found: a library dropped the layer; it stays inert wherever it may still be held.
 
 
@@ -113,18 +111,21 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
 
 def layers(obj: Any) -> list[Layer]:
     """Every active layer of ours on ``obj``, found by walking its slots' wrapper chains."""
+    held = [getattr(ref, field, None) for ref, field in _diffusers_refs(obj)]
     found: list[Layer] = []
-    for value in getattr(obj, "__dict__", {}).values():
+    for value in [*getattr(obj, "__dict__", {}).values(), *held]:
         for layer in _chain(value):
             if layer not in found:
                 found.append(layer)
+    return found
+
+
+def _diffusers_refs(obj: Any) -> Iterator[tuple[Any, str]]:
+    """(function reference, field) where diffusers' hook registry on ``obj`` keeps a forward."""
     registry = getattr(obj, "__dict__", {}).get("_diffusers_hook")
     for ref in getattr(registry, "_fn_refs", ()):
         for field in ("forward", "original_forward"):
-            for layer in _chain(getattr(ref, field, None)):
-                if layer not in found:
-                    found.append(layer)
-    return found
+            yield ref, field
 
 
 def _chain(value: Any) -> Iterator[Layer]:

@@ -11,6 +11,7 @@ A method's ``apply(session, config)`` uses :meth:`on_step` (whole denoiser calls
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,7 +82,7 @@ class Session:
         self.attachments: list[hooks.Attachment] = []
         self.driver: Any = None
         self._step: Handler | None = None
-        self._expected: list[dict[str, int]] = [{} for _ in target.experts]
+        self._expected: list[Counter[str]] = [Counter() for _ in target.experts]
         self._seen: dict[str, int] = {}
 
     @property
@@ -102,9 +103,7 @@ class Session:
     def on_sites(self, sites: Sequence[Site], handler: Handler, name: str) -> None:
         """``handler(call)`` answers every call of each site (blocks or modules)."""
         for site in sites:
-            self._expected[site.expert][site.kind] = (
-                self._expected[site.expert].get(site.kind, 0) + 1
-            )
+            self._expected[site.expert][site.kind] += 1
             self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
 
     def install(self, driver: Any) -> None:
