@@ -184,7 +184,7 @@ class Target:
                 # _use_default_values comes from a set: its order differs between processes
                 data = {k: v for k, v in config.items() if not str(k).startswith("_")}
             else:
-                data = _shapes(module)
+                data = {k: list(v.shape) for k, v in module.state_dict().items()}
             blob = json.dumps(data, sort_keys=True, default=str).encode()
             parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
         return "+".join(parts)
@@ -197,10 +197,6 @@ def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) 
         if isinstance(module, torch.nn.Module):
             out.append(Site("module", f"{name}.{m.attr}", module, expert, stack, index, m))
     return out
-
-
-def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
 __all__ = [

@@ -169,12 +169,8 @@ def _check_kernels(plan: Plan, config: Any, target: Target) -> str:
     backend = kernels.resolve_backend(plan.kernels)  # DIFFCACHE_KERNELS overrides auto
     if backend != "triton" or not config.kernels:
         return backend
-    param = next(target.denoiser.parameters(), None)
-    probe = torch.empty(
-        0,
-        device=param.device if param is not None else "cpu",
-        dtype=param.dtype if param is not None else torch.float32,
-    )
+    # an empty tensor on the denoiser's device, in its dtype (a model without weights: CPU float32)
+    probe = next(target.denoiser.parameters(), torch.empty(0, dtype=torch.float32)).new_empty(0)
     specs = {op.name: op for op in kernels.ops()}
     reasons = [
         f"{name}: {r}" for name in config.kernels for r in specs[name].not_supported_reasons(probe)

@@ -251,10 +251,6 @@ class RunState:
             self._slots[key] = factory()
         return self._slots[key]
 
-    def holding(self) -> int:
-        """How many method state slots the current run holds (0 once a run has ended)."""
-        return len(self._slots)
-
     def is_last_step(self) -> bool:
         return self.num_steps is not None and self.step >= self.num_steps - 1
 

@@ -178,7 +178,7 @@ def test_an_error_in_the_denoiser_releases_the_run(wan: Any) -> None:
         with pytest.raises(KeyboardInterrupt):
             _run(wan)
         run = session_of(wan).run
-        assert not run.active and run.holding() == 0
+        assert not run.active and run._slots == {}  # no method state of the run is held
         handle.remove()
         _run(wan)
         assert diffcache.stats(wan).skipped > 0
@@ -192,7 +192,7 @@ def test_nothing_of_a_call_is_kept_after_it_returns(wan: Any) -> None:
     try:
         _run(wan)
         run = session_of(wan).run
-        assert not run.active and run.holding() == 0
+        assert not run.active and run._slots == {}  # no method state of the run is held
         assert diffcache.stats(wan).skipped > 0, "Stats stay after the run"
     finally:
         diffcache.remove(wan)
