@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Hashable, Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -87,14 +88,8 @@ class Stats:
         return [sum(v) / len(v) for _, v in sorted(done.items())]
 
     def copy(self) -> Stats:
-        return dataclasses.replace(
-            self,
-            work={k: list(v) for k, v in self.work.items()},
-            kv_bytes_per_step=list(self.kv_bytes_per_step),
-            calls=list(self.calls),
-            kernels=dict(self.kernels),
-            trace=None if self.trace is None else [dict(e) for e in self.trace],
-        )
+        """A copy sharing nothing with this one (the run goes on updating this one)."""
+        return deepcopy(self)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -57,15 +57,9 @@ _PlanDumper.add_representer(tuple, yaml.SafeDumper.represent_list)
 
 
 def read_yaml(path: str | Path, max_bytes: int = MAX_PLAN_BYTES) -> Any:
-    """Read one YAML document strictly; every problem is a PlanError naming the file.
-
-    Args:
-        path: The plan file.
-        max_bytes: Files larger than this are refused before they are read.
-
-    Returns:
-        The plain data of the document, or None for an empty file.
-    """
+    """The plain data of the one YAML document in the plan file ``path`` (None for an empty
+    file), read strictly; a file over ``max_bytes`` is refused unread. Every problem is a
+    PlanError naming the file."""
     path = Path(path)
     try:
         info = path.stat()
@@ -100,15 +94,8 @@ def read_yaml(path: str | Path, max_bytes: int = MAX_PLAN_BYTES) -> Any:
 
 
 def loads_yaml(text: str, source: str = "<string>") -> Any:
-    """Read one YAML document from ``text`` with the rules of ``read_yaml``.
-
-    Args:
-        text: The YAML text.
-        source: What error messages call the text (a file name).
-
-    Returns:
-        The plain data of the document, or None for an empty document.
-    """
+    """The plain data of the one YAML document in ``text`` (None for an empty one), read with
+    the rules of ``read_yaml``; errors call the text ``source`` (a file name)."""
     loader = None
     try:
         loader = _PlanLoader(text)
