@@ -478,8 +478,7 @@ def _profile(args: argparse.Namespace) -> int:
     from diffcache.generate import check_writable
     from diffcache.models import builtin_models
     from diffcache.plan import format_options
-    from diffcache.profile import CLI, check_targets, resolve_start
-    from diffcache.request import CALIBRATION_INPUT
+    from diffcache.profile import CALIBRATION_INPUT, CLI, check_targets, resolve_start
 
     _check_seeds(args)
     _check_timing(args)
@@ -617,8 +616,7 @@ def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list
 
 def _eval(args: argparse.Namespace) -> int:
     from diffcache.eval.baselines import comparison
-    from diffcache.eval.runner import evaluate
-    from diffcache.request import EVAL_INPUT
+    from diffcache.eval.runner import EVAL_INPUT, evaluate
 
     # plans and diffusers specs are checked before any model is built
     comparisons = [comparison(spec) for spec in args.plan]

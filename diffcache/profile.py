@@ -47,10 +47,14 @@ from diffcache.output import sample_of
 from diffcache.plan import Plan, make_plan, round_to
 from diffcache.profiles import bundled_plans
 from diffcache.registry import find_adapter, get_method
-from diffcache.request import CALIBRATION_INPUT, Request, check, expand
+from diffcache.request import Request, check, expand
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 from diffcache.yamlio import read_yaml
+
+#: what the calibration inputs (a prompt file, bundled prompts or class ids) are called in
+#: errors: the user passed no --prompt or --class-label
+CALIBRATION_INPUT = "calibration input"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,6 @@ from typing import Any
 from diffcache.errors import DiffCacheError
 
 MAX_SEED = 2**64 - 1
-#: what ``eval``'s and ``profile``'s inputs (a prompt file, bundled prompts or class ids) are
-#: called in errors: the user passed no --prompt or --class-label
-EVAL_INPUT, CALIBRATION_INPUT = "evaluation input", "calibration input"
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from diffcache.eval.timing import (
 from diffcache.generate import generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
-from diffcache.request import EVAL_INPUT, Request, check, expand
+from diffcache.request import Request, check, expand
 
 DEFAULT_PROMPTS = (
     "a cat surfing a wave at sunset",
@@ -61,6 +61,9 @@ DEFAULT_PROMPTS = (
     "a bowl of ramen on a wooden table, steam rising",
 )
 BASELINE = "baseline"
+#: what the inputs (a prompt file, bundled prompts or class ids) are called in errors: the user
+#: passed no --prompt or --class-label
+EVAL_INPUT = "evaluation input"
 METRICS = ("psnr", "ssim", "lpips")
 
 
