@@ -82,3 +82,28 @@ def test_runstate_api_for_own_pipelines() -> None:
     run.begin_run(3, gen_length=16)
     with pytest.raises(PlanError, match=r"gen_length=8 but this call has gen_length=16"):
         run.begin_call()
+
+
+def test_stats_copy_shares_nothing_with_the_run() -> None:
+    """``diffcache.stats`` hands out a copy: changing any part of it, down to a trace event's
+    values, leaves the run's own Stats as they were."""
+    import copy
+
+    from diffcache.runstate import RunState
+
+    run = RunState("easycache", tracing=True)
+    run.begin_call()
+    run.record("step", 1.0)
+    run.record_kv(64)
+    run.trace("transformer", "computed", k=[0.5, 0.25])
+    run.end_call()
+    run.stats.kernels["l1_change"] = "torch"
+    before = copy.deepcopy(run.stats.as_dict())
+    given = run.stats.copy()
+    given.work["step"][0] = 7.0
+    given.kv_bytes_per_step.append(1)
+    given.calls.append((9, 9, 0.0))
+    given.kernels.clear()
+    given.trace[0]["values"]["k"].append(1.0)
+    given.trace.append({})
+    assert run.stats.as_dict() == before
