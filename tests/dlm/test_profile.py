@@ -4,6 +4,8 @@ compute fraction credits the calls parallel decoding never made."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import diffcache
@@ -57,12 +59,41 @@ def test_dkv_refresh_is_a_whole_number_and_the_closest_to_full(llada) -> None:
 
 
 def test_prefill_has_no_knob(llada) -> None:
-    with pytest.raises(DiffCacheError, match="prefill has no knob"):
+    message = (
+        "dkv_cache variant prefill has no knob to meet a compute target; "
+        "use decode or pd (refresh_every) or greedy (window)"
+    )
+    with pytest.raises(DiffCacheError, match=f"^{re.escape(message)}$"):
         diffcache.profile(
             llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST,
             target_compute=0.5,
         )  # fmt: skip
     assert diffcache.profile(llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST)
+
+
+def test_dkv_greedy_tunes_the_largest_window_meeting_the_target(llada) -> None:
+    """Greedy's knob is ``window`` (compute rises with it; the refresh period is kept): the
+    largest whole window whose run computes at most the target, checked against runs of that
+    window and the next one. The target sits between windows 1 and 2 (0.22 and 0.25 here),
+    the search's lower end."""
+    target = 0.23
+    greedy = DKVCacheConfig(variant="greedy")
+    plan = diffcache.profile(llada, greedy, PROMPTS[:1], request=REQUEST, target_compute=target)
+    window = plan.options["window"]
+    assert isinstance(window, int) and window >= 1
+    assert {**plan.options, "window": 4} == greedy.to_options()
+
+    def compute(w: int) -> float:
+        diffcache.accelerate(llada, {**plan.to_dict(), "options": {**plan.options, "window": w}})
+        llada(PROMPTS[0], **KW)
+        fraction = diffcache.stats(llada).compute_fraction
+        diffcache.remove(llada)
+        return fraction
+
+    measured = compute(window)
+    assert measured <= target
+    assert plan.provenance["measured"]["compute_fraction"] == pytest.approx(measured, abs=1e-6)
+    assert compute(window + 1) > target
 
 
 def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:

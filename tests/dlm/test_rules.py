@@ -198,6 +198,12 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         3,
     )
     assert hand[0].nonzero().flatten().tolist() == [0, 1, 4]  # left 1, right 4, left 0
+    one_side = neighbours(
+        torch.tensor([[False, True, False, False, False]]),
+        torch.tensor([[True, False, True, True, True]]),
+        3,
+    )
+    assert one_side[0].nonzero().flatten().tolist() == [0, 2, 3]  # left 0, right 2, right 3
     options = {"variant": "greedy", "refresh_every": 2, "window": 1}
     out, rows = traced(llada, "dkv_cache", options)
     p, length = out.prompt_len, out.tokens.shape[1]
@@ -212,6 +218,29 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         masked[:p] = False
         want = now | (at == step - 1) | neighbours(now[None], masked[None], 1)[0]
         assert got == set(want.nonzero().flatten().tolist()), step
+
+
+def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
+    """aggressive(): the prefill+decode cache with no periodic refresh within 16 steps (one
+    block). Step 0 is the only full forward; block step 1 recomputes the answer (the prompt's
+    K/V from step 0 are kept); any other step the answer positions not decoded before the
+    previous step."""
+    from diffcache.methods.dkv_cache import DKVCacheConfig
+
+    options = DKVCacheConfig.aggressive().to_options()
+    out, rows = traced(llada, "dkv_cache", options, gen_length=16, steps=16, block_length=16)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length,), -1)
+    decoded_at[p:] = out.committed_at[0]
+    assert sorted(rows) == list(range(16))
+    for step, got in rows.items():
+        if step == 0:
+            want = set(range(length))
+        elif step == 1:
+            want = set(range(p, length))
+        else:
+            want = {q for q in range(p, length) if not (0 <= decoded_at[q] < step - 1)}
+        assert got == want, (step, got, want)
 
 
 def test_dkv_greedy_is_refused_on_dream(dream) -> None:
