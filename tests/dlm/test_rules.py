@@ -74,6 +74,30 @@ def test_dkv_decode_on_dream_refreshes_every_n_steps(dream, every) -> None:
         assert got == set(range(length)) - cached, (step, got)
 
 
+@pytest.mark.parametrize("shift", ["un", "un_right", "right"])
+def test_dkv_dream_shift_says_which_positions_are_cacheable(dream, shift: str) -> None:
+    """Dream's logits are shifted: a position's stored K/V is used when the token after it was
+    decoded before the previous step (``un``), when it and the token after it were
+    (``un_right``), or when it was (``right``); the rows giving this step's candidates'
+    logits (the row before each mask) are recomputed anyway."""
+    out, rows = traced(dream, "dkv_cache", {"refresh_every": 100, "shift": shift})
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length + 1,), 10**6)  # one past the end: never decoded
+    decoded_at[:p] = -1
+    decoded_at[p:length] = out.committed_at[0]
+    assert sorted(rows) == list(range(8)) and rows[0] == set(range(length))
+    for step in range(1, 8):
+        before = [int(decoded_at[q]) < step - 1 for q in range(length + 1)]
+        cacheable = {
+            "un": before[1:],
+            "un_right": [a and b for a, b in zip(before, before[1:], strict=False)],
+            "right": before[:-1],
+        }[shift]
+        logit_rows = {q - 1 for q in range(p, length) if decoded_at[q] >= step}
+        want = {q for q in range(length) if not cacheable[q]} | logit_rows
+        assert rows[step] == want, (step, rows[step], want)
+
+
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
     for mode, upto in (("dual", "block"), ("prefix", "end")):
         out, rows = traced(llada, "fast_dllm", {"mode": mode, "threshold": None})
@@ -218,6 +242,18 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         masked[:p] = False
         want = now | (at == step - 1) | neighbours(now[None], masked[None], 1)[0]
         assert got == set(want.nonzero().flatten().tolist()), step
+
+
+def test_dkv_greedy_commits_the_fixed_counts_whatever_the_request_threshold(llada) -> None:
+    """Greedy commits the tokens its order scheduled, LLaDA's fixed per-step count (2 of a
+    block's 4 masks a step here): a request's parallel-decoding threshold or factor, which
+    would commit only the first of them, is set aside."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    for rule in ({"threshold": 0.5}, {"factor": 0.01}):
+        out, rows = traced(llada, "dkv_cache", options, steps=4, **rule)
+        diffcache.remove(llada)
+        assert sorted(rows) == list(range(4))
+        assert sorted(out.committed_at[0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3], rule
 
 
 def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
