@@ -4,12 +4,13 @@ hand-checkable generation), and bad requests fail before any model call."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 import diffcache
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError, PlanError, UnsupportedModelError
 from diffcache.kv.store import KVStore
 
 REQ = {"gen_length": 8, "steps": 8, "block_length": 4}
@@ -277,6 +278,30 @@ def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
         else:
             want = {q for q in range(p, length) if not (0 <= decoded_at[q] < step - 1)}
         assert got == want, (step, got, want)
+
+
+@pytest.mark.parametrize("method", ["dkv_cache", "fast_dllm", "elastic_cache", "d2cache"])
+def test_text_methods_name_the_families_they_run_on(method: str) -> None:
+    from diffcache.adapter import Target
+    from diffcache.registry import methods
+    from diffcache.testing.toys import TOY, ToyPipeline
+
+    target = Target.resolve(TOY, ToyPipeline())
+    assert methods()[method]().not_supported_reasons(target) == [
+        f"{method} runs on llada and dream pipelines, not toy"
+    ]
+
+
+def test_fast_dllm_refuses_a_threshold_with_a_factor(llada) -> None:
+    plan = {"diffcache": 1, "model": "llada", "method": "fast_dllm"}
+    message = (
+        "method 'fast_dllm' cannot run on LLaDAPipeline:\n"
+        "  - fast_dllm: give threshold or factor, not both"
+    )
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(message)}$"):
+        diffcache.accelerate(llada, {**plan, "options": {"threshold": 0.9, "factor": 1.0}})
+    assert not diffcache.is_accelerated(llada)
+    diffcache.accelerate(llada, {**plan, "options": {"threshold": None, "factor": 1.0}})
 
 
 def test_dkv_greedy_is_refused_on_dream(dream) -> None:
