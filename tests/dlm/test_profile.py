@@ -11,6 +11,7 @@ import pytest
 import diffcache
 from diffcache.errors import DiffCacheError
 from diffcache.methods.dkv_cache import DKVCacheConfig
+from diffcache.methods.fast_dllm import FastDLLMConfig
 from diffcache.request import Request
 
 PROMPTS = ["hello there", "the quick brown fox"]
@@ -94,6 +95,22 @@ def test_dkv_greedy_tunes_the_largest_window_meeting_the_target(llada) -> None:
     assert measured <= target
     assert plan.provenance["measured"]["compute_fraction"] == pytest.approx(measured, abs=1e-6)
     assert compute(window + 1) > target
+
+
+def test_fast_dllm_with_a_factor_tunes_the_factor(llada) -> None:
+    """With ``factor`` set, Fast-dLLM's knob is the factor (compute falls as it grows): the
+    smallest factor tried that meets the target; every factor tried below it computes too
+    much, and the threshold stays unset."""
+    target = 0.3
+    config = FastDLLMConfig(threshold=None, factor=1.0)
+    plan = diffcache.profile(llada, config, PROMPTS[:1], request=REQUEST, target_compute=target)
+    measured = plan.provenance["measured"]
+    factor = plan.options["factor"]
+    assert plan.options["threshold"] is None and factor != 1.0
+    assert measured["compute_fraction"] <= target
+    tried = dict(measured["search"])
+    assert factor in tried and all(k < factor for k, c in tried.items() if c > target)
+    assert any(c > target for c in tried.values())
 
 
 def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:
