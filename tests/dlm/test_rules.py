@@ -99,6 +99,44 @@ def test_dkv_dream_shift_says_which_positions_are_cacheable(dream, shift: str) -
         assert rows[step] == want, (step, rows[step], want)
 
 
+@pytest.mark.parametrize("variant", ["prefill", "pd"])
+def test_dkv_prefill_and_pd_keep_the_prompt(pipe, family: str, variant: str) -> None:
+    """After step 0 the prompt's K/V are kept (Dream recomputes its last position, whose logits
+    are the first answer token's). prefill recomputes the whole answer every step; pd only at
+    its refreshes (LLaDA: block steps 0, 1 and every 3rd; Dream: every 3rd step) and otherwise
+    the answer positions not cacheable as in decode."""
+    out, rows = traced(pipe, "dkv_cache", {"variant": variant, "refresh_every": 3})
+    p, length = out.prompt_len, out.tokens.shape[1]
+    shift = 1 if family == "dream" else 0
+    decoded_at = torch.full((length + 1,), 10**6)  # one past the end: never decoded
+    decoded_at[:p] = -1
+    decoded_at[p:length] = out.committed_at[0]
+    assert sorted(rows) == list(range(8)) and rows[0] == set(range(length))
+    for step in range(1, 8):
+        i = step % 4 if family == "llada" else step
+        refresh = i % 3 == 0 or (family == "llada" and i == 1)
+        answer = range(p - shift, length)
+        if variant == "prefill" or refresh:
+            want = set(answer)
+        else:  # cacheable: decoded before the previous step (Dream: the next token is)
+            want = {q for q in answer if not int(decoded_at[q + shift]) < step - 1}
+        assert rows[step] == want, (step, rows[step], want)
+
+
+def test_dkv_greedy_order_is_drawn_from_the_request_generator(llada) -> None:
+    """Greedy decodes a block in one random order drawn at its start from the request's
+    generator: the block's positions by ascending fp64 uniform draw (a generator seeded alike
+    draws them here), whatever the global random state."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    draws = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        gen = torch.Generator().manual_seed(3)
+        out, _ = traced(llada, "dkv_cache", options, block_length=8, generator=gen)
+        diffcache.remove(llada)
+        assert out.committed_at[0].tolist() == draws.argsort().argsort().tolist()
+
+
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
     for mode, upto in (("dual", "block"), ("prefix", "end")):
         out, rows = traced(llada, "fast_dllm", {"mode": mode, "threshold": None})
