@@ -18,6 +18,14 @@ REQ = {"gen_length": 8, "steps": 8, "block_length": 4}
 
 def traced(pipe, method: str, options: dict, **kw):
     """Generate once with ``method``; returns (output, per step: rows written at layer 0)."""
+    out, writes = store_writes(pipe, method, options, "hello", **kw)
+    per_step = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
+    return out, per_step
+
+
+def store_writes(pipe, method: str, options: dict, prompts: str | list[str], **kw):
+    """Generate once with ``method``; returns (output, the KV store's writes: (step, layer,
+    rows ``[B, n]``))."""
     family = type(pipe).__name__.replace("Pipeline", "").lower()
     diffcache.accelerate(
         pipe, {"diffcache": 1, "model": family, "method": method, "options": options}
@@ -32,11 +40,10 @@ def traced(pipe, method: str, options: dict, **kw):
 
     KVStore.for_model = staticmethod(for_model)  # test instrumentation only
     try:
-        out = pipe("hello", **{**REQ, **kw})
+        out = pipe(prompts, **{**REQ, **kw})
     finally:
         KVStore.for_model = staticmethod(original)
-    per_step = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
-    return out, per_step
+    return out, writes
 
 
 @pytest.mark.parametrize("every", [2, 3, 100])
@@ -121,6 +128,22 @@ def test_dkv_prefill_and_pd_keep_the_prompt(pipe, family: str, variant: str) -> 
         else:  # cacheable: decoded before the previous step (Dream: the next token is)
             want = {q for q in answer if not int(decoded_at[q + shift]) < step - 1}
         assert rows[step] == want, (step, rows[step], want)
+
+
+@pytest.mark.parametrize("variant", ["decode", "pd"])
+def test_dkv_batch_work_counts_each_rows_own_positions(pipe, variant: str) -> None:
+    """With a parallel-decoding threshold the batch rows decode different counts, so a cached
+    step's row sets are ragged (padded by repeating a position): the work recorded is each
+    batch row's distinct positions, at every layer, as the store wrote them."""
+    options = {"variant": variant, "refresh_every": 3}
+    prompts = ["hello", "the quick brown fox"]
+    kw = {"gen_length": 16, "steps": 16, "block_length": 8, "threshold": 0.02}
+    _, writes = store_writes(pipe, "dkv_cache", options, prompts, **kw)
+    layer0 = [r for _, layer, r in writes if layer == 0]
+    distinct = [len(set(row.tolist())) for r in layer0 for row in r]
+    assert distinct != [r.shape[1] for r in layer0 for _ in r]  # some step padded a row
+    done, _ = diffcache.stats(pipe).work["token_layer"]
+    assert done == sum(distinct) * pipe.model.num_layers
 
 
 def test_dkv_greedy_order_is_drawn_from_the_request_generator(llada) -> None:
@@ -349,7 +372,8 @@ def test_dkv_greedy_is_refused_on_dream(dream) -> None:
         "method": "dkv_cache",
         "options": {"variant": "greedy"},
     }
-    with pytest.raises(DiffCacheError, match="greedy is defined for LLaDA"):
+    reason = "dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"
+    with pytest.raises(DiffCacheError, match=f"\n  - {re.escape(reason)}$"):
         diffcache.accelerate(dream, plan)
 
 
