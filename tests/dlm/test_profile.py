@@ -111,6 +111,25 @@ def test_fast_dllm_with_a_factor_tunes_the_factor(llada) -> None:
     tried = dict(measured["search"])
     assert factor in tried and all(k < factor for k, c in tried.items() if c > target)
     assert any(c > target for c in tried.values())
+    # a target the least parallel factor meets: the search's low end, 0.01
+    easy = diffcache.profile(llada, config, PROMPTS[:1], request=REQUEST, target_compute=0.6)
+    assert easy.options["factor"] == 0.01
+    assert all(c <= 0.6 for _, c in easy.provenance["measured"]["search"])
+
+
+def test_fast_dllm_threshold_below_one_token_a_step(llada) -> None:
+    """A target below one token a step's compute (threshold 1) needs a lower threshold: the
+    largest tried that meets it, every larger one tried computing too much."""
+    target = 0.5
+    plan = diffcache.profile(
+        llada, "fast_dllm", PROMPTS[:1], request=REQUEST, target_compute=target
+    )
+    measured = plan.provenance["measured"]
+    threshold = plan.options["threshold"]
+    tried = dict(measured["search"])
+    assert tried[1.0] > target and measured["compute_fraction"] <= target
+    assert threshold < 1.0 and any(k == pytest.approx(threshold, abs=1e-6) for k in tried)
+    assert all(k > threshold for k, c in tried.items() if c > target)
 
 
 def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:

@@ -365,6 +365,21 @@ def test_fast_dllm_refuses_a_threshold_with_a_factor(llada) -> None:
     diffcache.accelerate(llada, {**plan, "options": {"threshold": None, "factor": 1.0}})
 
 
+def test_fast_dllm_rule_overrides_the_requests(llada) -> None:
+    """A plan's parallel-decoding rule replaces the request's: a threshold of 0 in the request
+    (every mask of a block in one call) changes nothing under a factor or threshold plan."""
+    for options in ({"threshold": None, "factor": 0.5}, {"threshold": 0.5}):
+        calls = []
+        for request in ({}, {"threshold": 0.0}, {"factor": 100.0}):
+            diffcache.accelerate(
+                llada, {"diffcache": 1, "model": "llada", "method": "fast_dllm", "options": options}
+            )
+            out = llada("hello", **{**REQ, **request})
+            calls.append((out.committed_at.tolist(), diffcache.stats(llada).model_calls))
+            diffcache.remove(llada)
+        assert calls[0][1] > 2 and calls[1] == calls[0] == calls[2], options
+
+
 def test_dkv_greedy_is_refused_on_dream(dream) -> None:
     plan = {
         "diffcache": 1,
