@@ -365,6 +365,35 @@ def test_fast_dllm_refuses_a_threshold_with_a_factor(llada) -> None:
     diffcache.accelerate(llada, {**plan, "options": {"threshold": None, "factor": 1.0}})
 
 
+def test_fast_dllm_dream_recomputes_the_row_before_the_block(dream) -> None:
+    """Dream's logits are shifted: a cached step of the dual cache recomputes the block and the
+    row before it, position 0 after a one-token prompt."""
+    out, writes = store_writes(dream, "fast_dllm", {"mode": "dual", "threshold": None}, "a")
+    length = out.tokens.shape[1]
+    assert out.prompt_len == 1
+    rows = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
+    assert sorted(rows) == list(range(8))
+    for step, got in rows.items():
+        start = 1 + 4 * (step // 4)
+        assert got == (set(range(length)) if step % 4 == 0 else set(range(start - 1, start + 4)))
+
+
+def test_fast_dllm_traces_the_real_rows_under_cfg(llada) -> None:
+    """With classifier-free guidance the model runs each row twice; the parallel-decoding trace
+    holds the real row's candidates only, with their confidences, and the committed ones."""
+    plan = {"diffcache": 1, "model": "llada", "method": "fast_dllm", "options": {}}
+    diffcache.accelerate(llada, plan, trace=True)
+    llada("hello", cfg_scale=1.0, **REQ)
+    trace = diffcache.stats(llada).trace
+    decided = [e["values"] for e in trace if e["site"] == "parallel_decode"]
+    committed = [e["values"]["positions"] for e in trace if e["site"] == "decode"]
+    assert len(decided) == len(committed) == 8
+    for values, positions in zip(decided, committed, strict=True):
+        assert len(values["candidates"]) == len(values["confidence"]) == 1
+        assert len(values["candidates"][0]) == len(values["confidence"][0]) >= 1
+        assert set(positions[0]) <= set(values["candidates"][0])
+
+
 def test_fast_dllm_rule_overrides_the_requests(llada) -> None:
     """A plan's parallel-decoding rule replaces the request's: a threshold of 0 in the request
     (every mask of a block in one call) changes nothing under a factor or threshold plan."""
