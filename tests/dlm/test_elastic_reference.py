@@ -252,3 +252,22 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     assert any(p > first and p not in decoded for p in tracked)  # a cut-off mask tracked
     assert len(runs[True]) > len(runs[False])  # the masks between the two EOS decoded
     assert torch.equal(shared.model.model.transformer["ff_out"].weight, head_before)
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt"), [("llada-tiny", "hello"), ("llada-arith", "sort 9 9 1 0 5 7 3 2:")]
+)
+def test_aggressive_never_refreshes_and_commits_at_one_half(name: str, prompt: str) -> None:
+    """aggressive(): gamma -1 (no attention similarity falls below it: no depth refresh) and
+    threshold 0.5, as the plain loop decodes with those rules; llada-arith commits candidates
+    between 0.5 and 0.9 (all 16 at step 0)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    aggressive = ElasticCacheConfig.aggressive().to_options()
+    rules = {"window": 16, "gamma": -1.0, "threshold": 0.5}
+    want = plain_elastic(cached_model(name), prompt, 16, rules, DEFAULT)
+    assert all(s.full_from is None for s in want)
+    if name == "llada-arith":  # threshold 0.9 leaves some for later steps
+        at_09 = plain_elastic(cached_model(name), prompt, 16, {**rules, "threshold": 0.9}, DEFAULT)
+        assert len(want) < len(at_09)
+    compare(ours(cached_model(name), prompt, 16, aggressive, False), want)
