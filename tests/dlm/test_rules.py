@@ -193,6 +193,37 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> 
     assert per_step == pytest.approx(want, abs=1e-12)
 
 
+def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:
+    """Elastic-Cache decodes by confidence: a request for Dream's ``origin`` (random reveal)
+    decodes as ``maskgit_plus`` does, where the plain pipeline's two differ."""
+    plain = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
+    assert not torch.equal(*plain)
+    plan = {"diffcache": 1, "model": "dream", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(dream, plan)
+    got = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
+    assert torch.equal(*got)
+
+
+def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
+    """Each batch row's drift test averages over its own tracked tokens (a padded union in a
+    batch): the traced similarities of a batch are each row's alone."""
+    prompts = ["hello", "the quick brown fox"]
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+
+    def partial_layers(batch: list[str]) -> list[dict]:
+        diffcache.accelerate(llada, plan, trace=True)
+        llada(batch, **REQ)
+        trace = diffcache.stats(llada).trace
+        diffcache.remove(llada)
+        return [e["values"] for e in trace if e["site"] == "layer" and e["action"] == "partial"]
+
+    both = partial_layers(prompts)
+    assert any(len(v["tracked"][0]) != len(v["tracked"][1]) for v in both)  # a padded union
+    for row, prompt in enumerate(prompts):
+        alone = [v["similarity"][0] for v in partial_layers([prompt])]
+        assert [v["similarity"][row] for v in both] == pytest.approx(alone, abs=1e-6)
+
+
 def _elastic_layer_end(gamma: float, heads_axis: bool = False):
     """One Elastic-Cache layer on a hand-made attention (batch 1, 2 heads, head dim 1, keys at
     positions 0-2, position 2 masked): step 0 computes all rows, step 1 rows 1 and 2."""
