@@ -67,11 +67,11 @@ def slug(module: str) -> str:
 
 
 def fingerprint(module: str, tests: list[str]) -> str:
-    """Hash of the module, every file of its tests and each conftest.py above them: a change
-    restarts the module."""
+    """Hash of the module, every file of its tests (a folder, a file or a pytest node id
+    ``file::test[param]``) and each conftest.py above them: a change restarts the module."""
     files = [ROOT / module]
     for t in tests:
-        p = ROOT / t
+        p = ROOT / t.split("::")[0]
         files += [d / "conftest.py" for d in reversed(p.parents) if (d / "conftest.py").exists()]
         files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
     files = list(dict.fromkeys(files))

@@ -42,6 +42,7 @@ from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
 from diffcache.kv.random import uniform
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.pipelines.sampling.llada import num_transfer_tokens
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -126,7 +127,8 @@ class DKVPolicy(Policy):
         return -self.rank.gather(1, plan.targets).double()
 
     def _scheduled(self, state: DecodeState) -> torch.Tensor:
-        """[B, L] the masks this step commits: the next ones in the block's order."""
+        """[B, L] the masks this step commits: the next ones in the block's order, as many as
+        LLaDA's sampler commits."""
         k = num_transfer_tokens(state.start_masks, state.block_steps)[:, state.block_step]
         rank = self.rank.masked_fill(~state.masked, float("inf"))
         nth = rank.argsort(dim=-1, stable=True).argsort(dim=-1)
@@ -192,12 +194,6 @@ class DKVPolicy(Policy):
                 need[:, :p] = False
         rows, counts = union_rows(need, targets, state.logit_shift)
         return StepPlan(rows=rows, targets=targets, counts=counts)
-
-
-def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's per-step counts ``[B, steps]`` (the greedy order commits the same number)."""
-    extra = torch.arange(steps, device=mask_count.device)[None] < (mask_count % steps)[:, None]
-    return mask_count[:, None] // steps + extra.long()
 
 
 def neighbours(scheduled: torch.Tensor, masked: torch.Tensor, window: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ the default mode is checked against the same loop too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -227,8 +228,12 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     """An EOS case: llada-tiny's head scores EOS as 1.05 times the token it commits most, so
     EOS is decoded at several steps, a later one left of the first. The reference truncates
     once (it keeps decoding the masks between the two EOS and may track masks it cut off);
-    ours follows the first EOS and never tracks a mask."""
-    pipe = cached_model("llada-tiny")
+    ours follows the first EOS and never tracks a mask. The head is changed on a copy: the
+    shared model stays as the other tests (and a second pass, as mutation testing runs) find
+    it."""
+    shared = cached_model("llada-tiny")
+    head_before = shared.model.model.transformer["ff_out"].weight.clone()
+    pipe = copy.deepcopy(shared)
     opts, eos = {"window": 8, "gamma": 0.99}, pipe.tokenizer.eos_token_id
     tokens = [t for s in plain_elastic(pipe, "hello", 24, opts, DEFAULT) for t in s.tokens]
     with torch.no_grad():
@@ -246,3 +251,23 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     tracked = {p for s in runs[True] for layer in s.picked for p in layer}
     assert any(p > first and p not in decoded for p in tracked)  # a cut-off mask tracked
     assert len(runs[True]) > len(runs[False])  # the masks between the two EOS decoded
+    assert torch.equal(shared.model.model.transformer["ff_out"].weight, head_before)
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt"), [("llada-tiny", "hello"), ("llada-arith", "sort 9 9 1 0 5 7 3 2:")]
+)
+def test_aggressive_never_refreshes_and_commits_at_one_half(name: str, prompt: str) -> None:
+    """aggressive(): gamma -1 (no attention similarity falls below it: no depth refresh) and
+    threshold 0.5, as the plain loop decodes with those rules; llada-arith commits candidates
+    between 0.5 and 0.9 (all 16 at step 0)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    aggressive = ElasticCacheConfig.aggressive().to_options()
+    rules = {"window": 16, "gamma": -1.0, "threshold": 0.5}
+    want = plain_elastic(cached_model(name), prompt, 16, rules, DEFAULT)
+    assert all(s.full_from is None for s in want)
+    if name == "llada-arith":  # threshold 0.9 leaves some for later steps
+        at_09 = plain_elastic(cached_model(name), prompt, 16, {**rules, "threshold": 0.9}, DEFAULT)
+        assert len(want) < len(at_09)
+    compare(ours(cached_model(name), prompt, 16, aggressive, False), want)

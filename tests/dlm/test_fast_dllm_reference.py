@@ -246,3 +246,27 @@ def test_each_batch_row_makes_its_own_plain_loops_decisions(name: str, mode: str
         assert torch.equal(got_ids[row, pad:], want_ids[0])
     # the rows finish their blocks at different steps (one waits idle for the other)
     assert [s.block_step for s in got[0]] != [s.block_step for s in got[1]]
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt"), [("llada-tiny", "hello"), ("llada-arith", "sort 9 9 1 0 5 7 3 2:")]
+)
+def test_aggressive_is_the_dual_cache_with_threshold_one_half(name: str, prompt: str) -> None:
+    """aggressive(): the dual cache committing every candidate at least 0.5 confident, as the
+    plain loop does with those rules. llada-tiny (confidences near 0.02) decodes one token a
+    step, so its cached steps show the dual rows; llada-arith commits candidates of 0.68 and
+    0.88 beside surer ones at its first step."""
+    from diffcache.methods.fast_dllm import FastDLLMConfig
+
+    pipe = cached_model(name)
+    want, want_ids = plain_fast_dllm(pipe, prompt, 16, 8, {"mode": "dual", "threshold": 0.5})
+    committed = [
+        c for s in want for c, p in zip(s.confidence, s.candidates, strict=True) if p in s.committed
+    ]
+    if name == "llada-tiny":
+        assert all(len(s.committed) == 1 for s in want) and want[1].rows is not None
+    else:
+        assert any(0.5 < c < 0.9 for c in committed)
+    got, got_ids = ours(pipe, prompt, 16, 8, FastDLLMConfig.aggressive().to_options())
+    compare(got, want)
+    assert torch.equal(got_ids, want_ids)

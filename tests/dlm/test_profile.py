@@ -4,11 +4,14 @@ compute fraction credits the calls parallel decoding never made."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import diffcache
 from diffcache.errors import DiffCacheError
 from diffcache.methods.dkv_cache import DKVCacheConfig
+from diffcache.methods.fast_dllm import FastDLLMConfig
 from diffcache.request import Request
 
 PROMPTS = ["hello there", "the quick brown fox"]
@@ -57,12 +60,76 @@ def test_dkv_refresh_is_a_whole_number_and_the_closest_to_full(llada) -> None:
 
 
 def test_prefill_has_no_knob(llada) -> None:
-    with pytest.raises(DiffCacheError, match="prefill has no knob"):
+    message = (
+        "dkv_cache variant prefill has no knob to meet a compute target; "
+        "use decode or pd (refresh_every) or greedy (window)"
+    )
+    with pytest.raises(DiffCacheError, match=f"^{re.escape(message)}$"):
         diffcache.profile(
             llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST,
             target_compute=0.5,
         )  # fmt: skip
     assert diffcache.profile(llada, DKVCacheConfig(variant="prefill"), PROMPTS, request=REQUEST)
+
+
+def test_dkv_greedy_tunes_the_largest_window_meeting_the_target(llada) -> None:
+    """Greedy's knob is ``window`` (compute rises with it; the refresh period is kept): the
+    largest whole window whose run computes at most the target, checked against runs of that
+    window and the next one. The target sits between windows 1 and 2 (0.22 and 0.25 here),
+    the search's lower end."""
+    target = 0.23
+    greedy = DKVCacheConfig(variant="greedy")
+    plan = diffcache.profile(llada, greedy, PROMPTS[:1], request=REQUEST, target_compute=target)
+    window = plan.options["window"]
+    assert isinstance(window, int) and window >= 1
+    assert {**plan.options, "window": 4} == greedy.to_options()
+
+    def compute(w: int) -> float:
+        diffcache.accelerate(llada, {**plan.to_dict(), "options": {**plan.options, "window": w}})
+        llada(PROMPTS[0], **KW)
+        fraction = diffcache.stats(llada).compute_fraction
+        diffcache.remove(llada)
+        return fraction
+
+    measured = compute(window)
+    assert measured <= target
+    assert plan.provenance["measured"]["compute_fraction"] == pytest.approx(measured, abs=1e-6)
+    assert compute(window + 1) > target
+
+
+def test_fast_dllm_with_a_factor_tunes_the_factor(llada) -> None:
+    """With ``factor`` set, Fast-dLLM's knob is the factor (compute falls as it grows): the
+    smallest factor tried that meets the target; every factor tried below it computes too
+    much, and the threshold stays unset."""
+    target = 0.3
+    config = FastDLLMConfig(threshold=None, factor=1.0)
+    plan = diffcache.profile(llada, config, PROMPTS[:1], request=REQUEST, target_compute=target)
+    measured = plan.provenance["measured"]
+    factor = plan.options["factor"]
+    assert plan.options["threshold"] is None and factor != 1.0
+    assert measured["compute_fraction"] <= target
+    tried = dict(measured["search"])
+    assert factor in tried and all(k < factor for k, c in tried.items() if c > target)
+    assert any(c > target for c in tried.values())
+    # a target the least parallel factor meets: the search's low end, 0.01
+    easy = diffcache.profile(llada, config, PROMPTS[:1], request=REQUEST, target_compute=0.6)
+    assert easy.options["factor"] == 0.01
+    assert all(c <= 0.6 for _, c in easy.provenance["measured"]["search"])
+
+
+def test_fast_dllm_threshold_below_one_token_a_step(llada) -> None:
+    """A target below one token a step's compute (threshold 1) needs a lower threshold: the
+    largest tried that meets it, every larger one tried computing too much."""
+    target = 0.5
+    plan = diffcache.profile(
+        llada, "fast_dllm", PROMPTS[:1], request=REQUEST, target_compute=target
+    )
+    measured = plan.provenance["measured"]
+    threshold = plan.options["threshold"]
+    tried = dict(measured["search"])
+    assert tried[1.0] > target and measured["compute_fraction"] <= target
+    assert threshold < 1.0 and any(k == pytest.approx(threshold, abs=1e-6) for k in tried)
+    assert all(k > threshold for k, c in tried.items() if c > target)
 
 
 def test_compute_counts_the_calls_parallel_decoding_saved(llada) -> None:

@@ -4,12 +4,13 @@ hand-checkable generation), and bad requests fail before any model call."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 import diffcache
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError, PlanError, UnsupportedModelError
 from diffcache.kv.store import KVStore
 
 REQ = {"gen_length": 8, "steps": 8, "block_length": 4}
@@ -17,6 +18,14 @@ REQ = {"gen_length": 8, "steps": 8, "block_length": 4}
 
 def traced(pipe, method: str, options: dict, **kw):
     """Generate once with ``method``; returns (output, per step: rows written at layer 0)."""
+    out, writes = store_writes(pipe, method, options, "hello", **kw)
+    per_step = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
+    return out, per_step
+
+
+def store_writes(pipe, method: str, options: dict, prompts: str | list[str], **kw):
+    """Generate once with ``method``; returns (output, the KV store's writes: (step, layer,
+    rows ``[B, n]``))."""
     family = type(pipe).__name__.replace("Pipeline", "").lower()
     diffcache.accelerate(
         pipe, {"diffcache": 1, "model": family, "method": method, "options": options}
@@ -31,11 +40,10 @@ def traced(pipe, method: str, options: dict, **kw):
 
     KVStore.for_model = staticmethod(for_model)  # test instrumentation only
     try:
-        out = pipe("hello", **{**REQ, **kw})
+        out = pipe(prompts, **{**REQ, **kw})
     finally:
         KVStore.for_model = staticmethod(original)
-    per_step = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
-    return out, per_step
+    return out, writes
 
 
 @pytest.mark.parametrize("every", [2, 3, 100])
@@ -74,6 +82,84 @@ def test_dkv_decode_on_dream_refreshes_every_n_steps(dream, every) -> None:
         assert got == set(range(length)) - cached, (step, got)
 
 
+@pytest.mark.parametrize("shift", ["un", "un_right", "right"])
+def test_dkv_dream_shift_says_which_positions_are_cacheable(dream, shift: str) -> None:
+    """Dream's logits are shifted: a position's stored K/V is used when the token after it was
+    decoded before the previous step (``un``), when it and the token after it were
+    (``un_right``), or when it was (``right``); the rows giving this step's candidates'
+    logits (the row before each mask) are recomputed anyway."""
+    out, rows = traced(dream, "dkv_cache", {"refresh_every": 100, "shift": shift})
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length + 1,), 10**6)  # one past the end: never decoded
+    decoded_at[:p] = -1
+    decoded_at[p:length] = out.committed_at[0]
+    assert sorted(rows) == list(range(8)) and rows[0] == set(range(length))
+    for step in range(1, 8):
+        before = [int(decoded_at[q]) < step - 1 for q in range(length + 1)]
+        cacheable = {
+            "un": before[1:],
+            "un_right": [a and b for a, b in zip(before, before[1:], strict=False)],
+            "right": before[:-1],
+        }[shift]
+        logit_rows = {q - 1 for q in range(p, length) if decoded_at[q] >= step}
+        want = {q for q in range(length) if not cacheable[q]} | logit_rows
+        assert rows[step] == want, (step, rows[step], want)
+
+
+@pytest.mark.parametrize("variant", ["prefill", "pd"])
+def test_dkv_prefill_and_pd_keep_the_prompt(pipe, family: str, variant: str) -> None:
+    """After step 0 the prompt's K/V are kept (Dream recomputes its last position, whose logits
+    are the first answer token's). prefill recomputes the whole answer every step; pd only at
+    its refreshes (LLaDA: block steps 0, 1 and every 3rd; Dream: every 3rd step) and otherwise
+    the answer positions not cacheable as in decode."""
+    out, rows = traced(pipe, "dkv_cache", {"variant": variant, "refresh_every": 3})
+    p, length = out.prompt_len, out.tokens.shape[1]
+    shift = 1 if family == "dream" else 0
+    decoded_at = torch.full((length + 1,), 10**6)  # one past the end: never decoded
+    decoded_at[:p] = -1
+    decoded_at[p:length] = out.committed_at[0]
+    assert sorted(rows) == list(range(8)) and rows[0] == set(range(length))
+    for step in range(1, 8):
+        i = step % 4 if family == "llada" else step
+        refresh = i % 3 == 0 or (family == "llada" and i == 1)
+        answer = range(p - shift, length)
+        if variant == "prefill" or refresh:
+            want = set(answer)
+        else:  # cacheable: decoded before the previous step (Dream: the next token is)
+            want = {q for q in answer if not int(decoded_at[q + shift]) < step - 1}
+        assert rows[step] == want, (step, rows[step], want)
+
+
+@pytest.mark.parametrize("variant", ["decode", "pd"])
+def test_dkv_batch_work_counts_each_rows_own_positions(pipe, variant: str) -> None:
+    """With a parallel-decoding threshold the batch rows decode different counts, so a cached
+    step's row sets are ragged (padded by repeating a position): the work recorded is each
+    batch row's distinct positions, at every layer, as the store wrote them."""
+    options = {"variant": variant, "refresh_every": 3}
+    prompts = ["hello", "the quick brown fox"]
+    kw = {"gen_length": 16, "steps": 16, "block_length": 8, "threshold": 0.02}
+    _, writes = store_writes(pipe, "dkv_cache", options, prompts, **kw)
+    layer0 = [r for _, layer, r in writes if layer == 0]
+    distinct = [len(set(row.tolist())) for r in layer0 for row in r]
+    assert distinct != [r.shape[1] for r in layer0 for _ in r]  # some step padded a row
+    done, _ = diffcache.stats(pipe).work["token_layer"]
+    assert done == sum(distinct) * pipe.model.num_layers
+
+
+def test_dkv_greedy_order_is_drawn_from_the_request_generator(llada) -> None:
+    """Greedy decodes a block in one random order drawn at its start from the request's
+    generator: the block's positions by ascending fp64 uniform draw (a generator seeded alike
+    draws them here), whatever the global random state."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    draws = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        gen = torch.Generator().manual_seed(3)
+        out, _ = traced(llada, "dkv_cache", options, block_length=8, generator=gen)
+        diffcache.remove(llada)
+        assert out.committed_at[0].tolist() == draws.argsort().argsort().tolist()
+
+
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
     for mode, upto in (("dual", "block"), ("prefix", "end")):
         out, rows = traced(llada, "fast_dllm", {"mode": mode, "threshold": None})
@@ -105,6 +191,37 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> 
         done = n + length * (layers - 1) if gamma > 1 else n * layers
         want.append(done / (length * layers))
     assert per_step == pytest.approx(want, abs=1e-12)
+
+
+def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:
+    """Elastic-Cache decodes by confidence: a request for Dream's ``origin`` (random reveal)
+    decodes as ``maskgit_plus`` does, where the plain pipeline's two differ."""
+    plain = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
+    assert not torch.equal(*plain)
+    plan = {"diffcache": 1, "model": "dream", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(dream, plan)
+    got = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
+    assert torch.equal(*got)
+
+
+def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
+    """Each batch row's drift test averages over its own tracked tokens (a padded union in a
+    batch): the traced similarities of a batch are each row's alone."""
+    prompts = ["hello", "the quick brown fox"]
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+
+    def partial_layers(batch: list[str]) -> list[dict]:
+        diffcache.accelerate(llada, plan, trace=True)
+        llada(batch, **REQ)
+        trace = diffcache.stats(llada).trace
+        diffcache.remove(llada)
+        return [e["values"] for e in trace if e["site"] == "layer" and e["action"] == "partial"]
+
+    both = partial_layers(prompts)
+    assert any(len(v["tracked"][0]) != len(v["tracked"][1]) for v in both)  # a padded union
+    for row, prompt in enumerate(prompts):
+        alone = [v["similarity"][0] for v in partial_layers([prompt])]
+        assert [v["similarity"][row] for v in both] == pytest.approx(alone, abs=1e-6)
 
 
 def _elastic_layer_end(gamma: float, heads_axis: bool = False):
@@ -198,6 +315,12 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         3,
     )
     assert hand[0].nonzero().flatten().tolist() == [0, 1, 4]  # left 1, right 4, left 0
+    one_side = neighbours(
+        torch.tensor([[False, True, False, False, False]]),
+        torch.tensor([[True, False, True, True, True]]),
+        3,
+    )
+    assert one_side[0].nonzero().flatten().tolist() == [0, 2, 3]  # left 0, right 2, right 3
     options = {"variant": "greedy", "refresh_every": 2, "window": 1}
     out, rows = traced(llada, "dkv_cache", options)
     p, length = out.prompt_len, out.tokens.shape[1]
@@ -214,6 +337,109 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         assert got == set(want.nonzero().flatten().tolist()), step
 
 
+def test_dkv_greedy_commits_the_fixed_counts_whatever_the_request_threshold(llada) -> None:
+    """Greedy commits the tokens its order scheduled, LLaDA's fixed per-step count (2 of a
+    block's 4 masks a step here): a request's parallel-decoding threshold or factor, which
+    would commit only the first of them, is set aside."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    for rule in ({"threshold": 0.5}, {"factor": 0.01}):
+        out, rows = traced(llada, "dkv_cache", options, steps=4, **rule)
+        diffcache.remove(llada)
+        assert sorted(rows) == list(range(4))
+        assert sorted(out.committed_at[0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3], rule
+
+
+def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
+    """aggressive(): the prefill+decode cache with no periodic refresh within 16 steps (one
+    block). Step 0 is the only full forward; block step 1 recomputes the answer (the prompt's
+    K/V from step 0 are kept); any other step the answer positions not decoded before the
+    previous step."""
+    from diffcache.methods.dkv_cache import DKVCacheConfig
+
+    options = DKVCacheConfig.aggressive().to_options()
+    out, rows = traced(llada, "dkv_cache", options, gen_length=16, steps=16, block_length=16)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length,), -1)
+    decoded_at[p:] = out.committed_at[0]
+    assert sorted(rows) == list(range(16))
+    for step, got in rows.items():
+        if step == 0:
+            want = set(range(length))
+        elif step == 1:
+            want = set(range(p, length))
+        else:
+            want = {q for q in range(p, length) if not (0 <= decoded_at[q] < step - 1)}
+        assert got == want, (step, got, want)
+
+
+@pytest.mark.parametrize("method", ["dkv_cache", "fast_dllm", "elastic_cache", "d2cache"])
+def test_text_methods_name_the_families_they_run_on(method: str) -> None:
+    from diffcache.adapter import Target
+    from diffcache.registry import methods
+    from diffcache.testing.toys import TOY, ToyPipeline
+
+    target = Target.resolve(TOY, ToyPipeline())
+    assert methods()[method]().not_supported_reasons(target) == [
+        f"{method} runs on llada and dream pipelines, not toy"
+    ]
+
+
+def test_fast_dllm_refuses_a_threshold_with_a_factor(llada) -> None:
+    plan = {"diffcache": 1, "model": "llada", "method": "fast_dllm"}
+    message = (
+        "method 'fast_dllm' cannot run on LLaDAPipeline:\n"
+        "  - fast_dllm: give threshold or factor, not both"
+    )
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(message)}$"):
+        diffcache.accelerate(llada, {**plan, "options": {"threshold": 0.9, "factor": 1.0}})
+    assert not diffcache.is_accelerated(llada)
+    diffcache.accelerate(llada, {**plan, "options": {"threshold": None, "factor": 1.0}})
+
+
+def test_fast_dllm_dream_recomputes_the_row_before_the_block(dream) -> None:
+    """Dream's logits are shifted: a cached step of the dual cache recomputes the block and the
+    row before it, position 0 after a one-token prompt."""
+    out, writes = store_writes(dream, "fast_dllm", {"mode": "dual", "threshold": None}, "a")
+    length = out.tokens.shape[1]
+    assert out.prompt_len == 1
+    rows = {s: set(r[0].tolist()) for s, layer, r in writes if layer == 0}
+    assert sorted(rows) == list(range(8))
+    for step, got in rows.items():
+        start = 1 + 4 * (step // 4)
+        assert got == (set(range(length)) if step % 4 == 0 else set(range(start - 1, start + 4)))
+
+
+def test_fast_dllm_traces_the_real_rows_under_cfg(llada) -> None:
+    """With classifier-free guidance the model runs each row twice; the parallel-decoding trace
+    holds the real row's candidates only, with their confidences, and the committed ones."""
+    plan = {"diffcache": 1, "model": "llada", "method": "fast_dllm", "options": {}}
+    diffcache.accelerate(llada, plan, trace=True)
+    llada("hello", cfg_scale=1.0, **REQ)
+    trace = diffcache.stats(llada).trace
+    decided = [e["values"] for e in trace if e["site"] == "parallel_decode"]
+    committed = [e["values"]["positions"] for e in trace if e["site"] == "decode"]
+    assert len(decided) == len(committed) == 8
+    for values, positions in zip(decided, committed, strict=True):
+        assert len(values["candidates"]) == len(values["confidence"]) == 1
+        assert len(values["candidates"][0]) == len(values["confidence"][0]) >= 1
+        assert set(positions[0]) <= set(values["candidates"][0])
+
+
+def test_fast_dllm_rule_overrides_the_requests(llada) -> None:
+    """A plan's parallel-decoding rule replaces the request's: a threshold of 0 in the request
+    (every mask of a block in one call) changes nothing under a factor or threshold plan."""
+    for options in ({"threshold": None, "factor": 0.5}, {"threshold": 0.5}):
+        calls = []
+        for request in ({}, {"threshold": 0.0}, {"factor": 100.0}):
+            diffcache.accelerate(
+                llada, {"diffcache": 1, "model": "llada", "method": "fast_dllm", "options": options}
+            )
+            out = llada("hello", **{**REQ, **request})
+            calls.append((out.committed_at.tolist(), diffcache.stats(llada).model_calls))
+            diffcache.remove(llada)
+        assert calls[0][1] > 2 and calls[1] == calls[0] == calls[2], options
+
+
 def test_dkv_greedy_is_refused_on_dream(dream) -> None:
     plan = {
         "diffcache": 1,
@@ -221,7 +447,8 @@ def test_dkv_greedy_is_refused_on_dream(dream) -> None:
         "method": "dkv_cache",
         "options": {"variant": "greedy"},
     }
-    with pytest.raises(DiffCacheError, match="greedy is defined for LLaDA"):
+    reason = "dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"
+    with pytest.raises(DiffCacheError, match=f"\n  - {re.escape(reason)}$"):
         diffcache.accelerate(dream, plan)
 
 
