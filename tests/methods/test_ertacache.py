@@ -230,7 +230,13 @@ def test_calls_outside_the_plan_are_refused_and_the_pipeline_stays_accelerated(
             REQ,
             "valid for num_inference_steps=8 but this call runs 10 steps",
         ),
-        (one_branch, REQ, no_cfg, "calibrated with 1 denoiser call"),
+        (
+            one_branch,
+            REQ,
+            no_cfg,
+            r"calibrated with 1 denoiser call\(s\) per step and this run has more \(.+\); "
+            "profile with the guidance you generate with",
+        ),
     ):
         diffcache.accelerate(qwen, p)
         try:
@@ -537,3 +543,51 @@ def test_calibrate_without_a_target_keeps_the_threshold_and_records_the_schedule
     got = config.calibrate(profiling)
     assert got.config == config
     assert got.measured == {"compute_fraction": 0.857143, "reuse_steps": [1], "phi": [0.6667]}
+
+
+def test_identity_reuses_nothing_and_aggressive_every_step_but_the_first_and_last() -> None:
+    """identity() computes every step even where the default threshold 0.08 reuses (every pair
+    0.05 apart); aggressive() reuses every step but the first and the last even where every
+    pair is 0.9 apart (the default reuses none there)."""
+    cal = _calibration(t=6)
+    close = dataclasses.replace(cal, pair_rel=torch.full_like(cal.pair_rel, 0.05))
+    far = dataclasses.replace(cal, pair_rel=torch.full_like(cal.pair_rel, 0.9))
+    assert schedule(close, ERTACacheConfig()).reuse != ()
+    assert schedule(close, ERTACacheConfig.identity()).reuse == ()
+    assert schedule(far, ERTACacheConfig()).reuse == ()
+    assert schedule(far, ERTACacheConfig.aggressive()).reuse == (1, 2, 3, 4)
+
+
+def test_a_plan_without_calibration_names_the_profile_command() -> None:
+    """The command to make one uses 20 calibration prompts (the paper's 1000 samples)."""
+    from diffcache.testing.toys import ToyPipeline
+
+    plan = {"diffcache": 1, "model": "toy", "method": "ertacache", "options": {}}
+    with pytest.raises(PlanError) as e:
+        diffcache.accelerate(ToyPipeline(), plan)
+    assert str(e.value).endswith(
+        "make it with: diffcache profile --model MODEL --method ertacache --num-prompts 20 "
+        "--out plan.yaml"
+    )
+
+
+def test_a_reused_output_has_the_dtype_of_a_computed_one() -> None:
+    """A half-precision latent and a float32 output (the toy denoiser's scale is a float32
+    vector; the scheduler keeps the latent's dtype): reused steps return float32 too."""
+    from diffcache.testing.toys import ToyPipeline, ToyScheduler, plan_for
+
+    class KeepDtype(ToyScheduler):
+        def step(self, model_output, timestep, sample, return_dict=True):
+            return (super().step(model_output, timestep, sample)[0].to(sample.dtype),)
+
+    pipe = ToyPipeline(cfg="none")
+    pipe.scheduler = KeepDtype()
+    pipe.transformer.scale = torch.nn.Parameter(torch.tensor([2.0]))
+    plan = plan_for(pipe, ERTACacheConfig(threshold=1e6, time_adjust=False), num_inference_steps=6)
+    diffcache.accelerate(pipe, plan)
+    try:
+        assert pipe(latents=torch.ones(1, 3, 4, dtype=torch.float16), steps=6).dtype == torch.half
+        assert diffcache.stats(pipe).per_step() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    finally:
+        diffcache.remove(pipe)
+    assert [v.dtype for v in pipe.scheduler.outputs] == [torch.float32] * 6
