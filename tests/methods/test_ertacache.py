@@ -591,3 +591,36 @@ def test_a_reused_output_has_the_dtype_of_a_computed_one() -> None:
     finally:
         diffcache.remove(pipe)
     assert [v.dtype for v in pipe.scheduler.outputs] == [torch.float32] * 6
+
+
+def test_the_recorder_sums_in_float64_and_keeps_channels_apart_across_the_batch() -> None:
+    """A residual 2^24, 1, -2^24 (exact in float32) reused one step later, unchanged: its sum
+    is 1 and its sum of squares 2^49 + 1, which float32 sums round to 0 and 2^49. A batch of 2
+    keeps one row per channel: each row holds that channel's values of both samples."""
+    from types import SimpleNamespace
+
+    from diffcache.methods.ertacache import _channels_first, _Recorder
+
+    rec = _Recorder(_recorder_target())
+    zero = torch.zeros(1, 1, 3)
+    for k, v in enumerate([torch.tensor([[[2.0**24, 1.0, -(2.0**24)]]]), zero]):
+        rec.see(SimpleNamespace(step=k, branch=0, arg=lambda name, pos: zero), v)
+    moments = rec.result()["moments"][0, 0, 1, 0].tolist()  # u = e = the step-0 residual
+    assert moments == [3.0, 1.0, 1.0, 2.0**49 + 1, 2.0**49 + 1]
+    batch = torch.arange(12.0).reshape(2, 3, 2)  # (batch, channel, value)
+    want = [[0.0, 1.0, 6.0, 7.0], [2.0, 3.0, 8.0, 9.0], [4.0, 5.0, 10.0, 11.0]]
+    assert _channels_first(batch, 1).tolist() == want
+
+
+def test_the_fitted_threshold_keeps_six_digits_or_else_its_exact_value() -> None:
+    """rel 0.1, 0.2 and 0.200002 from step 0 (5 steps): computing 3/5 needs a threshold in
+    (0.2, 0.200002], first met at six digits (0.200001); with 0.2000001 in place of 0.200002 no
+    six-digit value fits and the fit keeps a threshold just above 0.2."""
+    t = 5
+    for third, want in ((0.200002, 0.200001), (0.2000001, None)):
+        rel = torch.full((1, t, t), 0.9, dtype=torch.float64)
+        rel[0, 0, 1], rel[0, 0, 2], rel[0, 0, 3] = 0.1, 0.2, third
+        cal = dataclasses.replace(_calibration(t=t), pair_rel=rel)
+        got = fit_threshold(cal, 0.6)
+        assert got == want if want is not None else 0.2 < got < third
+        assert schedule(cal, ERTACacheConfig(threshold=got)).reuse == (1, 2)
