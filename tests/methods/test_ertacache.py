@@ -624,3 +624,53 @@ def test_the_fitted_threshold_keeps_six_digits_or_else_its_exact_value() -> None
         got = fit_threshold(cal, 0.6)
         assert got == want if want is not None else 0.2 < got < third
         assert schedule(cal, ERTACacheConfig(threshold=got)).reuse == (1, 2)
+
+
+def test_what_ertacache_cannot_run_on_is_named() -> None:
+    from types import SimpleNamespace
+
+    class Heun:
+        order = 2
+
+    cfg = ERTACacheConfig(time_adjust=False)
+    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=None)) == [
+        "ERTACache's step schedule needs a pipeline with a scheduler"
+    ]
+    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=Heun())) == [
+        "Heun is a second-order scheduler; ERTACache reuses whole steps of first-order samplers"
+    ]
+
+
+def test_schedule_by_hand_per_channel_per_step_and_at_a_zero_denominator() -> None:
+    """3 steps, step 1 reused from step 0, 2 branches x 2 channels, each channel's residual
+    u = (0, 4) against errors e: the rectifier is 1 - a and -(mean e - a mean u) with
+    a = cov(u, e) / var(u) (var 4), per channel or pooled over the channels of a branch
+    (``rectify: step``). Step 1 has no error and a zero denominator: phi 1."""
+    b, t, c = 2, 3, 2
+    errors = [[[0.0, 2.0], [1.0, 1.0]], [[0.0, 4.0], [2.0, 2.0]]]  # [branch][channel] e
+    moments = torch.zeros(b, t, t, c, 5, dtype=torch.float64)
+    for i in range(b):
+        for ch in range(c):
+            u, e = [0.0, 4.0], errors[i][ch]
+            uu, ue = sum(x * x for x in u), sum(x * y for x, y in zip(u, e, strict=True))
+            sums = [2.0, sum(u), sum(e), uu, ue]
+            moments[i, 0, 1, ch] = torch.tensor(sums, dtype=torch.float64)
+    zeros = torch.zeros(b, t, t, dtype=torch.float64)
+    ones = torch.ones(b, t, dtype=torch.float64)
+    out_abs = ones.clone()
+    out_abs[:, 1] = 0.0
+    cal = ERTACacheCalibration(zeros, zeros, ones, out_abs, moments, ones)
+    per_channel = schedule(cal, ERTACacheConfig())
+    assert per_channel.reuse == (1,) and per_channel.phi == (1.0, 1.0, 1.0)
+    assert per_channel.scale[:, 1].tolist() == [[0.5, 1.0], [0.0, 1.0]]  # a = 0.5, 0; 1, 0
+    assert per_channel.shift[:, 1].tolist() == [[0.0, -1.0], [0.0, -2.0]]
+    pooled = schedule(cal, ERTACacheConfig(rectify="step"))  # a = 1/4 and 2/4 (var 4)
+    assert pooled.scale[:, 1].tolist() == [[0.75, 0.75], [0.5, 0.5]]
+    assert pooled.shift[:, 1].tolist() == [[-0.5, -0.5], [-1.0, -1.0]]
+    short = dataclasses.replace(cal, step_change=ones[:, :2], out_abs=ones[:1])
+    with pytest.raises(PlanError) as e:
+        schedule(short, ERTACacheConfig())
+    assert str(e.value) == (
+        "ertacache calibration: tensors do not fit together (pair_rel (2, 3, 3); step_change "
+        "(2, 2) (want (2, 3)); out_abs (1, 3) (want (2, 3))); re-run diffcache profile"
+    )
