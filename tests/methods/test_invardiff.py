@@ -212,6 +212,20 @@ def test_a_plan_for_other_modules_is_refused(wan) -> None:
     assert clean(pipe.transformer, pipe.scheduler)
 
 
+def test_a_plan_for_other_module_sites_names_the_first_that_differs() -> None:
+    from diffcache.methods.invardiff import InvarDiffCalibration, _check
+
+    sites = [types.SimpleNamespace(name=n) for n in ("a.attn", "a.ff", "b.attn")]
+    books = torch.zeros(2, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)
+    cal = InvarDiffCalibration(("a.attn", "a.mlp", "b.attn"), *books)
+    with pytest.raises(PlanError) as e:
+        _check(cal, sites, 2)
+    assert str(e.value) == (
+        "invardiff: the plan's 3 module sites are not this model's 3 (site 1: a.mlp vs a.ff); "
+        "profile this model"
+    )
+
+
 def test_a_plan_profiled_on_the_pipeline_runs_on_its_bare_transformer() -> None:
     """Site names do not depend on how the model was handed to accelerate."""
     plan = Plan.load("flux-tiny-invardiff.yaml")
