@@ -226,6 +226,33 @@ def test_a_plan_for_other_module_sites_names_the_first_that_differs() -> None:
     )
 
 
+def test_books_that_do_not_fit_the_model_or_the_plan_are_refused_with_every_problem() -> None:
+    """Another site count, books of the wrong shape, step 0 reused and another step count
+    are all named; a single step is checked for step 0 too; empty books pass."""
+    from diffcache.methods.invardiff import InvarDiffCalibration, _check
+
+    sites = [types.SimpleNamespace(name=n) for n in ("a.attn", "a.ff")]
+    step = torch.tensor([True, False])
+    with pytest.raises(PlanError) as e:
+        _check(
+            InvarDiffCalibration(("a.attn",), step, torch.zeros(2, 1, dtype=torch.bool)), sites, 3
+        )
+    assert str(e.value) == (
+        "invardiff: the plan's 1 module sites are not this model's 2 (count); books have shapes "
+        "(2,) and (2, 1); want (T,) and (T, 2); step 0 cannot be a reused step (nothing is "
+        "cached yet); the books have 2 steps but the plan is valid for 3; profile this model"
+    )
+    names = ("a.attn", "a.ff")
+    with pytest.raises(PlanError) as e:
+        _check(
+            InvarDiffCalibration(names, step[:1], torch.zeros(1, 2, dtype=torch.bool)), sites, None
+        )
+    assert str(e.value) == (
+        "invardiff: step 0 cannot be a reused step (nothing is cached yet); profile this model"
+    )
+    _check(InvarDiffCalibration(names, step[:0], torch.zeros(0, 2, dtype=torch.bool)), sites, None)
+
+
 def test_a_plan_profiled_on_the_pipeline_runs_on_its_bare_transformer() -> None:
     """Site names do not depend on how the model was handed to accelerate."""
     plan = Plan.load("flux-tiny-invardiff.yaml")
