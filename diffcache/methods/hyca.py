@@ -107,6 +107,8 @@ def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
     A solver with fewer points than it needs uses ``FALLBACK`` (ab3 -> ab2 -> linear -> reuse,
     tf3 -> tf2 -> linear, quadratic / rk2 / am2 / bdf2 -> linear).
     """
+    if name not in POINTS:
+        raise ValueError(f"unknown solver {name!r}; choose from {list(SOLVERS)}")
     if len(steps) < POINTS[name]:
         if len(steps) == 0:
             raise ValueError("solver_weights: empty history")
@@ -146,7 +148,7 @@ def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
         span = [0.0] * n
         span[-1], span[0] = 1.0 / (pts[-1] - pts[0]), -1.0 / (pts[-1] - pts[0])
         w = _combine((1.0, last), (h, span))
-    elif name == "bdf2":
+    else:  # bdf2
         f1, f2 = _slopes(pts, n)
         g = pts[2] - pts[1]
         fk = _combine((1.0 + h / g, f2), (-h / g, f1))  # f at s_n, advanced along its trend
@@ -156,8 +158,6 @@ def solver_weights(name: str, steps: Sequence[int], k: int) -> list[float]:
             (-(om**2) / (1 + 2 * om), [0.0, 1.0, 0.0]),
             (h * (1 + om) / (1 + 2 * om), fk),
         )
-    else:
-        raise ValueError(f"unknown solver {name!r}; choose from {list(SOLVERS)}")
     return [0.0] * (len(steps) - n) + [float(x) for x in w]
 
 

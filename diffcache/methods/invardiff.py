@@ -225,9 +225,9 @@ def _fit_quantile(
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fraction(mid) <= target else (mid, hi)
     chosen = books(make(hi), *scores, sites)
-    for digits in (2, 3, 4):  # a readable quantile where it gives the same books
+    for digits in (2, 3, 4):  # a readable quantile where it gives the same books (hi <= 1: so is q)
         q = math.ceil(hi * 10**digits) / 10**digits
-        if q <= 1 and all(map(torch.equal, books(make(q), *scores, sites), chosen)):
+        if all(map(torch.equal, books(make(q), *scores, sites), chosen)):
             return make(q)
     return make(hi)
 

@@ -230,7 +230,13 @@ def test_calls_outside_the_plan_are_refused_and_the_pipeline_stays_accelerated(
             REQ,
             "valid for num_inference_steps=8 but this call runs 10 steps",
         ),
-        (one_branch, REQ, no_cfg, "calibrated with 1 denoiser call"),
+        (
+            one_branch,
+            REQ,
+            no_cfg,
+            r"calibrated with 1 denoiser call\(s\) per step and this run has more \(.+\); "
+            "profile with the guidance you generate with",
+        ),
     ):
         diffcache.accelerate(qwen, p)
         try:
@@ -537,3 +543,134 @@ def test_calibrate_without_a_target_keeps_the_threshold_and_records_the_schedule
     got = config.calibrate(profiling)
     assert got.config == config
     assert got.measured == {"compute_fraction": 0.857143, "reuse_steps": [1], "phi": [0.6667]}
+
+
+def test_identity_reuses_nothing_and_aggressive_every_step_but_the_first_and_last() -> None:
+    """identity() computes every step even where the default threshold 0.08 reuses (every pair
+    0.05 apart); aggressive() reuses every step but the first and the last even where every
+    pair is 0.9 apart (the default reuses none there)."""
+    cal = _calibration(t=6)
+    close = dataclasses.replace(cal, pair_rel=torch.full_like(cal.pair_rel, 0.05))
+    far = dataclasses.replace(cal, pair_rel=torch.full_like(cal.pair_rel, 0.9))
+    assert schedule(close, ERTACacheConfig()).reuse != ()
+    assert schedule(close, ERTACacheConfig.identity()).reuse == ()
+    assert schedule(far, ERTACacheConfig()).reuse == ()
+    assert schedule(far, ERTACacheConfig.aggressive()).reuse == (1, 2, 3, 4)
+
+
+def test_a_plan_without_calibration_names_the_profile_command() -> None:
+    """The command to make one uses 20 calibration prompts (the paper's 1000 samples)."""
+    from diffcache.testing.toys import ToyPipeline
+
+    plan = {"diffcache": 1, "model": "toy", "method": "ertacache", "options": {}}
+    with pytest.raises(PlanError) as e:
+        diffcache.accelerate(ToyPipeline(), plan)
+    assert str(e.value).endswith(
+        "make it with: diffcache profile --model MODEL --method ertacache --num-prompts 20 "
+        "--out plan.yaml"
+    )
+
+
+def test_a_reused_output_has_the_dtype_of_a_computed_one() -> None:
+    """A half-precision latent and a float32 output (the toy denoiser's scale is a float32
+    vector; the scheduler keeps the latent's dtype): reused steps return float32 too."""
+    from diffcache.testing.toys import ToyPipeline, ToyScheduler, plan_for
+
+    class KeepDtype(ToyScheduler):
+        def step(self, model_output, timestep, sample, return_dict=True):
+            return (super().step(model_output, timestep, sample)[0].to(sample.dtype),)
+
+    pipe = ToyPipeline(cfg="none")
+    pipe.scheduler = KeepDtype()
+    pipe.transformer.scale = torch.nn.Parameter(torch.tensor([2.0]))
+    plan = plan_for(pipe, ERTACacheConfig(threshold=1e6, time_adjust=False), num_inference_steps=6)
+    diffcache.accelerate(pipe, plan)
+    try:
+        assert pipe(latents=torch.ones(1, 3, 4, dtype=torch.float16), steps=6).dtype == torch.half
+        assert diffcache.stats(pipe).per_step() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    finally:
+        diffcache.remove(pipe)
+    assert [v.dtype for v in pipe.scheduler.outputs] == [torch.float32] * 6
+
+
+def test_the_recorder_sums_in_float64_and_keeps_channels_apart_across_the_batch() -> None:
+    """A residual 2^24, 1, -2^24 (exact in float32) reused one step later, unchanged: its sum
+    is 1 and its sum of squares 2^49 + 1, which float32 sums round to 0 and 2^49. A batch of 2
+    keeps one row per channel: each row holds that channel's values of both samples."""
+    from types import SimpleNamespace
+
+    from diffcache.methods.ertacache import _channels_first, _Recorder
+
+    rec = _Recorder(_recorder_target())
+    zero = torch.zeros(1, 1, 3)
+    for k, v in enumerate([torch.tensor([[[2.0**24, 1.0, -(2.0**24)]]]), zero]):
+        rec.see(SimpleNamespace(step=k, branch=0, arg=lambda name, pos: zero), v)
+    moments = rec.result()["moments"][0, 0, 1, 0].tolist()  # u = e = the step-0 residual
+    assert moments == [3.0, 1.0, 1.0, 2.0**49 + 1, 2.0**49 + 1]
+    batch = torch.arange(12.0).reshape(2, 3, 2)  # (batch, channel, value)
+    want = [[0.0, 1.0, 6.0, 7.0], [2.0, 3.0, 8.0, 9.0], [4.0, 5.0, 10.0, 11.0]]
+    assert _channels_first(batch, 1).tolist() == want
+
+
+def test_the_fitted_threshold_keeps_six_digits_or_else_its_exact_value() -> None:
+    """rel 0.1, 0.2 and 0.200002 from step 0 (5 steps): computing 3/5 needs a threshold in
+    (0.2, 0.200002], first met at six digits (0.200001); with 0.2000001 in place of 0.200002 no
+    six-digit value fits and the fit keeps a threshold just above 0.2."""
+    t = 5
+    for third, want in ((0.200002, 0.200001), (0.2000001, None)):
+        rel = torch.full((1, t, t), 0.9, dtype=torch.float64)
+        rel[0, 0, 1], rel[0, 0, 2], rel[0, 0, 3] = 0.1, 0.2, third
+        cal = dataclasses.replace(_calibration(t=t), pair_rel=rel)
+        got = fit_threshold(cal, 0.6)
+        assert got == want if want is not None else 0.2 < got < third
+        assert schedule(cal, ERTACacheConfig(threshold=got)).reuse == (1, 2)
+
+
+def test_what_ertacache_cannot_run_on_is_named() -> None:
+    from types import SimpleNamespace
+
+    class Heun:
+        order = 2
+
+    cfg = ERTACacheConfig(time_adjust=False)
+    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=None)) == [
+        "ERTACache's step schedule needs a pipeline with a scheduler"
+    ]
+    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=Heun())) == [
+        "Heun is a second-order scheduler; ERTACache reuses whole steps of first-order samplers"
+    ]
+
+
+def test_schedule_by_hand_per_channel_per_step_and_at_a_zero_denominator() -> None:
+    """3 steps, step 1 reused from step 0, 2 branches x 2 channels, each channel's residual
+    u = (0, 4) against errors e: the rectifier is 1 - a and -(mean e - a mean u) with
+    a = cov(u, e) / var(u) (var 4), per channel or pooled over the channels of a branch
+    (``rectify: step``). Step 1 has no error and a zero denominator: phi 1."""
+    b, t, c = 2, 3, 2
+    errors = [[[0.0, 2.0], [1.0, 1.0]], [[0.0, 4.0], [2.0, 2.0]]]  # [branch][channel] e
+    moments = torch.zeros(b, t, t, c, 5, dtype=torch.float64)
+    for i in range(b):
+        for ch in range(c):
+            u, e = [0.0, 4.0], errors[i][ch]
+            uu, ue = sum(x * x for x in u), sum(x * y for x, y in zip(u, e, strict=True))
+            sums = [2.0, sum(u), sum(e), uu, ue]
+            moments[i, 0, 1, ch] = torch.tensor(sums, dtype=torch.float64)
+    zeros = torch.zeros(b, t, t, dtype=torch.float64)
+    ones = torch.ones(b, t, dtype=torch.float64)
+    out_abs = ones.clone()
+    out_abs[:, 1] = 0.0
+    cal = ERTACacheCalibration(zeros, zeros, ones, out_abs, moments, ones)
+    per_channel = schedule(cal, ERTACacheConfig())
+    assert per_channel.reuse == (1,) and per_channel.phi == (1.0, 1.0, 1.0)
+    assert per_channel.scale[:, 1].tolist() == [[0.5, 1.0], [0.0, 1.0]]  # a = 0.5, 0; 1, 0
+    assert per_channel.shift[:, 1].tolist() == [[0.0, -1.0], [0.0, -2.0]]
+    pooled = schedule(cal, ERTACacheConfig(rectify="step"))  # a = 1/4 and 2/4 (var 4)
+    assert pooled.scale[:, 1].tolist() == [[0.75, 0.75], [0.5, 0.5]]
+    assert pooled.shift[:, 1].tolist() == [[-0.5, -0.5], [-1.0, -1.0]]
+    short = dataclasses.replace(cal, step_change=ones[:, :2], out_abs=ones[:1])
+    with pytest.raises(PlanError) as e:
+        schedule(short, ERTACacheConfig())
+    assert str(e.value) == (
+        "ertacache calibration: tensors do not fit together (pair_rel (2, 3, 3); step_change "
+        "(2, 2) (want (2, 3)); out_abs (1, 3) (want (2, 3))); re-run diffcache profile"
+    )

@@ -569,3 +569,46 @@ def test_more_cluster_solvers_than_clusters_are_refused(flux_plan) -> None:
         f"hyca: the plan names {len(solvers) + 1} cluster solvers for {clusters} clusters"
     )
     assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_unknown_solvers_are_named() -> None:
+    """In the options (none at all reads ``[]``) and in ``solver_weights`` (a KeyError from
+    its points table before)."""
+    for solvers, shown in ((("rk4", "linear", "euler"), "['rk4', 'euler']"), ((), "[]")):
+        with pytest.raises(PlanError) as e:
+            HyCaConfig(solvers=solvers)
+        assert str(e.value) == f"options.solvers: {shown}; choose from {list(SOLVERS)}"
+    with pytest.raises(ValueError) as e:
+        solver_weights("rk4", [0, 1, 2], 3)
+    assert str(e.value) == f"unknown solver 'rk4'; choose from {list(SOLVERS)}"
+
+
+def test_the_indicators_are_log_energy_ratios_clustered_on_their_z_scores() -> None:
+    """Energies E0..E3 per (block, dimension) give the indicators log(E1/E0), log(E2/E1),
+    log(E3/E2) (a zero energy stays finite). Half the dimensions have first and third
+    indicators of +0.1 and +0.2, half -0.1 and -0.2; the second spreads each half over -3..3
+    and tells nothing: on z-scores the clusters are the two halves (on raw values the spread
+    would win). Each cluster takes its own lowest-error solver."""
+    b, d = 2, 4
+    first = torch.tensor([0.1, 0.1, -0.1, -0.1]).expand(b, d)
+    second = torch.tensor([[-3.0, 3.0, -3.0, 3.0], [-1.0, 1.0, -1.0, 1.0]])
+    third = 2 * first
+    want = torch.stack([first, second, third], -1)
+    energy = torch.ones(b, d, 4, dtype=torch.float64)
+    energy[..., 1] = first.double().exp()
+    energy[..., 2] = energy[..., 1] * second.double().exp()
+    energy[..., 3] = energy[..., 2] * third.double().exp()
+    errors = torch.ones(b, d, len(SOLVERS), dtype=torch.float64)
+    errors[:, :2, SOLVERS.index("linear")] = 0.1
+    errors[:, 2:, SOLVERS.index("ab2")] = 0.1
+    cal = choose(HyCaConfig(clusters=2), errors, energy)
+    assert cal.indicators.shape == (b, d, 3)
+    assert torch.allclose(cal.indicators, want, atol=1e-6)
+    assert cal.labels.dtype == torch.int64
+    assert cal.labels.tolist() == [[cal.labels[0, 0]] * 2 + [1 - cal.labels[0, 0]] * 2] * b
+    assert cal.cluster_solvers[int(cal.labels[0, 0])] == "linear"
+    assert cal.cluster_solvers[int(cal.labels[0, 2])] == "ab2"
+    silent = torch.tensor([[[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]], dtype=torch.float64)
+    cal = choose(HyCaConfig(clusters=1), errors[:1, :2], silent)
+    assert cal.indicators[0, 0, 0] == pytest.approx(-math.log(1e-12), rel=1e-6)
+    assert cal.indicators[0, 0, 1:].tolist() == [0.0, 0.0] and not cal.indicators[0, 1].any()

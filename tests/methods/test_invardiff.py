@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 import diffcache
 from diffcache.adapter import Target
 from diffcache.cli import main
-from diffcache.errors import PlanError
+from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.generate import generate
 from diffcache.methods.invardiff import (
     InvarDiffConfig,
+    _fit_quantile,
     _Recorder,
     books,
     import_reference_books,
@@ -70,6 +72,46 @@ def test_identity_and_aggressive_books() -> None:
     assert not step.any() and module.tolist() == want
     for scores in ((rising, modules), (torch.ones(t, dtype=torch.float64), modules)):
         assert not any(b.any() for b in books(identity, *scores, sites))
+
+
+def _fit(rows: list[list[float]], target: float) -> InvarDiffConfig:
+    """``_fit_quantile`` on one module family whose scored rows (1..T-2) are ``rows``; the step
+    scores are all equal (no step is reused) and only row 0 and the last row always compute."""
+    scored = torch.tensor(rows, dtype=torch.float64)
+    t, m = scored.shape[0] + 2, scored.shape[1]
+    module_scores = torch.ones(t, m, dtype=torch.float64)
+    module_scores[1:-1] = scored
+    cfg = InvarDiffConfig(nonskip_rate=0.0, module_quantiles={"ff": 0.5})
+    step_scores = torch.ones(t, dtype=torch.float64)
+    return _fit_quantile(cfg, (step_scores, module_scores), _sites(m), t, target)
+
+
+def test_a_compute_target_fits_the_smallest_readable_quantile() -> None:
+    """Distinct scores 0..n-1 reuse the ceil(q (n - 1)) lowest at quantile q, so a target
+    needing k reused entries holds for every q above (k - 1) / (n - 1): the fit is the
+    smallest such q of 2 digits, else 3, else 4, else the bisection's own end (a multiple of
+    2^-20) when the books change faster than every 1e-4."""
+    six = [[float(k)] for k in range(6)]  # 8 rows of 1 module; rows 1..6 scored 0..5
+    for target, q in ((0.5, 0.61), (0.375, 0.81)):  # 4 of 8 reused (q > 3/5), 5 (q > 4/5)
+        fitted = _fit(six, target)
+        assert (fitted.step_quantile, dict(fitted.module_quantiles)) == (q, {"ff": q})
+    with pytest.raises(TargetUnreachable) as e:  # at most 5 of 8 calls are ever reused
+        _fit(six, 0.25)
+    assert str(e.value) == (
+        "invardiff: even at quantile 1 the plan computes 0.375 of the module calls, above the "
+        "target 0.250; lower nonskip_rate or ask for less"
+    )
+    assert e.value.least == 0.375
+
+    def one_row(n: int, reused: int) -> float:
+        """The fitted quantile of one scored row of n + 1 modules (3 rows in all) with a
+        target that needs ``reused`` of them."""
+        return _fit([[float(k) for k in range(n + 1)]], 1 - reused / (3 * (n + 1)) + 1e-6)
+
+    assert one_row(400, 247).step_quantile == 0.616  # (246/400, 247/400] holds no 0.0x
+    assert one_row(400, 400).step_quantile == 1.0  # (0.9975, 1]
+    assert one_row(4000, 2462).step_quantile == 0.6153  # (0.61525, 0.6155]
+    assert one_row(40000, 24005).step_quantile == math.ceil(0.6001 * 2**20) / 2**20
 
 
 def _call(step: int, name: str = "m0", kind: str = "module") -> types.SimpleNamespace:
@@ -168,6 +210,47 @@ def test_a_plan_for_other_modules_is_refused(wan) -> None:
     with pytest.raises(PlanError, match="module sites are not this model"):
         diffcache.accelerate(pipe, bad)
     assert clean(pipe.transformer, pipe.scheduler)
+
+
+def test_a_plan_for_other_module_sites_names_the_first_that_differs() -> None:
+    from diffcache.methods.invardiff import InvarDiffCalibration, _check
+
+    sites = [types.SimpleNamespace(name=n) for n in ("a.attn", "a.ff", "b.attn")]
+    books = torch.zeros(2, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)
+    cal = InvarDiffCalibration(("a.attn", "a.mlp", "b.attn"), *books)
+    with pytest.raises(PlanError) as e:
+        _check(cal, sites, 2)
+    assert str(e.value) == (
+        "invardiff: the plan's 3 module sites are not this model's 3 (site 1: a.mlp vs a.ff); "
+        "profile this model"
+    )
+
+
+def test_books_that_do_not_fit_the_model_or_the_plan_are_refused_with_every_problem() -> None:
+    """Another site count, books of the wrong shape, step 0 reused and another step count
+    are all named; a single step is checked for step 0 too; empty books pass."""
+    from diffcache.methods.invardiff import InvarDiffCalibration, _check
+
+    sites = [types.SimpleNamespace(name=n) for n in ("a.attn", "a.ff")]
+    step = torch.tensor([True, False])
+    with pytest.raises(PlanError) as e:
+        _check(
+            InvarDiffCalibration(("a.attn",), step, torch.zeros(2, 1, dtype=torch.bool)), sites, 3
+        )
+    assert str(e.value) == (
+        "invardiff: the plan's 1 module sites are not this model's 2 (count); books have shapes "
+        "(2,) and (2, 1); want (T,) and (T, 2); step 0 cannot be a reused step (nothing is "
+        "cached yet); the books have 2 steps but the plan is valid for 3; profile this model"
+    )
+    names = ("a.attn", "a.ff")
+    with pytest.raises(PlanError) as e:
+        _check(
+            InvarDiffCalibration(names, step[:1], torch.zeros(1, 2, dtype=torch.bool)), sites, None
+        )
+    assert str(e.value) == (
+        "invardiff: step 0 cannot be a reused step (nothing is cached yet); profile this model"
+    )
+    _check(InvarDiffCalibration(names, step[:0], torch.zeros(0, 2, dtype=torch.bool)), sites, None)
 
 
 def test_a_plan_profiled_on_the_pipeline_runs_on_its_bare_transformer() -> None:
@@ -374,6 +457,76 @@ def test_reference_flux_books_map_both_stacks(tmp_path) -> None:
     assert column("transformer.transformer_blocks.0.ff_context") == [r[0] for r in book(double, 5)]
     last = f"transformer.single_transformer_blocks.{single - 1}.proj_mlp"
     assert column(last) == [r[single - 1] for r in book(single, 3)]
+
+
+def test_imported_books_plan_only_what_they_book(tmp_path) -> None:
+    """A module key the file leaves out is always computed; the first step is never reused
+    (nothing is cached before it); the plan is valid for the book's step count and the
+    pipeline's scheduler, says which file it came from, and carries placeholder scores (ones)
+    of the calibration's shapes."""
+    pipe = diffcache.load_model("wan2.1-tiny")
+    target = Target.resolve(find_adapter(pipe), pipe)
+    names = [s.name for s in target.sites("module")]
+    ffn = _wan_books(len(target.sites("block")))["ffn"]
+    steps = [True, True, False, False, True, False, False, False]
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps({"step_cache_bool": steps, "module_cache_book": {"ffn": ffn}}))
+    plan = import_reference_books(path, pipe)
+    cal = plan.calibration_data
+    reused_steps = [False, True, False, False, True, False, False, False]
+    assert cal.step_book.tolist() == reused_steps
+    for m, name in enumerate(names):
+        block, attr = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+        booked = [row[block] for row in ffn] if attr == "ffn" else [False] * STEPS
+        # step first: a reused step (1, 4) reuses every module, the step after computes them
+        want = [r in (1, 4) or (booked[r] and r not in (2, 5)) for r in range(STEPS)]
+        assert cal.module_book[:, m].tolist() == want, name
+    assert dict(plan.valid_for) == {
+        "num_inference_steps": STEPS,
+        "scheduler": "UniPCMultistepScheduler",
+        "fingerprint": plan.valid_for["fingerprint"],  # the model's (make_plan's own rule)
+    }
+    assert plan.provenance == {"imported_from": "books.json"}
+    assert cal.step_scores.tolist() == [1.0] * STEPS
+    assert cal.module_scores.tolist() == [[1.0] * len(names)] * STEPS
+
+
+def test_imported_flux_attention_is_reused_where_context_attention_is_too(tmp_path) -> None:
+    """``attn`` and ``context_attn`` books that are no subset of each other: the attention
+    site is reused where both are; a section the file leaves out is always computed."""
+    pipe = diffcache.load_model("flux-tiny")
+    target = Target.resolve(find_adapter(pipe), pipe)
+    double = len(pipe.transformer.transformer_blocks)
+
+    def book(every: int) -> list[list[bool]]:
+        return [[t > 0 and (t + layer) % every == 0 for layer in range(double)] for t in range(8)]
+
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps({"step_cache_book": [False] * 8, "transformer_cache_book": {
+        "attn": book(2), "context_attn": book(3)}}))  # fmt: skip
+    cal = import_reference_books(path, pipe).calibration_data
+    for m, site in enumerate(target.sites("module")):
+        every_sixth = site.stack.attr == "transformer_blocks" and site.name.endswith(".attn")
+        want = [every_sixth and t > 0 and (t + site.index) % 6 == 0 for t in range(8)]
+        assert cal.module_book[:, m].tolist() == want, site.name
+
+
+def test_books_are_imported_only_for_a_family_with_a_reference_layout(tmp_path) -> None:
+    """Called directly (not through ``plans import``, which checks the file first), the file is
+    read for the model's family: FLUX's sections are refused on a Wan2.1 model."""
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps({"step_cache_book": [False, False]}))
+    with pytest.raises(DiffCacheError) as e:
+        import_reference_books(path, diffcache.load_model("dit-tiny"))
+    assert str(e.value) == "invardiff: no reference book layout for dit models; known: wan2.1, flux"
+    path.write_text(json.dumps({"step_cache_book": [0, 0], "transformer_cache_book": {}}))
+    with pytest.raises(PlanError) as e:
+        import_reference_books(path, diffcache.load_model("wan2.1-tiny"))
+    assert str(e.value) == (
+        f"{path}: not an InvarDiff book file (unknown section 'transformer_cache_book' (did you "
+        "mean 'step_cache_book'?); wan2.1 books have step_cache_bool, step_cache_book, "
+        "module_cache_book)"
+    )
 
 
 #: families whose blocks the adapter describes (``Stack.gated``): a block whose every module is
