@@ -11,6 +11,7 @@ import torch
 
 from diffcache.kernels import _dispatch
 from diffcache.kv import prior
+from diffcache.kv.random import uniform
 from diffcache.pipelines.sampling import dream, llada, rules
 
 NEG = float("-inf")
@@ -436,6 +437,24 @@ def test_per_row_generators_make_a_batch_equal_to_its_rows_alone() -> None:
 def test_generator_list_length_must_match_the_batch() -> None:
     with pytest.raises(ValueError, match="generators"):
         llada.gumbel_argmax(torch.randn(2, 3, 4), 1.0, gens(1))
+    with pytest.raises(ValueError, match="^3 generators for 2 batch rows$"):
+        uniform((2, 5), gens(1, 2, 3), torch.device("cpu"))
+
+
+def test_uniform_draws_fp64_from_the_global_generator_or_one_per_row() -> None:
+    """No generator: the global one draws the whole fp64 tensor. A list: row b draws all its
+    numbers from generator b in order; with ``valid``, one per valid candidate (padding 0.5)."""
+    cpu, shape = torch.device("cpu"), (2, 3, 2)
+    torch.manual_seed(5)
+    want = torch.rand(shape, dtype=torch.float64)
+    torch.manual_seed(5)
+    assert torch.equal(uniform(shape, None, cpu), want)
+    rows = [torch.rand(6, generator=g, dtype=torch.float64) for g in gens(7, 8)]
+    assert torch.equal(uniform(shape, gens(7, 8), cpu), torch.stack(rows).view(shape))
+    valid = torch.tensor([[True, False, True], [False, False, False]])
+    got = uniform(shape, gens(7, 8), cpu, valid)
+    assert torch.equal(got[0, [0, 2]], rows[0][:4].view(2, 2))
+    assert got[0, 1].tolist() == [0.5, 0.5] and got[1].tolist() == [[0.5, 0.5]] * 3
 
 
 def test_commit_topk_ties_go_to_the_lower_index_in_wide_rows() -> None:
