@@ -97,3 +97,39 @@ def test_previous_attention_uses_the_old_keys_of_the_written_rows(kv_heads: int)
     expected = LayerView(0, rows, q, restored, None, hd**-0.5, view.full, key_mask).probs(q)
     torch.testing.assert_close(view.probs(q, previous=True), expected)
     assert not torch.allclose(view.probs(q), expected), "the old keys must matter"
+
+
+def test_the_store_writes_rows_in_place_and_traces_every_write() -> None:
+    """A full write copies every row; a row write replaces just those rows of that layer; the
+    trace names each write's step, layer and rows ([B, L] for a full write)."""
+    store = KVStore(2, 2, 3, 4, 1, torch.float32, "cpu")  # default backend
+    store.trace = []
+    k = torch.arange(24.0).view(2, 3, 4, 1)
+    store.write(1, None, k, -k, step=0)
+    rows = torch.tensor([[3, 0], [1, 1]])
+    new = torch.full((2, 3, 2, 1), 100.0)
+    store.write(1, rows, new, -new, step=1)
+    want = k.clone()
+    for b, positions in enumerate(rows.tolist()):
+        for p in positions:
+            want[b, :, p] = 100.0
+    assert torch.equal(store.k[1], want) and torch.equal(store.v[1], -want)
+    assert not store.k[0].any() and not store.v[0].any()
+    assert [(s, layer, r.tolist()) for s, layer, r in store.trace] == [
+        (0, 1, [[0, 1, 2, 3], [0, 1, 2, 3]]),
+        (1, 1, rows.tolist()),
+    ]
+    assert store.nbytes() == 2 * 2 * (2 * 3 * 4 * 1) * 4  # layers x (K, V) x elements x fp32
+
+
+def test_the_store_scatters_with_the_backend_it_was_made_for(monkeypatch) -> None:
+    """``for_model``'s backend (a plan's ``kernels:``) reaches every K/V scatter."""
+    model = build_tiny_llada(micro=True)[0]
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    seen = []
+    monkeypatch.setattr("diffcache.kv.store.kv_scatter", lambda *a, backend: seen.append(backend))
+    store = KVStore.for_model(model, ids, backend="triton")
+    assert store.k[0].shape == (2, model.num_kv_heads, 5, model.head_dim)
+    k = torch.zeros(2, model.num_kv_heads, 1, model.head_dim)
+    store.write(0, torch.zeros(2, 1, dtype=torch.long), k, k, step=0)
+    assert seen == ["triton", "triton"]
