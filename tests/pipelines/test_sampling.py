@@ -377,6 +377,29 @@ def test_nucleus_select_mass_rule_and_at_least_one() -> None:
     assert sel(0.9, torch.zeros(1, 4, dtype=torch.bool)) == [False] * 4
 
 
+def test_nucleus_select_normalises_each_row_and_ranks_ties_by_index() -> None:
+    """Each row is normalised by its own sum; 100 tied scores (wide enough that an unstable
+    sort reorders them) are taken from the lowest index: mass 0.01 each, so p = 0.105 keeps
+    the first 10."""
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [40.0, 30.0, 20.0, 10.0]])
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    assert prior.nucleus_select(scores, 0.75, allowed).tolist() == [[True, True, False, False]] * 2
+    ties = prior.nucleus_select(torch.ones(1, 100), 0.105, torch.ones(1, 100, dtype=torch.bool))
+    assert ties[0].nonzero()[:, 0].tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_nucleus_select_refuses_p_outside_0_1(p: float) -> None:
+    with pytest.raises(ValueError, match=rf"^p must be in \[0, 1\], got {p}$"):
+        prior.nucleus_select(torch.ones(1, 2), p, torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0])
+def test_certainty_density_refuses_a_non_positive_sigma(sigma: float) -> None:
+    with pytest.raises(ValueError, match=rf"^sigma must be > 0, got {sigma}$"):
+        prior.certainty_density(torch.ones(1, 3, dtype=torch.bool), sigma)
+
+
 def test_inflate_fills_short_gaps_between_selected() -> None:
     sel = torch.zeros(1, 12, dtype=torch.bool)
     sel[0, [2, 5, 11]] = True
@@ -384,6 +407,9 @@ def test_inflate_fills_short_gaps_between_selected() -> None:
     assert filled(1) == filled(2) == [2, 5, 11]
     assert filled(3) == [2, 3, 4, 5, 11]  # 5 - 2 = 3 <= 3; never before the first / after last
     assert filled(6) == list(range(2, 12))
+    from_start = torch.zeros(1, 6, dtype=torch.bool)
+    from_start[0, [0, 3]] = True  # a gap after position 0 is a gap too
+    assert prior.inflate(from_start, 3)[0].tolist() == [True] * 4 + [False] * 2
 
 
 # ---------------------------------------------------------------- per-row generators
