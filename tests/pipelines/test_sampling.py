@@ -336,7 +336,7 @@ def test_certainty_density_matches_a_brute_force_loop(prompt_decoded: bool) -> N
     g = torch.Generator().manual_seed(8)
     decoded = torch.rand(4, 13, generator=g) < 0.5
     decoded[0, -1], decoded[1, -1] = True, False  # both right-padding cases
-    for sigma in (1.5, 4.0, 20.0):
+    for sigma in (1.0, 1.5, 4.0, 20.0):
         got = prior.certainty_density(decoded, sigma, prompt_decoded)
         want = _density_brute(decoded, sigma, prompt_decoded)
         assert got.dtype == torch.float64
@@ -392,6 +392,16 @@ def test_nucleus_select_normalises_each_row_and_ranks_ties_by_index() -> None:
 def test_nucleus_select_refuses_p_outside_0_1(p: float) -> None:
     with pytest.raises(ValueError, match=rf"^p must be in \[0, 1\], got {p}$"):
         prior.nucleus_select(torch.ones(1, 2), p, torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_certainty_density_of_regions_of_zero_and_one_position() -> None:
+    """G = 0: an empty [B, 0]. G = 1 (sigma 1): the decoded prompt at distance 1, the position,
+    and the position after it (decoded only if the position is) weigh e^-1/2, 1, e^-1/2."""
+    empty = prior.certainty_density(torch.zeros(2, 0, dtype=torch.bool), 1.0)
+    assert empty.shape == (2, 0) and empty.dtype == torch.float64
+    one = prior.certainty_density(torch.tensor([[True], [False]]), 1.0)
+    e = math.exp(-0.5)
+    assert torch.allclose(one, torch.tensor([[1.0], [e / (1 + 2 * e)]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0])
