@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffcache.kv.engine import forward_rows
+from diffcache.kv.method import token_layers
 from diffcache.kv.policy import LayerView, Policy, StepPlan, pad_rows
 from diffcache.kv.store import KVStore
 from diffcache.pipelines.dream.model import build_tiny_dream
@@ -133,3 +134,15 @@ def test_the_store_scatters_with_the_backend_it_was_made_for(monkeypatch) -> Non
     k = torch.zeros(2, model.num_kv_heads, 1, model.head_dim)
     store.write(0, torch.zeros(2, 1, dtype=torch.long), k, k, step=0)
     assert seen == ["triton", "triton"]
+
+
+def test_token_layers_count_real_rows_and_every_position_after_a_depth_refresh() -> None:
+    """2 batch rows of 10 positions, 4 layers: padding is not counted, and a row refreshed from
+    layer 1 counts its rows at layer 0 and all 10 positions at layers 1-3."""
+    rows, counts = pad_rows([torch.tensor([1, 4, 6]), torch.tensor([2])])
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    assert token_layers(StepPlan(None, targets), 2, 10, 4) == (80.0, 80.0)
+    plan = StepPlan(rows, targets, counts)
+    assert token_layers(plan, 2, 10, 4) == ((3 + 1) * 4, 80.0)
+    plan.full_from = torch.tensor([1, 4])  # 4: row 1 never refreshed
+    assert token_layers(plan, 2, 10, 4) == (3 * 1 + 10 * 3 + 1 * 4, 80.0)
