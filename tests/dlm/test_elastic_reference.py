@@ -16,6 +16,7 @@ the default mode is checked against the same loop too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -228,7 +229,9 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     EOS is decoded at several steps, a later one left of the first. The reference truncates
     once (it keeps decoding the masks between the two EOS and may track masks it cut off);
     ours follows the first EOS and never tracks a mask."""
-    pipe = cached_model("llada-tiny")
+    shared = cached_model("llada-tiny")
+    shared_head = shared.model.model.transformer["ff_out"].weight.clone()
+    pipe = copy.deepcopy(shared)  # its LM head is edited below; the shared model must not be
     opts, eos = {"window": 8, "gamma": 0.99}, pipe.tokenizer.eos_token_id
     tokens = [t for s in plain_elastic(pipe, "hello", 24, opts, DEFAULT) for t in s.tokens]
     with torch.no_grad():
@@ -246,3 +249,4 @@ def test_elastic_eos_rules_against_the_plain_loop() -> None:
     tracked = {p for s in runs[True] for layer in s.picked for p in layer}
     assert any(p > first and p not in decoded for p in tracked)  # a cut-off mask tracked
     assert len(runs[True]) > len(runs[False])  # the masks between the two EOS decoded
+    assert torch.equal(shared.model.model.transformer["ff_out"].weight, shared_head)
