@@ -7,7 +7,7 @@ import torch
 
 from diffcache.kv.engine import forward_rows
 from diffcache.kv.method import token_layers
-from diffcache.kv.policy import LayerView, Policy, StepPlan, pad_rows
+from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, union_rows
 from diffcache.kv.store import KVStore
 from diffcache.pipelines.dream.model import build_tiny_dream
 from diffcache.pipelines.llada.model import build_tiny_llada
@@ -146,3 +146,29 @@ def test_token_layers_count_real_rows_and_every_position_after_a_depth_refresh()
     assert token_layers(plan, 2, 10, 4) == ((3 + 1) * 4, 80.0)
     plan.full_from = torch.tensor([1, 4])  # 4: row 1 never refreshed
     assert token_layers(plan, 2, 10, 4) == (3 * 1 + 10 * 3 + 1 * 4, 80.0)
+
+
+def test_real_rows_count_every_position_the_width_or_the_real_counts() -> None:
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    rows = torch.tensor([[1, 2, 1], [0, 4, 5]])
+    assert StepPlan(None, targets).real_rows(7).tolist() == [7, 7]
+    assert StepPlan(rows, targets).real_rows(7).tolist() == [3, 3]
+    assert StepPlan(rows, targets, torch.tensor([2, 3])).real_rows(7).tolist() == [2, 3]
+
+
+def test_the_base_policy_recomputes_every_row_and_never_refreshes() -> None:
+    ids = torch.tensor([[5, 9, 9]])
+    state = DecodeState(ids, 9, 1, 0, 2, torch.tensor([[-1, -2, -2]]))
+    targets = torch.tensor([[1, 2]])
+    plan = Policy().plan(state, targets)
+    assert plan.rows is None and plan.targets is targets
+    view = LayerView(0, None, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), None, 1.0, None)
+    assert Policy().layer_end(0, view) is False
+
+
+def test_union_rows_add_each_targets_logit_source() -> None:
+    """Dream (shift 1): target p needs the hidden state at p - 1 (position 0 for p = 1)."""
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 4] = True
+    rows, counts = union_rows(mask, torch.tensor([[1, 3], [5, 5]]), shift=1)
+    assert rows.tolist() == [[0, 2, 4], [4, 4, 4]] and counts.tolist() == [3, 1]
