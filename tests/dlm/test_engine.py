@@ -11,6 +11,7 @@ from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_ro
 from diffcache.kv.store import KVStore
 from diffcache.pipelines.dream.model import build_tiny_dream
 from diffcache.pipelines.llada.model import build_tiny_llada
+from diffcache.testing.plain_dlm import dense_forward
 
 BUILD = {"llada": build_tiny_llada, "dream": build_tiny_dream}
 
@@ -172,3 +173,19 @@ def test_union_rows_add_each_targets_logit_source() -> None:
     mask[0, 4] = True
     rows, counts = union_rows(mask, torch.tensor([[1, 3], [5, 5]]), shift=1)
     assert rows.tolist() == [[0, 2, 4], [4, 4, 4]] and counts.tolist() == [3, 1]
+
+
+def test_without_a_store_every_row_is_the_plain_dense_forward() -> None:
+    """No store: every row recomputed gives the plain dense forward's logits; a subset of rows
+    is refused (it has nowhere to read the other rows' K/V from)."""
+    model = build_tiny_llada(micro=True)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (1, 7), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(7)[None]
+    plan = StepPlan(rows=None, targets=torch.arange(7)[None])
+    with torch.no_grad():
+        got = forward_rows(model, ids, positions, None, plan)
+        want = dense_forward(model, ids, torch.arange(7), {}, model.rope(positions))
+    torch.testing.assert_close(got[0], want)
+    subset = StepPlan(rows=torch.tensor([[1]]), targets=torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="^recomputing a subset of rows needs a KV store$"):
+        forward_rows(model, ids, positions, None, subset)
