@@ -16,7 +16,6 @@ from diffcache.kernels import kv_scatter
 class KVStore:
     """Per-layer K and V, ``[B, H_kv, L, head_dim]`` each, indexed by absolute position.
 
-    ``written_at[l, b, p]`` is the step that last wrote row ``p`` of layer ``l`` (-1: never);
     ``trace`` (when a list) gets ``(step, layer, rows)`` for every write, for tests that check a
     method recomputes exactly the rows its rule says.
     """
@@ -35,9 +34,6 @@ class KVStore:
         shape = (batch, kv_heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.written_at = torch.full(
-            (num_layers, batch, length), -1, dtype=torch.int32, device=device
-        )
         self.backend = backend
         self.trace: list[tuple[int, int, torch.Tensor]] | None = None
 
@@ -64,11 +60,9 @@ class KVStore:
         if rows is None:
             self.k[layer].copy_(k)
             self.v[layer].copy_(v)
-            self.written_at[layer].fill_(step)
         else:
             kv_scatter(self.k[layer], rows, k, backend=self.backend)
             kv_scatter(self.v[layer], rows, v, backend=self.backend)
-            self.written_at[layer].scatter_(1, rows, step)
         if self.trace is not None:
             all_rows = torch.arange(self.length).expand(k.shape[0], -1) if rows is None else rows
             self.trace.append((step, layer, all_rows.cpu().clone()))

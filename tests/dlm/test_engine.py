@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from diffcache.kv.engine import forward_rows
-from diffcache.kv.policy import LayerView, Policy, StepPlan, pad_rows
+from diffcache.kv.method import token_layers
+from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, union_rows
 from diffcache.kv.store import KVStore
 from diffcache.pipelines.dream.model import build_tiny_dream
 from diffcache.pipelines.llada.model import build_tiny_llada
+from diffcache.testing.plain_dlm import dense_forward
 
 BUILD = {"llada": build_tiny_llada, "dream": build_tiny_dream}
 
@@ -97,3 +99,93 @@ def test_previous_attention_uses_the_old_keys_of_the_written_rows(kv_heads: int)
     expected = LayerView(0, rows, q, restored, None, hd**-0.5, view.full, key_mask).probs(q)
     torch.testing.assert_close(view.probs(q, previous=True), expected)
     assert not torch.allclose(view.probs(q), expected), "the old keys must matter"
+
+
+def test_the_store_writes_rows_in_place_and_traces_every_write() -> None:
+    """A full write copies every row; a row write replaces just those rows of that layer; the
+    trace names each write's step, layer and rows ([B, L] for a full write)."""
+    store = KVStore(2, 2, 3, 4, 1, torch.float32, "cpu")  # default backend
+    store.trace = []
+    k = torch.arange(24.0).view(2, 3, 4, 1)
+    store.write(1, None, k, -k, step=0)
+    rows = torch.tensor([[3, 0], [1, 1]])
+    new = torch.full((2, 3, 2, 1), 100.0)
+    store.write(1, rows, new, -new, step=1)
+    want = k.clone()
+    for b, positions in enumerate(rows.tolist()):
+        for p in positions:
+            want[b, :, p] = 100.0
+    assert torch.equal(store.k[1], want) and torch.equal(store.v[1], -want)
+    assert not store.k[0].any() and not store.v[0].any()
+    assert [(s, layer, r.tolist()) for s, layer, r in store.trace] == [
+        (0, 1, [[0, 1, 2, 3], [0, 1, 2, 3]]),
+        (1, 1, rows.tolist()),
+    ]
+    assert store.nbytes() == 2 * 2 * (2 * 3 * 4 * 1) * 4  # layers x (K, V) x elements x fp32
+
+
+def test_the_store_scatters_with_the_backend_it_was_made_for(monkeypatch) -> None:
+    """``for_model``'s backend (a plan's ``kernels:``) reaches every K/V scatter."""
+    model = build_tiny_llada(micro=True)[0]
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    seen = []
+    monkeypatch.setattr("diffcache.kv.store.kv_scatter", lambda *a, backend: seen.append(backend))
+    store = KVStore.for_model(model, ids, backend="triton")
+    assert store.k[0].shape == (2, model.num_kv_heads, 5, model.head_dim)
+    k = torch.zeros(2, model.num_kv_heads, 1, model.head_dim)
+    store.write(0, torch.zeros(2, 1, dtype=torch.long), k, k, step=0)
+    assert seen == ["triton", "triton"]
+
+
+def test_token_layers_count_real_rows_and_every_position_after_a_depth_refresh() -> None:
+    """2 batch rows of 10 positions, 4 layers: padding is not counted, and a row refreshed from
+    layer 1 counts its rows at layer 0 and all 10 positions at layers 1-3."""
+    rows, counts = pad_rows([torch.tensor([1, 4, 6]), torch.tensor([2])])
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    assert token_layers(StepPlan(None, targets), 2, 10, 4) == (80.0, 80.0)
+    plan = StepPlan(rows, targets, counts)
+    assert token_layers(plan, 2, 10, 4) == ((3 + 1) * 4, 80.0)
+    plan.full_from = torch.tensor([1, 4])  # 4: row 1 never refreshed
+    assert token_layers(plan, 2, 10, 4) == (3 * 1 + 10 * 3 + 1 * 4, 80.0)
+
+
+def test_real_rows_count_every_position_the_width_or_the_real_counts() -> None:
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    rows = torch.tensor([[1, 2, 1], [0, 4, 5]])
+    assert StepPlan(None, targets).real_rows(7).tolist() == [7, 7]
+    assert StepPlan(rows, targets).real_rows(7).tolist() == [3, 3]
+    assert StepPlan(rows, targets, torch.tensor([2, 3])).real_rows(7).tolist() == [2, 3]
+
+
+def test_the_base_policy_recomputes_every_row_and_never_refreshes() -> None:
+    ids = torch.tensor([[5, 9, 9]])
+    state = DecodeState(ids, 9, 1, 0, 2, torch.tensor([[-1, -2, -2]]))
+    targets = torch.tensor([[1, 2]])
+    plan = Policy().plan(state, targets)
+    assert plan.rows is None and plan.targets is targets
+    view = LayerView(0, None, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), None, 1.0, None)
+    assert Policy().layer_end(0, view) is False
+
+
+def test_union_rows_add_each_targets_logit_source() -> None:
+    """Dream (shift 1): target p needs the hidden state at p - 1 (position 0 for p = 1)."""
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 4] = True
+    rows, counts = union_rows(mask, torch.tensor([[1, 3], [5, 5]]), shift=1)
+    assert rows.tolist() == [[0, 2, 4], [4, 4, 4]] and counts.tolist() == [3, 1]
+
+
+def test_without_a_store_every_row_is_the_plain_dense_forward() -> None:
+    """No store: every row recomputed gives the plain dense forward's logits; a subset of rows
+    is refused (it has nowhere to read the other rows' K/V from)."""
+    model = build_tiny_llada(micro=True)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (1, 7), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(7)[None]
+    plan = StepPlan(rows=None, targets=torch.arange(7)[None])
+    with torch.no_grad():
+        got = forward_rows(model, ids, positions, None, plan)
+        want = dense_forward(model, ids, torch.arange(7), {}, model.rope(positions))
+    torch.testing.assert_close(got[0], want)
+    subset = StepPlan(rows=torch.tensor([[1]]), targets=torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="^recomputing a subset of rows needs a KV store$"):
+        forward_rows(model, ids, positions, None, subset)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import diffcache
+from diffcache import kernels
 from diffcache.errors import DiffCacheError, PlanError, UnsupportedModelError
 from diffcache.kv.store import KVStore
 
@@ -28,7 +29,7 @@ def store_writes(pipe, method: str, options: dict, prompts: str | list[str], **k
     rows ``[B, n]``))."""
     family = type(pipe).__name__.replace("Pipeline", "").lower()
     diffcache.accelerate(
-        pipe, {"diffcache": 1, "model": family, "method": method, "options": options}
+        pipe, {"diffcache": 1, "model": family, "method": method, "options": options}, trace=True
     )
     writes: list[tuple[int, int, torch.Tensor]] = []
     original = KVStore.for_model
@@ -191,6 +192,27 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> 
         done = n + length * (layers - 1) if gamma > 1 else n * layers
         want.append(done / (length * layers))
     assert per_step == pytest.approx(want, abs=1e-12)
+    # the trace names each partial call's rows and the layer each batch row refreshed from
+    calls = [e["values"] for e in diffcache.stats(llada).trace if e["site"] == "model"][1:]
+    assert [set(c["rows"][0]) for c in calls] == [rows[s] for s in range(1, len(rows))]
+    assert [c["full_from"] for c in calls] == [[1] if gamma > 1 else None] * (len(rows) - 1)
+
+
+def test_parallel_decoding_is_credited_for_the_calls_it_never_made(llada) -> None:
+    """Threshold 0 commits a whole block per call: 2 calls for 8 steps, each recomputing every
+    row (refresh every step), so 2/8 of the plain generation's token-layers."""
+    traced(llada, "fast_dllm", {"threshold": 0.0, "refresh_every": 1})
+    stats = diffcache.stats(llada)
+    assert stats.model_calls == 2
+    assert stats.compute_fraction == 2 / 8
+
+
+def test_stats_name_only_the_kernels_this_generation_used(llada, monkeypatch) -> None:
+    """Recomputing every row never scatters K/V rows: a backend left from an earlier
+    generation is not reported."""
+    monkeypatch.setitem(kernels.last_backend, "kv_scatter", "torch")
+    traced(llada, "fast_dllm", {"threshold": None, "refresh_every": 1})
+    assert "kv_scatter" not in diffcache.stats(llada).kernels
 
 
 def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from diffcache.kernels import _dispatch
 from diffcache.kv import prior
+from diffcache.kv.random import uniform
 from diffcache.pipelines.sampling import dream, llada, rules
 
 NEG = float("-inf")
@@ -335,7 +336,7 @@ def test_certainty_density_matches_a_brute_force_loop(prompt_decoded: bool) -> N
     g = torch.Generator().manual_seed(8)
     decoded = torch.rand(4, 13, generator=g) < 0.5
     decoded[0, -1], decoded[1, -1] = True, False  # both right-padding cases
-    for sigma in (1.5, 4.0, 20.0):
+    for sigma in (1.0, 1.5, 4.0, 20.0):
         got = prior.certainty_density(decoded, sigma, prompt_decoded)
         want = _density_brute(decoded, sigma, prompt_decoded)
         assert got.dtype == torch.float64
@@ -376,6 +377,39 @@ def test_nucleus_select_mass_rule_and_at_least_one() -> None:
     assert sel(0.9, torch.zeros(1, 4, dtype=torch.bool)) == [False] * 4
 
 
+def test_nucleus_select_normalises_each_row_and_ranks_ties_by_index() -> None:
+    """Each row is normalised by its own sum; 100 tied scores (wide enough that an unstable
+    sort reorders them) are taken from the lowest index: mass 0.01 each, so p = 0.105 keeps
+    the first 10."""
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [40.0, 30.0, 20.0, 10.0]])
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    assert prior.nucleus_select(scores, 0.75, allowed).tolist() == [[True, True, False, False]] * 2
+    ties = prior.nucleus_select(torch.ones(1, 100), 0.105, torch.ones(1, 100, dtype=torch.bool))
+    assert ties[0].nonzero()[:, 0].tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_nucleus_select_refuses_p_outside_0_1(p: float) -> None:
+    with pytest.raises(ValueError, match=rf"^p must be in \[0, 1\], got {p}$"):
+        prior.nucleus_select(torch.ones(1, 2), p, torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_certainty_density_of_regions_of_zero_and_one_position() -> None:
+    """G = 0: an empty [B, 0]. G = 1 (sigma 1): the decoded prompt at distance 1, the position,
+    and the position after it (decoded only if the position is) weigh e^-1/2, 1, e^-1/2."""
+    empty = prior.certainty_density(torch.zeros(2, 0, dtype=torch.bool), 1.0)
+    assert empty.shape == (2, 0) and empty.dtype == torch.float64
+    one = prior.certainty_density(torch.tensor([[True], [False]]), 1.0)
+    e = math.exp(-0.5)
+    assert torch.allclose(one, torch.tensor([[1.0], [e / (1 + 2 * e)]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0])
+def test_certainty_density_refuses_a_non_positive_sigma(sigma: float) -> None:
+    with pytest.raises(ValueError, match=rf"^sigma must be > 0, got {sigma}$"):
+        prior.certainty_density(torch.ones(1, 3, dtype=torch.bool), sigma)
+
+
 def test_inflate_fills_short_gaps_between_selected() -> None:
     sel = torch.zeros(1, 12, dtype=torch.bool)
     sel[0, [2, 5, 11]] = True
@@ -383,6 +417,9 @@ def test_inflate_fills_short_gaps_between_selected() -> None:
     assert filled(1) == filled(2) == [2, 5, 11]
     assert filled(3) == [2, 3, 4, 5, 11]  # 5 - 2 = 3 <= 3; never before the first / after last
     assert filled(6) == list(range(2, 12))
+    from_start = torch.zeros(1, 6, dtype=torch.bool)
+    from_start[0, [0, 3]] = True  # a gap after position 0 is a gap too
+    assert prior.inflate(from_start, 3)[0].tolist() == [True] * 4 + [False] * 2
 
 
 # ---------------------------------------------------------------- per-row generators
@@ -436,6 +473,24 @@ def test_per_row_generators_make_a_batch_equal_to_its_rows_alone() -> None:
 def test_generator_list_length_must_match_the_batch() -> None:
     with pytest.raises(ValueError, match="generators"):
         llada.gumbel_argmax(torch.randn(2, 3, 4), 1.0, gens(1))
+    with pytest.raises(ValueError, match="^3 generators for 2 batch rows$"):
+        uniform((2, 5), gens(1, 2, 3), torch.device("cpu"))
+
+
+def test_uniform_draws_fp64_from_the_global_generator_or_one_per_row() -> None:
+    """No generator: the global one draws the whole fp64 tensor. A list: row b draws all its
+    numbers from generator b in order; with ``valid``, one per valid candidate (padding 0.5)."""
+    cpu, shape = torch.device("cpu"), (2, 3, 2)
+    torch.manual_seed(5)
+    want = torch.rand(shape, dtype=torch.float64)
+    torch.manual_seed(5)
+    assert torch.equal(uniform(shape, None, cpu), want)
+    rows = [torch.rand(6, generator=g, dtype=torch.float64) for g in gens(7, 8)]
+    assert torch.equal(uniform(shape, gens(7, 8), cpu), torch.stack(rows).view(shape))
+    valid = torch.tensor([[True, False, True], [False, False, False]])
+    got = uniform(shape, gens(7, 8), cpu, valid)
+    assert torch.equal(got[0, [0, 2]], rows[0][:4].view(2, 2))
+    assert got[0, 1].tolist() == [0.5, 0.5] and got[1].tolist() == [[0.5, 0.5]] * 3
 
 
 def test_commit_topk_ties_go_to_the_lower_index_in_wide_rows() -> None:
