@@ -315,7 +315,8 @@ def resolve_start(
             plan = published_plan(family, method)
             published = plan is not None
     if name is None and plan is None:
-        raise PlanError(f"give {names.method}, or {names.start} a plan or template to take it from")
+        plan_or_template = names.of("start", "a plan or template")
+        raise PlanError(f"give {names.method}, or {plan_or_template} to take it from")
     name = name or plan.method
     if isinstance(method, MethodConfig) and not options:
         config = method

@@ -310,8 +310,10 @@ def test_resolve_start_order_options_and_steps() -> None:
         resolve_start("hyca", family=None, start="wan21-ertacache.yaml", names=CLI)
     with pytest.raises(PlanError, match="^--from flux-hyca.yaml: a plan for flux models, and "):
         resolve_start(None, family="dit", start="flux-hyca.yaml", what="dit-tiny", names=CLI)
-    with pytest.raises(PlanError, match="^give --method, or --from a plan"):
+    with pytest.raises(PlanError, match="^give --method, or --from a plan or template to take"):
         resolve_start(None, family="dit", names=CLI)
+    with pytest.raises(PlanError, match="^give method, or a plan or template to take it from$"):
+        resolve_start(None, family="dit")
     # a warm-up covering every step: refused once the starting plan is known, with the flag
     # that set the steps; a folder (family not known yet) waits for its published plan
     late = {"options": {"warmup_steps": 8}, "steps": 8, "names": CLI}
