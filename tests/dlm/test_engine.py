@@ -189,3 +189,42 @@ def test_without_a_store_every_row_is_the_plain_dense_forward() -> None:
     subset = StepPlan(rows=torch.tensor([[1]]), targets=torch.tensor([[1]]))
     with pytest.raises(ValueError, match="^recomputing a subset of rows needs a KV store$"):
         forward_rows(model, ids, positions, None, subset)
+
+
+class RefreshByLayer(Policy):
+    """Asks batch row b to recompute every position after each layer from ``starts[b]`` on, and
+    records the ``full`` flags the engine shows it at each layer."""
+
+    wants_layers = True
+    keeps_inputs = True
+
+    def __init__(self, starts: list[int]) -> None:
+        super().__init__()
+        self.starts = starts
+        self.seen: list[list[bool]] = []
+
+    def layer_end(self, layer: int, view: LayerView) -> torch.Tensor | bool:
+        self.seen.append(view.full.tolist())
+        return torch.tensor([layer >= s for s in self.starts])
+
+
+def test_rows_refreshed_from_different_layers_stay_refreshed() -> None:
+    """4 layers; row 0 asks for a depth refresh after layer 0, row 1 after layer 1 (and both keep
+    asking): each refreshes from the layer after its first ask (full_from [1, 2]), a refreshed
+    row stays refreshed when another row starts later, and the logits are the full forward's."""
+    model = build_tiny_llada(micro=True, n_layers=4)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (2, 12), generator=torch.Generator().manual_seed(0))
+    store = KVStore.for_model(model, ids)
+    policy = RefreshByLayer([0, 1])
+    full = StepPlan(rows=None, targets=torch.arange(12).expand(2, -1))
+    reference, _ = _run(model, ids, full, policy, store)  # fills the store and layer inputs
+    policy.seen = []
+    rows, counts = pad_rows([torch.tensor([2, 5, 8]), torch.tensor([3])])
+    plan = StepPlan(rows=rows, targets=torch.tensor([[5], [3]]), counts=counts)
+    logits, seen = _run(model, ids, plan, policy, store)
+    assert plan.full_from.tolist() == [1, 2]
+    # the full flags shown at layers 0-3: none, row 0, then both
+    assert policy.seen == [[False, False], [True, False], [True, True], [True, True]]
+    # real rows multiplied per layer: 3 + 1, then 12 + 1, then 12 + 12
+    assert seen == [4, 13, 24, 24]
+    torch.testing.assert_close(logits[:, 0], reference[[0, 1], [5, 3]])
