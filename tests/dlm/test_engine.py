@@ -193,7 +193,7 @@ def test_without_a_store_every_row_is_the_plain_dense_forward() -> None:
 
 class RefreshByLayer(Policy):
     """Asks batch row b to recompute every position after each layer from ``starts[b]`` on, and
-    records the ``full`` flags the engine shows it at each layer."""
+    records each view's layer and ``full`` flags."""
 
     wants_layers = True
     keeps_inputs = True
@@ -201,10 +201,10 @@ class RefreshByLayer(Policy):
     def __init__(self, starts: list[int]) -> None:
         super().__init__()
         self.starts = starts
-        self.seen: list[list[bool]] = []
+        self.seen: list[tuple[int, list[bool]]] = []
 
     def layer_end(self, layer: int, view: LayerView) -> torch.Tensor | bool:
-        self.seen.append(view.full.tolist())
+        self.seen.append((view.layer, view.full.tolist()))
         return torch.tensor([layer >= s for s in self.starts])
 
 
@@ -223,8 +223,9 @@ def test_rows_refreshed_from_different_layers_stay_refreshed() -> None:
     plan = StepPlan(rows=rows, targets=torch.tensor([[5], [3]]), counts=counts)
     logits, seen = _run(model, ids, plan, policy, store)
     assert plan.full_from.tolist() == [1, 2]
-    # the full flags shown at layers 0-3: none, row 0, then both
-    assert policy.seen == [[False, False], [True, False], [True, True], [True, True]]
+    # the views of layers 0-3 flag no row, row 0, then both
+    flags = [[False, False], [True, False], [True, True], [True, True]]
+    assert policy.seen == list(enumerate(flags))
     # real rows multiplied per layer: 3 + 1, then 12 + 1, then 12 + 12
     assert seen == [4, 13, 24, 24]
     torch.testing.assert_close(logits[:, 0], reference[[0, 1], [5, 3]])
