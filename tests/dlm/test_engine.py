@@ -229,3 +229,21 @@ def test_rows_refreshed_from_different_layers_stay_refreshed() -> None:
     # real rows multiplied per layer: 3 + 1, then 12 + 1, then 12 + 12
     assert seen == [4, 13, 24, 24]
     torch.testing.assert_close(logits[:, 0], reference[[0, 1], [5, 3]])
+
+
+def test_each_of_three_packed_rows_keeps_its_own_positions() -> None:
+    """3 batch rows of 4, 1 and 3 real positions (padded to 4, packed): each target's logits are
+    the full forward's at that row and position (the store holds this very sequence)."""
+    model = build_tiny_llada(micro=True)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (3, 10), generator=torch.Generator().manual_seed(1))
+    store = KVStore.for_model(model, ids)
+    full = StepPlan(rows=None, targets=torch.arange(10).expand(3, -1))
+    reference, _ = _run(model, ids, full, None, store)
+    sets = [torch.tensor([1, 4, 6, 8]), torch.tensor([2]), torch.tensor([0, 3, 9])]
+    rows, counts = pad_rows(sets)
+    targets = torch.tensor([[4, 8], [2, 2], [3, 9]])
+    logits, seen = _run(
+        model, ids, StepPlan(rows=rows, targets=targets, counts=counts), None, store
+    )
+    assert seen == [4 + 1 + 3] * len(model.blocks())
+    torch.testing.assert_close(logits, reference[torch.arange(3)[:, None], targets])
