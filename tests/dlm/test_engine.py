@@ -247,3 +247,16 @@ def test_each_of_three_packed_rows_keeps_its_own_positions() -> None:
     )
     assert seen == [4 + 1 + 3] * len(model.blocks())
     torch.testing.assert_close(logits, reference[torch.arange(3)[:, None], targets])
+
+
+@pytest.mark.parametrize("target", [1, 3])  # between the rows; just past the last one
+def test_a_target_whose_source_row_was_not_recomputed_is_refused(target: int) -> None:
+    """LLaDA (shift 0) reads target p's logits at row p: with rows {0, 2} recomputed, a target at
+    1 or 3 has no fresh hidden state and the step stops instead of reading another row's."""
+    model = build_tiny_llada(micro=True)[0]
+    ids = torch.randint(0, 240, (1, 6), generator=torch.Generator().manual_seed(2))
+    store = KVStore.for_model(model, ids)
+    plan = StepPlan(rows=torch.tensor([[0, 2]]), targets=torch.tensor([[2, target]]))
+    message = "^a logit target's source row was not recomputed this step$"
+    with pytest.raises(AssertionError, match=message):
+        _run(model, ids, plan, None, store)
