@@ -189,3 +189,74 @@ def test_without_a_store_every_row_is_the_plain_dense_forward() -> None:
     subset = StepPlan(rows=torch.tensor([[1]]), targets=torch.tensor([[1]]))
     with pytest.raises(ValueError, match="^recomputing a subset of rows needs a KV store$"):
         forward_rows(model, ids, positions, None, subset)
+
+
+class RefreshByLayer(Policy):
+    """Asks batch row b to recompute every position after each layer from ``starts[b]`` on, and
+    records each view's layer and ``full`` flags."""
+
+    wants_layers = True
+    keeps_inputs = True
+
+    def __init__(self, starts: list[int]) -> None:
+        super().__init__()
+        self.starts = starts
+        self.seen: list[tuple[int, list[bool]]] = []
+
+    def layer_end(self, layer: int, view: LayerView) -> torch.Tensor | bool:
+        self.seen.append((view.layer, view.full.tolist()))
+        return torch.tensor([layer >= s for s in self.starts])
+
+
+def test_rows_refreshed_from_different_layers_stay_refreshed() -> None:
+    """4 layers; row 0 asks for a depth refresh after layer 0, row 1 after layer 1 (and both keep
+    asking): each refreshes from the layer after its first ask (full_from [1, 2]), a refreshed
+    row stays refreshed when another row starts later, and the logits are the full forward's."""
+    model = build_tiny_llada(micro=True, n_layers=4)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (2, 12), generator=torch.Generator().manual_seed(0))
+    store = KVStore.for_model(model, ids)
+    policy = RefreshByLayer([0, 1])
+    full = StepPlan(rows=None, targets=torch.arange(12).expand(2, -1))
+    reference, _ = _run(model, ids, full, policy, store)  # fills the store and layer inputs
+    policy.seen = []
+    rows, counts = pad_rows([torch.tensor([2, 5, 8]), torch.tensor([3])])
+    plan = StepPlan(rows=rows, targets=torch.tensor([[5], [3]]), counts=counts)
+    logits, seen = _run(model, ids, plan, policy, store)
+    assert plan.full_from.tolist() == [1, 2]
+    # the views of layers 0-3 flag no row, row 0, then both
+    flags = [[False, False], [True, False], [True, True], [True, True]]
+    assert policy.seen == list(enumerate(flags))
+    # real rows multiplied per layer: 3 + 1, then 12 + 1, then 12 + 12
+    assert seen == [4, 13, 24, 24]
+    torch.testing.assert_close(logits[:, 0], reference[[0, 1], [5, 3]])
+
+
+def test_each_of_three_packed_rows_keeps_its_own_positions() -> None:
+    """3 batch rows of 4, 1 and 3 real positions (padded to 4, packed): each target's logits are
+    the full forward's at that row and position (the store holds this very sequence)."""
+    model = build_tiny_llada(micro=True)[0].to(torch.float64)
+    ids = torch.randint(0, 240, (3, 10), generator=torch.Generator().manual_seed(1))
+    store = KVStore.for_model(model, ids)
+    full = StepPlan(rows=None, targets=torch.arange(10).expand(3, -1))
+    reference, _ = _run(model, ids, full, None, store)
+    sets = [torch.tensor([1, 4, 6, 8]), torch.tensor([2]), torch.tensor([0, 3, 9])]
+    rows, counts = pad_rows(sets)
+    targets = torch.tensor([[4, 8], [2, 2], [3, 9]])
+    logits, seen = _run(
+        model, ids, StepPlan(rows=rows, targets=targets, counts=counts), None, store
+    )
+    assert seen == [4 + 1 + 3] * len(model.blocks())
+    torch.testing.assert_close(logits, reference[torch.arange(3)[:, None], targets])
+
+
+@pytest.mark.parametrize("target", [1, 3])  # between the rows; just past the last one
+def test_a_target_whose_source_row_was_not_recomputed_is_refused(target: int) -> None:
+    """LLaDA (shift 0) reads target p's logits at row p: with rows {0, 2} recomputed, a target at
+    1 or 3 has no fresh hidden state and the step stops instead of reading another row's."""
+    model = build_tiny_llada(micro=True)[0]
+    ids = torch.randint(0, 240, (1, 6), generator=torch.Generator().manual_seed(2))
+    store = KVStore.for_model(model, ids)
+    plan = StepPlan(rows=torch.tensor([[0, 2]]), targets=torch.tensor([[2, target]]))
+    message = "^a logit target's source row was not recomputed this step$"
+    with pytest.raises(AssertionError, match=message):
+        _run(model, ids, plan, None, store)
