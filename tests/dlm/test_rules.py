@@ -534,3 +534,22 @@ def test_dkv_refresh_schedule_follows_a_plain_schedule(pipe, family, every) -> N
     assert [e["action"] == "computed" for e in refresh] == full
     model = [e for e in trace if e["site"] == "model"]
     assert [e["action"] == "computed" for e in model] == full
+
+
+def test_d2cache_aggressive_recomputes_one_mask_and_the_decoded_token(llada) -> None:
+    """aggressive(): stage 1 picks one mask and nothing is rolled out, so after the full step 0
+    each step recomputes the token decoded at the previous step and one still-masked position."""
+    from diffcache.methods.d2cache import D2CacheConfig
+
+    options = D2CacheConfig.aggressive().to_options()
+    out, rows = traced(llada, "d2cache", options, gen_length=16, steps=16, block_length=16)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length,), -1)
+    decoded_at[p:] = out.committed_at[0]
+    assert sorted(rows) == list(range(16))
+    assert rows[0] == set(range(length))
+    for step in range(1, 16):
+        previous = {q for q in range(p, length) if decoded_at[q] == step - 1}
+        assert len(previous) == 1 and previous <= rows[step], step
+        rest = rows[step] - previous
+        assert len(rest) == 1 and decoded_at[min(rest)] >= step, (step, rest)
