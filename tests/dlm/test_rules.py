@@ -136,10 +136,17 @@ def test_dkv_batch_work_counts_each_rows_own_positions(pipe, variant: str) -> No
     """With a parallel-decoding threshold the batch rows decode different counts, so a cached
     step's row sets are ragged (padded by repeating a position): the work recorded is each
     batch row's distinct positions, at every layer, as the store wrote them."""
-    options = {"variant": variant, "refresh_every": 3}
+    assert_batch_work_counts_distinct_rows(
+        pipe, "dkv_cache", {"variant": variant, "refresh_every": 3}
+    )
+
+
+def assert_batch_work_counts_distinct_rows(pipe, method: str, options: dict) -> None:
+    """Two prompts with a parallel-decoding threshold: some cached step pads a batch row, and
+    the work recorded is each row's distinct positions, at every layer."""
     prompts = ["hello", "the quick brown fox"]
     kw = {"gen_length": 16, "steps": 16, "block_length": 8, "threshold": 0.02}
-    _, writes = store_writes(pipe, "dkv_cache", options, prompts, **kw)
+    _, writes = store_writes(pipe, method, options, prompts, **kw)
     layer0 = [r for _, layer, r in writes if layer == 0]
     distinct = [len(set(row.tolist())) for r in layer0 for row in r]
     assert distinct != [r.shape[1] for r in layer0 for _ in r]  # some step padded a row
@@ -553,3 +560,9 @@ def test_d2cache_aggressive_recomputes_one_mask_and_the_decoded_token(llada) -> 
         assert len(previous) == 1 and previous <= rows[step], step
         rest = rows[step] - previous
         assert len(rest) == 1 and decoded_at[min(rest)] >= step, (step, rest)
+
+
+def test_d2cache_batch_work_counts_each_rows_own_positions(pipe) -> None:
+    """d²Cache's ragged query sets (each row's stage-1 masks and decoded tokens): the work
+    recorded is each batch row's distinct positions, as for dKV-Cache."""
+    assert_batch_work_counts_distinct_rows(pipe, "d2cache", {"current_k": 2, "rollout_p": 0.1})
