@@ -279,3 +279,18 @@ def test_nucleus_mass_boundary_is_inclusive() -> None:
     scores = torch.tensor([[2.0, 1.0, 1.0]])
     picked = prior.nucleus_select(scores, 0.75, torch.ones(1, 3, dtype=torch.bool))
     assert picked[0].tolist() == [True, True, False]
+
+
+def test_dream_after_a_one_token_prompt_keeps_the_first_mask_by_row_0() -> None:
+    """A cached step keeps the candidates whose logit row (for Dream the position before) is
+    recomputed and recomputes those rows: after a one-token prompt the first mask's row is 0."""
+    from diffcache.kv import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    ids = torch.tensor([[1, 9, 9, 9, 9]])
+    state = DecodeState(ids, 9, 1, 1, 1, torch.where(ids == 9, -2, -1), block=(1, 5))
+    policy = D2Policy(D2CacheConfig())
+    policy.next = torch.tensor([[True, False, True, False, False]])  # rows of masks 1 and 3
+    plan = policy.plan(state, torch.tensor([[1, 2, 3, 4]]))
+    assert plan.targets.tolist() == [[1, 3]]
+    assert plan.rows.tolist() == [[0, 2]]
