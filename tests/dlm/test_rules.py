@@ -566,3 +566,20 @@ def test_d2cache_batch_work_counts_each_rows_own_positions(pipe) -> None:
     """d²Cache's ragged query sets (each row's stage-1 masks and decoded tokens): the work
     recorded is each batch row's distinct positions, as for dKV-Cache."""
     assert_batch_work_counts_distinct_rows(pipe, "d2cache", {"current_k": 2, "rollout_p": 0.1})
+
+
+def test_d2cache_identity_equals_plain_under_cfg(llada) -> None:
+    """Under classifier-free guidance the unconditional rows take their real rows' stage-1
+    confidences; with every row recomputed d²Cache decodes exactly as the plain pipeline."""
+    from diffcache.methods.d2cache import D2CacheConfig
+
+    plain = llada("hello", cfg_scale=1.0, **REQ).tokens
+    options = D2CacheConfig.identity().to_options()
+    diffcache.accelerate(
+        llada, {"diffcache": 1, "model": "llada", "method": "d2cache", "options": options}
+    )
+    try:
+        got = llada("hello", cfg_scale=1.0, **REQ).tokens
+    finally:
+        diffcache.remove(llada)
+    assert torch.equal(got, plain)
