@@ -302,17 +302,21 @@ def test_stage1_search_window_of_a_later_block() -> None:
     """Blocks of 4 over 16 generated positions, the second block current (columns 4-7). Row 0
     has two masks left there: with k 4 its 4th mask is at column 9, so the search ends with the
     third block (column 11) and the fourth block's high confidences are out of reach. Row 1
-    holds fewer than k masks: its search runs to the end and takes them all."""
+    holds fewer than k masks: its search runs to the end and takes them all. Row 2's 4th mask
+    is in the fourth block, so its search reaches the end."""
     from diffcache.kv import DecodeState
     from diffcache.methods.d2cache import D2CacheConfig, D2Policy
 
     p, mask = 2, 9
-    ids = torch.tensor([[1, 1] + [5] * 6 + [mask] * 10, [1, 1] + [5] * 16])
+    ids = torch.tensor([[1, 1] + [5] * 6 + [mask] * 10] + [[1, 1] + [5] * 16] * 2)
     ids[1, [p + 7, p + 12, p + 15]] = mask
+    ids[2, [p + 6, p + 12, p + 13, p + 14, p + 15]] = mask
     state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(6, 10))
     policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
     conf = [0.0] * 6 + [0.01, 0.02, 0.1, 0.4, 0.3, 0.2, 0.9, 0.9, 0.9, 0.9]
-    policy.conf = torch.tensor([[0.0] * p + conf] * 2, dtype=torch.float64)
+    falling = conf[:12] + [0.9, 0.8, 0.7, 0.6]
+    policy.conf = torch.tensor([[0.0] * p + c for c in (conf, conf, falling)], dtype=torch.float64)
     chosen, _ = policy._stage1(state, state.masked)
     assert (chosen[0].nonzero().flatten() - p).tolist() == [6, 7, 9, 10]
     assert (chosen[1].nonzero().flatten() - p).tolist() == [7, 12, 15]
+    assert (chosen[2].nonzero().flatten() - p).tolist() == [6, 12, 13, 14]
