@@ -320,3 +320,17 @@ def test_stage1_search_window_of_a_later_block() -> None:
     assert (chosen[0].nonzero().flatten() - p).tolist() == [6, 7, 9, 10]
     assert (chosen[1].nonzero().flatten() - p).tolist() == [7, 12, 15]
     assert (chosen[2].nonzero().flatten() - p).tolist() == [6, 12, 13, 14]
+
+
+def test_stage1_with_blocks_of_one_reaches_the_last_position() -> None:
+    """Blocks of one position and fewer than k masks: the search runs to the last column."""
+    from diffcache.kv import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    p, mask = 2, 9
+    ids = torch.tensor([[1, 1, mask, 5, 5, mask]])
+    state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(2, 3))
+    policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
+    policy.conf = torch.full(ids.shape, 0.5, dtype=torch.float64)
+    chosen, _ = policy._stage1(state, state.masked)
+    assert chosen[0].nonzero().flatten().tolist() == [2, 5]
