@@ -72,7 +72,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.adapter import Target
-from diffcache.kv import prior
+from diffcache.kv import prior, union_rows
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, row_sets
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
@@ -171,9 +171,7 @@ class D2Policy(Policy):
         kept = [t[k] for t, k in zip(targets, keep, strict=True)]
         kept = [k if len(k) else t[:1] for k, t in zip(kept, targets, strict=True)]
         narrowed, _ = pad_rows(kept)
-        need = q.clone()
-        need.scatter_(1, (narrowed - shift).clamp(min=0), True)
-        rows, counts = pad_rows(row_sets(need))
+        rows, counts = union_rows(q, narrowed, shift)
         return StepPlan(rows=rows, targets=narrowed, counts=counts)
 
     def layer_end(self, layer: int, view: LayerView) -> bool:

@@ -217,8 +217,8 @@ def dream_state(confidence: list[float]) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize("compat", [False, True])
-@pytest.mark.parametrize("first", [False, True])
-def test_dream_rows_are_the_chosen_masks_predecessors(compat: bool, first: bool) -> None:
+@pytest.mark.parametrize("chosen", [3, 4, 5])
+def test_dream_rows_are_the_chosen_masks_predecessors(compat: bool, chosen: int) -> None:
     """Dream recomputes the row before each chosen mask, not the mask (the reference's rule).
     The last prompt row, there when the first mask is chosen, joins the rollout's choice
     (here the last prompt token, which every row attends to); ``reference_compat`` assigns it
@@ -230,10 +230,12 @@ def test_dream_rows_are_the_chosen_masks_predecessors(compat: bool, first: bool)
     probs = torch.zeros(1, 7, 7)
     probs[..., 2] = 1.0  # all attention on position 2 = P - 1
     policy.attn = [(None, probs)]
-    state, plan = dream_state([0.9, 0.1, 0.2, 0.3] if first else [0.1, 0.2, 0.9, 0.3])
+    confidence = [0.1, 0.2, 0.3, 0.4]
+    confidence[chosen - 3] = 0.9  # the mask stage 1 picks; its logits come from the row before
+    state, plan = dream_state(confidence)
     policy.step_end(state, plan, torch.zeros(1, 7, dtype=torch.bool))
     rows = policy.next[0].nonzero().flatten().tolist()
-    chosen = 3 if first else 5  # the mask stage 1 picks; its logits come from the row before
+    first = chosen == 3
     assert rows == sorted({chosen - 1} | (set() if compat and not first else {2}))
 
 
@@ -279,3 +281,56 @@ def test_nucleus_mass_boundary_is_inclusive() -> None:
     scores = torch.tensor([[2.0, 1.0, 1.0]])
     picked = prior.nucleus_select(scores, 0.75, torch.ones(1, 3, dtype=torch.bool))
     assert picked[0].tolist() == [True, True, False]
+
+
+def test_dream_after_a_one_token_prompt_keeps_the_first_mask_by_row_0() -> None:
+    """A cached step keeps the candidates whose logit row (for Dream the position before) is
+    recomputed and recomputes those rows: after a one-token prompt the first mask's row is 0."""
+    from diffcache.kv import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    ids = torch.tensor([[1, 9, 9, 9, 9]])
+    state = DecodeState(ids, 9, 1, 1, 1, torch.where(ids == 9, -2, -1), block=(1, 5))
+    policy = D2Policy(D2CacheConfig())
+    policy.next = torch.tensor([[True, False, True, False, False]])  # rows of masks 1 and 3
+    plan = policy.plan(state, torch.tensor([[1, 2, 3, 4]]))
+    assert plan.targets.tolist() == [[1, 3]]
+    assert plan.rows.tolist() == [[0, 2]]
+
+
+def test_stage1_search_window_of_a_later_block() -> None:
+    """Blocks of 4 over 16 generated positions, the second block current (columns 4-7). Row 0
+    has two masks left there: with k 4 its 4th mask is at column 9, so the search ends with the
+    third block (column 11) and the fourth block's high confidences are out of reach. Row 1
+    holds fewer than k masks: its search runs to the end and takes them all. Row 2's 4th mask
+    is in the fourth block, so its search reaches the end."""
+    from diffcache.kv import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    p, mask = 2, 9
+    ids = torch.tensor([[1, 1] + [5] * 6 + [mask] * 10] + [[1, 1] + [5] * 16] * 2)
+    ids[1, [p + 7, p + 12, p + 15]] = mask
+    ids[2, [p + 6, p + 12, p + 13, p + 14, p + 15]] = mask
+    state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(6, 10))
+    policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
+    conf = [0.0] * 6 + [0.01, 0.02, 0.1, 0.4, 0.3, 0.2, 0.9, 0.9, 0.9, 0.9]
+    falling = conf[:12] + [0.9, 0.8, 0.7, 0.6]
+    policy.conf = torch.tensor([[0.0] * p + c for c in (conf, conf, falling)], dtype=torch.float64)
+    chosen, _ = policy._stage1(state, state.masked)
+    assert (chosen[0].nonzero().flatten() - p).tolist() == [6, 7, 9, 10]
+    assert (chosen[1].nonzero().flatten() - p).tolist() == [7, 12, 15]
+    assert (chosen[2].nonzero().flatten() - p).tolist() == [6, 12, 13, 14]
+
+
+def test_stage1_with_blocks_of_one_reaches_the_last_position() -> None:
+    """Blocks of one position and fewer than k masks: the search runs to the last column."""
+    from diffcache.kv import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    p, mask = 2, 9
+    ids = torch.tensor([[1, 1, mask, 5, 5, mask]])
+    state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(2, 3))
+    policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
+    policy.conf = torch.full(ids.shape, 0.5, dtype=torch.float64)
+    chosen, _ = policy._stage1(state, state.masked)
+    assert chosen[0].nonzero().flatten().tolist() == [2, 5]

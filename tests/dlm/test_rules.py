@@ -136,10 +136,17 @@ def test_dkv_batch_work_counts_each_rows_own_positions(pipe, variant: str) -> No
     """With a parallel-decoding threshold the batch rows decode different counts, so a cached
     step's row sets are ragged (padded by repeating a position): the work recorded is each
     batch row's distinct positions, at every layer, as the store wrote them."""
-    options = {"variant": variant, "refresh_every": 3}
+    assert_batch_work_counts_distinct_rows(
+        pipe, "dkv_cache", {"variant": variant, "refresh_every": 3}
+    )
+
+
+def assert_batch_work_counts_distinct_rows(pipe, method: str, options: dict) -> None:
+    """Two prompts with a parallel-decoding threshold: some cached step pads a batch row, and
+    the work recorded is each row's distinct positions, at every layer."""
     prompts = ["hello", "the quick brown fox"]
     kw = {"gen_length": 16, "steps": 16, "block_length": 8, "threshold": 0.02}
-    _, writes = store_writes(pipe, "dkv_cache", options, prompts, **kw)
+    _, writes = store_writes(pipe, method, options, prompts, **kw)
     layer0 = [r for _, layer, r in writes if layer == 0]
     distinct = [len(set(row.tolist())) for r in layer0 for row in r]
     assert distinct != [r.shape[1] for r in layer0 for _ in r]  # some step padded a row
@@ -534,3 +541,45 @@ def test_dkv_refresh_schedule_follows_a_plain_schedule(pipe, family, every) -> N
     assert [e["action"] == "computed" for e in refresh] == full
     model = [e for e in trace if e["site"] == "model"]
     assert [e["action"] == "computed" for e in model] == full
+
+
+def test_d2cache_aggressive_recomputes_one_mask_and_the_decoded_token(llada) -> None:
+    """aggressive(): stage 1 picks one mask and nothing is rolled out, so after the full step 0
+    each step recomputes the token decoded at the previous step and one still-masked position."""
+    from diffcache.methods.d2cache import D2CacheConfig
+
+    options = D2CacheConfig.aggressive().to_options()
+    out, rows = traced(llada, "d2cache", options, gen_length=16, steps=16, block_length=16)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = torch.full((length,), -1)
+    decoded_at[p:] = out.committed_at[0]
+    assert sorted(rows) == list(range(16))
+    assert rows[0] == set(range(length))
+    for step in range(1, 16):
+        previous = {q for q in range(p, length) if decoded_at[q] == step - 1}
+        assert len(previous) == 1 and previous <= rows[step], step
+        rest = rows[step] - previous
+        assert len(rest) == 1 and decoded_at[min(rest)] >= step, (step, rest)
+
+
+def test_d2cache_batch_work_counts_each_rows_own_positions(pipe) -> None:
+    """d²Cache's ragged query sets (each row's stage-1 masks and decoded tokens): the work
+    recorded is each batch row's distinct positions, as for dKV-Cache."""
+    assert_batch_work_counts_distinct_rows(pipe, "d2cache", {"current_k": 2, "rollout_p": 0.1})
+
+
+def test_d2cache_identity_equals_plain_under_cfg(llada) -> None:
+    """Under classifier-free guidance the unconditional rows take their real rows' stage-1
+    confidences; with every row recomputed d²Cache decodes exactly as the plain pipeline."""
+    from diffcache.methods.d2cache import D2CacheConfig
+
+    plain = llada("hello", cfg_scale=1.0, **REQ).tokens
+    options = D2CacheConfig.identity().to_options()
+    diffcache.accelerate(
+        llada, {"diffcache": 1, "model": "llada", "method": "d2cache", "options": options}
+    )
+    try:
+        got = llada("hello", cfg_scale=1.0, **REQ).tokens
+    finally:
+        diffcache.remove(llada)
+    assert torch.equal(got, plain)
