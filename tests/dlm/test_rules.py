@@ -47,14 +47,20 @@ def store_writes(pipe, method: str, options: dict, prompts: str | list[str], **k
     return out, writes
 
 
+def committed_at(out) -> torch.Tensor:
+    """``[L]``: the step each position of the first row was committed at (-1: the prompt)."""
+    at = torch.full((out.tokens.shape[1],), -1)
+    at[out.prompt_len :] = out.committed_at[0]
+    return at
+
+
 @pytest.mark.parametrize("every", [2, 3, 100])
 def test_dkv_decode_recomputes_positions_not_decoded_two_steps_earlier(llada, every) -> None:
     """Full forwards at block steps 0, 1 and every ``every``-th (blocks of 4 steps); any other
     step recomputes the generated positions not decoded before the previous step."""
     out, rows = traced(llada, "dkv_cache", {"refresh_every": every})
     p, length = out.prompt_len, out.tokens.shape[1]
-    decoded_at = torch.full((length,), -1)
-    decoded_at[p:] = out.committed_at[0]
+    decoded_at = committed_at(out)
     full = {s for s in range(8) if s % 4 in (0, 1) or s % 4 % every == 0}
     assert full == {2: {0, 1, 2, 4, 5, 6}, 3: {0, 1, 3, 4, 5, 7}, 100: {0, 1, 4, 5}}[every]
     for step, got in rows.items():
@@ -71,9 +77,8 @@ def test_dkv_decode_on_dream_refreshes_every_n_steps(dream, every) -> None:
     position whose next one was not decoded before the previous step (shifted logits), and
     the last position."""
     out, rows = traced(dream, "dkv_cache", {"refresh_every": every})
-    p, length = out.prompt_len, out.tokens.shape[1]
-    decoded_at = torch.full((length,), -1)
-    decoded_at[p:] = out.committed_at[0]
+    length = out.tokens.shape[1]
+    decoded_at = committed_at(out)
     assert sorted(rows) == list(range(8))
     for step, got in rows.items():
         if step % every == 0:
@@ -388,8 +393,7 @@ def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
     options = DKVCacheConfig.aggressive().to_options()
     out, rows = traced(llada, "dkv_cache", options, gen_length=16, steps=16, block_length=16)
     p, length = out.prompt_len, out.tokens.shape[1]
-    decoded_at = torch.full((length,), -1)
-    decoded_at[p:] = out.committed_at[0]
+    decoded_at = committed_at(out)
     assert sorted(rows) == list(range(16))
     for step, got in rows.items():
         if step == 0:
@@ -551,8 +555,7 @@ def test_d2cache_aggressive_recomputes_one_mask_and_the_decoded_token(llada) -> 
     options = D2CacheConfig.aggressive().to_options()
     out, rows = traced(llada, "d2cache", options, gen_length=16, steps=16, block_length=16)
     p, length = out.prompt_len, out.tokens.shape[1]
-    decoded_at = torch.full((length,), -1)
-    decoded_at[p:] = out.committed_at[0]
+    decoded_at = committed_at(out)
     assert sorted(rows) == list(range(16))
     assert rows[0] == set(range(length))
     for step in range(1, 16):
