@@ -10,6 +10,7 @@ models of tests and demos.
 
 from __future__ import annotations
 
+import abc
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -83,7 +84,7 @@ def attend(
     return o.transpose(1, 2).reshape(b, n, h * d)
 
 
-class DLMBlock(nn.Module):
+class DLMBlock(nn.Module, abc.ABC):
     """One layer, split into :meth:`qkv`, :meth:`attend` and :meth:`finish` (the pieces
     :func:`diffcache.kv.forward_rows` runs on the planned rows). A family gives its input norm
     and q/k/v projections (:meth:`qkv_modules`) and writes :meth:`finish`."""
@@ -105,9 +106,9 @@ class DLMBlock(nn.Module):
         v = v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    @abc.abstractmethod
     def qkv_modules(self) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
         """The input norm and the q, k and v projections."""
-        raise NotImplementedError
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -116,9 +117,9 @@ class DLMBlock(nn.Module):
         projection."""
         return attend(q, k, v, mask)
 
+    @abc.abstractmethod
     def finish(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The attention output ``o`` projected into the residual ``h``, then the MLP residual."""
-        raise NotImplementedError
 
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
