@@ -1,5 +1,6 @@
-"""KV machinery of the text diffusion LMs: the position-indexed store, the per-step plan and
-policy interface, and the forward pass over planned rows (research/dlm.md §6)."""
+"""KV stores and their policies: the store protocol every world shares and the text LMs'
+position-indexed store; the text LMs' per-step plan and policy interface, and the forward pass
+over planned rows (research/dlm.md §6)."""
 
 from diffcache.kv.engine import forward_rows
 from diffcache.kv.policy import (
@@ -11,7 +12,7 @@ from diffcache.kv.policy import (
     row_sets,
     union_rows,
 )
-from diffcache.kv.store import KVStore
+from diffcache.kv.store import KVStore, Store
 
 __all__ = [
     "DecodeState",
@@ -19,6 +20,7 @@ __all__ = [
     "LayerView",
     "Policy",
     "StepPlan",
+    "Store",
     "forward_rows",
     "pad_rows",
     "row_sets",

@@ -78,12 +78,13 @@ def forward_rows(
             )
         old_k = None
         if watch and rows is not None:
-            old_k = store.k[index].gather(2, _index(rows, store.k[index]))
+            stored_k = store.read(index)[0]
+            old_k = stored_k.gather(2, _index(rows, stored_k))
         if store is None:
             keys, values = k.contiguous(), v.contiguous()
         else:
             store.write(index, rows, k, v, step)
-            keys, values = store.k[index], store.v[index]
+            keys, values = store.read(index)
         o = layer.attend(q, keys, values, mask)
         if watch and rows is not None and index + 1 < layers:
             view = LayerView(index, rows, q, keys, old_k, q.shape[-1] ** -0.5, full, key_mask)

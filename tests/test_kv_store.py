@@ -1,0 +1,65 @@
+"""The KV store protocol and the text LMs' position-indexed store: writes, reads, evictions, and
+the bytes the store measures (``nbytes``, ``history_nbytes``) against hand arithmetic."""
+
+from __future__ import annotations
+
+import torch
+
+from diffcache.kv import KVStore, Store
+
+LAYERS, BATCH, HEADS, LENGTH, HEAD_DIM = 2, 2, 3, 4, 5
+
+
+def _store(dtype: torch.dtype = torch.float16) -> KVStore:
+    return KVStore(LAYERS, BATCH, HEADS, LENGTH, HEAD_DIM, dtype, "cpu", backend="torch")
+
+
+def test_the_position_store_is_a_store_and_a_store_needs_every_operation() -> None:
+    """The protocol names write, read, evict, nbytes and history_nbytes: the position store has
+    them all, a class lacking ``history_nbytes`` is no store."""
+
+    class NoHistory:
+        def write(self, layer, rows, k, v) -> None: ...
+        def read(self, layer): ...
+        def evict(self, layer, rows) -> None: ...
+        def nbytes(self) -> int: ...
+
+    assert isinstance(_store(), Store)
+    assert not isinstance(NoHistory(), Store)
+
+
+def test_nbytes_is_the_whole_store_and_history_the_rows_written_and_not_evicted() -> None:
+    """fp16 K and V, 3 KV heads of 5 dims: a (batch row, position) of one layer holds
+    3 * 5 * (2 + 2) = 60 bytes of K and V. The preallocated store is 2 layers x 2 batch rows
+    x 4 positions of those, 960 bytes, whatever was written; history counts the positions
+    written and not evicted since."""
+    store = _store()
+    per_row = HEADS * HEAD_DIM * (2 + 2)
+    assert store.nbytes() == LAYERS * BATCH * LENGTH * per_row == 960
+    assert store.history_nbytes() == 0
+    k = torch.arange(BATCH * HEADS * LENGTH * HEAD_DIM, dtype=torch.float16)
+    k = k.view(BATCH, HEADS, LENGTH, HEAD_DIM)
+    store.write(1, None, k, -k)  # every position of layer 1
+    assert store.history_nbytes() == BATCH * LENGTH * per_row
+    rows = torch.tensor([[3, 0], [1, 1]])  # batch row 1 repeats its one position (padding)
+    fresh = torch.ones(BATCH, HEADS, 2, HEAD_DIM, dtype=torch.float16)
+    store.write(0, rows, fresh, fresh)  # 2 + 1 distinct positions of layer 0
+    assert store.history_nbytes() == (BATCH * LENGTH + 3) * per_row
+    store.evict(1, torch.tensor([[2], [0]]))
+    assert store.history_nbytes() == (BATCH * LENGTH + 3 - 2) * per_row
+    assert store.nbytes() == 960  # preallocated: eviction frees no tensor
+
+
+def test_read_gives_the_rows_written_and_zeros_where_evicted() -> None:
+    store = _store(torch.float32)
+    k = torch.randn(BATCH, HEADS, LENGTH, HEAD_DIM)
+    v = torch.randn(BATCH, HEADS, LENGTH, HEAD_DIM)
+    store.write(0, None, k, v)
+    store.evict(0, torch.tensor([[1], [3]]))
+    keys, values = store.read(0)
+    keep = torch.ones(BATCH, LENGTH, dtype=torch.bool)
+    keep[0, 1] = keep[1, 3] = False
+    mask = keep[:, None, :, None]
+    assert torch.equal(keys, torch.where(mask, k, 0.0))
+    assert torch.equal(values, torch.where(mask, v, 0.0))
+    assert not store.read(1)[0].any()  # the other layer was never written
