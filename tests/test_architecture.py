@@ -114,3 +114,31 @@ def test_the_core_names_no_family_request_field_or_output(module: str) -> None:
         elif isinstance(node, ast.keyword) and node.arg in VOCABULARY:
             named.append((node.lineno, f"{node.arg}="))
     assert named == [], f"diffcache/{module}.py names family vocabulary at {named}"
+
+
+def test_no_closure_cells() -> None:
+    """State shared between calls lives in an object with methods (issue 22): no ``nonlocal``,
+    and no nested function overwrites an enclosing list in place (``cell[:] = ...``)."""
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+    found = []
+    for name, path in _modules().items():
+        for outer in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(outer, functions):
+                continue
+            for inner in ast.walk(outer):
+                if inner is outer or not isinstance(inner, functions):
+                    continue
+                for node in ast.walk(inner):
+                    if isinstance(node, ast.Nonlocal) or _whole_slice_assign(node):
+                        found.append(f"{name}:{node.lineno}")
+    assert found == [], f"closure cells at {sorted(set(found))}"
+
+
+def _whole_slice_assign(node: ast.AST) -> bool:
+    """``name[:] = ...``: a list overwritten in place."""
+    return isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Subscript)
+        and isinstance(t.slice, ast.Slice)
+        and t.slice.lower is t.slice.upper is t.slice.step is None
+        for t in node.targets
+    )

@@ -39,29 +39,36 @@ def token_layers(plan: StepPlan, batch: int, length: int, layers: int) -> tuple[
     return float((rows * full + length * (layers - full)).sum()), total
 
 
-def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) -> None:
-    """Install ``factory()`` as the policy of every generation of the session's pipeline."""
-    pipe, run = session.target.pipe, session.run
-    current: list[Policy] = []
-    calls = [0, 0.0]  # model calls of this generation, token-layers of one full call
+class _Generations:
+    """The policy of each generation of one session's pipeline, and what it counts: its model
+    calls and the token-layers of one full call (for the calls parallel decoding saved)."""
+
     ops = ("kv_scatter", "token_confidence")
 
-    def cache_policy(inner: Callable, *args: Any, **kwargs: Any) -> Policy:
-        policy = factory()
-        policy.kernels = session.kernels
-        if run.tracing:
-            policy.tracer = run.trace
-        current[:] = [policy]
-        calls[:] = [0, 0.0]
-        for op in ops:  # what this generation uses is recorded at its end
+    def __init__(self, session: Session, factory: Callable[[], Policy]) -> None:
+        self.session, self.run, self.factory = session, session.run, factory
+        self.policy: Policy | None = None
+        self.calls = 0
+        self.full_call = 0.0
+
+    def new_policy(self, inner: Callable, *args: Any, **kwargs: Any) -> Policy:
+        """A fresh policy for the generation that begins."""
+        policy = self.factory()
+        policy.kernels = self.session.kernels
+        if self.run.tracing:
+            policy.tracer = self.run.trace
+        self.policy, self.calls, self.full_call = policy, 0, 0.0
+        for op in self.ops:  # what this generation uses is recorded at its end
             kernels.last_backend.pop(op, None)
         return policy
 
-    def step(call: Call) -> Any:
+    def step(self, call: Call) -> Any:
+        """Run one model call; count its token-layers and the store's bytes."""
+        run = self.run
         out = call.compute()
         plan: StepPlan = call.kwargs["plan"]
         ids = call.args[0]
-        model = session.target.denoiser
+        model = self.session.target.denoiser
         done, total = token_layers(plan, ids.shape[0], ids.shape[1], model.num_layers)
         run.record("token_layer", done, total)
         if run.tracing and plan.rows is not None:
@@ -71,21 +78,28 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
             call.explain(
                 "partial", rows=[r[:n] for r, n in zip(rows, counts, strict=True)], full_from=full
             )
-        calls[:] = [calls[0] + 1, total]
-        store = current[0].store if current else None
+        self.calls, self.full_call = self.calls + 1, total
+        store = None if self.policy is None else self.policy.store
         if store is not None:
             run.record_kv(store.nbytes())
         return out
 
-    def end_run(inner: Callable, *args: Any, **kwargs: Any) -> Any:
-        unmade = (run.num_steps or 0) - calls[0]
-        if unmade and calls[0]:  # the total is the plain generation's calls: those saved by
-            run.record("token_layer", 0.0, calls[1] * unmade)  # parallel decoding, or fewer
+    def end_run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Charge the plain generation's calls this one did not make; record the kernels."""
+        run = self.run
+        unmade = (run.num_steps or 0) - self.calls
+        if unmade and self.calls:  # the total is the plain generation's calls: those saved by
+            run.record("token_layer", 0.0, self.full_call * unmade)  # parallel decoding, or fewer
         run.stats.kernels.update(
-            {op: kernels.last_backend[op] for op in ops if op in kernels.last_backend}
+            {op: kernels.last_backend[op] for op in self.ops if op in kernels.last_backend}
         )
         return inner(*args, **kwargs)
 
-    session.attach(pipe, "cache_policy", f"diffcache.{name}", cache_policy)
-    session.attach(pipe, "end_run", f"diffcache.{name}.calls", end_run)
-    session.on_step(step)
+
+def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) -> None:
+    """Install ``factory()`` as the policy of every generation of the session's pipeline."""
+    generations = _Generations(session, factory)
+    pipe = session.target.pipe
+    session.attach(pipe, "cache_policy", f"diffcache.{name}", generations.new_policy)
+    session.attach(pipe, "end_run", f"diffcache.{name}.calls", generations.end_run)
+    session.on_step(generations.step)
