@@ -25,6 +25,28 @@ from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Site,
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
 DRIVERS = ("scheduler", "timestep", "pipeline")
+KV_STORES = ("position",)
+
+
+@dataclass(frozen=True)
+class KVSeam:
+    """Where a KV method meets a model whose attention keeps K/V in a store (the protocol of
+    ``diffcache.kv.Store``): the model's attention writes each layer's fresh rows to the
+    generation's store and attends over what the store reads back.
+
+    Args:
+        store: the kind of store: ``position`` (one row per absolute position: text diffusion
+            LMs, research/dlm.md §6).
+        policy: the pipeline method that returns each generation's policy (which rows to
+            recompute, when to refresh); a KV method wraps it to hand in its own, and the
+            pipeline gives the policy the generation's store (``Policy.start``).
+    """
+
+    store: str
+    policy: str
+
+    def __post_init__(self) -> None:
+        assert self.store in KV_STORES, f"KV store {self.store!r} not in {KV_STORES}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,7 @@ class Adapter:
         call_args: keywords every generation passes (diffusers: ``output_type="np"``).
         seed_arg: the keyword that takes a ``torch.Generator`` seeded with the request's seed
             (declared with ``output``).
+        kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
     """
 
     name: str
@@ -77,6 +100,7 @@ class Adapter:
     output: str = ""
     call_args: Mapping[str, Any] = field(default_factory=dict)
     seed_arg: str = ""
+    kv: KVSeam | None = None
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -201,6 +225,7 @@ def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) 
 
 __all__ = [
     "Adapter",
+    "KVSeam",
     "Target",
     "Stack",
     "ModuleSite",

@@ -95,7 +95,13 @@ def test_the_core_names_no_family_request_field_or_output(module: str) -> None:
     """Request fields and outputs end in the adapters (``Field.input``, ``Adapter.output``,
     ``call_args``, ``seed_arg``): no string constant, attribute or keyword of the core is one
     of a family's field or output names (docstrings and comments may mention them)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    named = _named(ast.parse((PACKAGE / f"{module}.py").read_text()), VOCABULARY)
+    assert named == [], f"diffcache/{module}.py names family vocabulary at {named}"
+
+
+def _named(tree: ast.AST, words: set[str]) -> list[tuple[int, str]]:
+    """(line, how) of every string constant, attribute or keyword in ``tree`` that is one of
+    ``words`` (docstrings excluded)."""
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
@@ -107,13 +113,27 @@ def test_the_core_names_no_family_request_field_or_output(module: str) -> None:
     named = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and id(node) not in docstrings:
-            if isinstance(node.value, str) and node.value in VOCABULARY:
+            if isinstance(node.value, str) and node.value in words:
                 named.append((node.lineno, repr(node.value)))
-        elif isinstance(node, ast.Attribute) and node.attr in VOCABULARY:
+        elif isinstance(node, ast.Attribute) and node.attr in words:
             named.append((node.lineno, f".{node.attr}"))
-        elif isinstance(node, ast.keyword) and node.arg in VOCABULARY:
+        elif isinstance(node, ast.keyword) and node.arg in words:
             named.append((node.lineno, f"{node.arg}="))
-    assert named == [], f"diffcache/{module}.py names family vocabulary at {named}"
+    return named
+
+
+def test_kv_methods_reach_the_model_through_the_adapter_seam() -> None:
+    """A KV method finds where to install its policy through ``Adapter.kv`` (the model-side
+    seam): outside the pipelines, no code names the pipeline attribute a seam declares."""
+    from diffcache.pipelines.dlm_pipeline import KV_SEAM
+
+    named = [
+        (name, *where)
+        for name, path in _modules().items()
+        if not name.startswith("diffcache.pipelines")
+        for where in _named(ast.parse(path.read_text()), {KV_SEAM.policy})
+    ]
+    assert named == [], f"pipeline KV hook named outside the adapter seam at {named}"
 
 
 def test_no_closure_cells() -> None:

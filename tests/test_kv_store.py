@@ -1,11 +1,18 @@
 """The KV store protocol and the text LMs' position-indexed store: writes, reads, evictions, and
-the bytes the store measures (``nbytes``, ``history_nbytes``) against hand arithmetic."""
+the bytes the store measures (``nbytes``, ``history_nbytes``) against hand arithmetic; and the
+model-side seam a KV method finds through the adapter (``Adapter.kv``)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from diffcache.kv import KVStore, Store
+from diffcache.adapter import Adapter, KVSeam, Target
+from diffcache.errors import UnsupportedModelError
+from diffcache.kv import KVStore, Policy, Store
+from diffcache.kv.method import attach_policy
+from diffcache.runstate import RunState
+from diffcache.session import Session
 
 LAYERS, BATCH, HEADS, LENGTH, HEAD_DIM = 2, 2, 3, 4, 5
 
@@ -63,3 +70,65 @@ def test_read_gives_the_rows_written_and_zeros_where_evicted() -> None:
     assert torch.equal(keys, torch.where(mask, k, 0.0))
     assert torch.equal(values, torch.where(mask, v, 0.0))
     assert not store.read(1)[0].any()  # the other layer was never written
+
+
+class SeamPipe:
+    """A pipeline whose policy hook has a name of its own, declared by its adapter's KV seam."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(1, 1)
+
+    def next_policy(self) -> Policy:
+        return Policy()
+
+    def end_run(self) -> None:
+        """The generation is over."""
+
+
+class MethodPolicy(Policy):
+    name = "method"
+
+
+def _session(kv: KVSeam | None) -> Session:
+    adapter = Adapter(
+        name="seam-test",
+        pipelines=("SeamPipe",),
+        denoisers=(),
+        experts=("model",),
+        driver="pipeline",
+        cfg="none",
+        media="text",
+        kv=kv,
+    )
+    return Session(Target.resolve(adapter, SeamPipe()), None, RunState("toy", kernels="torch"))
+
+
+def test_a_kv_method_installs_its_policy_where_the_adapter_seam_says() -> None:
+    """The policy hook is found through ``Adapter.kv``, not a pipeline attribute name known to
+    the method: the seam's method returns the method's policy until the session closes."""
+    session = _session(KVSeam(store="position", policy="next_policy"))
+    pipe = session.target.pipe
+    attach_policy(session, "toy", MethodPolicy)
+    policy = pipe.next_policy()
+    assert type(policy) is MethodPolicy and policy.kernels == "torch"
+    session.close()
+    assert type(pipe.next_policy()) is Policy
+
+
+def test_a_kv_method_is_refused_on_a_model_that_declares_no_kv_seam() -> None:
+    session = _session(None)
+    with pytest.raises(UnsupportedModelError) as error:
+        attach_policy(session, "toy", MethodPolicy)
+    assert str(error.value) == (
+        "toy needs a model with a KV store; seam-test declares none (Adapter.kv)"
+    )
+    assert session.attachments == []  # nothing half-attached
+
+
+def test_the_text_lms_declare_the_position_store_seam_of_their_pipeline() -> None:
+    """LLaDA and Dream: a position store, and the policy hook their decoding loop calls."""
+    from diffcache.pipelines.dream import ADAPTER as DREAM
+    from diffcache.pipelines.llada import ADAPTER as LLADA
+
+    for adapter in (LLADA, DREAM):
+        assert adapter.kv == KVSeam(store="position", policy="cache_policy")

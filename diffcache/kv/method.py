@@ -1,9 +1,9 @@
 """How a text-diffusion caching method attaches to our pipelines.
 
-A method's ``apply`` hands :func:`attach_policy` a factory of its :class:`Policy`; the pipeline's
-``cache_policy`` is wrapped (instance-level, undone by ``remove``) to return it, and every model
-call is counted in token-layers (rows recomputed at each layer, per batch row), with the store's
-bytes as KV memory.
+A method's ``apply`` hands :func:`attach_policy` a factory of its :class:`Policy`; the pipeline
+method the adapter's KV seam names (``Adapter.kv.policy``: our text LMs' ``cache_policy``) is
+wrapped (instance-level, undone by ``remove``) to return it, and every model call is counted in
+token-layers (rows recomputed at each layer, per batch row), with the store's bytes as KV memory.
 
 ``compute_fraction`` of the DLM methods is the token-layers recomputed over those of the plain
 generation: ``steps`` model calls of every row at every layer. A method that decodes in fewer
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffcache import kernels
+from diffcache.errors import UnsupportedModelError
 from diffcache.kv.policy import Policy, StepPlan
 from diffcache.session import Call, Session
 
@@ -97,9 +98,15 @@ class _Generations:
 
 
 def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) -> None:
-    """Install ``factory()`` as the policy of every generation of the session's pipeline."""
+    """Install ``factory()`` as the policy of every generation of the session's pipeline,
+    through the KV seam its adapter declares (``Adapter.kv``)."""
+    adapter = session.target.adapter
+    if adapter.kv is None:
+        raise UnsupportedModelError(
+            f"{name} needs a model with a KV store; {adapter.name} declares none (Adapter.kv)"
+        )
     generations = _Generations(session, factory)
     pipe = session.target.pipe
-    session.attach(pipe, "cache_policy", f"diffcache.{name}", generations.new_policy)
+    session.attach(pipe, adapter.kv.policy, f"diffcache.{name}", generations.new_policy)
     session.attach(pipe, "end_run", f"diffcache.{name}.calls", generations.end_run)
     session.on_step(generations.step)

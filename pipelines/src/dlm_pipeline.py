@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from diffcache.adapter import KVSeam
 from diffcache.errors import DiffCacheError
 from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
 from diffcache.pipelines import dlm_loading
@@ -495,6 +496,11 @@ class DiffusionLMPipeline:
         if committed is not None:
             hit &= committed & ~dropped.any(1, keepdim=True)
         return hit.long().cumsum(1) > 0
+
+
+#: the KV seam of our text LMs (their adapters declare it): a position store, and each
+#: generation's policy from :meth:`DiffusionLMPipeline.cache_policy`
+KV_SEAM = KVSeam(store="position", policy=DiffusionLMPipeline.cache_policy.__name__)
 
 
 def first_occurrence(targets: torch.Tensor) -> torch.Tensor:

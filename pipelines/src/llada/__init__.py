@@ -23,6 +23,7 @@ import torch
 from diffcache.adapter import Adapter
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.dlm_pipeline import (
+    KV_SEAM,
     DiffusionLMPipeline,
     RequestError,
     block_problem,
@@ -73,6 +74,7 @@ ADAPTER = register_adapter(
         media="text",
         output="texts",
         seed_arg="generator",
+        kv=KV_SEAM,
         fields=FIELDS,
         rules=(rule(block_problem), rule(steps_problem)),
         valid_for={"gen_length": int, "block_length": int},
