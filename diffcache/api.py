@@ -46,7 +46,7 @@ def accelerate(
     plan = Plan.load(plan)
     target = resolve(model, plan)
     config = plan.config
-    reasons = config.support_problems(target)
+    reasons = config.not_supported_reasons(target)
     if reasons:
         raise UnsupportedModelError(
             f"method {config.name!r} cannot run on {type(model).__name__}:\n  - "

@@ -416,7 +416,7 @@ def profile(
         raise UnsupportedModelError(
             f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
-    reasons = config.support_problems(target)
+    reasons = config.not_supported_reasons(target)
     if reasons:  # before any calibration run
         raise UnsupportedModelError(
             f"method {config.name!r} cannot run on {type(pipe).__name__}:\n  - "

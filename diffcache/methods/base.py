@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from diffcache.adapter import DENOISERS, KV_STORES, SITES, Capabilities
 from diffcache.errors import PlanError
 from diffcache.options import from_mapping, option, to_plain
 
@@ -100,7 +101,8 @@ class MethodConfig:
     the granularity by default), ``kernels`` (kernel ops the method calls), ``calibration``
     (the dataclass of its calibration data; methods that have one refuse plans without it),
     ``probe_kinds`` (the site kinds ``diffcache profile`` traces for it) and ``valid_for_keys``
-    (``valid_for`` keys it adds to the core's and its family's, with their types).
+    (``valid_for`` keys it adds to the core's and its family's, with their types) and ``needs``
+    (the ``Capabilities`` it needs of a model: a model whose adapter lacks one is refused).
 
     Every subclass defines ``identity()`` (never reuses: outputs equal the plain model) and
     ``aggressive()`` (reuses as much as it allows), checked at registration.
@@ -113,6 +115,7 @@ class MethodConfig:
     calibration: ClassVar[type | None] = None
     probe_kinds: ClassVar[tuple[str, ...]] = ("step",)  # sites the profiler traces for it
     valid_for_keys: ClassVar[Mapping[str, type]] = {}  # extra plan valid_for keys it checks
+    needs: ClassVar[Capabilities]  # what it needs of a model's adapter
 
     @classmethod
     def work_kind(cls) -> str:
@@ -125,19 +128,25 @@ class MethodConfig:
         )
 
     def not_supported_reasons(self, target: Target) -> list[str]:
-        """Every reason this method cannot run on ``target``; [] if it can."""
-        return []
+        """Every reason this method cannot run on ``target`` ([] if it can): each of its
+        ``needs`` the model's adapter does not provide, or else its own (``own_reasons``)."""
+        adapter, needs = target.adapter, self.needs
+        have = adapter.provides
+        gaps = [(SITES[s], "none") for s in needs.sites if s not in have.sites]
+        if needs.kv_store and needs.kv_store != have.kv_store:
+            gaps.append((KV_STORES[needs.kv_store], KV_STORES.get(have.kv_store, "none")))
+        if needs.denoiser and needs.denoiser != have.denoiser:
+            gaps.append((DENOISERS[needs.denoiser], DENOISERS.get(have.denoiser, "none")))
+        reasons = [
+            f"{self.name} needs {need} but {adapter.name}'s adapter provides {got}"
+            for need, got in gaps
+        ]
+        return reasons or self.own_reasons(target)
 
-    def support_problems(self, target: Target) -> list[str]:
-        """The core's reasons (a latent-denoiser method on a text diffusion LM) and then the
-        method's own (``not_supported_reasons``)."""
-        if target.adapter.media == "text" and self.granularity != "kv":
-            return [
-                f"{self.name} reuses a latent denoiser's {self.granularity} outputs; a text "
-                f"diffusion LM ({target.adapter.name}) takes a KV method (dkv_cache, "
-                "elastic_cache, d2cache, fast_dllm)"
-            ]
-        return self.not_supported_reasons(target)
+    def own_reasons(self, target: Target) -> list[str]:
+        """This method's reasons beyond its needs (a sampler it cannot run, options that
+        conflict), asked once the model provides them all; [] if none."""
+        return []
 
     def plan_problems(self, valid_for: Mapping[str, Any]) -> list[str]:
         """Problems of these options together with the plan's ``valid_for`` (checked at load)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, Capabilities
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.dlm_pipeline import (
     DiffusionLMPipeline,
@@ -60,6 +60,9 @@ FIELDS = (
     Field("steps", int, "denoising steps", "steps", min=1, max=65536),
     Field("temperature", float, "sampling temperature (0: greedy)", "temperature", min=0.0),
 )
+#: What the text diffusion LMs offer: steps, layers whose attention a method may split (qkv /
+#: attend / finish), and the position-indexed KV store their pipeline runs a method's policy with.
+PROVIDES = Capabilities(("step", "block", "attention"), "position", "tokens")
 
 ADAPTER = register_adapter(
     Adapter(
@@ -71,6 +74,7 @@ ADAPTER = register_adapter(
         cfg="batched",
         stacks=(Stack("layers"),),
         media="text",
+        provides=PROVIDES,
         output="texts",
         seed_arg="generator",
         fields=FIELDS,
