@@ -114,3 +114,23 @@ def test_the_core_names_no_family_request_field_or_output(module: str) -> None:
         elif isinstance(node, ast.keyword) and node.arg in VOCABULARY:
             named.append((node.lineno, f"{node.arg}="))
     assert named == [], f"diffcache/{module}.py names family vocabulary at {named}"
+
+
+def test_methods_are_refused_by_capability_not_by_family() -> None:
+    """A method's refusal comes from its ``needs`` against the adapter's ``provides``
+    (``MethodConfig.not_supported_reasons``): no method module keeps a list of families or
+    overrides that computation (a reason of its own goes through ``own_reasons``)."""
+    found = []
+    for name, path in sorted(_modules().items()):
+        if not name.startswith(("diffcache.methods.", "diffcache.testing.")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and name != "diffcache.methods.base":
+                found += [
+                    f"{name}.{node.name}.{f.name}"
+                    for f in node.body
+                    if isinstance(f, ast.FunctionDef) and f.name == "not_supported_reasons"
+                ]
+            elif isinstance(node, ast.Name) and node.id == "FAMILIES":
+                found.append(f"{name}:{node.lineno} FAMILIES")
+    assert found == [], f"methods gate by family, not by capability: {found}"

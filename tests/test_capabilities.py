@@ -116,3 +116,27 @@ def test_an_adapter_declares_the_block_and_module_sites_its_stacks_give() -> Non
         Adapter("toy-flat", (), (), stacks=(Stack("blocks"),), provides=TOY.provides)
     with pytest.raises(AssertionError, match="not in"):
         Capabilities(("step", "heads"))
+
+
+def test_a_method_that_declares_no_needs_is_not_registered() -> None:
+    from typing import ClassVar
+
+    from diffcache.methods.base import MethodConfig
+    from diffcache.registry import register_method
+
+    @dataclasses.dataclass(frozen=True)
+    class Needless(MethodConfig):
+        name: ClassVar[str] = "needless"
+        granularity: ClassVar[str] = "step"
+
+        @classmethod
+        def identity(cls) -> Needless:
+            return cls()
+
+        @classmethod
+        def aggressive(cls) -> Needless:
+            return cls()
+
+    with pytest.raises(TypeError, match="^method 'needless' must define needs$"):
+        register_method(Needless)(lambda session, config: None)
+    assert "needless" not in methods()
