@@ -26,22 +26,12 @@ from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Site,
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
 DRIVERS = ("scheduler", "timestep", "pipeline")
-#: The capability vocabulary, with each value's words in a refusal: site kinds resolved (attention:
-#: blocks split into qkv / attend / finish), the KV store a pipeline runs a method's policy with
-#: (position: rows by absolute position; history: each layer's K/V of earlier scales), and what
-#: the denoiser predicts.
-SITES = {
-    "step": "a whole-step site",
-    "block": "block sites",
-    "module": "module sites",
-    "attention": "attention sites",
-}
-KV_STORES = {"position": "a kv store (position)", "history": "a kv store (history)"}
-DENOISERS = {
-    "latent": "a latent denoiser",
-    "tokens": "a masked-token denoiser",
-    "scales": "a next-scale predictor",
-}
+#: The capability vocabulary: site kinds resolved (attention: blocks split into qkv / attend /
+#: finish), the KV store a pipeline runs a method's policy with (position: rows by absolute
+#: position; history: each layer's K/V of earlier scales) and the kind of denoiser.
+SITES = ("step", "block", "module", "attention")
+KV_STORES = ("position", "history")
+DENOISERS = ("latent", "masked-token", "next-scale")
 
 
 @dataclass(frozen=True)
@@ -55,7 +45,7 @@ class Capabilities:
     denoiser: str = ""
 
     def __post_init__(self) -> None:
-        assert set(self.sites) <= SITES.keys(), f"sites {self.sites} not in {tuple(SITES)}"
+        assert set(self.sites) <= set(SITES), f"sites {self.sites} not in {SITES}"
         assert self.kv_store in ("", *KV_STORES), f"kv_store {self.kv_store!r}"
         assert self.denoiser in ("", *DENOISERS), f"denoiser {self.denoiser!r}"
 

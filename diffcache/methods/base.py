@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from diffcache.adapter import DENOISERS, KV_STORES, SITES, Capabilities
-from diffcache.errors import PlanError
+from diffcache.adapter import Capabilities
+from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.options import from_mapping, option, to_plain
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from diffcache.adapter import Target
 
 GRANULARITIES = ("step", "block", "module", "kv")
+#: how a refusal words a needed KV store or denoiser kind (``Capabilities``)
+WORDS = {"kv_store": "a kv store ({})", "denoiser": "a {} denoiser"}
 
 __all__ = [
     "MethodConfig",
@@ -132,16 +134,25 @@ class MethodConfig:
         ``needs`` the model's adapter does not provide, or else its own (``own_reasons``)."""
         adapter, needs = target.adapter, self.needs
         have = adapter.provides
-        gaps = [(SITES[s], "none") for s in needs.sites if s not in have.sites]
-        if needs.kv_store and needs.kv_store != have.kv_store:
-            gaps.append((KV_STORES[needs.kv_store], KV_STORES.get(have.kv_store, "none")))
-        if needs.denoiser and needs.denoiser != have.denoiser:
-            gaps.append((DENOISERS[needs.denoiser], DENOISERS.get(have.denoiser, "none")))
+        gaps = [(f"{s} sites", "none") for s in needs.sites if s not in have.sites]
+        for key, words in WORDS.items():
+            need, got = getattr(needs, key), getattr(have, key)
+            if need and need != got:
+                gaps.append((words.format(need), words.format(got) if got else "none"))
         reasons = [
             f"{self.name} needs {need} but {adapter.name}'s adapter provides {got}"
             for need, got in gaps
         ]
         return reasons or self.own_reasons(target)
+
+    def check_supported(self, target: Target, owner: str) -> None:
+        """Raise UnsupportedModelError naming every reason this method cannot run on
+        ``target`` (``owner``: what the user passed, by class name); nothing if it can."""
+        reasons = self.not_supported_reasons(target)
+        if reasons:
+            raise UnsupportedModelError(
+                f"method {self.name!r} cannot run on {owner}:\n  - " + "\n  - ".join(reasons)
+            )
 
     def own_reasons(self, target: Target) -> list[str]:
         """This method's reasons beyond its needs (a sampler it cannot run, options that

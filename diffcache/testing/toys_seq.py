@@ -43,7 +43,7 @@ TEXT = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="text",
-    provides=Capabilities(("step", "block", "attention"), denoiser="tokens"),
+    provides=Capabilities(("step", "block", "attention"), denoiser="masked-token"),
     output="texts",
     seed_arg="generator",
     fields=(
@@ -63,7 +63,7 @@ SCALE = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="image",
-    provides=Capabilities(("step", "block", "attention"), "history", "scales"),
+    provides=Capabilities(("step", "block", "attention"), "history", "next-scale"),
     output="scales",
     seed_arg="generator",
     fields=(Field("prompt", str, "what to generate", "prompt", required=True, input=True),),
@@ -320,7 +320,7 @@ class ToyKVConfig(MethodConfig):
     name: ClassVar[str] = "toy_kv"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
-    needs: ClassVar[Capabilities] = Capabilities(("block", "attention"), denoiser="tokens")
+    needs: ClassVar[Capabilities] = Capabilities(("block", "attention"), denoiser="masked-token")
     refresh_every: int = option(4, "recompute every row on steps divisible by this", min=1)
 
     @classmethod

@@ -62,7 +62,7 @@ FIELDS = (
 )
 #: What the text diffusion LMs offer: steps, layers whose attention a method may split (qkv /
 #: attend / finish), and the position-indexed KV store their pipeline runs a method's policy with.
-PROVIDES = Capabilities(("step", "block", "attention"), "position", "tokens")
+PROVIDES = Capabilities(("step", "block", "attention"), "position", "masked-token")
 
 ADAPTER = register_adapter(
     Adapter(
