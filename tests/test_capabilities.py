@@ -14,7 +14,7 @@ from diffcache.adapter import Adapter, Capabilities, Stack, Target
 from diffcache.errors import UnsupportedModelError
 from diffcache.registry import methods
 from diffcache.testing.toys import TOY, ToyPipeline, clean, plan_for
-from diffcache.testing.toys_seq import toy_text_pipeline
+from diffcache.testing.toys_seq import toy_scale_pipeline, toy_text_pipeline
 
 LATENT = "needs a latent denoiser but toy-text's adapter provides a masked-token denoiser"
 POSITION = "needs a kv store (position) but toy's adapter provides none"
@@ -78,6 +78,24 @@ def test_a_method_is_refused_at_accelerate_naming_what_the_model_lacks(method: s
     else:
         parts = [pipe.transformer, *pipe.transformer.blocks, pipe.scheduler]
     assert clean(pipe, *parts), "nothing attached"
+
+
+@pytest.mark.parametrize("method", ["easycache", "toy_blocks"])
+def test_a_latent_method_is_refused_by_a_next_scale_model_it_used_to_fail_inside(method) -> None:
+    """An image model that is no latent denoiser: media alone let these methods attach, and the
+    first generation failed mid-run; now the refusal names the denoiser kind, and the model
+    still runs plain."""
+    pipe = toy_scale_pipeline()
+    base = pipe("a cat")
+    plan = {"diffcache": 1, "model": "toy-scale", "method": method, "valid_for": {}}
+    message = (
+        f"method '{method}' cannot run on ToyScalePipeline:\n  - {method} needs a latent "
+        "denoiser but toy-scale's adapter provides a next-scale denoiser"
+    )
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(message)}$"):
+        diffcache.accelerate(pipe, plan)
+    assert clean(pipe, pipe.model, *pipe.model.layers)
+    assert all(a.equal(b) for a, b in zip(pipe("a cat").scales, base.scales, strict=True))
 
 
 def test_a_toy_adapter_providing_a_kv_store_is_accepted_by_the_text_methods() -> None:
