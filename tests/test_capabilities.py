@@ -19,6 +19,10 @@ from diffcache.testing.toys_seq import toy_scale_pipeline, toy_text_pipeline
 LATENT = "needs a latent denoiser but toy-text's adapter provides a masked-token denoiser"
 POSITION = "needs a kv store (position) but toy's adapter provides none"
 MODULES = "needs module sites but toy-text's adapter provides none"
+#: the toy DiT's adapter, declaring a position-indexed KV store as well
+WITH_STORE = dataclasses.replace(
+    TOY, name="toy-store", provides=dataclasses.replace(TOY.provides, kv_store="position")
+)
 
 #: every registered method, the toy family lacking one of its needs, and the refusal's reasons
 REFUSED = {
@@ -101,11 +105,8 @@ def test_a_latent_method_is_refused_by_a_next_scale_model_it_used_to_fail_inside
 def test_a_toy_adapter_providing_a_kv_store_is_accepted_by_the_text_methods() -> None:
     """The same toy DiT, under an adapter that declares a position store, is no longer refused
     by the text methods: what they check is the capability, not the family's name."""
-    with_store = dataclasses.replace(
-        TOY, name="toy-store", provides=dataclasses.replace(TOY.provides, kv_store="position")
-    )
     plain = Target.resolve(TOY, ToyPipeline())
-    store = Target.resolve(with_store, ToyPipeline())
+    store = Target.resolve(WITH_STORE, ToyPipeline())
     for method in ("dkv_cache", "fast_dllm", "elastic_cache", "d2cache"):
         config = methods()[method]()
         assert config.not_supported_reasons(plain) == [f"{method} {POSITION}"]
@@ -116,10 +117,7 @@ def test_own_reasons_are_asked_only_once_the_needs_are_met() -> None:
     """fast_dllm's own reason (threshold with factor) shows on a model with its needs; on one
     without, only the missing capability is named."""
     config = methods()["fast_dllm"](threshold=0.9, factor=1.0)
-    with_store = dataclasses.replace(
-        TOY, name="toy-store", provides=dataclasses.replace(TOY.provides, kv_store="position")
-    )
-    assert config.not_supported_reasons(Target.resolve(with_store, ToyPipeline())) == [
+    assert config.not_supported_reasons(Target.resolve(WITH_STORE, ToyPipeline())) == [
         "fast_dllm: give threshold or factor, not both"
     ]
     assert config.not_supported_reasons(Target.resolve(TOY, ToyPipeline())) == [
