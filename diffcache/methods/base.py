@@ -102,7 +102,7 @@ class MethodConfig:
     (``step | block | module | kv``), ``kind`` (the work unit of ``compute_fraction``: a site kind,
     the granularity by default), ``kernels`` (kernel ops the method calls), ``calibration``
     (the dataclass of its calibration data; methods that have one refuse plans without it),
-    ``probe_kinds`` (the site kinds ``diffcache profile`` traces for it) and ``valid_for_keys``
+    ``probe_kinds`` (the site kinds ``diffcache profile`` traces for it), ``valid_for_keys``
     (``valid_for`` keys it adds to the core's and its family's, with their types) and ``needs``
     (the ``Capabilities`` it needs of a model: a model whose adapter lacks one is refused).
 
