@@ -21,7 +21,7 @@ from diffcache.options import from_mapping, option, to_plain
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from diffcache.adapter import Target
+    from diffcache.adapter import Adapter, Target
 
 GRANULARITIES = ("step", "block", "module", "kv")
 #: how a refusal words a needed KV store or denoiser kind (``Capabilities``)
@@ -129,21 +129,30 @@ class MethodConfig:
             f"diffcache profile --model {model} --method {cls.name} --num-prompts 8 --out plan.yaml"
         )
 
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        """Every reason this method cannot run on ``target`` ([] if it can): each of its
-        ``needs`` the model's adapter does not provide, or else its own (``own_reasons``)."""
-        adapter, needs = target.adapter, self.needs
-        have = adapter.provides
+    def unmet_needs(self, adapter: Adapter) -> list[str]:
+        """Each of this method's ``needs`` that ``adapter`` does not provide, in words."""
+        needs, have = self.needs, adapter.provides
         gaps = [(f"{s} sites", "none") for s in needs.sites if s not in have.sites]
         for key, words in WORDS.items():
             need, got = getattr(needs, key), getattr(have, key)
             if need and need != got:
                 gaps.append((words.format(need), words.format(got) if got else "none"))
-        reasons = [
+        return [
             f"{self.name} needs {need} but {adapter.name}'s adapter provides {got}"
             for need, got in gaps
         ]
-        return reasons or self.own_reasons(target)
+
+    def not_supported_reasons(self, target: Target) -> list[str]:
+        """Every reason this method cannot run on ``target`` ([] if it can): each of its
+        ``needs`` the model's adapter does not provide, or else its own (``own_reasons``)."""
+        return self.unmet_needs(target.adapter) or self.own_reasons(target)
+
+    def check_needs(self, adapter: Adapter, given: str) -> None:
+        """Refuse a family whose adapter lacks one of this method's needs, before its model is
+        built (``given``: what named the method, as ``--plan p.yaml``)."""
+        unmet = self.unmet_needs(adapter)
+        if unmet:
+            raise UnsupportedModelError(f"{given}: " + "; ".join(unmet))
 
     def check_supported(self, target: Target, owner: str) -> None:
         """Raise UnsupportedModelError naming every reason this method cannot run on
