@@ -2,8 +2,9 @@
 
 An adapter says where diffcache finds things in a family: the denoiser(s) ("experts"), how step
 boundaries are seen (the *driver*), the latent and timestep arguments, the CFG style, the block
-stacks and the modules inside a block (the *sites* methods hook), the request fields a generation
-takes and which extra ``valid_for`` keys plans may carry. No upstream code is copied.
+stacks and the modules inside a block (the *sites* methods hook), what its model offers methods
+(``Capabilities``), the request fields a generation takes and which extra ``valid_for`` keys plans
+may carry. No upstream code is copied.
 """
 
 from __future__ import annotations
@@ -25,7 +26,28 @@ from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Site,
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
 DRIVERS = ("scheduler", "timestep", "pipeline")
-KV_STORES = ("position",)
+#: The capability vocabulary: site kinds resolved (attention: blocks split into qkv / attend /
+#: finish), the KV store a pipeline runs a method's policy with (position: rows by absolute
+#: position; history: each layer's K/V of earlier scales) and the kind of denoiser.
+SITES = ("step", "block", "module", "attention")
+KV_STORES = ("position", "history")
+DENOISERS = ("latent", "masked-token", "next-scale")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family's model offers methods (``Adapter.provides``), or what a method needs of it
+    (``MethodConfig.needs``): site kinds (``SITES``), a KV store kind (``KV_STORES``) and the
+    denoiser kind (``DENOISERS``); "" is none (a method: needs none). Data only."""
+
+    sites: tuple[str, ...] = ("step",)
+    kv_store: str = ""
+    denoiser: str = ""
+
+    def __post_init__(self) -> None:
+        assert set(self.sites) <= set(SITES), f"sites {self.sites} not in {SITES}"
+        assert self.kv_store in ("", *KV_STORES), f"kv_store {self.kv_store!r}"
+        assert self.denoiser in ("", *DENOISERS), f"denoiser {self.denoiser!r}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,8 @@ class Adapter:
             branch, cond first), ``batched`` (both branches in one call) or ``none``.
         stacks: the denoiser's block lists, with the modules inside each block.
         media: what the pipeline produces: ``video``, ``image`` or ``text``.
+        provides: what the model offers methods (``Capabilities``); its block and module sites
+            are those ``stacks`` describe.
         fields: the generation request fields it takes (CLI flags and pipeline keywords).
         rules: checks across fields (text LMs: ``gen_length`` a multiple of ``block_length``),
             each given a request's values and returning its problem or None; run, like the
@@ -94,6 +118,7 @@ class Adapter:
     cfg: str = "separate"
     stacks: tuple[Stack, ...] = ()
     media: str = "video"
+    provides: Capabilities = Capabilities(denoiser="latent")
     fields: tuple[Field, ...] = ()
     rules: tuple[Callable[[Mapping[str, Any]], str | None], ...] = ()
     valid_for: Mapping[str, type] = field(default_factory=dict)
@@ -106,6 +131,12 @@ class Adapter:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
         assert self.media in MEDIA, f"{self.name}: media {self.media!r} not in {MEDIA}"
         assert self.driver in DRIVERS, f"{self.name}: driver {self.driver!r} not in {DRIVERS}"
+        sites = self.provides.sites
+        assert ("block" in sites) == bool(self.stacks), f"{self.name}: block sites and stacks"
+        modules = any(s.modules for s in self.stacks)
+        assert ("module" in sites) == modules, f"{self.name}: module sites and stack modules"
+        if self.kv is not None:
+            assert self.kv.store == self.provides.kv_store, f"{self.name}: kv and provides"
         names = [f.name for f in self.fields]
         assert len(names) == len(set(names)), f"{self.name}: duplicate request fields {names}"
         inputs = [f.name for f in self.fields if f.input]
@@ -225,6 +256,7 @@ def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) 
 
 __all__ = [
     "Adapter",
+    "Capabilities",
     "KVSeam",
     "Target",
     "Stack",

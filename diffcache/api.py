@@ -46,12 +46,7 @@ def accelerate(
     plan = Plan.load(plan)
     target = resolve(model, plan)
     config = plan.config
-    reasons = config.support_problems(target)
-    if reasons:
-        raise UnsupportedModelError(
-            f"method {config.name!r} cannot run on {type(model).__name__}:\n  - "
-            + "\n  - ".join(reasons)
-        )
+    config.check_supported(target, type(model).__name__)
     kernels = _check_kernels(plan, config, target)
     run = RunState(
         config.name,

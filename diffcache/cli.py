@@ -411,6 +411,7 @@ def _generate(args: argparse.Namespace) -> int:
     req, adapter = _request(args, args.model)
     if plan is not None and adapter is not None:
         plan.check_family(adapter.name, args.model)
+        plan.config.check_needs(adapter, f"--plan {args.plan}")
     if plan is not None:
         _check_valid_for(plan, req)
     for flag, path in (("--stats-json", args.stats_json), ("--trace", args.trace)):
@@ -515,6 +516,8 @@ def _profile(args: argparse.Namespace) -> int:
     args.steps = start.request_steps
     req, adapter = _request(args, args.model, sample, CALIBRATION_INPUT)
     if adapter is not None:  # a built-in model: its inputs are known before it is built
+        given = f"--method {args.method}" if args.method else f"--from {args.start}"
+        start.config.check_needs(adapter, given)
         prompts = _profile_inputs(args, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
@@ -732,12 +735,14 @@ def _plans_check(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.models import builtin_models
     from diffcache.plan import Plan
+    from diffcache.registry import adapters
 
     plan = Plan.load(args.file)
     if args.model:
         entry = builtin_models().get(args.model)
         if entry is not None:  # a built-in model: the family is checked before it is built
             plan.check_family(entry.family, args.model)
+            plan.config.check_needs(adapters()[entry.family], args.file)
         pipe = diffcache.load_model(args.model)
         diffcache.remove(diffcache.accelerate(pipe, plan))
     print(

@@ -416,12 +416,7 @@ def profile(
         raise UnsupportedModelError(
             f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
-    reasons = config.support_problems(target)
-    if reasons:  # before any calibration run
-        raise UnsupportedModelError(
-            f"method {config.name!r} cannot run on {type(pipe).__name__}:\n  - "
-            + "\n  - ".join(reasons)
-        )
+    config.check_supported(target, type(pipe).__name__)  # before any calibration run
     requests = expand(adapter, prompts, seeds, request)
     for req in requests:  # every request is checked before any work
         check(adapter, req, pipe, CALIBRATION_INPUT)

@@ -24,9 +24,9 @@ def register_method(config_cls: type) -> Callable[[Callable], Callable]:
 
     def decorator(apply: Callable) -> Callable:
         name = config_cls.name
-        missing = [m for m in ("identity", "aggressive") if not hasattr(config_cls, m)]
+        missing = [m for m in ("identity", "aggressive", "needs") if not hasattr(config_cls, m)]
         if missing:
-            raise TypeError(f"method {name!r} must define {', '.join(missing)}()")
+            raise TypeError(f"method {name!r} must define {', '.join(missing)}")
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         _METHODS[name] = (config_cls, apply)

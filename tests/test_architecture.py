@@ -162,3 +162,23 @@ def _whole_slice_assign(node: ast.AST) -> bool:
         and t.slice.lower is t.slice.upper is t.slice.step is None
         for t in node.targets
     )
+
+
+def test_methods_are_refused_by_capability_not_by_family() -> None:
+    """A method's refusal comes from its ``needs`` against the adapter's ``provides``
+    (``MethodConfig.not_supported_reasons``): no method module keeps a list of families or
+    overrides that computation (a reason of its own goes through ``own_reasons``)."""
+    found = []
+    for name, path in sorted(_modules().items()):
+        if not name.startswith(("diffcache.methods.", "diffcache.testing.")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and name != "diffcache.methods.base":
+                found += [
+                    f"{name}.{node.name}.{f.name}"
+                    for f in node.body
+                    if isinstance(f, ast.FunctionDef) and f.name == "not_supported_reasons"
+                ]
+            elif isinstance(node, ast.Name) and node.id == "FAMILIES":
+                found.append(f"{name}:{node.lineno} FAMILIES")
+    assert found == [], f"methods gate by family, not by capability: {found}"

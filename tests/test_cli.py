@@ -361,6 +361,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (tmp_path / "books.json").write_text('{"step_cache_book": [0, 1], "transformer_cache_book": 3}')
+    (tmp_path / "dkv.yaml").write_text("diffcache: 1\nmodel: dit\nmethod: dkv_cache\n")
     return tmp_path
 
 
@@ -370,7 +371,25 @@ STATS = [*DIT, "--plan", "dit-tiny.yaml", "--out", "x.png", "--stats-json"]
 EVAL = ["eval", "--model", "wan2.1-tiny", "--plan", "wan2.1-tiny.yaml"]
 PROFILE = ["profile", "--model", "dit-tiny", "--method", "easycache"]
 ARITH = ["generate", "--model", "llada-arith", "--prompt", "1+1="]
+NO_STORE = "dkv_cache needs a kv store (position) but dit's adapter provides none"
 BAD_INPUT = {
+    "profile-a-method-the-family-cannot-run": (
+        ["profile", "--model", "llada-arith", "--method", "easycache", "--out", "p.yaml"],
+        "--method easycache: easycache needs a latent denoiser but llada's adapter provides a "
+        "masked-token denoiser",
+    ),
+    "generate-a-plan-the-family-cannot-run": (
+        [*DIT, "--plan", "dkv.yaml", "--out", "x.png"],
+        f"--plan dkv.yaml: {NO_STORE}",
+    ),
+    "eval-a-plan-the-family-cannot-run": (
+        ["eval", "--model", "dit-tiny", "--plan", "dkv.yaml", "--out", "ev"],
+        f"--plan dkv.yaml: {NO_STORE}",
+    ),
+    "plans-check-a-plan-the-family-cannot-run": (
+        ["plans", "check", "dkv.yaml", "--model", "dit-tiny"],
+        f"dkv.yaml: {NO_STORE}",
+    ),
     "out-folder-not-writable": ([*DIT, "--out", "/proc/x.png"], "folder /proc is not writable"),
     "frames-not-4k-plus-1": ([*GEN, "--frames", "4"], "--frames must be a multiple of 4 plus 1"),
     "text-blocks-do-not-divide": (

@@ -171,10 +171,10 @@ def test_text_valid_for_gen_length_is_checked_and_pipeline_stays_accelerated() -
 def test_kv_methods_refuse_other_families() -> None:
     text, scale = toy_text_pipeline(), toy_scale_pipeline()
     toy_plan = {**text_plan(ToyKVConfig.identity()), "model": "toy", "valid_for": {}}
-    with pytest.raises(UnsupportedModelError, match="toy_kv runs on toy-text models only"):
+    with pytest.raises(UnsupportedModelError, match="toy_kv needs attention sites but toy's"):
         diffcache.accelerate(ToyPipeline(), toy_plan)
     cross = {**scale_plan(ToyBudgetConfig.identity()), "model": "toy-text", "valid_for": {}}
-    with pytest.raises(UnsupportedModelError, match="toy_budget runs on toy-scale models only"):
+    with pytest.raises(UnsupportedModelError, match=r"toy_budget needs a kv store \(history\)"):
         diffcache.accelerate(text, cross)
     with pytest.raises(UnsupportedModelError, match="pass the whole pipeline"):
         diffcache.accelerate(scale.model, scale_plan(ToyBudgetConfig.identity()))

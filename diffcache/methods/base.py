@@ -14,15 +14,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from diffcache.errors import PlanError
+from diffcache.adapter import Capabilities
+from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.options import from_mapping, option, to_plain
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from diffcache.adapter import Target
+    from diffcache.adapter import Adapter, Target
 
 GRANULARITIES = ("step", "block", "module", "kv")
+#: how a refusal words a needed KV store or denoiser kind (``Capabilities``)
+WORDS = {"kv_store": "a kv store ({})", "denoiser": "a {} denoiser"}
 
 __all__ = [
     "MethodConfig",
@@ -99,8 +102,9 @@ class MethodConfig:
     (``step | block | module | kv``), ``kind`` (the work unit of ``compute_fraction``: a site kind,
     the granularity by default), ``kernels`` (kernel ops the method calls), ``calibration``
     (the dataclass of its calibration data; methods that have one refuse plans without it),
-    ``probe_kinds`` (the site kinds ``diffcache profile`` traces for it) and ``valid_for_keys``
-    (``valid_for`` keys it adds to the core's and its family's, with their types).
+    ``probe_kinds`` (the site kinds ``diffcache profile`` traces for it), ``valid_for_keys``
+    (``valid_for`` keys it adds to the core's and its family's, with their types) and ``needs``
+    (the ``Capabilities`` it needs of a model: a model whose adapter lacks one is refused).
 
     Every subclass defines ``identity()`` (never reuses: outputs equal the plain model) and
     ``aggressive()`` (reuses as much as it allows), checked at registration.
@@ -113,6 +117,7 @@ class MethodConfig:
     calibration: ClassVar[type | None] = None
     probe_kinds: ClassVar[tuple[str, ...]] = ("step",)  # sites the profiler traces for it
     valid_for_keys: ClassVar[Mapping[str, type]] = {}  # extra plan valid_for keys it checks
+    needs: ClassVar[Capabilities]  # what it needs of a model's adapter
 
     @classmethod
     def work_kind(cls) -> str:
@@ -124,20 +129,44 @@ class MethodConfig:
             f"diffcache profile --model {model} --method {cls.name} --num-prompts 8 --out plan.yaml"
         )
 
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        """Every reason this method cannot run on ``target``; [] if it can."""
-        return []
+    def unmet_needs(self, adapter: Adapter) -> list[str]:
+        """Each of this method's ``needs`` that ``adapter`` does not provide, in words."""
+        needs, have = self.needs, adapter.provides
+        gaps = [(f"{s} sites", "none") for s in needs.sites if s not in have.sites]
+        for key, words in WORDS.items():
+            need, got = getattr(needs, key), getattr(have, key)
+            if need and need != got:
+                gaps.append((words.format(need), words.format(got) if got else "none"))
+        return [
+            f"{self.name} needs {need} but {adapter.name}'s adapter provides {got}"
+            for need, got in gaps
+        ]
 
-    def support_problems(self, target: Target) -> list[str]:
-        """The core's reasons (a latent-denoiser method on a text diffusion LM) and then the
-        method's own (``not_supported_reasons``)."""
-        if target.adapter.media == "text" and self.granularity != "kv":
-            return [
-                f"{self.name} reuses a latent denoiser's {self.granularity} outputs; a text "
-                f"diffusion LM ({target.adapter.name}) takes a KV method (dkv_cache, "
-                "elastic_cache, d2cache, fast_dllm)"
-            ]
-        return self.not_supported_reasons(target)
+    def not_supported_reasons(self, target: Target) -> list[str]:
+        """Every reason this method cannot run on ``target`` ([] if it can): each of its
+        ``needs`` the model's adapter does not provide, or else its own (``own_reasons``)."""
+        return self.unmet_needs(target.adapter) or self.own_reasons(target)
+
+    def check_needs(self, adapter: Adapter, given: str) -> None:
+        """Refuse a family whose adapter lacks one of this method's needs, before its model is
+        built (``given``: what named the method, as ``--plan p.yaml``)."""
+        unmet = self.unmet_needs(adapter)
+        if unmet:
+            raise UnsupportedModelError(f"{given}: " + "; ".join(unmet))
+
+    def check_supported(self, target: Target, owner: str) -> None:
+        """Raise UnsupportedModelError naming every reason this method cannot run on
+        ``target`` (``owner``: what the user passed, by class name); nothing if it can."""
+        reasons = self.not_supported_reasons(target)
+        if reasons:
+            raise UnsupportedModelError(
+                f"method {self.name!r} cannot run on {owner}:\n  - " + "\n  - ".join(reasons)
+            )
+
+    def own_reasons(self, target: Target) -> list[str]:
+        """This method's reasons beyond its needs (a sampler it cannot run, options that
+        conflict), asked once the model provides them all; [] if none."""
+        return []
 
     def plan_problems(self, valid_for: Mapping[str, Any]) -> list[str]:
         """Problems of these options together with the plan's ``valid_for`` (checked at load)."""

@@ -71,15 +71,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffcache.adapter import Target
+from diffcache.adapter import Capabilities
 from diffcache.kv import prior, union_rows
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, row_sets
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
-
-FAMILIES = ("llada", "dream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +87,7 @@ class D2CacheConfig(MethodConfig):
     name: ClassVar[str] = "d2cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     current_k: int = option(
@@ -128,13 +127,6 @@ class D2CacheConfig(MethodConfig):
         share of rollout importance recomputed) whose calibration runs compute at most that
         fraction."""
         return tune_knob(self, profiling, "rollout_p", lo=1e-3, hi=1.0, rising=True)
-
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.adapter.name not in FAMILIES:
-            return [
-                f"d2cache runs on {' and '.join(FAMILIES)} pipelines, not {target.adapter.name}"
-            ]
-        return []
 
 
 class D2Policy(Policy):

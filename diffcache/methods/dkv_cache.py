@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.adapter import Target
+from diffcache.adapter import Capabilities, Target
 from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
@@ -46,8 +46,6 @@ from diffcache.pipelines.sampling.llada import num_transfer_tokens
 from diffcache.registry import register_method
 from diffcache.session import Session
 
-FAMILIES = ("llada", "dream")
-
 
 @dataclasses.dataclass(frozen=True)
 class DKVCacheConfig(MethodConfig):
@@ -56,6 +54,7 @@ class DKVCacheConfig(MethodConfig):
     name: ClassVar[str] = "dkv_cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     variant: Literal["decode", "prefill", "pd", "greedy"] = option(
@@ -90,11 +89,7 @@ class DKVCacheConfig(MethodConfig):
             return tune_knob(self, profiling, "window", 1, 256, rising=True, integer=True)
         return tune_knob(self, profiling, "refresh_every", 1, 1024, integer=True)
 
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.adapter.name not in FAMILIES:
-            return [
-                f"dkv_cache runs on {' and '.join(FAMILIES)} pipelines, not {target.adapter.name}"
-            ]
+    def own_reasons(self, target: Target) -> list[str]:
         if self.variant == "greedy" and target.adapter.name != "llada":
             return ["dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"]
         return []

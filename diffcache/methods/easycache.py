@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffcache.adapter import Capabilities
 from diffcache.errors import RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
@@ -61,6 +62,7 @@ class EasyCacheConfig(MethodConfig):
 
     name: ClassVar[str] = "easycache"
     granularity: ClassVar[str] = "step"
+    needs: ClassVar[Capabilities] = Capabilities(("step",), denoiser="latent")
     kernels: ClassVar[tuple[str, ...]] = ("l1_change", "add_residual")
 
     threshold: float = option(
@@ -76,7 +78,7 @@ class EasyCacheConfig(MethodConfig):
     def aggressive(cls) -> EasyCacheConfig:
         return cls(threshold=1e6, warmup_steps=2)
 
-    def not_supported_reasons(self, target: Any) -> list[str]:
+    def own_reasons(self, target: Any) -> list[str]:
         if target.driver == "timestep" and "num_inference_steps" not in target.valid_for:
             return [
                 "a bare denoiser has no scheduler to tell the step count, and EasyCache always "

@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffcache.adapter import Target
+from diffcache.adapter import Capabilities
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
     DecodeState,
@@ -74,8 +74,6 @@ from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
-FAMILIES = ("llada", "dream")
-
 
 @dataclasses.dataclass(frozen=True)
 class ElasticCacheConfig(MethodConfig):
@@ -84,6 +82,7 @@ class ElasticCacheConfig(MethodConfig):
     name: ClassVar[str] = "elastic_cache"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     window: int = option(
@@ -125,11 +124,6 @@ class ElasticCacheConfig(MethodConfig):
         attention-similarity bar below which deeper layers refresh) whose calibration runs
         compute at most that fraction."""
         return tune_knob(self, profiling, "gamma", 0.01, 1.0, rising=True, near_one=True)
-
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.adapter.name not in FAMILIES:
-            return [f"elastic_cache runs on llada and dream pipelines, not {target.adapter.name}"]
-        return []
 
 
 class ElasticPolicy(Policy):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from diffcache.adapter import Capabilities
 from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
@@ -125,6 +126,7 @@ class ERTACacheConfig(MethodConfig):
 
     name: ClassVar[str] = "ertacache"
     granularity: ClassVar[str] = "step"
+    needs: ClassVar[Capabilities] = Capabilities(("step",), denoiser="latent")
     kernels: ClassVar[tuple[str, ...]] = ("rectified_residual",)
     calibration: ClassVar[type] = ERTACacheCalibration
 
@@ -156,7 +158,7 @@ class ERTACacheConfig(MethodConfig):
             f"diffcache profile --model {model} --method ertacache --num-prompts 20 --out plan.yaml"
         )
 
-    def not_supported_reasons(self, target: Any) -> list[str]:
+    def own_reasons(self, target: Any) -> list[str]:
         reasons = []
         scheduler = target.scheduler
         if target.driver != "scheduler" or scheduler is None:

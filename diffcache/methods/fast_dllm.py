@@ -27,14 +27,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.adapter import Target
+from diffcache.adapter import Capabilities, Target
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
-
-FAMILIES = ("llada", "dream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +42,7 @@ class FastDLLMConfig(MethodConfig):
     name: ClassVar[str] = "fast_dllm"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     mode: Literal["prefix", "dual"] = option(
@@ -78,15 +77,10 @@ class FastDLLMConfig(MethodConfig):
             return tune_knob(self, profiling, "factor", lo=1e-2, hi=1e2)
         return tune_knob(self, profiling, "threshold", 0.05, 1.0, rising=True, near_one=True)
 
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        reasons = []
-        if target.adapter.name not in FAMILIES:
-            reasons.append(
-                f"fast_dllm runs on {' and '.join(FAMILIES)} pipelines, not {target.adapter.name}"
-            )
+    def own_reasons(self, target: Target) -> list[str]:
         if self.threshold is not None and self.factor is not None:
-            reasons.append("fast_dllm: give threshold or factor, not both")
-        return reasons
+            return ["fast_dllm: give threshold or factor, not both"]
+        return []
 
 
 class FastDLLMPolicy(Policy):

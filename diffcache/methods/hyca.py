@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffcache.adapter import Capabilities
 from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import register_method
@@ -226,6 +227,7 @@ class HyCaConfig(MethodConfig):
 
     name: ClassVar[str] = "hyca"
     granularity: ClassVar[str] = "block"
+    needs: ClassVar[Capabilities] = Capabilities(("block",), denoiser="latent")
     kernels: ClassVar[tuple[str, ...]] = ("forecast",)
     calibration: ClassVar[type] = HyCaCalibration
 

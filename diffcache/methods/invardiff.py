@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffcache.adapter import Capabilities
 from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.registry import did_you_mean, register_method
@@ -94,6 +95,7 @@ class InvarDiffConfig(MethodConfig):
 
     name: ClassVar[str] = "invardiff"
     granularity: ClassVar[str] = "module"
+    needs: ClassVar[Capabilities] = Capabilities(("block", "module"), denoiser="latent")
     kernels: ClassVar[tuple[str, ...]] = ("gated_apply",)
     calibration: ClassVar[type] = InvarDiffCalibration
     probe_kinds: ClassVar[tuple[str, ...]] = ()

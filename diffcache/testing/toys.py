@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter, Capabilities, ModuleSite, Stack
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
@@ -32,6 +32,7 @@ TOY = Adapter(
     cfg="separate",
     stacks=(Stack("blocks", modules=(ModuleSite("attn", "self_attn"), ModuleSite("ff", "ff"))),),
     media="image",
+    provides=Capabilities(("step", "block", "module"), denoiser="latent"),
     output="images",
     call_args={"output_type": "np"},
     seed_arg="generator",
@@ -177,6 +178,7 @@ class ToyBlocksConfig(MethodConfig):
 
     name: ClassVar[str] = "toy_blocks"
     granularity: ClassVar[str] = "block"
+    needs: ClassVar[Capabilities] = Capabilities(("block",), denoiser="latent")
     every: int = option(2, "compute blocks on steps divisible by this", min=1)
 
     @classmethod
@@ -219,6 +221,7 @@ class ToyModulesConfig(MethodConfig):
 
     name: ClassVar[str] = "toy_modules"
     granularity: ClassVar[str] = "module"
+    needs: ClassVar[Capabilities] = Capabilities(("module",), denoiser="latent")
     every: int = option(2, "compute modules on steps divisible by this", min=1)
     roles: tuple[str, ...] = option(("self_attn", "ff"), "module roles that may be reused")
 
@@ -260,6 +263,7 @@ class ToyStaticConfig(MethodConfig):
 
     name: ClassVar[str] = "toy_static"
     granularity: ClassVar[str] = "step"
+    needs: ClassVar[Capabilities] = Capabilities(("step",), denoiser="latent")
     calibration: ClassVar[type] = ToyStaticCalibration
     reuse_fraction: float = option(0.5, "share of the inner steps to reuse", min=0.0, max=1.0)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.adapter import Adapter, Stack, Target
+from diffcache.adapter import Adapter, Capabilities, Stack
 from diffcache.methods.base import MethodConfig, option
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import adapters, register_adapter, register_method
@@ -43,6 +43,7 @@ TEXT = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="text",
+    provides=Capabilities(("step", "block", "attention"), denoiser="masked-token"),
     output="texts",
     seed_arg="generator",
     fields=(
@@ -62,6 +63,7 @@ SCALE = Adapter(
     cfg="none",
     stacks=(Stack("layers"),),
     media="image",
+    provides=Capabilities(("step", "block", "attention"), "history", "next-scale"),
     output="scales",
     seed_arg="generator",
     fields=(Field("prompt", str, "what to generate", "prompt", required=True, input=True),),
@@ -318,6 +320,7 @@ class ToyKVConfig(MethodConfig):
     name: ClassVar[str] = "toy_kv"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(("block", "attention"), denoiser="masked-token")
     refresh_every: int = option(4, "recompute every row on steps divisible by this", min=1)
 
     @classmethod
@@ -327,11 +330,6 @@ class ToyKVConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> ToyKVConfig:
         return cls(refresh_every=1000)
-
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.adapter.name != TEXT.name:
-            return [f"toy_kv runs on {TEXT.name} models only, not {target.adapter.name}"]
-        return []
 
 
 @dataclasses.dataclass
@@ -404,6 +402,7 @@ class ToyBudgetConfig(MethodConfig):
     name: ClassVar[str] = "toy_budget"
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "scale"
+    needs: ClassVar[Capabilities] = Capabilities(("block",), "history")
     budget: int = option(8, "history tokens each layer keeps", min=1)
 
     @classmethod
@@ -413,11 +412,6 @@ class ToyBudgetConfig(MethodConfig):
     @classmethod
     def aggressive(cls) -> ToyBudgetConfig:
         return cls(budget=1)
-
-    def not_supported_reasons(self, target: Target) -> list[str]:
-        if target.adapter.name != SCALE.name:
-            return [f"toy_budget runs on {SCALE.name} models only, not {target.adapter.name}"]
-        return []
 
 
 @register_method(ToyBudgetConfig)

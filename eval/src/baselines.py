@@ -95,6 +95,7 @@ class Comparison:
         """Refuse a comparison made for another model family (before the model is built)."""
         if self.plan is not None:
             self.plan.check_family(adapter.name, model)
+            self.plan.config.check_needs(adapter, f"--plan {self.name}")
         elif adapter.media == "text":
             raise DiffCacheError(
                 f"--plan {self.name}: diffusers caches attach to a diffusers transformer, and "

@@ -1,8 +1,12 @@
-"""Module sites shared by several families (each adapter lists its stacks with these)."""
+"""Module sites and capabilities shared by several families (each adapter lists its stacks and
+what it provides with these)."""
 
 from __future__ import annotations
 
-from diffcache.adapter import GatedBlock, GatedTerm, Modulation, ModuleSite
+from diffcache.adapter import Capabilities, GatedBlock, GatedTerm, Modulation, ModuleSite
+
+#: What a diffusers latent DiT offers: its whole step, its blocks and the modules inside them.
+LATENT_DIT = Capabilities(("step", "block", "module"), denoiser="latent")
 
 #: An MMDiT dual-stream block: joint attention over both streams, and one feed-forward each.
 DUAL_STREAM = (

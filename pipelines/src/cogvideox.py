@@ -6,6 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
+from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
 
@@ -43,6 +44,7 @@ ADAPTER = register_adapter(
             ),
         ),
         media="video",
+        provides=LATENT_DIT,
         output="frames",
         seed_arg="generator",
         call_args={"output_type": "np"},

@@ -6,6 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import STEPS, guidance
+from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
 from diffcache.request import Field
@@ -49,6 +50,7 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        provides=LATENT_DIT,
         output="images",
         seed_arg="generator",
         call_args={"output_type": "np"},

@@ -6,7 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, ModuleSite, Stack
 from diffcache.pipelines._fields import IMAGE, STEPS, guidance, prompt
-from diffcache.pipelines._stacks import DUAL_STREAM, dual_stream_gates
+from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
 
@@ -37,6 +37,7 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        provides=LATENT_DIT,
         output="images",
         seed_arg="generator",
         call_args={"output_type": "np"},

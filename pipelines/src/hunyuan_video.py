@@ -6,7 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, ModuleSite, Stack
 from diffcache.pipelines._fields import FRAMES, IMAGE, STEPS, guidance, prompt
-from diffcache.pipelines._stacks import DUAL_STREAM, dual_stream_gates
+from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, template_prefix_length, tiny_clip, word_tokenizer
 from diffcache.registry import register_adapter
 
@@ -40,6 +40,7 @@ ADAPTER = register_adapter(
             ),
         ),
         media="video",
+        provides=LATENT_DIT,
         output="frames",
         seed_arg="generator",
         call_args={"output_type": "np"},

@@ -6,6 +6,7 @@ from typing import Any
 
 from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 from diffcache.pipelines._fields import IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
+from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
 from diffcache.registry import register_adapter
 
@@ -53,6 +54,7 @@ ADAPTER = register_adapter(
             ),
         ),
         media="image",
+        provides=LATENT_DIT,
         output="images",
         seed_arg="generator",
         call_args={"output_type": "np"},

@@ -170,10 +170,11 @@ def test_more_calls_than_the_plain_generation_are_charged(llada) -> None:
 def test_latent_methods_are_refused_on_text_models(llada, method: str) -> None:
     from diffcache.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="takes a KV method"):
+    refusal = f"{method} needs a latent denoiser but llada's adapter provides a masked-token"
+    with pytest.raises(UnsupportedModelError, match=refusal):
         diffcache.profile(llada, method, PROMPTS, request=REQUEST)
     if method == "easycache":  # the others' plans need calibration: refused at load already
-        with pytest.raises(UnsupportedModelError, match="takes a KV method"):
+        with pytest.raises(UnsupportedModelError, match=refusal):
             diffcache.accelerate(llada, {"diffcache": 1, "model": "llada", "method": method})
     from diffcache.api import session_of
 

@@ -406,14 +406,14 @@ def test_dkv_aggressive_is_pd_without_a_periodic_refresh(llada) -> None:
 
 
 @pytest.mark.parametrize("method", ["dkv_cache", "fast_dllm", "elastic_cache", "d2cache"])
-def test_text_methods_name_the_families_they_run_on(method: str) -> None:
+def test_text_methods_name_the_kv_store_they_need(method: str) -> None:
     from diffcache.adapter import Target
     from diffcache.registry import methods
     from diffcache.testing.toys import TOY, ToyPipeline
 
     target = Target.resolve(TOY, ToyPipeline())
     assert methods()[method]().not_supported_reasons(target) == [
-        f"{method} runs on llada and dream pipelines, not toy"
+        f"{method} needs a kv store (position) but toy's adapter provides none"
     ]
 
 

@@ -513,7 +513,7 @@ def test_time_adjust_needs_the_deterministic_flow_matching_euler_update(config, 
 
     scheduler = type(EULER, (), {} if config is None else {"config": config})()
     target = SimpleNamespace(driver="scheduler", scheduler=scheduler)
-    reasons = ERTACacheConfig().not_supported_reasons(target)
+    reasons = ERTACacheConfig().own_reasons(target)
     assert reasons == (
         []
         if euler
@@ -523,7 +523,7 @@ def test_time_adjust_needs_the_deterministic_flow_matching_euler_update(config, 
             "still apply) or use that scheduler"
         ]
     )
-    assert not ERTACacheConfig(time_adjust=False).not_supported_reasons(target)
+    assert not ERTACacheConfig(time_adjust=False).own_reasons(target)
 
 
 def test_calibrate_without_a_target_keeps_the_threshold_and_records_the_schedule() -> None:
@@ -633,10 +633,10 @@ def test_what_ertacache_cannot_run_on_is_named() -> None:
         order = 2
 
     cfg = ERTACacheConfig(time_adjust=False)
-    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=None)) == [
+    assert cfg.own_reasons(SimpleNamespace(driver="scheduler", scheduler=None)) == [
         "ERTACache's step schedule needs a pipeline with a scheduler"
     ]
-    assert cfg.not_supported_reasons(SimpleNamespace(driver="scheduler", scheduler=Heun())) == [
+    assert cfg.own_reasons(SimpleNamespace(driver="scheduler", scheduler=Heun())) == [
         "Heun is a second-order scheduler; ERTACache reuses whole steps of first-order samplers"
     ]
 

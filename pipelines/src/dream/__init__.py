@@ -29,7 +29,7 @@ from diffcache.pipelines.dlm_pipeline import (
     block_problem,
     rule,
 )
-from diffcache.pipelines.llada import FIELDS
+from diffcache.pipelines.llada import FIELDS, PROVIDES
 from diffcache.pipelines.sampling import dream as sampling
 from diffcache.pipelines.sampling import rules
 from diffcache.pipelines.sampling.dream import origin_commit as rules_origin
@@ -48,6 +48,7 @@ ADAPTER = register_adapter(
         cfg="none",
         stacks=(Stack("layers"),),
         media="text",
+        provides=PROVIDES,
         output="texts",
         seed_arg="generator",
         kv=KV_SEAM,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffcache.adapter import Adapter
+from diffcache.adapter import Adapter, Capabilities
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.dlm_pipeline import (
     KV_SEAM,
@@ -61,6 +61,9 @@ FIELDS = (
     Field("steps", int, "denoising steps", "steps", min=1, max=65536),
     Field("temperature", float, "sampling temperature (0: greedy)", "temperature", min=0.0),
 )
+#: What the text diffusion LMs offer: steps, layers whose attention a method may split (qkv /
+#: attend / finish), and the position-indexed KV store their pipeline runs a method's policy with.
+PROVIDES = Capabilities(("step", "block", "attention"), "position", "masked-token")
 
 ADAPTER = register_adapter(
     Adapter(
@@ -72,6 +75,7 @@ ADAPTER = register_adapter(
         cfg="batched",
         stacks=(Stack("layers"),),
         media="text",
+        provides=PROVIDES,
         output="texts",
         seed_arg="generator",
         kv=KV_SEAM,
