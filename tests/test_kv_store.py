@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcache.adapter import Adapter, KVSeam, Target
+from diffcache.adapter import Adapter, Capabilities, KVSeam, Target
 from diffcache.errors import UnsupportedModelError
 from diffcache.kv import KVStore, Policy, Store
 from diffcache.kv.method import attach_policy
@@ -98,6 +98,7 @@ def _session(kv: KVSeam | None) -> Session:
         driver="pipeline",
         cfg="none",
         media="text",
+        provides=Capabilities(kv_store=kv.store if kv else ""),
         kv=kv,
     )
     return Session(Target.resolve(adapter, SeamPipe()), None, RunState("toy", kernels="torch"))
