@@ -1,7 +1,7 @@
 """KV machinery of the text diffusion LMs: the position-indexed store, the per-step plan and
-policy interface, and the forward pass over planned rows (research/dlm.md §6)."""
+policy interface (research/dlm.md §6). The forward pass over planned rows is the pipelines'
+(``diffcache.pipelines.dlm_engine``)."""
 
-from diffcache.kv.engine import forward_rows
 from diffcache.kv.policy import (
     DecodeState,
     LayerView,
@@ -19,7 +19,6 @@ __all__ = [
     "LayerView",
     "Policy",
     "StepPlan",
-    "forward_rows",
     "pad_rows",
     "row_sets",
     "union_rows",

@@ -72,9 +72,10 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.adapter import Target
-from diffcache.kv import prior, union_rows
+from diffcache.kv import union_rows
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, row_sets
+from diffcache.methods import d2cache_prior as prior
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session

@@ -40,9 +40,9 @@ from diffcache.adapter import Target
 from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
-from diffcache.kv.random import uniform
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.pipelines.sampling.llada import num_transfer_tokens
+from diffcache.pipelines.sampling.random import uniform
 from diffcache.registry import register_method
 from diffcache.session import Session
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from diffcache.errors import DiffCacheError
-from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
+from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, row_sets
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.sampling import rules
 
@@ -407,6 +407,8 @@ class DiffusionLMPipeline:
         scored = first_occurrence(targets) & (state.ids[:batch].gather(1, targets) == state.mask_id)
         state.confidence = confidence.masked_fill(~scored, float("-inf"))
         if s.get("prior_sigma"):
+            from diffcache.methods import d2cache_prior as prior  # d2Cache's rule (set by it)
+
             generated = state.ids[:batch, state.prompt_len :] != state.mask_id
             # prior_compat: set by a policy (d2Cache's reference_compat), not a user setting
             density = prior.certainty_density(

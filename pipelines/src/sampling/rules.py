@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.random import Generators, uniform
 
 NEG_INF = float("-inf")
 
