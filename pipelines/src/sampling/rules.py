@@ -62,6 +62,18 @@ def commit_factor(
     return valid & (ranks < first.clamp(min=1)[:, None])
 
 
+def commit_parallel(
+    confidence: torch.Tensor, valid: torch.Tensor, threshold: float | None, factor: float | None
+) -> torch.Tensor | None:
+    """Fast-dLLM's parallel decoding: the threshold rule when ``threshold`` is set, else the
+    factor rule when ``factor`` is set; None when neither is (no parallel rule)."""
+    if threshold is not None:
+        return commit_threshold(confidence, valid, threshold)
+    if factor is not None:
+        return commit_factor(confidence, valid, factor)
+    return None
+
+
 def commit_confident(p_max: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
     """Elastic-Cache's rule (``get_decoded_token_confident``): every valid candidate whose
     confidence (fp64 max probability) is >= min(threshold, the row's best) — so at least the
