@@ -292,11 +292,9 @@ class ElasticPolicy(Policy):
 
 
 def after_eos(state: DecodeState, committed: torch.Tensor, once: bool) -> torch.Tensor:
-    """[B, L] positions of the real rows from each row's first decoded EOS on (the masks among
-    them leave decoding and stay masks; the output text drops them; the EOS itself is decoded
-    already, it marks the row as truncated). Follows the first EOS wherever it is decoded, so
-    a later EOS further left cuts again; ``once`` (the reference) cuts a row once, at the
-    first EOS among the tokens ``committed`` ``[B, L]`` at the first step that commits one."""
+    """[B, L] positions of the real rows from each row's first decoded EOS on: its masks
+    leave decoding (a later EOS further left cuts again); ``once`` (the reference) cuts a row
+    once, at the first EOS among the tokens ``committed`` at the first step that commits one."""
     batch = state.dropped.shape[0]
     hit = state.ids[:batch] == state.eos_id
     hit[:, : state.prompt_len] = False
