@@ -182,3 +182,20 @@ def test_methods_are_refused_by_capability_not_by_family() -> None:
             elif isinstance(node, ast.Name) and node.id == "FAMILIES":
                 found.append(f"{name}:{node.lineno} FAMILIES")
     assert found == [], f"methods gate by family, not by capability: {found}"
+
+
+def test_pipelines_import_no_method_and_the_kv_store_no_pipeline() -> None:
+    """A model loop carries no method's rule (it asks its policy), so no pipeline imports a
+    method; the KV package is shared by every world, so it imports no pipeline or method
+    (the text LMs' forward pass and samplers live in ``pipelines/``)."""
+    graph = _imports(_modules())
+    rules = {"diffcache.pipelines": ("methods",), "diffcache.kv": ("methods", "pipelines")}
+    found = [
+        (m, d)
+        for m in sorted(graph)
+        for room, banned in rules.items()
+        if m == room or m.startswith(f"{room}.")
+        for d in sorted(graph[m])
+        if d.split(".")[1:2] and d.split(".")[1] in banned
+    ]
+    assert found == [], f"imports against the layering: {found}"

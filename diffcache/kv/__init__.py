@@ -1,8 +1,7 @@
-"""KV stores and their policies: the store protocol every world shares and the text LMs'
-position-indexed store; the text LMs' per-step plan and policy interface, and the forward pass
-over planned rows (research/dlm.md §6)."""
+"""KV stores and their policies: the store protocol every world shares, the text LMs'
+position-indexed store, and their per-step plan and policy interface (research/dlm.md §6). The
+forward pass over planned rows is the pipelines' (``diffcache.pipelines.dlm_engine``)."""
 
-from diffcache.kv.engine import forward_rows
 from diffcache.kv.policy import (
     DecodeState,
     LayerView,
@@ -21,7 +20,6 @@ __all__ = [
     "Policy",
     "StepPlan",
     "Store",
-    "forward_rows",
     "pad_rows",
     "row_sets",
     "union_rows",

@@ -1,17 +1,20 @@
-"""What a text-diffusion step recomputes: the decoding state, the step plan, and the policy
-interface every DLM caching method implements (research/dlm.md §6.1).
+"""What a text-diffusion step recomputes and commits: the decoding state, the step plan, and the
+policy interface every DLM caching method implements (research/dlm.md §6.1).
 
 Each step the pipeline asks its policy for a :class:`StepPlan`: the positions whose hidden states
 are recomputed (their K/V rows are written to the :class:`~diffcache.kv.store.KVStore`), the
 positions whose logits the sampler needs, and optionally a layer from which every position is
-recomputed. Methods differ only in how they choose these and when they refresh.
+recomputed. It also asks the policy for the decoding rule: which masks are candidates, which of
+the scored :class:`Candidates` to commit, and when a block ends. The base policy decodes by the
+request's own rule (:class:`DecodingRule`, the pipeline's); a method with a rule of its own
+(Fast-dLLM's threshold, Elastic-Cache's window, d²Cache's prior) overrides those hooks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -37,6 +40,8 @@ class DecodeState:
     start_masks: torch.Tensor | None = None  # [B] masks in the block when it started
     generator: Any = None  # the generation's generator(s), for policies that draw
     dropped: torch.Tensor | None = None  # [B, L] out of decoding: from a row's EOS on (real rows)
+    eos_id: int | None = None  # the tokenizer's end-of-sequence token
+    rule: DecodingRule | None = None  # the request's decoding rule (set by the pipeline)
 
     @property
     def masked(self) -> torch.Tensor:
@@ -49,6 +54,29 @@ class DecodeState:
     def decoded_before(self, step: int) -> torch.Tensor:
         """[B, L] positions that were already decoded when ``step`` began (prompt included)."""
         return (self.decoded_at >= -1) & (self.decoded_at < step)
+
+
+@dataclasses.dataclass
+class Candidates:
+    """One step's scored candidates of the real batch rows, as a decoding rule sees them."""
+
+    targets: torch.Tensor  # [B, m] their positions (padding repeats one)
+    valid: torch.Tensor  # [B, m] the masks among them that may be committed (first occurrences)
+    confidence: torch.Tensor  # [B, m] the sampler's confidence, -inf where not valid
+    left: torch.Tensor  # [B] masks left in the block, candidates or not
+
+
+class DecodingRule(Protocol):
+    """The request's decoding rule (the family's sampler with the request's settings): what a
+    policy without a rule of its own decodes by."""
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """Which candidates this step commits ``[B, m]``."""
+        ...
+
+    def block_done(self, state: DecodeState) -> bool:
+        """The block ends before its masks run out (a fixed step count spent)."""
+        ...
 
 
 @dataclasses.dataclass
@@ -81,7 +109,9 @@ class StepPlan:
 class Policy:
     """Caching policy of a text-diffusion generation; the base class recomputes everything
     (no cache). Hooks are called by the pipeline in this order: ``start`` once, then per block
-    ``block_start``, and per step ``plan`` -> the model forward -> ``step_end``."""
+    ``block_start``, and per step ``block_done`` -> ``candidates`` -> ``plan`` -> the model
+    forward -> ``commit`` -> ``step_end``. The decoding rule (``block_length``, ``block_done``,
+    ``candidates``, ``commit``) is the request's unless a method overrides it."""
 
     name = "none"
     uses_store = False
@@ -104,9 +134,27 @@ class Policy:
         )
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """The sampler settings this policy runs with (methods that come with their own
-        decoding rule, e.g. Fast-dLLM's threshold, change them here)."""
+        """The sampler settings this policy runs with (a method that needs the sampler to
+        score or count in its own way, e.g. dKV-Cache-Greedy's random remasking, changes
+        them here)."""
         return settings
+
+    def block_length(self, gen_length: int, block_length: int) -> int:
+        """The length of the blocks the generation is decoded in (the request's)."""
+        return block_length
+
+    def block_done(self, state: DecodeState) -> bool:
+        """The current block ends now although it has masks left (the request's rule: its
+        step count is spent). A block always ends when it has no masks left."""
+        return state.rule.block_done(state)
+
+    def candidates(self, state: DecodeState, masked: torch.Tensor) -> torch.Tensor:
+        """[B, L] the masks this step may commit, among the block's ``masked`` ones."""
+        return masked
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """Which ``candidates`` this step commits ``[B, m]`` (the request's rule)."""
+        return state.rule.commit(state, candidates)
 
     def start(self, state: DecodeState, store: KVStore | None) -> None:
         self.store = store
@@ -117,11 +165,6 @@ class Policy:
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         """Rows to recompute for logits at ``targets`` ``[B, m]``."""
         return StepPlan(rows=None, targets=targets)
-
-    def order(self, state: DecodeState, plan: StepPlan) -> torch.Tensor | None:
-        """Scores ``[B, m]`` at ``plan.targets`` that replace the sampler's confidences when
-        choosing what to commit (dKV-Cache-Greedy's predetermined order); None: keep them."""
-        return None
 
     def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
         """The step committed tokens at ``committed`` ``[B, L]`` (already in ``state.ids``)."""

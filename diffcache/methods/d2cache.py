@@ -72,9 +72,18 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.kv import prior, union_rows
+from diffcache.kv import union_rows
 from diffcache.kv.method import attach_policy
-from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, row_sets
+from diffcache.kv.policy import (
+    Candidates,
+    DecodeState,
+    LayerView,
+    Policy,
+    StepPlan,
+    pad_rows,
+    row_sets,
+)
+from diffcache.methods import d2cache_prior as prior
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
@@ -142,14 +151,21 @@ class D2Policy(Policy):
         self.attn: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # per layer: rows, probs
         self.key_mask: torch.Tensor | None = None  # [B, L] False at padding
 
-    def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """The decoding prior of width ``decode_sigma`` (with the reference's density
-        denominator under ``reference_compat``)."""
-        return {
-            **settings,
-            "prior_sigma": self.cfg.decode_sigma,
-            "prior_compat": self.cfg.reference_compat,
-        }
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """The request's rule on the confidences times the certainty density of width
+        ``decode_sigma`` (the decoding prior; 0: plain confidences), with the reference's
+        density denominator under ``reference_compat``."""
+        if self.cfg.decode_sigma:
+            c, p = candidates, state.prompt_len
+            generated = state.ids[: c.targets.shape[0], p:] != state.mask_id
+            density = prior.certainty_density(
+                generated, self.cfg.decode_sigma, reference_compat=self.cfg.reference_compat
+            )
+            # an idle row's padding target may lie in the prompt: clamped, not valid
+            scaled = c.confidence * density.gather(1, (c.targets - p).clamp(min=0))
+            confidence = scaled.masked_fill(~c.valid, float("-inf"))
+            candidates = dataclasses.replace(c, confidence=confidence)
+        return super().commit(state, candidates)
 
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         self.attn = []

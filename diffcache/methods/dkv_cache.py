@@ -39,10 +39,18 @@ import torch
 from diffcache.adapter import Capabilities, Target
 from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
-from diffcache.kv.policy import DecodeState, Policy, StepPlan, pad_rows, row_sets, union_rows
-from diffcache.kv.random import uniform
+from diffcache.kv.policy import (
+    Candidates,
+    DecodeState,
+    Policy,
+    StepPlan,
+    pad_rows,
+    row_sets,
+    union_rows,
+)
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.pipelines.sampling.llada import num_transfer_tokens
+from diffcache.pipelines.sampling.random import uniform
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -116,10 +124,15 @@ class DKVPolicy(Policy):
             self.rank = torch.full(state.ids.shape, float("inf"), device=state.ids.device)
             self.rank[:, start:end] = draw.argsort(dim=-1).argsort(dim=-1).to(self.rank.dtype)
 
-    def order(self, state: DecodeState, plan: StepPlan) -> torch.Tensor | None:
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """Greedy: the request's count, ranked by the block's drawn order instead of the
+        sampler's confidences."""
         if self.rank is None:
-            return None
-        return -self.rank.gather(1, plan.targets).double()
+            return super().commit(state, candidates)
+        c = candidates
+        order = -self.rank[: c.targets.shape[0]].gather(1, c.targets).double()
+        ranked = dataclasses.replace(c, confidence=order.masked_fill(~c.valid, float("-inf")))
+        return super().commit(state, ranked)
 
     def _scheduled(self, state: DecodeState) -> torch.Tensor:
         """[B, L] the masks this step commits: the next ones in the block's order, as many as

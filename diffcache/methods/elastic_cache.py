@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from diffcache.adapter import Capabilities
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
+    Candidates,
     DecodeState,
     LayerView,
     Policy,
@@ -71,6 +72,7 @@ from diffcache.kv.policy import (
     union_rows,
 )
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.pipelines.sampling import rules
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -143,14 +145,36 @@ class ElasticPolicy(Policy):
         self.untrackable: torch.Tensor | None = None  # [B, L] keys never tracked (masks)
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.decode and settings.get("alg") == "origin":  # Dream: decode by confidence
+            return {**settings, "alg": "maskgit_plus"}
+        return settings
+
+    # -- the decoding rule (``decode``; else the request's) ----------------------------------
+    def block_length(self, gen_length: int, block_length: int) -> int:
+        """One block, the whole answer: the window slides over it."""
+        return gen_length if self.cfg.decode else block_length
+
+    def block_done(self, state: DecodeState) -> bool:
+        """The window decodes until no mask is left."""
+        return False if self.cfg.decode else super().block_done(state)
+
+    def candidates(self, state: DecodeState, masked: torch.Tensor) -> torch.Tensor:
+        """The window: the first ``window`` masks."""
         if not self.cfg.decode:
-            return settings
-        out = {**settings, "window": self.cfg.window, "threshold": self.cfg.threshold}
-        truncate = self.cfg.eos_truncate
-        out["eos_truncate"] = "once" if truncate and self.cfg.reference_compat else truncate
-        if out.get("alg") == "origin":  # Dream: Elastic-Cache decodes by confidence
-            out["alg"] = "maskgit_plus"
-        return out
+            return masked
+        return masked & (masked.cumsum(1) <= self.cfg.window)
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """Every candidate at least min(``threshold``, the row's best) confident."""
+        if not self.cfg.decode:
+            return super().commit(state, candidates)
+        c = candidates
+        return rules.commit_confident(c.confidence, c.valid, self.cfg.threshold)
+
+    def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
+        """``eos_truncate``: the masks from each row's first decoded EOS on leave decoding."""
+        if self.cfg.decode and self.cfg.eos_truncate:
+            state.dropped |= after_eos(state, committed, once=self.cfg.reference_compat)
 
     def start(self, state: DecodeState, store: Any) -> None:
         super().start(state, store)
@@ -259,6 +283,18 @@ class ElasticPolicy(Policy):
             refresh_from=[layer + 1 if s else None for s in starts.tolist()],
             picked=picked,
         )
+
+
+def after_eos(state: DecodeState, committed: torch.Tensor, once: bool) -> torch.Tensor:
+    """[B, L] positions of the real rows from each row's first decoded EOS on: its masks
+    leave decoding (a later EOS further left cuts again); ``once`` (the reference) cuts a row
+    once, at the first EOS among the tokens ``committed`` at the first step that commits one."""
+    batch = state.dropped.shape[0]
+    hit = state.ids[:batch] == state.eos_id
+    hit[:, : state.prompt_len] = False
+    if once:
+        hit &= committed[:batch] & ~state.dropped.any(1, keepdim=True)
+    return hit.long().cumsum(1) > 0
 
 
 @register_method(ElasticCacheConfig)

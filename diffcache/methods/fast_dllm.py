@@ -29,8 +29,9 @@ import torch
 
 from diffcache.adapter import Capabilities, Target
 from diffcache.kv.method import attach_policy
-from diffcache.kv.policy import DecodeState, Policy, StepPlan
+from diffcache.kv.policy import Candidates, DecodeState, Policy, StepPlan
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.pipelines.sampling import rules
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -91,12 +92,20 @@ class FastDLLMPolicy(Policy):
         super().__init__()
         self.cfg = cfg
 
-    def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
-        if self.cfg.factor is not None:
-            return {**settings, "threshold": None, "factor": self.cfg.factor}
-        if self.cfg.threshold is not None:
-            return {**settings, "threshold": self.cfg.threshold, "factor": None}
-        return settings
+    def _parallel(self) -> bool:
+        """The plan sets a parallel-decoding rule (else the request's rule decodes)."""
+        return self.cfg.threshold is not None or self.cfg.factor is not None
+
+    def block_done(self, state: DecodeState) -> bool:
+        """A parallel rule runs a block until it has no masks left."""
+        return False if self._parallel() else super().block_done(state)
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        """The plan's threshold or factor rule (replacing the request's), else the request's."""
+        if not self._parallel():
+            return super().commit(state, candidates)
+        c, cfg = candidates, self.cfg
+        return rules.commit_parallel(c.confidence, c.valid, cfg.threshold, cfg.factor)
 
     def plan(self, state: DecodeState, targets: torch.Tensor) -> StepPlan:
         i, every = state.block_step, self.cfg.refresh_every

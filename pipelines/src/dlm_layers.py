@@ -3,7 +3,7 @@
 RMSNorm in fp32, RoPE in fp32 (HF Llama ``rotate_half`` convention), non-causal SDPA with GQA;
 :class:`DLMBlock` and :class:`DLMModel`, the bases of the families' layers and models;
 :func:`diffusion_forward`: the whole model over every row, or — given a step plan — over the
-planned rows with K/V kept in a position-indexed store (:func:`diffcache.kv.forward_rows`), which
+planned rows with K/V kept in a position-indexed store (:func:`.dlm_engine.forward_rows`), which
 is how our text pipelines always call the model; :func:`build_tiny`, the deterministic tiny
 models of tests and demos.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcache.pipelines._tiny import seeded
+from diffcache.pipelines.dlm_engine import forward_rows
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def attend(
 
 class DLMBlock(nn.Module, abc.ABC):
     """One layer, split into :meth:`qkv`, :meth:`attend` and :meth:`finish` (the pieces
-    :func:`diffcache.kv.forward_rows` runs on the planned rows). A family gives its input norm
+    :func:`.dlm_engine.forward_rows` runs on the planned rows). A family gives its input norm
     and q/k/v projections (:meth:`qkv_modules`) and writes :meth:`finish`."""
 
     def __init__(self, config: DLMConfig) -> None:
@@ -153,12 +154,10 @@ def diffusion_forward(
 ) -> torch.Tensor:
     """embed -> every layer (cos/sin of ``position_ids``, key-padding mask) -> head: logits
     ``[B, L, V]``. With ``plan=`` (and ``store=``, ``policy=``, ``step=``) only the planned rows
-    run and the logits are those of ``plan.targets`` (:func:`diffcache.kv.forward_rows`)."""
+    run and the logits are those of ``plan.targets`` (:func:`.dlm_engine.forward_rows`)."""
     if position_ids is None:
         position_ids = default_positions(input_ids, attention_mask)
     if step.get("plan") is not None:
-        from diffcache.kv import forward_rows
-
         mask = None if attention_mask is None else attention_mask.bool()
         return forward_rows(model, input_ids, position_ids, mask, **step)
     mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]

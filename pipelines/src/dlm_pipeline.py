@@ -5,7 +5,9 @@ is decoded in semi-autoregressive blocks of ``block_length``; each step runs the
 the cache policy chose, scores the block's masked positions (the family's sampler) and commits
 some of them (a fixed count per step, or a parallel-decoding rule). Committed tokens are never
 re-masked. The policy (:class:`diffcache.kv.Policy`) comes from :meth:`cache_policy`, which
-``diffcache.accelerate`` hooks to install a method; plain, every step recomputes every row.
+``diffcache.accelerate`` hooks to install a method; plain, every step recomputes every row. The
+loop asks its policy for the decoding rule too (candidates, what to commit, when a block ends);
+a policy without a rule of its own decodes by the request's (:class:`RequestRule`).
 
 Batching: every decision is per row and positions are ``cumsum(attention_mask) - 1``, so a row of
 a batch decodes as it would alone: the same tokens at temperature 0. With sampling (one generator
@@ -25,12 +27,13 @@ import torch
 
 from diffcache.adapter import KVSeam
 from diffcache.errors import DiffCacheError
-from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, prior, row_sets
+from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, row_sets
+from diffcache.kv.policy import Candidates
 from diffcache.pipelines import dlm_loading
 from diffcache.pipelines.sampling import rules
 
 #: sampler settings that are non-negative numbers when given (None: the setting is off)
-NON_NEGATIVE = ("temperature", "cfg_scale", "alg_temp", "threshold", "factor", "prior_sigma")
+NON_NEGATIVE = ("temperature", "cfg_scale", "alg_temp", "threshold", "factor")
 
 #: the generation length of a call that gives none
 GEN_LENGTH = 128
@@ -303,48 +306,30 @@ class DiffusionLMPipeline:
             num_layers=model.num_layers,
             decoded_at=decoded_at,
             generator=generator,
+            # from a row's EOS on (a policy with an EOS rule sets it)
+            dropped=torch.zeros(batch, length, dtype=torch.bool, device=ids.device),
+            eos_id=self.tokenizer.eos_token_id,
+            rule=RequestRule(self, s),
         )
         store = KVStore.for_model(model, state.ids, policy.kernels) if policy.uses_store else None
-        window = s.get("window")
-        blocks = 1 if window else gen_length // block_length
-        per_block = steps // blocks if not window else steps
+        span = policy.block_length(gen_length, block_length)
+        blocks = gen_length // span
         self.begin_run(steps, gen_length=gen_length, block_length=block_length)
         policy.start(state, store)
-        dropped = torch.zeros(batch, length, dtype=torch.bool, device=ids.device)  # from EOS on
-        state.dropped = dropped
         try:
             for b in range(blocks):
-                start = prompt_len + b * block_length
-                end = length if window else start + block_length
-                state.block, state.block_step = (start, end), 0
-                start_masks = self._masked(state, batch, start, end).sum(1)
-                state.block_steps, state.start_masks = per_block, start_masks
+                start = prompt_len + b * span
+                state.block, state.block_step = (start, start + span), 0
+                state.start_masks = self._masked(state, batch, *state.block).sum(1)
+                state.block_steps = steps // blocks
                 policy.block_start(state)
                 while True:
-                    masked = self._masked(state, batch, start, end) & ~dropped
+                    masked = self._masked(state, batch, *state.block) & ~state.dropped
                     left = masked.sum(1)
-                    if not bool(left.any()) or (
-                        not self._until_done(s) and state.block_step >= per_block
-                    ):
+                    if not bool(left.any()) or policy.block_done(state):
                         break
-                    if window:
-                        masked &= masked.cumsum(1) <= window
-                    self._step(
-                        state,
-                        policy,
-                        masked,
-                        left,
-                        start_masks,
-                        per_block,
-                        s,
-                        key_mask,
-                        positions,
-                        store,
-                        generator,
-                        cfg,
-                        batch,
-                        dropped,
-                    )
+                    masked = policy.candidates(state, masked)
+                    self._step(state, policy, masked, left, s, key_mask, positions, store, cfg)
         finally:
             self.end_run()
         out = state.ids[:batch]
@@ -358,8 +343,8 @@ class DiffusionLMPipeline:
 
     @staticmethod
     def _until_done(s: dict[str, Any]) -> bool:
-        """Parallel-decoding rules run a block until it has no masks left."""
-        return any(s.get(k) is not None for k in ("threshold", "factor")) or bool(s.get("window"))
+        """The request's parallel-decoding rule runs a block until it has no masks left."""
+        return any(s.get(k) is not None for k in ("threshold", "factor"))
 
     def _masked(self, state: DecodeState, batch: int, start: int, end: int) -> torch.Tensor:
         """[B, L] masked positions of the real rows inside [start, end)."""
@@ -379,18 +364,17 @@ class DiffusionLMPipeline:
         policy: Policy,
         masked: torch.Tensor,
         left: torch.Tensor,
-        start_masks: torch.Tensor,
-        per_block: int,
         s: dict[str, Any],
         key_mask: torch.Tensor | None,
         positions: torch.Tensor,
         store: KVStore | None,
-        generator: Any,
         cfg: float,
-        batch: int,
-        dropped: torch.Tensor,
     ) -> None:
+        """One step: the model on the policy's rows, the family's scores of the ``masked``
+        candidates ``[B, L]`` (real rows; ``left`` ``[B]`` masks left in the block), the
+        policy's commit."""
         self.begin_step()
+        batch = masked.shape[0]
         targets, counts = pad_rows(row_sets(masked))
         plan = policy.plan(state, torch.cat([targets, targets]) if cfg else targets)
         idle = (counts == 0).to(targets.device)
@@ -402,27 +386,13 @@ class DiffusionLMPipeline:
             logits = self.mix_cfg(logits[:batch], logits[batch:], cfg)
         targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
         valid = first_occurrence(targets) & masked.gather(1, targets)
-        tokens, confidence = self.score(logits, s, generator, valid, policy.kernels)
+        tokens, confidence = self.score(logits, s, state.generator, valid, policy.kernels)
         # what policies read: every masked target (a policy may widen the targets beyond the
-        # block, d2Cache at step 0), before the decoding prior
+        # block, d2Cache at step 0), before the policy's decoding rule
         scored = first_occurrence(targets) & (state.ids[:batch].gather(1, targets) == state.mask_id)
         state.confidence = confidence.masked_fill(~scored, float("-inf"))
-        if s.get("prior_sigma"):
-            generated = state.ids[:batch, state.prompt_len :] != state.mask_id
-            # prior_compat: set by a policy (d2Cache's reference_compat), not a user setting
-            density = prior.certainty_density(
-                generated, s["prior_sigma"], reference_compat=bool(s.get("prior_compat"))
-            )
-            # an idle row's padding target may lie in the prompt: clamped, masked just below
-            where = (targets - state.prompt_len).clamp(min=0)
-            confidence = confidence * density.gather(1, where)
         confidence = confidence.masked_fill(~valid, float("-inf"))
-        order = policy.order(state, plan)
-        if order is not None:
-            confidence = order[:batch].masked_fill(~valid, float("-inf"))
-        commit = self.commit(
-            confidence, valid, left, start_masks, per_block, state.block_step, s, generator
-        )
+        commit = policy.commit(state, Candidates(targets, valid, confidence, left))
         # padding repeats a position in ``targets``: write through the committed entries only
         row, col = (commit & valid).nonzero(as_tuple=True)
         position = targets[row, col]
@@ -440,9 +410,6 @@ class DiffusionLMPipeline:
         else:
             state.ids = ids
         state.decoded_at[step_committed] = state.step
-        if s.get("eos_truncate"):
-            once = s["eos_truncate"] == "once"
-            dropped |= self._after_eos(state, batch, committed if once else None, dropped)
         if policy.tracing:
             where = row_sets(committed)
             tokens = [row[w] for row, w in zip(ids, where, strict=True)]
@@ -462,14 +429,11 @@ class DiffusionLMPipeline:
         s: dict[str, Any],
         generator: Any,
     ) -> torch.Tensor:
-        """Which candidates to commit [B, m]: the parallel-decoding rule when one is set, else
-        the family's count of the most confident."""
-        if s.get("window"):
-            return rules.commit_confident(confidence, valid, s["threshold"])
-        if s.get("threshold") is not None:
-            return rules.commit_threshold(confidence, valid, s["threshold"])
-        if s.get("factor") is not None:
-            return rules.commit_factor(confidence, valid, s["factor"])
+        """Which candidates to commit [B, m] by the request's rule: its parallel-decoding rule
+        when one is set, else the family's count of the most confident."""
+        parallel = rules.commit_parallel(confidence, valid, s.get("threshold"), s.get("factor"))
+        if parallel is not None:
+            return parallel
         k = self.count(left, start_masks, i, per_block, s).clamp(max=left)
         return rules.commit_topk(confidence, k)
 
@@ -477,25 +441,31 @@ class DiffusionLMPipeline:
         """Unsupervised classifier-free guidance (SMDM / LLaDA): un + (s + 1)(cond − un)."""
         return uncond + (scale + 1.0) * (cond - uncond)
 
-    def _after_eos(
-        self,
-        state: DecodeState,
-        batch: int,
-        committed: torch.Tensor | None,
-        dropped: torch.Tensor,
-    ) -> torch.Tensor:
-        """Elastic-Cache's EOS truncation: [B, L] positions from each row's first decoded EOS on
-        (the masks among them leave decoding and stay masks; the output text drops them; the
-        EOS itself is decoded already, it marks the row as truncated). ``eos_truncate: true``
-        follows the first EOS wherever it is decoded, so a later EOS further left cuts again;
-        ``"once"`` (the Elastic-Cache reference) cuts a row once, at the first EOS among the
-        tokens ``committed`` ``[B, L]`` at the first step that commits one."""
-        eos = self.tokenizer.eos_token_id
-        hit = state.ids[:batch] == eos
-        hit[:, : state.prompt_len] = False
-        if committed is not None:
-            hit &= committed & ~dropped.any(1, keepdim=True)
-        return hit.long().cumsum(1) > 0
+
+@dataclasses.dataclass
+class RequestRule:
+    """The request's decoding rule (:class:`diffcache.kv.policy.DecodingRule`): its parallel
+    rule (``threshold`` / ``factor``) until the block has no masks left, else the family's
+    count of the most confident over the block's steps."""
+
+    pipe: DiffusionLMPipeline
+    settings: dict[str, Any]
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        c = candidates
+        return self.pipe.commit(
+            c.confidence,
+            c.valid,
+            c.left,
+            state.start_masks,
+            state.block_steps,
+            state.block_step,
+            self.settings,
+            state.generator,
+        )
+
+    def block_done(self, state: DecodeState) -> bool:
+        return not self.pipe._until_done(self.settings) and state.block_step >= state.block_steps
 
 
 #: the KV seam of our text LMs (their adapters declare it): a position store, and each

@@ -276,7 +276,7 @@ def test_stage1_search_window_and_block_bias(k: int, want: list[int]) -> None:
 def test_nucleus_mass_boundary_is_inclusive() -> None:
     """The rollout keeps the largest prefix whose mass is <= p, the boundary included, as the
     reference (masses 0.5, 0.25, 0.25 are exact in binary)."""
-    from diffcache.kv import prior
+    from diffcache.methods import d2cache_prior as prior
 
     scores = torch.tensor([[2.0, 1.0, 1.0]])
     picked = prior.nucleus_select(scores, 0.75, torch.ones(1, 3, dtype=torch.bool))

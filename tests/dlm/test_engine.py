@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcache.kv.engine import forward_rows
 from diffcache.kv.method import token_layers
 from diffcache.kv.policy import DecodeState, LayerView, Policy, StepPlan, pad_rows, union_rows
 from diffcache.kv.store import KVStore
+from diffcache.pipelines.dlm_engine import forward_rows
 from diffcache.pipelines.dream.model import build_tiny_dream
 from diffcache.pipelines.llada.model import build_tiny_llada
 from diffcache.testing.plain_dlm import dense_forward

@@ -3,11 +3,17 @@ token for token, and batch rows equal batch-1 runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import diffcache
+from diffcache.kv.policy import Candidates, DecodeState, Policy
+from diffcache.methods import d2cache_prior
 from diffcache.registry import methods
+
+NEG = float("-inf")
 
 PROMPTS = ["hello there", "a", "the quick brown fox"]
 DLM_METHODS = ["fast_dllm", "dkv_cache", "elastic_cache", "d2cache"]
@@ -83,6 +89,33 @@ def test_narrowed_candidates_commit_every_position_in_a_batch(pipe, family: str)
         assert torch.equal(out.tokens[row, out.tokens.shape[1] - tokens.shape[1] :], tokens[0])
 
 
+class PriorOnly(Policy):
+    """No cache; commits by the request's rule on confidence × d²Cache's certainty density
+    of width ``sigma`` over the generated region (0: plain confidences)."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def commit(self, state: DecodeState, candidates: Candidates) -> torch.Tensor:
+        c, p = candidates, state.prompt_len
+        if self.sigma:
+            decoded = state.ids[: len(c.targets), p:] != state.mask_id
+            density = d2cache_prior.certainty_density(decoded, self.sigma)
+            at = density.gather(1, (c.targets - p).clamp(min=0))
+            c = dataclasses.replace(c, confidence=(c.confidence * at).masked_fill(~c.valid, NEG))
+        return super().commit(state, c)
+
+
+def run_prior(pipe, sigma: float, **kw):
+    """The plain pipeline decoding with the certainty prior of width ``sigma``."""
+    pipe.cache_policy = lambda: PriorOnly(sigma)
+    try:
+        return run(pipe, PROMPTS, **kw)
+    finally:
+        del pipe.cache_policy
+
+
 @pytest.mark.parametrize("decode_sigma", [0.0, 10.0])
 def test_d2cache_decoding_prior_is_its_own_width(pipe, family: str, decode_sigma: float) -> None:
     """``decode_sigma`` (the reference's generation.sigma) alone sets the decoding prior;
@@ -90,8 +123,8 @@ def test_d2cache_decoding_prior_is_its_own_width(pipe, family: str, decode_sigma
     exactly as the plain pipeline with that prior."""
     full = {"current_k": 1_000_000, "rollout_p": 1.0, "inflate_w": 1_000_000, "sigma": 10.0}
     fixed = {"alg": "maskgit_plus"} if family == "dream" else {}  # origin ignores confidence
-    plain, _ = run(pipe, PROMPTS, prior_sigma=decode_sigma, **fixed)
-    other, _ = run(pipe, PROMPTS, prior_sigma=10.0 - decode_sigma, **fixed)
+    plain, _ = run_prior(pipe, decode_sigma, **fixed)
+    other, _ = run_prior(pipe, 10.0 - decode_sigma, **fixed)
     assert not torch.equal(plain, other)  # the prior changes the decoding here
     diffcache.accelerate(pipe, plan(family, "d2cache", {**full, "decode_sigma": decode_sigma}))
     got, _ = run(pipe, PROMPTS, **fixed)

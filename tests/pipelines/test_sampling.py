@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from diffcache.kernels import _dispatch
-from diffcache.kv import prior
-from diffcache.kv.random import uniform
+from diffcache.methods import d2cache_prior as prior
 from diffcache.pipelines.sampling import dream, llada, rules
+from diffcache.pipelines.sampling.random import uniform
 
 NEG = float("-inf")
 

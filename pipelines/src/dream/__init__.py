@@ -73,9 +73,6 @@ class DreamPipeline(DiffusionLMPipeline):
         "threshold": None,
         "factor": None,
         "reference_compat": False,
-        "window": None,
-        "eos_truncate": False,
-        "prior_sigma": 0.0,
     }
 
     def score(

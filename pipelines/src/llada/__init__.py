@@ -99,9 +99,6 @@ class LLaDAPipeline(DiffusionLMPipeline):
         "threshold": None,  # Fast-dLLM: commit every candidate with confidence >= threshold
         "factor": None,  # Fast-dLLM's factor rule
         "reference_compat": False,
-        "window": None,  # decode the first `window` masks of the whole answer (Elastic-Cache)
-        "eos_truncate": False,  # drop masks after the first decoded EOS (Elastic-Cache)
-        "prior_sigma": 0.0,  # certainty-prior decoding (d2Cache)
     }
 
     def check_request(self, gen_length: int, steps: int, block_length: int) -> None:

@@ -6,8 +6,8 @@ algorithms, per-step count and ``origin`` reveal. ``stats``: the fused confidenc
 (Triton) both take at T = 0 when a plan's kernel backend picks them. ``rules``: which
 candidates to commit (top-k, Fast-dLLM's threshold and factor rules, Elastic-Cache's confident
 set, Dream's sampled commit).
-d²Cache's certainty density, nucleus selection and inflation are in ``diffcache.kv.prior``
-(its cache policy uses them too).
+d²Cache's certainty density, nucleus selection and inflation are its method's
+(``diffcache.methods.d2cache_prior``; its cache policy uses them too).
 
 Contract: candidates come as ``[B, m]`` padded sets (``valid`` marks the real ones) with their
 logits ``[B, m, V]``; every decision is per row. Random draws take ``None`` (the global

@@ -3,14 +3,14 @@ research/dlm.md §1.2).
 
 Inputs are one step's candidates: logits ``[B, m, V]`` (already shifted: the engine gives the
 logits that predict each candidate) with ``valid [B, m]`` marking the real ones. Random draws
-come from one generator or one per row (``diffcache.kv.random``).
+come from one generator or one per row (``diffcache.pipelines.sampling.random``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.random import Generators, uniform
 from diffcache.pipelines.sampling.stats import token_stats
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")

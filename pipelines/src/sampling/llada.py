@@ -2,14 +2,14 @@
 
 Inputs are one step's candidates: logits ``[B, m, V]`` with ``valid [B, m]`` marking the real
 ones of each padded row. Random draws come from one generator or one per row
-(``diffcache.kv.random``).
+(``diffcache.pipelines.sampling.random``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.random import Generators, uniform
 from diffcache.pipelines.sampling.stats import token_stats
 
 REMASKING = ("low_confidence", "random")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffcache.kv.random import Generators, uniform
+from diffcache.pipelines.sampling.random import Generators, uniform
 
 NEG_INF = float("-inf")
 
@@ -60,6 +60,18 @@ def commit_factor(
     if reference_compat:
         first = torch.where(first == n_valid - 1, n_valid, first)
     return valid & (ranks < first.clamp(min=1)[:, None])
+
+
+def commit_parallel(
+    confidence: torch.Tensor, valid: torch.Tensor, threshold: float | None, factor: float | None
+) -> torch.Tensor | None:
+    """Fast-dLLM's parallel decoding: the threshold rule when ``threshold`` is set, else the
+    factor rule when ``factor`` is set; None when neither is (no parallel rule)."""
+    if threshold is not None:
+        return commit_threshold(confidence, valid, threshold)
+    if factor is not None:
+        return commit_factor(confidence, valid, factor)
+    return None
 
 
 def commit_confident(p_max: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
