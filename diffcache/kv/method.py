@@ -14,7 +14,8 @@ call, where the plain generation of ``steps < gen_length`` commits several) is c
 its fraction can then pass 1.
 
 The plan's ``kernels:`` backend goes to the policy (the store's K/V scatter and the sampler's
-fused confidence statistics); the run's stats name the backend each of them used.
+fused confidence statistics) with a record of this generation's own: at its end the run's Stats
+name the backend each of them used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from diffcache import kernels
 from diffcache.kv.policy import Policy, StepPlan
 from diffcache.session import Call, Session
 
@@ -44,17 +44,14 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
     pipe, run = session.target.pipe, session.run
     current: list[Policy] = []
     calls = [0, 0.0]  # model calls of this generation, token-layers of one full call
-    ops = ("kv_scatter", "token_confidence")
 
     def cache_policy(inner: Callable, *args: Any, **kwargs: Any) -> Policy:
         policy = factory()
-        policy.kernels = session.kernels
+        policy.kernels, policy.kernel_record = session.kernels, {}  # the run's Stats start later
         if run.tracing:
             policy.tracer = run.trace
         current[:] = [policy]
         calls[:] = [0, 0.0]
-        for op in ops:  # what this generation uses is recorded at its end
-            kernels.last_backend.pop(op, None)
         return policy
 
     def step(call: Call) -> Any:
@@ -81,9 +78,8 @@ def attach_policy(session: Session, name: str, factory: Callable[[], Policy]) ->
         unmade = (run.num_steps or 0) - calls[0]
         if unmade and calls[0]:  # the total is the plain generation's calls: those saved by
             run.record("token_layer", 0.0, calls[1] * unmade)  # parallel decoding, or fewer
-        run.stats.kernels.update(
-            {op: kernels.last_backend[op] for op in ops if op in kernels.last_backend}
-        )
+        if current and current[0].kernel_record:
+            run.stats.kernels.update(current[0].kernel_record)
         return inner(*args, **kwargs)
 
     session.attach(pipe, "cache_policy", f"diffcache.{name}", cache_policy)

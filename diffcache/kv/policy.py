@@ -10,7 +10,7 @@ recomputed. Methods differ only in how they choose these and when they refresh.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ class Policy:
     name = "none"
     uses_store = False
     kernels = "torch"  # kernel backend of the store and the sampler (a plan's ``kernels:``)
+    kernel_record: MutableMapping[str, str] | None = None  # where they note the backend that ran
     tracer: Callable[..., None] | None = None  # the run's trace while tracing (attach_policy)
 
     @property

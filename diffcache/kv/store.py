@@ -8,6 +8,8 @@ the rows its policy chose and writes them in place (research/dlm.md §6.1).
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from diffcache.kernels import kv_scatter
@@ -30,15 +32,22 @@ class KVStore:
         dtype: torch.dtype,
         device: torch.device | str,
         backend: str = "auto",
+        record: MutableMapping[str, str] | None = None,
     ) -> None:
         shape = (batch, kv_heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.backend = backend
+        self.backend, self.record = backend, record  # the scatters' backend, where it is noted
         self.trace: list[tuple[int, int, torch.Tensor]] | None = None
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, ids: torch.Tensor, backend: str = "auto") -> KVStore:
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        backend: str = "auto",
+        record: MutableMapping[str, str] | None = None,
+    ) -> KVStore:
         """An empty store sized for ``model`` and token ids ``[B, L]``."""
         param = next(model.parameters())
         return cls(
@@ -50,6 +59,7 @@ class KVStore:
             param.dtype,
             param.device,
             backend,
+            record,
         )
 
     def write(
@@ -61,8 +71,8 @@ class KVStore:
             self.k[layer].copy_(k)
             self.v[layer].copy_(v)
         else:
-            kv_scatter(self.k[layer], rows, k, backend=self.backend)
-            kv_scatter(self.v[layer], rows, v, backend=self.backend)
+            kv_scatter(self.k[layer], rows, k, backend=self.backend, record=self.record)
+            kv_scatter(self.v[layer], rows, v, backend=self.backend, record=self.record)
         if self.trace is not None:
             all_rows = torch.arange(self.length).expand(k.shape[0], -1) if rows is None else rows
             self.trace.append((step, layer, all_rows.cpu().clone()))

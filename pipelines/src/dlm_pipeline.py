@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -121,10 +121,12 @@ class DiffusionLMPipeline:
         generator: Any,
         valid: torch.Tensor,
         backend: str,
+        record: MutableMapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[B, m]`` and confidences ``[B, m]`` for candidates' logits ``[B, m, V]``
         (``valid``: the real candidates, leading in each row; ``backend``: the cache policy's
-        kernel backend, which may fuse the confidence statistics)."""
+        kernel backend, which may fuse the confidence statistics; ``record``: where the backend
+        that ran is written)."""
         raise NotImplementedError
 
     def count(
@@ -303,7 +305,11 @@ class DiffusionLMPipeline:
             decoded_at=decoded_at,
             generator=generator,
         )
-        store = KVStore.for_model(model, state.ids, policy.kernels) if policy.uses_store else None
+        store = (
+            KVStore.for_model(model, state.ids, policy.kernels, policy.kernel_record)
+            if policy.uses_store
+            else None
+        )
         window = s.get("window")
         blocks = 1 if window else gen_length // block_length
         per_block = steps // blocks if not window else steps
@@ -401,7 +407,9 @@ class DiffusionLMPipeline:
             logits = self.mix_cfg(logits[:batch], logits[batch:], cfg)
         targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
         valid = first_occurrence(targets) & masked.gather(1, targets)
-        tokens, confidence = self.score(logits, s, generator, valid, policy.kernels)
+        tokens, confidence = self.score(
+            logits, s, generator, valid, policy.kernels, policy.kernel_record
+        )
         # what policies read: every masked target (a policy may widen the targets beyond the
         # block, d2Cache at step 0), before the decoding prior
         scored = first_occurrence(targets) & (state.ids[:batch].gather(1, targets) == state.mask_id)
