@@ -48,9 +48,12 @@ class BlockSkipper:
         """The module sites of a block that qualifies (empty for others)."""
         return self.spec[block][1] if block in self.spec else []
 
-    def __call__(self, call: Call, cached: Callable[[Site], Any], backend: str) -> Any | None:
+    def __call__(
+        self, call: Call, cached: Callable[[Site], Any], kernel: Callable[..., Any]
+    ) -> Any | None:
         """The block's output from ``cached(module site)`` of every module, or None when some
-        module has no cached output or the call is outside what the data describes."""
+        module has no cached output or the call is outside what the data describes
+        (``kernel``: the session's :meth:`~diffcache.session.Session.kernel`)."""
         from diffcache import kernels
 
         found = self.spec.get(call.site.name)
@@ -104,9 +107,8 @@ class BlockSkipper:
                         gate = gate.unsqueeze(1)
                 values.append(v)
                 gates.append(gate)
-            out = kernels.gated_apply(xs, values, gates, backend=backend)
+            out = kernel(kernels.gated_apply, xs, values, gates)
             if out.dtype == torch.float16 and part in g.clip_fp16:
                 out = out.clip(-65504, 65504)
             results.append(out)
-        call.run.stats.kernels["gated_apply"] = kernels.last_backend["gated_apply"]
         return tuple(results) if len(results) > 1 else results[0]

@@ -6,14 +6,15 @@ core wraps every denoiser (and every site a method asks for) once, counts the ca
 method a :class:`Call`, and records whether the method computed or reused the work.
 
 A method's ``apply(session, config)`` uses :meth:`on_step` (whole denoiser calls),
-:meth:`on_sites` (blocks or modules) and, for anything else, :meth:`attach`.
+:meth:`on_sites` (blocks or modules) and, for anything else, :meth:`attach`; it calls the fused
+kernels through :meth:`kernel`, so each run's Stats name the backends its own calls used.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from diffcache import hooks
 from diffcache.adapter import Target
@@ -22,6 +23,7 @@ from diffcache.runstate import RunState
 from diffcache.sites import Site
 
 Handler = Callable[["Call"], Any]
+T = TypeVar("T")
 
 
 class Call:
@@ -88,6 +90,11 @@ class Session:
     @property
     def kernels(self) -> str:
         return self.run.kernels
+
+    def kernel(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``op(*args, **kwargs)``, a :mod:`diffcache.kernels` op, on the plan's backend; the
+        current run's ``Stats.kernels`` records which backend ran."""
+        return op(*args, **kwargs, backend=self.run.kernels, record=self.run.stats.kernels)
 
     # -- attaching --------------------------------------------------------------------------
     def attach(self, obj: Any, attr: str, name: str, hook: hooks.Hook) -> None:

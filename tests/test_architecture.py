@@ -199,3 +199,38 @@ def test_pipelines_import_no_method_and_the_kv_store_no_pipeline() -> None:
         if d.split(".")[1:2] and d.split(".")[1] in banned
     ]
     assert found == [], f"imports against the layering: {found}"
+
+
+def test_every_kernel_op_call_says_where_its_backend_is_recorded() -> None:
+    """No process-global kernel record: every op of ``diffcache.kernels`` takes ``record`` and
+    notes the backend that ran there (``_record(spec, chosen, record)``), and every call of an
+    op elsewhere in the package passes ``record=`` (methods call theirs through
+    ``Session.kernel``, which passes the run's ``Stats.kernels``)."""
+    from diffcache import kernels
+
+    ops = {spec.name for spec in kernels.ops()}
+    defined, unrecorded = set(), []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        if name.startswith("diffcache.kernels."):
+            for fn in tree.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name in ops:
+                    defined.add(fn.name)
+                    params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+                    records = [
+                        c
+                        for c in ast.walk(fn)
+                        if isinstance(c, ast.Call)
+                        and getattr(c.func, "id", None) == "_record"
+                        and [getattr(a, "id", None) for a in c.args[2:]] == ["record"]
+                    ]
+                    if "record" not in params or not records:
+                        unrecorded.append(f"{name}.{fn.name} (definition)")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "attr", getattr(node.func, "id", None))
+                if called in ops and "record" not in {k.arg for k in node.keywords}:
+                    unrecorded.append(f"{name}:{node.lineno} {called}(...)")
+    assert defined == ops, f"ops defined outside their kernel module: {ops - defined}"
+    assert unrecorded == [], f"kernel op calls that record nowhere: {unrecorded}"

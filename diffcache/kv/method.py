@@ -14,7 +14,8 @@ call, where the plain generation of ``steps < gen_length`` commits several) is c
 its fraction can then pass 1.
 
 The plan's ``kernels:`` backend goes to the policy (the store's K/V scatter and the sampler's
-fused confidence statistics); the run's stats name the backend each of them used.
+fused confidence statistics) with a record of this generation's own: at its end the run's Stats
+name the backend each of them used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from diffcache import kernels
 from diffcache.errors import UnsupportedModelError
 from diffcache.kv.policy import Policy, StepPlan
 from diffcache.session import Call, Session
@@ -44,8 +44,6 @@ class _Generations:
     """The policy of each generation of one session's pipeline, and what it counts: its model
     calls and the token-layers of one full call (for the calls parallel decoding saved)."""
 
-    ops = ("kv_scatter", "token_confidence")
-
     def __init__(self, session: Session, factory: Callable[[], Policy]) -> None:
         self.session, self.run, self.factory = session, session.run, factory
         self.policy: Policy | None = None
@@ -55,12 +53,10 @@ class _Generations:
     def new_policy(self, inner: Callable, *args: Any, **kwargs: Any) -> Policy:
         """A fresh policy for the generation that begins."""
         policy = self.factory()
-        policy.kernels = self.session.kernels
+        policy.kernels, policy.kernel_record = self.session.kernels, {}  # Stats start later
         if self.run.tracing:
             policy.tracer = self.run.trace
         self.policy, self.calls, self.full_call = policy, 0, 0.0
-        for op in self.ops:  # what this generation uses is recorded at its end
-            kernels.last_backend.pop(op, None)
         return policy
 
     def step(self, call: Call) -> Any:
@@ -91,9 +87,8 @@ class _Generations:
         unmade = (run.num_steps or 0) - self.calls
         if unmade and self.calls:  # the total is the plain generation's calls: those saved by
             run.record("token_layer", 0.0, self.full_call * unmade)  # parallel decoding, or fewer
-        run.stats.kernels.update(
-            {op: kernels.last_backend[op] for op in self.ops if op in kernels.last_backend}
-        )
+        if self.policy is not None and self.policy.kernel_record:
+            run.stats.kernels.update(self.policy.kernel_record)
         return inner(*args, **kwargs)
 
 

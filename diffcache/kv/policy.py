@@ -13,7 +13,7 @@ request's own rule (:class:`DecodingRule`, the pipeline's); a method with a rule
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
 import torch
@@ -116,6 +116,7 @@ class Policy:
     name = "none"
     uses_store = False
     kernels = "torch"  # kernel backend of the store and the sampler (a plan's ``kernels:``)
+    kernel_record: MutableMapping[str, str] | None = None  # where they note the backend that ran
     tracer: Callable[..., None] | None = None  # the run's trace while tracing (attach_policy)
 
     @property

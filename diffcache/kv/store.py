@@ -20,6 +20,7 @@ place (research/dlm.md §6.1).
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -70,17 +71,24 @@ class KVStore:
         dtype: torch.dtype,
         device: torch.device | str,
         backend: str = "auto",
+        record: MutableMapping[str, str] | None = None,
     ) -> None:
         shape = (batch, kv_heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # [layers, B, L]: the positions holding a written row
         self.held = torch.zeros(num_layers, batch, length, dtype=torch.bool, device=device)
-        self.backend = backend
+        self.backend, self.record = backend, record  # the scatters' backend, where it is noted
         self.trace: list[tuple[int, int, torch.Tensor]] | None = None
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, ids: torch.Tensor, backend: str = "auto") -> KVStore:
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        backend: str = "auto",
+        record: MutableMapping[str, str] | None = None,
+    ) -> KVStore:
         """An empty store sized for ``model`` and token ids ``[B, L]``."""
         param = next(model.parameters())
         return cls(
@@ -92,6 +100,7 @@ class KVStore:
             param.dtype,
             param.device,
             backend,
+            record,
         )
 
     def write(
@@ -104,8 +113,8 @@ class KVStore:
             self.v[layer].copy_(v)
             self.held[layer] = True
         else:
-            kv_scatter(self.k[layer], rows, k, backend=self.backend)
-            kv_scatter(self.v[layer], rows, v, backend=self.backend)
+            kv_scatter(self.k[layer], rows, k, backend=self.backend, record=self.record)
+            kv_scatter(self.v[layer], rows, v, backend=self.backend, record=self.record)
             self.held[layer].scatter_(1, rows, True)
         if self.trace is not None:
             all_rows = torch.arange(self.length).expand(k.shape[0], -1) if rows is None else rows

@@ -124,7 +124,7 @@ class _EasyCache:
 
     def __init__(self, session: Session, cfg: EasyCacheConfig) -> None:
         t = session.target
-        self.cfg, self.run, self.backend = cfg, session.run, session.kernels
+        self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
         self.module = type(t.denoiser).__name__
@@ -133,9 +133,7 @@ class _EasyCache:
     def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
         from diffcache import kernels
 
-        out = kernels.l1_change(a, b, backend=self.backend).tolist()
-        self.run.stats.kernels["l1_change"] = kernels.last_backend["l1_change"]
-        return out
+        return self.kernel(kernels.l1_change, a, b).tolist()
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         n = self.channels
@@ -169,8 +167,7 @@ class _EasyCache:
         from diffcache import kernels
 
         dtype = sample_of(st.template).dtype
-        out = kernels.add_residual(x, st.residual, dtype, backend=self.backend)
-        self.run.stats.kernels["add_residual"] = kernels.last_backend["add_residual"]
+        out = self.kernel(kernels.add_residual, x, st.residual, dtype)
         return rebuild_output(st.template, with_extra(out, st.extra, self.cdim))
 
     def store(self, st: _Branch, x: torch.Tensor, output: Any, lead: bool) -> None:

@@ -425,7 +425,7 @@ class _Branch:
 class _ERTACache:
     def __init__(self, session: Session, cfg: ERTACacheConfig, sched: Schedule) -> None:
         t = session.target
-        self.run, self.backend, self.sched = session.run, session.kernels, sched
+        self.run, self.kernel, self.sched = session.run, session.kernel, sched
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
         self.reuse = frozenset(sched.reuse)
@@ -458,10 +458,9 @@ class _ERTACache:
         shift = self.sched.shift[call.branch, call.step].to(x.device)
         call.explain(scale=scale, shift=shift)  # the rectifier, per latent channel
         dtype = sample_of(st.template).dtype
-        out = kernels.rectified_residual(
-            x, st.residual, scale, shift, self.cdim, dtype, backend=self.backend
+        out = self.kernel(
+            kernels.rectified_residual, x, st.residual, scale, shift, self.cdim, dtype
         )
-        self.run.stats.kernels["rectified_residual"] = kernels.last_backend["rectified_residual"]
         return rebuild_output(st.template, with_extra(out, st.extra, self.cdim))
 
 

@@ -423,7 +423,7 @@ class _HyCa:
                 f"hyca: the plan names {len(cal.cluster_solvers)} cluster solvers for "
                 f"{int(cal.labels.max()) + 1} clusters"
             )
-        self.cfg, self.run, self.backend = cfg, session.run, session.kernels
+        self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.blocks = BlockStreams(sites)
         self.index = {s.name: i for i, s in enumerate(sites)}
         solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
@@ -474,11 +474,7 @@ class _HyCa:
         x = self.blocks.inputs(call)
         block = self.index[call.site.name]
         w = self.weights_for(block, tuple(st.steps), call.step, x[0].shape[-1], x[0].device)
-        outs = [
-            kernels.forecast(i, h, w, backend=self.backend)
-            for i, h in zip(x, st.parts, strict=True)
-        ]
-        self.run.stats.kernels["forecast"] = kernels.last_backend["forecast"]
+        outs = [self.kernel(kernels.forecast, i, h, w) for i, h in zip(x, st.parts, strict=True)]
         if self.run.tracing:
             self.explain(call, st.steps, x, outs)
         return tuple(outs) if isinstance(st.template, (tuple, list)) else outs[0]

@@ -420,7 +420,7 @@ def apply(session: Session, cfg: InvarDiffConfig) -> None:
             return parts if len(parts) > 1 else parts[0]
         out = None
         if fusable.get(name, ())[call.step : call.step + 1] == [True]:
-            out = skipper(call, lambda site: cached(site, call), session.kernels)
+            out = skipper(call, lambda site: cached(site, call), session.kernel)
             call.explain(fused=out is not None)  # every module reused: the block not run
         if out is None:
             out = call.compute()

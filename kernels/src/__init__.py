@@ -2,15 +2,17 @@
 
 Each public op takes ``backend="auto" | "torch" | "triton"``. ``auto`` uses the Triton kernel on
 supported CUDA tensors and the torch reference otherwise; ``triton`` raises
-:class:`KernelUnavailableError` with every reason it cannot run. ``last_backend`` records which
-backend each op's latest call used. Importing this package works without Triton installed.
+:class:`KernelUnavailableError` with every reason it cannot run. ``record`` (a mapping, optional)
+gets ``record[op] = "torch" | "triton"``, the backend the call used; an accelerated model's calls
+record into their run's ``Stats.kernels`` (``Session.kernel``). Importing this package works
+without Triton installed.
 """
 
 from __future__ import annotations
 
 from diffcache.errors import KernelUnavailableError
 
-from ._dispatch import Backend, describe, last_backend, ops, pick, resolve_backend
+from ._dispatch import Backend, describe, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
 from .gated_apply import gated_apply, gated_apply_ref
@@ -35,7 +37,6 @@ __all__ = [
     "kv_scatter_ref",
     "l1_change",
     "l1_change_ref",
-    "last_backend",
     "ops",
     "pick",
     "rectified_residual",

@@ -8,6 +8,10 @@ Every op has a torch reference and, where Triton can run, a Triton kernel. Calle
 * ``auto`` runs the kernel only on CUDA tensors it supports (never the interpreter), else the
   reference; the reasons are logged once per op at INFO.
 
+Each op also takes ``record``: a mapping where it writes ``record[op name] = "torch" | "triton"``,
+the backend that ran (an accelerated model passes its run's ``Stats.kernels``). Nothing about a
+call is kept in this module.
+
 The environment variable ``DIFFCACHE_KERNELS`` (``torch`` | ``triton`` | ``auto``) overrides
 ``auto`` calls. It is a debugging and CI knob, not a configuration surface.
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -109,7 +113,7 @@ class OpSpec:
     """What a fused op's Triton kernel supports.
 
     Attributes:
-        name: Op name, the key in the registry and in ``last_backend``.
+        name: Op name, the key in the registry and in an op's ``record``.
         description: One line for ``diffcache info``.
         dtypes: Torch dtypes the Triton kernel accepts (for every input without its own rule).
         input_dtypes: Per-input rules by position, overriding ``dtypes`` for that input (an
@@ -189,9 +193,6 @@ class OpSpec:
 
 _REGISTRY: dict[str, OpSpec] = {}
 
-last_backend: dict[str, str] = {}
-"""Op name -> backend value ("torch" or "triton") used by the latest call of that op."""
-
 _LOGGED: set[str] = set()
 
 
@@ -206,9 +207,10 @@ def ops() -> list[OpSpec]:
     return list(_REGISTRY.values())
 
 
-def _record(spec: OpSpec, backend: Backend) -> None:
-    """Note which backend ran for ``spec``."""
-    last_backend[spec.name] = backend.value
+def _record(spec: OpSpec, backend: Backend, record: MutableMapping[str, str] | None) -> None:
+    """Note in ``record`` (when given) which backend ran for ``spec``."""
+    if record is not None:
+        record[spec.name] = backend.value
 
 
 _BY_VALUE = {b.value: b for b in Backend}

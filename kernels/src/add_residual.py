@@ -7,6 +7,8 @@ and writes the result in the output dtype, with no float32 temporaries.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
@@ -88,6 +90,7 @@ def add_residual(
     r: torch.Tensor,
     out_dtype: torch.dtype | None = None,
     backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Return ``x + r`` added in float32 and cast to ``out_dtype`` (default ``x.dtype``).
 
@@ -96,6 +99,7 @@ def add_residual(
         r: Cached residual, same shape and device as ``x``.
         out_dtype: Result dtype; defaults to ``x.dtype``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Returns:
         A new tensor of ``x``'s shape.
@@ -112,5 +116,5 @@ def add_residual(
         out = _add_residual_triton(x, r, dtype)
     else:
         out = add_residual_ref(x, r, dtype)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

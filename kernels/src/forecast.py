@@ -8,6 +8,8 @@ output dtype, with no float32 temporaries.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
@@ -88,6 +90,7 @@ def forecast(
     weights: torch.Tensor,
     out_dtype: torch.dtype | None = None,
     backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Return ``x + sum_j weights[j, d] * history[j, ..., d]`` (``d`` the last axis), summed in
     float32 and cast to ``out_dtype`` (default ``x.dtype``).
@@ -98,6 +101,7 @@ def forecast(
         weights: ``(H, D)``: each dimension's weights over the history.
         out_dtype: Result dtype; defaults to ``x.dtype``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Raises:
         ValueError: Shapes do not fit.
@@ -111,5 +115,5 @@ def forecast(
         out = _forecast_triton(x, history, weights, dtype)
     else:
         out = forecast_ref(x, history, weights, dtype)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

@@ -14,7 +14,7 @@ each residual add, so there the fused result is the same sum with fewer rounding
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 
@@ -162,6 +162,7 @@ def gated_apply(
     gates: Sequence[torch.Tensor | None],
     out_dtype: torch.dtype | None = None,
     backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Return ``x + gates[0] * values[0] + gates[1] * values[1] + ...`` (a None gate adds its
     value as is), added term by term in float32 and cast to ``out_dtype`` (default ``x.dtype``).
@@ -175,6 +176,7 @@ def gated_apply(
             None for an ungated term.
         out_dtype: Result dtype; defaults to ``x.dtype``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Raises:
         ValueError: Shapes do not fit, or not 1 to 4 terms.
@@ -191,5 +193,5 @@ def gated_apply(
         out = _gated_apply_triton(x, values, gates, dtype)
     else:
         out = gated_apply_ref(x, values, gates, dtype)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

@@ -14,6 +14,8 @@ than touch memory outside the store — they do not check, to stay free of host 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
@@ -179,6 +181,7 @@ def kv_scatter(
     rows: torch.Tensor,
     values: torch.Tensor,
     backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> None:
     """Write ``store[b, :, rows[b, j], :] = values[b, :, j, :]`` in place.
 
@@ -190,6 +193,7 @@ def kv_scatter(
             with that position's values (identical writes; safe on both backends).
         values: ``[B, H, n, hd]`` fresh rows, the store's dtype, any strides.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Raises:
         ValueError: Shapes or dtypes do not fit.
@@ -201,11 +205,14 @@ def kv_scatter(
         _launch(store, rows, values, scatter=True)
     else:
         kv_scatter_ref(store, rows, values)
-    _record(SCATTER_SPEC, chosen)
+    _record(SCATTER_SPEC, chosen, record)
 
 
 def kv_gather(
-    store: torch.Tensor, rows: torch.Tensor, backend: str | Backend = "auto"
+    store: torch.Tensor,
+    rows: torch.Tensor,
+    backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Return ``out[b, :, j, :] = store[b, :, rows[b, j], :]``, a new contiguous tensor.
 
@@ -214,6 +221,7 @@ def kv_gather(
             strides).
         rows: ``[B, n]`` int64 positions in ``[0, L)`` (repeats allowed).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Returns:
         ``[B, H, n, hd]`` in the store's dtype, on its device.
@@ -230,5 +238,5 @@ def kv_gather(
         _launch(store, rows, out, scatter=False)
     else:
         out = kv_gather_ref(store, rows)
-    _record(GATHER_SPEC, chosen)
+    _record(GATHER_SPEC, chosen, record)
     return out

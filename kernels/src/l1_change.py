@@ -8,6 +8,7 @@ means together, accumulated in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 
 import torch
 
@@ -108,13 +109,19 @@ def _l1_change_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return partials.sum(dim=0) / n
 
 
-def l1_change(a: torch.Tensor, b: torch.Tensor, backend: str | Backend = "auto") -> torch.Tensor:
+def l1_change(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
+) -> torch.Tensor:
     """Return ``(mean|a-b|, mean|a|, mean|b|)`` as a float32 tensor of shape (3,).
 
     Args:
         a: Current tensor (float32, float16 or bfloat16 for the Triton kernel).
         b: Previous tensor, same shape, dtype and device as ``a``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Returns:
         Float32 tensor of shape (3,) on ``a``'s device.
@@ -126,5 +133,5 @@ def l1_change(a: torch.Tensor, b: torch.Tensor, backend: str | Backend = "auto")
     _check_shapes(a, b)
     chosen = pick(SPEC, backend, a, b)
     out = _l1_change_triton(a, b) if chosen is Backend.TRITON else l1_change_ref(a, b)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

@@ -9,6 +9,7 @@ coefficients up and writes the output dtype, with no float32 temporaries.
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 
 import torch
 
@@ -105,6 +106,7 @@ def rectified_residual(
     channel_dim: int = 1,
     out_dtype: torch.dtype | None = None,
     backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Return ``(x + r) * scale + shift`` (per channel along ``channel_dim``) computed in
     float32 and cast to ``out_dtype`` (default ``x.dtype``).
@@ -117,6 +119,7 @@ def rectified_residual(
         channel_dim: The channel axis of ``x``.
         out_dtype: Result dtype; defaults to ``x.dtype``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Raises:
         ValueError: Shapes do not fit.
@@ -130,5 +133,5 @@ def rectified_residual(
         out = _rectified_triton(x, r, scale, shift, channel_dim, dtype)
     else:
         out = rectified_residual_ref(x, r, scale, shift, channel_dim, dtype)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

@@ -20,6 +20,8 @@ results.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
@@ -158,7 +160,9 @@ def _token_confidence_triton(
 
 
 def token_confidence(
-    logits: torch.Tensor, backend: str | Backend = "auto"
+    logits: torch.Tensor,
+    backend: str | Backend = "auto",
+    record: MutableMapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row confidence statistics of ``logits [N, V]`` in one pass, float32 accumulation.
 
@@ -166,6 +170,7 @@ def token_confidence(
         logits: ``[N, V]`` (float32, float16 or bfloat16 for the Triton kernel); rows may be
             strided, the vocab axis is made unit-stride if it is not.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.
+        record: Where to write ``record[op] = "torch" | "triton"``, the backend that ran.
 
     Returns:
         ``(top1_id, p1, p2, neg_entropy)`` on ``logits``' device: int64 ``[N]`` argmax (lowest
@@ -183,5 +188,5 @@ def token_confidence(
         out = _token_confidence_triton(logits)
     else:
         out = token_confidence_ref(logits)
-    _record(SPEC, chosen)
+    _record(SPEC, chosen, record)
     return out

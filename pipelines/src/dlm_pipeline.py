@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -125,10 +125,12 @@ class DiffusionLMPipeline:
         generator: Any,
         valid: torch.Tensor,
         backend: str,
+        record: MutableMapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[B, m]`` and confidences ``[B, m]`` for candidates' logits ``[B, m, V]``
         (``valid``: the real candidates, leading in each row; ``backend``: the cache policy's
-        kernel backend, which may fuse the confidence statistics)."""
+        kernel backend, which may fuse the confidence statistics; ``record``: where the backend
+        that ran is written)."""
         raise NotImplementedError
 
     def count(
@@ -311,7 +313,11 @@ class DiffusionLMPipeline:
             eos_id=self.tokenizer.eos_token_id,
             rule=RequestRule(self, s),
         )
-        store = KVStore.for_model(model, state.ids, policy.kernels) if policy.uses_store else None
+        store = (
+            KVStore.for_model(model, state.ids, policy.kernels, policy.kernel_record)
+            if policy.uses_store
+            else None
+        )
         span = policy.block_length(gen_length, block_length)
         blocks = gen_length // span
         self.begin_run(steps, gen_length=gen_length, block_length=block_length)
@@ -386,7 +392,9 @@ class DiffusionLMPipeline:
             logits = self.mix_cfg(logits[:batch], logits[batch:], cfg)
         targets = plan.targets[:batch]  # a policy may narrow the candidates (d2Cache)
         valid = first_occurrence(targets) & masked.gather(1, targets)
-        tokens, confidence = self.score(logits, s, state.generator, valid, policy.kernels)
+        tokens, confidence = self.score(
+            logits, s, state.generator, valid, policy.kernels, policy.kernel_record
+        )
         # what policies read: every masked target (a policy may widen the targets beyond the
         # block, d2Cache at step 0), before the policy's decoding rule
         scored = first_occurrence(targets) & (state.ids[:batch].gather(1, targets) == state.mask_id)

@@ -125,16 +125,22 @@ def test_the_store_writes_rows_in_place_and_traces_every_write() -> None:
 
 
 def test_the_store_scatters_with_the_backend_it_was_made_for(monkeypatch) -> None:
-    """``for_model``'s backend (a plan's ``kernels:``) reaches every K/V scatter."""
+    """``for_model``'s backend (a plan's ``kernels:``) and record reach every K/V scatter."""
     model = build_tiny_llada(micro=True)[0]
     ids = torch.zeros(2, 5, dtype=torch.long)
     seen = []
-    monkeypatch.setattr("diffcache.kv.store.kv_scatter", lambda *a, backend: seen.append(backend))
-    store = KVStore.for_model(model, ids, backend="triton")
+    record: dict[str, str] = {}
+
+    def scatter(*args, backend, record):
+        seen.append((backend, record))
+
+    monkeypatch.setattr("diffcache.kv.store.kv_scatter", scatter)
+    store = KVStore.for_model(model, ids, backend="triton", record=record)
     assert store.k[0].shape == (2, model.num_kv_heads, 5, model.head_dim)
     k = torch.zeros(2, model.num_kv_heads, 1, model.head_dim)
     store.write(0, torch.zeros(2, 1, dtype=torch.long), k, k, step=0)
-    assert seen == ["triton", "triton"]
+    assert seen == [("triton", record), ("triton", record)]
+    assert all(r is record for _, r in seen)
 
 
 def test_token_layers_count_real_rows_and_every_position_after_a_depth_refresh() -> None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import diffcache
-from diffcache import kernels
 from diffcache.errors import DiffCacheError, PlanError, UnsupportedModelError
 from diffcache.kv.store import KVStore
 
@@ -34,8 +33,8 @@ def store_writes(pipe, method: str, options: dict, prompts: str | list[str], **k
     writes: list[tuple[int, int, torch.Tensor]] = []
     original = KVStore.for_model
 
-    def for_model(model, ids, backend="auto"):
-        store = original(model, ids, backend)
+    def for_model(model, ids, *args):
+        store = original(model, ids, *args)
         store.trace = writes
         return store
 
@@ -219,12 +218,16 @@ def test_parallel_decoding_is_credited_for_the_calls_it_never_made(llada) -> Non
     assert stats.compute_fraction == 2 / 8
 
 
-def test_stats_name_only_the_kernels_this_generation_used(llada, monkeypatch) -> None:
-    """Recomputing every row never scatters K/V rows: a backend left from an earlier
-    generation is not reported."""
-    monkeypatch.setitem(kernels.last_backend, "kv_scatter", "torch")
-    traced(llada, "fast_dllm", {"threshold": None, "refresh_every": 1})
-    assert "kv_scatter" not in diffcache.stats(llada).kernels
+def test_stats_name_only_the_kernels_this_generation_used(llada) -> None:
+    """dKV-Cache with blocks of 2 steps recomputes every row (full forwards at block steps 0
+    and 1), so it never scatters K/V rows: after a generation of 4-step blocks that did, in
+    the same session, the next one's Stats do not name the scatter."""
+    plan = {"diffcache": 1, "model": "llada", "method": "dkv_cache", "options": {}}
+    diffcache.accelerate(llada, plan)
+    llada("hello", **REQ)
+    assert diffcache.stats(llada).kernels == {"kv_scatter": "torch", "token_confidence": "torch"}
+    llada("hello", **{**REQ, "steps": 4})
+    assert diffcache.stats(llada).kernels == {"token_confidence": "torch"}
 
 
 def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:

@@ -143,32 +143,37 @@ def test_auto_on_cpu_is_torch_and_logs_once(
     assert "l1_change" in records[0].getMessage()
 
 
-def test_auto_records_last_backend() -> None:
-    kernels.last_backend.pop("l1_change", None)
-    l1_change(torch.ones(3), torch.zeros(3))
-    assert kernels.last_backend["l1_change"] == "torch"
-    assert kernels.last_backend is _dispatch.last_backend
+def test_an_op_records_its_backend_in_the_record_it_is_given_only() -> None:
+    """The backend that ran goes to the caller's record; nothing is kept in the package."""
+    record = {"add_residual": "triton"}
+    l1_change(torch.ones(3), torch.zeros(3), record=record)
+    assert record == {"add_residual": "triton", "l1_change": "torch"}
+    l1_change(torch.ones(3), torch.zeros(3))  # no record: nothing noted anywhere
+    assert record == {"add_residual": "triton", "l1_change": "torch"}
 
 
 def test_env_override_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_dispatch.ENV_OVERRIDE, "torch")
     t = torch.zeros(4)
     assert pick(SPEC, "auto", t) is Backend.TORCH
-    l1_change(t, t)
-    assert kernels.last_backend["l1_change"] == "torch"
+    record: dict[str, str] = {}
+    l1_change(t, t, record=record)
+    assert record == {"l1_change": "torch"}
 
 
 @needs_interpreter
 def test_env_override_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_dispatch.ENV_OVERRIDE, "triton")
     t = torch.ones(4)
-    l1_change(t, t)
-    assert kernels.last_backend["l1_change"] == "triton"
+    record: dict[str, str] = {}
+    l1_change(t, t, record=record)
+    assert record == {"l1_change": "triton"}
     with pytest.raises(KernelUnavailableError, match="bfloat16"):
-        l1_change(t.bfloat16(), t.bfloat16())
+        l1_change(t.bfloat16(), t.bfloat16(), record=record)
+    assert record == {"l1_change": "triton"}  # a call that raised records nothing
     # An explicit backend wins over the override.
-    l1_change(t, t, backend="torch")
-    assert kernels.last_backend["l1_change"] == "torch"
+    l1_change(t, t, backend="torch", record=record)
+    assert record == {"l1_change": "torch"}
 
 
 def test_env_override_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,12 +228,13 @@ def test_import_without_triton() -> None:
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        from diffcache.kernels import KernelUnavailableError, describe, l1_change, last_backend
+        from diffcache.kernels import KernelUnavailableError, describe, l1_change
         from diffcache.kernels import add_residual
         a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.0, 2.0])
-        assert l1_change(a, b).tolist() == [2.5, 1.5, 1.0]
-        assert add_residual(a, b).tolist() == [1.0, 0.0]
-        assert last_backend == {"l1_change": "torch", "add_residual": "torch"}, last_backend
+        record = {}
+        assert l1_change(a, b, record=record).tolist() == [2.5, 1.5, 1.0]
+        assert add_residual(a, b, record=record).tolist() == [1.0, 0.0]
+        assert record == {"l1_change": "torch", "add_residual": "torch"}, record
         assert all(row["auto_on_cuda"] == "torch" for row in describe())
         try:
             l1_change(a, b, backend="triton")

@@ -14,7 +14,6 @@ from diffcache.kernels import (
     _dispatch,
     forecast,
     forecast_ref,
-    last_backend,
 )
 
 needs_interpreter = pytest.mark.skipif(
@@ -46,8 +45,9 @@ def test_triton_matches_the_reference(h: int, dtype: torch.dtype) -> None:
     x = torch.randn(2, 37, 19, generator=g).to(dtype)
     history = torch.randn(h, 2, 37, 19, generator=g)
     weights = torch.randn(h, 19, generator=g)
-    got = forecast(x, history, weights, backend="triton")
-    assert last_backend["forecast"] == "triton" and got.dtype == dtype
+    record: dict[str, str] = {}
+    got = forecast(x, history, weights, backend="triton", record=record)
+    assert record == {"forecast": "triton"} and got.dtype == dtype
     want = forecast_ref(x, history, weights)
     tol = 1e-5 if dtype is torch.float32 else 2e-3
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
@@ -109,8 +109,9 @@ def test_explicit_triton_checks_every_input(bf16_input: int) -> None:
 
 def test_default_backend_is_auto() -> None:
     x, history, weights, want = _hand_case()
-    assert forecast(x, history, weights).tolist() == want
-    assert last_backend["forecast"] == "torch"
+    record: dict[str, str] = {}
+    assert forecast(x, history, weights, record=record).tolist() == want
+    assert record == {"forecast": "torch"}
 
 
 def test_explicit_triton_checks_the_out_dtype() -> None:

@@ -12,7 +12,6 @@ from diffcache.kernels import (
     _dispatch,
     gated_apply,
     gated_apply_ref,
-    last_backend,
 )
 
 needs_interpreter = pytest.mark.skipif(
@@ -72,8 +71,9 @@ def _case(terms: int, per_token: bool, dtype: torch.dtype, seed: int):
 def test_triton_matches_the_reference(terms: int, per_token: bool, dtype: torch.dtype) -> None:
     x, values, gates = _case(terms, per_token, dtype, terms)
     assert not values[-1].is_contiguous()
-    got = gated_apply(x, values, gates, backend="triton")
-    assert last_backend["gated_apply"] == "triton" and got.dtype == dtype
+    record: dict[str, str] = {}
+    got = gated_apply(x, values, gates, backend="triton", record=record)
+    assert record == {"gated_apply": "triton"} and got.dtype == dtype
     want = gated_apply_ref(x, values, gates)
     if dtype is torch.float32:  # the same float32 operations in the same order
         assert torch.equal(got, want)
@@ -91,8 +91,9 @@ def test_triton_low_rank_inputs_and_out_dtype() -> None:
 
 def test_auto_uses_torch_on_cpu_and_more_than_3_dims() -> None:
     x = torch.zeros(2, 2, 2, 2)
-    gated_apply(x, [x], [None])
-    assert last_backend["gated_apply"] == "torch"
+    record: dict[str, str] = {}
+    gated_apply(x, [x], [None], record=record)
+    assert record == {"gated_apply": "torch"}
     if _dispatch.triton_status() == [] and _dispatch._interpret_enabled():
         with pytest.raises(_dispatch.KernelUnavailableError, match="at most 3"):
             gated_apply(x, [x], [None], backend="triton")
@@ -113,8 +114,9 @@ def test_native_kernel_on_cuda(dtype: torch.dtype) -> None:
     shared = torch.randn(2, 4096 + 7, 1536, generator=g, device="cuda").to(dtype)
     g1, g2 = (torch.randn(2, 1, 1536, generator=g, device="cuda") for _ in range(2))
     values, gates = [a, c, shared[:, 7:]], [g1, None, g2]
-    got = gated_apply(x, values, gates)
-    assert last_backend["gated_apply"] == "triton" and got.dtype == dtype
+    record: dict[str, str] = {}
+    got = gated_apply(x, values, gates, record=record)
+    assert record == {"gated_apply": "triton"} and got.dtype == dtype
     want = gated_apply_ref(x, values, gates)
     if dtype is torch.float32:
         assert torch.equal(got, want)

@@ -17,7 +17,6 @@ from diffcache.kernels import (
     forecast_ref,
     l1_change,
     l1_change_ref,
-    last_backend,
     rectified_residual,
     rectified_residual_ref,
 )
@@ -58,8 +57,9 @@ def _pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_l1_change_native(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     a, b = _pair(shape, dtype)
-    got = l1_change(a, b)  # auto picks triton on CUDA
-    assert last_backend["l1_change"] == "triton"
+    record: dict[str, str] = {}
+    got = l1_change(a, b, record=record)  # auto picks triton on CUDA
+    assert record == {"l1_change": "triton"}
     assert got.device == a.device and got.dtype == torch.float32
     rtol = 1e-5 if a.numel() < 100_000 else 1e-4
     torch.testing.assert_close(got, l1_change_ref(a, b), rtol=rtol, atol=1e-6)
@@ -80,8 +80,9 @@ def test_l1_change_non_contiguous(dtype: torch.dtype) -> None:
 def test_add_residual_native(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x, _ = _pair(shape, dtype)
     r = torch.randn(shape, device="cuda")
-    got = add_residual(x, r)
-    assert last_backend["add_residual"] == "triton"
+    record: dict[str, str] = {}
+    got = add_residual(x, r, record=record)
+    assert record == {"add_residual": "triton"}
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got, add_residual_ref(x, r), rtol=0, atol=0)
 
@@ -103,8 +104,9 @@ def test_forecast_native(h: int, dtype: torch.dtype) -> None:
     x = torch.randn(2, 4097, 1536, generator=g, device="cuda").to(dtype)
     history = torch.randn(h, 2, 4097, 1536, generator=g, device="cuda")
     weights = torch.randn(h, 1536, generator=g, device="cuda")
-    got = forecast(x, history, weights)
-    assert last_backend["forecast"] == "triton" and got.dtype == dtype
+    record: dict[str, str] = {}
+    got = forecast(x, history, weights, record=record)
+    assert record == {"forecast": "triton"} and got.dtype == dtype
     want = forecast_ref(x, history, weights)
     tol = 1e-5 if dtype is torch.float32 else 1e-2  # the GPU may fuse multiply-adds
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
@@ -121,8 +123,9 @@ def test_rectified_residual_native(dim: int, dtype: torch.dtype) -> None:
     c = shape[dim]
     scale = torch.rand(c, generator=g, device="cuda") + 0.5
     shift = torch.randn(c, generator=g, device="cuda")
-    got = rectified_residual(x, r, scale, shift, dim)
-    assert last_backend["rectified_residual"] == "triton" and got.dtype == dtype
+    record: dict[str, str] = {}
+    got = rectified_residual(x, r, scale, shift, dim, record=record)
+    assert record == {"rectified_residual": "triton"} and got.dtype == dtype
     want = rectified_residual_ref(x, r, scale, shift, dim)
     tol = 1e-5 if dtype is torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
@@ -130,10 +133,11 @@ def test_rectified_residual_native(dim: int, dtype: torch.dtype) -> None:
 
 def test_auto_falls_back_for_cpu_and_grad() -> None:
     x = torch.randn(8, device="cuda", requires_grad=True)
-    add_residual(x, torch.zeros(8, device="cuda"))
-    assert last_backend["add_residual"] == "torch"
-    l1_change(torch.ones(8), torch.zeros(8))
-    assert last_backend["l1_change"] == "torch"
+    record: dict[str, str] = {}
+    add_residual(x, torch.zeros(8, device="cuda"), record=record)
+    assert record == {"add_residual": "torch"}
+    l1_change(torch.ones(8), torch.zeros(8), record=record)
+    assert record == {"add_residual": "torch", "l1_change": "torch"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,7 +150,10 @@ def test_sampler_fused_confidence_on_cuda(dtype: torch.dtype) -> None:
     logits = (6 * torch.randn(4, 32, 126464, device="cuda", generator=gen)).to(dtype)
     kw = dict(eos_id=126081, eot_id=126348, confidence_eos_eot_inf=True)
     want_t, want_c = llada.llada_candidates(logits, 0.0, "low_confidence", **kw)
-    got_t, got_c = llada.llada_candidates(logits, 0.0, "low_confidence", backend="auto", **kw)
-    assert last_backend["token_confidence"] == "triton"
+    record: dict[str, str] = {}
+    got_t, got_c = llada.llada_candidates(
+        logits, 0.0, "low_confidence", backend="auto", record=record, **kw
+    )
+    assert record == {"token_confidence": "triton"}
     assert torch.equal(got_t, want_t)
     torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-8)

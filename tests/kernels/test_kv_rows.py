@@ -16,7 +16,6 @@ from diffcache.kernels import (
     kv_gather_ref,
     kv_scatter,
     kv_scatter_ref,
-    last_backend,
 )
 
 # The package attribute `kv_gather` is the function; the module lives in sys.modules.
@@ -136,10 +135,11 @@ def test_bad_inputs_are_refused() -> None:
 
 def test_auto_on_cpu_uses_torch() -> None:
     store, rows, vals = _case(2, 2, 16, 8, 5, torch.float32, seed=1, ragged=False)
-    kv_scatter(store, rows, vals)
-    assert last_backend["kv_scatter"] == "torch"
-    kv_gather(store, rows)
-    assert last_backend["kv_gather"] == "torch"
+    record: dict[str, str] = {}
+    kv_scatter(store, rows, vals, record=record)
+    assert record == {"kv_scatter": "torch"}
+    kv_gather(store, rows, record=record)
+    assert record == {"kv_scatter": "torch", "kv_gather": "torch"}
 
 
 def test_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,11 +180,12 @@ def test_triton_matches_ref(shape: tuple[int, ...], ragged: bool, dtype: torch.d
     want = store.clone()
     kv_scatter_ref(want, rows, vals)
     got = store.clone()
-    kv_scatter(got, rows, vals, backend="triton")
-    assert last_backend["kv_scatter"] == "triton"
+    record: dict[str, str] = {}
+    kv_scatter(got, rows, vals, backend="triton", record=record)
+    assert record == {"kv_scatter": "triton"}
     assert torch.equal(got, want)  # a copy: bit-exact
-    out = kv_gather(got, rows, backend="triton")
-    assert last_backend["kv_gather"] == "triton"
+    out = kv_gather(got, rows, backend="triton", record=record)
+    assert record == {"kv_scatter": "triton", "kv_gather": "triton"}
     assert out.dtype == dtype and out.is_contiguous()
     assert torch.equal(out, kv_gather_ref(want, rows))
 
@@ -250,11 +251,12 @@ def test_native_matches_ref(shape: tuple[int, ...], ragged: bool, dtype: torch.d
         vals[:, :, n // 2 :] = vals[:, :, :1]
     want = store.clone()
     kv_scatter_ref(want, rows, vals)
-    kv_scatter(store, rows, vals)  # auto picks triton on CUDA
-    assert last_backend["kv_scatter"] == "triton"
+    record: dict[str, str] = {}
+    kv_scatter(store, rows, vals, record=record)  # auto picks triton on CUDA
+    assert record == {"kv_scatter": "triton"}
     assert torch.equal(store, want)
-    got = kv_gather(store, rows)
-    assert last_backend["kv_gather"] == "triton"
+    got = kv_gather(store, rows, record=record)
+    assert record == {"kv_scatter": "triton", "kv_gather": "triton"}
     assert torch.equal(got, kv_gather_ref(want, rows))
 
 

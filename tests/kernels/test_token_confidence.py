@@ -13,7 +13,6 @@ import torch
 from diffcache.kernels import (
     KernelUnavailableError,
     _dispatch,
-    last_backend,
     token_confidence,
     token_confidence_ref,
 )
@@ -122,9 +121,9 @@ def test_bad_inputs_are_refused() -> None:
 
 def test_auto_on_cpu_uses_torch() -> None:
     logits = _logits(4, 100, torch.float32, seed=0)
-    last_backend.pop("token_confidence", None)
-    got = token_confidence(logits)
-    assert last_backend["token_confidence"] == "torch"
+    record: dict[str, str] = {}
+    got = token_confidence(logits, record=record)
+    assert record == {"token_confidence": "torch"}
     _assert_close(got, _plain(logits), tol=1e-6)
 
 
@@ -156,8 +155,9 @@ def test_bf16_cpu_explicit_triton_names_bf16() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_matches_ref(shape: tuple[int, int], dtype: torch.dtype) -> None:
     logits = _logits(*shape, dtype, seed=shape[0] + shape[1])
-    got = token_confidence(logits, backend="triton")
-    assert last_backend["token_confidence"] == "triton"
+    record: dict[str, str] = {}
+    got = token_confidence(logits, backend="triton", record=record)
+    assert record == {"token_confidence": "triton"}
     _assert_close(got, token_confidence_ref(logits), tol=2e-6)
 
 
@@ -219,8 +219,9 @@ def test_native_matches_ref(shape: tuple[int, int], dtype: torch.dtype) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (4.0 * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
     logits[0, 126080] = -float("inf")
-    got = token_confidence(logits)  # auto picks triton on CUDA
-    assert last_backend["token_confidence"] == "triton"
+    record: dict[str, str] = {}
+    got = token_confidence(logits, record=record)  # auto picks triton on CUDA
+    assert record == {"token_confidence": "triton"}
     _assert_close(got, token_confidence_ref(logits), tol=1e-5)
     again = token_confidence(logits)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # deterministic

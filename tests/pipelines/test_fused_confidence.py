@@ -41,10 +41,14 @@ def spread_logits() -> torch.Tensor:
 def test_llada_fused_matches_fp64(demote: bool, eos_inf: bool) -> None:
     logits = spread_logits()
     kw = dict(eos_id=EOS, eot_id=EOT, logits_eos_inf=eos_inf, confidence_eos_eot_inf=demote)
-    want_t, want_c = llada.llada_candidates(logits, 0.0, "low_confidence", **kw)
-    assert kernels.last_backend["token_confidence"] == "torch"
-    got_t, got_c = llada.llada_candidates(logits, 0.0, "low_confidence", backend="triton", **kw)
-    assert kernels.last_backend["token_confidence"] == "triton"
+    plain: dict[str, str] = {}
+    want_t, want_c = llada.llada_candidates(logits, 0.0, "low_confidence", record=plain, **kw)
+    assert plain == {"token_confidence": "torch"}
+    fused: dict[str, str] = {}
+    got_t, got_c = llada.llada_candidates(
+        logits, 0.0, "low_confidence", backend="triton", record=fused, **kw
+    )
+    assert fused == {"token_confidence": "triton"}
     assert torch.equal(got_t, want_t) and got_c.dtype == torch.float64
     torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-7)
     if demote:  # a candidate that chose EoT (or EOS when it may be chosen) has confidence 0
@@ -57,8 +61,9 @@ def test_llada_fused_matches_fp64(demote: bool, eos_inf: bool) -> None:
 def test_dream_fused_matches_fp32_reference(alg: str) -> None:
     logits = spread_logits()
     want_t, want_c = dream.dream_confidence(alg, logits, 0.0)
-    got_t, got_c = dream.dream_confidence(alg, logits, 0.0, backend="triton")
-    assert kernels.last_backend["token_confidence"] == "triton"
+    record: dict[str, str] = {}
+    got_t, got_c = dream.dream_confidence(alg, logits, 0.0, backend="triton", record=record)
+    assert record == {"token_confidence": "triton"}
     assert torch.equal(got_t, want_t)
     torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-6)
 
@@ -69,17 +74,24 @@ def test_dream_fused_matches_fp32_reference(alg: str) -> None:
 )
 def test_sampling_settings_the_kernel_does_not_cover_keep_the_fp64_path(setting: dict) -> None:
     logits = spread_logits()
-    kernels.last_backend.pop("token_confidence", None)
+    record: dict[str, str] = {}
     if "remasking" in setting:  # random confidences: no statistics at all
         llada.llada_candidates(
-            logits, 0.0, "random", torch.Generator(), eos_id=EOS, eot_id=EOT, backend="triton"
+            logits,
+            0.0,
+            "random",
+            torch.Generator(),
+            eos_id=EOS,
+            eot_id=EOT,
+            backend="triton",
+            record=record,
         )
-        assert "token_confidence" not in kernels.last_backend
+        assert record == {}
         return
     gen = torch.Generator().manual_seed(0)
     args = (setting.get("temperature", 0.0), setting.get("top_p"), setting.get("top_k"), gen)
-    dream.dream_confidence("maskgit_plus", logits, *args, backend="triton")
-    assert kernels.last_backend["token_confidence"] == "torch"
+    dream.dream_confidence("maskgit_plus", logits, *args, backend="triton", record=record)
+    assert record == {"token_confidence": "torch"}
 
 
 def test_plain_pipeline_and_torch_backend_never_call_the_kernel(monkeypatch) -> None:
@@ -117,5 +129,6 @@ def test_plan_kernels_reach_the_sampler_and_the_store() -> None:
 
 def test_token_stats_auto_on_cpu_is_none() -> None:
     """auto never runs the kernel off CUDA: no statistics, the caller's torch path runs."""
-    assert token_stats(torch.randn(1, 2, 5), "auto") is None
-    assert kernels.last_backend["token_confidence"] == "torch"
+    record: dict[str, str] = {}
+    assert token_stats(torch.randn(1, 2, 5), "auto", record) is None
+    assert record == {"token_confidence": "torch"}

@@ -624,12 +624,12 @@ def test_sample_tokens_margin_with_two_tokens() -> None:
 @pytest.mark.parametrize("top_p", [None, 1.0])
 def test_dream_confidence_unfiltered_uses_the_fused_backend(top_p: float | None) -> None:
     """top_p = 1 filters nothing, so T = 0 with it is the plain case the fused kernel serves."""
-    from diffcache.kernels import last_backend
-
     if _dispatch.triton_status() != [] or not _dispatch._interpret_enabled():
         pytest.skip("needs triton under TRITON_INTERPRET=1")
-    dream.dream_confidence("maskgit_plus", torch.randn(1, 2, 5), 0, top_p, backend="triton")
-    assert last_backend["token_confidence"] == "triton"
+    record: dict[str, str] = {}
+    logits = torch.randn(1, 2, 5)
+    dream.dream_confidence("maskgit_plus", logits, 0, top_p, backend="triton", record=record)
+    assert record == {"token_confidence": "triton"}
 
 
 def test_dream_confidence_passes_filters_generators_and_valid() -> None:

@@ -16,6 +16,7 @@ it).
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -76,12 +77,26 @@ class DreamPipeline(DiffusionLMPipeline):
     }
 
     def score(
-        self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str
+        self,
+        logits: torch.Tensor,
+        s: dict[str, Any],
+        generator: Any,
+        valid: Any,
+        backend: str,
+        record: MutableMapping[str, str] | None = None,
     ):
         if s["alg"] not in ALGS:
             raise RequestError(f"alg must be one of {', '.join(ALGS)}, got {s['alg']!r}")
         return sampling.dream_confidence(
-            s["alg"], logits, s["temperature"], s["top_p"], s["top_k"], generator, valid, backend
+            s["alg"],
+            logits,
+            s["temperature"],
+            s["top_p"],
+            s["top_k"],
+            generator,
+            valid,
+            backend,
+            record,
         )
 
     def commit(self, confidence, valid, left, start_masks, per_block, i, s, generator):

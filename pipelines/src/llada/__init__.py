@@ -16,6 +16,7 @@ temperature (the reference only demotes EOS at temperature 0, an aliasing effect
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -107,7 +108,13 @@ class LLaDAPipeline(DiffusionLMPipeline):
             raise RequestError(problem)
 
     def score(
-        self, logits: torch.Tensor, s: dict[str, Any], generator: Any, valid: Any, backend: str
+        self,
+        logits: torch.Tensor,
+        s: dict[str, Any],
+        generator: Any,
+        valid: Any,
+        backend: str,
+        record: MutableMapping[str, str] | None = None,
     ):
         if s["remasking"] not in ("low_confidence", "random"):
             raise RequestError(
@@ -126,6 +133,7 @@ class LLaDAPipeline(DiffusionLMPipeline):
             reference_compat=s["reference_compat"],
             valid=valid,
             backend=backend,
+            record=record,
         )
 
     def count(self, masks_left, start_masks, i, steps, s):

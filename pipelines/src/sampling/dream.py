@@ -8,6 +8,8 @@ come from one generator or one per row (``diffcache.pipelines.sampling.random``)
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from diffcache.pipelines.sampling.random import Generators, uniform
@@ -86,6 +88,7 @@ def dream_confidence(
     generator: Generators = None,
     valid: torch.Tensor | None = None,
     backend: str = "torch",
+    record: MutableMapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and confidences ``(tokens [B, m], confidence [B, m] fp64)`` for a Dream ``alg``:
     ``maskgit_plus`` (probability of the chosen token), ``topk_margin`` (top-1 − top-2),
@@ -94,11 +97,11 @@ def dream_confidence(
     (``sample_tokens`` returns the reference's confidence-first order). At T = 0 without top-p
     / top-k filtering, ``backend`` may route them through the fused kernel
     (:mod:`~diffcache.pipelines.sampling.stats`; its entropy is Σ p log p, without the
-    reference's 1e-10 inside the log)."""
+    reference's 1e-10 inside the log; ``record`` gets the backend that computed them)."""
     if alg not in ALGS:
         raise ValueError(f"alg must be one of {ALGS}, got {alg!r}")
     plain = temperature == 0 and (top_p is None or top_p >= 1) and top_k is None
-    stats = token_stats(logits, backend if plain else "torch")
+    stats = token_stats(logits, backend if plain else "torch", record)
     if stats is not None:
         if alg == "topk_margin":
             return stats.top1, (stats.p1 - stats.p2).double()

@@ -7,6 +7,8 @@ ones of each padded row. Random draws come from one generator or one per row
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from diffcache.pipelines.sampling.random import Generators, uniform
@@ -56,6 +58,7 @@ def llada_candidates(
     reference_compat: bool = False,
     valid: torch.Tensor | None = None,
     backend: str = "torch",
+    record: MutableMapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA's per-candidate token and confidence: ``(tokens [B, m], confidence [B, m] fp64)``.
 
@@ -65,7 +68,8 @@ def llada_candidates(
     (never produced). ``confidence_eos_eot_inf``: after the choice, EoT (and EOS) get logit
     −inf in the softmax, so candidates that chose them get confidence 0 (committed last) and
     the others are renormalised. At T = 0 with ``low_confidence``, ``backend`` may route the
-    confidence through the fused kernel (:mod:`~diffcache.pipelines.sampling.stats`).
+    confidence through the fused kernel (:mod:`~diffcache.pipelines.sampling.stats`; ``record``
+    gets the backend that computed it).
 
     Deliberate difference: the intended rule demotes EOS and EoT at every temperature. The
     reference demotes EoT always but EOS only at T = 0 (its ``logits_with_noise`` *is*
@@ -84,7 +88,7 @@ def llada_candidates(
         logits[..., eot_id] = float("-inf")
         if not reference_compat or temperature == 0:
             logits[..., eos_id] = float("-inf")
-    stats = token_stats(logits, backend if temperature == 0 else "torch")
+    stats = token_stats(logits, backend if temperature == 0 else "torch", record)
     if stats is not None:  # a token demoted to -inf above has probability 0
         return tokens, torch.where(stats.top1 == tokens, stats.p1.double(), 0.0)
     probs = logits.double().softmax(-1)

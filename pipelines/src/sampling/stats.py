@@ -14,6 +14,7 @@ committed in the other order than the reference would. Plans choose it with ``ke
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
@@ -31,17 +32,20 @@ class TokenStats(NamedTuple):
     neg_entropy: torch.Tensor  # sum p log p
 
 
-def token_stats(logits: torch.Tensor, backend: str) -> TokenStats | None:
+def token_stats(
+    logits: torch.Tensor, backend: str, record: MutableMapping[str, str] | None = None
+) -> TokenStats | None:
     """:class:`TokenStats` of ``logits [B, m, V]`` from the Triton kernel, or None when
     ``backend`` does not pick it for these logits (``"torch"``; ``"auto"`` off CUDA). Either
-    way ``kernels.last_backend["token_confidence"]`` says which path ran.
+    way ``record["token_confidence"]`` (when a record is given) says which path ran.
 
     Raises:
         KernelUnavailableError: ``backend="triton"`` and the kernel cannot run here.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     if backend == "torch" or kernels.pick(SPEC, backend, flat) is not kernels.Backend.TRITON:
-        kernels.last_backend[SPEC.name] = "torch"
+        if record is not None:
+            record[SPEC.name] = "torch"
         return None
-    out = kernels.token_confidence(flat, backend="triton")
+    out = kernels.token_confidence(flat, backend="triton", record=record)
     return TokenStats(*(t.view(logits.shape[:-1]) for t in out))
