@@ -1,4 +1,5 @@
-"""Caching methods, one file each; importing this package registers them all."""
+"""Caching methods, a runtime file each (and a ``<name>_calibrate`` file where a method
+calibrates offline); importing this package registers them all."""
 
 from diffcache.methods import (
     d2cache,
@@ -8,6 +9,7 @@ from diffcache.methods import (
     ertacache,
     fast_dllm,
     hyca,
+    hyca_calibrate,
     invardiff,
 )
 from diffcache.methods.base import MethodConfig, option
@@ -30,5 +32,6 @@ __all__ = [
     "fast_dllm",
     "ertacache",
     "hyca",
+    "hyca_calibrate",
     "invardiff",
 ]
