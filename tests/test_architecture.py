@@ -121,7 +121,6 @@ RUNTIME_LINES = 300
 #: method runtime files still over the limit, and why (strict: a fixed one fails until removed)
 OVER_LIMIT = {
     "d2cache": "310 lines: the d2cache runtime is reshaped in the DLM-loop piece",
-    "invardiff": "585 lines: its split into runtime and invardiff_calibrate comes next",
 }
 METHOD_FILES = {
     path.stem: path
@@ -179,3 +178,17 @@ def test_every_calibration_module_is_registered_for_its_method() -> None:
     name = modules[0].removesuffix("_calibrate")
     with pytest.raises(ValueError, match=f"^method '{name}': calibrator registered twice$"):
         register_calibrator(methods()[name])(found[modules[0]])
+
+
+def test_no_method_keeps_a_module_global_switch() -> None:
+    """A behaviour a run can switch is a plan option, not a module-level boolean that a test or
+    user flips for the whole process (InvarDiff's ``FUSE_BLOCKS`` became ``fuse_blocks``)."""
+    switches = [
+        f"{path.stem}.py:{node.lineno}"
+        for path in sorted((PACKAGE / "methods").glob("*.py"))
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, bool)
+    ]
+    assert switches == [], f"module-global switches in diffcache/methods: {switches}"

@@ -12,6 +12,7 @@ from diffcache.methods import (
     hyca,
     hyca_calibrate,
     invardiff,
+    invardiff_calibrate,
 )
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
@@ -36,4 +37,5 @@ __all__ = [
     "hyca",
     "hyca_calibrate",
     "invardiff",
+    "invardiff_calibrate",
 ]
