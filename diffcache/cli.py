@@ -755,7 +755,7 @@ def _plans_check(args: argparse.Namespace) -> int:
 def _plans_import(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
-    from diffcache.methods.invardiff import import_reference_books, read_reference_books
+    from diffcache.methods.invardiff_calibrate import import_reference_books, read_reference_books
     from diffcache.models import builtin_models
 
     out = Path(args.out)

@@ -1,4 +1,5 @@
-"""Caching methods, one file each; importing this package registers them all."""
+"""Caching methods, a runtime file each (and a ``<name>_calibrate`` file where a method
+calibrates offline); importing this package registers them all."""
 
 from diffcache.methods import (
     d2cache,
@@ -6,9 +7,12 @@ from diffcache.methods import (
     easycache,
     elastic_cache,
     ertacache,
+    ertacache_calibrate,
     fast_dllm,
     hyca,
+    hyca_calibrate,
     invardiff,
+    invardiff_calibrate,
 )
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
@@ -29,6 +33,9 @@ __all__ = [
     "elastic_cache",
     "fast_dllm",
     "ertacache",
+    "ertacache_calibrate",
     "hyca",
+    "hyca_calibrate",
     "invardiff",
+    "invardiff_calibrate",
 ]

@@ -1,9 +1,13 @@
 """MethodConfig: the frozen, strictly validated settings of one caching method.
 
-A method is one file: a ``MethodConfig`` subclass (its options, documented with ``option``), an
-optional calibration dataclass (what ``diffcache profile`` measures, checked as strictly), and an
+A method's runtime is one file: a ``MethodConfig`` subclass (its options, documented with
+``option``), an optional calibration dataclass (what ``diffcache profile`` measures, checked as
+strictly), a state dataclass and a handler that decides, reuses and stores, and an
 ``apply(session, config)`` function bound with ``@register_method(Config)``. The core owns the
-bookkeeping: ``apply`` only answers calls (``session.on_step`` / ``session.on_sites``).
+bookkeeping: ``apply`` only answers calls (``session.on_step`` / ``session.on_sites``). A method
+that records and fits offline keeps that in ``<name>_calibrate.py``, which imports the runtime
+and binds its ``calibrate(config, profiling)`` with ``@register_calibrator(Config)``; the
+runtime never imports it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.options import from_mapping, option, to_plain
+from diffcache.registry import calibrator
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -174,12 +179,18 @@ class MethodConfig:
 
     def observer(self, target: Target) -> Observer | None:
         """What this method records at the whole-step site while ``diffcache profile`` runs
-        the plain pipeline, beyond the generic probes (None: nothing)."""
-        return None
+        the plain pipeline, beyond the generic probes (None: nothing): its registered
+        calibrator's observer, if any."""
+        found = calibrator(self.name)
+        return found.observer(self, target) if found and found.observer else None
 
     def calibrate(self, profiling: Profiling) -> Calibrated:
         """Make this method's plan from a profiling session (observe-only trace + calibration
-        runs). Methods without calibration keep their options and report what they measure."""
+        runs): its registered calibrator's, if any. Methods without calibration keep their
+        options and report what they measure."""
+        found = calibrator(self.name)
+        if found is not None:
+            return found.calibrate(self, profiling)
         return Calibrated(self, measured=profiling.measure(self))
 
     @classmethod

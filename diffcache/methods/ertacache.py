@@ -6,66 +6,34 @@ Diffusion" (arXiv 2508.21091, ICLR 2026); reference repository bytedance/ERTACac
 code nor the paper body could be read here; the rules below follow the four ICLR reviews and
 the paper notes collected in ``shared/research/dit.md`` §1.2, and every open choice is an
 option or is named below.
+
+The recorder and the threshold fit are in ``ertacache_calibrate``; the schedule a threshold makes
+of the calibration in ``ertacache_schedule``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.errors import DiffCacheError, PlanError, RunError, TargetUnreachable
-from diffcache.methods.base import Calibrated, MethodConfig, option
+from diffcache.errors import PlanError, RunError
+from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.ertacache_schedule import (
+    ERTACacheCalibration,
+    Schedule,
+    adjusted_sigmas,
+    schedule,
+)
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
-from diffcache.plan import round_to
 from diffcache.registry import register_method
 from diffcache.runstate import steps_mismatch
 from diffcache.session import Call, Session
 
 #: the scheduler whose Euler update the timestep adjustment is defined for
 EULER = "FlowMatchEulerDiscreteScheduler"
-_TINY = 1e-12
-
-
-@dataclasses.dataclass(frozen=True)
-class ERTACacheCalibration:
-    """Sums over the calibration requests of the plain run (``B`` branches, ``T`` steps, ``C``
-    latent channels), with ``r_k = v_k - x_k`` the model residual of step ``k``:
-
-    - ``pair_rel[b, c, k]``: ``mean|r_c - r_k| / mean|r_k|`` (the error of reusing step ``c``'s
-      residual at step ``k``, relative), ``pair_err[b, c, k]``: ``mean|r_c - r_k|``;
-    - ``step_change[b, k]``: ``mean|v_k - v_{k-1}|``; ``out_abs[b, k]``: ``mean|v_k|``;
-    - ``moments[b, c, k, ch]``: per channel, the count and sums of ``u``, ``e``, ``u^2``, ``u e``
-      with ``u = x_k + r_c`` (the reused output) and ``e = u - v_k`` (its error);
-    - ``count[b, k]``: how many requests reached (b, k).
-    """
-
-    pair_rel: torch.Tensor
-    pair_err: torch.Tensor
-    step_change: torch.Tensor
-    out_abs: torch.Tensor
-    moments: torch.Tensor
-    count: torch.Tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """What a threshold makes of a calibration: the reused steps, the computed step each one
-    reuses, the time factors ``phi`` (1 on computed steps) and the per-(branch, step, channel)
-    rectifier ``scale``, ``shift`` (identity on computed steps)."""
-
-    reuse: tuple[int, ...]
-    source: tuple[int, ...]  # per step: the computed step whose residual it uses (itself if so)
-    phi: tuple[float, ...]
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    @property
-    def compute_fraction(self) -> float:
-        return 1 - len(self.reuse) / len(self.source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,26 +153,6 @@ class ERTACacheConfig(MethodConfig):
             ]
         return []
 
-    def observer(self, target: Any) -> _Recorder:
-        return _Recorder(target)
-
-    def calibrate(self, profiling: Any) -> Calibrated:
-        """The profiled sums as calibration; with a compute target, the smallest threshold whose
-        schedule computes at most that fraction."""
-        cal = ERTACacheCalibration(**profiling.trace.observed)
-        config = self
-        if profiling.target_compute is not None:
-            config = dataclasses.replace(
-                self, threshold=fit_threshold(cal, profiling.target_compute)
-            )
-        sched = schedule(cal, config)
-        measured = {
-            "compute_fraction": round(sched.compute_fraction, 6),
-            "reuse_steps": list(sched.reuse),
-            "phi": [round(sched.phi[k], 4) for k in sched.reuse],
-        }
-        return Calibrated(config, cal, measured=measured)
-
 
 def _euler(scheduler: Any) -> bool:
     cfg = getattr(scheduler, "config", {})
@@ -215,222 +163,29 @@ def _euler(scheduler: Any) -> bool:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# profiling
-
-
-def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
-
-
-class _Recorder:
-    """The profiling observer: keeps this request's residuals per branch and adds every
-    (computed step, later step) pair's statistics to running sums."""
-
-    kinds = ("step",)
-
-    def __init__(self, target: Any) -> None:
-        self.cdim = target.adapter.channel_dim
-        self.latent_arg = target.adapter.latent_arg
-        self.latent_pos = target.arg_index(self.latent_arg)
-        self.residuals: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self.prev_v: dict[int, torch.Tensor] = {}
-        self.sums: dict[tuple, Any] = defaultdict(float)
-        self.channels = 0
-
-    def see(self, call: Call, output: Any) -> None:
-        step, branch = call.step, call.branch
-        x, v = call.arg(self.latent_arg, self.latent_pos), sample_of(output)
-        n = min(x.shape[self.cdim], v.shape[self.cdim])
-        x = _channels_first(x.narrow(self.cdim, 0, n), self.cdim)
-        v = _channels_first(v.narrow(self.cdim, 0, n), self.cdim)
-        self.channels = n
-        history = self.residuals[branch]
-        if len(history) != step:
-            raise DiffCacheError(
-                f"ertacache profiling: step {step} of branch {branch} came after "
-                f"{len(history)} steps; ERTACache needs one denoiser call per step and branch"
-            )
-        r = v - x
-        r_abs = r.abs().mean().item()
-        for c, rc in enumerate(history):
-            u = x + rc
-            e = rc - r  # = u - v
-            e_abs = e.abs().mean().item()
-            self.sums["pair_rel", branch, c, step] += e_abs / max(r_abs, _TINY)
-            self.sums["pair_err", branch, c, step] += e_abs
-            moments = torch.stack(
-                [
-                    torch.full((n,), float(u.shape[1]), dtype=torch.float64),
-                    u.sum(1, dtype=torch.float64).cpu(),
-                    e.sum(1, dtype=torch.float64).cpu(),
-                    (u * u).sum(1, dtype=torch.float64).cpu(),
-                    (u * e).sum(1, dtype=torch.float64).cpu(),
-                ],
-                1,
-            )
-            self.sums["moments", branch, c, step] = self.sums["moments", branch, c, step] + moments
-        if branch in self.prev_v:
-            self.sums["step_change", branch, step] += (v - self.prev_v[branch]).abs().mean().item()
-        self.sums["out_abs", branch, step] += v.abs().mean().item()
-        self.sums["count", branch, step] += 1.0
-        self.prev_v[branch] = v
-        history.append(r)
-
-    def end_request(self) -> None:
-        self.residuals.clear()
-        self.prev_v.clear()
-
-    def result(self) -> dict[str, torch.Tensor]:
-        keys = [k for k in self.sums if k[0] == "count"]
-        if not keys:
-            return {}
-        b = 1 + max(k[1] for k in keys)
-        t = 1 + max(k[2] for k in keys)
-        out = {
-            "pair_rel": torch.zeros(b, t, t, dtype=torch.float64),
-            "pair_err": torch.zeros(b, t, t, dtype=torch.float64),
-            "step_change": torch.zeros(b, t, dtype=torch.float64),
-            "out_abs": torch.zeros(b, t, dtype=torch.float64),
-            "moments": torch.zeros(b, t, t, self.channels, 5, dtype=torch.float64),
-            "count": torch.zeros(b, t, dtype=torch.float64),
-        }
-        for (name, *index), value in self.sums.items():
-            out[name][tuple(index)] = value
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# from calibration to schedule
-
-
-def _check(cal: ERTACacheCalibration) -> tuple[int, int, int]:
-    b, t, t2 = cal.pair_rel.shape
-    c = cal.moments.shape[3] if cal.moments.dim() == 5 else -1
-    shapes = {
-        "pair_err": (b, t, t),
-        "step_change": (b, t),
-        "out_abs": (b, t),
-        "moments": (b, t, t, c, 5),
-        "count": (b, t),
-    }
-    bad = [
-        f"{k} {tuple(getattr(cal, k).shape)} (want {v})"
-        for k, v in shapes.items()
-        if tuple(getattr(cal, k).shape) != v
-    ]
-    if t != t2 or c < 1 or bad or t < 2:
-        raise PlanError(
-            f"ertacache calibration: tensors do not fit together (pair_rel "
-            f"{tuple(cal.pair_rel.shape)}; {'; '.join(bad) or 'no steps'}); re-run diffcache "
-            "profile"
-        )
-    if (cal.count <= 0).any():
-        raise PlanError("ertacache calibration: a (branch, step) was never seen; re-profile")
-    return b, t, c
-
-
-def reuse_steps(rel: torch.Tensor, threshold: float) -> tuple[int, ...]:
-    """The reused steps for ``threshold`` given the averaged relative errors ``rel[c, k]``:
-    steps 0 and T-1 compute; step k reuses iff ``rel[c, k] < threshold`` for the last
-    computed step c."""
-    t = rel.shape[0]
-    reused, c = [], 0
-    for k in range(1, t - 1):
-        if float(rel[c, k]) < threshold:
-            reused.append(k)
-        else:
-            c = k
-    return tuple(reused)
-
-
-def _rel(cal: ERTACacheCalibration) -> torch.Tensor:
-    return cal.pair_rel.sum(0) / cal.count.sum(0)
-
-
-def fit_threshold(cal: ERTACacheCalibration, target: float) -> float:
-    """The smallest threshold whose schedule computes at most ``target`` of the steps."""
-    _check(cal)
-    rel = _rel(cal)
-    t = rel.shape[0]
-    values = sorted({float(v) for v in torch.triu(rel, 1)[torch.triu(torch.ones_like(rel), 1) > 0]})
-    for v in [0.0, *values]:
-        threshold = float(torch.nextafter(torch.tensor(v), torch.tensor(float("inf"))))
-        steps = reuse_steps(rel, threshold)
-        if 1 - len(steps) / t <= target:  # a readable value where it gives the same schedule
-            readable = (round_to(threshold, d) for d in (2, 3, 6))
-            return next((r for r in readable if reuse_steps(rel, r) == steps), threshold)
-    raise TargetUnreachable(
-        f"ertacache: even reusing every step it can, the schedule computes {2 / t:.3f} of the "
-        f"{t} steps (the first and last always compute), above the target {target:.3f}",
-        2 / t,
-    )
-
-
-def schedule(cal: ERTACacheCalibration, cfg: ERTACacheConfig) -> Schedule:
-    """The reused steps, sources, ``phi`` and rectifier of ``cfg`` on this calibration."""
-    b, t, channels = _check(cal)
-    count = cal.count.sum(0)
-    reuse = reuse_steps(_rel(cal), cfg.threshold)
-    source, last = [], 0
-    for k in range(t):
-        last = last if k in reuse else k
-        source.append(last)
-    phi = [1.0] * t
-    scale = torch.ones(b, t, channels, dtype=torch.float64)
-    shift = torch.zeros(b, t, channels, dtype=torch.float64)
-    for k in reuse:
-        c = source[k]
-        err = float(cal.pair_err[:, c, k].sum() / count[k])
-        den = cal.step_change if cfg.phi == "step_change" else cal.out_abs
-        d = float(den[:, k].sum() / count[k])
-        phi[k] = min(max(1 - err / d, 0.0), 1.0) if d > 0 else float(err == 0)
-        if cfg.rectify == "none":
-            continue
-        m = cal.moments[:, c, k]  # (B, C, 5)
-        if cfg.rectify == "step":
-            m = m.sum(1, keepdim=True)
-        n, su, se, suu, sue = m.unbind(-1)
-        var = suu / n - (su / n) ** 2
-        cov = sue / n - (su / n) * (se / n)
-        a = torch.where(var > _TINY, cov / var.clamp_min(_TINY), torch.zeros_like(var))
-        intercept = se / n - a * su / n
-        scale[:, k] = (1 - a).expand(b, channels)
-        shift[:, k] = (-intercept).expand(b, channels)
-    return Schedule(reuse, tuple(source), tuple(phi), scale.float(), shift.float())
-
-
-def adjusted_sigmas(sigmas: torch.Tensor, phi: tuple[float, ...]) -> torch.Tensor:
-    """Flow times ``s'`` (T + 1 values) for step factors ``phi`` (T values): every step takes its
-    nominal share ``1 - s_{k+1} / s_k`` of the time left, scaled by ``phi_k``."""
-    s = sigmas.double().cpu()
-    out = s.clone()
-    for k, f in enumerate(phi):
-        share = 1 - s[k + 1] / s[k] if s[k] > 0 else torch.tensor(1.0, dtype=torch.float64)
-        out[k + 1] = out[k] * (1 - f * share)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# runtime
-
-
 @dataclasses.dataclass
 class _Branch:
+    """The last computed step's residual of one branch."""
+
     residual: torch.Tensor | None = None  # v_c - x_c on the latent channels, float32
     extra: torch.Tensor | None = None  # raw output channels beyond the input's
     template: Any = None
 
 
 class _ERTACache:
-    def __init__(self, session: Session, cfg: ERTACacheConfig, sched: Schedule) -> None:
+    """The planned steps reused (rectified), and the scheduler's times adjusted."""
+
+    def __init__(self, session: Session, sched: Schedule) -> None:
         t = session.target
         self.run, self.kernel, self.sched = session.run, session.kernel, sched
+        self.scheduler = t.scheduler
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
-        self.reuse = frozenset(sched.reuse)
+        self.reuse_at = frozenset(sched.reuse)
 
-    def __call__(self, call: Call) -> Any:
+    def decide(self, call: Call, st: _Branch) -> bool:
+        """Whether this call reuses: a planned step, with a residual cached (the trace gets the
+        plan's entry)."""
         calibrated = self.sched.scale.shape[0]
         if call.branch >= calibrated:  # seen at the first step's second call: refused there
             problem = (
@@ -439,17 +194,14 @@ class _ERTACache:
                 "generate with"
             )
             raise self.run.refuse(problem) if call.step == 0 else self.run.fail(RunError(problem))
-        st = call.state(_Branch)
         k = call.step
-        planned = k in self.reuse
+        planned = k in self.reuse_at
         if self.run.tracing and k < len(self.sched.source):
             call.explain(planned_reuse=planned, source=self.sched.source[k], phi=self.sched.phi[k])
-        if not planned or st.residual is None:
-            out = call.compute()
-            x = call.arg(self.latent_arg, self.latent_pos)
-            st.residual, st.extra = split_residual(x, sample_of(out), self.cdim)
-            st.template = out
-            return out
+        return planned and st.residual is not None
+
+    def reuse(self, call: Call, st: _Branch) -> Any:
+        """The cached residual added to this input, rectified per latent channel."""
         from diffcache import kernels
 
         x = call.arg(self.latent_arg, self.latent_pos)
@@ -463,24 +215,32 @@ class _ERTACache:
         )
         return rebuild_output(st.template, with_extra(out, st.extra, self.cdim))
 
+    def store(self, call: Call, st: _Branch, out: Any) -> None:
+        """Keep this computed step's residual."""
+        x = call.arg(self.latent_arg, self.latent_pos)
+        st.residual, st.extra = split_residual(x, sample_of(out), self.cdim)
+        st.template = out
 
-def _adjust_schedule(session: Session, phi: tuple[float, ...]) -> None:
-    """After every ``set_timesteps``, rewrite the scheduler's sigmas and timesteps in place (the
-    pipeline holds the same tensor) with the adjusted flow times."""
-    scheduler = session.target.scheduler
-
-    def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
-        out = call(*args, **kwargs)
-        sigmas = scheduler.sigmas
-        if len(sigmas) != len(phi) + 1:  # before any step: refused, the model stays accelerated
-            raise session.run.refuse(steps_mismatch(len(phi), len(sigmas) - 1))
-        new = adjusted_sigmas(sigmas, phi)
-        sigmas.copy_(new.to(sigmas.dtype))
-        times = new[:-1] * scheduler.config.num_train_timesteps
-        scheduler.timesteps.copy_(times.to(scheduler.timesteps.dtype))
+    def __call__(self, call: Call) -> Any:
+        st = call.state(_Branch)
+        if self.decide(call, st):
+            return self.reuse(call, st)
+        out = call.compute()
+        self.store(call, st, out)
         return out
 
-    session.attach(scheduler, "set_timesteps", "diffcache.ertacache", set_timesteps)
+    def set_timesteps(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """After every ``set_timesteps``, rewrite the scheduler's sigmas and timesteps in place
+        (the pipeline holds the same tensor) with the adjusted flow times."""
+        out = call(*args, **kwargs)
+        sigmas, phi = self.scheduler.sigmas, self.sched.phi
+        if len(sigmas) != len(phi) + 1:  # before any step: refused, the model stays accelerated
+            raise self.run.refuse(steps_mismatch(len(phi), len(sigmas) - 1))
+        new = adjusted_sigmas(sigmas, phi)
+        sigmas.copy_(new.to(sigmas.dtype))
+        times = new[:-1] * self.scheduler.config.num_train_timesteps
+        self.scheduler.timesteps.copy_(times.to(self.scheduler.timesteps.dtype))
+        return out
 
 
 @register_method(ERTACacheConfig)
@@ -494,6 +254,9 @@ def apply(session: Session, cfg: ERTACacheConfig) -> None:
             f"ertacache: the calibration has {len(sched.source)} steps but the plan is valid for "
             f"num_inference_steps={steps}; re-profile at {steps} steps"
         )
+    handler = _ERTACache(session, sched)
     if cfg.time_adjust and any(f < 1 for f in sched.phi):
-        _adjust_schedule(session, sched.phi)
-    session.on_step(_ERTACache(session, cfg, sched))
+        session.attach(
+            handler.scheduler, "set_timesteps", "diffcache.ertacache", handler.set_timesteps
+        )
+    session.on_step(handler)

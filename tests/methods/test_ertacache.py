@@ -13,12 +13,11 @@ import torch
 import diffcache
 from diffcache.errors import PlanError, TargetUnreachable, UnsupportedModelError
 from diffcache.generate import generate
-from diffcache.methods.ertacache import (
-    EULER,
+from diffcache.methods.ertacache import EULER, ERTACacheConfig
+from diffcache.methods.ertacache_calibrate import fit_threshold
+from diffcache.methods.ertacache_schedule import (
     ERTACacheCalibration,
-    ERTACacheConfig,
     adjusted_sigmas,
-    fit_threshold,
     reuse_steps,
     schedule,
 )
@@ -403,7 +402,7 @@ def test_the_recorder_sums_each_pair_of_steps_as_its_docstring_says() -> None:
     definitions written out over plain lists."""
     from types import SimpleNamespace
 
-    from diffcache.methods.ertacache import _Recorder
+    from diffcache.methods.ertacache_calibrate import _Recorder
 
     g = torch.Generator().manual_seed(3)
     rec = _Recorder(_recorder_target())
@@ -428,7 +427,7 @@ def test_the_recorder_sums_each_pair_of_steps_as_its_docstring_says() -> None:
 def test_the_recorder_refuses_a_step_out_of_order_and_records_nothing_without_calls() -> None:
     from types import SimpleNamespace
 
-    from diffcache.methods.ertacache import _Recorder
+    from diffcache.methods.ertacache_calibrate import _Recorder
 
     rec = _Recorder(_recorder_target())
     assert rec.result() == {}
@@ -599,7 +598,7 @@ def test_the_recorder_sums_in_float64_and_keeps_channels_apart_across_the_batch(
     keeps one row per channel: each row holds that channel's values of both samples."""
     from types import SimpleNamespace
 
-    from diffcache.methods.ertacache import _channels_first, _Recorder
+    from diffcache.methods.ertacache_calibrate import _channels_first, _Recorder
 
     rec = _Recorder(_recorder_target())
     zero = torch.zeros(1, 1, 3)

@@ -13,14 +13,9 @@ import torch
 import diffcache
 from diffcache.errors import PlanError
 from diffcache.generate import generate
-from diffcache.methods.hyca import (
-    POINTS,
-    SOLVERS,
-    HyCaConfig,
-    choose,
-    history_length,
-    solver_weights,
-)
+from diffcache.methods.hyca import HyCaConfig
+from diffcache.methods.hyca_calibrate import choose
+from diffcache.methods.hyca_solvers import POINTS, SOLVERS, history_length, solver_weights
 from diffcache.plan import Plan
 from diffcache.testing.toys import clean, tiny_request
 
@@ -404,7 +399,7 @@ def test_the_smallest_interval_meeting_the_target(warmup: int, target: float, in
     """10 steps: interval n computes (warmup + ceil((10 - warmup) / n)) / 10; the profile picks
     the smallest n at or below the target, up to the interval that leaves one full step after
     the warm-up (9 with warm-up 1)."""
-    from diffcache.methods.hyca import _fit_interval
+    from diffcache.methods.hyca_calibrate import _fit_interval
 
     fracs = {n: _full_steps(10, warmup, n) / 10 for n in range(1, 11)}
     assert interval == min(n for n, f in fracs.items() if f <= target)
@@ -414,7 +409,7 @@ def test_the_smallest_interval_meeting_the_target(warmup: int, target: float, in
 
 def test_an_unreachable_target_names_the_least_compute() -> None:
     from diffcache.errors import TargetUnreachable
-    from diffcache.methods.hyca import _fit_interval
+    from diffcache.methods.hyca_calibrate import _fit_interval
 
     least = _full_steps(10, 3, 10) / 10  # the warm-up and step 3
     with pytest.raises(TargetUnreachable) as err:
@@ -507,7 +502,7 @@ def test_the_recorder_measures_the_residual_energy_and_solver_errors() -> None:
     through steps 1, 2 is exact for k and gives 7, 10 for k^2 (4 + 36); quadratic is exact."""
     from types import SimpleNamespace
 
-    from diffcache.methods.hyca import _Recorder
+    from diffcache.methods.hyca_calibrate import _Recorder
     from diffcache.sites import Site
 
     site = Site(kind="block", name="blocks.0", module=_Block())
@@ -529,7 +524,7 @@ def test_blocks_of_two_hidden_sizes_are_refused_by_the_recorder() -> None:
     from types import SimpleNamespace
 
     from diffcache.errors import DiffCacheError
-    from diffcache.methods.hyca import _Recorder
+    from diffcache.methods.hyca_calibrate import _Recorder
     from diffcache.sites import Site
 
     sites = [Site(kind="block", name=f"blocks.{i}", module=_Block()) for i in range(2)]

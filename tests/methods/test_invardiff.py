@@ -20,8 +20,8 @@ from diffcache.adapter import Target
 from diffcache.cli import main
 from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.generate import generate
-from diffcache.methods.invardiff import (
-    InvarDiffConfig,
+from diffcache.methods.invardiff import InvarDiffConfig
+from diffcache.methods.invardiff_calibrate import (
     _fit_quantile,
     _Recorder,
     books,
@@ -543,7 +543,7 @@ GATED = [
 
 
 @pytest.mark.parametrize("model", GATED)
-def test_a_block_whose_modules_are_all_reused_is_skipped_exactly(model: str, monkeypatch) -> None:
+def test_a_block_whose_modules_are_all_reused_is_skipped_exactly(model: str) -> None:
     from diffcache.methods import invardiff
 
     pipe = diffcache.load_model(model)
@@ -563,8 +563,9 @@ def test_a_block_whose_modules_are_all_reused_is_skipped_exactly(model: str, mon
     assert fused > 0 and not cal.step_book.any()
     runs = {}
     for fuse in (False, True):
-        monkeypatch.setattr(invardiff, "FUSE_BLOCKS", fuse)
-        diffcache.accelerate(pipe, plan)
+        diffcache.accelerate(
+            pipe, dataclasses.replace(plan, options={**plan.options, "fuse_blocks": fuse})
+        )
         try:
             runs[fuse] = generate(pipe, one), diffcache.stats(pipe)
         finally:
