@@ -191,24 +191,27 @@ class D2Policy(Policy):
         b, length = state.ids.shape
         p = state.prompt_len
         self._update_conf(state, plan)
-        chosen, scores = self._stage1(state, state.masked)
+        cfg = self.cfg
+        chosen, scores = prior.stage1(
+            state.masked, self.conf, p, state.block, cfg.current_k, cfg.sigma, cfg.reference_compat
+        )
         q = chosen.clone()
         if state.logit_shift:  # Dream: a mask's logits come from the row before it
             q.zero_()
             q[:, p:-1] = chosen[:, p + 1 :]
         q |= committed  # decoded now: recompute once with the real token
         rolled, importance = None, None
-        if self.cfg.rollout_p > 0 and self.attn:
+        if cfg.rollout_p > 0 and self.attn:
             importance = self._rollout(b, length, state.ids.device)
             allowed = ~q if self.key_mask is None else ~q & self.key_mask
-            rolled = prior.nucleus_select(importance, self.cfg.rollout_p, allowed)
+            rolled = prior.nucleus_select(importance, cfg.rollout_p, allowed)
             q |= rolled
         if state.logit_shift:  # the first generated position's logits come from the prompt
             first = chosen[:, p]
-            q[:, p - 1] = first if self.cfg.reference_compat else q[:, p - 1] | first
+            q[:, p - 1] = first if cfg.reference_compat else q[:, p - 1] | first
         picked = q
-        if self.cfg.inflate_w:
-            q = prior.inflate(q, self.cfg.inflate_w)
+        if cfg.inflate_w:
+            q = prior.inflate(q, cfg.inflate_w)
         self.next = q
         if self.tracing:
             self._trace(chosen, scores, rolled, importance, q & ~picked)
@@ -254,43 +257,6 @@ class D2Policy(Policy):
         self.conf[row, plan.targets[row, col]] = conf[row, col].double()
         if self.conf.shape[0] > real:  # CFG rows share the real rows' confidence
             self.conf[real:] = self.conf[:real]
-
-    def _stage1(
-        self, state: DecodeState, masked: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked positions ``[B, L]`` chosen by confidence × certainty density (research
-        §2.4.3), and the scores ``[B, L]`` they were ranked by (before the block bias)."""
-        p, (start, end) = state.prompt_len, state.block
-        gen_masked = masked[:, p:]
-        density = (
-            prior.certainty_density(
-                ~gen_masked, self.cfg.sigma, reference_compat=self.cfg.reference_compat
-            )
-            if self.cfg.sigma
-            else 1.0
-        )
-        conf = (
-            self.conf[:, p:]
-            if self.conf is not None
-            else torch.ones_like(gen_masked, dtype=torch.float64)
-        )
-        scores = conf * density
-        block = end - start
-        col = torch.arange(gen_masked.shape[1], device=masked.device)
-        in_block = (col >= start - p) & (col < end - p)
-        biased = scores + in_block * scores.max(dim=1, keepdim=True).values
-        k = self.cfg.current_k
-        reached = gen_masked.long().cumsum(1) >= k
-        first = torch.where(reached.any(1), reached.long().argmax(1), gen_masked.shape[1] - 1)
-        search_end = ((first - (start - p)) // block + 1) * block + (start - p)
-        allowed = gen_masked & (col[None] >= start - p) & (col[None] < search_end[:, None])
-        biased = biased.masked_fill(~allowed, float("-inf"))
-        top = biased.topk(min(k, biased.shape[1]), dim=1)
-        chosen = torch.zeros_like(masked)
-        chosen[:, p:].scatter_(1, top.indices, torch.isfinite(top.values))
-        full = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
-        full[:, p:] = scores
-        return chosen, full
 
     def _rollout(self, b: int, length: int, device: torch.device) -> torch.Tensor:
         """Column sums of the attention rollout, by the reverse recursion over layers."""

@@ -1,7 +1,8 @@
 """d²Cache's certainty prior and selection helpers (Kamichanw/d2Cache, research/dlm.md §2.4).
 
 ``certainty_density`` scales decoding confidences (the decoding prior, §2.4.5) and stage-1
-scores; ``nucleus_select`` and ``inflate`` build the query set (§2.4.4).
+scores; ``stage1`` picks the certainty prior's masks (§2.4.3); ``nucleus_select`` and
+``inflate`` build the rest of the query set (§2.4.4).
 """
 
 from __future__ import annotations
@@ -51,6 +52,44 @@ def certainty_density(
         return num / torch.exp(-(d**2) / (2 * sigma**2)).sum()
     den = F.conv1d(torch.ones_like(canvas[:1]), kernel, padding=g)[:, 0]
     return num / den
+
+
+def stage1(
+    masked: torch.Tensor,
+    conf: torch.Tensor | None,
+    prompt_len: int,
+    block: tuple[int, int],
+    k: int,
+    sigma: float,
+    reference_compat: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 of d²Cache's query set (research §2.4.3): the ``k`` masked positions ``[B, L]``
+    with the highest confidence ``conf [B, L]`` (None: all 1) × certainty density of width
+    ``sigma`` (0: confidence only), searched from the current ``block``'s start up to the block
+    boundary that holds the ``k``-th mask, the block's masks first; and the scores ``[B, L]``
+    they were ranked by (before that block bias)."""
+    p, (start, end) = prompt_len, block
+    gen_masked = masked[:, p:]
+    density = (
+        certainty_density(~gen_masked, sigma, reference_compat=reference_compat) if sigma else 1.0
+    )
+    ones = torch.ones_like(gen_masked, dtype=torch.float64)
+    scores = (conf[:, p:] if conf is not None else ones) * density
+    col = torch.arange(gen_masked.shape[1], device=masked.device)
+    in_block = (col >= start - p) & (col < end - p)
+    biased = scores + in_block * scores.max(dim=1, keepdim=True).values
+    reached = gen_masked.long().cumsum(1) >= k
+    first = torch.where(reached.any(1), reached.long().argmax(1), gen_masked.shape[1] - 1)
+    size = end - start
+    search_end = ((first - (start - p)) // size + 1) * size + (start - p)
+    allowed = gen_masked & (col[None] >= start - p) & (col[None] < search_end[:, None])
+    biased = biased.masked_fill(~allowed, float("-inf"))
+    top = biased.topk(min(k, biased.shape[1]), dim=1)
+    chosen = torch.zeros_like(masked)
+    chosen[:, p:].scatter_(1, top.indices, torch.isfinite(top.values))
+    full = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
+    full[:, p:] = scores
+    return chosen, full
 
 
 def nucleus_select(

@@ -260,15 +260,14 @@ def test_stage1_search_window_and_block_bias(k: int, want: list[int]) -> None:
     (column 6 for k 5, column 7, a block's last, for k 6: not the next block), and the current
     block's masks come first even when their confidence is the lowest."""
     from diffcache.kv import DecodeState
-    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+    from diffcache.methods import d2cache_prior as prior
 
     p, mask = 2, 9
     ids = torch.tensor([[1, 1, 5, 5] + [mask] * 10])
     state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(2, 6))
-    policy = D2Policy(D2CacheConfig(current_k=k, sigma=0.0))
     conf = [0.0, 0.0, 0.01, 0.5, 0.4, 0.3, 0.2, 0.1, 0.9, 0.9, 0.9, 0.9]
-    policy.conf = torch.tensor([[0.0] * p + conf], dtype=torch.float64)
-    chosen, scores = policy._stage1(state, state.masked)
+    scored = torch.tensor([[0.0] * p + conf], dtype=torch.float64)
+    chosen, scores = prior.stage1(state.masked, scored, p, state.block, k, sigma=0.0)
     assert (chosen[0].nonzero().flatten() - p).tolist() == want
     assert scores[0, p:].tolist() == conf
 
@@ -305,18 +304,17 @@ def test_stage1_search_window_of_a_later_block() -> None:
     holds fewer than k masks: its search runs to the end and takes them all. Row 2's 4th mask
     is in the fourth block, so its search reaches the end."""
     from diffcache.kv import DecodeState
-    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+    from diffcache.methods import d2cache_prior as prior
 
     p, mask = 2, 9
     ids = torch.tensor([[1, 1] + [5] * 6 + [mask] * 10] + [[1, 1] + [5] * 16] * 2)
     ids[1, [p + 7, p + 12, p + 15]] = mask
     ids[2, [p + 6, p + 12, p + 13, p + 14, p + 15]] = mask
     state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(6, 10))
-    policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
     conf = [0.0] * 6 + [0.01, 0.02, 0.1, 0.4, 0.3, 0.2, 0.9, 0.9, 0.9, 0.9]
     falling = conf[:12] + [0.9, 0.8, 0.7, 0.6]
-    policy.conf = torch.tensor([[0.0] * p + c for c in (conf, conf, falling)], dtype=torch.float64)
-    chosen, _ = policy._stage1(state, state.masked)
+    scored = torch.tensor([[0.0] * p + c for c in (conf, conf, falling)], dtype=torch.float64)
+    chosen, _ = prior.stage1(state.masked, scored, p, state.block, 4, sigma=0.0)
     assert (chosen[0].nonzero().flatten() - p).tolist() == [6, 7, 9, 10]
     assert (chosen[1].nonzero().flatten() - p).tolist() == [7, 12, 15]
     assert (chosen[2].nonzero().flatten() - p).tolist() == [6, 12, 13, 14]
@@ -325,12 +323,11 @@ def test_stage1_search_window_of_a_later_block() -> None:
 def test_stage1_with_blocks_of_one_reaches_the_last_position() -> None:
     """Blocks of one position and fewer than k masks: the search runs to the last column."""
     from diffcache.kv import DecodeState
-    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+    from diffcache.methods import d2cache_prior as prior
 
     p, mask = 2, 9
     ids = torch.tensor([[1, 1, mask, 5, 5, mask]])
     state = DecodeState(ids, mask, p, 0, 1, torch.where(ids == mask, -2, -1), block=(2, 3))
-    policy = D2Policy(D2CacheConfig(current_k=4, sigma=0.0))
-    policy.conf = torch.full(ids.shape, 0.5, dtype=torch.float64)
-    chosen, _ = policy._stage1(state, state.masked)
+    conf = torch.full(ids.shape, 0.5, dtype=torch.float64)
+    chosen, _ = prior.stage1(state.masked, conf, p, state.block, 4, sigma=0.0)
     assert chosen[0].nonzero().flatten().tolist() == [2, 5]
