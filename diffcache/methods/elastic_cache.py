@@ -174,7 +174,15 @@ class ElasticPolicy(Policy):
     def step_end(self, state: DecodeState, plan: StepPlan, committed: torch.Tensor) -> None:
         """``eos_truncate``: the masks from each row's first decoded EOS on leave decoding."""
         if self.cfg.decode and self.cfg.eos_truncate:
-            state.dropped |= after_eos(state, committed, once=self.cfg.reference_compat)
+            real = state.dropped.shape[0]  # CFG rows follow the real ones
+            state.dropped |= rules.after_first_eos(
+                state.ids[:real],
+                state.eos_id,
+                state.prompt_len,
+                committed[:real],
+                state.dropped,
+                once=self.cfg.reference_compat,
+            )
 
     def start(self, state: DecodeState, store: Any) -> None:
         super().start(state, store)
@@ -283,18 +291,6 @@ class ElasticPolicy(Policy):
             refresh_from=[layer + 1 if s else None for s in starts.tolist()],
             picked=picked,
         )
-
-
-def after_eos(state: DecodeState, committed: torch.Tensor, once: bool) -> torch.Tensor:
-    """[B, L] positions of the real rows from each row's first decoded EOS on: its masks
-    leave decoding (a later EOS further left cuts again); ``once`` (the reference) cuts a row
-    once, at the first EOS among the tokens ``committed`` at the first step that commits one."""
-    batch = state.dropped.shape[0]
-    hit = state.ids[:batch] == state.eos_id
-    hit[:, : state.prompt_len] = False
-    if once:
-        hit &= committed[:batch] & ~state.dropped.any(1, keepdim=True)
-    return hit.long().cumsum(1) > 0
 
 
 @register_method(ElasticCacheConfig)

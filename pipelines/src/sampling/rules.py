@@ -1,4 +1,5 @@
-"""Which candidates a step commits: ``[B, m]`` booleans from confidences ``[B, m]``.
+"""Which candidates a step commits: ``[B, m]`` booleans from confidences ``[B, m]``; and which
+positions leave decoding after a row's end-of-sequence token (:func:`after_first_eos`).
 
 ``confidence`` carries −inf at padding; rules that take ``valid`` also ignore whatever is not
 valid. Ties: candidates are ranked by a stable descending sort, so equal confidences go to the
@@ -80,6 +81,25 @@ def commit_confident(p_max: torch.Tensor, valid: torch.Tensor, threshold: float)
     best one (all tied best ones) of each row with a valid candidate."""
     best = p_max.masked_fill(~valid, NEG_INF).max(-1, keepdim=True).values
     return valid & (p_max >= best.clamp(max=threshold))
+
+
+def after_first_eos(
+    ids: torch.Tensor,
+    eos_id: int | None,
+    prompt_len: int,
+    committed: torch.Tensor,
+    cut: torch.Tensor,
+    once: bool,
+) -> torch.Tensor:
+    """Elastic-Cache's EOS stop ``[B, L]``: the positions of ``ids`` from each row's first
+    decoded EOS on (its masks leave decoding; a later EOS further left cuts again). ``once``
+    (its reference) cuts a row once, at the first EOS among the tokens ``committed`` at the
+    first step that commits one (``cut``: the positions cut so far)."""
+    hit = ids == eos_id
+    hit[:, :prompt_len] = False
+    if once:
+        hit &= committed & ~cut.any(1, keepdim=True)
+    return hit.long().cumsum(1) > 0
 
 
 def commit_sampled(
