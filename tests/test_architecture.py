@@ -238,11 +238,6 @@ def test_every_kernel_op_call_says_where_its_backend_is_recorded() -> None:
 
 #: the most lines a method's runtime file may have (its offline side is in ``<name>_calibrate``)
 RUNTIME_LINES = 300
-#: method runtime files still over the limit, and why (strict: a fixed one fails until removed)
-OVER_LIMIT = {
-    "d2cache": "326 lines: its policy now holds its decoding rule (issue 22, left to trim)",
-    "elastic_cache": "308 lines: its policy now holds its decoding rule (issue 22, left to trim)",
-}
 METHOD_FILES = {
     path.stem: path
     for path in sorted((PACKAGE / "methods").glob("*.py"))
@@ -250,15 +245,7 @@ METHOD_FILES = {
 }
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason=OVER_LIMIT[m], strict=True))
-        if m in OVER_LIMIT
-        else m
-        for m in METHOD_FILES
-    ],
-)
+@pytest.mark.parametrize("method", METHOD_FILES)
 def test_a_method_runtime_file_is_short(method: str) -> None:
     """A method's runtime (config, state, decide / reuse / store) stays within 300 lines; the
     offline recorder and fitting live in its ``<name>_calibrate`` module."""
