@@ -62,10 +62,16 @@ class KVSeam:
         policy: the pipeline method that returns each generation's policy (which rows to
             recompute, when to refresh); a KV method wraps it to hand in its own, and the
             pipeline gives the policy the generation's store (``Policy.start``).
+        semi_autoregressive: the family's own sampler decodes in semi-autoregressive blocks
+            (LLaDA's ``generate``), not the whole answer at once (Dream's).
+        random_remasking: the sampler can commit its fixed count per step in a random order
+            (LLaDA's ``remasking="random"``), so the next step's tokens can be drawn ahead.
     """
 
     store: str
     policy: str
+    semi_autoregressive: bool = False
+    random_remasking: bool = False
 
     def __post_init__(self) -> None:
         assert self.store in KV_STORES, f"KV store {self.store!r} not in {KV_STORES}"

@@ -127,9 +127,11 @@ def test_a_kv_method_is_refused_on_a_model_that_declares_no_kv_seam() -> None:
 
 
 def test_the_text_lms_declare_the_position_store_seam_of_their_pipeline() -> None:
-    """LLaDA and Dream: a position store, and the policy hook their decoding loop calls."""
+    """LLaDA and Dream: a position store, the policy hook their decoding loop calls, and what
+    their samplers offer policies (LLaDA's: semi-autoregressive blocks, random remasking)."""
     from diffcache.pipelines.dream import ADAPTER as DREAM
     from diffcache.pipelines.llada import ADAPTER as LLADA
 
-    for adapter in (LLADA, DREAM):
-        assert adapter.kv == KVSeam(store="position", policy="cache_policy")
+    assert DREAM.kv == KVSeam(store="position", policy="cache_policy")
+    sampler = {"semi_autoregressive": True, "random_remasking": True}
+    assert LLADA.kv == KVSeam(store="position", policy="cache_policy", **sampler)

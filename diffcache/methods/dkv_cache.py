@@ -5,18 +5,22 @@ A token's K/V is reused only once it is decoded, and only one step later: a toke
 step t is recomputed at step t+1 with its real id, stored, and served from the store from step
 t+2 until the next refresh (research/dlm.md §2.2). Variants (``variant``):
 
-- ``decode``: at block step i (LLaDA: the cache is reset at each block; Dream: no blocks)
-  steps i = 0, every ``refresh_every``-th step and, for LLaDA, i = 1 are full forwards; any
-  other step recomputes exactly the positions not decoded before the previous step.
+- ``decode``: steps i = 0, every ``refresh_every``-th step and, where the model's sampler is
+  semi-autoregressive, i = 1 are full forwards; any other step recomputes exactly the positions
+  not decoded before the previous step. A semi-autoregressive sampler (the adapter's KV seam
+  says so: LLaDA's) counts i per block, as the reference resets its cache at each block, whose
+  step 0 builds none; otherwise (Dream's sampler, blocks or not) i counts the generation's
+  steps, as the reference keeps one cache over the answer.
 - ``prefill``: the prompt's K/V from step 0 are kept for the whole generation; every later step
   recomputes the generated region (and, for Dream, the last prompt position).
 - ``pd``: the prompt as in ``prefill`` plus ``decode``'s delayed cache over the generated region,
   refreshed (generated region only) every ``refresh_every`` steps.
 - ``greedy``: the block's decoding order is drawn at random once per block (random remasking,
-  as the reference requires), so the tokens of the next step are known: a cached step
-  recomputes only the tokens decoded at the last step, the ones scheduled now and, for each
-  scheduled one, its ``window`` nearest still-masked neighbours (alternately left and right);
-  every ``refresh_every``-th block step is a full forward (paper: 2, window 4).
+  as the reference requires: a sampler without it is refused), so the tokens of the next step
+  are known: a cached step recomputes only the tokens decoded at the last step, the ones
+  scheduled now and, for each scheduled one, its ``window`` nearest still-masked neighbours
+  (alternately left and right); every ``refresh_every``-th block step is a full forward
+  (paper: 2, window 4).
 
 Dream's logits are shifted (p−1 predicts p), so a Dream position is cacheable when the token
 after it is decoded (``shift: un``, the reference default; ``un_right`` needs both, ``right``
@@ -36,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.adapter import Capabilities, Target
+from diffcache.adapter import Capabilities, KVSeam, Target
 from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
@@ -98,8 +102,12 @@ class DKVCacheConfig(MethodConfig):
         return tune_knob(self, profiling, "refresh_every", 1, 1024, integer=True)
 
     def own_reasons(self, target: Target) -> list[str]:
-        if self.variant == "greedy" and target.adapter.name != "llada":
-            return ["dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"]
+        adapter = target.adapter
+        if self.variant == "greedy" and not (adapter.kv and adapter.kv.random_remasking):
+            return [
+                "dkv_cache variant greedy needs a sampler with random remasking (a fixed "
+                f"count per step in a drawn order); {adapter.name}'s sampler has none"
+            ]
         return []
 
 
@@ -107,9 +115,9 @@ class DKVPolicy(Policy):
     name = "dkv_cache"
     uses_store = True
 
-    def __init__(self, cfg: DKVCacheConfig, family: str) -> None:
+    def __init__(self, cfg: DKVCacheConfig, seam: KVSeam) -> None:
         super().__init__()
-        self.cfg, self.family = cfg, family
+        self.cfg, self.seam = cfg, seam
         self.rank: torch.Tensor | None = None  # greedy: [B, L] decoding order in the block
 
     def decoding(self, settings: dict[str, Any]) -> dict[str, Any]:
@@ -161,13 +169,14 @@ class DKVPolicy(Policy):
         return StepPlan(rows=rows, targets=targets, counts=counts)
 
     def _position(self, state: DecodeState) -> int:
-        """Where this step is in the refresh schedule: its block step (LLaDA, whose cache is
-        reset at each block) or its step (Dream)."""
-        return state.block_step if self.family == "llada" else state.step
+        """Where this step is in the refresh schedule: its block step (a semi-autoregressive
+        sampler, whose cache is reset at each block) or its step."""
+        return state.block_step if self.seam.semi_autoregressive else state.step
 
     def _refresh(self, state: DecodeState) -> bool:
         i = self._position(state)
-        return i == 0 or i % self.cfg.refresh_every == 0 or (self.family == "llada" and i == 1)
+        first = self.seam.semi_autoregressive and i == 1  # the block's first cache
+        return i == 0 or i % self.cfg.refresh_every == 0 or first
 
     def cacheable(self, state: DecodeState) -> torch.Tensor:
         """[B, L] positions whose stored K/V this step may use (decoded before the last step)."""
@@ -224,5 +233,5 @@ def neighbours(scheduled: torch.Tensor, masked: torch.Tensor, window: int) -> to
 
 @register_method(DKVCacheConfig)
 def apply(session: Session, cfg: DKVCacheConfig) -> None:
-    family = session.target.adapter.name
-    attach_policy(session, cfg.name, lambda: DKVPolicy(cfg, family))
+    seam = session.target.adapter.kv
+    attach_policy(session, cfg.name, lambda: DKVPolicy(cfg, seam))

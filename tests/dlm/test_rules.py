@@ -483,9 +483,36 @@ def test_dkv_greedy_is_refused_on_dream(dream) -> None:
         "method": "dkv_cache",
         "options": {"variant": "greedy"},
     }
-    reason = "dkv_cache variant greedy is defined for LLaDA's sampler only (as the paper)"
+    reason = (
+        "dkv_cache variant greedy needs a sampler with random remasking (a fixed count per "
+        "step in a drawn order); dream's sampler has none"
+    )
     with pytest.raises(DiffCacheError, match=f"\n  - {re.escape(reason)}$"):
         diffcache.accelerate(dream, plan)
+
+
+@pytest.mark.parametrize(("seam_of", "llada_rules"), [("llada", True), ("dream", False)])
+def test_dkv_rules_follow_the_samplers_seam_not_the_family_name(seam_of, llada_rules) -> None:
+    """dKV-Cache's LLaDA rules (greedy accepted; block step 1 a full forward, the schedule
+    counted per block) come from the KV seam's sampler facts: a family of another name gets
+    them with LLaDA's seam (semi-autoregressive, random remasking), not with Dream's."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from diffcache.kv import DecodeState
+    from diffcache.methods.dkv_cache import DKVCacheConfig, DKVPolicy
+    from diffcache.registry import adapters
+
+    adapter = dataclasses.replace(adapters()[seam_of], name="other")
+    greedy = DKVCacheConfig(variant="greedy").own_reasons(SimpleNamespace(adapter=adapter))
+    assert (greedy == []) is llada_rules
+    # the second block's step 1 (the generation's 5th): position 2 decoded at step 4
+    ids = torch.tensor([[1, 1, 5, 9, 9, 9]])
+    decoded_at = torch.tensor([[-1, -1, 4, -2, -2, -2]])
+    state = DecodeState(ids, 9, 2, 0, 1, decoded_at, block=(2, 6), step=5, block_step=1)
+    plan = DKVPolicy(DKVCacheConfig(), adapter.kv).plan(state, torch.tensor([[3, 4, 5]]))
+    assert (plan.rows is None) is llada_rules  # else the positions not decoded before step 4
+    assert llada_rules or plan.rows.tolist() == [[2, 3, 4, 5]]
 
 
 def test_d2cache_rollout_is_the_column_sums_of_the_layer_product() -> None:

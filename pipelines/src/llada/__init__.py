@@ -16,6 +16,7 @@ temperature (the reference only demotes EOS at temperature 0, an aliasing effect
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -79,7 +80,7 @@ ADAPTER = register_adapter(
         provides=PROVIDES,
         output="texts",
         seed_arg="generator",
-        kv=KV_SEAM,
+        kv=dataclasses.replace(KV_SEAM, semi_autoregressive=True, random_remasking=True),
         fields=FIELDS,
         rules=(rule(block_problem), rule(steps_problem)),
         valid_for={"gen_length": int, "block_length": int},
