@@ -184,6 +184,30 @@ def test_methods_are_refused_by_capability_not_by_family() -> None:
     assert found == [], f"methods gate by family, not by capability: {found}"
 
 
+def test_no_method_compares_against_a_family_name() -> None:
+    """A method reads what a model offers (its adapter's capabilities, its KV seam), never which
+    family it is: no method module compares a value with a registered family's name."""
+    import diffcache.pipelines  # noqa: F401  (registers every family's adapter)
+    from diffcache.registry import adapters
+
+    families = set(adapters())
+    found = []
+    for name, path in sorted(_modules().items()):
+        if not name.startswith("diffcache.methods."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                found += [
+                    f"{name}:{c.lineno} {c.value!r}"
+                    for c in ast.walk(side)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                    if c.value in families
+                ]
+    assert found == [], f"methods compare against a family's name: {found}"
+
+
 def test_pipelines_import_no_method_and_the_kv_store_no_pipeline() -> None:
     """A model loop carries no method's rule (it asks its policy), so no pipeline imports a
     method; the KV package is shared by every world, so it imports no pipeline or method
