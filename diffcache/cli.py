@@ -247,10 +247,11 @@ def _request(
     """The request from the flags (built-in defaults filled in) and the model's family adapter
     when it is known before loading (built-in models). The request is checked with ``sample``,
     one of a command's inputs (eval's and profile's), in the family's required input field,
-    which errors call ``inputs`` (see ``request.check``)."""
+    which errors call ``inputs`` (see ``generate.check``)."""
+    from diffcache.generate import check
     from diffcache.models import builtin_models
     from diffcache.registry import adapters, request_fields
-    from diffcache.request import Request, check
+    from diffcache.request import Request
 
     values = {name: getattr(args, name, None) for name in request_fields()}
     req = Request(seed=0 if args.seed is None else args.seed, **values)
@@ -291,8 +292,8 @@ def _with_input(adapter: Any, req: Any, sample: str | None) -> Any:
 def _family(pipe: Any, req: Any, sample: str | None = None, inputs: str | None = None) -> Any:
     """The loaded pipeline's adapter, with the request checked against the loaded model
     (``sample`` and ``inputs`` as for ``_request``)."""
+    from diffcache.generate import check
     from diffcache.registry import find_adapter
-    from diffcache.request import check
 
     adapter = find_adapter(pipe)
     check(adapter, _with_input(adapter, req, sample), pipe, inputs)
@@ -361,7 +362,7 @@ def _read_prompts_answers(path: str, media: str | None) -> tuple[list[str], list
 
 def _check_seeds(args: argparse.Namespace) -> None:
     """--seeds in range, and the seeds it adds after --seed within the seeds a request takes."""
-    from diffcache.request import MAX_SEED
+    from diffcache.generate import MAX_SEED
 
     n = args.seeds
     if not 1 <= n <= 10_000:

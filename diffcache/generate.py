@@ -1,8 +1,11 @@
-"""One generation of a supported pipeline, and saving what it makes (media file or text)."""
+"""Generation requests checked against a family and turned into pipeline calls (one per input
+and seed), one generation of a supported pipeline, and saving what it makes (media file or text).
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +14,72 @@ import torch
 
 from diffcache.errors import DiffCacheError, UnsupportedModelError
 from diffcache.registry import find_adapter
-from diffcache.request import Request, call_kwargs, check
+from diffcache.request import Field, Request
 
+MAX_SEED = 2**64 - 1
 SUFFIXES = {"video": (".mp4", ".gif"), "image": (".png",), "text": (".txt",)}
 
 __all__ = ["Request", "generate", "pipeline_kwargs", "check_output_path", "save_output"]
+
+
+def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None = None) -> None:
+    """Refuse a request with unknown fields, missing required ones, bad values or values that
+    break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family.
+
+    ``inputs`` names the family's input field (``Adapter.input_field``) in the errors, instead of
+    its flag, where a command filled it from its inputs (a prompt file, bundled inputs): the
+    user gave no ``--prompt`` or ``--class-label`` then."""
+    family = adapter.name
+    by_name = {f.name: f for f in adapter.fields}
+    given = adapter.input_field
+    names = {given.name: inputs} if inputs and given is not None else {}
+    problems = []
+    if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
+        problems.append(f"--seed must be a whole number in 0..2**64-1, got {request.seed!r}")
+    for name, value in request.values.items():
+        field = by_name.get(name)
+        if field is None:
+            flag = "--" + name.replace("_", "-")
+            takes = ", ".join(f.flag for f in by_name.values()) or "nothing"
+            problems.append(f"{family} models take no {flag}; they take: {takes}")
+        else:
+            problems += field.problems(value, pipe, names.get(name))
+    problems += [
+        f"{f.flag} is required for {family} models"
+        for f in by_name.values()
+        if f.required and f.name not in request.values
+    ]
+    if not problems:
+        problems += [p for rule in adapter.rules if (p := rule(request.values))]
+    if problems:
+        raise DiffCacheError("; ".join(problems))
+
+
+def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
+    """The pipeline keywords for ``request`` (checked with :func:`check` first)."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name in request.values:
+            value = f.type(request.values[f.name])
+            out[f.call_arg] = [value] if f.as_list else value
+    return out
+
+
+def expand(
+    adapter: Any, inputs: Sequence[str], seeds: int | Sequence[int], base: Request
+) -> list[Request]:
+    """One request per (input, seed): each input, as text, fills the family's input field
+    (``Adapter.input_field``: a prompt, a class id); a family without one gets one request per
+    seed. ``seeds`` counts from ``base.seed`` or lists the seeds."""
+    seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
+    field = adapter.input_field
+    if field is None:
+        return [base.replace(seed=s) for s in seed_list]
+    try:
+        values = [field.type(p) for p in inputs]
+    except ValueError as e:
+        raise DiffCacheError(f"{adapter.name} models take {field.help} as inputs: {e}") from e
+    return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]
 
 
 def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:

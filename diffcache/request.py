@@ -8,14 +8,10 @@ builds its flags from the union over all adapters, and ``generate`` / ``eval`` t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-
-from diffcache.errors import DiffCacheError
-
-MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -37,7 +33,7 @@ class Field:
             ``accepts(pipe, text)`` -> the problem or None (a prompt against a text model's
             tokenizer).
         input: the field ``eval``'s and ``profile``'s inputs fill (prompts, or class ids given
-            as text), at most one per family (see :func:`expand`).
+            as text), at most one per family (see ``generate.expand``).
     """
 
     name: str
@@ -115,63 +111,3 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
-
-
-def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None = None) -> None:
-    """Refuse a request with unknown fields, missing required ones, bad values or values that
-    break one of the family's ``rules`` across fields (all at once), for ``adapter``'s family.
-
-    ``inputs`` names the family's input field (``Adapter.input_field``) in the errors, instead of
-    its flag, where a command filled it from its inputs (a prompt file, bundled inputs): the
-    user gave no ``--prompt`` or ``--class-label`` then."""
-    family = adapter.name
-    by_name = {f.name: f for f in adapter.fields}
-    given = adapter.input_field
-    names = {given.name: inputs} if inputs and given is not None else {}
-    problems = []
-    if not (isinstance(request.seed, int) and 0 <= request.seed <= MAX_SEED):
-        problems.append(f"--seed must be a whole number in 0..2**64-1, got {request.seed!r}")
-    for name, value in request.values.items():
-        field = by_name.get(name)
-        if field is None:
-            flag = "--" + name.replace("_", "-")
-            takes = ", ".join(f.flag for f in by_name.values()) or "nothing"
-            problems.append(f"{family} models take no {flag}; they take: {takes}")
-        else:
-            problems += field.problems(value, pipe, names.get(name))
-    problems += [
-        f"{f.flag} is required for {family} models"
-        for f in by_name.values()
-        if f.required and f.name not in request.values
-    ]
-    if not problems:
-        problems += [p for rule in adapter.rules if (p := rule(request.values))]
-    if problems:
-        raise DiffCacheError("; ".join(problems))
-
-
-def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
-    """The pipeline keywords for ``request`` (checked with :func:`check` first)."""
-    out: dict[str, Any] = {}
-    for f in fields:
-        if f.name in request.values:
-            value = f.type(request.values[f.name])
-            out[f.call_arg] = [value] if f.as_list else value
-    return out
-
-
-def expand(
-    adapter: Any, inputs: Sequence[str], seeds: int | Sequence[int], base: Request
-) -> list[Request]:
-    """One request per (input, seed): each input, as text, fills the family's input field
-    (``Adapter.input_field``: a prompt, a class id); a family without one gets one request per
-    seed. ``seeds`` counts from ``base.seed`` or lists the seeds."""
-    seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
-    field = adapter.input_field
-    if field is None:
-        return [base.replace(seed=s) for s in seed_list]
-    try:
-        values = [field.type(p) for p in inputs]
-    except ValueError as e:
-        raise DiffCacheError(f"{adapter.name} models take {field.help} as inputs: {e}") from e
-    return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]

@@ -279,9 +279,8 @@ def magcache_ratios(pipe: Any, inputs: Sequence[str], request: Any) -> list[floa
 
     from diffusers import MagCacheConfig
 
-    from diffcache.generate import generate
+    from diffcache.generate import expand, generate
     from diffcache.registry import find_adapter
-    from diffcache.request import expand
 
     steps = request.get("steps")
     if not inputs or not steps:
