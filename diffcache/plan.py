@@ -12,12 +12,11 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import math
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,9 +25,6 @@ from diffcache.options import coerce, to_plain
 from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, did_you_mean, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
-
-if TYPE_CHECKING:
-    from diffcache.adapter import Target
 
 SCHEMA_VERSION = 1
 KEYS = (
@@ -373,41 +369,3 @@ def _calibration(
     if problems:
         raise PlanError("\n".join(problems))
     return schema(**values)
-
-
-def make_plan(target: Target, config: Any, calibration: Any, valid_for: Mapping[str, Any]) -> Plan:
-    """A plan for ``target`` with these options and calibration (fingerprinted if calibrated)."""
-    plain, tensors = split_calibration(calibration)
-    valid = dict(valid_for)
-    if calibration is not None:
-        valid["fingerprint"] = target.fingerprint()
-    return Plan(
-        model=target.adapter.name,
-        method=config.name,
-        options=config.to_options(),
-        valid_for=valid,
-        calibration=plain,
-        tensors=tensors,
-    )
-
-
-def split_calibration(calibration: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A calibration dataclass as (plain fields, tensors for the sidecar)."""
-    if calibration is None:
-        return {}, {}
-    hints = typing.get_type_hints(type(calibration))
-    plain, tensors = {}, {}
-    for f in dataclasses.fields(calibration):
-        value = getattr(calibration, f.name)
-        if hints[f.name] is torch.Tensor:
-            tensors[f.name] = value.detach().cpu().contiguous()
-        else:
-            plain[f.name] = to_plain(value)
-    return plain, tensors
-
-
-def round_to(x: float, digits: int = 3, down: bool = False) -> float:
-    """``x`` rounded up (or ``down``) to ``digits`` significant digits."""
-    unit = 10 ** (math.floor(math.log10(x)) - digits + 1)
-    whole = math.floor(x / unit) if down else math.ceil(x / unit)
-    return float(f"{whole * unit:.{digits}g}")

@@ -25,6 +25,7 @@ import torch
 from diffcache import distributed
 from diffcache.adapter import Target
 from diffcache.api import accelerate, open_session, remove, session_of, stats
+from diffcache.calibration import make_plan, round_to
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -44,7 +45,7 @@ from diffcache.generate import check, check_writable, expand, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
-from diffcache.plan import Plan, make_plan, round_to
+from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.registry import find_adapter, get_method
 from diffcache.request import Request

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +10,6 @@ from diffcache.adapter import Adapter
 from diffcache.errors import PlanError, UnsupportedModelError
 
 _METHODS: dict[str, tuple[type, Callable]] = {}
-_CALIBRATORS: dict[str, Calibrator] = {}
 _ADAPTERS: dict[str, Adapter] = {}
 
 
@@ -45,36 +43,6 @@ def get_method(name: str, where: str = "method") -> tuple[type, Callable]:
             f"registered: {', '.join(sorted(_METHODS))}."
         )
     return _METHODS[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibrator:
-    """A method's offline side, kept in its ``<name>_calibrate`` module (the runtime never
-    imports it): ``calibrate(config, profiling)`` makes the plan's config and calibration, and
-    ``observer(config, target)``, if given, records during the profiler's plain trace run."""
-
-    calibrate: Callable
-    observer: Callable | None = None
-
-
-def register_calibrator(config_cls: type, observer: Callable | None = None) -> Callable:
-    """Bind ``calibrate(config, profiling)`` (and ``observer``) to a registered method."""
-
-    def decorator(calibrate: Callable) -> Callable:
-        name = config_cls.name
-        if _METHODS.get(name, (None,))[0] is not config_cls:
-            raise ValueError(f"method {name!r}: register the method before its calibrator")
-        if name in _CALIBRATORS:
-            raise ValueError(f"method {name!r}: calibrator registered twice")
-        _CALIBRATORS[name] = Calibrator(calibrate, observer)
-        return calibrate
-
-    return decorator
-
-
-def calibrator(name: str) -> Calibrator | None:
-    """The registered calibrator of method ``name`` (None: it has no calibration module)."""
-    return _CALIBRATORS.get(name)
 
 
 def methods() -> dict[str, type]:

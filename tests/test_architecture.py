@@ -19,7 +19,7 @@ FOLDERS = {
 }
 #: the core engine, and the front doors on it that every family goes through
 CORE = ("api", "session", "drivers", "runstate", "hooks", "sites", "adapter", "registry", "plan")
-CORE += ("options", "yamlio", "request", "generate", "profile")
+CORE += ("options", "yamlio", "request", "calibration", "generate", "profile")
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}
@@ -278,9 +278,9 @@ def test_a_method_runtime_file_is_short(method: str) -> None:
 
 
 def test_no_method_runtime_imports_calibration_or_the_profiler() -> None:
-    """The runtime never imports a ``_calibrate`` module, not even lazily (the registry reaches
-    it: ``register_calibrator``), and no method imports the profiler; every ``_calibrate``
-    module belongs to a runtime."""
+    """The runtime never imports a ``_calibrate`` module, not even lazily (the calibrator
+    registry reaches it: ``diffcache.calibration.register_calibrator``), and no method imports
+    the profiler; every ``_calibrate`` module belongs to a runtime."""
     assert {"easycache", "hyca", "ertacache", "invardiff"} <= set(METHOD_FILES)
     graph = _imports(_modules())
     found = sorted(
@@ -298,7 +298,8 @@ def test_every_calibration_module_is_registered_for_its_method() -> None:
     """Importing the methods registers each ``<name>_calibrate`` as ``<name>``'s calibrator, so
     ``MethodConfig.calibrate`` reaches it; a second registration is refused."""
     import diffcache.methods  # noqa: F401  (registers every method and calibrator)
-    from diffcache.registry import calibrator, methods, register_calibrator
+    from diffcache.calibration import calibrator, register_calibrator
+    from diffcache.registry import methods
 
     modules = sorted(p.stem for p in (PACKAGE / "methods").glob("*_calibrate.py"))
     found = {

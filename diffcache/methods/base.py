@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from diffcache.adapter import Capabilities
+from diffcache.calibration import calibrator
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.options import from_mapping, option, to_plain
-from diffcache.registry import calibrator
 
 if TYPE_CHECKING:
     from collections.abc import Callable

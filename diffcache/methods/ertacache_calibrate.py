@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from diffcache.calibration import register_calibrator, round_to
 from diffcache.errors import DiffCacheError, TargetUnreachable
 from diffcache.methods.base import Calibrated
 from diffcache.methods.ertacache import ERTACacheConfig
@@ -21,8 +22,6 @@ from diffcache.methods.ertacache_schedule import (
     schedule,
 )
 from diffcache.output import sample_of
-from diffcache.plan import round_to
-from diffcache.registry import register_calibrator
 from diffcache.session import Call
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from diffcache.calibration import register_calibrator
 from diffcache.errors import DiffCacheError, TargetUnreachable
 from diffcache.methods.base import Calibrated
 from diffcache.methods.hyca import HyCaCalibration, HyCaConfig
 from diffcache.methods.hyca_solvers import HISTORY, SOLVERS, solver_weights
-from diffcache.registry import register_calibrator
 from diffcache.session import Call
 from diffcache.sites import BlockStreams, Site
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from diffcache.calibration import register_calibrator
 from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
 from diffcache.methods.base import Calibrated
 from diffcache.methods.invardiff import InvarDiffCalibration, InvarDiffConfig
-from diffcache.registry import did_you_mean, register_calibrator
+from diffcache.registry import did_you_mean
 from diffcache.session import Call
 from diffcache.sites import Site
 
@@ -319,7 +320,8 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
     ``single_transformer_cache_book``, where ``attn`` is reused only where ``context_attn`` is
     too, and ``ip_attn`` has no site here)."""
     from diffcache.adapter import Target
-    from diffcache.plan import Plan, make_plan
+    from diffcache.calibration import make_plan
+    from diffcache.plan import Plan
     from diffcache.registry import find_adapter
 
     target = Target.resolve(find_adapter(pipe), pipe)
