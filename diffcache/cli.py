@@ -475,11 +475,11 @@ def _generate_out(args: argparse.Namespace, adapter: Any, req: Any) -> Path:
 def _profile(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache import distributed
+    from diffcache.display import format_options
     from diffcache.eval.report import speedup_text
     from diffcache.eval.timing import costlier, measurement_threads
     from diffcache.generate import check_writable
     from diffcache.models import builtin_models
-    from diffcache.plan import format_options
     from diffcache.profile import CALIBRATION_INPUT, CLI, check_targets, resolve_start
 
     _check_seeds(args)
@@ -708,7 +708,8 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _plans_list(args: argparse.Namespace) -> int:
-    from diffcache.plan import Plan, format_options
+    from diffcache.display import format_options
+    from diffcache.plan import Plan
     from diffcache.profiles import bundled_plans
 
     rows = [("plan", "family", "method", "options (valid for)")]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from diffcache.display import format_options
 from diffcache.errors import PlanError
 from diffcache.options import coerce, to_plain
 from diffcache.profiles import bundled_plans
@@ -46,24 +47,6 @@ VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str}
 SCHEDULED: dict[str, type] = {"scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
 SIDECAR = "sidecar"
-
-
-def rounded(value: Any, digits: int = 4) -> Any:
-    """``value`` with every float in it rounded to ``digits`` significant digits, for display
-    (a profiled threshold of 0.10211610431000394 shows as 0.1021; files keep every digit)."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, (list, tuple)):
-        return type(value)(rounded(v, digits) for v in value)
-    if isinstance(value, Mapping):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    return value
-
-
-def format_options(options: Mapping[str, Any], sep: str = ", ") -> str:
-    """``key=value`` items of plan options as the CLI and report names show them (floats to 4
-    significant digits)."""
-    return sep.join(f"{k}={rounded(v)}" for k, v in options.items())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcache.plan import rounded
+from diffcache.display import rounded
 
 GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden" / "bundled_plans.json"
 TRACES = GOLDEN.parent / "traces"

@@ -86,8 +86,8 @@ for _tiny in [
 def make(name: str, out: Path) -> Path:
     """Profile one bundled plan into ``out``; its path."""
     import diffcache
+    from diffcache.display import format_options
     from diffcache.models import load_model
-    from diffcache.plan import format_options
     from diffcache.registry import get_method
     from diffcache.request import Request
 

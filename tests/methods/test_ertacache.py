@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import diffcache
+from diffcache.display import rounded
 from diffcache.errors import PlanError, TargetUnreachable, UnsupportedModelError
 from diffcache.generate import generate
 from diffcache.methods.ertacache import EULER, ERTACacheConfig
@@ -21,7 +22,7 @@ from diffcache.methods.ertacache_schedule import (
     reuse_steps,
     schedule,
 )
-from diffcache.plan import Plan, rounded
+from diffcache.plan import Plan
 from diffcache.request import Request
 from diffcache.testing import golden
 from diffcache.testing.toys import clean, tiny_request
