@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from diffcache import methods, pipelines  # noqa: F401  (fill the registries)
-from diffcache.adapter import Adapter, ModuleSite, Stack, Target
+from diffcache.adapter import Adapter, Target
 from diffcache.api import accelerate, is_accelerated, remove, stats
 from diffcache.errors import (
     AlreadyAcceleratedError,
@@ -27,6 +27,7 @@ from diffcache.registry import register_adapter, register_method
 from diffcache.request import Field, Request
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Call, Session
+from diffcache.sites import ModuleSite, Stack
 
 __version__ = _metadata.version("diffcache")  # pyproject.toml's
 __all__ = [

@@ -21,7 +21,7 @@ import torch
 
 from diffcache.errors import UnsupportedModelError
 from diffcache.request import Field
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Site, Stack
+from diffcache.sites import Site, Stack
 
 CFG_STYLES = ("separate", "batched", "none")
 MEDIA = ("video", "image", "text")
@@ -258,18 +258,3 @@ def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) 
         if isinstance(module, torch.nn.Module):
             out.append(Site("module", f"{name}.{m.attr}", module, expert, stack, index, m))
     return out
-
-
-__all__ = [
-    "Adapter",
-    "Capabilities",
-    "KVSeam",
-    "Target",
-    "Stack",
-    "ModuleSite",
-    "GatedBlock",
-    "GatedTerm",
-    "Modulation",
-    "Site",
-    "Field",
-]

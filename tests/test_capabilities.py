@@ -10,9 +10,10 @@ import re
 import pytest
 
 import diffcache
-from diffcache.adapter import Adapter, Capabilities, Stack, Target
+from diffcache.adapter import Adapter, Capabilities, Target
 from diffcache.errors import UnsupportedModelError
 from diffcache.registry import methods
+from diffcache.sites import Stack
 from diffcache.testing.toys import TOY, ToyPipeline, clean, plan_for
 from diffcache.testing.toys_seq import toy_scale_pipeline, toy_text_pipeline
 

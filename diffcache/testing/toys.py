@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from diffcache.adapter import Adapter, Capabilities, ModuleSite, Stack
+from diffcache.adapter import Adapter, Capabilities
 from diffcache.methods.base import Calibrated, MethodConfig, option
 from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
 from diffcache.request import Field
 from diffcache.session import Call, Session
-from diffcache.sites import BlockStreams
+from diffcache.sites import BlockStreams, ModuleSite, Stack
 
 TOY = Adapter(
     name="toy",

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.adapter import Adapter, Capabilities, Stack
+from diffcache.adapter import Adapter, Capabilities
 from diffcache.methods.base import MethodConfig, option
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import adapters, register_adapter, register_method
 from diffcache.request import Field
 from diffcache.session import Call, Session
+from diffcache.sites import Stack
 
 VOCAB, WIDTH, HEADS, MAX_LEN = 16, 8, 2, 64
 MASK_ID = 0

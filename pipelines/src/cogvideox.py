@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
+from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 # CogVideoXPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [uncond, cond] (negative prompt first). The transformer takes (B, F, C, H, W) latents.

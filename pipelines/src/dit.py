@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import STEPS, guidance
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
 from diffcache.request import Field
+from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 
 def _num_classes(pipe: Any) -> int:

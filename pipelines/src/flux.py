@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import IMAGE, STEPS, guidance, prompt
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
+from diffcache.sites import ModuleSite, Stack
 
 # FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
 # embedding and the pipeline makes one transformer call per step. FluxPipeline can also run true

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import FRAMES, IMAGE, STEPS, guidance, prompt
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import seeded, template_prefix_length, tiny_clip, word_tokenizer
 from diffcache.registry import register_adapter
+from diffcache.sites import ModuleSite, Stack
 
 # HunyuanVideo is guidance-distilled: ``guidance_scale`` feeds the transformer's guidance
 # embedding and each step makes one transformer call. The pipeline can also run true CFG

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
 from diffcache.registry import register_adapter
+from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 # QwenImagePipeline runs true CFG as two separate transformer calls per step (cond, then
 # uncond) when ``true_cfg_scale > 1`` and a negative prompt is given; the request's guidance is

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcache.adapter import Adapter, GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, word_tokenizer
 from diffcache.registry import register_adapter
+from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 # WanPipeline runs CFG as two transformer calls per step (cond, then uncond) when
 # guidance_scale > 1; each call returns a tuple (return_dict=False). With ``transformer_2`` and
