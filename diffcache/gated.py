@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from diffcache.session import Call
-from diffcache.sites import BlockStreams, GatedBlock, Site, positions
+from diffcache.sites import GatedBlock, Site
+from diffcache.streams import BlockStreams, positions
 
 
 class BlockSkipper:

@@ -8,8 +8,6 @@ diffusion LMs) and ``scale`` (one scale of a next-scale model). Stats count work
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,26 +148,3 @@ class Site:
     @property
     def role(self) -> str | None:
         return self.spec.role if self.spec is not None else None
-
-
-class BlockStreams:
-    """Reads a block call's stream inputs (``hidden_states``, ``encoder_hidden_states``) and
-    output parts, both in the site's output order (``Site.returns``)."""
-
-    ARGS = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
-
-    def __init__(self, sites: Sequence[Site]) -> None:
-        self.where = {s.name: positions(s.module.forward) for s in sites}
-
-    def inputs(self, call: Any) -> tuple[torch.Tensor, ...]:
-        pos = self.where[call.site.name]
-        return tuple(call.arg(self.ARGS[p], pos.get(self.ARGS[p])) for p in call.site.returns)
-
-    @staticmethod
-    def parts(output: Any) -> tuple[torch.Tensor, ...]:
-        return tuple(output) if isinstance(output, (tuple, list)) else (output,)
-
-
-def positions(fn: Callable) -> dict[str, int]:
-    """Parameter name -> positional index of a callable (for reading arguments by name)."""
-    return {name: i for i, name in enumerate(inspect.signature(fn).parameters)}

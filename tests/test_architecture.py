@@ -19,7 +19,7 @@ FOLDERS = {
 }
 #: the core engine, and the front doors on it that every family goes through
 CORE = ("api", "session", "drivers", "runstate", "hooks", "sites", "adapter", "registry", "plan")
-CORE += ("options", "yamlio", "request", "display", "calibration", "generate", "profile")
+CORE += ("options", "yamlio", "request", "streams", "display", "calibration", "generate", "profile")
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}

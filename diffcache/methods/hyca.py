@@ -28,7 +28,8 @@ from diffcache.methods.hyca_solvers import (
 )
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
-from diffcache.sites import BlockStreams, Site
+from diffcache.sites import Site
+from diffcache.streams import BlockStreams
 
 
 @dataclasses.dataclass(frozen=True)

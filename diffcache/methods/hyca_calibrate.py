@@ -16,7 +16,8 @@ from diffcache.methods.base import Calibrated
 from diffcache.methods.hyca import HyCaCalibration, HyCaConfig
 from diffcache.methods.hyca_solvers import HISTORY, SOLVERS, solver_weights
 from diffcache.session import Call
-from diffcache.sites import BlockStreams, Site
+from diffcache.sites import Site
+from diffcache.streams import BlockStreams
 
 _EPS = 1e-12
 

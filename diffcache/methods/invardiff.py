@@ -23,7 +23,8 @@ from diffcache.errors import PlanError
 from diffcache.methods.base import MethodConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
-from diffcache.sites import BlockStreams, Site
+from diffcache.sites import Site
+from diffcache.streams import BlockStreams
 
 ROLE_DEFAULTS = MappingProxyType(
     {"self_attn": 0.5, "cross_attn": 0.5, "ff": 0.5, "context_ff": 0.5}

@@ -23,7 +23,8 @@ from diffcache.output import rebuild_output, sample_of
 from diffcache.registry import register_method
 from diffcache.request import Field
 from diffcache.session import Call, Session
-from diffcache.sites import BlockStreams, ModuleSite, Stack
+from diffcache.sites import ModuleSite, Stack
+from diffcache.streams import BlockStreams
 
 TOY = Adapter(
     name="toy",
