@@ -10,6 +10,7 @@ import math
 import re
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,6 +139,66 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
     module_book = torch.tensor([[False], [False], [True], [True], [True], [False]])
     fixed = _record((torch.zeros(6, dtype=torch.bool), module_book))
     assert fixed["module"][1:5, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)
+
+
+class _Profiling:
+    """What ``calibrate`` is handed, for one request of ``len(block)`` steps: the last block's
+    hidden output at step t is ``block[t]`` and module site m0's output ``module[t]`` (one
+    value each); ``record`` counts its passes."""
+
+    def __init__(self, block: list[float], module: list[float], sites: bool = True) -> None:
+        stack = types.SimpleNamespace(attr="blocks")
+        self.m0 = types.SimpleNamespace(
+            kind="module", name="m0", expert=0, stack=stack, role="ff", returns=("out",)
+        )
+        self.b0 = types.SimpleNamespace(kind="block", name="b0", returns=("hidden",))
+        found = {"module": [self.m0] if sites else [], "block": [self.b0]}
+        self.target = types.SimpleNamespace(sites=lambda kind: found[kind])
+        self.target_compute = None
+        self.valid_for = {"num_inference_steps": len(block)}
+        self.features = (block, module)
+        self.passes = 0
+
+    def record(self, observer: Any) -> dict[str, torch.Tensor]:
+        self.passes += 1
+        for t, (b, m) in enumerate(zip(*self.features, strict=True)):
+            for site, x in ((self.b0, b), (self.m0, m)):
+                call = types.SimpleNamespace(site=site, step=t, branch=0)
+                observer.see(call, torch.tensor([x]))
+        observer.end_request()
+        return observer.result()
+
+
+#: module outputs whose changes are 1, 1, 0.5, 1, 2 (steps 1..5); the block's change by 1 a step
+_MODULE = [0.0, 1.0, 2.0, 2.5, 3.5, 5.5]
+_BLOCK = [float(t) for t in range(6)]
+
+
+def test_calibrate_scores_the_first_pass_without_correction_and_corrects_with_its_books() -> None:
+    """Row k's score is change(k + 1) / change(k): the first pass gives 1, 0.5, 2, 2 (rows
+    1..4) and equal step scores (no step is reused); the median 1.5 reuses modules at rows 1
+    and 2. The correction pass freezes m0's reference at step 2's output through that run
+    (refreshed at step 2, the first reuse): step 3 changes 0.5 from it over step 2's change
+    1, step 4 changes 1.5 from it over 1, step 5 changes 2 over step 4's 1.5."""
+    cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={"ff": 0.5})
+    for correction, passes, rows in ((False, 1, [1, 0.5, 2, 2]), (True, 2, [1, 0.5, 1.5, 4 / 3])):
+        profiling = _Profiling(_BLOCK, _MODULE)
+        done = dataclasses.replace(cfg, correction=correction).calibrate(profiling)
+        cal = done.calibration
+        assert profiling.passes == passes and cal.sites == ("m0",)
+        assert cal.module_scores[:, 0].tolist() == pytest.approx([1, *rows, 1], rel=1e-6)
+        assert cal.step_scores.tolist() == pytest.approx([1.0] * 6, rel=1e-6)
+        assert not cal.step_book.any()
+        assert cal.module_book[:, 0].tolist() == [False, True, True, False, False, False]
+        assert done.measured == {"compute_fraction": round(4 / 6, 6), "reused_steps": []}
+
+
+def test_calibrating_a_model_without_module_sites_is_refused() -> None:
+    profiling = _Profiling(_BLOCK, _MODULE, sites=False)
+    with pytest.raises(DiffCacheError) as e:
+        InvarDiffConfig().calibrate(profiling)
+    assert str(e.value) == "invardiff: this model declares no module sites"
+    assert profiling.passes == 0
 
 
 FAMILIES = ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny", "dit-tiny"]
