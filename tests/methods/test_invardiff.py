@@ -142,30 +142,36 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
 
 
 class _Profiling:
-    """What ``calibrate`` is handed, for one request of ``len(block)`` steps: the last block's
-    hidden output at step t is ``block[t]`` and module site m0's output ``module[t]`` (one
-    value each); ``record`` counts its passes."""
+    """What ``calibrate`` is handed: ``requests`` equal requests of ``len(block)`` steps where
+    the last of three blocks outputs ``block[t]`` at step t (the other two ``module[t]``) and
+    module site m0 outputs ``module[t]`` (one value each); ``record`` counts its passes."""
 
-    def __init__(self, block: list[float], module: list[float], sites: bool = True) -> None:
+    def __init__(
+        self, block: list[float], module: list[float], sites: bool = True, requests: int = 1
+    ) -> None:
         stack = types.SimpleNamespace(attr="blocks")
         self.m0 = types.SimpleNamespace(
             kind="module", name="m0", expert=0, stack=stack, role="ff", returns=("out",)
         )
-        self.b0 = types.SimpleNamespace(kind="block", name="b0", returns=("hidden",))
-        found = {"module": [self.m0] if sites else [], "block": [self.b0]}
+        self.blocks = [
+            types.SimpleNamespace(kind="block", name=f"b{i}", returns=("hidden",)) for i in range(3)
+        ]
+        found = {"module": [self.m0] if sites else [], "block": self.blocks}
         self.target = types.SimpleNamespace(sites=lambda kind: found[kind])
         self.target_compute = None
         self.valid_for = {"num_inference_steps": len(block)}
-        self.features = (block, module)
+        self.features, self.requests = (block, module), requests
         self.passes = 0
 
     def record(self, observer: Any) -> dict[str, torch.Tensor]:
         self.passes += 1
-        for t, (b, m) in enumerate(zip(*self.features, strict=True)):
-            for site, x in ((self.b0, b), (self.m0, m)):
-                call = types.SimpleNamespace(site=site, step=t, branch=0)
-                observer.see(call, torch.tensor([x]))
-        observer.end_request()
+        b0, b1, last = self.blocks
+        for _ in range(self.requests):
+            for t, (b, m) in enumerate(zip(*self.features, strict=True)):
+                for site, x in ((b0, m), (b1, m), (last, b), (self.m0, m)):
+                    call = types.SimpleNamespace(site=site, step=t, branch=0)
+                    observer.see(call, torch.tensor([x]))
+            observer.end_request()
         return observer.result()
 
 
@@ -199,6 +205,34 @@ def test_calibrating_a_model_without_module_sites_is_refused() -> None:
         InvarDiffConfig().calibrate(profiling)
     assert str(e.value) == "invardiff: this model declares no module sites"
     assert profiling.passes == 0
+
+
+def test_calibration_scores_are_float64_means_over_the_requests() -> None:
+    """Outputs 0, 0, 0, s, s with s = 2e-16 change by 0, 0, s, 0, each plus 1e-8: rows 1..3
+    score 1, 1 + 2e-8 and 1 - 2e-8 (float32 rounds all three to 1), so the median 1 reuses
+    row 3 only; two equal requests score as one."""
+    tiny = [0.0, 0.0, 0.0, 2e-16, 2e-16]
+    steps_only = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={})
+    modules_only = InvarDiffConfig(
+        nonskip_rate=0.0, step_quantile=0.0, module_quantiles={"ff": 0.5}
+    )
+    for cfg, block, module in ((steps_only, tiny, [0.0] * 5), (modules_only, [0.0] * 5, tiny)):
+        profiling = _Profiling(block, module, requests=2)
+        cal = dataclasses.replace(cfg, correction=False).calibrate(profiling).calibration
+        assert cal.step_scores.tolist() == [1.0] * 5 and cal.module_scores.tolist() == [[1.0]] * 5
+        reused = [False, False, False, True, False]
+        assert cal.step_book.tolist() == (reused if cfg is steps_only else [False] * 5)
+        assert cal.module_book[:, 0].tolist() == reused
+
+
+def test_calibrating_fewer_than_three_steps_names_the_step_count() -> None:
+    """A change rate needs three steps (two changes): two steps record nothing."""
+    with pytest.raises(DiffCacheError) as e:
+        InvarDiffConfig().calibrate(_Profiling([0.0, 1.0], [0.0, 1.0]))
+    assert str(e.value) == (
+        "invardiff: no change rate was recorded over 2 steps (rates need at least 3 steps and "
+        "module sites that run)"
+    )
 
 
 FAMILIES = ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny", "dit-tiny"]
