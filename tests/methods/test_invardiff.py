@@ -144,10 +144,16 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
 class _Profiling:
     """What ``calibrate`` is handed: ``requests`` equal requests of ``len(block)`` steps where
     the last of three blocks outputs ``block[t]`` at step t (the other two ``module[t]``) and
-    module site m0 outputs ``module[t]`` (one value each); ``record`` counts its passes."""
+    module site m0 outputs ``module[t]`` (one value each; with ``batch`` the last block outputs
+    a batch of two rows, ``block[t]`` and ``module[t]``); ``record`` counts its passes."""
 
     def __init__(
-        self, block: list[float], module: list[float], sites: bool = True, requests: int = 1
+        self,
+        block: list[float],
+        module: list[float],
+        sites: bool = True,
+        requests: int = 1,
+        batch: bool = False,
     ) -> None:
         stack = types.SimpleNamespace(attr="blocks")
         self.m0 = types.SimpleNamespace(
@@ -160,7 +166,7 @@ class _Profiling:
         self.target = types.SimpleNamespace(sites=lambda kind: found[kind])
         self.target_compute = None
         self.valid_for = {"num_inference_steps": len(block)}
-        self.features, self.requests = (block, module), requests
+        self.features, self.requests, self.batch = (block, module), requests, batch
         self.passes = 0
 
     def record(self, observer: Any) -> dict[str, torch.Tensor]:
@@ -168,9 +174,10 @@ class _Profiling:
         b0, b1, last = self.blocks
         for _ in range(self.requests):
             for t, (b, m) in enumerate(zip(*self.features, strict=True)):
-                for site, x in ((b0, m), (b1, m), (last, b), (self.m0, m)):
+                hidden = torch.tensor([[b], [m]] if self.batch else [b])
+                for site, x in ((b0, [m]), (b1, [m]), (last, hidden), (self.m0, [m])):
                     call = types.SimpleNamespace(site=site, step=t, branch=0)
-                    observer.see(call, torch.tensor([x]))
+                    observer.see(call, torch.as_tensor(x))
             observer.end_request()
         return observer.result()
 
@@ -205,6 +212,26 @@ def test_calibrating_a_model_without_module_sites_is_refused() -> None:
         InvarDiffConfig().calibrate(profiling)
     assert str(e.value) == "invardiff: this model declares no module sites"
     assert profiling.passes == 0
+
+
+def test_the_step_score_spans_the_batch_and_freezes_through_reused_steps() -> None:
+    """The last block's two batch rows change by 1 + 1, 1 + 1, 1 + 0.5, 1 + 1, 1 + 2 (steps
+    1..5): rows 1..4 score 1, 0.75, 4/3, 1.5 and the median reuses steps 1 and 2. Corrected,
+    the reference freezes at step 2's output: step 3 changes 1.5 from it over 2, step 4 changes
+    2 + 1.5 over 2, step 5 changes 3 over 3.5; the median of 1, 0.75, 1.75, 6/7 reuses steps
+    2 and 4 (and their modules; the steps after them compute every module)."""
+    cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={"ff": 0.0})
+    for correction, rows, reused in (
+        (False, [1, 0.75, 4 / 3, 1.5], [1, 2]),
+        (True, [1, 0.75, 1.75, 6 / 7], [2, 4]),
+    ):
+        profiling = _Profiling(_BLOCK, _MODULE, batch=True)
+        done = dataclasses.replace(cfg, correction=correction).calibrate(profiling)
+        cal = done.calibration
+        assert cal.step_scores.tolist() == pytest.approx([1, *rows, 1], rel=1e-6)
+        book = [t in reused for t in range(6)]
+        assert cal.step_book.tolist() == book and cal.module_book[:, 0].tolist() == book
+        assert done.measured["reused_steps"] == reused
 
 
 def test_calibration_scores_are_float64_means_over_the_requests() -> None:
