@@ -144,25 +144,29 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
 class _Profiling:
     """What ``calibrate`` is handed: ``requests`` equal requests of ``len(block)`` steps where
     the last of three blocks outputs ``block[t]`` at step t (the other two ``module[t]``) and
-    module site m0 outputs ``module[t]`` (one value each; with ``batch`` the last block outputs
-    a batch of two rows, ``block[t]`` and ``module[t]``); ``record`` counts its passes."""
+    each of ``modules`` module sites (m0, m1...) outputs ``module[t]`` (one value each; with
+    ``batch`` the last block outputs a batch of two rows, ``block[t]`` and ``module[t]``);
+    ``record`` counts its passes."""
 
     def __init__(
         self,
         block: list[float],
         module: list[float],
-        sites: bool = True,
+        modules: int = 1,
         requests: int = 1,
         batch: bool = False,
     ) -> None:
         stack = types.SimpleNamespace(attr="blocks")
-        self.m0 = types.SimpleNamespace(
-            kind="module", name="m0", expert=0, stack=stack, role="ff", returns=("out",)
-        )
+        self.modules = [
+            types.SimpleNamespace(
+                kind="module", name=f"m{i}", expert=0, stack=stack, role="ff", returns=("out",)
+            )
+            for i in range(modules)
+        ]
         self.blocks = [
             types.SimpleNamespace(kind="block", name=f"b{i}", returns=("hidden",)) for i in range(3)
         ]
-        found = {"module": [self.m0] if sites else [], "block": self.blocks}
+        found = {"module": self.modules, "block": self.blocks}
         self.target = types.SimpleNamespace(sites=lambda kind: found[kind])
         self.target_compute = None
         self.valid_for = {"num_inference_steps": len(block)}
@@ -174,10 +178,11 @@ class _Profiling:
         b0, b1, last = self.blocks
         for _ in range(self.requests):
             for t, (b, m) in enumerate(zip(*self.features, strict=True)):
-                hidden = torch.tensor([[b], [m]] if self.batch else [b])
-                for site, x in ((b0, [m]), (b1, [m]), (last, hidden), (self.m0, [m])):
+                hidden = [[b], [m]] if self.batch else [b]
+                calls = [(b0, [m]), (b1, [m]), (last, hidden), *((s, [m]) for s in self.modules)]
+                for site, x in calls:
                     call = types.SimpleNamespace(site=site, step=t, branch=0)
-                    observer.see(call, torch.as_tensor(x))
+                    observer.see(call, torch.tensor(x))
             observer.end_request()
         return observer.result()
 
@@ -207,7 +212,7 @@ def test_calibrate_scores_the_first_pass_without_correction_and_corrects_with_it
 
 
 def test_calibrating_a_model_without_module_sites_is_refused() -> None:
-    profiling = _Profiling(_BLOCK, _MODULE, sites=False)
+    profiling = _Profiling(_BLOCK, _MODULE, modules=0)
     with pytest.raises(DiffCacheError) as e:
         InvarDiffConfig().calibrate(profiling)
     assert str(e.value) == "invardiff: this model declares no module sites"
@@ -232,6 +237,20 @@ def test_the_step_score_spans_the_batch_and_freezes_through_reused_steps() -> No
         book = [t in reused for t in range(6)]
         assert cal.step_book.tolist() == book and cal.module_book[:, 0].tolist() == book
         assert done.measured["reused_steps"] == reused
+
+
+def test_a_change_norm_adds_1e_8_per_element_and_each_step_counts_once() -> None:
+    """The last block's two rows change by 0, 0, 2e-8, 0 (steps 1..4): norms 2e-8, 2e-8,
+    4e-8, 2e-8 with 1e-8 added per element, so rows 1..3 score 1, 2, 0.5; two module sites
+    do not count as more steps."""
+    block = [0.0, 0.0, 0.0, 2e-8, 2e-8]
+    cal = (
+        InvarDiffConfig(correction=False)
+        .calibrate(_Profiling(block, [0.0] * 5, modules=2, batch=True))
+        .calibration
+    )
+    assert cal.step_scores.tolist() == pytest.approx([1, 1, 2, 0.5, 1], rel=1e-6)
+    assert cal.module_scores.tolist() == [[1.0, 1.0]] * 5
 
 
 def test_calibration_scores_are_float64_means_over_the_requests() -> None:
