@@ -253,6 +253,22 @@ def test_a_change_norm_adds_1e_8_per_element_and_each_step_counts_once() -> None
     assert cal.module_scores.tolist() == [[1.0, 1.0]] * 5
 
 
+def test_a_module_quantile_is_its_stack_roles_else_its_roles_else_zero() -> None:
+    """m0 (stack ``blocks``, role ``ff``) scores 1, 0.5, 2, 2 (rows 1..4): quantile 0.5 (1.5)
+    reuses rows 1 and 2, quantile 0 none."""
+    quantiles = [
+        ({"attn": 0.5}, []),
+        ({"ff": 0.5}, [1, 2]),
+        ({"blocks.ff": 0.5, "ff": 0.0}, [1, 2]),
+        ({"blocks.ff": 0.0, "ff": 0.5}, []),
+    ]
+    for module_quantiles, reused in quantiles:
+        cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.0, correction=False)
+        cfg = dataclasses.replace(cfg, module_quantiles=module_quantiles)
+        cal = cfg.calibrate(_Profiling(_BLOCK, _MODULE)).calibration
+        assert cal.module_book[:, 0].tolist() == [t in reused for t in range(6)], module_quantiles
+
+
 def test_calibration_scores_are_float64_means_over_the_requests() -> None:
     """Outputs 0, 0, 0, s, s with s = 2e-16 change by 0, 0, s, 0, each plus 1e-8: rows 1..3
     score 1, 1 + 2e-8 and 1 - 2e-8 (float32 rounds all three to 1), so the median 1 reuses
