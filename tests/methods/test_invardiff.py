@@ -75,6 +75,12 @@ def test_identity_and_aggressive_books() -> None:
         assert not any(b.any() for b in books(identity, *scores, sites))
 
 
+def test_books_of_two_steps_compute_everything() -> None:
+    """No row is scored (rows 1..T-2 are empty), so nothing is reused even at quantile 1."""
+    step, module = books(InvarDiffConfig.aggressive(), torch.zeros(2), torch.zeros(2, 1), _sites(1))
+    assert step.tolist() == [False, False] and module.tolist() == [[False], [False]]
+
+
 def _fit(rows: list[list[float]], target: float) -> InvarDiffConfig:
     """``_fit_quantile`` on one module family whose scored rows (1..T-2) are ``rows``; the step
     scores are all equal (no step is reused) and only row 0 and the last row always compute."""
