@@ -210,6 +210,7 @@ def test_calibrate_scores_the_first_pass_without_correction_and_corrects_with_it
         done = dataclasses.replace(cfg, correction=correction).calibrate(profiling)
         cal = done.calibration
         assert profiling.passes == passes and cal.sites == ("m0",)
+        assert cal.step_book.dtype == cal.module_book.dtype == torch.bool
         assert cal.module_scores[:, 0].tolist() == pytest.approx([1, *rows, 1], rel=1e-6)
         assert cal.step_scores.tolist() == pytest.approx([1.0] * 6, rel=1e-6)
         assert not cal.step_book.any()
@@ -652,6 +653,26 @@ def test_imported_books_plan_only_what_they_book(tmp_path) -> None:
     assert plan.provenance == {"imported_from": "books.json"}
     assert cal.step_scores.tolist() == [1.0] * STEPS
     assert cal.module_scores.tolist() == [[1.0] * len(names)] * STEPS
+
+
+def test_imported_books_reuse_the_last_steps_as_booked(tmp_path) -> None:
+    """A reused last step reuses every module; a reused step before it makes the last step
+    compute every module, even where the file books them reused."""
+    pipe = diffcache.load_model("wan2.1-tiny")
+    layers = len(Target.resolve(find_adapter(pipe), pipe).sites("block"))
+    every = [[True] * layers] * STEPS
+    cases = [(STEPS - 1, [[False] * layers] * STEPS), (STEPS - 2, every)]
+    for reused, booked in cases:
+        path = tmp_path / "books.json"
+        steps = [t == reused for t in range(STEPS)]
+        path.write_text(
+            json.dumps({"step_cache_bool": steps, "module_cache_book": {"ffn": booked}})
+        )
+        cal = import_reference_books(path, pipe).calibration_data
+        for m, name in enumerate(cal.sites):
+            ffn = name.endswith(".ffn") and reused == STEPS - 2
+            want = [t == reused or (ffn and t < reused) for t in range(STEPS)]
+            assert cal.module_book[:, m].tolist() == want, (reused, name)
 
 
 def test_imported_flux_attention_is_reused_where_context_attention_is_too(tmp_path) -> None:
