@@ -137,7 +137,10 @@ def _fit_quantile(
 def scores_of(data: Mapping[str, torch.Tensor], steps: int, modules: int) -> tuple:
     """(step scores (T,), module scores (T, M)) from recorded rate sums; rows 0 and T-1 are 1."""
     if not data:
-        raise DiffCacheError("invardiff: nothing was recorded; are there module sites?")
+        raise DiffCacheError(
+            f"invardiff: no change rate was recorded over {steps} steps (rates need at least 3 "
+            "steps and module sites that run)"
+        )
     count = data["count"].clamp_min(1)
     step = torch.ones(steps, dtype=torch.float64)
     module = torch.ones(steps, modules, dtype=torch.float64)

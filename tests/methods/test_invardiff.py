@@ -10,6 +10,7 @@ import math
 import re
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,6 +73,12 @@ def test_identity_and_aggressive_books() -> None:
     assert not step.any() and module.tolist() == want
     for scores in ((rising, modules), (torch.ones(t, dtype=torch.float64), modules)):
         assert not any(b.any() for b in books(identity, *scores, sites))
+
+
+def test_books_of_two_steps_compute_everything() -> None:
+    """No row is scored (rows 1..T-2 are empty), so nothing is reused even at quantile 1."""
+    step, module = books(InvarDiffConfig.aggressive(), torch.zeros(2), torch.zeros(2, 1), _sites(1))
+    assert step.tolist() == [False, False] and module.tolist() == [[False], [False]]
 
 
 def _fit(rows: list[list[float]], target: float) -> InvarDiffConfig:
@@ -138,6 +145,163 @@ def test_scores_are_centred_change_ratios_and_the_correction_freezes_references(
     module_book = torch.tensor([[False], [False], [True], [True], [True], [False]])
     fixed = _record((torch.zeros(6, dtype=torch.bool), module_book))
     assert fixed["module"][1:5, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)
+
+
+class _Profiling:
+    """What ``calibrate`` is handed: ``requests`` equal requests of ``len(block)`` steps where
+    the last of three blocks outputs ``block[t]`` at step t (the other two ``module[t]``) and
+    each of ``modules`` module sites (m0, m1...) outputs ``module[t]`` (one value each; with
+    ``batch`` the last block outputs a batch of two rows, ``block[t]`` and ``module[t]``);
+    ``record`` counts its passes."""
+
+    def __init__(
+        self,
+        block: list[float],
+        module: list[float],
+        modules: int = 1,
+        requests: int = 1,
+        batch: bool = False,
+    ) -> None:
+        stack = types.SimpleNamespace(attr="blocks")
+        self.modules = [
+            types.SimpleNamespace(
+                kind="module", name=f"m{i}", expert=0, stack=stack, role="ff", returns=("out",)
+            )
+            for i in range(modules)
+        ]
+        self.blocks = [
+            types.SimpleNamespace(kind="block", name=f"b{i}", returns=("hidden",)) for i in range(3)
+        ]
+        found = {"module": self.modules, "block": self.blocks}
+        self.target = types.SimpleNamespace(sites=lambda kind: found[kind])
+        self.target_compute = None
+        self.valid_for = {"num_inference_steps": len(block)}
+        self.features, self.requests, self.batch = (block, module), requests, batch
+        self.passes = 0
+
+    def record(self, observer: Any) -> dict[str, torch.Tensor]:
+        self.passes += 1
+        b0, b1, last = self.blocks
+        for _ in range(self.requests):
+            for t, (b, m) in enumerate(zip(*self.features, strict=True)):
+                hidden = [[b], [m]] if self.batch else [b]
+                calls = [(b0, [m]), (b1, [m]), (last, hidden), *((s, [m]) for s in self.modules)]
+                for site, x in calls:
+                    call = types.SimpleNamespace(site=site, step=t, branch=0)
+                    observer.see(call, torch.tensor(x))
+            observer.end_request()
+        return observer.result()
+
+
+#: module outputs whose changes are 1, 1, 0.5, 1, 2 (steps 1..5); the block's change by 1 a step
+_MODULE = [0.0, 1.0, 2.0, 2.5, 3.5, 5.5]
+_BLOCK = [float(t) for t in range(6)]
+
+
+def test_calibrate_scores_the_first_pass_without_correction_and_corrects_with_its_books() -> None:
+    """Row k's score is change(k + 1) / change(k): the first pass gives 1, 0.5, 2, 2 (rows
+    1..4) and equal step scores (no step is reused); the median 1.5 reuses modules at rows 1
+    and 2. The correction pass freezes m0's reference at step 2's output through that run
+    (refreshed at step 2, the first reuse): step 3 changes 0.5 from it over step 2's change
+    1, step 4 changes 1.5 from it over 1, step 5 changes 2 over step 4's 1.5."""
+    cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={"ff": 0.5})
+    for correction, passes, rows in ((False, 1, [1, 0.5, 2, 2]), (True, 2, [1, 0.5, 1.5, 4 / 3])):
+        profiling = _Profiling(_BLOCK, _MODULE)
+        done = dataclasses.replace(cfg, correction=correction).calibrate(profiling)
+        cal = done.calibration
+        assert profiling.passes == passes and cal.sites == ("m0",)
+        assert cal.step_book.dtype == cal.module_book.dtype == torch.bool
+        assert cal.module_scores[:, 0].tolist() == pytest.approx([1, *rows, 1], rel=1e-6)
+        assert cal.step_scores.tolist() == pytest.approx([1.0] * 6, rel=1e-6)
+        assert not cal.step_book.any()
+        assert cal.module_book[:, 0].tolist() == [False, True, True, False, False, False]
+        assert done.measured == {"compute_fraction": round(4 / 6, 6), "reused_steps": []}
+
+
+def test_calibrating_a_model_without_module_sites_is_refused() -> None:
+    profiling = _Profiling(_BLOCK, _MODULE, modules=0)
+    with pytest.raises(DiffCacheError) as e:
+        InvarDiffConfig().calibrate(profiling)
+    assert str(e.value) == "invardiff: this model declares no module sites"
+    assert profiling.passes == 0
+
+
+def test_the_step_score_spans_the_batch_and_freezes_through_reused_steps() -> None:
+    """The last block's two batch rows change by 1 + 1, 1 + 1, 1 + 0.5, 1 + 1, 1 + 2 (steps
+    1..5): rows 1..4 score 1, 0.75, 4/3, 1.5 and the median reuses steps 1 and 2. Corrected,
+    the reference freezes at step 2's output: step 3 changes 1.5 from it over 2, step 4 changes
+    2 + 1.5 over 2, step 5 changes 3 over 3.5; the median of 1, 0.75, 1.75, 6/7 reuses steps
+    2 and 4 (and their modules; the steps after them compute every module)."""
+    cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={"ff": 0.0})
+    for correction, rows, reused in (
+        (False, [1, 0.75, 4 / 3, 1.5], [1, 2]),
+        (True, [1, 0.75, 1.75, 6 / 7], [2, 4]),
+    ):
+        profiling = _Profiling(_BLOCK, _MODULE, batch=True)
+        done = dataclasses.replace(cfg, correction=correction).calibrate(profiling)
+        cal = done.calibration
+        assert cal.step_scores.tolist() == pytest.approx([1, *rows, 1], rel=1e-6)
+        book = [t in reused for t in range(6)]
+        assert cal.step_book.tolist() == book and cal.module_book[:, 0].tolist() == book
+        assert done.measured["reused_steps"] == reused
+
+
+def test_a_change_norm_adds_1e_8_per_element_and_each_step_counts_once() -> None:
+    """The last block's two rows change by 0, 0, 2e-8, 0 (steps 1..4): norms 2e-8, 2e-8,
+    4e-8, 2e-8 with 1e-8 added per element, so rows 1..3 score 1, 2, 0.5; two module sites
+    do not count as more steps."""
+    block = [0.0, 0.0, 0.0, 2e-8, 2e-8]
+    cal = (
+        InvarDiffConfig(correction=False)
+        .calibrate(_Profiling(block, [0.0] * 5, modules=2, batch=True))
+        .calibration
+    )
+    assert cal.step_scores.tolist() == pytest.approx([1, 1, 2, 0.5, 1], rel=1e-6)
+    assert cal.module_scores.tolist() == [[1.0, 1.0]] * 5
+
+
+def test_a_module_quantile_is_its_stack_roles_else_its_roles_else_zero() -> None:
+    """m0 (stack ``blocks``, role ``ff``) scores 1, 0.5, 2, 2 (rows 1..4): quantile 0.5 (1.5)
+    reuses rows 1 and 2, quantile 0 none."""
+    quantiles = [
+        ({"attn": 0.5}, []),
+        ({"ff": 0.5}, [1, 2]),
+        ({"blocks.ff": 0.5, "ff": 0.0}, [1, 2]),
+        ({"blocks.ff": 0.0, "ff": 0.5}, []),
+    ]
+    for module_quantiles, reused in quantiles:
+        cfg = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.0, correction=False)
+        cfg = dataclasses.replace(cfg, module_quantiles=module_quantiles)
+        cal = cfg.calibrate(_Profiling(_BLOCK, _MODULE)).calibration
+        assert cal.module_book[:, 0].tolist() == [t in reused for t in range(6)], module_quantiles
+
+
+def test_calibration_scores_are_float64_means_over_the_requests() -> None:
+    """Outputs 0, 0, 0, s, s with s = 2e-16 change by 0, 0, s, 0, each plus 1e-8: rows 1..3
+    score 1, 1 + 2e-8 and 1 - 2e-8 (float32 rounds all three to 1), so the median 1 reuses
+    row 3 only; two equal requests score as one."""
+    tiny = [0.0, 0.0, 0.0, 2e-16, 2e-16]
+    steps_only = InvarDiffConfig(nonskip_rate=0.0, step_quantile=0.5, module_quantiles={})
+    modules_only = InvarDiffConfig(
+        nonskip_rate=0.0, step_quantile=0.0, module_quantiles={"ff": 0.5}
+    )
+    for cfg, block, module in ((steps_only, tiny, [0.0] * 5), (modules_only, [0.0] * 5, tiny)):
+        profiling = _Profiling(block, module, requests=2)
+        cal = dataclasses.replace(cfg, correction=False).calibrate(profiling).calibration
+        assert cal.step_scores.tolist() == [1.0] * 5 and cal.module_scores.tolist() == [[1.0]] * 5
+        reused = [False, False, False, True, False]
+        assert cal.step_book.tolist() == (reused if cfg is steps_only else [False] * 5)
+        assert cal.module_book[:, 0].tolist() == reused
+
+
+def test_calibrating_fewer_than_three_steps_names_the_step_count() -> None:
+    """A change rate needs three steps (two changes): two steps record nothing."""
+    with pytest.raises(DiffCacheError) as e:
+        InvarDiffConfig().calibrate(_Profiling([0.0, 1.0], [0.0, 1.0]))
+    assert str(e.value) == (
+        "invardiff: no change rate was recorded over 2 steps (rates need at least 3 steps and "
+        "module sites that run)"
+    )
 
 
 FAMILIES = ["wan2.1-tiny", "hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny", "dit-tiny"]
@@ -489,6 +653,26 @@ def test_imported_books_plan_only_what_they_book(tmp_path) -> None:
     assert plan.provenance == {"imported_from": "books.json"}
     assert cal.step_scores.tolist() == [1.0] * STEPS
     assert cal.module_scores.tolist() == [[1.0] * len(names)] * STEPS
+
+
+def test_imported_books_reuse_the_last_steps_as_booked(tmp_path) -> None:
+    """A reused last step reuses every module; a reused step before it makes the last step
+    compute every module, even where the file books them reused."""
+    pipe = diffcache.load_model("wan2.1-tiny")
+    layers = len(Target.resolve(find_adapter(pipe), pipe).sites("block"))
+    every = [[True] * layers] * STEPS
+    cases = [(STEPS - 1, [[False] * layers] * STEPS), (STEPS - 2, every)]
+    for reused, booked in cases:
+        path = tmp_path / "books.json"
+        steps = [t == reused for t in range(STEPS)]
+        path.write_text(
+            json.dumps({"step_cache_bool": steps, "module_cache_book": {"ffn": booked}})
+        )
+        cal = import_reference_books(path, pipe).calibration_data
+        for m, name in enumerate(cal.sites):
+            ffn = name.endswith(".ffn") and reused == STEPS - 2
+            want = [t == reused or (ffn and t < reused) for t in range(STEPS)]
+            assert cal.module_book[:, m].tolist() == want, (reused, name)
 
 
 def test_imported_flux_attention_is_reused_where_context_attention_is_too(tmp_path) -> None:
