@@ -173,6 +173,21 @@ def test_dkv_greedy_order_is_drawn_from_the_request_generator(llada) -> None:
         assert out.committed_at[0].tolist() == draws.argsort().argsort().tolist()
 
 
+def test_dkv_greedy_remasks_at_random_between_its_block_orders(llada) -> None:
+    """Greedy decodes with LLaDA's random remasking: each step draws one uniform per scheduled
+    mask from the request's generator (its picks are the block order's), so the second
+    block's order is the 4 draws after the first block's 4 and its 4 steps' one each."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    gen = torch.Generator().manual_seed(5)
+    first = torch.rand(4, generator=gen, dtype=torch.float64)
+    for _ in range(4):  # the first block's 4 steps: 1 scheduled mask each
+        torch.rand(1, generator=gen, dtype=torch.float64)
+    second = torch.rand(4, generator=gen, dtype=torch.float64)
+    out, _ = traced(llada, "dkv_cache", options, generator=torch.Generator().manual_seed(5))
+    rank = torch.cat([first.argsort().argsort(), second.argsort().argsort() + 4])
+    assert out.committed_at[0].tolist() == rank.tolist()
+
+
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
     for mode, upto in (("dual", "block"), ("prefix", "end")):
         out, rows = traced(llada, "fast_dllm", {"mode": mode, "threshold": None})
