@@ -273,33 +273,48 @@ def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
         assert [v["similarity"][row] for v in both] == pytest.approx(alone, abs=1e-6)
 
 
-def _elastic_layer_end(gamma: float, heads_axis: bool = False):
-    """One Elastic-Cache layer on a hand-made attention (batch 1, 2 heads, head dim 1, keys at
-    positions 0-2, position 2 masked): step 0 computes all rows, step 1 rows 1 and 2."""
+def _elastic_step1(config, prompt_len: int, k0, q0, k1, q1):
+    """One Elastic-Cache layer on a hand-made attention (batch 1, head dim 1; the last position
+    masked and the window, the others up to ``prompt_len`` the prompt and the rest decoded at
+    step 0): step 0 computes every row, step 1 the rows ``plan`` gives (``q1``, ``k1``: theirs).
+    Returns (the policy, step 1's rows, its drift)."""
     from diffcache.kv.policy import DecodeState, LayerView
-    from diffcache.methods.elastic_cache import ElasticCacheConfig, ElasticPolicy
+    from diffcache.methods.elastic_cache import ElasticPolicy
 
-    def col(*heads):  # [1, H, n, 1]
-        return torch.tensor(heads, dtype=torch.float32)[None, :, :, None]
-
-    k0 = col([0.5, 1.5, 3.0], [0.5, 1.5, 3.0])
-    k1 = col([0.5, 0.5, 2.0], [0.5, 2.0, -1.0])  # rows 1, 2 rewritten at step 1
-    q0 = col([0.0, 1.0, 2.0], [0.0, -1.0, 2.0])
-    q1 = col([2.0, 2.0], [0.5, 2.0])  # rows 1, 2
-    policy = ElasticPolicy(ElasticCacheConfig(gamma=gamma, reference_compat=heads_axis))
-    ids = torch.tensor([[5, 6, 99]])
-    state = DecodeState(ids, 99, 1, 0, 2, torch.tensor([[-1, 0, -2]]))
+    length = k0.shape[2]
+    policy = ElasticPolicy(config)
+    ids = torch.tensor([[5 + i for i in range(length - 1)] + [99]])
+    decoded_at = torch.tensor([[-1] * prompt_len + [0] * (length - 1 - prompt_len) + [-2]])
+    state = DecodeState(ids, 99, prompt_len, 0, 1, decoded_at)
     policy.start(state, None)
-    targets, full = torch.tensor([[2]]), torch.zeros(1, dtype=torch.bool)
+    targets, full = torch.tensor([[length - 1]]), torch.zeros(1, dtype=torch.bool)
     assert policy.plan(state, targets).rows is None
     assert not policy.layer_end(0, LayerView(0, None, q0, k0, None, 1.0, full))
-    # the window query (position 2) attends most to key 1 among the decoded keys: tracked
-    assert policy.track[0].tolist() == [[1]]
     state.step = 1
     rows = policy.plan(state, targets).rows
+    old_k = k0.gather(2, rows[:, None, :, None].expand(-1, k0.shape[1], -1, 1))
+    return policy, rows, policy.layer_end(0, LayerView(0, rows, q1, k1, old_k, 1.0, full))
+
+
+def _col(*heads) -> torch.Tensor:
+    """``[1, H, n, 1]``: per head, one value per position."""
+    return torch.tensor(heads, dtype=torch.float32)[None, :, :, None]
+
+
+def _elastic_layer_end(gamma: float, heads_axis: bool = False, config=None):
+    """The drift test of a toy layer (2 heads, keys at positions 0-2, position 2 masked): step 1
+    recomputes rows 1 and 2 (``config``: instead of ``gamma`` and ``heads_axis``)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    config = config or ElasticCacheConfig(gamma=gamma, reference_compat=heads_axis)
+    k0 = _col([0.5, 1.5, 3.0], [0.5, 1.5, 3.0])
+    k1 = _col([0.5, 0.5, 2.0], [0.5, 2.0, -1.0])  # rows 1, 2 rewritten at step 1
+    q0 = _col([0.0, 1.0, 2.0], [0.0, -1.0, 2.0])
+    q1 = _col([2.0, 2.0], [0.5, 2.0])  # rows 1, 2
+    policy, rows, drift = _elastic_step1(config, 1, k0, q0, k1, q1)
+    # the window query (position 2) attends most to key 1 among the decoded keys: tracked
     assert rows.tolist() == [[1, 2]]
-    old_k = k0[:, :, 1:]
-    return policy.layer_end(0, LayerView(0, rows, q1, k1, old_k, 1.0, full))
+    return drift
 
 
 def test_elastic_drift_is_the_key_cosine_of_the_tracked_attention_below_gamma() -> None:
@@ -323,6 +338,86 @@ def test_elastic_drift_is_the_key_cosine_of_the_tracked_attention_below_gamma() 
     for sim, compat in ((over_keys, False), (over_heads, True)):
         assert bool(_elastic_layer_end(sim + 1e-4, compat))
         assert not bool(_elastic_layer_end(sim - 1e-4, compat))
+
+
+def test_elastic_aggressive_never_refreshes_a_drifted_layer() -> None:
+    """aggressive() sets gamma to -1 (never refresh): the toy's similarity (0.849 by hand, the
+    heads' key cosines) is below the default 0.9, which would refresh, yet nothing drifts."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    config = ElasticCacheConfig.aggressive()
+    assert config.gamma == -1.0 and ElasticCacheConfig().gamma == 0.9
+    assert bool(_elastic_layer_end(0.9))  # 0.849 < 0.9: the default refreshes
+    assert not bool(_elastic_layer_end(0.0, config=config))
+
+
+def test_elastic_a_similarity_equal_to_gamma_is_no_drift() -> None:
+    """Drift is a similarity *below* gamma. A tracked token whose query is 0 before and after
+    attends uniformly (1/4 each) to the 4 keys whatever they hold: cosine exactly 1, and
+    gamma 1 does not refresh (gamma 1 + 1e-4 does)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    k0 = _col([0.0, 0.0, 1.0, 0.0])
+    k1 = _col([0.0, 0.0, 3.0, -1.0])  # rows 2, 3 rewritten at step 1
+    q0 = _col([0.0, 0.0, 0.0, 1.0])  # the window query (3) attends most to key 2
+    q1 = _col([0.0, 2.0])  # the tracked token 2's query stays 0
+    for gamma, drifts in ((1.0, False), (1.0 + 1e-4, True)):
+        policy, rows, drift = _elastic_step1(ElasticCacheConfig(gamma=gamma), 2, k0, q0, k1, q1)
+        assert policy.track[0].tolist() == [[2]] and rows.tolist() == [[2, 3]]
+        assert bool(drift) == drifts, gamma
+
+
+def test_elastic_dream_window_after_a_one_token_prompt_is_queried_from_row_0() -> None:
+    """Dream's logits are shifted: the window's mask at position 1 (after a one-token prompt)
+    is queried from row 0, whose query attends most to key 2 among the decoded keys 0 and 2
+    (row 1's, the mask's own, would pick key 0)."""
+    from diffcache.kv.policy import DecodeState, LayerView
+    from diffcache.methods.elastic_cache import ElasticCacheConfig, ElasticPolicy
+
+    policy = ElasticPolicy(ElasticCacheConfig(window=1))
+    ids, decoded_at = torch.tensor([[5, 99, 6]]), torch.tensor([[-1, -2, 0]])
+    state = DecodeState(ids, 99, prompt_len=1, logit_shift=1, num_layers=1, decoded_at=decoded_at)
+    policy.start(state, None)
+    assert policy.plan(state, torch.tensor([[1]])).rows is None
+    k, q = _col([1.0, 0.0, -1.0]), _col([-1.0, 1.0, 0.0])  # scores: row 0 -k, row 1 +k
+    full = torch.zeros(1, dtype=torch.bool)
+    assert not policy.layer_end(0, LayerView(0, None, q, k, None, 1.0, full))
+    assert policy.track[0].tolist() == [[2]]
+
+
+def test_elastic_batch_work_counts_each_rows_own_positions(pipe) -> None:
+    """Elastic-Cache's ragged row sets (each row's tracked tokens, last decoded tokens and
+    window; no depth refresh at gamma -1): the work recorded is each batch row's distinct
+    positions, as for dKV-Cache."""
+    assert_batch_work_counts_distinct_rows(
+        pipe, "elastic_cache", {"gamma": -1.0, "threshold": 0.02, "window": 4}
+    )
+
+
+def test_elastic_step_after_a_periodic_refresh_uses_the_refreshs_tracks(llada) -> None:
+    """``refresh_every`` 2: every even step is a full forward that also re-picks each layer's
+    tracked tokens; the odd step after it recomputes those tracks (traced as ``picked`` at the
+    refresh), the token decoded at the refresh and the window (the first 2 masks)."""
+    options = {"refresh_every": 2, "window": 2, "gamma": -1.0}
+    out, rows = traced(llada, "elastic_cache", options, block_length=8)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = committed_at(out)
+    trace = diffcache.stats(llada).trace
+    assert len(rows) >= 4
+    for step, got in rows.items():
+        if step % 2 == 0:
+            assert got == set(range(length)), step
+            continue
+        picked = [
+            e["values"]["picked"][0]
+            for e in trace
+            if e["step"] == step - 1 and e["site"] == "layer"
+        ]
+        assert len(picked) == llada.model.num_layers
+        masks = [q for q in range(p, length) if decoded_at[q] >= step]
+        want = {t for pick in picked for t in pick} | set(masks[:2])
+        want |= {q for q in range(p, length) if decoded_at[q] == step - 1}
+        assert got == want, (step, got, want)
 
 
 @pytest.mark.parametrize(
