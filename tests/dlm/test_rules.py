@@ -681,6 +681,67 @@ def test_d2cache_batch_work_counts_each_rows_own_positions(pipe) -> None:
     assert_batch_work_counts_distinct_rows(pipe, "d2cache", {"current_k": 2, "rollout_p": 0.1})
 
 
+def test_d2cache_never_recomputes_padding_even_at_rollout_p_1(llada) -> None:
+    """Left padding (14 positions before "hello", 5 characters beside the 19 of the other
+    prompt) gives and gets no attention: the rollout never picks it, not even at
+    ``rollout_p`` 1, which keeps every other position of zero importance."""
+    prompts = ["hello", "the quick brown fox"]
+    out, writes = store_writes(llada, "d2cache", {"rollout_p": 1.0}, prompts)
+    padding = set(range(len(prompts[1]) - len(prompts[0])))
+    assert out.prompt_len == len(prompts[1]) and len(padding) == 14
+    later = [set(r[0].tolist()) for step, layer, r in writes if step > 0 and layer == 0]
+    assert len(later) == 7 and all(rows.isdisjoint(padding) for rows in later)
+    assert any(rows & set(range(14, 19)) for rows in later)  # the rollout picks prompt rows
+
+
+def test_d2cache_stage1_picks_block_masks_whose_scores_are_all_zero() -> None:
+    """Stage 1 with every confidence 0 (every candidate chose EoT, which LLaDA's confidence
+    demotes to 0): the scores all tie at 0, and it still picks ``current_k`` (2) masks, the
+    two its search window holds (the block's), which the next step recomputes."""
+    from diffcache.kv.policy import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    policy = D2Policy(D2CacheConfig(current_k=2, rollout_p=0.0))
+    ids = torch.tensor([[5, 6, 99, 99, 99, 99]])
+    decoded_at = torch.tensor([[-1, -1, -2, -2, -2, -2]])
+    state = DecodeState(ids, 99, 2, 0, 1, decoded_at, block=(2, 4), block_steps=2)
+    plan = policy.plan(state, torch.tensor([[2, 3]]))
+    assert plan.rows is None and plan.targets.tolist() == [[2, 3, 4, 5]]
+    state.confidence = torch.zeros(1, 4, dtype=torch.float64)
+    policy.step_end(state, plan, torch.zeros_like(ids, dtype=torch.bool))
+    state.step = state.block_step = 1
+    plan = policy.plan(state, torch.tensor([[2, 3]]))
+    assert plan.rows.tolist() == [[2, 3]] and plan.targets.tolist() == [[2, 3]]
+
+
+def test_d2cache_a_row_whose_candidates_stage1_left_out_keeps_its_first() -> None:
+    """A step's candidates are narrowed to those whose logit row the previous step chose; a
+    row left with none keeps its first (one, not two). Row 0's confidences are all 0 (every
+    candidate chose EoT): stage 1's scores tie at 0 with no block bias, and with ``current_k``
+    3 beyond the block's 2 masks its search window holds the next block's 3 too, so the tie
+    decides (torch's top-k leaves the block's masks out here). Row 1 keeps its one mask."""
+    from diffcache.kv.policy import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    policy = D2Policy(D2CacheConfig(current_k=3, rollout_p=0.0))
+    ids = torch.tensor([[5, 6] + [99] * 6, [5, 6] + [99] * 6])
+    state = DecodeState(ids, 99, 2, 0, 1, torch.full(ids.shape, -2), block=(2, 5))
+    plan = policy.plan(state, torch.tensor([[2, 3, 4]] * 2))
+    state.ids = torch.tensor([[5, 6, 7] + [99] * 5, [5, 6, 7, 8] + [99] * 4])
+    state.confidence = torch.tensor([[0.0] * 6, [0.5] * 6], dtype=torch.float64)
+    committed = torch.zeros_like(ids, dtype=torch.bool)
+    committed[0, 2] = committed[1, 2] = committed[1, 3] = True
+    policy.step_end(state, plan, committed)
+    state.step = state.block_step = 1
+    chosen = policy.next
+    targets = [[3, 4], [4, 4]]  # the block's masks, padded by repeating
+    kept = [[t for t in row if chosen[b, t]] or row[:1] for b, row in enumerate(targets)]
+    assert kept[0] == [3]  # the tie left both out: the first candidate stays
+    width = max(len(k) for k in kept)
+    want = [k + k[:1] * (width - len(k)) for k in kept]
+    assert policy.plan(state, torch.tensor(targets)).targets.tolist() == want
+
+
 def test_d2cache_identity_equals_plain_under_cfg(llada) -> None:
     """Under classifier-free guidance the unconditional rows take their real rows' stage-1
     confidences; with every row recomputed d²Cache decodes exactly as the plain pipeline."""
