@@ -223,6 +223,11 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> 
     calls = [e["values"] for e in diffcache.stats(llada).trace if e["site"] == "model"][1:]
     assert [set(c["rows"][0]) for c in calls] == [rows[s] for s in range(1, len(rows))]
     assert [c["full_from"] for c in calls] == [[1] if gamma > 1 else None] * (len(rows) - 1)
+    # a layer that recomputes every position has no drift test: traced ``computed``
+    layer = [e for e in diffcache.stats(llada).trace if e["site"] == "layer" and e["step"] > 0]
+    after = "computed" if gamma > 1 else "partial"
+    want = ["partial"] + [after] * (layers - 1)
+    assert [e["action"] for e in layer] == want * (len(rows) - 1)
 
 
 def test_parallel_decoding_is_credited_for_the_calls_it_never_made(llada) -> None:
