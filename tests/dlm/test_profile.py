@@ -11,7 +11,9 @@ import pytest
 import diffcache
 from diffcache.errors import DiffCacheError
 from diffcache.methods.dkv_cache import DKVCacheConfig
+from diffcache.methods.elastic_cache import ElasticCacheConfig
 from diffcache.methods.fast_dllm import FastDLLMConfig
+from diffcache.profile import Profiling
 from diffcache.request import Request
 
 PROMPTS = ["hello there", "the quick brown fox"]
@@ -180,3 +182,30 @@ def test_latent_methods_are_refused_on_text_models(llada, method: str) -> None:
 
     assert session_of(llada) is None
     assert llada(PROMPTS[0], **KW).texts  # untouched: still runs plain
+
+
+class _StepProfiling(Profiling):
+    """Calibration runs without a model: the compute fraction is ``high`` when ``knob`` is
+    above ``edge``, else ``low`` (a knob whose useful values crowd below 1)."""
+
+    def __init__(self, knob: str, edge: float, target: float) -> None:
+        self.knob, self.edge, self.target_compute, self.runs = knob, edge, target, 0
+
+    def measure(self, config, calibration=None) -> dict:
+        self.runs += 1
+        return {"compute_fraction": 0.8 if getattr(config, self.knob) > self.edge else 0.2}
+
+
+@pytest.mark.parametrize(
+    "config, knob", [(FastDLLMConfig(), "threshold"), (ElasticCacheConfig(), "gamma")]
+)
+def test_a_knob_near_one_is_tuned_to_its_edge(config, knob: str) -> None:
+    """A confidence threshold or a similarity bar is searched on its distance to 1, log-scaled:
+    a target met up to 0.99999 only (compute 0.2 there, 0.8 above) gives a knob within 1e-5
+    below that edge (a search on the knob itself, log-scaled over [lo, 1], resolves only
+    ~3e-4 near 1), and knob 1 is tried first."""
+    edge = 0.99999
+    tuned = config.calibrate(_StepProfiling(knob, edge, target=0.5))
+    value = getattr(tuned.config, knob)
+    assert edge - 1e-5 <= value <= edge
+    assert tuned.measured["search"][0] == [1.0, 0.8]

@@ -172,6 +172,21 @@ def test_dkv_greedy_order_is_drawn_from_the_request_generator(llada) -> None:
         assert out.committed_at[0].tolist() == draws.argsort().argsort().tolist()
 
 
+def test_dkv_greedy_remasks_at_random_between_its_block_orders(llada) -> None:
+    """Greedy decodes with LLaDA's random remasking: each step draws one uniform per scheduled
+    mask from the request's generator (its picks are the block order's), so the second
+    block's order is the 4 draws after the first block's 4 and its 4 steps' one each."""
+    options = {"variant": "greedy", "refresh_every": 2, "window": 1}
+    gen = torch.Generator().manual_seed(5)
+    first = torch.rand(4, generator=gen, dtype=torch.float64)
+    for _ in range(4):  # the first block's 4 steps: 1 scheduled mask each
+        torch.rand(1, generator=gen, dtype=torch.float64)
+    second = torch.rand(4, generator=gen, dtype=torch.float64)
+    out, _ = traced(llada, "dkv_cache", options, generator=torch.Generator().manual_seed(5))
+    rank = torch.cat([first.argsort().argsort(), second.argsort().argsort() + 4])
+    assert out.committed_at[0].tolist() == rank.tolist()
+
+
 def test_fast_dllm_dual_recomputes_the_block_prefix_the_rest(llada) -> None:
     for mode, upto in (("dual", "block"), ("prefix", "end")):
         out, rows = traced(llada, "fast_dllm", {"mode": mode, "threshold": None})
@@ -207,6 +222,11 @@ def test_elastic_refreshes_from_the_layer_after_a_drift(llada, gamma: float) -> 
     calls = [e["values"] for e in diffcache.stats(llada).trace if e["site"] == "model"][1:]
     assert [set(c["rows"][0]) for c in calls] == [rows[s] for s in range(1, len(rows))]
     assert [c["full_from"] for c in calls] == [[1] if gamma > 1 else None] * (len(rows) - 1)
+    # a layer that recomputes every position has no drift test: traced ``computed``
+    layer = [e for e in diffcache.stats(llada).trace if e["site"] == "layer" and e["step"] > 0]
+    after = "computed" if gamma > 1 else "partial"
+    want = ["partial"] + [after] * (layers - 1)
+    assert [e["action"] for e in layer] == want * (len(rows) - 1)
 
 
 def test_parallel_decoding_is_credited_for_the_calls_it_never_made(llada) -> None:
@@ -261,33 +281,48 @@ def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
         assert [v["similarity"][row] for v in both] == pytest.approx(alone, abs=1e-6)
 
 
-def _elastic_layer_end(gamma: float, heads_axis: bool = False):
-    """One Elastic-Cache layer on a hand-made attention (batch 1, 2 heads, head dim 1, keys at
-    positions 0-2, position 2 masked): step 0 computes all rows, step 1 rows 1 and 2."""
+def _elastic_step1(config, prompt_len: int, k0, q0, k1, q1):
+    """One Elastic-Cache layer on a hand-made attention (batch 1, head dim 1; the last position
+    masked and the window, the others up to ``prompt_len`` the prompt and the rest decoded at
+    step 0): step 0 computes every row, step 1 the rows ``plan`` gives (``q1``, ``k1``: theirs).
+    Returns (the policy, step 1's rows, its drift)."""
     from diffcache.kv.policy import DecodeState, LayerView
-    from diffcache.methods.elastic_cache import ElasticCacheConfig, ElasticPolicy
+    from diffcache.methods.elastic_cache import ElasticPolicy
 
-    def col(*heads):  # [1, H, n, 1]
-        return torch.tensor(heads, dtype=torch.float32)[None, :, :, None]
-
-    k0 = col([0.5, 1.5, 3.0], [0.5, 1.5, 3.0])
-    k1 = col([0.5, 0.5, 2.0], [0.5, 2.0, -1.0])  # rows 1, 2 rewritten at step 1
-    q0 = col([0.0, 1.0, 2.0], [0.0, -1.0, 2.0])
-    q1 = col([2.0, 2.0], [0.5, 2.0])  # rows 1, 2
-    policy = ElasticPolicy(ElasticCacheConfig(gamma=gamma, reference_compat=heads_axis))
-    ids = torch.tensor([[5, 6, 99]])
-    state = DecodeState(ids, 99, 1, 0, 2, torch.tensor([[-1, 0, -2]]))
+    length = k0.shape[2]
+    policy = ElasticPolicy(config)
+    ids = torch.tensor([[5 + i for i in range(length - 1)] + [99]])
+    decoded_at = torch.tensor([[-1] * prompt_len + [0] * (length - 1 - prompt_len) + [-2]])
+    state = DecodeState(ids, 99, prompt_len, 0, 1, decoded_at)
     policy.start(state, None)
-    targets, full = torch.tensor([[2]]), torch.zeros(1, dtype=torch.bool)
+    targets, full = torch.tensor([[length - 1]]), torch.zeros(1, dtype=torch.bool)
     assert policy.plan(state, targets).rows is None
     assert not policy.layer_end(0, LayerView(0, None, q0, k0, None, 1.0, full))
-    # the window query (position 2) attends most to key 1 among the decoded keys: tracked
-    assert policy.track[0].tolist() == [[1]]
     state.step = 1
     rows = policy.plan(state, targets).rows
+    old_k = k0.gather(2, rows[:, None, :, None].expand(-1, k0.shape[1], -1, 1))
+    return policy, rows, policy.layer_end(0, LayerView(0, rows, q1, k1, old_k, 1.0, full))
+
+
+def _col(*heads) -> torch.Tensor:
+    """``[1, H, n, 1]``: per head, one value per position."""
+    return torch.tensor(heads, dtype=torch.float32)[None, :, :, None]
+
+
+def _elastic_layer_end(gamma: float, heads_axis: bool = False, config=None):
+    """The drift test of a toy layer (2 heads, keys at positions 0-2, position 2 masked): step 1
+    recomputes rows 1 and 2 (``config``: instead of ``gamma`` and ``heads_axis``)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    config = config or ElasticCacheConfig(gamma=gamma, reference_compat=heads_axis)
+    k0 = _col([0.5, 1.5, 3.0], [0.5, 1.5, 3.0])
+    k1 = _col([0.5, 0.5, 2.0], [0.5, 2.0, -1.0])  # rows 1, 2 rewritten at step 1
+    q0 = _col([0.0, 1.0, 2.0], [0.0, -1.0, 2.0])
+    q1 = _col([2.0, 2.0], [0.5, 2.0])  # rows 1, 2
+    policy, rows, drift = _elastic_step1(config, 1, k0, q0, k1, q1)
+    # the window query (position 2) attends most to key 1 among the decoded keys: tracked
     assert rows.tolist() == [[1, 2]]
-    old_k = k0[:, :, 1:]
-    return policy.layer_end(0, LayerView(0, rows, q1, k1, old_k, 1.0, full))
+    return drift
 
 
 def test_elastic_drift_is_the_key_cosine_of_the_tracked_attention_below_gamma() -> None:
@@ -311,6 +346,86 @@ def test_elastic_drift_is_the_key_cosine_of_the_tracked_attention_below_gamma() 
     for sim, compat in ((over_keys, False), (over_heads, True)):
         assert bool(_elastic_layer_end(sim + 1e-4, compat))
         assert not bool(_elastic_layer_end(sim - 1e-4, compat))
+
+
+def test_elastic_aggressive_never_refreshes_a_drifted_layer() -> None:
+    """aggressive() sets gamma to -1 (never refresh): the toy's similarity (0.849 by hand, the
+    heads' key cosines) is below the default 0.9, which would refresh, yet nothing drifts."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    config = ElasticCacheConfig.aggressive()
+    assert config.gamma == -1.0 and ElasticCacheConfig().gamma == 0.9
+    assert bool(_elastic_layer_end(0.9))  # 0.849 < 0.9: the default refreshes
+    assert not bool(_elastic_layer_end(0.0, config=config))
+
+
+def test_elastic_a_similarity_equal_to_gamma_is_no_drift() -> None:
+    """Drift is a similarity *below* gamma. A tracked token whose query is 0 before and after
+    attends uniformly (1/4 each) to the 4 keys whatever they hold: cosine exactly 1, and
+    gamma 1 does not refresh (gamma 1 + 1e-4 does)."""
+    from diffcache.methods.elastic_cache import ElasticCacheConfig
+
+    k0 = _col([0.0, 0.0, 1.0, 0.0])
+    k1 = _col([0.0, 0.0, 3.0, -1.0])  # rows 2, 3 rewritten at step 1
+    q0 = _col([0.0, 0.0, 0.0, 1.0])  # the window query (3) attends most to key 2
+    q1 = _col([0.0, 2.0])  # the tracked token 2's query stays 0
+    for gamma, drifts in ((1.0, False), (1.0 + 1e-4, True)):
+        policy, rows, drift = _elastic_step1(ElasticCacheConfig(gamma=gamma), 2, k0, q0, k1, q1)
+        assert policy.track[0].tolist() == [[2]] and rows.tolist() == [[2, 3]]
+        assert bool(drift) == drifts, gamma
+
+
+def test_elastic_dream_window_after_a_one_token_prompt_is_queried_from_row_0() -> None:
+    """Dream's logits are shifted: the window's mask at position 1 (after a one-token prompt)
+    is queried from row 0, whose query attends most to key 2 among the decoded keys 0 and 2
+    (row 1's, the mask's own, would pick key 0)."""
+    from diffcache.kv.policy import DecodeState, LayerView
+    from diffcache.methods.elastic_cache import ElasticCacheConfig, ElasticPolicy
+
+    policy = ElasticPolicy(ElasticCacheConfig(window=1))
+    ids, decoded_at = torch.tensor([[5, 99, 6]]), torch.tensor([[-1, -2, 0]])
+    state = DecodeState(ids, 99, prompt_len=1, logit_shift=1, num_layers=1, decoded_at=decoded_at)
+    policy.start(state, None)
+    assert policy.plan(state, torch.tensor([[1]])).rows is None
+    k, q = _col([1.0, 0.0, -1.0]), _col([-1.0, 1.0, 0.0])  # scores: row 0 -k, row 1 +k
+    full = torch.zeros(1, dtype=torch.bool)
+    assert not policy.layer_end(0, LayerView(0, None, q, k, None, 1.0, full))
+    assert policy.track[0].tolist() == [[2]]
+
+
+def test_elastic_batch_work_counts_each_rows_own_positions(pipe) -> None:
+    """Elastic-Cache's ragged row sets (each row's tracked tokens, last decoded tokens and
+    window; no depth refresh at gamma -1): the work recorded is each batch row's distinct
+    positions, as for dKV-Cache."""
+    assert_batch_work_counts_distinct_rows(
+        pipe, "elastic_cache", {"gamma": -1.0, "threshold": 0.02, "window": 4}
+    )
+
+
+def test_elastic_step_after_a_periodic_refresh_uses_the_refreshs_tracks(llada) -> None:
+    """``refresh_every`` 2: every even step is a full forward that also re-picks each layer's
+    tracked tokens; the odd step after it recomputes those tracks (traced as ``picked`` at the
+    refresh), the token decoded at the refresh and the window (the first 2 masks)."""
+    options = {"refresh_every": 2, "window": 2, "gamma": -1.0}
+    out, rows = traced(llada, "elastic_cache", options, block_length=8)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    decoded_at = committed_at(out)
+    trace = diffcache.stats(llada).trace
+    assert len(rows) >= 4
+    for step, got in rows.items():
+        if step % 2 == 0:
+            assert got == set(range(length)), step
+            continue
+        picked = [
+            e["values"]["picked"][0]
+            for e in trace
+            if e["step"] == step - 1 and e["site"] == "layer"
+        ]
+        assert len(picked) == llada.model.num_layers
+        masks = [q for q in range(p, length) if decoded_at[q] >= step]
+        want = {t for pick in picked for t in pick} | set(masks[:2])
+        want |= {q for q in range(p, length) if decoded_at[q] == step - 1}
+        assert got == want, (step, got, want)
 
 
 @pytest.mark.parametrize(
@@ -599,6 +714,67 @@ def test_d2cache_batch_work_counts_each_rows_own_positions(pipe) -> None:
     """d²Cache's ragged query sets (each row's stage-1 masks and decoded tokens): the work
     recorded is each batch row's distinct positions, as for dKV-Cache."""
     assert_batch_work_counts_distinct_rows(pipe, "d2cache", {"current_k": 2, "rollout_p": 0.1})
+
+
+def test_d2cache_never_recomputes_padding_even_at_rollout_p_1(llada) -> None:
+    """Left padding (14 positions before "hello", 5 characters beside the 19 of the other
+    prompt) gives and gets no attention: the rollout never picks it, not even at
+    ``rollout_p`` 1, which keeps every other position of zero importance."""
+    prompts = ["hello", "the quick brown fox"]
+    out, writes = store_writes(llada, "d2cache", {"rollout_p": 1.0}, prompts)
+    padding = set(range(len(prompts[1]) - len(prompts[0])))
+    assert out.prompt_len == len(prompts[1]) and len(padding) == 14
+    later = [set(r[0].tolist()) for step, layer, r in writes if step > 0 and layer == 0]
+    assert len(later) == 7 and all(rows.isdisjoint(padding) for rows in later)
+    assert any(rows & set(range(14, 19)) for rows in later)  # the rollout picks prompt rows
+
+
+def test_d2cache_stage1_picks_block_masks_whose_scores_are_all_zero() -> None:
+    """Stage 1 with every confidence 0 (every candidate chose EoT, which LLaDA's confidence
+    demotes to 0): the scores all tie at 0, and it still picks ``current_k`` (2) masks, the
+    two its search window holds (the block's), which the next step recomputes."""
+    from diffcache.kv.policy import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    policy = D2Policy(D2CacheConfig(current_k=2, rollout_p=0.0))
+    ids = torch.tensor([[5, 6, 99, 99, 99, 99]])
+    decoded_at = torch.tensor([[-1, -1, -2, -2, -2, -2]])
+    state = DecodeState(ids, 99, 2, 0, 1, decoded_at, block=(2, 4), block_steps=2)
+    plan = policy.plan(state, torch.tensor([[2, 3]]))
+    assert plan.rows is None and plan.targets.tolist() == [[2, 3, 4, 5]]
+    state.confidence = torch.zeros(1, 4, dtype=torch.float64)
+    policy.step_end(state, plan, torch.zeros_like(ids, dtype=torch.bool))
+    state.step = state.block_step = 1
+    plan = policy.plan(state, torch.tensor([[2, 3]]))
+    assert plan.rows.tolist() == [[2, 3]] and plan.targets.tolist() == [[2, 3]]
+
+
+def test_d2cache_a_row_whose_candidates_stage1_left_out_keeps_its_first() -> None:
+    """A step's candidates are narrowed to those whose logit row the previous step chose; a
+    row left with none keeps its first (one, not two). Row 0's confidences are all 0 (every
+    candidate chose EoT): stage 1's scores tie at 0 with no block bias, and with ``current_k``
+    3 beyond the block's 2 masks its search window holds the next block's 3 too, so the tie
+    decides (torch's top-k leaves the block's masks out here). Row 1 keeps its one mask."""
+    from diffcache.kv.policy import DecodeState
+    from diffcache.methods.d2cache import D2CacheConfig, D2Policy
+
+    policy = D2Policy(D2CacheConfig(current_k=3, rollout_p=0.0))
+    ids = torch.tensor([[5, 6] + [99] * 6, [5, 6] + [99] * 6])
+    state = DecodeState(ids, 99, 2, 0, 1, torch.full(ids.shape, -2), block=(2, 5))
+    plan = policy.plan(state, torch.tensor([[2, 3, 4]] * 2))
+    state.ids = torch.tensor([[5, 6, 7] + [99] * 5, [5, 6, 7, 8] + [99] * 4])
+    state.confidence = torch.tensor([[0.0] * 6, [0.5] * 6], dtype=torch.float64)
+    committed = torch.zeros_like(ids, dtype=torch.bool)
+    committed[0, 2] = committed[1, 2] = committed[1, 3] = True
+    policy.step_end(state, plan, committed)
+    state.step = state.block_step = 1
+    chosen = policy.next
+    targets = [[3, 4], [4, 4]]  # the block's masks, padded by repeating
+    kept = [[t for t in row if chosen[b, t]] or row[:1] for b, row in enumerate(targets)]
+    assert kept[0] == [3]  # the tie left both out: the first candidate stays
+    width = max(len(k) for k in kept)
+    want = [k + k[:1] * (width - len(k)) for k in kept]
+    assert policy.plan(state, torch.tensor(targets)).targets.tolist() == want
 
 
 def test_d2cache_identity_equals_plain_under_cfg(llada) -> None:
