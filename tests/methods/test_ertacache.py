@@ -496,6 +496,14 @@ def test_adjusted_sigmas_by_hand() -> None:
     assert adjusted_sigmas(torch.tensor([1.0, 0.0, 0.0]), (0.5, 0.5)).tolist() == [1.0, 0.5, 0.25]
 
 
+def test_a_step_from_flow_time_0_is_shortened_in_float64() -> None:
+    """s = (1, 0, 0), phi = (0.5, 0.3): the step from time 0 takes its whole remainder (share 1),
+    so s'_2 = 0.5 (1 - 0.3) in float64 (Python's floats); in float32, 0.3 is 0.30000001... and
+    s'_2 would be 0.34999999..."""
+    got = adjusted_sigmas(torch.tensor([1.0, 0.0, 0.0]), (0.5, 0.3))
+    assert got.tolist() == [1.0, 0.5, 0.5 * (1 - 0.3)]
+
+
 @pytest.mark.parametrize(
     "config, euler",
     [
