@@ -72,6 +72,27 @@ def test_read_gives_the_rows_written_and_zeros_where_evicted() -> None:
     assert not store.read(1)[0].any()  # the other layer was never written
 
 
+def test_evicting_several_positions_of_a_row_zeroes_each_of_them() -> None:
+    """An eviction of n > 1 positions per batch row zeroes exactly those (K and V, every head
+    and dimension) and leaves every other position as written; history drops by their count."""
+    store = _store(torch.float32)
+    k = torch.randn(BATCH, HEADS, LENGTH, HEAD_DIM)
+    v = torch.randn(BATCH, HEADS, LENGTH, HEAD_DIM)
+    store.write(1, None, k, v)
+    evicted = [[0, 2], [3, 1]]
+    store.evict(1, torch.tensor(evicted))
+    keys, values = store.read(1)
+    for b in range(BATCH):
+        for p in range(LENGTH):
+            gone = p in evicted[b]
+            assert torch.equal(keys[b, :, p], torch.zeros(HEADS, HEAD_DIM) if gone else k[b, :, p])
+            assert torch.equal(
+                values[b, :, p], torch.zeros(HEADS, HEAD_DIM) if gone else v[b, :, p]
+            )
+    per_row = HEADS * HEAD_DIM * (4 + 4)
+    assert store.history_nbytes() == (BATCH * LENGTH - 4) * per_row
+
+
 class SeamPipe:
     """A pipeline whose policy hook has a name of its own, declared by its adapter's KV seam."""
 
