@@ -300,6 +300,27 @@ def test_commit_confident() -> None:
     ]
 
 
+def test_after_first_eos_cuts_each_row_from_its_first_eos() -> None:
+    """Elastic-Cache's EOS stop by hand (prompt 2, EOS 9, mask 5): from each row's first EOS
+    after the prompt on; ``once`` counts only EOS committed this step, in rows not yet cut."""
+    e, m = 9, 5
+    ids = torch.tensor(
+        [
+            [e, 3, 4, e, m, e, m, m],  # the prompt's EOS is no stop; two EOS: from the first
+            [3, 3, 4, e, 6, e, m, m],  # two EOS, the one at 3 decoded at an earlier step
+            [3, 3, 7, 4, m, m, m, m],  # no EOS
+        ]
+    )
+    committed = torch.zeros(3, 8, dtype=torch.bool)
+    committed[0, 3] = committed[1, 4] = committed[1, 5] = committed[2, 2] = True
+    cut = torch.zeros(3, 8, dtype=torch.bool)
+    cut[0, 7] = True  # row 0 was cut at an earlier step
+    every = rules.after_first_eos(ids, e, 2, committed, cut, once=False)
+    assert every.long().tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+    once = rules.after_first_eos(ids, e, 2, committed, cut, once=True)
+    assert once.long().tolist() == [[0] * 8, [0, 0, 0, 0, 0, 1, 1, 1], [0] * 8]
+
+
 def test_commit_sampled_draws_k_valid_by_softmax_weights() -> None:
     n = 8000
     conf = torch.tensor([0.0, math.log(3.0), 5.0, 0.0], dtype=torch.float64).expand(n, 4)
