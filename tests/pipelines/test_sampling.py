@@ -381,6 +381,20 @@ def test_certainty_density_boundary_rules() -> None:
     assert torch.allclose(a, b, rtol=1e-12)  # G >> sigma: the two denominators agree
 
 
+def test_stage1_scores_are_the_confidence_times_the_certainty_density() -> None:
+    """Stage 1's scores: each generated position's confidence (None: 1) times the certainty
+    density of the decoded region (the brute-force loop above), 0 on the prompt. σ 3 over 6
+    generated positions, where the reference's FFT denominator (``reference_compat``) differs."""
+    p, sigma = 2, 3.0
+    masked = torch.tensor([[False, False, False, True, True, False, True, True]])
+    conf = torch.tensor([[0.9, 0.9, 0.0, 0.5, 0.25, 0.0, 0.75, 0.125]], dtype=torch.float64)
+    density = _density_brute(~masked[:, p:], sigma, True)
+    for given, want in ((conf, conf[:, p:] * density), (None, density)):
+        _, scores = prior.stage1(masked, given, p, (p, p + 3), 2, sigma)
+        assert scores[0, :p].tolist() == [0.0, 0.0]
+        assert torch.allclose(scores[:, p:], want, rtol=1e-12, atol=0)
+
+
 def test_nucleus_select_mass_rule_and_at_least_one() -> None:
     scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     everything = torch.ones(1, 4, dtype=torch.bool)
