@@ -300,6 +300,27 @@ def test_commit_confident() -> None:
     ]
 
 
+def test_after_first_eos_cuts_each_row_from_its_first_eos() -> None:
+    """Elastic-Cache's EOS stop by hand (prompt 2, EOS 9, mask 5): from each row's first EOS
+    after the prompt on; ``once`` counts only EOS committed this step, in rows not yet cut."""
+    e, m = 9, 5
+    ids = torch.tensor(
+        [
+            [e, 3, 4, e, m, e, m, m],  # the prompt's EOS is no stop; two EOS: from the first
+            [3, 3, 4, e, 6, e, m, m],  # two EOS, the one at 3 decoded at an earlier step
+            [3, 3, 7, 4, m, m, m, m],  # no EOS
+        ]
+    )
+    committed = torch.zeros(3, 8, dtype=torch.bool)
+    committed[0, 3] = committed[1, 4] = committed[1, 5] = committed[2, 2] = True
+    cut = torch.zeros(3, 8, dtype=torch.bool)
+    cut[0, 7] = True  # row 0 was cut at an earlier step
+    every = rules.after_first_eos(ids, e, 2, committed, cut, once=False)
+    assert every.long().tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+    once = rules.after_first_eos(ids, e, 2, committed, cut, once=True)
+    assert once.long().tolist() == [[0] * 8, [0, 0, 0, 0, 0, 1, 1, 1], [0] * 8]
+
+
 def test_commit_sampled_draws_k_valid_by_softmax_weights() -> None:
     n = 8000
     conf = torch.tensor([0.0, math.log(3.0), 5.0, 0.0], dtype=torch.float64).expand(n, 4)
@@ -358,6 +379,20 @@ def test_certainty_density_boundary_rules() -> None:
     big = torch.rand(2, 200, generator=torch.Generator().manual_seed(9)) < 0.3
     a, b = prior.certainty_density(big, 5.0), prior.certainty_density(big, 5.0, True, True)
     assert torch.allclose(a, b, rtol=1e-12)  # G >> sigma: the two denominators agree
+
+
+def test_stage1_scores_are_the_confidence_times_the_certainty_density() -> None:
+    """Stage 1's scores: each generated position's confidence (None: 1) times the certainty
+    density of the decoded region (the brute-force loop above), 0 on the prompt. σ 3 over 6
+    generated positions, where the reference's FFT denominator (``reference_compat``) differs."""
+    p, sigma = 2, 3.0
+    masked = torch.tensor([[False, False, False, True, True, False, True, True]])
+    conf = torch.tensor([[0.9, 0.9, 0.0, 0.5, 0.25, 0.0, 0.75, 0.125]], dtype=torch.float64)
+    density = _density_brute(~masked[:, p:], sigma, True)
+    for given, want in ((conf, conf[:, p:] * density), (None, density)):
+        _, scores = prior.stage1(masked, given, p, (p, p + 3), 2, sigma)
+        assert scores[0, :p].tolist() == [0.0, 0.0]
+        assert torch.allclose(scores[:, p:], want, rtol=1e-12, atol=0)
 
 
 def test_nucleus_select_mass_rule_and_at_least_one() -> None:
