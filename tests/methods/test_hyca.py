@@ -607,3 +607,50 @@ def test_the_indicators_are_log_energy_ratios_clustered_on_their_z_scores() -> N
     cal = choose(HyCaConfig(clusters=1), errors[:1, :2], silent)
     assert cal.indicators[0, 0, 0] == pytest.approx(-math.log(1e-12), rel=1e-6)
     assert cal.indicators[0, 0, 1:].tolist() == [0.0, 0.0] and not cal.indicators[0, 1].any()
+
+
+class _Recorded:
+    """Profiling of 7 steps whose recorder saw hand-made energies and errors: two blocks of four
+    dimensions, the first two of each clearly apart from the last two, which ``linear`` /
+    ``ab2`` forecast best."""
+
+    valid_for = {"num_inference_steps": 7}
+    target = _NoBlocks.target
+
+    def __init__(self, target_compute: float | None) -> None:
+        self.target_compute = target_compute
+        self.recorders: list = []
+
+    def record(self, observer) -> dict:
+        self.recorders.append(observer)
+        energy = torch.ones(2, 4, 4, dtype=torch.float64)
+        energy[:, :2, 1:] = 100.0
+        errors = torch.ones(2, 4, len(SOLVERS), dtype=torch.float64)
+        errors[:, :2, SOLVERS.index("linear")] = 0.1
+        errors[:, 2:, SOLVERS.index("ab2")] = 0.1
+        return {"errors": errors, "energy": energy}
+
+
+@pytest.mark.parametrize(
+    ("target", "interval", "full"), [(None, 3, 4), (0.45, 5, 3)], ids=["options", "target"]
+)
+def test_calibrate_records_the_schedule_it_profiled_and_its_clusters(target, interval, full):
+    """Warm-up 2 at 7 steps: interval 3 computes steps 0, 1, 2, 5 (4/7); a target of 0.45
+    needs interval 5 (steps 0, 1, 2: 3/7; interval 4 adds step 6). The recorder runs that
+    schedule, and the provenance records its compute to 6 digits and the clusters' sizes and
+    solvers (``test_the_plan_records_the_schedules_compute_and_clusters`` checks the same on a
+    real profile, but its module-scoped plan is profiled once, so mutation runs miss it)."""
+    profiling = _Recorded(target)
+    done = HyCaConfig(warmup_steps=2, interval=3).calibrate(profiling)
+    assert done.config == HyCaConfig(warmup_steps=2, interval=interval)
+    assert [r.cfg for r in profiling.recorders] == [done.config]
+    labels = done.calibration.labels
+    first, last = int(labels[0, 0]), int(labels[0, 2])
+    assert labels.tolist() == [[first, first, last, last]] * 2 and first != last
+    solvers = {first: "linear", last: "ab2"}
+    assert done.calibration.cluster_solvers == (solvers[0], solvers[1])
+    assert done.measured == {
+        "compute_fraction": round(full / 7, 6),
+        "cluster_sizes": [4, 4],
+        "cluster_solvers": [solvers[0], solvers[1]],
+    }
