@@ -956,3 +956,24 @@ def test_dit_tiny_bundled_plan_follows_its_books_step_by_step() -> None:
             if decisions[t, site] == ("reused", True):
                 want_values["fused"] = True
         assert e["values"] == want_values, e
+
+
+def test_a_block_booked_fused_before_its_modules_ran_computes_them() -> None:
+    """Books may reuse every module of a block at step 0 (imported books are not checked for
+    it): nothing is cached yet, so the block and its modules compute, and the run equals the
+    same plan with row 0 computing."""
+    plan = Plan.load("dit-tiny-invardiff.yaml")
+    module_book = plan.tensors["module_book"].clone()
+    assert not module_book[0].any()
+    module_book[0] = True
+    early = dataclasses.replace(plan, tensors={**plan.tensors, "module_book": module_book})
+    pipe = diffcache.load_model("dit-tiny")
+    _, _, one = tiny_request("dit-tiny", plan.valid_for["num_inference_steps"])
+    outs = []
+    for p in (plan, early):
+        diffcache.accelerate(pipe, p)
+        try:
+            outs.append(generate(pipe, one))
+        finally:
+            diffcache.remove(pipe)
+    assert np.array_equal(outs[0], outs[1])
