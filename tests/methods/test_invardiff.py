@@ -977,3 +977,20 @@ def test_a_block_booked_fused_before_its_modules_ran_computes_them() -> None:
         finally:
             diffcache.remove(pipe)
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_plan_valid_for_another_step_count_than_its_books_is_refused_at_accelerate() -> None:
+    plan = Plan.load("dit-tiny-invardiff.yaml")
+    steps = plan.valid_for["num_inference_steps"]
+    assert plan.tensors["step_book"].shape == (steps,)
+    other = dataclasses.replace(
+        plan, valid_for={**plan.valid_for, "num_inference_steps": steps + 1}
+    )
+    pipe = diffcache.load_model("dit-tiny")
+    with pytest.raises(PlanError) as e:
+        diffcache.accelerate(pipe, other)
+    assert str(e.value) == (
+        f"invardiff: the books have {steps} steps but the plan is valid for {steps + 1}; "
+        "profile this model"
+    )
+    assert clean(pipe.transformer)
