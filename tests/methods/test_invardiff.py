@@ -994,3 +994,36 @@ def test_a_plan_valid_for_another_step_count_than_its_books_is_refused_at_accele
         "profile this model"
     )
     assert clean(pipe.transformer)
+
+
+def test_a_reused_step_hands_the_head_the_last_blocks_output_of_the_step_before() -> None:
+    """flux-tiny (three blocks: one double, two single): with every module computed and only
+    step 3 reused, the output head's input at step 3 is the one it had at step 2 of the plain
+    run, which is the last single block's output (not an earlier block's)."""
+    plan = Plan.load("flux-tiny-invardiff.yaml")
+    steps = plan.valid_for["num_inference_steps"]
+    step_book = torch.zeros(steps, dtype=torch.bool)
+    step_book[3] = True
+    tensors = {**plan.tensors, "step_book": step_book}
+    tensors["module_book"] = torch.zeros_like(plan.tensors["module_book"])
+    pipe = diffcache.load_model("flux-tiny")
+    req, _, _ = tiny_request("flux-tiny", steps)
+    req = req.replace(prompt="a cat")
+    heads: list[torch.Tensor] = []
+    hook = pipe.transformer.norm_out.register_forward_pre_hook(
+        lambda _, args: heads.append(args[0].clone())
+    )
+    try:
+        generate(pipe, req)
+        plain = heads[:]
+        heads.clear()
+        diffcache.accelerate(pipe, dataclasses.replace(plan, tensors=tensors))
+        try:
+            generate(pipe, req)
+        finally:
+            diffcache.remove(pipe)
+    finally:
+        hook.remove()
+    assert len(heads) == len(plain) == steps
+    assert torch.equal(heads[3], plain[2]) and not torch.equal(plain[3], plain[2])
+    assert all(torch.equal(heads[t], plain[t]) for t in range(3))
