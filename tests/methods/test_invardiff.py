@@ -956,3 +956,74 @@ def test_dit_tiny_bundled_plan_follows_its_books_step_by_step() -> None:
             if decisions[t, site] == ("reused", True):
                 want_values["fused"] = True
         assert e["values"] == want_values, e
+
+
+def test_a_block_booked_fused_before_its_modules_ran_computes_them() -> None:
+    """Books may reuse every module of a block at step 0 (imported books are not checked for
+    it): nothing is cached yet, so the block and its modules compute, and the run equals the
+    same plan with row 0 computing."""
+    plan = Plan.load("dit-tiny-invardiff.yaml")
+    module_book = plan.tensors["module_book"].clone()
+    assert not module_book[0].any()
+    module_book[0] = True
+    early = dataclasses.replace(plan, tensors={**plan.tensors, "module_book": module_book})
+    pipe = diffcache.load_model("dit-tiny")
+    _, _, one = tiny_request("dit-tiny", plan.valid_for["num_inference_steps"])
+    outs = []
+    for p in (plan, early):
+        diffcache.accelerate(pipe, p)
+        try:
+            outs.append(generate(pipe, one))
+        finally:
+            diffcache.remove(pipe)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_plan_valid_for_another_step_count_than_its_books_is_refused_at_accelerate() -> None:
+    plan = Plan.load("dit-tiny-invardiff.yaml")
+    steps = plan.valid_for["num_inference_steps"]
+    assert plan.tensors["step_book"].shape == (steps,)
+    other = dataclasses.replace(
+        plan, valid_for={**plan.valid_for, "num_inference_steps": steps + 1}
+    )
+    pipe = diffcache.load_model("dit-tiny")
+    with pytest.raises(PlanError) as e:
+        diffcache.accelerate(pipe, other)
+    assert str(e.value) == (
+        f"invardiff: the books have {steps} steps but the plan is valid for {steps + 1}; "
+        "profile this model"
+    )
+    assert clean(pipe.transformer)
+
+
+def test_a_reused_step_hands_the_head_the_last_blocks_output_of_the_step_before() -> None:
+    """flux-tiny (three blocks: one double, two single): with every module computed and only
+    step 3 reused, the output head's input at step 3 is the one it had at step 2 of the plain
+    run, which is the last single block's output (not an earlier block's)."""
+    plan = Plan.load("flux-tiny-invardiff.yaml")
+    steps = plan.valid_for["num_inference_steps"]
+    step_book = torch.zeros(steps, dtype=torch.bool)
+    step_book[3] = True
+    tensors = {**plan.tensors, "step_book": step_book}
+    tensors["module_book"] = torch.zeros_like(plan.tensors["module_book"])
+    pipe = diffcache.load_model("flux-tiny")
+    req, _, _ = tiny_request("flux-tiny", steps)
+    req = req.replace(prompt="a cat")
+    heads: list[torch.Tensor] = []
+    hook = pipe.transformer.norm_out.register_forward_pre_hook(
+        lambda _, args: heads.append(args[0].clone())
+    )
+    try:
+        generate(pipe, req)
+        plain = heads[:]
+        heads.clear()
+        diffcache.accelerate(pipe, dataclasses.replace(plan, tensors=tensors))
+        try:
+            generate(pipe, req)
+        finally:
+            diffcache.remove(pipe)
+    finally:
+        hook.remove()
+    assert len(heads) == len(plain) == steps
+    assert torch.equal(heads[3], plain[2]) and not torch.equal(plain[3], plain[2])
+    assert all(torch.equal(heads[t], plain[t]) for t in range(3))
