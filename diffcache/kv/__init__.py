@@ -1,7 +1,9 @@
 """KV stores and their policies: the store protocol every world shares, the text LMs'
-position-indexed store, and their per-step plan and policy interface (research/dlm.md §6). The
-forward pass over planned rows is the pipelines' (``diffcache.pipelines.dlm_engine``)."""
+position-indexed store with their per-step plan and policy interface (research/dlm.md §6), and
+the history store of next-scale models (research/var.md §4). The forward passes are the
+pipelines'."""
 
+from diffcache.kv.history import FullHistory, History, ScaleCall, Schedule
 from diffcache.kv.policy import (
     DecodeState,
     LayerView,
@@ -15,9 +17,13 @@ from diffcache.kv.store import KVStore, Store
 
 __all__ = [
     "DecodeState",
+    "FullHistory",
+    "History",
     "KVStore",
     "LayerView",
     "Policy",
+    "ScaleCall",
+    "Schedule",
     "StepPlan",
     "Store",
     "pad_rows",
