@@ -3,7 +3,7 @@ position-indexed store with their per-step plan and policy interface (research/d
 the history store of next-scale models (research/var.md §4). The forward passes are the
 pipelines'."""
 
-from diffcache.kv.history import FullHistory, History, ScaleCall, Schedule
+from diffcache.kv.history import FullHistory, History, ScaleCall, Schedule, Selection
 from diffcache.kv.policy import (
     DecodeState,
     LayerView,
@@ -24,6 +24,7 @@ __all__ = [
     "Policy",
     "ScaleCall",
     "Schedule",
+    "Selection",
     "StepPlan",
     "Store",
     "pad_rows",

@@ -119,6 +119,36 @@ class History(Protocol):
         """Bytes of the history rows held (what the next scale's queries will see)."""
         ...
 
+    def peak_nbytes(self) -> int:
+        """The most bytes held at any moment of the generation so far, transient rows included
+        (a layer's new map before its rows are compacted)."""
+        ...
+
+
+@runtime_checkable
+class Selection(Protocol):
+    """A KV-compression rule, as a budgeted history store (``diffcache.kv.budget``) asks it.
+
+    ``when`` is ``"pre"`` (select before the scale's attention, over history + the new map's
+    rows; the queries then attend only to the kept rows: HACK as reconstructed) or ``"post"``
+    (attend over everything, then select what the next scale keeps: ScaleKV). ``groups``
+    partitions a layer's heads; each group keeps one number of rows (a dense tensor).
+    """
+
+    when: str
+
+    def groups(self, layer: int, heads: int) -> list[list[int]]:
+        """The head groups of ``layer`` (a partition of ``range(heads)``)."""
+        ...
+
+    def keep(
+        self, call: ScaleCall, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The rows group ``group`` keeps, sorted ascending, ``[B, Hg, m]`` int64 indices into
+        ``k``/``v`` ``[B, Hg, L, d]`` (the group's history followed by the new map's rows; ``q``
+        ``[B, Hg, n, d]`` the new map's queries), or None to keep them all."""
+        ...
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Unmasked SDPA; K and V are cast to q's dtype where the model keeps them in another
@@ -147,3 +177,6 @@ class FullHistory:
 
     def history_nbytes(self) -> int:
         return self.nbytes()
+
+    def peak_nbytes(self) -> int:
+        return self.nbytes()  # it only grows
