@@ -1,0 +1,346 @@
+"""HACK's head-aware KV selection for next-scale models, reconstructed (variant "reconstructed").
+
+HACK ("Head-Aware KV Cache Compression for Efficient Visual Autoregressive Modeling", Qin et al.,
+arXiv 2504.09261, AAAI 2026) splits every layer's heads, by an offline profile, into *contextual*
+heads (vertical attention stripes: every query reads the same few keys) and *structural* heads
+(diagonal patterns: which key is read depends on the query's position), gives them asymmetric
+budgets ``B_C`` and ``B_S`` (``alpha·B_C + (1−alpha)·B_S = B``, ``alpha`` the contextual fraction)
+and selects each class's rows by its own rule:
+
+* contextual: the top-``B_C`` rows by *subset attention*, the softmax attention of ``N_obs``
+  uniformly sampled queries of the new map, summed over those queries;
+* structural: the rows of the first scales and of the most recent scale always, the remaining
+  ``B_S − mandatory`` slots filled from the other rows by subset attention;
+* at the last scale, the contextual heads' evicted rows are merged into the kept ones (LOOK-M's
+  pivot merge) instead of being dropped.
+
+HACK's code is not public: this is the reconstruction of research/var.md §2.2.3, and every open
+question of §2.2.5 is a constructor option (defaults in brackets, with the reason):
+
+* ``when`` ["pre"]: select before the scale's attention over history + the new map's rows, so
+  the queries attend to at most the budget (the paper's O(Bn²) claim needs that); "post"
+  selects after, like ScaleKV.
+* budgets ``B_C``/``B_S`` are given; :func:`diffcache.kv.head_stats.split_budget` derives them
+  from ``B``, ``alpha`` and the ratio ``B_C/B_S``, and :func:`~diffcache.kv.head_stats.hack_budget`
+  maps the compression ratio to ``B`` against the final total length or the history length.
+* ``first_scales`` [2]: ``N_init`` = the tokens of the first scales ("the first two scales").
+* ``recent`` ["current"]: the most recent scale is the new map (§2.2.3's pseudo-code) or the
+  previous one; it is kept whole (``N_k`` is not capped).
+* ``n_obs`` [32] and ``sampling`` ["stride"]: the subset queries, a regular stride
+  ``i·n // n_obs`` (deterministic, no RNG) or "random": a permutation drawn from a
+  ``torch.Generator`` of its own, seeded by ``seed`` and the (layer, scale), so the sampler's
+  stream never moves and the draw does not depend on call order.
+* ``softmax_over`` ["all"]: the subset softmax over every row (§2.2.3) or over the candidate rows
+  only (the mandatory rows masked out).
+* ``merge`` ["pivot"], ``merge_heads`` ["contextual"], ``merge_at`` ["last"]: LOOK-M's pivot merge
+  (each evicted row averaged into the kept row whose key is most cosine-similar), on which
+  heads, at the last scale only or at every compression. LOOK-M's reference concatenates keys
+  and values in different orders (a K/V row misalignment); here K and V rows are merged with
+  one assignment.
+* ``scope`` ["pair"]: with CFG, the conditional and unconditional rows of an image keep the same
+  rows (their scores summed), or "row": each row selects on its own.
+* the classification's normalisation and ranking are options of
+  :func:`~diffcache.kv.head_stats.classify_heads`.
+* ``start_scale`` [0]: no compression before this scale; from it on, a group compresses whenever
+  its rows exceed its budget.
+
+Rows are named by their position in the generation (:class:`~diffcache.kv.history.Schedule`);
+the selection follows the positions of the rows each group keeps, which is why the store must
+ask :meth:`HACKSelection.keep` at every scale of every layer and group (it does, by the
+``Selection`` contract), starting with scale 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from diffcache.kv.history import ScaleCall, Schedule
+
+CONTEXTUAL, STRUCTURAL = 0, 1
+_CHOICES = {
+    "when": ("pre", "post"),
+    "recent": ("current", "previous"),
+    "sampling": ("stride", "random"),
+    "softmax_over": ("all", "candidates"),
+    "merge": ("none", "pivot"),
+    "merge_heads": ("contextual", "structural", "all"),
+    "merge_at": ("last", "every"),
+    "scope": ("pair", "row"),
+}
+
+
+class HACKSelection:
+    """HACK (reconstructed) as a :class:`~diffcache.kv.history.Selection`: per layer a contextual
+    and a structural head group (``classes[l][h]``: 0 contextual, 1 structural), budgets
+    ``budget_contextual`` (B_C) and ``budget_structural`` (B_S) rows per head. See the module
+    docstring for the options."""
+
+    def __init__(
+        self,
+        classes: Sequence[Sequence[int]] | torch.Tensor,
+        budget_contextual: int,
+        budget_structural: int,
+        *,
+        when: str = "pre",
+        first_scales: int = 2,
+        recent: str = "current",
+        n_obs: int = 32,
+        sampling: str = "stride",
+        seed: int = 0,
+        softmax_over: str = "all",
+        merge: str = "pivot",
+        merge_heads: str = "contextual",
+        merge_at: str = "last",
+        scope: str = "pair",
+        start_scale: int = 0,
+    ) -> None:
+        options = dict(when=when, recent=recent, sampling=sampling, softmax_over=softmax_over)
+        options |= dict(merge=merge, merge_heads=merge_heads, merge_at=merge_at, scope=scope)
+        for name, value in options.items():
+            if value not in _CHOICES[name]:
+                raise ValueError(f"hack: {name}={value!r}; choose one of {_CHOICES[name]}")
+        table = torch.as_tensor(classes, dtype=torch.int64)
+        if table.ndim != 2 or not bool(((table == CONTEXTUAL) | (table == STRUCTURAL)).all()):
+            raise ValueError("hack: classes must be a layers x heads table of 0 (contextual) / 1")
+        for name, value in (("budget_contextual", budget_contextual), ("n_obs", n_obs)):
+            if value < 1:
+                raise ValueError(f"hack: {name}={value}; it must be at least 1")
+        if budget_structural < 1 or first_scales < 0 or start_scale < 0:
+            raise ValueError(
+                f"hack: budget_structural={budget_structural}, first_scales={first_scales}, "
+                f"start_scale={start_scale}; the budget must be positive, the others >= 0"
+            )
+        self.classes = table
+        self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
+        self.when, self.recent, self.sampling, self.softmax_over = (
+            when,
+            recent,
+            sampling,
+            softmax_over,
+        )
+        self.merge_kind, self.merge_heads, self.merge_at, self.scope = (
+            merge,
+            merge_heads,
+            merge_at,
+            scope,
+        )
+        self.first_scales, self.n_obs, self.seed, self.start_scale = (
+            first_scales,
+            n_obs,
+            seed,
+            start_scale,
+        )
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+
+    # -- the Selection protocol -------------------------------------------------------------
+
+    def groups(self, layer: int, heads: int) -> list[list[int]]:
+        """The layer's contextual heads, then its structural heads (empty groups left out)."""
+        return [g for _, g in self._groups(layer, heads)]
+
+    def keep(
+        self, call: ScaleCall, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        batch, heads, rows, _ = k.shape
+        kind = self.group_kind(call.layer, group)
+        positions = self._row_positions(call, group, k, q.shape[2])
+        budget = self.budgets[kind]
+        if call.si < self.start_scale or rows <= budget:
+            self._positions[call.layer, group] = positions
+            return None
+        mandatory = self._mandatory(call, kind, positions)
+        worst = int(mandatory.sum(-1).max())
+        if worst > budget:
+            raise ValueError(self._too_small(call.schedule, kind, call.si, worst))
+        scores = self._subset_attention(call, q, k, mandatory)
+        scores = scores.masked_fill(mandatory, float("inf"))
+        if self.scope == "pair" and call.cond_rows < batch:
+            c = _pair_rows(call, batch)
+            paired = scores[:c] + scores[c:]
+            keep = paired.topk(budget, dim=-1).indices.sort(dim=-1).values.repeat(2, 1, 1)
+        else:
+            keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+        self._positions[call.layer, group] = positions.gather(2, keep)
+        return keep
+
+    # -- the merge at the last scale ---------------------------------------------------------
+
+    def merge(
+        self, call: ScaleCall, group: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows ``keep`` of ``k``/``v``, with the evicted rows merged into them where
+        the merge applies (this group's class, this scale): each evicted row is averaged, K and
+        V alike, into the kept row whose key is most cosine-similar to its key (LOOK-M pivot)."""
+        d = k.shape[-1]
+        kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
+        if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
+            return kept_k, kept_v
+        evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
+        evicted.scatter_(2, keep, False)
+        gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
+        gone = gone.view(*k.shape[:2], -1)
+        gone_k, gone_v = k.gather(2, _rows(gone, d)), v.gather(2, _rows(gone, d))
+        sim = F.normalize(gone_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).mT
+        pivot = _rows(sim.argmax(-1), d)
+        merged_k = kept_k.scatter_reduce(2, pivot, gone_k, reduce="mean", include_self=True)
+        merged_v = kept_v.scatter_reduce(2, pivot, gone_v, reduce="mean", include_self=True)
+        return merged_k, merged_v
+
+    def merges(self, call: ScaleCall, group: int) -> bool:
+        """Whether :meth:`merge` merges (rather than only gathers) for this call and group."""
+        if self.merge_kind == "none":
+            return False
+        if self.merge_at == "last" and call.si != len(call.schedule) - 1:
+            return False
+        kind = self.group_kind(call.layer, group)
+        return self.merge_heads == "all" or kind == ("contextual", "structural").index(
+            self.merge_heads
+        )
+
+    # -- checks and helpers ------------------------------------------------------------------
+
+    def group_kind(self, layer: int, group: int) -> int:
+        """CONTEXTUAL (0) or STRUCTURAL (1): the class of group ``group`` of ``layer``."""
+        return self._groups(layer, self.classes.shape[1])[group][0]
+
+    def validate(self, schedule: Schedule, layers: int, heads: int) -> None:
+        """Refuse, before any work, a class table that does not match the model or a structural
+        budget below the rows it must keep at a scale where it would compress."""
+        if tuple(self.classes.shape) != (layers, heads):
+            raise ValueError(
+                f"hack: the head classes are {tuple(self.classes.shape)} (layers x heads) but "
+                f"the model has {layers} layers x {heads} heads"
+            )
+        if not bool((self.classes == STRUCTURAL).any()):
+            return
+        budget = self.budgets[STRUCTURAL]
+        for si in range(self.start_scale, len(schedule)):
+            need = self._mandatory_count(schedule, si)
+            if schedule.start(si + 1) > budget and need > budget:
+                raise ValueError(self._too_small(schedule, STRUCTURAL, si, need))
+
+    def _groups(self, layer: int, heads: int) -> list[tuple[int, list[int]]]:
+        if heads != self.classes.shape[1] or not 0 <= layer < self.classes.shape[0]:
+            raise ValueError(
+                f"hack: layer {layer} with {heads} heads is outside the head classes "
+                f"{tuple(self.classes.shape)} (layers x heads)"
+            )
+        row = self.classes[layer].tolist()
+        out = [
+            (kind, [h for h in range(heads) if row[h] == kind]) for kind in (CONTEXTUAL, STRUCTURAL)
+        ]
+        return [(kind, g) for kind, g in out if g]
+
+    def _row_positions(self, call: ScaleCall, group: int, k: torch.Tensor, n: int) -> torch.Tensor:
+        """The generation positions of ``k``'s rows: the group's kept history, then the new map."""
+        batch, heads, rows, _ = k.shape
+        start = call.schedule.start(call.si)
+        new = torch.arange(start, start + n, device=k.device).expand(batch, heads, n)
+        if rows == n:
+            return new
+        old = self._positions.get((call.layer, group))
+        if old is None or old.shape != (batch, heads, rows - n):
+            raise RuntimeError(
+                f"hack: layer {call.layer} group {group} at scale {call.si} has {rows - n} "
+                "history rows the selection did not keep; the store must ask keep() at every "
+                "scale of a generation, from scale 0"
+            )
+        return torch.cat((old.to(k.device), new), dim=2)
+
+    def _recent_scale(self, si: int) -> int:
+        return si if self.recent == "current" else si - 1
+
+    def _mandatory(self, call: ScaleCall, kind: int, positions: torch.Tensor) -> torch.Tensor:
+        """The rows a group must keep: for structural heads the first scales and the most
+        recent scale, none for contextual heads."""
+        if kind == CONTEXTUAL:
+            return torch.zeros_like(positions, dtype=torch.bool)
+        sched = call.schedule
+        out = positions < sched.start(min(self.first_scales, len(sched)))
+        recent = self._recent_scale(call.si)
+        if recent >= 0:
+            out |= (positions >= sched.start(recent)) & (positions < sched.start(recent + 1))
+        return out
+
+    def _mandatory_count(self, schedule: Schedule, si: int) -> int:
+        first = min(self.first_scales, si + 1)
+        recent = self._recent_scale(si)
+        extra = schedule.tokens(recent) if recent >= first else 0
+        return schedule.start(first) + extra
+
+    def _too_small(self, schedule: Schedule, kind: int, si: int, need: int) -> str:
+        return (
+            f"hack: budget_structural={self.budgets[kind]} is below the {need} rows structural "
+            f"heads must keep at scale {si} (first_scales={self.first_scales}, recent="
+            f"{self.recent!r}, map {schedule.sizes[self._recent_scale(si)]}); raise the budget"
+        )
+
+    def observed_queries(self, call: ScaleCall, n: int) -> torch.Tensor:
+        """The indices of the ``n_obs`` queries (of the new map's ``n``) the subset attention
+        uses, ascending."""
+        if n <= self.n_obs:
+            return torch.arange(n)
+        if self.sampling == "stride":
+            return torch.arange(self.n_obs) * n // self.n_obs
+        salt = call.layer * len(call.schedule) + call.si
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        return torch.randperm(n, generator=gen)[: self.n_obs].sort().values
+
+    def _subset_attention(
+        self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, mandatory: torch.Tensor
+    ) -> torch.Tensor:
+        """``Σ_{i∈obs} softmax(q_i·Kᵀ·scale)`` per row of ``k`` ``[B, Hg, L]`` (fp32 or wider)."""
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+        obs = self.observed_queries(call, q.shape[2]).to(q.device)
+        logits = q[:, :, obs].to(dtype) @ k.to(dtype).mT * call.scale
+        if self.softmax_over == "candidates":
+            logits = logits.masked_fill(mandatory.unsqueeze(2), float("-inf"))
+        return logits.softmax(dim=-1).sum(dim=2)
+
+
+def _rows(index: torch.Tensor, d: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(*index.shape, d)
+
+
+def _pair_rows(call: ScaleCall, batch: int) -> int:
+    if batch != 2 * call.cond_rows:
+        raise ValueError(
+            f"hack: scope='pair' needs the batch to be conditional rows then as many "
+            f"unconditional ones; got {batch} rows with cond_rows={call.cond_rows}"
+        )
+    return call.cond_rows
+
+
+def head_order(classes: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+    """Per layer, the head permutation that puts the contextual heads first, then the
+    structural ones, each in their original order (HACK's static head reordering)."""
+    table = torch.as_tensor(classes, dtype=torch.int64)
+    return torch.sort(table, dim=1, stable=True).indices
+
+
+def permute_heads(
+    state: dict[str, torch.Tensor], perm: Sequence[int] | torch.Tensor, heads: int
+) -> dict[str, torch.Tensor]:
+    """A VAR/Infinity self-attention state dict with its heads reordered: new head ``j`` is old
+    head ``perm[j]``. Permutes the q, k and v blocks of ``mat_qkv.weight`` (and of a
+    ``mat_qkv.bias``), ``q_bias``, ``v_bias``, ``zero_k_bias``, ``scale_mul_1H11`` and the input
+    columns of ``proj.weight``; the attention's output is unchanged."""
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    if sorted(perm.tolist()) != list(range(heads)):
+        raise ValueError(f"permute_heads: {perm.tolist()} is not a permutation of {heads} heads")
+    out = dict(state)
+    width = state["proj.weight"].shape[1]
+    channels = (perm[:, None] * (width // heads) + torch.arange(width // heads)).reshape(-1)
+    qkv = torch.cat([channels + i * width for i in range(3)])
+    for name in ("mat_qkv.weight", "mat_qkv.bias"):
+        if name in state:
+            out[name] = state[name][qkv]
+    for name in ("q_bias", "v_bias", "zero_k_bias"):
+        if name in state:
+            out[name] = state[name][channels]
+    out["scale_mul_1H11"] = state["scale_mul_1H11"][:, perm]
+    out["proj.weight"] = state["proj.weight"][:, channels]
+    return out

@@ -1,0 +1,254 @@
+"""HACK (reconstructed) selection against a slow per-(row, head) loop written from
+research/var.md §2.2.3, on random inputs driven through the scales by a minimal store."""
+
+import math
+
+import pytest
+import torch
+
+from diffcache.kv import ScaleCall, Schedule, Selection
+from diffcache.kv.hack import HACKSelection, head_order, permute_heads
+
+SCHED = Schedule.square((1, 2, 3, 4, 5))  # 1, 4, 9, 16, 25 tokens; 55 in all
+CLASSES = [[0, 1, 1, 0], [1, 1, 0, 1]]  # 2 layers x 4 heads, 0 = contextual
+D = 8
+
+
+def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=None):
+    """A minimal pre-attention store: per scale, layer and group, hand the selection the group's
+    kept history + the new map and keep what it says. Returns, per call, the inputs, the kept
+    indices and the generation positions of the rows (tracked here, independently). ``rows``
+    reorders the batch rows of every input."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = len(CLASSES[0])
+    hist = {}
+    log = []
+    for si in range(len(schedule)):
+        n = schedule.tokens(si)
+        new_pos = torch.arange(schedule.start(si), schedule.start(si) + n)
+        for layer in range(len(CLASSES)):
+            q, k, v = (
+                torch.randn(batch, heads, n, D, generator=gen, dtype=torch.float64) for _ in "qkv"
+            )
+            if rows is not None:
+                q, k, v = q[rows], k[rows], v[rows]
+            call = ScaleCall(
+                layer=layer, si=si, schedule=schedule, cond_rows=cond_rows, scale=scale
+            )
+            for g, idx in enumerate(sel.groups(layer, heads)):
+                kh, vh, ph = hist.get((layer, g), (None, None, None))
+                kg, vg = k[:, idx], v[:, idx]
+                pg = new_pos.expand(batch, len(idx), n)
+                if kh is not None:
+                    kg, vg, pg = (
+                        torch.cat((kh, kg), 2),
+                        torch.cat((vh, vg), 2),
+                        torch.cat((ph, pg), 2),
+                    )
+                keep = sel.keep(call, g, q[:, idx], kg, vg)
+                log.append(dict(call=call, group=g, q=q[:, idx], k=kg, pos=pg, keep=keep))
+                if keep is not None:
+                    e = keep.unsqueeze(-1).expand(*keep.shape, D)
+                    kg, vg, pg = kg.gather(2, e), vg.gather(2, e), pg.gather(2, keep)
+                hist[layer, g] = (kg, vg, pg)
+    return log
+
+
+def reference_keep(entry, kind, budget, opts):
+    """§2.2.3 as a loop: subset softmax attention of N_obs strided queries, top-B_C for
+    contextual heads; first scales + most recent scale + top of the rest for structural."""
+    q, k, pos, call = entry["q"], entry["k"], entry["pos"], entry["call"]
+    batch, heads, rows, _ = k.shape
+    if rows <= budget:
+        return None
+    n = q.shape[2]
+    obs = [i * n // opts["n_obs"] for i in range(opts["n_obs"])] if n > opts["n_obs"] else range(n)
+    recent = call.si if opts["recent"] == "current" else call.si - 1
+    lo, hi = SCHED.start(max(recent, 0)), SCHED.start(recent + 1) if recent >= 0 else 0
+
+    def mandatory(b, h):
+        if kind == 0:
+            return set()
+        return {j for j in range(rows) if pos[b, h, j] < SCHED.start(2) or lo <= pos[b, h, j] < hi}
+
+    def scores(b, h):
+        must = mandatory(b, h)
+        out = [0.0] * rows
+        for i in obs:
+            cand = [j for j in range(rows) if opts["softmax_over"] == "all" or j not in must]
+            logits = {j: float(q[b, h, i] @ k[b, h, j]) * call.scale for j in cand}
+            top = max(logits.values())
+            z = sum(math.exp(x - top) for x in logits.values())
+            for j, x in logits.items():
+                out[j] += math.exp(x - top) / z
+        return out
+
+    keep = torch.empty(batch, heads, budget, dtype=torch.int64)
+    c = call.cond_rows
+    for b in range(batch):
+        for h in range(heads):
+            s = scores(b, h)
+            if opts["scope"] == "pair":
+                twin = b + c if b < c else b - c
+                s = [x + y for x, y in zip(s, scores(twin, h), strict=True)]
+            must = mandatory(b, h)
+            rest = sorted((j for j in range(rows) if j not in must), key=lambda j: -s[j])
+            keep[b, h] = torch.tensor(sorted([*must, *rest[: budget - len(must)]]))
+    return keep
+
+
+OPTIONS = [
+    dict(recent="current", softmax_over="all", scope="pair"),
+    dict(recent="previous", softmax_over="candidates", scope="row"),
+    dict(recent="current", softmax_over="candidates", scope="row"),
+    dict(recent="previous", softmax_over="all", scope="pair"),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_selection_matches_the_slow_reference_at_every_call(opts):
+    opts = dict(opts, n_obs=5)
+    budgets = {0: 7, 1: 33}  # structural: 5 first-scale rows + up to 25 recent ones fit
+    sel = HACKSelection(CLASSES, budgets[0], budgets[1], **opts)
+    assert isinstance(sel, Selection) and sel.when == "pre"
+    compressed = 0
+    for entry in drive(sel):
+        kind = sel.group_kind(entry["call"].layer, entry["group"])
+        expect = reference_keep(entry, kind, budgets[kind], opts)
+        if expect is None:
+            assert entry["keep"] is None
+            continue
+        compressed += 1
+        assert torch.equal(entry["keep"], expect)
+        assert entry["keep"].shape[-1] == budgets[kind]  # the budget, exactly
+    assert compressed >= 8  # both kinds compress at the later scales
+
+
+def test_structural_heads_keep_first_scales_and_recent_scale():
+    for recent in ("current", "previous"):
+        sel = HACKSelection(CLASSES, 3, 33, recent=recent, n_obs=4, when="post")
+        seen = 0
+        for entry in drive(sel, seed=1):
+            call, keep = entry["call"], entry["keep"]
+            if keep is None or sel.group_kind(call.layer, entry["group"]) == 0:
+                continue
+            kept = entry["pos"].gather(2, keep)
+            r = call.si if recent == "current" else call.si - 1
+            for want in (range(0, SCHED.start(2)), range(SCHED.start(r), SCHED.start(r + 1))):
+                held = entry["pos"][..., None] == torch.tensor(list(want))  # present rows
+                got = kept[..., None] == torch.tensor(list(want))
+                assert torch.equal(got.sum(2), held.sum(2))
+            seen += 1
+        assert seen >= 2
+
+
+def test_budget_below_the_mandatory_set_is_one_clear_error():
+    sel = HACKSelection(CLASSES, 4, 29)  # the last scale needs 5 + 25 = 30 rows
+    with pytest.raises(ValueError, match=r"budget_structural=29 is below the 30 rows .* scale 4"):
+        sel.validate(SCHED, layers=2, heads=4)
+    with pytest.raises(ValueError, match="budget_structural=29 is below the 30 rows"):
+        drive(sel)
+    HACKSelection(CLASSES, 4, 30).validate(SCHED, layers=2, heads=4)  # exactly enough
+    with pytest.raises(ValueError, match=r"are \(2, 4\) .* model has 3 layers x 4 heads"):
+        HACKSelection(CLASSES, 4, 30).validate(SCHED, layers=3, heads=4)
+    with pytest.raises(ValueError, match="scope='bogus'"):
+        HACKSelection(CLASSES, 4, 30, scope="bogus")
+
+
+def test_cfg_scope_pair_keeps_identical_rows_and_row_follows_its_rows():
+    pair = [e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, scope="pair", n_obs=3))]
+    for keep in filter(lambda t: t is not None, pair):
+        assert torch.equal(keep[:2], keep[2:])
+    # row scope: swapping the conditional and unconditional rows swaps the kept sets
+    swap = torch.tensor([2, 3, 0, 1])
+    plain = [e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, scope="row", n_obs=3))]
+    swapped = drive(HACKSelection(CLASSES, 6, 33, scope="row", n_obs=3), rows=swap)
+    assert [t is None for t in plain] == [e["keep"] is None for e in swapped]
+    for keep, entry in zip(plain, swapped, strict=True):
+        if keep is not None:
+            assert torch.equal(entry["keep"], keep[swap])
+    assert not torch.equal(plain[-1][:2], plain[-1][2:])  # the rows did differ
+
+
+def test_random_subset_queries_use_their_own_generator():
+    sel = HACKSelection(CLASSES, 6, 33, sampling="random", seed=5, n_obs=4)
+    call = ScaleCall(layer=1, si=4, schedule=SCHED, cond_rows=1)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    obs = sel.observed_queries(call, 25)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    expect = torch.randperm(25, generator=torch.Generator().manual_seed(5 * 1_000_003 + 9))[:4]
+    assert obs.tolist() == sorted(expect.tolist())
+    assert sel.observed_queries(call, 3).tolist() == [0, 1, 2]  # fewer queries than n_obs
+    stride = HACKSelection(CLASSES, 6, 33, n_obs=4).observed_queries(call, 25)
+    assert stride.tolist() == [0, 6, 12, 18]
+
+
+def test_pivot_merge_matches_a_hand_computation():
+    k = torch.tensor(
+        [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.8], [0.1, 1.0]], dtype=torch.float64
+    )
+    v = torch.tensor(
+        [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]], dtype=torch.float64
+    )
+    k, v = k.expand(1, 1, 5, 2), v.expand(1, 1, 5, 2)
+    keep = torch.tensor([[[0, 2]]])
+    sel = HACKSelection([[0, 1]], 2, 4)  # head 0 contextual (group 0), head 1 structural
+    last = ScaleCall(layer=0, si=len(SCHED) - 1, schedule=SCHED, cond_rows=1)
+    mk, mv = sel.merge(last, 0, k, v, keep)
+    # row 1 is closest (cosine) to kept row 0, rows 3 and 4 to kept row 2
+    expect_k = [[(1 + 0.9) / 2, (0 + 0.1) / 2], [(0 + 0.2 + 0.1) / 3, (1 + 0.8 + 1) / 3]]
+    assert torch.allclose(mk[0, 0], torch.tensor(expect_k, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.equal(mv[0, 0], torch.tensor([[2.0, 3.0], [7.0, 8.0]], dtype=torch.float64))
+    # not the last scale, or a structural group: the kept rows only
+    early = ScaleCall(layer=0, si=2, schedule=SCHED, cond_rows=1)
+    for call, group in ((early, 0), (last, 1)):
+        gk, gv = sel.merge(call, group, k, v, keep)
+        assert torch.equal(gk, k[:, :, [0, 2]]) and torch.equal(gv, v[:, :, [0, 2]])
+    every = HACKSelection([[0, 1]], 2, 4, merge_at="every", merge_heads="all")
+    assert torch.equal(every.merge(early, 1, k, v, keep)[1], mv)
+
+
+def test_head_order_puts_contextual_heads_first():
+    assert head_order([[1, 0, 1, 0], [0, 0, 1, 1]]).tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
+
+
+def var_attention(sd, x, heads):
+    """A VAR-style self-attention block (cosine attention, per-head temperature), float64."""
+    b, n, c = x.shape
+    bias = torch.cat((sd["q_bias"], sd["zero_k_bias"], sd["v_bias"]))
+    qkv = (x @ sd["mat_qkv.weight"].T + bias).view(b, n, 3, heads, c // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    mul = sd["scale_mul_1H11"].clamp_max(math.log(100)).exp()
+    q = torch.nn.functional.normalize(q, dim=-1) * mul
+    k = torch.nn.functional.normalize(k, dim=-1)
+    heads_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+    out = heads_out.transpose(1, 2).reshape(b, n, c) @ sd["proj.weight"].T + sd["proj.bias"]
+    return out, heads_out
+
+
+def test_head_permutation_leaves_the_attention_output_unchanged():
+    gen = torch.Generator().manual_seed(0)
+    heads, c = 4, 24
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    sd = {
+        "mat_qkv.weight": rand(3 * c, c),
+        "q_bias": rand(c),
+        "v_bias": rand(c),
+        "zero_k_bias": torch.zeros(c, dtype=torch.float64),
+        "scale_mul_1H11": rand(1, heads, 1, 1) + 2.0,
+        "proj.weight": rand(c, c),
+        "proj.bias": rand(c),
+    }
+    x = rand(2, 7, c)
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = permute_heads(sd, perm, heads)
+    out, per_head = var_attention(sd, x, heads)
+    out_p, per_head_p = var_attention(permuted, x, heads)
+    assert torch.allclose(out_p, out, rtol=0, atol=1e-12)
+    assert torch.allclose(per_head_p, per_head[:, perm], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="not a permutation"):
+        permute_heads(sd, [0, 0, 1, 2], heads)
