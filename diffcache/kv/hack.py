@@ -15,7 +15,7 @@ and selects each class's rows by its own rule:
   pivot merge) instead of being dropped.
 
 HACK's code is not public: this is the reconstruction of research/var.md §2.2.3, and every open
-question of §2.2.5 is a constructor option (defaults in brackets, with the reason):
+question of §2.2.5 is a field of :class:`HACKOptions` (defaults in brackets, with the reason):
 
 * ``when`` ["pre"]: select before the scale's attention over history + the new map's rows, so
   the queries attend to at most the budget (the paper's O(Bn²) claim needs that); "post"
@@ -25,7 +25,7 @@ question of §2.2.5 is a constructor option (defaults in brackets, with the reas
   maps the compression ratio to ``B`` against the final total length or the history length.
 * ``first_scales`` [2]: ``N_init`` = the tokens of the first scales ("the first two scales").
 * ``recent`` ["current"]: the most recent scale is the new map (§2.2.3's pseudo-code) or the
-  previous one; it is kept whole (``N_k`` is not capped).
+  previous one; ``recent_cap`` [None: the whole map] caps ``N_k`` to the map's last tokens.
 * ``n_obs`` [32] and ``sampling`` ["stride"]: the subset queries, a regular stride
   ``i·n // n_obs`` (deterministic, no RNG) or "random": a permutation drawn from a
   ``torch.Generator`` of its own, seeded by ``seed`` and the (layer, scale), so the sampler's
@@ -34,13 +34,15 @@ question of §2.2.5 is a constructor option (defaults in brackets, with the reas
   only (the mandatory rows masked out).
 * ``merge`` ["pivot"], ``merge_heads`` ["contextual"], ``merge_at`` ["last"]: LOOK-M's pivot merge
   (each evicted row averaged into the kept row whose key is most cosine-similar), on which
-  heads, at the last scale only or at every compression. LOOK-M's reference concatenates keys
+  heads, at the last selection a query reads ("last": the last scale when "pre", the one
+  before it when "post") or at every compression. LOOK-M's reference concatenates keys
   and values in different orders (a K/V row misalignment); here K and V rows are merged with
   one assignment.
 * ``scope`` ["pair"]: with CFG, the conditional and unconditional rows of an image keep the same
   rows (their scores summed), or "row": each row selects on its own.
-* the classification's normalisation and ranking are options of
-  :func:`~diffcache.kv.head_stats.classify_heads`.
+* the classification's normalisation ["none": the plain sum over columns, as described] is an
+  option of :func:`~diffcache.kv.head_stats.column_variance`, its ranking ["global", as
+  described; or per layer] of :func:`~diffcache.kv.head_stats.classify_heads`.
 * ``start_scale`` [0]: no compression before this scale; from it on, a group compresses whenever
   its rows exceed its budget.
 
@@ -52,6 +54,7 @@ ask :meth:`HACKSelection.keep` at every scale of every layer and group (it does,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -70,69 +73,65 @@ _CHOICES = {
     "merge_at": ("last", "every"),
     "scope": ("pair", "row"),
 }
+_MERGE_KINDS = {"contextual": (CONTEXTUAL,), "structural": (STRUCTURAL,), "all": (0, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HACKOptions:
+    """The reconstruction's answers to research/var.md §2.2.5, one field each (the module
+    docstring says what each means and why its default); a plan records them as they are."""
+
+    when: str = "pre"
+    first_scales: int = 2
+    recent: str = "current"
+    recent_cap: int | None = None
+    n_obs: int = 32
+    sampling: str = "stride"
+    seed: int = 0
+    softmax_over: str = "all"
+    merge: str = "pivot"
+    merge_heads: str = "contextual"
+    merge_at: str = "last"
+    scope: str = "pair"
+    start_scale: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"hack: {name}={getattr(self, name)!r}; choose one of {allowed}")
+        for name in ("first_scales", "start_scale", "n_obs", "recent_cap"):
+            value, least = getattr(self, name), 1 if name in ("n_obs", "recent_cap") else 0
+            if value is not None and value < least:
+                raise ValueError(f"hack: {name}={value}; it must be at least {least}")
 
 
 class HACKSelection:
     """HACK (reconstructed) as a :class:`~diffcache.kv.history.Selection`: per layer a contextual
     and a structural head group (``classes[l][h]``: 0 contextual, 1 structural), budgets
-    ``budget_contextual`` (B_C) and ``budget_structural`` (B_S) rows per head. See the module
-    docstring for the options."""
+    ``budget_contextual`` (B_C) and ``budget_structural`` (B_S) rows per head, the open
+    questions answered by ``options``."""
+
+    variant = "reconstructed"
 
     def __init__(
         self,
         classes: Sequence[Sequence[int]] | torch.Tensor,
         budget_contextual: int,
         budget_structural: int,
-        *,
-        when: str = "pre",
-        first_scales: int = 2,
-        recent: str = "current",
-        n_obs: int = 32,
-        sampling: str = "stride",
-        seed: int = 0,
-        softmax_over: str = "all",
-        merge: str = "pivot",
-        merge_heads: str = "contextual",
-        merge_at: str = "last",
-        scope: str = "pair",
-        start_scale: int = 0,
+        options: HACKOptions | None = None,
     ) -> None:
-        options = dict(when=when, recent=recent, sampling=sampling, softmax_over=softmax_over)
-        options |= dict(merge=merge, merge_heads=merge_heads, merge_at=merge_at, scope=scope)
-        for name, value in options.items():
-            if value not in _CHOICES[name]:
-                raise ValueError(f"hack: {name}={value!r}; choose one of {_CHOICES[name]}")
         table = torch.as_tensor(classes, dtype=torch.int64)
         if table.ndim != 2 or not bool(((table == CONTEXTUAL) | (table == STRUCTURAL)).all()):
             raise ValueError("hack: classes must be a layers x heads table of 0 (contextual) / 1")
-        for name, value in (("budget_contextual", budget_contextual), ("n_obs", n_obs)):
-            if value < 1:
-                raise ValueError(f"hack: {name}={value}; it must be at least 1")
-        if budget_structural < 1 or first_scales < 0 or start_scale < 0:
+        if budget_contextual < 1 or budget_structural < 1:
             raise ValueError(
-                f"hack: budget_structural={budget_structural}, first_scales={first_scales}, "
-                f"start_scale={start_scale}; the budget must be positive, the others >= 0"
+                f"hack: budget_contextual={budget_contextual}, budget_structural="
+                f"{budget_structural}; both must be at least 1 row"
             )
         self.classes = table
         self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
-        self.when, self.recent, self.sampling, self.softmax_over = (
-            when,
-            recent,
-            sampling,
-            softmax_over,
-        )
-        self.merge_kind, self.merge_heads, self.merge_at, self.scope = (
-            merge,
-            merge_heads,
-            merge_at,
-            scope,
-        )
-        self.first_scales, self.n_obs, self.seed, self.start_scale = (
-            first_scales,
-            n_obs,
-            seed,
-            start_scale,
-        )
+        self.options = options or HACKOptions()
+        self.when = self.options.when
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- the Selection protocol -------------------------------------------------------------
@@ -148,16 +147,16 @@ class HACKSelection:
         kind = self.group_kind(call.layer, group)
         positions = self._row_positions(call, group, k, q.shape[2])
         budget = self.budgets[kind]
-        if call.si < self.start_scale or rows <= budget:
+        if call.si < self.options.start_scale or rows <= budget:
             self._positions[call.layer, group] = positions
             return None
         mandatory = self._mandatory(call, kind, positions)
         worst = int(mandatory.sum(-1).max())
         if worst > budget:
-            raise ValueError(self._too_small(call.schedule, kind, call.si, worst))
+            raise ValueError(self._too_small(call.schedule, call.si, worst))
         scores = self._subset_attention(call, q, k, mandatory)
         scores = scores.masked_fill(mandatory, float("inf"))
-        if self.scope == "pair" and call.cond_rows < batch:
+        if self.options.scope == "pair" and call.cond_rows < batch:
             c = _pair_rows(call, batch)
             paired = scores[:c] + scores[c:]
             keep = paired.topk(budget, dim=-1).indices.sort(dim=-1).values.repeat(2, 1, 1)
@@ -172,8 +171,9 @@ class HACKSelection:
         self, call: ScaleCall, group: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept rows ``keep`` of ``k``/``v``, with the evicted rows merged into them where
-        the merge applies (this group's class, this scale): each evicted row is averaged, K and
-        V alike, into the kept row whose key is most cosine-similar to its key (LOOK-M pivot)."""
+        the merge applies (:meth:`merges`): each evicted row is averaged, K and V alike, into
+        the kept row whose key is most cosine-similar to its key (LOOK-M pivot). A store calls
+        it, where the selection has it, in place of its plain gather of the kept rows."""
         d = k.shape[-1]
         kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
         if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
@@ -190,15 +190,14 @@ class HACKSelection:
         return merged_k, merged_v
 
     def merges(self, call: ScaleCall, group: int) -> bool:
-        """Whether :meth:`merge` merges (rather than only gathers) for this call and group."""
-        if self.merge_kind == "none":
+        """Whether :meth:`merge` merges (rather than only gathers) for this call and group:
+        ``merge_at="last"`` is the last selection some query reads (the last scale when
+        ``when="pre"``, the one before it when ``"post"``)."""
+        o = self.options
+        last = len(call.schedule) - (1 if o.when == "pre" else 2)
+        if o.merge == "none" or (o.merge_at == "last" and call.si != last):
             return False
-        if self.merge_at == "last" and call.si != len(call.schedule) - 1:
-            return False
-        kind = self.group_kind(call.layer, group)
-        return self.merge_heads == "all" or kind == ("contextual", "structural").index(
-            self.merge_heads
-        )
+        return self.group_kind(call.layer, group) in _MERGE_KINDS[o.merge_heads]
 
     # -- checks and helpers ------------------------------------------------------------------
 
@@ -208,7 +207,8 @@ class HACKSelection:
 
     def validate(self, schedule: Schedule, layers: int, heads: int) -> None:
         """Refuse, before any work, a class table that does not match the model or a structural
-        budget below the rows it must keep at a scale where it would compress."""
+        budget below the rows it must keep at a scale where it could compress (an upper bound
+        when ``when="pre"`` and ``recent="previous"``: that scale's rows were candidates)."""
         if tuple(self.classes.shape) != (layers, heads):
             raise ValueError(
                 f"hack: the head classes are {tuple(self.classes.shape)} (layers x heads) but "
@@ -217,10 +217,10 @@ class HACKSelection:
         if not bool((self.classes == STRUCTURAL).any()):
             return
         budget = self.budgets[STRUCTURAL]
-        for si in range(self.start_scale, len(schedule)):
+        for si in range(self.options.start_scale, len(schedule)):
             need = self._mandatory_count(schedule, si)
             if schedule.start(si + 1) > budget and need > budget:
-                raise ValueError(self._too_small(schedule, STRUCTURAL, si, need))
+                raise ValueError(self._too_small(schedule, si, need))
 
     def _groups(self, layer: int, heads: int) -> list[tuple[int, list[int]]]:
         if heads != self.classes.shape[1] or not 0 <= layer < self.classes.shape[0]:
@@ -229,10 +229,8 @@ class HACKSelection:
                 f"{tuple(self.classes.shape)} (layers x heads)"
             )
         row = self.classes[layer].tolist()
-        out = [
-            (kind, [h for h in range(heads) if row[h] == kind]) for kind in (CONTEXTUAL, STRUCTURAL)
-        ]
-        return [(kind, g) for kind, g in out if g]
+        out = [(c, [h for h in range(heads) if row[h] == c]) for c in (CONTEXTUAL, STRUCTURAL)]
+        return [(c, g) for c, g in out if g]
 
     def _row_positions(self, call: ScaleCall, group: int, k: torch.Tensor, n: int) -> torch.Tensor:
         """The generation positions of ``k``'s rows: the group's kept history, then the new map."""
@@ -250,8 +248,15 @@ class HACKSelection:
             )
         return torch.cat((old.to(k.device), new), dim=2)
 
-    def _recent_scale(self, si: int) -> int:
-        return si if self.recent == "current" else si - 1
+    def _recent_span(self, schedule: Schedule, si: int) -> tuple[int, int]:
+        """The positions ``[lo, hi)`` of the most recent scale's mandatory rows (empty if none):
+        the whole map, or its last ``recent_cap`` tokens."""
+        recent = si if self.options.recent == "current" else si - 1
+        if recent < 0:
+            return 0, 0
+        lo, hi = schedule.start(recent), schedule.start(recent + 1)
+        cap = self.options.recent_cap
+        return (lo if cap is None else max(lo, hi - cap)), hi
 
     def _mandatory(self, call: ScaleCall, kind: int, positions: torch.Tensor) -> torch.Tensor:
         """The rows a group must keep: for structural heads the first scales and the most
@@ -259,35 +264,34 @@ class HACKSelection:
         if kind == CONTEXTUAL:
             return torch.zeros_like(positions, dtype=torch.bool)
         sched = call.schedule
-        out = positions < sched.start(min(self.first_scales, len(sched)))
-        recent = self._recent_scale(call.si)
-        if recent >= 0:
-            out |= (positions >= sched.start(recent)) & (positions < sched.start(recent + 1))
-        return out
+        lo, hi = self._recent_span(sched, call.si)
+        first = positions < sched.start(min(self.options.first_scales, len(sched)))
+        return first | ((positions >= lo) & (positions < hi))
 
     def _mandatory_count(self, schedule: Schedule, si: int) -> int:
-        first = min(self.first_scales, si + 1)
-        recent = self._recent_scale(si)
-        extra = schedule.tokens(recent) if recent >= first else 0
-        return schedule.start(first) + extra
+        first = schedule.start(min(self.options.first_scales, si + 1))
+        lo, hi = self._recent_span(schedule, si)
+        return first + max(0, hi - max(lo, first))
 
-    def _too_small(self, schedule: Schedule, kind: int, si: int, need: int) -> str:
+    def _too_small(self, schedule: Schedule, si: int, need: int) -> str:
+        o = self.options
         return (
-            f"hack: budget_structural={self.budgets[kind]} is below the {need} rows structural "
-            f"heads must keep at scale {si} (first_scales={self.first_scales}, recent="
-            f"{self.recent!r}, map {schedule.sizes[self._recent_scale(si)]}); raise the budget"
+            f"hack: budget_structural={self.budgets[STRUCTURAL]} is below the {need} rows "
+            f"structural heads must keep at scale {si} of {list(schedule.sizes)} (first_scales="
+            f"{o.first_scales}, recent={o.recent!r}, recent_cap={o.recent_cap}); raise the budget"
         )
 
     def observed_queries(self, call: ScaleCall, n: int) -> torch.Tensor:
         """The indices of the ``n_obs`` queries (of the new map's ``n``) the subset attention
         uses, ascending."""
-        if n <= self.n_obs:
+        o = self.options
+        if n <= o.n_obs:
             return torch.arange(n)
-        if self.sampling == "stride":
-            return torch.arange(self.n_obs) * n // self.n_obs
+        if o.sampling == "stride":
+            return torch.arange(o.n_obs) * n // o.n_obs
         salt = call.layer * len(call.schedule) + call.si
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
-        return torch.randperm(n, generator=gen)[: self.n_obs].sort().values
+        gen = torch.Generator().manual_seed(o.seed * 1_000_003 + salt)
+        return torch.randperm(n, generator=gen)[: o.n_obs].sort().values
 
     def _subset_attention(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, mandatory: torch.Tensor
@@ -296,7 +300,7 @@ class HACKSelection:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
         obs = self.observed_queries(call, q.shape[2]).to(q.device)
         logits = q[:, :, obs].to(dtype) @ k.to(dtype).mT * call.scale
-        if self.softmax_over == "candidates":
+        if self.options.softmax_over == "candidates":
             logits = logits.masked_fill(mandatory.unsqueeze(2), float("-inf"))
         return logits.softmax(dim=-1).sum(dim=2)
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from diffcache.kv import ScaleCall, Schedule, Selection
-from diffcache.kv.hack import HACKSelection, head_order, permute_heads
+from diffcache.kv.hack import HACKOptions, HACKSelection, head_order, permute_heads
 
 SCHED = Schedule.square((1, 2, 3, 4, 5))  # 1, 4, 9, 16, 25 tokens; 55 in all
 CLASSES = [[0, 1, 1, 0], [1, 1, 0, 1]]  # 2 layers x 4 heads, 0 = contextual
 D = 8
 
 
-def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=None):
+def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=None, perm=None):
     """A minimal pre-attention store: per scale, layer and group, hand the selection the group's
     kept history + the new map and keep what it says. Returns, per call, the inputs, the kept
     indices and the generation positions of the rows (tracked here, independently). ``rows``
-    reorders the batch rows of every input."""
+    reorders the batch rows of every input, ``perm[layer]`` the heads of a layer's inputs."""
     gen = torch.Generator().manual_seed(seed)
     heads = len(CLASSES[0])
     hist = {}
@@ -32,6 +32,8 @@ def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=Non
             )
             if rows is not None:
                 q, k, v = q[rows], k[rows], v[rows]
+            if perm is not None:
+                q, k, v = q[:, perm[layer]], k[:, perm[layer]], v[:, perm[layer]]
             call = ScaleCall(
                 layer=layer, si=si, schedule=schedule, cond_rows=cond_rows, scale=scale
             )
@@ -46,7 +48,9 @@ def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=Non
                         torch.cat((ph, pg), 2),
                     )
                 keep = sel.keep(call, g, q[:, idx], kg, vg)
-                log.append(dict(call=call, group=g, q=q[:, idx], k=kg, pos=pg, keep=keep))
+                log.append(
+                    dict(call=call, group=g, heads=idx, q=q[:, idx], k=kg, pos=pg, keep=keep)
+                )
                 if keep is not None:
                     e = keep.unsqueeze(-1).expand(*keep.shape, D)
                     kg, vg, pg = kg.gather(2, e), vg.gather(2, e), pg.gather(2, keep)
@@ -54,17 +58,24 @@ def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=Non
     return log
 
 
-def reference_keep(entry, kind, budget, opts):
+def reference_keep(entry, kind, budget, opts, obs=None):
     """§2.2.3 as a loop: subset softmax attention of N_obs strided queries, top-B_C for
     contextual heads; first scales + most recent scale + top of the rest for structural."""
     q, k, pos, call = entry["q"], entry["k"], entry["pos"], entry["call"]
     batch, heads, rows, _ = k.shape
-    if rows <= budget:
+    if rows <= budget or call.si < opts.get("start_scale", 0):
         return None
     n = q.shape[2]
-    obs = [i * n // opts["n_obs"] for i in range(opts["n_obs"])] if n > opts["n_obs"] else range(n)
+    if obs is None:  # a regular stride of n_obs queries
+        obs = (
+            [i * n // opts["n_obs"] for i in range(opts["n_obs"])]
+            if n > opts["n_obs"]
+            else range(n)
+        )
     recent = call.si if opts["recent"] == "current" else call.si - 1
     lo, hi = SCHED.start(max(recent, 0)), SCHED.start(recent + 1) if recent >= 0 else 0
+    if opts.get("recent_cap"):  # only the scale's last tokens
+        lo = max(lo, hi - opts["recent_cap"])
 
     def mandatory(b, h):
         if kind == 0:
@@ -102,6 +113,8 @@ OPTIONS = [
     dict(recent="previous", softmax_over="candidates", scope="row"),
     dict(recent="current", softmax_over="candidates", scope="row"),
     dict(recent="previous", softmax_over="all", scope="pair"),
+    dict(recent="current", softmax_over="all", scope="pair", recent_cap=7, start_scale=3),
+    dict(recent="previous", softmax_over="candidates", scope="row", sampling="random", seed=3),
 ]
 
 
@@ -109,24 +122,28 @@ OPTIONS = [
 def test_selection_matches_the_slow_reference_at_every_call(opts):
     opts = dict(opts, n_obs=5)
     budgets = {0: 7, 1: 33}  # structural: 5 first-scale rows + up to 25 recent ones fit
-    sel = HACKSelection(CLASSES, budgets[0], budgets[1], **opts)
+    sel = HACKSelection(CLASSES, budgets[0], budgets[1], HACKOptions(**opts))
     assert isinstance(sel, Selection) and sel.when == "pre"
-    compressed = 0
+    compressed = set()
     for entry in drive(sel):
         kind = sel.group_kind(entry["call"].layer, entry["group"])
-        expect = reference_keep(entry, kind, budgets[kind], opts)
+        obs = None
+        if opts.get("sampling") == "random":  # the draw itself is tested on its own below
+            obs = sel.observed_queries(entry["call"], entry["q"].shape[2]).tolist()
+        expect = reference_keep(entry, kind, budgets[kind], opts, obs)
         if expect is None:
             assert entry["keep"] is None
             continue
-        compressed += 1
+        compressed.add((kind, entry["call"].si))
         assert torch.equal(entry["keep"], expect)
         assert entry["keep"].shape[-1] == budgets[kind]  # the budget, exactly
-    assert compressed >= 8  # both kinds compress at the later scales
+    assert {kind for kind, _ in compressed} == {0, 1}  # both kinds compress
+    assert min(si for _, si in compressed) == max(2, opts.get("start_scale", 0))
 
 
 def test_structural_heads_keep_first_scales_and_recent_scale():
     for recent in ("current", "previous"):
-        sel = HACKSelection(CLASSES, 3, 33, recent=recent, n_obs=4, when="post")
+        sel = HACKSelection(CLASSES, 3, 33, HACKOptions(recent=recent, n_obs=4, when="post"))
         seen = 0
         for entry in drive(sel, seed=1):
             call, keep = entry["call"], entry["keep"]
@@ -151,18 +168,26 @@ def test_budget_below_the_mandatory_set_is_one_clear_error():
     HACKSelection(CLASSES, 4, 30).validate(SCHED, layers=2, heads=4)  # exactly enough
     with pytest.raises(ValueError, match=r"are \(2, 4\) .* model has 3 layers x 4 heads"):
         HACKSelection(CLASSES, 4, 30).validate(SCHED, layers=3, heads=4)
+    capped = HACKOptions(recent_cap=7)  # 5 first-scale rows + the recent map's last 7
+    HACKSelection(CLASSES, 4, 12, capped).validate(SCHED, layers=2, heads=4)
+    with pytest.raises(ValueError, match="budget_structural=11 is below the 12 rows"):
+        HACKSelection(CLASSES, 4, 11, capped).validate(SCHED, layers=2, heads=4)
     with pytest.raises(ValueError, match="scope='bogus'"):
-        HACKSelection(CLASSES, 4, 30, scope="bogus")
+        HACKOptions(scope="bogus")
 
 
 def test_cfg_scope_pair_keeps_identical_rows_and_row_follows_its_rows():
-    pair = [e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, scope="pair", n_obs=3))]
+    pair = [
+        e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, HACKOptions(scope="pair", n_obs=3)))
+    ]
     for keep in filter(lambda t: t is not None, pair):
         assert torch.equal(keep[:2], keep[2:])
     # row scope: swapping the conditional and unconditional rows swaps the kept sets
     swap = torch.tensor([2, 3, 0, 1])
-    plain = [e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, scope="row", n_obs=3))]
-    swapped = drive(HACKSelection(CLASSES, 6, 33, scope="row", n_obs=3), rows=swap)
+    plain = [
+        e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, HACKOptions(scope="row", n_obs=3)))
+    ]
+    swapped = drive(HACKSelection(CLASSES, 6, 33, HACKOptions(scope="row", n_obs=3)), rows=swap)
     assert [t is None for t in plain] == [e["keep"] is None for e in swapped]
     for keep, entry in zip(plain, swapped, strict=True):
         if keep is not None:
@@ -171,7 +196,7 @@ def test_cfg_scope_pair_keeps_identical_rows_and_row_follows_its_rows():
 
 
 def test_random_subset_queries_use_their_own_generator():
-    sel = HACKSelection(CLASSES, 6, 33, sampling="random", seed=5, n_obs=4)
+    sel = HACKSelection(CLASSES, 6, 33, HACKOptions(sampling="random", seed=5, n_obs=4))
     call = ScaleCall(layer=1, si=4, schedule=SCHED, cond_rows=1)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
@@ -180,7 +205,7 @@ def test_random_subset_queries_use_their_own_generator():
     expect = torch.randperm(25, generator=torch.Generator().manual_seed(5 * 1_000_003 + 9))[:4]
     assert obs.tolist() == sorted(expect.tolist())
     assert sel.observed_queries(call, 3).tolist() == [0, 1, 2]  # fewer queries than n_obs
-    stride = HACKSelection(CLASSES, 6, 33, n_obs=4).observed_queries(call, 25)
+    stride = HACKSelection(CLASSES, 6, 33, HACKOptions(n_obs=4)).observed_queries(call, 25)
     assert stride.tolist() == [0, 6, 12, 18]
 
 
@@ -205,12 +230,52 @@ def test_pivot_merge_matches_a_hand_computation():
     for call, group in ((early, 0), (last, 1)):
         gk, gv = sel.merge(call, group, k, v, keep)
         assert torch.equal(gk, k[:, :, [0, 2]]) and torch.equal(gv, v[:, :, [0, 2]])
-    every = HACKSelection([[0, 1]], 2, 4, merge_at="every", merge_heads="all")
+    every = HACKSelection([[0, 1]], 2, 4, HACKOptions(merge_at="every", merge_heads="all"))
     assert torch.equal(every.merge(early, 1, k, v, keep)[1], mv)
 
 
 def test_head_order_puts_contextual_heads_first():
     assert head_order([[1, 0, 1, 0], [0, 0, 1, 1]]).tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
+
+
+def per_head_keeps(log):
+    """``{(scale, layer, head): kept indices [B, m]}`` from a drive log."""
+    out = {}
+    for e in log:
+        if e["keep"] is not None:
+            for j, h in enumerate(e["heads"]):
+                out[e["call"].si, e["call"].layer, h] = e["keep"][:, j]
+    return out
+
+
+def groups_are_contiguous(classes):
+    sel = HACKSelection(classes, 1, 1)
+    groups = [sel.groups(layer, len(classes[0])) for layer in range(len(classes))]
+    return all(sum(g, []) == list(range(len(classes[0]))) for g in groups)
+
+
+def test_selection_on_reordered_heads_keeps_the_same_rows_per_head():
+    # HACK's deployment reorders heads so each class is contiguous; the rows kept per head
+    # must not change (research/var.md §3.2 item 13, the selection half)
+    order = head_order(CLASSES)
+    reordered = [[CLASSES[layer][h] for h in order[layer]] for layer in range(len(CLASSES))]
+    assert groups_are_contiguous(reordered)
+    plain = per_head_keeps(drive(HACKSelection(CLASSES, 6, 33, HACKOptions(n_obs=3))))
+    moved = per_head_keeps(drive(HACKSelection(reordered, 6, 33, HACKOptions(n_obs=3)), perm=order))
+    assert len(plain) == len(moved) > 0
+    for (si, layer, j), keep in moved.items():
+        assert torch.equal(keep, plain[si, layer, int(order[layer][j])])
+
+
+def test_merge_at_last_is_the_last_selection_a_query_reads():
+    last, before = len(SCHED) - 1, len(SCHED) - 2
+    for when, merging in (("pre", last), ("post", before)):
+        sel = HACKSelection([[0, 1]], 2, 4, HACKOptions(when=when))
+        for si in range(len(SCHED)):
+            call = ScaleCall(layer=0, si=si, schedule=SCHED, cond_rows=1)
+            assert sel.merges(call, 0) == (si == merging) and not sel.merges(call, 1)
+    none = HACKSelection([[0, 1]], 2, 4, HACKOptions(merge="none"))
+    assert not none.merges(ScaleCall(layer=0, si=last, schedule=SCHED, cond_rows=1), 0)
 
 
 def var_attention(sd, x, heads):
