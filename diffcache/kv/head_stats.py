@@ -6,16 +6,19 @@ over query chunks, so a full attention map (Infinity-2B's last scale: 4096 × 10
 never held whole (research/var.md §4.5).
 
 * HACK (reconstructed, §2.2.2–2.2.3): :func:`column_variance` at the last scale per (layer,
-  head); :func:`classify_heads` marks the ``alpha`` fraction with the lowest variance contextual;
-  :func:`split_budget` and :func:`hack_budget` give ``B_C``, ``B_S`` and ``B``.
+  head), :func:`variance_table` over the layers; :func:`classify_heads` marks the ``alpha``
+  fraction with the lowest variance contextual; :func:`split_budget` and :func:`hack_budget`
+  give ``B_C``, ``B_S`` and ``B``.
 * ScaleKV (§2.1.1, its profiling code is not released): :func:`selectivity` (the Attention
-  Selectivity Index) per (layer, scale), :func:`zscore` per scale, :func:`drafters` (the ``N_d``
-  globally lowest pairs) and :func:`scalekv_budgets` (Eq. 4).
+  Selectivity Index) per (layer, scale), :func:`selectivity_table` over them, :func:`zscore`
+  per scale, :func:`drafters` (the ``N_d`` globally lowest pairs) and :func:`scalekv_budgets`
+  (Eq. 4).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import torch
@@ -62,6 +65,21 @@ def column_variance(
         count = total
     out = (m2 / count).sum(dim=-1)
     return out / k.shape[2] if normalise == "columns" else out
+
+
+def variance_table(
+    last_scale: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scale: float = 1.0,
+    *,
+    chunk: int = 256,
+    normalise: str = "none",
+) -> torch.Tensor:
+    """HACK's ``σ`` ``[L, H]``: :func:`column_variance` of each layer's ``(q, k)`` at the last
+    scale, summed over the batch rows (the calibration samples)."""
+    rows = [
+        column_variance(q, k, scale, chunk=chunk, normalise=normalise).sum(0) for q, k in last_scale
+    ]
+    return torch.stack(rows)
 
 
 def classify_heads(
@@ -142,6 +160,36 @@ def selectivity(
             top += a[..., :history].topk(min(top_k, history), dim=-1).values.sum(dim=-1).sum(dim=-1)
     n = q.shape[2]
     return (current / n) * (top / n)
+
+
+def selectivity_table(
+    maps: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
+    schedule: Schedule,
+    top_k: int,
+    scale: float = 1.0,
+    *,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, list[int]]:
+    """ScaleKV's ASI table ``[L, K]`` and its scales: ``maps[layer, si]`` is that layer's
+    ``(q, k)`` at scale ``si`` (``k`` the whole history then the map); each value is the mean of
+    :func:`selectivity` over heads and batch rows. Every layer must be given at every scale."""
+    layers = sorted({layer for layer, _ in maps})
+    scales = sorted({si for _, si in maps})
+    if layers != list(range(len(layers))) or len(maps) != len(layers) * len(scales):
+        raise ValueError(
+            f"selectivity_table: need layers 0..L-1 at every scale, got {sorted(maps)}"
+        )
+    table = torch.empty(len(layers), len(scales), dtype=torch.float64)
+    for (layer, si), (q, k) in maps.items():
+        if k.shape[2] != schedule.start(si + 1) or q.shape[2] != schedule.tokens(si):
+            raise ValueError(
+                f"selectivity_table: layer {layer} scale {si} has {q.shape[2]} queries and "
+                f"{k.shape[2]} keys; the schedule says {schedule.tokens(si)} and "
+                f"{schedule.start(si + 1)}"
+            )
+        asi = selectivity(q, k, schedule.start(si), top_k, scale, chunk=chunk)
+        table[layer, scales.index(si)] = asi.mean()
+    return table, scales
 
 
 def zscore(asi: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

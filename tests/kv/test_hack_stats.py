@@ -12,7 +12,9 @@ from diffcache.kv.head_stats import (
     hack_budget,
     scalekv_budgets,
     selectivity,
+    selectivity_table,
     split_budget,
+    variance_table,
     zscore,
 )
 
@@ -143,3 +145,37 @@ def test_eq4_budgets_reproduce_the_released_scalekv_plan():
     roles[:, 1] = False
     with pytest.raises(ValueError, match="a drafter at every scale"):
         scalekv_budgets(roles, 650, 632, 38)
+
+
+def asi_of_map(a, history, top_k):
+    """ASI of a whole attention map [B, H, n, T], averaged over rows and heads."""
+    current = a[..., history:].sum(-1).mean(-1)
+    top = a[..., :history].topk(min(top_k, history), dim=-1).values.sum(-1).mean(-1)
+    return (current * top).mean()
+
+
+def test_tables_over_layers_and_scales():
+    gen = torch.Generator().manual_seed(4)
+    sched = Schedule.square((1, 2, 3))  # 1, 4, 9 tokens
+    last = [
+        (torch.randn(2, 3, 9, 4, generator=gen), torch.randn(2, 3, 14, 4, generator=gen))
+        for _ in range(2)
+    ]
+    expect = torch.stack([full_map(q, k, 1.0).var(2, correction=0).sum(-1).sum(0) for q, k in last])
+    assert torch.allclose(variance_table(last, chunk=4), expect, rtol=1e-10, atol=0)
+    maps = {}
+    for layer in range(2):
+        for si in (1, 2):
+            q = torch.randn(2, 3, sched.tokens(si), 4, generator=gen)
+            maps[layer, si] = (q, torch.randn(2, 3, sched.start(si + 1), 4, generator=gen))
+    table, scales = selectivity_table(maps, sched, top_k=2, chunk=3)
+    assert scales == [1, 2] and table.shape == (2, 2)
+    for (layer, si), (q, k) in maps.items():
+        want = asi_of_map(full_map(q, k, 1.0), sched.start(si), 2)
+        assert torch.allclose(table[layer, scales.index(si)], want, rtol=1e-12, atol=0)
+    del maps[1, 2]
+    with pytest.raises(ValueError, match="every scale"):
+        selectivity_table(maps, sched, top_k=2)
+    maps[1, 2] = maps[1, 1]
+    with pytest.raises(ValueError, match="layer 1 scale 2 has 4 queries and 5 keys"):
+        selectivity_table(maps, sched, top_k=2)
