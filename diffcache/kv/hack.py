@@ -99,10 +99,11 @@ class HACKOptions:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"hack: {name}={getattr(self, name)!r}; choose one of {allowed}")
-        for name in ("first_scales", "start_scale", "n_obs", "recent_cap"):
-            value, least = getattr(self, name), 1 if name in ("n_obs", "recent_cap") else 0
-            if value is not None and value < least:
-                raise ValueError(f"hack: {name}={value}; it must be at least {least}")
+        least = {"first_scales": 0, "start_scale": 0, "n_obs": 1, "recent_cap": 1}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"hack: {name}={value}; it must be at least {low}")
 
 
 class HACKSelection:
@@ -183,8 +184,7 @@ class HACKSelection:
         gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
         gone = gone.view(*k.shape[:2], -1)
         gone_k, gone_v = k.gather(2, _rows(gone, d)), v.gather(2, _rows(gone, d))
-        sim = F.normalize(gone_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).mT
-        pivot = _rows(sim.argmax(-1), d)
+        pivot = _rows(_most_similar(gone_k, kept_k), d)
         merged_k = kept_k.scatter_reduce(2, pivot, gone_k, reduce="mean", include_self=True)
         merged_v = kept_v.scatter_reduce(2, pivot, gone_v, reduce="mean", include_self=True)
         return merged_k, merged_v
@@ -283,7 +283,8 @@ class HACKSelection:
 
     def observed_queries(self, call: ScaleCall, n: int) -> torch.Tensor:
         """The indices of the ``n_obs`` queries (of the new map's ``n``) the subset attention
-        uses, ascending."""
+        uses, ascending; "random" draws them from a generator seeded with
+        ``seed·1000003 + layer·scales + si``."""
         o = self.options
         if n <= o.n_obs:
             return torch.arange(n)
@@ -303,6 +304,18 @@ class HACKSelection:
         if self.options.softmax_over == "candidates":
             logits = logits.masked_fill(mandatory.unsqueeze(2), float("-inf"))
         return logits.softmax(dim=-1).sum(dim=2)
+
+
+def _most_similar(rows: torch.Tensor, pool: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each of ``rows`` ``[B, H, E, d]`` the index of its most cosine-similar row of ``pool``
+    ``[B, H, m, d]``, ``chunk`` rows at a time (the last scale's E × m map is large)."""
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    pool = F.normalize(pool.to(wide), dim=-1).mT
+    parts = [
+        (F.normalize(rows[:, :, i : i + chunk].to(wide), dim=-1) @ pool).argmax(-1)
+        for i in range(0, rows.shape[2], chunk)
+    ]
+    return torch.cat(parts, dim=2)
 
 
 def _rows(index: torch.Tensor, d: int) -> torch.Tensor:

@@ -94,7 +94,7 @@ def classify_heads(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; the contextual fraction must lie in [0, 1]")
     layers, heads = variance.shape
-    out = torch.full((layers, heads), STRUCTURAL, dtype=torch.int64)
+    out = torch.full((layers, heads), STRUCTURAL, dtype=torch.int64, device=variance.device)
     if ranking == "global":
         lowest = torch.sort(variance.flatten(), stable=True).indices[
             : round(alpha * layers * heads)
@@ -205,7 +205,7 @@ def drafters(z: torch.Tensor, n_drafters: int) -> torch.Tensor:
     the whole table (ties to the lower flat index); the rest are refiners."""
     if not 0 <= n_drafters <= z.numel():
         raise ValueError(f"n_drafters={n_drafters} for a table of {z.numel()} (layer, scale) pairs")
-    out = torch.zeros(z.numel(), dtype=torch.bool)
+    out = torch.zeros(z.numel(), dtype=torch.bool, device=z.device)
     out[torch.sort(z.flatten(), stable=True).indices[:n_drafters]] = True
     return out.view(z.shape)
 

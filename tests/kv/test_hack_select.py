@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from diffcache.kv import ScaleCall, Schedule, Selection
-from diffcache.kv.hack import HACKOptions, HACKSelection, head_order, permute_heads
+from diffcache.kv.hack import (
+    HACKOptions,
+    HACKSelection,
+    _most_similar,
+    head_order,
+    permute_heads,
+)
 
 SCHED = Schedule.square((1, 2, 3, 4, 5))  # 1, 4, 9, 16, 25 tokens; 55 in all
 CLASSES = [[0, 1, 1, 0], [1, 1, 0, 1]]  # 2 layers x 4 heads, 0 = contextual
@@ -176,6 +182,14 @@ def test_budget_below_the_mandatory_set_is_one_clear_error():
         HACKOptions(scope="bogus")
 
 
+def test_a_store_that_skips_a_scale_is_told_so():
+    sel = HACKSelection(CLASSES, 6, 33)
+    q, k = torch.randn(1, 2, 4, D), torch.randn(1, 2, 5, D)  # 1 history row never handed over
+    call = ScaleCall(layer=0, si=1, schedule=SCHED, cond_rows=1)
+    with pytest.raises(RuntimeError, match="has 1 history rows the selection did not keep"):
+        sel.keep(call, 0, q, k, k)
+
+
 def test_cfg_scope_pair_keeps_identical_rows_and_row_follows_its_rows():
     pair = [
         e["keep"] for e in drive(HACKSelection(CLASSES, 6, 33, HACKOptions(scope="pair", n_obs=3)))
@@ -232,6 +246,13 @@ def test_pivot_merge_matches_a_hand_computation():
         assert torch.equal(gk, k[:, :, [0, 2]]) and torch.equal(gv, v[:, :, [0, 2]])
     every = HACKSelection([[0, 1]], 2, 4, HACKOptions(merge_at="every", merge_heads="all"))
     assert torch.equal(every.merge(early, 1, k, v, keep)[1], mv)
+
+
+def test_pivot_search_in_chunks_matches_the_whole_similarity_map():
+    gen = torch.Generator().manual_seed(7)
+    rows, pool = torch.randn(2, 3, 10, D, generator=gen), torch.randn(2, 3, 4, D, generator=gen)
+    cos = torch.nn.functional.cosine_similarity(rows.unsqueeze(3), pool.unsqueeze(2), dim=-1)
+    assert torch.equal(_most_similar(rows, pool, chunk=3), cos.argmax(-1))
 
 
 def test_head_order_puts_contextual_heads_first():
