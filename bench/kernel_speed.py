@@ -78,6 +78,20 @@ def cases(small: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
     store = randn(1, heads, seq, hd)
     rows = torch.randperm(seq, generator=g, device=device)[:block].sort().values[None]
     kv = randn(1, heads, block, hd)
+    # Infinity-2B at 1024x1024: CFG batch 2, 16 heads of 128, 6,425 history rows + the 64x64
+    # map; fp32 keys (cosine attention) beside 16-bit values; ScaleKV keeps about 10%
+    var_b, var_h, var_old, var_new, var_d = (
+        (2, 2, 40, 24, 32) if small else (2, 16, 6425, 4096, 128)
+    )
+    hist_k = randn(var_b, var_h, var_old, var_d, dt=f32)
+    new_k = randn(var_b, var_h, var_new, var_d, dt=f32)
+    hist_v, new_v = randn(var_b, var_h, var_old, var_d), randn(var_b, var_h, var_new, var_d)
+    var_total = var_old + var_new
+    var_m = var_total // 10
+    scores = torch.rand(var_b, var_h, var_total, generator=g, device=device)
+    keep = scores.argsort(dim=-1)[..., :var_m].sort(dim=-1).values  # a random subset per head
+    infinity = f"Infinity-2B: {var_b}x{var_h} heads, {var_old} + {var_new} rows of {var_d}"
+    kept_rows = var_b * var_h * var_m * var_d * (hist_k.element_size() + hist_v.element_size())
     logits = (4 * randn(block, vocab, dt=f32)).to(dtype)
     wan = f"latents {'x'.join(map(str, latent))}"
     hidden = f"hidden {tokens}x{width}"
@@ -110,6 +124,8 @@ def cases(small: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
         Case("kv_gather", llada, lambda b: kernels.kv_gather(store, rows, backend=b),
              2 * _bytes(kv)),
         Case("kv_scatter", llada, scatter, 2 * _bytes(kv)),
+        Case("kv_compact", f"{infinity}, keep {var_m}, K fp32", lambda b: kernels.kv_compact(
+            hist_k, hist_v, new_k, new_v, keep, backend=b), 2 * kept_rows + _bytes(keep)),
         Case("token_confidence", f"logits {block} x {vocab}",
              lambda b: kernels.token_confidence(logits, backend=b), _bytes(logits)),
         Case("sampler (float64 -> fused)", f"LLaDA low_confidence, {block} x {vocab}",

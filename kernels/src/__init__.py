@@ -16,6 +16,7 @@ from ._dispatch import Backend, describe, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
 from .gated_apply import gated_apply, gated_apply_ref
+from .kv_compact import kv_compact, kv_compact_ref
 from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
@@ -31,6 +32,8 @@ __all__ = [
     "forecast_ref",
     "gated_apply",
     "gated_apply_ref",
+    "kv_compact",
+    "kv_compact_ref",
     "kv_gather",
     "kv_gather_ref",
     "kv_scatter",
