@@ -21,6 +21,7 @@ from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
 from .token_confidence import token_confidence, token_confidence_ref
+from .window_scores import window_scores, window_scores_ref
 
 __all__ = [
     "Backend",
@@ -47,4 +48,6 @@ __all__ = [
     "resolve_backend",
     "token_confidence",
     "token_confidence_ref",
+    "window_scores",
+    "window_scores_ref",
 ]
