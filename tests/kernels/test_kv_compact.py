@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffcache.kernels import KernelUnavailableError, _dispatch, kv_compact, kv_compact_ref
 
@@ -119,6 +120,20 @@ def test_triton_matches_ref(shape: tuple[int, ...], dtypes: tuple[torch.dtype, .
     want_k, want_v = kv_compact_ref(hk, hv, nk, nv, keep)
     assert (k.dtype, v.dtype) == dtypes and k.is_contiguous() and v.is_contiguous()
     assert torch.equal(k, want_k) and torch.equal(v, want_v)  # a copy: bit-exact
+
+
+@needs_interpreter
+def test_attention_over_the_kept_rows_is_masked_attention() -> None:
+    """research/var.md §3.2 item 3: attending to the compacted rows equals attending to history
+    + new map with every evicted position at -inf."""
+    hk, hv, nk, nv, keep = _case((2, 3, 21, 16, 20, 9), (torch.float32,) * 2, seed=11)
+    q = torch.randn(2, 3, 5, 20, generator=torch.Generator().manual_seed(12))
+    k, v = kv_compact(hk, hv, nk, nv, keep, backend="triton")
+    mask = torch.full((2, 3, 1, 37), float("-inf")).scatter(3, keep[:, :, None], 0.0)
+    want = F.scaled_dot_product_attention(
+        q, torch.cat((hk, nk), dim=2), torch.cat((hv, nv), dim=2), attn_mask=mask
+    )
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), want)
 
 
 @needs_interpreter
