@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a CUDA machine (bench/README.md, "GPU checks").
 #
-#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit (default: all four, in this order)
+#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit var (default: the first four, in order)
 #   SMALL=1 bench/gpu.sh       the same parts at smoke sizes: runs on a CPU in a few minutes
 #
 # Each part has its own time limit, so that the whole stays under 10 minutes and what finished
@@ -10,6 +10,8 @@
 #   kernels  bench/kernel_speed.py: each kernel vs its torch backend at Wan2.1-1.3B / LLaDA-8B sizes
 #   dlm      bench/dlm.py: LLaDA and Dream at 12 x 1024, gen 256, block 32 (bf16), + llada-arith
 #   dit      bench/dit_step_cache.py: Wan2.1-1.3B (random weights) at 480x832x17, 10 steps, bf16
+#   var      only the VAR KV kernels (kv_compact, window_scores), at Infinity-2B geometry: their
+#            native tests, then their kernel_speed.py rows (part of tests and kernels as well)
 # Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,10 +63,15 @@ for part in "${@:-tests kernels dlm dit}"; do
     for p in $part; do
         case $p in
             tests) run tests 120 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q tests/kernels ;;
-            kernels) run kernels 60 python3 bench/kernel_speed.py "${KER[@]}" ;;
+            kernels) run kernels 90 python3 bench/kernel_speed.py "${KER[@]}" ;;
             dlm) run dlm 180 python3 bench/dlm.py "${DLM[@]}" ;;
             dit) run dit 180 python3 bench/dit_step_cache.py "${DIT[@]}" ;;
-            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit)"; exit 2 ;;
+            var)
+                run var-tests 90 env TRITON_INTERPRET=0 python3 -P -m pytest -m gpu -q \
+                    tests/kernels/test_kv_compact.py tests/kernels/test_window_scores.py
+                run var-kernels 60 python3 bench/kernel_speed.py "${KER[@]}" \
+                    --ops kv_compact,window_scores ;;
+            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var)"; exit 2 ;;
         esac
     done
 done

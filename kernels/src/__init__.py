@@ -16,10 +16,12 @@ from ._dispatch import Backend, describe, ops, pick, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
 from .gated_apply import gated_apply, gated_apply_ref
+from .kv_compact import kv_compact, kv_compact_ref
 from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
 from .token_confidence import token_confidence, token_confidence_ref
+from .window_scores import window_scores, window_scores_ref
 
 __all__ = [
     "Backend",
@@ -31,6 +33,8 @@ __all__ = [
     "forecast_ref",
     "gated_apply",
     "gated_apply_ref",
+    "kv_compact",
+    "kv_compact_ref",
     "kv_gather",
     "kv_gather_ref",
     "kv_scatter",
@@ -44,4 +48,6 @@ __all__ = [
     "resolve_backend",
     "token_confidence",
     "token_confidence_ref",
+    "window_scores",
+    "window_scores_ref",
 ]
