@@ -227,3 +227,13 @@ def test_cli_generate_var_tiny(tmp_path: Path, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "diffcache: error: --class-label must be <= 9 for this model, got 12"
+
+
+def test_more_smooth_mixes_only_the_kept_codes(pipe64) -> None:
+    """``more_smooth`` feeds forward a Gumbel-softmax mixture of the codes sampling keeps
+    (upstream mixes over the filtered logits): with top_k=1 only the best code is kept, so
+    the mixture is that code and the image is the greedy one."""
+    greedy = pipe64([2, 6], cfg=2.0, top_k=1, seed=0)
+    smooth = pipe64([2, 6], cfg=2.0, top_k=1, seed=0, more_smooth=True)
+    assert all(torch.equal(a, b) for a, b in zip(greedy.indices, smooth.indices, strict=True))
+    torch.testing.assert_close(smooth.f_hat, greedy.f_hat, rtol=0, atol=0)

@@ -173,7 +173,8 @@ class VARPipeline:
                 if cfg > 0:
                     t = cfg * ratio
                     logits = (1 + t) * logits[:b] - t * logits[b:]
-                idx = sampling.sample(logits, top_k, top_p, rng)
+                logits = sampling.filtered(logits, top_k, top_p)
+                idx = sampling.draw(logits, rng)
                 indices.append(idx)
                 if more_smooth:
                     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)

@@ -1,6 +1,7 @@
 """VAR's token sampler (research/var.md §1.1.2): top-k then top-p filtering of the guided logits,
 one ``torch.multinomial`` draw per token with the generation's ``torch.Generator``; and the
-Gumbel-softmax of the ``more_smooth`` visualisation path."""
+Gumbel-softmax of the ``more_smooth`` visualisation path (over the same filtered logits: upstream
+filters them in place before it)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ def keep_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch
     return keep
 
 
-def sample(
-    logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One index per token of ``logits`` ``[B, l, V]`` -> ``[B, l]``."""
+def filtered(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """``logits`` with the candidates :func:`keep_mask` drops at -inf."""
+    return logits.masked_fill(~keep_mask(logits, top_k, top_p), -torch.inf)
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per token of (filtered) ``logits`` ``[B, l, V]`` -> ``[B, l]``."""
     b, n, v = logits.shape
-    probs = logits.masked_fill(~keep_mask(logits, top_k, top_p), -torch.inf).softmax(-1)
-    return torch.multinomial(probs.view(-1, v), 1, generator=generator).view(b, n)
+    probs = logits.softmax(-1).view(-1, v)
+    return torch.multinomial(probs, 1, generator=generator).view(b, n)
 
 
 def gumbel_softmax(
