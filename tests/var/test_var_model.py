@@ -142,3 +142,24 @@ def test_a_missing_and_an_unexpected_key_are_listed_in_one_error(tmp_path: Path)
 def test_from_pretrained_names_the_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match=r"var_d16\.pth: no such checkpoint file"):
         VARPipeline.from_pretrained(tmp_path, depth=16)
+
+
+@pytest.mark.slow
+def test_from_pretrained_loads_released_layouts(tmp_path: Path) -> None:
+    """Files with the released names and layouts (a depth-2 transformer by build_vae_var's rule,
+    the full-size tokenizer) load strictly through from_pretrained, in the dtype asked."""
+    from diffcache.pipelines.var.config import VQVAEConfig
+    from diffcache.pipelines.var.vqvae import VQVAE
+
+    transformer = VARTransformer(VARConfig.from_depth(2))
+    transformer.init_weights()
+    vae = VQVAE(config=VQVAEConfig())
+    torch.save(transformer.state_dict(), tmp_path / "var_d2.pth")
+    torch.save(vae.state_dict(), tmp_path / "vae_ch160v4096z32.pth")
+    pipe = VARPipeline.from_pretrained(tmp_path, depth=2, torch_dtype=torch.float64)
+    for source, loaded in ((transformer, pipe.transformer), (vae, pipe.vae)):
+        want, got = source.state_dict(), loaded.state_dict()
+        assert want.keys() == got.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value.to(got[key].dtype)), key
+    assert pipe.transformer.head.weight.dtype == torch.float64
