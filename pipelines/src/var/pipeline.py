@@ -44,7 +44,10 @@ class VAROutput:
 
 
 class VARPipeline:
-    """VAR generation: ``pipe([207, 88], cfg=4.0, top_k=900, top_p=0.95, seed=0).images``."""
+    """VAR generation: ``pipe([207, 88], cfg=4.0, top_k=900, top_p=0.95, seed=0).images``.
+
+    ``last_history`` is the last generation's store (its K/V and byte counts).
+    """
 
     def __init__(self, transformer: VARTransformer, vae: VQVAE) -> None:
         t, q = transformer.config, vae.config
@@ -158,7 +161,8 @@ class VARPipeline:
         model, quant = self.transformer, self.vae.quantize
         sides, b = model.config.patch_nums, len(labels)
         device = model.lvl_1L.device
-        rows = torch.tensor(labels + [self.num_classes] * b * (cfg > 0), device=device)
+        nulls = [self.num_classes] * b if cfg > 0 else []  # CFG: the null-class twins
+        rows = torch.tensor(labels + nulls, device=device)
         cond, x = model.first_input(rows)
         schedule, num = self.schedule, len(sides)
         history = self.last_history = self.history_store()

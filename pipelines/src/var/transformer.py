@@ -162,10 +162,11 @@ class VARTransformer(nn.Module):
                 p.fill_(math.log(4))
             else:
                 nn.init.trunc_normal_(p, std=std)
-        gates = [b.ada_gss[0, 0, :2] for b in self.blocks if self.config.shared_aln]
-        gates += [b.ada_lin[1].bias[: 2 * width] for b in self.blocks if not self.config.shared_aln]
-        for gate in gates:
-            gate.add_(1.0)
+        for block in self.blocks:  # chunks 0 and 1 are gamma1, gamma2
+            gates = (
+                block.ada_gss[0, 0, :2] if block.shared_aln else block.ada_lin[1].bias[: 2 * width]
+            )
+            gates.add_(1.0)
 
     def level_positions(self) -> torch.Tensor:
         """``[1, L, C]``: each position's scale embedding plus its absolute position embedding."""
