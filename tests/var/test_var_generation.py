@@ -200,6 +200,11 @@ def test_the_seam_and_the_driver_events(pipe64) -> None:
         ({"class_labels": [2], "top_p": 1.5}, r"top_p must be a number in \[0, 1\]"),
         ({"class_labels": [2], "top_k": -1}, r"top_k must be a whole number >= 0"),
         ({"class_labels": [2], "cfg": math.nan}, r"cfg must be a finite number >= 0"),
+        ({"class_labels": [2], "seed": -1}, r"seed must be a whole number >= 0, got -1"),
+        (
+            {"class_labels": [2], "seed": 1, "generator": torch.Generator()},
+            r"give seed or generator, not both",
+        ),
     ],
 )
 def test_bad_requests_fail_before_the_model_runs(pipe64, kwargs, message) -> None:

@@ -124,6 +124,8 @@ class VARPipeline:
             problems.append(f"top_k must be a whole number >= 0 (0: off), got {top_k!r}")
         if not _number(top_p) or not 0 <= top_p <= 1:
             problems.append(f"top_p must be a number in [0, 1] (0: off), got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            problems.append(f"seed must be a whole number >= 0, got {seed!r}")
         if seed is not None and generator is not None:
             problems.append("give seed or generator, not both")
         if problems:
