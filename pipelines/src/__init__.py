@@ -6,7 +6,17 @@ weights. diffusers and transformers are imported only inside the builders.
 
 from __future__ import annotations
 
-from diffcache.pipelines import cogvideox, dit, dream, flux, hunyuan_video, llada, qwen_image, wan
+from diffcache.pipelines import (
+    cogvideox,
+    dit,
+    dream,
+    flux,
+    hunyuan_video,
+    llada,
+    qwen_image,
+    var,
+    wan,
+)
 
 __all__ = [
     "cogvideox",
@@ -17,4 +27,5 @@ __all__ = [
     "llada",
     "qwen_image",
     "wan",
+    "var",
 ]

@@ -154,9 +154,12 @@ def check_weights(
     found: dict[str, tuple[int, ...]],
     where: str,
     optional: frozenset[str] = frozenset(),
+    hint: str = "the weights do not fit the model built from config.json",
+    advice: str = "Check that config.json and the safetensors belong to the same checkpoint.",
 ) -> None:
     """Refuse weights whose names or shapes differ from ``model``'s state dict, naming every
-    missing, unexpected and mis-shaped tensor (``optional`` names may be missing)."""
+    missing, unexpected and mis-shaped tensor (``optional`` names may be missing), as
+    ``where: hint (...). advice``."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in found and k not in optional]
     unexpected = [k for k in found if k not in expected]
@@ -173,11 +176,7 @@ def check_weights(
                             ("mis-shaped", shaped))
         if items
     ]  # fmt: skip
-    raise UnsupportedModelError(
-        f"{where}: the weights do not fit the model built from config.json ("
-        + "; ".join(parts)
-        + "). Check that config.json and the safetensors belong to the same checkpoint."
-    )
+    raise UnsupportedModelError(f"{where}: {hint} (" + "; ".join(parts) + f"). {advice}")
 
 
 def load_dlm_model(

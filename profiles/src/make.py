@@ -19,8 +19,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import diffcache.pipelines  # noqa: F401  (registers the families' adapters)
 from diffcache.models import builtin_models
 from diffcache.profiles import calibration_prompts
+from diffcache.registry import adapters
 
 HERE = Path(__file__).parent
 
@@ -62,13 +64,14 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
     "wan-shapes-invardiff.yaml": ("wan-shapes", "invardiff", {}, 0.5, _shapes_calibration, 100),
 }  # fmt: skip
 
-#: the random-weight tiny models: each profiled method to half the work, 4 bundled prompts (class
+#: the random-weight tiny latent-diffusion models (not the text LMs or next-scale models these
+#: methods do not apply to): each profiled method to half the work, 4 bundled prompts (class
 #: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
 EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
 for _tiny in [
     m
     for m, e in builtin_models().items()
-    if m.endswith("-tiny") and e.family not in ("llada", "dream")
+    if m.endswith("-tiny") and adapters()[e.family].provides.denoiser == "latent"
 ]:
     _inputs = _classes if _tiny == "dit-tiny" else _bundled
     PLANS[f"{_tiny}-ertacache.yaml"] = (

@@ -21,7 +21,7 @@ from diffcache.request import Request
 
 MODELS_YAML = Path(importlib.import_module("diffcache.profiles").__file__).parent / "models.yaml"
 MODELS: dict[str, dict[str, Any]] = yaml.safe_load(MODELS_YAML.read_text())
-TEXT = ("llada", "dream")  # text families have their own tests (tests/dlm)
+TEXT = ("llada", "dream", "var")  # own-code families have their own tests (tests/dlm, tests/var)
 TINY = sorted(n for n, e in MODELS.items() if n.endswith("-tiny") and e["family"] not in TEXT)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Denoiser calls per step and latent batch per call with CFG on, by the adapter's cfg style.
