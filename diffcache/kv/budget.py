@@ -70,6 +70,7 @@ class BudgetedHistory:
         self.groups: dict[int, list[list[int]]] = {}
         self.k: dict[int, list[torch.Tensor | None]] = {}
         self.v: dict[int, list[torch.Tensor | None]] = {}
+        self.pos: dict[int, list[torch.Tensor | None]] = {}
         self.scale_history: dict[int, int] = {}
         self._held = 0
         self._peak = 0
@@ -85,6 +86,7 @@ class BudgetedHistory:
             self.groups[layer] = groups
             self.k[layer] = [None] * len(groups)
             self.v[layer] = [None] * len(groups)
+            self.pos[layer] = [None] * len(groups)
         return self.groups[layer]
 
     def attend(
@@ -109,27 +111,36 @@ class BudgetedHistory:
     def _attend_group(
         self, call: ScaleCall, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        old_k, old_v = self.k[call.layer][g], self.v[call.layer][g]
-        if old_k is not None and old_v is not None:
+        layer, start = call.layer, call.schedule.start(call.si)
+        pos = torch.arange(start, start + k.shape[2], device=k.device).expand(*k.shape[:3])
+        old_k, old_v, old_pos = self.k[layer][g], self.v[layer][g], self.pos[layer][g]
+        if old_k is not None and old_v is not None and old_pos is not None:
             self._held -= _nbytes(old_k, old_v)
             k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+            pos = torch.cat((old_pos, pos), dim=2)
         self._peak = max(self._peak, self._held + _nbytes(k, v))
         if self.selection.when == "pre":
-            k, v = self._compact(call, g, q, k, v)
+            k, v, pos = self._compact(call, g, q, k, v, pos)
             out = attention(q, k, v, call.scale)
         else:
             out = attention(q, k, v, call.scale)
-            k, v = self._compact(call, g, q, k, v)
-        self.k[call.layer][g], self.v[call.layer][g] = k, v
+            k, v, pos = self._compact(call, g, q, k, v, pos)
+        self.k[layer][g], self.v[layer][g], self.pos[layer][g] = k, v, pos
         self._held += _nbytes(k, v)
         return out
 
     def _compact(
-        self, call: ScaleCall, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        call: ScaleCall,
+        g: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
-            return k, v
+            return k, v, pos
         budget_of = getattr(self.selection, "budget", None)
         budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
         check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
@@ -139,8 +150,15 @@ class BudgetedHistory:
             want = (*keep.shape, k.shape[-1])
             if tuple(k2.shape) != want or tuple(v2.shape) != want:
                 raise ValueError(f"merge must return K and V of shape {list(want)}")
-            return k2, v2
-        return gather_rows(k, keep), gather_rows(v, keep)
+            return k2, v2, pos.gather(2, keep)
+        return gather_rows(k, keep), gather_rows(v, keep), pos.gather(2, keep)
+
+    def positions(self, layer: int, group: int) -> torch.Tensor:
+        """The generation positions of the rows ``group`` of ``layer`` holds, ``[B, Hg, L]``
+        (the schedule maps them to a scale and ``(y, x)``); bookkeeping, not in the bytes."""
+        pos = self.pos[layer][group]
+        assert pos is not None, f"layer {layer} group {group} holds no rows yet"
+        return pos
 
     def nbytes(self) -> int:
         return self._held

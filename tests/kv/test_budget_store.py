@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from diffcache.kv import FullHistory, History, ScaleCall, Schedule
 from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.scalekv import ScaleKVSelection
+from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
 
 SCHED = Schedule.square((1, 2, 3, 4))
 
@@ -114,6 +116,7 @@ def test_post_selection_attends_to_everything_then_keeps_the_subset():
     store = BudgetedHistory(Fixed("post", random_subsets))
     g = torch.Generator().manual_seed(5)
     hk = hv = None
+    pos = torch.empty(batch, heads, 0, dtype=torch.int64)
     for si in range(len(SCHED)):
         q, k, v = (torch.randn(batch, heads, SCHED.tokens(si), 4, generator=g) for _ in "qkv")
         call = ScaleCall(layer=0, si=si, schedule=SCHED, cond_rows=1)
@@ -127,6 +130,10 @@ def test_post_selection_attends_to_everything_then_keeps_the_subset():
         hv = torch.stack([v_all[b, h, keep[b, h]] for b in range(batch) for h in range(heads)])
         hv = hv.view(batch, heads, -1, 4)
         assert torch.equal(store.k[0][0], hk) and torch.equal(store.v[0][0], hv)
+        new = torch.arange(SCHED.start(si), SCHED.start(si + 1)).expand(batch, heads, -1)
+        pos = torch.cat((pos, new), 2).gather(2, keep)
+        assert torch.equal(store.positions(0, 0), pos)  # §3.2 item 6: positions ride along
+        assert torch.equal(SCHED.scale_of(pos), SCHED.scale_of(torch.arange(SCHED.total))[pos])
 
 
 def test_dtypes_and_bytes_are_measured_per_tensor():
@@ -182,3 +189,28 @@ def test_groups_must_partition_the_heads():
     q = torch.randn(1, 3, 1, 4)
     with pytest.raises(ValueError, match="partition its 3 heads"):
         store.attend(ScaleCall(layer=0, si=0, schedule=SCHED, cond_rows=1), q, q, q)
+
+
+def test_scalekv_with_budgets_above_every_length_is_the_full_cache():
+    """§3.2 item 2: compression triggered at every scale but every cache fits its budget."""
+    plan = ScaleKVBudgets(100, tuple(ScaleBudget(si, "DD", 100, 100) for si in range(4)))
+    for variant in ("released", "paper"):
+        store = BudgetedHistory(ScaleKVSelection(plan, variant, base_capacity=0))
+        out, _ = sweep(store)
+        full_out, _ = sweep(FullHistory())
+        assert all(torch.equal(a, b) for a, b in zip(out, full_out, strict=True))
+
+
+def test_scalekv_lengths_after_every_scale():
+    """§3.2 item 4: each compressed layer holds exactly its Max or Min, nothing is compressed
+    while the cache stays within base_capacity; maps of 1, 4, 9, 16, 25 tokens (cumulative 1,
+    5, 14, 30, 55), base 20, so the first compression follows scale 3."""
+    sched = Schedule.square((1, 2, 3, 4, 5))
+    plan = ScaleKVBudgets(20, (ScaleBudget(3, "DR", 24, 16), ScaleBudget(4, "RD", 24, 16)))
+    store = BudgetedHistory(ScaleKVSelection(plan, "paper", base_capacity=20, window=4))
+    expect = [[1, 1], [5, 5], [14, 14], [24, 16], [24 + 25, 16 + 25]]  # the last: not compressed
+    for si in range(len(sched)):
+        for layer in range(2):
+            q, k, v = (torch.randn(2, 2, sched.tokens(si), 4) for _ in "qkv")
+            store.attend(ScaleCall(layer, si, sched, 1), q, k, v)
+        assert [store.k[layer][0].shape[2] for layer in range(2)] == expect[si]
