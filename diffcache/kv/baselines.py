@@ -94,7 +94,7 @@ class SlidingWindowSelection(UniformSelection):
     def select(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, budget: int
     ) -> torch.Tensor:
-        return positional((k.shape[0], k.shape[1]), recent(k.shape[2], budget))
+        return positional(k, recent(k.shape[2], budget))
 
 
 class StreamingSelection(UniformSelection):
@@ -111,7 +111,7 @@ class StreamingSelection(UniformSelection):
     ) -> torch.Tensor:
         length = k.shape[2]
         kept = torch.cat((sinks(length, self.sinks), recent(length, budget - self.sinks)))
-        return positional((k.shape[0], k.shape[1]), kept)
+        return positional(k, kept)
 
 
 class SnapKVSelection(UniformSelection):

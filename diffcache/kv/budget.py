@@ -61,7 +61,7 @@ class BudgetedHistory:
     (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
     group being processed at its transient history + new rows) and :attr:`scale_history`, the
     history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
-    of the last scale, research/var.md §2.1.8)."""
+    of the last scale, research/var.md §2.1.8). One store serves one generation."""
 
     def __init__(self, selection: Selection) -> None:
         if selection.when not in ("pre", "post"):

@@ -158,10 +158,10 @@ def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: i
     return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
 
 
-def positional(shape: tuple[int, int], mandatory: torch.Tensor) -> torch.Tensor:
-    """Keep exactly the mandatory positions (sliding window, StreamingLLM), for every (row,
-    head): ``[B, Hg, m]`` sorted."""
-    return torch.unique(mandatory).expand(*shape, -1)
+def positional(like: torch.Tensor, mandatory: torch.Tensor) -> torch.Tensor:
+    """Keep exactly the mandatory positions (sliding window, StreamingLLM) for every (row, head)
+    of ``like`` ``[B, Hg, L, d]``: ``[B, Hg, m]`` sorted, on ``like``'s device."""
+    return torch.unique(mandatory).to(like.device).expand(*like.shape[:2], -1)
 
 
 def after_length_exceeds(call: ScaleCall, base: int) -> bool:

@@ -242,3 +242,20 @@ def test_released_variant_needs_the_reprojected_query():
     call = dataclasses.replace(call, raw_query=None)
     with pytest.raises(PlanError, match="re-projected query"):
         selection("released", 121).keep(call, 0, q, k, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_selections_run_on_the_device_tensors_live_on(method):
+    """Index tensors built on the CPU (windows, sinks, recent) follow k to the GPU."""
+    call, q, k, raw = inputs(921, seed=3)
+    q, k, raw = q.cuda(), k.cuda(), raw.cuda()
+    call = dataclasses.replace(call, raw_query=lambda: raw)
+    kept = selection(method, 921).keep(call, 0, q, k, k)
+    assert kept.device == k.device
+    budget = CASES[921][1]
+    if method == "pyramidkv":
+        budget = ref_pyramid_budget(budget, 16, call.layer, 4, 921)
+    window = ref_window(20, 921) if method in ("released", "paper") else list(range(905, 921))
+    check_against_reference(method, kept.cpu(), q.cpu(), k.cpu(), raw.cpu(), window, budget, 0.3)
