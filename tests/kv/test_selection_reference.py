@@ -21,7 +21,13 @@ from diffcache.kv.baselines import (
 )
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
-from diffcache.kv.select import centroid_window
+from diffcache.kv.select import (
+    after_length_exceeds,
+    centroid_window,
+    every_scale_from,
+    recent_scale,
+    sink_scales,
+)
 
 INFINITY_1M = Schedule.square((1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64))
 CASES = {121: (4, 60), 921: (7, 300)}  # cache length: (scale si whose map ends it, budget)
@@ -259,3 +265,15 @@ def test_selections_run_on_the_device_tensors_live_on(method):
         budget = ref_pyramid_budget(budget, 16, call.layer, 4, 921)
     window = ref_window(20, 921) if method in ("released", "paper") else list(range(905, 921))
     check_against_reference(method, kept.cpu(), q.cpu(), k.cpu(), raw.cpu(), window, budget, 0.3)
+
+
+def test_scale_mandatory_sets_and_triggers():
+    """HACK's structural parts: the first two maps (1 + 4 tokens) and the current map; the
+    ScaleKV trigger is the cumulative length exceeding the base, every_scale_from a plain si."""
+    call = ScaleCall(layer=0, si=7, schedule=INFINITY_1M, cond_rows=1)
+    assert sink_scales(call, 700, 2).tolist() == [0, 1, 2, 3, 4]
+    assert recent_scale(call, 700).tolist() == list(range(300, 700))  # the 20×20 map
+    exceeds = [after_length_exceeds(dataclasses.replace(call, si=si), 650) for si in (6, 7)]
+    assert exceeds == [False, True]  # cumulative 521, 921
+    every = [every_scale_from(dataclasses.replace(call, si=si), 7) for si in (6, 7, 8)]
+    assert every == [False, True, True]
