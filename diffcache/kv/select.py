@@ -1,0 +1,178 @@
+"""Composable parts of the next-scale models' KV selections (research/var.md §4.3).
+
+A selection answers, for one layer's head group at one scale, which rows of ``k`` (the group's
+history followed by the new map's rows, ``[B, Hg, L, d]``) the store keeps. The parts here are
+plain functions over tensors so each selection (``diffcache.kv.scalekv``,
+``diffcache.kv.baselines``) is a few lines of composition:
+
+- observation windows: which cache rows vote (:func:`centroid_window`, :func:`last_rows`);
+- scorers: a score per (row, head, cache row) ``[B, Hg, L]`` (:func:`window_logits`,
+  :func:`window_softmax`, :func:`accumulated_attention`);
+- pooling over the flattened cache order (:func:`pool1d`);
+- mandatory sets: rows always kept (:func:`sinks`, :func:`sink_scales`, :func:`recent`,
+  :func:`recent_scale`, and the window itself);
+- selectors: :func:`topk_with_mandatory`, :func:`positional`;
+- triggers: :func:`after_length_exceeds`, :func:`every_scale_from`.
+
+Positions are indices into the layer's cache as the store hands it over; with a post-attention
+selection the cache ends with the current map, so the map's rows are the last ``tokens(si)``.
+Every score is per (batch row, head): CFG's conditional and unconditional rows choose on their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from diffcache.errors import PlanError
+from diffcache.kv.history import ScaleCall
+
+
+def grid_centroids(h: int, w: int, grid: int) -> list[int] | None:
+    """Raster indices, inside an ``h×w`` map, of the centroid tokens of a ``grid×grid`` patch
+    grid (patches of ``h//grid × w//grid``; centroid ``(i·ph + (ph−1)//2, j·pw + (pw−1)//2)``),
+    or None when the map is too small for the grid (``h`` or ``w`` below ``grid``)."""
+    if h < grid or w < grid:
+        return None
+    ph, pw = h // grid, w // grid
+    rows = [i * ph + (ph - 1) // 2 for i in range(grid)]
+    cols = [j * pw + (pw - 1) // 2 for j in range(grid)]
+    return [r * w + c for r in rows for c in cols]
+
+
+def last_rows(length: int, size: int) -> torch.Tensor:
+    """The last ``size`` positions of a cache of ``length`` rows (all of them if fewer)."""
+    return torch.arange(max(0, length - size), length)
+
+
+def centroid_window(call: ScaleCall, length: int, size: int = 16) -> torch.Tensor:
+    """ScaleKV's observation window: the centroids of a ``√size × √size`` patch grid of the
+    current map (the last rows of the cache), as cache positions; the last ``size`` positions
+    when the map is smaller than the grid on either side (research/var.md §2.1.3).
+
+    The grid runs over the schedule's ``(h, w)``; the released code assumes a square map of side
+    √tokens (identical for square maps; it falls back, or mis-grids, on non-square ones)."""
+    grid = math.isqrt(size)
+    if grid * grid != size:
+        raise PlanError(f"observation window size {size} is not a perfect square")
+    h, w = call.schedule.sizes[call.si]
+    local = grid_centroids(h, w, grid)
+    if local is None:
+        return last_rows(length, size)
+    return torch.tensor(local) + (length - h * w)
+
+
+def _window_queries(q: torch.Tensor, window: torch.Tensor, length: int) -> torch.Tensor:
+    """The queries of the window rows that belong to the current map (``q`` holds its ``n``
+    rows, the last ``n`` of the cache); rows of earlier maps have no query at this scale."""
+    local = window - (length - q.shape[2])
+    return q[:, :, local[local >= 0]]
+
+
+def _score_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def window_logits(
+    q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """ScaleKV released: the raw logits ``scale·q_w·k`` of the window's queries summed over the
+    window (no softmax), with the window's own rows at −inf. ``[B, Hg, L]``."""
+    dt = _score_dtype(q, k)
+    qw = _window_queries(q, window, k.shape[2]).to(dt)
+    logits = torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale
+    logits[..., window] = float("-inf")
+    return logits.sum(dim=2)
+
+
+def window_softmax(
+    q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SnapKV / ScaleKV paper: the window's queries' softmax attention over every cache row,
+    summed over the window; the window's own rows get no vote (0, what SnapKV's slicing of
+    the last ``w`` columns gives its average pooling). ``[B, Hg, L]``."""
+    dt = _score_dtype(q, k)
+    qw = _window_queries(q, window, k.shape[2]).to(dt)
+    probs = torch.softmax(torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale, dim=-1)
+    scores = probs.sum(dim=2)
+    scores[..., window] = 0.0
+    return scores
+
+
+def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """H2O: the softmax attention every current query gives each cache row, summed over the
+    queries (explicit attention weights). ``[B, Hg, L]``."""
+    dt = _score_dtype(q, k)
+    return torch.softmax(torch.matmul(q.to(dt), k.to(dt).transpose(2, 3)) * scale, -1).sum(2)
+
+
+def pool1d(scores: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
+    """1-D pooling over the flattened cache order (windows cross map boundaries): ``"max"`` or
+    ``"avg"`` (zero padding counted), stride 1, padding ``kernel//2``; kernel 1 is identity."""
+    if kernel % 2 != 1:
+        raise PlanError(f"pooling kernel {kernel} must be odd (the pooled length must not change)")
+    if kind not in ("max", "avg"):
+        raise PlanError(f"pooling {kind!r} is not one of 'max', 'avg'")
+    if kernel == 1:
+        return scores
+    pool = F.max_pool1d if kind == "max" else F.avg_pool1d
+    return pool(scores, kernel, stride=1, padding=kernel // 2)
+
+
+def sinks(length: int, n: int) -> torch.Tensor:
+    """The first ``n`` positions (StreamingLLM's attention sinks)."""
+    return torch.arange(min(n, length))
+
+
+def sink_scales(call: ScaleCall, length: int, scales: int) -> torch.Tensor:
+    """Every position of the first ``scales`` maps (positions are never re-indexed: they are the
+    cache's first rows as long as they are kept)."""
+    return sinks(length, call.schedule.start(min(scales, len(call.schedule))))
+
+
+def recent(length: int, n: int) -> torch.Tensor:
+    """The last ``n`` positions."""
+    return last_rows(length, n)
+
+
+def recent_scale(call: ScaleCall, length: int) -> torch.Tensor:
+    """The current map's positions (the most recent scale: the cache's last ``tokens(si)``)."""
+    return last_rows(length, call.schedule.tokens(call.si))
+
+
+def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: int) -> torch.Tensor:
+    """The ``budget − |mandatory|`` best-scored rows outside the mandatory set plus the mandatory
+    set, sorted ascending: ``[B, Hg, budget]`` (every row when the cache is not longer)."""
+    length = scores.shape[-1]
+    if len(mandatory) > budget:
+        raise PlanError(
+            f"budget of {budget} rows is below the {len(mandatory)} rows that must be kept"
+        )
+    masked = scores.clone()
+    masked[..., mandatory] = float("-inf")
+    rest = masked.topk(min(budget, length) - len(mandatory), dim=-1).indices
+    fixed = mandatory.to(rest.device).expand(*rest.shape[:-1], len(mandatory))
+    return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
+
+
+def positional(like: torch.Tensor, mandatory: torch.Tensor) -> torch.Tensor:
+    """Keep exactly the mandatory positions (sliding window, StreamingLLM) for every (row, head)
+    of ``like`` ``[B, Hg, L, d]``: ``[B, Hg, m]`` sorted, on ``like``'s device."""
+    return torch.unique(mandatory).to(like.device).expand(*like.shape[:2], -1)
+
+
+def after_length_exceeds(call: ScaleCall, base: int) -> bool:
+    """ScaleKV's trigger: compress once the cache has exceeded ``base`` rows at least once.
+
+    Before the first compression the cache after scale ``si`` holds ``schedule.start(si+1)``
+    rows, and that grows with ``si``, so the released per-layer ``has_reached_base`` flag is
+    exactly "the full cumulative length exceeds ``base``": no state to carry or reset."""
+    return call.schedule.start(call.si + 1) > base
+
+
+def every_scale_from(call: ScaleCall, si0: int) -> bool:
+    """Compress at every scale from ``si0`` on."""
+    return call.si >= si0

@@ -1,0 +1,216 @@
+"""The budgeted history store on synthetic q/k/v: equivalence with the full cache, gather ≡ mask,
+head groups, dtypes, bytes and index validation (research/var.md §3.2 items 1–3, 6, 10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcache.kv import FullHistory, History, ScaleCall, Schedule
+from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.scalekv import ScaleKVSelection
+from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
+
+SCHED = Schedule.square((1, 2, 3, 4))
+
+
+class Fixed:
+    """A selection keeping rows its ``rule(call, group, length, b, hg)`` names."""
+
+    def __init__(self, when, rule, groups=None, budget=None):
+        self.when, self.rule, self._groups, self._budget = when, rule, groups, budget
+
+    def groups(self, layer, heads):
+        return self._groups or [list(range(heads))]
+
+    def keep(self, call, group, q, k, v):
+        b, hg, length = k.shape[:3]
+        return self.rule(call, group, length, b, hg)
+
+    def budget(self, call, group, length):
+        return self._budget
+
+
+def keep_all(call, group, length, b, hg):
+    return torch.arange(length).expand(b, hg, length)
+
+
+def sweep(store, layers=2, batch=3, heads=4, d=8, dtype=torch.float64, seed=0):
+    """Drive ``store`` over SCHED; returns the outputs and the inputs per (si, layer)."""
+    g = torch.Generator().manual_seed(seed)
+    outs, ins = [], []
+    for si in range(len(SCHED)):
+        n = SCHED.tokens(si)
+        for layer in range(layers):
+            q, k, v = (torch.randn(batch, heads, n, d, generator=g, dtype=dtype) for _ in range(3))
+            call = ScaleCall(layer=layer, si=si, schedule=SCHED, cond_rows=batch)
+            outs.append(store.attend(call, q, k, v))
+            ins.append((q, k, v))
+    return outs, ins
+
+
+@pytest.mark.parametrize("when", ["pre", "post"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_keep_everything_is_bit_exact_with_full_history(when, batch):
+    full_out, _ = sweep(FullHistory(), batch=batch)
+    store = BudgetedHistory(Fixed(when, keep_all))
+    assert isinstance(store, History)
+    out, _ = sweep(store, batch=batch)
+    assert all(torch.equal(a, b) for a, b in zip(out, full_out, strict=True))
+    none_out, _ = sweep(BudgetedHistory(Fixed(when, lambda *a: None)), batch=batch)
+    assert all(torch.equal(a, b) for a, b in zip(none_out, full_out, strict=True))
+    assert store.nbytes() == store.history_nbytes() == 2 * 2 * batch * 4 * SCHED.total * 8 * 8
+
+
+def random_subsets(call, group, length, b, hg, m=None):
+    """A sorted random subset of ``m`` rows per (row, head), seeded by the call."""
+    m = m or max(1, (length * 2) // 3)
+    g = torch.Generator().manual_seed(1000 * call.si + 10 * call.layer + group)
+    return torch.rand(b, hg, length, generator=g).argsort(-1)[..., :m].sort(-1).values
+
+
+def masked_oracle(q, k, v, keep):
+    """Attention over the whole cache with −inf on the evicted rows, per (row, head)."""
+    mask = torch.full(k.shape[:3], float("-inf"), dtype=q.dtype)
+    mask.scatter_(2, keep, 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=1.0)
+
+
+@pytest.mark.parametrize(
+    ("groups", "sizes"), [(None, None), ([[2, 0], [1, 3]], {0: 5, 1: 9}), ([[3], [0, 1, 2]], {})]
+)
+def test_pre_selection_gather_equals_mask_oracle(groups, sizes):
+    """§3.2 item 3 through the store: groups of any heads, each its own kept count."""
+    sizes = sizes or {}
+
+    def rule(call, group, length, b, hg):
+        return random_subsets(call, group, length, b, hg, min(length, sizes.get(group, 0)) or None)
+
+    store = BudgetedHistory(Fixed("pre", rule, groups))
+    layers, batch, heads = 2, 2, 4
+    g = torch.Generator().manual_seed(3)
+    hist = {(layer, h): ([], []) for layer in range(layers) for h in range(heads)}
+    for si in range(len(SCHED)):
+        n = SCHED.tokens(si)
+        for layer in range(layers):
+            q, k, v = (
+                torch.randn(batch, heads, n, 8, generator=g, dtype=torch.float64) for _ in "qkv"
+            )
+            call = ScaleCall(layer=layer, si=si, schedule=SCHED, cond_rows=1)
+            out = store.attend(call, q, k, v)
+            for gi, ids in enumerate(groups or [list(range(heads))]):
+                for j, h in enumerate(ids):
+                    hk, hv = hist[layer, h]
+                    k_all = torch.cat([*hk, k[:, h : h + 1]], 2)
+                    v_all = torch.cat([*hv, v[:, h : h + 1]], 2)
+                    keep = rule(call, gi, k_all.shape[2], batch, len(ids))[:, j : j + 1]
+                    expect = masked_oracle(q[:, h : h + 1], k_all, v_all, keep)
+                    torch.testing.assert_close(out[:, h : h + 1], expect, rtol=0, atol=1e-12)
+                    idx = keep[..., None].expand(-1, -1, -1, 8)
+                    hist[layer, h] = ([k_all.gather(2, idx)], [v_all.gather(2, idx)])
+
+
+def test_post_selection_attends_to_everything_then_keeps_the_subset():
+    batch, heads = 2, 3
+    store = BudgetedHistory(Fixed("post", random_subsets))
+    g = torch.Generator().manual_seed(5)
+    hk = hv = None
+    pos = torch.empty(batch, heads, 0, dtype=torch.int64)
+    for si in range(len(SCHED)):
+        q, k, v = (torch.randn(batch, heads, SCHED.tokens(si), 4, generator=g) for _ in "qkv")
+        call = ScaleCall(layer=0, si=si, schedule=SCHED, cond_rows=1)
+        out = store.attend(call, q, k, v)
+        k_all = k if hk is None else torch.cat((hk, k), 2)
+        v_all = v if hv is None else torch.cat((hv, v), 2)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k_all, v_all, scale=1.0))
+        keep = random_subsets(call, 0, k_all.shape[2], batch, heads)
+        hk = torch.stack([k_all[b, h, keep[b, h]] for b in range(batch) for h in range(heads)])
+        hk = hk.view(batch, heads, -1, 4)
+        hv = torch.stack([v_all[b, h, keep[b, h]] for b in range(batch) for h in range(heads)])
+        hv = hv.view(batch, heads, -1, 4)
+        assert torch.equal(store.k[0][0], hk) and torch.equal(store.v[0][0], hv)
+        new = torch.arange(SCHED.start(si), SCHED.start(si + 1)).expand(batch, heads, -1)
+        pos = torch.cat((pos, new), 2).gather(2, keep)
+        assert torch.equal(store.positions(0, 0), pos)  # §3.2 item 6: positions ride along
+        assert torch.equal(SCHED.scale_of(pos), SCHED.scale_of(torch.arange(SCHED.total))[pos])
+
+
+def test_dtypes_and_bytes_are_measured_per_tensor():
+    """Cosine attention: K fp32 next to fp16 V; nbytes counts each at its own size."""
+    store = BudgetedHistory(
+        Fixed("post", lambda c, g, length, b, hg: random_subsets(c, g, length, b, hg, 3))
+    )
+    rows = 0
+    for si in range(len(SCHED)):
+        n = SCHED.tokens(si)
+        q = torch.randn(2, 2, n, 4)
+        call = ScaleCall(layer=0, si=si, schedule=SCHED, cond_rows=1)
+        store.attend(call, q, torch.randn(2, 2, n, 4), torch.randn(2, 2, n, 4).half())
+        assert store.k[0][0].dtype == torch.float32 and store.v[0][0].dtype == torch.float16
+        rows = min(3, rows + n)
+        assert store.k[0][0].shape[2] == rows
+        assert store.nbytes() == 2 * 2 * rows * 4 * (4 + 2)
+
+
+def test_merge_replaces_the_gather():
+    class Merge(Fixed):
+        def merge(self, call, group, k, v, keep):
+            idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
+            return k.gather(2, idx) * 0 + call.si, v.gather(2, idx) * 0 - call.si
+
+    store = BudgetedHistory(Merge("post", random_subsets))
+    sweep(store, layers=1)
+    last = len(SCHED) - 1
+    assert bool((store.k[0][0] == last).all()) and bool((store.v[0][0] == -last).all())
+
+
+@pytest.mark.parametrize(
+    ("keep", "budget", "message"),
+    [
+        (lambda length, b, hg: torch.arange(length).flip(0).expand(b, hg, length), None, "sorted"),
+        (lambda length, b, hg: torch.zeros(b, hg, 2, dtype=torch.int64), None, "sorted"),
+        (lambda length, b, hg: torch.arange(1, length + 1).expand(b, hg, length), None, "lie in"),
+        (lambda length, b, hg: torch.arange(length).expand(b, hg, length).int(), None, "int64"),
+        (lambda length, b, hg: torch.arange(length).expand(b, hg, length), 2, "budget of 2"),
+    ],
+)
+def test_bad_kept_indices_are_refused(keep, budget, message):
+    store = BudgetedHistory(
+        Fixed("post", lambda c, g, length, b, hg: keep(length, b, hg), budget=budget)
+    )
+    q = torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match=message):
+        store.attend(ScaleCall(layer=0, si=2, schedule=SCHED, cond_rows=1), q, q, q)
+
+
+def test_groups_must_partition_the_heads():
+    store = BudgetedHistory(Fixed("post", keep_all, groups=[[0, 1], [1]]))
+    q = torch.randn(1, 3, 1, 4)
+    with pytest.raises(ValueError, match="partition its 3 heads"):
+        store.attend(ScaleCall(layer=0, si=0, schedule=SCHED, cond_rows=1), q, q, q)
+
+
+def test_scalekv_with_budgets_above_every_length_is_the_full_cache():
+    """§3.2 item 2: compression triggered at every scale but every cache fits its budget."""
+    plan = ScaleKVBudgets(100, tuple(ScaleBudget(si, "DD", 100, 100) for si in range(4)))
+    for variant in ("released", "paper"):
+        store = BudgetedHistory(ScaleKVSelection(plan, variant, base_capacity=0))
+        out, _ = sweep(store)
+        full_out, _ = sweep(FullHistory())
+        assert all(torch.equal(a, b) for a, b in zip(out, full_out, strict=True))
+
+
+def test_scalekv_lengths_after_every_scale():
+    """§3.2 item 4: each compressed layer holds exactly its Max or Min, nothing is compressed
+    while the cache stays within base_capacity; maps of 1, 4, 9, 16, 25 tokens (cumulative 1,
+    5, 14, 30, 55), base 20, so the first compression follows scale 3."""
+    sched = Schedule.square((1, 2, 3, 4, 5))
+    plan = ScaleKVBudgets(20, (ScaleBudget(3, "DR", 24, 16), ScaleBudget(4, "RD", 24, 16)))
+    store = BudgetedHistory(ScaleKVSelection(plan, "paper", base_capacity=20, window=4))
+    expect = [[1, 1], [5, 5], [14, 14], [24, 16], [24 + 25, 16 + 25]]  # the last: not compressed
+    for si in range(len(sched)):
+        for layer in range(2):
+            q, k, v = (torch.randn(2, 2, sched.tokens(si), 4) for _ in "qkv")
+            store.attend(ScaleCall(layer, si, sched, 1), q, k, v)
+        assert [store.k[layer][0].shape[2] for layer in range(2)] == expect[si]

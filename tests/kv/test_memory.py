@@ -1,0 +1,97 @@
+"""KV bytes from the architecture: the papers' numbers (research/var.md §2.1.8, Appendix A) and the
+store's own measurement against the arithmetic (§3.2 item 10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcache.kv import ScaleCall, Schedule
+from diffcache.kv.baselines import SlidingWindowSelection
+from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.memory import MIB, Geometry, kv_bytes
+from diffcache.kv.scalekv import ScaleKVSelection
+from diffcache.kv.scalekv_budgets import RELEASED_8B_10PCT, ScaleBudget, ScaleKVBudgets
+
+INFINITY_1M = Schedule.square((1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64))
+VAR_256 = Schedule.square((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+
+
+def test_kv_bytes_formula_reproduces_scalekv_table_1():
+    assert kv_bytes(32, 2048, 6425, 16, 4, 2) / MIB == 38550
+    assert kv_bytes(40, 3584, 6425, 16, 4, 2) / MIB == 84328.125
+
+
+@pytest.mark.parametrize(
+    ("layers", "heads", "full", "ten_pct"),
+    [(32, 16, 38550, 3900), (40, 28, 84328.125, 8531.25)],  # Infinity-2B, -8B; head_dim 128
+)
+def test_history_before_the_last_scale_at_batch_8(layers, heads, full, ten_pct):
+    geo = Geometry(layers, heads, 128, INFINITY_1M, rows=16)
+    assert geo.history_before()[-1] / MIB == full
+    assert geo.history_before(lambda si, layer: 650)[-1] / MIB == ten_pct
+
+
+def test_released_8b_plan_holds_the_paper_10pct_memory():
+    """The drafter/refiner budgets of "Scale 13" average 650: 8531.25 MiB before the last scale."""
+    geo = Geometry(40, 28, 128, INFINITY_1M, rows=16)
+    assert geo.history_before(RELEASED_8B_10PCT.budget)[-1] / MIB == 8531.25
+
+
+@pytest.mark.parametrize(
+    ("depth", "mib"), [(16, 127.5), (20, 199.21875), (24, 286.875), (30, 448.2421875)]
+)
+def test_var_full_cache_one_image_with_cfg(depth, mib):
+    """Appendix A: VAR-d{depth} (width 64·depth, head_dim 64) at T = 680, 2 rows."""
+    geo = Geometry(depth, depth, 64, VAR_256, rows=2)
+    assert sum(geo.history_lengths()[-1]) * geo.row_bytes / MIB == mib
+    assert geo.sweep_peak() / MIB == mib  # the full cache only grows: its peak is the end
+    assert geo.history_before()[-1] / MIB == depth * 64 * depth * 424 * 2 * 6 / MIB
+
+
+def test_infinity_one_image_history_before_last_scale():
+    assert Geometry(32, 16, 128, INFINITY_1M, rows=2).history_before()[-1] / MIB == 4818.75
+
+
+def run_store(selection, geo: Geometry, seed: int = 0) -> BudgetedHistory:
+    store = BudgetedHistory(selection)
+    g = torch.Generator().manual_seed(seed)
+    for si in range(len(geo.schedule)):
+        n = geo.schedule.tokens(si)
+        for layer in range(geo.layers):
+            shape = (geo.rows, geo.heads, n, geo.head_dim)
+            q, k = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            v = torch.randn(shape, generator=g).half()
+            call = ScaleCall(layer, si, geo.schedule, geo.rows // 2, raw_query=lambda q=q: q)
+            store.attend(call, q, k, v)
+    return store
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.1])
+def test_measured_bytes_equal_the_arithmetic(ratio):
+    geo = Geometry(3, 2, 4, Schedule.square((1, 2, 3, 4, 5)), rows=2, k_bytes=4, v_bytes=2)
+    budget = round(ratio * geo.schedule.total)
+    store = run_store(SlidingWindowSelection(budget), geo)
+    assert list(store.scale_history.values()) == geo.history_before(lambda si, layer: budget)
+    assert store.peak_nbytes() == geo.sweep_peak(lambda si, layer: budget)
+    assert store.nbytes() == sum(geo.history_lengths(lambda si, la: budget)[-1]) * geo.row_bytes
+
+
+def test_measured_bytes_equal_the_arithmetic_with_per_layer_budgets():
+    """ScaleKV's drafter/refiner budgets differ per layer, so the sweep order sets the peak.
+
+    Maps of 1, 4, 16, 25, 1 tokens, 3 layers: after scale 2 the layers hold [21, 16, 16], after
+    scale 3 [16, 28, 16]. The peak is at scale 3's last layer: 16 + 28 (compacted) + 16 + 25."""
+    geo = Geometry(3, 2, 4, Schedule.square((1, 2, 4, 5, 1)), rows=2)
+    plan = ScaleKVBudgets(20, (ScaleBudget(2, "DRR", 28, 16), ScaleBudget(3, "RDR", 28, 16)))
+    sel = ScaleKVSelection(plan, "paper", base_capacity=20)
+    store = run_store(sel, geo)
+
+    def budget(si: int, layer: int) -> int | None:
+        return sel.budget(ScaleCall(layer, si, geo.schedule, 1), 0, 0)
+
+    assert geo.history_lengths(budget)[3:] == [[21, 16, 16], [16, 28, 16], [17, 29, 17]]
+    assert geo.sweep_peak(budget) == (16 + 28 + 16 + 25) * geo.row_bytes
+    assert list(store.scale_history.values()) == geo.history_before(budget)
+    assert store.peak_nbytes() == geo.sweep_peak(budget)
+    assert [store.k[layer][0].shape[2] for layer in range(3)] == [17, 29, 17]
