@@ -26,9 +26,8 @@ from typing import Any
 import yaml
 
 from diffcache.errors import UnsupportedModelError
-from diffcache.generate import call_kwargs
+from diffcache.generate import Request, call_kwargs
 from diffcache.registry import did_you_mean, find_adapter
-from diffcache.request import Request
 
 #: where ``load_model`` records a built-in model's name on the pipeline it returns
 MODEL_ATTR = "_diffcache_model"

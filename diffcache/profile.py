@@ -41,14 +41,13 @@ from diffcache.eval.timing import (
     summary,
     timed,
 )
-from diffcache.generate import check, check_writable, expand, generate
+from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.registry import find_adapter, get_method
-from diffcache.request import Request
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 from diffcache.yamlio import read_yaml
