@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from diffcache.errors import PlanError
+from diffcache.errors import PlanError, did_you_mean
 from diffcache.options import coerce, to_plain
-from diffcache.registry import did_you_mean, methods
+from diffcache.registry import methods
 
 #: the key of a plan's ``calibration`` that names its sidecar: ``{file, sha256}``
 SIDECAR = "sidecar"

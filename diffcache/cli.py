@@ -83,7 +83,7 @@ def _unrecognized(command: str, extra: list[str]) -> str:
 
 # ---------------------------------------------------------------------------- parser
 def _request_args(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from diffcache.registry import request_fields
+    from diffcache.generate import request_fields
 
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     for f in request_fields().values():
@@ -248,9 +248,9 @@ def _request(
     when it is known before loading (built-in models). The request is checked with ``sample``,
     one of a command's inputs (eval's and profile's), in the family's required input field,
     which errors call ``inputs`` (see ``generate.check``)."""
-    from diffcache.generate import Request, check
+    from diffcache.generate import Request, check, request_fields
     from diffcache.models import builtin_models
-    from diffcache.registry import adapters, request_fields
+    from diffcache.registry import adapters
 
     values = {name: getattr(args, name, None) for name in request_fields()}
     req = Request(seed=0 if args.seed is None else args.seed, **values)

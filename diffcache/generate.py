@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diffcache.errors import DiffCacheError, UnsupportedModelError
-from diffcache.registry import find_adapter
+from diffcache.registry import adapters, find_adapter
 from diffcache.request import Field
 
 MAX_SEED = 2**64 - 1
@@ -52,6 +52,16 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+
+def request_fields() -> dict[str, Field]:
+    """Every request field any family declares (name -> Field), for the CLI's flags (a name
+    that two families declare means the same in both: ``register_adapter`` checks)."""
+    out: dict[str, Field] = {}
+    for adapter in adapters().values():
+        for f in adapter.fields:
+            out.setdefault(f.name, f)
+    return out
 
 
 def field_problems(

@@ -20,10 +20,10 @@ import torch
 
 from diffcache.calibration import SIDECAR, read_calibration, read_sidecar, write_sidecar
 from diffcache.display import format_options
-from diffcache.errors import PlanError
+from diffcache.errors import PlanError, did_you_mean
 from diffcache.options import to_plain
 from diffcache.profiles import bundled_plans
-from diffcache.registry import adapters, did_you_mean, get_method
+from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1

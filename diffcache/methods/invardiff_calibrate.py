@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from diffcache.calibration import register_calibrator
-from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
+from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable, did_you_mean
 from diffcache.methods.base import Calibrated
 from diffcache.methods.invardiff import InvarDiffCalibration, InvarDiffConfig
-from diffcache.registry import did_you_mean
 from diffcache.session import Call
 from diffcache.sites import Site
 
