@@ -46,11 +46,13 @@ def register_adapter(adapter: Adapter) -> Adapter:
     """Add a model family; a request field it shares with another family must mean the same."""
     if adapter.name in _ADAPTERS:
         raise ValueError(f"adapter {adapter.name!r} is registered twice")
-    for f, other in ((f, a.field(f.name)) for a in _ADAPTERS.values() for f in adapter.fields):
-        if other is not None and (other.type, other.help) != (f.type, f.help):
-            raise ValueError(
-                f"adapter {adapter.name!r}: request field {f.name!r} differs from another family's"
-            )
+    for f in adapter.fields:
+        for other in (a.field(f.name) for a in _ADAPTERS.values()):
+            if other is not None and (other.type, other.help) != (f.type, f.help):
+                raise ValueError(
+                    f"adapter {adapter.name!r}: request field {f.name!r} differs from another "
+                    "family's"
+                )
     _ADAPTERS[adapter.name] = adapter
     return adapter
 
