@@ -41,11 +41,11 @@ from reference_models import DIFFUSERS, fmt, lost_won, per_request, sign_p, tabl
 import diffcache
 from diffcache.eval.baselines import magcache
 from diffcache.eval.runner import evaluate
+from diffcache.generate import Request
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.profiles.make import PLANS
-from diffcache.request import Request
 
 MODELS = ("dit-digits", "wan-shapes")
 METHODS = ("", "-ertacache", "-hyca", "-invardiff")  # bundled plan suffixes

@@ -49,10 +49,10 @@ from reference_models import lost_won, per_request, sign_p
 
 import diffcache
 from diffcache.eval import timing
+from diffcache.generate import Request
 from diffcache.models import builtin_models
 from diffcache.pipelines.arith import DEFAULTS, LONG
 from diffcache.plan import Plan
-from diffcache.request import Request
 
 METHODS = ("fast_dllm", "dkv_cache", "elastic_cache", "d2cache")
 #: the llada-arith requests by generation length: the default (16) and the longer ones

@@ -19,12 +19,13 @@ from diffcache.errors import (
     RunError,
     UnsupportedModelError,
 )
+from diffcache.generate import Request
 from diffcache.methods.base import MethodConfig
 from diffcache.models import load_model
 from diffcache.plan import Plan
 from diffcache.profile import profile
 from diffcache.registry import register_adapter, register_method
-from diffcache.request import Field, Request
+from diffcache.request import Field
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Call, Session
 from diffcache.sites import ModuleSite, Stack

@@ -14,11 +14,11 @@ from diffcache.drivers import DRIVERS, PipelineDriver
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
-    KernelUnavailableError,
     PlanError,
     UnsupportedModelError,
 )
 from diffcache.hooks import PREFIX, layers
+from diffcache.kernels import plan_backend
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
@@ -47,7 +47,9 @@ def accelerate(
     target = resolve(model, plan)
     config = plan.config
     config.check_supported(target, type(model).__name__)
-    kernels = _check_kernels(plan, config, target)
+    # an empty tensor on the denoiser's device, in its dtype (a model without weights: CPU float32)
+    probe = next(target.denoiser.parameters(), torch.empty(0, dtype=torch.float32)).new_empty(0)
+    kernels = plan_backend(plan.kernels, plan.source, config.name, config.kernels, probe)
     run = RunState(
         config.name,
         kind=config.work_kind(),
@@ -155,26 +157,3 @@ def session_of(model: Any) -> Session | None:
     """The session ``accelerate`` opened on ``model``, if any."""
     session = getattr(model, "__dict__", {}).get(SESSION_ATTR)
     return session if isinstance(session, Session) else None
-
-
-def _check_kernels(plan: Plan, config: Any, target: Target) -> str:
-    """The kernel backend to use; an explicit ``triton`` that cannot run raises now."""
-    from diffcache import kernels
-
-    backend = kernels.resolve_backend(plan.kernels)  # DIFFCACHE_KERNELS overrides auto
-    if backend != "triton" or not config.kernels:
-        return backend
-    # an empty tensor on the denoiser's device, in its dtype (a model without weights: CPU float32)
-    probe = next(target.denoiser.parameters(), torch.empty(0, dtype=torch.float32)).new_empty(0)
-    specs = {op.name: op for op in kernels.ops()}
-    reasons = [
-        f"{name}: {r}" for name in config.kernels for r in specs[name].not_supported_reasons(probe)
-    ]
-    if reasons:
-        raise KernelUnavailableError(
-            f"{plan.source}: kernels: triton cannot run the ops of {config.name!r} on "
-            f"{probe.device} {probe.dtype}:\n  - "
-            + "\n  - ".join(reasons)
-            + "\nUse kernels: auto (falls back to torch) or kernels: torch."
-        )
-    return backend

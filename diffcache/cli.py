@@ -2,7 +2,7 @@
 
 Every argument, plan and output path is checked before a model is built or a sample generated.
 The generation flags (``--height``, ``--class-label`` ...) come from the request fields the model
-families declare (``diffcache.request``).
+families declare (``diffcache.request.Field``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _unrecognized(command: str, extra: list[str]) -> str:
 
 # ---------------------------------------------------------------------------- parser
 def _request_args(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from diffcache.registry import request_fields
+    from diffcache.generate import request_fields
 
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     for f in request_fields().values():
@@ -248,10 +248,9 @@ def _request(
     when it is known before loading (built-in models). The request is checked with ``sample``,
     one of a command's inputs (eval's and profile's), in the family's required input field,
     which errors call ``inputs`` (see ``generate.check``)."""
-    from diffcache.generate import check
+    from diffcache.generate import Request, check, request_fields
     from diffcache.models import builtin_models
-    from diffcache.registry import adapters, request_fields
-    from diffcache.request import Request
+    from diffcache.registry import adapters
 
     values = {name: getattr(args, name, None) for name in request_fields()}
     req = Request(seed=0 if args.seed is None else args.seed, **values)
@@ -835,9 +834,9 @@ def _demo(args: argparse.Namespace) -> int:
     in ``--out/<model>/`` and one page for all of them in ``--out/report.html``."""
     from diffcache.eval.report import render_index
     from diffcache.eval.runner import evaluate
+    from diffcache.generate import Request
     from diffcache.models import builtin_models, model_entry
     from diffcache.profiles import bundled_plans
-    from diffcache.request import Request
 
     _check_timing(args)
     models = args.model or [m for m in DEMO_MODELS if m in builtin_models()]

@@ -1,6 +1,10 @@
-"""The error hierarchy. Every message names the subject, the problem and the remedy."""
+"""The error hierarchy. Every message names the subject, the problem and the remedy (a
+mistyped name: the close one, :func:`did_you_mean`)."""
 
 from __future__ import annotations
+
+import difflib
+from typing import Any
 
 
 class DiffCacheError(Exception):
@@ -36,3 +40,9 @@ class RunError(DiffCacheError, RuntimeError):
 
     The accelerated model is cleaned (all hooks removed) before this is raised.
     """
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` when a close match exists, else ``''``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

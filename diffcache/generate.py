@@ -1,25 +1,99 @@
-"""Generation requests checked against a family and turned into pipeline calls (one per input
-and seed), one generation of a supported pipeline, and saving what it makes (media file or text).
+"""Generation requests (:class:`Request`) checked against a family's fields and turned into
+pipeline calls (one per input and seed), one generation of a supported pipeline, and saving what it
+makes (media file or text).
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from diffcache.errors import DiffCacheError, UnsupportedModelError
-from diffcache.registry import find_adapter
-from diffcache.request import Field, Request
+from diffcache.registry import adapters, find_adapter
+from diffcache.request import Field
 
 MAX_SEED = 2**64 - 1
 SUFFIXES = {"video": (".mp4", ".gif"), "image": (".png",), "text": (".txt",)}
 
 __all__ = ["Request", "generate", "pipeline_kwargs", "check_output_path", "save_output"]
+
+
+class Request:
+    """What to generate: field values (absent = the pipeline's default) and a seed."""
+
+    def __init__(self, seed: int = 0, **values: Any) -> None:
+        self.seed = seed
+        self.values = MappingProxyType({k: v for k, v in values.items() if v is not None})
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def replace(self, **changes: Any) -> Request:
+        seed = changes.pop("seed", self.seed)
+        return Request(seed, **{**self.values, **changes})
+
+    def merged(self, defaults: Mapping[str, Any]) -> Request:
+        """This request with ``defaults`` filling the fields it leaves out."""
+        values = {k: v for k, v in defaults.items() if k != "seed"}
+        return Request(self.seed, **{**values, **self.values})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.values, "seed": self.seed}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"Request({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+
+def request_fields() -> dict[str, Field]:
+    """Every request field any family declares (name -> Field), for the CLI's flags (a name
+    that two families declare means the same in both: ``register_adapter`` checks)."""
+    out: dict[str, Field] = {}
+    for adapter in adapters().values():
+        for f in adapter.fields:
+            out.setdefault(f.name, f)
+    return out
+
+
+def field_problems(
+    field: Field, value: Any, pipe: Any = None, name: str | None = None
+) -> list[str]:
+    """Why ``value`` is not acceptable for ``field`` (empty if it is); each problem names the
+    value by ``name`` (default: the field's flag)."""
+    flag = name or field.flag
+    if field.type is str:
+        if not isinstance(value, str):
+            return [f"{flag} must be text, got {value!r}"]
+        problem = field.accepts(pipe, value) if field.accepts and pipe is not None else None
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return [f"{flag} {shown!r}: {problem}"] if problem else []
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [f"{flag} must be a number, got {value!r}"]
+    if field.type is int and not float(value).is_integer():
+        return [f"{flag} must be a whole number, got {value!r}"]
+    if not math.isfinite(value):
+        return [f"{flag} must be a finite number, got {value!r}"]
+    hi = field.max
+    if field.limit is not None and pipe is not None:
+        hi = field.limit(pipe) if hi is None else min(hi, field.limit(pipe))
+    if field.min is not None and value < field.min:
+        return [f"{flag} must be >= {field.min:g}, got {value:g}"]
+    if hi is not None and value > hi:
+        return [f"{flag} must be <= {hi:g} for this model, got {value:g}"]
+    if field.multiple_of and (value - field.offset) % field.multiple_of:
+        m, o = field.multiple_of, field.offset
+        what = f"a multiple of {m}" + (f" plus {o} (e.g. {m + o}, {2 * m + o})" if o else "")
+        return [f"{flag} must be {what} for this model, got {value:g}"]
+    return []
 
 
 def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None = None) -> None:
@@ -43,7 +117,7 @@ def check(adapter: Any, request: Request, pipe: Any = None, inputs: str | None =
             takes = ", ".join(f.flag for f in by_name.values()) or "nothing"
             problems.append(f"{family} models take no {flag}; they take: {takes}")
         else:
-            problems += field.problems(value, pipe, names.get(name))
+            problems += field_problems(field, value, pipe, names.get(name))
     problems += [
         f"{f.flag} is required for {family} models"
         for f in by_name.values()

@@ -25,10 +25,9 @@ from typing import Any
 
 import yaml
 
-from diffcache.errors import UnsupportedModelError
-from diffcache.generate import call_kwargs
-from diffcache.registry import did_you_mean, find_adapter
-from diffcache.request import Request
+from diffcache.errors import UnsupportedModelError, did_you_mean
+from diffcache.generate import Request, call_kwargs
+from diffcache.registry import find_adapter
 
 #: where ``load_model`` records a built-in model's name on the pipeline it returns
 MODEL_ATTR = "_diffcache_model"

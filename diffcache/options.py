@@ -14,8 +14,9 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Union
 
-from diffcache.errors import PlanError
-from diffcache.registry import did_you_mean
+import torch
+
+from diffcache.errors import PlanError, did_you_mean
 
 MISSING: Any = dataclasses.MISSING
 _BAD: Any = object()  # a value whose problems are already recorded
@@ -63,10 +64,13 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclass / tuple / Mapping -> plain dict / list / scalars, in field order (for YAML).
+    """Dataclass / tuple / Mapping / tensor -> plain dict / list / scalars, in field order (for
+    YAML, and for a trace's values).
 
     Only ``init`` fields of a dataclass are written, so ``from_mapping`` reads the result back.
     """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, Mapping):

@@ -1,7 +1,7 @@
 """Plan: strict load / validate / save of plan files (schema in DESIGN.md §3).
 
 A plan is one YAML file, plus an optional ``.safetensors`` sidecar beside it holding the
-calibration's tensors; the plan records the sidecar's sha256 and loading checks it. Everything is
+calibration's tensors (read, checked and written by ``diffcache.calibration``). Everything is
 validated when a plan is built: keys, types, ranges, the method's options together with
 ``valid_for``, and the calibration against the method's calibration dataclass.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -20,11 +18,12 @@ from typing import Any
 
 import torch
 
+from diffcache.calibration import SIDECAR, read_calibration, read_sidecar, write_sidecar
 from diffcache.display import format_options
-from diffcache.errors import PlanError
-from diffcache.options import coerce, to_plain
+from diffcache.errors import PlanError, did_you_mean
+from diffcache.options import to_plain
 from diffcache.profiles import bundled_plans
-from diffcache.registry import adapters, did_you_mean, get_method
+from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
@@ -46,7 +45,6 @@ VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str}
 #: what plans for a family with a scheduler (every driver but our own pipelines') may carry
 SCHEDULED: dict[str, type] = {"scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
-SIDECAR = "sidecar"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +95,7 @@ class Plan:
     @functools.cached_property
     def calibration_data(self) -> Any:
         """The method's calibration dataclass (plain fields + sidecar tensors), or None."""
-        return _calibration(type(self.config), self.calibration, self.tensors, self.source)
+        return read_calibration(type(self.config), self.calibration, self.tensors, self.source)
 
     def check_family(self, family: str, what: str) -> None:
         """PlanError unless the plan is for ``family`` (``what``: the model, for the message)."""
@@ -188,7 +186,7 @@ class Plan:
         _check_valid_for(valid_for, valid_for_keys(model, config_cls), model, source)
         calibration = dict(data.get("calibration") or {})
         sidecar = calibration.pop(SIDECAR, None)
-        tensors = _read_sidecar(sidecar, source) if sidecar is not None else {}
+        tensors = read_sidecar(sidecar, source) if sidecar is not None else {}
         return cls(
             model=model,
             method=data["method"],
@@ -230,12 +228,7 @@ class Plan:
         path = Path(path)
         plan = self
         if self.tensors:
-            from safetensors.torch import save
-
-            blob = save({k: v.contiguous() for k, v in sorted(self.tensors.items())})
-            side = path.with_suffix(".safetensors")
-            side.write_bytes(blob)
-            info = {"file": side.name, "sha256": hashlib.sha256(blob).hexdigest()}
+            info = write_sidecar(self.tensors, path)
             plan = dataclasses.replace(self, sidecar=info, source=str(path))
         path.write_text(plan.dumps())
         return path
@@ -268,87 +261,3 @@ def _check_valid_for(
             problems.append(f"{where}: must not be empty")
     if problems:
         raise PlanError("\n".join(problems))
-
-
-def _read_sidecar(info: Any, source: str) -> dict[str, torch.Tensor]:
-    where = f"{source}: calibration.{SIDECAR}"
-    if not isinstance(info, Mapping) or set(info) != {"file", "sha256"}:
-        raise PlanError(f"{where}: expected {{file: NAME.safetensors, sha256: HEX}}, got {info!r}")
-    path = _sidecar_path(str(info["file"]), source, where)
-    if not path.is_file():
-        raise PlanError(
-            f"{where}: {path} does not exist; keep the sidecar beside the plan file or re-run the "
-            "profile command that wrote this plan."
-        )
-    blob = path.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != info["sha256"]:
-        raise PlanError(
-            f"{where}: {path.name} has sha256 {digest[:12]}… but the plan records "
-            f"{str(info['sha256'])[:12]}…; the sidecar was changed or belongs to another plan."
-        )
-    from safetensors.torch import load
-
-    try:
-        return load(blob)
-    except Exception as e:  # a corrupt file with the recorded hash: written by something else
-        raise PlanError(f"{where}: {path.name} is not a safetensors file ({e})") from e
-
-
-def _sidecar_path(name: str, source: str, where: str) -> Path:
-    """The sidecar file ``name`` of the plan ``source``, refused unless it lies inside the
-    plan's folder (no absolute path, no ``..`` or symlink out of it), before anything is read."""
-    folder = Path(source).parent.resolve()
-    path = (folder / name).resolve()
-    if Path(name).is_absolute() or not path.is_relative_to(folder):
-        raise PlanError(
-            f"{where}: file {name!r} is outside the plan's folder {folder}; a sidecar is named "
-            "relative to the plan and kept beside it"
-        )
-    return path
-
-
-def _calibration(
-    config_cls: Any, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
-) -> Any:
-    where = f"{source}: calibration"
-    schema = config_cls.calibration
-    if schema is None:
-        if data or tensors:
-            raise PlanError(f"{where}: method {config_cls.name!r} takes no calibration; remove it.")
-        return None
-    if not data and not tensors:
-        hint = config_cls.profile_hint()
-        if source != "<dict>":  # a template: start from its options
-            hint = hint.replace(f"--method {config_cls.name}", f"--from {Path(source).name}")
-        raise PlanError(
-            f"{where}: method {config_cls.name!r} needs calibration data and the plan has none; "
-            f"make it with: {hint}"
-        )
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    wanted = {n for n in fields if hints[n] is torch.Tensor}
-    problems = [
-        f"{where}.{k}: unknown field{did_you_mean(str(k), fields)}; known: {', '.join(fields)}"
-        for k in data
-        if k not in fields or k in wanted
-    ]
-    problems += [f"{where}.{SIDECAR}: missing tensor {n!r}" for n in sorted(wanted - set(tensors))]
-    problems += [
-        f"{where}.{SIDECAR}: unexpected tensor {n!r}" for n in sorted(set(tensors) - wanted)
-    ]
-    values: dict[str, Any] = {n: tensors[n] for n in wanted & set(tensors)}
-    for name, f in fields.items():
-        if name in wanted:
-            continue
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.append(f"{where}.{name}: required field is missing")
-            continue
-        try:
-            values[name] = coerce(data[name], hints[name], f.metadata, f"{where}.{name}")
-        except PlanError as e:
-            problems.append(str(e))
-    if problems:
-        raise PlanError("\n".join(problems))
-    return schema(**values)

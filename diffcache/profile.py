@@ -25,7 +25,7 @@ import torch
 from diffcache import distributed
 from diffcache.adapter import Target
 from diffcache.api import accelerate, open_session, remove, session_of, stats
-from diffcache.calibration import make_plan, round_to
+from diffcache.calibration import round_to
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -41,14 +41,13 @@ from diffcache.eval.timing import (
     summary,
     timed,
 )
-from diffcache.generate import check, check_writable, expand, generate
+from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.registry import find_adapter, get_method
-from diffcache.request import Request
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 from diffcache.yamlio import read_yaml
@@ -145,7 +144,7 @@ class Profiling:
 
     def measure(self, config: MethodConfig, calibration: Any = None) -> dict[str, Any]:
         """Run every calibration request with ``config`` attached; the mean compute fraction."""
-        plan = make_plan(self.target, config, calibration, self.valid_for)
+        plan = config.as_plan(self.target, calibration, self.valid_for)
         mine = []
         for i, req in distributed.shard(list(enumerate(self.requests))):
             accelerate(self.pipe, plan)
@@ -438,7 +437,7 @@ def profile(
         targets["least_compute"] = e.least
         profiling.target_compute = e.least * (1 + 1e-9)
         calibrated = config.calibrate(profiling)
-    plan = make_plan(target, calibrated.config, calibrated.calibration, valid_for)
+    plan = calibrated.config.as_plan(target, calibrated.calibration, valid_for)
     if target_speedup is not None:  # the compute target assumed ideal scaling: check the clock
         targets["denoiser_share"] = round(share, 3)
         median, low, high = measure_speedup(pipe, plan, requests, repeats)

@@ -1,22 +1,15 @@
-"""Registries of methods and adapters, with did-you-mean lookups."""
+"""Registries of methods and adapters, with did-you-mean lookups (``errors.did_you_mean``)."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.errors import PlanError, UnsupportedModelError
+from diffcache.errors import PlanError, UnsupportedModelError, did_you_mean
 
 _METHODS: dict[str, tuple[type, Callable]] = {}
 _ADAPTERS: dict[str, Adapter] = {}
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    """`` (did you mean 'x'?)`` when a close match exists, else ``''``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def register_method(config_cls: type) -> Callable[[Callable], Callable]:
@@ -53,23 +46,15 @@ def register_adapter(adapter: Adapter) -> Adapter:
     """Add a model family; a request field it shares with another family must mean the same."""
     if adapter.name in _ADAPTERS:
         raise ValueError(f"adapter {adapter.name!r} is registered twice")
-    known = request_fields()
     for f in adapter.fields:
-        if f.name in known and (known[f.name].type, known[f.name].help) != (f.type, f.help):
-            raise ValueError(
-                f"adapter {adapter.name!r}: request field {f.name!r} differs from another family's"
-            )
+        for other in (a.field(f.name) for a in _ADAPTERS.values()):
+            if other is not None and (other.type, other.help) != (f.type, f.help):
+                raise ValueError(
+                    f"adapter {adapter.name!r}: request field {f.name!r} differs from another "
+                    "family's"
+                )
     _ADAPTERS[adapter.name] = adapter
     return adapter
-
-
-def request_fields() -> dict[str, Any]:
-    """Every request field any family declares (name -> Field), for the CLI's flags."""
-    out: dict[str, Any] = {}
-    for adapter in _ADAPTERS.values():
-        for f in adapter.fields:
-            out.setdefault(f.name, f)
-    return out
 
 
 def adapters() -> dict[str, Adapter]:

@@ -24,9 +24,8 @@ from collections.abc import Callable, Hashable, Mapping
 from copy import deepcopy
 from typing import Any
 
-import torch
-
 from diffcache.errors import DiffCacheError, PlanError
+from diffcache.options import to_plain
 from diffcache.sites import KINDS
 
 #: valid_for keys ``accelerate`` checks against the model itself (not per call).
@@ -36,17 +35,6 @@ CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint")
 #: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only
 #: (``partial``), cached state dropped (``evicted``), tokens decoded (``committed``).
 ACTIONS = ("computed", "reused", "forecast", "partial", "evicted", "committed")
-
-
-def plain(value: Any) -> Any:
-    """``value`` as plain Python for a trace (tensors to numbers or nested lists)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
 
 
 @dataclasses.dataclass
@@ -235,7 +223,7 @@ class RunState:
                 "expert": self.expert,
                 "site": site,
                 "action": action,
-                "values": plain(values),
+                "values": to_plain(values),
             }
         )
 

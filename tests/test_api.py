@@ -186,3 +186,23 @@ def test_two_real_pipelines_of_one_class_stay_independent() -> None:
     assert diffcache.stats(a).skipped > 0
     assert (generate(b, req) == base).all() and not diffcache.is_accelerated(b)
     assert clean(b.transformer, b.scheduler)
+
+
+def test_a_request_field_two_families_declare_must_mean_the_same() -> None:
+    """The CLI makes one flag per field name (``generate.request_fields``), so a family whose
+    field of a name another family declares differs in type or help is refused at
+    registration, and nothing of it is registered."""
+    import dataclasses
+
+    from diffcache.registry import adapters, register_adapter
+
+    shared = next(f for a in adapters().values() for f in a.fields)
+    other_type = str if shared.type is not str else int
+    for field in (
+        dataclasses.replace(shared, help=shared.help + ", read another way"),
+        dataclasses.replace(shared, type=other_type),
+    ):
+        adapter = diffcache.Adapter("clash-test", ("ClashTestPipeline",), (), fields=(field,))
+        with pytest.raises(ValueError, match=f"request field {shared.name!r} differs"):
+            register_adapter(adapter)
+        assert "clash-test" not in adapters()

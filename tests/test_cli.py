@@ -811,8 +811,8 @@ def test_profile_of_a_folder_gives_the_plan_python_gives(tmp_path: Path) -> None
     ``diffcache.profile(pipe, "ertacache", prompts)`` on that folder loaded in Python start from
     the same published settings and write the same plan (options, valid_for, calibration
     tensors, provenance)."""
+    from diffcache.generate import Request
     from diffcache.profiles import calibration_prompts
-    from diffcache.request import Request
 
     folder, path = tmp_path / "Wan2.1-T2V-Diffusers", tmp_path / "cli.yaml"
     diffcache.load_model("wan2.1-tiny").save_pretrained(folder)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffcache.generate import generate
+from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
 from diffcache.pipelines import digits
-from diffcache.request import Request
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from diffcache.cli import main, read_prompts
 from diffcache.errors import DiffCacheError
 from diffcache.eval.baselines import OPTIONS, _options, comparison
 from diffcache.eval.runner import evaluate
+from diffcache.generate import Request
 from diffcache.models import ModelEntry, builtin_models, register_model
 from diffcache.plan import Plan
-from diffcache.request import Request
 from diffcache.testing.toys import unexplained_nulls
 
 if "dit-scored" not in builtin_models():  # dit-tiny with a scorer: bright images "are right"

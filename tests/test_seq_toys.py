@@ -9,8 +9,7 @@ import torch
 
 import diffcache
 from diffcache.errors import AlreadyAcceleratedError, PlanError, UnsupportedModelError
-from diffcache.generate import generate
-from diffcache.request import Request
+from diffcache.generate import Request, generate
 from diffcache.testing import toys_seq
 from diffcache.testing.toys import ToyPipeline, clean
 from diffcache.testing.toys_seq import (

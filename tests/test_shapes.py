@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import diffcache.pipelines  # noqa: F401  (registers the wan2.1 adapter)
-from diffcache.generate import generate
+from diffcache.generate import Request, generate
 from diffcache.models import builtin_models
 from diffcache.pipelines import shapes
 from diffcache.pipelines.shapes import data
-from diffcache.request import Request
 
 #: the quick quality check: one prompt per colour and per direction (the diagonal of PROMPTS)
 QUICK = [shapes.PROMPTS[i * len(data.DIRECTIONS) + i] for i in range(len(data.COLOURS))]

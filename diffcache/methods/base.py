@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.calibration import calibrator
+from diffcache.calibration import calibrator, split_calibration
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.options import from_mapping, option, to_plain
+from diffcache.plan import Plan
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -205,6 +206,22 @@ class MethodConfig:
 
     def to_options(self) -> dict[str, Any]:
         return to_plain(self)
+
+    def as_plan(self, target: Target, calibration: Any, valid_for: Mapping[str, Any]) -> Plan:
+        """A plan for ``target`` with these options and ``calibration`` (with it, the plan is
+        valid for the model's fingerprint only)."""
+        plain, tensors = split_calibration(calibration)
+        valid = dict(valid_for)
+        if calibration is not None:
+            valid["fingerprint"] = target.fingerprint()
+        return Plan(
+            model=target.adapter.name,
+            method=self.name,
+            options=self.to_options(),
+            valid_for=valid,
+            calibration=plain,
+            tensors=tensors,
+        )
 
 
 def tune_knob(

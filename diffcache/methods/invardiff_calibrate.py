@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from diffcache.calibration import register_calibrator
-from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable
+from diffcache.errors import DiffCacheError, PlanError, TargetUnreachable, did_you_mean
 from diffcache.methods.base import Calibrated
 from diffcache.methods.invardiff import InvarDiffCalibration, InvarDiffConfig
-from diffcache.registry import did_you_mean
 from diffcache.session import Call
 from diffcache.sites import Site
 
@@ -323,7 +322,6 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
     ``single_transformer_cache_book``, where ``attn`` is reused only where ``context_attn`` is
     too, and ``ip_attn`` has no site here)."""
     from diffcache.adapter import Target
-    from diffcache.calibration import make_plan
     from diffcache.plan import Plan
     from diffcache.registry import find_adapter
 
@@ -372,6 +370,6 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
     valid_for: dict[str, Any] = {"num_inference_steps": t}
     if target.scheduler is not None:
         valid_for["scheduler"] = type(target.scheduler).__name__
-    plan = make_plan(target, InvarDiffConfig(), cal, valid_for)
+    plan = InvarDiffConfig().as_plan(target, cal, valid_for)
     plan = dataclasses.replace(plan, provenance={"imported_from": Path(path).name})
     return Plan.load(plan.save(out)) if out is not None else plan

@@ -79,10 +79,10 @@ def threads(n: int = 1) -> Iterator[None]:
 
 def default_request(model: str) -> Any:
     """The model's default request at seed 0, with a fixed prompt where the family takes one."""
+    from diffcache.generate import Request
     from diffcache.models import builtin_models
     from diffcache.profiles import calibration_prompts
     from diffcache.registry import adapters
-    from diffcache.request import Request
 
     spec = builtin_models()[model]
     request = Request(seed=0).merged(spec.defaults)

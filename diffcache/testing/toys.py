@@ -309,8 +309,8 @@ def _apply_static(session: Session, cfg: ToyStaticConfig) -> None:
 def tiny_request(model: str, steps: int) -> tuple[Any, list[str], Any]:
     """For a built-in tiny model: a small request (32x32 where it has a size, ``steps``, its
     defaults otherwise), two calibration inputs (class ids for DiT) and one generation request."""
+    from diffcache.generate import Request
     from diffcache.models import builtin_models
-    from diffcache.request import Request
 
     defaults = builtin_models()[model].defaults
     small = {"height": 32, "width": 32} if "height" in defaults else {}
@@ -359,7 +359,7 @@ def plan_for(pipe: Any, config: MethodConfig, model: str = "toy", **valid_for: A
 
 
 def _request(valid_for: dict) -> Any:
-    from diffcache.request import Request
+    from diffcache.generate import Request
 
     steps = valid_for.get("num_inference_steps")
     return Request(steps=steps) if steps else Request()

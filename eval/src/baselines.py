@@ -28,10 +28,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError, PlanError, did_you_mean
 from diffcache.options import coerce
 from diffcache.plan import Plan
-from diffcache.registry import did_you_mean
 
 PREFIX = "diffusers:"
 #: PyramidAttentionBroadcastConfig's skip ranges; without any, diffusers uses the first at 2

@@ -49,10 +49,9 @@ from diffcache.eval.timing import (
     summary,
     timed,
 )
-from diffcache.generate import check, expand, generate, write_problem
+from diffcache.generate import Request, check, expand, generate, write_problem
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
-from diffcache.request import Request
 
 DEFAULT_PROMPTS = (
     "a cat surfing a wave at sunset",

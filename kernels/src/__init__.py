@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from diffcache.errors import KernelUnavailableError
 
-from ._dispatch import Backend, describe, ops, pick, resolve_backend
+from ._dispatch import Backend, describe, ops, pick, plan_backend, resolve_backend
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
 from .gated_apply import gated_apply, gated_apply_ref
@@ -43,6 +43,7 @@ __all__ = [
     "l1_change_ref",
     "ops",
     "pick",
+    "plan_backend",
     "rectified_residual",
     "rectified_residual_ref",
     "resolve_backend",

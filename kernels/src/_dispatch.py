@@ -245,6 +245,27 @@ def resolve_backend(plan_value: str | Backend) -> str:
     return choice.value
 
 
+def plan_backend(
+    plan_value: str | Backend, source: str, method: str, names: Sequence[str], probe: torch.Tensor
+) -> str:
+    """The backend a plan's ``kernels:`` value means here (:func:`resolve_backend`) for the
+    method ``method``, whose ops are ``names``. An explicit ``triton`` that cannot run one of
+    them on ``probe``'s device and dtype raises :class:`KernelUnavailableError` now, before
+    anything is attached, listing every reason (``source``: the plan, for the message)."""
+    backend = resolve_backend(plan_value)
+    if backend != Backend.TRITON.value:
+        return backend
+    reasons = [f"{n}: {r}" for n in names for r in _REGISTRY[n].not_supported_reasons(probe)]
+    if reasons:
+        raise KernelUnavailableError(
+            f"{source}: kernels: triton cannot run the ops of {method!r} on "
+            f"{probe.device} {probe.dtype}:\n  - "
+            + "\n  - ".join(reasons)
+            + "\nUse kernels: auto (falls back to torch) or kernels: torch."
+        )
+    return backend
+
+
 def pick(
     spec: OpSpec,
     backend: str | Backend,

@@ -90,9 +90,9 @@ def make(name: str, out: Path) -> Path:
     """Profile one bundled plan into ``out``; its path."""
     import diffcache
     from diffcache.display import format_options
+    from diffcache.generate import Request
     from diffcache.models import load_model
     from diffcache.registry import get_method
-    from diffcache.request import Request
 
     model, method, options, target, inputs, seed = PLANS[name]
     config = get_method(method)[0].from_options(options, f"{name}: options")

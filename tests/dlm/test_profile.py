@@ -10,11 +10,11 @@ import pytest
 
 import diffcache
 from diffcache.errors import DiffCacheError
+from diffcache.generate import Request
 from diffcache.methods.dkv_cache import DKVCacheConfig
 from diffcache.methods.elastic_cache import ElasticCacheConfig
 from diffcache.methods.fast_dllm import FastDLLMConfig
 from diffcache.profile import Profiling
-from diffcache.request import Request
 
 PROMPTS = ["hello there", "the quick brown fox"]
 KW = {"gen_length": 16, "steps": 16, "block_length": 8}

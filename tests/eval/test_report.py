@@ -335,7 +335,7 @@ def test_real_report_holds_numbers_nulls_and_text_only_under_text_keys(tmp_path:
     """A tiny eval with an identity plan (outputs equal the baseline: PSNR infinite) and a plan
     that reuses steps: the JSON has numbers or null everywhere but under the text keys."""
     from diffcache.eval.runner import evaluate
-    from diffcache.request import Request
+    from diffcache.generate import Request
 
     def plan(threshold: float, warmup: int) -> dict[str, Any]:
         options = {"threshold": threshold, "warmup_steps": warmup}

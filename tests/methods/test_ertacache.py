@@ -13,7 +13,7 @@ import torch
 import diffcache
 from diffcache.display import rounded
 from diffcache.errors import PlanError, TargetUnreachable, UnsupportedModelError
-from diffcache.generate import generate
+from diffcache.generate import Request, generate
 from diffcache.methods.ertacache import EULER, ERTACacheConfig
 from diffcache.methods.ertacache_calibrate import fit_threshold
 from diffcache.methods.ertacache_schedule import (
@@ -23,7 +23,6 @@ from diffcache.methods.ertacache_schedule import (
     schedule,
 )
 from diffcache.plan import Plan
-from diffcache.request import Request
 from diffcache.testing import golden
 from diffcache.testing.toys import clean, tiny_request
 

@@ -648,7 +648,9 @@ def test_imported_books_plan_only_what_they_book(tmp_path) -> None:
     assert dict(plan.valid_for) == {
         "num_inference_steps": STEPS,
         "scheduler": "UniPCMultistepScheduler",
-        "fingerprint": plan.valid_for["fingerprint"],  # the model's (make_plan's own rule)
+        "fingerprint": plan.valid_for[
+            "fingerprint"
+        ],  # the model's (MethodConfig.as_plan's own rule)
     }
     assert plan.provenance == {"imported_from": "books.json"}
     assert cal.step_scores.tolist() == [1.0] * STEPS
