@@ -49,6 +49,8 @@ class Stats:
     work: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # kind -> [done, all]
     kv_bytes_peak: int | None = None
     kv_bytes_per_step: list[int] = dataclasses.field(default_factory=list)
+    kv_history_bytes: list[int] | None = None  # next-scale KV methods: history before each scale
+    kv_geometry: dict[str, Any] | None = None  # what those bytes follow from (kv.memory.Geometry)
     wall_s: float | None = None
     calls: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -93,6 +95,8 @@ class Stats:
             "per_step_compute": self.per_step(),
             "work": {k: {"computed": d, "skipped": t - d} for k, (d, t) in self.work.items()},
             "kv_bytes_per_step": list(self.kv_bytes_per_step),
+            "kv_history_bytes": None if self.kv_history_bytes is None else list(self.kv_history_bytes),
+            "kv_geometry": None if self.kv_geometry is None else dict(self.kv_geometry),
             "kernels": dict(self.kernels),
             **({} if self.trace is None else {"trace": [dict(e) for e in self.trace]}),
         }

@@ -3,7 +3,9 @@
 Kinds, coarse to fine: ``step`` (one whole denoiser call), ``block`` (one block of a stack),
 ``module`` (a module inside a block: self-attention, cross-attention, feed-forward, context
 feed-forward), and for our own pipelines ``token_layer`` (one token row through one layer, text
-diffusion LMs) and ``scale`` (one scale of a next-scale model). Stats count work per kind.
+diffusion LMs), ``scale`` (one scale of a next-scale model) and ``attn_pair`` (one query row
+attending one key row, per layer, batch row and head: a next-scale KV method's attention work).
+Stats count work per kind.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-KINDS = ("step", "block", "module", "token_layer", "scale")
+KINDS = ("step", "block", "module", "token_layer", "scale", "attn_pair")
 ROLES = ("self_attn", "cross_attn", "ff", "context_ff")
 PARTS = ("hidden", "encoder")  # the streams a block or module output may carry
 

@@ -20,6 +20,8 @@ and nothing evicted it is bit-exact with :class:`~diffcache.kv.history.FullHisto
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from diffcache.kv.history import ScaleCall, Selection, attention
@@ -61,7 +63,9 @@ class BudgetedHistory:
     (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
     group being processed at its transient history + new rows) and :attr:`scale_history`, the
     history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
-    of the last scale, research/var.md §2.1.8). One store serves one generation."""
+    of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
+attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the store
+owns them). One store serves one generation."""
 
     def __init__(self, selection: Selection) -> None:
         if selection.when not in ("pre", "post"):
@@ -72,6 +76,7 @@ class BudgetedHistory:
         self.v: dict[int, list[torch.Tensor | None]] = {}
         self.pos: dict[int, list[torch.Tensor | None]] = {}
         self.scale_history: dict[int, int] = {}
+        self.pairs = 0  # (query row, key row) pairs attended, summed over batch rows and heads
         self._held = 0
         self._peak = 0
 
@@ -119,11 +124,12 @@ class BudgetedHistory:
             k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
             pos = torch.cat((old_pos, pos), dim=2)
         self._peak = max(self._peak, self._held + _nbytes(k, v))
+        call = dataclasses.replace(call, positions=pos)
         if self.selection.when == "pre":
             k, v, pos = self._compact(call, g, q, k, v, pos)
-            out = attention(q, k, v, call.scale)
-        else:
-            out = attention(q, k, v, call.scale)
+        self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        out = attention(q, k, v, call.scale)
+        if self.selection.when == "post":
             k, v, pos = self._compact(call, g, q, k, v, pos)
         self.k[layer][g], self.v[layer][g], self.pos[layer][g] = k, v, pos
         self._held += _nbytes(k, v)

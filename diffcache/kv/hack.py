@@ -47,9 +47,8 @@ question of §2.2.5 is a field of :class:`HACKOptions` (defaults in brackets, wi
   its rows exceed its budget.
 
 Rows are named by their position in the generation (:class:`~diffcache.kv.history.Schedule`);
-the selection follows the positions of the rows each group keeps, which is why the store must
-ask :meth:`HACKSelection.keep` at every scale of every layer and group (it does, by the
-``Selection`` contract), starting with scale 0.
+the store owns them and hands them over in ``ScaleCall.positions``: the selection keeps no state
+between calls.
 """
 
 from __future__ import annotations
@@ -133,7 +132,6 @@ class HACKSelection:
         self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
         self.options = options or HACKOptions()
         self.when = self.options.when
-        self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- the Selection protocol -------------------------------------------------------------
 
@@ -146,11 +144,10 @@ class HACKSelection:
     ) -> torch.Tensor | None:
         batch, heads, rows, _ = k.shape
         kind = self.group_kind(call.layer, group)
-        positions = self._row_positions(call, group, k, q.shape[2])
         budget = self.budgets[kind]
         if call.si < self.options.start_scale or rows <= budget:
-            self._positions[call.layer, group] = positions
             return None
+        positions = self._row_positions(call, k)
         mandatory = self._mandatory(call, kind, positions)
         worst = int(mandatory.sum(-1).max())
         if worst > budget:
@@ -163,7 +160,6 @@ class HACKSelection:
             keep = paired.topk(budget, dim=-1).indices.sort(dim=-1).values.repeat(2, 1, 1)
         else:
             keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
-        self._positions[call.layer, group] = positions.gather(2, keep)
         return keep
 
     # -- the merge at the last scale ---------------------------------------------------------
@@ -232,21 +228,17 @@ class HACKSelection:
         out = [(c, [h for h in range(heads) if row[h] == c]) for c in (CONTEXTUAL, STRUCTURAL)]
         return [(c, g) for c, g in out if g]
 
-    def _row_positions(self, call: ScaleCall, group: int, k: torch.Tensor, n: int) -> torch.Tensor:
-        """The generation positions of ``k``'s rows: the group's kept history, then the new map."""
-        batch, heads, rows, _ = k.shape
-        start = call.schedule.start(call.si)
-        new = torch.arange(start, start + n, device=k.device).expand(batch, heads, n)
-        if rows == n:
-            return new
-        old = self._positions.get((call.layer, group))
-        if old is None or old.shape != (batch, heads, rows - n):
-            raise RuntimeError(
-                f"hack: layer {call.layer} group {group} at scale {call.si} has {rows - n} "
-                "history rows the selection did not keep; the store must ask keep() at every "
-                "scale of a generation, from scale 0"
+    def _row_positions(self, call: ScaleCall, k: torch.Tensor) -> torch.Tensor:
+        """The generation positions of ``k``'s rows, as the store hands them over
+        (``ScaleCall.positions``)."""
+        pos = call.positions
+        if pos is None or tuple(pos.shape) != tuple(k.shape[:3]):
+            got = None if pos is None else list(pos.shape)
+            raise ValueError(
+                f"hack: layer {call.layer} at scale {call.si} needs the rows' positions "
+                f"{list(k.shape[:3])} in ScaleCall.positions (a budgeted store sets them), got {got}"
             )
-        return torch.cat((old.to(k.device), new), dim=2)
+        return pos.to(k.device)
 
     def _recent_span(self, schedule: Schedule, si: int) -> tuple[int, int]:
         """The positions ``[lo, hi)`` of the most recent scale's mandatory rows (empty if none):

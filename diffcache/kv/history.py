@@ -89,6 +89,9 @@ class ScaleCall:
         raw_query: the new map's queries re-projected from the attention's input without bias,
             normalisation, temperature or RoPE ``[B, H, n, head_dim]`` (what ScaleKV's released
             code scores with); None if the model does not offer it.
+        positions: set by a budgeted store for its selection (the model leaves it None): the
+            generation position of each row of the ``k`` the selection is handed,
+            ``[B, Hg, L]`` (the group's kept history, then the new map); the store owns them.
     """
 
     layer: int
@@ -97,6 +100,7 @@ class ScaleCall:
     cond_rows: int
     scale: float = 1.0
     raw_query: Callable[[], torch.Tensor] | None = None
+    positions: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -132,7 +136,9 @@ class Selection(Protocol):
     ``when`` is ``"pre"`` (select before the scale's attention, over history + the new map's
     rows; the queries then attend only to the kept rows: HACK as reconstructed) or ``"post"``
     (attend over everything, then select what the next scale keeps: ScaleKV). ``groups``
-    partitions a layer's heads; each group keeps one number of rows (a dense tensor).
+    partitions a layer's heads; each group keeps one number of rows (a dense tensor). The store
+    owns which generation position each row holds and hands them over in ``call.positions``, so
+    a selection keeps no state between calls.
     """
 
     when: str

@@ -1,6 +1,7 @@
 """HACK (reconstructed) selection against a slow per-(row, head) loop written from
 research/var.md §2.2.3, on random inputs driven through the scales by a minimal store."""
 
+import dataclasses
 import math
 
 import pytest
@@ -53,7 +54,7 @@ def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=Non
                         torch.cat((vh, vg), 2),
                         torch.cat((ph, pg), 2),
                     )
-                keep = sel.keep(call, g, q[:, idx], kg, vg)
+                keep = sel.keep(dataclasses.replace(call, positions=pg), g, q[:, idx], kg, vg)
                 log.append(
                     dict(call=call, group=g, heads=idx, q=q[:, idx], k=kg, pos=pg, keep=keep)
                 )
@@ -182,12 +183,17 @@ def test_budget_below_the_mandatory_set_is_one_clear_error():
         HACKOptions(scope="bogus")
 
 
-def test_a_store_that_skips_a_scale_is_told_so():
-    sel = HACKSelection(CLASSES, 6, 33)
-    q, k = torch.randn(1, 2, 4, D), torch.randn(1, 2, 5, D)  # 1 history row never handed over
+def test_a_caller_that_gives_no_positions_is_told_so():
+    """The store owns the rows' positions (ScaleCall.positions); a caller without them, or with
+    positions of another shape, is refused when the selection would compress."""
+    sel = HACKSelection(CLASSES, 2, 33)
+    q, k = torch.randn(1, 2, 4, D), torch.randn(1, 2, 5, D)
     call = ScaleCall(layer=0, si=1, schedule=SCHED, cond_rows=1)
-    with pytest.raises(RuntimeError, match="has 1 history rows the selection did not keep"):
+    with pytest.raises(ValueError, match=r"needs the rows' positions \[1, 2, 5\].*got None"):
         sel.keep(call, 0, q, k, k)
+    short = dataclasses.replace(call, positions=torch.arange(4).expand(1, 2, 4))
+    with pytest.raises(ValueError, match=r"got \[1, 2, 4\]"):
+        sel.keep(short, 0, q, k, k)
 
 
 def test_cfg_scope_pair_keeps_identical_rows_and_row_follows_its_rows():
