@@ -57,15 +57,15 @@ def gather_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 class BudgetedHistory:
     """A :class:`~diffcache.kv.history.History` that keeps, per layer and head group, the rows its
-    selection chooses.
+        selection chooses.
 
-    Bytes are the store's own measurement: :meth:`nbytes` (held now), :meth:`history_nbytes`
-    (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
-    group being processed at its transient history + new rows) and :attr:`scale_history`, the
-    history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
-    of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
-attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the store
-owns them). One store serves one generation."""
+        Bytes are the store's own measurement: :meth:`nbytes` (held now), :meth:`history_nbytes`
+        (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
+        group being processed at its transient history + new rows) and :attr:`scale_history`, the
+        history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
+        of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
+    attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the store
+    owns them). One store serves one generation."""
 
     def __init__(self, selection: Selection) -> None:
         if selection.when not in ("pre", "post"):
