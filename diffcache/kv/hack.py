@@ -236,7 +236,8 @@ class HACKSelection:
             got = None if pos is None else list(pos.shape)
             raise ValueError(
                 f"hack: layer {call.layer} at scale {call.si} needs the rows' positions "
-                f"{list(k.shape[:3])} in ScaleCall.positions (a budgeted store sets them), got {got}"
+                f"{list(k.shape[:3])} in ScaleCall.positions (a budgeted store sets them), "
+                f"got {got}"
             )
         return pos.to(k.device)
 
