@@ -95,10 +95,7 @@ class Stats:
             "per_step_compute": self.per_step(),
             "work": {k: {"computed": d, "skipped": t - d} for k, (d, t) in self.work.items()},
             "kv_bytes_per_step": list(self.kv_bytes_per_step),
-            "kv_history_bytes": None
-            if self.kv_history_bytes is None
-            else list(self.kv_history_bytes),
-            "kv_geometry": None if self.kv_geometry is None else dict(self.kv_geometry),
+            **deepcopy({k: getattr(self, k) for k in ("kv_history_bytes", "kv_geometry")}),
             "kernels": dict(self.kernels),
             **({} if self.trace is None else {"trace": [dict(e) for e in self.trace]}),
         }

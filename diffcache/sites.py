@@ -1,11 +1,9 @@
 """Sites: the places where a method may reuse or forecast work, named as adapter data.
 
 Kinds, coarse to fine: ``step`` (one whole denoiser call), ``block`` (one block of a stack),
-``module`` (a module inside a block: self-attention, cross-attention, feed-forward, context
-feed-forward), and for our own pipelines ``token_layer`` (one token row through one layer, text
-diffusion LMs), ``scale`` (one scale of a next-scale model) and ``attn_pair`` (one query row
-attending one key row, per layer, batch row and head: a next-scale KV method's attention work).
-Stats count work per kind.
+``module`` (a module inside a block, ``ROLES``), and for our own pipelines ``token_layer`` (one
+token row through one layer, text diffusion LMs), ``scale`` (one scale of a next-scale model) and
+``attn_pair`` (one query row attending one key row: next-scale KV methods). Stats count each.
 """
 
 from __future__ import annotations

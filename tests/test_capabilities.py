@@ -19,6 +19,7 @@ from diffcache.testing.toys_seq import toy_scale_pipeline, toy_text_pipeline
 
 LATENT = "needs a latent denoiser but toy-text's adapter provides a masked-token denoiser"
 POSITION = "needs a kv store (position) but toy's adapter provides none"
+HISTORY = "needs a kv store (history) but toy-text's adapter provides none"
 MODULES = "needs module sites but toy-text's adapter provides none"
 #: the toy DiT's adapter, declaring a position-indexed KV store as well
 WITH_STORE = dataclasses.replace(
@@ -39,6 +40,9 @@ REFUSED = {
         ["toy_budget needs a kv store (history) but toy-text's adapter provides none"],
     ),
     "dkv_cache": ("toy", [f"dkv_cache {POSITION}"]),
+    **{m: ("toy-text", [f"{m} {HISTORY}"]) for m in ("h2o", "snapkv", "streaming", "pyramidkv")},
+    "scalekv": ("toy-text", [f"scalekv {HISTORY}"]),
+    "hack": ("toy-text", [f"hack {HISTORY}"]),
     "fast_dllm": ("toy", [f"fast_dllm {POSITION}"]),
     "elastic_cache": ("toy", [f"elastic_cache {POSITION}"]),
     "d2cache": ("toy", [f"d2cache {POSITION}"]),
@@ -62,6 +66,9 @@ def _plan(method: str, model: str) -> object:
     config = methods()[method]()
     if config.calibration is None:
         return {"diffcache": 1, "model": model, "method": method, "valid_for": {}}
+    if method == "hack":  # head classes are measured on a next-scale model: one layer, 2 heads
+        plan = {"diffcache": 1, "model": model, "method": method, "valid_for": {}}
+        return {**plan, "calibration": {"classes": [[0, 1]]}}
     if method == "ertacache":  # the toy's scheduler is not the flow-matching Euler one
         config = dataclasses.replace(config, time_adjust=False)
     made = plan_for(ToyPipeline(), config, num_inference_steps=4)

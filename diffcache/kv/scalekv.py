@@ -11,7 +11,8 @@ head): CFG's rows choose on their own (research/var.md §2.1).
 ``variant="released"`` is the released code's rule: raw window logits (no softmax) with the query
 re-projected from the attention input (``ScaleCall.raw_query``) scaled by ``1/√head_dim``, the
 window at −inf before and after a 1-D max pool (kernel 5). ``variant="paper"`` is Eq. 5: the
-model's query and softmax scale, softmax over the cache, average pooling.
+model's query and softmax scale, softmax over the cache, average pooling. ``pooling`` overrides
+the variant's pooling.
 
 Deliberate differences from the released code:
 
@@ -59,6 +60,7 @@ class ScaleKVSelection:
         window: int = 16,
         kernel: int = 5,
         reference_compat: bool = False,
+        pooling: str | None = None,
     ) -> None:
         if variant not in ("released", "paper"):
             raise PlanError(f"ScaleKV variant {variant!r} is not one of 'released', 'paper'")
@@ -73,7 +75,7 @@ class ScaleKVSelection:
         self.base_capacity = budgets.average if base_capacity is None else base_capacity
         self.window = window
         self.kernel = kernel
-        self.pooling = "max" if variant == "released" else "avg"
+        self.pooling = pooling or ("max" if variant == "released" else "avg")
         self.reference_compat = reference_compat
 
     def check(self, schedule: Schedule, layers: int) -> None:

@@ -9,10 +9,13 @@ from diffcache.methods import (
     ertacache,
     ertacache_calibrate,
     fast_dllm,
+    hack,
     hyca,
     hyca_calibrate,
     invardiff,
     invardiff_calibrate,
+    kv_baselines,
+    scalekv,
 )
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
@@ -32,10 +35,13 @@ __all__ = [
     "easycache",
     "elastic_cache",
     "fast_dllm",
+    "hack",
     "ertacache",
     "ertacache_calibrate",
     "hyca",
     "hyca_calibrate",
     "invardiff",
     "invardiff_calibrate",
+    "kv_baselines",
+    "scalekv",
 ]

@@ -1,0 +1,164 @@
+"""How a next-scale KV-compression method attaches to VAR / Infinity (research/var.md §4).
+
+A method's ``apply`` hands :func:`attach_history` a factory of its
+:class:`~diffcache.kv.history.Selection`; the pipeline method the adapter's KV seam names
+(``Adapter.kv.policy``: ``history_store``) is wrapped (instance-level, undone by ``remove``) so
+each generation attends through a fresh :class:`~diffcache.kv.budget.BudgetedHistory` of that
+selection, metered by :class:`MeteredHistory`.
+
+Work is counted in kind ``attn_pair``: one query row attending one key row, per layer, batch row
+and head. The plain model's queries at scale ``si`` attend ``start(si) + tokens(si)`` keys, so
+``compute_fraction`` is the attention work the method kept. Stats also carry, per generation,
+``kv_history_bytes`` (the history held before each scale; the last entry is the papers' "KV
+cache"), ``kv_bytes_peak`` (the layer-sweep peak) and ``kv_geometry`` (what
+:class:`~diffcache.kv.memory.Geometry` needs to recompute both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from diffcache.errors import PlanError, UnsupportedModelError
+from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.history import ScaleCall, Schedule, Selection
+from diffcache.runstate import RunState
+from diffcache.session import Session
+
+
+class KeepAll:
+    """The unlimited budget: one group per layer, nothing evicted (the plain model's cache)."""
+
+    when = "post"
+
+    def groups(self, layer: int, heads: int) -> list[list[int]]:
+        return [list(range(heads))]
+
+    def keep(
+        self, call: ScaleCall, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        return None
+
+
+class MeteredHistory:
+    """A generation's budgeted store that reports its attention work and bytes to the run."""
+
+    def __init__(self, store: BudgetedHistory, run: RunState) -> None:
+        self.store, self.run = store, run
+        self.geometry: dict[str, Any] = {}
+
+    def attend(
+        self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        before = self.store.pairs
+        out = self.store.attend(call, q, k, v)
+        b, h, n, d = q.shape
+        plain = b * h * n * call.schedule.start(call.si + 1)
+        self.run.record("attn_pair", float(self.store.pairs - before), float(plain))
+        self.run.record_kv(self.store.nbytes())
+        self.geometry = {
+            "layers": max(self.geometry.get("layers", 0), call.layer + 1),
+            "heads": h,
+            "head_dim": d,
+            "k_bytes": k.element_size(),
+            "v_bytes": v.element_size(),
+            "schedule": [list(s) for s in call.schedule.sizes],
+            "rows": b,
+        }
+        return out
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def history_nbytes(self) -> int:
+        return self.store.history_nbytes()
+
+    def peak_nbytes(self) -> int:
+        return self.store.peak_nbytes()
+
+    def report(self) -> None:
+        """Put the generation's byte counts and geometry into the run's Stats."""
+        stats = self.run.stats
+        scales = len(self.geometry.get("schedule", ()))
+        stats.kv_history_bytes = [self.store.scale_history.get(si, 0) for si in range(scales)]
+        stats.kv_bytes_peak = self.store.peak_nbytes()
+        stats.kv_geometry = dict(self.geometry)
+
+
+class _Generations:
+    """The metered store of each generation of one session's pipeline."""
+
+    def __init__(self, session: Session, factory: Callable[[], Selection]) -> None:
+        self.run, self.factory = session.run, factory
+        self.store: MeteredHistory | None = None
+
+    def new_store(self, inner: Callable, *args: Any, **kwargs: Any) -> MeteredHistory:
+        self.store = MeteredHistory(BudgetedHistory(self.factory()), self.run)
+        return self.store
+
+    def end_run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.store is not None:
+            self.store.report()
+        return inner(*args, **kwargs)
+
+
+def history_seam(session: Session, name: str) -> str:
+    """The pipeline method that hands out each generation's history store, or
+    UnsupportedModelError naming the capability the model lacks."""
+    adapter = session.target.adapter
+    if adapter.kv is None or adapter.kv.store != "history":
+        have = "none" if adapter.kv is None else f"a {adapter.kv.store} store"
+        raise UnsupportedModelError(
+            f"{name} needs a model with a history KV store (Adapter.kv store='history'); "
+            f"{adapter.name} declares {have}"
+        )
+    return adapter.kv.policy
+
+
+def attach_history(session: Session, name: str, factory: Callable[[], Selection]) -> None:
+    """Make every generation of the session's pipeline attend through a budgeted store of
+    ``factory()``'s selection, metered (work in ``attn_pair``, bytes into Stats)."""
+    seam = history_seam(session, name)
+    generations = _Generations(session, factory)
+    pipe = session.target.pipe
+    session.attach(pipe, seam, f"diffcache.{name}", generations.new_store)
+    session.attach(pipe, "end_run", f"diffcache.{name}.bytes", generations.end_run)
+
+
+def model_shape(session: Session) -> tuple[Schedule, int, int]:
+    """The schedule, layers and heads of the session's next-scale model (its transformer's
+    config: ``depth``, ``num_heads``)."""
+    config = session.target.denoiser.config
+    return session.target.pipe.schedule, config.depth, config.num_heads
+
+
+def token_budget(budget: int | None, ratio: float | None, schedule: Schedule) -> int | None:
+    """Rows per head: ``budget`` tokens, or ``ratio`` of the history before the last scale
+    (rounded down, research/var.md §2.3); None when neither is given (unlimited)."""
+    if budget is not None and ratio is not None:
+        raise PlanError(f"give budget ({budget}) or ratio ({ratio}), not both")
+    if ratio is None:
+        return budget
+    return max(1, int(ratio * schedule.start(len(schedule) - 1)))
+
+
+def attach_selection(
+    session: Session, name: str, make: Callable[[Schedule, int, int], Selection | None]
+) -> None:
+    """Build the method's selection for the session's model with ``make(schedule, layers,
+    heads)`` (None: the unlimited budget), check it against the model before any work (its
+    optional ``check(schedule, layers)``), and attach it (:func:`attach_history`). A plan that
+    does not fit the model is refused with one line naming the plan and the mismatch."""
+    history_seam(session, name)
+    schedule, layers, heads = model_shape(session)
+    try:
+        selection = make(schedule, layers, heads)
+        check = getattr(selection, "check", None)
+        if check is not None:
+            check(schedule, layers)
+    except (PlanError, ValueError) as e:
+        raise PlanError(f"{session.plan.source}: {e}") from None
+    chosen: Selection = KeepAll() if selection is None else selection
+    attach_history(session, name, lambda: chosen)
