@@ -35,6 +35,8 @@ CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint")
 #: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only
 #: (``partial``), cached state dropped (``evicted``), tokens decoded (``committed``).
 ACTIONS = ("computed", "reused", "forecast", "partial", "evicted", "committed")
+#: Stats of next-scale KV methods, in ``as_dict`` when set (``diffcache.kv.history_method``)
+KV_HISTORY = ("kv_history_bytes", "kv_geometry")
 
 
 @dataclasses.dataclass
@@ -49,8 +51,8 @@ class Stats:
     work: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # kind -> [done, all]
     kv_bytes_peak: int | None = None
     kv_bytes_per_step: list[int] = dataclasses.field(default_factory=list)
-    kv_history_bytes: list[int] | None = None  # next-scale KV methods: history before each scale
-    kv_geometry: dict[str, Any] | None = None  # what those bytes follow from (kv.memory.Geometry)
+    kv_history_bytes: list[int] | None = None  # KV_HISTORY
+    kv_geometry: dict[str, Any] | None = None
     wall_s: float | None = None
     calls: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -95,7 +97,7 @@ class Stats:
             "per_step_compute": self.per_step(),
             "work": {k: {"computed": d, "skipped": t - d} for k, (d, t) in self.work.items()},
             "kv_bytes_per_step": list(self.kv_bytes_per_step),
-            **deepcopy({k: getattr(self, k) for k in ("kv_history_bytes", "kv_geometry")}),
+            **{k: deepcopy(v) for k in KV_HISTORY if (v := getattr(self, k)) is not None},
             "kernels": dict(self.kernels),
             **({} if self.trace is None else {"trace": [dict(e) for e in self.trace]}),
         }

@@ -24,7 +24,7 @@ ENGINE += ("options", "yamlio", "request")
 CORE = ENGINE + ("streams", "display", "calibration", "generate", "profile")
 #: the most lines the engine's files may have together (issue 22 asked for 2,000; see
 #: ``test_the_core_engine_stays_small`` for what the rest is)
-ENGINE_LINES = 2177
+ENGINE_LINES = 2179
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}

@@ -311,6 +311,9 @@ def _record(
         rec["compute_fraction"] = stats.compute_fraction
         rec["per_step"] = stats.per_step()
         rec["kv_bytes_peak"] = stats.kv_bytes_peak
+        for key in ("kv_history_bytes", "kv_geometry"):  # next-scale KV methods
+            if getattr(stats, key) is not None:
+                rec[key] = getattr(stats, key)
     return rec
 
 

@@ -1,0 +1,293 @@
+"""The next-scale KV methods end to end on var-tiny (scales 1, 2, 3, 4; 2 layers x 2 heads of 32;
+K and V fp32): the unlimited budget is the plain model bit for bit, every layer and head group
+holds at every scale the rows its rule allows (an explicit loop over the rules of
+research/var.md §2.1-§2.3), the measured bytes are diffcache.kv.memory's arithmetic, the work is
+the attention pairs kept, remove() leaves the pipeline plain, and a plan that does not fit the
+model is refused before anything runs (CLI: exit 2, one line)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import diffcache
+from diffcache.cli import main
+from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.history import FullHistory, Schedule
+from diffcache.kv.memory import Geometry
+from diffcache.pipelines.var import VARPipeline, build_tiny
+from diffcache.registry import methods
+
+LABELS, CFG, SEED = [1, 2], 2.0, 0
+SCHEDULE = Schedule.square((1, 2, 3, 4))  # 30 tokens; 14 before the last scale
+LAYERS, HEADS, HEAD_DIM, ROWS = 2, 2, 32, 4  # ROWS: 2 labels and their CFG twins
+GEOMETRY = Geometry(LAYERS, HEADS, HEAD_DIM, SCHEDULE, ROWS, k_bytes=4, v_bytes=4)
+CLASSES = [[0, 1], [1, 0]]  # var-tiny-hack.yaml's head classes
+
+
+def _plan(method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    plan = {"diffcache": 1, "model": "var", "method": method, "options": options or {}}
+    return {**plan, "calibration": {"classes": CLASSES}} if method == "hack" else plan
+
+
+def _run(pipe: VARPipeline) -> Any:
+    return pipe(LABELS, cfg=CFG, seed=SEED)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.indices, b.indices, strict=True)) and all(
+        np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def plain() -> tuple[VARPipeline, Any]:
+    pipe = build_tiny()
+    return pipe, _run(pipe)
+
+
+KV_METHODS = ["scalekv", "hack", "h2o", "snapkv", "streaming", "pyramidkv"]
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_unlimited_budget_is_the_plain_run_bit_for_bit(method: str, plain) -> None:
+    pipe, base = plain
+    config = methods()[method].identity()
+    diffcache.accelerate(pipe, _plan(method, config.to_options()))
+    try:
+        out, stats = _run(pipe), diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert _same(out, base)
+    assert stats.compute_fraction == 1.0 and stats.kind == "attn_pair"
+    assert stats.kv_history_bytes == GEOMETRY.history_before(None)
+    assert stats.kv_bytes_peak == GEOMETRY.sweep_peak(None) == 30 * LAYERS * GEOMETRY.row_bytes
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, list[int], int, int]]:
+    """Every group call of the budgeted store: (scale, layer, heads, rows attended, rows held
+    after it)."""
+    seen = []
+    inner = BudgetedHistory._attend_group
+
+    def attend_group(self, call, g, q, k, v):
+        before = self.pairs
+        out = inner(self, call, g, q, k, v)
+        attended = (self.pairs - before) // (q.shape[0] * q.shape[1] * q.shape[2])
+        seen.append(
+            (
+                call.si,
+                call.layer,
+                self.groups[call.layer][g],
+                attended,
+                self.k[call.layer][g].shape[2],
+            )
+        )
+        return out
+
+    monkeypatch.setattr(BudgetedHistory, "_attend_group", attend_group)
+    return seen
+
+
+def _pyramid(budget: int, window: int, layer: int, length: int, beta: int = 20) -> int:
+    """PyramidKV's cap, written from its reference formula (research/var.md §2.3)."""
+    n = budget - window
+    if length < 2 * n:
+        return budget
+    low, high = n // beta, 2 * n - n // beta
+    if high >= length - window:
+        high, low = length - window, 2 * n - (length - window)
+    return high - layer * ((high - low) // (LAYERS - 1)) + window
+
+
+def _groups(when: str, layer: int) -> list[list[int]]:
+    """One group of every head, or HACK's (``when="pre"``): contextual heads, then structural."""
+    if when == "pre":
+        return [[h for h in range(HEADS) if CLASSES[layer][h] == c] for c in (0, 1)]
+    return [list(range(HEADS))]
+
+
+def _expected(
+    when: str, budget: Callable[[int, int, int], int | None]
+) -> list[tuple[int, int, list[int], int, int]]:
+    """The rows each (scale, layer, head group) attends and holds: a post-attention rule attends
+    history + new rows, then keeps min(budget, all); a pre-attention rule keeps first and
+    attends what it kept. ``budget(si, layer, length)``: None = keep all."""
+    out, held = [], {}
+    for si in range(len(SCHEDULE)):
+        for layer in range(LAYERS):
+            for heads in _groups(when, layer):
+                total = held.get((layer, tuple(heads)), 0) + SCHEDULE.tokens(si)
+                b = budget(si, layer, total)
+                kept = total if b is None else min(b, total)
+                out.append((si, layer, heads, kept if when == "pre" else total, kept))
+                held[layer, tuple(heads)] = kept
+    return out
+
+
+#: each bundled var-tiny plan: when it selects, and its budget by (scale, layer, rows) as the
+#: plan's provenance describes it
+RULES: dict[str, tuple[str, Callable[[int, int, int], int | None]]] = {
+    "h2o": ("post", lambda si, layer, n: 7),  # ratio 0.5 of the 14 history rows
+    "snapkv": ("post", lambda si, layer, n: 7),
+    "streaming": ("post", lambda si, layer, n: 8),
+    "pyramidkv": ("post", lambda si, layer, n: _pyramid(10, 2, layer, n)),
+    # ScaleKV compresses after scale 2 only (the cache first exceeds 8 there; none after the
+    # last scale): the drafter layer 0 keeps 12, the refiner 4
+    "scalekv": ("post", lambda si, layer, n: (12, 4)[layer] if si == 2 else None),
+    "hack": ("pre", lambda si, layer, n: 15),  # B = 0.5 x 30, alpha 1/2, B_C = B_S
+}
+
+
+@pytest.mark.parametrize("method", sorted(RULES))
+def test_every_layer_and_head_group_holds_its_budget_at_every_scale(
+    method: str, plain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe, _ = plain
+    seen = _spy(monkeypatch)
+    diffcache.accelerate(pipe, f"var-tiny-{method}.yaml")
+    try:
+        _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    when, budget = RULES[method]
+    expect = _expected(when, budget)
+    assert seen == expect
+    pairs = sum(ROWS * len(h) * SCHEDULE.tokens(si) * att for si, _, h, att, _ in expect)
+    plain_pairs = sum(
+        ROWS * HEADS * SCHEDULE.tokens(si) * SCHEDULE.start(si + 1) * LAYERS
+        for si in range(len(SCHEDULE))
+    )
+    assert stats.work["attn_pair"] == [pairs, plain_pairs]
+    assert stats.compute_fraction == pytest.approx(pairs / plain_pairs, rel=1e-12)
+    assert stats.compute_fraction < 1.0
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.1])
+def test_measured_history_bytes_are_the_memory_arithmetic(ratio: float, plain) -> None:
+    pipe, _ = plain
+    diffcache.accelerate(pipe, _plan("h2o", {"ratio": ratio}))
+    try:
+        _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    budget = int(ratio * 14)  # the history before the last scale: 1 + 4 + 9 rows
+    assert stats.kv_history_bytes == GEOMETRY.history_before(lambda si, layer: budget)
+    assert stats.kv_bytes_peak == GEOMETRY.sweep_peak(lambda si, layer: budget)
+    assert Geometry(**{**stats.kv_geometry, "schedule": SCHEDULE}) == GEOMETRY
+    # the papers' "KV cache": both layers hold min(budget, 14) rows of 2 x 4 x 32 x (4 + 4) bytes
+    assert stats.kv_history_bytes[-1] == LAYERS * min(budget, 14) * ROWS * HEADS * HEAD_DIM * 8
+
+
+def test_scalekv_roles_give_the_memory_arithmetic_per_layer(plain) -> None:
+    pipe, _ = plain
+    diffcache.accelerate(pipe, "var-tiny-scalekv.yaml")
+    try:
+        _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    roles = {2: (12, 4)}
+    assert stats.kv_history_bytes == GEOMETRY.history_before(
+        lambda si, layer: roles[si][layer] if si in roles else None
+    )
+    assert stats.kv_history_bytes[-1] == (12 + 4) * GEOMETRY.row_bytes
+
+
+def test_remove_leaves_the_pipeline_plain(plain) -> None:
+    pipe, base = plain
+    diffcache.accelerate(pipe, "var-tiny-hack.yaml")
+    assert not _same(_run(pipe), base), "the plan must change this output to test anything"
+    assert isinstance(pipe.last_history.store, BudgetedHistory)
+    diffcache.remove(pipe)
+    assert "history_store" not in vars(pipe) and "end_run" not in vars(pipe)
+    assert _same(_run(pipe), base)
+    assert type(pipe.last_history) is FullHistory
+
+
+BAD = [
+    (
+        "scalekv",
+        {
+            "average": 8,
+            "window": 4,
+            "scales": [{"after_scale": 2, "roles": "DRR", "drafter": 12, "refiner": 6}],
+        },
+        None,
+        "have roles for 3 layers, the model has 2",
+    ),
+    (
+        "hack",
+        {"budget": 10},
+        [[0, 1, 1], [1, 0, 0]],
+        "head classes are for 2 layers x 3 heads, the model has 2 layers x 2 heads",
+    ),
+    (
+        "scalekv",
+        {
+            "average": 8,
+            "window": 4,
+            "scales": [{"after_scale": 5, "roles": "DR", "drafter": 12, "refiner": 4}],
+        },
+        None,
+        "after scale 5, but the model's schedule has 4 scales",
+    ),
+    ("h2o", {"budget": 30}, None, "not below the whole cache of this schedule (30 tokens)"),
+    ("streaming", {"budget": 3}, None, "budget of 3 tokens per head is below the 5 tokens"),
+    ("hack", {"budget": 8}, None, "budget_structural=8 is below the 14 rows"),
+]
+
+
+@pytest.mark.parametrize(("method", "options", "classes", "message"), BAD)
+def test_a_plan_that_does_not_fit_the_model_is_refused_before_anything_runs(
+    method: str, options: dict, classes: list | None, message: str, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    plan = _plan(method, options)
+    if classes is not None:
+        plan["calibration"] = {"classes": classes}
+    path, out = tmp_path / "bad.yaml", tmp_path / "x.png"
+    path.write_text(yaml.safe_dump(plan))
+    argv = ["generate", "--model", "var-tiny", "--plan", str(path), "--out", str(out)]
+    assert main([*argv, "--class-label", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"diffcache: error: {path}: "), err
+    assert message in err and not out.exists()
+
+
+def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path, plain) -> None:
+    import json
+
+    pipe, _ = plain
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", "var-tiny", "--plan", "var-tiny-scalekv.yaml"]
+    assert main([*argv, "--class-label", "3", "--out", str(out)]) == 0
+    import imageio.v3 as iio
+
+    diffcache.accelerate(pipe, "var-tiny-scalekv.yaml")
+    try:
+        image = pipe([3], cfg=1.5, seed=0).images[0]
+    finally:
+        diffcache.remove(pipe)
+    assert np.array_equal(iio.imread(out), (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    report = tmp_path / "v"
+    assert (
+        main(["eval", "--model", "var-tiny", "--plan", "var-tiny-hack.yaml", "--out", str(report)])
+        == 0
+    )
+    data = json.loads((report / "report.json").read_text())
+    (run,) = data["runs"]
+    record = next(r for r in data["records"] if r["run"] == "var-tiny-hack.yaml")
+    geometry = dataclasses.replace(GEOMETRY, rows=2)  # one label and its CFG twin
+    assert record["kv_history_bytes"] == geometry.history_before(lambda si, layer: 15)
+    assert run["kv_bytes_peak"] == record["kv_bytes_peak"] > 0
+    assert 0 < run["compute_fraction"] < 1
