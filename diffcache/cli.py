@@ -184,10 +184,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None)
     q.set_defaults(func=_plans_check)
     q = psub.add_parser(
-        "import", help="turn the InvarDiff reference code's JSON books into a plan for a model"
+        "import", help="turn InvarDiff's JSON books or a ScaleKV budget file into a plan"
     )
-    q.add_argument("file", help="the reference's cache book .json (Wan2.1 or FLUX layout)")
-    q.add_argument("--model", required=True, help="the model the books were made for")
+    q.add_argument("file", help="the reference's cache book or budget .json")
+    q.add_argument("--method", choices=("invardiff", "scalekv"), default="invardiff")
+    q.add_argument("--model", help="invardiff: the model the books were made for")
+    q.add_argument("--depth", type=int, help="scalekv: the model's layers")
+    q.add_argument("--family", default="infinity", help="scalekv: the plan's model family")
+    q.add_argument("--average", type=int, default=650, help="scalekv: the file's mean budget")
     q.add_argument("--out", required=True, help="plan file to write (.yaml)")
     q.set_defaults(func=_plans_import)
 
@@ -765,12 +769,31 @@ def _plans_import(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     if not Path(args.file).is_file():
         raise DiffCacheError(f"{args.file}: no such file")
+    if args.method == "scalekv":
+        return _import_scalekv(args, out)
+    if args.model is None:
+        raise DiffCacheError("plans import --method invardiff needs --model")
     entry = builtin_models().get(args.model)  # a built-in model's family is known now
     # a malformed book file fails before the model is built
     read_reference_books(args.file, entry.family if entry is not None else None)
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
     reused = int(plan.calibration_data.step_book.sum())
     print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")
+    return 0
+
+
+def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
+    from diffcache.methods.scalekv import import_budgets
+    from diffcache.registry import adapters
+
+    if args.depth is None or args.depth < 1:
+        raise DiffCacheError(
+            f"plans import --method scalekv needs --depth N >= 1, got {args.depth}"
+        )
+    if args.family not in adapters():
+        raise DiffCacheError(f"--family {args.family}: known families: {', '.join(adapters())}")
+    plan = import_budgets(args.file, args.depth, args.family, args.average).save(out)
+    print(f"wrote {plan}: scalekv budgets for a {args.depth}-layer {args.family} model")
     return 0
 
 

@@ -27,8 +27,9 @@ from diffcache.errors import PlanError
 from diffcache.kv.history import Schedule
 from diffcache.kv.history_method import attach_selection, token_budget
 from diffcache.kv.scalekv import ScaleKVSelection
-from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
+from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets, read_scalekv_json
 from diffcache.methods.base import MethodConfig, option
+from diffcache.plan import Plan
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -77,6 +78,14 @@ class ScaleKVConfig(MethodConfig):
     def aggressive(cls) -> ScaleKVConfig:
         return cls(average=4, window=4)
 
+    @classmethod
+    def from_budgets(cls, budgets: ScaleKVBudgets) -> ScaleKVConfig:
+        """The released rule with these per-scale drafter / refiner budgets."""
+        scales = tuple(
+            ScaleKVScale(s.applies_after_si, s.roles, s.drafter, s.refiner) for s in budgets.scales
+        )
+        return cls(average=budgets.average, scales=scales)
+
     def budgets(self, schedule: Schedule, layers: int) -> ScaleKVBudgets | None:
         """The per-(scale, layer) budgets on this model; None: unlimited."""
         average = token_budget(self.average, self.ratio, schedule)
@@ -121,6 +130,14 @@ class ScaleKVConfig(MethodConfig):
             reference_compat=self.reference_compat,
             pooling=self.pooling,
         )
+
+
+def import_budgets(path: str, depth: int, family: str, average: int = 650) -> Plan:
+    """A plan of family ``family`` from a budget file of the released format
+    (``budgets/{2b,8b}_10%_budget.json`` of StargazerX0/ScaleKV) for a ``depth``-layer model."""
+    config = ScaleKVConfig.from_budgets(read_scalekv_json(path, depth, average))
+    source = f"ScaleKV budget file {path} (released format: StargazerX0/ScaleKV budgets/)"
+    return Plan(family, config.name, config.to_options(), provenance={"source": source})
 
 
 @register_method(ScaleKVConfig)

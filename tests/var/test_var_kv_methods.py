@@ -291,3 +291,47 @@ def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path,
     assert record["kv_history_bytes"] == geometry.history_before(lambda si, layer: 15)
     assert run["kv_bytes_peak"] == record["kv_bytes_peak"] > 0
     assert 0 < run["compute_fraction"] < 1
+
+
+def test_var_d30_plans_give_the_published_budgets_on_the_d30_schedule() -> None:
+    """VAR-d30 at 256 px: 680 tokens, 424 before the last scale; 50% and 10% of that history
+    (HACK: 50% of the final 680), checked against the real depth without building the model."""
+    from diffcache.pipelines.var.config import PATCH_NUMS_256
+    from diffcache.plan import Plan
+
+    d30 = Schedule.square(PATCH_NUMS_256)
+    assert (d30.total, d30.start(len(d30) - 1)) == (680, 424)
+    want = {"h2o": 212, "snapkv": 212, "streaming": 42, "pyramidkv": 42}
+    for method, tokens in want.items():
+        selection = Plan.load(f"var-d30-{method}.yaml").config.make(d30, 30, 30)
+        assert selection.tokens == tokens
+        selection.check(d30, 30)
+    scalekv = Plan.load("var-d30-scalekv.yaml").config.make(d30, 30, 30)
+    scalekv.check(d30, 30)
+    assert {scalekv.budgets.budget(si, layer) for si in range(9) for layer in range(30)} == {42}
+    hack = Plan.load("var-d30-hack.yaml", template=True)
+    assert hack.is_template and hack.config.average(d30) == 340
+
+
+def test_plans_import_scalekv_reads_the_released_format(tmp_path: Path, capsys) -> None:
+    """'Scale s' sets the cache after 0-based scale s - 2; 'Block b' 1 is a drafter (Max)."""
+    import json
+
+    from diffcache.plan import Plan
+
+    budget = tmp_path / "budget.json"
+    entry = {"Max": 12, "Min": 4, "High": 1, "Limit": 14, "Block 0": 1, "Block 1": 0}
+    budget.write_text(json.dumps({"Scale 4": entry}))
+    out = tmp_path / "plan.yaml"
+    argv = ["plans", "import", str(budget), "--method", "scalekv", "--out", str(out)]
+    assert main([*argv, "--depth", "2", "--family", "var", "--average", "8"]) == 0
+    plan = Plan.load(out)
+    assert plan.options["scales"] == [
+        {"after_scale": 2, "roles": "DR", "drafter": 12, "refiner": 4}
+    ]
+    assert plan.options["average"] == 8 and str(budget) in plan.provenance["source"]
+    capsys.readouterr()
+    again = ["plans", "import", str(budget), "--method", "scalekv", "--family", "var"]
+    assert main([*again, "--out", str(tmp_path / "b.yaml"), "--depth", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'Block 0'..'Block 2' each 0 or 1" in err
