@@ -23,6 +23,7 @@ choose on their own. ``compute_fraction`` is the attention work kept (kind ``att
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -41,7 +42,7 @@ from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class HistoryBudgetConfig(MethodConfig):
+class HistoryBudgetConfig(MethodConfig, abc.ABC):
     """What every next-scale KV baseline shares: its budget and what it needs of a model."""
 
     granularity: ClassVar[str] = "kv"
@@ -53,9 +54,9 @@ class HistoryBudgetConfig(MethodConfig):
         None, "or the budget as this fraction of the history before the last scale", min=0.0
     )
 
+    @abc.abstractmethod
     def selection(self, tokens: int, layers: int) -> Selection:
         """The selection that keeps ``tokens`` rows per head on a model of ``layers`` layers."""
-        raise NotImplementedError
 
     def make(self, schedule: Schedule, layers: int, heads: int) -> Selection | None:
         tokens = token_budget(self.budget, self.ratio, schedule)

@@ -50,6 +50,8 @@ from diffcache.eval.timing import (
     timed,
 )
 from diffcache.generate import Request, check, expand, generate, write_problem
+from diffcache.kv.history import Schedule
+from diffcache.kv.memory import Geometry
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
 
@@ -311,10 +313,17 @@ def _record(
         rec["compute_fraction"] = stats.compute_fraction
         rec["per_step"] = stats.per_step()
         rec["kv_bytes_peak"] = stats.kv_bytes_peak
-        for key in ("kv_history_bytes", "kv_geometry"):  # next-scale KV methods
-            if getattr(stats, key) is not None:
-                rec[key] = getattr(stats, key)
+        if getattr(stats, "kv_geometry", None) is not None:  # next-scale KV methods
+            rec["kv_history_bytes"] = stats.kv_history_bytes
+            rec["kv_geometry"] = stats.kv_geometry
+            rec["kv_history_plain"] = plain_history(stats.kv_geometry)  # the plain run's
     return rec
+
+
+def plain_history(geometry: dict[str, Any]) -> list[int]:
+    """The history bytes before each scale of the plain model (every row kept) for this
+    ``Stats.kv_geometry``: what its ``FullHistory`` holds (diffcache.kv.memory)."""
+    return Geometry(**{**geometry, "schedule": Schedule(geometry["schedule"])}).history_before()
 
 
 def _report(
@@ -365,6 +374,9 @@ def _report(
             "samples": len(recs),
             "per_step_compute": _mean_steps(steps),
         }
+        if any("kv_history_plain" in r for r in recs):  # the papers' "KV cache": the last history
+            kept = [r["kv_history_bytes"][-1] / r["kv_history_plain"][-1] for r in recs]
+            run["kv_cache_fraction"] = metrics.mean(kept)
         if text:
             run["tokens_per_s"] = _tokens_per_s(recs)
             base_acc = _mean_or_none([r.get("accuracy") for r in base])

@@ -281,14 +281,30 @@ def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path,
     assert np.array_equal(iio.imread(out), (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
     report = tmp_path / "v"
     assert (
-        main(["eval", "--model", "var-tiny", "--plan", "var-tiny-hack.yaml", "--out", str(report)])
+        main(
+            [
+                "eval",
+                "--model",
+                "var-tiny",
+                "--plan",
+                "var-tiny-hack.yaml",
+                "--plan",
+                "var-tiny-h2o.yaml",
+                "--out",
+                str(report),
+            ]
+        )
         == 0
     )
     data = json.loads((report / "report.json").read_text())
-    (run,) = data["runs"]
+    run, h2o = data["runs"]
     record = next(r for r in data["records"] if r["run"] == "var-tiny-hack.yaml")
     geometry = dataclasses.replace(GEOMETRY, rows=2)  # one label and its CFG twin
     assert record["kv_history_bytes"] == geometry.history_before(lambda si, layer: 15)
+    # the plain run's history, by the arithmetic the unlimited-budget test checks is measured
+    assert record["kv_history_plain"] == geometry.history_before(None)
+    assert run["kv_cache_fraction"] == 14 / 14  # B = 15 >= the 14 rows before the last scale
+    assert h2o["kv_cache_fraction"] == 7 / 14  # H2O keeps half the history
     assert run["kv_bytes_peak"] == record["kv_bytes_peak"] > 0
     assert 0 < run["compute_fraction"] < 1
 
