@@ -218,6 +218,10 @@ class HACKSelection:
             if schedule.start(si + 1) > budget and need > budget:
                 raise ValueError(self._too_small(schedule, si, need))
 
+    def check(self, schedule: Schedule, layers: int) -> None:
+        """:meth:`validate` with the heads of the class table (the budgeted store's hook)."""
+        self.validate(schedule, layers, self.classes.shape[1])
+
     def _groups(self, layer: int, heads: int) -> list[tuple[int, list[int]]]:
         if heads != self.classes.shape[1] or not 0 <= layer < self.classes.shape[0]:
             raise ValueError(

@@ -43,15 +43,21 @@ class KeepAll:
 
 
 class MeteredHistory:
-    """A generation's budgeted store that reports its attention work and bytes to the run."""
+    """A generation's budgeted store that reports its attention work and bytes to the run;
+    ``check(schedule)`` refuses, at the generation's first attention, a schedule the
+    selection does not fit (a model whose schedule follows the request: Infinity's sizes)."""
 
-    def __init__(self, store: BudgetedHistory, run: RunState) -> None:
-        self.store, self.run = store, run
+    def __init__(
+        self, store: BudgetedHistory, run: RunState, check: Callable[[Schedule], None]
+    ) -> None:
+        self.store, self.run, self.check = store, run, check
         self.geometry: dict[str, Any] = {}
 
     def attend(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
+        if not self.geometry:
+            self.check(call.schedule)
         before = self.store.pairs
         out = self.store.attend(call, q, k, v)
         b, h, n, d = q.shape
@@ -90,12 +96,14 @@ class MeteredHistory:
 class _Generations:
     """The metered store of each generation of one session's pipeline."""
 
-    def __init__(self, session: Session, factory: Callable[[], Selection]) -> None:
-        self.run, self.factory = session.run, factory
+    def __init__(
+        self, session: Session, factory: Callable[[], Selection], check: Callable[[Schedule], None]
+    ) -> None:
+        self.run, self.factory, self.check = session.run, factory, check
         self.store: MeteredHistory | None = None
 
     def new_store(self, inner: Callable, *args: Any, **kwargs: Any) -> MeteredHistory:
-        self.store = MeteredHistory(BudgetedHistory(self.factory()), self.run)
+        self.store = MeteredHistory(BudgetedHistory(self.factory()), self.run, self.check)
         return self.store
 
     def end_run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -117,21 +125,29 @@ def history_seam(session: Session, name: str) -> str:
     return adapter.kv.policy
 
 
-def attach_history(session: Session, name: str, factory: Callable[[], Selection]) -> None:
+def attach_history(
+    session: Session,
+    name: str,
+    factory: Callable[[], Selection],
+    check: Callable[[Schedule], None] = lambda schedule: None,
+) -> None:
     """Make every generation of the session's pipeline attend through a budgeted store of
-    ``factory()``'s selection, metered (work in ``attn_pair``, bytes into Stats)."""
+    ``factory()``'s selection, metered (work in ``attn_pair``, bytes into Stats); ``check``
+    refuses a generation's schedule before its first attention."""
     seam = history_seam(session, name)
-    generations = _Generations(session, factory)
+    generations = _Generations(session, factory, check)
     pipe = session.target.pipe
     session.attach(pipe, seam, f"diffcache.{name}", generations.new_store)
     session.attach(pipe, "end_run", f"diffcache.{name}.bytes", generations.end_run)
 
 
 def model_shape(session: Session) -> tuple[Schedule, int, int]:
-    """The schedule, layers and heads of the session's next-scale model (its transformer's
-    config: ``depth``, ``num_heads``)."""
-    config = session.target.denoiser.config
-    return session.target.pipe.schedule, config.depth, config.num_heads
+    """The schedule (of the default request: ``pipe.schedule``, or ``pipe.schedule(None,
+    None)`` where it follows the image size), layers and heads of the session's next-scale
+    model (its transformer's config: ``depth``, ``num_heads``)."""
+    config, schedule = session.target.denoiser.config, session.target.pipe.schedule
+    schedule = schedule(None, None) if callable(schedule) else schedule
+    return schedule, config.depth, config.num_heads
 
 
 def token_budget(budget: int | None, ratio: float | None, schedule: Schedule) -> int | None:
@@ -148,17 +164,38 @@ def attach_selection(
     session: Session, name: str, make: Callable[[Schedule, int, int], Selection | None]
 ) -> None:
     """Build the method's selection for the session's model with ``make(schedule, layers,
-    heads)`` (None: the unlimited budget), check it against the model before any work (its
-    optional ``check(schedule, layers)``), and attach it (:func:`attach_history`). A plan that
-    does not fit the model is refused with one line naming the plan and the mismatch."""
+    heads)`` (None: the unlimited budget) on its default schedule (a ``ratio`` budget is
+    resolved there), check it before any work (its optional ``check(schedule, layers)``, again
+    for each generation's schedule) and attach it (:func:`attach_history`). A plan that does not
+    fit the model is refused with one PlanError line naming the plan and the mismatch."""
     history_seam(session, name)
     schedule, layers, heads = model_shape(session)
-    try:
-        selection = make(schedule, layers, heads)
-        check = getattr(selection, "check", None)
-        if check is not None:
-            check(schedule, layers)
-    except (PlanError, ValueError) as e:
-        raise PlanError(f"{session.plan.source}: {e}") from None
+    fits = _Fits(session.plan.source, layers)
+    selection = fits.make(make, schedule, heads)
+    fits(schedule, selection)
     chosen: Selection = KeepAll() if selection is None else selection
-    attach_history(session, name, lambda: chosen)
+    attach_history(session, name, lambda: chosen, lambda s: fits(s, chosen))
+
+
+class _Fits:
+    """Checks of a selection against a model of ``layers`` layers, as one-line PlanErrors
+    naming the plan ``source``."""
+
+    def __init__(self, source: str, layers: int) -> None:
+        self.source, self.layers = source, layers
+
+    def make(
+        self, make: Callable[[Schedule, int, int], Selection | None], schedule: Schedule, heads: int
+    ) -> Selection | None:
+        try:
+            return make(schedule, self.layers, heads)
+        except (PlanError, ValueError) as e:
+            raise PlanError(f"{self.source}: {e}") from None
+
+    def __call__(self, schedule: Schedule, selection: Selection | None) -> None:
+        check = getattr(selection, "check", None)
+        try:
+            if check is not None:
+                check(schedule, self.layers)
+        except (PlanError, ValueError) as e:
+            raise PlanError(f"{self.source}: {e}") from None

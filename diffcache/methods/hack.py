@@ -105,7 +105,8 @@ class HACKConfig(MethodConfig):
     def make(
         self, calibration: HACKCalibration, schedule: Schedule, layers: int, heads: int
     ) -> HACKSelection | None:
-        """The selection for this model (checked against it), or None for the unlimited budget."""
+        """The selection for this model (its ``check`` runs at accelerate and for each
+        generation's schedule), or None for the unlimited budget."""
         average = self.average(schedule)
         if average is None:
             return None
@@ -123,11 +124,9 @@ class HACKConfig(MethodConfig):
         flat = [c for r in calibration.classes for c in r]
         alpha = 1.0 - sum(c == STRUCTURAL for c in flat) / len(flat)
         contextual, structural = split_budget(average, alpha, self.contextual_ratio)
-        selection = HACKSelection(
+        return HACKSelection(
             calibration.classes, max(contextual, 1), max(structural, 1), self.options()
         )
-        selection.validate(schedule, layers, heads)
-        return selection
 
 
 @register_method(HACKConfig)

@@ -351,3 +351,22 @@ def test_plans_import_scalekv_reads_the_released_format(tmp_path: Path, capsys) 
     assert main([*again, "--out", str(tmp_path / "b.yaml"), "--depth", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'Block 0'..'Block 2' each 0 or 1" in err
+
+
+def test_a_generation_whose_schedule_the_plan_does_not_fit_is_refused_before_attending() -> None:
+    """Where the schedule follows the request (Infinity's image sizes) the store checks each
+    generation's schedule at its first attention, before any row is attended."""
+    from diffcache.errors import PlanError
+    from diffcache.kv.history import ScaleCall
+
+    pipe = build_tiny()
+    diffcache.accelerate(pipe, _plan("h2o", {"budget": 20}))
+    try:
+        store = pipe.history_store()
+        small = Schedule.square((1, 2, 3))  # 14 tokens: a budget of 20 would keep them all
+        q = torch.zeros(1, HEADS, 1, HEAD_DIM)
+        with pytest.raises(PlanError, match=r"^<dict>: h2o budget of 20 .* \(14 tokens\)"):
+            store.attend(ScaleCall(0, 0, small, cond_rows=1), q, q, q)
+        assert store.store.pairs == 0 and store.nbytes() == 0
+    finally:
+        diffcache.remove(pipe)
