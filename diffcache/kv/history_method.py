@@ -107,8 +107,10 @@ class _Generations:
         return self.store
 
     def end_run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Report the generation's bytes and let go of its store."""
         if self.store is not None:
             self.store.report()
+        self.store = None
         return inner(*args, **kwargs)
 
 
@@ -178,8 +180,8 @@ def attach_selection(
 
 
 class _Fits:
-    """Checks of a selection against a model of ``layers`` layers, as one-line PlanErrors
-    naming the plan ``source``."""
+    """Checks of a selection against a model of ``layers`` layers, each failure one PlanError
+    line naming the plan ``source``."""
 
     def __init__(self, source: str, layers: int) -> None:
         self.source, self.layers = source, layers
@@ -187,15 +189,15 @@ class _Fits:
     def make(
         self, make: Callable[[Schedule, int, int], Selection | None], schedule: Schedule, heads: int
     ) -> Selection | None:
-        try:
-            return make(schedule, self.layers, heads)
-        except (PlanError, ValueError) as e:
-            raise PlanError(f"{self.source}: {e}") from None
+        return self._named(lambda: make(schedule, self.layers, heads))
 
     def __call__(self, schedule: Schedule, selection: Selection | None) -> None:
         check = getattr(selection, "check", None)
+        if check is not None:
+            self._named(lambda: check(schedule, self.layers))
+
+    def _named(self, work: Callable[[], Any]) -> Any:
         try:
-            if check is not None:
-                check(schedule, self.layers)
+            return work()
         except (PlanError, ValueError) as e:
             raise PlanError(f"{self.source}: {e}") from None
