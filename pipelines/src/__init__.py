@@ -6,7 +6,17 @@ weights. diffusers and transformers are imported only inside the builders.
 
 from __future__ import annotations
 
-from diffcache.pipelines import cogvideox, dit, dream, flux, hunyuan_video, llada, qwen_image, wan
+from diffcache.pipelines import (
+    cogvideox,
+    dit,
+    dream,
+    flux,
+    hunyuan_video,
+    infinity,
+    llada,
+    qwen_image,
+    wan,
+)
 
 __all__ = [
     "cogvideox",
@@ -14,6 +24,7 @@ __all__ = [
     "dream",
     "flux",
     "hunyuan_video",
+    "infinity",
     "llada",
     "qwen_image",
     "wan",
