@@ -77,7 +77,7 @@ class Codes:
     def codes(self, bits: torch.Tensor, si: int) -> torch.Tensor:
         """Codes ``[B, d, 1, h, w]`` of map ``si``'s bits ``[B, n, d_token]``."""
         h, w = self.schedule.sizes[si]
-        grid = bits.unflatten(1, (h, w))
+        grid = bits.to(self.dtype).unflatten(1, (h, w))
         if self.patchify:
             grid = F.pixel_shuffle(grid.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
         return bits_to_codes(grid, self.d).permute(0, 3, 1, 2).unsqueeze(2)
@@ -85,7 +85,7 @@ class Codes:
     def add(self, bits: torch.Tensor, si: int) -> torch.Tensor | None:
         """Add map ``si``'s bits; return the next map's input ``[B, n_next, d_token]`` (the sum
         so far resized to the next map), or None after the last map."""
-        codes = self.codes(bits.to(self.dtype), si)
+        codes = self.codes(bits, si)
         last = len(self.schedule) - 1
         if si < last:
             codes = F.interpolate(codes, size=self.vae_size(last), mode=UPSAMPLE)

@@ -204,7 +204,10 @@ def load_transformer(model: Infinity, path: str | Path) -> Infinity:
     DiffCacheError listing missing and unexpected keys."""
     path = Path(path)
     if path.is_dir():
-        from transformers.modeling_utils import load_sharded_checkpoint
+        try:  # transformers < 5
+            from transformers.modeling_utils import load_sharded_checkpoint
+        except ImportError:
+            from transformers.trainer_utils import load_sharded_checkpoint
 
         result = load_sharded_checkpoint(model, str(path), strict=False)
         problems = [
