@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,9 @@ def test_sampling_matches_top_p_on_each_pair_then_multinomial():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 8, dtype=torch.float64) * 3  # 4 bits per token
     top_p = 0.97
+    # pairs whose smaller probability is 0.029 (dropped) and 0.031 (kept)
+    for i, p in enumerate((0.029, 0.031)):
+        logits[0, 0, 2 * i : 2 * i + 2] = torch.tensor([0.0, math.log((1 - p) / p)])
     probs = logits.reshape(-1, 2).softmax(-1)
     # a class whose probability is <= 1 - top_p is dropped: the other one is certain
     expect_probs = probs.clone()
@@ -21,6 +26,7 @@ def test_sampling_matches_top_p_on_each_pair_then_multinomial():
     assert low.any() and (~low).any()
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     bits = sample_bits(logits, top_k=900, top_p=top_p, generator=g1)
+    assert low[:2].tolist() == [True, False]
     expect = torch.multinomial(expect_probs, 1, True, generator=g2).view(2, 5, 4)
     assert torch.equal(bits, expect)
     assert torch.equal(g1.get_state(), g2.get_state())
@@ -80,3 +86,13 @@ def test_patchified_tokens_unshuffle_to_2x2_vae_cells():
                     cells[2 * i + dy, 2 * j + dx, c] = bits[0, t, c * 4 + dy * 2 + dx]
     expect = bits_to_codes(cells.double(), d).permute(2, 0, 1)
     torch.testing.assert_close(got[0, :, 0], expect)
+
+
+def test_top_p_drops_a_class_at_or_below_one_minus_top_p():
+    """A class of probability 0.029 is never drawn at top_p 0.97; one of 0.031 is (about 62
+    times in 2000)."""
+    g = torch.Generator().manual_seed(0)
+    for p, never in ((0.029, True), (0.031, False)):
+        logits = torch.tensor([0.0, math.log((1 - p) / p)]).repeat(1, 2000, 1)
+        drawn = int((sample_bits(logits, top_k=900, top_p=0.97, generator=g) == 0).sum())
+        assert (drawn == 0) == never, (p, drawn)

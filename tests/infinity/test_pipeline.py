@@ -173,3 +173,15 @@ def test_cli_refuses_a_non_square_size_naming_the_flags(tmp_path, capsys):
     assert cli.main([*args, "--height", "128", "--width", "112"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diffcache: error: --height 128 and --width 112 differ" in err
+
+
+def test_unconditional_rows_are_cfg_uncond_over_each_prompts_length(pipe):
+    pipe.transformer.double()
+    prompts = ["a red fox", "two cats on a boat in the rain"]
+    with torch.no_grad():
+        features, mask = pipe.conditions(prompts, None, True)
+        lens = pipe.conditions(prompts, None, False)[1].sum(-1).tolist()
+    uncond = pipe.transformer.cfg_uncond
+    assert features.dtype == torch.float64 and mask[2:].sum(-1).tolist() == lens
+    for row, n in zip(features[2:], lens, strict=True):
+        assert torch.equal(row[:n], uncond[:n])

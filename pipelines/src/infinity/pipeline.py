@@ -163,15 +163,20 @@ class InfinityPipeline:
         self, prompts: Sequence[str], negative: Sequence[str] | None, guided: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 features and mask of the batch: the prompts, then with CFG their unconditional
-        twins (the negative prompts, or the learned ``cfg_uncond`` over each prompt's length)."""
+        twins (the negative prompts, or the learned ``cfg_uncond`` over each prompt's length),
+        in the transformer's dtype."""
         maxlen = self.transformer.config.text_maxlen
-        cond = text.encode(self.tokenizer, self.text_encoder, prompts, maxlen)
+        dtype = self.transformer.head.weight.dtype
+
+        def encode(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            features, mask = text.encode(self.tokenizer, self.text_encoder, texts, maxlen)
+            return features.to(dtype), mask
+
+        cond = encode(prompts)
         if not guided:
             return cond
         if negative is not None:
-            return text.stack(
-                cond, text.encode(self.tokenizer, self.text_encoder, negative, maxlen)
-            )
+            return text.stack(cond, encode(negative))
         return text.stack(cond, (self.transformer.unconditional(*cond), cond[1]))
 
     @torch.no_grad()
@@ -222,9 +227,8 @@ class InfinityPipeline:
 
         guided = cfg != 1
         b = len(prompts)
-        features, mask = self.conditions(prompts, negative, guided)
+        cond = model.condition(*self.conditions(prompts, negative, guided))
         dtype = model.head.weight.dtype
-        cond = model.condition(features.to(dtype), mask)
         rows = cond.cond.shape[0]
         history = self.history_store()
         final = (self.template[-1], self.template[-1])
