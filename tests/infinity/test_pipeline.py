@@ -185,3 +185,9 @@ def test_unconditional_rows_are_cfg_uncond_over_each_prompts_length(pipe):
     assert features.dtype == torch.float64 and mask[2:].sum(-1).tolist() == lens
     for row, n in zip(features[2:], lens, strict=True):
         assert torch.equal(row[:n], uncond[:n])
+
+
+def test_to_casts_the_model_and_still_decodes(pipe):
+    out = pipe.to("cpu", torch.float64)("a red fox", seed=0)
+    assert pipe.transformer.head.weight.dtype == torch.float64
+    assert out.codes.dtype == torch.float64 and out.images[0].shape == (128, 128, 3)

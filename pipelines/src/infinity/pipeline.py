@@ -117,6 +117,15 @@ class InfinityPipeline:
             transformer, None, encoder.to(device), tokenizer, patchify=model_type == "infinity_8b"
         )
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Move the transformer, text encoder and decoder (and cast the transformer and
+        decoder to ``dtype``); returns the pipeline."""
+        self.transformer.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device)
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self
+
     # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
     def begin_run(self, num_steps: int | None, **facts: Any) -> None:
         """A generation of ``num_steps`` steps (scales) starts."""
@@ -256,6 +265,9 @@ class InfinityPipeline:
             self.end_run()
         images = None
         if output_type == "np":
-            pixels = self.vae.decode(codes.summed.squeeze(2)).add(1).div(2).clamp(0, 1)
+            vae_dtype = next(self.vae.parameters()).dtype
+            pixels = (
+                self.vae.decode(codes.summed.squeeze(2).to(vae_dtype)).add(1).div(2).clamp(0, 1)
+            )
             images = list(pixels.permute(0, 2, 3, 1).float().cpu().numpy())
         return ImageOutput(images, codes.summed, bits_out, logits_out)
