@@ -191,3 +191,27 @@ def test_to_casts_the_model_and_still_decodes(pipe):
     out = pipe.to("cpu", torch.float64)("a red fox", seed=0)
     assert pipe.transformer.head.weight.dtype == torch.float64
     assert out.codes.dtype == torch.float64 and out.images[0].shape == (128, 128, 3)
+
+
+def test_raw_query_is_the_q_projection_of_the_attention_input(pipe):
+    """ScaleKV's scores use mat_qkv's q rows on the attention's input: no bias, norm or RoPE."""
+    inputs: dict[int, torch.Tensor] = {}
+    for block in pipe.transformer.layers:
+        block.sa.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m.layer, args[0]))
+    checked = []
+
+    class Checking(FullHistory):
+        def attend(self, call, q, k, v):
+            sa = pipe.transformer.layers[call.layer].sa
+            x = inputs[call.layer]
+            c = x.shape[-1]
+            expect = (x @ sa.mat_qkv.weight[:c].T).reshape(*x.shape[:2], 2, -1).transpose(1, 2)
+            got = call.raw_query()
+            torch.testing.assert_close(got, expect)
+            assert not torch.allclose(got, q)
+            checked.append((call.layer, call.si))
+            return super().attend(call, q, k, v)
+
+    pipe.history_store = Checking
+    pipe(["a red fox", "a castle"], seed=0, output_type="codes")
+    assert len(checked) == 4 * 5
