@@ -28,12 +28,15 @@ from diffcache.kv.history import FullHistory, History, Schedule
 from diffcache.pipelines.infinity import text
 from diffcache.pipelines.infinity.attention import ScaleContext
 from diffcache.pipelines.infinity.bitwise import Codes, greedy_bits, sample_bits
+from diffcache.pipelines.infinity.bsq import load_bsq_decoder
 from diffcache.pipelines.infinity.config import CONFIGS
 from diffcache.pipelines.infinity.model import Infinity, load_transformer
 from diffcache.pipelines.infinity.schedule import SQUARE_1M, VAE_STRIDE, rope_table, square_schedule
 
 #: upstream file names inside a model folder (``scripts/infer.sh``)
 WEIGHTS = {"infinity_2b": "infinity_2b_reg.pth", "infinity_8b": "infinity_8b_weights"}
+VAES = {"infinity_8b": "infinity_vae_d56_f8_14_patchify.pth"}
+VAE = "infinity_vae_d32reg.pth"
 TEXT_ENCODER = "flan-t5-xl"
 
 
@@ -58,8 +61,9 @@ class InfinityPipeline:
 
     Args:
         transformer: the transformer.
-        vae: a decoder with ``decode(codes [B, d, H, W]) -> [B, 3, h, w]`` in [-1, 1], or None
-            (only ``output_type="codes"``).
+        vae: a decoder with ``decode(codes [B, d, H, W]) -> [B, 3, h, w]`` in [-1, 1]
+            (:class:`~diffcache.pipelines.infinity.bsq.BSQDecoder`), or None (only
+            ``output_type="codes"``).
         text_encoder: a ``T5EncoderModel``.
         tokenizer: its tokenizer (``tokenizer(texts, max_length=..., padding="max_length",
             truncation=True, return_tensors="pt")``).
@@ -93,29 +97,29 @@ class InfinityPipeline:
         device: str = "cpu",
     ) -> InfinityPipeline:
         """The transformer weights (``infinity_2b_reg.pth``, or the sharded
-        ``infinity_8b_weights/``) and Flan-T5 (``flan-t5-xl/``, transformers'
-        ``T5EncoderModel`` and ``AutoTokenizer``) of a local folder. The BSQ VAE is not
-        implemented: such a pipeline makes codes (``output_type="codes"``), not images."""
+        ``infinity_8b_weights/``), the BSQ VAE's decoder (``infinity_vae_d32reg.pth``; the
+        8B's ``infinity_vae_d56_f8_14_patchify.pth``) and Flan-T5 (``flan-t5-xl/``,
+        transformers' ``T5EncoderModel`` and ``AutoTokenizer``) of a local folder."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         if model_type not in CONFIGS:
             raise DiffCacheError(f"model_type {model_type!r} is not one of {', '.join(CONFIGS)}")
         folder = Path(folder)
         weights = folder / WEIGHTS.get(model_type, f"{model_type}.pth")
+        vae_path = folder / VAES.get(model_type, VAE)
         encoder_dir = folder / TEXT_ENCODER
-        for path in (weights, encoder_dir):
-            if not path.exists():
-                raise DiffCacheError(
-                    f"{folder}: no {path.name} (an Infinity model folder holds "
-                    f"{weights.name} and {TEXT_ENCODER}/)"
-                )
-        transformer = load_transformer(Infinity(CONFIGS[model_type]), weights)
+        missing = [p.name for p in (weights, vae_path, encoder_dir) if not p.exists()]
+        if missing:
+            raise DiffCacheError(
+                f"{folder}: no {', '.join(missing)} (an Infinity {model_type} folder holds "
+                f"{weights.name}, {vae_path.name} and {TEXT_ENCODER}/)"
+            )
+        transformer = load_transformer(Infinity(CONFIGS[model_type]), weights).eval()
+        vae = load_bsq_decoder(vae_path)
         encoder = T5EncoderModel.from_pretrained(encoder_dir, torch_dtype=torch_dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-        transformer = transformer.to(device=device, dtype=torch_dtype).eval()
-        return cls(
-            transformer, None, encoder.to(device), tokenizer, patchify=model_type == "infinity_8b"
-        )
+        pipe = cls(transformer, vae, encoder, tokenizer, patchify=model_type == "infinity_8b")
+        return pipe.to(device, torch_dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move the transformer, text encoder and decoder (and cast the transformer and
@@ -222,10 +226,7 @@ class InfinityPipeline:
         if output_type not in ("np", "codes"):
             raise RequestError(f"output_type must be 'np' or 'codes', got {output_type!r}")
         if output_type == "np" and self.vae is None:
-            raise RequestError(
-                "this pipeline has no VAE decoder (the BSQ VAE is not implemented); "
-                "pass output_type='codes'"
-            )
+            raise RequestError("this pipeline has no VAE decoder; pass output_type='codes'")
         self.check(cfg, tau, top_k, top_p)
         schedule = self.schedule(height, width)
         model = self.transformer

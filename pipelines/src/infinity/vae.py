@@ -2,8 +2,7 @@
 
 ``infinity-tiny`` decodes its summed codes ``[B, d, H, W]`` with four nearest-neighbour 2x
 upsamplings and 3x3 convolutions (16 pixels per token, as the real f16 VAE), random weights.
-The real BSQ VAE decoder (``infinity/models/bsq_vae``) is not implemented here, so
-:meth:`InfinityPipeline.from_pretrained` cannot decode a real checkpoint's codes yet.
+Real checkpoints decode with the BSQ VAE's decoder (:mod:`diffcache.pipelines.infinity.bsq`).
 """
 
 from __future__ import annotations
