@@ -208,9 +208,10 @@ class InfinityPipeline:
         output_type: str = "np",
     ) -> ImageOutput:
         """Generate one image per prompt; ``tau=0`` takes each bit's likelier class (no
-        draws). ``generator`` (else one seeded with ``seed``, default
-        0) draws every bit; a generator on another device than the model is replaced by one on
-        the model's device with the same seed."""
+        draws). ``generator`` (else one seeded with ``seed``, default 0) draws every bit; a
+        generator on another device than the model's is replaced by one there with the same
+        seed. The whole model runs in its parameters' dtype (upstream's bf16 inference keeps
+        the blocks in bf16 under autocast, with float32 q and k)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative = (
             [negative_prompt] * len(prompts)
