@@ -21,6 +21,7 @@ from typing import Any
 
 from diffcache.models import builtin_models
 from diffcache.profiles import calibration_prompts
+from diffcache.registry import adapters
 
 HERE = Path(__file__).parent
 
@@ -65,10 +66,10 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
 #: the random-weight tiny models: each profiled method to half the work, 4 bundled prompts (class
 #: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
 EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
-for _tiny in [
+for _tiny in [  # the diffusers (latent-denoiser) families: these methods cache latent steps
     m
     for m, e in builtin_models().items()
-    if m.endswith("-tiny") and e.family not in ("llada", "dream")
+    if m.endswith("-tiny") and adapters()[e.family].provides.denoiser == "latent"
 ]:
     _inputs = _classes if _tiny == "dit-tiny" else _bundled
     PLANS[f"{_tiny}-ertacache.yaml"] = (

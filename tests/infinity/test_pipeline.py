@@ -215,3 +215,14 @@ def test_raw_query_is_the_q_projection_of_the_attention_input(pipe):
     pipe.history_store = Checking
     pipe(["a red fox", "a castle"], seed=0, output_type="codes")
     assert len(checked) == 4 * 5
+
+
+def test_tiny_builds_are_identical_and_leave_the_global_rng():
+    from diffcache.pipelines.infinity.tiny import build_tiny
+
+    state = torch.random.get_rng_state()
+    a, b = build_tiny(), build_tiny()
+    assert torch.equal(state, torch.random.get_rng_state())
+    for part in ("transformer", "text_encoder", "vae"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert all(torch.equal(v, sb[k]) for k, v in sa.items()), part

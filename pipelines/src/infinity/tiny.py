@@ -23,8 +23,9 @@ from diffcache.pipelines.infinity.vae import TinyDecoder
 TINY_SIDES = (1, 2, 4, 6, 8)
 
 
-def tiny_text_encoder(width: int, max_length: int, seed: int) -> tuple[Any, Any]:
-    """A word-level tokenizer and a 2-layer T5 encoder of ``width`` (random weights)."""
+def tiny_text_encoder(width: int, max_length: int) -> tuple[Any, Any]:
+    """A word-level tokenizer and a 2-layer T5 encoder of ``width`` (random weights from the
+    global RNG)."""
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = word_tokenizer(model_max_length=max_length)
@@ -40,15 +41,15 @@ def tiny_text_encoder(width: int, max_length: int, seed: int) -> tuple[Any, Any]
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    with seeded(seed):
-        return tokenizer, T5EncoderModel(config).eval()
+    return tokenizer, T5EncoderModel(config).eval()
 
 
 def build(config: InfinityConfig, sides: tuple[int, ...], seed: int = 0) -> InfinityPipeline:
-    """A pipeline of ``config`` with random weights, the tiny text encoder and decoder."""
-    tokenizer, encoder = tiny_text_encoder(config.text_channels, config.text_maxlen, seed)
-    transformer = init_random(Infinity(config), seed).eval()
+    """A pipeline of ``config`` with random weights, the tiny text encoder and decoder (the
+    caller's global RNG is left as it was)."""
     with seeded(seed):
+        tokenizer, encoder = tiny_text_encoder(config.text_channels, config.text_maxlen)
+        transformer = init_random(Infinity(config), seed).eval()
         vae = TinyDecoder(config.d_vae).eval()
     return InfinityPipeline(transformer, vae, encoder, tokenizer, template=sides)
 
