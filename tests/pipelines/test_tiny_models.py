@@ -14,14 +14,18 @@ import yaml
 
 import diffcache.pipelines  # noqa: F401  (registers the family adapters)
 from diffcache.adapter import Target
-from diffcache.generate import Request, call_kwargs
+from diffcache.generate import call_kwargs
 from diffcache.models import model_entry
 from diffcache.registry import adapters, find_adapter
+from diffcache.request import Request
 
 MODELS_YAML = Path(importlib.import_module("diffcache.profiles").__file__).parent / "models.yaml"
 MODELS: dict[str, dict[str, Any]] = yaml.safe_load(MODELS_YAML.read_text())
-TEXT = ("llada", "dream", "var")  # own-code families have their own tests (tests/dlm, tests/var)
-TINY = sorted(n for n, e in MODELS.items() if n.endswith("-tiny") and e["family"] not in TEXT)
+TINY = sorted(  # the diffusers (latent) families; text and next-scale ones have their own tests
+    n
+    for n, e in MODELS.items()
+    if n.endswith("-tiny") and adapters()[e["family"]].provides.denoiser == "latent"
+)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Denoiser calls per step and latent batch per call with CFG on, by the adapter's cfg style.
 CALLS = {"separate": (2, 1), "batched": (1, 2), "none": (1, 1)}
