@@ -14,10 +14,9 @@ import yaml
 
 import diffcache.pipelines  # noqa: F401  (registers the family adapters)
 from diffcache.adapter import Target
-from diffcache.generate import call_kwargs
+from diffcache.generate import Request, call_kwargs
 from diffcache.models import model_entry
 from diffcache.registry import adapters, find_adapter
-from diffcache.request import Request
 
 MODELS_YAML = Path(importlib.import_module("diffcache.profiles").__file__).parent / "models.yaml"
 MODELS: dict[str, dict[str, Any]] = yaml.safe_load(MODELS_YAML.read_text())

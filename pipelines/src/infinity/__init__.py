@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffcache.adapter import Adapter, Capabilities, KVSeam
-from diffcache.pipelines._fields import NEGATIVE_PROMPT, guidance, prompt, side
+from diffcache.pipelines._fields import NEGATIVE_PROMPT, TOP_K, TOP_P, guidance, prompt, side
 from diffcache.registry import register_adapter
 from diffcache.request import Field
 
@@ -52,8 +52,8 @@ ADAPTER = register_adapter(
             _side("width"),
             guidance("cfg"),
             Field("temperature", float, "sampling temperature (0: greedy)", "tau", min=0.0),
-            Field("top_k", int, "keep the k likeliest classes of each bit", "top_k", min=0),
-            Field("top_p", float, "nucleus of each bit's distribution", "top_p", min=0.0, max=1.0),
+            TOP_K,
+            TOP_P,
         ),
         rules=(_square,),
     )
