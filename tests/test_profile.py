@@ -152,15 +152,20 @@ def test_calibration_for_another_model_is_refused(tmp_path) -> None:
     assert clean(pipe.transformer, pipe.scheduler) and not diffcache.is_accelerated(pipe)
 
 
-def test_a_speed_out_of_the_options_reach_gets_the_fastest_plan() -> None:
+def test_a_speed_out_of_the_options_reach_gets_the_fastest_plan(monkeypatch) -> None:
     """A compute target below what the fixed options allow is refused; a speed target gets the
     fastest plan they allow, with that least compute and the measured speed recorded."""
+    prof = importlib.import_module("diffcache.profile")  # the function hides the module
+    real = prof.record_trace  # the toy denoiser's measured share of the time depends on the
+    # machine's load (16% on a busy one puts 1.2x out of reach): fix it at 90%
+    monkeypatch.setattr(prof, "record_trace", lambda *a, **k: (*real(*a, **k)[:2], 0.9))
     config = EasyCacheConfig(warmup_steps=10)  # 10 of 12 steps always compute
     plan = diffcache.profile(ToyPipeline(), config, PROMPTS, target_speedup=1.2, request=REQ)
     given = plan.provenance
     assert given["target_compute"] < given["least_compute"] == pytest.approx(11 / 12, abs=1e-6)
     assert given["measured"]["compute_fraction"] == given["least_compute"]
     assert given["speedup_measured"] > 0 and plan.options["warmup_steps"] == 10
+    assert given["denoiser_share"] == 0.9
 
 
 def test_the_measured_speedup_is_the_median_of_interleaved_rounds_after_a_warm_up(

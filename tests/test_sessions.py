@@ -18,6 +18,7 @@ from diffcache.api import session_of
 from diffcache.errors import DiffCacheError
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
+from diffcache.registry import adapters
 from diffcache.testing.toys import ToyModulesConfig, clean
 
 EASY = {"diffcache": 1, "model": "wan2.1", "method": "easycache"}
@@ -212,10 +213,10 @@ def test_remove_and_stats_of_other_objects() -> None:
         diffcache.stats(thing)
 
 
-TINY = sorted(  # the diffusers families (own-code families: tests/dlm, tests/var)
+TINY = sorted(  # the diffusers (latent) families; text and next-scale models have their own tests
     n
     for n, e in builtin_models().items()
-    if n.endswith("-tiny") and e.family not in ("llada", "dream", "var")
+    if n.endswith("-tiny") and adapters()[e.family].provides.denoiser == "latent"
 )
 
 

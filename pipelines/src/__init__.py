@@ -12,6 +12,7 @@ from diffcache.pipelines import (
     dream,
     flux,
     hunyuan_video,
+    infinity,
     llada,
     qwen_image,
     var,
@@ -24,8 +25,9 @@ __all__ = [
     "dream",
     "flux",
     "hunyuan_video",
+    "infinity",
     "llada",
     "qwen_image",
-    "wan",
     "var",
+    "wan",
 ]

@@ -1,4 +1,5 @@
-"""Request fields shared by the diffusers families (each adapter lists the ones it takes)."""
+"""Request fields shared by families (each adapter lists the ones it takes); a field one flag
+serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,6 @@ def guidance(call_arg: str = "guidance_scale") -> Field:
 
 
 IMAGE = (side("height"), side("width"))
+#: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)
+TOP_K = Field("top_k", int, "top-k sampling: keep the k likeliest tokens (0: all)", "top_k", min=0)
+TOP_P = Field("top_p", float, "top-p (nucleus) sampling mass (0: off)", "top_p", min=0.0, max=1.0)

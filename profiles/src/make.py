@@ -68,7 +68,7 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
 #: methods do not apply to): each profiled method to half the work, 4 bundled prompts (class
 #: ids 0-3 for DiT), seed 0; ERTACache's timestep adjustment where the scheduler is Euler
 EULER = ("hunyuanvideo-tiny", "flux-tiny", "qwenimage-tiny")
-for _tiny in [
+for _tiny in [  # the diffusers (latent-denoiser) families: these methods cache latent steps
     m
     for m, e in builtin_models().items()
     if m.endswith("-tiny") and adapters()[e.family].provides.denoiser == "latent"

@@ -12,12 +12,13 @@ import pytest
 import diffcache
 from diffcache.generate import Request, generate, pipeline_kwargs
 from diffcache.models import builtin_models, load_model
+from diffcache.registry import adapters
 from diffcache.testing.toys import clean
 
-TINY = sorted(  # the diffusers families (own-code families: tests/dlm, tests/var)
+TINY = sorted(  # the diffusers (latent) families; text and next-scale models have their own tests
     n
     for n, e in builtin_models().items()
-    if n.endswith("-tiny") and e.family not in ("llada", "dream", "var")
+    if n.endswith("-tiny") and adapters()[e.family].provides.denoiser == "latent"
 )
 STEPS = 5
 # (extra pipeline keywords, branches per step) with CFG on / off. Flux and HunyuanVideo are

@@ -20,8 +20,11 @@ from diffcache.registry import adapters, find_adapter
 
 MODELS_YAML = Path(importlib.import_module("diffcache.profiles").__file__).parent / "models.yaml"
 MODELS: dict[str, dict[str, Any]] = yaml.safe_load(MODELS_YAML.read_text())
-TEXT = ("llada", "dream", "var")  # own-code families have their own tests (tests/dlm, tests/var)
-TINY = sorted(n for n, e in MODELS.items() if n.endswith("-tiny") and e["family"] not in TEXT)
+TINY = sorted(  # the diffusers (latent) families; text and next-scale ones have their own tests
+    n
+    for n, e in MODELS.items()
+    if n.endswith("-tiny") and adapters()[e["family"]].provides.denoiser == "latent"
+)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Denoiser calls per step and latent batch per call with CFG on, by the adapter's cfg style.
 CALLS = {"separate": (2, 1), "batched": (1, 2), "none": (1, 1)}

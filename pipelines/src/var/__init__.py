@@ -10,7 +10,7 @@ the generation's K/V history store (``diffcache.kv.history``) through :class:`KV
 from __future__ import annotations
 
 from diffcache.adapter import Adapter, Capabilities, KVSeam
-from diffcache.pipelines._fields import guidance
+from diffcache.pipelines._fields import TOP_K, TOP_P, guidance
 from diffcache.pipelines._tiny import seeded
 from diffcache.pipelines.var.config import PATCH_NUMS_256, VARConfig, VQVAEConfig
 from diffcache.pipelines.var.pipeline import VARPipeline
@@ -33,8 +33,8 @@ FIELDS = (
         input=True,
     ),
     guidance("cfg"),
-    Field("top_k", int, "sample among the k most likely tokens (0: all)", "top_k", min=0),
-    Field("top_p", float, "nucleus sampling mass (0: off)", "top_p", min=0.0, max=1.0),
+    TOP_K,
+    TOP_P,
 )
 
 ADAPTER = register_adapter(
