@@ -109,3 +109,20 @@ def test_training_is_deterministic() -> None:
         assert same(fits[0], fits[1]) and not same(fits[0], fits[2])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_demo_runs_the_plain_model_and_its_task_score(tmp_path, capsys) -> None:
+    """``diffcache demo --model var-digits`` (no default plan yet): the baseline alone, its task
+    score the share of the ten classes the classifier reads in the default generations."""
+    import json
+
+    from diffcache.cli import main
+
+    argv = ["demo", "--model", "var-digits", "--out", str(tmp_path), "--repeats", "1"]
+    assert main(argv) == 0
+    assert "demo: var-digits, baseline only (no default plan yet)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "var-digits" / "report.json").read_text())
+    labels = list(range(10))
+    expected = (var_digits.classify(_samples(load_model("var-digits"), labels)) == labels).mean()
+    assert report["runs"] == [] and report["baseline"]["samples"] == 10
+    assert report["baseline"]["task_score"] == pytest.approx(expected)
