@@ -126,3 +126,20 @@ def test_demo_runs_the_plain_model_and_its_task_score(tmp_path, capsys) -> None:
     expected = (var_digits.classify(_samples(load_model("var-digits"), labels)) == labels).mean()
     assert report["runs"] == [] and report["baseline"]["samples"] == 10
     assert report["baseline"]["task_score"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--steps-scale", "0.001"], "--steps-scale 0.001 leaves a stage with no step"),
+        (["--steps-scale", "nan"], "--steps-scale nan leaves a stage with no step"),
+    ],
+)
+def test_training_refuses_bad_arguments_before_any_work(tmp_path, capsys, argv, message) -> None:
+    from diffcache.pipelines.var_digits.train import main as train
+
+    with pytest.raises(SystemExit) as info:
+        train(["--out", str(tmp_path / "out"), *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ VAR_CONFIG = VARConfig(
 #: the commitment loss weight (upstream's beta)
 BETA = 0.25
 COND_DROP = 0.1
+#: optimiser steps of the two stages (``--steps-scale`` scales both)
+VQ_STEPS, VAR_STEPS = 400, 1200
 
 
 def vq_loss(vae: VQVAE, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +56,7 @@ def vq_loss(vae: VQVAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vqvae(
-    steps: int = 400, seed: int = 0, limit: int | None = None
+    steps: int = VQ_STEPS, seed: int = 0, limit: int | None = None
 ) -> tuple[VQVAE, list[float]]:
     """The VQ-VAE on the training digits; the losses."""
     x, _ = _training(limit)
@@ -68,7 +71,7 @@ def train_vqvae(
 
 
 def train_var(
-    vae: VQVAE, steps: int = 1200, seed: int = 0, limit: int | None = None
+    vae: VQVAE, steps: int = VAR_STEPS, seed: int = 0, limit: int | None = None
 ) -> tuple[VARTransformer, list[float]]:
     """The transformer by teacher forcing on the VQ-VAE's token maps of the training digits,
     ``COND_DROP`` of the labels dropped to the null class; the losses."""
@@ -121,13 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every step count")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if not (math.isfinite(args.steps_scale) and min(VQ_STEPS, VAR_STEPS) * args.steps_scale >= 1):
+        p.error(f"--steps-scale {args.steps_scale} leaves a stage with no step")
     torch.set_num_threads(args.threads)
     out, k = Path(args.out), args.steps_scale
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    vae, vae_losses = train_vqvae(int(400 * k))
+    vae, vae_losses = train_vqvae(int(VQ_STEPS * k))
     vae_s = time.perf_counter() - t0
-    model, var_losses = train_var(vae, int(1200 * k))
+    model, var_losses = train_var(vae, int(VAR_STEPS * k))
     total_s = time.perf_counter() - t0
     save(out, vae, model)
 
