@@ -138,11 +138,12 @@ class MultiScaleQuantizer(nn.Module):
         d = (z * z).sum(1, keepdim=True) + (e * e).sum(1) - 2 * z @ e.T
         return d.argmin(1)
 
-    @torch.no_grad()
     def quantize_scales(self, f: torch.Tensor, to_fhat: bool = False) -> list[torch.Tensor]:
         """The encoder side (upstream ``f_to_idxBl_or_fhat``): ``f`` ``[B, Cvae, H, W]`` coded
         scale by scale on the residual left by the coarser ones; per scale, the indices
-        ``[B, pn*pn]`` or (``to_fhat``) the running ``f_hat``."""
+        ``[B, pn*pn]`` or (``to_fhat``) the running ``f_hat``. ``f`` gets no gradient; the
+        ``f_hat`` maps do, to the codebook and the Phi convs, when they require it (training)."""
+        f = f.detach()
         b, c, height, width = f.shape
         side = self.patch_nums[-1]
         assert height == width == side, f"latent {height}x{width}, last scale {side}"

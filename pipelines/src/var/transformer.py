@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.kv.history import History, ScaleCall
+from diffcache.kv.history import History, ScaleCall, Schedule
 from diffcache.pipelines.var.config import VARConfig
 
 #: the temperature's upper bound (log-space)
@@ -125,6 +125,28 @@ class AdaLNBeforeHead(nn.Module):
         return self.ln_wo_grad(x) * (scale + 1) + shift
 
 
+class BlockCausal:
+    """Training's attention (a :class:`History` that keeps nothing): every scale's tokens in one
+    call, each query seeing its own and the coarser scales (``attn_bias_for_masking``)."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def attend(
+        self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, scale=call.scale)
+
+    def nbytes(self) -> int:
+        return 0
+
+    def history_nbytes(self) -> int:
+        return 0
+
+    def peak_nbytes(self) -> int:
+        return 0
+
+
 class VARTransformer(nn.Module):
     """VAR's class-conditional next-scale transformer (the VQ-VAE is not part of it)."""
 
@@ -197,3 +219,14 @@ class VARTransformer(nn.Module):
             x = block(x, mod, history, call)
         dtype = torch.promote_types(x.dtype, torch.float32)  # the head runs in >= fp32
         return self.head(self.head_nm(x.to(dtype), cond.to(dtype)))
+
+    def teacher_forcing(self, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Training's forward (upstream ``VAR.forward``): logits ``[B, L, V]`` of every scale at
+        once, given the class ``labels`` (the null class included) and the ground-truth inputs of
+        scales 1.. ``[B, L - first_l, Cvae]`` (``MultiScaleQuantizer.teacher_input``), through
+        the same blocks with the block-causal mask."""
+        cond, first = self.first_input(labels)
+        x = torch.cat((first, self.next_input(1, inputs)), dim=1)
+        schedule = Schedule.square(self.config.patch_nums)
+        call = ScaleCall(0, len(schedule) - 1, schedule, cond_rows=len(labels))
+        return self(x, cond, BlockCausal(self.attn_bias_for_masking), call)
