@@ -195,6 +195,22 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="plan file to write (.yaml)")
     q.set_defaults(func=_plans_import)
 
+    p = sub.add_parser(
+        "kv", help="a next-scale model's KV cache, full vs a plan, from its config (no weights)"
+    )
+    p.add_argument("--model", required=True, help="a config name: var-d16..var-d36, infinity-2b/8b")
+    p.add_argument("--plan", required=True, help="a KV plan for the model's family")
+    p.add_argument("--batch", type=int, default=1, help="images (2 cached rows each with CFG)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's size")
+    p.add_argument("--width", type=int, default=None, help="default: the model's size")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="compute dtype: V is kept in it, K in fp32 (cosine attention)",
+    )
+    p.set_defaults(func=_kv)
+
     sub.add_parser("models", help="built-in models and supported families").set_defaults(
         func=_models
     )
@@ -794,6 +810,63 @@ def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
         raise DiffCacheError(f"--family {args.family}: known families: {', '.join(adapters())}")
     plan = import_budgets(args.file, args.depth, args.family, args.average).save(out)
     print(f"wrote {plan}: scalekv budgets for a {args.depth}-layer {args.family} model")
+    return 0
+
+
+def _kv(args: argparse.Namespace) -> int:
+    import inspect
+
+    from diffcache.kv.history_method import fitted_selection
+    from diffcache.kv.memory import MIB, selection_budget
+    from diffcache.pipelines.kv_configs import kv_config
+    from diffcache.plan import Plan
+
+    if args.batch < 1:
+        raise DiffCacheError(f"--batch {args.batch}: must be >= 1")
+    config = kv_config(args.model)
+    plan = Plan.load(args.plan)
+    plan.check_family(config.family, args.model)
+    geo = config.geometry(args.batch, args.dtype, args.height, args.width)
+    make = getattr(plan.config, "make", None)
+    if make is None or list(inspect.signature(make).parameters) != ["schedule", "layers", "heads"]:
+        raise DiffCacheError(
+            f"{plan.source}: method {plan.method} does not set its KV rows from the model's "
+            "config alone (diffcache kv covers scalekv, h2o, snapkv, streaming, pyramidkv)"
+        )
+    selection = fitted_selection(plan.source, make, geo.schedule, geo.layers, geo.heads)
+    try:
+        budget = None if selection is None else selection_budget(selection, geo.schedule)
+    except ValueError as e:
+        raise DiffCacheError(f"{plan.source}: method {plan.method}: {e}") from None
+    full, kept = geo.history_before(), geo.history_before(budget)
+    full_peaks, kept_peaks = geo.sweep_peaks(), geo.sweep_peaks(budget)
+
+    def mib(n: int) -> str:
+        return f"{n / MIB:,.0f} MiB"
+
+    side = geo.schedule.sizes[-1]
+    print(
+        f"{args.model}: {geo.layers} layers x {geo.heads} heads x {geo.head_dim}, "
+        f"{len(geo.schedule)} scales ({side[0]}x{side[1]} tokens), batch {args.batch} = "
+        f"{geo.rows} rows with CFG; K {8 * geo.k_bytes}-bit, V {8 * geo.v_bytes}-bit "
+        f"(--dtype {args.dtype})"
+    )
+    print(f"plan {plan.name} ({plan.method})")
+    print(f"{'':13} {'history before the scale':>29} {'layer-sweep peak':>29}")
+    print(f"{'scale':>5} {'tokens':>7}" + f" {'full':>14} {'plan':>14}" * 2)
+    for si in range(len(geo.schedule)):
+        print(
+            f"{si:>5} {geo.schedule.tokens(si):>7} {mib(full[si]):>14} {mib(kept[si]):>14} "
+            f"{mib(full_peaks[si]):>14} {mib(kept_peaks[si]):>14}"
+        )
+    print(
+        f"KV cache before the last scale (the papers' metric): {mib(full[-1])} -> "
+        f"{mib(kept[-1])} ({kept[-1] / full[-1]:.1%})"
+    )
+    print(
+        f"layer-sweep peak: {mib(max(full_peaks))} -> {mib(max(kept_peaks))} "
+        f"({max(kept_peaks) / max(full_peaks):.1%})"
+    )
     return 0
 
 

@@ -172,11 +172,25 @@ def attach_selection(
     fit the model is refused with one PlanError line naming the plan and the mismatch."""
     history_seam(session, name)
     schedule, layers, heads = model_shape(session)
+    selection = fitted_selection(session.plan.source, make, schedule, layers, heads)
     fits = _Fits(session.plan.source, layers)
-    selection = fits.make(make, schedule, heads)
-    fits(schedule, selection)
     chosen: Selection = KeepAll() if selection is None else selection
     attach_history(session, name, lambda: chosen, lambda s: fits(s, chosen))
+
+
+def fitted_selection(
+    source: str,
+    make: Callable[[Schedule, int, int], Selection | None],
+    schedule: Schedule,
+    layers: int,
+    heads: int,
+) -> Selection | None:
+    """``make(schedule, layers, heads)`` checked against that model (the selection's optional
+    ``check``); a mismatch is one PlanError line naming the plan ``source``."""
+    fits = _Fits(source, layers)
+    selection = fits.make(make, schedule, heads)
+    fits(schedule, selection)
+    return selection
 
 
 class _Fits:

@@ -16,9 +16,10 @@ head group per layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
-from diffcache.kv.history import Schedule
+from diffcache.kv.history import ScaleCall, Schedule
 
 #: rows kept by ``layer`` after scale ``si`` (tokens per head), None = keep all.
 Budget = Callable[[int, int], int | None]
@@ -68,14 +69,38 @@ class Geometry:
         lengths = self.history_lengths(budget)[: len(self.schedule)]
         return [sum(row) * self.row_bytes for row in lengths]
 
-    def sweep_peak(self, budget: Budget | None = None) -> int:
-        """The most bytes held at once over the generation, counting the layer being processed
+    def sweep_peaks(self, budget: Budget | None = None) -> list[int]:
+        """The most bytes held at once during each scale, counting the layer being processed
         at its transient history + new rows."""
         lengths = self.history_lengths(budget)
-        peak = 0
+        peaks = []
         for si in range(len(self.schedule)):
             before, after, n = lengths[si], lengths[si + 1], self.schedule.tokens(si)
-            for layer in range(self.layers):
-                held = sum(after[:layer]) + before[layer] + n + sum(before[layer + 1 :])
-                peak = max(peak, held)
-        return peak * self.row_bytes
+            held = (
+                sum(after[:layer]) + before[layer] + n + sum(before[layer + 1 :])
+                for layer in range(self.layers)
+            )
+            peaks.append(max(held) * self.row_bytes)
+        return peaks
+
+    def sweep_peak(self, budget: Budget | None = None) -> int:
+        """The most bytes held at once over the generation (the largest of :meth:`sweep_peaks`)."""
+        return max(self.sweep_peaks(budget))
+
+
+def selection_budget(selection: object, schedule: Schedule) -> Budget:
+    """The :data:`Budget` of a selection with one head group per layer that declares its rows
+    as ``budget(call, group, length)`` (ScaleKV, the uniform baselines; None = keep all), on
+    ``schedule``. Raises ValueError for a selection whose rows depend on its head groups."""
+    rows = getattr(selection, "budget", None)
+    if not callable(rows) or selection.groups(0, 1) != [[0]]:  # type: ignore[attr-defined]
+        raise ValueError(f"{type(selection).__name__} does not declare one budget per layer")
+
+    @functools.cache
+    def kept(si: int, layer: int) -> int:
+        """Rows ``layer`` keeps after scale ``si``: its history plus the new map, capped."""
+        length = (kept(si - 1, layer) if si else 0) + schedule.tokens(si)
+        b = rows(ScaleCall(layer=layer, si=si, schedule=schedule, cond_rows=0), 0, length)
+        return length if b is None else min(b, length)
+
+    return kept

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from diffcache.kv import ScaleCall, Schedule
-from diffcache.kv.baselines import SlidingWindowSelection
+from diffcache.kv.baselines import PyramidKVSelection, SlidingWindowSelection, StreamingSelection
 from diffcache.kv.budget import BudgetedHistory
-from diffcache.kv.memory import MIB, Geometry, kv_bytes
+from diffcache.kv.memory import MIB, Geometry, kv_bytes, selection_budget
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import RELEASED_8B_10PCT, ScaleBudget, ScaleKVBudgets
 
@@ -95,3 +95,28 @@ def test_measured_bytes_equal_the_arithmetic_with_per_layer_budgets():
     assert list(store.scale_history.values()) == geo.history_before(budget)
     assert store.peak_nbytes() == geo.sweep_peak(budget)
     assert [store.k[layer][0].shape[2] for layer in range(3)] == [17, 29, 17]
+
+
+GEO = Geometry(3, 2, 4, Schedule.square((1, 2, 3, 4, 5)), rows=2)
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        StreamingSelection(20, sinks=2),
+        PyramidKVSelection(22, layers=3, window=4),
+        ScaleKVSelection(
+            ScaleKVBudgets(20, (ScaleBudget(2, "DRR", 28, 16), ScaleBudget(3, "RDR", 28, 16))),
+            "paper",
+            window=4,
+        ),
+    ],
+    ids=["streaming", "pyramidkv", "scalekv"],
+)
+def test_selection_budget_equals_the_store_measurement(selection):
+    """The rows ``diffcache kv`` assumes are the rows the budgeted store really keeps."""
+    budget = selection_budget(selection, GEO.schedule)
+    store = run_store(selection, GEO)
+    assert list(store.scale_history.values()) == GEO.history_before(budget)
+    assert store.peak_nbytes() == GEO.sweep_peak(budget)
+    assert max(GEO.sweep_peaks(budget)) == GEO.sweep_peak(budget)

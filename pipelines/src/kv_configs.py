@@ -1,0 +1,96 @@
+"""The released next-scale models' KV geometry from their configs alone (no weights, nothing
+built): what ``diffcache kv`` computes memory for (research/var.md §1.1.3, §2.1.8).
+
+Names follow the released checkpoints: ``var-d16`` ... ``var-d36`` (``var_d{depth}.pth``) and
+``infinity-2b`` / ``infinity-8b``. Both families use cosine attention, so the cache holds K in
+fp32 (normalised under autocast) and V in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffcache.errors import DiffCacheError
+from diffcache.kv.history import Schedule
+from diffcache.kv.memory import Geometry
+from diffcache.pipelines.infinity.config import CONFIGS as INFINITY_CONFIGS
+from diffcache.pipelines.infinity.schedule import SQUARE_1M, VAE_STRIDE, square_schedule
+from diffcache.pipelines.var.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
+
+#: bytes per element of each ``--dtype``
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVConfig:
+    """One model's self-attention cache shape: ``sides`` is its largest schedule (the default
+    image size is ``sides[-1] * 16`` px); ``sizes`` True when the schedule follows the image
+    size (Infinity: a prefix of the template), False when the model makes one size (VAR)."""
+
+    family: str
+    layers: int
+    heads: int
+    head_dim: int
+    sides: tuple[int, ...]
+    sizes: bool
+    cosine: bool = True
+
+    @property
+    def size(self) -> int:
+        """The default image side in pixels."""
+        return self.sides[-1] * VAE_STRIDE
+
+    def schedule(self, height: int | None = None, width: int | None = None) -> Schedule:
+        """The maps of a ``height`` x ``width`` image (default: :attr:`size`); DiffCacheError
+        naming the size for one the model does not make."""
+        height, width = height or self.size, width or self.size
+        if self.sizes:
+            try:
+                return square_schedule(height, width, self.sides)
+            except ValueError as e:
+                raise DiffCacheError(f"--height/--width: {e}") from None
+        if (height, width) != (self.size, self.size):
+            raise DiffCacheError(
+                f"--height {height} --width {width}: this {self.family} model makes "
+                f"{self.size}x{self.size} images only"
+            )
+        return Schedule.square(self.sides)
+
+    def geometry(
+        self, batch: int, dtype: str, height: int | None = None, width: int | None = None
+    ) -> Geometry:
+        """The cache of ``batch`` images with CFG (2 rows each) computed in ``dtype``."""
+        element = DTYPE_BYTES[dtype]
+        k_bytes = 4 if self.cosine else element
+        schedule = self.schedule(height, width)
+        return Geometry(
+            self.layers, self.heads, self.head_dim, schedule, 2 * batch, k_bytes, element
+        )
+
+
+def _var(depth: int) -> KVConfig:
+    config = VARConfig.from_depth(depth)
+    sides = PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256
+    return KVConfig("var", config.depth, config.num_heads, config.head_dim, sides, sizes=False)
+
+
+def _infinity(model_type: str) -> KVConfig:
+    c = INFINITY_CONFIGS[model_type]
+    return KVConfig("infinity", c.depth, c.num_heads, c.head_dim, SQUARE_1M, sizes=True)
+
+
+#: config name -> the model's KV geometry (``diffcache kv --model NAME``)
+KV_CONFIGS: dict[str, KVConfig] = {
+    **{f"var-d{d}": _var(d) for d in (16, 20, 24, 30, 36)},
+    "infinity-2b": _infinity("infinity_2b"),
+    "infinity-8b": _infinity("infinity_8b"),
+}
+
+
+def kv_config(name: str) -> KVConfig:
+    """The named config, or DiffCacheError listing the known names."""
+    if name not in KV_CONFIGS:
+        raise DiffCacheError(
+            f"--model {name}: not a model config diffcache kv knows; known: {', '.join(KV_CONFIGS)}"
+        )
+    return KV_CONFIGS[name]
