@@ -1,6 +1,7 @@
 """The report's charts, drawn with matplotlib as inline SVG (deterministic: same report, same
 bytes). ``quality_svg``: PSNR and task score against speedup, one marker per run.
-``timeline_svg``: per-step fraction of the work each run computed (1 = computed, 0 = reused)."""
+``timeline_svg``: per-step fraction of the work each run computed (1 = computed, 0 = reused).
+``kv_svg``: next-scale KV runs' history cache before each scale, beside the plain model's."""
 
 from __future__ import annotations
 
@@ -182,3 +183,59 @@ def timeline_svg(runs: Sequence[dict[str, Any]]) -> str:
     ax.set_xlabel("step (grey: not run)" if any(math.isnan(v) for g in grid for v in g) else "step")
     fig.colorbar(image, ax=ax, label="computed", fraction=0.03)
     return _svg(fig)
+
+
+#: what the KV chart shows (its caption in the report)
+KV_CAPTION = (
+    "KV cache each run holds before each scale (all layers, K and V, CFG rows included; the "
+    "last scale's is the papers' KV cache memory), against the plain model's (every row kept). "
+    "Colours and markers are those of the quality chart. report.json's kv_history_bytes, "
+    "kv_history_plain and kv_geometry hold the numbers."
+)
+
+
+def byte_unit(most: float) -> tuple[float, str]:
+    """The binary unit (bytes per unit, name) that keeps ``most`` below 1024 units."""
+    for power, name in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if most >= 1024**power:
+            return float(1024**power), name
+    return 1.0, "B"
+
+
+def kv_svg(runs: Sequence[dict[str, Any]]) -> str:
+    """The :func:`kv_figure` as SVG."""
+    return _svg(kv_figure(runs))
+
+
+def kv_figure(runs: Sequence[dict[str, Any]]) -> Any:
+    """History KV before each scale: each KV run's, in its colour and marker, and the plain
+    model's (black, dashed, on top); the legend gives each run's last-scale share and quality."""
+    kv = [(k, r) for k, r in enumerate(runs) if r.get("kv_history_bytes")]
+    plain = next(r["kv_history_plain"] for _, r in kv)
+    unit, name = byte_unit(max(plain))
+    fig, axes = _figure(6.0, 3.2)
+    ax = axes[0]
+    for k, r in kv:
+        history = r["kv_history_bytes"]
+        ax.plot(range(len(history)), [b / unit for b in history], label=_kv_name(r), **style(k))
+    plain_units = [b / unit for b in plain]  # on top: a run that keeps everything hides under it
+    ax.plot(range(len(plain)), plain_units, color="k", ls="--", lw=1, label="no compression")
+    ax.set_xticks(range(len(plain)))
+    ax.set_xlabel("scale (its history: the cache before it)")
+    ax.set_ylabel(f"history KV ({name})")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _kv_name(run: dict[str, Any]) -> str:
+    """A KV run's legend entry: name, share of the plain last-scale cache, PSNR, task score."""
+    parts = [label(run)]
+    if _number(run.get("kv_cache_fraction")):
+        parts.append(f"KV {run['kv_cache_fraction']:.0%} of plain")
+    if _number(run.get("psnr")):
+        parts.append(f"PSNR {run['psnr']:.4g} dB")
+    if _number(run.get("task_score")):
+        parts.append(f"task score {run['task_score']:.4g}")
+    return ", ".join(parts)

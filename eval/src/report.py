@@ -6,7 +6,12 @@ The dict (extra keys are allowed and kept in the JSON)::
      "runs": [{"plan", "method", "latency_s", "speedup", "speedup_spread": [low, high],
                "compute_fraction", "macs_fraction", "psnr", "ssim",
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
-               "per_step_compute": [float, ...]}, ...],
+               "per_step_compute": [float, ...],
+               # next-scale KV methods: the history before each scale, the plain model's, and
+               # the geometry that gives the plain one (diffcache.kv.memory.Geometry)
+               "kv_cache_fraction", "kv_history_bytes": [...], "kv_history_plain": [...],
+               "kv_geometry": {"layers", "heads", "head_dim", "rows", "k_bytes", "v_bytes",
+                               "schedule": [[h, w], ...]}}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
      "requests": [{"prompt": str, "seed": int, ...}, ...]}
 
@@ -63,11 +68,20 @@ TEXT_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: Columns of next-scale KV runs (VAR, Infinity), shown before ``samples``.
+KV_COLUMNS: tuple[str, ...] = ("kv_cache_fraction", "kv_bytes_peak")
+
+
 def columns(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
-    """The table columns for these runs: text or image / video metrics."""
+    """The table columns for these runs: text or image / video metrics, with the KV cache's
+    for runs of a next-scale KV method."""
     from diffcache.eval.plots import is_text
 
-    return TEXT_COLUMNS if is_text(runs) else COLUMNS
+    if is_text(runs):
+        return TEXT_COLUMNS
+    if any("kv_cache_fraction" in r for r in runs):
+        return COLUMNS[:-1] + KV_COLUMNS + COLUMNS[-1:]
+    return COLUMNS
 
 
 #: Keys whose values are text (every other leaf of a report is a number or null). ``notes`` may
@@ -391,6 +405,9 @@ def render_section(report: dict[str, Any], out_dir: Path | None = None, level: i
             f"<p>Not placed on the {_esc(first[1])} panel (see the notes): "
             f"{_esc(', '.join(skipped))}</p>"
         )
+    if any(r.get("kv_history_bytes") for r in runs):
+        out += [f"<{h}>KV cache per scale</{h}>", '<figure id="kv">', plots.kv_svg(runs)]
+        out += [f"<figcaption>{_esc(plots.KV_CAPTION)}</figcaption>", "</figure>"]
     out += [f"<{h}>Computed vs reused work per step</{h}>", '<figure id="timeline">']
     out += [plots.timeline_svg(runs), "</figure>"]
     if out_dir is not None and report.get("samples"):

@@ -326,6 +326,22 @@ def plain_history(geometry: dict[str, Any]) -> list[int]:
     return Geometry(**{**geometry, "schedule": Schedule(geometry["schedule"])}).history_before()
 
 
+def _kv_history(name: str, recs: list[dict[str, Any]], notes: dict[str, str]) -> dict[str, Any]:
+    """A next-scale KV run's history bytes before each scale (mean over its samples), the plain
+    model's, and the ``kv_geometry`` the plain one follows from (``plain_history``); none when
+    the samples differ in geometry (image sizes), with a note."""
+    geometry = recs[0]["kv_geometry"]
+    if any(r["kv_geometry"] != geometry for r in recs):
+        _note(notes, "kv_history_bytes", f"no per-scale KV history for {name}: sizes differ")
+        return {}
+    history = np.mean([r["kv_history_bytes"] for r in recs], axis=0)
+    return {
+        "kv_history_bytes": [float(b) for b in history],
+        "kv_history_plain": recs[0]["kv_history_plain"],
+        "kv_geometry": geometry,
+    }
+
+
 def _report(
     model: str,
     device: str,
@@ -377,6 +393,7 @@ def _report(
         if any("kv_history_plain" in r for r in recs):  # the papers' "KV cache": the last history
             kept = [r["kv_history_bytes"][-1] / r["kv_history_plain"][-1] for r in recs]
             run["kv_cache_fraction"] = metrics.mean(kept)
+            run.update(_kv_history(c.name, recs, notes))
         if text:
             run["tokens_per_s"] = _tokens_per_s(recs)
             base_acc = _mean_or_none([r.get("accuracy") for r in base])

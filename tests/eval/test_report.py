@@ -391,3 +391,42 @@ def test_plan_names_tell_files_apart_and_number_repeats(tmp_path: Path) -> None:
         "dit-easycache #2",
         "p.yaml",
     ]
+
+
+def _kv_report() -> dict[str, Any]:
+    """Two next-scale KV runs on a 2-layer model (maps 1, 2x2, 3x3, 4x4) whose plain history
+    before each scale is 0, 1, 5, 14 rows x 1 KiB."""
+    report = _report()
+    plain = [0, 1024, 5 * 1024, 14 * 1024]
+    for run, kept in zip(report["runs"], ([0, 1024, 5 * 1024, 7 * 1024], plain), strict=True):
+        run.update(
+            kv_cache_fraction=kept[-1] / plain[-1],
+            kv_history_bytes=[float(b) for b in kept],
+            kv_history_plain=plain,
+        )
+    return report
+
+
+def test_kv_runs_get_a_per_scale_chart_and_kv_columns(tmp_path: Path) -> None:
+    from diffcache.eval import plots
+
+    report = _kv_report()
+    fig = plots.kv_figure(report["runs"])
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert lines["no compression"] == [0.0, 1.0, 5.0, 14.0]  # KiB
+    assert lines["wan2.1-tiny.yaml, KV 50% of plain, PSNR 31.2 dB"] == [0.0, 1.0, 5.0, 7.0]
+    assert lines["a<b>.yaml, KV 100% of plain"] == [0.0, 1.0, 5.0, 14.0]
+    assert fig.axes[0].get_ylabel() == "history KV (KiB)"
+    found = _parse(rp.write_report(report, tmp_path)["html"].read_text())
+    assert "kv" in found.ids and found.svgs == 3
+    assert rp.columns(report["runs"])[-3:] == ("kv_cache_fraction", "kv_bytes_peak", "samples")
+    assert "kv_cache_fraction" not in rp.columns(_report()["runs"])
+
+
+@pytest.mark.parametrize(
+    ("most", "unit"), [(1023, (1.0, "B")), (1024, (1024.0, "KiB")), (3 * 2**30, (2**30, "GiB"))]
+)
+def test_byte_unit(most: int, unit: tuple[float, str]) -> None:
+    from diffcache.eval.plots import byte_unit
+
+    assert byte_unit(most) == unit

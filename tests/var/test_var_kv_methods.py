@@ -306,6 +306,12 @@ def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path,
     assert run["kv_cache_fraction"] == 14 / 14  # B = 15 >= the 14 rows before the last scale
     assert h2o["kv_cache_fraction"] == 7 / 14  # H2O keeps half the history
     assert run["kv_bytes_peak"] == record["kv_bytes_peak"] > 0
+    # per scale in report.json (one sample: its own), the plain one recomputable from the geometry
+    assert run["kv_history_bytes"] == record["kv_history_bytes"]
+    assert h2o["kv_history_bytes"][-1] == h2o["kv_history_plain"][-1] * 7 / 14
+    plain = Geometry(**{**run["kv_geometry"], "schedule": Schedule(run["kv_geometry"]["schedule"])})
+    assert run["kv_history_plain"] == plain.history_before() == geometry.history_before(None)
+    assert 'id="kv"' in (report / "report.html").read_text()
     assert 0 < run["compute_fraction"] < 1
 
 
