@@ -28,16 +28,19 @@ def mib(n: float) -> float:
     return float(round(n / MIB))
 
 
-def test_infinity_8b_scalekv_at_batch_8_is_scalekv_table_1(capsys):
-    code, out, err = kv(capsys, "--model", "infinity-8b", "--plan", "infinity-8b-scalekv.yaml")
+@pytest.mark.parametrize(
+    ("model", "layers", "width", "printed"),
+    [
+        ("infinity-8b", 40, 3584, "84,328 MiB -> 8,531 MiB"),
+        ("infinity-2b", 32, 2048, "38,550 MiB -> 3,900 MiB"),
+    ],
+)
+def test_infinity_scalekv_at_batch_8_is_scalekv_table_1(capsys, model, layers, width, printed):
+    code, out, err = kv(capsys, "--model", model, "--plan", f"{model}-scalekv.yaml", "--batch", "8")
     assert code == 0, err
-    code, out, err = kv(
-        capsys, "--model", "infinity-8b", "--plan", "infinity-8b-scalekv.yaml", "--batch", "8"
-    )
-    assert code == 0, err
-    assert "84,328 MiB -> 8,531 MiB" in out
-    # 40 layers, width 3584, 6425 tokens before the 64x64 map, 16 rows, K fp32 + V bf16
-    row = 40 * 3584 * 16 * (4 + 2)
+    assert printed in out
+    # 6425 tokens before the 64x64 map, 16 rows (CFG), K fp32 + V bf16; the plans average 650
+    row = layers * width * 16 * (4 + 2)
     assert summary(out, "KV cache before") == (mib(6425 * row), mib(650 * row))
 
 
@@ -74,6 +77,7 @@ def test_per_scale_rows_follow_the_schedule(capsys):
         (["--model", "var-d30", "--plan", "infinity-8b-scalekv.yaml"], "'infinity'"),
         (["--model", "infinity-8b", "--plan", "var-d30-scalekv.yaml"], "'var'"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--batch", "0"], "--batch 0"),
+        (["--model", "var-d30", "--plan", "var-tiny-hack.yaml"], "method hack"),
         (["--model", "infinity-2b", "--plan", "infinity-8b-scalekv.yaml"], "40 layers"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--height", "512"], "--height 512"),
         (
