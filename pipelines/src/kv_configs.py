@@ -43,7 +43,8 @@ class KVConfig:
     def schedule(self, height: int | None = None, width: int | None = None) -> Schedule:
         """The maps of a ``height`` x ``width`` image (default: :attr:`size`); DiffCacheError
         naming the size for one the model does not make."""
-        height, width = height or self.size, width or self.size
+        height = self.size if height is None else height
+        width = self.size if width is None else width
         if self.sizes:
             try:
                 return square_schedule(height, width, self.sides)

@@ -80,6 +80,7 @@ def test_per_scale_rows_follow_the_schedule(capsys):
         (["--model", "var-d30", "--plan", "var-tiny-hack.yaml"], "method hack"),
         (["--model", "infinity-2b", "--plan", "infinity-8b-scalekv.yaml"], "40 layers"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--height", "512"], "--height 512"),
+        (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--width", "0"], "--width 0"),
         (
             ["--model", "infinity-8b", "--plan", "infinity-8b-scalekv.yaml", "--height", "999"],
             "999",
