@@ -717,6 +717,8 @@ def _print_report(report: dict, out: Path) -> None:
             line += f"PSNR {num(r['psnr'], '.2f', ' dB')}, SSIM {num(r['ssim'], '.4f')}" + scored(
                 r, "task_score", "task score"
             )
+        if "kv_cache_fraction" in r:  # next-scale KV methods: the papers' KV cache
+            line += f", KV cache {num(r['kv_cache_fraction'], '.1%')} of plain"
         print(line)
         cf = r["compute_fraction"]
         if cf is not None and cf > 1:

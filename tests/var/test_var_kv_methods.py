@@ -264,7 +264,9 @@ def test_a_plan_that_does_not_fit_the_model_is_refused_before_anything_runs(
     assert message in err and not out.exists()
 
 
-def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path, plain) -> None:
+def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(
+    tmp_path: Path, plain, capsys
+) -> None:
     import json
 
     pipe, _ = plain
@@ -312,6 +314,9 @@ def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(tmp_path: Path,
     plain = Geometry(**{**run["kv_geometry"], "schedule": Schedule(run["kv_geometry"]["schedule"])})
     assert run["kv_history_plain"] == plain.history_before() == geometry.history_before(None)
     assert 'id="kv"' in (report / "report.html").read_text()
+    printed = capsys.readouterr().out
+    assert f"KV cache {run['kv_cache_fraction']:.1%} of plain" in printed
+    assert "var-tiny-h2o.yaml: " in printed and "KV cache 50.0% of plain" in printed
     assert 0 < run["compute_fraction"] < 1
 
 
