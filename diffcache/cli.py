@@ -844,7 +844,8 @@ def _kv(args: argparse.Namespace) -> int:
     full_peaks, kept_peaks = geo.sweep_peaks(), geo.sweep_peaks(budget)
 
     def mib(n: int) -> str:
-        return f"{n / MIB:,.0f} MiB"
+        """Whole MiB with thousands separators, one decimal below 1,000 MiB."""
+        return f"{n / MIB:,.0f} MiB" if n >= 1000 * MIB else f"{n / MIB:.1f} MiB"
 
     side = geo.schedule.sizes[-1]
     print(
