@@ -78,6 +78,12 @@ class ScaleKVConfig(MethodConfig):
     def aggressive(cls) -> ScaleKVConfig:
         return cls(average=4, window=4)
 
+    def kv_target(self, fraction: float) -> ScaleKVConfig:
+        """``ratio=fraction`` on average over the layers, without per-scale tables (the
+        calibrator makes them): the history before the last scale is ``floor(fraction·T)`` rows
+        per head and layer on average."""
+        return dataclasses.replace(self, average=None, ratio=fraction, scales=())
+
     @classmethod
     def from_budgets(cls, budgets: ScaleKVBudgets) -> ScaleKVConfig:
         """The released rule with these per-scale drafter / refiner budgets."""
