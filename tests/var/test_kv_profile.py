@@ -1,0 +1,161 @@
+"""Profiling the next-scale KV methods on var-digits (scales 1-2-3-4-6-8: 66 tokens before the
+last scale; 4 layers x 4 heads): the HACK calibrator's head statistic and classes against
+diffcache.kv.head_stats on tensors captured by an independent store, ``--target-kv`` budgets
+against the plain run's own history bytes, and the refusals (one line, exit 2, nothing built)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import diffcache
+from diffcache.adapter import Target
+from diffcache.cli import main
+from diffcache.generate import Request, expand, generate
+from diffcache.kv.head_stats import classify_heads, variance_table
+from diffcache.kv.history import FullHistory, ScaleCall
+from diffcache.kv.recorder import HistoryRecorder
+from diffcache.methods.hack import HACKConfig
+from diffcache.methods.hack_calibrate import ALPHA, last_scale_variance
+from diffcache.models import builtin_models, load_model
+from diffcache.profile import record_trace
+from diffcache.registry import find_adapter, get_method
+
+LABELS = ["1", "7"]
+HACK_FITS = {"recent_cap": 8}  # at 30% the structural heads cannot keep the whole 4x4 map
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    return load_model("var-digits")
+
+
+def _requests(pipe: Any) -> list[Request]:
+    request = Request(seed=0).merged(builtin_models()["var-digits"].defaults)
+    return expand(find_adapter(pipe), LABELS, 1, request)
+
+
+class _Capture(FullHistory):
+    """The plain store, keeping each last-scale call's q and whole key set."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def attend(self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        out = super().attend(call, q, k, v)
+        if call.si == len(call.schedule) - 1:
+            self.seen.append((call.layer, q.clone(), self.k[call.layer].clone(), call.scale))
+        return out
+
+
+def _captured(pipe: Any) -> torch.Tensor:
+    """variance_table of each generation's last scale, summed over the generations, on the
+    tensors ``_Capture`` kept."""
+    seen: list = []
+    pipe.history_store = lambda: _Capture(seen)
+    try:
+        for req in _requests(pipe):
+            generate(pipe, req)
+    finally:
+        del pipe.history_store
+    layers = max(layer for layer, *_ in seen) + 1
+    table = torch.zeros(layers, seen[0][1].shape[1], dtype=torch.float64)
+    for i in range(0, len(seen), layers):  # one generation: every layer in order
+        group = seen[i : i + layers]
+        assert [layer for layer, *_ in group] == list(range(layers))
+        table += variance_table([(q, k) for _, q, k, _ in group], group[0][3])
+    return table
+
+
+def test_recorder_sums_the_head_variance_of_the_captured_tensors(pipe: Any) -> None:
+    expected = _captured(pipe)
+    target = Target.resolve(find_adapter(pipe), pipe)
+    recorder = HistoryRecorder("hack", last_scale_variance)
+    trace, _, _ = record_trace(pipe, target, None, _requests(pipe), False, recorder)
+    got = trace.observed["sums"]
+    assert got.shape == expected.shape == (4, 4)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    assert recorder.calls == 2 * 6 * 4  # generations x scales x layers
+
+
+def test_hack_profile_classifies_the_heads_as_head_stats_does(pipe: Any) -> None:
+    expected = _captured(pipe)
+    plan = diffcache.profile(
+        pipe,
+        HACKConfig(**HACK_FITS),
+        LABELS,
+        target_kv=0.3,
+        request=Request(seed=0),
+    )
+    classes = torch.tensor(plan.calibration["classes"])
+    assert torch.equal(classes, classify_heads(expected, ALPHA))
+    measured = plan.provenance["measured"]
+    assert measured["contextual_heads"] == round(ALPHA * 16) == int((classes == 0).sum())
+    assert measured["calibration_generations"] == len(LABELS)
+
+
+def _plain_history_bytes(pipe: Any, req: Request) -> int:
+    generate(pipe, req)
+    return pipe.last_history.history_nbytes()  # the plain store after the last scale
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("hack", HACK_FITS),
+        ("h2o", {}),
+        ("snapkv", {"window": 4}),
+        ("streaming", {}),
+        ("pyramidkv", {"window": 4}),
+        ("scalekv", {"window": 4}),
+    ],
+)
+def test_target_kv_keeps_that_fraction_of_the_history_within_a_token(
+    pipe: Any, method: str, options: dict[str, Any]
+) -> None:
+    config = get_method(method)[0].from_options(options)
+    target = 0.3
+    plan = diffcache.profile(pipe, config, LABELS[:1], target_kv=target, request=Request(seed=0))
+    req = _requests(pipe)[0]
+    full = _plain_history_bytes(pipe, req)
+    schedule = pipe.schedule
+    history = schedule.start(len(schedule) - 1)  # rows before the last scale (66)
+    # the plain history after the last scale holds the whole cache: scale it to the last history
+    plain_last = full * history // schedule.total
+    diffcache.accelerate(pipe, plan)
+    try:
+        generate(pipe, req)
+        kept = diffcache.stats(pipe).kv_history_bytes[-1]
+    finally:
+        diffcache.remove(pipe)
+    assert abs(kept / plain_last - target) <= 1 / history
+    assert plan.provenance["measured"]["kv_history_fraction"] == pytest.approx(
+        kept / plain_last, abs=1e-6
+    )
+    assert plan.provenance["target_kv"] == target
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "hack", "--target-kv", "0"], "--target-kv must be in (0, 1], got 0.0"),
+        (["--method", "h2o", "--target-kv", "1.5"], "--target-kv must be in (0, 1], got 1.5"),
+        (
+            ["--method", "easycache", "--target-kv", "0.3"],
+            "--target-kv sets the history KV budget of h2o, hack, pyramidkv, scalekv, snapkv, "
+            "streaming; --method easycache has none",
+        ),
+    ],
+)
+def test_bad_target_kv_is_one_line_before_any_model(
+    argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(diffcache, "load_model", lambda *a, **k: pytest.fail("model built"))
+    out = str(tmp_path / "p.yaml")
+    assert main(["profile", "--model", "var-digits", *argv, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"diffcache: error: {message}"]
