@@ -17,6 +17,7 @@ from diffcache.methods import (
     invardiff_calibrate,
     kv_baselines,
     scalekv,
+    scalekv_calibrate,
 )
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
@@ -46,4 +47,5 @@ __all__ = [
     "invardiff_calibrate",
     "kv_baselines",
     "scalekv",
+    "scalekv_calibrate",
 ]

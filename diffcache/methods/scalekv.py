@@ -80,8 +80,8 @@ class ScaleKVConfig(MethodConfig):
 
     def kv_target(self, fraction: float) -> ScaleKVConfig:
         """``ratio=fraction`` on average over the layers, without per-scale tables (the
-        calibrator makes them): the history before the last scale is ``floor(fraction·T)`` rows
-        per head and layer on average."""
+        calibrator makes them): the budgets before the last scale average ``floor(fraction·T)``
+        rows per head and layer (a layer holds fewer when it had fewer to keep)."""
         return dataclasses.replace(self, average=None, ratio=fraction, scales=())
 
     @classmethod

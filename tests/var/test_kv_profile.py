@@ -15,11 +15,20 @@ import diffcache
 from diffcache.adapter import Target
 from diffcache.cli import main
 from diffcache.generate import Request, expand, generate
-from diffcache.kv.head_stats import classify_heads, variance_table
+from diffcache.kv.head_stats import (
+    classify_heads,
+    drafters,
+    selectivity_table,
+    variance_table,
+    zscore,
+)
 from diffcache.kv.history import FullHistory, ScaleCall
+from diffcache.kv.memory import Geometry
 from diffcache.kv.recorder import HistoryRecorder
 from diffcache.methods.hack import HACKConfig
 from diffcache.methods.hack_calibrate import ALPHA, last_scale_variance
+from diffcache.methods.scalekv import ScaleKVConfig
+from diffcache.methods.scalekv_calibrate import DRAFTERS, TOP_K
 from diffcache.models import builtin_models, load_model
 from diffcache.profile import record_trace
 from diffcache.registry import find_adapter, get_method
@@ -41,14 +50,17 @@ def _requests(pipe: Any) -> list[Request]:
 class _Capture(FullHistory):
     """The plain store, keeping each last-scale call's q and whole key set."""
 
-    def __init__(self, seen: list) -> None:
+    def __init__(self, seen: list, every_scale: bool = False) -> None:
         super().__init__()
-        self.seen = seen
+        self.seen, self.every_scale = seen, every_scale
 
     def attend(self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         out = super().attend(call, q, k, v)
-        if call.si == len(call.schedule) - 1:
-            self.seen.append((call.layer, q.clone(), self.k[call.layer].clone(), call.scale))
+        keys = self.k[call.layer].clone()
+        if self.every_scale:
+            self.seen.append((call.layer, call.si, q.clone(), keys, call.scale))
+        elif call.si == len(call.schedule) - 1:
+            self.seen.append((call.layer, q.clone(), keys, call.scale))
         return out
 
 
@@ -98,9 +110,22 @@ def test_hack_profile_classifies_the_heads_as_head_stats_does(pipe: Any) -> None
     assert measured["calibration_generations"] == len(LABELS)
 
 
-def _plain_history_bytes(pipe: Any, req: Request) -> int:
+def _kept_fraction(pipe: Any, plan: Any) -> tuple[float, int]:
+    """The history KV before the last scale with ``plan``, over the plain run's (measured by
+    each store), and the rows the plain history holds there."""
+    req = _requests(pipe)[0]
     generate(pipe, req)
-    return pipe.last_history.history_nbytes()  # the plain store after the last scale
+    full = pipe.last_history.history_nbytes()  # the plain store after the last scale
+    schedule = pipe.schedule
+    history = schedule.start(len(schedule) - 1)  # rows before the last scale (66)
+    plain_last = full * history // schedule.total  # every layer holds the same rows
+    diffcache.accelerate(pipe, plan)
+    try:
+        generate(pipe, req)
+        kept = diffcache.stats(pipe).kv_history_bytes[-1]
+    finally:
+        diffcache.remove(pipe)
+    return kept / plain_last, history
 
 
 @pytest.mark.parametrize(
@@ -111,7 +136,6 @@ def _plain_history_bytes(pipe: Any, req: Request) -> int:
         ("snapkv", {"window": 4}),
         ("streaming", {}),
         ("pyramidkv", {"window": 4}),
-        ("scalekv", {"window": 4}),
     ],
 )
 def test_target_kv_keeps_that_fraction_of_the_history_within_a_token(
@@ -120,23 +144,48 @@ def test_target_kv_keeps_that_fraction_of_the_history_within_a_token(
     config = get_method(method)[0].from_options(options)
     target = 0.3
     plan = diffcache.profile(pipe, config, LABELS[:1], target_kv=target, request=Request(seed=0))
-    req = _requests(pipe)[0]
-    full = _plain_history_bytes(pipe, req)
-    schedule = pipe.schedule
-    history = schedule.start(len(schedule) - 1)  # rows before the last scale (66)
-    # the plain history after the last scale holds the whole cache: scale it to the last history
-    plain_last = full * history // schedule.total
-    diffcache.accelerate(pipe, plan)
-    try:
-        generate(pipe, req)
-        kept = diffcache.stats(pipe).kv_history_bytes[-1]
-    finally:
-        diffcache.remove(pipe)
-    assert abs(kept / plain_last - target) <= 1 / history
-    assert plan.provenance["measured"]["kv_history_fraction"] == pytest.approx(
-        kept / plain_last, abs=1e-6
-    )
+    kept, history = _kept_fraction(pipe, plan)
+    assert abs(kept - target) <= 1 / history
+    assert plan.provenance["measured"]["kv_history_fraction"] == pytest.approx(kept, abs=1e-6)
     assert plan.provenance["target_kv"] == target
+
+
+def test_scalekv_profile_budgets_are_eq4_on_the_roles_of_the_recorded_asi(pipe: Any) -> None:
+    """Eq. 4 holds at every compression, the roles are those of the ASI of captured tensors,
+    and the history KV is what diffcache.kv.memory's arithmetic gives for these budgets: at
+    most the target (a drafter that was a refiner before holds fewer rows than its budget)."""
+    seen: list = []
+    pipe.history_store = lambda: _Capture(seen, every_scale=True)
+    try:
+        generate(pipe, _requests(pipe)[0])
+    finally:
+        del pipe.history_store
+    schedule = pipe.schedule
+    maps = {(layer, si): (q, k) for layer, si, q, k, _ in seen}
+    asi, _ = selectivity_table(maps, schedule, TOP_K)
+    config = ScaleKVConfig(window=4)
+    plan = diffcache.profile(pipe, config, LABELS[:1], target_kv=0.3, request=Request(seed=0))
+    scales = plan.options["scales"]
+    average = int(0.3 * schedule.start(len(schedule) - 1))
+    assert plan.provenance["measured"]["average"] == average
+    roles = drafters(zscore(asi[:, 1:]), round(DRAFTERS * asi[:, 1:].numel()))
+    for k, s in enumerate(scales):
+        assert s["after_scale"] == k
+        assert s["roles"] == "".join("D" if d else "R" for d in roles[:, k].tolist())
+        n_d = s["roles"].count("D")
+        assert n_d * s["drafter"] + (4 - n_d) * s["refiner"] == 4 * average
+    assert [s["refiner"] for s in scales] == sorted((s["refiner"] for s in scales), reverse=True)
+
+    def budget(si: int, layer: int) -> int | None:
+        if si == len(schedule) - 1 or schedule.start(si + 1) <= average:
+            return None  # no compression after the last scale, nor before the cache exceeds
+        return scales[si]["drafter" if scales[si]["roles"][layer] == "D" else "refiner"]
+
+    geometry = Geometry(4, 4, 16, schedule, 4)
+    expected = geometry.history_before(budget)[-1] / geometry.history_before()[-1]
+    kept, history = _kept_fraction(pipe, plan)
+    assert kept == pytest.approx(expected, abs=1e-12)
+    assert kept <= 0.3 + 1 / history
 
 
 @pytest.mark.parametrize(
