@@ -5,6 +5,7 @@ against the plain run's own history bytes, and the refusals (one line, exit 2, n
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from diffcache.methods.hack_calibrate import ALPHA, last_scale_variance
 from diffcache.methods.scalekv import ScaleKVConfig
 from diffcache.methods.scalekv_calibrate import DRAFTERS, TOP_K
 from diffcache.models import builtin_models, load_model
+from diffcache.plan import Plan, bundled_plans
 from diffcache.profile import record_trace
+from diffcache.profiles.make import KV_PLANS, make
 from diffcache.registry import find_adapter, get_method
 
 LABELS = ["1", "7"]
@@ -208,3 +211,21 @@ def test_bad_target_kv_is_one_line_before_any_model(
     assert main(["profile", "--model", "var-digits", *argv, "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"diffcache: error: {message}"]
+
+
+@pytest.mark.parametrize("name", KV_PLANS)
+def test_make_rewrites_the_var_digits_kv_plans_byte_for_byte(name: str, tmp_path: Path) -> None:
+    model, method, options, target, inputs, seed = KV_PLANS[name]
+    new = make(name, tmp_path)
+    old = bundled_plans()[name]
+    assert new.read_text() == old.read_text()
+    plan = Plan.load(name)
+    assert (plan.method, plan.provenance["seeds"], plan.provenance["target_kv"]) == (
+        method,
+        [seed],
+        target,
+    )
+    assert all(plan.options[k] == v for k, v in options.items())
+    digest = hashlib.sha256("\n".join(inputs()).encode()).hexdigest()
+    assert plan.provenance["prompts_sha256"] == digest
+    assert plan.provenance["measured"]["kv_history_fraction"] <= target + 1 / 66
