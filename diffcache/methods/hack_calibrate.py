@@ -39,13 +39,17 @@ def last_scale_variance(call: ScaleCall, q: torch.Tensor, k: torch.Tensor) -> to
     return column_variance(q, k, call.scale).sum(0)
 
 
-@register_calibrator(HACKConfig)
+def observer(cfg: HACKConfig, target: Any) -> HistoryRecorder:
+    """The recorder of the plain profiling run, once the budget is known to fit the model."""
+    _check_budget(cfg, target)
+    return HistoryRecorder(cfg.name, last_scale_variance)
+
+
+@register_calibrator(HACKConfig, observer=observer)
 def calibrate(cfg: HACKConfig, profiling: Any) -> Calibrated:
-    """Record the head variance table on the calibration runs, classify the heads, and measure
-    the plan (compute and history KV fractions) on the same runs."""
-    _check_budget(cfg, profiling.target)
-    recorder = HistoryRecorder(cfg.name, last_scale_variance)
-    variance = profiling.record(recorder).get("sums")
+    """Classify the heads by the variance table the plain run recorded, and measure the plan
+    (compute and history KV fractions) on the same requests."""
+    variance = profiling.trace.observed.get("sums")
     if variance is None:
         raise DiffCacheError(
             "hack: no last-scale attention was recorded; is it a next-scale model?"

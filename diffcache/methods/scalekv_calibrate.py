@@ -18,6 +18,7 @@ hyper-parameters is published (§2.1.6): they are this reconstruction's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -74,24 +75,35 @@ def roles_and_budgets(asi: torch.Tensor, average: int) -> tuple[ScaleKVScale, ..
     return tuple(out)
 
 
-@register_calibrator(ScaleKVConfig)
-def calibrate(cfg: ScaleKVConfig, profiling: Any) -> Calibrated:
-    """Record the ASI table on the calibration runs, pick the roles and budgets per scale, and
-    measure the plan on the same runs."""
-    schedule, layers, heads = target_shape(profiling.target)
-    _fits(cfg, schedule, layers, heads)
+def _average(cfg: ScaleKVConfig, schedule: Any) -> int:
     average = token_budget(cfg.average, cfg.ratio, schedule)
     if average is None:
         raise DiffCacheError(
             "scalekv: profiling sets drafter and refiner budgets around an average; give "
             "--target-kv R or --option average=N"
         )
-    recorder = HistoryRecorder(cfg.name, scale_selectivity)
-    sums = profiling.record(recorder).get("sums")
+    return average
+
+
+def observer(cfg: ScaleKVConfig, target: Any) -> HistoryRecorder:
+    """The recorder of the plain profiling run, once the budget is known to fit the model."""
+    schedule, layers, heads = target_shape(target)
+    _average(cfg, schedule)
+    _fits(cfg, schedule, layers, heads)
+    return HistoryRecorder(cfg.name, scale_selectivity)
+
+
+@register_calibrator(ScaleKVConfig, observer=observer)
+def calibrate(cfg: ScaleKVConfig, profiling: Any) -> Calibrated:
+    """Pick the roles and budgets per scale from the ASI table the plain run recorded, and
+    measure the plan on the same requests."""
+    schedule, layers, heads = target_shape(profiling.target)
+    average = _average(cfg, schedule)
+    sums = profiling.trace.observed.get("sums")
     if sums is None:
         raise DiffCacheError("scalekv: no attention was recorded; is it a next-scale model?")
     asi = sums / len(profiling.requests)
-    config = ScaleKVConfig(**{**cfg.__dict__, "scales": roles_and_budgets(asi, average)})
+    config = dataclasses.replace(cfg, scales=roles_and_budgets(asi, average))
     _fits(config, schedule, layers, heads)
     measured = {
         **profiling.measure(config),

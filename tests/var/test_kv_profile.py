@@ -6,6 +6,7 @@ against the plain run's own history bytes, and the refusals (one line, exit 2, n
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import diffcache
 from diffcache.adapter import Target
 from diffcache.cli import main
+from diffcache.errors import DiffCacheError
 from diffcache.generate import Request, expand, generate
 from diffcache.kv.head_stats import (
     classify_heads,
@@ -189,6 +191,22 @@ def test_scalekv_profile_budgets_are_eq4_on_the_roles_of_the_recorded_asi(pipe: 
     kept, history = _kept_fraction(pipe, plan)
     assert kept == pytest.approx(expected, abs=1e-12)
     assert kept <= 0.3 + 1 / history
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (HACKConfig(), "budget_structural=20 is below the 21 rows structural heads must keep"),
+        (ScaleKVConfig(window=25), "below the 25-token observation window"),
+    ],
+)
+def test_a_budget_that_does_not_fit_is_refused_before_any_generation(
+    pipe: Any, config: Any, message: str, monkeypatch
+) -> None:
+    profiling = sys.modules["diffcache.profile"]  # the module: diffcache.profile is the function
+    monkeypatch.setattr(profiling, "generate", lambda *a: pytest.fail("generated"))
+    with pytest.raises(DiffCacheError, match=message):
+        diffcache.profile(pipe, config, LABELS, target_kv=0.3)
 
 
 @pytest.mark.parametrize(
