@@ -42,6 +42,7 @@ from diffcache.eval.timing import (
     timed,
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
+from diffcache.kv.memory import Geometry
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
@@ -359,9 +360,7 @@ def kv_history_fraction(s: Any) -> float | None:
     None for a run with no history store."""
     if not s.kv_history_bytes or not s.kv_geometry:
         return None
-    from diffcache.eval.runner import plain_history
-
-    return s.kv_history_bytes[-1] / plain_history(s.kv_geometry)[-1]
+    return s.kv_history_bytes[-1] / Geometry.of(s.kv_geometry).history_before()[-1]
 
 
 def check_targets(
