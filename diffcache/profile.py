@@ -48,7 +48,7 @@ from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
-from diffcache.registry import find_adapter, get_method, methods
+from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 from diffcache.yamlio import read_yaml
@@ -298,9 +298,10 @@ def resolve_start(
     (a ``.yaml`` path, bundled name or Plan: templates too), the built-in ``model``'s bundled
     plan of the method, the ``family``'s published settings for real checkpoints, else the
     method's defaults; ``options`` go on top. The step count is ``steps``, else the starting
-    plan's, else ``default_steps``. ``family`` None means not known yet (a checkpoint folder
-    before it is loaded): the options are checked against the step count once a plan or the
-    family is known. ``what`` names the model in errors, ``names`` the inputs.
+    plan's (for a family that takes a step count), else ``default_steps``. ``family`` None
+    means not known yet (a checkpoint folder before it is loaded): the options are checked
+    against the step count once a plan or the family is known. ``what`` names the model in
+    errors, ``names`` the inputs.
     """
     if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
         if start is not None:
@@ -338,7 +339,9 @@ def resolve_start(
         merged = {**(plan.options if plan is not None else {}), **given, **(options or {})}
         config = cls.from_options(merged, f"{names.of('method', name)} options")
     request_steps = steps
-    if request_steps is None and plan is not None:
+    adapter = adapters().get(family) if family is not None else None
+    takes_steps = adapter is None or adapter.field("steps") is not None
+    if request_steps is None and plan is not None and takes_steps:  # not next-scale models
         request_steps = plan.valid_for.get("num_inference_steps")
     checked = request_steps if request_steps is not None else default_steps
     problems = config.plan_problems({"num_inference_steps": checked}) if checked else []

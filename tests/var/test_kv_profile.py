@@ -247,3 +247,18 @@ def test_make_rewrites_the_var_digits_kv_plans_byte_for_byte(name: str, tmp_path
     digest = hashlib.sha256("\n".join(inputs()).encode()).hexdigest()
     assert plan.provenance["prompts_sha256"] == digest
     assert plan.provenance["measured"]["kv_history_fraction"] <= target + 1 / 66
+
+
+def test_cli_profile_var_digits_starts_from_its_bundled_plan_without_a_step_count(
+    tmp_path: Path, capsys
+) -> None:
+    """var models take no --steps: the bundled var-digits-hack.yaml's options are the start,
+    its recorded scale count is not turned into a --steps the family refuses."""
+    out = tmp_path / "hack.yaml"
+    argv = ["profile", "--model", "var-digits", "--method", "hack", "--num-prompts", "10"]
+    assert main([*argv, "--target-kv", "0.3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "history KV before the last scale: 0.3030 of the plain model's (measured)" in printed
+    plan = Plan.load(out)
+    assert plan.options["recent_cap"] == Plan.load("var-digits-hack.yaml").options["recent_cap"]
+    assert plan.calibration == Plan.load("var-digits-hack.yaml").calibration
