@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-compute", type=float, default=None, help="compute fraction")
     goal.add_argument("--target-speedup", type=float, default=None, help="speedup to reach")
+    goal.add_argument(
+        "--target-kv",
+        type=float,
+        default=None,
+        help="KV methods of next-scale models: the fraction of the plain history KV to keep",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -499,7 +505,13 @@ def _profile(args: argparse.Namespace) -> int:
     from diffcache.eval.timing import costlier, measurement_threads
     from diffcache.generate import check_writable
     from diffcache.models import builtin_models
-    from diffcache.profile import CALIBRATION_INPUT, CLI, check_targets, resolve_start
+    from diffcache.profile import (
+        CALIBRATION_INPUT,
+        CLI,
+        check_targets,
+        resolve_start,
+        with_kv_target,
+    )
 
     _check_seeds(args)
     _check_timing(args)
@@ -507,7 +519,7 @@ def _profile(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise DiffCacheError(f"--out {out}: a plan is written as .yaml")
     check_writable(out, "--out")
-    check_targets(args.target_compute, args.target_speedup, CLI)
+    check_targets(args.target_compute, args.target_speedup, CLI, args.target_kv)
     if args.prompts:
         prompts = _read_prompts(args.prompts)
     else:
@@ -533,6 +545,8 @@ def _profile(args: argparse.Namespace) -> int:
         )
 
     start = start_for(entry.family if entry is not None else None)  # before loading anything
+    if args.target_kv is not None:
+        with_kv_target(start.config, args.target_kv, CLI)
     args.steps = start.request_steps
     req, adapter = _request(args, args.model, sample, CALIBRATION_INPUT)
     if adapter is not None:  # a built-in model: its inputs are known before it is built
@@ -564,6 +578,7 @@ def _profile(args: argparse.Namespace) -> int:
             out=out,
             target_compute=args.target_compute,
             target_speedup=args.target_speedup,
+            target_kv=args.target_kv,
             request=req,
             progress=sys.stderr.isatty(),
             repeats=args.repeats,
@@ -579,6 +594,9 @@ def _profile(args: argparse.Namespace) -> int:
     )
     if cf is not None and cf > 1:
         print(costlier(cf))
+    kv = measured.get("kv_history_fraction")
+    if kv is not None:
+        print(f"history KV before the last scale: {kv:.4f} of the plain model's (measured)")
     measured = plan.provenance.get("speedup_measured")
     if measured is not None:
         least = plan.provenance.get("least_compute")

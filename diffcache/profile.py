@@ -42,12 +42,13 @@ from diffcache.eval.timing import (
     timed,
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
+from diffcache.kv.memory import Geometry
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
-from diffcache.registry import find_adapter, get_method
+from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
 from diffcache.yamlio import read_yaml
@@ -150,12 +151,16 @@ class Profiling:
             accelerate(self.pipe, plan)
             try:
                 generate(self.pipe, req)
-                mine.append((i, stats(self.pipe).compute_fraction))
+                s = stats(self.pipe)
+                mine.append((i, s.compute_fraction, kv_history_fraction(s)))
             finally:
                 remove(self.pipe)
-        fractions = [f for _, f in sorted(x for part in distributed.gather(mine) for x in part)]
+        runs = [x[1:] for x in sorted(x for part in distributed.gather(mine) for x in part)]
         self.runs += 1
-        return {"compute_fraction": round(sum(fractions) / len(fractions), 6)}
+        out = {"compute_fraction": round(sum(f for f, _ in runs) / len(runs), 6)}
+        if all(kv is not None for _, kv in runs):
+            out["kv_history_fraction"] = round(max(kv for _, kv in runs), 6)
+        return out
 
     def tune(
         self,
@@ -225,6 +230,7 @@ class Names:
     options: str = ""  # where the caller sets options (empty: not named)
     target_compute: str = "target_compute"
     target_speedup: str = "target_speedup"
+    target_kv: str = "target_kv"
 
     def of(self, name: str, value: Any) -> str:
         """``value`` labelled with the input ``name`` names (``--from x.yaml``, ``x.yaml``)."""
@@ -232,7 +238,13 @@ class Names:
 
 
 CLI = Names(
-    "--method", "--from", "--steps", "--option KEY=VALUE", "--target-compute", "--target-speedup"
+    "--method",
+    "--from",
+    "--steps",
+    "--option KEY=VALUE",
+    "--target-compute",
+    "--target-speedup",
+    "--target-kv",
 )
 
 
@@ -286,9 +298,10 @@ def resolve_start(
     (a ``.yaml`` path, bundled name or Plan: templates too), the built-in ``model``'s bundled
     plan of the method, the ``family``'s published settings for real checkpoints, else the
     method's defaults; ``options`` go on top. The step count is ``steps``, else the starting
-    plan's, else ``default_steps``. ``family`` None means not known yet (a checkpoint folder
-    before it is loaded): the options are checked against the step count once a plan or the
-    family is known. ``what`` names the model in errors, ``names`` the inputs.
+    plan's (for a family that takes a step count), else ``default_steps``. ``family`` None
+    means not known yet (a checkpoint folder before it is loaded): the options are checked
+    against the step count once a plan or the family is known. ``what`` names the model in
+    errors, ``names`` the inputs.
     """
     if isinstance(method, Plan) or str(method).endswith((".yaml", ".yml")):
         if start is not None:
@@ -326,7 +339,9 @@ def resolve_start(
         merged = {**(plan.options if plan is not None else {}), **given, **(options or {})}
         config = cls.from_options(merged, f"{names.of('method', name)} options")
     request_steps = steps
-    if request_steps is None and plan is not None:
+    adapter = adapters().get(family) if family is not None else None
+    takes_steps = adapter is None or adapter.field("steps") is not None
+    if request_steps is None and plan is not None and takes_steps:  # not next-scale models
         request_steps = plan.valid_for.get("num_inference_steps")
     checked = request_steps if request_steps is not None else default_steps
     problems = config.plan_problems({"num_inference_steps": checked}) if checked else []
@@ -342,17 +357,48 @@ def resolve_start(
     return Start(config, plan, published, request_steps)
 
 
+def kv_history_fraction(s: Any) -> float | None:
+    """The history KV a generation held before its last scale (the papers' "KV cache"), as a
+    fraction of the plain model's (every row kept: ``diffcache.kv.memory`` on its geometry);
+    None for a run with no history store."""
+    if not s.kv_history_bytes or not s.kv_geometry:
+        return None
+    return s.kv_history_bytes[-1] / Geometry.of(s.kv_geometry).history_before()[-1]
+
+
 def check_targets(
-    target_compute: float | None, target_speedup: float | None, names: Names = Names()
+    target_compute: float | None,
+    target_speedup: float | None,
+    names: Names = Names(),
+    target_kv: float | None = None,
 ) -> None:
-    """Refuse both targets at once and a target out of range (before any work)."""
+    """Refuse two targets at once and a target out of range (before any work)."""
     compute, speedup = names.target_compute, names.target_speedup
-    if target_compute is not None and target_speedup is not None:
-        raise DiffCacheError(f"give {compute} or {speedup}, not both")
+    values = {"target_compute": target_compute, "target_speedup": target_speedup}
+    given = [
+        getattr(names, n) for n, v in {**values, "target_kv": target_kv}.items() if v is not None
+    ]
+    if len(given) > 1:
+        raise DiffCacheError(f"give one target, not {' and '.join(given)}")
+    if target_kv is not None and not 0 < target_kv <= 1:
+        raise DiffCacheError(f"{names.target_kv} must be in (0, 1], got {target_kv}")
     if target_compute is not None and not 0 < target_compute <= 1:
         raise DiffCacheError(f"{compute} must be in (0, 1], got {target_compute}")
     if target_speedup is not None and not 1 <= target_speedup < math.inf:
         raise DiffCacheError(f"{speedup} must be a number >= 1, got {target_speedup}")
+
+
+def with_kv_target(config: MethodConfig, target_kv: float, names: Names = Names()) -> MethodConfig:
+    """``config`` with the history budget that keeps ``target_kv`` of the plain model's history
+    KV (its ``kv_target``), or one error line for a method that has no such budget."""
+    budgeted = config.kv_target(target_kv)
+    if budgeted is None:
+        kv = sorted(n for n, c in methods().items() if c.kv_target is not MethodConfig.kv_target)
+        raise DiffCacheError(
+            f"{names.target_kv} sets the history KV budget of {', '.join(kv)}; "
+            f"{names.of('method', config.name)} has none"
+        )
+    return budgeted
 
 
 def profile(
@@ -364,6 +410,7 @@ def profile(
     *,
     target_compute: float | None = None,
     target_speedup: float | None = None,
+    target_kv: float | None = None,
     request: Request | None = None,
     progress: bool = False,
     repeats: int = REPEATS,
@@ -384,13 +431,17 @@ def profile(
         target_compute: the compute fraction the plan must not exceed on these prompts.
         target_speedup: a speedup to reach; turned into a compute target with the denoiser's
             measured share of the generation time.
+        target_kv: for a next-scale KV method, the fraction of the plain model's history KV
+            (before the last scale, the papers' "KV cache") the plan keeps: the budget is set
+            by arithmetic (``MethodConfig.kv_target``: the history is ``min(budget, T)`` rows,
+            ``diffcache.kv.memory``), and the store's measured fraction goes in the provenance.
         request: the other request fields (size, steps, guidance ...); a built-in model's
             defaults fill the ones it leaves out.
         repeats: timed rounds of the speedup measured for ``target_speedup`` (its median,
             lowest and highest go in the provenance, with the torch threads it ran on).
     """
     request = request or Request()
-    check_targets(target_compute, target_speedup)
+    check_targets(target_compute, target_speedup, target_kv=target_kv)
     check_count(repeats, "repeats")
     out = _check_inputs(prompts, seeds, out)
     if session_of(pipe) is not None:
@@ -411,6 +462,8 @@ def profile(
     if entry is not None:
         request = request.merged(entry.defaults)
     config = start.config
+    if target_kv is not None:
+        config = with_kv_target(config, target_kv)
     target = Target.resolve(adapter, pipe)
     if target.driver == "timestep":
         raise UnsupportedModelError(
@@ -427,7 +480,11 @@ def profile(
     if target.scheduler is not None:
         valid_for["scheduler"] = type(target.scheduler).__name__
     profiling = Profiling(pipe, target, requests, trace, valid_for, target_compute, progress)
-    targets = {"target_compute": target_compute, "target_speedup": target_speedup}
+    targets = {
+        "target_compute": target_compute,
+        "target_speedup": target_speedup,
+        "target_kv": target_kv,
+    }
     try:
         calibrated = config.calibrate(profiling)
     except TargetUnreachable as e:
@@ -474,6 +531,9 @@ class _Probes:
 
     def attach(self, session: Session) -> None:
         session.on_step(self)
+        hook = getattr(self.observer, "attach", None)  # an observer of a seam other than sites
+        if hook is not None:
+            hook(session)
         for kind in dict.fromkeys([*self.kinds, *self.seen]):
             if kind != "step":
                 session.on_sites(session.target.sites(kind), self, "probe")

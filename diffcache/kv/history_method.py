@@ -147,7 +147,12 @@ def model_shape(session: Session) -> tuple[Schedule, int, int]:
     """The schedule (of the default request: ``pipe.schedule``, or ``pipe.schedule(None,
     None)`` where it follows the image size), layers and heads of the session's next-scale
     model (its transformer's config: ``depth``, ``num_heads``)."""
-    config, schedule = session.target.denoiser.config, session.target.pipe.schedule
+    return target_shape(session.target)
+
+
+def target_shape(target: Any) -> tuple[Schedule, int, int]:
+    """:func:`model_shape` of a resolved ``Target`` (before any session, e.g. profiling)."""
+    config, schedule = target.denoiser.config, target.pipe.schedule
     schedule = schedule(None, None) if callable(schedule) else schedule
     return schedule, config.depth, config.num_heads
 

@@ -45,6 +45,11 @@ class Geometry:
     k_bytes: int = 4
     v_bytes: int = 2
 
+    @classmethod
+    def of(cls, stats_geometry: dict) -> Geometry:
+        """The geometry a run reported (``Stats.kv_geometry``: the schedule as lists)."""
+        return cls(**{**stats_geometry, "schedule": Schedule(stats_geometry["schedule"])})
+
     @property
     def row_bytes(self) -> int:
         """Bytes of one cached position in one layer (all heads and rows, K and V)."""

@@ -10,12 +10,14 @@ from diffcache.methods import (
     ertacache_calibrate,
     fast_dllm,
     hack,
+    hack_calibrate,
     hyca,
     hyca_calibrate,
     invardiff,
     invardiff_calibrate,
     kv_baselines,
     scalekv,
+    scalekv_calibrate,
 )
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.easycache import EasyCacheConfig
@@ -36,6 +38,7 @@ __all__ = [
     "elastic_cache",
     "fast_dllm",
     "hack",
+    "hack_calibrate",
     "ertacache",
     "ertacache_calibrate",
     "hyca",
@@ -44,4 +47,5 @@ __all__ = [
     "invardiff_calibrate",
     "kv_baselines",
     "scalekv",
+    "scalekv_calibrate",
 ]

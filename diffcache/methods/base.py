@@ -178,6 +178,12 @@ class MethodConfig:
         """Problems of these options together with the plan's ``valid_for`` (checked at load)."""
         return []
 
+    def kv_target(self, fraction: float) -> MethodConfig | None:
+        """These options with the history budget that keeps ``fraction`` of the plain model's
+        history KV before the last scale (``diffcache profile --target-kv``); None: the method
+        has no such budget."""
+        return None
+
     def observer(self, target: Target) -> Observer | None:
         """What this method records at the whole-step site while ``diffcache profile`` runs
         the plain pipeline, beyond the generic probes (None: nothing): its registered

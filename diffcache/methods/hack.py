@@ -86,6 +86,14 @@ class HACKConfig(MethodConfig):
     def aggressive(cls) -> HACKConfig:
         return cls(compression=0.9, first_scales=1, recent_cap=1)
 
+    def kv_target(self, fraction: float) -> HACKConfig:
+        """``compression = 1 − fraction`` of the history the last scale sees: the average
+        budget ``B = round(fraction·T)`` rows per head, split into ``B_C``/``B_S`` rounding
+        down."""
+        return dataclasses.replace(
+            self, budget=None, compression=round(1 - fraction, 6), reference="history"
+        )
+
     def options(self) -> HACKOptions:
         """The selection's answers to the open questions, as this config sets them."""
         return HACKOptions(

@@ -54,6 +54,11 @@ class HistoryBudgetConfig(MethodConfig, abc.ABC):
         None, "or the budget as this fraction of the history before the last scale", min=0.0
     )
 
+    def kv_target(self, fraction: float) -> HistoryBudgetConfig:
+        """``ratio=fraction``: every layer keeps ``floor(fraction·T)`` rows per head, ``T`` the
+        history before the last scale (``diffcache.kv.memory``: exactly that history)."""
+        return dataclasses.replace(self, budget=None, ratio=fraction)
+
     @abc.abstractmethod
     def selection(self, tokens: int, layers: int) -> Selection:
         """The selection that keeps ``tokens`` rows per head on a model of ``layers`` layers."""

@@ -78,6 +78,12 @@ class ScaleKVConfig(MethodConfig):
     def aggressive(cls) -> ScaleKVConfig:
         return cls(average=4, window=4)
 
+    def kv_target(self, fraction: float) -> ScaleKVConfig:
+        """``ratio=fraction`` on average over the layers, without per-scale tables (the
+        calibrator makes them): the budgets before the last scale average ``floor(fraction·T)``
+        rows per head and layer (a layer holds fewer when it had fewer to keep)."""
+        return dataclasses.replace(self, average=None, ratio=fraction, scales=())
+
     @classmethod
     def from_budgets(cls, budgets: ScaleKVBudgets) -> ScaleKVConfig:
         """The released rule with these per-scale drafter / refiner budgets."""

@@ -50,7 +50,6 @@ from diffcache.eval.timing import (
     timed,
 )
 from diffcache.generate import Request, check, expand, generate, write_problem
-from diffcache.kv.history import Schedule
 from diffcache.kv.memory import Geometry
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
@@ -323,7 +322,7 @@ def _record(
 def plain_history(geometry: dict[str, Any]) -> list[int]:
     """The history bytes before each scale of the plain model (every row kept) for this
     ``Stats.kv_geometry``: what its ``FullHistory`` holds (diffcache.kv.memory)."""
-    return Geometry(**{**geometry, "schedule": Schedule(geometry["schedule"])}).history_before()
+    return Geometry.of(geometry).history_before()
 
 
 def _kv_history(name: str, recs: list[dict[str, Any]], notes: dict[str, str]) -> dict[str, Any]:

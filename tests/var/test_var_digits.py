@@ -111,21 +111,25 @@ def test_training_is_deterministic() -> None:
         torch.set_num_threads(threads)
 
 
-def test_demo_runs_the_plain_model_and_its_task_score(tmp_path, capsys) -> None:
-    """``diffcache demo --model var-digits`` (no default plan yet): the baseline alone, its task
-    score the share of the ten classes the classifier reads in the default generations."""
+def test_demo_runs_the_default_plan_and_the_task_score(tmp_path, capsys) -> None:
+    """``diffcache demo --model var-digits``: the baseline against the default plan
+    (var-digits.yaml), the baseline's task score the share of the ten classes the classifier
+    reads in the default generations, the plan's history KV at most 30% (within a token)."""
     import json
 
     from diffcache.cli import main
 
     argv = ["demo", "--model", "var-digits", "--out", str(tmp_path), "--repeats", "1"]
     assert main(argv) == 0
-    assert "demo: var-digits, baseline only (no default plan yet)" in capsys.readouterr().out
+    assert "demo: var-digits, baseline vs var-digits.yaml" in capsys.readouterr().out
     report = json.loads((tmp_path / "var-digits" / "report.json").read_text())
     labels = list(range(10))
     expected = (var_digits.classify(_samples(load_model("var-digits"), labels)) == labels).mean()
-    assert report["runs"] == [] and report["baseline"]["samples"] == 10
+    assert report["baseline"]["samples"] == 10
     assert report["baseline"]["task_score"] == pytest.approx(expected)
+    (run,) = report["runs"]
+    assert (run["plan"], run["method"], run["samples"]) == ("var-digits.yaml", "scalekv", 10)
+    assert run["kv_cache_fraction"] <= 0.3 + 1 / 66
 
 
 @pytest.mark.parametrize(
