@@ -67,6 +67,8 @@ ALPHA = 0.5
 CALIBRATION_SEED = 1000
 #: the model whose images are scored for class accuracy
 SCORED = "var-digits"
+#: the text prompt of Infinity's requests
+PROMPT = "a red fox in the snow"
 
 
 def model_shape(pipe: Any) -> tuple[Schedule, int, int]:
@@ -216,14 +218,19 @@ def hack_classes(pipe: Any, request: Request, schedule: Schedule) -> list[list[i
     return classify_heads(variance_table(maps, store.scale), ALPHA).tolist()
 
 
+def text(model: str) -> dict[str, str]:
+    """The text field of a request: :data:`PROMPT` for Infinity, none for VAR."""
+    return {"prompt": PROMPT} if builtin_models()[model].family == "infinity" else {}
+
+
 def requests(model: str, seeds: int, images: int) -> list[Request]:
     """var-digits: classes 0-9 x ``seeds``; other VAR models ``images`` classes at seed 0;
-    Infinity ``images`` seeds of its default prompt."""
+    Infinity ``images`` seeds of :data:`PROMPT`."""
     if model == SCORED:
         return [Request(seed=s, class_label=c) for s in range(seeds) for c in range(10)]
     if builtin_models()[model].family == "var":
         return [Request(seed=0, class_label=c) for c in range(images)]
-    return [Request(seed=s) for s in range(images)]
+    return [Request(seed=s, **text(model)) for s in range(images)]
 
 
 def run_all(pipe: Any, reqs: Sequence[Request], device: str) -> tuple[list[Any], float]:
@@ -236,7 +243,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     pipe = load_model(model).to(args.device)
     schedule, layers, heads = model_shape(pipe)
     reqs = requests(model, args.seeds, args.images)
-    classes = hack_classes(pipe, Request(seed=CALIBRATION_SEED), schedule)
+    classes = hack_classes(pipe, Request(CALIBRATION_SEED, **text(model)), schedule)
     cells: dict[str, dict[str, Any]] = {}
     configs: list[str | None] = [None]
     for method in args.methods:
