@@ -118,3 +118,18 @@ def test_bad_flags_are_one_usage_line(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_infinity_runs_with_its_prompt_and_measures_the_arithmetic(
+    bench: dict[str, Any], tmp_path: Path
+) -> None:
+    argv = ["--models", "infinity-tiny", "--methods", "h2o", "--budgets", "0.5", "--rounds", "1"]
+    assert bench["main"]([*argv, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "var.json").read_text())["models"]["infinity-tiny"]
+    (cell,) = res["cells"]
+    schedule = Schedule([tuple(s) for s in res["schedule"]])
+    rows = int(0.5 * schedule.start(len(schedule) - 1))
+    g = Geometry(res["layers"], res["heads"], 1, schedule, rows=1)  # bytes cancel in the ratio
+    want = g.history_before(lambda si, layer: rows)[-1] / g.history_before()[-1]
+    assert cell["rows_per_head"] == rows and cell["exact"]
+    assert cell["history"] == pytest.approx(want, rel=1e-12)
