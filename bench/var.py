@@ -193,7 +193,8 @@ class Recording(FullHistory):
 
     def __init__(self, last: int) -> None:
         super().__init__()
-        self.last, self.maps, self.scale = last, {}, 1.0
+        self.last, self.scale = last, 1.0
+        self.maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
