@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a CUDA machine (bench/README.md, "GPU checks").
 #
-#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit var (default: the first four, in order)
+#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit var var-bench (default: the first four)
 #   SMALL=1 bench/gpu.sh       the same parts at smoke sizes: runs on a CPU in a few minutes
 #
 # Each part has its own time limit, so that the whole stays under 10 minutes and what finished
@@ -12,6 +12,8 @@
 #   dit      bench/dit_step_cache.py: Wan2.1-1.3B (random weights) at 480x832x17, 10 steps, bf16
 #   var      only the VAR KV kernels (kv_compact, window_scores), at Infinity-2B geometry: their
 #            native tests, then their kernel_speed.py rows (part of tests and kernels as well)
+#   var-bench  bench/var.py: the full grid (var-digits, VAR-d16 / d30 and Infinity-2B with random
+#            weights; 6 KV methods x 50/30/10% budgets; 3 rounds), table in $OUT/var-bench/var.md
 # Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,11 +38,13 @@ if [ -n "${SMALL:-}" ]; then
     DLM=(--small --families llada --repeats 1 --arith-gen 16)
     DIT=(--models wan2.1-tiny --repeats 1 --profile-models "")
     KER=(--small --min-time 0.05)
+    VAR=(--models var-tiny,var-digits --seeds 1 --rounds 1)
 else
     DLM=(--repeats 3 --arith-gen 16)  # gen 64 on llada-arith: a CPU run
     DIT=(--models wan2.1-1.3b-random --size 480x832x17 --dtype bfloat16 --repeats 3
          --profile-models "")
     KER=()
+    VAR=(--rounds 3 --seeds 8)
 fi
 
 run() {  # run PART SECONDS COMMAND...: one part, its log, its exit status
@@ -71,7 +75,9 @@ for part in "${@:-tests kernels dlm dit}"; do
                     tests/kernels/test_kv_compact.py tests/kernels/test_window_scores.py
                 run var-kernels 60 python3 bench/kernel_speed.py "${KER[@]}" \
                     --ops kv_compact,window_scores ;;
-            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var)"; exit 2 ;;
+            var-bench) run var-bench 540 python3 bench/var.py "${VAR[@]}" --out "$OUT/var-bench" ;;
+            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var, var-bench)"
+               exit 2 ;;
         esac
     done
 done

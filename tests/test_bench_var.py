@@ -1,0 +1,135 @@
+"""``bench/var.py`` on var-tiny (scales 1, 2, 3, 4: 14 history rows before the last scale;
+2 layers x 2 heads of 32, K and V fp32, one label and its CFG twin): the plans it builds run,
+their measured bytes are diffcache.kv.memory's arithmetic, and bad flags are one usage line."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffcache.kv.history import Schedule
+from diffcache.kv.memory import Geometry
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "var.py"
+SCHEDULE = Schedule.square((1, 2, 3, 4))
+GEOMETRY = Geometry(2, 2, 32, SCHEDULE, rows=2, k_bytes=4, v_bytes=4)
+METHODS = ["scalekv", "hack", "h2o", "snapkv", "streaming", "pyramidkv"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH.parent))  # as `python bench/var.py` has it
+        return runpy.run_path(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def report(bench: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-var")
+    argv = ["--models", "var-tiny", "--rounds", "1", "--device", "cpu", "--out", str(out)]
+    assert bench["main"](argv) == 0
+    assert (out / "var.md").read_text().count("| var-tiny |") == len(METHODS) * 3
+    return json.loads((out / "var.json").read_text())
+
+
+def _cell(report: dict[str, Any], method: str, budget: float) -> dict[str, Any]:
+    cells = report["models"]["var-tiny"]["cells"]
+    return next(c for c in cells if c["method"] == method and c["budget"] == budget)
+
+
+@pytest.mark.parametrize(
+    ("method", "ratio"),
+    [
+        ("h2o", 0.5),
+        ("h2o", 0.3),
+        ("snapkv", 0.3),
+        ("streaming", 0.5),
+        ("hack", 0.5),
+        ("snapkv", 0.5),
+    ],
+)
+def test_uniform_budgets_measure_the_memory_arithmetic(
+    report: dict[str, Any], method: str, ratio: float
+) -> None:
+    cell = _cell(report, method, ratio)
+    rows = int(ratio * 14)
+    assert cell["rows_per_head"] == rows
+    full = GEOMETRY.history_before()[-1]
+    want = GEOMETRY.history_before(lambda si, layer: rows)[-1]
+    assert cell["history_bytes"] == want and cell["full_history_bytes"] == full
+    assert cell["history"] == cell["history_arith"] == want / full
+    assert cell["exact"], cell  # every scale's bytes and the layer-sweep peak
+
+
+def test_every_plan_that_runs_is_the_arithmetic_and_refusals_name_their_cause(
+    report: dict[str, Any],
+) -> None:
+    cells = report["models"]["var-tiny"]["cells"]
+    ran = [c for c in cells if "refused" not in c]
+    assert all(c["exact"] and c["peak"] == c["peak_arith"] for c in ran)
+    # 30% and 10% of 14 rows are 4 and 1: below the 4-row window of ScaleKV / SnapKV /
+    # PyramidKV (1), StreamingLLM's 5 sinks and the 5 rows of HACK's first two scales
+    refused = {(c["method"], c["budget"]) for c in cells if "refused" in c}
+    assert refused == {
+        ("scalekv", 0.1),
+        ("snapkv", 0.1),
+        ("pyramidkv", 0.1),
+        ("streaming", 0.3),
+        ("streaming", 0.1),
+        ("hack", 0.3),
+        ("hack", 0.1),
+    }
+    assert "below the 5 tokens it always keeps" in _cell(report, "streaming", 0.3)["refused"]
+    # scalekv keeps the history before the last scale at its average (no compression after it)
+    scalekv = _cell(report, "scalekv", 0.5)
+    assert scalekv["history_bytes"] == GEOMETRY.history_before(lambda si, layer: 7)[-1]
+    classes = report["models"]["var-tiny"]["hack_classes"]  # alpha 0.5: 2 of the 4 heads
+    assert sorted(c for row in classes for c in row) == [0, 0, 1, 1]
+
+
+def test_grouped_peak_with_one_group_is_the_geometry_sweep_peak(bench: dict[str, Any]) -> None:
+    budget = bench["as_budget"]([[5, 3]] * len(SCHEDULE))
+    one = bench["grouped_sweep_peak"](GEOMETRY, budget, [[2], [2]])
+    assert one == GEOMETRY.sweep_peak(budget)
+    # two groups of one head: while a head group holds its transient rows, the layer's other
+    # head holds its old (or already kept) rows, so the peak can only be lower
+    two = bench["grouped_sweep_peak"](GEOMETRY, budget, [[1, 1], [1, 1]])
+    assert two < one
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budgets", "0.5,1.5"], "--budgets: must be in (0, 1], got 1.5"),
+        (["--methods", "scalekv,hak"], "--methods: unknown ['hak']"),
+        (["--models", "dit-tiny"], "--models: unknown ['dit-tiny']"),
+        (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
+    ],
+)
+def test_bad_flags_are_one_usage_line(
+    bench: dict[str, Any], argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench["parse_args"](argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_infinity_runs_with_its_prompt_and_measures_the_arithmetic(
+    bench: dict[str, Any], tmp_path: Path
+) -> None:
+    argv = ["--models", "infinity-tiny", "--methods", "h2o", "--budgets", "0.5", "--rounds", "1"]
+    assert bench["main"]([*argv, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "var.json").read_text())["models"]["infinity-tiny"]
+    (cell,) = res["cells"]
+    schedule = Schedule([tuple(s) for s in res["schedule"]])
+    rows = int(0.5 * schedule.start(len(schedule) - 1))
+    g = Geometry(res["layers"], res["heads"], 1, schedule, rows=1)  # bytes cancel in the ratio
+    want = g.history_before(lambda si, layer: rows)[-1] / g.history_before()[-1]
+    assert cell["rows_per_head"] == rows and cell["exact"]
+    assert cell["history"] == pytest.approx(want, rel=1e-12)
