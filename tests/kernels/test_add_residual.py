@@ -10,18 +10,14 @@ import torch
 
 from diffcache.kernels import (
     KernelUnavailableError,
-    _dispatch,
     add_residual,
     add_residual_ref,
 )
+from diffcache.testing.kernels import needs_interpreter
 
 # The package attribute `add_residual` is the function; the module lives in sys.modules.
 add_mod = importlib.import_module("diffcache.kernels.add_residual")
 
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
 
 X_DTYPES = [pytest.param(torch.float32, id="x_fp32"), pytest.param(torch.float16, id="x_fp16")]
 R_DTYPES = [pytest.param(torch.float32, id="r_fp32"), pytest.param(torch.float16, id="r_fp16")]

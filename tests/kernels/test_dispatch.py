@@ -15,13 +15,9 @@ import diffcache.kernels as kernels
 from diffcache.errors import DiffCacheError
 from diffcache.kernels import Backend, KernelUnavailableError, _dispatch, l1_change, pick
 from diffcache.kernels._dispatch import OpSpec
+from diffcache.testing.kernels import needs_interpreter
 
 SPEC = next(s for s in kernels.ops() if s.name == "l1_change")
-
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,7 @@ from diffcache.kernels import (
     gated_apply,
     gated_apply_ref,
 )
-
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
+from diffcache.testing.kernels import needs_interpreter
 
 
 def test_ref_hand_computed() -> None:

@@ -11,18 +11,14 @@ import torch
 
 from diffcache.kernels import (
     KernelUnavailableError,
-    _dispatch,
     l1_change,
     l1_change_ref,
 )
+from diffcache.testing.kernels import needs_interpreter
 
 # The package attribute `l1_change` is the function; the module lives in sys.modules.
 l1_mod = importlib.import_module("diffcache.kernels.l1_change")
 
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 SIZES = [pytest.param(n, id=f"n{n}") for n in (1, 17, 1000, 4097)]

@@ -11,16 +11,11 @@ import torch
 
 from diffcache.kernels import (
     KernelUnavailableError,
-    _dispatch,
     add_residual_ref,
     rectified_residual,
     rectified_residual_ref,
 )
-
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
+from diffcache.testing.kernels import needs_interpreter
 
 
 def test_ref_hand_computed() -> None:

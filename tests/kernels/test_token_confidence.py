@@ -16,29 +16,10 @@ from diffcache.kernels import (
     token_confidence,
     token_confidence_ref,
 )
+from diffcache.testing.kernels import native, needs_interpreter
 
 # The package attribute `token_confidence` is the function; the module lives in sys.modules.
 tc_mod = importlib.import_module("diffcache.kernels.token_confidence")
-
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
-_NATIVE_MARKS = (
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        _dispatch.triton_status() != [] or _dispatch._interpret_enabled(),
-        reason="needs triton and TRITON_INTERPRET=0 at import (native kernels)",
-    ),
-)
-
-
-def native(fn):  # noqa: ANN001, ANN201
-    """Mark a test as a native-CUDA check (run with ``-m gpu`` and TRITON_INTERPRET=0)."""
-    for mark in _NATIVE_MARKS:
-        fn = mark(fn)
-    return fn
 
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]

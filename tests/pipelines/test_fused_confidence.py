@@ -12,17 +12,13 @@ import torch
 
 import diffcache
 from diffcache import kernels
-from diffcache.kernels import _dispatch
 from diffcache.pipelines import arith
 from diffcache.pipelines.arith import data
 from diffcache.pipelines.sampling import dream, llada
 from diffcache.pipelines.sampling.stats import token_stats
 from diffcache.plan import Plan
+from diffcache.testing.kernels import needs_interpreter
 
-needs_interpreter = pytest.mark.skipif(
-    _dispatch.triton_status() != [] or not _dispatch._interpret_enabled(),
-    reason="needs triton importable and TRITON_INTERPRET=1 at import (tests/conftest.py sets it)",
-)
 EOS, EOT = 3, 5
 
 
