@@ -129,16 +129,17 @@ def tiny_clip() -> tuple[Any, Any]:
     return tokenizer, CLIPTextModel(config).eval()
 
 
-def tiny_t5(model_max_length: int) -> tuple[Any, Any]:
-    """A word-level tokenizer and a 2-layer T5 encoder of width 32."""
+def tiny_t5(model_max_length: int, width: int = 32) -> tuple[Any, Any]:
+    """A word-level tokenizer and a 2-layer T5 encoder of ``width`` (random weights from the
+    global RNG)."""
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = word_tokenizer(model_max_length=model_max_length)
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
+        d_model=width,
+        d_kv=width // 4,
+        d_ff=2 * width,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,

@@ -10,9 +10,7 @@ with random weights and the same tiny text encoder and decoder, for memory and s
 
 from __future__ import annotations
 
-from typing import Any
-
-from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.pipelines.infinity.config import CONFIGS, InfinityConfig
 from diffcache.pipelines.infinity.model import Infinity, init_random
 from diffcache.pipelines.infinity.pipeline import InfinityPipeline
@@ -23,32 +21,11 @@ from diffcache.pipelines.infinity.vae import TinyDecoder
 TINY_SIDES = (1, 2, 4, 6, 8)
 
 
-def tiny_text_encoder(width: int, max_length: int) -> tuple[Any, Any]:
-    """A word-level tokenizer and a 2-layer T5 encoder of ``width`` (random weights from the
-    global RNG)."""
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = word_tokenizer(model_max_length=max_length)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=width,
-        d_kv=width // 4,
-        d_ff=2 * width,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer, T5EncoderModel(config).eval()
-
-
 def build(config: InfinityConfig, sides: tuple[int, ...], seed: int = 0) -> InfinityPipeline:
     """A pipeline of ``config`` with random weights, the tiny text encoder and decoder (the
     caller's global RNG is left as it was)."""
     with seeded(seed):
-        tokenizer, encoder = tiny_text_encoder(config.text_channels, config.text_maxlen)
+        tokenizer, encoder = tiny_t5(config.text_maxlen, width=config.text_channels)
         transformer = init_random(Infinity(config), seed).eval()
         vae = TinyDecoder(config.d_vae).eval()
     return InfinityPipeline(transformer, vae, encoder, tokenizer, template=sides)
