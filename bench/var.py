@@ -145,23 +145,6 @@ def as_budget(table: list[list[int | None]]) -> Budget:
     return lambda si, layer: table[si][layer]
 
 
-def grouped_sweep_peak(g: Geometry, budget: Budget, groups: Sequence[Sequence[int]]) -> int:
-    """:meth:`Geometry.sweep_peak` for a store that runs each layer's head groups one after
-    the other (``groups[layer]``: their sizes, every head holding the layer's rows): while one
-    group holds its history + new rows, the layer's earlier groups hold what they kept and its
-    later ones their old history. One group of all heads per layer: the same number."""
-    lengths = g.history_lengths(budget)
-    peak = 0
-    for si in range(len(g.schedule)):
-        before, after, n = lengths[si], lengths[si + 1], g.schedule.tokens(si)
-        for layer, sizes in enumerate(groups):
-            others = (sum(after[:layer]) + sum(before[layer + 1 :])) * g.heads
-            for i, size in enumerate(sizes):
-                here = sum(sizes[:i]) * after[layer] + sum(sizes[i + 1 :]) * before[layer]
-                peak = max(peak, others + here + size * (before[layer] + n))
-    return peak * g.row_bytes // g.heads
-
-
 def memory_check(
     stats: Any, plan: dict[str, Any], schedule: Schedule, layers: int, heads: int
 ) -> dict[str, Any]:
@@ -174,7 +157,7 @@ def memory_check(
     budget = as_budget(arithmetic_budget(sel, schedule, layers))
     groups = [[len(x) for x in sel.groups(layer, heads)] for layer in range(layers)]
     full, full_peak = g.history_before(None), g.sweep_peak(None)
-    want, want_peak = g.history_before(budget), grouped_sweep_peak(g, budget, groups)
+    want, want_peak = g.history_before(budget), g.sweep_peak(budget, groups)
     return {
         "rows_per_head": token_budget(None, plan["options"].get("ratio"), schedule)
         or plan["options"].get("budget"),

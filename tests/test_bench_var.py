@@ -91,13 +91,13 @@ def test_every_plan_that_runs_is_the_arithmetic_and_refusals_name_their_cause(
     assert sorted(c for row in classes for c in row) == [0, 0, 1, 1]
 
 
-def test_grouped_peak_with_one_group_is_the_geometry_sweep_peak(bench: dict[str, Any]) -> None:
+def test_grouped_peak_with_one_group_is_the_plain_sweep_peak(bench: dict[str, Any]) -> None:
     budget = bench["as_budget"]([[5, 3]] * len(SCHEDULE))
-    one = bench["grouped_sweep_peak"](GEOMETRY, budget, [[2], [2]])
+    one = GEOMETRY.sweep_peak(budget, [[2], [2]])
     assert one == GEOMETRY.sweep_peak(budget)
     # two groups of one head: while a head group holds its transient rows, the layer's other
     # head holds its old (or already kept) rows, so the peak can only be lower
-    two = bench["grouped_sweep_peak"](GEOMETRY, budget, [[1, 1], [1, 1]])
+    two = GEOMETRY.sweep_peak(budget, [[1, 1], [1, 1]])
     assert two < one
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from diffcache.kv.history import ScaleCall, Schedule
 
@@ -74,23 +74,33 @@ class Geometry:
         lengths = self.history_lengths(budget)[: len(self.schedule)]
         return [sum(row) * self.row_bytes for row in lengths]
 
-    def sweep_peaks(self, budget: Budget | None = None) -> list[int]:
+    def sweep_peaks(
+        self, budget: Budget | None = None, groups: Sequence[Sequence[int]] | None = None
+    ) -> list[int]:
         """The most bytes held at once during each scale, counting the layer being processed
-        at its transient history + new rows."""
+        at its transient history + new rows. ``groups[layer]``: the sizes of the head groups a
+        store runs one after the other (None: one group of all heads); while one group holds its
+        history + new rows, the layer's earlier groups hold what they kept and its later ones
+        their old history."""
         lengths = self.history_lengths(budget)
+        sizes = groups if groups is not None else [[self.heads]] * self.layers
         peaks = []
         for si in range(len(self.schedule)):
             before, after, n = lengths[si], lengths[si + 1], self.schedule.tokens(si)
-            held = (
-                sum(after[:layer]) + before[layer] + n + sum(before[layer + 1 :])
-                for layer in range(self.layers)
-            )
-            peaks.append(max(held) * self.row_bytes)
+            peak = 0  # in head-rows
+            for layer, group in enumerate(sizes):
+                others = (sum(after[:layer]) + sum(before[layer + 1 :])) * self.heads
+                for i, size in enumerate(group):
+                    here = sum(group[:i]) * after[layer] + sum(group[i + 1 :]) * before[layer]
+                    peak = max(peak, others + here + size * (before[layer] + n))
+            peaks.append(peak * self.row_bytes // self.heads)
         return peaks
 
-    def sweep_peak(self, budget: Budget | None = None) -> int:
+    def sweep_peak(
+        self, budget: Budget | None = None, groups: Sequence[Sequence[int]] | None = None
+    ) -> int:
         """The most bytes held at once over the generation (the largest of :meth:`sweep_peaks`)."""
-        return max(self.sweep_peaks(budget))
+        return max(self.sweep_peaks(budget, groups))
 
 
 def selection_budget(selection: object, schedule: Schedule) -> Budget:
