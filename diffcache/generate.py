@@ -74,6 +74,8 @@ def field_problems(
         if not isinstance(value, str):
             return [f"{flag} must be text, got {value!r}"]
         problem = field.accepts(pipe, value) if field.accepts and pipe is not None else None
+        if field.load is not None and not Path(value).is_file():
+            problem = "no such file"
         shown = value if len(value) <= 40 else value[:37] + "..."
         return [f"{flag} {shown!r}: {problem}"] if problem else []
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -134,7 +136,8 @@ def call_kwargs(fields: Iterable[Field], request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields:
         if f.name in request.values:
-            value = f.type(request.values[f.name])
+            value = request.values[f.name]
+            value = f.load(value) if f.load else f.type(value)
             out[f.call_arg] = [value] if f.as_list else value
     return out
 

@@ -33,6 +33,8 @@ class Field:
             tokenizer).
         input: the field ``eval``'s and ``profile``'s inputs fill (prompts, or class ids given
             as text), at most one per family (see ``generate.expand``).
+        load: for a file given by its path (an image, a mask, a video): reads it into what the
+            pipeline takes; the path must name a file.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Field:
     required: bool = False
     accepts: Callable[[Any, str], str | None] | None = None
     input: bool = False
+    load: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:

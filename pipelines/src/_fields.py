@@ -3,6 +3,8 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from diffcache.request import Field
 
 #: diffusers schedulers are built for 1000 training timesteps; more steps than that are refused.
@@ -34,6 +36,28 @@ def guidance(call_arg: str = "guidance_scale") -> Field:
 
 
 IMAGE = (side("height"), side("width"))
+
+
+def _image(path: str) -> Any:
+    from diffusers.utils import load_image
+
+    return load_image(path)
+
+
+def _video(path: str) -> Any:
+    from diffusers.utils import load_video
+
+    return load_video(path)
+
+
+#: inputs of the image-to-image / image-to-video / edit / inpaint variants, read from files
+INPUT_IMAGE = Field("image", str, "input image file (.png, .jpg)", "image", load=_image)
+MASK = Field("mask", str, "inpainting mask file: white is repainted", "mask_image", load=_image)
+INPUT_VIDEO = Field("video", str, "input video file (.mp4, .gif)", "video", load=_video)
+#: how far the input is noised: the pipeline runs about strength x steps of its schedule
+STRENGTH = Field(
+    "strength", float, "how much of the input to repaint (0..1)", "strength", min=0.0, max=1.0
+)
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)
 TOP_K = Field("top_k", int, "top-k sampling: keep the k likeliest tokens (0: all)", "top_k", min=0)
 TOP_P = Field("top_p", float, "top-p (nucleus) sampling mass (0: off)", "top_p", min=0.0, max=1.0)
