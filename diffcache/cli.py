@@ -627,8 +627,9 @@ def _profile_inputs(
 
 def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list[str]:
     """N calibration inputs: a built-in model's own (models.yaml ``calibration``), else the
-    bundled generic prompts, or class ids 0..N-1 for class-conditional models (as many as
-    ``pipe`` has classes, once it is loaded)."""
+    bundled generic prompts, or class ids 0..N-1 for class-conditional models, going round its
+    classes again (with new seeds: ``generate.expand``) when N is more than it has, once it is
+    loaded."""
     from diffcache.models import builtin_models
     from diffcache.profiles import calibration_prompts
 
@@ -638,15 +639,8 @@ def _bundled_prompts(model: str, adapter: Any, n: int, pipe: Any = None) -> list
         prompts, which = list(own), f"{model} has {len(own)} calibration prompts"
     elif adapter.input_field is not None and adapter.input_field.type is not str:
         field = adapter.input_field  # class ids
-        if field.limit is not None and pipe is not None:
-            classes = field.limit(pipe) + 1
-            if n > classes:
-                raise DiffCacheError(
-                    f"--num-prompts {n}: the bundled inputs of {model} are its {classes} class "
-                    f"labels (0..{classes - 1}); give --num-prompts {classes} or fewer, or "
-                    "--prompts FILE of class ids"
-                )
-        return [str(i) for i in range(n)]
+        classes = field.limit(pipe) + 1 if field.limit is not None and pipe is not None else n
+        return [str(i % classes) for i in range(n)]
     else:
         prompts = calibration_prompts()
         which = f"{len(prompts)} calibration prompts are bundled"

@@ -147,7 +147,9 @@ def expand(
 ) -> list[Request]:
     """One request per (input, seed): each input, as text, fills the family's input field
     (``Adapter.input_field``: a prompt, a class id); a family without one gets one request per
-    seed. ``seeds`` counts from ``base.seed`` or lists the seeds."""
+    seed. ``seeds`` counts from ``base.seed`` or lists the seeds. An input that came before
+    runs with its seeds moved past those of its earlier copies, so that a repeated prompt (or
+    class id, when more inputs than classes are asked for) makes new samples."""
     seed_list = list(range(base.seed, base.seed + seeds)) if isinstance(seeds, int) else seeds
     field = adapter.input_field
     if field is None:
@@ -156,7 +158,13 @@ def expand(
         values = [field.type(p) for p in inputs]
     except ValueError as e:
         raise DiffCacheError(f"{adapter.name} models take {field.help} as inputs: {e}") from e
-    return [base.replace(seed=s, **{field.name: v}) for v in values for s in seed_list]
+    span = max(seed_list) - min(seed_list) + 1
+    copies: dict[Any, int] = {}
+    out = []
+    for v in values:
+        k = copies[v] = copies.get(v, -1) + 1
+        out += [base.replace(seed=s + k * span, **{field.name: v}) for s in seed_list]
+    return out
 
 
 def pipeline_kwargs(pipe: Any, request: Request) -> dict[str, Any]:

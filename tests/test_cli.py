@@ -602,27 +602,41 @@ def test_profile_with_class_ids_beyond_the_model_is_refused_before_generating(
     assert not (workdir / "p.yaml").exists()
 
 
-def test_bundled_class_inputs_beyond_the_model_name_num_prompts(
-    workdir: Path, no_generation: None, capsys
+def test_more_bundled_class_inputs_than_classes_go_round_with_new_seeds(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """dit-digits' bundled calibration inputs are its class labels: asking for more of them
-    than it has classes names --num-prompts (it said --class-label, never passed); so does
-    eval's prompt file of class ids."""
-    classes = 10  # trained on scikit-learn's digits 0..9
+    than it has classes goes round the classes again, each copy with the next seeds (the
+    issue's `profile --model var-digits --num-prompts 16`)."""
+    import diffcache
+    from diffcache.generate import Request, expand
+
+    seen = {}
+
+    def record(pipe, config, prompts, seeds=1, **kwargs):
+        seen.update(pipe=pipe, prompts=list(prompts), seeds=seeds)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(diffcache, "profile", record)
     argv = ["profile", "--model", "dit-digits", "--method", "easycache", "--out", "p.yaml"]
-    assert main([*argv, "--num-prompts", str(classes + 1)]) == 2
-    assert _err_line(capsys) == (
-        f"diffcache: error: --num-prompts {classes + 1}: the bundled inputs of dit-digits are "
-        f"its {classes} class labels (0..{classes - 1}); give --num-prompts {classes} or "
-        "fewer, or --prompts FILE of class ids"
-    )
+    with pytest.raises(SystemExit):
+        main([*argv, "--num-prompts", "12", "--seeds", "2", "--seed", "5"])
+    assert seen["prompts"] == [str(i) for i in range(10)] + ["0", "1"]
+    adapter = diffcache.registry.find_adapter(seen["pipe"])
+    got = [(r.get("class_label"), r.seed) for r in expand(adapter, seen["prompts"], 2, Request(5))]
+    want = [(c, s) for c in range(10) for s in (5, 6)] + [(0, 7), (0, 8), (1, 7), (1, 8)]
+    assert got == want
+
+
+def test_class_ids_out_of_range_in_a_prompt_file(workdir: Path, no_generation: None, capsys):
+    classes = 10  # trained on scikit-learn's digits 0..9
     (workdir / "ids.txt").write_text(f"3\n{classes}\n")
     argv = ["eval", "--model", "dit-digits", "--plan", "dit-digits.yaml", "--out", "ev"]
     assert main([*argv, "--prompts", "ids.txt"]) == 2
     assert _err_line(capsys) == (
         f"diffcache: error: evaluation input must be <= {classes - 1} for this model, got {classes}"
     )
-    assert not (workdir / "p.yaml").exists() and not (workdir / "ev").exists()
+    assert not (workdir / "ev").exists()
 
 
 @pytest.mark.parametrize(
