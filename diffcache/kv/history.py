@@ -156,6 +156,12 @@ class Selection(Protocol):
         ...
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is a 16-bit float (float64 stays): what cosine attention's
+    F.normalize gives under CUDA autocast, so the history keeps K in fp32 on every device."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Unmasked SDPA; K and V are cast to q's dtype where the model keeps them in another
     (cosine attention caches K in fp32 next to 16-bit V, research/var.md §1.1.3)."""

@@ -106,6 +106,17 @@ def test_bundled_scalekv_and_hack_plans_hold_their_stated_budgets(pipe) -> None:
     assert stats.kv_bytes_peak < GEOMETRY.sweep_peak(None)
 
 
+def test_under_bf16_autocast_the_history_keeps_k_fp32_and_v_bf16(pipe) -> None:
+    """Upstream's inference runs under bf16 autocast, where cosine attention's F.normalize
+    makes K fp32 while V stays bf16 (research/var.md §1.2.4): the store holds that and
+    measures 6 bytes per element pair, on CPU too (whose autocast keeps normalize in bf16)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, stats = _accelerated(pipe, _plan("h2o", {"ratio": 0.5}))
+    mixed = Geometry(LAYERS, HEADS, HEAD_DIM, SCHEDULE, ROWS, k_bytes=4, v_bytes=2)
+    assert Geometry(**{**stats.kv_geometry, "schedule": SCHEDULE}) == mixed
+    assert stats.kv_history_bytes == mixed.history_before(lambda si, layer: 28)
+
+
 def test_remove_leaves_the_pipeline_plain(pipe) -> None:
     base = _run(pipe)
     out, _ = _accelerated(pipe, "infinity-tiny-h2o.yaml")

@@ -202,6 +202,22 @@ def test_scalekv_roles_give_the_memory_arithmetic_per_layer(plain) -> None:
     assert stats.kv_history_bytes[-1] == (12 + 4) * GEOMETRY.row_bytes
 
 
+def test_under_bf16_autocast_the_history_keeps_k_fp32_and_v_bf16(plain) -> None:
+    """VAR's attn_l2_norm under upstream's autocast: K fp32, V 16-bit (research/var.md §1.1.3),
+    on CPU too."""
+    pipe, _ = plain
+    diffcache.accelerate(pipe, _plan("h2o", {"ratio": 0.5}))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    mixed = Geometry(LAYERS, HEADS, HEAD_DIM, SCHEDULE, ROWS, k_bytes=4, v_bytes=2)
+    assert Geometry(**{**stats.kv_geometry, "schedule": SCHEDULE}) == mixed
+    assert stats.kv_history_bytes == mixed.history_before(lambda si, layer: 7)
+
+
 def test_remove_leaves_the_pipeline_plain(plain) -> None:
     pipe, base = plain
     diffcache.accelerate(pipe, "var-tiny-hack.yaml")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.kv.history import History, ScaleCall, Schedule
+from diffcache.kv.history import History, ScaleCall, Schedule, at_least_fp32
 from diffcache.pipelines.infinity.schedule import apply_rope
 
 
@@ -60,11 +60,13 @@ class SelfAttention(nn.Module):
             split_heads(t, self.num_heads)
             for t in F.linear(x, self.mat_qkv.weight, bias).chunk(3, -1)
         )
+        # as upstream's F.normalize under CUDA autocast, on every device: the history keeps K
+        # in fp32 next to bf16 V (research/var.md §1.2.4)
         q = (
-            F.normalize(q, dim=-1, eps=1e-12)
+            F.normalize(at_least_fp32(q), dim=-1, eps=1e-12)
             * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         )
-        k = F.normalize(k, dim=-1, eps=1e-12)
+        k = F.normalize(at_least_fp32(k), dim=-1, eps=1e-12)
         q = apply_rope(q, ctx.rope, ctx.schedule, ctx.si)
         k = apply_rope(k, ctx.rope, ctx.schedule, ctx.si)
         width = x.shape[-1]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcache.kv.history import History, ScaleCall, Schedule
+from diffcache.kv.history import History, ScaleCall, Schedule, at_least_fp32
 from diffcache.pipelines.var.config import VARConfig
 
 #: the temperature's upper bound (log-space)
@@ -58,8 +58,10 @@ class SelfAttention(nn.Module):
         q, k, v = (self.heads(t) for t in F.linear(x, self.mat_qkv.weight, bias).chunk(3, -1))
         if self.attn_l2_norm:
             temperature = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
-            q = F.normalize(q, dim=-1) * temperature
-            k = F.normalize(k, dim=-1)
+            # as upstream's F.normalize under CUDA autocast, on every device: the history
+            # keeps K in fp32 next to 16-bit V (research/var.md §1.1.3)
+            q = F.normalize(at_least_fp32(q), dim=-1) * temperature
+            k = F.normalize(at_least_fp32(k), dim=-1)
         call = dataclasses.replace(call, scale=self.scale, raw_query=self.raw_query(x))
         out = history.attend(call, q, k, v)
         return self.proj(out.transpose(1, 2).flatten(2))
