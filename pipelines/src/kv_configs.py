@@ -14,7 +14,7 @@ from diffcache.errors import DiffCacheError
 from diffcache.kv.history import Schedule
 from diffcache.kv.memory import Geometry
 from diffcache.pipelines.infinity.config import CONFIGS as INFINITY_CONFIGS
-from diffcache.pipelines.infinity.schedule import SQUARE_1M, VAE_STRIDE, square_schedule
+from diffcache.pipelines.infinity.schedule import SQUARE_1M, VAE_STRIDE, template_schedule
 from diffcache.pipelines.var.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
 
 #: bytes per element of each ``--dtype``
@@ -25,7 +25,8 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 class KVConfig:
     """One model's self-attention cache shape: ``sides`` is its largest schedule (the default
     image size is ``sides[-1] * 16`` px); ``sizes`` True when the schedule follows the image
-    size (Infinity: a prefix of the template), False when the model makes one size (VAR)."""
+    size (Infinity: a prefix of its aspect ratio's template), False when the model makes one size
+    (VAR)."""
 
     family: str
     layers: int
@@ -47,7 +48,7 @@ class KVConfig:
         width = self.size if width is None else width
         if self.sizes:
             try:
-                return square_schedule(height, width, self.sides)
+                return template_schedule(height, width)[0]
             except ValueError as e:
                 raise DiffCacheError(f"--height/--width: {e}") from None
         if (height, width) != (self.size, self.size):

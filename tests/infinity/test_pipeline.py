@@ -133,7 +133,8 @@ def test_greedy_draws_nothing(pipe):
     [
         (
             {"height": 64, "width": 64},
-            "height 64 x width 64: this model makes square images of 128",
+            "height 64 x width 64: this model makes images of 128x128 pixels (height x width) "
+            "at the nearest aspect ratio",
         ),
         ({"tau": -1.0}, "tau must be a finite number >= 0, got -1.0"),
         ({"top_p": 2.0}, "top_p must be in [0, 1], got 2.0"),
@@ -160,7 +161,7 @@ def test_cli_generates_a_png(tmp_path, capsys):
     assert iio.imread(out).shape == (128, 128, 3)
 
 
-def test_cli_refuses_a_non_square_size_naming_the_flags(tmp_path, capsys):
+def test_cli_refuses_a_size_no_template_makes_in_one_line(tmp_path, capsys):
     args = [
         "generate",
         "--model",
@@ -172,7 +173,15 @@ def test_cli_refuses_a_non_square_size_naming_the_flags(tmp_path, capsys):
     ]
     assert cli.main([*args, "--height", "128", "--width", "112"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "diffcache: error: --height 128 and --width 112 differ" in err
+    assert err == (
+        "diffcache: error: --height 128 --width 112: Infinity's aspect ratios (h/w) are 0.333, "
+        "0.4, 0.5, 0.571, 0.667, 0.75, 0.8, 1, 1.25, 1.333, 1.5, 1.75, 2, 2.5, 3\n"
+    )
+    assert cli.main([*args, "--height", "80", "--width", "64"]) == 2  # 1.25: not infinity-tiny's
+    assert capsys.readouterr().err == (
+        "diffcache: error: height 80 x width 64: this model makes images of 128x128 pixels "
+        "(height x width) at the nearest aspect ratio\n"
+    )
 
 
 def test_unconditional_rows_are_cfg_uncond_over_each_prompts_length(pipe):
@@ -226,3 +235,16 @@ def test_tiny_builds_are_identical_and_leave_the_global_rng():
     for part in ("transformer", "text_encoder", "vae"):
         sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
         assert all(torch.equal(v, sb[k]) for k, v in sa.items()), part
+
+
+@pytest.mark.parametrize("height, width", [(64, 128), (128, 64)])
+def test_other_aspect_ratios_run_their_templates_maps(pipe, height, width):
+    """infinity-tiny's 1:2 / 2:1 templates: each scale's new tokens are its (h, w) map's,
+    and the image is height x width."""
+    stores: list[CatHistory] = []
+    pipe.history_store = lambda: stores.append(CatHistory()) or stores[-1]
+    image = pipe("a red fox", height=height, width=width, seed=0).images[0]
+    assert image.shape == (height, width, 3)
+    maps = [(1, 1), (1, 2), (2, 4), (3, 6), (4, 8)]
+    maps = maps if width > height else [(w, h) for h, w in maps]
+    assert [n for layer, _, _, n in stores[0].calls if layer == 0] == [h * w for h, w in maps]

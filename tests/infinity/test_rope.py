@@ -10,9 +10,11 @@ import torch
 from diffcache.kv.history import Schedule
 from diffcache.pipelines.infinity.schedule import (
     SQUARE_1M,
+    TEMPLATES_1M,
     apply_rope,
+    image_sizes,
     rope_table,
-    square_schedule,
+    template_schedule,
 )
 
 
@@ -48,7 +50,7 @@ def test_table_matches_the_formula_at_each_scales_offset(sides, final, head_dim)
 
 def test_smaller_images_use_the_full_templates_grid():
     full = rope_table(64, Schedule.square(SQUARE_1M), (64, 64))
-    small = rope_table(64, square_schedule(512, 512), (64, 64))
+    small = rope_table(64, template_schedule(512, 512)[0], (64, 64))
     assert small.shape[1] == 2521
     assert torch.equal(small, full[:, :2521])
 
@@ -72,7 +74,27 @@ def test_rotation_uses_the_scale_index():
 
 
 def test_schedule_of_image_sizes():
-    assert square_schedule(1024, 1024) == Schedule.square(SQUARE_1M)
-    assert square_schedule(256, 256).total == 521  # '0.06M'
-    with pytest.raises(ValueError, match="square images of 256, 512, 768, 1024 pixels"):
-        square_schedule(512, 768)
+    assert template_schedule(1024, 1024) == (Schedule.square(SQUARE_1M), (64, 64))
+    assert template_schedule(256, 256)[0].total == 521  # '0.06M'
+    with pytest.raises(ValueError, match="images of 224x336, 416x624, 672x1008, 832x1248 pix"):
+        template_schedule(512, 768)  # h/w 0.667's sizes
+
+
+def test_every_aspect_ratio_template_is_upstreams_shape():
+    """Upstream's own check of its table (dynamic_resolution.py): each template's 7th, 10th,
+    12th and 13th maps have its h/w within 0.01; maps grow on both sides; a transposed ratio's
+    schedule is the transposed maps."""
+    assert len(TEMPLATES_1M) == 15
+    for ratio, maps in TEMPLATES_1M.items():
+        assert len(maps) == 13 and maps[:2] == ((1, 1), (2, 2))
+        assert all(a <= c and b <= d for (a, b), (c, d) in zip(maps[:-1], maps[1:], strict=True))
+        for n in (7, 10, 12, 13):
+            h, w = maps[n - 1]
+            assert abs(h / w - ratio) < 0.01, (ratio, n)
+        sizes = image_sizes(maps)
+        assert sizes == [(maps[n - 1][0] * 16, maps[n - 1][1] * 16) for n in (7, 10, 12, 13)]
+        for n, (height, width) in zip((7, 10, 12, 13), sizes, strict=True):
+            schedule, final = template_schedule(height, width)
+            assert schedule == Schedule(maps[:n]) and final == maps[-1]
+            wide, _ = template_schedule(width, height)
+            assert wide.sizes == tuple((b, a) for a, b in maps[:n])

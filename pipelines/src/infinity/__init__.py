@@ -13,23 +13,29 @@ from typing import Any
 
 from diffcache.adapter import Adapter, Capabilities, KVSeam
 from diffcache.pipelines._fields import NEGATIVE_PROMPT, TOP_K, TOP_P, guidance, prompt, side
+from diffcache.pipelines.infinity.schedule import TEMPLATES_1M
 from diffcache.registry import register_adapter
 from diffcache.request import Field
 
 
-def _square(values: Mapping[str, Any]) -> str | None:
-    """Only the 1:1 template is implemented."""
+def _aspect(values: Mapping[str, Any]) -> str | None:
+    """An image whose h/w is none of the released templates' aspect ratios (which sizes a model
+    makes at a ratio, its pipeline says once loaded)."""
     h, w = values.get("height"), values.get("width")
-    if h is not None and w is not None and h != w:
-        return f"--height {h} and --width {w} differ: Infinity makes square images here"
-    return None
+    if h is None or w is None or not h or not w:
+        return None
+    if any(abs(h / w - r) < 0.01 for r in TEMPLATES_1M):
+        return None
+    ratios = ", ".join(f"{r:g}" for r in sorted(TEMPLATES_1M))
+    return f"--height {h} --width {w}: Infinity's aspect ratios (h/w) are {ratios}"
 
 
 def _side(name: str) -> Field:
-    """Image side: a multiple of 16 up to the model's largest map times 16."""
+    """Image side: a multiple of 16 up to the model's longest map side times 16 (which sizes
+    it makes, the pipeline's aspect-ratio templates say)."""
     f = side(name)
     return Field(
-        f.name, f.type, f.help, f.call_arg, min=f.min, multiple_of=16, limit=lambda p: p.size
+        f.name, f.type, f.help, f.call_arg, min=f.min, multiple_of=16, limit=lambda p: p.max_side
     )
 
 
@@ -55,6 +61,6 @@ ADAPTER = register_adapter(
             TOP_K,
             TOP_P,
         ),
-        rules=(_square,),
+        rules=(_aspect,),
     )
 )

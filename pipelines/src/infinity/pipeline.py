@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ from diffcache.pipelines.infinity.bitwise import Codes, greedy_bits, sample_bits
 from diffcache.pipelines.infinity.bsq import load_bsq_decoder
 from diffcache.pipelines.infinity.config import CONFIGS
 from diffcache.pipelines.infinity.model import Infinity, load_transformer
-from diffcache.pipelines.infinity.schedule import SQUARE_1M, VAE_STRIDE, rope_table, square_schedule
+from diffcache.pipelines.infinity.schedule import (
+    TEMPLATES_1M,
+    VAE_STRIDE,
+    Maps,
+    rope_table,
+    template_schedule,
+)
 
 #: upstream file names inside a model folder (``scripts/infer.sh``)
 WEIGHTS = {"infinity_2b": "infinity_2b_reg.pth", "infinity_8b": "infinity_8b_weights"}
@@ -67,8 +73,9 @@ class InfinityPipeline:
         text_encoder: a ``T5EncoderModel``.
         tokenizer: its tokenizer (``tokenizer(texts, max_length=..., padding="max_length",
             truncation=True, return_tensors="pt")``).
-        template: the map sides of the 1:1 template's full schedule (RoPE is normalised to its
-            last map; smaller images use its first maps).
+        templates: aspect ratio (h/w) -> the maps ``(h, w)`` of its full schedule (RoPE is
+            normalised to its last map; smaller images use its first maps); default the
+            released models' fifteen ratios.
         patchify: 2x2 VAE cells per token (the 8B's VAE).
     """
 
@@ -78,14 +85,14 @@ class InfinityPipeline:
         vae: Any,
         text_encoder: Any,
         tokenizer: Any,
-        template: tuple[int, ...] = SQUARE_1M,
+        templates: Mapping[float, Maps] = TEMPLATES_1M,
         patchify: bool = False,
     ) -> None:
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.template = tuple(template)
+        self.templates = dict(templates)
         self.patchify = patchify
 
     @classmethod
@@ -147,13 +154,22 @@ class InfinityPipeline:
     # -- generation ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """The side in pixels of the template's largest image."""
-        return self.template[-1] * VAE_STRIDE
+        """The side in pixels of the 1:1 template's largest image (the default size)."""
+        return self.templates[1.0][-1][0] * VAE_STRIDE
+
+    @property
+    def max_side(self) -> int:
+        """The longest side in pixels of any template's largest image."""
+        return max(max(maps[-1]) for maps in self.templates.values()) * VAE_STRIDE
 
     def schedule(self, height: int | None, width: int | None) -> Schedule:
-        """The maps of a ``height`` x ``width`` image (default: the template's largest)."""
+        """The maps of a ``height`` x ``width`` image (default: the 1:1 template's largest)."""
+        return self._template(height, width)[0]
+
+    def _template(self, height: int | None, width: int | None) -> tuple[Schedule, tuple[int, int]]:
+        """:meth:`schedule` and its template's last map (what RoPE is normalised to)."""
         try:
-            return square_schedule(height or self.size, width or self.size, self.template)
+            return template_schedule(height or self.size, width or self.size, self.templates)
         except ValueError as e:
             raise RequestError(str(e)) from None
 
@@ -229,7 +245,7 @@ class InfinityPipeline:
         if output_type == "np" and self.vae is None:
             raise RequestError("this pipeline has no VAE decoder; pass output_type='codes'")
         self.check(cfg, tau, top_k, top_p)
-        schedule = self.schedule(height, width)
+        schedule, final = self._template(height, width)
         model = self.transformer
         device = model.head.weight.device
         rng = generator if generator is not None else torch.Generator(device).manual_seed(seed or 0)
@@ -242,7 +258,6 @@ class InfinityPipeline:
         dtype = model.head.weight.dtype
         rows = cond.cond.shape[0]
         history = self.history_store()
-        final = (self.template[-1], self.template[-1])
         rope = rope_table(model.config.head_dim, schedule, final).to(device)
         d_cell = model.config.d_vae // (4 if self.patchify else 1)
         codes = Codes(schedule, d_cell, self.patchify, dtype)

@@ -1,10 +1,14 @@
 """Infinity's scale schedules and its 2-D RoPE (research/var.md §1.2.2, §1.2.3 item 3).
 
-Only the 1:1 template is known to these notes: 13 square maps ('1M', 1024 px with the f16 VAE);
-'0.60M', '0.25M' and '0.06M' are its first 12, 10 and 7 maps.
+A template is the 13 maps ``(h, w)`` of one aspect ratio's '1M' schedule; '0.60M', '0.25M' and
+'0.06M' images use its first 12, 10 and 7 maps. The maps of every aspect ratio are upstream's
+(``infinity/utils/dynamic_resolution.py``: ratios h/w 1, 1.25, 1.333, 1.5, 1.75, 2, 2.5, 3 and
+their transposes).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -17,19 +21,62 @@ VAE_STRIDE = 16
 #: named resolutions -> number of maps of the template
 PIXELS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 
+Maps = tuple[tuple[int, int], ...]
+#: images taller than wide: h/w -> the '1M' maps (h, w) (upstream's ratio2hws)
+_TALL: dict[float, Maps] = {
+    1.25: ((1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24),
+           (35, 28), (45, 36), (55, 44), (70, 56)),
+    1.333: ((1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21),
+            (36, 27), (48, 36), (60, 45), (72, 54)),
+    1.5: ((1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22),
+          (39, 26), (48, 32), (63, 42), (78, 52)),
+    1.75: ((1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20),
+           (42, 24), (56, 32), (70, 40), (84, 48)),
+    2.0: ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19),
+          (46, 23), (60, 30), (74, 37), (90, 45)),
+    2.5: ((1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16),
+          (50, 20), (65, 26), (80, 32), (100, 40)),
+    3.0: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15),
+          (54, 18), (72, 24), (90, 30), (111, 37)),
+}  # fmt: skip
 
-def square_schedule(height: int, width: int, sides: tuple[int, ...] = SQUARE_1M) -> Schedule:
-    """The schedule of a ``height`` x ``width`` image: the template's maps up to the one whose
-    side times :data:`VAE_STRIDE` is the image side. Raises ValueError for other sizes."""
-    sizes = [s * VAE_STRIDE for s in sides]
-    counts = [n for n in PIXELS.values() if n <= len(sides)] + [len(sides)]
-    allowed = sorted({sizes[n - 1] for n in counts})
-    if height != width or height not in allowed:
-        raise ValueError(
-            f"height {height} x width {width}: this model makes square images of "
-            f"{', '.join(map(str, allowed))} pixels"
-        )
-    return Schedule.square(sides[: sizes.index(height) + 1])
+
+def square_templates(sides: Sequence[int]) -> dict[float, Maps]:
+    """One 1:1 template of square maps of ``sides`` (a small model's own)."""
+    return {1.0: tuple((s, s) for s in sides)}
+
+
+#: every aspect ratio of the released models: h/w -> its '1M' maps
+TEMPLATES_1M: dict[float, Maps] = {
+    **square_templates(SQUARE_1M),
+    **_TALL,
+    **{round(w / h, 3): tuple((b, a) for a, b in maps) for (h, w), maps in
+       ((maps[-1], maps) for maps in _TALL.values())},
+}  # fmt: skip
+
+
+def image_sizes(maps: Maps) -> list[tuple[int, int]]:
+    """The ``(height, width)`` in pixels a template makes: its first 7, 10, 12, 13 maps (those
+    it has), and all of a shorter one."""
+    counts = sorted({n for n in PIXELS.values() if n <= len(maps)} | {len(maps)})
+    return [(maps[n - 1][0] * VAE_STRIDE, maps[n - 1][1] * VAE_STRIDE) for n in counts]
+
+
+def template_schedule(
+    height: int, width: int, templates: Mapping[float, Maps] = TEMPLATES_1M
+) -> tuple[Schedule, tuple[int, int]]:
+    """The schedule of a ``height`` x ``width`` image and its template's last map (what RoPE
+    is normalised to). Raises ValueError naming the sizes of the nearest aspect ratio."""
+    for maps in templates.values():
+        if (height, width) in image_sizes(maps):
+            last = maps.index((height // VAE_STRIDE, width // VAE_STRIDE))
+            return Schedule(maps[: last + 1]), maps[-1]
+    nearest = min(templates, key=lambda r: abs(r - height / width))
+    shown = ", ".join(f"{h}x{w}" for h, w in image_sizes(templates[nearest]))
+    raise ValueError(
+        f"height {height} x width {width}: this model makes images of {shown} pixels "
+        f"(height x width) at the nearest aspect ratio"
+    )
 
 
 def rope_table(
