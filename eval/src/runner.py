@@ -24,7 +24,7 @@ import os
 import platform
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ def evaluate(
     repeats: int = REPEATS,
     threads: int | None = None,
     trace: bool = False,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
@@ -97,7 +98,9 @@ def evaluate(
     threads (default: ``OMP_NUM_THREADS``, else 1). With ``trace``, each diffcache plan runs
     every request once more, untimed and traced, and its step traces are written to
     ``out/traces/<plan>.jsonl`` (one event a line, with its ``request`` index), named in the
-    run's ``trace``. Returns the report (None on the other processes).
+    run's ``trace``. ``prepare`` turns the loaded pipeline into the variant every run uses,
+    the plain one and the plans alike (a LoRA, quantized weights, ``torch.compile``) and
+    returns it. Returns the report (None on the other processes).
     """
     check_report_dir(out)
     if seeds < 1:
@@ -110,7 +113,7 @@ def evaluate(
     with measurement_threads(threads):
         return _evaluate(
             model, plans, out, prompts, seeds, request, warmup, samples, progress, answers, macs,
-            repeats, trace,
+            repeats, trace, prepare,
         )  # fmt: skip
 
 
@@ -128,6 +131,7 @@ def _evaluate(
     macs: str,
     repeats: int,
     trace: bool = False,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` after its arguments are checked, on the measurement's threads."""
     comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
@@ -138,6 +142,7 @@ def _evaluate(
         for c in comparisons:
             c.check_family(adapters()[entry.family], model)
     pipe = diffcache.load_model(model)
+    pipe = prepare(pipe) if prepare is not None else pipe
     adapter = find_adapter(pipe)
     for c in comparisons:  # and fits this model before any generation runs
         c.check(pipe)

@@ -235,3 +235,30 @@ def test_each_text_record_counts_the_tokens_of_its_own_generation(tmp_path: Path
         ("llada-tiny-fast_dllm.yaml", 0): 5,
         ("llada-tiny-fast_dllm.yaml", 1): 5,
     }
+
+
+def test_prepare_makes_the_pipeline_every_run_uses(tmp_path: Path) -> None:
+    """``evaluate(prepare=...)``: the pipeline it returns (here another one) runs the baseline
+    and the plans; the loaded one never runs."""
+    import diffcache
+
+    calls = {"loaded": 0, "prepared": 0}
+
+    def counting(pipe, key):
+        pipe.transformer.register_forward_pre_hook(
+            lambda *a: calls.__setitem__(key, calls[key] + 1)
+        )
+        return pipe
+
+    def prepare(loaded):
+        counting(loaded, "loaded")
+        return counting(diffcache.load_model("dit-tiny"), "prepared")
+
+    plan = Plan.load("dit-tiny.yaml").to_dict()
+    plan["options"]["warmup_steps"] = 2
+    plan["valid_for"]["num_inference_steps"] = 4
+    runner.evaluate(
+        "dit-tiny", [plan], tmp_path, prompts=["1"], request=runner.Request(steps=4),
+        repeats=1, threads=1, samples=0, prepare=prepare,
+    )  # fmt: skip
+    assert calls["loaded"] == 0 and calls["prepared"] >= 2 * 4  # baseline + warm-up at least
