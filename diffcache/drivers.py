@@ -24,6 +24,13 @@ from diffcache.errors import RunError
 from diffcache.session import Session
 
 
+def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
+    """A call's argument by keyword, else by its positional ``index``; None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
+
+
 class SchedulerDriver:
     """Runs and steps from the pipeline's scheduler."""
 
@@ -77,9 +84,7 @@ class SchedulerDriver:
         run = self.session.run
         if run.active and not self.started:  # where in the schedule the first call is
             self.started = True
-            t = kwargs.get(self.time_arg)
-            if t is None and self.time_index is not None and self.time_index < len(args):
-                t = args[self.time_index]
+            t = argument(args, kwargs, self.time_arg, self.time_index)
             if isinstance(t, torch.Tensor) and t.numel():
                 times = self.session.target.scheduler.timesteps
                 at = (times.to(t.device, torch.float64) == t.flatten().max().double()).nonzero()
@@ -105,9 +110,7 @@ class TimestepDriver:
 
     def before_call(self, args: tuple, kwargs: dict) -> None:
         run = self.session.run
-        t = kwargs.get(self.name)
-        if t is None and self.index is not None and self.index < len(args):
-            t = args[self.index]
+        t = argument(args, kwargs, self.name, self.index)
         if t is None:
             raise run.fail(
                 RunError(
