@@ -275,3 +275,26 @@ def test_video_to_video_over_a_text_to_video_pipeline(inputs: dict[str, str]) ->
         assert diffcache.stats(pipe).steps == int(STEPS * STRENGTH)
     finally:
         diffcache.remove(pipe)
+
+
+def test_cli_video_to_video_plan_for_the_steps_run(
+    inputs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """``--steps 6 --strength 0.5`` runs 3 steps: a plan valid for 3 runs from the CLI (the
+    flags' 6 is not compared before the run), one valid for 6 is refused in one line."""
+    run, stats = int(STEPS * STRENGTH), tmp_path / "s.json"
+    argv = ["generate", "--model", "cogvideox-tiny-v2v", "--prompt", "a cat", "--video"]
+    argv += [inputs["video"], "--steps", str(STEPS), "--strength", str(STRENGTH)]
+    argv += ["--height", "32", "--width", "32", "--out", str(tmp_path / "out.gif")]
+    for steps in (run, STEPS):
+        plan = diffcache.Plan.load(
+            {"diffcache": 1, "model": "cogvideox", "method": "easycache",
+             "options": {"warmup_steps": 1}, "valid_for": {"num_inference_steps": steps}}
+        ).save(tmp_path / f"p{steps}.yaml")  # fmt: skip
+        rc = main([*argv, "--plan", str(plan), "--stats-json", str(stats)])
+        if steps == run:
+            assert rc == 0 and json.loads(stats.read_text())["steps"] == run
+        else:
+            # (a library's import warning may precede it: issue 24.7's, not ours)
+            err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffcache")]
+            assert rc == 2 and len(err) == 1 and f"runs {run} steps" in err[0], err
