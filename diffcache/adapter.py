@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -82,7 +82,7 @@ class Adapter:
     """Where diffcache finds things in one model family. Data only.
 
     Args:
-        name: family name used in plan files (``model: wan2.1``).
+        name: registry name (`diffcache models` families); plans name its ``family``.
         pipelines: pipeline class names this adapter matches (exact names, no prefixes).
         denoisers: denoiser class names it matches (for bare-denoiser use).
         experts: pipeline attributes holding denoisers, in order (Wan2.2: ``transformer`` and
@@ -111,6 +111,8 @@ class Adapter:
         seed_arg: the keyword that takes a ``torch.Generator`` seeded with the request's seed
             (declared with ``output``).
         kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
+        family: the family whose plans it takes (``model:`` in plan files); a pipeline variant
+            (image-to-video, video-to-video) takes its base family's plans. Empty: ``name``.
     """
 
     name: str
@@ -132,6 +134,7 @@ class Adapter:
     call_args: Mapping[str, Any] = field(default_factory=dict)
     seed_arg: str = ""
     kv: KVSeam | None = None
+    family: str = ""
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -150,6 +153,13 @@ class Adapter:
         assert bool(self.output) == bool(self.seed_arg), f"{self.name}: output and seed_arg"
         object.__setattr__(self, "valid_for", MappingProxyType(dict(self.valid_for)))
         object.__setattr__(self, "call_args", MappingProxyType(dict(self.call_args)))
+        object.__setattr__(self, "family", self.family or self.name)
+
+    def variant(self, name: str, pipelines: tuple[str, ...], fields: tuple[Field, ...]) -> Adapter:
+        """The same family run by other pipeline classes taking other request fields (an
+        image-to-video or video-to-video pipeline): same denoisers' sites, same plans; bare
+        denoisers stay matched by this adapter."""
+        return replace(self, name=name, pipelines=pipelines, denoisers=(), fields=fields)
 
     def matches(self, obj: Any) -> bool:
         name = type(obj).__name__

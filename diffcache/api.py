@@ -88,7 +88,7 @@ def open_session(model: Any, session: Session, attach: Callable[..., None], *arg
 def resolve(model: Any, plan: Plan) -> Target:
     """The model's Target for ``plan``, with every check that needs no attaching."""
     adapter = find_adapter(model)
-    plan.check_family(adapter.name, type(model).__name__)
+    plan.check_family(adapter.family, type(model).__name__)
     target = Target.resolve(adapter, model)
     target.valid_for = plan.valid_for
     for obj in target.parts():

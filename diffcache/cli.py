@@ -401,10 +401,14 @@ def _check_seeds(args: argparse.Namespace) -> None:
 
 def _check_valid_for(plan: Any, req: Any) -> None:
     """Refuse a request outside the plan's ``valid_for`` (the keys a request sets: steps and
-    family keys such as ``gen_length``) before any model is built."""
+    family keys such as ``gen_length``) before any model is built. With ``--strength`` the
+    pipeline runs only part of its ``--steps`` (how many is the pipeline's rule): the run
+    checks the steps it really runs at its first model call."""
     from diffcache.runstate import outside_valid_for
 
     for key, want in plan.valid_for.items():
+        if key == "num_inference_steps" and req.get("strength") is not None:
+            continue
         given = req.get("steps" if key == "num_inference_steps" else key)
         if given is not None and given != want:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
@@ -436,7 +440,7 @@ def _generate(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     req, adapter = _request(args, args.model)
     if plan is not None and adapter is not None:
-        plan.check_family(adapter.name, args.model)
+        plan.check_family(adapter.family, args.model)
         plan.config.check_needs(adapter, f"--plan {args.plan}")
     if plan is not None:
         _check_valid_for(plan, req)
@@ -544,7 +548,7 @@ def _profile(args: argparse.Namespace) -> int:
             names=CLI,
         )
 
-    start = start_for(entry.family if entry is not None else None)  # before loading anything
+    start = start_for(entry.plan_family if entry is not None else None)  # before loading anything
     if args.target_kv is not None:
         with_kv_target(start.config, args.target_kv, CLI)
     args.steps = start.request_steps
@@ -556,7 +560,7 @@ def _profile(args: argparse.Namespace) -> int:
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
     if entry is None:  # a checkpoint folder: its family's published settings are known now
-        start = start_for(adapter.name)
+        start = start_for(adapter.family)
         if start.request_steps != args.steps:
             args.steps = start.request_steps
             req, _ = _request(args, args.model, sample, CALIBRATION_INPUT)
@@ -776,7 +780,7 @@ def _plans_check(args: argparse.Namespace) -> int:
     if args.model:
         entry = builtin_models().get(args.model)
         if entry is not None:  # a built-in model: the family is checked before it is built
-            plan.check_family(entry.family, args.model)
+            plan.check_family(entry.plan_family, args.model)
             plan.config.check_needs(adapters()[entry.family], args.file)
         pipe = diffcache.load_model(args.model)
         diffcache.remove(diffcache.accelerate(pipe, plan))
@@ -805,7 +809,7 @@ def _plans_import(args: argparse.Namespace) -> int:
         raise DiffCacheError("plans import --method invardiff needs --model")
     entry = builtin_models().get(args.model)  # a built-in model's family is known now
     # a malformed book file fails before the model is built
-    read_reference_books(args.file, entry.family if entry is not None else None)
+    read_reference_books(args.file, entry.plan_family if entry is not None else None)
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)
     reused = int(plan.calibration_data.step_book.sum())
     print(f"wrote {out}: invardiff books for {args.model} ({reused} reused steps)")

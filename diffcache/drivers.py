@@ -2,8 +2,10 @@
 
 - ``scheduler`` (stock diffusers pipelines): ``set_timesteps`` starts a run of
   ``num_inference_steps`` steps; each ``step`` ends a step, or a sub-step when a second-order
-  scheduler is half-way (``state_in_first_order`` is False); ``set_begin_index`` (img2img
-  ``strength``) trims the run to the steps actually run; the last ``step`` ends the run.
+  scheduler is half-way (``state_in_first_order`` is False); the last ``step`` ends the run.
+  A schedule trimmed by ``strength`` counts the steps actually run: ``set_begin_index`` says
+  where it starts, and so does the first denoiser call's timestep for pipelines that slice
+  the timesteps without telling the scheduler (Wan and CogVideoX video-to-video).
 - ``timestep`` (a bare denoiser): the timestep argument tells steps. Time may run either way;
   the first two distinct values fix the direction. A move against it starts a new run. With a
   step count from the plan, a run that goes past it, or one that ended short of it, is refused.
@@ -22,13 +24,24 @@ from diffcache.errors import RunError
 from diffcache.session import Session
 
 
+def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
+    """A call's argument by keyword, else by its positional ``index``; None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
+
+
 class SchedulerDriver:
     """Runs and steps from the pipeline's scheduler."""
 
     def attach(self, session: Session) -> None:
         self.session = session
         run, scheduler = session.run, session.target.scheduler
+        t = session.target
+        self.time_arg, self.time_index = t.adapter.timestep_arg, t.arg_index(t.adapter.timestep_arg)
         self.left = 0  # scheduler updates left in this run
+        self.updates = self.steps = 0  # of the whole schedule set by set_timesteps
+        self.started = False  # the run's first denoiser call was seen
 
         def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
@@ -38,13 +51,13 @@ class SchedulerDriver:
             steps = getattr(scheduler, "num_inference_steps", None) or math.ceil(updates / order)
             run.begin_run(int(steps))
             self.left, self.order = updates, order
+            self.updates, self.steps, self.started = updates, int(steps), False
             return out
 
         def set_begin_index(call: Any, begin_index: int = 0, *args: Any, **kwargs: Any) -> Any:
             out = call(begin_index, *args, **kwargs)
             if run.active and run.num_steps is not None:  # a schedule trimmed by strength
-                self.left -= begin_index
-                run.num_steps -= math.ceil(begin_index / self.order)
+                self._begin_at(begin_index)
             return out
 
         def step(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -61,8 +74,22 @@ class SchedulerDriver:
         if hasattr(scheduler, "set_begin_index"):
             session.attach(scheduler, "set_begin_index", "diffcache.run", set_begin_index)
 
+    def _begin_at(self, index: int) -> None:
+        """The run starts at scheduler update ``index`` of the schedule (0: all of it)."""
+        self.left = self.updates - index
+        self.session.run.num_steps = self.steps - math.ceil(index / self.order)
+
     def before_call(self, args: tuple, kwargs: dict) -> None:
         self.session.check_parts()
+        run = self.session.run
+        if run.active and not self.started:  # where in the schedule the first call is
+            self.started = True
+            t = argument(args, kwargs, self.time_arg, self.time_index)
+            if isinstance(t, torch.Tensor) and t.numel():
+                times = self.session.target.scheduler.timesteps
+                at = (times.to(t.device, torch.float64) == t.flatten().max().double()).nonzero()
+                if len(at) and run.num_steps is not None:  # the first match: a time repeats
+                    self._begin_at(int(at[0]))  # in a second-order schedule
 
     def after_call(self) -> None:
         pass
@@ -83,9 +110,7 @@ class TimestepDriver:
 
     def before_call(self, args: tuple, kwargs: dict) -> None:
         run = self.session.run
-        t = kwargs.get(self.name)
-        if t is None and self.index is not None and self.index < len(args):
-            t = args[self.index]
+        t = argument(args, kwargs, self.name, self.index)
         if t is None:
             raise run.fail(
                 RunError(

@@ -27,7 +27,7 @@ import yaml
 
 from diffcache.errors import UnsupportedModelError, did_you_mean
 from diffcache.generate import Request, call_kwargs
-from diffcache.registry import find_adapter
+from diffcache.registry import adapters, find_adapter
 
 #: where ``load_model`` records a built-in model's name on the pipeline it returns
 MODEL_ATTR = "_diffcache_model"
@@ -56,6 +56,11 @@ class ModelEntry:
 
     def build(self) -> Any:
         return _resolve(self.builder)()
+
+    @property
+    def plan_family(self) -> str:
+        """The family its plans are for (``model:``): a pipeline variant's base family."""
+        return adapters()[self.family].family
 
     def score_fn(self) -> Any:
         """The task scorer, or None when the model has none."""

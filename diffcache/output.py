@@ -43,3 +43,11 @@ def split_residual(x: torch.Tensor, v: torch.Tensor, dim: int) -> tuple[torch.Te
 def with_extra(out: torch.Tensor, extra: torch.Tensor | None, dim: int) -> torch.Tensor:
     """``out`` with the raw extra channels of :func:`split_residual` appended along ``dim``."""
     return out if extra is None else torch.cat((out, extra), dim=dim)
+
+
+def latent_part(x: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """The channels of a denoiser input ``x`` that its output ``v`` predicts along ``dim``: the
+    latent without the condition channels image-to-video pipelines concatenate after it (Wan,
+    CogVideoX); ``x`` itself when it has no more channels than ``v``."""
+    n = v.shape[dim]
+    return x.narrow(dim, 0, n) if x.shape[dim] > n else x

@@ -45,7 +45,7 @@ from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.kv.memory import Geometry
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
-from diffcache.output import sample_of
+from diffcache.output import latent_part, sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, find_adapter, get_method, methods
@@ -451,7 +451,7 @@ def profile(
     adapter, entry = find_adapter(pipe), builtin_of(pipe)
     start = resolve_start(
         method,
-        family=adapter.name,
+        family=adapter.family,
         model=entry.name if entry is not None else None,
         steps=request.get("steps"),
         default_steps=entry.defaults.get("steps") if entry is not None else None,
@@ -525,6 +525,8 @@ class _Probes:
         self.observer = config.observer(target) if self.generic else observer
         self.seen = self.observer.kinds if self.observer is not None else ()
         self.latent = target.adapter.latent_arg, target.arg_index(target.adapter.latent_arg)
+        latent = target.adapter.provides.denoiser == "latent"
+        self.cdim = target.adapter.channel_dim if latent else None  # of a latent denoiser
         self.trace, self.clock = Trace(), {"denoiser": 0.0, "probe": 0.0}
         self.memory: dict[tuple, dict] = {}  # each site's previous tensors, per request
         self.request = 0  # the index of the request running
@@ -545,6 +547,8 @@ class _Probes:
         site, run = call.site, call.run
         if site.kind in self.kinds:
             x = call.arg(*self.latent) if site.kind == "step" else None
+            if x is not None and self.cdim is not None:  # the latent channels only
+                x = latent_part(x, sample_of(out), self.cdim)  # (research/dit.md: input semantics)
             key = (self.request, site.name, site.expert, call.branch)
             values = probe(site.kind, x, out, self.memory.setdefault(key, {}))
             where = (run.step, run.substep, call.branch, site.expert, site.kind, site.name)

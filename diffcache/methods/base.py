@@ -221,7 +221,7 @@ class MethodConfig:
         if calibration is not None:
             valid["fingerprint"] = target.fingerprint()
         return Plan(
-            model=target.adapter.name,
+            model=target.adapter.family,
             method=self.name,
             options=self.to_options(),
             valid_for=valid,

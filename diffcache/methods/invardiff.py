@@ -180,7 +180,7 @@ class _InvarDiff:
         self.step_book = cal.step_book.tolist()
         self.module_book = cal.module_book.tolist()
         self.column = {s.name: m for m, s in enumerate(modules)}
-        self.last = blocks[-1].name if blocks else None
+        self.last = {b.expert: b for b in blocks}  # each expert's last block (Wan2.2: two)
         self.streams = BlockStreams(blocks)
         self.skipper = BlockSkipper(blocks, modules) if cfg.fuse_blocks else None
         self.fusable: dict[str, list[bool]] = {}  # block -> steps where all its modules reuse
@@ -216,17 +216,18 @@ class _InvarDiff:
         return slot.output
 
     def cached(self, call: Call, site: Site) -> Any:
-        """Module ``site``'s cached output for ``call``'s branch (None before its first compute)."""
+        """``site``'s cached output for ``call``'s branch (None before its first compute)."""
         return call.run.slot((site.name, site.expert, call.branch), _Slot).output
 
     def block(self, call: Call) -> Any:
         """A block site: passed through (or the cached last output) on a reused step, skipped
         where all its modules are reused, else computed (the last block's output kept)."""
         slot = call.state(_Slot)
-        name = call.site.name
+        name, last = call.site.name, self.last[call.site.expert]
         self.explain(call, self.step_book, self.step_scores)
-        if self.step_book[call.step] and not (name == self.last and slot.output is None):
-            if name == self.last:
+        # a reused step returns the stack output this expert cached (none yet: all compute)
+        if self.step_book[call.step] and self.cached(call, last) is not None:
+            if name == last.name:
                 return slot.output
             parts = self.streams.inputs(call)
             return parts if len(parts) > 1 else parts[0]
@@ -236,7 +237,7 @@ class _InvarDiff:
             call.explain(fused=out is not None)  # every module reused: the block not run
         if out is None:
             out = call.compute()
-        if name == self.last:
+        if name == last.name:
             slot.output = out
         return out
 

@@ -93,7 +93,7 @@ class Comparison:
     def check_family(self, adapter: Any, model: str) -> None:
         """Refuse a comparison made for another model family (before the model is built)."""
         if self.plan is not None:
-            self.plan.check_family(adapter.name, model)
+            self.plan.check_family(adapter.family, model)
             self.plan.config.check_needs(adapter, f"--plan {self.name}")
         elif adapter.media == "text":
             raise DiffCacheError(

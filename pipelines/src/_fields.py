@@ -3,6 +3,7 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from diffcache.request import Field
@@ -45,9 +46,11 @@ def _image(path: str) -> Any:
 
 
 def _video(path: str) -> Any:
+    """The frames as RGB images: a GIF's first frame is often a palette image and the rest RGB,
+    which the pipelines' video processors cannot stack."""
     from diffusers.utils import load_video
 
-    return load_video(path)
+    return load_video(path, convert_method=lambda frames: [f.convert("RGB") for f in frames])
 
 
 #: inputs of the image-to-image / image-to-video / edit / inpaint variants, read from files
@@ -58,6 +61,13 @@ INPUT_VIDEO = Field("video", str, "input video file (.mp4, .gif)", "video", load
 STRENGTH = Field(
     "strength", float, "how much of the input to repaint (0..1)", "strength", min=0.0, max=1.0
 )
+
+
+def required(field: Field) -> Field:
+    """``field`` as one a variant's requests must give (the input image of image-to-video)."""
+    return replace(field, required=True)
+
+
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)
 TOP_K = Field("top_k", int, "top-k sampling: keep the k likeliest tokens (0: all)", "top_k", min=0)
 TOP_P = Field("top_p", float, "top-p (nucleus) sampling mass (0: off)", "top_p", min=0.0, max=1.0)

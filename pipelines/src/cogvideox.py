@@ -1,11 +1,23 @@
-"""CogVideoX text-to-video: adapter and a code-built tiny pipeline with random weights."""
+"""CogVideoX text-, image- and video-to-video: adapters and code-built tiny pipelines with
+random weights."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
+from diffcache.pipelines._fields import (
+    FRAMES,
+    IMAGE,
+    INPUT_IMAGE,
+    INPUT_VIDEO,
+    NEGATIVE_PROMPT,
+    STEPS,
+    STRENGTH,
+    guidance,
+    prompt,
+    required,
+)
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
@@ -53,21 +65,41 @@ ADAPTER = register_adapter(
     )
 )
 
+# CogVideoXImageToVideoPipeline concatenates the image latents (16 channels) after the 16 latent
+# channels along dim 2; the output has the 16 latent channels. CogVideoXVideoToVideoPipeline
+# runs the last ``strength`` part of the schedule (it slices the timesteps: the driver counts
+# the steps that run).
+I2V = register_adapter(
+    ADAPTER.variant(
+        "cogvideox-i2v",
+        ("CogVideoXImageToVideoPipeline",),
+        (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
+    )
+)
+V2V = register_adapter(
+    ADAPTER.variant(
+        "cogvideox-v2v",
+        ("CogVideoXVideoToVideoPipeline",),
+        (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
+    )
+)
+
 # The pipeline pads prompts to 226 T5 tokens by default and the transformer's positional
 # table is laid out for exactly that many text tokens.
 _TEXT_LEN = 226
 
 
-def build_tiny(seed: int = 0) -> Any:
+def build_tiny(seed: int = 0, cls: str = "CogVideoXPipeline", in_channels: int = 16) -> Any:
     """CogVideoXPipeline (2B layout): 2 blocks (dim 32), tiny T5, tiny 8x/4x VAE.
 
     The sin-cos positional table is sized for 64x64 pixels and 9 frames; other sizes are
-    recomputed on the fly by the transformer.
+    recomputed on the fly by the transformer. ``cls``: another pipeline class of the family
+    with the same parts (``in_channels``: 32 where the image latents are concatenated).
     """
+    import diffusers
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
 
@@ -76,7 +108,7 @@ def build_tiny(seed: int = 0) -> Any:
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,
-            in_channels=16,
+            in_channels=in_channels,
             out_channels=16,
             time_embed_dim=32,
             text_embed_dim=32,
@@ -113,10 +145,20 @@ def build_tiny(seed: int = 0) -> Any:
         snr_shift_scale=3.0,
         timestep_spacing="trailing",
     )
-    return CogVideoXPipeline(
+    return getattr(diffusers, cls)(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
         scheduler=scheduler,
     )
+
+
+def build_tiny_i2v(seed: int = 0) -> Any:
+    """CogVideoXImageToVideoPipeline: the tiny parts, the transformer taking 32 channels."""
+    return build_tiny(seed, "CogVideoXImageToVideoPipeline", in_channels=32)
+
+
+def build_tiny_v2v(seed: int = 0) -> Any:
+    """CogVideoXVideoToVideoPipeline with the tiny text-to-video parts."""
+    return build_tiny(seed, "CogVideoXVideoToVideoPipeline")

@@ -1,11 +1,23 @@
-"""Wan2.1 text-to-video: adapter and code-built pipelines with random weights."""
+"""Wan2.1 / Wan2.2 text-, image- and video-to-video: adapters and code-built pipelines with
+random weights."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import FRAMES, IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
+from diffcache.pipelines._fields import (
+    FRAMES,
+    IMAGE,
+    INPUT_IMAGE,
+    INPUT_VIDEO,
+    NEGATIVE_PROMPT,
+    STEPS,
+    STRENGTH,
+    guidance,
+    prompt,
+    required,
+)
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, word_tokenizer
 from diffcache.registry import register_adapter
@@ -62,6 +74,26 @@ ADAPTER = register_adapter(
     )
 )
 
+# WanImageToVideoPipeline (Wan2.1 I2V with a CLIP image encoder; Wan2.2 I2V with two experts and
+# ``boundary_ratio``, no image encoder) concatenates 20 image-condition channels after the 16
+# latent channels of the transformer input; the output has the 16 latent channels.
+# WanVideoToVideoPipeline runs the last ``strength`` part of the schedule (it slices the
+# timesteps: the driver counts the steps that run).
+I2V = register_adapter(
+    ADAPTER.variant(
+        "wan2.1-i2v",
+        ("WanImageToVideoPipeline",),
+        (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
+    )
+)
+V2V = register_adapter(
+    ADAPTER.variant(
+        "wan2.1-v2v",
+        ("WanVideoToVideoPipeline",),
+        (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
+    )
+)
+
 # Wan2.1-T2V-1.3B transformer config.
 WAN_1_3B_CONFIG: dict[str, Any] = {
     "patch_size": (1, 2, 2),
@@ -112,8 +144,10 @@ def _tiny_vae() -> Any:
     ).eval()
 
 
-def _pipeline(transformer: Any, text_dim: int) -> Any:
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+def _pipeline(transformer: Any, text_dim: int, cls: str = "WanPipeline", **parts: Any) -> Any:
+    """A Wan pipeline of class ``cls`` (``diffusers``) with a tiny UMT5 and VAE, UniPC."""
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
 
     tokenizer, text_encoder = _text_stack(text_dim)
     scheduler = UniPCMultistepScheduler(
@@ -121,35 +155,103 @@ def _pipeline(transformer: Any, text_dim: int) -> Any:
         use_flow_sigmas=True,
         flow_shift=3.0,
     )
-    return WanPipeline(
+    return getattr(diffusers, cls)(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=_tiny_vae(),
         scheduler=scheduler,
         transformer=transformer.eval(),
+        **parts,
+    )
+
+
+def _tiny_transformer(in_channels: int = 16, image_dim: int | None = None) -> Any:
+    """A 2-layer Wan transformer (dim 64); ``image_dim``: the width of the CLIP image
+    embeddings its cross-attention also attends to (Wan2.1 I2V)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=128,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=image_dim,
+        added_kv_proj_dim=64 if image_dim else None,
     )
 
 
 def build_tiny(seed: int = 0) -> Any:
     """WanPipeline with a 2-layer Wan transformer (dim 64), tiny UMT5 and tiny VAE."""
-    from diffusers import WanTransformer3DModel
+    with seeded(seed):
+        return _pipeline(_tiny_transformer(), text_dim=32)
+
+
+#: latent channels plus the image condition (4 mask channels and 16 latent channels)
+_I2V_CHANNELS = 36
+
+
+def build_tiny_i2v(seed: int = 0) -> Any:
+    """Wan2.1-style WanImageToVideoPipeline: the tiny transformer with image cross-attention
+    and a 2-layer CLIP vision encoder (32 px) with its image processor, built from config."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     with seeded(seed):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=32,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=128,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
+        encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        ).eval()
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
-        return _pipeline(transformer, text_dim=32)
+        transformer = _tiny_transformer(_I2V_CHANNELS, image_dim=32)
+        return _pipeline(
+            transformer,
+            text_dim=32,
+            cls="WanImageToVideoPipeline",
+            image_encoder=encoder,
+            image_processor=processor,
+        )
+
+
+#: Wan2.2 I2V switches from ``transformer`` to ``transformer_2`` below this fraction of the
+#: training timesteps (the A14B checkpoint's value)
+WAN22_BOUNDARY = 0.9
+
+
+def build_tiny_wan22_i2v(seed: int = 0) -> Any:
+    """Wan2.2-style two-expert WanImageToVideoPipeline: a high-noise ``transformer`` and a
+    low-noise ``transformer_2`` (each the tiny transformer), ``boundary_ratio``, no image
+    encoder."""
+    with seeded(seed):
+        high = _tiny_transformer(_I2V_CHANNELS)
+        low = _tiny_transformer(_I2V_CHANNELS).eval()
+        return _pipeline(
+            high,
+            text_dim=32,
+            cls="WanImageToVideoPipeline",
+            transformer_2=low,
+            boundary_ratio=WAN22_BOUNDARY,
+        )
+
+
+def build_tiny_v2v(seed: int = 0) -> Any:
+    """WanVideoToVideoPipeline with the tiny text-to-video parts."""
+    with seeded(seed):
+        return _pipeline(_tiny_transformer(), text_dim=32, cls="WanVideoToVideoPipeline")
 
 
 def build_1_3b_random(seed: int = 0) -> Any:
@@ -163,3 +265,15 @@ def build_1_3b_random(seed: int = 0) -> Any:
     with seeded(seed):
         transformer = WanTransformer3DModel(**WAN_1_3B_CONFIG)
         return _pipeline(transformer, text_dim=WAN_1_3B_CONFIG["text_dim"])
+
+
+def video_to_video(pipe: Any) -> Any:
+    """A WanVideoToVideoPipeline over a text-to-video Wan pipeline's parts (shared, not
+    copied): e.g. ``video_to_video(load_model("wan-shapes"))`` repaints clips with the trained
+    weights (``video=`` frames, ``strength``)."""
+    import inspect
+
+    from diffusers import WanVideoToVideoPipeline
+
+    takes = inspect.signature(WanVideoToVideoPipeline.__init__).parameters
+    return WanVideoToVideoPipeline(**{k: v for k, v in pipe.components.items() if k in takes})
