@@ -111,6 +111,9 @@ class Adapter:
         seed_arg: the keyword that takes a ``torch.Generator`` seeded with the request's seed
             (declared with ``output``).
         kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
+        base: a pipeline variant's family (``flux`` for ``flux-img2img``): its plans serve too.
+        steps_run: the denoising steps a request's values run, where that is not its step count
+            (img2img ``strength`` runs the tail of the schedule); plans count those.
     """
 
     name: str
@@ -132,6 +135,8 @@ class Adapter:
     call_args: Mapping[str, Any] = field(default_factory=dict)
     seed_arg: str = ""
     kv: KVSeam | None = None
+    base: str = ""
+    steps_run: Callable[[Mapping[str, Any]], int | None] | None = None
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -154,6 +159,11 @@ class Adapter:
     def matches(self, obj: Any) -> bool:
         name = type(obj).__name__
         return name in self.pipelines or name in self.denoisers
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families whose plans this adapter runs: its own, then its base's."""
+        return (self.name, self.base) if self.base else (self.name,)
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)

@@ -399,14 +399,24 @@ def _check_seeds(args: argparse.Namespace) -> None:
         )
 
 
-def _check_valid_for(plan: Any, req: Any) -> None:
+def _check_valid_for(plan: Any, req: Any, adapter: Any = None) -> None:
     """Refuse a request outside the plan's ``valid_for`` (the keys a request sets: steps and
-    family keys such as ``gen_length``) before any model is built."""
+    family keys such as ``gen_length``) before any model is built. A plan counts the steps a
+    run denoises: with ``strength`` (img2img, inpaint) those are fewer than ``--steps``."""
     from diffcache.runstate import outside_valid_for
 
+    run = adapter.steps_run(req.values) if adapter is not None and adapter.steps_run else None
     for key, want in plan.valid_for.items():
         given = req.get("steps" if key == "num_inference_steps" else key)
-        if given is not None and given != want:
+        if key == "num_inference_steps" and run is not None and run != given:
+            if run != want:
+                raise DiffCacheError(
+                    f"{plan.name}: the plan is valid for runs of {want} denoising steps "
+                    f"(valid_for.num_inference_steps) but steps {given} at strength "
+                    f"{req.get('strength'):g} run {run}; set --steps and --strength so that "
+                    f"they run {want}, or profile at these"
+                )
+        elif given is not None and given != want:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
 
 
@@ -439,7 +449,7 @@ def _generate(args: argparse.Namespace) -> int:
         plan.check_family(adapter.name, args.model)
         plan.config.check_needs(adapter, f"--plan {args.plan}")
     if plan is not None:
-        _check_valid_for(plan, req)
+        _check_valid_for(plan, req, adapter)
     for flag, path in (("--stats-json", args.stats_json), ("--trace", args.trace)):
         if path:
             check_writable(Path(path), flag)
@@ -673,7 +683,7 @@ def _eval(args: argparse.Namespace) -> int:
         if adapter is not None:
             c.check_family(adapter, args.model)
         if c.plan is not None:
-            _check_valid_for(c.plan, req)
+            _check_valid_for(c.plan, req, adapter)
     out = _out_dir(args.out)
     report = evaluate(
         args.model,

@@ -3,6 +3,8 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from diffcache.request import Field
@@ -58,6 +60,31 @@ INPUT_VIDEO = Field("video", str, "input video file (.mp4, .gif)", "video", load
 STRENGTH = Field(
     "strength", float, "how much of the input to repaint (0..1)", "strength", min=0.0, max=1.0
 )
+#: FLUX Kontext scales its output to this many pixels, keeping the height / width aspect ratio
+MAX_AREA = Field(
+    "max_area",
+    int,
+    "output area in pixels (height x width set the aspect)",
+    "max_area",
+    min=16 * 16,
+    max=8192 * 8192,
+)
+
+
+def required(field: Field) -> Field:
+    """``field`` as a variant that cannot run without it takes it (an img2img pipeline's image)."""
+    return replace(field, required=True)
+
+
+def strength_steps(values: Mapping[str, Any]) -> int | None:
+    """The steps an img2img / inpaint pipeline runs for a request (``Adapter.steps_run``): the
+    last ``strength`` x ``steps`` of its schedule, rounded as diffusers' ``get_timesteps``."""
+    steps, strength = values.get("steps"), values.get("strength")
+    if steps is None or strength is None:
+        return None
+    return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)
 TOP_K = Field("top_k", int, "top-k sampling: keep the k likeliest tokens (0: all)", "top_k", min=0)
 TOP_P = Field("top_p", float, "top-p (nucleus) sampling mass (0: off)", "top_p", min=0.0, max=1.0)
