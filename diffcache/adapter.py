@@ -160,11 +160,6 @@ class Adapter:
         name = type(obj).__name__
         return name in self.pipelines or name in self.denoisers
 
-    @property
-    def families(self) -> tuple[str, ...]:
-        """The families whose plans this adapter runs: its own, then its base's."""
-        return (self.name, self.base) if self.base else (self.name,)
-
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
 

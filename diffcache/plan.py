@@ -98,10 +98,8 @@ class Plan:
         return read_calibration(type(self.config), self.calibration, self.tensors, self.source)
 
     def check_family(self, family: str, what: str) -> None:
-        """PlanError unless the plan is for ``family`` or the family it is a variant of
-        (``what``: the model, for the message)."""
-        adapter = adapters().get(family)
-        if self.model not in (adapter.families if adapter else (family,)):
+        """PlanError unless the plan is for ``family`` or its base (``what``: the model)."""
+        if self.model not in (family, getattr(adapters().get(family), "base", "")):
             raise PlanError(
                 f"{self.source}: model: the plan is for {self.model!r} but {what} is a {family!r} "
                 f"model; use a plan made for {family} (`diffcache plans list`)."

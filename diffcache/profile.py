@@ -315,7 +315,7 @@ def resolve_start(
                 f"{names.of('method', name)} but {names.of('start', plan.name)} is a "
                 f"{plan.method} plan; give one"
             )
-        if family is not None and plan.model not in adapters()[family].families:
+        if family is not None and plan.model not in (family, adapters()[family].base):
             raise PlanError(
                 f"{names.of('start', plan.name)}: a plan for {plan.model} models, and {what} is a "
                 f"{family} model; use a plan made for {family} (`diffcache plans list`)"
