@@ -518,6 +518,7 @@ def _profile(args: argparse.Namespace) -> int:
     from diffcache.profile import (
         CALIBRATION_INPUT,
         CLI,
+        check_steps_run,
         check_targets,
         resolve_start,
         with_kv_target,
@@ -562,6 +563,7 @@ def _profile(args: argparse.Namespace) -> int:
     if adapter is not None:  # a built-in model: its inputs are known before it is built
         given = f"--method {args.method}" if args.method else f"--from {args.start}"
         start.config.check_needs(adapter, given)
+        check_steps_run(start.config, adapter, req)
         prompts = _profile_inputs(args, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)

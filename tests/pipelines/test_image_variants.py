@@ -256,3 +256,29 @@ def test_cli_a_plan_counts_the_steps_strength_runs(
         "(valid_for.num_inference_steps) but steps 20 at strength 0.6 run 12; set --steps and "
         "--strength so that they run 6, or profile at these"
     ), err
+
+
+def test_cli_profile_refuses_a_warm_up_longer_than_the_steps_strength_runs(
+    files: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--steps 10 at --strength 0.3 denoises 3 steps: HyCa's 3 warm-up steps leave nothing to
+    forecast, said in one line before any model is built."""
+    from diffcache.cli import main
+
+    def no_model(name: str) -> None:
+        raise AssertionError(f"{name} was built")
+
+    monkeypatch.setattr(diffcache, "load_model", no_model)
+
+    args = ["profile", "--model", "flux-tiny-img2img", "--image", files["image"], "--method"]
+    args += ["hyca", "--steps", "10", "--strength", "0.3", "--out", str(tmp_path / "p.yaml")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "diffcache: error: hyca: this request denoises 3 of its 10 scheduled steps; "
+        "options.warmup_steps: 3 warm-up steps cover all 3 steps, so nothing is forecast; "
+        "use fewer"
+    ), err
