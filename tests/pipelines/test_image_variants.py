@@ -282,3 +282,34 @@ def test_cli_profile_refuses_a_warm_up_longer_than_the_steps_strength_runs(
         "options.warmup_steps: 3 warm-up steps cover all 3 steps, so nothing is forecast; "
         "use fewer"
     ), err
+
+
+def test_ertacache_profiled_on_the_steps_strength_runs_follows_its_plan(
+    files: dict[str, str],
+) -> None:
+    """ERTACache profiled at steps 10, strength 0.6 (6 steps run) with time adjustment: the
+    plan runs that request, reusing exactly its planned steps; the flow times of the steps run
+    are adjusted (the first, where the input is noised, is not) and no time outside them."""
+    pipe = load_model("flux-tiny-img2img")
+    req = _request("flux-tiny-img2img", files, steps=10, strength=0.6)
+    plan = diffcache.profile(pipe, "ertacache", ["a red cat"], request=req, target_compute=0.5)
+    reused = plan.provenance["measured"]["reuse_steps"]
+    assert plan.valid_for["num_inference_steps"] == 6 and plan.options["time_adjust"] and reused
+    target = Target.resolve(find_adapter(pipe), pipe)
+    counter = Counter(pipe.transformer, [s.module for s in target.sites("block")])
+    try:
+        plain = _run(pipe, req)
+        seen_plain, counter.timesteps = counter.timesteps, []
+        diffcache.accelerate(pipe, plan)
+        try:
+            out = _run(pipe, req)
+            s = diffcache.stats(pipe)
+        finally:
+            diffcache.remove(pipe)
+        seen = counter.timesteps
+    finally:
+        counter.close()
+    assert s.steps == 6 and [i for i, c in enumerate(s.per_step()) if c == 0] == reused
+    assert len(seen) == 6 and seen[0] == seen_plain[0] and seen != seen_plain
+    assert all(t <= seen_plain[0] for t in seen) and np.isfinite(out).all()
+    assert np.array_equal(_run(pipe, req), plain)
