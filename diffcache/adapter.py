@@ -112,8 +112,7 @@ class Adapter:
             (declared with ``output``).
         kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
         base: a pipeline variant's family (``flux`` for ``flux-img2img``): its plans serve too.
-        steps_run: the denoising steps a request's values run, where that is not its step count
-            (img2img ``strength`` runs the tail of the schedule); plans count those.
+        steps_run: the steps a request's values denoise, if not its count (img2img strength).
     """
 
     name: str
