@@ -112,7 +112,9 @@ class Adapter:
             (declared with ``output``).
         kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
         family: the family whose plans it takes (``model:`` in plan files); a pipeline variant
-            (image-to-video, video-to-video) takes its base family's plans. Empty: ``name``.
+            (img2img, inpaint, image-to-video, video-to-video) takes its base family's plans.
+            Empty: ``name``.
+        steps_run: the steps a request's values denoise, if not its count (``strength``).
     """
 
     name: str
@@ -135,6 +137,7 @@ class Adapter:
     seed_arg: str = ""
     kv: KVSeam | None = None
     family: str = ""
+    steps_run: Callable[[Mapping[str, Any]], int | None] | None = None
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -155,11 +158,13 @@ class Adapter:
         object.__setattr__(self, "call_args", MappingProxyType(dict(self.call_args)))
         object.__setattr__(self, "family", self.family or self.name)
 
-    def variant(self, name: str, pipelines: tuple[str, ...], fields: tuple[Field, ...]) -> Adapter:
-        """The same family run by other pipeline classes taking other request fields (an
-        image-to-video or video-to-video pipeline): same denoisers' sites, same plans; bare
-        denoisers stay matched by this adapter."""
-        return replace(self, name=name, pipelines=pipelines, denoisers=(), fields=fields)
+    def variant(
+        self, name: str, pipelines: tuple[str, ...], fields: tuple[Field, ...], **changes: Any
+    ) -> Adapter:
+        """The same family run by other pipeline classes taking other request fields (img2img,
+        image-to-video ...): same denoisers' sites, same plans; bare denoisers stay matched by
+        this adapter. ``changes``: other fields that differ (``steps_run``)."""
+        return replace(self, name=name, pipelines=pipelines, denoisers=(), fields=fields, **changes)
 
     def matches(self, obj: Any) -> bool:
         name = type(obj).__name__

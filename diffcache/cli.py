@@ -399,18 +399,26 @@ def _check_seeds(args: argparse.Namespace) -> None:
         )
 
 
-def _check_valid_for(plan: Any, req: Any) -> None:
+def _check_valid_for(plan: Any, req: Any, adapter: Any = None) -> None:
     """Refuse a request outside the plan's ``valid_for`` (the keys a request sets: steps and
-    family keys such as ``gen_length``) before any model is built. With ``--strength`` the
-    pipeline runs only part of its ``--steps`` (how many is the pipeline's rule): the run
-    checks the steps it really runs at its first model call."""
+    family keys such as ``gen_length``) before any model is built. A plan counts the steps a
+    run denoises: with ``strength`` (img2img, video-to-video) those are fewer than ``--steps``,
+    by the family's rule (``Adapter.steps_run``; without one the run checks them at its first
+    model call)."""
     from diffcache.runstate import outside_valid_for
 
+    run = adapter.steps_run(req.values) if adapter is not None and adapter.steps_run else None
     for key, want in plan.valid_for.items():
-        if key == "num_inference_steps" and req.get("strength") is not None:
-            continue
         given = req.get("steps" if key == "num_inference_steps" else key)
-        if given is not None and given != want:
+        if key == "num_inference_steps" and req.get("strength") is not None:
+            if run is not None and run != want:
+                raise DiffCacheError(
+                    f"{plan.name}: the plan is valid for runs of {want} denoising steps "
+                    f"(valid_for.num_inference_steps) but steps {given} at strength "
+                    f"{req.get('strength'):g} run {run}; set --steps and --strength so that "
+                    f"they run {want}, or profile at these"
+                )
+        elif given is not None and given != want:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
 
 
@@ -443,7 +451,7 @@ def _generate(args: argparse.Namespace) -> int:
         plan.check_family(adapter.family, args.model)
         plan.config.check_needs(adapter, f"--plan {args.plan}")
     if plan is not None:
-        _check_valid_for(plan, req)
+        _check_valid_for(plan, req, adapter)
     for flag, path in (("--stats-json", args.stats_json), ("--trace", args.trace)):
         if path:
             check_writable(Path(path), flag)
@@ -512,6 +520,7 @@ def _profile(args: argparse.Namespace) -> int:
     from diffcache.profile import (
         CALIBRATION_INPUT,
         CLI,
+        check_steps_run,
         check_targets,
         resolve_start,
         with_kv_target,
@@ -556,6 +565,7 @@ def _profile(args: argparse.Namespace) -> int:
     if adapter is not None:  # a built-in model: its inputs are known before it is built
         given = f"--method {args.method}" if args.method else f"--from {args.start}"
         start.config.check_needs(adapter, given)
+        check_steps_run(start.config, adapter, req)
         prompts = _profile_inputs(args, adapter, prompts)
     pipe = diffcache.load_model(args.model)
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
@@ -671,7 +681,7 @@ def _eval(args: argparse.Namespace) -> int:
         if adapter is not None:
             c.check_family(adapter, args.model)
         if c.plan is not None:
-            _check_valid_for(c.plan, req)
+            _check_valid_for(c.plan, req, adapter)
     out = _out_dir(args.out)
     report = evaluate(
         args.model,

@@ -357,6 +357,19 @@ def resolve_start(
     return Start(config, plan, published, request_steps)
 
 
+def check_steps_run(config: MethodConfig, adapter: Any, request: Request) -> None:
+    """PlanError if the method's options cannot act on the steps ``request`` denoises, where the
+    family runs fewer than its step count (``Adapter.steps_run``: img2img's strength)."""
+    run = adapter.steps_run(request.values) if adapter.steps_run else None
+    steps = request.get("steps")
+    problems = config.plan_problems({"num_inference_steps": run}) if run != steps else []
+    if run is not None and problems:
+        raise PlanError(
+            f"{config.name}: this request denoises {run} of its {steps} scheduled steps; "
+            + "; ".join(problems)
+        )
+
+
 def kv_history_fraction(s: Any) -> float | None:
     """The history KV a generation held before its last scale (the papers' "KV cache"), as a
     fraction of the plain model's (every row kept: ``diffcache.kv.memory`` on its geometry);
@@ -462,6 +475,7 @@ def profile(
     if entry is not None:
         request = request.merged(entry.defaults)
     config = start.config
+    check_steps_run(config, adapter, request)
     if target_kv is not None:
         config = with_kv_target(config, target_kv)
     target = Target.resolve(adapter, pipe)

@@ -231,16 +231,30 @@ class _ERTACache:
 
     def set_timesteps(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """After every ``set_timesteps``, rewrite the scheduler's sigmas and timesteps in place
-        (the pipeline holds the same tensor) with the adjusted flow times."""
+        (the pipeline holds the same tensor) with the adjusted flow times; a longer schedule
+        that ``set_begin_index`` trims to the plan's steps (img2img strength) is adjusted on the
+        part run, once it is trimmed (the valid_for check refuses a run of another count)."""
         out = call(*args, **kwargs)
-        sigmas, phi = self.scheduler.sigmas, self.sched.phi
-        if len(sigmas) != len(phi) + 1:  # before any step: refused, the model stays accelerated
-            raise self.run.refuse(steps_mismatch(len(phi), len(sigmas) - 1))
-        new = adjusted_sigmas(sigmas, phi)
+        steps, planned = len(self.scheduler.sigmas) - 1, len(self.sched.phi)
+        if steps < planned or (steps > planned and not hasattr(self.scheduler, "set_begin_index")):
+            raise self.run.refuse(steps_mismatch(planned, steps))  # the model stays accelerated
+        if steps == planned:
+            self._adjust(0)
+        return out
+
+    def set_begin_index(self, call: Any, begin_index: int = 0, *args: Any, **kwargs: Any) -> Any:
+        out = call(begin_index, *args, **kwargs)
+        if begin_index and len(self.scheduler.sigmas) - 1 - begin_index == len(self.sched.phi):
+            self._adjust(begin_index)
+        return out
+
+    def _adjust(self, begin: int) -> None:
+        """Adjust the flow times from ``begin`` on (views: the pipeline sees the change)."""
+        sigmas = self.scheduler.sigmas[begin:]
+        new = adjusted_sigmas(sigmas, self.sched.phi)
         sigmas.copy_(new.to(sigmas.dtype))
         times = new[:-1] * self.scheduler.config.num_train_timesteps
-        self.scheduler.timesteps.copy_(times.to(self.scheduler.timesteps.dtype))
-        return out
+        self.scheduler.timesteps[begin:].copy_(times.to(self.scheduler.timesteps.dtype))
 
 
 @register_method(ERTACacheConfig)
@@ -256,7 +270,9 @@ def apply(session: Session, cfg: ERTACacheConfig) -> None:
         )
     handler = _ERTACache(session, sched)
     if cfg.time_adjust and any(f < 1 for f in sched.phi):
-        session.attach(
-            handler.scheduler, "set_timesteps", "diffcache.ertacache", handler.set_timesteps
-        )
+        for name in ("set_timesteps", "set_begin_index"):
+            if hasattr(handler.scheduler, name):
+                session.attach(
+                    handler.scheduler, name, "diffcache.ertacache", getattr(handler, name)
+                )
     session.on_step(handler)

@@ -3,6 +3,7 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -46,11 +47,9 @@ def _image(path: str) -> Any:
 
 
 def _video(path: str) -> Any:
-    """The frames as RGB images: a GIF's first frame is often a palette image and the rest RGB,
-    which the pipelines' video processors cannot stack."""
     from diffusers.utils import load_video
 
-    return load_video(path, convert_method=lambda frames: [f.convert("RGB") for f in frames])
+    return load_video(path)
 
 
 #: inputs of the image-to-image / image-to-video / edit / inpaint variants, read from files
@@ -61,11 +60,38 @@ INPUT_VIDEO = Field("video", str, "input video file (.mp4, .gif)", "video", load
 STRENGTH = Field(
     "strength", float, "how much of the input to repaint (0..1)", "strength", min=0.0, max=1.0
 )
+#: FLUX Kontext scales its output to this many pixels, keeping the height / width aspect ratio
+MAX_AREA = Field(
+    "max_area",
+    int,
+    "output area in pixels (height x width set the aspect)",
+    "max_area",
+    min=16 * 16,
+    max=8192 * 8192,
+)
 
 
 def required(field: Field) -> Field:
-    """``field`` as one a variant's requests must give (the input image of image-to-video)."""
+    """``field`` as a variant that cannot run without it takes it (an img2img pipeline's image)."""
     return replace(field, required=True)
+
+
+def truncated_strength_steps(values: Mapping[str, Any]) -> int | None:
+    """:func:`strength_steps` as the Wan / CogVideoX video-to-video pipelines round it: the last
+    ``int(strength x steps)`` steps."""
+    steps, strength = values.get("steps"), values.get("strength")
+    if steps is None or strength is None:
+        return None
+    return min(int(steps * strength), steps)
+
+
+def strength_steps(values: Mapping[str, Any]) -> int | None:
+    """The steps an img2img / inpaint pipeline runs for a request (``Adapter.steps_run``): the
+    last ``strength`` x ``steps`` of its schedule, rounded as diffusers' ``get_timesteps``."""
+    steps, strength = values.get("steps"), values.get("strength")
+    if steps is None or strength is None:
+        return None
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)

@@ -17,6 +17,7 @@ from diffcache.pipelines._fields import (
     guidance,
     prompt,
     required,
+    truncated_strength_steps,
 )
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
@@ -81,6 +82,7 @@ V2V = register_adapter(
         "cogvideox-v2v",
         ("CogVideoXVideoToVideoPipeline",),
         (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
+        steps_run=truncated_strength_steps,
     )
 )
 

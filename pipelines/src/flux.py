@@ -1,14 +1,27 @@
-"""FLUX.1 text-to-image: adapter and a code-built tiny pipeline with random weights."""
+"""FLUX.1: text-to-image and its img2img / inpaint / Fill / Kontext variants (adapters and
+code-built tiny pipelines with random weights)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import IMAGE, STEPS, guidance, prompt
+from diffcache.pipelines._fields import (
+    IMAGE,
+    INPUT_IMAGE,
+    MASK,
+    MAX_AREA,
+    STEPS,
+    STRENGTH,
+    guidance,
+    prompt,
+    required,
+    strength_steps,
+)
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
-from diffcache.pipelines._tiny import seeded, tiny_clip, tiny_t5
+from diffcache.pipelines._tiny import on_components, seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
+from diffcache.request import Field
 from diffcache.sites import ModuleSite, Stack
 
 # FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
@@ -47,30 +60,57 @@ ADAPTER = register_adapter(
 )
 
 
+def variant(name: str, pipeline: str, *inputs: Field) -> Adapter:
+    """A FLUX pipeline variant: the same transformer and stacks, another pipeline class and its
+    input fields; FLUX plans serve it, and ``strength`` (when it takes one) shortens its run."""
+    return register_adapter(
+        ADAPTER.variant(
+            name,
+            (pipeline,),
+            (prompt(), *inputs, *IMAGE, STEPS, guidance()),
+            steps_run=strength_steps if STRENGTH in inputs else None,
+        )
+    )
+
+
+IMG2IMG = variant("flux-img2img", "FluxImg2ImgPipeline", required(INPUT_IMAGE), STRENGTH)
+INPAINT = variant(
+    "flux-inpaint", "FluxInpaintPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH
+)
+# FLUX.1-Fill: the transformer also reads the masked image's latents and the mask (384 inputs)
+FILL = variant("flux-fill", "FluxFillPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH)
+# FLUX.1-Kontext: the input image's latents join the sequence as more tokens; the pipeline
+# scales its output (and the input image) to about ``max_area`` pixels (default 1024 x 1024)
+KONTEXT = variant("flux-kontext", "FluxKontextPipeline", required(INPUT_IMAGE), MAX_AREA)
+
+
+def _transformer(in_channels: int = 64, out_channels: int | None = None) -> Any:
+    """1 double + 2 single blocks of width 32 (``out_channels`` None: as many as in)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
 def build_tiny(seed: int = 0) -> Any:
     """FluxPipeline: 1 double + 2 single blocks (dim 32), tiny CLIP and T5, tiny 8x VAE."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     with seeded(seed):
         clip_tokenizer, clip = tiny_clip()
         t5_tokenizer, t5 = tiny_t5(model_max_length=512)
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+        transformer = _transformer()
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -102,3 +142,35 @@ def build_tiny(seed: int = 0) -> Any:
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
+
+
+def build_img2img(seed: int = 0) -> Any:
+    """FluxImg2ImgPipeline on flux-tiny's components."""
+    from diffusers import FluxImg2ImgPipeline
+
+    return on_components(FluxImg2ImgPipeline, build_tiny(seed))
+
+
+def build_inpaint(seed: int = 0) -> Any:
+    """FluxInpaintPipeline on flux-tiny's components."""
+    from diffusers import FluxInpaintPipeline
+
+    return on_components(FluxInpaintPipeline, build_tiny(seed))
+
+
+def build_kontext(seed: int = 0) -> Any:
+    """FluxKontextPipeline on flux-tiny's components."""
+    from diffusers import FluxKontextPipeline
+
+    return on_components(FluxKontextPipeline, build_tiny(seed))
+
+
+def build_fill(seed: int = 0) -> Any:
+    """FluxFillPipeline on flux-tiny's components with a transformer that also takes the masked
+    image's 64 packed latent channels and the 8x8 mask's 256 (384 inputs)."""
+    from diffusers import FluxFillPipeline
+
+    pipe = build_tiny(seed)
+    with seeded(seed + 1):
+        transformer = _transformer(in_channels=64 + 64 + 8 * 8 * 4, out_channels=64)
+    return on_components(FluxFillPipeline, pipe, transformer=transformer)

@@ -1,14 +1,32 @@
-"""Qwen-Image text-to-image: adapter and a code-built tiny pipeline with random weights."""
+"""Qwen-Image: text-to-image and its img2img / inpaint / edit variants (adapters and code-built
+tiny pipelines with random weights)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import IMAGE, NEGATIVE_PROMPT, STEPS, guidance, prompt
+from diffcache.pipelines._fields import (
+    IMAGE,
+    INPUT_IMAGE,
+    MASK,
+    NEGATIVE_PROMPT,
+    STEPS,
+    STRENGTH,
+    guidance,
+    prompt,
+    required,
+    strength_steps,
+)
 from diffcache.pipelines._stacks import LATENT_DIT
-from diffcache.pipelines._tiny import seeded, template_prefix_length, word_tokenizer
+from diffcache.pipelines._tiny import (
+    on_components,
+    seeded,
+    template_prefix_length,
+    word_tokenizer,
+)
 from diffcache.registry import register_adapter
+from diffcache.request import Field
 from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 # QwenImagePipeline runs true CFG as two separate transformer calls per step (cond, then
@@ -61,6 +79,25 @@ ADAPTER = register_adapter(
         call_args={"output_type": "np"},
         fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, STEPS, guidance("true_cfg_scale")),
     )
+)
+
+
+def variant(name: str, pipeline: str, *inputs: Field) -> Adapter:
+    """A Qwen-Image pipeline variant: the same transformer and stacks, another pipeline class and
+    its input fields; Qwen-Image plans serve it, and ``strength`` shortens its run."""
+    return register_adapter(
+        ADAPTER.variant(
+            name,
+            (pipeline,),
+            (prompt(), NEGATIVE_PROMPT, *inputs, *IMAGE, STEPS, guidance("true_cfg_scale")),
+            steps_run=strength_steps if STRENGTH in inputs else None,
+        )
+    )
+
+
+IMG2IMG = variant("qwenimage-img2img", "QwenImageImg2ImgPipeline", required(INPUT_IMAGE), STRENGTH)
+INPAINT = variant(
+    "qwenimage-inpaint", "QwenImageInpaintPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH
 )
 
 # Copied from the QwenImagePipeline constructor values (they are instance attributes there).
@@ -180,3 +217,17 @@ def build_tiny(seed: int = 0) -> Any:
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def build_img2img(seed: int = 0) -> Any:
+    """QwenImageImg2ImgPipeline on qwenimage-tiny's components."""
+    from diffusers import QwenImageImg2ImgPipeline
+
+    return on_components(QwenImageImg2ImgPipeline, build_tiny(seed))
+
+
+def build_inpaint(seed: int = 0) -> Any:
+    """QwenImageInpaintPipeline on qwenimage-tiny's components."""
+    from diffusers import QwenImageInpaintPipeline
+
+    return on_components(QwenImageInpaintPipeline, build_tiny(seed))
