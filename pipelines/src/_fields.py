@@ -47,9 +47,11 @@ def _image(path: str) -> Any:
 
 
 def _video(path: str) -> Any:
+    """The frames as RGB images: a GIF's first frame is often a palette image and the rest RGB,
+    which the pipelines' video processors cannot stack."""
     from diffusers.utils import load_video
 
-    return load_video(path)
+    return load_video(path, convert_method=lambda frames: [f.convert("RGB") for f in frames])
 
 
 #: inputs of the image-to-image / image-to-video / edit / inpaint variants, read from files

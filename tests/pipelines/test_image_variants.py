@@ -187,10 +187,11 @@ def test_a_variant_runs_its_base_familys_plans_and_not_anothers() -> None:
     """Plans for flux serve flux-img2img (same transformer); a Qwen-Image plan is refused."""
     from diffcache.registry import adapters
 
-    assert adapters()["flux-img2img"].base == "flux"
-    Plan.load("flux-tiny.yaml").check_family("flux-img2img", "flux-tiny-img2img")
+    family = adapters()["flux-img2img"].family
+    assert family == "flux"
+    Plan.load("flux-tiny.yaml").check_family(family, "flux-tiny-img2img")
     with pytest.raises(PlanError, match="the plan is for 'qwenimage' but flux-tiny-img2img"):
-        Plan.load("qwenimage-tiny.yaml").check_family("flux-img2img", "flux-tiny-img2img")
+        Plan.load("qwenimage-tiny.yaml").check_family(family, "flux-tiny-img2img")
 
 
 def test_strength_steps_follow_diffusers_get_timesteps() -> None:
