@@ -129,6 +129,14 @@ class HACKSelection:
                 f"{budget_structural}; both must be at least 1 row"
             )
         self.classes = table
+        self._by_layer = [  # (class, heads) of each layer's non-empty groups
+            [
+                (c, g)
+                for c in (CONTEXTUAL, STRUCTURAL)
+                if (g := [h for h, x in enumerate(row) if x == c])
+            ]
+            for row in table.tolist()
+        ]
         self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
         self.options = options or HACKOptions()
         self.when = self.options.when
@@ -144,8 +152,8 @@ class HACKSelection:
     ) -> torch.Tensor | None:
         batch, heads, rows, _ = k.shape
         kind = self.group_kind(call.layer, group)
-        budget = self.budgets[kind]
-        if call.si < self.options.start_scale or rows <= budget:
+        budget = self.budget(call, group, rows)
+        if budget is None or rows <= budget:
             return None
         positions = self._row_positions(call, k)
         mandatory = self._mandatory(call, kind, positions)
@@ -161,6 +169,13 @@ class HACKSelection:
         else:
             keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         return keep
+
+    def budget(self, call: ScaleCall, group: int, length: int) -> int | None:
+        """Rows ``group`` keeps at most after this call: its head class's budget; None (no
+        compression) before ``start_scale``."""
+        if call.si < self.options.start_scale:
+            return None
+        return self.budgets[self.group_kind(call.layer, group)]
 
     # -- the merge at the last scale ---------------------------------------------------------
 
@@ -228,9 +243,7 @@ class HACKSelection:
                 f"hack: layer {layer} with {heads} heads is outside the head classes "
                 f"{tuple(self.classes.shape)} (layers x heads)"
             )
-        row = self.classes[layer].tolist()
-        out = [(c, [h for h in range(heads) if row[h] == c]) for c in (CONTEXTUAL, STRUCTURAL)]
-        return [(c, g) for c, g in out if g]
+        return self._by_layer[layer]
 
     def _row_positions(self, call: ScaleCall, k: torch.Tensor) -> torch.Tensor:
         """The generation positions of ``k``'s rows, as the store hands them over

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from diffcache.errors import PlanError
+from diffcache.kernels import Backend, pick, window_scores
+from diffcache.kernels.window_scores import SPEC as WINDOW_SCORES
 from diffcache.kv.history import ScaleCall
 
 
@@ -100,6 +102,32 @@ def window_softmax(
     scores = probs.sum(dim=2)
     scores[..., window] = 0.0
     return scores
+
+
+def pooled_window_scores(
+    call: ScaleCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    window: torch.Tensor,
+    scale: float,
+    softmax: bool,
+    pool: str,
+    kernel: int,
+) -> torch.Tensor:
+    """What a window selection ranks: :func:`window_softmax` (``softmax``) or
+    :func:`window_logits`, then :func:`pool1d`; or, where the plan's backend
+    (``call.kernels``) runs Triton on these tensors, the fused
+    :func:`diffcache.kernels.window_scores`, which scores alike (only the window's own rows,
+    which :func:`topk_with_mandatory` masks anyway, may differ: the kernel sets them to −inf)."""
+    window = window.to(k.device)
+    if pick(WINDOW_SCORES, call.kernels, q, k, window) is Backend.TRITON:
+        return window_scores(
+            q, k, window, scale, softmax, pool, kernel, backend="triton", record=call.record
+        )
+    if call.record is not None:
+        call.record[WINDOW_SCORES.name] = Backend.TORCH.value
+    scorer = window_softmax if softmax else window_logits
+    return pool1d(scorer(q, k, window, scale), pool, kernel)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

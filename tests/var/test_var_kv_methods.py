@@ -86,7 +86,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, list[int], int
                 call.layer,
                 self.groups[call.layer][g],
                 attended,
-                self.k[call.layer][g].shape[2],
+                self.held(call.layer, g)[0].shape[2],
             )
         )
         return out
