@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from diffcache.kernels import kv_compact
 from diffcache.kv.history import ScaleCall, Selection, attention
@@ -38,7 +39,7 @@ from diffcache.kv.history import ScaleCall, Selection, attention
 def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | None) -> None:
     """Raise ValueError unless ``keep`` is ``[B, Hg, m]`` int64, strictly increasing, in
     ``[0, L)`` and ``m`` is within ``budget`` (``shape`` = ``(B, Hg, L)``); one host
-    synchronisation (sorted rows lie in range when their first and last do)."""
+    synchronisation."""
     b, hg, length = shape
     if keep.dtype != torch.int64 or keep.dim() != 3 or tuple(keep.shape[:2]) != (b, hg):
         raise ValueError(
@@ -47,12 +48,9 @@ def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | No
     m = keep.shape[-1]
     if budget is not None and m > budget:
         raise ValueError(f"the selection kept {m} rows, more than its budget of {budget}")
-    if not m:
-        return
-    ok = (keep[..., 0] >= 0).all() & (keep[..., -1] < length).all()
-    if m > 1:
-        ok &= (keep.diff(dim=-1) > 0).all()
-    if not bool(ok):
+    # sorted, unique and in range <=> every step of -1, keep..., length is positive
+    steps = F.pad(F.pad(keep, (1, 0), value=-1), (0, 1), value=length).diff(dim=-1)
+    if m and not bool((steps > 0).all()):
         if int(keep.min()) < 0 or int(keep.max()) >= length:
             raise ValueError(
                 f"kept indices must lie in [0, {length}), got [{keep.min()}, {keep.max()}]"

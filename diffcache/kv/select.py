@@ -70,7 +70,9 @@ def _window_queries(q: torch.Tensor, window: torch.Tensor, length: int) -> torch
     """The queries of the window rows that belong to the current map (``q`` holds its ``n``
     rows, the last ``n`` of the cache); rows of earlier maps have no query at this scale."""
     local = window - (length - q.shape[2])
-    return q[:, :, local[local >= 0]]
+    if int(local.min()) < 0:  # a window longer than the map
+        local = local[local >= 0]
+    return q.index_select(2, local.to(q.device))
 
 
 def _score_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -86,7 +88,7 @@ def window_logits(
     dt = _score_dtype(q, k)
     qw = _window_queries(q, window, k.shape[2]).to(dt)
     logits = torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale
-    logits[..., window] = float("-inf")
+    logits.index_fill_(-1, window.to(logits.device), float("-inf"))
     return logits.sum(dim=2)
 
 
@@ -99,9 +101,7 @@ def window_softmax(
     dt = _score_dtype(q, k)
     qw = _window_queries(q, window, k.shape[2]).to(dt)
     probs = torch.softmax(torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale, dim=-1)
-    scores = probs.sum(dim=2)
-    scores[..., window] = 0.0
-    return scores
+    return probs.sum(dim=2).index_fill_(-1, window.to(probs.device), 0.0)
 
 
 def pooled_window_scores(
@@ -179,10 +179,10 @@ def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: i
         raise PlanError(
             f"budget of {budget} rows is below the {len(mandatory)} rows that must be kept"
         )
-    masked = scores.clone()
-    masked[..., mandatory] = float("-inf")
+    mandatory = mandatory.to(scores.device)
+    masked = scores.index_fill(-1, mandatory, float("-inf"))
     rest = masked.topk(min(budget, length) - len(mandatory), dim=-1).indices
-    fixed = mandatory.to(rest.device).expand(*rest.shape[:-1], len(mandatory))
+    fixed = mandatory.expand(*rest.shape[:-1], len(mandatory))
     return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
 
 
