@@ -9,10 +9,11 @@ history and the selection is asked which rows to keep:
   are what the next scale sees;
 - ``when="pre"`` (HACK as reconstructed): compact first, then attend over the kept rows.
 
-A selection may also offer ``merge(call, group, k, v, keep) -> (k, v)`` (LOOK-M style: evicted
-rows folded into kept ones); the store then uses it instead of the plain gather. A selection may
-offer ``budget(call, group, length) -> int | None``: the store then checks it never keeps more,
-and sizes the group's buffers by it.
+A selection may also offer ``merge(call, group, k, v, keep) -> (k, v) | None`` (LOOK-M style:
+evicted rows folded into kept ones); the store then uses what it returns instead of the plain
+compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
+selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
+never keeps more, and sizes the group's buffers by it.
 
 Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
 group's first call for the most rows it will hold at once (its budget plus the current map, by
@@ -209,8 +210,9 @@ class BudgetedHistory:
         budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
         check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
         merge = getattr(self.selection, "merge", None)
-        if merge is not None:
-            k2, v2 = merge(call, g, k, v, keep)
+        merged = None if merge is None else merge(call, g, k, v, keep)
+        if merged is not None:
+            k2, v2 = merged
             want = (*keep.shape, k.shape[-1])
             if tuple(k2.shape) != want or tuple(v2.shape) != want:
                 raise ValueError(f"merge must return K and V of shape {list(want)}")

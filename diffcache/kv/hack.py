@@ -181,15 +181,15 @@ class HACKSelection:
 
     def merge(
         self, call: ScaleCall, group: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept rows ``keep`` of ``k``/``v``, with the evicted rows merged into them where
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept rows ``keep`` of ``k``/``v`` with the evicted rows merged into them where
         the merge applies (:meth:`merges`): each evicted row is averaged, K and V alike, into
-        the kept row whose key is most cosine-similar to its key (LOOK-M pivot). A store calls
-        it, where the selection has it, in place of its plain gather of the kept rows."""
+        the kept row whose key is most cosine-similar to its key (LOOK-M pivot); None where it
+        does not apply or nothing is evicted (the store compacts the kept rows itself)."""
+        if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
+            return None
         d = k.shape[-1]
         kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
-        if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
-            return kept_k, kept_v
         evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
         evicted.scatter_(2, keep, False)
         gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
