@@ -97,12 +97,13 @@ def cases(small: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
     var_m = var_total // 10
     scores = torch.rand(var_b, var_h, var_total, generator=g, device=device)
     keep = scores.argsort(dim=-1)[..., :var_m].sort(dim=-1).values  # a random subset per head
-    # the scale's 16 window queries (bf16, as the model projects them) score every fp32 key;
-    # the window: the 4x4 patch centroids of the new map (research/var.md §2.1.3)
+    # the scale's 16 window queries (bf16, as the model projects them; picked from the new map's
+    # queries) score every fp32 key; the window: the 4x4 patch centroids of the new map
+    # (research/var.md §2.1.3)
     side = round(var_new**0.5)
     axis = torch.arange(4, device=device) * (side // 4) + (side // 4 - 1) // 2
     window = var_old + (axis[:, None] * side + axis[None, :]).flatten()
-    var_q = randn(var_b, var_h, window.numel(), var_d)
+    var_q = randn(var_b, var_h, var_new, var_d)
     var_keys = torch.cat((hist_k, new_k), dim=2)
     win_scale = var_d**-0.5
     infinity = f"Infinity-2B: {var_b}x{var_h} heads, {var_old} + {var_new} rows of {var_d}"
@@ -143,11 +144,11 @@ def cases(small: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
             hist_k, hist_v, new_k, new_v, keep, backend=b), 2 * kept_rows + _bytes(keep)),
         Case("window_scores", f"ScaleKV released (logits, max 5): {infinity}",
              lambda b: kernels.window_scores(var_q, var_keys, window, win_scale, backend=b),
-             _bytes(var_q, var_keys, window) + 4 * var_keys[..., 0].numel()),
+             _bytes(var_q[:, :, :16], var_keys, window) + 4 * var_keys[..., 0].numel()),
         Case("window_scores softmax", f"ScaleKV paper (softmax, avg 5): {infinity}",
              lambda b: kernels.window_scores(var_q, var_keys, window, win_scale, True, "avg",
                                              backend=b),
-             _bytes(var_q, var_keys, window) + 4 * var_keys[..., 0].numel()),
+             _bytes(var_q[:, :, :16], var_keys, window) + 4 * var_keys[..., 0].numel()),
         Case("token_confidence", f"logits {block} x {vocab}",
              lambda b: kernels.token_confidence(logits, backend=b), _bytes(logits)),
         Case("sampler (float64 -> fused)", f"LLaDA low_confidence, {block} x {vocab}",

@@ -29,12 +29,11 @@ from diffcache.kv.history import ScaleCall, Schedule
 from diffcache.kv.select import (
     accumulated_attention,
     last_rows,
-    pool1d,
+    pooled_window_scores,
     positional,
     recent,
     sinks,
     topk_with_mandatory,
-    window_softmax,
 )
 
 
@@ -128,7 +127,7 @@ class SnapKVSelection(UniformSelection):
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, budget: int
     ) -> torch.Tensor:
         window = last_rows(k.shape[2], self.window)
-        scores = pool1d(window_softmax(q, k, window, call.scale), "avg", self.kernel)
+        scores = pooled_window_scores(call, q, k, window, call.scale, True, "avg", self.kernel)
         return topk_with_mandatory(scores, window, budget)
 
 

@@ -2,20 +2,28 @@
 
 Each layer's heads are split into the groups its :class:`~diffcache.kv.history.Selection` names;
 a group is a dense ``[B, Hg, L, d]`` K and V (one row count for the whole group), so attention is
-one plain SDPA call per group. At every scale the store concatenates the group's history with the
-new map's rows and asks the selection which rows to keep:
+one plain SDPA call per group. At every scale the new map's rows are written after the group's
+history and the selection is asked which rows to keep:
 
 - ``when="post"`` (ScaleKV): attend over history + new rows, then compact to the kept rows, which
   are what the next scale sees;
 - ``when="pre"`` (HACK as reconstructed): compact first, then attend over the kept rows.
 
-A selection may also offer ``merge(call, group, k, v, keep) -> (k, v)`` (LOOK-M style: evicted
-rows folded into kept ones); the store then uses it instead of the plain gather. A selection may
-offer ``budget(call, group, length) -> int | None``: the store then checks it never keeps more.
+A selection may also offer ``merge(call, group, k, v, keep) -> (k, v) | None`` (LOOK-M style:
+evicted rows folded into kept ones); the store then uses what it returns instead of the plain
+compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
+selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
+never keeps more, and sizes the group's buffers by it.
 
-K and V keep the dtypes the model hands over (cosine attention: K fp32 next to 16-bit V). The
-store is contiguous (``torch.cat`` then ``torch.gather``): with one group of all heads in order
-and nothing evicted it is bit-exact with :class:`~diffcache.kv.history.FullHistory`.
+Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
+group's first call for the most rows it will hold at once (its budget plus the current map, by
+walking ``budget`` over the schedule; the whole schedule without ``budget``); the new map's rows
+are written after the history and the kept rows compacted to the front with
+:func:`diffcache.kernels.kv_compact` (the plan's ``kernels:`` backend: its torch reference on a
+CPU, the Triton kernel on CUDA), so no scale concatenates the whole history. K and V keep the
+dtypes the model hands over (cosine attention: K fp32 next to 16-bit V). Bytes count the rows
+held, not the buffers' spare room. With one group of all heads in order and nothing evicted it is
+bit-exact with :class:`~diffcache.kv.history.FullHistory`.
 """
 
 from __future__ import annotations
@@ -23,17 +31,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
+from diffcache.kernels import kv_compact
 from diffcache.kv.history import ScaleCall, Selection, attention
-
-
-def _nbytes(*ts: torch.Tensor) -> int:
-    return sum(t.nelement() * t.element_size() for t in ts)
 
 
 def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | None) -> None:
     """Raise ValueError unless ``keep`` is ``[B, Hg, m]`` int64, strictly increasing, in
-    ``[0, L)`` and ``m`` is within ``budget`` (``shape`` = ``(B, Hg, L)``)."""
+    ``[0, L)`` and ``m`` is within ``budget`` (``shape`` = ``(B, Hg, L)``); one host
+    synchronisation."""
     b, hg, length = shape
     if keep.dtype != torch.int64 or keep.dim() != 3 or tuple(keep.shape[:2]) != (b, hg):
         raise ValueError(
@@ -42,45 +49,104 @@ def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | No
     m = keep.shape[-1]
     if budget is not None and m > budget:
         raise ValueError(f"the selection kept {m} rows, more than its budget of {budget}")
-    if m and (int(keep.min()) < 0 or int(keep.max()) >= length):
-        raise ValueError(
-            f"kept indices must lie in [0, {length}), got [{keep.min()}, {keep.max()}]"
-        )
-    if m > 1 and not bool((keep.diff(dim=-1) > 0).all()):
+    # sorted, unique and in range <=> every step of -1, keep..., length is positive
+    steps = F.pad(F.pad(keep, (1, 0), value=-1), (0, 1), value=length).diff(dim=-1)
+    if m and not bool((steps > 0).all()):
+        if int(keep.min()) < 0 or int(keep.max()) >= length:
+            raise ValueError(
+                f"kept indices must lie in [0, {length}), got [{keep.min()}, {keep.max()}]"
+            )
         raise ValueError("kept indices must be sorted ascending and unique per (row, head)")
 
 
-def gather_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The rows ``keep`` ``[B, Hg, m]`` of ``t`` ``[B, Hg, L, d]``, in order (contiguous)."""
-    return torch.gather(t, 2, keep.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+def capacity(selection: Selection, call: ScaleCall, group: int) -> int:
+    """The most rows ``group`` of ``call.layer`` holds at once over ``call.schedule``: its
+    history plus the current map at each scale, the history cut to the selection's ``budget``
+    where it offers one (the whole schedule where it does not)."""
+    budget_of = getattr(selection, "budget", None)
+    schedule = call.schedule
+    if budget_of is None:
+        return schedule.total
+    held = most = 0
+    for si in range(len(schedule)):
+        total = held + schedule.tokens(si)
+        most = max(most, total)
+        budget = budget_of(dataclasses.replace(call, si=si), group, total)
+        held = total if budget is None else min(budget, total)
+    return most
+
+
+class _Rows:
+    """One head group's rows of one layer: K, V ``[B, Hg, capacity, d]`` and their generation
+    positions ``[B, Hg, capacity]``; the first :attr:`length` rows are held, in cache order."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: int) -> None:
+        b, hg, _, d = k.shape
+        self.k = k.new_empty(b, hg, rows, d)
+        self.v = v.new_empty(b, hg, rows, d)
+        self.pos = torch.empty(b, hg, rows, dtype=torch.int64, device=k.device)
+        self.length = 0
+        self.row_bytes = b * hg * d * (k.element_size() + v.element_size())
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Write the new map's rows (generation positions from ``start``) after the history,
+        growing the buffers if a selection keeps more than it said."""
+        old, n = self.length, k.shape[2]
+        if old + n > self.k.shape[2]:
+            grown = _Rows(self.k, self.v, old + n)
+            for mine, theirs in ((grown.k, self.k), (grown.v, self.v), (grown.pos, self.pos)):
+                mine[:, :, :old] = theirs[:, :, :old]
+            self.k, self.v, self.pos = grown.k, grown.v, grown.pos
+        self.k[:, :, old : old + n] = k
+        self.v[:, :, old : old + n] = v
+        self.pos[:, :, old : old + n] = torch.arange(start, start + n, device=self.pos.device)
+        self.length = old + n
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the held K, V and positions."""
+        n = self.length
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
+
+    def keep_rows(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
+    ) -> None:
+        """Hold K/V rows ``k``/``v`` ``[B, Hg, m, d]`` at the positions ``pos`` of ``keep``."""
+        m = keep.shape[-1]
+        self.k[:, :, :m] = k
+        self.v[:, :, :m] = v
+        self.pos[:, :, :m] = pos.gather(2, keep)
+        self.length = m
 
 
 class BudgetedHistory:
     """A :class:`~diffcache.kv.history.History` that keeps, per layer and head group, the rows its
-        selection chooses.
+    selection chooses.
 
-        Bytes are the store's own measurement: :meth:`nbytes` (held now), :meth:`history_nbytes`
-        (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
-        group being processed at its transient history + new rows) and :attr:`scale_history`, the
-        history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
-        of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
-    attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the store
-    owns them). One store serves one generation."""
+    Bytes are the store's own measurement: :meth:`nbytes` (held now), :meth:`history_nbytes`
+    (rows held for later scales), :meth:`peak_nbytes` (the most held at once, counting the layer
+    group being processed at its transient history + new rows) and :attr:`scale_history`, the
+    history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
+    of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
+    attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the
+    store owns them) and the plan's kernel backend in ``ScaleCall.kernels``; ``kernels`` runs
+    the compaction (:attr:`kernel_record` names the backend each op used). One store serves one
+    generation."""
 
-    def __init__(self, selection: Selection) -> None:
+    def __init__(self, selection: Selection, kernels: str = "auto") -> None:
         if selection.when not in ("pre", "post"):
             raise ValueError(f"selection.when must be 'pre' or 'post', got {selection.when!r}")
         self.selection = selection
+        self.kernels = kernels
+        self.kernel_record: dict[str, str] = {}
         self.groups: dict[int, list[list[int]]] = {}
-        self.k: dict[int, list[torch.Tensor | None]] = {}
-        self.v: dict[int, list[torch.Tensor | None]] = {}
-        self.pos: dict[int, list[torch.Tensor | None]] = {}
+        self.slices: dict[int, list[slice | torch.Tensor]] = {}
+        self.rows: dict[int, list[_Rows | None]] = {}
         self.scale_history: dict[int, int] = {}
         self.pairs = 0  # (query row, key row) pairs attended, summed over batch rows and heads
         self._held = 0
         self._peak = 0
 
-    def _layer_groups(self, layer: int, heads: int) -> list[list[int]]:
+    def _layer_groups(self, layer: int, heads: int, device: torch.device) -> list[list[int]]:
         if layer not in self.groups:
             groups = [list(g) for g in self.selection.groups(layer, heads)]
             if sorted(h for g in groups for h in g) != list(range(heads)) or not all(groups):
@@ -89,25 +155,23 @@ class BudgetedHistory:
                     f"got {groups}"
                 )
             self.groups[layer] = groups
-            self.k[layer] = [None] * len(groups)
-            self.v[layer] = [None] * len(groups)
-            self.pos[layer] = [None] * len(groups)
+            self.slices[layer] = [_heads(ids, device) for ids in groups]
+            self.rows[layer] = [None] * len(groups)
         return self.groups[layer]
 
     def attend(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         self.scale_history.setdefault(call.si, self.history_nbytes())
-        heads = q.shape[1]
-        groups = self._layer_groups(call.layer, heads)
-        whole = len(groups) == 1 and groups[0] == list(range(heads))
+        groups = self._layer_groups(call.layer, q.shape[1], q.device)
+        if self.slices[call.layer] == [slice(0, q.shape[1])]:
+            return self._attend_group(call, 0, q, k, v)
         outs = []
-        for g, ids in enumerate(groups):
-            idx = torch.tensor(ids, device=q.device)
-            qg, kg, vg = (q, k, v) if whole else (t.index_select(1, idx) for t in (q, k, v))
+        for g, heads in enumerate(self.slices[call.layer]):
+            qg, kg, vg = (_select(t, heads) for t in (q, k, v))
             outs.append(self._attend_group(call, g, qg, kg, vg))
-        if whole:
-            return outs[0]
+        if [h for ids in groups for h in ids] == list(range(q.shape[1])):
+            return torch.cat(outs, dim=1)  # the groups hold the heads in order
         out = torch.empty_like(q)
         for ids, og in zip(groups, outs, strict=True):
             out[:, ids] = og
@@ -116,55 +180,62 @@ class BudgetedHistory:
     def _attend_group(
         self, call: ScaleCall, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        layer, start = call.layer, call.schedule.start(call.si)
-        pos = torch.arange(start, start + k.shape[2], device=k.device).expand(*k.shape[:3])
-        old_k, old_v, old_pos = self.k[layer][g], self.v[layer][g], self.pos[layer][g]
-        if old_k is not None and old_v is not None and old_pos is not None:
-            self._held -= _nbytes(old_k, old_v)
-            k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
-            pos = torch.cat((old_pos, pos), dim=2)
-        self._peak = max(self._peak, self._held + _nbytes(k, v))
-        call = dataclasses.replace(call, positions=pos)
+        rows = self.rows[call.layer][g]
+        if rows is None:
+            rows = _Rows(k, v, capacity(self.selection, call, g))
+            self.rows[call.layer][g] = rows
+        rows.append(k, v, call.schedule.start(call.si))
+        self._held += k.shape[2] * rows.row_bytes
+        self._peak = max(self._peak, self._held)
+        self._held -= rows.length * rows.row_bytes
+        call = dataclasses.replace(
+            call, positions=rows.held()[2], kernels=self.kernels, record=self.kernel_record
+        )
         if self.selection.when == "pre":
-            k, v, pos = self._compact(call, g, q, k, v, pos)
-        self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-        out = attention(q, k, v, call.scale)
+            self._compact(call, g, q, rows)
+        hk, hv, _ = rows.held()
+        self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
+        out = attention(q, hk, hv, call.scale)
         if self.selection.when == "post":
-            k, v, pos = self._compact(call, g, q, k, v, pos)
-        self.k[layer][g], self.v[layer][g], self.pos[layer][g] = k, v, pos
-        self._held += _nbytes(k, v)
+            self._compact(call, g, q, rows)
+        self._held += rows.length * rows.row_bytes
         return out
 
-    def _compact(
-        self,
-        call: ScaleCall,
-        g: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _compact(self, call: ScaleCall, g: int, q: torch.Tensor, rows: _Rows) -> None:
+        k, v, pos = rows.held()
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
-            return k, v, pos
+            return
         budget_of = getattr(self.selection, "budget", None)
         budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
         check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
         merge = getattr(self.selection, "merge", None)
-        if merge is not None:
-            k2, v2 = merge(call, g, k, v, keep)
+        merged = None if merge is None else merge(call, g, k, v, keep)
+        if merged is not None:
+            k2, v2 = merged
             want = (*keep.shape, k.shape[-1])
             if tuple(k2.shape) != want or tuple(v2.shape) != want:
                 raise ValueError(f"merge must return K and V of shape {list(want)}")
-            return k2, v2, pos.gather(2, keep)
-        return gather_rows(k, keep), gather_rows(v, keep), pos.gather(2, keep)
+        else:
+            empty = k[:, :, :0]
+            k2, v2 = kv_compact(
+                k, v, empty, v[:, :, :0], keep, backend=self.kernels, record=self.kernel_record
+            )
+        rows.keep_rows(k2, v2, pos, keep)
+
+    def held(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V rows ``group`` of ``layer`` holds, ``[B, Hg, L, d]`` (views)."""
+        rows = self.rows[layer][group]
+        assert rows is not None, f"layer {layer} group {group} holds no rows yet"
+        k, v, _ = rows.held()
+        return k, v
 
     def positions(self, layer: int, group: int) -> torch.Tensor:
         """The generation positions of the rows ``group`` of ``layer`` holds, ``[B, Hg, L]``
         (the schedule maps them to a scale and ``(y, x)``); bookkeeping, not in the bytes."""
-        pos = self.pos[layer][group]
-        assert pos is not None, f"layer {layer} group {group} holds no rows yet"
-        return pos
+        rows = self.rows[layer][group]
+        assert rows is not None, f"layer {layer} group {group} holds no rows yet"
+        return rows.held()[2]
 
     def nbytes(self) -> int:
         return self._held
@@ -174,3 +245,14 @@ class BudgetedHistory:
 
     def peak_nbytes(self) -> int:
         return self._peak
+
+
+def _heads(ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A group's heads as a slice where they are consecutive (a view), else an index tensor."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return torch.tensor(ids, device=device)
+
+
+def _select(t: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+    return t[:, heads] if isinstance(heads, slice) else t.index_select(1, heads)

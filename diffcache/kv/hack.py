@@ -129,6 +129,14 @@ class HACKSelection:
                 f"{budget_structural}; both must be at least 1 row"
             )
         self.classes = table
+        self._by_layer = [  # (class, heads) of each layer's non-empty groups
+            [
+                (c, g)
+                for c in (CONTEXTUAL, STRUCTURAL)
+                if (g := [h for h, x in enumerate(row) if x == c])
+            ]
+            for row in table.tolist()
+        ]
         self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
         self.options = options or HACKOptions()
         self.when = self.options.when
@@ -144,8 +152,8 @@ class HACKSelection:
     ) -> torch.Tensor | None:
         batch, heads, rows, _ = k.shape
         kind = self.group_kind(call.layer, group)
-        budget = self.budgets[kind]
-        if call.si < self.options.start_scale or rows <= budget:
+        budget = self.budget(call, group, rows)
+        if budget is None or rows <= budget:
             return None
         positions = self._row_positions(call, k)
         mandatory = self._mandatory(call, kind, positions)
@@ -162,19 +170,26 @@ class HACKSelection:
             keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         return keep
 
+    def budget(self, call: ScaleCall, group: int, length: int) -> int | None:
+        """Rows ``group`` keeps at most after this call: its head class's budget; None (no
+        compression) before ``start_scale``."""
+        if call.si < self.options.start_scale:
+            return None
+        return self.budgets[self.group_kind(call.layer, group)]
+
     # -- the merge at the last scale ---------------------------------------------------------
 
     def merge(
         self, call: ScaleCall, group: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept rows ``keep`` of ``k``/``v``, with the evicted rows merged into them where
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept rows ``keep`` of ``k``/``v`` with the evicted rows merged into them where
         the merge applies (:meth:`merges`): each evicted row is averaged, K and V alike, into
-        the kept row whose key is most cosine-similar to its key (LOOK-M pivot). A store calls
-        it, where the selection has it, in place of its plain gather of the kept rows."""
+        the kept row whose key is most cosine-similar to its key (LOOK-M pivot); None where it
+        does not apply or nothing is evicted (the store compacts the kept rows itself)."""
+        if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
+            return None
         d = k.shape[-1]
         kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
-        if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
-            return kept_k, kept_v
         evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
         evicted.scatter_(2, keep, False)
         gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
@@ -228,9 +243,7 @@ class HACKSelection:
                 f"hack: layer {layer} with {heads} heads is outside the head classes "
                 f"{tuple(self.classes.shape)} (layers x heads)"
             )
-        row = self.classes[layer].tolist()
-        out = [(c, [h for h in range(heads) if row[h] == c]) for c in (CONTEXTUAL, STRUCTURAL)]
-        return [(c, g) for c, g in out if g]
+        return self._by_layer[layer]
 
     def _row_positions(self, call: ScaleCall, k: torch.Tensor) -> torch.Tensor:
         """The generation positions of ``k``'s rows, as the store hands them over

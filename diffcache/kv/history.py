@@ -92,6 +92,9 @@ class ScaleCall:
         positions: set by a budgeted store for its selection (the model leaves it None): the
             generation position of each row of the ``k`` the selection is handed,
             ``[B, Hg, L]`` (the group's kept history, then the new map); the store owns them.
+        kernels: set by a budgeted store: the plan's kernel backend (``auto | torch | triton``)
+            for the selection's scoring ops, and ``record``, where they note the backend that
+            ran (``record[op] = "torch" | "triton"``).
     """
 
     layer: int
@@ -101,6 +104,8 @@ class ScaleCall:
     scale: float = 1.0
     raw_query: Callable[[], torch.Tensor] | None = None
     positions: torch.Tensor | None = None
+    kernels: str = "auto"
+    record: dict[str, str] | None = None
 
 
 @runtime_checkable

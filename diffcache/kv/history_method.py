@@ -91,6 +91,7 @@ class MeteredHistory:
         stats.kv_history_bytes = [self.store.scale_history.get(si, 0) for si in range(scales)]
         stats.kv_bytes_peak = self.store.peak_nbytes()
         stats.kv_geometry = dict(self.geometry)
+        stats.kernels.update(self.store.kernel_record)
 
 
 class _Generations:
@@ -99,11 +100,12 @@ class _Generations:
     def __init__(
         self, session: Session, factory: Callable[[], Selection], check: Callable[[Schedule], None]
     ) -> None:
-        self.run, self.factory, self.check = session.run, factory, check
+        self.session, self.run, self.factory, self.check = session, session.run, factory, check
         self.store: MeteredHistory | None = None
 
     def new_store(self, inner: Callable, *args: Any, **kwargs: Any) -> MeteredHistory:
-        self.store = MeteredHistory(BudgetedHistory(self.factory()), self.run, self.check)
+        store = BudgetedHistory(self.factory(), self.session.kernels)
+        self.store = MeteredHistory(store, self.run, self.check)
         return self.store
 
     def end_run(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -39,10 +39,8 @@ from diffcache.kv.scalekv_budgets import ScaleKVBudgets
 from diffcache.kv.select import (
     after_length_exceeds,
     centroid_window,
-    pool1d,
+    pooled_window_scores,
     topk_with_mandatory,
-    window_logits,
-    window_softmax,
 )
 
 
@@ -120,7 +118,8 @@ class ScaleKVSelection:
         if self.variant == "released":
             if call.raw_query is None:
                 raise PlanError("ScaleKV variant 'released' needs the model's re-projected query")
-            scores = window_logits(call.raw_query(), k, window, 1 / math.sqrt(k.shape[-1]))
+            q, scale, softmax = call.raw_query(), 1 / math.sqrt(k.shape[-1]), False
         else:
-            scores = window_softmax(q, k, window, call.scale)
-        return topk_with_mandatory(pool1d(scores, self.pooling, self.kernel), window, budget)
+            scale, softmax = call.scale, True
+        scores = pooled_window_scores(call, q, k, window, scale, softmax, self.pooling, self.kernel)
+        return topk_with_mandatory(scores, window, budget)

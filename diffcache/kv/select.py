@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from diffcache.errors import PlanError
+from diffcache.kernels import Backend, pick, window_scores
+from diffcache.kernels.window_scores import SPEC as WINDOW_SCORES
 from diffcache.kv.history import ScaleCall
 
 
@@ -68,7 +70,9 @@ def _window_queries(q: torch.Tensor, window: torch.Tensor, length: int) -> torch
     """The queries of the window rows that belong to the current map (``q`` holds its ``n``
     rows, the last ``n`` of the cache); rows of earlier maps have no query at this scale."""
     local = window - (length - q.shape[2])
-    return q[:, :, local[local >= 0]]
+    if int(local.min()) < 0:  # a window longer than the map
+        local = local[local >= 0]
+    return q.index_select(2, local.to(q.device))
 
 
 def _score_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -84,7 +88,7 @@ def window_logits(
     dt = _score_dtype(q, k)
     qw = _window_queries(q, window, k.shape[2]).to(dt)
     logits = torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale
-    logits[..., window] = float("-inf")
+    logits.index_fill_(-1, window.to(logits.device), float("-inf"))
     return logits.sum(dim=2)
 
 
@@ -97,9 +101,33 @@ def window_softmax(
     dt = _score_dtype(q, k)
     qw = _window_queries(q, window, k.shape[2]).to(dt)
     probs = torch.softmax(torch.matmul(qw, k.to(dt).transpose(2, 3)) * scale, dim=-1)
-    scores = probs.sum(dim=2)
-    scores[..., window] = 0.0
-    return scores
+    return probs.sum(dim=2).index_fill_(-1, window.to(probs.device), 0.0)
+
+
+def pooled_window_scores(
+    call: ScaleCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    window: torch.Tensor,
+    scale: float,
+    softmax: bool,
+    pool: str,
+    kernel: int,
+) -> torch.Tensor:
+    """What a window selection ranks: :func:`window_softmax` (``softmax``) or
+    :func:`window_logits`, then :func:`pool1d`; or, where the plan's backend
+    (``call.kernels``) runs Triton on these tensors, the fused
+    :func:`diffcache.kernels.window_scores`, which scores alike (only the window's own rows,
+    which :func:`topk_with_mandatory` masks anyway, may differ: the kernel sets them to −inf)."""
+    window = window.to(k.device)
+    if pick(WINDOW_SCORES, call.kernels, q, k, window) is Backend.TRITON:
+        return window_scores(
+            q, k, window, scale, softmax, pool, kernel, backend="triton", record=call.record
+        )
+    if call.record is not None:
+        call.record[WINDOW_SCORES.name] = Backend.TORCH.value
+    scorer = window_softmax if softmax else window_logits
+    return pool1d(scorer(q, k, window, scale), pool, kernel)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -151,10 +179,10 @@ def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: i
         raise PlanError(
             f"budget of {budget} rows is below the {len(mandatory)} rows that must be kept"
         )
-    masked = scores.clone()
-    masked[..., mandatory] = float("-inf")
+    mandatory = mandatory.to(scores.device)
+    masked = scores.index_fill(-1, mandatory, float("-inf"))
     rest = masked.topk(min(budget, length) - len(mandatory), dim=-1).indices
-    fixed = mandatory.to(rest.device).expand(*rest.shape[:-1], len(mandatory))
+    fixed = mandatory.expand(*rest.shape[:-1], len(mandatory))
     return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
 
 

@@ -52,6 +52,7 @@ class HACKConfig(MethodConfig):
     kind: ClassVar[str] = "attn_pair"
     needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
     calibration: ClassVar[type] = HACKCalibration
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
 
     variant: Literal["reconstructed"] = option("reconstructed", "only the reconstruction exists")
     budget: int | None = option(None, "average rows per head B (None: see compression)", min=1)

@@ -48,6 +48,7 @@ class HistoryBudgetConfig(MethodConfig, abc.ABC):
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "attn_pair"
     needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
 
     budget: int | None = option(None, "history rows kept per head and layer (None: all)", min=1)
     ratio: float | None = option(
@@ -92,6 +93,7 @@ class SnapKVConfig(HistoryBudgetConfig):
     """Options of SnapKV on next-scale models."""
 
     name: ClassVar[str] = "snapkv"
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact", "window_scores")
     window: int = option(16, "observation window: the cache's last rows (always kept)", min=1)
     kernel: int = option(5, "average-pooling kernel (odd)", min=1)
 

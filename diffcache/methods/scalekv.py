@@ -53,6 +53,7 @@ class ScaleKVConfig(MethodConfig):
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "attn_pair"
     needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact", "window_scores")
 
     variant: Literal["released", "paper"] = option("released", "scoring rule (see docstring)")
     average: int | None = option(None, "rows per head and layer on average (None: all)", min=1)

@@ -77,7 +77,7 @@ def _check(
 
 def _gather(old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     b, h, m = keep.shape
-    both = torch.cat((old, new), dim=2)
+    both = torch.cat((old, new), dim=2) if new.shape[2] else old  # a store's rows in one buffer
     return both.gather(2, keep[..., None].expand(b, h, m, both.shape[3]))
 
 

@@ -1,15 +1,19 @@
 """Observation-window scores of a layer's keys, pooled: what SnapKV-style selection ranks.
 
-A window of ``w`` queries ``q [B, H, w, d]`` votes for the keys ``k [B, H, L, d]`` it attends
-to: ``s[b, h, j] = sum_i f(q_i . k_j * scale)``, with the window's own positions (int64 indices
-into the keys, ``[w]`` shared or ``[B, H, w]``) masked to ``-inf`` in the logits, ``f`` the
-identity (ScaleKV as released: raw logits) or the softmax over ``j`` (SnapKV, the ScaleKV
-paper). The scores are then pooled along ``j`` (``max_pool1d`` or ``avg_pool1d``, odd
-``kernel_size``, stride 1, padding ``kernel_size // 2``; average pooling counts the padding, as
-``F.avg_pool1d`` does by default) and the window positions set to ``-inf`` again, so that
-``torch.topk`` never picks them (research/var.md §2.1.3, §2.3, §4.6 P1). Scores are float32;
-with raw logits a window position's neighbours inherit its ``-inf`` under average pooling, as
-in PyTorch.
+The keys ``k [B, H, L, d]`` are a layer's cache (history, then the current map's ``n`` rows);
+``q [B, H, n, d]`` are the current map's queries. A window of positions among the keys (int64,
+``[w]`` shared or ``[B, H, w]``) votes for the keys: each window position inside the current map
+(``pos >= L - n``) votes with its query ``q[pos - (L - n)]``; a window position of an earlier map
+has no query at this scale and no vote. ``s[b, h, j] = sum_i f(q_i . k_j * scale)`` with ``f``
+the identity (ScaleKV as released: raw logits, the window's own keys at ``-inf``) or the softmax
+over every key ``j`` (SnapKV, the ScaleKV paper), the window's own keys then given 0, as
+SnapKV's slicing of the last ``w`` columns does. These are the semantics of
+``diffcache.kv.select.window_logits`` / ``window_softmax``. The scores are then pooled along ``j``
+(``max_pool1d`` or ``avg_pool1d``, odd ``kernel_size``, stride 1, padding ``kernel_size // 2``;
+average pooling counts the padding, as ``F.avg_pool1d`` does by default) and the window positions
+set to ``-inf``, so that ``torch.topk`` never picks them (research/var.md §2.1.3, §2.3, §4.6 P1).
+Scores are float32; with raw logits a window position's neighbours inherit its ``-inf`` under
+average pooling, as in PyTorch.
 
 As a GEMM the window is a skinny ``w x d . d x L`` product and the softmax needs a pass for its
 row statistics: the Triton path runs one launch of per-chunk row max / sum-exp (softmax only)
@@ -48,22 +52,25 @@ def _check(
     q: torch.Tensor, k: torch.Tensor, window: torch.Tensor, pool: str, kernel_size: int
 ) -> None:
     """Raise ValueError naming the first argument that does not fit."""
-    if q.dim() != 4 or q.shape[2] == 0:
+    if k.dim() != 4:
+        raise ValueError(f"window_scores: k must be [B, H, L, d], got shape {tuple(k.shape)}")
+    b, h, length, d = k.shape
+    if q.dim() != 4 or (q.shape[0], q.shape[1], q.shape[3]) != (b, h, d):
         raise ValueError(
-            f"window_scores: q must be [B, H, w, d] with w >= 1, got shape {tuple(q.shape)}"
+            f"window_scores: q must be [B, H, n, d] with B, H, d = {b}, {h}, {d} (k's), got "
+            f"shape {tuple(q.shape)}"
         )
-    b, h, w, d = q.shape
-    if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
+    if not 1 <= q.shape[2] <= length:
         raise ValueError(
-            f"window_scores: k must be [B, H, L, d] with B, H, d = {b}, {h}, {d} (q's), got "
-            f"shape {tuple(k.shape)}"
+            f"window_scores: q must hold 1 to L = {length} queries (the last rows of k), got "
+            f"{q.shape[2]}"
         )
     if not (q.dtype.is_floating_point and k.dtype.is_floating_point):
         raise ValueError(f"window_scores: q and k must be floating point, got {q.dtype}, {k.dtype}")
-    if tuple(window.shape) not in ((w,), (b, h, w)):
+    if window.dim() not in (1, 3) or (window.dim() == 3 and tuple(window.shape[:2]) != (b, h)):
         raise ValueError(
-            f"window_scores: window must be [w] or [B, H, w] with w = {w} (q's), B, H = {b}, {h}, "
-            f"got shape {tuple(window.shape)}"
+            f"window_scores: window must be [w] or [B, H, w] with B, H = {b}, {h}, got shape "
+            f"{tuple(window.shape)}"
         )
     if window.dtype != torch.int64:
         raise ValueError(f"window_scores: window must be int64 positions, got {window.dtype}")
@@ -87,22 +94,29 @@ def window_scores_ref(
     pool: str = "max",
     kernel_size: int = 5,
 ) -> torch.Tensor:
-    """Torch reference: float32 logits, window mask, optional softmax, sum over the window,
-    ``F.max_pool1d`` / ``F.avg_pool1d``, mask again. Arguments as :func:`window_scores`.
+    """Torch reference: float32 logits of the window's queries, softmax over every key or the
+    window's keys at ``-inf``, the window's keys given no vote, sum over the window,
+    ``F.max_pool1d`` / ``F.avg_pool1d``, the window at ``-inf``. Arguments as
+    :func:`window_scores`.
 
     Raises:
         ValueError: Shapes, dtypes or pooling do not fit.
     """
     _check(q, k, window, pool, kernel_size)
-    b, h, w, _ = q.shape
-    masked = torch.zeros(b, h, k.shape[2], dtype=torch.bool, device=k.device)
-    masked.scatter_(2, window.expand(b, h, w), True)
-    logits = torch.matmul(q.float(), k.float().transpose(2, 3)) * scale
-    logits = logits.masked_fill(masked[:, :, None, :], float("-inf"))
-    if softmax:
-        logits = logits.softmax(dim=-1)
+    b, h, n, d = q.shape
+    length = k.shape[2]
+    win = window.expand(b, h, window.shape[-1])
+    local = win - (length - n)  # the window position's query row; < 0: no query at this scale
+    voters = (local >= 0)[..., None]
+    qw = q.gather(2, local.clamp(min=0)[..., None].expand(-1, -1, -1, d))
+    masked = torch.zeros(b, h, length, dtype=torch.bool, device=k.device)
+    masked.scatter_(2, win, True)
+    logits = torch.matmul(qw.float(), k.float().transpose(2, 3)) * scale
+    votes = logits.softmax(dim=-1) if softmax else logits
+    scores = votes.masked_fill(~voters, 0.0).sum(dim=2)
+    scores = scores.masked_fill(masked, 0.0 if softmax else float("-inf"))
     pool_fn = F.max_pool1d if pool == "max" else F.avg_pool1d
-    pooled = pool_fn(logits.sum(dim=2), kernel_size, stride=1, padding=kernel_size // 2)
+    pooled = pool_fn(scores, kernel_size, stride=1, padding=kernel_size // 2)
     return pooled.masked_fill(masked, float("-inf"))
 
 
@@ -120,14 +134,22 @@ if triton is not None:
         return hit > 0
 
     @triton.jit
-    def _logits(q_ptr, k_ptr, q_w, q_d, k_l, k_d, i, r, w, L, d, scale, BLOCK_D: tl.constexpr):
-        """``q_i . k_r * scale`` for window rows ``i`` and key positions ``r``, float32."""
-        acc = tl.zeros((i.shape[0], r.shape[0]), dtype=tl.float32)
+    def _voters(win_ptr, w_s, i, w, first):
+        """The query row of each window entry ``i`` (its position less ``first``, the current
+        map's first key) and whether it has one (the entry lies in the current map)."""
+        pos = tl.load(win_ptr + i * w_s, mask=i < w, other=-1)
+        return pos - first, (i < w) & (pos >= first)
+
+    @triton.jit
+    def _logits(q_ptr, k_ptr, q_n, q_d, k_l, k_d, qi, has_q, r, L, d, scale, BLOCK_D: tl.constexpr):
+        """``q_qi . k_r * scale`` for query rows ``qi`` (0 where not ``has_q``) and key
+        positions ``r``, float32."""
+        acc = tl.zeros((qi.shape[0], r.shape[0]), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             qt = tl.load(
-                q_ptr + i[:, None] * q_w + dd[None, :] * q_d,
-                mask=(i < w)[:, None] & (dd < d)[None, :],
+                q_ptr + qi[:, None] * q_n + dd[None, :] * q_d,
+                mask=has_q[:, None] & (dd < d)[None, :],
                 other=0.0,
             )
             kt = tl.load(
@@ -147,13 +169,14 @@ if triton is not None:
         z_ptr,
         H,
         w,
+        n,
         L,
         d,
         n_chunks,
         scale,
         q_b,
         q_h,
-        q_w,
+        q_n,
         q_d,
         k_b,
         k_h,
@@ -167,8 +190,8 @@ if triton is not None:
         BLOCK_W: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Program (b*H + h, chunk): each window row's max and sum of exp over the chunk's
-        unmasked keys, to ``m``/``z [B*H, n_chunks, w]``."""
+        """Program (b*H + h, chunk): each window row's max and sum of exp over the chunk's keys,
+        to ``m``/``z [B*H, n_chunks, w]``."""
         bh = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1).to(tl.int64)
         b = bh // H
@@ -178,13 +201,13 @@ if triton is not None:
         wp = win_ptr + b * w_b + h * w_h
         for i0 in range(0, w, BLOCK_W):
             i = i0 + tl.arange(0, BLOCK_W)
+            qi, has_q = _voters(wp, w_s, i, w, L - n)
             m = tl.full((BLOCK_W,), float("-inf"), tl.float32)
             z = tl.zeros((BLOCK_W,), tl.float32)
             for r0 in range(0, CHUNK, BLOCK_L):
                 r = c * CHUNK + r0 + tl.arange(0, BLOCK_L)
-                x = _logits(qp, kp, q_w, q_d, k_l, k_d, i, r, w, L, d, scale, BLOCK_D)
-                off = (r >= L) | _in_window(wp, w_s, r, w, BLOCK_W)
-                x = tl.where(off[None, :], float("-inf"), x)
+                x = _logits(qp, kp, q_n, q_d, k_l, k_d, qi, has_q, r, L, d, scale, BLOCK_D)
+                x = tl.where((r >= L)[None, :], float("-inf"), x)
                 m_new = tl.maximum(m, tl.max(x, axis=1))
                 base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far
                 z = z * tl.exp(m - base) + tl.sum(tl.exp(x - base[:, None]), axis=1)
@@ -204,13 +227,14 @@ if triton is not None:
         out_ptr,
         H,
         w,
+        n,
         L,
         d,
         n_chunks,
         scale,
         q_b,
         q_h,
-        q_w,
+        q_n,
         q_d,
         k_b,
         k_h,
@@ -244,7 +268,8 @@ if triton is not None:
         s = tl.zeros((BLOCK_E,), tl.float32)
         for i0 in range(0, w, BLOCK_W):
             i = i0 + tl.arange(0, BLOCK_W)
-            x = _logits(qp, kp, q_w, q_d, k_l, k_d, i, r, w, L, d, scale, BLOCK_D)
+            qi, has_q = _voters(wp, w_s, i, w, L - n)
+            x = _logits(qp, kp, q_n, q_d, k_l, k_d, qi, has_q, r, L, d, scale, BLOCK_D)
             if SOFTMAX:
                 m = tl.full((BLOCK_W,), float("-inf"), tl.float32)
                 z = tl.zeros((BLOCK_W,), tl.float32)
@@ -257,9 +282,9 @@ if triton is not None:
                     z = z * tl.exp(m - base) + zc * tl.exp(mc - base)
                     m = m_new
                 x = tl.exp(x - m[:, None]) / z[:, None]
-                keep = (i < w)[:, None] & (valid & ~win)[None, :]
+                keep = has_q[:, None] & (valid & ~win)[None, :]
             else:
-                keep = (i < w)[:, None] & valid[None, :]
+                keep = has_q[:, None] & valid[None, :]
             s += tl.sum(tl.where(keep, x, 0.0), axis=0)
         if not SOFTMAX:
             s = tl.where(win, float("-inf"), s)
@@ -294,8 +319,8 @@ def _launch(
     pool: str,
     kernel_size: int,
 ) -> torch.Tensor:
-    b, h, w, d = q.shape
-    length = k.shape[2]
+    b, h, n, d = q.shape
+    length, w = k.shape[2], window.shape[-1]
     out = torch.empty((b, h, length), dtype=torch.float32, device=k.device)
     if out.numel() == 0:
         return out
@@ -307,7 +332,7 @@ def _launch(
     n_chunks = triton.cdiv(length, _STATS_CHUNK)
     stats = torch.empty((2, b * h, n_chunks, w), dtype=torch.float32, device=k.device)
     strides = (*q.stride(), *k.stride(), *win.stride())
-    sizes = (h, w, length, d, n_chunks, float(scale))
+    sizes = (h, w, n, length, d, n_chunks, float(scale))
     if softmax:
         _stats_kernel[(b * h, n_chunks)](
             q, k, win, stats[0], stats[1], *sizes, *strides,
@@ -337,13 +362,14 @@ def window_scores(
     """Pooled scores of every key by the window's queries, the window set to ``-inf``.
 
     Args:
-        q: ``[B, H, w, d]`` the window's queries (any float dtype and strides).
+        q: ``[B, H, n, d]`` the current map's queries, the last ``n`` keys' (any float dtype
+            and strides).
         k: ``[B, H, L, d]`` the keys scored (any float dtype and strides).
         window: int64 positions in ``[0, L)`` of the window among the keys: ``[w]`` for every
-            (b, h), or ``[B, H, w]``.
+            (b, h), or ``[B, H, w]``; those of the current map vote with their queries.
         scale: Multiplies ``q . k`` (``1 / sqrt(d)`` for SnapKV and ScaleKV).
-        softmax: Sum softmax probabilities over the keys (SnapKV, ScaleKV paper) instead of the
-            raw logits (ScaleKV as released).
+        softmax: Sum softmax probabilities over every key (SnapKV, ScaleKV paper; the window's
+            keys then get none) instead of the raw logits (ScaleKV as released).
         pool: ``"max"`` (ScaleKV) or ``"avg"`` (SnapKV) pooling along the keys.
         kernel_size: Odd pooling width; 1 pools nothing.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :mod:`diffcache.kernels`.

@@ -1,7 +1,8 @@
 """window_scores: the torch reference against a float64 loop written from the definition, by
-hand on a tiny case, and the Triton kernel under the interpreter on cpu against the reference
-(raw logits and softmax, max and avg pooling, odd sizes, long windows, mixed dtypes, strided
-keys); native CUDA checks at Infinity-2B geometry are marked ``gpu``."""
+hand on a tiny case and against the scorers of ``diffcache.kv.select`` (the selections' parts),
+and the Triton kernel under the interpreter on cpu against the reference (raw logits and
+softmax, max and avg pooling, odd sizes, long windows, mixed dtypes, strided keys); native CUDA
+checks at Infinity-2B geometry are marked ``gpu``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from diffcache.kernels import KernelUnavailableError, _dispatch, window_scores, window_scores_ref
+from diffcache.kv.select import pool1d, topk_with_mandatory, window_logits, window_softmax
 from diffcache.testing.kernels import native, needs_interpreter
 
 ws_mod = importlib.import_module("diffcache.kernels.window_scores")
@@ -22,9 +24,10 @@ INF = float("inf")
 def _case(
     b: int, h: int, w: int, length: int, d: int, seed: int, shared: bool, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random q and k; window positions distinct per (b, h) (or one set for all)."""
+    """Random k and the queries of its last ``length // 2 + 1`` rows (the current map); window
+    positions anywhere in k (some without a query), distinct per (b, h) (or one set for all)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(b, h, w, d, generator=g, device=device)
+    q = torch.randn(b, h, length // 2 + 1, d, generator=g, device=device)
     k = torch.randn(b, h, length, d, generator=g, device=device)
     sets = 1 if shared else b * h
     win = torch.rand(sets, length, generator=g, device=device).argsort(dim=1)[:, :w]
@@ -40,21 +43,23 @@ def _loop(
     pool: str,
     size: int,
 ) -> torch.Tensor:
-    """The definition, position by position in float64."""
-    b, h, w, _ = q.shape
+    """The definition, position by position in float64: the window positions of the current
+    map (the last ``n`` keys) vote with their queries; the window's keys get -inf (logits) or
+    no probability (softmax over every key)."""
+    b, h, n, _ = q.shape
     length = k.shape[2]
     out = torch.empty(b, h, length, dtype=torch.float64)
     for i, j in itertools.product(range(b), range(h)):
-        win = set(window.expand(b, h, w)[i, j].tolist())
-        logits = [
-            [-INF if c in win else float(q[i, j, r].double() @ k[i, j, c].double()) * scale
-             for c in range(length)]
-            for r in range(w)
-        ]  # fmt: skip
-        if softmax:
-            for row in logits:
-                total = sum(math.exp(x) for x in row)
-                row[:] = [math.exp(x) / total for x in row]
+        positions = window.expand(b, h, window.shape[-1])[i, j].tolist()
+        win = set(positions)
+        voters = [q[i, j, p - (length - n)].double() for p in positions if p >= length - n]
+        logits = [[float(qr @ k[i, j, c].double()) * scale for c in range(length)] for qr in voters]
+        for row in logits:
+            total = sum(math.exp(x) for x in row)
+            row[:] = [
+                (0.0 if softmax else -INF) if c in win else math.exp(x) / total if softmax else x
+                for c, x in enumerate(row)
+            ]
         s = [sum(row[c] for row in logits) for c in range(length)]
         for c in range(length):
             near = [s[n] for n in range(c - size // 2, c + size // 2 + 1) if 0 <= n < length]
@@ -74,7 +79,8 @@ def test_ref_matches_the_definition(softmax: bool, pool: str, size: int) -> None
 
 
 def test_hand_computed_raw_logits_and_softmax() -> None:
-    """Keys 1, 3, 2, 5 along one axis, the window at key 3, kernel 3."""
+    """Keys 1, 3, 2, 5 along one axis, the window at key 3 (the current map's one query),
+    kernel 3."""
     q = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
     k = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [5.0, 0.0]]).reshape(1, 1, 4, 2)
     win = torch.tensor([3])
@@ -83,10 +89,26 @@ def test_hand_computed_raw_logits_and_softmax() -> None:
     # average pooling counts the padding and spreads the window's -inf to its neighbour
     got = window_scores(q, k, win, 1.0, pool="avg", kernel_size=3)
     torch.testing.assert_close(got.flatten(), torch.tensor([4 / 3, 2.0, -INF, -INF]))
-    p = torch.tensor([1.0, 3.0, 2.0]).softmax(0).tolist()  # the window takes no probability
+    p = torch.tensor([1.0, 3.0, 2.0, 5.0]).softmax(0).tolist()  # over every key; 3 gets no vote
     got = window_scores(q, k, win, 1.0, softmax=True, pool="avg", kernel_size=3)
     want = [(p[0] + p[1]) / 3, (p[0] + p[1] + p[2]) / 3, (p[1] + p[2]) / 3, -INF]
     torch.testing.assert_close(got.flatten(), torch.tensor(want))
+
+
+@pytest.mark.parametrize(
+    ("softmax", "pool", "size"), [(False, "max", 5), (True, "avg", 5), (True, "max", 3)]
+)
+def test_ref_ranks_as_the_selections_scorers(softmax: bool, pool: str, size: int) -> None:
+    """The selections' parts (select.py's scorer, pool1d, top-k with the window kept) give the
+    reference's scores, the window at -inf, and so the same kept rows."""
+    q, k, _ = _case(2, 3, 1, 40, 8, seed=size, shared=True)  # the map: the last 21 keys
+    win = torch.tensor([5, 22, 30, 39])  # one position before the map: no query, no vote
+    scorer = window_softmax if softmax else window_logits
+    want = pool1d(scorer(q, k, win, 0.3), pool, size)
+    want[..., win] = -INF
+    got = window_scores_ref(q, k, win, 0.3, softmax, pool, size)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(topk_with_mandatory(got, win, 12), topk_with_mandatory(want, win, 12))
 
 
 SHAPES = [  # (B, H, w, L, d)
@@ -174,13 +196,15 @@ def test_bad_inputs_name_what_was_given(backend: str | None) -> None:
     fn = window_scores_ref if backend is None else window_scores
     kw = {} if backend is None else {"backend": backend}
     q, k, win = _case(2, 3, 4, 10, 8, seed=0, shared=False)
-    with pytest.raises(ValueError, match=r"^window_scores: q must be \[B, H, w, d\] with w >= 1"):
+    with pytest.raises(ValueError, match=r"^window_scores: q must hold 1 to L = 10 .* got 0"):
         fn(q[:, :, :0], k, win, 1.0, **kw)
-    with pytest.raises(ValueError, match=r"B, H, d = 2, 3, 8 \(q's\), got shape \(2, 3, 10, 4\)"):
+    with pytest.raises(ValueError, match=r"q must hold 1 to L = 3 queries .*, got 6"):
+        fn(q, k[:, :, :3], win, 1.0, **kw)
+    with pytest.raises(ValueError, match=r"B, H, d = 2, 3, 4 \(k's\), got shape \(2, 3, 6, 8\)"):
         fn(q, k[..., :4], win, 1.0, **kw)
     with pytest.raises(ValueError, match="must be floating point, got torch.float32, torch.int64"):
         fn(q, k.long(), win, 1.0, **kw)
-    with pytest.raises(ValueError, match=r"window must be \[w\] or \[B, H, w\] with w = 4"):
+    with pytest.raises(ValueError, match=r"window must be \[w\] or \[B, H, w\] with B, H = 2, 3"):
         fn(q, k, win[0], 1.0, **kw)
     with pytest.raises(ValueError, match="window must be int64 positions, got torch.int32"):
         fn(q, k, win.int(), 1.0, **kw)
@@ -216,7 +240,7 @@ def test_native_infinity_geometry(variant: tuple[bool, str]) -> None:
     softmax, pool = variant
     q, k, _ = _case(2, 16, 16, 10521, 128, seed=0, shared=True, device="cuda")
     win = _centroids(6425, 64).cuda()
-    q = q.bfloat16()
+    q = q[:, :, -4096:].bfloat16()  # the 64x64 map's queries
     record: dict[str, str] = {}
     got = window_scores(q, k, win, 128**-0.5, softmax, pool, 5, record=record)
     assert record == {"window_scores": "triton"}

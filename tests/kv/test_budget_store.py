@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from diffcache.kv import FullHistory, History, ScaleCall, Schedule
+from diffcache.kv.baselines import SnapKVSelection
 from diffcache.kv.budget import BudgetedHistory
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
+from diffcache.testing.kernels import needs_interpreter
 
 SCHED = Schedule.square((1, 2, 3, 4))
 
@@ -129,7 +131,7 @@ def test_post_selection_attends_to_everything_then_keeps_the_subset():
         hk = hk.view(batch, heads, -1, 4)
         hv = torch.stack([v_all[b, h, keep[b, h]] for b in range(batch) for h in range(heads)])
         hv = hv.view(batch, heads, -1, 4)
-        assert torch.equal(store.k[0][0], hk) and torch.equal(store.v[0][0], hv)
+        assert torch.equal(store.held(0, 0)[0], hk) and torch.equal(store.held(0, 0)[1], hv)
         new = torch.arange(SCHED.start(si), SCHED.start(si + 1)).expand(batch, heads, -1)
         pos = torch.cat((pos, new), 2).gather(2, keep)
         assert torch.equal(store.positions(0, 0), pos)  # §3.2 item 6: positions ride along
@@ -147,9 +149,12 @@ def test_dtypes_and_bytes_are_measured_per_tensor():
         q = torch.randn(2, 2, n, 4)
         call = ScaleCall(layer=0, si=si, schedule=SCHED, cond_rows=1)
         store.attend(call, q, torch.randn(2, 2, n, 4), torch.randn(2, 2, n, 4).half())
-        assert store.k[0][0].dtype == torch.float32 and store.v[0][0].dtype == torch.float16
+        assert (
+            store.held(0, 0)[0].dtype == torch.float32
+            and store.held(0, 0)[1].dtype == torch.float16
+        )
         rows = min(3, rows + n)
-        assert store.k[0][0].shape[2] == rows
+        assert store.held(0, 0)[0].shape[2] == rows
         assert store.nbytes() == 2 * 2 * rows * 4 * (4 + 2)
 
 
@@ -162,7 +167,7 @@ def test_merge_replaces_the_gather():
     store = BudgetedHistory(Merge("post", random_subsets))
     sweep(store, layers=1)
     last = len(SCHED) - 1
-    assert bool((store.k[0][0] == last).all()) and bool((store.v[0][0] == -last).all())
+    assert bool((store.held(0, 0)[0] == last).all()) and bool((store.held(0, 0)[1] == -last).all())
 
 
 @pytest.mark.parametrize(
@@ -213,4 +218,53 @@ def test_scalekv_lengths_after_every_scale():
         for layer in range(2):
             q, k, v = (torch.randn(2, 2, sched.tokens(si), 4) for _ in "qkv")
             store.attend(ScaleCall(layer, si, sched, 1), q, k, v)
-        assert [store.k[layer][0].shape[2] for layer in range(2)] == expect[si]
+        assert [store.held(layer, 0)[0].shape[2] for layer in range(2)] == expect[si]
+
+
+def test_rows_live_in_buffers_sized_for_the_budget_plus_the_map():
+    """Each scale's rows are written into the buffers allocated at the layer's first call (no
+    concatenated history): sized for the most rows held at once, the budget plus a map
+    (schedule and budgets of test_scalekv_lengths_after_every_scale)."""
+    sched = Schedule.square((1, 2, 3, 4, 5))
+    plan = ScaleKVBudgets(20, (ScaleBudget(3, "DR", 24, 16), ScaleBudget(4, "RD", 24, 16)))
+    store = BudgetedHistory(ScaleKVSelection(plan, "paper", base_capacity=20, window=4))
+    before = [0, 0]  # rows held before the scale, per layer
+    most, first = [0, 0], {}
+    for si in range(len(sched)):
+        for layer in range(2):
+            q, k, v = (torch.randn(2, 2, sched.tokens(si), 4) for _ in "qkv")
+            most[layer] = max(most[layer], before[layer] + sched.tokens(si))
+            store.attend(ScaleCall(layer, si, sched, 1), q, k, v)
+            held = store.held(layer, 0)[0]
+            assert held.data_ptr() == first.setdefault(layer, held.data_ptr())
+            before[layer] = held.shape[2]
+    assert most == [49, 41]
+    assert [store.rows[layer][0].k.shape[2] for layer in range(2)] == most
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method", ["released", "paper", "snapkv"])
+def test_triton_kernels_keep_what_the_torch_path_keeps(method):
+    """kernels: triton (kv_compact and window_scores under the interpreter) gives the torch
+    path's outputs and kept positions, and the store's record names the backends."""
+    plan = ScaleKVBudgets(7, tuple(ScaleBudget(si, "DR", 8, 6) for si in range(4)))
+
+    def selection():
+        if method == "snapkv":
+            return SnapKVSelection(9, window=4, kernel=3)
+        return ScaleKVSelection(plan, method, base_capacity=5, window=4, kernel=3)
+
+    runs = {}
+    for kernels in ("torch", "triton"):
+        store = BudgetedHistory(selection(), kernels)
+        g = torch.Generator().manual_seed(5)
+        outs = []
+        for si in range(len(SCHED)):
+            for layer in range(2):
+                q, k, v = (torch.randn(2, 2, SCHED.tokens(si), 8, generator=g) for _ in "qkv")
+                call = ScaleCall(layer, si, SCHED, 1, raw_query=lambda q=q: 0.5 * q)
+                outs.append(store.attend(call, q, k, v))
+        runs[kernels] = outs, [store.positions(layer, 0) for layer in range(2)]
+        assert store.kernel_record == {"kv_compact": kernels, "window_scores": kernels}
+    assert all(torch.equal(a, b) for a, b in zip(*(r[0] for r in runs.values()), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(*(r[1] for r in runs.values()), strict=True))

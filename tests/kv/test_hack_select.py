@@ -245,11 +245,10 @@ def test_pivot_merge_matches_a_hand_computation():
     expect_k = [[(1 + 0.9) / 2, (0 + 0.1) / 2], [(0 + 0.2 + 0.1) / 3, (1 + 0.8 + 1) / 3]]
     assert torch.allclose(mk[0, 0], torch.tensor(expect_k, dtype=torch.float64), rtol=0, atol=1e-15)
     assert torch.equal(mv[0, 0], torch.tensor([[2.0, 3.0], [7.0, 8.0]], dtype=torch.float64))
-    # not the last scale, or a structural group: the kept rows only
+    # not the last scale, or a structural group: nothing merged (the store compacts)
     early = ScaleCall(layer=0, si=2, schedule=SCHED, cond_rows=1)
     for call, group in ((early, 0), (last, 1)):
-        gk, gv = sel.merge(call, group, k, v, keep)
-        assert torch.equal(gk, k[:, :, [0, 2]]) and torch.equal(gv, v[:, :, [0, 2]])
+        assert sel.merge(call, group, k, v, keep) is None
     every = HACKSelection([[0, 1]], 2, 4, HACKOptions(merge_at="every", merge_heads="all"))
     assert torch.equal(every.merge(early, 1, k, v, keep)[1], mv)
 

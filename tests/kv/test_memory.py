@@ -94,7 +94,7 @@ def test_measured_bytes_equal_the_arithmetic_with_per_layer_budgets():
     assert geo.sweep_peak(budget) == (16 + 28 + 16 + 25) * geo.row_bytes
     assert list(store.scale_history.values()) == geo.history_before(budget)
     assert store.peak_nbytes() == geo.sweep_peak(budget)
-    assert [store.k[layer][0].shape[2] for layer in range(3)] == [17, 29, 17]
+    assert [store.held(layer, 0)[0].shape[2] for layer in range(3)] == [17, 29, 17]
 
 
 GEO = Geometry(3, 2, 4, Schedule.square((1, 2, 3, 4, 5)), rows=2)

@@ -86,7 +86,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, list[int], int
                 call.layer,
                 self.groups[call.layer][g],
                 attended,
-                self.k[call.layer][g].shape[2],
+                self.held(call.layer, g)[0].shape[2],
             )
         )
         return out
@@ -397,3 +397,24 @@ def test_a_generation_whose_schedule_the_plan_does_not_fit_is_refused_before_att
         assert store.store.pairs == 0 and store.nbytes() == 0
     finally:
         diffcache.remove(pipe)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "ops"),
+    [
+        ("scalekv", {"ratio": 0.5, "window": 4}, ["kv_compact", "window_scores"]),
+        ("snapkv", {"ratio": 0.5, "window": 4, "kernel": 3}, ["kv_compact", "window_scores"]),
+        ("streaming", {"ratio": 0.5}, ["kv_compact"]),
+    ],
+)
+def test_stats_name_the_kernel_backend_of_each_store_op(method, options, ops, plain) -> None:
+    """The plan's kernels: reach the store's compaction and the window scoring; Stats name
+    the backend each ran (torch here: CPU)."""
+    pipe, _ = plain
+    diffcache.accelerate(pipe, {**_plan(method, options), "kernels": "auto"})
+    try:
+        _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert stats.kernels == dict.fromkeys(ops, "torch")
