@@ -20,6 +20,7 @@ from diffcache.errors import (
 from diffcache.hooks import PREFIX, layers
 from diffcache.kernels import plan_backend
 from diffcache.plan import Plan
+from diffcache.quant import check_weights
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Session
@@ -113,6 +114,7 @@ def resolve(model: Any, plan: Plan) -> Target:
             f"this model is {target.fingerprint()}; profile this model "
             f"({type(plan.config).profile_hint()})."
         )
+    check_weights(plan, target.experts)
     if target.driver == "pipeline":
         missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
         if missing:

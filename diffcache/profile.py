@@ -48,6 +48,7 @@ from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
+from diffcache.quant import weights
 from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
@@ -495,6 +496,10 @@ def profile(
         profiling.target_compute = e.least * (1 + 1e-9)
         calibrated = config.calibrate(profiling)
     plan = calibrated.config.as_plan(target, calibrated.calibration, valid_for)
+    if calibrated.calibration is not None:  # measured on these weights: valid for them only
+        plan = dataclasses.replace(
+            plan, valid_for={**plan.valid_for, "weights": weights(target.experts)}
+        )
     if target_speedup is not None:  # the compute target assumed ideal scaling: check the clock
         targets["denoiser_share"] = round(share, 3)
         median, low, high = measure_speedup(pipe, plan, requests, repeats)
@@ -678,6 +683,7 @@ def _with_provenance(
     provenance: dict[str, Any] = {
         "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": target.fingerprint(),
+        "weights": weights(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
         "seeds": sorted({r.seed for r in requests}),

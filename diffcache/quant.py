@@ -1,0 +1,125 @@
+"""Quantized denoisers: torchao weight-only int8 on a pipeline, a GGUF transformer checked
+against its config before diffusers loads it, and the one-word description of a denoiser's
+weights that profiled plans record (``valid_for.weights``).
+
+Caching needs nothing special for them: our hooks wrap module ``forward`` s and every cached or
+forecast quantity is an activation, a plain tensor of the compute dtype, whatever the weights
+are stored as.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcache.errors import DiffCacheError, PlanError
+
+
+def quantize_int8(pipe: Any) -> Any:
+    """Weight-only int8 (torchao ``Int8WeightOnlyConfig``) on every denoiser of ``pipe`` (a
+    pipeline or a bare transformer; both experts of a two-expert pipeline), in place; returns
+    ``pipe``. Quantize before ``diffcache.accelerate``; a plan profiled on the float model is
+    refused if it was calibrated (``valid_for.weights``): profile the quantized one."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    for module in _denoisers(pipe):
+        quantize_(module, Int8WeightOnlyConfig())
+    return pipe
+
+
+def weights(modules: Iterable[torch.nn.Module]) -> str:
+    """How the linear layers of ``modules`` store their weights: the dtype of plain ones
+    (``float32``, ``bfloat16``), ``<library>:<kind>`` for quantized ones (``torchao:Int8Tensor``,
+    ``gguf:Q8_0``, ``bitsandbytes:Int8Params``); several kinds are joined with ``+``. A model
+    without linear layers is described by all its parameters (``none`` if it has none)."""
+    modules = list(modules)
+    linear = [m.weight for x in modules for m in x.modules() if isinstance(m, torch.nn.Linear)]
+    tensors = linear or [p for x in modules for p in x.parameters()]
+    return "+".join(sorted({_kind(t) for t in tensors})) or "none"
+
+
+def _kind(weight: torch.Tensor) -> str:
+    quant_type = getattr(weight, "quant_type", None)  # diffusers' GGUFParameter
+    if quant_type is not None:
+        return f"gguf:{getattr(quant_type, 'name', quant_type)}"
+    cls = type(weight)
+    if cls in (torch.Tensor, torch.nn.Parameter):
+        return str(weight.dtype).removeprefix("torch.")
+    return f"{cls.__module__.split('.')[0]}:{cls.__name__}"
+
+
+def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
+    """Refuse ``plan`` if it is valid for other weights than ``experts`` have."""
+    want = plan.valid_for.get("weights")
+    have = weights(experts)
+    if want is not None and want != have:
+        raise PlanError(
+            f"{plan.source}: valid_for.weights: the plan was calibrated on {want} weights but "
+            f"this model's are {have}; profile the model as you run it "
+            f"({type(plan.config).profile_hint()}), or load it as it was profiled."
+        )
+
+
+def load_gguf(path: str | Path, model_class: type, config: str | Path, **kwargs: Any) -> Any:
+    """A diffusers transformer of ``model_class`` from the GGUF file ``path``, with the
+    configuration of the diffusers folder ``config``, its weights kept quantized (diffusers'
+    ``GGUFQuantizationConfig``; ``compute_dtype`` defaults to float32). The file's tensors are
+    checked against that configuration first: a mismatch is one line naming it."""
+    from diffusers import GGUFQuantizationConfig
+
+    problems = gguf_problems(path, model_class, config)
+    if problems:
+        raise DiffCacheError(
+            f"{path}: the GGUF file does not match the {model_class.__name__} configuration in "
+            f"{config}: {'; '.join(problems)}; pass config= the folder of the model the file "
+            "was made from."
+        )
+    dtype = kwargs.pop("compute_dtype", torch.float32)
+    quant = GGUFQuantizationConfig(compute_dtype=dtype)
+    return model_class.from_single_file(
+        str(path), config=str(config), quantization_config=quant, **kwargs
+    )
+
+
+def gguf_problems(
+    path: str | Path, model_class: type, config: str | Path, most: int = 3
+) -> list[str]:
+    """How the tensors of the GGUF file differ from a ``model_class`` built from ``config``
+    (missing, unexpected, other shapes; at most ``most`` of each, with the counts)."""
+    import gguf
+    from accelerate import init_empty_weights
+
+    if not Path(path).is_file():
+        raise DiffCacheError(f"{path}: no such GGUF file")
+    with init_empty_weights():
+        model = model_class.from_config(model_class.load_config(str(config)))
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    have = {
+        t.name: [int(n) for n in reversed(t.shape.tolist())] for t in gguf.GGUFReader(path).tensors
+    }
+    shapes = [
+        f"{k} is {have[k]} in the file, {want[k]} in the config"
+        for k in want
+        if k in have and have[k] != want[k]
+    ]
+    found = [
+        (shapes, "other shapes"),
+        ([k for k in want if k not in have], "missing from the file"),
+        ([k for k in have if k not in want], "not in the model"),
+    ]
+    return [
+        f"{len(items)} {what} ({', '.join(items[:most])}{', ...' if len(items) > most else ''})"
+        for items, what in found
+        if items
+    ]
+
+
+def _denoisers(pipe: Any) -> list[torch.nn.Module]:
+    """The denoiser(s) of a pipeline (its adapter's experts), or ``pipe`` itself if it is one."""
+    from diffcache.adapter import Target
+    from diffcache.registry import find_adapter
+
+    return list(Target.resolve(find_adapter(pipe), pipe).experts)
