@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import diffcache
+from diffcache.cli import main
 from diffcache.errors import DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
@@ -193,7 +194,9 @@ def test_gguf_that_does_not_match_the_config_is_one_line(
 
 
 # ---------------------------------------------------------------------------- plans
-def test_calibrated_plan_records_and_requires_its_weights(dit: Any, tmp_path: Path) -> None:
+def test_calibrated_plan_records_and_requires_its_weights(
+    dit: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Profiled on int8 weights: the plan says so (provenance and valid_for.weights), runs on
     the int8 pipeline and is refused on the float one (one line, the fix), which stays clean."""
     quant = quantize_int8(copy.deepcopy(dit))
@@ -209,6 +212,12 @@ def test_calibrated_plan_records_and_requires_its_weights(dit: Any, tmp_path: Pa
     assert "calibrated on torchao:Int8Tensor weights but this model's are float32" in message
     assert "diffcache profile" in message
     assert clean(dit.transformer, dit.scheduler) and not diffcache.is_accelerated(dit)
+    out = tmp_path / "x.png"  # the CLI's float dit-tiny: exit 2, the same line, no image
+    args = ["generate", "--model", "dit-tiny", "--plan", str(plan.save(tmp_path / "int8.yaml"))]
+    assert main([*args, "--out", str(out)]) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("diffcache: error: ") and err.count("\n") == 1
+    assert "valid_for.weights" in err
 
 
 def test_uncalibrated_plan_records_weights_in_provenance_only(dit: Any) -> None:
