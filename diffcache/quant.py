@@ -1,6 +1,7 @@
 """Quantized denoisers: torchao weight-only int8 on a pipeline, a GGUF transformer checked
-against its config before diffusers loads it, and the one-word description of a denoiser's
-weights that profiled plans record (``valid_for.weights``).
+against its config before diffusers loads it (alone, or as the ``.gguf`` file in a pipeline
+folder's ``transformer/``, which ``load_model`` and ``--model`` read), and the one-word
+description of a denoiser's weights that profiled plans record (``valid_for.weights``).
 
 Caching needs nothing special for them: our hooks wrap module ``forward`` s and every cached or
 forecast quantity is an activation, a plain tensor of the compute dtype, whatever the weights
@@ -115,6 +116,28 @@ def gguf_problems(
         for items, what in found
         if items
     ]
+
+
+def gguf_components(folder: Path) -> dict[str, Any]:
+    """The components of the diffusers pipeline folder ``folder`` stored as one ``.gguf`` file
+    in their subfolder (beside its ``config.json``), loaded with :func:`load_gguf`, by name:
+    ``DiffusionPipeline.from_pretrained(folder, **them)`` reads the rest."""
+    import importlib
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    out = {}
+    for name, entry in index.items():
+        files = sorted((folder / name).glob("*.gguf")) if (folder / name).is_dir() else []
+        if len(files) > 1:
+            raise DiffCacheError(
+                f"{folder / name}: {len(files)} GGUF files ({', '.join(f.name for f in files)}); "
+                "keep the one the pipeline should load."
+            )
+        if files and isinstance(entry, list) and len(entry) == 2:
+            model_class = getattr(importlib.import_module(entry[0]), entry[1])
+            out[name] = load_gguf(files[0], model_class, folder / name)
+    return out
 
 
 def _denoisers(pipe: Any) -> list[torch.nn.Module]:

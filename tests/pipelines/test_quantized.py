@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,51 @@ def test_gguf_that_does_not_match_the_config_is_one_line(
     n = len([k for k in plain.transformer.state_dict() if k.startswith("transformer_blocks.0.")])
     assert f"{n} missing from the file (transformer_blocks.{config['num_layers'] - 1}." in message
     assert "pass config= the folder of the model the file was made from" in message
+
+
+@pytest.fixture(scope="module")
+def gguf_folder(flux_gguf: tuple[Any, Any, Path, Path], tmp_path_factory: Any) -> Path:
+    """flux-tiny saved as a diffusers folder whose transformer is the Q8_0 GGUF file."""
+    plain, _, path, _ = flux_gguf
+    folder = tmp_path_factory.mktemp("flux-pipe")
+    plain.save_pretrained(folder)
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.copy(path, folder / "transformer" / path.name)
+    return folder
+
+
+def test_pipeline_folder_with_a_gguf_transformer(
+    flux_gguf: tuple[Any, Any, Path, Path], gguf_folder: Path, tmp_path: Path
+) -> None:
+    """load_model (and so --model) reads the .gguf transformer: the same pipeline as loading
+    the file by hand; the CLI generates with a plan on it."""
+    _, quant, _, _ = flux_gguf
+    loaded = load_model(gguf_folder)
+    request = default_request("flux-tiny")
+    assert weights([loaded.transformer]) == "gguf:Q8_0"
+    assert np.array_equal(generate(loaded, request), generate(quant, request))
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", str(gguf_folder), "--plan", "flux-tiny-ertacache.yaml"]
+    sizes = ["--height", "128", "--width", "128", "--steps", "20"]
+    assert main([*args, *sizes, "--prompt", "a cat", "--out", str(out)]) == 0 and out.is_file()
+
+
+def test_cli_gguf_folder_that_does_not_match_is_one_line(
+    gguf_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "other"
+    shutil.copytree(gguf_folder, folder)
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_layers"] += 1
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--out", str(out)]
+    assert main(args) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("diffcache: error: ") and err.count("\n") == 1
+    assert "does not match the FluxTransformer2DModel configuration" in err
+    assert "missing from the file (transformer_blocks." in err
 
 
 # ---------------------------------------------------------------------------- plans
