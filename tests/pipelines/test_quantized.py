@@ -18,11 +18,13 @@ import pytest
 import torch
 
 import diffcache
+from diffcache.adapter import Target
 from diffcache.cli import main
 from diffcache.errors import DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
 from diffcache.quant import load_gguf, quantize_int8, weights
+from diffcache.registry import find_adapter
 from diffcache.testing.golden import default_request
 from diffcache.testing.toys import clean
 
@@ -115,6 +117,18 @@ def test_torchao_routes_quantize_the_same(dit_int8: Any) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_torchao_int8(dit_int8: Any, dit: Any, method: str) -> None:
     _run_each_method(dit_int8, dit, "dit-tiny", method)
+
+
+def test_sites_are_found_on_int8_models(dit_int8: Any, dit: Any) -> None:
+    """quantize_ swaps Linear weights for tensor subclasses: the block and module sites (and the
+    modules they wrap) are those of the float model."""
+    quant, plain = (Target.resolve(find_adapter(p), p) for p in (dit_int8, dit))
+    for kind in ("block", "module"):
+        names = [s.name for s in plain.sites(kind)]
+        assert names and [s.name for s in quant.sites(kind)] == names
+        assert [type(s.module) for s in quant.sites(kind)] == [
+            type(s.module) for s in plain.sites(kind)
+        ]
 
 
 def test_int8_changes_the_output(dit: Any) -> None:
