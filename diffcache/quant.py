@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 
 
 def quantize_int8(pipe: Any) -> Any:
@@ -26,6 +26,13 @@ def quantize_int8(pipe: Any) -> Any:
     refused if it was calibrated (``valid_for.weights``): profile the quantized one."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+    from diffcache.api import is_accelerated
+
+    if is_accelerated(pipe):  # its plan's valid_for.weights was checked on the float weights
+        raise AlreadyAcceleratedError(
+            f"{type(pipe).__name__} is accelerated; call diffcache.remove(), quantize, then "
+            "accelerate."
+        )
     for module in _denoisers(pipe):
         quantize_(module, Int8WeightOnlyConfig())
     return pipe

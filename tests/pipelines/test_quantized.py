@@ -20,7 +20,7 @@ import torch
 import diffcache
 from diffcache.adapter import Target
 from diffcache.cli import main
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
 from diffcache.quant import load_gguf, quantize_int8, weights
@@ -117,6 +117,16 @@ def test_torchao_routes_quantize_the_same(dit_int8: Any) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_torchao_int8(dit_int8: Any, dit: Any, method: str) -> None:
     _run_each_method(dit_int8, dit, "dit-tiny", method)
+
+
+def test_quantize_int8_refuses_an_accelerated_pipeline(dit: Any) -> None:
+    diffcache.accelerate(dit, "dit-tiny.yaml")
+    try:
+        with pytest.raises(AlreadyAcceleratedError, match="call diffcache.remove"):
+            quantize_int8(dit)
+    finally:
+        diffcache.remove(dit)
+    assert weights([dit.transformer]) == "float32"
 
 
 def test_sites_are_found_on_int8_models(dit_int8: Any, dit: Any) -> None:
