@@ -20,10 +20,10 @@ from diffcache.errors import (
 from diffcache.hooks import PREFIX, layers
 from diffcache.kernels import plan_backend
 from diffcache.plan import Plan
-from diffcache.quant import check_weights
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Session
+from diffcache.weights import check_weights
 
 logger = logging.getLogger(__name__)
 SESSION_ATTR = "_diffcache"

@@ -48,10 +48,10 @@ from diffcache.models import builtin_of
 from diffcache.output import sample_of
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
-from diffcache.quant import weights
 from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
+from diffcache.weights import weights
 from diffcache.yamlio import read_yaml
 
 #: what the calibration inputs (a prompt file, bundled prompts or class ids) are called in

@@ -1,7 +1,7 @@
 """Quantized denoisers: torchao weight-only int8 on a pipeline, a GGUF transformer checked
 against its config before diffusers loads it (alone, or as the ``.gguf`` file in a pipeline
-folder's ``transformer/``, which ``load_model`` and ``--model`` read), and the one-word
-description of a denoiser's weights that profiled plans record (``valid_for.weights``).
+folder's ``transformer/``, which ``load_model`` and ``--model`` read). How the weights are
+stored is what ``diffcache.weights`` describes for plans (``valid_for.weights``).
 
 Caching needs nothing special for them: our hooks wrap module ``forward`` s and every cached or
 forecast quantity is an activation, a plain tensor of the compute dtype, whatever the weights
@@ -10,13 +10,12 @@ are stored as.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
+from diffcache.errors import AlreadyAcceleratedError, DiffCacheError
 
 
 def quantize_int8(pipe: Any) -> Any:
@@ -36,39 +35,6 @@ def quantize_int8(pipe: Any) -> Any:
     for module in _denoisers(pipe):
         quantize_(module, Int8WeightOnlyConfig())
     return pipe
-
-
-def weights(modules: Iterable[torch.nn.Module]) -> str:
-    """How the linear layers of ``modules`` store their weights: the dtype of plain ones
-    (``float32``, ``bfloat16``), ``<library>:<kind>`` for quantized ones (``torchao:Int8Tensor``,
-    ``gguf:Q8_0``, ``bitsandbytes:Int8Params``); several kinds are joined with ``+``. A model
-    without linear layers is described by all its parameters (``none`` if it has none)."""
-    modules = list(modules)
-    linear = [m.weight for x in modules for m in x.modules() if isinstance(m, torch.nn.Linear)]
-    tensors = linear or [p for x in modules for p in x.parameters()]
-    return "+".join(sorted({_kind(t) for t in tensors})) or "none"
-
-
-def _kind(weight: torch.Tensor) -> str:
-    quant_type = getattr(weight, "quant_type", None)  # diffusers' GGUFParameter
-    if quant_type is not None:
-        return f"gguf:{getattr(quant_type, 'name', quant_type)}"
-    cls = type(weight)
-    if cls in (torch.Tensor, torch.nn.Parameter):
-        return str(weight.dtype).removeprefix("torch.")
-    return f"{cls.__module__.split('.')[0]}:{cls.__name__}"
-
-
-def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
-    """Refuse ``plan`` if it is valid for other weights than ``experts`` have."""
-    want = plan.valid_for.get("weights")
-    have = weights(experts)
-    if want is not None and want != have:
-        raise PlanError(
-            f"{plan.source}: valid_for.weights: the plan was calibrated on {want} weights but "
-            f"this model's are {have}; profile the model as you run it "
-            f"({type(plan.config).profile_hint()}), or load it as it was profiled."
-        )
 
 
 def load_gguf(path: str | Path, model_class: type, config: str | Path, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ profiled on and refuses others."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -23,10 +24,12 @@ from diffcache.cli import main
 from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
-from diffcache.quant import load_gguf, quantize_int8, weights
+from diffcache.plan import Plan
+from diffcache.quant import load_gguf, quantize_int8
 from diffcache.registry import find_adapter
 from diffcache.testing.golden import default_request
 from diffcache.testing.toys import clean
+from diffcache.weights import weights
 
 torchao = pytest.importorskip("torchao")
 gguf = pytest.importorskip("gguf")
@@ -34,8 +37,12 @@ gguf = pytest.importorskip("gguf")
 METHODS = ("easycache", "ertacache", "invardiff", "hyca")
 
 
-def _plan(model: str, method: str) -> str:
-    return f"{model}.yaml" if method == "easycache" else f"{model}-{method}.yaml"
+def _plan(model: str, method: str) -> Plan:
+    """The bundled plan of ``method`` for ``model`` without its ``valid_for.weights`` (float32:
+    the bundled plans are profiled on the float models and refuse quantized ones)."""
+    plan = Plan.load(f"{model}.yaml" if method == "easycache" else f"{model}-{method}.yaml")
+    valid_for = {k: v for k, v in plan.valid_for.items() if k != "weights"}
+    return dataclasses.replace(plan, valid_for=valid_for)
 
 
 def _stats(pipe: Any) -> dict[str, Any]:
@@ -230,7 +237,10 @@ def gguf_folder(flux_gguf: tuple[Any, Any, Path, Path], tmp_path_factory: Any) -
 
 
 def test_pipeline_folder_with_a_gguf_transformer(
-    flux_gguf: tuple[Any, Any, Path, Path], gguf_folder: Path, tmp_path: Path
+    flux_gguf: tuple[Any, Any, Path, Path],
+    gguf_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """load_model (and so --model) reads the .gguf transformer: the same pipeline as loading
     the file by hand; the CLI generates with a plan on it."""
@@ -240,9 +250,16 @@ def test_pipeline_folder_with_a_gguf_transformer(
     assert weights([loaded.transformer]) == "gguf:Q8_0"
     assert np.array_equal(generate(loaded, request), generate(quant, request))
     out = tmp_path / "x.png"
-    args = ["generate", "--model", str(gguf_folder), "--plan", "flux-tiny-ertacache.yaml"]
+    args = ["generate", "--model", str(gguf_folder), "--prompt", "a cat", "--out", str(out)]
     sizes = ["--height", "128", "--width", "128", "--steps", "20"]
-    assert main([*args, *sizes, "--prompt", "a cat", "--out", str(out)]) == 0 and out.is_file()
+    assert main([*args, *sizes, "--plan", "flux-tiny.yaml"]) == 0 and out.is_file()
+    out.unlink()  # a calibrated plan profiled on the float model: refused, one line
+    assert main([*args, *sizes, "--plan", "flux-tiny-ertacache.yaml"]) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and "calibrated on float32 weights but this model's are gguf:Q8_0" in err
+    )
 
 
 def test_cli_gguf_folder_that_does_not_match_is_one_line(
