@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from diffcache import methods, pipelines  # noqa: F401  (fill the registries)
+from diffcache import quiet as _quiet
 from diffcache.adapter import Adapter, Target
 from diffcache.api import accelerate, is_accelerated, remove, stats
 from diffcache.errors import (
@@ -30,6 +31,7 @@ from diffcache.runstate import RunState, Stats
 from diffcache.session import Call, Session
 from diffcache.sites import ModuleSite, Stack
 
+_quiet.install()  # import diffcache stays light: no library it quiets is imported yet
 __version__ = _metadata.version("diffcache")  # pyproject.toml's
 __all__ = [
     "accelerate",

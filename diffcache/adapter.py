@@ -259,6 +259,7 @@ class Target:
             if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
                 # _use_default_values comes from a set: its order differs between processes
                 data = {k: v for k, v in config.items() if not str(k).startswith("_")}
+                data.pop("quantization_config", None)  # the weights' storage: valid_for.weights
             else:
                 data = {k: list(v.shape) for k, v in module.state_dict().items()}
             blob = json.dumps(data, sort_keys=True, default=str).encode()

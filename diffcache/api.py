@@ -23,6 +23,7 @@ from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Session
+from diffcache.weights import check_weights
 
 logger = logging.getLogger(__name__)
 SESSION_ATTR = "_diffcache"
@@ -113,6 +114,7 @@ def resolve(model: Any, plan: Plan) -> Target:
             f"this model is {target.fingerprint()}; profile this model "
             f"({type(plan.config).profile_hint()})."
         )
+    check_weights(plan, target.experts)
     if target.driver == "pipeline":
         missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
         if missing:

@@ -258,9 +258,12 @@ def loading_bar(show: bool) -> Iterator[None]:
 def _load_diffusers(path: Path) -> Any:
     from diffusers import DiffusionPipeline
 
+    from diffcache.quant import gguf_components
+
     try:
         with loading_bar(sys.stderr.isatty()):  # a log or a pipe gets no bar
-            return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+            parts = gguf_components(path)  # a transformer given as a .gguf file
+            return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **parts)
     except (OSError, ValueError) as e:
         raise UnsupportedModelError(
             f"{path}: cannot load a diffusers pipeline from this folder ({e})."

@@ -41,7 +41,7 @@ REQUIRED = ("diffcache", "model", "method")
 MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
-VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str}
+VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str, "weights": str}
 #: what plans for a family with a scheduler (every driver but our own pipelines') may carry
 SCHEDULED: dict[str, type] = {"scheduler": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")

@@ -51,6 +51,7 @@ from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
+from diffcache.weights import weights
 from diffcache.yamlio import read_yaml
 
 #: what the calibration inputs (a prompt file, bundled prompts or class ids) are called in
@@ -509,6 +510,10 @@ def profile(
         profiling.target_compute = e.least * (1 + 1e-9)
         calibrated = config.calibrate(profiling)
     plan = calibrated.config.as_plan(target, calibrated.calibration, valid_for)
+    if calibrated.calibration is not None:  # measured on these weights: valid for them only
+        plan = dataclasses.replace(
+            plan, valid_for={**plan.valid_for, "weights": weights(target.experts)}
+        )
     if target_speedup is not None:  # the compute target assumed ideal scaling: check the clock
         targets["denoiser_share"] = round(share, 3)
         median, low, high = measure_speedup(pipe, plan, requests, repeats)
@@ -696,6 +701,7 @@ def _with_provenance(
     provenance: dict[str, Any] = {
         "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": target.fingerprint(),
+        "weights": weights(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
         "seeds": sorted({r.seed for r in requests}),

@@ -29,7 +29,7 @@ from diffcache.options import to_plain
 from diffcache.sites import KINDS
 
 #: valid_for keys ``accelerate`` checks against the model itself (not per call).
-CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint")
+CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint", "weights")
 
 #: What a trace event says happened at its site: the work was run (``computed``), answered from
 #: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only

@@ -64,12 +64,12 @@ def test_load_dict_and_config() -> None:
         (
             {**GOOD, "valid_for": {"gen_length": 64}},
             r"valid_for.gen_length: wan2.1 plans have no such key; allowed: num_inference_steps, "
-            r"fingerprint, scheduler$",
+            r"fingerprint, weights, scheduler$",
         ),
         (
             {"diffcache": 1, "model": "llada", "method": "dkv_cache", "valid_for": TEXT_STEPS},
             r"valid_for.scheduler: llada plans have no such key; allowed: num_inference_steps, "
-            r"fingerprint, gen_length, block_length$",
+            r"fingerprint, weights, gen_length, block_length$",
         ),
     ],
     ids=[
