@@ -59,6 +59,7 @@ def accelerate(
         on_error=lambda: remove(model),
         owner=type(model).__name__,
         tracing=trace,
+        steps_problem=config.steps_problem,
     )
     _, apply = get_method(plan.method)
     open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)

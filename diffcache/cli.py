@@ -420,6 +420,10 @@ def _check_valid_for(plan: Any, req: Any, adapter: Any = None) -> None:
                 )
         elif given is not None and given != want:
             raise DiffCacheError(f"{plan.name}: {outside_valid_for(key, want, given)}")
+    steps = req.get("steps")
+    problem = plan.config.steps_problem(steps) if steps is not None else None
+    if problem:  # a plan without valid_for.num_inference_steps (one with it was checked above)
+        raise DiffCacheError(f"{plan.name} at {steps} steps: {problem}")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

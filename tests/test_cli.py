@@ -535,13 +535,15 @@ BAD_INPUT = {
     "profile-warmup-covers-all-steps": (
         [*PROFILE, "--num-prompts", "2", "--steps", "8", "--option", "warmup_steps=8"]
         + ["--out", "p.yaml"],
-        "error: --method easycache at --steps 8: options.warmup_steps: 8 warm-up steps cover "
-        "all 8 steps",
+        "error: --method easycache at --steps 8: options.warmup_steps: easycache with "
+        "warmup_steps=8 reuses nothing in 8 steps (it needs at least 10 steps); warmup_steps=6 "
+        "would act at 8 steps",
     ),
     "profile-steps-of-the-from-plan": (  # no --method, no --steps: both come from the plan
         ["profile", "--model", "dit-tiny", "--from", "dit-tiny-hyca.yaml", "--num-prompts", "2"]
         + ["--option", "warmup_steps=20", "--out", "p.yaml"],
-        "error: --from dit-tiny-hyca.yaml (hyca) at 20 steps: options.warmup_steps: 20 warm-up",
+        "error: --from dit-tiny-hyca.yaml (hyca) at 20 steps: options.warmup_steps: hyca with "
+        "warmup_steps=20 reuses nothing in 20 steps",
     ),
     "profile-bad-option-value": (
         [*PROFILE, "--num-prompts", "2", "--option", "warmup_steps=-1", "--out", "p.yaml"],

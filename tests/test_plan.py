@@ -57,7 +57,10 @@ def test_load_dict_and_config() -> None:
         ({**GOOD, "options": 0}, r"options: expected a mapping, got 0"),
         ({**GOOD, "options": ""}, r"options: expected a mapping, got ''"),
         ({**GOOD, "diffcache": 1.0}, r"schema version 1.0 is not supported"),
-        ({**GOOD, "options": {"warmup_steps": 50}}, r"warmup_steps: 50 warm-up steps cover all 50"),
+        (
+            {**GOOD, "options": {"warmup_steps": 50}},
+            r"easycache with warmup_steps=50 reuses nothing in 50 steps \(it needs at least 52",
+        ),
         ({**GOOD, "valid_for": {"scheduler": ""}}, r"valid_for.scheduler: must not be empty"),
         ({**GOOD, "valid_for": {"num_inference_steps": 0}}, r"must be >= 1"),
         ({**GOOD, "model": "wan21"}, r"unknown model family 'wan21' \(did you mean 'wan2.1'\?\)"),

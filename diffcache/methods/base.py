@@ -90,6 +90,33 @@ class Profiling(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class StepLimit:
+    """Why a method's options reuse nothing in a run of few steps: ``least``, the fewest steps
+    in which they can reuse anything; ``option`` and ``value``, the option that sets that limit
+    and its value ("" for a rule of the method); ``fix``, the value of that option that would
+    let the method act at the asked count (None where none does)."""
+
+    least: int
+    option: str = ""
+    value: Any = None
+    fix: Any = None
+
+    def problem(self, method: str, steps: int) -> str:
+        """One line: the method, the option, its smallest step count and the fix."""
+        if not self.option:
+            return f"{method} reuses nothing in {steps} steps: it needs at least {self.least} steps"
+        act = (
+            f"{self.option}={self.fix} would act at {steps} steps"
+            if self.fix is not None
+            else f"no {self.option} acts at {steps} steps"
+        )
+        return (
+            f"options.{self.option}: {method} with {self.option}={self.value} reuses nothing in "
+            f"{steps} steps (it needs at least {self.least} steps); {act}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Calibrated:
     """What ``calibrate`` returns: the config to write, its calibration data (or None) and what
     was measured on the calibration prompts (recorded in the plan's provenance)."""
@@ -175,8 +202,21 @@ class MethodConfig:
         return []
 
     def plan_problems(self, valid_for: Mapping[str, Any]) -> list[str]:
-        """Problems of these options together with the plan's ``valid_for`` (checked at load)."""
-        return []
+        """Problems of these options together with the plan's ``valid_for`` (checked at load):
+        by default, a ``num_inference_steps`` too few for them to reuse anything."""
+        steps = valid_for.get("num_inference_steps")
+        problem = self.steps_problem(steps) if steps is not None else None
+        return [problem] if problem else []
+
+    def step_limit(self, steps: int) -> StepLimit | None:
+        """Why these options reuse nothing in a run of ``steps`` steps (a warm-up that covers
+        it, computed first and last steps); None where they can reuse something."""
+        return None
+
+    def steps_problem(self, steps: int) -> str | None:
+        """The one-line problem of running these options for ``steps`` steps (None: none)."""
+        limit = self.step_limit(steps)
+        return limit.problem(self.name, steps) if limit else None
 
     def kv_target(self, fraction: float) -> MethodConfig | None:
         """These options with the history budget that keeps ``fraction`` of the plain model's

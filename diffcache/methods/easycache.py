@@ -15,7 +15,7 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import RunError
-from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.methods.base import Calibrated, MethodConfig, StepLimit, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
@@ -86,14 +86,14 @@ class EasyCacheConfig(MethodConfig):
             ]
         return []
 
-    def plan_problems(self, valid_for: Any) -> list[str]:
-        steps = valid_for.get("num_inference_steps")
-        if steps is not None and self.warmup_steps >= steps:
-            return [
-                f"options.warmup_steps: {self.warmup_steps} warm-up steps cover all {steps} steps "
-                "(valid_for.num_inference_steps), so nothing could be reused; use fewer"
-            ]
-        return []
+    def step_limit(self, steps: int) -> StepLimit | None:
+        """The first reusable step is the warm-up's end, and never before step 2 (``k`` needs
+        two computed steps); the last step computes: so ``max(R, 2) + 2`` steps at least."""
+        least = max(self.warmup_steps, 2) + 2
+        if steps >= least:
+            return None
+        fix = steps - 2 if steps >= 4 else None
+        return StepLimit(least, "warmup_steps", self.warmup_steps, fix)
 
     def calibrate(self, profiling: Any) -> Calibrated:
         """Keep the options, or with a compute target pick the smallest ``threshold`` whose

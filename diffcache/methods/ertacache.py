@@ -20,7 +20,7 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError, RunError
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import MethodConfig, StepLimit, option
 from diffcache.methods.ertacache_schedule import (
     ERTACacheCalibration,
     Schedule,
@@ -145,13 +145,18 @@ class ERTACacheConfig(MethodConfig):
         return reasons
 
     def plan_problems(self, valid_for: Any) -> list[str]:
+        problems = super().plan_problems(valid_for)
         scheduler = valid_for.get("scheduler")
         if self.time_adjust and scheduler is not None and scheduler != EULER:
-            return [
+            problems.append(
                 f"options.time_adjust: the timestep adjustment is defined for {EULER}; the plan "
                 f"is valid for {scheduler}: set time_adjust: false"
-            ]
-        return []
+            )
+        return problems
+
+    def step_limit(self, steps: int) -> StepLimit | None:
+        """Steps 0 and T-1 always compute (ERTACache's rule, no option): 3 steps at least."""
+        return StepLimit(3) if steps < 3 else None
 
 
 def _euler(scheduler: Any) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError, RunError
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import MethodConfig, StepLimit, option
 from diffcache.methods.hyca_solvers import (
     SOLVERS,
     effective_solver,
@@ -126,14 +126,14 @@ class HyCaConfig(MethodConfig):
     def compute_fraction(self, steps: int) -> float:
         return sum(self.full(k) for k in range(steps)) / steps
 
-    def plan_problems(self, valid_for: Any) -> list[str]:
-        steps = valid_for.get("num_inference_steps")
-        if steps is not None and self.warmup_steps >= steps:
-            return [
-                f"options.warmup_steps: {self.warmup_steps} warm-up steps cover all {steps} "
-                "steps, so nothing is forecast; use fewer"
-            ]
-        return []
+    def step_limit(self, steps: int) -> StepLimit | None:
+        """Step ``W`` computes (it starts the first interval) and the first forecast is step
+        ``W + 1``: ``W + 2`` steps at least (and none with ``interval`` 1, at any count)."""
+        least = self.warmup_steps + 2
+        if self.interval == 1 or steps >= least:
+            return None
+        fix = steps - 2 if steps >= 3 else None
+        return StepLimit(least, "warmup_steps", self.warmup_steps, fix)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -20,7 +21,7 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import MethodConfig, StepLimit, option
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
 from diffcache.sites import Site
@@ -125,6 +126,18 @@ class InvarDiffConfig(MethodConfig):
         return cls(
             nonskip_rate=0.0, step_quantile=1.0, module_quantiles=dict.fromkeys(ROLE_DEFAULTS, 1.0)
         )
+
+    def step_limit(self, steps: int) -> StepLimit | None:
+        """The first ``max(1, int(nonskip_rate T))`` steps and the last one compute; a rate of 1
+        reuses nothing at any step count."""
+        if self.nonskip_rate >= 1 or self._acts(steps):
+            return None
+        least = next(t for t in itertools.count(3) if self._acts(t))
+        fix = float(f"{(steps - 2) / steps:.3g}") if steps >= 3 else None
+        return StepLimit(least, "nonskip_rate", self.nonskip_rate, fix)
+
+    def _acts(self, steps: int) -> bool:
+        return max(1, int(self.nonskip_rate * steps)) <= steps - 2
 
     def quantile_for(self, site: Site) -> float:
         keys = (f"{site.stack.attr}.{site.role}", site.role)

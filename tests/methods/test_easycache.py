@@ -318,14 +318,16 @@ def test_identity_and_aggressive_configs() -> None:
 
 
 def test_plan_problems_name_a_warmup_covering_every_step() -> None:
+    """The warm-up, then ``k`` (two computed steps) and the computed last step: warm-up 7 leaves
+    nothing to reuse in 8 steps, warm-up 6 leaves step 6."""
     from diffcache.methods.easycache import EasyCacheConfig
 
-    problems = EasyCacheConfig(warmup_steps=8).plan_problems({"num_inference_steps": 8})
+    problems = EasyCacheConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8})
     assert problems == [
-        "options.warmup_steps: 8 warm-up steps cover all 8 steps (valid_for.num_inference_steps), "
-        "so nothing could be reused; use fewer"
+        "options.warmup_steps: easycache with warmup_steps=7 reuses nothing in 8 steps (it needs "
+        "at least 9 steps); warmup_steps=6 would act at 8 steps"
     ]
-    assert EasyCacheConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8}) == []
+    assert EasyCacheConfig(warmup_steps=6).plan_problems({"num_inference_steps": 8}) == []
     assert EasyCacheConfig(warmup_steps=8).plan_problems({}) == []
 
 

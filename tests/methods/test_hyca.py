@@ -541,11 +541,13 @@ def test_blocks_of_two_hidden_sizes_are_refused_by_the_recorder() -> None:
 
 
 def test_plan_problems_and_an_empty_history() -> None:
-    problems = HyCaConfig(warmup_steps=8).plan_problems({"num_inference_steps": 8})
+    # step W computes (it starts the first interval): warm-up 7 forecasts nothing in 8 steps
+    problems = HyCaConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8})
     assert problems == [
-        "options.warmup_steps: 8 warm-up steps cover all 8 steps, so nothing is forecast; use fewer"
+        "options.warmup_steps: hyca with warmup_steps=7 reuses nothing in 8 steps (it needs at "
+        "least 9 steps); warmup_steps=6 would act at 8 steps"
     ]
-    assert HyCaConfig(warmup_steps=7).plan_problems({"num_inference_steps": 8}) == []
+    assert HyCaConfig(warmup_steps=6).plan_problems({"num_inference_steps": 8}) == []
     with pytest.raises(ValueError) as err:
         solver_weights("ab3", [], 3)
     assert str(err.value) == "solver_weights: empty history"
