@@ -55,7 +55,8 @@ def golden_plans() -> dict[str, str]:
     from diffcache.plan import Plan
     from diffcache.profiles import bundled_plans
 
-    small = [m for m in builtin_models() if m.endswith("-tiny")] + ["dit-digits", "wan-shapes"]
+    small = [m for m in builtin_models() if m.endswith("-tiny")]
+    small += ["dit-digits", "dit-digits-8step", "wan-shapes"]
     found = {}
     for name in bundled_plans():
         stem = name.removesuffix(".yaml")
