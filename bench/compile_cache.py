@@ -47,8 +47,8 @@ def compile_pipe(pipe: Any, where: str = "whole", backend: str = "inductor") -> 
     """Compile ``pipe``'s denoiser(s) in place, before ``diffcache.accelerate``: ``whole``
     (``torch.compile`` of each expert), ``blocks`` (each block on its own, ``fullgraph=True``:
     what diffusers' ``compile_repeated_blocks`` does where a model declares its blocks) or
-    ``modules`` (each attention and feed-forward module of every block on its own,
-    ``fullgraph=True``). Returns ``pipe``."""
+    ``modules`` (each attention and feed-forward module of every block on its own). Returns
+    ``pipe``."""
     adapter = find_adapter(pipe)
     for attr in adapter.experts:
         module = getattr(pipe, attr, None)
@@ -64,9 +64,9 @@ def compile_pipe(pipe: Any, where: str = "whole", backend: str = "inductor") -> 
                     if where == "blocks"
                     else [getattr(block, m.attr, None) for m in stack.modules]
                 )
-                for part in parts:
-                    if isinstance(part, torch.nn.Module):
-                        part.compile(backend=backend, fullgraph=True)
+                for part in parts:  # a bare torch layer (FLUX's proj_mlp) has no frame to
+                    if isinstance(part, torch.nn.Module):  # compile whole: torch skips it
+                        part.compile(backend=backend, fullgraph=where == "blocks")
     return pipe
 
 

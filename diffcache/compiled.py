@@ -16,8 +16,8 @@ Compile first, then ``accelerate`` (README, "Using with torch.compile"):
   decisions, which read Python step counters (guards: a recompile per step).
 
 Compiling a hooked module afterwards would trace our hooks into its graph: the session refuses
-it at the next call (:func:`compiled_after`); block and module sites that a compiled graph would
-hold are refused at ``accelerate`` (:func:`check_site`).
+it at the next call (:func:`check_not_compiled_after`); block and module sites that a compiled
+graph would hold are refused at ``accelerate`` (:func:`check_site`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from diffcache.errors import UnsupportedModelError
+from diffcache.errors import RunError, UnsupportedModelError
 
 SLOT = "_compiled_call_impl"  # where nn.Module.compile() keeps the compiled call
 
@@ -66,13 +66,17 @@ def check_site(expert: Any, block: Any, name: str, kind: str) -> None:
     raise UnsupportedModelError(f"{name}: {kind} caching {held} would break its graph; {fix}")
 
 
-def compiled_after(attachments: list[Any]) -> str | None:
-    """The class name of a module hooked outside its compiled call that was compiled in place
-    since (its graph would now trace our hook), else None."""
-    for a in attachments:
-        if a.slot != SLOT and compiled_in_place(a.obj):
-            return type(a.obj).__name__
-    return None
+def check_not_compiled_after(attachments: list[Any], run: Any) -> None:
+    """Raise (detaching everything, ``run.fail``) if a module hooked outside its compiled call
+    was compiled in place since: its graph would now trace our hook."""
+    late = next((a.obj for a in attachments if a.slot != SLOT and compiled_in_place(a.obj)), None)
+    if late is not None:
+        raise run.fail(
+            RunError(
+                f"{type(late).__name__} was compiled after accelerate ({run.where()}); "
+                "diffcache detached itself: compile first, then call diffcache.accelerate()."
+            )
+        )
 
 
 def _call(hook: Callable[..., Any], inner: Callable, *args: Any, **kwargs: Any) -> Any:

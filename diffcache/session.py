@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from diffcache import hooks
 from diffcache.adapter import Target
-from diffcache.compiled import compiled_after
+from diffcache.compiled import check_not_compiled_after
 from diffcache.errors import DiffCacheError, RunError
 from diffcache.runstate import RunState
 from diffcache.sites import Site
@@ -179,14 +179,8 @@ class Session:
     def check_parts(self) -> None:
         """Raise (and clean the model) if the pipeline's scheduler or a denoiser was replaced,
         or a hooked module was compiled in place since (``diffcache.compiled``)."""
-        t, late = self.target, compiled_after(self.attachments)
-        if late is not None:
-            raise self.run.fail(
-                RunError(
-                    f"{late} was compiled after accelerate ({self.run.where()}); diffcache "
-                    "detached itself: compile first, then call diffcache.accelerate()."
-                )
-            )
+        t = self.target
+        check_not_compiled_after(self.attachments, self.run)
         if t.pipe is None:
             return
         owned = list(zip(t.expert_names, t.experts, strict=True))
