@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from diffcache.compiled import check_site, unwrap
 from diffcache.errors import UnsupportedModelError
 from diffcache.request import Field
 from diffcache.sites import Site, Stack
@@ -167,7 +168,7 @@ class Adapter:
         return replace(self, name=name, pipelines=pipelines, denoisers=(), fields=fields, **changes)
 
     def matches(self, obj: Any) -> bool:
-        name = type(obj).__name__
+        name = type(unwrap(obj)).__name__
         return name in self.pipelines or name in self.denoisers
 
     def field(self, name: str) -> Field | None:
@@ -194,7 +195,7 @@ class Target:
 
     @classmethod
     def resolve(cls, adapter: Adapter, obj: Any) -> Target:
-        if type(obj).__name__ in adapter.denoisers:  # named as in its pipeline, so that the
+        if type(unwrap(obj)).__name__ in adapter.denoisers:  # named as in its pipeline, so that the
             name = adapter.experts[0]  # site names of a plan profiled there match
             return cls(adapter, obj, [obj], [name], driver="timestep")
         experts, names = [], []
@@ -232,7 +233,7 @@ class Target:
 
     def arg_index(self, name: str) -> int | None:
         """Positional index of a denoiser argument, if its forward takes it positionally."""
-        params = list(inspect.signature(self.denoiser.forward).parameters)
+        params = list(inspect.signature(unwrap(self.denoiser).forward).parameters)
         return params.index(name) if name in params else None
 
     def sites(self, kind: str) -> list[Site]:
@@ -245,6 +246,7 @@ class Target:
                     continue
                 for i, block in enumerate(blocks):
                     name = f"{prefix}.{stack.attr}.{i}"
+                    check_site(module, block, name, kind)
                     if kind == "block":
                         out.append(Site("block", name, block, e, stack, i))
                     elif kind == "module":
@@ -254,7 +256,7 @@ class Target:
     def fingerprint(self) -> str:
         """Denoiser class(es) + a hash of their configuration: what calibration is valid for."""
         parts = []
-        for module in self.experts:
+        for module in map(unwrap, self.experts):
             config = getattr(module, "config", None)
             if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
                 # _use_default_values comes from a set: its order differs between processes

@@ -14,6 +14,7 @@ Two rules make us compose with them in either order:
 - :meth:`Attachment.detach` unlinks the layer wherever it now sits: in the slot, under another of
   our layers, or in accelerate's / diffusers' saved reference. A layer that cannot be found any
   more (a library dropped it) is made inert, so whoever still holds it calls straight through.
+- On a module compiled in place, a layer goes on its compiled call (``diffcache.compiled``).
 
 A deep copy of a hooked object is a plain copy running its own weights; pickling one raises.
 """
@@ -24,6 +25,7 @@ import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from diffcache import compiled
 from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
@@ -34,17 +36,18 @@ _ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps
 class Layer:
     """One hook around the callable that a slot held before (``inner``)."""
 
-    __slots__ = ("hook", "inner", "name", "owner_type", "owns_slot")
+    __slots__ = ("hook", "inner", "name", "owner_type", "owns_slot", "run")
 
     def __init__(self, name: str, hook: Hook, inner: Callable, owner: Any, owns: bool) -> None:
         self.name, self.hook, self.inner = name, hook, inner
         self.owner_type = type(owner).__name__
         self.owns_slot = owns  # the slot was empty (the class attribute showed through)
+        self.run = compiled.runner()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.hook is None:  # detached, but still held by a foreign wrapper
             return self.inner(*args, **kwargs)
-        return self.hook(self.inner, *args, **kwargs)
+        return self.run(self.hook, self.inner, *args, **kwargs)
 
     @property
     def __wrapped__(self) -> Callable:  # inspect.signature() sees the real parameters
@@ -63,8 +66,8 @@ class Layer:
 class Attachment:
     """Record of one attach: (object, attribute, name) and the layer it installed."""
 
-    def __init__(self, obj: Any, attr: str, layer: Layer) -> None:
-        self.obj, self.attr, self.layer = obj, attr, layer
+    def __init__(self, obj: Any, attr: str, layer: Layer, slot: str) -> None:
+        self.obj, self.attr, self.layer, self.slot = obj, attr, layer, slot
 
     def detach(self) -> None:
         """Unlink the layer wherever it sits now; idempotent."""
@@ -73,7 +76,7 @@ class Attachment:
             return
         layer.hook = None
         d = self.obj.__dict__
-        for slot in dict.fromkeys((self.attr, "forward", _ACCELERATE_SLOT)):
+        for slot in dict.fromkeys((self.attr, "forward", _ACCELERATE_SLOT, compiled.SLOT)):
             if d.get(slot) is layer:
                 if layer.owns_slot and slot == self.attr:
                     del d[slot]
@@ -99,14 +102,16 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
         raise DiffCacheError(f"{type(obj).__name__} has no instance dict; diffcache cannot hook it")
     d = obj.__dict__
     slot = attr
-    if attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
+    if attr == "forward" and compiled.compiled_in_place(obj):
+        slot = compiled.SLOT
+    elif attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
         slot = _ACCELERATE_SLOT
     if any(layer.name == name for layer in _chain(d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
     owns = slot not in d
     layer = Layer(name, hook, getattr(obj, attr) if owns else d[slot], obj, owns)
     d[slot] = layer
-    return Attachment(obj, attr, layer)
+    return Attachment(obj, attr, layer, slot)
 
 
 def layers(obj: Any) -> list[Layer]:

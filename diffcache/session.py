@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from diffcache import hooks
 from diffcache.adapter import Target
+from diffcache.compiled import check_not_compiled_after
 from diffcache.errors import DiffCacheError, RunError
 from diffcache.runstate import RunState
 from diffcache.sites import Site
@@ -176,8 +177,10 @@ class Session:
 
     # -- checks -----------------------------------------------------------------------------
     def check_parts(self) -> None:
-        """Raise (and clean the model) if the pipeline's scheduler or a denoiser was replaced."""
+        """Raise (and clean the model) if the pipeline's scheduler or a denoiser was replaced,
+        or a hooked module was compiled in place since (``diffcache.compiled``)."""
         t = self.target
+        check_not_compiled_after(self.attachments, self.run)
         if t.pipe is None:
             return
         owned = list(zip(t.expert_names, t.experts, strict=True))

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.adapter import Capabilities
+from diffcache.compiled import unwrap
 from diffcache.errors import RunError
 from diffcache.methods.base import Calibrated, MethodConfig, StepLimit, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
@@ -127,7 +128,7 @@ class _EasyCache:
         self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
-        self.module = type(t.denoiser).__name__
+        self.module = type(unwrap(t.denoiser)).__name__
         self.channels: int | None = None  # latent channels shared by input and output
 
     def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
