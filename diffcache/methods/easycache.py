@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffcache.adapter import Capabilities
+from diffcache.distributed import context_parallel_group, mean_across
 from diffcache.errors import RunError
 from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
@@ -127,13 +128,16 @@ class _EasyCache:
         self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
-        self.module = type(t.denoiser).__name__
+        self.denoiser, self.module = t.denoiser, type(t.denoiser).__name__
         self.channels: int | None = None  # latent channels shared by input and output
 
     def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        """``l1_change``'s three means; under context parallelism, over every rank's share, so
+        that all ranks take the same decision."""
         from diffcache import kernels
 
-        return self.kernel(kernels.l1_change, a, b).tolist()
+        means = self.kernel(kernels.l1_change, a, b)
+        return mean_across(context_parallel_group(self.denoiser), means, a.numel()).tolist()
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         n = self.channels
