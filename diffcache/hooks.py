@@ -11,6 +11,10 @@ Two rules make us compose with them in either order:
 - On a module that carries an accelerate hook, a layer goes *under* it (into ``_old_forward``):
   diffusers removes and re-adds that hook after every pipeline call, restoring ``forward`` from
   ``_old_forward``, so a layer above it would be dropped.
+- On a module whose input diffusers' context parallelism splits and whose output it gathers only
+  later (Wan's ``blocks.0``), a layer goes *under* the split, so that it sees input and output
+  sharded alike; where the gather is inside the module (FLUX's root), a layer outside sees both
+  whole.
 - :meth:`Attachment.detach` unlinks the layer wherever it now sits: in the slot, under another of
   our layers, or in accelerate's / diffusers' saved reference. A layer that cannot be found any
   more (a library dropped it) is made inert, so whoever still holds it calls straight through.
@@ -29,6 +33,7 @@ from diffcache.errors import DiffCacheError
 Hook = Callable[..., Any]
 PREFIX = "diffcache."
 _ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the wrapped forward
+_CP_INPUT, _CP_OUTPUT = "cp_input---", "cp_output---"  # diffusers' context-parallel hook names
 
 
 class Layer:
@@ -101,12 +106,44 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
     slot = attr
     if attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
         slot = _ACCELERATE_SLOT
-    if any(layer.name == name for layer in _chain(d.get(slot))):
+    split = _context_parallel_split(obj) if attr == "forward" else None
+    if any(layer.name == name for layer in _chain(split.forward if split else d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
+    if split is not None:  # directly under diffusers' split hook
+        layer = Layer(name, hook, split.forward, obj, owns=False)
+        split.forward = layer
+        return Attachment(obj, attr, layer)
     owns = slot not in d
     layer = Layer(name, hook, getattr(obj, attr) if owns else d[slot], obj, owns)
     d[slot] = layer
     return Attachment(obj, attr, layer)
+
+
+def inside_gathering_split(obj: Any) -> bool:
+    """One of our layers on ``obj`` runs inside diffusers' context-parallel input split although
+    ``obj`` gathers the output inside too (parallelism enabled after the layer was attached, on
+    FLUX's root): the layer would see a sharded input and a whole output."""
+    registry = obj.__dict__.get("_diffusers_hook")
+    if registry is None or _context_parallel_split(obj) is not None:
+        return False
+    order, refs = getattr(registry, "_hook_order", ()), getattr(registry, "_fn_refs", ())
+    splits = [ref for n, ref in zip(order, refs, strict=True) if n.startswith(_CP_INPUT)]
+    return any(next(_chain(ref.forward), None) is not None for ref in splits)
+
+
+def _context_parallel_split(obj: Any) -> Any | None:
+    """The function reference of diffusers' context-parallel input split on ``obj`` when no
+    gather of it happens inside ``obj`` (its output stays sharded), else None."""
+    registry = obj.__dict__.get("_diffusers_hook")
+    names = list(getattr(registry, "_hook_order", ()))
+    splits = [i for i, n in enumerate(names) if n.startswith(_CP_INPUT)]
+    if not splits or not hasattr(obj, "modules"):
+        return None
+    for module in obj.modules():
+        order = getattr(module.__dict__.get("_diffusers_hook"), "_hook_order", ())
+        if any(n.startswith(_CP_OUTPUT) for n in order):
+            return None
+    return registry._fn_refs[splits[0]]  # a split hook has no new_forward: ``forward`` is inner
 
 
 def layers(obj: Any) -> list[Layer]:

@@ -57,6 +57,9 @@ class EasyCacheConfig(MethodConfig):
       input's (DiT's learned variance) are cached raw.
     - A zero denominator in ``k`` or in the normaliser forces a compute (the reference divides
       by zero and ends up computing too).
+    - Under diffusers' context parallelism every mean above is taken over all ranks' shares (sums
+      and element counts all-reduced over the CP group) before the decision, so every rank
+      reuses the same steps.
     - Each expert of a multi-expert pipeline (Wan2.2) keeps its own state; a second-order
       scheduler's sub-steps are decided like steps (warm-up and last step count user steps).
     """

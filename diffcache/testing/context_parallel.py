@@ -51,17 +51,20 @@ def enable_context_parallel(transformer: Any, ring: int = 1, ulysses: int = 1) -
 
 
 def run_plans(
-    model: str, plans: list[str], ring: int = 1, ulysses: int = 1
+    model: str, plans: list[str], ring: int = 1, ulysses: int = 1, backend: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """``model``'s default request (seed 0) once per plan (``"none"``: uncached), on one
     pipeline: context parallel when ``ring * ulysses`` > 1 (call it on every rank), each plan
-    applied after parallelism is on and removed after its run. Returns ``{plan: {"media":
+    applied after parallelism is on and removed after its run; ``backend`` names diffusers'
+    attention backend. Returns ``{plan: {"media":
     tensor, "stats": dict | None}}``."""
     import diffcache
     from diffcache.generate import Request, generate
     from diffcache.models import load_model
 
     pipe = load_model(model).to("cuda" if torch.cuda.is_available() else "cpu")
+    if backend is not None:
+        pipe.transformer.set_attention_backend(backend)
     if ring * ulysses > 1:
         enable_context_parallel(pipe.transformer, ring=ring, ulysses=ulysses)
     results = {}
@@ -110,13 +113,39 @@ def sharded_toy_rank(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
+def mismatches(ranks: list[dict], one: dict, atol: float) -> list[str]:
+    """How the ranks' results of :func:`run_plans` differ from each other and from one process's
+    (``one``): media beyond ``atol`` or not identical across ranks, Stats other than wall time."""
+
+    def timeless(stats: dict | None) -> dict | None:
+        return None if stats is None else {k: v for k, v in stats.items() if k != "wall_s"}
+
+    found = []
+    for plan, want in one.items():
+        got = [r[plan] for r in ranks]
+        if any(not torch.equal(g["media"], got[0]["media"]) for g in got):
+            found.append(f"{plan}: the ranks' media differ")
+        if any(timeless(g["stats"]) != timeless(got[0]["stats"]) for g in got):
+            found.append(f"{plan}: the ranks' Stats differ")
+        if timeless(got[0]["stats"]) != timeless(want["stats"]):
+            found.append(f"{plan}: Stats {got[0]['stats']} != one process {want['stats']}")
+        diff = float((got[0]["media"] - want["media"]).abs().max())
+        if not diff <= atol:
+            found.append(f"{plan}: media differ from one process by {diff:.3g} > {atol}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--plan", action="append", required=True, help="repeat; none: uncached")
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--ulysses", type=int, default=1)
+    parser.add_argument("--attention-backend", help="diffusers' name, e.g. _native_cudnn for ring")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--check", type=float, metavar="ATOL", help="rank 0 compares with one process after"
+    )
     args = parser.parse_args(argv)
     import torch.distributed as dist
 
@@ -125,12 +154,25 @@ def main(argv: list[str] | None = None) -> None:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        results = run_plans(args.model, args.plan, args.ring, args.ulysses)
+        results = run_plans(args.model, args.plan, args.ring, args.ulysses, args.attention_backend)
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(results, args.out / f"rank{rank}.pt")
+        dist.barrier()
+        if args.check is None or rank != 0:
+            return 0
+        ranks = [
+            torch.load(args.out / f"rank{r}.pt", weights_only=False)
+            for r in range(dist.get_world_size())
+        ]
+        found = mismatches(ranks, run_plans(args.model, args.plan), args.check)
+        for plan in args.plan:
+            stats = results[plan]["stats"] or {}
+            print(f"{plan}: compute_fraction {stats.get('compute_fraction', 1.0)}")
+        print("\n".join(found) or f"every rank equals one process (media within {args.check})")
+        return 1 if found else 0
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
