@@ -164,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.load(args.out / f"rank{r}.pt", weights_only=False)
             for r in range(dist.get_world_size())
         ]
-        found = mismatches(ranks, run_plans(args.model, args.plan), args.check)
+        one = run_plans(args.model, args.plan)
+        found = mismatches(ranks, one, args.check)
         for plan in args.plan:
             stats = results[plan]["stats"] or {}
-            print(f"{plan}: compute_fraction {stats.get('compute_fraction', 1.0)}")
+            diff = float((results[plan]["media"] - one[plan]["media"]).abs().max())
+            print(
+                f"{plan}: compute_fraction {stats.get('compute_fraction', 1.0)}, "
+                f"media max |context parallel - one process| {diff:.2g}"
+            )
         print("\n".join(found) or f"every rank equals one process (media within {args.check})")
         return 1 if found else 0
     finally:
