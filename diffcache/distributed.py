@@ -70,6 +70,24 @@ def context_parallel_group(module: Any) -> Any | None:
     return None if mesh is None or mesh.size() < 2 else mesh.get_group()
 
 
+def context_parallel_split(module: Any) -> tuple[Any | None, bool]:
+    """diffusers' context-parallel input split on ``module`` (the hook registry's function
+    reference, whose ``forward`` is what the split calls), or None; and whether a gather hook
+    sits on ``module`` or inside it (the output comes back whole: FLUX's root, not Wan's
+    ``blocks.0``)."""
+    registry = getattr(module, "__dict__", {}).get("_diffusers_hook")
+    order = list(getattr(registry, "_hook_order", ()))
+    splits = [i for i, name in enumerate(order) if name.startswith("cp_input---")]
+    if not splits or not hasattr(module, "modules"):
+        return None, False
+    gathered = any(
+        name.startswith("cp_output---")
+        for m in module.modules()
+        for name in getattr(m.__dict__.get("_diffusers_hook"), "_hook_order", ())
+    )
+    return registry._fn_refs[splits[0]], gathered
+
+
 def mean_across(group: Any | None, means: Any, count: int) -> Any:
     """Means over every rank's share: ``sum(mean_r · count_r) / sum(count_r)``.
 

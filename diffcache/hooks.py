@@ -28,12 +28,12 @@ import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from diffcache.distributed import context_parallel_split
 from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
 PREFIX = "diffcache."
 _ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the wrapped forward
-_CP_INPUT, _CP_OUTPUT = "cp_input---", "cp_output---"  # diffusers' context-parallel hook names
 
 
 class Layer:
@@ -106,7 +106,8 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
     slot = attr
     if attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
         slot = _ACCELERATE_SLOT
-    split = _context_parallel_split(obj) if attr == "forward" else None
+    split, gathered = context_parallel_split(obj) if attr == "forward" else (None, False)
+    split = None if gathered else split
     if any(layer.name == name for layer in _chain(split.forward if split else d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
     if split is not None:  # directly under diffusers' split hook
@@ -123,27 +124,8 @@ def inside_gathering_split(obj: Any) -> bool:
     """One of our layers on ``obj`` runs inside diffusers' context-parallel input split although
     ``obj`` gathers the output inside too (parallelism enabled after the layer was attached, on
     FLUX's root): the layer would see a sharded input and a whole output."""
-    registry = obj.__dict__.get("_diffusers_hook")
-    if registry is None or _context_parallel_split(obj) is not None:
-        return False
-    order, refs = getattr(registry, "_hook_order", ()), getattr(registry, "_fn_refs", ())
-    splits = [ref for n, ref in zip(order, refs, strict=True) if n.startswith(_CP_INPUT)]
-    return any(next(_chain(ref.forward), None) is not None for ref in splits)
-
-
-def _context_parallel_split(obj: Any) -> Any | None:
-    """The function reference of diffusers' context-parallel input split on ``obj`` when no
-    gather of it happens inside ``obj`` (its output stays sharded), else None."""
-    registry = obj.__dict__.get("_diffusers_hook")
-    names = list(getattr(registry, "_hook_order", ()))
-    splits = [i for i, n in enumerate(names) if n.startswith(_CP_INPUT)]
-    if not splits or not hasattr(obj, "modules"):
-        return None
-    for module in obj.modules():
-        order = getattr(module.__dict__.get("_diffusers_hook"), "_hook_order", ())
-        if any(n.startswith(_CP_OUTPUT) for n in order):
-            return None
-    return registry._fn_refs[splits[0]]  # a split hook has no new_forward: ``forward`` is inner
+    split, gathered = context_parallel_split(obj)
+    return split is not None and gathered and next(_chain(split.forward), None) is not None
 
 
 def layers(obj: Any) -> list[Layer]:
