@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a CUDA machine (bench/README.md, "GPU checks").
 #
-#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit var var-bench (default: the first four)
+#   bench/gpu.sh [PART ...]    PART: tests kernels dlm dit var var-bench cp (default: the first four)
 #   SMALL=1 bench/gpu.sh       the same parts at smoke sizes: runs on a CPU in a few minutes
 #
 # Each part has its own time limit, so that the whole stays under 10 minutes and what finished
@@ -14,6 +14,9 @@
 #            native tests, then their kernel_speed.py rows (part of tests and kernels as well)
 #   var-bench  bench/var.py: the full grid (var-digits, VAR-d16 / d30 and Infinity-2B with random
 #            weights; 6 KV methods x 50/30/10% budgets; 3 rounds), table in $OUT/var-bench/var.md
+#   cp       context parallel (needs 2 GPUs): torchrun over NCCL, Ulysses degree 2, every method's
+#            bundled plan on wan2.1-tiny and flux-tiny; each rank equals one process (Stats
+#            equal, media within 1e-4); the CPU run of the same check is tests/test_context_parallel.py
 # Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +79,17 @@ for part in "${@:-tests kernels dlm dit}"; do
                 run var-kernels 60 python3 bench/kernel_speed.py "${KER[@]}" \
                     --ops kv_compact,window_scores ;;
             var-bench) run var-bench 540 python3 bench/var.py "${VAR[@]}" --out "$OUT/var-bench" ;;
-            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var, var-bench)"
+            cp)
+                for m in wan2.1-tiny flux-tiny; do
+                    plans=(--plan none)
+                    for suffix in "" -ertacache -invardiff -hyca; do
+                        plans+=(--plan "$m$suffix.yaml")
+                    done
+                    run "cp-$m" 240 env PYTHONSAFEPATH=1 python3 -m torch.distributed.run \
+                        --nproc_per_node 2 -m diffcache.testing.context_parallel --model "$m" \
+                        --ulysses 2 "${plans[@]}" --out "$OUT/cp-$m" --check 1e-4
+                done ;;
+            *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var, var-bench, cp)"
                exit 2 ;;
         esac
     done

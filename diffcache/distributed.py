@@ -56,3 +56,49 @@ def gather(obj: T) -> list[T]:
 
     _state()
     return gather_object([obj])
+
+
+def context_parallel_group(module: Any) -> Any | None:
+    """The process group of diffusers' context parallelism on ``module``, or None.
+
+    ``enable_parallelism(config=ContextParallelConfig(...))`` records the config on the model;
+    the group spans its ring and Ulysses dimensions together (every rank that holds a shard of
+    the sequence)."""
+    config = getattr(module, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp, "_flattened_mesh", None)
+    return None if mesh is None or mesh.size() < 2 else mesh.get_group()
+
+
+def context_parallel_split(module: Any) -> tuple[Any | None, bool]:
+    """diffusers' context-parallel input split on ``module`` (the hook registry's function
+    reference, whose ``forward`` is what the split calls), or None; and whether a gather hook
+    sits on ``module`` or inside it (the output comes back whole: FLUX's root, not Wan's
+    ``blocks.0``)."""
+    registry = getattr(module, "__dict__", {}).get("_diffusers_hook")
+    order = list(getattr(registry, "_hook_order", ()))
+    splits = [i for i, name in enumerate(order) if name.startswith("cp_input---")]
+    if not splits or not hasattr(module, "modules"):
+        return None, False
+    gathered = any(
+        name.startswith("cp_output---")
+        for m in module.modules()
+        for name in getattr(m.__dict__.get("_diffusers_hook"), "_hook_order", ())
+    )
+    return registry._fn_refs[splits[0]], gathered
+
+
+def mean_across(group: Any | None, means: Any, count: int) -> Any:
+    """Means over every rank's share: ``sum(mean_r · count_r) / sum(count_r)``.
+
+    ``means`` is a 1-D tensor of this rank's means over ``count`` elements each; every rank of
+    ``group`` gets the same float32 result, so a decision taken on it agrees everywhere. With no
+    group, ``means`` comes back unchanged."""
+    if group is None:
+        return means
+    import torch
+    import torch.distributed as dist
+
+    sums = torch.cat((means.double() * count, means.new_tensor([count], dtype=torch.float64)))
+    dist.all_reduce(sums, group=group)
+    return (sums[:-1] / sums[-1]).float()

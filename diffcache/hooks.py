@@ -11,6 +11,10 @@ Two rules make us compose with them in either order:
 - On a module that carries an accelerate hook, a layer goes *under* it (into ``_old_forward``):
   diffusers removes and re-adds that hook after every pipeline call, restoring ``forward`` from
   ``_old_forward``, so a layer above it would be dropped.
+- On a module whose input diffusers' context parallelism splits and whose output it gathers only
+  later (Wan's ``blocks.0``), a layer goes *under* the split, so that it sees input and output
+  sharded alike; where the gather is inside the module (FLUX's root), a layer outside sees both
+  whole.
 - :meth:`Attachment.detach` unlinks the layer wherever it now sits: in the slot, under another of
   our layers, or in accelerate's / diffusers' saved reference. A layer that cannot be found any
   more (a library dropped it) is made inert, so whoever still holds it calls straight through.
@@ -26,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from diffcache import compiled
+from diffcache.distributed import context_parallel_split
 from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
@@ -106,12 +111,26 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
         slot = compiled.SLOT
     elif attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
         slot = _ACCELERATE_SLOT
-    if any(layer.name == name for layer in _chain(d.get(slot))):
+    split, gathered = context_parallel_split(obj) if attr == "forward" else (None, False)
+    split = None if gathered else split
+    if any(layer.name == name for layer in _chain(split.forward if split else d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
+    if split is not None:  # directly under diffusers' split hook
+        layer = Layer(name, hook, split.forward, obj, owns=False)
+        split.forward = layer
+        return Attachment(obj, attr, layer)
     owns = slot not in d
     layer = Layer(name, hook, getattr(obj, attr) if owns else d[slot], obj, owns)
     d[slot] = layer
     return Attachment(obj, attr, layer, slot)
+
+
+def inside_gathering_split(obj: Any) -> bool:
+    """One of our layers on ``obj`` runs inside diffusers' context-parallel input split although
+    ``obj`` gathers the output inside too (parallelism enabled after the layer was attached, on
+    FLUX's root): the layer would see a sharded input and a whole output."""
+    split, gathered = context_parallel_split(obj)
+    return split is not None and gathered and next(_chain(split.forward), None) is not None
 
 
 def layers(obj: Any) -> list[Layer]:

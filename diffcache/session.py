@@ -178,9 +178,20 @@ class Session:
     # -- checks -----------------------------------------------------------------------------
     def check_parts(self) -> None:
         """Raise (and clean the model) if the pipeline's scheduler or a denoiser was replaced,
-        or a hooked module was compiled in place since (``diffcache.compiled``)."""
+        a hooked module was compiled in place since (``diffcache.compiled``), or context
+        parallelism was enabled on a denoiser after ``accelerate``."""
         t = self.target
         check_not_compiled_after(self.attachments, self.run)
+        for name, expert in zip(t.expert_names, t.experts, strict=True):
+            if hooks.inside_gathering_split(expert):
+                raise self.run.fail(
+                    RunError(
+                        f"context parallelism was enabled on {name} ({type(expert).__name__}) "
+                        "after diffcache.accelerate, so its input split runs outside diffcache's "
+                        "hooks; diffcache detached itself: call diffcache.accelerate() again "
+                        "(after enable_parallelism)."
+                    )
+                )
         if t.pipe is None:
             return
         owned = list(zip(t.expert_names, t.experts, strict=True))

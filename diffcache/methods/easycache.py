@@ -15,6 +15,7 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.compiled import unwrap
+from diffcache.distributed import context_parallel_group, mean_across
 from diffcache.errors import RunError
 from diffcache.methods.base import Calibrated, MethodConfig, StepLimit, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
@@ -57,6 +58,9 @@ class EasyCacheConfig(MethodConfig):
       input's (DiT's learned variance) are cached raw.
     - A zero denominator in ``k`` or in the normaliser forces a compute (the reference divides
       by zero and ends up computing too).
+    - Under diffusers' context parallelism every mean above is taken over all ranks' shares (sums
+      and element counts all-reduced over the CP group) before the decision, so every rank
+      reuses the same steps.
     - Each expert of a multi-expert pipeline (Wan2.2) keeps its own state; a second-order
       scheduler's sub-steps are decided like steps (warm-up and last step count user steps).
     """
@@ -128,13 +132,17 @@ class _EasyCache:
         self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
-        self.module = type(unwrap(t.denoiser)).__name__
+        self.denoiser = unwrap(t.denoiser)  # compiled whole: the module its hooks live on
+        self.module = type(self.denoiser).__name__
         self.channels: int | None = None  # latent channels shared by input and output
 
     def l1(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        """``l1_change``'s three means; under context parallelism, over every rank's share, so
+        that all ranks take the same decision."""
         from diffcache import kernels
 
-        return self.kernel(kernels.l1_change, a, b).tolist()
+        means = self.kernel(kernels.l1_change, a, b)
+        return mean_across(context_parallel_group(self.denoiser), means, a.numel()).tolist()
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         n = self.channels
