@@ -118,7 +118,7 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
     if split is not None:  # directly under diffusers' split hook
         layer = Layer(name, hook, split.forward, obj, owns=False)
         split.forward = layer
-        return Attachment(obj, attr, layer)
+        return Attachment(obj, attr, layer, slot)
     owns = slot not in d
     layer = Layer(name, hook, getattr(obj, attr) if owns else d[slot], obj, owns)
     d[slot] = layer
