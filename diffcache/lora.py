@@ -20,6 +20,7 @@ from diffcache.errors import PlanError
 
 logger = logging.getLogger(__name__)
 NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
+_WARNED: set[tuple[str, str]] = set()  # (plan, state) warned about in this process
 
 
 def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
@@ -126,7 +127,8 @@ class LoraWatch:
     """Checks the denoisers' LoRA state at the first call of each run: a plan's
     ``valid_for.lora`` refuses a run under another state (the pipeline stays accelerated); a
     calibrated plan that records the state it was profiled with (``provenance.lora``; none
-    recorded: profiled without LoRA) but does not require it warns once when they differ."""
+    recorded: profiled without LoRA) but does not require it warns when they differ: once per
+    session, and once per process for a plan and state (``eval`` accelerates again and again)."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], plan: Any, run: Any) -> None:
         self.modules, self.plan, self.run = list(modules), plan, run
@@ -156,8 +158,9 @@ class LoraWatch:
             )
         if self.recorded is not None and not self.warned:
             profiled = self.recorded.get("sha256") if isinstance(self.recorded, Mapping) else NONE
-            if key != profiled:
+            if key != profiled and (self.plan.source, key) not in _WARNED:
                 self.warned = True
+                _WARNED.add((self.plan.source, key))
                 logger.warning(
                     "diffcache: %s was calibrated with %s but this run has %s; its calibration "
                     "may not fit: run `diffcache profile` on the pipeline with this LoRA "
