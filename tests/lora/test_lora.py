@@ -217,3 +217,15 @@ def test_profile_records_the_lora_state(dit) -> None:
     plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
     assert plan.provenance["lora"] == adapter_state([pipe.transformer])
     assert "lora" not in plan.valid_for and plan.provenance["lora"]["adapters"] == {"p": 1.0}
+
+
+def test_cli_refuses_a_plan_for_another_lora_state(tmp_path: Path, capsys) -> None:
+    from diffcache.cli import main
+
+    path = _calibrated("0123456789abcdef").save(tmp_path / "lora-plan.yaml")
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", "dit-tiny", "--plan", str(path), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffcache: error: ") and "valid_for.lora" in err[-1]
+    assert "0123456789abcdef" in err[-1] and "no LoRA" in err[-1] and not out.exists()
