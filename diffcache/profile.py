@@ -43,7 +43,7 @@ from diffcache.eval.timing import (
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.kv.memory import Geometry
-from diffcache.lora import NONE, adapter_state
+from diffcache.lora import adapter_state
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import sample_of
@@ -679,7 +679,6 @@ def _with_provenance(
     provenance: dict[str, Any] = {
         "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": target.fingerprint(),
-        "lora": adapter_state(target.experts) or NONE,
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
         "seeds": sorted({r.seed for r in requests}),
@@ -687,6 +686,9 @@ def _with_provenance(
         "measured": dict(calibrated.measured),
         **{k: v for k, v in targets.items() if v is not None},
     }
+    lora = adapter_state(target.experts)  # recorded with a LoRA only: none is the default
+    if lora is not None:
+        provenance["lora"] = lora
     return dataclasses.replace(plan, provenance=provenance)
 
 
