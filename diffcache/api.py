@@ -19,6 +19,7 @@ from diffcache.errors import (
 )
 from diffcache.hooks import PREFIX, layers
 from diffcache.kernels import plan_backend
+from diffcache.lora import LoraWatch, check_lora
 from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
@@ -61,6 +62,7 @@ def accelerate(
         tracing=trace,
         steps_problem=config.steps_problem,
     )
+    run.reporters.append(LoraWatch(target.experts, plan, run).facts)
     _, apply = get_method(plan.method)
     open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)
     logger.info(
@@ -116,6 +118,7 @@ def resolve(model: Any, plan: Plan) -> Target:
             f"({type(plan.config).profile_hint()})."
         )
     check_weights(plan, target.experts)
+    check_lora(plan, target.experts)
     if target.driver == "pipeline":
         missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
         if missing:

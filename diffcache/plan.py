@@ -42,8 +42,9 @@ MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
 VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str, "weights": str}
-#: what plans for a family with a scheduler (every driver but our own pipelines') may carry
-SCHEDULED: dict[str, type] = {"scheduler": str}
+#: what plans for a family with a scheduler (every driver but our own pipelines') may carry;
+#: ``lora``: the hash of the LoRA adapters on the denoiser (``diffcache.lora``), or ``none``
+SCHEDULED: dict[str, type] = {"scheduler": str, "lora": str}
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 

@@ -43,6 +43,7 @@ from diffcache.eval.timing import (
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.kv.memory import Geometry
+from diffcache.lora import adapter_state
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import latent_part, sample_of
@@ -709,6 +710,9 @@ def _with_provenance(
         "measured": dict(calibrated.measured),
         **{k: v for k, v in targets.items() if v is not None},
     }
+    lora = adapter_state(target.experts)  # recorded with a LoRA only: none is the default
+    if lora is not None:
+        provenance["lora"] = lora
     return dataclasses.replace(plan, provenance=provenance)
 
 

@@ -146,6 +146,7 @@ class RunState:
         self._checked = False
         self._opened = False  # the current step index is in use (a call or begin_step saw it)
         self._slots: dict[Hashable, Any] = {}
+        self.reporters: list[Callable[[], dict[str, Any]]] = []  # facts of the model, per run
         self._call: list[float] | None = None  # [done, total] of the current model call
         self._t0 = 0.0
         self.stats = self._new_stats()
@@ -279,6 +280,8 @@ class RunState:
 
     def _check_valid_for(self) -> None:
         self._checked = True
+        for report in self.reporters:
+            self.facts.update(report())
         want = self.valid_for.get("num_inference_steps")
         if want is not None and self.num_steps is not None and self.num_steps != want:
             raise self.refuse(steps_mismatch(want, self.num_steps))

@@ -12,6 +12,7 @@ kernels through :meth:`kernel`, so each run's Stats name the backends its own ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -87,6 +88,7 @@ class Session:
         self._step: Handler | None = None
         self._expected: list[Counter[str]] = [Counter() for _ in target.experts]
         self._seen: dict[str, int] = {}
+        self._modules: list[tuple[Site, hooks.Attachment, Handler, str]] = []
 
     @property
     def kernels(self) -> str:
@@ -112,7 +114,24 @@ class Session:
         """``handler(call)`` answers every call of each site (blocks or modules)."""
         for site in sites:
             self._expected[site.expert][site.kind] += 1
-            self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
+            self._hook(site, handler, name)
+
+    def _hook(self, site: Site, handler: Handler, name: str) -> None:
+        self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
+        if site.spec is not None:  # a module site: see rebind
+            self._modules.append((site, self.attachments[-1], handler, name))
+
+    def rebind(self) -> None:
+        """Move the hook of a module site whose block attribute now holds another module (peft
+        wraps a ``Linear`` site in a ``LoraLayer`` when a LoRA loads, unwraps it on unload)."""
+        for site, old, handler, name in list(self._modules):
+            block = getattr(self.target.experts[site.expert], site.stack.attr)[site.index]
+            module = getattr(block, site.spec.attr, None)
+            if module is not None and module is not site.module:
+                old.detach()
+                self.attachments.remove(old)
+                self._modules.remove((site, old, handler, name))
+                self._hook(dataclasses.replace(site, module=module), handler, name)
 
     def install(self, driver: Any) -> None:
         """Attach the driver's hooks and the core's call hook on every expert (outermost)."""
@@ -143,6 +162,7 @@ class Session:
 
         def call_hook(inner: Callable, *args: Any, **kwargs: Any) -> Any:
             self.driver.before_call(args, kwargs)
+            self.rebind()
             run.begin_call(site.expert)
             self._seen = dict.fromkeys(expected, 0)
             call = Call(run, site, inner, args, kwargs)

@@ -26,9 +26,10 @@ CORE = ENGINE + ("streams", "display", "calibration", "generate", "profile")
 #: ``test_the_core_engine_stays_small`` for what the rest is). 2,179 after issue 22's moves;
 #: issue 24 added the seams where other libraries meet the engine: pipeline variants
 #: (``Adapter.family`` / ``variant`` / ``steps_run``, the driver's start inside a trimmed
-#: schedule), hooks outside compiled graphs and under diffusers' context-parallel split, the
-#: few-step limits and the weights check
-ENGINE_LINES = 2285
+#: schedule), hooks outside compiled graphs, under diffusers' context-parallel split and
+#: following peft's LoraLayer wrapping (``Session.rebind``), per-run model facts, the few-step
+#: limits and the weights and LoRA checks
+ENGINE_LINES = 2312
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}

@@ -67,7 +67,7 @@ def test_load_dict_and_config() -> None:
         (
             {**GOOD, "valid_for": {"gen_length": 64}},
             r"valid_for.gen_length: wan2.1 plans have no such key; allowed: num_inference_steps, "
-            r"fingerprint, weights, scheduler$",
+            r"fingerprint, weights, scheduler, lora$",
         ),
         (
             {"diffcache": 1, "model": "llada", "method": "dkv_cache", "valid_for": TEXT_STEPS},

@@ -1,0 +1,173 @@
+"""The LoRA adapters (peft, as diffusers' ``load_lora_weights`` installs them) that change what a
+denoiser computes: which adapters are active or fused, at which weights, and a hash of their
+tensors. A calibrated plan records this state (``provenance.lora``) and may require it
+(``valid_for.lora``: the hash, or ``none`` for no LoRA); :class:`LoraWatch` checks each run.
+
+Layers are recognised by what peft's LoRA layers carry (``lora_A``, ``scaling``,
+``merged_adapters``), so peft is never imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from diffcache.errors import PlanError
+
+logger = logging.getLogger(__name__)
+NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
+_WARNED: set[tuple[str, str]] = set()  # (plan, state) warned about in this process
+
+
+def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
+    for e, root in enumerate(modules):
+        for name, module in root.named_modules():
+            if hasattr(module, "lora_A") and hasattr(module, "scaling"):
+                yield f"{e}.{name}", module
+
+
+def _effective(layer: Any) -> tuple[list[str], bool]:
+    """The adapters that change ``layer``'s output, and whether they are fused into its weight
+    (peft runs the merged weight alone while any adapter is merged)."""
+    merged = list(getattr(layer, "merged_adapters", []))
+    if merged:
+        return merged, True
+    if getattr(layer, "disable_adapters", False):
+        return [], False
+    return [a for a in layer.active_adapters if a in layer.scaling], False
+
+
+def _tensors(layer: Any, adapter: str) -> list[torch.Tensor]:
+    out = []
+    for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+        table = getattr(layer, attr, None)
+        if table is not None and adapter in table:
+            part = table[adapter]
+            out.append(part if isinstance(part, torch.Tensor) else part.weight)
+    return out
+
+
+def _weight(layer: Any, adapter: str) -> float:
+    """``scaling`` over the adapter's initial scale: the weight ``set_adapters`` gave it."""
+    rank = layer.r[adapter]
+    rslora = getattr(layer, "use_rslora", {}).get(adapter, False)
+    initial = layer.lora_alpha[adapter] / (rank**0.5 if rslora else rank)
+    return float(layer.scaling[adapter]) / initial
+
+
+def signature(modules: Sequence[torch.nn.Module]) -> tuple:
+    """A cheap key that changes whenever :func:`adapter_state` may (adapters loaded, unloaded,
+    activated, re-weighted, fused, or their tensors written in place)."""
+    key = []
+    for name, layer in _layers(modules):
+        adapters, fused = _effective(layer)
+        for a in adapters:
+            parts = tuple((t.data_ptr(), t._version) for t in _tensors(layer, a))
+            key.append((name, a, fused, float(layer.scaling[a]), parts))
+    return tuple(key)
+
+
+def adapter_state(modules: Sequence[torch.nn.Module]) -> dict[str, Any] | None:
+    """``{"adapters": {name: weight}, "fused": bool, "sha256": hex}`` of the LoRA adapters that
+    change the output of ``modules`` (a denoiser and its experts), or None without any. The hash
+    covers each layer's adapter tensors, scale and fused flag (not the adapter names: the same
+    LoRA under another name is the same model); a weight that differs between layers (block-wise
+    scales) is shown as ``per-layer``."""
+    digest = hashlib.sha256()
+    weights: dict[str, set[float]] = {}
+    fused_any = False
+    for name, layer in _layers(modules):
+        adapters, fused = _effective(layer)
+        fused_any = fused_any or fused
+        for a in adapters:
+            w = _weight(layer, a)
+            weights.setdefault(a, set()).add(round(w, 6))
+            digest.update(f"{name}|{w!r}|{fused}".encode())
+            for t in _tensors(layer, a):
+                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if not weights:
+        return None
+    shown = {a: (ws.pop() if len(ws) == 1 else "per-layer") for a, ws in sorted(weights.items())}
+    return {"adapters": shown, "fused": fused_any, "sha256": digest.hexdigest()[:16]}
+
+
+def state_key(state: Mapping[str, Any] | None) -> str:
+    """The ``valid_for.lora`` value of a state: its hash, or ``none``."""
+    return NONE if state is None else str(state["sha256"])
+
+
+def describe(state: Mapping[str, Any] | None) -> str:
+    """A state in words: ``no LoRA`` or ``LoRA a=1.0, b=0.5 (fused) [hash]``."""
+    if state is None:
+        return "no LoRA"
+    names = ", ".join(f"{a}={w}" for a, w in state["adapters"].items())
+    fused = " (fused)" if state["fused"] else ""
+    return f"LoRA {names}{fused} [{state['sha256']}]"
+
+
+def check_lora(plan: Any, modules: Sequence[torch.nn.Module]) -> None:
+    """Refuse (PlanError) a plan whose ``valid_for.lora`` is not the state of ``modules``."""
+    want = plan.valid_for.get("lora")
+    state = adapter_state(modules) if want is not None else None
+    if want is not None and state_key(state) != want:
+        raise PlanError(
+            f"{plan.source}: valid_for.lora: the plan is valid for LoRA state {want} but the "
+            f"pipeline has {describe(state)}; {_FIX} ({type(plan.config).profile_hint()})."
+        )
+
+
+_FIX = "load the LoRA it was profiled with (provenance.lora) or profile this pipeline"
+
+
+class LoraWatch:
+    """Checks the denoisers' LoRA state at the first call of each run: a plan's
+    ``valid_for.lora`` refuses a run under another state (the pipeline stays accelerated); a
+    calibrated plan that records the state it was profiled with (``provenance.lora``; none
+    recorded: profiled without LoRA) but does not require it warns when they differ: once per
+    session, and once per process for a plan and state (``eval`` accelerates again and again)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], plan: Any, run: Any) -> None:
+        self.modules, self.plan, self.run = list(modules), plan, run
+        calibrated = bool(plan.calibration or plan.tensors)  # profiled data: made on one model
+        recorded = plan.provenance.get("lora", NONE) if calibrated else None
+        self.recorded = recorded if "lora" not in plan.valid_for else None
+        self.warned = False
+        self._sig: tuple | None = None
+        self._state: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any] | None:
+        """The current state, rehashed only when :func:`signature` changed."""
+        sig = signature(self.modules)
+        if sig != self._sig:
+            self._sig, self._state = sig, adapter_state(self.modules)
+        return self._state
+
+    def facts(self) -> dict[str, Any]:
+        """``{"lora": key}`` of this run, after refusing or warning."""
+        state = self.state()
+        key = state_key(state)
+        want = self.plan.valid_for.get("lora")
+        if want is not None and key != want:
+            raise self.run.refuse(
+                f"the plan is valid for LoRA state {want} but this call has {describe(state)}; "
+                f"{_FIX} (valid_for.lora)"
+            )
+        if self.recorded is not None and not self.warned:
+            profiled = self.recorded.get("sha256") if isinstance(self.recorded, Mapping) else NONE
+            if key != profiled and (self.plan.source, key) not in _WARNED:
+                self.warned = True
+                _WARNED.add((self.plan.source, key))
+                logger.warning(
+                    "diffcache: %s was calibrated with %s but this run has %s; its calibration "
+                    "may not fit: run `diffcache profile` on the pipeline with this LoRA "
+                    "(diffcache.profile(pipe, %r, prompts)) for a plan that does.",
+                    self.plan.name,
+                    describe(self.recorded if isinstance(self.recorded, Mapping) else None),
+                    describe(state),
+                    self.plan.method,
+                )
+        return {"lora": key}

@@ -1,0 +1,231 @@
+"""diffusers LoRA (peft) with every DiT method: loaded before or after ``accelerate``,
+re-weighted, fused, unloaded; ``remove`` bit-exact; the adapter state calibrated plans record."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffcache
+import diffcache.lora
+from diffcache.errors import PlanError
+from diffcache.generate import generate
+from diffcache.lora import adapter_state
+from diffcache.models import load_model
+from diffcache.pipelines.digits.lora import set_weight
+from diffcache.plan import Plan
+from diffcache.testing.lora import inject_lora, write_lora
+from diffcache.testing.toys import clean, tiny_request
+
+pytest.importorskip("peft")
+
+METHODS = ("", "-ertacache", "-hyca", "-invardiff")  # the bundled plans of each tiny model
+STEPS = 20  # the bundled tiny plans' step count
+
+
+def _run(pipe, req) -> torch.Tensor:
+    return torch.as_tensor(generate(pipe, req))
+
+
+def _work(pipe) -> dict:
+    return diffcache.stats(pipe).as_dict()["work"]
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory) -> tuple:
+    """Two flux-tiny pipelines and two LoRA folders (attention and the ``proj_mlp`` sites)."""
+    a, b = load_model("flux-tiny"), load_model("flux-tiny")
+    root = tmp_path_factory.mktemp("flux-lora")
+    folders = [write_lora(a, root / f"l{i}", seed=i) for i in range(2)]
+    return a, b, folders, tiny_request("flux-tiny", STEPS)[2]
+
+
+@pytest.mark.parametrize("suffix", METHODS)
+def test_lora_after_accelerate_equals_before(flux, suffix: str) -> None:
+    """peft wraps ``proj_mlp`` (a module site) in a LoraLayer when a LoRA loads after
+    ``accelerate``: the hook follows it, so the cached run equals loading first, Stats too; and
+    unloading after ``accelerate`` equals accelerating the unloaded pipeline."""
+    first, second, (folder, _), req = flux
+    plan = f"flux-tiny{suffix}.yaml"
+    first.load_lora_weights(folder, adapter_name="a")
+    diffcache.accelerate(first, plan)
+    want, want_work = _run(first, req), _work(first)
+    diffcache.accelerate(second, plan)
+    second.load_lora_weights(folder, adapter_name="a")
+    got = _run(second, req)
+    assert torch.equal(got, want) and _work(second) == want_work
+    assert sum(w["skipped"] for w in want_work.values()) > 0  # the cache still acts
+
+    first.unload_lora_weights()  # while accelerated: proj_mlp is a Linear again
+    plain_after = _run(first, req), _work(first)
+    diffcache.remove(first)
+    diffcache.remove(second)
+    second.unload_lora_weights()
+    diffcache.accelerate(second, plan)
+    assert torch.equal(_run(second, req), plain_after[0]) and _work(second) == plain_after[1]
+    diffcache.remove(second)
+
+
+FAMILIES = ("flux-tiny", "wan2.1-tiny", "hunyuanvideo-tiny", "qwenimage-tiny", "cogvideox-tiny")
+
+
+def _lora_ops(pipe, folders, step: int) -> None:
+    """The user's LoRA operations, one per ``step``."""
+    if step == 0:
+        pipe.load_lora_weights(folders[0], adapter_name="a")
+    elif step == 1:
+        pipe.load_lora_weights(folders[1], adapter_name="b")
+        pipe.set_adapters(["a", "b"], [0.5, 1.0])
+    elif step == 2:
+        pipe.fuse_lora()
+    elif step == 3:
+        pipe.unfuse_lora()
+        pipe.set_adapters(["b"], [0.7])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [pytest.param(m, marks=pytest.mark.slow if m != "flux-tiny" else ()) for m in FAMILIES],
+)
+def test_lora_operations_then_remove_is_bit_exact(model: str, tmp_path: Path) -> None:
+    """Each method caches through load / set_adapters / fuse / unfuse / unload done while it is
+    attached; after ``remove`` the pipeline equals one that never was accelerated and went
+    through the same LoRA operations, bit for bit (the LoRA changes the output, and the cache
+    skips work, at every stage)."""
+    plain, cached = load_model(model), load_model(model)
+    folders = [write_lora(plain, tmp_path / f"l{i}", seed=i) for i in range(2)]
+    req = tiny_request(model, STEPS)[2]
+    base = _run(plain, req)
+    for suffix in METHODS:
+        diffcache.accelerate(cached, f"{model}{suffix}.yaml")
+        for step in range(4):
+            _lora_ops(plain, folders, step)
+            _lora_ops(cached, folders, step)
+            want = _run(plain, req)
+            assert not torch.equal(want, base)
+            _run(cached, req)
+            assert diffcache.stats(cached).compute_fraction < 1, (suffix, step)
+        diffcache.remove(cached)
+        assert clean(cached.transformer)
+        assert torch.equal(_run(cached, req), want), suffix
+        for pipe in (plain, cached):
+            pipe.unload_lora_weights()
+        assert torch.equal(_run(cached, req), _run(plain, req))  # unfuse: not exactly base
+
+
+@pytest.fixture
+def dit():
+    return load_model("dit-tiny"), tiny_request("dit-tiny", STEPS)[2]
+
+
+def test_dit_lora_by_peft_injection(dit) -> None:
+    """DiTPipeline has no LoRA loader: peft's ``inject_adapter_in_model`` on the transformer,
+    after ``accelerate``, with every method; ``remove`` then equals the un-accelerated run."""
+    pipe, req = dit
+    base = _run(pipe, req)
+    inject_lora(pipe.transformer, "a", targets=("to_q", "to_v", "net.2"))
+    want = _run(pipe, req)
+    assert not torch.equal(want, base)
+    for suffix in METHODS:
+        diffcache.accelerate(pipe, f"dit-tiny{suffix}.yaml")
+        _run(pipe, req)
+        assert diffcache.stats(pipe).compute_fraction < 1
+        diffcache.remove(pipe)
+        assert torch.equal(_run(pipe, req), want)
+
+
+def test_adapter_state_follows_weights_fuse_and_unload(flux) -> None:
+    pipe, _, (folder, other), _ = flux
+    assert adapter_state([pipe.transformer]) is None
+    pipe.load_lora_weights(folder, adapter_name="a")
+    one = adapter_state([pipe.transformer])
+    assert one["adapters"] == {"a": 1.0} and not one["fused"]
+    pipe.set_adapters(["a"], [0.5])
+    half = adapter_state([pipe.transformer])
+    assert half["adapters"] == {"a": 0.5} and half["sha256"] != one["sha256"]
+    pipe.fuse_lora()
+    fused = adapter_state([pipe.transformer])
+    assert fused["fused"] and fused["sha256"] not in (one["sha256"], half["sha256"])
+    pipe.unfuse_lora()
+    assert adapter_state([pipe.transformer]) == half
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(folder, adapter_name="renamed")  # same tensors, same model
+    assert adapter_state([pipe.transformer])["sha256"] == one["sha256"]
+    pipe.load_lora_weights(other, adapter_name="b")
+    pipe.set_adapters(["renamed", "b"], [1.0, 1.0])
+    assert adapter_state([pipe.transformer])["sha256"] != one["sha256"]
+    pipe.unload_lora_weights()
+    assert adapter_state([pipe.transformer]) is None
+
+
+def _calibrated(valid_lora: str | None = None) -> Plan:
+    plan = Plan.load("dit-tiny-ertacache.yaml")
+    if valid_lora is None:
+        return plan
+    return dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": valid_lora})
+
+
+def test_calibrated_plan_warns_once_under_another_lora(dit, caplog, monkeypatch) -> None:
+    """A plan profiled without LoRA (bundled, no provenance.lora) run with one: one warning
+    per session naming the fix, none without LoRA, and none again for a plan and state that
+    this process warned about."""
+    pipe, req = dit
+    monkeypatch.setattr(diffcache.lora, "_WARNED", set())
+    caplog.set_level(logging.WARNING, logger="diffcache.lora")
+    diffcache.accelerate(pipe, _calibrated())
+    _run(pipe, req)
+    assert not caplog.records
+    inject_lora(pipe.transformer, "w", targets=("to_q",))
+    _run(pipe, req)
+    set_weight(pipe.transformer, 0.5, "w")  # another adapter state again: no second warning
+    _run(pipe, req)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "no LoRA" in message and "w=1.0" in message and "diffcache profile" in message
+    for _ in range(2):  # the state at w=0.5 is news once
+        diffcache.remove(pipe)
+        diffcache.accelerate(pipe, _calibrated())
+        _run(pipe, req)
+        assert len(caplog.records) == 2 and "w=0.5" in caplog.records[1].getMessage()
+    diffcache.remove(pipe)
+
+
+def test_valid_for_lora_refused_at_accelerate_and_per_run(dit) -> None:
+    pipe, req = dit
+    with pytest.raises(PlanError, match=r"valid_for\.lora: .* has no LoRA") as e:
+        diffcache.accelerate(pipe, _calibrated("0123456789abcdef"))
+    assert "\n" not in str(e.value) and clean(pipe, pipe.transformer, pipe.scheduler)
+    inject_lora(pipe.transformer, "v", targets=("to_q",))
+    key = adapter_state([pipe.transformer])["sha256"]
+    diffcache.accelerate(pipe, _calibrated(key))
+    _run(pipe, req)
+    set_weight(pipe.transformer, 0.5, "v")  # set_adapters with another weight between calls
+    with pytest.raises(PlanError, match=rf"valid for LoRA state {key} .* v=0.5 .*valid_for\.lora"):
+        _run(pipe, req)
+    assert diffcache.is_accelerated(pipe)
+    set_weight(pipe.transformer, 1.0, "v")
+    _run(pipe, req)  # the state it was profiled with: runs again
+
+
+def test_profile_records_the_lora_state(dit) -> None:
+    pipe, _ = dit
+    inject_lora(pipe.transformer, "p", targets=("to_q",))
+    plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
+    assert plan.provenance["lora"] == adapter_state([pipe.transformer])
+    assert "lora" not in plan.valid_for and plan.provenance["lora"]["adapters"] == {"p": 1.0}
+
+
+def test_cli_refuses_a_plan_for_another_lora_state(tmp_path: Path, capsys) -> None:
+    from diffcache.cli import main
+
+    path = _calibrated("0123456789abcdef").save(tmp_path / "lora-plan.yaml")
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", "dit-tiny", "--plan", str(path), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffcache: error: ") and "valid_for.lora" in err[-1]
+    assert "0123456789abcdef" in err[-1] and "no LoRA" in err[-1] and not out.exists()
