@@ -71,7 +71,7 @@ def _plan(method: str, model: str) -> object:
         return {**plan, "calibration": {"classes": [[0, 1]]}}
     if method == "ertacache":  # the toy's scheduler is not the flow-matching Euler one
         config = dataclasses.replace(config, time_adjust=False)
-    made = plan_for(ToyPipeline(), config, num_inference_steps=4)
+    made = plan_for(ToyPipeline(), config, num_inference_steps=6)
     return dataclasses.replace(made, model=model, valid_for={})
 
 

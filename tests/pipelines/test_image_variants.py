@@ -280,8 +280,8 @@ def test_cli_profile_refuses_a_warm_up_longer_than_the_steps_strength_runs(
     err = capsys.readouterr().err.strip()
     assert err == (
         "diffcache: error: hyca: this request denoises 3 of its 10 scheduled steps; "
-        "options.warmup_steps: 3 warm-up steps cover all 3 steps, so nothing is forecast; "
-        "use fewer"
+        "options.warmup_steps: hyca with warmup_steps=3 reuses nothing in 3 steps (it needs at "
+        "least 5 steps); warmup_steps=1 would act at 3 steps"
     ), err
 
 

@@ -26,7 +26,7 @@ from diffcache.pipelines._fields import INPUT_VIDEO
 from diffcache.registry import find_adapter
 from diffcache.testing.toys import clean
 
-STEPS, STRENGTH, BLOCKS = 6, 0.5, 2  # the tiny transformers have two blocks
+STEPS, STRENGTH, BLOCKS = 8, 0.5, 2  # the tiny transformers have two blocks
 VARIANTS = ["wan-tiny-i2v", "wan22-tiny-i2v", "wan-tiny-v2v", "cogvideox-tiny-i2v"]
 VARIANTS += ["cogvideox-tiny-v2v"]
 METHODS = ["easycache", "ertacache", "invardiff", "hyca"]
