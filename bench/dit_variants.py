@@ -1,0 +1,145 @@
+"""The DiT methods where users run them: each method on each variant of the trained reference
+models (issue 24's benchmark), against the same variant uncached.
+
+Variants (``--variants``): ``base`` (the model as built), ``lora`` (dit-digits only: the built-in
+``dit-digits-lora``, a class-shift LoRA trained here, scored on the shifted classes; wan-shapes
+has no trained LoRA), ``int8`` (torchao weight-only int8: ``diffcache.quant.quantize_int8``),
+``8step`` (dit-digits only: the distilled ``dit-digits-8step``) and ``compiled``
+(``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``;
+``--compile-backend inductor`` compiles C++ on a CPU: minutes per cell). Plans: each method's
+bundled plan for the model; a calibrated method (ERTACache, InvarDiff, HyCa) on a variant its
+bundled plan was not calibrated on (LoRA, int8) is profiled on that variant first with the
+bundled plan's fixed options, on the model's calibration inputs, as the plan's warning tells a
+user to do. Each cell is one ``diffcache.eval.runner.evaluate`` call (its ``prepare`` builds the
+variant), the plan and the uncached variant interleaved per request.
+
+Printed per cell: compute_fraction, speedup (median of the paired per-round ratios, with their
+range), of-ideal (speedup / ideal speedup of the compute fraction, ``eval/timing.py``), PSNR
+against the uncached variant, the task score beside the uncached variant's, lost / won samples
+and the sign test's p. Goals (issue 24): of-ideal >= 0.9 where a method skips work, no cell
+losing task score at p < 0.05. Numbers are printed as measured; nothing is asserted.
+
+    python bench/dit_variants.py --models dit-digits --variants base,int8,8step --inputs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from arg_types import among, positive
+from compile_cache import WHERE, compile_pipe
+from reference_models import fmt, lost_won, sign_p
+
+import diffcache
+from diffcache.eval.paired import per_request
+from diffcache.eval.report import speedup_text
+from diffcache.eval.runner import evaluate
+from diffcache.eval.timing import ideal_speedup
+from diffcache.generate import Request
+from diffcache.models import builtin_models, load_model
+from diffcache.plan import Plan
+from diffcache.profiles import bundled_plans
+from diffcache.profiles.make import PLANS
+from diffcache.quant import quantize_int8
+
+MODELS = ("dit-digits", "wan-shapes")
+VARIANTS = ("base", "lora", "int8", "8step", "compiled")
+METHODS = {"easycache": "", "ertacache": "-ertacache", "hyca": "-hyca", "invardiff": "-invardiff"}
+#: the variant's built-in model where it is one (the others prepare the model's own pipeline)
+MODEL_OF = {("dit-digits", "lora"): "dit-digits-lora", ("dit-digits", "8step"): "dit-digits-8step"}
+#: variants a model has no form of, and why
+MISSING = {
+    ("wan-shapes", "lora"): "no LoRA trained for it",
+    ("wan-shapes", "8step"): "not distilled",
+}
+
+
+def prepare_for(variant: str, method: str, backend: str) -> Callable[[Any], Any] | None:
+    """What turns the loaded pipeline into the variant (None: it already is)."""
+    if variant == "int8":
+        return quantize_int8
+    if variant == "compiled":
+        return lambda pipe: compile_pipe(pipe, WHERE[method], backend)
+    return None
+
+
+def plan_for(model: str, variant: str, method: str) -> Plan:
+    """The method's bundled plan for the variant's model, or (calibrated methods on LoRA / int8
+    weights) the same fixed options profiled on the variant."""
+    own = MODEL_OF.get((model, variant), model)
+    name = f"{own}{METHODS[method]}.yaml"  # the distilled model's own; a LoRA takes the base's
+    name = name if name in bundled_plans() else f"{model}{METHODS[method]}.yaml"
+    plan = Plan.load(name)
+    if method == "easycache" or variant not in ("lora", "int8"):
+        return plan
+    _, _, fixed, _, inputs, seed = PLANS[f"{model}{METHODS[method]}.yaml"]
+    pipe = load_model(own)
+    pipe = prepare_for(variant, method, "eager")(pipe) if variant == "int8" else pipe
+    config = type(plan.config).from_options(fixed, f"{name}: options")
+    request = Request(seed=seed).merged(builtin_models()[own].defaults)
+    t0 = time.perf_counter()
+    made = diffcache.profile(pipe, config, inputs(), request=request)
+    print(f"  profiled {method} on {variant} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return made
+
+
+def row(model: str, variant: str, method: str, report: dict[str, Any]) -> str:
+    run = report["runs"][0]
+    cf, speedup = run["compute_fraction"], run["speedup"]
+    of_ideal = speedup / ideal_speedup(cf) if cf is not None and cf < 1 else None
+    scores = per_request(report, "task_score")
+    paired = (scores.get("baseline", {}), scores.get(run["plan"], {}))
+    return (
+        f"{model:<11} {variant:<8} {method:<10} {fmt(cf, '.3f'):>7} "
+        f"{speedup_text(run):>20} {fmt(of_ideal, '.2f'):>8} "
+        f"{fmt(run.get('psnr'), '.1f'):>7} {fmt(run['task_score'], '.3f'):>6} "
+        f"{fmt(report['baseline']['task_score'], '.3f'):>6} {lost_won(*paired):>8} "
+        f"{sign_p(*paired):>6}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=among(MODELS), default=",".join(MODELS))
+    p.add_argument("--variants", type=among(VARIANTS), default=",".join(VARIANTS))
+    p.add_argument("--methods", type=among(tuple(METHODS)), default=",".join(METHODS))
+    p.add_argument("--inputs", type=positive, default=None, help="the first N evaluation inputs")
+    p.add_argument("--seeds", type=positive, default=1, help="seeds per evaluation input")
+    p.add_argument("--repeats", type=positive, default=3, help="timed rounds per request")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--out", default="out/bench-dit-variants")
+    args = p.parse_args(argv)
+    header = (
+        f"{'model':<11} {'variant':<8} {'method':<10} {'compute':>7} {'speedup (range)':>20} "
+        f"{'of ideal':>8} {'PSNR dB':>7} {'task':>6} {'plain':>6} {'lost/won':>8} {'p':>6}"
+    )
+    lines = [header]
+    print(header, flush=True)
+    for model in args.models:
+        for variant in args.variants:
+            if (model, variant) in MISSING:
+                lines.append(f"{model:<11} {variant:<8} (none: {MISSING[model, variant]})")
+                print(lines[-1], flush=True)
+                continue
+            own = MODEL_OF.get((model, variant), model)
+            prompts = None
+            if args.inputs:
+                prompts = list(builtin_models()[own].default_prompts() or [])[: args.inputs]
+            for method in args.methods:
+                plan = plan_for(model, variant, method)
+                report = evaluate(
+                    own, [plan], Path(args.out) / f"{model}-{variant}-{method}",
+                    prompts=prompts or None, seeds=args.seeds, repeats=args.repeats,
+                    samples=0, prepare=prepare_for(variant, method, args.compile_backend),
+                )  # fmt: skip
+                lines.append(row(model, variant, method, report))
+                print(lines[-1], flush=True)
+    print("\n".join(["", *lines]))
+
+
+if __name__ == "__main__":
+    main()
