@@ -8,10 +8,11 @@ has no trained LoRA), ``int8`` (torchao weight-only int8: ``diffcache.quant.quan
 (``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``;
 ``--compile-backend inductor`` compiles C++ on a CPU: minutes per cell). Plans: each method's
 bundled plan for the model; a calibrated method (ERTACache, InvarDiff, HyCa) on a variant its
-bundled plan was not calibrated on (LoRA, int8) is profiled on that variant first with the
-bundled plan's fixed options, on the model's calibration inputs, as the plan's warning tells a
-user to do. Each cell is one ``diffcache.eval.runner.evaluate`` call (its ``prepare`` builds the
-variant), the plan and the uncached variant interleaved per request.
+bundled plan was not calibrated on (LoRA, int8) is profiled on that variant first as the bundled
+plan was made (``diffcache.profiles.make``: its fixed options and compute target, the model's
+calibration inputs), as the plan's warning tells a user to do. Each cell is one
+``diffcache.eval.runner.evaluate`` call (its ``prepare`` builds the variant), the plan and the
+uncached variant interleaved per request.
 
 Printed per cell: compute_fraction, speedup (median of the paired per-round ratios, with their
 range), of-ideal (speedup / ideal speedup of the compute fraction, ``eval/timing.py``), PSNR
@@ -76,13 +77,13 @@ def plan_for(model: str, variant: str, method: str) -> Plan:
     plan = Plan.load(name)
     if method == "easycache" or variant not in ("lora", "int8"):
         return plan
-    _, _, fixed, _, inputs, seed = PLANS[f"{model}{METHODS[method]}.yaml"]
+    _, _, fixed, target, inputs, seed = PLANS[f"{model}{METHODS[method]}.yaml"]
     pipe = load_model(own)
     pipe = prepare_for(variant, method, "eager")(pipe) if variant == "int8" else pipe
     config = type(plan.config).from_options(fixed, f"{name}: options")
     request = Request(seed=seed).merged(builtin_models()[own].defaults)
     t0 = time.perf_counter()
-    made = diffcache.profile(pipe, config, inputs(), request=request)
+    made = diffcache.profile(pipe, config, inputs(), request=request, target_compute=target)
     print(f"  profiled {method} on {variant} in {time.perf_counter() - t0:.0f} s", flush=True)
     return made
 
