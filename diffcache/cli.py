@@ -907,12 +907,14 @@ def _models(args: argparse.Namespace) -> int:
     from diffcache.models import builtin_models
     from diffcache.registry import adapters
 
+    models, families = builtin_models(), adapters()
+    wide, fam = max(map(len, models)), max(map(len, families))
     print("built-in models:")
-    for name, e in builtin_models().items():
-        print(f"  {name:22s} {e.family:14s} {e.description}")
+    for name, e in models.items():
+        print(f"  {name:{wide}s} {e.family:{fam}s} {e.description}")
     print("families (local checkpoints load by folder path):")
-    for name, a in adapters().items():
-        print(f"  {name:14s} {', '.join(a.pipelines)}  [cfg: {a.cfg}, {a.media}]")
+    for name, a in families.items():
+        print(f"  {name:{fam}s} {', '.join(a.pipelines)}  [cfg: {a.cfg}, {a.media}]")
     return 0
 
 
