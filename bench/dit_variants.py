@@ -79,7 +79,7 @@ def plan_for(model: str, variant: str, method: str) -> Plan:
         return plan
     _, _, fixed, target, inputs, seed = PLANS[f"{model}{METHODS[method]}.yaml"]
     pipe = load_model(own)
-    pipe = prepare_for(variant, method, "eager")(pipe) if variant == "int8" else pipe
+    pipe = quantize_int8(pipe) if variant == "int8" else pipe
     config = type(plan.config).from_options(fixed, f"{name}: options")
     request = Request(seed=seed).merged(builtin_models()[own].defaults)
     t0 = time.perf_counter()
