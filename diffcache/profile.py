@@ -486,6 +486,9 @@ def profile(
             f"profiling runs whole generations: pass the pipeline, not its {type(pipe).__name__}"
         )
     config.check_supported(target, type(pipe).__name__)  # before any calibration run
+    for kind in config.needs.sites:  # resolved now: a site that a compiled graph holds is
+        if kind in ("block", "module"):  # refused before the plain run (diffcache.compiled)
+            target.sites(kind)
     requests = expand(adapter, prompts, seeds, request)
     for req in requests:  # every request is checked before any work
         check(adapter, req, pipe, CALIBRATION_INPUT)

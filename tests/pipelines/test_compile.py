@@ -41,6 +41,8 @@ SERVES = {
     "blocks": ("easycache", "ertacache", "hyca"),
     "modules": METHODS,
 }
+#: the calibrated block and module methods, each compiled where it runs (bench WHERE)
+WHERE_OWN = [("hyca", "blocks"), ("invardiff", "modules")]
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "compile_cache.py"
 
 
@@ -149,6 +151,46 @@ def test_sites_inside_a_compiled_graph_are_refused(
     pipe = compile_pipe(load_model("dit-tiny"), where, backend="eager")
     with pytest.raises(UnsupportedModelError, match=rf"transformer_blocks\.0: {words}"):
         diffcache.accelerate(pipe, _plan("dit-tiny", method))
+    assert clean(pipe.transformer, *_blocks(pipe), pipe.scheduler, exact=False)
+
+
+PROMPTS = ["1", "7"]  # calibration class ids
+
+
+@pytest.mark.parametrize(("method", "where"), [("ertacache", "whole"), *WHERE_OWN])
+def test_profile_on_a_compiled_pipeline(compile_pipe: Any, method: str, where: str) -> None:
+    """The calibrated methods record the plain run: on a pipeline compiled where the method runs
+    (backend "eager": the same float results), the plan equals the eager pipeline's, tensors
+    included, and the compiled pipeline is left as it was."""
+    torch._dynamo.reset()
+    eager = diffcache.profile(load_model("dit-tiny"), method, PROMPTS, target_compute=0.6)
+    pipe = compile_pipe(load_model("dit-tiny"), where, backend="eager")
+    plain = generate(pipe, _request("dit-tiny"))
+    plan = diffcache.profile(pipe, method, PROMPTS, target_compute=0.6)
+    torch._dynamo.reset()
+    assert plan == eager
+    assert plan.tensors.keys() == eager.tensors.keys()
+    assert all(torch.equal(plan.tensors[k], eager.tensors[k]) for k in plan.tensors)
+    assert np.array_equal(generate(pipe, _request("dit-tiny")), plain)
+
+
+@pytest.mark.parametrize(
+    ("where", "method", "words"),
+    [
+        ("whole", "hyca", "block caching inside a transformer compiled whole"),
+        ("blocks", "invardiff", "module caching inside a block compiled on its own"),
+    ],
+)
+def test_profile_refuses_sites_inside_a_compiled_graph_before_running(
+    compile_pipe: Any, monkeypatch: pytest.MonkeyPatch, where: str, method: str, words: str
+) -> None:
+    pipe = compile_pipe(load_model("dit-tiny"), where, backend="eager")
+    runs = []
+    call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: runs.append(1) or call(*a, **k))
+    with pytest.raises(UnsupportedModelError, match=rf"transformer_blocks\.0: {words}"):
+        diffcache.profile(pipe, method, PROMPTS)
+    assert runs == [], "profiling ran the pipeline before refusing"
     assert clean(pipe.transformer, *_blocks(pipe), pipe.scheduler, exact=False)
 
 
