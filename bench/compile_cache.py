@@ -36,6 +36,8 @@ from diffcache.models import builtin_models, load_model
 from diffcache.registry import find_adapter
 
 METHODS = ("easycache", "ertacache", "hyca", "invardiff")
+#: torch.compile backends that run on a CPU: inductor builds kernels, the others only trace
+BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 #: what each method needs compiled on its own (diffcache.compiled): every method runs on the
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="dit-digits")
     parser.add_argument("--methods", type=among(METHODS), default=list(METHODS))
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="inductor", help="torch.compile backend"
+    )
     parser.add_argument(
         "--where",
         choices=("fit", "whole", "blocks", "modules"),

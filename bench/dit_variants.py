@@ -5,8 +5,13 @@ Variants (``--variants``): ``base`` (the model as built), ``lora`` (dit-digits o
 ``dit-digits-lora``, a class-shift LoRA trained here, scored on the shifted classes; wan-shapes
 has no trained LoRA), ``int8`` (torchao weight-only int8: ``diffcache.quant.quantize_int8``),
 ``8step`` (dit-digits only: the distilled ``dit-digits-8step``) and ``compiled``
-(``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``;
-``--compile-backend inductor`` compiles C++ on a CPU: minutes per cell). Plans: each method's
+(``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``,
+uncached and cached alike). A compiled cell compiles its pipeline and runs one untimed
+generation first, whose seconds are printed apart (the compile; evaluate's warm-up and timed
+rounds then find the graphs built). ``--compile-backend inductor`` builds C++: minutes per
+graph on a CPU the first time, seconds once inductor's FX graph cache holds it (on by default,
+on disk across processes: ``TORCHINDUCTOR_CACHE_DIR``); ``eager`` / ``aot_eager`` only trace
+(no speed of their own: a quick check of the column). Plans: each method's
 bundled plan for the model; a calibrated method (ERTACache, InvarDiff, HyCa) on a variant its
 bundled plan was not calibrated on (LoRA, int8) is profiled on that variant first as the bundled
 plan was made (``diffcache.profiles.make``: its fixed options and compute target, the model's
@@ -32,20 +37,21 @@ from pathlib import Path
 from typing import Any
 
 from arg_types import among, positive
-from compile_cache import WHERE, compile_pipe
+from compile_cache import BACKENDS, WHERE, compile_pipe
 from reference_models import fmt, lost_won, sign_p
 
 import diffcache
 from diffcache.eval.paired import per_request
 from diffcache.eval.report import speedup_text
 from diffcache.eval.runner import evaluate
-from diffcache.eval.timing import ideal_speedup
-from diffcache.generate import Request
-from diffcache.models import builtin_models, load_model
+from diffcache.eval.timing import ideal_speedup, timed
+from diffcache.generate import Request, expand, generate
+from diffcache.models import builtin_models, builtin_of, load_model
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
 from diffcache.profiles.make import PLANS
 from diffcache.quant import quantize_int8
+from diffcache.registry import find_adapter
 
 MODELS = ("dit-digits", "wan-shapes")
 VARIANTS = ("base", "lora", "int8", "8step", "compiled")
@@ -59,13 +65,25 @@ MISSING = {
 }
 
 
-def prepare_for(variant: str, method: str, backend: str) -> Callable[[Any], Any] | None:
-    """What turns the loaded pipeline into the variant (None: it already is)."""
+def prepare_for(variant: str, method: str, backend: str, first: str) -> Callable[[Any], Any] | None:
+    """What turns the loaded pipeline into the variant (None: it already is); ``first``: the
+    evaluation input a compiled pipeline compiles on."""
     if variant == "int8":
         return quantize_int8
     if variant == "compiled":
-        return lambda pipe: compile_pipe(pipe, WHERE[method], backend)
+        return lambda pipe: compiled(pipe, WHERE[method], backend, first)
     return None
+
+
+def compiled(pipe: Any, where: str, backend: str, first: str) -> Any:
+    """``pipe`` compiled (:func:`compile_pipe`) and its graphs built by one untimed generation
+    of the input ``first``, whose seconds are printed: the compile, kept out of the timings."""
+    compile_pipe(pipe, where, backend)
+    request = Request().merged(builtin_of(pipe).defaults)
+    (request,) = expand(find_adapter(pipe), [first], 1, request)
+    seconds = timed(lambda: generate(pipe, request))[1]
+    print(f"  compiled {where} ({backend}): first generation {seconds:.1f} s", flush=True)
+    return pipe
 
 
 def plan_for(model: str, variant: str, method: str) -> Plan:
@@ -111,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inputs", type=positive, default=None, help="the first N evaluation inputs")
     p.add_argument("--seeds", type=positive, default=1, help="seeds per evaluation input")
     p.add_argument("--repeats", type=positive, default=3, help="timed rounds per request")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument(
+        "--compile-backend", choices=BACKENDS, default="inductor", help="torch.compile backend"
+    )
     p.add_argument("--out", default="out/bench-dit-variants")
     args = p.parse_args(argv)
     header = (
@@ -127,18 +147,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(lines[-1], flush=True)
                 continue
             own = MODEL_OF.get((model, variant), model)
-            prompts = None
-            if args.inputs:
-                prompts = list(builtin_models()[own].default_prompts() or [])[: args.inputs]
+            inputs = list(builtin_models()[own].default_prompts())
+            prompts = inputs[: args.inputs] if args.inputs else None
             for method in args.methods:
                 plan = plan_for(model, variant, method)
                 report = evaluate(
                     own, [plan], Path(args.out) / f"{model}-{variant}-{method}",
-                    prompts=prompts or None, seeds=args.seeds, repeats=args.repeats,
-                    samples=0, prepare=prepare_for(variant, method, args.compile_backend),
+                    prompts=prompts, seeds=args.seeds, repeats=args.repeats,
+                    samples=0,
+                    prepare=prepare_for(variant, method, args.compile_backend, inputs[0]),
                 )  # fmt: skip
                 lines.append(row(model, variant, method, report))
                 print(lines[-1], flush=True)
+                if variant == "compiled":  # beside the first generation's (the compile)
+                    latency = report["baseline"]["latency_s"]
+                    print(f"  uncached compiled, warmed: {latency:.2f} s a generation", flush=True)
     print("\n".join(["", *lines]))
 
 
