@@ -8,7 +8,8 @@ eager pipeline's under the same plan, and ``remove`` gives the compiled pipeline
 bit for bit. ``backend="eager"`` captures graphs and guards exactly as inductor does, without
 building C++ (the measured difference to eager is 0; the tolerance allows float noise only); one
 slow test runs inductor. Sites a compiled graph would hold, and compiling after ``accelerate``,
-are refused with one line.
+are refused with one line. ``diffcache.profile`` on a compiled pipeline makes the eager
+pipeline's plan, and refuses those sites before its first run.
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def test_dit_variants_compiles_before_its_timed_runs() -> None:
     nothing more."""
     variants = _bench(VARIANTS)
     torch._dynamo.reset()
+    counters.clear()
     pipe = variants["compiled"](load_model("dit-tiny"), "blocks", "eager", "3")
     built = _graphs()
     assert built > 0
