@@ -118,9 +118,10 @@ def word_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
 
 
-def template_prefix_length(tokenizer: Any, template: str) -> int:
-    """Number of tokens the tokenizer gives the part of ``template`` before its ``{}``."""
-    return len(tokenizer(template.split("{}")[0]).input_ids)
+def template_prefix_length(tokenizer: Any, template: str, end: str = "{}") -> int:
+    """Number of tokens the tokenizer gives the part of ``template`` before ``end`` (its
+    ``{}``, where the prompt goes)."""
+    return len(tokenizer(template.split(end)[0]).input_ids)
 
 
 def tiny_clip() -> tuple[Any, Any]:

@@ -1,8 +1,9 @@
 """The image-to-video and video-to-video pipelines of Wan (Wan2.1 I2V, Wan2.2 two-expert I2V,
-V2V), CogVideoX (I2V, V2V) and HunyuanVideo (I2V, token-replace and 33-channel) under the four
-DiT methods: the steps counted are the steps the
-pipeline runs (``strength`` trims video-to-video), each expert keeps its own state, the counts
-follow each method's rule, ``remove`` is bit-exact, and the CLI takes ``--image`` / ``--video``."""
+V2V), CogVideoX (I2V, V2V) and HunyuanVideo (I2V, token-replace and 33-channel), and Qwen-Image
+Edit (an image input too; slow: it encodes the input at 1024 x 1024) under the four DiT
+methods: the steps counted are the steps the pipeline runs (``strength`` trims
+video-to-video), each expert keeps its own state, the counts follow each method's rule,
+``remove`` is bit-exact, and the CLI takes ``--image`` / ``--video``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from diffcache.testing.toys import clean
 STEPS, STRENGTH = 8, 0.5
 VARIANTS = ["wan-tiny-i2v", "wan22-tiny-i2v", "wan-tiny-v2v", "cogvideox-tiny-i2v"]
 VARIANTS += ["cogvideox-tiny-v2v", "hunyuanvideo-tiny-i2v", "hunyuanvideo-tiny-i2v-33ch"]
+VARIANTS += [pytest.param("qwenimage-tiny-edit", marks=pytest.mark.slow)]
 METHODS = ["easycache", "ertacache", "invardiff", "hyca"]
 
 
@@ -102,7 +104,8 @@ def test_steps_are_the_steps_the_pipeline_runs(variant: dict[str, Any]) -> None:
     name, experts = variant["name"], variant["experts"]
     want = int(STEPS * STRENGTH) if "v2v" in name else STEPS
     assert len(experts) == want and variant["calls"] == want * variant["branches"]
-    assert variant["branches"] == (2 if name.startswith("wan") else 1)  # separate / batched CFG
+    separate = name.startswith(("wan", "qwenimage"))  # CFG: separate calls / batched / none
+    assert variant["branches"] == (2 if separate else 1)
     if name == "wan22-tiny-i2v":
         assert experts == sorted(experts) and experts[0] == 0 and experts[-1] == 1
 
@@ -341,10 +344,49 @@ def test_cli_hunyuanvideo_image_to_video(
          "options": {"warmup_steps": 1}}
     ).save(plan)  # fmt: skip
     rc = main([*argv, "--image", inputs["image"], "--plan", str(plan), "--stats-json", str(stats)])
-    s = json.loads(stats.read_text())
     assert rc == 0 and out.stat().st_size > 0
+    s = json.loads(stats.read_text())
     assert (s["method"], s["steps"], s["model_calls"]) == ("easycache", 4, 4)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "diffcache: error: --image is required for hunyuanvideo-i2v models", err
+
+
+def test_qwenimage_edit_keeps_the_image_and_the_prompt(inputs: dict[str, str]) -> None:
+    """The edit pipeline drops its template's system part (64 tokens) from the Qwen2.5-VL
+    encoding: what is left is the image's vision tokens (4 at 56 x 56 pixels, 2 x 2 merged
+    patches of 14) and the template's tail with the prompt; built without torchvision."""
+    import importlib.util
+
+    pipe = load_model("qwenimage-tiny-edit")
+    template = pipe.prompt_template_encode
+    tail = template[template.index("<|vision_start|>") :].format("a red cat")
+    image = Image.open(inputs["image"]).convert("RGB")
+    embeds, mask = pipe.encode_prompt(prompt="a red cat", image=image, device="cpu")
+    want = len(pipe.tokenizer(tail).input_ids) - 1 + (56 // 14) ** 2 // 4  # 1 image pad -> 4
+    assert embeds.shape[1] == want and (mask is None or mask.all())  # None: all kept
+    assert importlib.util.find_spec("torchvision") is None
+
+
+def test_cli_qwenimage_edit(
+    inputs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """``--image`` feeds QwenImageEditPipeline under a Qwen-Image plan (two calls a step: true
+    CFG); without ``--image``: one line, exit 2, before the model is built."""
+    out, stats = tmp_path / "out.png", tmp_path / "s.json"
+    argv = ["generate", "--model", "qwenimage-tiny-edit", "--prompt", "a cat", "--steps", "4"]
+    argv += ["--height", "32", "--width", "32", "--out", str(out)]
+    plan = tmp_path / "p.yaml"
+    diffcache.Plan.load(
+        {"diffcache": 1, "model": "qwenimage", "method": "easycache",
+         "options": {"warmup_steps": 1}}
+    ).save(plan)  # fmt: skip
+    rc = main([*argv, "--image", inputs["image"], "--plan", str(plan), "--stats-json", str(stats)])
+    assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
+    s = json.loads(stats.read_text())
+    assert (s["method"], s["steps"], s["model_calls"]) == ("easycache", 4, 8)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "diffcache: error: --image is required for qwenimage-edit models", err
