@@ -64,6 +64,7 @@ def word_tokenizer(
     pad: str = "<pad>",
     unk: str = "<unk>",
     prefix: Sequence[str] = (),
+    pieces: Sequence[str] = (),
     model_max_length: int | None = None,
 ) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` built in code.
@@ -74,6 +75,9 @@ def word_tokenizer(
         bos: token put before every sequence, if any.
         eos: token put after every sequence, if any.
         prefix: extra special tokens put first (after ``bos``) in every sequence.
+        pieces: strings that are one token wherever they occur, inside words too, as a BPE
+            merge makes them (``"'s"`` keeps ``user's`` two tokens; ``"transition"`` makes
+            ``transitions`` two).
         model_max_length: the tokenizer's default maximum length.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
@@ -81,15 +85,18 @@ def word_tokenizer(
 
     vocab: dict[str, int] = {}
     named = [t for t in (pad, eos, unk, bos) if t is not None]
-    for token in [*named, *specials, *prefix, *WORDS]:
+    for token in [*named, *specials, *prefix, *pieces, *WORDS]:
         vocab.setdefault(token, len(vocab))
     for text in texts:
+        for piece in pieces:  # the rest of a word a piece splits is a word of its own
+            text = text.replace(piece, " ")
         for token in re.findall(_TOKEN_PATTERN, text):
             vocab.setdefault(token, len(vocab))
 
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(_TOKEN_PATTERN), behavior="removed", invert=True)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in pieces])
     head = [t for t in (bos, *prefix) if t is not None]
     tail = [eos] if eos is not None else []
     if head or tail:
@@ -111,9 +118,10 @@ def word_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
 
 
-def template_prefix_length(tokenizer: Any, template: str) -> int:
-    """Number of tokens the tokenizer gives the part of ``template`` before its ``{}``."""
-    return len(tokenizer(template.split("{}")[0]).input_ids)
+def template_prefix_length(tokenizer: Any, template: str, end: str = "{}") -> int:
+    """Number of tokens the tokenizer gives the part of ``template`` before ``end`` (its
+    ``{}``, where the prompt goes)."""
+    return len(tokenizer(template.split(end)[0]).input_ids)
 
 
 def tiny_clip() -> tuple[Any, Any]:

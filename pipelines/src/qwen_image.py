@@ -99,6 +99,9 @@ IMG2IMG = variant("qwenimage-img2img", "QwenImageImg2ImgPipeline", required(INPU
 INPAINT = variant(
     "qwenimage-inpaint", "QwenImageInpaintPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH
 )
+# QwenImageEditPipeline: the input image enters the Qwen2.5-VL encoder (through its processor)
+# and, as latents, the transformer's sequence after the noised latents; all steps run.
+EDIT = variant("qwenimage-edit", "QwenImageEditPipeline", required(INPUT_IMAGE))
 
 # Copied from the QwenImagePipeline constructor values (they are instance attributes there).
 _TEMPLATE = (
@@ -117,18 +120,26 @@ _SPECIALS = (
 )
 
 
-def _qwen_tokenizer() -> Any:
-    """Word-level tokenizer; like Qwen2's, it adds no BOS/EOS and pads with ``<|endoftext|>``."""
+def _qwen_tokenizer(
+    template: str = _TEMPLATE, drop: int = _DROP, kept: str = "{}", pieces: tuple[str, ...] = ()
+) -> Any:
+    """Word-level tokenizer; like Qwen2's, it adds no BOS/EOS and pads with ``<|endoftext|>``.
+
+    The pipeline drops the first ``drop`` tokens of its ``template``, which end where ``kept``
+    starts; ``pieces`` (BPE-like merges) make our word split give that count.
+    """
     tokenizer = word_tokenizer(
-        texts=[_TEMPLATE],
+        texts=[template],
         specials=_SPECIALS,
         bos=None,
         eos=None,
         pad="<|endoftext|>",
+        pieces=pieces,
         model_max_length=32768,
     )
-    # The pipeline drops its template's first 34 tokens; our word split gives the same count.
-    assert template_prefix_length(tokenizer, _TEMPLATE) == _DROP
+    dropped = template_prefix_length(tokenizer, template, kept)
+    if dropped != drop:
+        raise RuntimeError(f"the template has {dropped} tokens before {kept!r}, not {drop}")
     return tokenizer
 
 
@@ -231,3 +242,46 @@ def build_inpaint(seed: int = 0) -> Any:
     from diffusers import QwenImageInpaintPipeline
 
     return on_components(QwenImageInpaintPipeline, build_tiny(seed))
+
+
+#: Qwen2's BPE merges in the edit template ("user's", "background),"): with them our word split
+#: gives its system part the 64 tokens the pipeline drops
+_EDIT_PIECES = ("'s", "),")
+#: the vision encoder sees the input image at 56 x 56 pixels: 4 x 4 patches of 14, 4 tokens
+_EDIT_VISION_PIXELS = 56 * 56
+
+
+def _image_only_processor(image_processor: Any, tokenizer: Any) -> Any:
+    """A Qwen2-VL processor without its video processor (which needs torchvision): the
+    processor's parts are the arguments its ``__init__`` names."""
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+            super().__init__(image_processor, tokenizer, None)
+
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer)
+
+
+def build_edit(seed: int = 0) -> Any:
+    """QwenImageEditPipeline on qwenimage-tiny's transformer, VAE and scheduler, with a tiny
+    Qwen2.5-VL encoder on the edit template's vocabulary and the slow (PIL) Qwen2-VL image
+    processor."""
+    from diffusers import QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessorPil
+
+    pipe = on_components(QwenImageEditPipeline, build_tiny(seed), processor=None)
+    template = pipe.prompt_template_encode
+    drop = pipe.prompt_template_encode_start_idx
+    with seeded(seed):
+        tokenizer = _qwen_tokenizer(template, drop, "<|vision_start|>", _EDIT_PIECES)
+        text_encoder = _qwen_text_encoder(tokenizer)
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=_EDIT_VISION_PIXELS, max_pixels=_EDIT_VISION_PIXELS
+    )
+    pipe.register_modules(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        processor=_image_only_processor(images, tokenizer),
+    )
+    return pipe

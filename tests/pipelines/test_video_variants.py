@@ -1,7 +1,9 @@
 """The image-to-video and video-to-video pipelines of Wan (Wan2.1 I2V, Wan2.2 two-expert I2V,
-V2V) and CogVideoX (I2V, V2V) under the four DiT methods: the steps counted are the steps the
-pipeline runs (``strength`` trims video-to-video), each expert keeps its own state, the counts
-follow each method's rule, ``remove`` is bit-exact, and the CLI takes ``--image`` / ``--video``."""
+V2V), CogVideoX (I2V, V2V) and HunyuanVideo (I2V, token-replace and 33-channel), and Qwen-Image
+Edit (an image input too; slow: it encodes the input at 1024 x 1024) under the four DiT
+methods: the steps counted are the steps the pipeline runs (``strength`` trims
+video-to-video), each expert keeps its own state, the counts follow each method's rule,
+``remove`` is bit-exact, and the CLI takes ``--image`` / ``--video``."""
 
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from diffcache.pipelines._fields import INPUT_VIDEO
 from diffcache.registry import find_adapter
 from diffcache.testing.toys import clean
 
-STEPS, STRENGTH, BLOCKS = 8, 0.5, 2  # the tiny transformers have two blocks
+STEPS, STRENGTH = 8, 0.5
 VARIANTS = ["wan-tiny-i2v", "wan22-tiny-i2v", "wan-tiny-v2v", "cogvideox-tiny-i2v"]
-VARIANTS += ["cogvideox-tiny-v2v"]
+VARIANTS += ["cogvideox-tiny-v2v", "hunyuanvideo-tiny-i2v", "hunyuanvideo-tiny-i2v-33ch"]
+VARIANTS += [pytest.param("qwenimage-tiny-edit", marks=pytest.mark.slow)]
 METHODS = ["easycache", "ertacache", "invardiff", "hyca"]
 
 
@@ -101,7 +104,8 @@ def test_steps_are_the_steps_the_pipeline_runs(variant: dict[str, Any]) -> None:
     name, experts = variant["name"], variant["experts"]
     want = int(STEPS * STRENGTH) if "v2v" in name else STEPS
     assert len(experts) == want and variant["calls"] == want * variant["branches"]
-    assert variant["branches"] == (2 if name.startswith("wan") else 1)  # separate / batched CFG
+    separate = name.startswith(("wan", "qwenimage"))  # CFG: separate calls / batched / none
+    assert variant["branches"] == (2 if separate else 1)
     if name == "wan22-tiny-i2v":
         assert experts == sorted(experts) and experts[0] == 0 and experts[-1] == 1
 
@@ -120,7 +124,12 @@ def _plan(method: str, variant: dict[str, Any]) -> Any:
     return diffcache.profile(pipe, cfg, ["a cat"], request=req)
 
 
-def _computed(method: str, plan: Any, experts: list[int]) -> tuple[int, int]:
+def _blocks(name: str) -> int:
+    """The tiny transformers have two blocks; HunyuanVideo's one dual- and two single-stream."""
+    return 3 if name.startswith("hunyuanvideo") else 2
+
+
+def _computed(method: str, plan: Any, experts: list[int], blocks: int) -> tuple[int, int]:
     """The work units one CFG branch computes under each method's rule, and all it has: whole
     steps, blocks (HyCa) or modules (InvarDiff); an expert's first steps have no state of their
     own, and never take the other expert's."""
@@ -131,7 +140,7 @@ def _computed(method: str, plan: Any, experts: list[int]) -> tuple[int, int]:
         reuse = set(schedule(plan.calibration_data, plan.config).reuse)
         return n - len(reuse - first), n
     if method == "hyca":
-        return BLOCKS * len({k for k in range(n) if plan.config.full(k)} | first), BLOCKS * n
+        return blocks * len({k for k in range(n) if plan.config.full(k)} | first), blocks * n
     book = plan.calibration_data.module_book  # (steps, modules of every expert, in order)
     per = book.shape[1] // (max(experts) + 1)
     planned = sum(
@@ -154,7 +163,7 @@ def test_each_method_counts_runs_and_removes_exactly(variant: dict[str, Any], me
     n, branches = len(experts), variant["branches"]
     assert s.steps == n and s.model_calls == n * branches
     assert [(k, b) for k, b, _ in s.calls] == [(k, b) for k in range(n) for b in range(branches)]
-    computed, total = _computed(method, plan, experts)
+    computed, total = _computed(method, plan, experts, _blocks(variant["name"]))
     assert (s.computed, s.skipped) == (computed * branches, (total - computed) * branches)
     assert np.isfinite(out).all()
     assert clean(*[m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m])
@@ -300,3 +309,84 @@ def test_cli_video_to_video_plan_for_the_steps_run(
             err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffcache")]
             said = f"but steps {STEPS} at strength {STRENGTH:g} run {run}; set --steps"
             assert rc == 2 and len(err) == 1 and said in err[0], err
+
+
+@pytest.mark.parametrize("interleave", [4, 2])  # as the pipeline: token-replace, 33-channel
+def test_hunyuanvideo_i2v_crops_the_template_to_image_and_prompt(
+    inputs: dict[str, str], interleave: int
+) -> None:
+    """The pipeline's fixed template positions hold on the tiny tokenizer: the Llava encoding
+    it keeps is the image's 576 features (every ``interleave``-th) and the text after the
+    template's system and user headers: the prompt's tokens and the assistant header's ending
+    newlines, nothing of the system text."""
+    pipe = load_model("hunyuanvideo-tiny-i2v")
+    image = Image.open(inputs["image"]).convert("RGB")
+    embeds, _, mask = pipe.encode_prompt(
+        image=image, prompt="a red cat", device="cpu", image_embed_interleave=interleave
+    )
+    words = len(pipe.tokenizer("a red cat\n\n", add_special_tokens=False).input_ids)
+    kept = 576 // interleave + words
+    assert words == 4 and embeds.shape[1] == mask.shape[1] > kept
+    assert mask[0].tolist() == [1.0] * kept + [0.0] * (mask.shape[1] - kept)
+
+
+def test_cli_hunyuanvideo_image_to_video(
+    inputs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """``--image`` feeds HunyuanVideoImageToVideoPipeline: one transformer call per step under
+    the family's method; without ``--image``: one line, exit 2."""
+    out, stats = tmp_path / "out.gif", tmp_path / "s.json"
+    argv = ["generate", "--model", "hunyuanvideo-tiny-i2v", "--prompt", "a cat", "--steps", "4"]
+    argv += ["--height", "32", "--width", "32", "--frames", "5", "--out", str(out)]
+    plan = tmp_path / "p.yaml"
+    diffcache.Plan.load(
+        {"diffcache": 1, "model": "hunyuanvideo", "method": "easycache",
+         "options": {"warmup_steps": 1}}
+    ).save(plan)  # fmt: skip
+    rc = main([*argv, "--image", inputs["image"], "--plan", str(plan), "--stats-json", str(stats)])
+    assert rc == 0 and out.stat().st_size > 0
+    s = json.loads(stats.read_text())
+    assert (s["method"], s["steps"], s["model_calls"]) == ("easycache", 4, 4)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "diffcache: error: --image is required for hunyuanvideo-i2v models", err
+
+
+def test_qwenimage_edit_keeps_the_image_and_the_prompt(inputs: dict[str, str]) -> None:
+    """The edit pipeline drops its template's system part (64 tokens) from the Qwen2.5-VL
+    encoding: what is left is the image's vision tokens (4 at 56 x 56 pixels, 2 x 2 merged
+    patches of 14) and the template's tail with the prompt; built without torchvision."""
+    import importlib.util
+
+    pipe = load_model("qwenimage-tiny-edit")
+    template = pipe.prompt_template_encode
+    tail = template[template.index("<|vision_start|>") :].format("a red cat")
+    image = Image.open(inputs["image"]).convert("RGB")
+    embeds, mask = pipe.encode_prompt(prompt="a red cat", image=image, device="cpu")
+    want = len(pipe.tokenizer(tail).input_ids) - 1 + (56 // 14) ** 2 // 4  # 1 image pad -> 4
+    assert embeds.shape[1] == want and (mask is None or mask.all())  # None: all kept
+    assert importlib.util.find_spec("torchvision") is None
+
+
+def test_cli_qwenimage_edit(
+    inputs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
+    """``--image`` feeds QwenImageEditPipeline under a Qwen-Image plan (two calls a step: true
+    CFG); without ``--image``: one line, exit 2, before the model is built."""
+    out, stats = tmp_path / "out.png", tmp_path / "s.json"
+    argv = ["generate", "--model", "qwenimage-tiny-edit", "--prompt", "a cat", "--steps", "4"]
+    argv += ["--height", "32", "--width", "32", "--out", str(out)]
+    plan = tmp_path / "p.yaml"
+    diffcache.Plan.load(
+        {"diffcache": 1, "model": "qwenimage", "method": "easycache",
+         "options": {"warmup_steps": 1}}
+    ).save(plan)  # fmt: skip
+    rc = main([*argv, "--image", inputs["image"], "--plan", str(plan), "--stats-json", str(stats)])
+    assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
+    s = json.loads(stats.read_text())
+    assert (s["method"], s["steps"], s["model_calls"]) == ("easycache", 4, 8)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "diffcache: error: --image is required for qwenimage-edit models", err
