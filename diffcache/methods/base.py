@@ -35,6 +35,7 @@ WORDS = {"kv_store": "a kv store ({})", "denoiser": "a {} denoiser"}
 
 __all__ = [
     "MethodConfig",
+    "PositionKVConfig",
     "Calibrated",
     "Observer",
     "Profiling",
@@ -268,6 +269,18 @@ class MethodConfig:
             calibration=plain,
             tensors=tensors,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionKVConfig(MethodConfig):
+    """What every text-LM KV method shares: a policy over the position-indexed KV store, its
+    work counted in token-layers, with the store's K/V scatter and the sampler's fused
+    confidence kernels."""
+
+    granularity: ClassVar[str] = "kv"
+    kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
 
 def tune_knob(
