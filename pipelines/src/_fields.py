@@ -78,6 +78,13 @@ def required(field: Field) -> Field:
     return replace(field, required=True)
 
 
+#: a video family whose pipelines take a negative prompt (Wan, CogVideoX): the fields of its
+#: text-to-video, image-to-video and video-to-video (as many frames as the input) pipelines
+T2V_FIELDS = (prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance())
+I2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance())
+V2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance())
+
+
 def truncated_strength_steps(values: Mapping[str, Any]) -> int | None:
     """:func:`strength_steps` as the Wan / CogVideoX video-to-video pipelines round it: the last
     ``int(strength x steps)`` steps."""

@@ -82,22 +82,11 @@ def tokenizer_model() -> Any:
 
 
 def text_encoder_model(tokenizer: Any) -> Any:
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffcache.pipelines._tiny import t5_encoder
 
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+    return t5_encoder(
+        tokenizer, TEXT_DIM, d_kv=16, d_ff=64, layers=2, heads=2, umt5=True, dropout_rate=0.0
     )
-    return UMT5EncoderModel(config)
 
 
 def transformer_model() -> Any:
