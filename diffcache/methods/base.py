@@ -36,6 +36,7 @@ WORDS = {"kv_store": "a kv store ({})", "denoiser": "a {} denoiser"}
 __all__ = [
     "MethodConfig",
     "PositionKVConfig",
+    "HistoryKVConfig",
     "Calibrated",
     "Observer",
     "Profiling",
@@ -281,6 +282,17 @@ class PositionKVConfig(MethodConfig):
     kind: ClassVar[str] = "token_layer"
     needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
     kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryKVConfig(MethodConfig):
+    """What every next-scale KV method shares (VAR, Infinity): a selection over the history
+    store, its work counted in attention pairs, with the store's compaction kernel."""
+
+    granularity: ClassVar[str] = "kv"
+    kind: ClassVar[str] = "attn_pair"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
 
 
 def tune_knob(
