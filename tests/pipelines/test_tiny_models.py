@@ -220,8 +220,9 @@ def test_a_variant_builder_is_its_class_on_the_tiny_build_of_the_seed() -> None:
     mine, theirs = _modules(pipe), _modules(base)
     assert mine.keys() == theirs.keys()
     for name, module in theirs.items():
-        for (key, a), b in zip(module.state_dict().items(), mine[name].state_dict().values()):
-            assert torch.equal(a, b), f"{name}.{key}"
+        got = mine[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, got[key]), f"{name}.{key}"
     other = flux.build_img2img(4).transformer.state_dict()
     assert any(not torch.equal(a, other[k]) for k, a in pipe.transformer.state_dict().items())
 
