@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from arg_types import among, fraction, listed, positive
@@ -42,6 +43,7 @@ import diffcache
 from diffcache.eval.baselines import magcache
 from diffcache.eval.runner import evaluate
 from diffcache.generate import Request
+from diffcache.methods.base import MethodConfig
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
 from diffcache.profiles import bundled_plans
@@ -65,15 +67,23 @@ def sweep(model: str, targets: list[float]) -> list[Plan]:
         request = Request(seed=seed).merged(builtin_models()[model].defaults)
         for target in targets:
             config = type(base.config).from_options(fixed, f"{name}: options")
-            t0 = time.perf_counter()
-            plan = diffcache.profile(pipe, config, inputs(), target_compute=target, request=request)
-            print(
-                f"  profiled {base.method} to {target:g} in {time.perf_counter() - t0:.0f} s: "
-                f"{dict(plan.options)}",
-                flush=True,
-            )
-            plans.append(dataclasses.replace(plan, source=f"{base.method} c<={target:g}"))
+            plans.append(profiled(pipe, config, inputs(), target, request))
     return plans
+
+
+def profiled(
+    pipe: Any, config: MethodConfig, inputs: list, target: float, request: Request
+) -> Plan:
+    """``config`` profiled on ``inputs`` to compute at most ``target`` (the time it took and
+    the options it chose printed), labelled ``METHOD c<=TARGET``."""
+    t0 = time.perf_counter()
+    plan = diffcache.profile(pipe, config, inputs, target_compute=target, request=request)
+    print(
+        f"  profiled {config.name} to {target:g} in {time.perf_counter() - t0:.0f} s: "
+        f"{dict(plan.options)}",
+        flush=True,
+    )
+    return dataclasses.replace(plan, source=f"{config.name} c<={target:g}")
 
 
 def builtins(model: str) -> list:

@@ -19,13 +19,12 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 from arg_types import fraction, listed, positive
-from dit_methods import verdict
+from dit_methods import profiled, verdict
 from reference_models import table
 
 import diffcache
@@ -61,20 +60,10 @@ def plans(steps: int, targets: list[float]) -> list:
     made = []
     for config in configs(steps):
         for target in targets:
-            t0 = time.perf_counter()
             try:
-                plan = diffcache.profile(
-                    pipe, config, classes, target_compute=target, request=request
-                )
+                made.append(profiled(pipe, config, classes, target, request))
             except diffcache.DiffCacheError as e:
                 print(f"  {config.name} to {target:g}: {e}", flush=True)
-                continue
-            print(
-                f"  profiled {config.name} to {target:g} in {time.perf_counter() - t0:.0f} s: "
-                f"{dict(plan.options)}",
-                flush=True,
-            )
-            made.append(dataclasses.replace(plan, source=f"{config.name} c<={target:g}"))
     return made
 
 

@@ -35,6 +35,8 @@ WORDS = {"kv_store": "a kv store ({})", "denoiser": "a {} denoiser"}
 
 __all__ = [
     "MethodConfig",
+    "PositionKVConfig",
+    "HistoryKVConfig",
     "Calibrated",
     "Observer",
     "Profiling",
@@ -268,6 +270,29 @@ class MethodConfig:
             calibration=plain,
             tensors=tensors,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionKVConfig(MethodConfig):
+    """What every text-LM KV method shares: a policy over the position-indexed KV store, its
+    work counted in token-layers, with the store's K/V scatter and the sampler's fused
+    confidence kernels."""
+
+    granularity: ClassVar[str] = "kv"
+    kind: ClassVar[str] = "token_layer"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryKVConfig(MethodConfig):
+    """What every next-scale KV method shares (VAR, Infinity): a selection over the history
+    store, its work counted in attention pairs, with the store's compaction kernel."""
+
+    granularity: ClassVar[str] = "kv"
+    kind: ClassVar[str] = "attn_pair"
+    needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
+    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
 
 
 def tune_knob(

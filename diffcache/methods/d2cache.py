@@ -71,7 +71,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffcache.adapter import Capabilities
 from diffcache.kv import union_rows
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
@@ -84,20 +83,16 @@ from diffcache.kv.policy import (
     row_sets,
 )
 from diffcache.methods import d2cache_prior as prior
-from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.methods.base import Calibrated, PositionKVConfig, option, tune_knob
 from diffcache.registry import register_method
 from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class D2CacheConfig(MethodConfig):
+class D2CacheConfig(PositionKVConfig):
     """Options of d²Cache (defaults: the reference's configs/cache/d2cache.yaml)."""
 
     name: ClassVar[str] = "d2cache"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "token_layer"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     current_k: int = option(
         32,

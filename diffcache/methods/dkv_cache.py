@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.adapter import Capabilities, KVSeam, Target
+from diffcache.adapter import KVSeam, Target
 from diffcache.errors import DiffCacheError
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
@@ -52,7 +52,7 @@ from diffcache.kv.policy import (
     row_sets,
     union_rows,
 )
-from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.methods.base import Calibrated, PositionKVConfig, option, tune_knob
 from diffcache.pipelines.sampling.llada import num_transfer_tokens
 from diffcache.pipelines.sampling.random import uniform
 from diffcache.registry import register_method
@@ -60,14 +60,10 @@ from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class DKVCacheConfig(MethodConfig):
+class DKVCacheConfig(PositionKVConfig):
     """Options of dKV-Cache (defaults: LLaDA Decode of the paper's Table 1)."""
 
     name: ClassVar[str] = "dkv_cache"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "token_layer"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     variant: Literal["decode", "prefill", "pd", "greedy"] = option(
         "decode", "which tokens are cached"

@@ -59,7 +59,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffcache.adapter import Capabilities
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import (
     Candidates,
@@ -71,21 +70,17 @@ from diffcache.kv.policy import (
     row_sets,
     union_rows,
 )
-from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.methods.base import Calibrated, PositionKVConfig, option, tune_knob
 from diffcache.pipelines.sampling import rules
 from diffcache.registry import register_method
 from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class ElasticCacheConfig(MethodConfig):
+class ElasticCacheConfig(PositionKVConfig):
     """Options of Elastic-Cache (defaults: the reference's ``generate_with_elastic_cache``)."""
 
     name: ClassVar[str] = "elastic_cache"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "token_layer"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     window: int = option(
         16, "sliding window: the first N masked positions are decoded and queried", min=1

@@ -27,24 +27,20 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffcache.adapter import Capabilities, Target
+from diffcache.adapter import Target
 from diffcache.kv.method import attach_policy
 from diffcache.kv.policy import Candidates, DecodeState, Policy, StepPlan
-from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
+from diffcache.methods.base import Calibrated, PositionKVConfig, option, tune_knob
 from diffcache.pipelines.sampling import rules
 from diffcache.registry import register_method
 from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class FastDLLMConfig(MethodConfig):
+class FastDLLMConfig(PositionKVConfig):
     """Options of Fast-dLLM's prefix / dual cache and parallel decoding."""
 
     name: ClassVar[str] = "fast_dllm"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "token_layer"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="position")
-    kernels: ClassVar[tuple[str, ...]] = ("kv_scatter", "token_confidence")
 
     mode: Literal["prefix", "dual"] = option(
         "prefix", "prefix: reuse K/V before the block; dual: also after it"

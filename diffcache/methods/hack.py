@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError
 from diffcache.kv.hack import STRUCTURAL, HACKOptions, HACKSelection
 from diffcache.kv.head_stats import hack_budget, split_budget
 from diffcache.kv.history import Schedule
 from diffcache.kv.history_method import attach_selection
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Session
 
@@ -44,15 +43,11 @@ class HACKCalibration:
 
 
 @dataclasses.dataclass(frozen=True)
-class HACKConfig(MethodConfig):
+class HACKConfig(HistoryKVConfig):
     """Options of HACK, reconstructed (defaults: research/var.md §2.2.3's reading)."""
 
     name: ClassVar[str] = "hack"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "attn_pair"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
     calibration: ClassVar[type] = HACKCalibration
-    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
 
     variant: Literal["reconstructed"] = option("reconstructed", "only the reconstruction exists")
     budget: int | None = option(None, "average rows per head B (None: see compression)", min=1)

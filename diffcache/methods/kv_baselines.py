@@ -27,7 +27,6 @@ import abc
 import dataclasses
 from typing import ClassVar
 
-from diffcache.adapter import Capabilities
 from diffcache.kv.baselines import (
     H2OSelection,
     PyramidKVSelection,
@@ -36,19 +35,14 @@ from diffcache.kv.baselines import (
 )
 from diffcache.kv.history import Schedule, Selection
 from diffcache.kv.history_method import attach_selection, token_budget
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
-class HistoryBudgetConfig(MethodConfig, abc.ABC):
-    """What every next-scale KV baseline shares: its budget and what it needs of a model."""
-
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "attn_pair"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
-    kernels: ClassVar[tuple[str, ...]] = ("kv_compact",)
+class HistoryBudgetConfig(HistoryKVConfig, abc.ABC):
+    """What every next-scale KV baseline shares: its budget."""
 
     budget: int | None = option(None, "history rows kept per head and layer (None: all)", min=1)
     ratio: float | None = option(

@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError
 from diffcache.kv.history import Schedule
 from diffcache.kv.history_method import attach_selection, token_budget
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets, read_scalekv_json
-from diffcache.methods.base import MethodConfig, option
+from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.plan import Plan
 from diffcache.registry import register_method
 from diffcache.session import Session
@@ -46,13 +45,10 @@ class ScaleKVScale:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScaleKVConfig(MethodConfig):
+class ScaleKVConfig(HistoryKVConfig):
     """Options of ScaleKV (defaults: the released code's selection, unlimited budget)."""
 
     name: ClassVar[str] = "scalekv"
-    granularity: ClassVar[str] = "kv"
-    kind: ClassVar[str] = "attn_pair"
-    needs: ClassVar[Capabilities] = Capabilities(kv_store="history")
     kernels: ClassVar[tuple[str, ...]] = ("kv_compact", "window_scores")
 
     variant: Literal["released", "paper"] = option("released", "scoring rule (see docstring)")

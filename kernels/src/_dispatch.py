@@ -108,6 +108,10 @@ def _describe_tensor(t: torch.Tensor) -> str:
     return f"shape={tuple(t.shape)} dtype={_dtype_name(t.dtype)} device={t.device}"
 
 
+#: the floating dtypes every fused kernel here takes
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """What a fused op's Triton kernel supports.

@@ -11,13 +11,13 @@ from collections.abc import MutableMapping
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="add_residual",
         description="x + cached residual, float32 add, cast to the output dtype",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
     )
 )
 

@@ -12,13 +12,13 @@ from collections.abc import MutableMapping
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="forecast",
         description="x + per-dimension weighted sum of cached residual history (HyCa)",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
     )
 )
 

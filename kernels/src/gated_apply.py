@@ -18,13 +18,13 @@ from collections.abc import MutableMapping, Sequence
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="gated_apply",
         description="x + gate_1 * cached_1 + gate_2 * cached_2 + ... (AdaLN block skip), fused",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
     )
 )
 

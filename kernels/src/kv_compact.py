@@ -21,13 +21,13 @@ from collections.abc import MutableMapping
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="kv_compact",
         description="kept rows of cat(history, new) K and V -> [B, H, m, d] each, one pass",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
         input_dtypes={4: (torch.int64,)},
     )
 )

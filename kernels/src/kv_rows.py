@@ -18,15 +18,13 @@ from collections.abc import MutableMapping
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SCATTER_SPEC = register_op(
     OpSpec(
         name="kv_scatter",
         description="store[b, :, rows[b, j], :] = values[b, :, j, :], in place (KV by position)",
-        dtypes=_FLOATS,
+        dtypes=FLOATS,
         input_dtypes={1: (torch.int64,)},
     )
 )
@@ -34,7 +32,7 @@ GATHER_SPEC = register_op(
     OpSpec(
         name="kv_gather",
         description="store[b, :, rows[b, j], :] -> [B, H, n, hd] (KV rows by position)",
-        dtypes=_FLOATS,
+        dtypes=FLOATS,
         input_dtypes={1: (torch.int64,)},
     )
 )

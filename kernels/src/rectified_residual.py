@@ -13,13 +13,13 @@ from collections.abc import MutableMapping
 
 import torch
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="rectified_residual",
         description="(x + cached residual) * scale[channel] + shift[channel], fused",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
     )
 )
 

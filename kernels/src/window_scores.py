@@ -30,13 +30,13 @@ from collections.abc import MutableMapping
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Backend, OpSpec, _record, pick, register_op, tl, triton
+from ._dispatch import FLOATS, Backend, OpSpec, _record, pick, register_op, tl, triton
 
 SPEC = register_op(
     OpSpec(
         name="window_scores",
         description="pooled window-query scores of every key (raw logits or softmax), fp32",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        dtypes=FLOATS,
         input_dtypes={2: (torch.int64,)},
     )
 )

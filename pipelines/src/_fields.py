@@ -3,7 +3,7 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +30,21 @@ def side(name: str, multiple_of: int = 16) -> Field:
     """Image height or width in pixels: a multiple of the VAE factor times the patch size."""
     return Field(
         name, int, f"{name} in pixels", name, min=multiple_of, max=8192, multiple_of=multiple_of
+    )
+
+
+def class_label(limit: Callable[[Any], int]) -> Field:
+    """The class id of a class-conditional model (DiT, VAR); ``limit``: the largest id a
+    pipeline takes."""
+    return Field(
+        "class_label",
+        int,
+        "class id (class-conditional models)",
+        "class_labels",
+        min=0,
+        as_list=True,
+        limit=limit,
+        input=True,
     )
 
 
@@ -76,6 +91,13 @@ MAX_AREA = Field(
 def required(field: Field) -> Field:
     """``field`` as a variant that cannot run without it takes it (an img2img pipeline's image)."""
     return replace(field, required=True)
+
+
+#: a video family whose pipelines take a negative prompt (Wan, CogVideoX): the fields of its
+#: text-to-video, image-to-video and video-to-video (as many frames as the input) pipelines
+T2V_FIELDS = (prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance())
+I2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance())
+V2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance())
 
 
 def truncated_strength_steps(values: Mapping[str, Any]) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,19 @@ def on_components(cls: type, pipe: Any, **changes: Any) -> Any:
     ``changes`` replacing some: a variant of a tiny pipeline sharing its modules."""
     takes = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in {**pipe.components, **changes}.items() if k in takes})
+
+
+def on_tiny(cls_name: str, build: Callable[[int], Any]) -> Callable[[int], Any]:
+    """A builder of the diffusers pipeline ``cls_name`` on the components of ``build(seed)``
+    (a family's tiny pipeline): e.g. its img2img variant sharing the tiny modules."""
+
+    def builder(seed: int = 0) -> Any:
+        import diffusers
+
+        return on_components(getattr(diffusers, cls_name), build(seed))
+
+    builder.__doc__ = f"{cls_name} on the components of {build.__module__}.{build.__name__}."
+    return builder
 
 
 @contextlib.contextmanager
@@ -145,22 +158,42 @@ def tiny_clip() -> tuple[Any, Any]:
     return tokenizer, CLIPTextModel(config).eval()
 
 
+def t5_encoder(
+    tokenizer: Any,
+    width: int,
+    *,
+    d_kv: int,
+    d_ff: int,
+    layers: int,
+    heads: int,
+    umt5: bool = False,
+    **config: Any,
+) -> Any:
+    """A T5 (``umt5``: UMT5) encoder of ``width`` whose ids match the word-level ``tokenizer``,
+    random weights from the global RNG; ``config``: other config fields."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    return model_cls(
+        config_cls(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=d_kv,
+            d_ff=d_ff,
+            num_layers=layers,
+            num_heads=heads,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **config,
+        )
+    )
+
+
 def tiny_t5(model_max_length: int, width: int = 32) -> tuple[Any, Any]:
     """A word-level tokenizer and a 2-layer T5 encoder of ``width`` (random weights from the
     global RNG)."""
-    from transformers import T5Config, T5EncoderModel
-
     tokenizer = word_tokenizer(model_max_length=model_max_length)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=width,
-        d_kv=width // 4,
-        d_ff=2 * width,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer, T5EncoderModel(config).eval()
+    encoder = t5_encoder(tokenizer, width, d_kv=width // 4, d_ff=2 * width, layers=2, heads=4)
+    return tokenizer, encoder.eval()

@@ -6,19 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import (
-    FRAMES,
-    IMAGE,
-    INPUT_IMAGE,
-    INPUT_VIDEO,
-    NEGATIVE_PROMPT,
-    STEPS,
-    STRENGTH,
-    guidance,
-    prompt,
-    required,
-    truncated_strength_steps,
-)
+from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS, truncated_strength_steps
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
@@ -62,7 +50,7 @@ ADAPTER = register_adapter(
         output="frames",
         seed_arg="generator",
         call_args={"output_type": "np"},
-        fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance()),
+        fields=T2V_FIELDS,
     )
 )
 
@@ -74,14 +62,14 @@ I2V = register_adapter(
     ADAPTER.variant(
         "cogvideox-i2v",
         ("CogVideoXImageToVideoPipeline",),
-        (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
+        I2V_FIELDS,
     )
 )
 V2V = register_adapter(
     ADAPTER.variant(
         "cogvideox-v2v",
         ("CogVideoXVideoToVideoPipeline",),
-        (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
+        V2V_FIELDS,
         steps_run=truncated_strength_steps,
     )
 )

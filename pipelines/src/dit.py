@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import STEPS, guidance
+from diffcache.pipelines._fields import STEPS, class_label, guidance
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
-from diffcache.request import Field
 from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
 
@@ -55,20 +54,7 @@ ADAPTER = register_adapter(
         output="images",
         seed_arg="generator",
         call_args={"output_type": "np"},
-        fields=(
-            Field(
-                "class_label",
-                int,
-                "class id (class-conditional models)",
-                "class_labels",
-                min=0,
-                as_list=True,
-                limit=_num_classes,
-                input=True,
-            ),
-            STEPS,
-            guidance(),
-        ),
+        fields=(class_label(_num_classes), STEPS, guidance()),
     )
 )
 

@@ -30,6 +30,7 @@ from diffcache.errors import DiffCacheError
 from diffcache.kv import DecodeState, KVStore, Policy, pad_rows, row_sets
 from diffcache.kv.policy import Candidates
 from diffcache.pipelines import dlm_loading
+from diffcache.pipelines._events import DriverEvents
 from diffcache.pipelines.sampling import rules
 
 #: sampler settings that are non-negative numbers when given (None: the setting is off)
@@ -79,7 +80,7 @@ class TextOutput:
 P = TypeVar("P", bound="DiffusionLMPipeline")
 
 
-class DiffusionLMPipeline:
+class DiffusionLMPipeline(DriverEvents):
     """Base of :class:`LLaDAPipeline` and :class:`DreamPipeline`: the decoding loop; the family
     subclass scores candidates (:meth:`score`) and says how many to commit (:meth:`count`)."""
 
@@ -102,16 +103,6 @@ class DiffusionLMPipeline:
         """The pipeline of a model folder of this family (:func:`dlm_loading.load_dlm_folder`)."""
         model, tokenizer = dlm_loading.load_dlm_folder(folder, cls.family, torch_dtype, device)
         return cls(model, tokenizer)
-
-    # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
-    def begin_run(self, num_steps: int | None, **facts: Any) -> None:
-        """A generation of ``num_steps`` steps starts; ``facts`` are checked against plans."""
-
-    def begin_step(self) -> None:
-        """The next step starts."""
-
-    def end_run(self) -> None:
-        """The generation is over."""
 
     def cache_policy(self) -> Policy:
         """The caching policy of the next generation (plain: recompute every row)."""

@@ -19,7 +19,7 @@ from diffcache.pipelines._fields import (
     strength_steps,
 )
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
-from diffcache.pipelines._tiny import on_components, seeded, tiny_clip, tiny_t5
+from diffcache.pipelines._tiny import on_components, on_tiny, seeded, tiny_clip, tiny_t5
 from diffcache.registry import register_adapter
 from diffcache.request import Field
 from diffcache.sites import ModuleSite, Stack
@@ -144,25 +144,9 @@ def build_tiny(seed: int = 0) -> Any:
     )
 
 
-def build_img2img(seed: int = 0) -> Any:
-    """FluxImg2ImgPipeline on flux-tiny's components."""
-    from diffusers import FluxImg2ImgPipeline
-
-    return on_components(FluxImg2ImgPipeline, build_tiny(seed))
-
-
-def build_inpaint(seed: int = 0) -> Any:
-    """FluxInpaintPipeline on flux-tiny's components."""
-    from diffusers import FluxInpaintPipeline
-
-    return on_components(FluxInpaintPipeline, build_tiny(seed))
-
-
-def build_kontext(seed: int = 0) -> Any:
-    """FluxKontextPipeline on flux-tiny's components."""
-    from diffusers import FluxKontextPipeline
-
-    return on_components(FluxKontextPipeline, build_tiny(seed))
+build_img2img = on_tiny("FluxImg2ImgPipeline", build_tiny)
+build_inpaint = on_tiny("FluxInpaintPipeline", build_tiny)
+build_kontext = on_tiny("FluxKontextPipeline", build_tiny)
 
 
 def build_fill(seed: int = 0) -> Any:

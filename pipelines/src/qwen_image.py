@@ -21,6 +21,7 @@ from diffcache.pipelines._fields import (
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import (
     on_components,
+    on_tiny,
     seeded,
     template_prefix_length,
     word_tokenizer,
@@ -230,18 +231,8 @@ def build_tiny(seed: int = 0) -> Any:
     )
 
 
-def build_img2img(seed: int = 0) -> Any:
-    """QwenImageImg2ImgPipeline on qwenimage-tiny's components."""
-    from diffusers import QwenImageImg2ImgPipeline
-
-    return on_components(QwenImageImg2ImgPipeline, build_tiny(seed))
-
-
-def build_inpaint(seed: int = 0) -> Any:
-    """QwenImageInpaintPipeline on qwenimage-tiny's components."""
-    from diffusers import QwenImageInpaintPipeline
-
-    return on_components(QwenImageInpaintPipeline, build_tiny(seed))
+build_img2img = on_tiny("QwenImageImg2ImgPipeline", build_tiny)
+build_inpaint = on_tiny("QwenImageInpaintPipeline", build_tiny)
 
 
 #: Qwen2's BPE merges in the edit template ("user's", "background),"): with them our word split

@@ -6,21 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import (
-    FRAMES,
-    IMAGE,
-    INPUT_IMAGE,
-    INPUT_VIDEO,
-    NEGATIVE_PROMPT,
-    STEPS,
-    STRENGTH,
-    guidance,
-    prompt,
-    required,
-    truncated_strength_steps,
-)
+from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS, truncated_strength_steps
 from diffcache.pipelines._stacks import LATENT_DIT
-from diffcache.pipelines._tiny import seeded, word_tokenizer
+from diffcache.pipelines._tiny import on_components, seeded, t5_encoder, word_tokenizer
 from diffcache.registry import register_adapter
 from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
 
@@ -71,7 +59,7 @@ ADAPTER = register_adapter(
         output="frames",
         seed_arg="generator",
         call_args={"output_type": "np"},
-        fields=(prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance()),
+        fields=T2V_FIELDS,
     )
 )
 
@@ -84,14 +72,14 @@ I2V = register_adapter(
     ADAPTER.variant(
         "wan2.1-i2v",
         ("WanImageToVideoPipeline",),
-        (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
+        I2V_FIELDS,
     )
 )
 V2V = register_adapter(
     ADAPTER.variant(
         "wan2.1-v2v",
         ("WanVideoToVideoPipeline",),
-        (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
+        V2V_FIELDS,
         steps_run=truncated_strength_steps,
     )
 )
@@ -115,22 +103,9 @@ WAN_1_3B_CONFIG: dict[str, Any] = {
 
 def _text_stack(d_model: int) -> tuple[Any, Any]:
     """Word-level tokenizer plus a tiny UMT5 encoder whose output width is ``d_model``."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
     tokenizer = word_tokenizer(model_max_length=512)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer, UMT5EncoderModel(config).eval()
+    encoder = t5_encoder(tokenizer, d_model, d_kv=8, d_ff=32, layers=1, heads=2, umt5=True)
+    return tokenizer, encoder.eval()
 
 
 def _tiny_vae() -> Any:
@@ -273,9 +248,6 @@ def video_to_video(pipe: Any) -> Any:
     """A WanVideoToVideoPipeline over a text-to-video Wan pipeline's parts (shared, not
     copied): e.g. ``video_to_video(load_model("wan-shapes"))`` repaints clips with the trained
     weights (``video=`` frames, ``strength``)."""
-    import inspect
-
     from diffusers import WanVideoToVideoPipeline
 
-    takes = inspect.signature(WanVideoToVideoPipeline.__init__).parameters
-    return WanVideoToVideoPipeline(**{k: v for k, v in pipe.components.items() if k in takes})
+    return on_components(WanVideoToVideoPipeline, pipe)

@@ -210,6 +210,23 @@ def test_models_yaml_entries() -> None:
             assert entry["defaults"].get("negative_prompt"), name
 
 
+def test_a_variant_builder_is_its_class_on_the_tiny_build_of_the_seed() -> None:
+    """``on_tiny`` builds (FLUX img2img): the variant class, holding exactly the modules of the
+    family's tiny build of the same seed; another seed gives other weights."""
+    from diffcache.pipelines import flux
+
+    pipe, base = flux.build_img2img(3), flux.build_tiny(3)
+    assert type(pipe).__name__ == "FluxImg2ImgPipeline"
+    mine, theirs = _modules(pipe), _modules(base)
+    assert mine.keys() == theirs.keys()
+    for name, module in theirs.items():
+        got = mine[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, got[key]), f"{name}.{key}"
+    other = flux.build_img2img(4).transformer.state_dict()
+    assert any(not torch.equal(a, other[k]) for k, a in pipe.transformer.state_dict().items())
+
+
 @pytest.mark.slow
 def test_wan_1_3b_random_forward(request: pytest.FixtureRequest) -> None:
     """Real-size Wan2.1-1.3B (random weights): one transformer forward on a tiny latent."""

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcache.pipelines._training import mean_last, write_summary
 from diffcache.pipelines.arith import data
 from diffcache.pipelines.dlm_tokenizer import CharTokenizer
 from diffcache.pipelines.llada.model import LLaDAConfig, LLaDAModelLM
@@ -313,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         "extend_lr": EXTEND_LR,
         "regions": data.REGIONS,
         "threads": args.threads,
-        "final_loss": _mean_last(extended),
-        "first_phase_final_loss": _mean_last(losses),
+        "final_loss": mean_last(extended, 100),
+        "first_phase_final_loss": mean_last(losses, 100),
         "held_out_accuracy": {k: round(v, 4) for k, v in scores.items()},
         "held_out_accuracy_at_gen_length": {
             n: {k: round(v, 4) for k, v in s.items()} for n, s in longer.items()
@@ -324,8 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         "losses_every_100": _every_100(losses),
         "extend_losses_every_100": _every_100(extended),
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if "every_100" not in k}, indent=2))
+    write_summary(out, summary, {k: v for k, v in summary.items() if "every_100" not in k})
 
 
 def _sha256(model: LLaDAModelLM) -> str:
@@ -337,10 +337,6 @@ def _sha256(model: LLaDAModelLM) -> str:
 
 def _state(model: LLaDAModelLM) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-def _mean_last(losses: list[float]) -> float:
-    return round(sum(losses[-100:]) / len(losses[-100:]), 5)
 
 
 def _every_100(losses: list[float]) -> list[float]:

@@ -13,15 +13,14 @@ LoRA loader in diffusers, so the adapter goes into the transformer with peft's
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from diffcache.pipelines._training import mean_last, write_summary
 from diffcache.pipelines._weights import Weights
 
 HERE = Path(__file__).parent / "lora"
@@ -88,30 +87,19 @@ def train(pipe: Any, steps: int, seed: int = 0) -> tuple[dict[str, torch.Tensor]
     """Train the adapter on the training digits with labels moved back by one (an image of
     digit d is labelled d - 1), 10% of labels dropped to the null class as in the base model;
     the adapter's state dict and the losses."""
-    from diffusers import DDPMScheduler
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
-    from diffcache.pipelines.digits.train import BETAS, NULL_CLASS, _training, fit
+    from diffcache.pipelines.digits.train import _training, epsilon_loss, fit
 
     x, y = _training(None)
     with torch.no_grad():
         z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-    labels_of = (y - 1) % 10
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, **BETAS)
     dit = pipe.transformer
     dit.requires_grad_(False)
     torch.manual_seed(seed)  # the adapter's initial weights
     inject_adapter_in_model(lora_config(), dit, adapter_name=ADAPTER)
 
-    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(z[idx].shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        labels = labels_of[idx].clone()
-        labels[torch.rand(len(idx), generator=gen) < 0.1] = NULL_CLASS
-        noisy = noise_schedule.add_noise(z[idx], noise, t)
-        return F.mse_loss(dit(noisy, timestep=t, class_labels=labels).sample, noise)
-
-    losses = fit(dit, loss_of, len(z), steps, 64, 2e-3, seed, "lora")
+    losses = fit(dit, epsilon_loss(dit, z, (y - 1) % 10), len(z), steps, 64, 2e-3, seed, "lora")
     dit.requires_grad_(False)
     return get_peft_model_state_dict(dit, adapter_name=ADAPTER), losses
 
@@ -160,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "steps": args.steps,
         "loss_first_50": round(float(np.mean(losses[:50])), 5),
-        "loss_last_50": round(float(np.mean(losses[-50:])), 5),
+        "loss_last_50": mean_last(losses, 50),
         "train_s": round(seconds, 1),
         "threads": args.threads,
         "base_draws_class": round(float((before == plain).mean()), 4),
@@ -168,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "lora_shift_accuracy": round(shift_accuracy(after), 4),
         "lora_draws_class": round(float((after == plain).mean()), 4),
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_summary(out, summary)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ weights and ``sha256.json``, their checksums), ``classifier.safetensors`` and ``
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines.digits import WEIGHTS
 from diffcache.pipelines.digits.classifier import classifier_net
 
@@ -141,26 +140,34 @@ def train_dit(
 ) -> tuple[Any, float, list[float]]:
     """The DiT on the autoencoder's latents (its mean, scaled to unit std), epsilon objective,
     10% of labels dropped to the null class so CFG works."""
-    from diffusers import DDPMScheduler
-
     x, y = _training(limit)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
     scale = float(1.0 / z.std())
     z = z * scale
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, **BETAS)
     torch.manual_seed(seed)
     dit = dit_model()
+    return dit, scale, fit(dit, epsilon_loss(dit, z, y), len(z), steps, 128, 3e-4, seed, "dit")
+
+
+def epsilon_loss(
+    dit: Any, z: torch.Tensor, labels: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """``fit``'s loss of the DiT on latents ``z`` with class ``labels``: the epsilon objective
+    at uniform timesteps, 10% of the labels dropped to the null class so CFG works."""
+    from diffusers import DDPMScheduler
+
+    noise_schedule = DDPMScheduler(num_train_timesteps=1000, **BETAS)
 
     def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(z[idx].shape, generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        labels = y[idx].clone()
-        labels[torch.rand(len(idx), generator=gen) < 0.1] = NULL_CLASS
+        classes = labels[idx].clone()
+        classes[torch.rand(len(idx), generator=gen) < 0.1] = NULL_CLASS
         noisy = noise_schedule.add_noise(z[idx], noise, t)
-        return F.mse_loss(dit(noisy, timestep=t, class_labels=labels).sample, noise)
+        return F.mse_loss(dit(noisy, timestep=t, class_labels=classes).sample, noise)
 
-    return dit, scale, fit(dit, loss_of, len(z), steps, 128, 3e-4, seed, "dit")
+    return loss_of
 
 
 def train_classifier(
@@ -204,10 +211,7 @@ def save(out: Path, vae: Any, dit: Any, scale: float, classifier: nn.Module) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every step count")
-    p.add_argument("--threads", type=int, default=2)
+    p = training_parser(__doc__, HERE, threads=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, k = Path(args.out), args.steps_scale
@@ -221,20 +225,16 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = held_out_accuracy(net)
     save(out, vae, dit, scale, net)
 
-    def tail(losses: list[float]) -> float:
-        return round(sum(losses[-50:]) / len(losses[-50:]), 5)
-
     summary = {
-        "vae_loss": tail(vae_losses),
-        "dit_loss": tail(dit_losses),
-        "classifier_loss": tail(net_losses),
+        "vae_loss": mean_last(vae_losses, 50),
+        "dit_loss": mean_last(dit_losses, 50),
+        "classifier_loss": mean_last(net_losses, 50),
         "classifier_held_out_accuracy": round(accuracy, 4),
         "latent_scaling_factor": round(scale, 5),
         "threads": args.threads,
         **{key: round(v, 1) for key, v in times.items()},
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_summary(out, summary)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ classifier accuracy at each step count).
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcache.pipelines import digits
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines.digits.train import NULL_CLASS, fit
 from diffcache.pipelines.digits_fewstep import STEPS, WEIGHTS
 
@@ -129,10 +128,7 @@ def accuracy(pipe: Any, steps: int, guidance: float, seeds: int = 8) -> float:
 def main(argv: list[str] | None = None) -> None:
     from diffusers import DiTPipeline
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps-scale", type=float, default=1.0, help="scale the training steps")
-    p.add_argument("--threads", type=int, default=1)
+    p = training_parser(__doc__, HERE, threads=1, steps_help="scale the training steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -151,13 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     saved = load(out)
     summary = {
         "loss_first_50": round(float(np.mean(losses[:50])), 5),
-        "loss_last_50": round(float(np.mean(losses[-50:])), 5),
+        "loss_last_50": mean_last(losses, 50),
         "train_s": round(train_s, 1),
         "threads": args.threads,
         **{f"accuracy_{s}_steps": accuracy(saved, s, 1.0) for s in STEPS},
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_summary(out, summary)
 
 
 if __name__ == "__main__":

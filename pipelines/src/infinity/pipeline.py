@@ -25,6 +25,7 @@ import torch
 
 from diffcache.errors import DiffCacheError
 from diffcache.kv.history import FullHistory, History, Schedule
+from diffcache.pipelines._events import DriverEvents
 from diffcache.pipelines.infinity import text
 from diffcache.pipelines.infinity.attention import ScaleContext
 from diffcache.pipelines.infinity.bitwise import Codes, greedy_bits, sample_bits
@@ -62,7 +63,7 @@ class ImageOutput:
     logits: list[torch.Tensor]
 
 
-class InfinityPipeline:
+class InfinityPipeline(DriverEvents):
     """``pipe("a red fox", cfg=3, tau=1.0, seed=0).images[0]``.
 
     Args:
@@ -136,16 +137,6 @@ class InfinityPipeline:
         if self.vae is not None:
             self.vae.to(device=device, dtype=dtype)
         return self
-
-    # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
-    def begin_run(self, num_steps: int | None, **facts: Any) -> None:
-        """A generation of ``num_steps`` steps (scales) starts."""
-
-    def begin_step(self) -> None:
-        """The next scale starts."""
-
-    def end_run(self) -> None:
-        """The generation is over."""
 
     def history_store(self) -> History:
         """The history store of the next generation (plain: keep everything)."""

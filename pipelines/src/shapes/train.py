@@ -25,9 +25,7 @@ and ``training.json`` (losses, accuracy, times).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines.shapes import WEIGHTS, data
 from diffcache.pipelines.shapes.checker import checker_net, checker_predict
 
@@ -82,22 +81,11 @@ def tokenizer_model() -> Any:
 
 
 def text_encoder_model(tokenizer: Any) -> Any:
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffcache.pipelines._tiny import t5_encoder
 
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+    return t5_encoder(
+        tokenizer, TEXT_DIM, d_kv=16, d_ff=64, layers=2, heads=2, umt5=True, dropout_rate=0.0
     )
-    return UMT5EncoderModel(config)
 
 
 def transformer_model() -> Any:
@@ -443,10 +431,7 @@ def save(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every step count")
-    p.add_argument("--threads", type=int, default=2)
+    p = training_parser(__doc__, HERE, threads=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, k = Path(args.out), args.steps_scale
@@ -475,13 +460,10 @@ def main(argv: list[str] | None = None) -> None:
     save(out, vae, tokenizer, copy.deepcopy(text_encoder), transformer, checker)
     times["total_s"] = time.perf_counter() - t0
 
-    def tail(values: list[float]) -> float:
-        return round(sum(values[-100:]) / len(values[-100:]), 5)
-
     summary = {
-        "vae_loss": tail(vae_losses),
-        "denoiser_loss": tail(losses),
-        "checker_loss": tail(checker_losses),
+        "vae_loss": mean_last(vae_losses, 100),
+        "denoiser_loss": mean_last(losses, 100),
+        "checker_loss": mean_last(checker_losses, 100),
         "checker_held_out_accuracy": round(accuracy, 4),
         "checker_held_out_accuracy_autoencoded": round(accuracy_decoded, 4),
         "latents_mean": [round(v, 4) for v in mean],
@@ -490,8 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps_scale": k,
         **{key: round(v, 1) for key, v in times.items()},
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_summary(out, summary)
 
 
 if __name__ == "__main__":

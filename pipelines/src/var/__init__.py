@@ -10,28 +10,18 @@ the generation's K/V history store (``diffcache.kv.history``) through :class:`KV
 from __future__ import annotations
 
 from diffcache.adapter import Adapter, Capabilities, KVSeam
-from diffcache.pipelines._fields import TOP_K, TOP_P, guidance
+from diffcache.pipelines._fields import TOP_K, TOP_P, class_label, guidance
 from diffcache.pipelines._tiny import seeded
 from diffcache.pipelines.var.config import PATCH_NUMS_256, VARConfig, VQVAEConfig
 from diffcache.pipelines.var.pipeline import VARPipeline
 from diffcache.pipelines.var.transformer import VARTransformer
 from diffcache.pipelines.var.vqvae import VQVAE
 from diffcache.registry import register_adapter
-from diffcache.request import Field
 
 __all__ = ["ADAPTER", "VARPipeline", "build", "build_tiny", "build_d16_random", "build_d30_random"]
 
 FIELDS = (
-    Field(
-        "class_label",
-        int,
-        "class id (class-conditional models)",
-        "class_labels",
-        min=0,
-        as_list=True,
-        limit=lambda pipe: pipe.num_classes - 1,
-        input=True,
-    ),
+    class_label(lambda pipe: pipe.num_classes - 1),
     guidance("cfg"),
     TOP_K,
     TOP_P,

@@ -22,6 +22,7 @@ import torch
 
 from diffcache.errors import UnsupportedModelError
 from diffcache.kv.history import FullHistory, History, ScaleCall, Schedule
+from diffcache.pipelines._events import DriverEvents
 from diffcache.pipelines.dlm_loading import check_weights
 from diffcache.pipelines.dlm_pipeline import RequestError
 from diffcache.pipelines.var import sampling
@@ -43,7 +44,7 @@ class VAROutput:
     f_hat: torch.Tensor
 
 
-class VARPipeline:
+class VARPipeline(DriverEvents):
     """VAR generation: ``pipe([207, 88], cfg=4.0, top_k=900, top_p=0.95, seed=0).images``.
 
     ``last_history`` is the last generation's store (its K/V and byte counts).
@@ -90,16 +91,6 @@ class VARPipeline:
         for module in (self.transformer, self.vae):
             module.to(device=device, dtype=dtype)
         return self
-
-    # -- events the ``pipeline`` driver listens to; plain they do nothing ---------------------
-    def begin_run(self, num_steps: int | None, **facts: Any) -> None:
-        """A generation of ``num_steps`` steps (scales) starts."""
-
-    def begin_step(self) -> None:
-        """The next scale starts."""
-
-    def end_run(self) -> None:
-        """The generation is over."""
 
     def history_store(self) -> History:
         """The K/V history store of the next generation (plain: keep everything)."""

@@ -14,7 +14,6 @@ Writes ``model/``: ``transformer.safetensors``, ``vae.safetensors`` (fp16), ``co
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines.digits.train import _training, fit
 from diffcache.pipelines.var.config import VARConfig, VQVAEConfig
 from diffcache.pipelines.var.transformer import VARTransformer
@@ -119,10 +119,7 @@ def save(out: Path, vae: VQVAE, model: VARTransformer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every step count")
-    p.add_argument("--threads", type=int, default=1)
+    p = training_parser(__doc__, HERE, threads=1)
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
@@ -138,12 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     total_s = time.perf_counter() - t0
     save(out, vae, model)
 
-    def tail(losses: list[float]) -> float:
-        return round(sum(losses[-50:]) / len(losses[-50:]), 5)
-
     summary = {
-        "vqvae_loss": tail(vae_losses),
-        "var_loss": tail(var_losses),
+        "vqvae_loss": mean_last(vae_losses, 50),
+        "var_loss": mean_last(var_losses, 50),
         "vqvae_steps": len(vae_losses),
         "var_steps": len(var_losses),
         "codes_used": codebook_usage(vae),
@@ -152,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "var_s": round(total_s - vae_s, 1),
         "total_s": round(total_s, 1),
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_summary(out, summary)
 
 
 if __name__ == "__main__":
