@@ -166,8 +166,9 @@ class _HyCa:
         self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.blocks = BlockStreams(sites)
         self.index = {s.name: i for i, s in enumerate(sites)}
-        solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
-        self.dim_solver = solver_of[cal.labels]  # (blocks, D) solver index per dimension
+        self.solvers = sorted(set(cal.cluster_solvers), key=SOLVERS.index)  # the ones in use
+        solver_of = torch.tensor([self.solvers.index(s) for s in cal.cluster_solvers])
+        self.dim_solver = solver_of[cal.labels]  # (blocks, D): index into self.solvers
         self.keep = history_length(cal.cluster_solvers)  # history entries the plan reads
         self.cluster_solvers = cal.cluster_solvers
         self.weights: dict[tuple, torch.Tensor] = {}  # (steps, k, device) -> (blocks, H, D)
@@ -186,7 +187,7 @@ class _HyCa:
         key = (steps, k, device)  # blocks spread over devices keep one table per device
         w = self.weights.get(key)
         if w is None:
-            table = torch.tensor([solver_weights(s, steps, k) for s in SOLVERS])  # (S, H)
+            table = torch.tensor([solver_weights(s, steps, k) for s in self.solvers])  # (S, H)
             w = table[self.dim_solver].transpose(1, 2).contiguous().to(device)  # (blocks, H, D)
             if len(self.weights) > 4096:
                 self.weights.clear()
