@@ -15,10 +15,14 @@ calibration inputs), as the plan's warning tells a user to do. Each cell is one
 uncached variant interleaved per request.
 
 Printed per cell: compute_fraction, speedup (median of the paired per-round ratios, with their
-range), of-ideal (speedup / ideal speedup of the compute fraction, ``eval/timing.py``), PSNR
-against the uncached variant, the task score beside the uncached variant's, lost / won samples
-and the sign test's p. Goals (issue 24): of-ideal >= 0.9 where a method skips work, no cell
-losing task score at p < 0.05. Numbers are printed as measured; nothing is asserted.
+range), of-ideal (speedup / ideal speedup of the compute fraction, 1 / compute_fraction:
+``eval/timing.py``), of-ideal (denoiser) (speedup / the ideal that keeps the plain run's time
+outside the denoiser fixed, 1 / ((1 - s) + s x compute_fraction), ``s`` the denoiser's share
+of a plain run's time measured on the same variant in this process: :func:`denoiser_share`),
+PSNR against the uncached variant, the task score beside the uncached variant's, lost / won
+samples and the sign test's p; under the table each variant's ``s``. Goals (issue 24): of-ideal
+>= 0.9 where a method skips work, no cell losing task score at p < 0.05. Numbers are printed as
+measured; nothing is asserted.
 
     python bench/dit_variants.py --models dit-digits --variants base,int8,8step --inputs 10
 """
