@@ -72,8 +72,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,7 +82,7 @@ from arg_types import fraction, listed, names, non_negative, non_negative_float,
 import diffcache
 from diffcache.eval.macs import count_macs
 from diffcache.eval.metrics import psnr
-from diffcache.eval.timing import rotated, sync, timed
+from diffcache.eval.timing import ideal_speedup, rotated, sync, time_inside, timed
 from diffcache.generate import Request, generate
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
@@ -142,27 +141,6 @@ class Result:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
-
-
-@contextmanager
-def time_module(module: torch.nn.Module, device: torch.device) -> Iterator[list[float]]:
-    """Sum the wall time spent inside calls of ``module`` into the yielded one-item list."""
-    total, start = [0.0], [0.0]
-
-    def pre(_mod: Any, _args: Any) -> None:
-        sync(device)
-        start[0] = time.perf_counter()
-
-    def post(_mod: Any, _args: Any, _out: Any) -> None:
-        sync(device)
-        total[0] += time.perf_counter() - start[0]
-
-    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    try:
-        yield total
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _one(e: BaseException) -> str:
@@ -301,7 +279,7 @@ def run_once(
             t0 = time.perf_counter()
             with (
                 count_macs(pipe.transformer) as macs,
-                time_module(pipe.transformer, device) as inside,
+                time_inside([pipe.transformer], device) as inside,
             ):
                 result.media = generate(pipe, request)
             sync(device)
@@ -428,9 +406,9 @@ def print_table(configs: list[Config], results: dict[str, Result], share: float)
         speedup = base.median / med
         macs = res.macs / base.macs if base.macs else None
         quality = "ref" if c.name == "baseline" else fmt(psnr(base.media, res.media), ".2f")
-        ideal = None if res.calls is None else 1.0 / ((1.0 - share) + share * res.calls)
+        ideal = ideal_speedup(res.calls, share)
         overhead = speedup / ideal if ideal is not None else None
-        mac_ideal = None if macs is None else 1.0 / ((1.0 - share) + share * macs)
+        mac_ideal = ideal_speedup(macs, share)
         of_mac = speedup / mac_ideal if mac_ideal is not None else None
         print(
             f"  {c.name:<{width}}  {med:9.3f}  {spread:6.1%}  {speedup:7.3f}  "

@@ -166,29 +166,33 @@ class _HyCa:
         self.cfg, self.run, self.kernel = cfg, session.run, session.kernel
         self.blocks = BlockStreams(sites)
         self.index = {s.name: i for i, s in enumerate(sites)}
-        solver_of = torch.tensor([SOLVERS.index(s) for s in cal.cluster_solvers])
-        self.dim_solver = solver_of[cal.labels]  # (blocks, D) solver index per dimension
+        self.solvers = sorted(set(cal.cluster_solvers), key=SOLVERS.index)  # the ones in use
+        solver_of = torch.tensor([self.solvers.index(s) for s in cal.cluster_solvers])
+        self.dim_solver = solver_of[cal.labels]  # (blocks, D): index into self.solvers
         self.keep = history_length(cal.cluster_solvers)  # history entries the plan reads
         self.cluster_solvers = cal.cluster_solvers
-        self.weights: dict[tuple, torch.Tensor] = {}
+        self.weights: dict[tuple, torch.Tensor] = {}  # (steps, k, device) -> (blocks, H, D)
 
     def weights_for(self, block: int, steps: tuple[int, ...], k: int, dims: int, device) -> Any:
-        key = (block, steps, k)
+        """``(H, D)``: each of ``block``'s dimensions' solver weights over the history at
+        ``steps`` forecasting step ``k``; made for every block at once, once per (steps, k,
+        device)."""
+        if self.dim_solver.shape[1] != dims:
+            raise self.run.fail(
+                RunError(
+                    f"hyca: the plan clusters {self.dim_solver.shape[1]} hidden dimensions "
+                    f"but this block has {dims} ({self.run.where()}); profile this model"
+                )
+            )
+        key = (steps, k, device)  # blocks spread over devices keep one table per device
         w = self.weights.get(key)
         if w is None:
-            if self.dim_solver.shape[1] != dims:
-                raise self.run.fail(
-                    RunError(
-                        f"hyca: the plan clusters {self.dim_solver.shape[1]} hidden dimensions "
-                        f"but this block has {dims} ({self.run.where()}); profile this model"
-                    )
-                )
-            table = torch.tensor([solver_weights(s, steps, k) for s in SOLVERS])  # (S, H)
-            w = table[self.dim_solver[block]].T.contiguous().to(device)  # (H, D)
+            table = torch.tensor([solver_weights(s, steps, k) for s in self.solvers])  # (S, H)
+            w = table[self.dim_solver].transpose(1, 2).contiguous().to(device)  # (blocks, H, D)
             if len(self.weights) > 4096:
                 self.weights.clear()
             self.weights[key] = w
-        return w
+        return w[block]
 
     def decide(self, call: Call, st: _History) -> bool:
         """Whether this call computes: a full step of the schedule, or no history yet."""

@@ -79,13 +79,16 @@ def summary(values: Sequence[float]) -> tuple[float, float, float] | None:
     return statistics.median(values), min(values), max(values)
 
 
-def ideal_speedup(compute_fraction: float | None) -> float | None:
-    """The most a plan of this compute fraction can gain when time follows the work: 1 / the
-    fraction, and 1 for a fraction above 1 (work that does not scale, the sampler's say, can
-    only bring a costlier plan closer to the baseline, never past it); None when unknown."""
+def ideal_speedup(compute_fraction: float | None, share: float = 1.0) -> float | None:
+    """The most a plan of this compute fraction can gain when the time of the work it counts
+    follows the work: ``share`` is that work's part of the plain run's time (1: all of it, the
+    ideal 1 / the fraction; below 1 the rest, e.g. the text encoder and VAE around a denoiser,
+    stays as it is: 1 / ((1 - share) + share x fraction), Amdahl's law). A fraction above 1
+    counts as 1 (work that does not scale, the sampler's say, can only bring a costlier plan
+    closer to the baseline, never past it); None when unknown."""
     if compute_fraction is None or compute_fraction <= 0:
         return None
-    return 1.0 / min(compute_fraction, 1.0)
+    return 1.0 / ((1.0 - share) + share * min(compute_fraction, 1.0))
 
 
 def above_ideal(speedup: float | None, compute_fraction: float | None) -> bool:
@@ -93,6 +96,38 @@ def above_ideal(speedup: float | None, compute_fraction: float | None) -> bool:
     then it measures the machine (noise, a stall in the baseline), not the plan."""
     ideal = ideal_speedup(compute_fraction)
     return speedup is not None and ideal is not None and speedup > ideal * (1 + TOLERANCE)
+
+
+@contextmanager
+def time_inside(
+    modules: Sequence[torch.nn.Module], device: str | torch.device = "cpu"
+) -> Iterator[list[float]]:
+    """Sum the wall seconds spent inside calls of ``modules`` (device work included; a call
+    made inside another of them counts once) into the yielded one-item list."""
+    total, start, depth = [0.0], [0.0], [0]
+
+    def pre(_mod: Any, _args: Any) -> None:
+        depth[0] += 1
+        if depth[0] == 1:
+            sync(device)
+            start[0] = time.perf_counter()
+
+    def post(_mod: Any, _args: Any, _out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            sync(device)
+            total[0] += time.perf_counter() - start[0]
+
+    handles = [
+        h
+        for m in modules
+        for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))
+    ]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def costlier(compute_fraction: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,6 +57,46 @@ def test_ideal_speedup_and_its_flag() -> None:
     assert not timing.above_ideal(1.05, 1.0)  # within the tolerance
     assert timing.above_ideal(1.0 * (1 + timing.TOLERANCE) + 0.01, 1.0)
     assert not timing.above_ideal(3.0, None)  # diffusers' caches: unknown compute
+
+
+def test_the_ideal_with_a_fixed_part_is_amdahls() -> None:
+    """A plain run of 10 s with 8 s in the denoiser: computing 40% of the denoiser's work takes
+    at best 2 + 0.4 x 8 = 5.2 s."""
+    assert timing.ideal_speedup(0.4, share=0.8) == pytest.approx(10 / 5.2)
+    assert timing.ideal_speedup(1.7, share=0.8) == 1.0  # costlier: no gain, never a loss
+    assert timing.ideal_speedup(0.5, share=0.0) == 1.0  # nothing scales
+    assert timing.ideal_speedup(None, share=0.8) is None
+
+
+class _Sleepy(torch.nn.Module):
+    """Sleeps ``seconds`` itself and calls ``child`` (if any) once."""
+
+    def __init__(self, seconds: float, child: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.seconds, self.child = seconds, child
+
+    def forward(self) -> None:
+        time.sleep(self.seconds)
+        if self.child is not None:
+            self.child()
+
+
+def test_time_inside_sums_the_outermost_calls_only() -> None:
+    """Two calls of a module whose child is also timed: the child's time is inside its
+    parent's, so the total is the parent's wall time, not parent + child."""
+    child = _Sleepy(0.02)
+    parent = _Sleepy(0.01, child)
+    with timing.time_inside([parent, child]) as inside:
+        t0 = time.perf_counter()
+        parent()
+        parent()
+        wall = time.perf_counter() - t0
+    assert 0.06 <= inside[0] <= wall
+    with timing.time_inside([child]) as only_child:
+        _, parent_wall = timing.timed(parent)
+    assert 0.02 <= only_child[0] <= parent_wall - 0.01  # the child's sleep, not the parent's
+    parent()  # the hooks are gone after the block
+    assert not parent._forward_hooks and not parent._forward_pre_hooks
 
 
 def test_measurement_threads_default_and_restore(monkeypatch) -> None:

@@ -333,6 +333,38 @@ def test_skipped_steps_return_the_solvers_forecast_for_that_step() -> None:
     assert diffcache.stats(pipe).per_step() == [float(k in full) for k in range(steps)]
 
 
+def test_the_solver_weights_are_made_once_per_skipped_step_for_all_blocks(monkeypatch) -> None:
+    """The forecast weights depend on the history's steps and the step forecast, not on the
+    block: a run makes the stencil of each solver the plan uses (not the whole pool) once per
+    skipped step, however many blocks."""
+    from diffcache.methods import hyca
+    from diffcache.testing.toys import ToyPipeline
+
+    made = []
+    monkeypatch.setattr(
+        hyca, "solver_weights", lambda s, steps, k: made.append(k) or solver_weights(s, steps, k)
+    )
+    steps, dims = 8, 3
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), float(k)) for k in range(8)])
+    cfg = HyCaConfig(warmup_steps=2, interval=3, solvers=("linear", "reuse"))
+    plan = Plan(
+        model="toy",
+        method="hyca",
+        options=cfg.to_options(),
+        calibration={"cluster_solvers": ["linear", "reuse"]},
+        tensors={
+            "labels": torch.tensor([[0] * dims, [1] * dims]),
+            "errors": torch.zeros(2, dims, 2),
+            "indicators": torch.zeros(2, dims, 3),
+        },
+    )
+    diffcache.accelerate(pipe, plan)
+    pipe(torch.full((1, 2, dims), 0.0), steps=steps)
+    skipped = [k for k in range(steps) if not (k < 2 or (k - 2) % 3 == 0)]
+    assert skipped == [3, 4, 6, 7]
+    assert made == [k for k in skipped for _ in ("linear", "reuse")]  # the plan's solvers
+
+
 def _lagrange(steps: list[int], k: int) -> list[float]:
     """Weights of the polynomial through ``steps`` evaluated at ``k`` (written out here)."""
     return [math.prod((k - m) / (s - m) for m in steps if m != s) for s in steps]
