@@ -109,14 +109,17 @@ def describe(state: Mapping[str, Any] | None) -> str:
     return f"LoRA {names}{fused} [{state['sha256']}]"
 
 
-def check_lora(plan: Any, modules: Sequence[torch.nn.Module]) -> None:
-    """Refuse (PlanError) a plan whose ``valid_for.lora`` is not the state of ``modules``."""
+def check_lora(plan: Any, modules: Sequence[torch.nn.Module], profile: str | None = None) -> None:
+    """Refuse (PlanError) a plan whose ``valid_for.lora`` is not the state of ``modules``;
+    the message names ``profile``, the command that profiles it (default: the method's
+    ``profile_hint``)."""
     want = plan.valid_for.get("lora")
     state = adapter_state(modules) if want is not None else None
     if want is not None and state_key(state) != want:
         raise PlanError(
             f"{plan.source}: valid_for.lora: the plan is valid for LoRA state {want} but the "
-            f"pipeline has {describe(state)}; {_FIX} ({type(plan.config).profile_hint()})."
+            f"pipeline has {describe(state)}; {_FIX} "
+            f"({profile or type(plan.config).profile_hint()})."
         )
 
 
