@@ -365,7 +365,7 @@ def _with_loras(args: argparse.Namespace, loras: Sequence[Any], plans: Sequence[
         for plan in plans:
             command = type(plan.config).profile_hint(args.model)
             command += "".join(f" {FLAG} {lora.given}" for lora in loras)
-            check_lora(plan, experts, command)
+            check_lora(plan, experts, pipe, command)
         return pipe
 
     return prepare

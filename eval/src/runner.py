@@ -149,7 +149,7 @@ def _evaluate(
     adapter = find_adapter(pipe)
     for c in comparisons:  # and fits this model before any generation runs
         c.check(pipe)
-    lora = adapter_state(Target.resolve(adapter, pipe).experts)  # every run's, named in the report
+    lora = adapter_state(Target.resolve(adapter, pipe).experts, pipe)  # named in the report
     base_req = request or Request()
     if entry is not None:
         base_req = base_req.merged(entry.defaults)
