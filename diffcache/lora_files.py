@@ -208,6 +208,13 @@ def inject_lora_state(
         }
         if not ranks:
             raise ValueError("no lora_A tensors in peft's names (MODULE.lora_A.weight)")
+        have = {name for name, _ in transformer.named_modules()}
+        missing = sorted(set(ranks) - have)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {len(ranks)} modules it names are not in the model, "
+                f"e.g. {missing[0]}"
+            )
         rank = max(set(ranks.values()), key=list(ranks.values()).count)
         config = LoraConfig(
             r=rank,

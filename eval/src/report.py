@@ -261,7 +261,7 @@ def _header_facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     facts = [
         ("model", fmt_value(report.get("model"))),
         ("device", fmt_value(report.get("device"))),
-        *([("LoRA", describe(report["lora"]))] if report.get("lora") else []),
+        *([("adapters", describe(report["lora"]))] if report.get("lora") else []),
         ("baseline latency", fmt_value(latency) + (" s" if _is_number(latency) else "")),
     ]
     if "peak_mem_bytes" in base:

@@ -185,4 +185,34 @@ def test_eval_runs_every_configuration_with_the_lora(tmp_path: Path) -> None:
     assert report["lora"] == adapter_state([pipe.transformer])
     assert report["runs"][0]["compute_fraction"] < 1
     md = (tmp_path / "ev" / "report.md").read_text()
-    assert f"- LoRA: LoRA w=0.7 [{report['lora']['sha256']}]" in md
+    assert f"- adapters: LoRA w=0.7 [{report['lora']['sha256']}]" in md
+
+
+def test_dit_lora_config_is_read_off_the_tensors() -> None:
+    """Ranks differing per module (peft's rank_pattern): injecting the state dict alone makes
+    the model peft's own config made, output and state hash alike."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from diffcache.lora_files import inject_lora_state
+
+    ranks = {"r": 4, "rank_pattern": {"to_v": 2}, "alpha_pattern": {"to_v": 2}}
+    config = LoraConfig(lora_alpha=4, target_modules=["to_q", "to_v"], **ranks)
+    config.init_lora_weights = False
+    want, got = load_model("dit-tiny"), load_model("dit-tiny")
+    torch.manual_seed(0)
+    inject_adapter_in_model(config, want.transformer, adapter_name="a")
+    inject_lora_state(
+        got.transformer, get_peft_model_state_dict(want.transformer, adapter_name="a"), "a"
+    )
+    req = Request(class_label=1, steps=4)
+    assert np.array_equal(generate(got, req), generate(want, req))
+    assert adapter_state([got.transformer]) == adapter_state([want.transformer])
+
+
+def test_a_flux_lora_on_dit_names_what_is_missing(tmp_path: Path, capsys) -> None:
+    folder = write_lora(load_model("flux-tiny"), tmp_path / "flux-lora")
+    argv = ["generate", "--model", "dit-tiny", "--lora", str(folder), "--class-label", "1"]
+    assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+    line = _error(capsys)
+    assert f"--lora {folder}: does not fit this model (" in line
+    assert "modules it names are not in the model, e.g. single_transformer_blocks." in line
