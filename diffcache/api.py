@@ -62,7 +62,7 @@ def accelerate(
         tracing=trace,
         steps_problem=config.steps_problem,
     )
-    run.reporters.append(LoraWatch(target.experts, plan, run).facts)
+    run.reporters.append(LoraWatch(target.experts, plan, run, target.pipe).facts)
     _, apply = get_method(plan.method)
     open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)
     logger.info(
@@ -118,7 +118,7 @@ def resolve(model: Any, plan: Plan) -> Target:
             f"({type(plan.config).profile_hint()})."
         )
     check_weights(plan, target.experts)
-    check_lora(plan, target.experts)
+    check_lora(plan, target.experts, target.pipe)
     if target.driver == "pipeline":
         missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
         if missing:

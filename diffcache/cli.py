@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate one sample, optionally with a plan")
     p.add_argument("--model", required=True, help="built-in model name or local model folder")
+    _lora_arg(p)
     p.add_argument("--plan", default=None, help="plan file or bundled plan name")
     _request_args(p)
     p.add_argument("--out", default=None, help=".mp4/.gif video, .png image, .txt or - for text")
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="profile a model and write a plan for a method")
     p.add_argument("--model", required=True)
+    _lora_arg(p)
     p.add_argument("--method", default=None, help="the method (or the one of --from)")
     p.add_argument(
         "--from",
@@ -158,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="baseline vs plans on the same prompts and seeds")
     p.add_argument("--model", required=True)
+    _lora_arg(p)
     p.add_argument("--plan", action="append", required=True, help="repeat for several plans")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--seeds", type=int, default=1, help="K seeds per prompt: --seed .. --seed+K-1")
@@ -234,6 +237,17 @@ def _parser() -> argparse.ArgumentParser:
     _timing_args(p)
     p.set_defaults(func=_demo)
     return parser
+
+
+def _lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:WEIGHT]",
+        help="load a LoRA (a .safetensors file, or a folder holding one) into the model at "
+        "WEIGHT (default 1); repeatable: all are active, as diffusers' set_adapters(names, "
+        "weights)",
+    )
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:
@@ -323,6 +337,38 @@ def _family(pipe: Any, req: Any, sample: str | None = None, inputs: str | None =
     adapter = find_adapter(pipe)
     check(adapter, _with_input(adapter, req, sample), pipe, inputs)
     return adapter
+
+
+def _loras(args: argparse.Namespace, adapter: Any) -> list[Any]:
+    """The ``--lora`` files, checked, and the model's family able to load them (a built-in
+    model's now; a folder's when it is loaded)."""
+    from diffcache.lora_files import check_loader, parse_lora, pipeline_class
+
+    loras = [parse_lora(given) for given in args.lora or ()]
+    if loras and adapter is not None:
+        check_loader(pipeline_class(adapter), adapter.family, args.model)
+    return loras
+
+
+def _with_loras(args: argparse.Namespace, loras: Sequence[Any], plans: Sequence[Any]) -> Any:
+    """What turns the loaded model into the one the command runs: ``loras`` loaded, then each
+    plan's ``valid_for.lora`` checked against them (the refusal names the profile command)."""
+    from diffcache.adapter import Target
+    from diffcache.lora import check_lora
+    from diffcache.lora_files import FLAG, load_loras
+    from diffcache.registry import find_adapter
+
+    def prepare(pipe: Any) -> Any:
+        if loras:
+            load_loras(pipe, loras)
+        experts = Target.resolve(find_adapter(pipe), pipe).experts
+        for plan in plans:
+            command = type(plan.config).profile_hint(args.model)
+            command += "".join(f" {FLAG} {lora.given}" for lora in loras)
+            check_lora(plan, experts, pipe, command)
+        return pipe
+
+    return prepare
 
 
 def _out_dir(path: str, flag: str = "--out") -> Path:
@@ -451,6 +497,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise DiffCacheError(f"--trace {args.trace} needs --plan (a trace is a plan's decisions)")
     plan = Plan.load(args.plan) if args.plan else None  # bad plans fail before the model loads
     req, adapter = _request(args, args.model)
+    loras = _loras(args, adapter)
     if plan is not None and adapter is not None:
         plan.check_family(adapter.family, args.model)
         plan.config.check_needs(adapter, f"--plan {args.plan}")
@@ -462,7 +509,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = None
     if adapter is not None:
         out = _generate_out(args, adapter, req)
-    pipe = diffcache.load_model(args.model)
+    pipe = _with_loras(args, loras, [plan] if plan else [])(diffcache.load_model(args.model))
     adapter = _family(pipe, req)
     out = out or _generate_out(args, adapter, req)
     if plan is not None:
@@ -566,12 +613,13 @@ def _profile(args: argparse.Namespace) -> int:
         with_kv_target(start.config, args.target_kv, CLI)
     args.steps = start.request_steps
     req, adapter = _request(args, args.model, sample, CALIBRATION_INPUT)
+    loras = _loras(args, adapter)
     if adapter is not None:  # a built-in model: its inputs are known before it is built
         given = f"--method {args.method}" if args.method else f"--from {args.start}"
         start.config.check_needs(adapter, given)
         check_steps_run(start.config, adapter, req)
         prompts = _profile_inputs(args, adapter, prompts)
-    pipe = diffcache.load_model(args.model)
+    pipe = _with_loras(args, loras, [])(diffcache.load_model(args.model))
     adapter = _family(pipe, req, sample, CALIBRATION_INPUT)
     if entry is None:  # a checkpoint folder: its family's published settings are known now
         start = start_for(adapter.family)
@@ -676,6 +724,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_seeds(args)
     _check_timing(args)
     req, adapter = _request(args, args.model, "x", EVAL_INPUT)
+    loras = _loras(args, adapter)
     prompts, answers = (
         _read_prompts_answers(args.prompts, adapter.media if adapter else None)
         if args.prompts
@@ -700,6 +749,7 @@ def _eval(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         trace=args.trace,
+        prepare=_with_loras(args, loras, [c.plan for c in comparisons if c.plan is not None]),
     )
     if report is not None:  # the main process (others return None under accelerate launch)
         _print_report(report, out)

@@ -46,3 +46,30 @@ def did_you_mean(word: str, choices: Any) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else ``''``."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def outside_valid_for(key: str, want: Any, given: Any) -> str:
+    """The problem of a call whose ``key`` is ``given`` where the plan's ``valid_for`` says
+    ``want``."""
+    if key == "num_inference_steps":
+        return steps_mismatch(want, given)
+    return (
+        f"the plan is valid for {key}={want!r} but this call has {key}={given!r} (valid_for.{key})"
+    )
+
+
+def steps_mismatch(expected: int, actual: int, scheduled: int | None = None) -> str:
+    """The problem of a call outside the plan's ``valid_for.num_inference_steps``: it runs
+    ``actual`` steps, of the ``scheduled`` steps it set when ``strength`` runs fewer
+    (img2img, video-to-video)."""
+    fix = f"use a plan made for {actual} (valid_for.num_inference_steps)"
+    if scheduled is not None and scheduled != actual:
+        return (
+            f"the plan is valid for num_inference_steps={expected} but this call runs {actual} "
+            f"steps (strength runs {actual} of its num_inference_steps={scheduled}); set "
+            f"num_inference_steps and strength so that they run {expected}, or {fix}"
+        )
+    return (
+        f"the plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
+        f"run with {expected} steps or {fix}"
+    )

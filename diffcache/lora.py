@@ -20,6 +20,7 @@ from diffcache.errors import PlanError
 
 logger = logging.getLogger(__name__)
 NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
+UNLOADED = "unloaded"  # the weight shown for an adapter fused, then unloaded
 _WARNED: set[tuple[str, str]] = set()  # (plan, state) warned about in this process
 
 
@@ -59,10 +60,30 @@ def _weight(layer: Any, adapter: str) -> float:
     return float(layer.scaling[adapter]) / initial
 
 
-def signature(modules: Sequence[torch.nn.Module]) -> tuple:
+def _unloaded(modules: Sequence[torch.nn.Module], pipe: Any) -> list[str]:
+    """The adapters diffusers fused into the weights (``pipe.fused_loras``) whose LoRA layers
+    are gone: ``unload_lora_weights`` after ``fuse_lora`` leaves them in the weights."""
+    fused = set(getattr(pipe, "fused_loras", None) or ())
+    merged = {a for _, layer in _layers(modules) for a in layer.merged_adapters} if fused else ()
+    return sorted(fused - set(merged))
+
+
+def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
+    """The weights themselves, cheaply (on their device): each plain tensor parameter's sum
+    and sum of squares in float64."""
+    sums = [
+        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
+        for root in modules
+        for p in root.parameters()
+        if type(p.detach()) is torch.Tensor
+    ]
+    return torch.cat(sums).numpy().tobytes() if sums else b""
+
+
+def signature(modules: Sequence[torch.nn.Module], pipe: Any = None) -> tuple:
     """A cheap key that changes whenever :func:`adapter_state` may (adapters loaded, unloaded,
     activated, re-weighted, fused, or their tensors written in place)."""
-    key = []
+    key: list[tuple] = [("unloaded", *_unloaded(modules, pipe))]
     for name, layer in _layers(modules):
         adapters, fused = _effective(layer)
         for a in adapters:
@@ -71,14 +92,16 @@ def signature(modules: Sequence[torch.nn.Module]) -> tuple:
     return tuple(key)
 
 
-def adapter_state(modules: Sequence[torch.nn.Module]) -> dict[str, Any] | None:
+def adapter_state(modules: Sequence[torch.nn.Module], pipe: Any = None) -> dict[str, Any] | None:
     """``{"adapters": {name: weight}, "fused": bool, "sha256": hex}`` of the LoRA adapters that
-    change the output of ``modules`` (a denoiser and its experts), or None without any. The hash
-    covers each layer's adapter tensors, scale and fused flag (not the adapter names: the same
-    LoRA under another name is the same model); a weight that differs between layers (block-wise
-    scales) is shown as ``per-layer``."""
+    change the output of ``modules`` (a denoiser and its experts, of the pipeline ``pipe``), or
+    None without any. The hash covers each layer's adapter tensors, scale and fused flag (not
+    the adapter names: the same LoRA under another name is the same model); a weight that
+    differs between layers (block-wise scales) is shown as ``per-layer``. An adapter fused and
+    then unloaded (named in ``pipe.fused_loras``, its layers gone) stays in the weights: it is
+    shown as ``unloaded``, fused, and the hash covers a checksum of the weights."""
     digest = hashlib.sha256()
-    weights: dict[str, set[float]] = {}
+    weights: dict[str, set[float | str]] = {}
     fused_any = False
     for name, layer in _layers(modules):
         adapters, fused = _effective(layer)
@@ -89,6 +112,12 @@ def adapter_state(modules: Sequence[torch.nn.Module]) -> dict[str, Any] | None:
             digest.update(f"{name}|{w!r}|{fused}".encode())
             for t in _tensors(layer, a):
                 digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    unloaded = _unloaded(modules, pipe)
+    if unloaded:
+        fused_any = True
+        for a in unloaded:
+            weights.setdefault(a, set()).add(UNLOADED)
+        digest.update(b"unloaded|" + _checksum(modules))
     if not weights:
         return None
     shown = {a: (ws.pop() if len(ws) == 1 else "per-layer") for a, ws in sorted(weights.items())}
@@ -109,14 +138,19 @@ def describe(state: Mapping[str, Any] | None) -> str:
     return f"LoRA {names}{fused} [{state['sha256']}]"
 
 
-def check_lora(plan: Any, modules: Sequence[torch.nn.Module]) -> None:
-    """Refuse (PlanError) a plan whose ``valid_for.lora`` is not the state of ``modules``."""
+def check_lora(
+    plan: Any, modules: Sequence[torch.nn.Module], pipe: Any = None, profile: str | None = None
+) -> None:
+    """Refuse (PlanError) a plan whose ``valid_for.lora`` is not the state of ``modules`` (of
+    ``pipe``); the message names ``profile``, the command that profiles it (default: the
+    method's ``profile_hint``)."""
     want = plan.valid_for.get("lora")
-    state = adapter_state(modules) if want is not None else None
+    state = adapter_state(modules, pipe) if want is not None else None
     if want is not None and state_key(state) != want:
         raise PlanError(
             f"{plan.source}: valid_for.lora: the plan is valid for LoRA state {want} but the "
-            f"pipeline has {describe(state)}; {_FIX} ({type(plan.config).profile_hint()})."
+            f"pipeline has {describe(state)}; {_FIX} "
+            f"({profile or type(plan.config).profile_hint()})."
         )
 
 
@@ -130,8 +164,10 @@ class LoraWatch:
     recorded: profiled without LoRA) but does not require it warns when they differ: once per
     session, and once per process for a plan and state (``eval`` accelerates again and again)."""
 
-    def __init__(self, modules: Sequence[torch.nn.Module], plan: Any, run: Any) -> None:
-        self.modules, self.plan, self.run = list(modules), plan, run
+    def __init__(
+        self, modules: Sequence[torch.nn.Module], plan: Any, run: Any, pipe: Any = None
+    ) -> None:
+        self.modules, self.plan, self.run, self.pipe = list(modules), plan, run, pipe
         calibrated = bool(plan.calibration or plan.tensors)  # profiled data: made on one model
         recorded = plan.provenance.get("lora", NONE) if calibrated else None
         self.recorded = recorded if "lora" not in plan.valid_for else None
@@ -141,9 +177,9 @@ class LoraWatch:
 
     def state(self) -> dict[str, Any] | None:
         """The current state, rehashed only when :func:`signature` changed."""
-        sig = signature(self.modules)
+        sig = signature(self.modules, self.pipe)
         if sig != self._sig:
-            self._sig, self._state = sig, adapter_state(self.modules)
+            self._sig, self._state = sig, adapter_state(self.modules, self.pipe)
         return self._state
 
     def facts(self) -> dict[str, Any]:

@@ -713,7 +713,7 @@ def _with_provenance(
         "measured": dict(calibrated.measured),
         **{k: v for k, v in targets.items() if v is not None},
     }
-    lora = adapter_state(target.experts)  # recorded with a LoRA only: none is the default
+    lora = adapter_state(target.experts, target.pipe)  # recorded with a LoRA only (none: default)
     if lora is not None:
         provenance["lora"] = lora
     return dataclasses.replace(plan, provenance=provenance)

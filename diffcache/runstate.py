@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Mapping
 from copy import deepcopy
 from typing import Any
 
-from diffcache.errors import DiffCacheError, PlanError
+from diffcache.errors import DiffCacheError, PlanError, outside_valid_for, steps_mismatch
 from diffcache.options import to_plain
 from diffcache.sites import KINDS
 
@@ -139,7 +139,8 @@ class RunState:
         self.tracing = tracing
         self.valid_for = dict(valid_for or {})
         self.on_error = on_error or (lambda: None)
-        self.num_steps: int | None = None
+        self.num_steps: int | None = None  # the steps run, of the ``scheduled`` steps the call set
+        self.scheduled: int | None = None
         self.facts: dict[str, Any] = {}
         self.active = False
         self.step = self.substep = self.branch = self.expert = 0
@@ -154,7 +155,8 @@ class RunState:
     # -- driver events ----------------------------------------------------------------------
     def begin_run(self, num_steps: int | None = None, **facts: Any) -> None:
         """Start a generation of ``num_steps`` steps; releases everything of the last run."""
-        self.num_steps, self.facts = num_steps, facts
+        self.num_steps = self.scheduled = num_steps  # a driver trims num_steps to those run
+        self.facts = facts
         self.step, self.substep, self.branch = 0, 0, -1
         self.active, self._checked, self._opened = True, False, False
         self._slots.clear()
@@ -284,7 +286,7 @@ class RunState:
             self.facts.update(report())
         want = self.valid_for.get("num_inference_steps")
         if want is not None and self.num_steps is not None and self.num_steps != want:
-            raise self.refuse(steps_mismatch(want, self.num_steps))
+            raise self.refuse(steps_mismatch(want, self.num_steps, self.scheduled))
         if want is None and self.num_steps is not None:
             self._warn_steps(self.num_steps)
         for key, want in self.valid_for.items():
@@ -313,21 +315,3 @@ class RunState:
 
     def _tick(self) -> None:
         self.stats.wall_s = time.perf_counter() - self._t0
-
-
-def outside_valid_for(key: str, want: Any, given: Any) -> str:
-    """The problem of a call whose ``key`` is ``given`` where the plan's ``valid_for`` says
-    ``want``."""
-    if key == "num_inference_steps":
-        return steps_mismatch(want, given)
-    return (
-        f"the plan is valid for {key}={want!r} but this call has {key}={given!r} (valid_for.{key})"
-    )
-
-
-def steps_mismatch(expected: int, actual: int) -> str:
-    """The problem of a call outside the plan's ``valid_for.num_inference_steps``."""
-    return (
-        f"the plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
-        f"run with {expected} steps or use a plan made for {actual} (valid_for.num_inference_steps)"
-    )

@@ -13,6 +13,7 @@ The dict (extra keys are allowed and kept in the JSON)::
                "kv_geometry": {"layers", "heads", "head_dim", "rows", "k_bytes", "v_bytes",
                                "schedule": [[h, w], ...]}}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
+     "lora": {"adapters": {name: weight}, "fused": bool, "sha256": str},  # with a LoRA only
      "requests": [{"prompt": str, "seed": int, ...}, ...]}
 
 Contract of report.json: every value is a JSON number or null, except strings under the
@@ -36,6 +37,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from diffcache.lora import describe
 
 #: Table columns, in order, for both the Markdown and the HTML report of image / video models.
 COLUMNS: tuple[str, ...] = (
@@ -99,6 +102,7 @@ TEXT_KEYS = frozenset(
         "samples",
         "environment",
         "trace",
+        "lora",
     }
 )
 NULL = "—"
@@ -257,6 +261,7 @@ def _header_facts(report: dict[str, Any]) -> list[tuple[str, str]]:
     facts = [
         ("model", fmt_value(report.get("model"))),
         ("device", fmt_value(report.get("device"))),
+        *([("adapters", describe(report["lora"]))] if report.get("lora") else []),
         ("baseline latency", fmt_value(latency) + (" s" if _is_number(latency) else "")),
     ]
     if "peak_mem_bytes" in base:

@@ -33,6 +33,7 @@ import torch
 
 import diffcache
 from diffcache import distributed
+from diffcache.adapter import Target
 from diffcache.errors import DiffCacheError
 from diffcache.eval import metrics
 from diffcache.eval.baselines import Comparison, comparison
@@ -51,6 +52,7 @@ from diffcache.eval.timing import (
 )
 from diffcache.generate import Request, check, expand, generate, write_problem
 from diffcache.kv.memory import Geometry
+from diffcache.lora import adapter_state
 from diffcache.models import builtin_models
 from diffcache.registry import adapters, find_adapter
 
@@ -100,7 +102,8 @@ def evaluate(
     ``out/traces/<plan>.jsonl`` (one event a line, with its ``request`` index), named in the
     run's ``trace``. ``prepare`` turns the loaded pipeline into the variant every run uses,
     the plain one and the plans alike (a LoRA, quantized weights, ``torch.compile``) and
-    returns it. Returns the report (None on the other processes).
+    returns it; the report's ``lora`` is the LoRA state of that variant (``diffcache.lora``),
+    when it has one. Returns the report (None on the other processes).
     """
     check_report_dir(out)
     if seeds < 1:
@@ -146,6 +149,7 @@ def _evaluate(
     adapter = find_adapter(pipe)
     for c in comparisons:  # and fits this model before any generation runs
         c.check(pipe)
+    lora = adapter_state(Target.resolve(adapter, pipe).experts, pipe)  # named in the report
     base_req = request or Request()
     if entry is not None:
         base_req = base_req.merged(entry.defaults)
@@ -213,6 +217,8 @@ def _evaluate(
     report = _report(
         model, device, comparisons, requests, records, scorer, peaks, text, first, repeats
     )
+    if lora is not None:
+        report["lora"] = lora
     events: dict[str, list[dict[str, Any]]] = {}
     for part in gathered:
         for name, part_events in part[4].items():
@@ -263,7 +269,6 @@ def _warm_up(
     """One untimed generation of ``request`` plain and with each comparison, counting the
     denoisers' Linear MACs of each. On the first request it is also the warm-up: first-call
     costs (allocations, lazy init, kernel compiles) must not count."""
-    from diffcache.adapter import Target
     from diffcache.eval.macs import count_macs
 
     experts = Target.resolve(adapter, pipe).experts

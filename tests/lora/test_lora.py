@@ -162,8 +162,8 @@ def test_adapter_state_follows_weights_fuse_and_unload(flux) -> None:
     assert adapter_state([pipe.transformer]) is None
 
 
-def _calibrated(valid_lora: str | None = None) -> Plan:
-    plan = Plan.load("dit-tiny-ertacache.yaml")
+def _calibrated(valid_lora: str | None = None, name: str = "dit-tiny-ertacache.yaml") -> Plan:
+    plan = Plan.load(name)
     if valid_lora is None:
         return plan
     return dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": valid_lora})
@@ -229,3 +229,35 @@ def test_cli_refuses_a_plan_for_another_lora_state(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("diffcache: error: ") and "valid_for.lora" in err[-1]
     assert "0123456789abcdef" in err[-1] and "no LoRA" in err[-1] and not out.exists()
+
+
+def test_a_lora_fused_then_unloaded_stays_in_the_state(tmp_path: Path) -> None:
+    """``fuse_lora`` then ``unload_lora_weights`` leaves the LoRA in the weights: the state
+    says so (fused, the adapter ``unloaded``), the same for the same LoRA and weight loaded the
+    same way, another for another weight or LoRA; a plan valid for no LoRA is refused, one for
+    this state runs. Unfused before unloading, the weights are the base model's: no LoRA."""
+    plain = load_model("flux-tiny")
+    folders = [write_lora(plain, tmp_path / f"l{i}", seed=i) for i in range(2)]
+
+    def fuse_unload(folder: Path, weight: float = 1.0, unfuse: bool = False):
+        pipe = load_model("flux-tiny")
+        pipe.load_lora_weights(folder, adapter_name="x")
+        pipe.set_adapters(["x"], [weight])
+        pipe.fuse_lora()
+        if unfuse:
+            pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        return pipe, adapter_state([pipe.transformer], pipe)
+
+    pipe, state = fuse_unload(folders[0])
+    assert state["adapters"] == {"x": "unloaded"} and state["fused"]
+    assert fuse_unload(folders[0])[1] == state
+    others = {fuse_unload(folders[0], 0.5)[1]["sha256"], fuse_unload(folders[1])[1]["sha256"]}
+    assert state["sha256"] not in others and len(others) == 2
+    assert fuse_unload(folders[0], unfuse=True)[1] is None
+    flux_plan = "flux-tiny-ertacache.yaml"
+    with pytest.raises(PlanError, match=r"has LoRA x=unloaded \(fused\)"):
+        diffcache.accelerate(pipe, _calibrated("none", flux_plan))
+    diffcache.accelerate(pipe, _calibrated(state["sha256"], flux_plan))
+    _run(pipe, tiny_request("flux-tiny", STEPS)[2])
+    diffcache.remove(pipe)

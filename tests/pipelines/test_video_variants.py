@@ -186,7 +186,8 @@ def test_steps_and_experts_in_the_trace(variant: dict[str, Any]) -> None:
 
 def test_a_video_to_video_plan_is_valid_for_the_steps_run(inputs: dict[str, str]) -> None:
     """strength 0.5 of 6 steps runs 3: a plan for 3 steps runs, one for 6 is refused in one
-    line naming both counts, and the pipeline stays accelerated."""
+    line naming both counts and strength (the call did set 6 steps), and the pipeline stays
+    accelerated."""
     pipe, req = load_model("wan-tiny-v2v"), _request("wan-tiny-v2v", inputs)
     run = int(STEPS * STRENGTH)
     plan = {
@@ -206,6 +207,9 @@ def test_a_video_to_video_plan_is_valid_for_the_steps_run(inputs: dict[str, str]
         with pytest.raises(PlanError) as e:
             generate(pipe, req)
         assert f"num_inference_steps={STEPS} but this call runs {run} steps" in str(e.value)
+        said = f"(strength runs {run} of its num_inference_steps={STEPS}); set "
+        assert said + f"num_inference_steps and strength so that they run {STEPS}" in str(e.value)
+        assert f"run with {STEPS} steps" not in str(e.value)
         assert "\n" not in str(e.value) and diffcache.is_accelerated(pipe)
     finally:
         diffcache.remove(pipe)

@@ -62,13 +62,12 @@ def lora_config() -> Any:
 def with_digits_lora(pipe: Any, weight: float = 1.0, folder: Path | None = None) -> Any:
     """Put the class-shift LoRA into ``pipe.transformer`` (a ``dit-digits`` DiTPipeline) as the
     peft adapter ``digits-shift`` at ``weight``; returns ``pipe``. Needs peft (extra ``lora``)."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from diffcache.lora_files import inject_lora_state
 
     folder = Path(folder or HERE)
     WEIGHTS.check(folder)
-    inject_adapter_in_model(lora_config(), pipe.transformer, adapter_name=ADAPTER)
     state = WEIGHTS.state(folder / "adapter.safetensors")
-    set_peft_model_state_dict(pipe.transformer, state, adapter_name=ADAPTER)
+    inject_lora_state(pipe.transformer, state, ADAPTER, lora_config())
     set_weight(pipe.transformer, weight)
     return pipe
 
