@@ -52,6 +52,7 @@ from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
+from diffcache.variants import steps_run
 from diffcache.weights import weights
 from diffcache.yamlio import read_yaml
 
@@ -362,7 +363,7 @@ def resolve_start(
 def check_steps_run(config: MethodConfig, adapter: Any, request: Request) -> None:
     """PlanError if the method's options cannot act on the steps ``request`` denoises, where the
     family runs fewer than its step count (``Adapter.steps_run``: img2img's strength)."""
-    run = adapter.steps_run(request.values) if adapter.steps_run else None
+    run = steps_run(adapter, request.values)
     steps = request.get("steps")
     problems = config.plan_problems({"num_inference_steps": run}) if run != steps else []
     if run is not None and problems:

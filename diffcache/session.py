@@ -29,6 +29,13 @@ Handler = Callable[["Call"], Any]
 T = TypeVar("T")
 
 
+def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
+    """A call's argument by keyword, else by its positional ``index``; None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
+
+
 class Call:
     """One call of a hooked site: its arguments, where it is in the run, and the real forward."""
 
@@ -59,11 +66,7 @@ class Call:
 
     def arg(self, name: str, index: int | None) -> Any:
         """An argument by keyword, else by its positional ``index``; None when absent."""
-        if name in self.kwargs:
-            return self.kwargs[name]
-        if index is not None and index < len(self.args):
-            return self.args[index]
-        return None
+        return argument(self.args, self.kwargs, name, index)
 
     @property
     def step(self) -> int:

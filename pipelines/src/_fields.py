@@ -3,7 +3,6 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -76,24 +75,6 @@ MAX_AREA = Field(
 def required(field: Field) -> Field:
     """``field`` as a variant that cannot run without it takes it (an img2img pipeline's image)."""
     return replace(field, required=True)
-
-
-def truncated_strength_steps(values: Mapping[str, Any]) -> int | None:
-    """:func:`strength_steps` as the Wan / CogVideoX video-to-video pipelines round it: the last
-    ``int(strength x steps)`` steps."""
-    steps, strength = values.get("steps"), values.get("strength")
-    if steps is None or strength is None:
-        return None
-    return min(int(steps * strength), steps)
-
-
-def strength_steps(values: Mapping[str, Any]) -> int | None:
-    """The steps an img2img / inpaint pipeline runs for a request (``Adapter.steps_run``): the
-    last ``strength`` x ``steps`` of its schedule, rounded as diffusers' ``get_timesteps``."""
-    steps, strength = values.get("steps"), values.get("strength")
-    if steps is None or strength is None:
-        return None
-    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)

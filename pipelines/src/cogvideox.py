@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcache import variants
 from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import (
     FRAMES,
@@ -17,7 +18,6 @@ from diffcache.pipelines._fields import (
     guidance,
     prompt,
     required,
-    truncated_strength_steps,
 )
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
@@ -71,18 +71,20 @@ ADAPTER = register_adapter(
 # runs the last ``strength`` part of the schedule (it slices the timesteps: the driver counts
 # the steps that run).
 I2V = register_adapter(
-    ADAPTER.variant(
+    variants.variant(
+        ADAPTER,
         "cogvideox-i2v",
         ("CogVideoXImageToVideoPipeline",),
         (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
     )
 )
 V2V = register_adapter(
-    ADAPTER.variant(
+    variants.variant(
+        ADAPTER,
         "cogvideox-v2v",
         ("CogVideoXVideoToVideoPipeline",),
         (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance()),
-        steps_run=truncated_strength_steps,
+        steps_run=variants.video_to_video_steps,
     )
 )
 
