@@ -17,6 +17,7 @@ from diffcache.errors import (
     PlanError,
     UnsupportedModelError,
 )
+from diffcache.fewstep import FewStepWarning
 from diffcache.hooks import PREFIX, layers
 from diffcache.kernels import plan_backend
 from diffcache.lora import LoraWatch, check_lora
@@ -60,7 +61,7 @@ def accelerate(
         on_error=lambda: remove(model),
         owner=type(model).__name__,
         tracing=trace,
-        steps_problem=config.steps_problem,
+        few_steps=FewStepWarning(config.steps_problem, type(model).__name__),
     )
     run.reporters.append(LoraWatch(target.experts, plan, run).facts)
     _, apply = get_method(plan.method)
