@@ -9,9 +9,7 @@ may carry. No upstream code is copied.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -245,21 +243,6 @@ class Target:
                     elif kind == "module":
                         out += _module_sites(block, name, e, stack, i)
         return out
-
-    def fingerprint(self) -> str:
-        """Denoiser class(es) + a hash of their configuration: what calibration is valid for."""
-        parts = []
-        for module in map(unwrap, self.experts):
-            config = getattr(module, "config", None)
-            if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
-                # _use_default_values comes from a set: its order differs between processes
-                data = {k: v for k, v in config.items() if not str(k).startswith("_")}
-                data.pop("quantization_config", None)  # the weights' storage: valid_for.weights
-            else:
-                data = {k: list(v.shape) for k, v in module.state_dict().items()}
-            blob = json.dumps(data, sort_keys=True, default=str).encode()
-            parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
-        return "+".join(parts)
 
 
 def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) -> list[Site]:

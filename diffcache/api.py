@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from diffcache.adapter import Target
+from diffcache.calibration import check_fingerprint
 from diffcache.drivers import DRIVERS, PipelineDriver
 from diffcache.errors import (
     AlreadyAcceleratedError,
@@ -111,13 +112,7 @@ def resolve(model: Any, plan: Plan) -> Target:
                 f"pipeline uses {have}; set pipe.scheduler to a {want} or use a plan made for "
                 f"{have}."
             )
-    want = plan.valid_for.get("fingerprint")
-    if want is not None and want != target.fingerprint():
-        raise PlanError(
-            f"{plan.source}: valid_for.fingerprint: the plan's calibration was made for {want} but "
-            f"this model is {target.fingerprint()}; profile this model "
-            f"({type(plan.config).profile_hint()})."
-        )
+    check_fingerprint(plan, target.experts)
     check_weights(plan, target.experts)
     check_lora(plan, target.experts)
     if target.driver == "pipeline":

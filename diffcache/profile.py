@@ -25,7 +25,7 @@ import torch
 from diffcache import distributed
 from diffcache.adapter import Target
 from diffcache.api import accelerate, open_session, remove, session_of, stats
-from diffcache.calibration import round_to
+from diffcache.calibration import fingerprint, round_to
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -702,7 +702,7 @@ def _with_provenance(
     fields = {k: v for k, v in requests[0].values.items() if given is None or k != given.name}
     provenance: dict[str, Any] = {
         "tool": f"diffcache {metadata.version('diffcache')} profile",
-        "model_fingerprint": target.fingerprint(),
+        "model_fingerprint": fingerprint(target.experts),
         "weights": weights(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),

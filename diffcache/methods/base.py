@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.calibration import calibrator, split_calibration
+from diffcache.calibration import calibrator, fingerprint, split_calibration
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.fewstep import StepLimit
 from diffcache.options import from_mapping, option, to_plain
@@ -233,7 +233,7 @@ class MethodConfig:
         plain, tensors = split_calibration(calibration)
         valid = dict(valid_for)
         if calibration is not None:
-            valid["fingerprint"] = target.fingerprint()
+            valid["fingerprint"] = fingerprint(target.experts)
         return Plan(
             model=target.adapter.family,
             method=self.name,
