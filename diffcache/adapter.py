@@ -9,11 +9,9 @@ may carry. No upstream code is copied.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -113,9 +111,10 @@ class Adapter:
             (declared with ``output``).
         kv: where KV methods meet the model (:class:`KVSeam`); None: the model keeps no KV store.
         family: the family whose plans it takes (``model:`` in plan files); a pipeline variant
-            (img2img, inpaint, image-to-video, video-to-video) takes its base family's plans.
-            Empty: ``name``.
-        steps_run: the steps a request's values denoise, if not its count (``strength``).
+            (img2img, inpaint, image-to-video, video-to-video: ``diffcache.variants``) takes its
+            base family's plans. Empty: ``name``.
+        steps_run: ``steps_run(steps, strength)``, the steps a request denoises where its
+            ``strength`` trims the schedule (``diffcache.variants``); None: its step count.
     """
 
     name: str
@@ -138,7 +137,7 @@ class Adapter:
     seed_arg: str = ""
     kv: KVSeam | None = None
     family: str = ""
-    steps_run: Callable[[Mapping[str, Any]], int | None] | None = None
+    steps_run: Callable[[int, float], int] | None = None
 
     def __post_init__(self) -> None:
         assert self.cfg in CFG_STYLES, f"{self.name}: cfg {self.cfg!r} not in {CFG_STYLES}"
@@ -158,14 +157,6 @@ class Adapter:
         object.__setattr__(self, "valid_for", MappingProxyType(dict(self.valid_for)))
         object.__setattr__(self, "call_args", MappingProxyType(dict(self.call_args)))
         object.__setattr__(self, "family", self.family or self.name)
-
-    def variant(
-        self, name: str, pipelines: tuple[str, ...], fields: tuple[Field, ...], **changes: Any
-    ) -> Adapter:
-        """The same family run by other pipeline classes taking other request fields (img2img,
-        image-to-video ...): same denoisers' sites, same plans; bare denoisers stay matched by
-        this adapter. ``changes``: other fields that differ (``steps_run``)."""
-        return replace(self, name=name, pipelines=pipelines, denoisers=(), fields=fields, **changes)
 
     def matches(self, obj: Any) -> bool:
         name = type(unwrap(obj)).__name__
@@ -252,21 +243,6 @@ class Target:
                     elif kind == "module":
                         out += _module_sites(block, name, e, stack, i)
         return out
-
-    def fingerprint(self) -> str:
-        """Denoiser class(es) + a hash of their configuration: what calibration is valid for."""
-        parts = []
-        for module in map(unwrap, self.experts):
-            config = getattr(module, "config", None)
-            if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
-                # _use_default_values comes from a set: its order differs between processes
-                data = {k: v for k, v in config.items() if not str(k).startswith("_")}
-                data.pop("quantization_config", None)  # the weights' storage: valid_for.weights
-            else:
-                data = {k: list(v.shape) for k, v in module.state_dict().items()}
-            blob = json.dumps(data, sort_keys=True, default=str).encode()
-            parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
-        return "+".join(parts)
 
 
 def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) -> list[Site]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from diffcache.adapter import Target
+from diffcache.calibration import check_fingerprint
 from diffcache.drivers import DRIVERS, PipelineDriver
 from diffcache.errors import (
     AlreadyAcceleratedError,
@@ -17,6 +18,7 @@ from diffcache.errors import (
     PlanError,
     UnsupportedModelError,
 )
+from diffcache.fewstep import FewStepWarning
 from diffcache.hooks import PREFIX, layers
 from diffcache.kernels import plan_backend
 from diffcache.lora import LoraWatch, check_lora
@@ -60,7 +62,7 @@ def accelerate(
         on_error=lambda: remove(model),
         owner=type(model).__name__,
         tracing=trace,
-        steps_problem=config.steps_problem,
+        few_steps=FewStepWarning(config.steps_problem, type(model).__name__),
     )
     run.reporters.append(LoraWatch(target.experts, plan, run, target.pipe).facts)
     _, apply = get_method(plan.method)
@@ -110,13 +112,7 @@ def resolve(model: Any, plan: Plan) -> Target:
                 f"pipeline uses {have}; set pipe.scheduler to a {want} or use a plan made for "
                 f"{have}."
             )
-    want = plan.valid_for.get("fingerprint")
-    if want is not None and want != target.fingerprint():
-        raise PlanError(
-            f"{plan.source}: valid_for.fingerprint: the plan's calibration was made for {want} but "
-            f"this model is {target.fingerprint()}; profile this model "
-            f"({type(plan.config).profile_hint()})."
-        )
+    check_fingerprint(plan, target.experts)
     check_weights(plan, target.experts)
     check_lora(plan, target.experts, target.pipe)
     if target.driver == "pipeline":

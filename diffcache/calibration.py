@@ -6,21 +6,24 @@ it with :func:`register_calibrator`; the profiler and ``MethodConfig`` find it w
 goes into a plan as plain fields plus tensors (:func:`split_calibration`), the tensors in a
 ``.safetensors`` sidecar beside the plan file whose sha256 the plan records
 (:func:`write_sidecar`); loading a plan reads and checks them back (:func:`read_sidecar`,
-:func:`read_calibration`).
+:func:`read_calibration`). A calibration is valid for the model it was measured on: its
+:func:`fingerprint` (``valid_for.fingerprint``, checked by :func:`check_fingerprint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffcache.compiled import unwrap
 from diffcache.errors import PlanError, did_you_mean
 from diffcache.options import coerce, to_plain
 from diffcache.registry import methods
@@ -178,3 +181,31 @@ def _sidecar_path(name: str, source: str, where: str) -> Path:
             "relative to the plan and kept beside it"
         )
     return path
+
+
+def fingerprint(experts: Sequence[torch.nn.Module]) -> str:
+    """Denoiser class(es) + a hash of their configuration: what calibration is valid for."""
+    parts = []
+    for module in map(unwrap, experts):
+        config = getattr(module, "config", None)
+        if isinstance(config, Mapping):  # "_" keys are bookkeeping, and diffusers'
+            # _use_default_values comes from a set: its order differs between processes
+            data = {k: v for k, v in config.items() if not str(k).startswith("_")}
+            data.pop("quantization_config", None)  # the weights' storage: valid_for.weights
+        else:
+            data = {k: list(v.shape) for k, v in module.state_dict().items()}
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        parts.append(f"{type(module).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}")
+    return "+".join(parts)
+
+
+def check_fingerprint(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
+    """Refuse ``plan`` (PlanError) if its calibration was made for another model than
+    ``experts`` (``valid_for.fingerprint``)."""
+    want = plan.valid_for.get("fingerprint")
+    if want is not None and want != fingerprint(experts):
+        raise PlanError(
+            f"{plan.source}: valid_for.fingerprint: the plan's calibration was made for {want} but "
+            f"this model is {fingerprint(experts)}; profile this model "
+            f"({type(plan.config).profile_hint()})."
+        )

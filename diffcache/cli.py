@@ -452,8 +452,9 @@ def _check_valid_for(plan: Any, req: Any, adapter: Any = None) -> None:
     by the family's rule (``Adapter.steps_run``; without one the run checks them at its first
     model call)."""
     from diffcache.runstate import outside_valid_for
+    from diffcache.variants import steps_run
 
-    run = adapter.steps_run(req.values) if adapter is not None and adapter.steps_run else None
+    run = steps_run(adapter, req.values)
     for key, want in plan.valid_for.items():
         given = req.get("steps" if key == "num_inference_steps" else key)
         if key == "num_inference_steps" and req.get("strength") is not None:

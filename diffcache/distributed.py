@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
+
+from diffcache.errors import RunError
 
 T = TypeVar("T")
 
@@ -86,6 +88,35 @@ def context_parallel_split(module: Any) -> tuple[Any | None, bool]:
         for name in getattr(m.__dict__.get("_diffusers_hook"), "_hook_order", ())
     )
     return registry._fn_refs[splits[0]], gathered
+
+
+def split_below(module: Any) -> Any | None:
+    """Where a hook on ``module``'s forward goes: under diffusers' context-parallel input split
+    (its function reference, returned) when ``module`` is split but its output is gathered only
+    later (Wan's ``blocks.0``), so the hook sees input and output sharded alike; None where
+    ``module`` is not split, or gathers inside (FLUX's root: a hook outside sees both whole)."""
+    split, gathered = context_parallel_split(module)
+    return None if gathered else split
+
+
+def check_not_split_after(
+    experts: Mapping[str, Any], run: Any, hooked: Callable[[Any], bool]
+) -> None:
+    """Raise (detaching everything, ``run.fail``) if context parallelism was enabled on one of
+    ``experts`` (name -> denoiser) after ``accelerate``: a hook of ours (``hooked``: the
+    callable holds one) then runs inside its input split although the denoiser gathers the
+    output inside too (FLUX's root), so it would see a sharded input and a whole output."""
+    for name, expert in experts.items():
+        split, gathered = context_parallel_split(expert)
+        if split is not None and gathered and hooked(split.forward):
+            raise run.fail(
+                RunError(
+                    f"context parallelism was enabled on {name} ({type(expert).__name__}) "
+                    "after diffcache.accelerate, so its input split runs outside diffcache's "
+                    "hooks; diffcache detached itself: call diffcache.accelerate() again "
+                    "(after enable_parallelism)."
+                )
+            )
 
 
 def mean_across(group: Any | None, means: Any, count: int) -> Any:

@@ -3,9 +3,8 @@
 - ``scheduler`` (stock diffusers pipelines): ``set_timesteps`` starts a run of
   ``num_inference_steps`` steps; each ``step`` ends a step, or a sub-step when a second-order
   scheduler is half-way (``state_in_first_order`` is False); the last ``step`` ends the run.
-  A schedule trimmed by ``strength`` counts the steps actually run: ``set_begin_index`` says
-  where it starts, and so does the first denoiser call's timestep for pipelines that slice
-  the timesteps without telling the scheduler (Wan and CogVideoX video-to-video).
+  A schedule trimmed by ``strength`` counts the steps actually run
+  (``diffcache.variants.ScheduleStart``).
 - ``timestep`` (a bare denoiser): the timestep argument tells steps. Time may run either way;
   the first two distinct values fix the direction. A move against it starts a new run. With a
   step count from the plan, a run that goes past it, or one that ended short of it, is refused.
@@ -21,14 +20,8 @@ from typing import Any
 import torch
 
 from diffcache.errors import RunError
-from diffcache.session import Session
-
-
-def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
-    """A call's argument by keyword, else by its positional ``index``; None when absent."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if index is not None and index < len(args) else None
+from diffcache.session import Session, argument
+from diffcache.variants import ScheduleStart
 
 
 class SchedulerDriver:
@@ -37,11 +30,8 @@ class SchedulerDriver:
     def attach(self, session: Session) -> None:
         self.session = session
         run, scheduler = session.run, session.target.scheduler
-        t = session.target
-        self.time_arg, self.time_index = t.adapter.timestep_arg, t.arg_index(t.adapter.timestep_arg)
-        self.left = 0  # scheduler updates left in this run
-        self.updates = self.steps = 0  # of the whole schedule set by set_timesteps
-        self.started = False  # the run's first denoiser call was seen
+        self.done = 0  # scheduler updates made in this run
+        self.start = ScheduleStart(session)
 
         def set_timesteps(call: Any, *args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
@@ -50,46 +40,25 @@ class SchedulerDriver:
             order = max(int(getattr(scheduler, "order", 1)), 1)
             steps = getattr(scheduler, "num_inference_steps", None) or math.ceil(updates / order)
             run.begin_run(int(steps))
-            self.left, self.order = updates, order
-            self.updates, self.steps, self.started = updates, int(steps), False
-            return out
-
-        def set_begin_index(call: Any, begin_index: int = 0, *args: Any, **kwargs: Any) -> Any:
-            out = call(begin_index, *args, **kwargs)
-            if run.active and run.num_steps is not None:  # a schedule trimmed by strength
-                self._begin_at(begin_index)
+            self.done = 0
+            self.start.reset(updates, order, int(steps))
             return out
 
         def step(call: Any, *args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
             if run.active:
                 run.end_substep(bool(getattr(scheduler, "state_in_first_order", True)))
-                self.left -= 1
-                if self.left <= 0:
+                self.done += 1
+                if self.done >= self.start.updates:
                     run.end_run()
             return out
 
         session.attach(scheduler, "set_timesteps", "diffcache.run", set_timesteps)
         session.attach(scheduler, "step", "diffcache.run", step)
-        if hasattr(scheduler, "set_begin_index"):
-            session.attach(scheduler, "set_begin_index", "diffcache.run", set_begin_index)
-
-    def _begin_at(self, index: int) -> None:
-        """The run starts at scheduler update ``index`` of the schedule (0: all of it)."""
-        self.left = self.updates - index
-        self.session.run.num_steps = self.steps - math.ceil(index / self.order)
 
     def before_call(self, args: tuple, kwargs: dict) -> None:
         self.session.check_parts()
-        run = self.session.run
-        if run.active and not self.started:  # where in the schedule the first call is
-            self.started = True
-            t = argument(args, kwargs, self.time_arg, self.time_index)
-            if isinstance(t, torch.Tensor) and t.numel():
-                times = self.session.target.scheduler.timesteps
-                at = (times.to(t.device, torch.float64) == t.flatten().max().double()).nonzero()
-                if len(at) and run.num_steps is not None:  # the first match: a time repeats
-                    self._begin_at(int(at[0]))  # in a second-order schedule
+        self.start.first_call(args, kwargs)
 
     def after_call(self) -> None:
         pass

@@ -11,10 +11,8 @@ Two rules make us compose with them in either order:
 - On a module that carries an accelerate hook, a layer goes *under* it (into ``_old_forward``):
   diffusers removes and re-adds that hook after every pipeline call, restoring ``forward`` from
   ``_old_forward``, so a layer above it would be dropped.
-- On a module whose input diffusers' context parallelism splits and whose output it gathers only
-  later (Wan's ``blocks.0``), a layer goes *under* the split, so that it sees input and output
-  sharded alike; where the gather is inside the module (FLUX's root), a layer outside sees both
-  whole.
+- On a module whose input diffusers' context parallelism splits, a layer goes where
+  :func:`diffcache.distributed.split_below` says.
 - :meth:`Attachment.detach` unlinks the layer wherever it now sits: in the slot, under another of
   our layers, or in accelerate's / diffusers' saved reference. A layer that cannot be found any
   more (a library dropped it) is made inert, so whoever still holds it calls straight through.
@@ -30,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from diffcache import compiled
-from diffcache.distributed import context_parallel_split
+from diffcache.distributed import split_below
 from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
@@ -111,8 +109,7 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
         slot = compiled.SLOT
     elif attr == "forward" and "_hf_hook" in d and _ACCELERATE_SLOT in d:
         slot = _ACCELERATE_SLOT
-    split, gathered = context_parallel_split(obj) if attr == "forward" else (None, False)
-    split = None if gathered else split
+    split = split_below(obj) if attr == "forward" else None
     if any(layer.name == name for layer in _chain(split.forward if split else d.get(slot))):
         raise ValueError(f"hook {name!r} is already attached to {type(obj).__name__}.{attr}")
     if split is not None:  # directly under diffusers' split hook
@@ -125,12 +122,9 @@ def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
     return Attachment(obj, attr, layer, slot)
 
 
-def inside_gathering_split(obj: Any) -> bool:
-    """One of our layers on ``obj`` runs inside diffusers' context-parallel input split although
-    ``obj`` gathers the output inside too (parallelism enabled after the layer was attached, on
-    FLUX's root): the layer would see a sharded input and a whole output."""
-    split, gathered = context_parallel_split(obj)
-    return split is not None and gathered and next(_chain(split.forward), None) is not None
+def hooked(value: Any) -> bool:
+    """``value`` (a callable held in some slot) is one of our active layers, or wraps one."""
+    return next(_chain(value), None) is not None
 
 
 def layers(obj: Any) -> list[Layer]:

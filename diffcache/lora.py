@@ -1,7 +1,8 @@
 """The LoRA adapters (peft, as diffusers' ``load_lora_weights`` installs them) that change what a
 denoiser computes: which adapters are active or fused, at which weights, and a hash of their
 tensors. A calibrated plan records this state (``provenance.lora``) and may require it
-(``valid_for.lora``: the hash, or ``none`` for no LoRA); :class:`LoraWatch` checks each run.
+(``valid_for.lora``: the hash, or ``none`` for no LoRA); :class:`LoraWatch` checks each run,
+and :class:`Rebind` keeps module-site hooks on the modules peft's wrapping puts in their place.
 
 Layers are recognised by what peft's LoRA layers carry (``lora_A``, ``scaling``,
 ``merged_adapters``), so peft is never imported here.
@@ -9,14 +10,17 @@ Layers are recognised by what peft's LoRA layers carry (``lora_A``, ``scaling``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffcache.errors import PlanError
+from diffcache.hooks import Attachment
+from diffcache.sites import Site
 
 logger = logging.getLogger(__name__)
 NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
@@ -207,3 +211,35 @@ class LoraWatch:
                     self.plan.method,
                 )
         return {"lora": key}
+
+
+class Rebind:
+    """Module-site hooks that follow peft's wrapping: peft puts a ``LoraLayer`` in a block's
+    attribute in place of a ``Linear`` site when a LoRA loads, and the ``Linear`` back on
+    unload. Called before each denoiser call, it moves the hook of every module site whose
+    block attribute now holds another module onto that module (``hook(site, handler, name)``
+    attaches it again and records it in ``attachments``, the session's list)."""
+
+    def __init__(
+        self,
+        experts: Sequence[torch.nn.Module],
+        attachments: list[Attachment],
+        hook: Callable[[Site, Any, str], None],
+    ) -> None:
+        self.experts, self.attachments, self.hook = list(experts), attachments, hook
+        self.hooked: list[tuple[Site, Attachment, Any, str]] = []  # (site, attach, handler, name)
+
+    def add(self, site: Site, attachment: Attachment, handler: Any, name: str) -> None:
+        """Follow the module site ``site``, hooked by ``attachment``."""
+        self.hooked.append((site, attachment, handler, name))
+
+    def __call__(self) -> None:
+        for entry in list(self.hooked):
+            site, old, handler, name = entry
+            block = getattr(self.experts[site.expert], site.stack.attr)[site.index]
+            module = getattr(block, site.spec.attr, None)
+            if module is not None and module is not site.module:
+                old.detach()
+                self.attachments.remove(old)
+                self.hooked.remove(entry)
+                self.hook(dataclasses.replace(site, module=module), handler, name)

@@ -9,7 +9,6 @@ validated when a plan is built: keys, types, ranges, the method's options togeth
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffcache.calibration import SIDECAR, read_calibration, read_sidecar, write
 from diffcache.display import format_options
 from diffcache.errors import PlanError, did_you_mean
 from diffcache.options import to_plain
-from diffcache.profiles import bundled_plans
+from diffcache.profiles import bundled_plan
 from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
@@ -129,17 +128,7 @@ class Plan:
             )
         path = Path(plan)
         if not path.exists():
-            bundled = bundled_plans()
-            if path.name in bundled and path.name == str(plan):
-                path = bundled[path.name]
-            else:
-                stems = {Path(name).stem: name for name in bundled}  # ".yaml" is no likeness
-                close = difflib.get_close_matches(path.stem, list(stems), n=1, cutoff=0.6)
-                hint = f" (did you mean {stems[close[0]]!r}?)" if close else ""
-                raise PlanError(
-                    f"{plan}: no such plan file{hint}; `diffcache plans list` shows the "
-                    f"{len(bundled)} bundled plans."
-                )
+            path = bundled_plan(str(plan))
         return cls.from_dict(read_yaml(path), source=str(path), template=template)
 
     @classmethod

@@ -25,7 +25,7 @@ import torch
 from diffcache import distributed
 from diffcache.adapter import Target
 from diffcache.api import accelerate, open_session, remove, session_of, stats
-from diffcache.calibration import round_to
+from diffcache.calibration import fingerprint, round_to
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -52,6 +52,7 @@ from diffcache.profiles import bundled_plans
 from diffcache.registry import adapters, find_adapter, get_method, methods
 from diffcache.runstate import RunState
 from diffcache.session import Call, Session
+from diffcache.variants import steps_run
 from diffcache.weights import weights
 from diffcache.yamlio import read_yaml
 
@@ -362,7 +363,7 @@ def resolve_start(
 def check_steps_run(config: MethodConfig, adapter: Any, request: Request) -> None:
     """PlanError if the method's options cannot act on the steps ``request`` denoises, where the
     family runs fewer than its step count (``Adapter.steps_run``: img2img's strength)."""
-    run = adapter.steps_run(request.values) if adapter.steps_run else None
+    run = steps_run(adapter, request.values)
     steps = request.get("steps")
     problems = config.plan_problems({"num_inference_steps": run}) if run != steps else []
     if run is not None and problems:
@@ -704,7 +705,7 @@ def _with_provenance(
     fields = {k: v for k, v in requests[0].values.items() if given is None or k != given.name}
     provenance: dict[str, Any] = {
         "tool": f"diffcache {metadata.version('diffcache')} profile",
-        "model_fingerprint": target.fingerprint(),
+        "model_fingerprint": fingerprint(target.experts),
         "weights": weights(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),

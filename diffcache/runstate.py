@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Hashable, Mapping
 from copy import deepcopy
 from typing import Any
@@ -116,9 +115,8 @@ class RunState:
         on_error: cleans the model before a mid-run error propagates (set by ``accelerate``).
         owner: the accelerated object's class name, for messages.
         tracing: keep every decision in ``Stats.trace``.
-        steps_problem: the method's problem with a run of N steps (``MethodConfig.steps_problem``):
-            where the plan sets no ``num_inference_steps``, a run it names is warned about once
-            per step count at its first model call, and goes on computing what the method computes.
+        few_steps: called with a run's step count at its first model call where the plan sets
+            no ``num_inference_steps`` (``diffcache.fewstep.FewStepWarning``).
     """
 
     def __init__(
@@ -130,11 +128,10 @@ class RunState:
         on_error: Callable[[], None] | None = None,
         owner: str = "the model",
         tracing: bool = False,
-        steps_problem: Callable[[int], str | None] | None = None,
+        few_steps: Callable[[int], None] | None = None,
     ) -> None:
         assert kind in KINDS, f"unknown work kind {kind!r}"
-        self.steps_problem = steps_problem
-        self._warned_steps: set[int] = set()
+        self.few_steps = few_steps
         self.method, self.kind, self.kernels, self.owner = method, kind, kernels, owner
         self.tracing = tracing
         self.valid_for = dict(valid_for or {})
@@ -287,8 +284,8 @@ class RunState:
         want = self.valid_for.get("num_inference_steps")
         if want is not None and self.num_steps is not None and self.num_steps != want:
             raise self.refuse(steps_mismatch(want, self.num_steps, self.scheduled))
-        if want is None and self.num_steps is not None:
-            self._warn_steps(self.num_steps)
+        if want is None and self.num_steps is not None and self.few_steps is not None:
+            self.few_steps(self.num_steps)
         for key, want in self.valid_for.items():
             if key in CHECKED_AT_ACCELERATE or key == "num_inference_steps":
                 continue
@@ -299,16 +296,6 @@ class RunState:
                 )
             if self.facts[key] != want:
                 raise self.refuse(outside_valid_for(key, want, self.facts[key]))
-
-    def _warn_steps(self, steps: int) -> None:
-        """Warn once per step count at which the method reuses nothing (the run stays exact)."""
-        problem = self.steps_problem(steps) if self.steps_problem else None
-        if problem and steps not in self._warned_steps:
-            self._warned_steps.add(steps)
-            warnings.warn(
-                f"diffcache: {self.owner}: {problem}; this {steps}-step run computes every step",
-                stacklevel=2,
-            )
 
     def _new_stats(self) -> Stats:
         return Stats(self.method, self.kind, trace=[] if self.tracing else None)

@@ -12,7 +12,6 @@ kernels through :meth:`kernel`, so each run's Stats name the backends its own ca
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -20,12 +19,21 @@ from typing import Any, TypeVar
 from diffcache import hooks
 from diffcache.adapter import Target
 from diffcache.compiled import check_not_compiled_after
+from diffcache.distributed import check_not_split_after
 from diffcache.errors import DiffCacheError, RunError
+from diffcache.lora import Rebind
 from diffcache.runstate import RunState
 from diffcache.sites import Site
 
 Handler = Callable[["Call"], Any]
 T = TypeVar("T")
+
+
+def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
+    """A call's argument by keyword, else by its positional ``index``; None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
 
 
 class Call:
@@ -58,11 +66,7 @@ class Call:
 
     def arg(self, name: str, index: int | None) -> Any:
         """An argument by keyword, else by its positional ``index``; None when absent."""
-        if name in self.kwargs:
-            return self.kwargs[name]
-        if index is not None and index < len(self.args):
-            return self.args[index]
-        return None
+        return argument(self.args, self.kwargs, name, index)
 
     @property
     def step(self) -> int:
@@ -88,7 +92,7 @@ class Session:
         self._step: Handler | None = None
         self._expected: list[Counter[str]] = [Counter() for _ in target.experts]
         self._seen: dict[str, int] = {}
-        self._modules: list[tuple[Site, hooks.Attachment, Handler, str]] = []
+        self.rebind = Rebind(target.experts, self.attachments, self._hook)
 
     @property
     def kernels(self) -> str:
@@ -118,20 +122,8 @@ class Session:
 
     def _hook(self, site: Site, handler: Handler, name: str) -> None:
         self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
-        if site.spec is not None:  # a module site: see rebind
-            self._modules.append((site, self.attachments[-1], handler, name))
-
-    def rebind(self) -> None:
-        """Move the hook of a module site whose block attribute now holds another module (peft
-        wraps a ``Linear`` site in a ``LoraLayer`` when a LoRA loads, unwraps it on unload)."""
-        for site, old, handler, name in list(self._modules):
-            block = getattr(self.target.experts[site.expert], site.stack.attr)[site.index]
-            module = getattr(block, site.spec.attr, None)
-            if module is not None and module is not site.module:
-                old.detach()
-                self.attachments.remove(old)
-                self._modules.remove((site, old, handler, name))
-                self._hook(dataclasses.replace(site, module=module), handler, name)
+        if site.spec is not None:  # a module site: peft may wrap it (diffcache.lora.Rebind)
+            self.rebind.add(site, self.attachments[-1], handler, name)
 
     def install(self, driver: Any) -> None:
         """Attach the driver's hooks and the core's call hook on every expert (outermost)."""
@@ -202,19 +194,10 @@ class Session:
         parallelism was enabled on a denoiser after ``accelerate``."""
         t = self.target
         check_not_compiled_after(self.attachments, self.run)
-        for name, expert in zip(t.expert_names, t.experts, strict=True):
-            if hooks.inside_gathering_split(expert):
-                raise self.run.fail(
-                    RunError(
-                        f"context parallelism was enabled on {name} ({type(expert).__name__}) "
-                        "after diffcache.accelerate, so its input split runs outside diffcache's "
-                        "hooks; diffcache detached itself: call diffcache.accelerate() again "
-                        "(after enable_parallelism)."
-                    )
-                )
+        owned = list(zip(t.expert_names, t.experts, strict=True))
+        check_not_split_after(dict(owned), self.run, hooks.hooked)
         if t.pipe is None:
             return
-        owned = list(zip(t.expert_names, t.experts, strict=True))
         if t.scheduler is not None:
             owned.append(("scheduler", t.scheduler))
         for attr, obj in owned:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diffcache.errors import PlanError
-from diffcache.plan import Plan, bundled_plans
+from diffcache.plan import Plan
+from diffcache.profiles import bundled_plans
 from diffcache.profiles.make import PLANS, make
 
 

@@ -177,7 +177,8 @@ def test_plans_list_show_check(tmp_path: Path, capsys) -> None:
 def test_plans_list_columns_align_and_floats_are_rounded(capsys) -> None:
     import re
 
-    from diffcache.plan import Plan, bundled_plans
+    from diffcache.plan import Plan
+    from diffcache.profiles import bundled_plans
 
     assert main(["plans", "list"]) == 0
     head, *rows = capsys.readouterr().out.splitlines()

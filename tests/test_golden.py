@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from diffcache.plan import bundled_plans
+from diffcache.profiles import bundled_plans
 from diffcache.testing import golden
 
 GOLDEN, SAME_PLATFORM = golden.load()

@@ -16,7 +16,7 @@ SUBPACKAGES = (
 )
 CHECK = (
     f"import importlib, json; mods = {{m: importlib.import_module(m).__file__ for m in "
-    f"{SUBPACKAGES!r}}}; from diffcache.plan import bundled_plans; "
+    f"{SUBPACKAGES!r}}}; from diffcache.profiles import bundled_plans; "
     "from diffcache.models import builtin_models; "
     "print(json.dumps([mods, len(bundled_plans()), len(builtin_models())]))"
 )

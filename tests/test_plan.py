@@ -8,7 +8,7 @@ import pytest
 
 from diffcache import Plan
 from diffcache.errors import PlanError
-from diffcache.plan import bundled_plans
+from diffcache.profiles import bundled_plans
 from diffcache.yamlio import dump_yaml, read_yaml
 
 GOOD = {

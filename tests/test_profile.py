@@ -246,18 +246,19 @@ def test_fingerprint_is_the_same_in_every_process() -> None:
     from diffusers.configuration_utils import FrozenDict
 
     from diffcache.adapter import Target
+    from diffcache.calibration import fingerprint
     from diffcache.registry import find_adapter
 
     pipe = diffcache.load_model("dit-tiny")
-    before = Target.resolve(find_adapter(pipe), pipe).fingerprint()
+    before = fingerprint(Target.resolve(find_adapter(pipe), pipe).experts)
     config = pipe.transformer.config
     order = list(config["_use_default_values"])
     assert len(order) > 1
     pipe.transformer._internal_dict = FrozenDict({**config, "_use_default_values": order[::-1]})
-    assert Target.resolve(find_adapter(pipe), pipe).fingerprint() == before
+    assert fingerprint(Target.resolve(find_adapter(pipe), pipe).experts) == before
     assert before.startswith("DiTTransformer2DModel:")
     pipe.transformer._internal_dict = FrozenDict({**config, "patch_size": 1})
-    assert Target.resolve(find_adapter(pipe), pipe).fingerprint() != before
+    assert fingerprint(Target.resolve(find_adapter(pipe), pipe).experts) != before
 
 
 def test_profile_starts_from_a_published_template() -> None:

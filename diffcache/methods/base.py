@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.calibration import calibrator, split_calibration
+from diffcache.calibration import calibrator, fingerprint, split_calibration
 from diffcache.errors import PlanError, UnsupportedModelError
+from diffcache.fewstep import StepLimit
 from diffcache.options import from_mapping, option, to_plain
 from diffcache.plan import Plan
 
@@ -89,33 +90,6 @@ class Profiling(Protocol):
     ) -> tuple[MethodConfig, dict[str, Any]]:
         """The ``knob`` in [lo, hi] closest to full computation that meets the target."""
         ...
-
-
-@dataclasses.dataclass(frozen=True)
-class StepLimit:
-    """Why a method's options reuse nothing in a run of few steps: ``least``, the fewest steps
-    in which they can reuse anything; ``option`` and ``value``, the option that sets that limit
-    and its value ("" for a rule of the method); ``fix``, the value of that option that would
-    let the method act at the asked count (None where none does)."""
-
-    least: int
-    option: str = ""
-    value: Any = None
-    fix: Any = None
-
-    def problem(self, method: str, steps: int) -> str:
-        """One line: the method, the option, its smallest step count and the fix."""
-        if not self.option:
-            return f"{method} reuses nothing in {steps} steps: it needs at least {self.least} steps"
-        act = (
-            f"{self.option}={self.fix} would act at {steps} steps"
-            if self.fix is not None
-            else f"no {self.option} acts at {steps} steps"
-        )
-        return (
-            f"options.{self.option}: {method} with {self.option}={self.value} reuses nothing in "
-            f"{steps} steps (it needs at least {self.least} steps); {act}"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +235,7 @@ class MethodConfig:
         plain, tensors = split_calibration(calibration)
         valid = dict(valid_for)
         if calibration is not None:
-            valid["fingerprint"] = target.fingerprint()
+            valid["fingerprint"] = fingerprint(target.experts)
         return Plan(
             model=target.adapter.family,
             method=self.name,

@@ -17,7 +17,8 @@ from diffcache.adapter import Capabilities
 from diffcache.compiled import unwrap
 from diffcache.distributed import context_parallel_group, mean_across
 from diffcache.errors import RunError
-from diffcache.methods.base import Calibrated, MethodConfig, StepLimit, option, tune_knob
+from diffcache.fewstep import StepLimit
+from diffcache.methods.base import Calibrated, MethodConfig, option, tune_knob
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.registry import register_method
 from diffcache.session import Call, Session

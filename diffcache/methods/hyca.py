@@ -19,7 +19,8 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError, RunError
-from diffcache.methods.base import MethodConfig, StepLimit, option
+from diffcache.fewstep import StepLimit
+from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.hyca_solvers import (
     SOLVERS,
     effective_solver,

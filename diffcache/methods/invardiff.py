@@ -21,7 +21,8 @@ import torch
 
 from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError
-from diffcache.methods.base import MethodConfig, StepLimit, option
+from diffcache.fewstep import StepLimit
+from diffcache.methods.base import MethodConfig, option
 from diffcache.registry import register_method
 from diffcache.session import Call, Session
 from diffcache.sites import Site

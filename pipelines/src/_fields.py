@@ -3,7 +3,7 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -98,24 +98,6 @@ def required(field: Field) -> Field:
 T2V_FIELDS = (prompt(), NEGATIVE_PROMPT, *IMAGE, FRAMES, STEPS, guidance())
 I2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance())
 V2V_FIELDS = (prompt(), NEGATIVE_PROMPT, required(INPUT_VIDEO), STRENGTH, *IMAGE, STEPS, guidance())
-
-
-def truncated_strength_steps(values: Mapping[str, Any]) -> int | None:
-    """:func:`strength_steps` as the Wan / CogVideoX video-to-video pipelines round it: the last
-    ``int(strength x steps)`` steps."""
-    steps, strength = values.get("steps"), values.get("strength")
-    if steps is None or strength is None:
-        return None
-    return min(int(steps * strength), steps)
-
-
-def strength_steps(values: Mapping[str, Any]) -> int | None:
-    """The steps an img2img / inpaint pipeline runs for a request (``Adapter.steps_run``): the
-    last ``strength`` x ``steps`` of its schedule, rounded as diffusers' ``get_timesteps``."""
-    steps, strength = values.get("steps"), values.get("strength")
-    if steps is None or strength is None:
-        return None
-    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 #: next-scale models (VAR: over the codebook; Infinity: over each bit's two values)

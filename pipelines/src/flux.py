@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcache import variants
 from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import (
     IMAGE,
@@ -16,7 +17,6 @@ from diffcache.pipelines._fields import (
     guidance,
     prompt,
     required,
-    strength_steps,
 )
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import on_components, on_tiny, seeded, tiny_clip, tiny_t5
@@ -64,11 +64,12 @@ def variant(name: str, pipeline: str, *inputs: Field) -> Adapter:
     """A FLUX pipeline variant: the same transformer and stacks, another pipeline class and its
     input fields; FLUX plans serve it, and ``strength`` (when it takes one) shortens its run."""
     return register_adapter(
-        ADAPTER.variant(
+        variants.variant(
+            ADAPTER,
             name,
             (pipeline,),
             (prompt(), *inputs, *IMAGE, STEPS, guidance()),
-            steps_run=strength_steps if STRENGTH in inputs else None,
+            steps_run=variants.img2img_steps if STRENGTH in inputs else None,
         )
     )
 

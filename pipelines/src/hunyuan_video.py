@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcache import variants
 from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import (
     FRAMES,
@@ -69,7 +70,8 @@ ADAPTER = register_adapter(
 # ``latent_concat`` checkpoint concatenates image latents and a mask instead). One transformer
 # call per step, as in text-to-video.
 I2V = register_adapter(
-    ADAPTER.variant(
+    variants.variant(
+        ADAPTER,
         "hunyuanvideo-i2v",
         ("HunyuanVideoImageToVideoPipeline",),
         (prompt(), required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcache import variants
 from diffcache.adapter import Adapter
 from diffcache.pipelines._fields import (
     IMAGE,
@@ -16,7 +17,6 @@ from diffcache.pipelines._fields import (
     guidance,
     prompt,
     required,
-    strength_steps,
 )
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import (
@@ -87,11 +87,12 @@ def variant(name: str, pipeline: str, *inputs: Field) -> Adapter:
     """A Qwen-Image pipeline variant: the same transformer and stacks, another pipeline class and
     its input fields; Qwen-Image plans serve it, and ``strength`` shortens its run."""
     return register_adapter(
-        ADAPTER.variant(
+        variants.variant(
+            ADAPTER,
             name,
             (pipeline,),
             (prompt(), NEGATIVE_PROMPT, *inputs, *IMAGE, STEPS, guidance("true_cfg_scale")),
-            steps_run=strength_steps if STRENGTH in inputs else None,
+            steps_run=variants.img2img_steps if STRENGTH in inputs else None,
         )
     )
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcache import variants
 from diffcache.adapter import Adapter
-from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS, truncated_strength_steps
+from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import on_components, seeded, t5_encoder, word_tokenizer
 from diffcache.registry import register_adapter
@@ -69,18 +70,20 @@ ADAPTER = register_adapter(
 # WanVideoToVideoPipeline runs the last ``strength`` part of the schedule (it slices the
 # timesteps: the driver counts the steps that run).
 I2V = register_adapter(
-    ADAPTER.variant(
+    variants.variant(
+        ADAPTER,
         "wan2.1-i2v",
         ("WanImageToVideoPipeline",),
         I2V_FIELDS,
     )
 )
 V2V = register_adapter(
-    ADAPTER.variant(
+    variants.variant(
+        ADAPTER,
         "wan2.1-v2v",
         ("WanVideoToVideoPipeline",),
         V2V_FIELDS,
-        steps_run=truncated_strength_steps,
+        steps_run=variants.video_to_video_steps,
     )
 )
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from diffcache.cli import main
 from diffcache.methods.invardiff import InvarDiffConfig
-from diffcache.plan import Plan, bundled_plans
+from diffcache.plan import Plan
+from diffcache.profiles import bundled_plans
 
 
 def test_fuse_blocks_is_refused_in_one_line_unless_a_boolean(tmp_path: Path, capsys) -> None:

@@ -22,7 +22,7 @@ from diffcache.errors import PlanError
 from diffcache.generate import Request, pipeline_kwargs
 from diffcache.models import builtin_models, load_model
 from diffcache.plan import Plan
-from diffcache.registry import find_adapter
+from diffcache.registry import adapters, find_adapter
 from diffcache.testing.toys import clean
 
 #: variant model -> (its base family's tiny model, whether it takes a mask, takes a strength)
@@ -185,8 +185,6 @@ def test_each_method_counts_what_the_model_computed(
 
 def test_a_variant_runs_its_base_familys_plans_and_not_anothers() -> None:
     """Plans for flux serve flux-img2img (same transformer); a Qwen-Image plan is refused."""
-    from diffcache.registry import adapters
-
     family = adapters()["flux-img2img"].family
     assert family == "flux"
     Plan.load("flux-tiny.yaml").check_family(family, "flux-tiny-img2img")
@@ -196,18 +194,29 @@ def test_a_variant_runs_its_base_familys_plans_and_not_anothers() -> None:
 
 def test_strength_steps_follow_diffusers_get_timesteps() -> None:
     """The steps a request runs equal the length of the timesteps diffusers' own img2img
-    ``get_timesteps`` keeps, for several step counts and strengths."""
+    ``get_timesteps`` keeps, for several step counts and strengths, through the family's rule
+    (``steps_run``); a request without steps or strength, or a family without the rule, runs
+    its step count (None)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
 
-    from diffcache.pipelines._fields import strength_steps
+    from diffcache.variants import img2img_steps, steps_run
 
     pipe = FluxImg2ImgPipeline.__new__(FluxImg2ImgPipeline)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    img2img = adapters()["flux-img2img"]
     for steps in (1, 7, 10, 20, 28):
         pipe.scheduler.set_timesteps(steps)
         for strength in (0.0, 0.05, 0.3, 0.6, 0.75, 1.0):
             kept, n = pipe.get_timesteps(steps, strength, "cpu")
-            assert strength_steps({"steps": steps, "strength": strength}) == n == len(kept)
+            values = {"steps": steps, "strength": strength}
+            assert img2img_steps(steps, strength) == steps_run(img2img, values) == n == len(kept)
+    for adapter, values in [
+        (img2img, {"steps": 10}),
+        (img2img, {"strength": 0.6}),
+        (adapters()["flux"], {"steps": 10, "strength": 0.6}),
+        (None, {"steps": 10, "strength": 0.6}),
+    ]:
+        assert steps_run(adapter, values) is None
 
 
 def test_cli_generate_img2img_and_its_bad_input(

@@ -33,8 +33,9 @@ from diffcache.methods.hack_calibrate import ALPHA, last_scale_variance
 from diffcache.methods.scalekv import ScaleKVConfig
 from diffcache.methods.scalekv_calibrate import DRAFTERS, TOP_K
 from diffcache.models import builtin_models, load_model
-from diffcache.plan import Plan, bundled_plans
+from diffcache.plan import Plan
 from diffcache.profile import record_trace
+from diffcache.profiles import bundled_plans
 from diffcache.profiles.make import KV_PLANS, make
 from diffcache.registry import find_adapter, get_method
 
