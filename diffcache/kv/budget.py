@@ -177,8 +177,8 @@ class BudgetedHistory:
         if [h for ids in groups for h in ids] == list(range(q.shape[1])):
             return torch.cat(outs, dim=1)  # the groups hold the heads in order
         out = torch.empty_like(q)
-        for ids, og in zip(groups, outs, strict=True):
-            out[:, ids] = og
+        for heads, og in zip(self.slices[call.layer], outs, strict=True):
+            _place(out, heads, og)
         return out
 
     def _attend_group(
@@ -193,36 +193,44 @@ class BudgetedHistory:
         self._held += k.shape[2] * rows.row_bytes
         self._peak = max(self._peak, self._held)
         self._held -= rows.length * rows.row_bytes
-        if self.selection.when == "pre":
-            self._compact(call, g, q, rows)
-        hk, hv, _ = rows.held()
+        held = rows.held()
+        if self.selection.when == "pre" and self._compact(call, g, q, rows, held):
+            held = rows.held()
+        hk, hv, _ = held
         self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
         out = attention(q, hk, hv, call.scale)
         if self.selection.when == "post":
-            self._compact(call, g, q, rows)
+            self._compact(call, g, q, rows, held)
         self._held += rows.length * rows.row_bytes
         return out
 
     def _positions(self, total: int, device: torch.device) -> torch.Tensor:
         """``arange(total)`` on ``device``, made once per store (rows' positions are its views)."""
-        if self._arange.device != device or len(self._arange) < total:
+        if self._arange.device != device or self._arange.shape[0] < total:
             self._arange = torch.arange(total, device=device)
         return self._arange
 
-    def _compact(self, call: ScaleCall, g: int, q: torch.Tensor, rows: _Rows) -> None:
-        """Ask the selection what to keep and compact to it; a group within its budget is left
-        as it is, without asking (no op, no copy)."""
-        k, v, pos = rows.held()
+    def _compact(
+        self,
+        call: ScaleCall,
+        g: int,
+        q: torch.Tensor,
+        rows: _Rows,
+        held: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> bool:
+        """Ask the selection what to keep of the ``held`` rows and compact to it; whether it
+        did. A group within its budget is left as it is, without asking (no op, no copy)."""
+        k, v, pos = held
         budget_of = getattr(self.selection, "budget", None)
         budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
         if budget is not None and k.shape[2] <= budget:
-            return
+            return False
         call = dataclasses.replace(
             call, positions=pos, kernels=self.kernels, record=self.kernel_record
         )
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
-            return
+            return False
         check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
         merge = getattr(self.selection, "merge", None)
         merged = None if merge is None else merge(call, g, k, v, keep)
@@ -237,6 +245,7 @@ class BudgetedHistory:
                 k, v, empty, v[:, :, :0], keep, backend=self.kernels, record=self.kernel_record
             )
         rows.keep_rows(k2, v2, pos, keep)
+        return True
 
     def held(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V rows ``group`` of ``layer`` holds, ``[B, Hg, L, d]`` (views)."""
@@ -271,3 +280,11 @@ def _heads(ids: list[int], device: torch.device) -> slice | torch.Tensor:
 
 def _select(t: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
     return t[:, heads] if isinstance(heads, slice) else t.index_select(1, heads)
+
+
+def _place(t: torch.Tensor, heads: slice | torch.Tensor, x: torch.Tensor) -> None:
+    """Write ``x`` into the heads of ``t`` that :func:`_select` read."""
+    if isinstance(heads, slice):
+        t[:, heads] = x
+    else:
+        t.index_copy_(1, heads, x)
