@@ -133,3 +133,20 @@ def test_infinity_runs_with_its_prompt_and_measures_the_arithmetic(
     want = g.history_before(lambda si, layer: rows)[-1] / g.history_before()[-1]
     assert cell["rows_per_head"] == rows and cell["exact"]
     assert cell["history"] == pytest.approx(want, rel=1e-12)
+
+
+def test_var_attend_replays_one_generation_into_every_store(tmp_path: Path) -> None:
+    """bench/var_attend.py on var-tiny: one recorded call per layer and scale (2 x 4), a cell
+    per store (plain + 2 methods x 3 budgets; a plan the model refuses says why), the plain
+    cache at 1.0 of itself."""
+    script = BENCH.parent / "var_attend.py"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH.parent))
+        attend = runpy.run_path(str(script))
+    argv = ["--models", "var-tiny", "--repeats", "1", "--out", str(tmp_path)]
+    assert attend["main"](argv) == 0
+    res = json.loads((tmp_path / "var_attend.json").read_text())["models"]["var-tiny"]
+    assert res["calls"] == 2 * len(SCHEDULE)
+    names = ["plain"] + [f"{m}@{b:g}" for m in ("scalekv", "hack") for b in (0.5, 0.3, 0.1)]
+    assert sorted(res["cells"]) == sorted(names) and res["cells"]["plain"]["vs_plain"] == 1.0
+    assert all("vs_plain" in c or "below" in c["refused"] for c in res["cells"].values())

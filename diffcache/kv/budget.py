@@ -13,7 +13,8 @@ A selection may also offer ``merge(call, group, k, v, keep) -> (k, v) | None`` (
 evicted rows folded into kept ones); the store then uses what it returns instead of the plain
 compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
 selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
-never keeps more, and sizes the group's buffers by it.
+never keeps more, sizes the group's buffers by it, and does not ask ``keep`` while the group's
+rows fit within it (nothing to select: no op, no copy).
 
 Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
 group's first call for the most rows it will hold at once (its budget plus the current map, by
@@ -78,7 +79,8 @@ def capacity(selection: Selection, call: ScaleCall, group: int) -> int:
 
 class _Rows:
     """One head group's rows of one layer: K, V ``[B, Hg, capacity, d]`` and their generation
-    positions ``[B, Hg, capacity]``; the first :attr:`length` rows are held, in cache order."""
+    positions ``[B, Hg, capacity]``; the first :attr:`length` rows are held, in cache order.
+    Every access is a ``narrow`` view (one op, no copy)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: int) -> None:
         b, hg, _, d = k.shape
@@ -88,33 +90,34 @@ class _Rows:
         self.length = 0
         self.row_bytes = b * hg * d * (k.element_size() + v.element_size())
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Write the new map's rows (generation positions from ``start``) after the history,
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write the new map's rows (generation positions ``pos`` ``[n]``) after the history,
         growing the buffers if a selection keeps more than it said."""
         old, n = self.length, k.shape[2]
         if old + n > self.k.shape[2]:
             grown = _Rows(self.k, self.v, old + n)
             for mine, theirs in ((grown.k, self.k), (grown.v, self.v), (grown.pos, self.pos)):
-                mine[:, :, :old] = theirs[:, :, :old]
+                mine.narrow(2, 0, old).copy_(theirs.narrow(2, 0, old))
             self.k, self.v, self.pos = grown.k, grown.v, grown.pos
-        self.k[:, :, old : old + n] = k
-        self.v[:, :, old : old + n] = v
-        self.pos[:, :, old : old + n] = torch.arange(start, start + n, device=self.pos.device)
+        self.k.narrow(2, old, n).copy_(k)
+        self.v.narrow(2, old, n).copy_(v)
+        self.pos.narrow(2, old, n).copy_(pos)
         self.length = old + n
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of the held K, V and positions."""
         n = self.length
-        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n]
+        return self.k.narrow(2, 0, n), self.v.narrow(2, 0, n), self.pos.narrow(2, 0, n)
 
     def keep_rows(
         self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
     ) -> None:
         """Hold K/V rows ``k``/``v`` ``[B, Hg, m, d]`` at the positions ``pos`` of ``keep``."""
         m = keep.shape[-1]
-        self.k[:, :, :m] = k
-        self.v[:, :, :m] = v
-        self.pos[:, :, :m] = pos.gather(2, keep)
+        kept_pos = pos.gather(2, keep)  # before the copies below overwrite ``pos``'s rows
+        self.k.narrow(2, 0, m).copy_(k)
+        self.v.narrow(2, 0, m).copy_(v)
+        self.pos.narrow(2, 0, m).copy_(kept_pos)
         self.length = m
 
 
@@ -145,6 +148,7 @@ class BudgetedHistory:
         self.pairs = 0  # (query row, key row) pairs attended, summed over batch rows and heads
         self._held = 0
         self._peak = 0
+        self._arange = torch.arange(0)
 
     def _layer_groups(self, layer: int, heads: int, device: torch.device) -> list[list[int]]:
         if layer not in self.groups:
@@ -173,8 +177,8 @@ class BudgetedHistory:
         if [h for ids in groups for h in ids] == list(range(q.shape[1])):
             return torch.cat(outs, dim=1)  # the groups hold the heads in order
         out = torch.empty_like(q)
-        for ids, og in zip(groups, outs, strict=True):
-            out[:, ids] = og
+        for heads, og in zip(self.slices[call.layer], outs, strict=True):
+            _place(out, heads, og)
         return out
 
     def _attend_group(
@@ -184,30 +188,49 @@ class BudgetedHistory:
         if rows is None:
             rows = _Rows(k, v, capacity(self.selection, call, g))
             self.rows[call.layer][g] = rows
-        rows.append(k, v, call.schedule.start(call.si))
+        start, n = call.schedule.start(call.si), k.shape[2]
+        rows.append(k, v, self._positions(call.schedule.total, k.device).narrow(0, start, n))
         self._held += k.shape[2] * rows.row_bytes
         self._peak = max(self._peak, self._held)
         self._held -= rows.length * rows.row_bytes
-        call = dataclasses.replace(
-            call, positions=rows.held()[2], kernels=self.kernels, record=self.kernel_record
-        )
-        if self.selection.when == "pre":
-            self._compact(call, g, q, rows)
-        hk, hv, _ = rows.held()
+        held = rows.held()
+        if self.selection.when == "pre" and self._compact(call, g, q, rows, held):
+            held = rows.held()
+        hk, hv, _ = held
         self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
         out = attention(q, hk, hv, call.scale)
         if self.selection.when == "post":
-            self._compact(call, g, q, rows)
+            self._compact(call, g, q, rows, held)
         self._held += rows.length * rows.row_bytes
         return out
 
-    def _compact(self, call: ScaleCall, g: int, q: torch.Tensor, rows: _Rows) -> None:
-        k, v, pos = rows.held()
-        keep = self.selection.keep(call, g, q, k, v)
-        if keep is None:
-            return
+    def _positions(self, total: int, device: torch.device) -> torch.Tensor:
+        """``arange(total)`` on ``device``, made once per store (rows' positions are its views)."""
+        if self._arange.device != device or self._arange.shape[0] < total:
+            self._arange = torch.arange(total, device=device)
+        return self._arange
+
+    def _compact(
+        self,
+        call: ScaleCall,
+        g: int,
+        q: torch.Tensor,
+        rows: _Rows,
+        held: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> bool:
+        """Ask the selection what to keep of the ``held`` rows and compact to it; whether it
+        did. A group within its budget is left as it is, without asking (no op, no copy)."""
+        k, v, pos = held
         budget_of = getattr(self.selection, "budget", None)
         budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
+        if budget is not None and k.shape[2] <= budget:
+            return False
+        call = dataclasses.replace(
+            call, positions=pos, kernels=self.kernels, record=self.kernel_record
+        )
+        keep = self.selection.keep(call, g, q, k, v)
+        if keep is None:
+            return False
         check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
         merge = getattr(self.selection, "merge", None)
         merged = None if merge is None else merge(call, g, k, v, keep)
@@ -222,6 +245,7 @@ class BudgetedHistory:
                 k, v, empty, v[:, :, :0], keep, backend=self.kernels, record=self.kernel_record
             )
         rows.keep_rows(k2, v2, pos, keep)
+        return True
 
     def held(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V rows ``group`` of ``layer`` holds, ``[B, Hg, L, d]`` (views)."""
@@ -256,3 +280,11 @@ def _heads(ids: list[int], device: torch.device) -> slice | torch.Tensor:
 
 def _select(t: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
     return t[:, heads] if isinstance(heads, slice) else t.index_select(1, heads)
+
+
+def _place(t: torch.Tensor, heads: slice | torch.Tensor, x: torch.Tensor) -> None:
+    """Write ``x`` into the heads of ``t`` that :func:`_select` read."""
+    if isinstance(heads, slice):
+        t[:, heads] = x
+    else:
+        t.index_copy_(1, heads, x)

@@ -156,12 +156,16 @@ class HACKSelection:
         if budget is None or rows <= budget:
             return None
         positions = self._row_positions(call, k)
-        mandatory = self._mandatory(call, kind, positions)
-        worst = int(mandatory.sum(-1).max())
-        if worst > budget:
-            raise ValueError(self._too_small(call.schedule, call.si, worst))
+        mandatory = None  # contextual heads have none
+        if kind == STRUCTURAL:
+            mandatory = self._mandatory(call, positions)
+            if self._mandatory_count(call.schedule, call.si) > budget:  # an upper bound: the
+                worst = int(mandatory.sum(-1).max())  # exact count (a host sync) only then
+                if worst > budget:
+                    raise ValueError(self._too_small(call.schedule, call.si, worst))
         scores = self._subset_attention(call, q, k, mandatory)
-        scores = scores.masked_fill(mandatory, float("inf"))
+        if mandatory is not None:
+            scores = scores.masked_fill(mandatory, float("inf"))
         if self.options.scope == "pair" and call.cond_rows < batch:
             c = _pair_rows(call, batch)
             paired = scores[:c] + scores[c:]
@@ -268,11 +272,8 @@ class HACKSelection:
         cap = self.options.recent_cap
         return (lo if cap is None else max(lo, hi - cap)), hi
 
-    def _mandatory(self, call: ScaleCall, kind: int, positions: torch.Tensor) -> torch.Tensor:
-        """The rows a group must keep: for structural heads the first scales and the most
-        recent scale, none for contextual heads."""
-        if kind == CONTEXTUAL:
-            return torch.zeros_like(positions, dtype=torch.bool)
+    def _mandatory(self, call: ScaleCall, positions: torch.Tensor) -> torch.Tensor:
+        """The rows structural heads must keep: the first scales and the most recent scale."""
         sched = call.schedule
         lo, hi = self._recent_span(sched, call.si)
         first = positions < sched.start(min(self.options.first_scales, len(sched)))
@@ -305,13 +306,14 @@ class HACKSelection:
         return torch.randperm(n, generator=gen)[: o.n_obs].sort().values
 
     def _subset_attention(
-        self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, mandatory: torch.Tensor
+        self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, mandatory: torch.Tensor | None
     ) -> torch.Tensor:
-        """``Σ_{i∈obs} softmax(q_i·Kᵀ·scale)`` per row of ``k`` ``[B, Hg, L]`` (fp32 or wider)."""
+        """``Σ_{i∈obs} softmax(q_i·Kᵀ·scale)`` per row of ``k`` ``[B, Hg, L]`` (fp32 or wider);
+        ``mandatory`` rows (None: none) masked out of the softmax with "candidates"."""
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
         obs = self.observed_queries(call, q.shape[2]).to(q.device)
-        logits = q[:, :, obs].to(dtype) @ k.to(dtype).mT * call.scale
-        if self.options.softmax_over == "candidates":
+        logits = q.index_select(2, obs).to(dtype) @ k.to(dtype).mT * call.scale
+        if mandatory is not None and self.options.softmax_over == "candidates":
             logits = logits.masked_fill(mandatory.unsqueeze(2), float("-inf"))
         return logits.softmax(dim=-1).sum(dim=2)
 

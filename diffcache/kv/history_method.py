@@ -64,15 +64,16 @@ class MeteredHistory:
         plain = b * h * n * call.schedule.start(call.si + 1)
         self.run.record("attn_pair", float(self.store.pairs - before), float(plain))
         self.run.record_kv(self.store.nbytes())
-        self.geometry = {
-            "layers": max(self.geometry.get("layers", 0), call.layer + 1),
-            "heads": h,
-            "head_dim": d,
-            "k_bytes": k.element_size(),
-            "v_bytes": v.element_size(),
-            "schedule": [list(s) for s in call.schedule.sizes],
-            "rows": b,
-        }
+        if call.layer >= self.geometry.get("layers", 0):  # the first sweep: each layer once
+            self.geometry = {
+                "layers": call.layer + 1,
+                "heads": h,
+                "head_dim": d,
+                "k_bytes": k.element_size(),
+                "v_bytes": v.element_size(),
+                "schedule": [list(s) for s in call.schedule.sizes],
+                "rows": b,
+            }
         return out
 
     def nbytes(self) -> int:
@@ -182,7 +183,14 @@ def attach_selection(
     selection = fitted_selection(session.plan.source, make, schedule, layers, heads)
     fits = _Fits(session.plan.source, layers)
     chosen: Selection = KeepAll() if selection is None else selection
-    attach_history(session, name, lambda: chosen, lambda s: fits(s, chosen))
+    checked = {schedule}  # checked once each: the selection does not change
+
+    def check(s: Schedule) -> None:
+        if s not in checked:
+            fits(s, chosen)
+            checked.add(s)
+
+    attach_history(session, name, lambda: chosen, check)
 
 
 def fitted_selection(

@@ -21,6 +21,7 @@ Every score is per (batch row, head): CFG's conditional and unconditional rows c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,10 +61,17 @@ def centroid_window(call: ScaleCall, length: int, size: int = 16) -> torch.Tenso
     if grid * grid != size:
         raise PlanError(f"observation window size {size} is not a perfect square")
     h, w = call.schedule.sizes[call.si]
-    local = grid_centroids(h, w, grid)
+    local = _centroid_rows(h, w, grid)
     if local is None:
         return last_rows(length, size)
-    return torch.tensor(local) + (length - h * w)
+    return local + (length - h * w)
+
+
+@functools.lru_cache(maxsize=256)
+def _centroid_rows(h: int, w: int, grid: int) -> torch.Tensor | None:
+    """:func:`grid_centroids` as a tensor, made once per map size (never written to)."""
+    local = grid_centroids(h, w, grid)
+    return None if local is None else torch.tensor(local)
 
 
 def _window_queries(q: torch.Tensor, window: torch.Tensor, length: int) -> torch.Tensor:
@@ -118,11 +126,12 @@ def pooled_window_scores(
     :func:`window_logits`, then :func:`pool1d`; or, where the plan's backend
     (``call.kernels``) runs Triton on these tensors, the fused
     :func:`diffcache.kernels.window_scores`, which scores alike (only the window's own rows,
-    which :func:`topk_with_mandatory` masks anyway, may differ: the kernel sets them to −inf)."""
-    window = window.to(k.device)
-    if pick(WINDOW_SCORES, call.kernels, q, k, window) is Backend.TRITON:
+    which :func:`topk_with_mandatory` masks anyway, may differ: the kernel sets them to −inf).
+    The torch scorers get ``window`` where it is (the host): reading it needs no device sync."""
+    on_device = window.to(k.device)
+    if pick(WINDOW_SCORES, call.kernels, q, k, on_device) is Backend.TRITON:
         return window_scores(
-            q, k, window, scale, softmax, pool, kernel, backend="triton", record=call.record
+            q, k, on_device, scale, softmax, pool, kernel, backend="triton", record=call.record
         )
     if call.record is not None:
         call.record[WINDOW_SCORES.name] = Backend.TORCH.value
@@ -174,15 +183,13 @@ def recent_scale(call: ScaleCall, length: int) -> torch.Tensor:
 def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: int) -> torch.Tensor:
     """The ``budget − |mandatory|`` best-scored rows outside the mandatory set plus the mandatory
     set, sorted ascending: ``[B, Hg, budget]`` (every row when the cache is not longer)."""
-    length = scores.shape[-1]
-    if len(mandatory) > budget:
-        raise PlanError(
-            f"budget of {budget} rows is below the {len(mandatory)} rows that must be kept"
-        )
+    length, m = scores.shape[-1], mandatory.shape[0]
+    if m > budget:
+        raise PlanError(f"budget of {budget} rows is below the {m} rows that must be kept")
     mandatory = mandatory.to(scores.device)
     masked = scores.index_fill(-1, mandatory, float("-inf"))
-    rest = masked.topk(min(budget, length) - len(mandatory), dim=-1).indices
-    fixed = mandatory.expand(*rest.shape[:-1], len(mandatory))
+    rest = masked.topk(min(budget, length) - m, dim=-1).indices
+    fixed = mandatory.expand(*rest.shape[:-1], m)
     return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
 
 

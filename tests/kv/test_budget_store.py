@@ -170,6 +170,26 @@ def test_merge_replaces_the_gather():
     assert bool((store.held(0, 0)[0] == last).all()) and bool((store.held(0, 0)[1] == -last).all())
 
 
+@pytest.mark.parametrize("when", ["pre", "post"])
+def test_a_group_within_its_budget_is_not_asked(when):
+    """A selection with a budget is asked what to keep only when the group's rows exceed it
+    (pre: history + the new map; post: the same rows after attention)."""
+    budget, asked = 7, []
+
+    def rule(call, group, length, b, hg):
+        asked.append((call.si, call.layer))
+        return torch.arange(length - budget, length).expand(b, hg, budget)
+
+    store = BudgetedHistory(Fixed(when, rule, budget=budget))
+    sweep(store)
+    held, expect = 0, []  # rows before each scale: 0, 1, 5, 7 (maps of 1, 4, 9, 16 rows)
+    for si in range(len(SCHED)):
+        if held + SCHED.tokens(si) > budget:
+            expect += [(si, layer) for layer in range(2)]
+        held = min(budget, held + SCHED.tokens(si))
+    assert asked == expect == [(2, 0), (2, 1), (3, 0), (3, 1)]
+
+
 @pytest.mark.parametrize(
     ("keep", "budget", "message"),
     [

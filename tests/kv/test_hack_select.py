@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffcache.kv import ScaleCall, Schedule, Selection
 from diffcache.kv.hack import (
@@ -181,6 +182,27 @@ def test_budget_below_the_mandatory_set_is_one_clear_error():
         HACKSelection(CLASSES, 4, 11, capped).validate(SCHED, layers=2, heads=4)
     with pytest.raises(ValueError, match="scope='bogus'"):
         HACKOptions(scope="bogus")
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (``int()``, ``bool()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_budget_above_the_mandatory_set_selects_without_a_host_sync():
+    """The mandatory rows are counted on the host from the schedule; their tensor is read back
+    only where that bound exceeds the budget (the case the error above needs)."""
+    sel = HACKSelection(CLASSES, 4, 30)  # the last scale needs 30 rows: within the budget
+    with HostSyncs() as mode:
+        log = drive(sel)
+    assert sum(e["keep"] is not None for e in log) >= 4 and mode.syncs == 0
 
 
 def test_a_caller_that_gives_no_positions_is_told_so():

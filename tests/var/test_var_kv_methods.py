@@ -418,3 +418,30 @@ def test_stats_name_the_kernel_backend_of_each_store_op(method, options, ops, pl
     finally:
         diffcache.remove(pipe)
     assert stats.kernels == dict.fromkeys(ops, "torch")
+
+
+def test_each_schedule_is_checked_once_per_session(monkeypatch, plain) -> None:
+    """The selection is checked against a schedule once (the default one at accelerate), not
+    again at each generation's first attention; a schedule it refuses stays refused."""
+    from diffcache.errors import PlanError
+    from diffcache.kv.baselines import UniformSelection
+    from diffcache.kv.history import ScaleCall
+
+    pipe, _ = plain
+    seen: list[Schedule] = []
+    check = UniformSelection.check
+    monkeypatch.setattr(
+        UniformSelection, "check", lambda self, s, layers: (seen.append(s), check(self, s, layers))
+    )
+    diffcache.accelerate(pipe, _plan("h2o", {"budget": 20}))
+    try:
+        _run(pipe)
+        _run(pipe)
+        small = Schedule.square((1, 2, 3))  # 14 tokens: a budget of 20 would keep them all
+        q = torch.zeros(1, HEADS, 1, HEAD_DIM)
+        for _ in range(2):
+            with pytest.raises(PlanError, match="h2o budget of 20"):
+                pipe.history_store().attend(ScaleCall(0, 0, small, cond_rows=1), q, q, q)
+    finally:
+        diffcache.remove(pipe)
+    assert seen == [SCHEDULE, small, small]
