@@ -759,7 +759,10 @@ def _print_report(report: dict, out: Path) -> None:
                 r, "task_score", "task score"
             )
         if "kv_cache_fraction" in r:  # next-scale KV methods: the papers' KV cache
-            line += f", KV cache {num(r['kv_cache_fraction'], '.1%')} of plain"
+            line += (
+                f", KV cache {num(r['kv_cache_fraction'], '.1%')} of plain, attention MACs "
+                f"{num(r.get('attn_macs_fraction'), '.3f')}"
+            )
         print(line)
         cf = r["compute_fraction"]
         if cf is not None and cf > 1:

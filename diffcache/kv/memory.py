@@ -128,6 +128,16 @@ class Geometry:
             peaks.append(peak * self.head_row_bytes)
         return peaks
 
+    def attention_macs(self) -> list[int]:
+        """Multiply-accumulates of the plain cache's attention at each scale: every query of the
+        new map reads every key of the history and the map, ``head_dim`` MACs for its score
+        (QK^T) and ``head_dim`` for its share of the output (AV), in every layer, head and row."""
+        per_pair = 2 * self.head_dim * self.heads * self.rows * self.layers
+        return [
+            per_pair * self.schedule.tokens(si) * self.schedule.start(si + 1)
+            for si in range(len(self.schedule))
+        ]
+
     def sweep_peak(self, budget: Budget | None = None, groups: Groups | None = None) -> int:
         """The most bytes held at once over the generation (the largest of :meth:`sweep_peaks`)."""
         return max(self.sweep_peaks(budget, groups))
