@@ -207,9 +207,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "kv", help="a next-scale model's KV cache, full vs a plan, from its config (no weights)"
     )
-    p.add_argument("--model", required=True, help="a config name: var-d16..var-d36, infinity-2b/8b")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a config name: var-d16..var-d36, infinity-2b/8b, var-tiny, var-digits",
+    )
     p.add_argument("--plan", required=True, help="a KV plan for the model's family")
     p.add_argument("--batch", type=int, default=1, help="images (2 cached rows each with CFG)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="the run's guidance scale (default: the model's); VAR runs CFG rows above 0, "
+        "Infinity at any scale but 1",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument(
@@ -799,7 +810,10 @@ def _print_report(report: dict, out: Path) -> None:
                 r, "task_score", "task score"
             )
         if "kv_cache_fraction" in r:  # next-scale KV methods: the papers' KV cache
-            line += f", KV cache {num(r['kv_cache_fraction'], '.1%')} of plain"
+            line += (
+                f", KV cache {num(r['kv_cache_fraction'], '.1%')} of plain, attention MACs "
+                f"{num(r.get('attn_macs_fraction'), '.3f')}"
+            )
         print(line)
         cf = r["compute_fraction"]
         if cf is not None and cf > 1:
@@ -897,42 +911,68 @@ def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
 
 
 def _kv(args: argparse.Namespace) -> int:
+    import functools
     import inspect
 
     from diffcache.kv.history_method import fitted_selection
     from diffcache.kv.memory import MIB, selection_budget
+    from diffcache.models import builtin_models
     from diffcache.pipelines.kv_configs import kv_config
     from diffcache.plan import Plan
 
     if args.batch < 1:
         raise DiffCacheError(f"--batch {args.batch}: must be >= 1")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise DiffCacheError(f"--guidance {args.guidance}: must be a finite number >= 0")
     config = kv_config(args.model)
-    plan = Plan.load(args.plan)
+    plan = Plan.load(args.plan, template=True)
     plan.check_family(config.family, args.model)
-    geo = config.geometry(args.batch, args.dtype, args.height, args.width)
+    if plan.is_template:
+        raise DiffCacheError(
+            f"{plan.source}: method {plan.method} sets its KV rows from the head classes "
+            f"measured on the model (calibration), and this template has none; measure them "
+            f"with `diffcache profile --model MODEL --method {plan.method} --out plan.yaml` "
+            "and pass that plan"
+        )
+    entry = builtin_models().get(args.model)
+    guidance = args.guidance
+    if guidance is None and entry is not None:
+        guidance = entry.defaults.get("guidance")
+    geo = config.geometry(args.batch, args.dtype, args.height, args.width, guidance)
     make = getattr(plan.config, "make", None)
+    if make is not None and plan.calibration_data is not None:
+        make = functools.partial(make, plan.calibration_data)
     if make is None or list(inspect.signature(make).parameters) != ["schedule", "layers", "heads"]:
         raise DiffCacheError(
-            f"{plan.source}: method {plan.method} does not set its KV rows from the model's "
-            "config alone (diffcache kv covers scalekv, h2o, snapkv, streaming, pyramidkv)"
+            f"{plan.source}: method {plan.method} keeps no budgeted KV history (diffcache kv "
+            "covers scalekv, hack, h2o, snapkv, streaming, pyramidkv)"
         )
     selection = fitted_selection(plan.source, make, geo.schedule, geo.layers, geo.heads)
     try:
-        budget = None if selection is None else selection_budget(selection, geo.schedule)
+        budget, groups = (
+            (None, None)
+            if selection is None
+            else selection_budget(selection, geo.schedule, geo.layers, geo.heads)
+        )
     except ValueError as e:
         raise DiffCacheError(f"{plan.source}: method {plan.method}: {e}") from None
-    full, kept = geo.history_before(), geo.history_before(budget)
-    full_peaks, kept_peaks = geo.sweep_peaks(), geo.sweep_peaks(budget)
+    full, kept = geo.history_before(), geo.history_before(budget, groups)
+    full_peaks, kept_peaks = geo.sweep_peaks(), geo.sweep_peaks(budget, groups)
 
     def mib(n: int) -> str:
-        """Whole MiB with thousands separators, one decimal below 1,000 MiB."""
+        """Whole MiB with thousands separators, one decimal below 1,000 MiB, bytes below 1 MiB
+        (the tiny models' caches, exactly)."""
+        if n < MIB:
+            return f"{n:,} B"
         return f"{n / MIB:,.0f} MiB" if n >= 1000 * MIB else f"{n / MIB:.1f} MiB"
 
     side = geo.schedule.sizes[-1]
+    rows = f"{geo.rows} row{'s' if geo.rows > 1 else ''}"
     print(
         f"{args.model}: {geo.layers} layers x {geo.heads} heads x {geo.head_dim}, "
         f"{len(geo.schedule)} scales ({side[0]}x{side[1]} tokens), batch {args.batch} = "
-        f"{geo.rows} rows with CFG; K {8 * geo.k_bytes}-bit, V {8 * geo.v_bytes}-bit "
+        f"{rows} {'with' if geo.rows > args.batch else 'without'} CFG; "
+        f"K {8 * geo.k_bytes}-bit, V {8 * geo.v_bytes}-bit "
         f"(--dtype {args.dtype})"
     )
     print(f"plan {plan.name} ({plan.method})")

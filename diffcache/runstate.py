@@ -35,8 +35,7 @@ CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint", "weights")
 #: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only
 #: (``partial``), cached state dropped (``evicted``), tokens decoded (``committed``).
 ACTIONS = ("computed", "reused", "forecast", "partial", "evicted", "committed")
-#: Stats of next-scale KV methods, in ``as_dict`` when set (``diffcache.kv.history_method``)
-KV_HISTORY = ("kv_history_bytes", "kv_geometry")
+KV_HISTORY = ("kv_history_bytes", "kv_attn_macs", "kv_geometry")  # next-scale KV: as_dict if set
 
 
 @dataclasses.dataclass
@@ -52,6 +51,7 @@ class Stats:
     kv_bytes_peak: int | None = None
     kv_bytes_per_step: list[int] = dataclasses.field(default_factory=list)
     kv_history_bytes: list[int] | None = None  # KV_HISTORY
+    kv_attn_macs: list[int] | None = None
     kv_geometry: dict[str, Any] | None = None
     wall_s: float | None = None
     calls: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)

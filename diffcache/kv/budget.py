@@ -130,10 +130,10 @@ class BudgetedHistory:
     group being processed at its transient history + new rows) and :attr:`scale_history`, the
     history bytes held when each scale's first call arrived (the papers' "KV cache" is the entry
     of the last scale, research/var.md §2.1.8) and :attr:`pairs`, the (query, key) row pairs its
-    attention computed. The selection gets each row's position in ``ScaleCall.positions`` (the
-    store owns them) and the plan's kernel backend in ``ScaleCall.kernels``; ``kernels`` runs
-    the compaction (:attr:`kernel_record` names the backend each op used). One store serves one
-    generation."""
+    attention computed (:attr:`scale_pairs`: per scale). The selection gets each row's position
+    in ``ScaleCall.positions`` (the store owns them) and the plan's kernel backend in
+    ``ScaleCall.kernels``; ``kernels`` runs the compaction (:attr:`kernel_record` names the
+    backend each op used). One store serves one generation."""
 
     def __init__(self, selection: Selection, kernels: str = "auto") -> None:
         if selection.when not in ("pre", "post"):
@@ -146,6 +146,7 @@ class BudgetedHistory:
         self.rows: dict[int, list[_Rows | None]] = {}
         self.scale_history: dict[int, int] = {}
         self.pairs = 0  # (query row, key row) pairs attended, summed over batch rows and heads
+        self.scale_pairs: dict[int, int] = {}  # the same per scale
         self._held = 0
         self._peak = 0
         self._arange = torch.arange(0)
@@ -197,7 +198,9 @@ class BudgetedHistory:
         if self.selection.when == "pre" and self._compact(call, g, q, rows, held):
             held = rows.held()
         hk, hv, _ = held
-        self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
+        pairs = q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
+        self.pairs += pairs
+        self.scale_pairs[call.si] = self.scale_pairs.get(call.si, 0) + pairs
         out = attention(q, hk, hv, call.scale)
         if self.selection.when == "post":
             self._compact(call, g, q, rows, held)

@@ -10,8 +10,10 @@ Work is counted in kind ``attn_pair``: one query row attending one key row, per 
 and head. The plain model's queries at scale ``si`` attend ``start(si) + tokens(si)`` keys, so
 ``compute_fraction`` is the attention work the method kept. Stats also carry, per generation,
 ``kv_history_bytes`` (the history held before each scale; the last entry is the papers' "KV
-cache"), ``kv_bytes_peak`` (the layer-sweep peak) and ``kv_geometry`` (what
-:class:`~diffcache.kv.memory.Geometry` needs to recompute both).
+cache"), ``kv_bytes_peak`` (the layer-sweep peak), ``kv_attn_macs`` (the QK^T and AV
+multiply-accumulates of each scale over the key rows its queries attended: ``2·head_dim`` per
+(query, key) pair the store counted) and ``kv_geometry`` (what
+:class:`~diffcache.kv.memory.Geometry` needs to recompute the bytes and the plain cache's MACs).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class MeteredHistory:
         scales = len(self.geometry.get("schedule", ()))
         stats.kv_history_bytes = [self.store.scale_history.get(si, 0) for si in range(scales)]
         stats.kv_bytes_peak = self.store.peak_nbytes()
+        per_pair = 2 * self.geometry.get("head_dim", 0)
+        stats.kv_attn_macs = [per_pair * self.store.scale_pairs.get(si, 0) for si in range(scales)]
         stats.kv_geometry = dict(self.geometry)
         stats.kernels.update(self.store.kernel_record)
 

@@ -21,8 +21,11 @@ from collections.abc import Callable, Sequence
 
 from diffcache.kv.history import ScaleCall, Schedule
 
-#: rows kept by ``layer`` after scale ``si`` (tokens per head), None = keep all.
-Budget = Callable[[int, int], int | None]
+#: rows kept by ``layer`` after scale ``si`` (tokens per head), None = keep all; or one such
+#: count per head group of the layer (in the order of ``groups[layer]``).
+Budget = Callable[[int, int], "int | None | Sequence[int | None]"]
+#: ``groups[layer]``: the sizes of the head groups a store runs one after the other
+Groups = Sequence[Sequence[int]]
 
 MIB = 2**20
 
@@ -55,67 +58,122 @@ class Geometry:
         """Bytes of one cached position in one layer (all heads and rows, K and V)."""
         return kv_bytes(1, self.heads * self.head_dim, 1, self.rows, self.k_bytes, self.v_bytes)
 
-    def history_lengths(self, budget: Budget | None = None) -> list[list[int]]:
-        """``out[si][l]``: rows layer ``l`` holds before scale ``si``; one more entry, after the
-        last scale."""
-        held = [[0] * self.layers]
+    @property
+    def head_row_bytes(self) -> int:
+        """Bytes of one cached position of one head in one layer (all rows, K and V)."""
+        return kv_bytes(1, self.head_dim, 1, self.rows, self.k_bytes, self.v_bytes)
+
+    def group_sizes(self, groups: Groups | None = None) -> list[list[int]]:
+        """``groups`` checked against the model (each layer's sizes add up to its heads); None:
+        one group of all heads per layer."""
+        if groups is None:
+            return [[self.heads]] * self.layers
+        sizes = [list(g) for g in groups]
+        if len(sizes) != self.layers or any(sum(g) != self.heads for g in sizes):
+            raise ValueError(f"head groups {sizes} do not split {self.layers} x {self.heads} heads")
+        return sizes
+
+    def group_lengths(
+        self, budget: Budget | None = None, groups: Groups | None = None
+    ) -> list[list[list[int]]]:
+        """``out[si][l][g]``: rows head group ``g`` of layer ``l`` holds before scale ``si``;
+        one more entry, after the last scale."""
+        sizes = self.group_sizes(groups)
+        held = [[[0] * len(g) for g in sizes]]
         for si in range(len(self.schedule)):
             n = self.schedule.tokens(si)
             kept = []
-            for layer in range(self.layers):
+            for layer, group in enumerate(sizes):
                 b = budget(si, layer) if budget is not None else None
-                total = held[-1][layer] + n
-                kept.append(total if b is None else min(b, total))
+                caps = list(b) if isinstance(b, Sequence) else [b] * len(group)
+                if len(caps) != len(group):
+                    raise ValueError(f"layer {layer}: {len(caps)} budgets for {len(group)} groups")
+                old = held[-1][layer]
+                kept.append(
+                    [h + n if c is None else min(c, h + n) for h, c in zip(old, caps, strict=True)]
+                )
             held.append(kept)
         return held
 
-    def history_before(self, budget: Budget | None = None) -> list[int]:
-        """Bytes of the history held before each scale (the last: the papers' "KV cache")."""
-        lengths = self.history_lengths(budget)[: len(self.schedule)]
-        return [sum(row) * self.row_bytes for row in lengths]
+    def history_lengths(self, budget: Budget | None = None) -> list[list[int]]:
+        """``out[si][l]``: rows layer ``l`` holds before scale ``si`` (one group per layer); one
+        more entry, after the last scale."""
+        return [[g[0] for g in row] for row in self.group_lengths(budget)]
 
-    def sweep_peaks(
-        self, budget: Budget | None = None, groups: Sequence[Sequence[int]] | None = None
+    def history_before(
+        self, budget: Budget | None = None, groups: Groups | None = None
     ) -> list[int]:
+        """Bytes of the history held before each scale (the last: the papers' "KV cache")."""
+        lengths = self.group_lengths(budget, groups)[: len(self.schedule)]
+        sizes = self.group_sizes(groups)
+        return [sum(_head_rows(sizes, row)) * self.head_row_bytes for row in lengths]
+
+    def sweep_peaks(self, budget: Budget | None = None, groups: Groups | None = None) -> list[int]:
         """The most bytes held at once during each scale, counting the layer being processed
         at its transient history + new rows. ``groups[layer]``: the sizes of the head groups a
         store runs one after the other (None: one group of all heads); while one group holds its
         history + new rows, the layer's earlier groups hold what they kept and its later ones
-        their old history."""
-        lengths = self.history_lengths(budget)
-        sizes = groups if groups is not None else [[self.heads]] * self.layers
+        their old history. A budget may keep a different count per group."""
+        sizes = self.group_sizes(groups)
+        lengths = self.group_lengths(budget, groups)
+        flat_sizes = [s for group in sizes for s in group]
         peaks = []
         for si in range(len(self.schedule)):
-            before, after, n = lengths[si], lengths[si + 1], self.schedule.tokens(si)
-            peak = 0  # in head-rows
-            for layer, group in enumerate(sizes):
-                others = (sum(after[:layer]) + sum(before[layer + 1 :])) * self.heads
-                for i, size in enumerate(group):
-                    here = sum(group[:i]) * after[layer] + sum(group[i + 1 :]) * before[layer]
-                    peak = max(peak, others + here + size * (before[layer] + n))
-            peaks.append(peak * self.row_bytes // self.heads)
+            before, after = _head_rows(sizes, lengths[si]), _head_rows(sizes, lengths[si + 1])
+            n = self.schedule.tokens(si)
+            peak = max(
+                sum(after[:i]) + sum(before[i + 1 :]) + before[i] + size * n
+                for i, size in enumerate(flat_sizes)
+            )
+            peaks.append(peak * self.head_row_bytes)
         return peaks
 
-    def sweep_peak(
-        self, budget: Budget | None = None, groups: Sequence[Sequence[int]] | None = None
-    ) -> int:
+    def attention_macs(self) -> list[int]:
+        """Multiply-accumulates of the plain cache's attention at each scale: every query of the
+        new map reads every key of the history and the map, ``head_dim`` MACs for its score
+        (QK^T) and ``head_dim`` for its share of the output (AV), in every layer, head and row."""
+        per_pair = 2 * self.head_dim * self.heads * self.rows * self.layers
+        return [
+            per_pair * self.schedule.tokens(si) * self.schedule.start(si + 1)
+            for si in range(len(self.schedule))
+        ]
+
+    def sweep_peak(self, budget: Budget | None = None, groups: Groups | None = None) -> int:
         """The most bytes held at once over the generation (the largest of :meth:`sweep_peaks`)."""
         return max(self.sweep_peaks(budget, groups))
 
 
-def selection_budget(selection: object, schedule: Schedule) -> Budget:
-    """The :data:`Budget` of a selection with one head group per layer that declares its rows
-    as ``budget(call, group, length)`` (ScaleKV, the uniform baselines; None = keep all), on
-    ``schedule``. Raises ValueError for a selection whose rows depend on its head groups."""
+def _head_rows(sizes: list[list[int]], lengths: list[list[int]]) -> list[int]:
+    """Head-rows held by each (layer, group) in sweep order: its size times its rows."""
+    return [
+        size * held
+        for group, layer in zip(sizes, lengths, strict=True)
+        for size, held in zip(group, layer, strict=True)
+    ]
+
+
+def selection_budget(
+    selection: object, schedule: Schedule, layers: int, heads: int
+) -> tuple[Budget, list[list[int]]]:
+    """The :data:`Budget` of a selection that declares its rows per head group as ``budget(call,
+    group, length)`` (ScaleKV, HACK, the uniform baselines; None = keep all) on ``schedule``,
+    and the sizes of its head groups per layer (:data:`Groups`). Raises ValueError for a
+    selection that declares no budget."""
     rows = getattr(selection, "budget", None)
-    if not callable(rows) or selection.groups(0, 1) != [[0]]:  # type: ignore[attr-defined]
-        raise ValueError(f"{type(selection).__name__} does not declare one budget per layer")
+    if not callable(rows):
+        raise ValueError(f"{type(selection).__name__} declares no budget per head group")
+    groups = [selection.groups(layer, heads) for layer in range(layers)]  # type: ignore[attr-defined]
 
     @functools.cache
-    def kept(si: int, layer: int) -> int:
-        """Rows ``layer`` keeps after scale ``si``: its history plus the new map, capped."""
-        length = (kept(si - 1, layer) if si else 0) + schedule.tokens(si)
-        b = rows(ScaleCall(layer=layer, si=si, schedule=schedule, cond_rows=0), 0, length)
+    def kept(si: int, layer: int, group: int) -> int:
+        """Rows ``group`` of ``layer`` keeps after scale ``si``: its history plus the new map,
+        capped."""
+        length = (kept(si - 1, layer, group) if si else 0) + schedule.tokens(si)
+        call = ScaleCall(layer=layer, si=si, schedule=schedule, cond_rows=0)
+        b = rows(call, group, length)
         return length if b is None else min(b, length)
 
-    return kept
+    def budget(si: int, layer: int) -> list[int]:
+        return [kept(si, layer, g) for g in range(len(groups[layer]))]
+
+    return budget, [[len(g) for g in layer_groups] for layer_groups in groups]

@@ -8,8 +8,11 @@ The dict (extra keys are allowed and kept in the JSON)::
                "lpips", "accuracy", "agreement", "kv_bytes_peak", "samples",
                "per_step_compute": [float, ...],
                # next-scale KV methods: the history before each scale, the plain model's, and
-               # the geometry that gives the plain one (diffcache.kv.memory.Geometry)
+               # the geometry that gives the plain one (diffcache.kv.memory.Geometry); the
+               # attention MACs (QK^T + AV over the key rows attended) per scale, the plain
+               # cache's, and their sums' ratio (macs_fraction counts Linear layers only)
                "kv_cache_fraction", "kv_history_bytes": [...], "kv_history_plain": [...],
+               "attn_macs_fraction", "kv_attn_macs": [...], "kv_attn_macs_plain": [...],
                "kv_geometry": {"layers", "heads", "head_dim", "rows", "k_bytes", "v_bytes",
                                "schedule": [[h, w], ...]}}, ...],
      "notes": {"psnr": "why it is null", "lpips": "why it is null", ...},
@@ -72,7 +75,7 @@ TEXT_COLUMNS: tuple[str, ...] = (
 
 
 #: Columns of next-scale KV runs (VAR, Infinity), shown before ``samples``.
-KV_COLUMNS: tuple[str, ...] = ("kv_cache_fraction", "kv_bytes_peak")
+KV_COLUMNS: tuple[str, ...] = ("kv_cache_fraction", "kv_bytes_peak", "attn_macs_fraction")
 
 
 def columns(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:

@@ -326,6 +326,8 @@ def _record(
             rec["kv_history_bytes"] = stats.kv_history_bytes
             rec["kv_geometry"] = stats.kv_geometry
             rec["kv_history_plain"] = plain_history(stats.kv_geometry)  # the plain run's
+            rec["kv_attn_macs"] = stats.kv_attn_macs
+            rec["kv_attn_macs_plain"] = Geometry.of(stats.kv_geometry).attention_macs()
     return rec
 
 
@@ -333,6 +335,12 @@ def plain_history(geometry: dict[str, Any]) -> list[int]:
     """The history bytes before each scale of the plain model (every row kept) for this
     ``Stats.kv_geometry``: what its ``FullHistory`` holds (diffcache.kv.memory)."""
     return Geometry.of(geometry).history_before()
+
+
+def attn_macs_fraction(record: dict[str, Any]) -> float:
+    """A next-scale KV record's attention multiply-accumulates (QK^T and AV over the key rows
+    its queries attended, measured per scale by the store) over the plain cache's."""
+    return sum(record["kv_attn_macs"]) / sum(record["kv_attn_macs_plain"])
 
 
 def _kv_history(name: str, recs: list[dict[str, Any]], notes: dict[str, str]) -> dict[str, Any]:
@@ -344,9 +352,12 @@ def _kv_history(name: str, recs: list[dict[str, Any]], notes: dict[str, str]) ->
         _note(notes, "kv_history_bytes", f"no per-scale KV history for {name}: sizes differ")
         return {}
     history = np.mean([r["kv_history_bytes"] for r in recs], axis=0)
+    macs = np.mean([r["kv_attn_macs"] for r in recs], axis=0)
     return {
         "kv_history_bytes": [float(b) for b in history],
         "kv_history_plain": recs[0]["kv_history_plain"],
+        "kv_attn_macs": [float(m) for m in macs],
+        "kv_attn_macs_plain": recs[0]["kv_attn_macs_plain"],
         "kv_geometry": geometry,
     }
 
@@ -402,6 +413,7 @@ def _report(
         if any("kv_history_plain" in r for r in recs):  # the papers' "KV cache": the last history
             kept = [r["kv_history_bytes"][-1] / r["kv_history_plain"][-1] for r in recs]
             run["kv_cache_fraction"] = metrics.mean(kept)
+            run["attn_macs_fraction"] = metrics.mean([attn_macs_fraction(r) for r in recs])
             run.update(_kv_history(c.name, recs, notes))
         if text:
             run["tokens_per_s"] = _tokens_per_s(recs)
@@ -428,6 +440,13 @@ def _report(
             notes[key] = f"{key} is null: text models only (see task_score and the image metrics)"
         if reason:
             notes["lpips"] = f"LPIPS is null: {reason}"
+    if any("attn_macs_fraction" in r for r in runs):
+        notes["attn_macs_fraction"] = (
+            "attn_macs_fraction (next-scale KV runs): the QK^T and AV multiply-accumulates over "
+            "the key rows each query attended, measured per scale by the KV store "
+            "(kv_attn_macs), over the plain cache's (kv_attn_macs_plain); macs_fraction counts "
+            "the Linear layers only, which KV compression leaves as they are"
+        )
     if any(r["kv_bytes_peak"] is None for r in runs):
         notes["kv_bytes_peak"] = (
             "kv_bytes_peak is null where no KV store was kept (DiT methods and diffusers' caches)"

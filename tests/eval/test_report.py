@@ -419,7 +419,12 @@ def test_kv_runs_get_a_per_scale_chart_and_kv_columns(tmp_path: Path) -> None:
     assert fig.axes[0].get_ylabel() == "history KV (KiB)"
     found = _parse(rp.write_report(report, tmp_path)["html"].read_text())
     assert "kv" in found.ids and found.svgs == 3
-    assert rp.columns(report["runs"])[-3:] == ("kv_cache_fraction", "kv_bytes_peak", "samples")
+    assert rp.columns(report["runs"])[-4:] == (
+        "kv_cache_fraction",
+        "kv_bytes_peak",
+        "attn_macs_fraction",
+        "samples",
+    )
     assert "kv_cache_fraction" not in rp.columns(_report()["runs"])
 
 

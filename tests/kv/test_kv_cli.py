@@ -7,8 +7,11 @@ import re
 
 import pytest
 
+import diffcache
 from diffcache.cli import main
 from diffcache.kv.memory import MIB
+from diffcache.models import load_model
+from diffcache.plan import Plan
 
 
 def kv(capsys, *args: str) -> tuple[int, str, str]:
@@ -25,8 +28,28 @@ def summary(out: str, what: str) -> tuple[float, float]:
 
 
 def mib(n: float) -> float:
-    """What ``kv`` prints for ``n`` bytes: whole MiB from 1,000 MiB on, else one decimal."""
+    """What ``kv`` prints for ``n`` bytes: whole MiB from 1,000 MiB on, else one decimal, the
+    bytes themselves below 1 MiB."""
+    if n < MIB:
+        return float(n)
     return float(round(n / MIB)) if n >= 1000 * MIB else round(n / MIB, 1)
+
+
+def in_bytes(value: str) -> int:
+    """A figure ``kv`` printed for a cache below 1 MiB (``12,345 B``) as bytes."""
+    number, unit = value.rsplit(" ", 1)
+    assert unit == "B", value
+    return int(number.replace(",", ""))
+
+
+def plan_columns(out: str) -> tuple[list[int], list[int]]:
+    """The plan's bytes before each scale and its layer-sweep peak at each scale, as printed."""
+    cells = [
+        re.findall(r"[\d,.]+ M?i?B", line)
+        for line in out.splitlines()
+        if re.match(r"\s+\d+\s+\d+\s", line)
+    ]
+    return [in_bytes(c[1]) for c in cells], [in_bytes(c[3]) for c in cells]
 
 
 @pytest.mark.parametrize(
@@ -79,7 +102,9 @@ def test_per_scale_rows_follow_the_schedule(capsys):
         (["--model", "var-d30", "--plan", "infinity-8b-scalekv.yaml"], "'infinity'"),
         (["--model", "infinity-8b", "--plan", "var-d30-scalekv.yaml"], "'var'"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--batch", "0"], "--batch 0"),
-        (["--model", "var-d30", "--plan", "var-tiny-hack.yaml"], "method hack"),
+        (["--model", "var-d30", "--plan", "var-tiny-hack.yaml"], "30 layers x 30 heads"),
+        (["--model", "var-d30", "--plan", "var-d30-hack.yaml"], "--method hack"),
+        (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--guidance", "-1"], "--guidance -1"),
         (["--model", "infinity-2b", "--plan", "infinity-8b-scalekv.yaml"], "40 layers"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--height", "512"], "--height 512"),
         (["--model", "var-d30", "--plan", "var-d30-h2o.yaml", "--width", "0"], "--width 0"),
@@ -94,3 +119,59 @@ def test_bad_input_is_one_line(capsys, args, names):
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("diffcache: error: ") and names in err
+
+
+@pytest.mark.parametrize(
+    ("model", "plan", "guidance", "rows_per_image", "options"),
+    [
+        ("var-tiny", "var-tiny-hack.yaml", None, 2, {}),  # default guidance 1.5: CFG rows
+        ("var-tiny", "var-tiny-hack.yaml", 0.0, 1, {}),  # VAR unguided: no null-class twins
+        ("var-digits", "var-digits-hack.yaml", None, 2, {}),  # profiled classes, 30% history
+        # contextual heads keep a quarter of the structural heads' rows: B_C 8, B_S 32
+        ("var-digits", "var-digits-hack.yaml", None, 2, {"contextual_ratio": 0.25}),
+        ("var-digits", "var-digits-scalekv.yaml", 0.0, 1, {}),
+    ],
+)
+def test_kv_figures_are_the_bytes_a_real_run_measures(
+    capsys, tmp_path, model, plan, guidance, rows_per_image, options
+):
+    """``diffcache kv`` from the config alone equals the budgeted store's own byte counts in a
+    generation of two images with the same plan (fp32 as the run: K and V 4 bytes), HACK's
+    head classes with their own budgets included, with and without CFG rows."""
+    if options:
+        data = Plan.load(plan).to_dict()
+        data["options"].update(options)
+        plan = str(tmp_path / "plan.yaml")
+        Plan.from_dict(data).save(plan)
+    flags = [] if guidance is None else ["--guidance", str(guidance)]
+    code, out, err = kv(
+        capsys, "--model", model, "--plan", plan, "--batch", "2", "--dtype", "fp32", *flags
+    )
+    assert code == 0, err
+    assert f"batch 2 = {2 * rows_per_image} rows" in out
+    pipe = load_model(model)
+    diffcache.accelerate(pipe, plan)
+    try:
+        pipe([1, 2], seed=0, **({} if guidance is None else {"cfg": guidance}))
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert stats.kv_geometry["rows"] == 2 * rows_per_image
+    history, peaks = plan_columns(out)
+    assert history == stats.kv_history_bytes
+    assert max(peaks) == stats.kv_bytes_peak
+    kept_peak = re.search(r"layer-sweep peak: .* -> ([\d,]+ B)", out).group(1)
+    assert in_bytes(kept_peak) == stats.kv_bytes_peak
+    assert stats.kv_history_bytes[-1] < stats.kv_bytes_peak  # something was compressed
+
+
+def test_guidance_sets_the_rows_infinity_runs_without_cfg_at_1(capsys):
+    """Infinity runs its unconditional twins at every scale but 1: half the bytes there."""
+    with_cfg = kv(capsys, "--model", "infinity-2b", "--plan", "infinity-2b-scalekv.yaml")[1]
+    without = kv(
+        capsys, "--model", "infinity-2b", "--plan", "infinity-2b-scalekv.yaml", "--guidance", "1"
+    )[1]
+    assert "batch 1 = 2 rows with CFG" in with_cfg and "batch 1 = 1 row without CFG" in without
+    row = 32 * 2048 * (4 + 2)  # one attention row of every layer, K fp32 + V bf16
+    assert summary(with_cfg, "KV cache before") == (mib(6425 * 2 * row), mib(650 * 2 * row))
+    assert summary(without, "KV cache before") == (mib(6425 * row), mib(650 * row))

@@ -9,6 +9,7 @@ import torch
 from diffcache.kv import ScaleCall, Schedule
 from diffcache.kv.baselines import PyramidKVSelection, SlidingWindowSelection, StreamingSelection
 from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.hack import HACKOptions, HACKSelection
 from diffcache.kv.memory import MIB, Geometry, kv_bytes, selection_budget
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import RELEASED_8B_10PCT, ScaleBudget, ScaleKVBudgets
@@ -110,13 +111,33 @@ GEO = Geometry(3, 2, 4, Schedule.square((1, 2, 3, 4, 5)), rows=2)
             "paper",
             window=4,
         ),
+        # per layer a contextual (12 rows) and a structural (30 rows) head, in either order
+        HACKSelection([[0, 1], [1, 0], [1, 0]], 12, 30, HACKOptions(recent_cap=4, n_obs=4)),
     ],
-    ids=["streaming", "pyramidkv", "scalekv"],
+    ids=["streaming", "pyramidkv", "scalekv", "hack"],
 )
 def test_selection_budget_equals_the_store_measurement(selection):
     """The rows ``diffcache kv`` assumes are the rows the budgeted store really keeps."""
-    budget = selection_budget(selection, GEO.schedule)
+    budget, groups = selection_budget(selection, GEO.schedule, GEO.layers, GEO.heads)
     store = run_store(selection, GEO)
-    assert list(store.scale_history.values()) == GEO.history_before(budget)
-    assert store.peak_nbytes() == GEO.sweep_peak(budget)
-    assert max(GEO.sweep_peaks(budget)) == GEO.sweep_peak(budget)
+    assert list(store.scale_history.values()) == GEO.history_before(budget, groups)
+    assert store.peak_nbytes() == GEO.sweep_peak(budget, groups)
+    assert max(GEO.sweep_peaks(budget, groups)) == GEO.sweep_peak(budget, groups)
+    last = [
+        [store.held(layer, g)[0].shape[2] for g in range(len(groups[layer]))] for layer in range(3)
+    ]
+    assert GEO.group_lengths(budget, groups)[-1] == last
+
+
+def test_head_groups_with_their_own_budgets_by_hand():
+    """Maps of 1, 4, 9, 16, 25 tokens, 3 layers of a 1-head contextual group keeping 12 rows
+    then a 1-head structural one keeping 30. Before the last scale every group holds
+    min(b, 30): 12 + 30 per layer; at the last scale the peak is the last layer's structural
+    group at 30 + 25 rows, with the layers before it compacted to 12 + 30."""
+    budget = lambda si, layer: [12, 30]  # noqa: E731
+    groups = [[1, 1]] * 3
+    head = GEO.row_bytes // GEO.heads
+    assert GEO.history_before(budget, groups)[-1] == 3 * (12 + 30) * head
+    assert GEO.sweep_peak(budget, groups) == (2 * (12 + 30) + 12 + 30 + 25) * head
+    with pytest.raises(ValueError, match="2 budgets for 1 groups"):
+        GEO.history_before(budget)

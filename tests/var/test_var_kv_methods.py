@@ -187,6 +187,34 @@ def test_measured_history_bytes_are_the_memory_arithmetic(ratio: float, plain) -
     assert stats.kv_history_bytes[-1] == LAYERS * min(budget, 14) * ROWS * HEADS * HEAD_DIM * 8
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "keys"),
+    [
+        # "post": each scale's queries read the history (capped at 7 after each scale) + the map
+        ("h2o", {"ratio": 0.5}, [1, 1 + 4, 5 + 9, 7 + 16]),
+        # "pre": they read the rows kept from history + map, at most B = 15 (B_C = B_S)
+        ("hack", {"budget": 15, "recent_cap": 4}, [1, 5, 14, 15]),
+    ],
+)
+def test_attention_macs_are_those_of_the_rows_attended(method, options, keys, plain) -> None:
+    """QK^T and AV each cost head_dim MACs per (query, key) pair, in every layer, head and row;
+    the plain cache's queries read all 1, 5, 14, 30 rows."""
+    pipe, _ = plain
+    diffcache.accelerate(pipe, _plan(method, options))
+    try:
+        _run(pipe)
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    queries = [1, 4, 9, 16]
+    per_pair = 2 * HEAD_DIM * HEADS * ROWS * LAYERS
+    assert stats.kv_attn_macs == [per_pair * n * k for n, k in zip(queries, keys, strict=True)]
+    full = [per_pair * n * k for n, k in zip(queries, [1, 5, 14, 30], strict=True)]
+    assert GEOMETRY.attention_macs() == full
+    assert sum(stats.kv_attn_macs) / sum(full) == pytest.approx(stats.compute_fraction)
+    assert stats.as_dict()["kv_attn_macs"] == stats.kv_attn_macs
+
+
 def test_scalekv_roles_give_the_memory_arithmetic_per_layer(plain) -> None:
     pipe, _ = plain
     diffcache.accelerate(pipe, "var-tiny-scalekv.yaml")
@@ -330,6 +358,19 @@ def test_generate_and_eval_run_the_bundled_plans_as_a_user_would(
     plain = Geometry(**{**run["kv_geometry"], "schedule": Schedule(run["kv_geometry"]["schedule"])})
     assert run["kv_history_plain"] == plain.history_before() == geometry.history_before(None)
     assert 'id="kv"' in (report / "report.html").read_text()
+    # attention MACs by hand: 1, 4, 9, 16 queries per scale; HACK (pre, B = 15) reads 1, 5, 14,
+    # 15 keys, H2O (post, 7 kept) 1, 5, 14, 23, the plain cache 1, 5, 14, 30; QK^T + AV cost
+    # 2 x 32 MACs per pair in 2 layers x 2 heads x 2 rows
+    per_pair = 2 * 32 * 2 * 2 * 2
+    assert record["kv_attn_macs"] == [per_pair * m for m in (1 * 1, 4 * 5, 9 * 14, 16 * 15)]
+    assert run["kv_attn_macs_plain"] == [per_pair * m for m in (1, 4 * 5, 9 * 14, 16 * 30)]
+    plain_pairs = 1 + 4 * 5 + 9 * 14 + 16 * 30
+    assert run["attn_macs_fraction"] == pytest.approx((1 + 20 + 126 + 16 * 15) / plain_pairs)
+    assert h2o["attn_macs_fraction"] == pytest.approx((1 + 20 + 126 + 16 * 23) / plain_pairs)
+    assert run["macs_fraction"] == pytest.approx(1.0)  # the Linear layers: all computed
+    assert "attn_macs_fraction" in data["notes"]
+    header = next(x for x in (report / "report.md").read_text().splitlines() if "| plan" in x)
+    assert "attn_macs_fraction" in header
     printed = capsys.readouterr().out
     assert f"KV cache {run['kv_cache_fraction']:.1%} of plain" in printed
     assert "var-tiny-h2o.yaml: " in printed and "KV cache 50.0% of plain" in printed

@@ -80,6 +80,15 @@ class InfinityPipeline(DriverEvents):
         patchify: 2x2 VAE cells per token (the 8B's VAE).
     """
 
+    #: the guidance scale of a call that gives none
+    DEFAULT_CFG = 3.0
+
+    @staticmethod
+    def guided(cfg: float) -> bool:
+        """Whether a call with guidance ``cfg`` runs the unconditional twins (2 rows per
+        prompt): every scale but 1, where ``cfg·cond + (1 − cfg)·uncond`` is the conditional."""
+        return cfg != 1
+
     def __init__(
         self,
         transformer: Infinity,
@@ -204,7 +213,7 @@ class InfinityPipeline(DriverEvents):
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        cfg: float = 3.0,
+        cfg: float = DEFAULT_CFG,
         tau: float = 1.0,
         top_k: int = 900,
         top_p: float = 0.97,
@@ -243,7 +252,7 @@ class InfinityPipeline(DriverEvents):
         if rng.device != device:
             rng = torch.Generator(device).manual_seed(rng.initial_seed())
 
-        guided = cfg != 1
+        guided = self.guided(cfg)
         b = len(prompts)
         cond = model.condition(*self.conditions(prompts, negative, guided))
         dtype = model.head.weight.dtype

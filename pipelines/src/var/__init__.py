@@ -53,20 +53,25 @@ def build(config: VARConfig, vae_config: VQVAEConfig, seed: int = 0) -> VARPipel
     return VARPipeline(transformer.eval(), vae)
 
 
-def build_tiny(seed: int = 0) -> VARPipeline:
-    """``var-tiny``: 2 blocks of width 64 with 2 heads, 10 classes, scales (1, 2, 3, 4), a VQ-VAE
-    with 32 codes of width 8 and ``ch`` 32 (64 px images), random weights."""
-    patch_nums = (1, 2, 3, 4)
-    config = VARConfig(
+#: ``var-tiny``'s transformer and VQ-VAE: 2 blocks of width 64 with 2 heads, 10 classes, scales
+#: (1, 2, 3, 4), 32 codes of width 8 and ``ch`` 32 (64 px images)
+TINY = (
+    VARConfig(
         depth=2,
         embed_dim=64,
         num_heads=2,
         num_classes=10,
-        patch_nums=patch_nums,
+        patch_nums=(1, 2, 3, 4),
         vocab_size=32,
         z_channels=8,
-    )
-    return build(config, VQVAEConfig(vocab_size=32, z_channels=8, ch=32, patch_nums=patch_nums))
+    ),
+    VQVAEConfig(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4)),
+)
+
+
+def build_tiny(seed: int = 0) -> VARPipeline:
+    """``var-tiny`` (:data:`TINY`), random weights."""
+    return build(*TINY, seed=seed)
 
 
 def _real_size(depth: int) -> VARPipeline:

@@ -50,6 +50,14 @@ class VARPipeline(DriverEvents):
     ``last_history`` is the last generation's store (its K/V and byte counts).
     """
 
+    #: the guidance scale of a call that gives none
+    DEFAULT_CFG = 1.5
+
+    @staticmethod
+    def guided(cfg: float) -> bool:
+        """Whether a call with guidance ``cfg`` runs the null-class twins (2 rows per image)."""
+        return cfg > 0
+
     def __init__(self, transformer: VARTransformer, vae: VQVAE) -> None:
         t, q = transformer.config, vae.config
         assert (t.vocab_size, t.z_channels) == (q.vocab_size, q.z_channels), (t, q)
@@ -136,7 +144,7 @@ class VARPipeline(DriverEvents):
     def __call__(
         self,
         class_labels: int | Sequence[int] | torch.Tensor,
-        cfg: float = 1.5,
+        cfg: float = DEFAULT_CFG,
         top_k: int = 0,
         top_p: float = 0.0,
         seed: int | None = None,
@@ -154,7 +162,8 @@ class VARPipeline(DriverEvents):
         model, quant = self.transformer, self.vae.quantize
         sides, b = model.config.patch_nums, len(labels)
         device = model.lvl_1L.device
-        nulls = [self.num_classes] * b if cfg > 0 else []  # CFG: the null-class twins
+        guided = self.guided(cfg)
+        nulls = [self.num_classes] * b if guided else []  # CFG: the null-class twins
         rows = torch.tensor(labels + nulls, device=device)
         cond, x = model.first_input(rows)
         schedule, num = self.schedule, len(sides)
@@ -167,7 +176,7 @@ class VARPipeline(DriverEvents):
                 self.begin_step()
                 ratio = si / (num - 1)
                 logits = model(x, cond, history, ScaleCall(0, si, schedule, cond_rows=b))
-                if cfg > 0:
+                if guided:
                     t = cfg * ratio
                     logits = (1 + t) * logits[:b] - t * logits[b:]
                 logits = sampling.filtered(logits, top_k, top_p)
@@ -182,7 +191,7 @@ class VARPipeline(DriverEvents):
                 f_hat, small = quant.next_input(si, num, f_hat, h)
                 if si < num - 1:
                     x = model.next_input(si + 1, small.flatten(2).transpose(1, 2))
-                    x = torch.cat([x, x]) if cfg > 0 else x
+                    x = torch.cat([x, x]) if guided else x
         finally:
             self.end_run()
         images = (self.vae.fhat_to_img(f_hat) + 1) / 2

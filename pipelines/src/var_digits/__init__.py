@@ -14,7 +14,7 @@ from typing import Any
 from diffcache.pipelines._weights import Weights
 from diffcache.pipelines.digits import PROMPTS, classify, score
 
-__all__ = ["PROMPTS", "classify", "load", "score"]
+__all__ = ["PROMPTS", "classify", "configs", "load", "score"]
 
 HERE = Path(__file__).parent
 TRAIN = "python -m diffcache.pipelines.var_digits.train"
@@ -24,21 +24,30 @@ CONFIG = "config.json"
 WEIGHTS = Weights("var-digits", TRAIN, ("transformer.safetensors", "vae.safetensors", CONFIG))
 
 
+def configs(folder: Path | None = None) -> tuple[Any, Any]:
+    """The transformer's and the VQ-VAE's configs (``VARConfig``, ``VQVAEConfig``) of
+    ``folder/model`` (default: the committed files), read from its config file alone."""
+    from diffcache.pipelines.var.config import VARConfig, VQVAEConfig
+
+    data = json.loads((Path(folder or HERE) / "model" / CONFIG).read_text())
+    vae_fields = {**data["vae"], "ch_mult": tuple(data["vae"]["ch_mult"])}
+    return VARConfig(**data["transformer"]), VQVAEConfig(**vae_fields)
+
+
 def load(folder: Path | None = None) -> Any:
     """The ``VARPipeline`` (fp32) from ``folder/model`` (default: the committed files), after
     checking its weights against their recorded sha256."""
     from diffcache.pipelines.var import VARPipeline
-    from diffcache.pipelines.var.config import VARConfig, VQVAEConfig
     from diffcache.pipelines.var.transformer import VARTransformer
     from diffcache.pipelines.var.vqvae import VQVAE
 
-    folder = Path(folder or HERE) / "model"
+    root = Path(folder or HERE)
+    folder = root / "model"
     WEIGHTS.check(folder)
     try:
-        configs = json.loads((folder / CONFIG).read_text())
-        vae_fields = {**configs["vae"], "ch_mult": tuple(configs["vae"]["ch_mult"])}
-        transformer = VARTransformer(VARConfig(**configs["transformer"]))
-        vae = VQVAE(config=VQVAEConfig(**vae_fields))
+        config, vae_config = configs(root)
+        transformer = VARTransformer(config)
+        vae = VQVAE(config=vae_config)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WEIGHTS.refuse(folder / CONFIG, f"cannot be read ({type(e).__name__}: {e})") from e
     for module, name in ((transformer, WEIGHTS.files[0]), (vae, WEIGHTS.files[1])):
