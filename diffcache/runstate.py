@@ -35,7 +35,8 @@ CHECKED_AT_ACCELERATE = ("scheduler", "fingerprint", "weights")
 #: the cache (``reused``), extrapolated (``forecast``), run for some rows / tokens only
 #: (``partial``), cached state dropped (``evicted``), tokens decoded (``committed``).
 ACTIONS = ("computed", "reused", "forecast", "partial", "evicted", "committed")
-KV_HISTORY = ("kv_history_bytes", "kv_attn_macs", "kv_geometry")  # next-scale KV: as_dict if set
+#: Stats of next-scale KV methods, in ``as_dict`` when set (``diffcache.kv.history_method``)
+KV_HISTORY = ("kv_history_bytes", "kv_attn_macs", "kv_geometry")
 
 
 @dataclasses.dataclass

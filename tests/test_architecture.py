@@ -30,8 +30,8 @@ CORE = ENGINE + ("streams", "display", "calibration", "generate", "profile")
 #: variants, strength steps and the start in a trimmed schedule to ``variants``, few-step
 #: limits to ``fewstep``, the model fingerprint to ``calibration``, finding a bundled plan to
 #: ``diffcache.profiles`` (compile and weights checks were already in ``compiled`` / ``weights``),
-#: the step-count refusal messages to ``errors``
-ENGINE_LINES = 2190
+#: the step-count refusal messages to ``errors``; +1 for issue 23's ``kv_attn_macs`` Stats field
+ENGINE_LINES = 2191
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}
