@@ -6,7 +6,8 @@ plan is built from the method's config (:func:`plan_for`) and the script reports
 
 - ``history``: the measured history KV before the last scale (the papers' "KV cache",
   ``Stats.kv_history_bytes[-1]``) over the uncompressed cache, next to the same ratio from
-  :class:`diffcache.kv.memory.Geometry` with the plan's budgets (:func:`arithmetic_budget`);
+  :class:`diffcache.kv.memory.Geometry` with the selection's budgets per head group
+  (:func:`diffcache.kv.memory.selection_budget`: HACK's two classes may keep different rows);
   ``exact`` says whether every scale's measured bytes and the layer-sweep peak equal it;
 - ``peak``: the measured layer-sweep peak (``kv_bytes_peak``) over the uncompressed one, and
   its arithmetic;
@@ -50,11 +51,10 @@ from diffcache.errors import DiffCacheError
 from diffcache.eval import metrics
 from diffcache.eval.timing import measurement_threads, paired_speedups, rotated, summary, timed
 from diffcache.generate import Request, generate
-from diffcache.kv.hack import HACKSelection
 from diffcache.kv.head_stats import classify_heads, variance_table
 from diffcache.kv.history import FullHistory, ScaleCall, Schedule
 from diffcache.kv.history_method import token_budget
-from diffcache.kv.memory import Budget, Geometry
+from diffcache.kv.memory import Geometry, selection_budget
 from diffcache.models import builtin_models, load_model
 from diffcache.registry import methods
 
@@ -119,32 +119,6 @@ def selection_of(plan: dict[str, Any], schedule: Schedule, layers: int, heads: i
     return config.make(config.calibration(classes=classes), schedule, layers, heads)
 
 
-def arithmetic_budget(sel: Any, schedule: Schedule, layers: int) -> list[list[int | None]]:
-    """Rows each layer keeps after each scale (``out[si][layer]``, None = all) under the
-    selection's own rule, for :class:`Geometry`: HACK (``budgets`` per head class) must give
-    both classes one budget; the others' ``budget(call, group, length)`` is walked over the
-    schedule."""
-    if isinstance(sel, HACKSelection):
-        if len(set(sel.budgets.values())) != 1:
-            raise ValueError(f"arithmetic_budget: HACK's head classes keep {sel.budgets} rows")
-        rows = next(iter(sel.budgets.values()))
-        return [[rows] * layers for _ in range(len(schedule))]
-    held, out = [0] * layers, []
-    for si in range(len(schedule)):
-        row = []
-        for layer in range(layers):
-            total = held[layer] + schedule.tokens(si)
-            b = sel.budget(ScaleCall(layer, si, schedule, 0), 0, total)
-            held[layer] = total if b is None else min(b, total)
-            row.append(b)
-        out.append(row)
-    return out
-
-
-def as_budget(table: list[list[int | None]]) -> Budget:
-    return lambda si, layer: table[si][layer]
-
-
 def memory_check(
     stats: Any, plan: dict[str, Any], schedule: Schedule, layers: int, heads: int
 ) -> dict[str, Any]:
@@ -154,10 +128,9 @@ def memory_check(
     if (g.layers, g.heads, g.schedule.sizes) != (layers, heads, schedule.sizes):
         raise ValueError(f"reported geometry {stats.kv_geometry} is not the model's")
     sel = selection_of(plan, schedule, layers, heads)
-    budget = as_budget(arithmetic_budget(sel, schedule, layers))
-    groups = [[len(x) for x in sel.groups(layer, heads)] for layer in range(layers)]
+    budget, groups = selection_budget(sel, schedule, layers, heads)
     full, full_peak = g.history_before(None), g.sweep_peak(None)
-    want, want_peak = g.history_before(budget), g.sweep_peak(budget, groups)
+    want, want_peak = g.history_before(budget, groups), g.sweep_peak(budget, groups)
     return {
         "rows_per_head": token_budget(None, plan["options"].get("ratio"), schedule)
         or plan["options"].get("budget"),

@@ -91,14 +91,44 @@ def test_every_plan_that_runs_is_the_arithmetic_and_refusals_name_their_cause(
     assert sorted(c for row in classes for c in row) == [0, 0, 1, 1]
 
 
-def test_grouped_peak_with_one_group_is_the_plain_sweep_peak(bench: dict[str, Any]) -> None:
-    budget = bench["as_budget"]([[5, 3]] * len(SCHEDULE))
+def test_grouped_peak_with_one_group_is_the_plain_sweep_peak() -> None:
+    def budget(si: int, layer: int) -> int:
+        return (5, 3)[layer]
+
     one = GEOMETRY.sweep_peak(budget, [[2], [2]])
     assert one == GEOMETRY.sweep_peak(budget)
     # two groups of one head: while a head group holds its transient rows, the layer's other
     # head holds its old (or already kept) rows, so the peak can only be lower
     two = GEOMETRY.sweep_peak(budget, [[1, 1], [1, 1]])
     assert two < one
+
+
+def test_hack_with_unequal_classes_measures_the_memory_arithmetic(bench: dict[str, Any]) -> None:
+    """B = 9 rows split 3:2 (alpha 0.5): contextual heads keep 11 of the 14 history rows,
+    structural ones 7; each layer has one head of each class."""
+    import diffcache
+    from diffcache.generate import Request, generate
+    from diffcache.models import load_model
+
+    pipe = load_model("var-tiny")
+    schedule, layers, heads = bench["model_shape"](pipe)
+    plan = {
+        "diffcache": 1,
+        "model": "var",
+        "method": "hack",
+        "options": {"budget": 9, "contextual_ratio": 1.5, "recent_cap": 2},
+        "calibration": {"classes": [[0, 1], [1, 0]]},
+    }
+    diffcache.accelerate(pipe, plan)
+    try:
+        generate(pipe, Request(seed=0, class_label=1))
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    cell = bench["memory_check"](stats, plan, schedule, layers, heads)
+    want = layers * (11 + 7) * GEOMETRY.head_row_bytes
+    assert cell["history_bytes"] == want and cell["full_history_bytes"] == 2 * 2 * 14 * 512
+    assert cell["exact"] and cell["peak"] == cell["peak_arith"], cell
 
 
 @pytest.mark.parametrize(
