@@ -130,6 +130,9 @@ def test_bad_input_is_one_line(capsys, args, names):
         # contextual heads keep a quarter of the structural heads' rows: B_C 8, B_S 32
         ("var-digits", "var-digits-hack.yaml", None, 2, {"contextual_ratio": 0.25}),
         ("var-digits", "var-digits-scalekv.yaml", 0.0, 1, {}),
+        # infinity-tiny on its own templates (maps 1, 2, 4, 6, 8): default guidance 3, and 1
+        ("infinity-tiny", "infinity-tiny-hack.yaml", None, 2, {}),
+        ("infinity-tiny", "infinity-tiny-scalekv.yaml", 1.0, 1, {}),
     ],
 )
 def test_kv_figures_are_the_bytes_a_real_run_measures(
@@ -152,7 +155,8 @@ def test_kv_figures_are_the_bytes_a_real_run_measures(
     pipe = load_model(model)
     diffcache.accelerate(pipe, plan)
     try:
-        pipe([1, 2], seed=0, **({} if guidance is None else {"cfg": guidance}))
+        inputs = ["a red fox", "a cat"] if model.startswith("infinity") else [1, 2]
+        pipe(inputs, seed=0, **({} if guidance is None else {"cfg": guidance}))
         stats = diffcache.stats(pipe)
     finally:
         diffcache.remove(pipe)
@@ -163,6 +167,18 @@ def test_kv_figures_are_the_bytes_a_real_run_measures(
     kept_peak = re.search(r"layer-sweep peak: .* -> ([\d,]+ B)", out).group(1)
     assert in_bytes(kept_peak) == stats.kv_bytes_peak
     assert stats.kv_history_bytes[-1] < stats.kv_bytes_peak  # something was compressed
+
+
+def test_infinity_tiny_other_aspect_ratio_uses_its_own_template(capsys):
+    """64 x 128 px on infinity-tiny is its 1:2 template (maps 1x1, 1x2, 2x4, 3x6, 4x8): 29
+    tokens before the last map; 4 layers x width 64, CFG rows, K fp32 + V bf16."""
+    flags = ["--plan", "infinity-tiny-h2o.yaml", "--height", "64", "--width", "128"]
+    code, out, err = kv(capsys, "--model", "infinity-tiny", *flags)
+    assert code == 0, err
+    assert "5 scales (4x8 tokens)" in out
+    row = 4 * 64 * 2 * (4 + 2)
+    full = re.search(r"metric\): ([\d,]+ B) ->", out).group(1)
+    assert in_bytes(full) == (1 + 2 + 8 + 18) * row
 
 
 def test_guidance_sets_the_rows_infinity_runs_without_cfg_at_1(capsys):
