@@ -58,15 +58,22 @@ def outside_valid_for(key: str, want: Any, given: Any) -> str:
     )
 
 
+def strength_runs(actual: int, scheduled: int | None) -> str:
+    """`` (strength runs A of its num_inference_steps=S)`` where ``strength`` made the call run
+    fewer steps than it scheduled (img2img, video-to-video), else ""."""
+    if scheduled is None or scheduled == actual:
+        return ""
+    return f" (strength runs {actual} of its num_inference_steps={scheduled})"
+
+
 def steps_mismatch(expected: int, actual: int, scheduled: int | None = None) -> str:
     """The problem of a call outside the plan's ``valid_for.num_inference_steps``: it runs
-    ``actual`` steps, of the ``scheduled`` steps it set when ``strength`` runs fewer
-    (img2img, video-to-video)."""
+    ``actual`` steps, of the ``scheduled`` steps it set (:func:`strength_runs`)."""
     fix = f"use a plan made for {actual} (valid_for.num_inference_steps)"
-    if scheduled is not None and scheduled != actual:
+    if strength := strength_runs(actual, scheduled):
         return (
             f"the plan is valid for num_inference_steps={expected} but this call runs {actual} "
-            f"steps (strength runs {actual} of its num_inference_steps={scheduled}); set "
+            f"steps{strength}; set "
             f"num_inference_steps and strength so that they run {expected}, or {fix}"
         )
     return (

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from diffcache.errors import strength_runs
+
 
 @dataclasses.dataclass(frozen=True)
 class StepLimit:
@@ -50,11 +52,13 @@ class FewStepWarning:
         self.problem, self.owner = problem, owner
         self.warned: set[int] = set()
 
-    def __call__(self, steps: int) -> None:
+    def __call__(self, steps: int, scheduled: int | None = None) -> None:
+        """Warn about a run of ``steps`` steps, of the ``scheduled`` steps the call set (the
+        message says so where ``strength`` made them fewer)."""
         problem = self.problem(steps)
         if problem and steps not in self.warned:
             self.warned.add(steps)
+            ran = f"this {steps}-step run{strength_runs(steps, scheduled)}"
             warnings.warn(
-                f"diffcache: {self.owner}: {problem}; this {steps}-step run computes every step",
-                stacklevel=2,
+                f"diffcache: {self.owner}: {problem}; {ran} computes every step", stacklevel=2
             )

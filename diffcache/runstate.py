@@ -116,8 +116,8 @@ class RunState:
         on_error: cleans the model before a mid-run error propagates (set by ``accelerate``).
         owner: the accelerated object's class name, for messages.
         tracing: keep every decision in ``Stats.trace``.
-        few_steps: called with a run's step count at its first model call where the plan sets
-            no ``num_inference_steps`` (``diffcache.fewstep.FewStepWarning``).
+        few_steps: called with a run's step count and its scheduled count at its first model
+            call where the plan sets no ``num_inference_steps`` (``fewstep.FewStepWarning``).
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class RunState:
         on_error: Callable[[], None] | None = None,
         owner: str = "the model",
         tracing: bool = False,
-        few_steps: Callable[[int], None] | None = None,
+        few_steps: Callable[[int, int | None], None] | None = None,
     ) -> None:
         assert kind in KINDS, f"unknown work kind {kind!r}"
         self.few_steps = few_steps
@@ -286,7 +286,7 @@ class RunState:
         if want is not None and self.num_steps is not None and self.num_steps != want:
             raise self.refuse(steps_mismatch(want, self.num_steps, self.scheduled))
         if want is None and self.num_steps is not None and self.few_steps is not None:
-            self.few_steps(self.num_steps)
+            self.few_steps(self.num_steps, self.scheduled)
         for key, want in self.valid_for.items():
             if key in CHECKED_AT_ACCELERATE or key == "num_inference_steps":
                 continue

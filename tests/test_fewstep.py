@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffcache
 from diffcache.cli import main
@@ -123,6 +124,36 @@ def test_runs_reuse_from_the_least_count_and_warn_below_it(pipe, name, options, 
         else:
             assert said == [] and stats.skipped > 0
     assert clean(pipe.transformer)
+
+
+def test_the_warning_says_when_strength_made_the_step_count() -> None:
+    """img2img at strength 3/8 (8 steps scheduled, the last 3 run) with a plan that states no
+    step count: the warning names the 3 steps run and the 8 scheduled, as the refusal does."""
+    from diffcache.testing.toys import Img2ImgScheduler, ToyPipeline
+
+    pipe = ToyPipeline(cfg="none")
+    pipe.scheduler = Img2ImgScheduler()
+    config = EasyCacheConfig(threshold=1e6, warmup_steps=3)
+    assert config.step_limit(3).least == 5
+    diffcache.accelerate(
+        pipe,
+        {"diffcache": 1, "model": "toy", "method": "easycache", "options": config.to_options()},
+    )
+    x = torch.ones(1, 2)
+    pipe.scheduler.set_timesteps(8)
+    pipe.scheduler.set_begin_index(5)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for t in pipe.scheduler.timesteps[5:]:
+                x = pipe.scheduler.step(pipe.transformer(x, t, torch.tensor([1.0])).sample, t, x)[0]
+        assert diffcache.stats(pipe).skipped == 0
+    finally:
+        diffcache.remove(pipe)
+    assert [str(w.message) for w in seen] == [
+        f"diffcache: ToyPipeline: {config.steps_problem(3)}; this 3-step run (strength runs 3 "
+        "of its num_inference_steps=8) computes every step"
+    ]
 
 
 def test_a_plan_for_too_few_steps_is_refused_at_load() -> None:

@@ -254,11 +254,7 @@ def test_block_and_module_sites_are_counted_exactly(name: str) -> None:
 def test_a_schedule_trimmed_by_strength_counts_the_steps_run() -> None:
     """img2img pipelines call set_begin_index(t_start) after set_timesteps and run the rest:
     Stats and valid_for see the steps actually run, and the run ends after the last of them."""
-    from diffcache.testing.toys import ToyPipeline, ToyScheduler
-
-    class Img2ImgScheduler(ToyScheduler):
-        def set_begin_index(self, begin_index: int = 0) -> None:
-            self.begin_index = begin_index
+    from diffcache.testing.toys import Img2ImgScheduler, ToyPipeline
 
     pipe = ToyPipeline(cfg="none")
     pipe.scheduler = Img2ImgScheduler()

@@ -117,6 +117,14 @@ class ToyScheduler:
         return (prev,)
 
 
+class Img2ImgScheduler(ToyScheduler):
+    """A :class:`ToyScheduler` that img2img pipelines start part-way: they call
+    ``set_begin_index(t_start)`` after ``set_timesteps`` and run the rest (``strength``)."""
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self.begin_index = begin_index
+
+
 @dataclasses.dataclass
 class ToyImages:
     images: list[np.ndarray]
