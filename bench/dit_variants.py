@@ -23,9 +23,12 @@ Printed per cell: compute_fraction, speedup (median of the paired per-round rati
 range), of-ideal (speedup / ideal speedup of the compute fraction, 1 / compute_fraction:
 ``eval/timing.py``), of-ideal (denoiser) (speedup / the ideal that keeps the plain run's time
 outside the denoiser fixed, 1 / ((1 - s) + s x compute_fraction), ``s`` the denoiser's share
-of a plain run's time measured on the same variant in this process: :func:`denoiser_share`),
-PSNR against the uncached variant, the task score beside the uncached variant's, lost / won
-samples and the sign test's p; under the table each variant's ``s``. Goals (issue 24): of-ideal
+of a plain run's time measured on the same variant in this process: :func:`shares`), for the
+block and module methods (HyCa, InvarDiff) of-ideal (blocks) (the same with ``s`` the share of
+the sites their compute fraction counts: HyCa's blocks, InvarDiff's modules, so that the
+denoiser's work outside them, the embeddings and the final layer, stays fixed too), PSNR
+against the uncached variant, the task score beside the uncached variant's, lost / won
+samples and the sign test's p; under the table each variant's shares. Goals (issue 24): of-ideal
 >= 0.9 where a method skips work, no cell losing task score at p < 0.05. Numbers are printed as
 measured; nothing is asserted.
 
@@ -38,6 +41,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,8 @@ METHODS = {"easycache": "", "ertacache": "-ertacache", "hyca": "-hyca", "invardi
 MODEL_OF = {("dit-digits", "lora"): "dit-digits-lora", ("dit-digits", "8step"): "dit-digits-8step"}
 #: plain runs (the first inputs, one seed) whose median gives the denoiser's share of the time
 SHARE_INPUTS = 6
+#: the sites a block or module method's compute fraction counts (``Target.sites``' kind)
+SITES = {"hyca": "block", "invardiff": "module"}
 #: variants a model has no form of, and why
 MISSING = {
     ("wan-shapes", "lora"): "no LoRA trained for it",
@@ -114,37 +120,60 @@ def plan_for(model: str, variant: str, method: str) -> Plan:
     return made
 
 
-def denoiser_share(own: str, prepare: Callable[[Any], Any] | None, inputs: list[str]) -> float:
-    """The denoiser's share of a plain run's time on this variant: the median over the inputs
-    of (seconds inside the denoiser calls) / (seconds of the whole generation), after one
-    untimed run (the rest: text encoding, the scheduler, the VAE, which no cache skips)."""
+def shares(own: str, prepare: Callable[[Any], Any] | None, inputs: list[str]) -> dict[str, float]:
+    """The share of a plain run's time on this variant spent inside the denoiser calls
+    (``"denoiser"``), its block calls (``"block"``) and its module calls (``"module"``): each the
+    median over the inputs of (seconds inside those calls) / (seconds of the whole generation),
+    timed in the same runs, after one untimed run (outside the denoiser: text encoding, the
+    scheduler, the VAE, which no cache skips; outside the blocks also the denoiser's embeddings
+    and final layer, which the block methods always run)."""
     pipe = load_model(own)
     pipe = prepare(pipe) if prepare is not None else pipe
     adapter = find_adapter(pipe)
-    experts = Target.resolve(adapter, pipe).experts
+    target = Target.resolve(adapter, pipe)
+    parts = {
+        "denoiser": target.experts,
+        **{k: [s.module for s in target.sites(k)] for k in SITES.values()},
+    }
     base = Request(seed=0).merged(builtin_models()[own].defaults)
     requests = expand(adapter, inputs, 1, base) if inputs else [base]
-    shares = []
+    measured: dict[str, list[float]] = {name: [] for name in parts}
     with measurement_threads():
         generate(pipe, requests[0])
         for request in requests:
-            with time_inside(experts) as inside:
+            with ExitStack() as stack:
+                inside = {k: stack.enter_context(time_inside(m)) for k, m in parts.items()}
                 _, seconds = timed(lambda r=request: generate(pipe, r))
-            shares.append(inside[0] / seconds)
-    return statistics.median(shares)
+            for name, total in inside.items():
+                measured[name].append(total[0] / seconds)
+    return {name: statistics.median(values) for name, values in measured.items()}
 
 
-def row(model: str, variant: str, method: str, report: dict[str, Any], share: float) -> str:
+def of_ideals(
+    method: str, speedup: float, cf: float | None, share: dict[str, float]
+) -> tuple[float | None, float | None, float | None]:
+    """The speedup over its ideal (1 / ``cf``), over the ideal that keeps the time outside the
+    denoiser fixed and, for a block or module method, outside the sites it counts (None where
+    the plan skips nothing or the method is neither)."""
+    if cf is None or cf >= 1:
+        return None, None, None
+    sites = SITES.get(method)
+    blocks = speedup / ideal_speedup(cf, share[sites]) if sites else None
+    return speedup / ideal_speedup(cf), speedup / ideal_speedup(cf, share["denoiser"]), blocks
+
+
+def row(
+    model: str, variant: str, method: str, report: dict[str, Any], share: dict[str, float]
+) -> str:
     run = report["runs"][0]
     cf, speedup = run["compute_fraction"], run["speedup"]
-    skips = cf is not None and cf < 1
-    of_ideal = speedup / ideal_speedup(cf) if skips else None
-    of_denoiser = speedup / ideal_speedup(cf, share) if skips else None
+    of_ideal, of_denoiser, of_blocks = of_ideals(method, speedup, cf, share)
     scores = per_request(report, "task_score")
     paired = (scores.get("baseline", {}), scores.get(run["plan"], {}))
     return (
         f"{model:<11} {variant:<8} {method:<10} {fmt(cf, '.3f'):>7} "
         f"{speedup_text(run):>20} {fmt(of_ideal, '.2f'):>8} {fmt(of_denoiser, '.2f'):>19} "
+        f"{fmt(of_blocks, '.2f'):>17} "
         f"{fmt(run.get('psnr'), '.1f'):>7} {fmt(run['task_score'], '.3f'):>6} "
         f"{fmt(report['baseline']['task_score'], '.3f'):>6} {lost_won(*paired):>8} "
         f"{sign_p(*paired):>6}"
@@ -166,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     header = (
         f"{'model':<11} {'variant':<8} {'method':<10} {'compute':>7} {'speedup (range)':>20} "
-        f"{'of ideal':>8} {'of ideal (denoiser)':>19} {'PSNR dB':>7} {'task':>6} {'plain':>6} "
+        f"{'of ideal':>8} {'of ideal (denoiser)':>19} {'of ideal (blocks)':>17} "
+        f"{'PSNR dB':>7} {'task':>6} {'plain':>6} "
         f"{'lost/won':>8} {'p':>6}"
     )
-    lines, notes = [header], ["denoiser share of a plain run's time:"]
+    lines, notes = [header], ["share of a plain run's time (denoiser, blocks, modules):"]
     print(header, flush=True)
     for model in args.models:
         for variant in args.variants:
@@ -182,20 +212,21 @@ def main(argv: list[str] | None = None) -> None:
             if args.inputs:
                 prompts = list(builtin_models()[own].default_prompts() or [])[: args.inputs]
             inputs = prompts or list(builtin_models()[own].default_prompts() or [])
-            shares: dict[str, float] = {}  # by what the variant compiles (one for the others)
+            measured: dict[str, dict[str, float]] = {}  # by what the variant compiles (one else)
             for method in args.methods:
                 plan = plan_for(model, variant, method)
                 prepare = prepare_for(variant, method, args.compile_backend, inputs[0])
                 where = WHERE[method] if variant == "compiled" else ""
-                if where not in shares:
-                    shares[where] = denoiser_share(own, prepare, inputs[:SHARE_INPUTS])
-                    notes.append(f"{model} {variant} {where}".rstrip() + f": {shares[where]:.3f}")
+                if where not in measured:
+                    measured[where] = share = shares(own, prepare, inputs[:SHARE_INPUTS])
+                    values = ", ".join(f"{share[k]:.3f}" for k in ("denoiser", *SITES.values()))
+                    notes.append(f"{model} {variant} {where}".rstrip() + f": {values}")
                 report = evaluate(
                     own, [plan], Path(args.out) / f"{model}-{variant}-{method}",
                     prompts=prompts or None, seeds=args.seeds, repeats=args.repeats,
                     samples=0, prepare=prepare,
                 )  # fmt: skip
-                lines.append(row(model, variant, method, report, shares[where]))
+                lines.append(row(model, variant, method, report, measured[where]))
                 print(lines[-1], flush=True)
                 if variant == "compiled":  # beside the first generation's (the compile)
                     latency = report["baseline"]["latency_s"]

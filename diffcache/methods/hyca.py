@@ -139,11 +139,21 @@ class HyCaConfig(MethodConfig):
 
 @dataclasses.dataclass
 class _History:
-    """The full-step residuals of one (block, branch), oldest first, as many as the plan reads."""
+    """The full-step residuals of one (block, branch), as many as the plan reads (``keep``).
+
+    Each stream's residuals live in one buffer of ``2 keep`` entries allocated on the first
+    store: the ``c``-th is written at ``c % keep`` and ``c % keep + keep``, so the last ``n``
+    are always the contiguous slice ending at ``c % keep + keep``, oldest first (no rebuild)."""
 
     steps: list[int] = dataclasses.field(default_factory=list)
-    parts: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (H, *part shape) each
+    buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (2 keep, *shape)
+    stored: int = 0  # residuals stored so far
     template: Any = None
+
+    def parts(self, keep: int) -> list[torch.Tensor]:
+        """Each stream's history, ``(len(steps), *shape)``, oldest first."""
+        end = (self.stored - 1) % keep + keep + 1
+        return [b[end - len(self.steps) : end] for b in self.buffers]
 
 
 class _HyCa:
@@ -203,16 +213,18 @@ class _HyCa:
         """Keep this computed call's residual per stream (the last ``keep`` full steps)."""
         x = self.blocks.inputs(call)
         y = BlockStreams.parts(out)
-        residuals = [(o.float() - i.float()) for i, o in zip(x, y, strict=True)]
-        if self.run.tracing:
-            call.explain(residual_mean=[float(r.mean()) for r in residuals])
-        if not st.parts:
-            st.parts = [r.unsqueeze(0) for r in residuals]
-        else:
-            st.parts = [
-                torch.cat([p[max(0, len(p) - self.keep + 1) :], r.unsqueeze(0)])
-                for p, r in zip(st.parts, residuals, strict=True)
+        if not st.buffers:
+            st.buffers = [
+                torch.empty((2 * self.keep, *o.shape), dtype=torch.float32, device=o.device)
+                for o in y
             ]
+        slot = st.stored % self.keep
+        for b, i, o in zip(st.buffers, x, y, strict=True):
+            torch.sub(o.float(), i.float(), out=b[slot + self.keep])
+            b[slot].copy_(b[slot + self.keep])
+        if self.run.tracing:
+            call.explain(residual_mean=[float(b[slot].mean()) for b in st.buffers])
+        st.stored += 1
         st.steps = [*st.steps[max(0, len(st.steps) - self.keep + 1) :], call.step]
         st.template = out
 
@@ -223,7 +235,8 @@ class _HyCa:
         x = self.blocks.inputs(call)
         block = self.index[call.site.name]
         w = self.weights_for(block, tuple(st.steps), call.step, x[0].shape[-1], x[0].device)
-        outs = [self.kernel(kernels.forecast, i, h, w) for i, h in zip(x, st.parts, strict=True)]
+        history = st.parts(self.keep)
+        outs = [self.kernel(kernels.forecast, i, h, w) for i, h in zip(x, history, strict=True)]
         if self.run.tracing:
             self.explain(call, st.steps, x, outs)
         return tuple(outs) if isinstance(st.template, (tuple, list)) else outs[0]

@@ -688,3 +688,43 @@ def test_calibrate_records_the_schedule_it_profiled_and_its_clusters(target, int
         "cluster_sizes": [4, 4],
         "cluster_solvers": [solvers[0], solvers[1]],
     }
+
+
+def test_the_history_is_kept_in_one_buffer_and_read_oldest_first(monkeypatch) -> None:
+    """Scripted latents ``x_k = k^2``: block 0's residual is ``x_k``. Over a run whose full
+    steps overrun the history (``quadratic`` keeps 3) several times, every forecast of block 0
+    reads the residuals of the last 3 full steps, oldest first, from one buffer allocated once
+    (not a history rebuilt at each full step)."""
+    from diffcache import kernels
+    from diffcache.testing.toys import ToyPipeline
+
+    seen: list[tuple[list[float], int]] = []
+    forecast = kernels.forecast
+
+    def spy(x, history, weights, **kw):
+        seen.append((history[:, 0, 0, 0].tolist(), history.untyped_storage().data_ptr()))
+        return forecast(x, history, weights, **kw)
+
+    monkeypatch.setattr(kernels, "forecast", spy)
+    steps, dims = 12, 2
+    xs = [float(k * k) for k in range(steps)]
+    pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), x) for x in xs])
+    cfg = HyCaConfig(warmup_steps=3, interval=2, solvers=("quadratic",))
+    plan = Plan(
+        model="toy",
+        method="hyca",
+        options=cfg.to_options(),
+        calibration={"cluster_solvers": ["quadratic"]},
+        tensors={
+            "labels": torch.zeros(2, dims, dtype=torch.int64),
+            "errors": torch.zeros(2, dims, 1),
+            "indicators": torch.zeros(2, dims, 3),
+        },
+    )
+    diffcache.accelerate(pipe, plan)
+    pipe(torch.full((1, 2, dims), xs[0]), steps=steps)
+    full = [k for k in range(steps) if k < 3 or (k - 3) % 2 == 0]  # 0, 1, 2, 3, 5, 7, 9, 11
+    skipped = [k for k in range(steps) if k not in full]
+    block0 = seen[::2]  # blocks 0 and 1 at each skipped step
+    assert [h for h, _ in block0] == [[xs[s] for s in full if s < k][-3:] for k in skipped]
+    assert len({ptr for _, ptr in block0}) == 1
