@@ -462,7 +462,7 @@ def _check_valid_for(plan: Any, req: Any, adapter: Any = None) -> None:
     run denoises: with ``strength`` (img2img, video-to-video) those are fewer than ``--steps``,
     by the family's rule (``Adapter.steps_run``; without one the run checks them at its first
     model call)."""
-    from diffcache.runstate import outside_valid_for
+    from diffcache.errors import outside_valid_for
     from diffcache.variants import steps_run
 
     run = steps_run(adapter, req.values)

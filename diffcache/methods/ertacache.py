@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from diffcache.adapter import Capabilities
-from diffcache.errors import PlanError, RunError
+from diffcache.errors import PlanError, RunError, steps_mismatch
 from diffcache.fewstep import StepLimit
 from diffcache.methods.base import MethodConfig, option
 from diffcache.methods.ertacache_schedule import (
@@ -30,7 +30,6 @@ from diffcache.methods.ertacache_schedule import (
 )
 from diffcache.output import rebuild_output, sample_of, split_residual, with_extra
 from diffcache.registry import register_method
-from diffcache.runstate import steps_mismatch
 from diffcache.session import Call, Session
 
 #: the scheduler whose Euler update the timestep adjustment is defined for
