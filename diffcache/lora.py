@@ -86,8 +86,12 @@ def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
 
 def signature(modules: Sequence[torch.nn.Module], pipe: Any = None) -> tuple:
     """A cheap key that changes whenever :func:`adapter_state` may (adapters loaded, unloaded,
-    activated, re-weighted, fused, or their tensors written in place)."""
-    key: list[tuple] = [("unloaded", *_unloaded(modules, pipe))]
+    activated, re-weighted, fused, or their tensors written in place; with a LoRA fused and
+    unloaded, the weights' checksum: a run pays one pass over the weights)."""
+    unloaded = _unloaded(modules, pipe)
+    key: list[tuple] = [("unloaded", *unloaded)]
+    if unloaded:  # fusing writes the weights in place (no version bump): read them
+        key.append(("weights", _checksum(modules)))
     for name, layer in _layers(modules):
         adapters, fused = _effective(layer)
         for a in adapters:

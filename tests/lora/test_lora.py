@@ -14,7 +14,7 @@ import diffcache
 import diffcache.lora
 from diffcache.errors import PlanError
 from diffcache.generate import generate
-from diffcache.lora import adapter_state
+from diffcache.lora import adapter_state, signature
 from diffcache.models import load_model
 from diffcache.pipelines.digits.lora import set_weight
 from diffcache.plan import Plan
@@ -261,3 +261,22 @@ def test_a_lora_fused_then_unloaded_stays_in_the_state(tmp_path: Path) -> None:
     diffcache.accelerate(pipe, _calibrated(state["sha256"], flux_plan))
     _run(pipe, tiny_request("flux-tiny", STEPS)[2])
     diffcache.remove(pipe)
+
+
+def test_a_second_lora_fused_under_the_same_name_changes_the_signature(tmp_path: Path) -> None:
+    """Two LoRAs fused and unloaded one after the other under one adapter name leave the same
+    names in ``pipe.fused_loras`` but other weights: the state's hash differs, so the cheap
+    :func:`~diffcache.lora.signature` a run compares before rehashing must differ too (it named
+    only the adapters, and a run kept the first LoRA's state)."""
+    pipe = load_model("flux-tiny")
+    folders = [write_lora(pipe, tmp_path / f"l{i}", seed=i) for i in range(2)]
+    seen = []
+    for folder in folders:
+        pipe.load_lora_weights(folder, adapter_name="x")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        seen.append((signature([pipe.transformer], pipe), adapter_state([pipe.transformer], pipe)))
+    (sig0, state0), (sig1, state1) = seen
+    assert state0["adapters"] == state1["adapters"] == {"x": "unloaded"}
+    assert state0["sha256"] != state1["sha256"]
+    assert sig0 != sig1
