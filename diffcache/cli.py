@@ -911,11 +911,7 @@ def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
 
 
 def _kv(args: argparse.Namespace) -> int:
-    import functools
-    import inspect
-
-    from diffcache.kv.history_method import fitted_selection
-    from diffcache.kv.memory import MIB, selection_budget
+    from diffcache.kv.memory import MIB, plan_memory
     from diffcache.models import builtin_models
     from diffcache.pipelines.kv_configs import kv_config
     from diffcache.plan import Plan
@@ -939,25 +935,7 @@ def _kv(args: argparse.Namespace) -> int:
     if guidance is None and entry is not None:
         guidance = entry.defaults.get("guidance")
     geo = config.geometry(args.batch, args.dtype, args.height, args.width, guidance)
-    make = getattr(plan.config, "make", None)
-    if make is not None and plan.calibration_data is not None:
-        make = functools.partial(make, plan.calibration_data)
-    if make is None or list(inspect.signature(make).parameters) != ["schedule", "layers", "heads"]:
-        raise DiffCacheError(
-            f"{plan.source}: method {plan.method} keeps no budgeted KV history (diffcache kv "
-            "covers scalekv, hack, h2o, snapkv, streaming, pyramidkv)"
-        )
-    selection = fitted_selection(plan.source, make, geo.schedule, geo.layers, geo.heads)
-    try:
-        budget, groups = (
-            (None, None)
-            if selection is None
-            else selection_budget(selection, geo.schedule, geo.layers, geo.heads)
-        )
-    except ValueError as e:
-        raise DiffCacheError(f"{plan.source}: method {plan.method}: {e}") from None
-    full, kept = geo.history_before(), geo.history_before(budget, groups)
-    full_peaks, kept_peaks = geo.sweep_peaks(), geo.sweep_peaks(budget, groups)
+    memory = plan_memory(plan, geo)
 
     def mib(n: int) -> str:
         """Whole MiB with thousands separators, one decimal below 1,000 MiB, bytes below 1 MiB
@@ -979,17 +957,15 @@ def _kv(args: argparse.Namespace) -> int:
     print(f"{'':13} {'history before the scale':>29} {'layer-sweep peak':>29}")
     print(f"{'scale':>5} {'tokens':>7}" + f" {'full':>14} {'plan':>14}" * 2)
     for si in range(len(geo.schedule)):
-        print(
-            f"{si:>5} {geo.schedule.tokens(si):>7} {mib(full[si]):>14} {mib(kept[si]):>14} "
-            f"{mib(full_peaks[si]):>14} {mib(kept_peaks[si]):>14}"
-        )
+        cells = (memory.full[si], memory.kept[si], memory.full_peaks[si], memory.kept_peaks[si])
+        print(f"{si:>5} {geo.schedule.tokens(si):>7}" + "".join(f" {mib(n):>14}" for n in cells))
     print(
-        f"KV cache before the last scale (the papers' metric): {mib(full[-1])} -> "
-        f"{mib(kept[-1])} ({kept[-1] / full[-1]:.1%})"
+        f"KV cache before the last scale (the papers' metric): {mib(memory.full[-1])} -> "
+        f"{mib(memory.kept[-1])} ({memory.kept[-1] / memory.full[-1]:.1%})"
     )
     print(
-        f"layer-sweep peak: {mib(max(full_peaks))} -> {mib(max(kept_peaks))} "
-        f"({max(kept_peaks) / max(full_peaks):.1%})"
+        f"layer-sweep peak: {mib(max(memory.full_peaks))} -> {mib(max(memory.kept_peaks))} "
+        f"({max(memory.kept_peaks) / max(memory.full_peaks):.1%})"
     )
     return 0
 

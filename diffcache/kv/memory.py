@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from diffcache.errors import PlanError
 from diffcache.kv.history import ScaleCall, Schedule
+from diffcache.kv.history_method import fitted_selection
+
+if TYPE_CHECKING:
+    from diffcache.plan import Plan
 
 #: rows kept by ``layer`` after scale ``si`` (tokens per head), None = keep all; or one such
 #: count per head group of the layer (in the order of ``groups[layer]``).
@@ -177,3 +184,43 @@ def selection_budget(
         return [kept(si, layer, g) for g in range(len(groups[layer]))]
 
     return budget, [[len(g) for g in layer_groups] for layer_groups in groups]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanMemory:
+    """Bytes of the full cache and of a plan's history at each scale of one geometry: the
+    history held before the scale and the layer-sweep peak during it."""
+
+    full: list[int]
+    kept: list[int]
+    full_peaks: list[int]
+    kept_peaks: list[int]
+
+
+def plan_memory(plan: Plan, geo: Geometry) -> PlanMemory:
+    """What ``plan`` keeps on ``geo`` beside the full cache (``diffcache kv``): its method's
+    selection for that model (the method's ``make``, checked as at ``accelerate``) and the rows
+    it keeps per head group. A plan whose method keeps no budgeted history, or whose budget does
+    not fit the model, is one PlanError line naming the plan."""
+    make = getattr(plan.config, "make", None)
+    if make is not None and plan.calibration_data is not None:
+        make = functools.partial(make, plan.calibration_data)
+    if make is None or list(inspect.signature(make).parameters) != ["schedule", "layers", "heads"]:
+        raise PlanError(
+            f"{plan.source}: method {plan.method} keeps no budgeted KV history (diffcache kv "
+            "covers scalekv, hack, h2o, snapkv, streaming, pyramidkv)"
+        )
+    selection = fitted_selection(plan.source, make, geo.schedule, geo.layers, geo.heads)
+    budget: Budget | None = None
+    groups: Groups | None = None
+    if selection is not None:
+        try:
+            budget, groups = selection_budget(selection, geo.schedule, geo.layers, geo.heads)
+        except ValueError as e:
+            raise PlanError(f"{plan.source}: method {plan.method}: {e}") from None
+    return PlanMemory(
+        geo.history_before(),
+        geo.history_before(budget, groups),
+        geo.sweep_peaks(),
+        geo.sweep_peaks(budget, groups),
+    )

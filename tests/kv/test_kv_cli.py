@@ -191,3 +191,22 @@ def test_guidance_sets_the_rows_infinity_runs_without_cfg_at_1(capsys):
     row = 32 * 2048 * (4 + 2)  # one attention row of every layer, K fp32 + V bf16
     assert summary(with_cfg, "KV cache before") == (mib(6425 * 2 * row), mib(650 * 2 * row))
     assert summary(without, "KV cache before") == (mib(6425 * row), mib(650 * row))
+
+
+def test_plan_memory_is_the_arithmetic_kv_prints():
+    """``kv.memory.plan_memory`` alone, VAR-d30 at 256 px with CFG (Appendix A): the full cache
+    holds 424 tokens before the last scale and peaks at 680; the streaming plan keeps a tenth of
+    the 424; a plan whose method keeps no KV history is one PlanError naming the plan."""
+    from diffcache.errors import PlanError
+    from diffcache.kv.memory import plan_memory
+    from diffcache.pipelines.kv_configs import kv_config
+
+    geo = kv_config("var-d30").geometry(1, "bf16")
+    memory = plan_memory(Plan.load("var-d30-streaming.yaml"), geo)
+    row = 30 * 1920 * 2 * (4 + 2)
+    assert (memory.full[-1], memory.kept[-1]) == (424 * row, int(0.1 * 424) * row)
+    assert max(memory.full_peaks) == 680 * row
+    assert max(memory.kept_peaks) < max(memory.full_peaks)
+    plan = Plan.from_dict({"diffcache": 1, "model": "var", "method": "easycache"}, source="p.yaml")
+    with pytest.raises(PlanError, match=r"^p\.yaml: method easycache keeps no budgeted KV history"):
+        plan_memory(plan, geo)
