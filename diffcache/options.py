@@ -21,8 +21,6 @@ from diffcache.errors import PlanError, did_you_mean
 MISSING: Any = dataclasses.MISSING
 _BAD: Any = object()  # a value whose problems are already recorded
 
-__all__ = ["MISSING", "option", "coerce", "from_mapping", "to_plain"]
-
 
 def option(
     default: Any = MISSING,
@@ -30,16 +28,12 @@ def option(
     *,
     min: float | None = None,
     max: float | None = None,
-    default_factory: Callable[[], Any] | None = None,
+    default_factory: Callable[[], Any] = MISSING,
 ) -> Any:
     """A documented dataclass field; min/max bound numbers (inclusive), also every number inside
     containers. Without a default or default_factory the field is required."""
     meta = {"doc": doc, "min": min, "max": max}
-    if default_factory is None:
-        return dataclasses.field(default=default, metadata=meta)
-    if default is not MISSING:
-        raise TypeError("option: give a default or a default_factory, not both")
-    return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def coerce(value: Any, hint: Any, meta: Mapping[str, Any], where: str) -> Any:
@@ -53,14 +47,10 @@ def coerce(value: Any, hint: Any, meta: Mapping[str, Any], where: str) -> Any:
 
 
 def from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Build the dataclass ``cls`` from a mapping. Unknown keys, missing required fields, wrong
-    types and out-of-range values raise one PlanError listing every problem, one per line, each
-    prefixed by ``where.key``. Fields with defaults may be absent."""
-    problems: list[str] = []
-    out = _from_mapping(cls, data, where, problems)
-    if problems:
-        raise PlanError("\n".join(problems))
-    return out
+    """Build the dataclass ``cls`` from a mapping (:func:`coerce`): unknown keys, missing
+    required fields, wrong types and out-of-range values, each prefixed by ``where.key``.
+    Fields with defaults may be absent."""
+    return coerce(data, cls, {}, where)
 
 
 def to_plain(obj: Any) -> Any:

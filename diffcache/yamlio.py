@@ -18,8 +18,6 @@ from diffcache.errors import PlanError
 
 MAX_PLAN_BYTES = 1 << 20  # plans are small; big arrays live in .safetensors sidecars
 
-__all__ = ["MAX_PLAN_BYTES", "read_yaml", "loads_yaml", "dump_yaml"]
-
 # Exponent forms YAML 1.2 reads as floats and PyYAML's YAML 1.1 resolver leaves as strings
 # (``1e3``, ``5e-2``, ``1.5E+3``); the forms with a dot and no exponent are resolved as before.
 _FLOAT_TAG = "tag:yaml.org,2002:float"

@@ -54,7 +54,7 @@ def test_option_keeps_doc_and_bounds() -> None:
 
 
 def test_option_refuses_default_and_factory() -> None:
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ValueError, match="cannot specify both default and default_factory"):
         option(1, "x", default_factory=list)
 
 
