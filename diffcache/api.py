@@ -19,7 +19,7 @@ from diffcache.errors import (
     UnsupportedModelError,
 )
 from diffcache.fewstep import FewStepWarning
-from diffcache.hooks import PREFIX, layers
+from diffcache.hooks import layers
 from diffcache.kernels import plan_backend
 from diffcache.lora import LoraWatch, check_lora
 from diffcache.plan import Plan
@@ -98,7 +98,7 @@ def resolve(model: Any, plan: Plan) -> Target:
     target = Target.resolve(adapter, model)
     target.valid_for = plan.valid_for
     for obj in target.parts():
-        if any(layer.name.startswith(PREFIX) for layer in layers(obj)):
+        if layers(obj):
             raise AlreadyAcceleratedError(
                 f"{type(obj).__name__} is already accelerated through another object sharing it; "
                 "call diffcache.remove() on that one first."

@@ -130,12 +130,8 @@ def hooked(value: Any) -> bool:
 def layers(obj: Any) -> list[Layer]:
     """Every active layer of ours on ``obj``, found by walking its slots' wrapper chains."""
     held = [getattr(ref, field, None) for ref, field in _diffusers_refs(obj)]
-    found: list[Layer] = []
-    for value in [*getattr(obj, "__dict__", {}).values(), *held]:
-        for layer in _chain(value):
-            if layer not in found:
-                found.append(layer)
-    return found
+    values = [*getattr(obj, "__dict__", {}).values(), *held]
+    return list(dict.fromkeys(layer for value in values for layer in _chain(value)))
 
 
 def _diffusers_refs(obj: Any) -> Iterator[tuple[Any, str]]:

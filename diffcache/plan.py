@@ -26,17 +26,8 @@ from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
-KEYS = (
-    "diffcache",
-    "model",
-    "method",
-    "options",
-    "valid_for",
-    "calibration",
-    "kernels",
-    "provenance",
-)
 REQUIRED = ("diffcache", "model", "method")
+KEYS = (*REQUIRED, "options", "valid_for", "calibration", "kernels", "provenance")
 MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
