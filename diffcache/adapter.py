@@ -232,10 +232,7 @@ class Target:
         out: list[Site] = []
         for e, (module, prefix) in enumerate(zip(self.experts, self.expert_names, strict=True)):
             for stack in self.adapter.stacks:
-                blocks = getattr(module, stack.attr, None)
-                if blocks is None:
-                    continue
-                for i, block in enumerate(blocks):
+                for i, block in enumerate(getattr(module, stack.attr, None) or ()):
                     name = f"{prefix}.{stack.attr}.{i}"
                     check_site(module, block, name, kind)
                     if kind == "block":

@@ -219,8 +219,7 @@ class RunState:
         """Bytes the method's KV store holds now; Stats keep the peak, overall and per step."""
         s = self.stats
         s.kv_bytes_peak = max(s.kv_bytes_peak or 0, int(nbytes))
-        while len(s.kv_bytes_per_step) <= self.step:
-            s.kv_bytes_per_step.append(0)
+        s.kv_bytes_per_step += [0] * (self.step + 1 - len(s.kv_bytes_per_step))
         s.kv_bytes_per_step[self.step] = max(s.kv_bytes_per_step[self.step], int(nbytes))
 
     def trace(self, site: str, action: str, **values: Any) -> None:
@@ -257,8 +256,7 @@ class RunState:
 
     def fail(self, error: DiffCacheError) -> DiffCacheError:
         """Clean the model (detach everything), then hand back ``error`` for the caller to raise."""
-        self.active = False
-        self._slots.clear()
+        self.end_run()
         self.on_error()
         return error
 
@@ -266,8 +264,7 @@ class RunState:
         """A PlanError for a call the plan does not cover; the model stays accelerated.
         ``after``: the steps of this call that already ran (a bare denoiser sees a run too
         long only when it goes on)."""
-        self.active = False
-        self._slots.clear()
+        self.end_run()
         ran = (
             f"this call stopped after {after} steps"
             if after
