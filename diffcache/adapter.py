@@ -218,10 +218,6 @@ class Target:
         """The first (or only) expert."""
         return self.experts[0]
 
-    def parts(self) -> list[Any]:
-        """Every object diffcache may hook on this model."""
-        return [self.root, *self.experts] + ([self.scheduler] if self.scheduler else [])
-
     def arg_index(self, name: str) -> int | None:
         """Positional index of a denoiser argument, if its forward takes it positionally."""
         params = list(inspect.signature(unwrap(self.denoiser).forward).parameters)

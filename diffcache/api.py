@@ -97,7 +97,7 @@ def resolve(model: Any, plan: Plan) -> Target:
     plan.check_family(adapter.family, type(model).__name__)
     target = Target.resolve(adapter, model)
     target.valid_for = plan.valid_for
-    for obj in target.parts():
+    for obj in (target.root, *target.experts, target.scheduler):
         if layers(obj):
             raise AlreadyAcceleratedError(
                 f"{type(obj).__name__} is already accelerated through another object sharing it; "

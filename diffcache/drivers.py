@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -146,16 +147,14 @@ class PipelineDriver:
         self.session = session
         run, pipe = session.run, session.target.pipe
 
-        def relay(event: Any) -> Any:
-            def hook(call: Any, *args: Any, **kwargs: Any) -> Any:
-                session.check_parts()
-                event(*args, **kwargs)
-                return call(*args, **kwargs)
-
-            return hook
+        def relay(event: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
+            session.check_parts()
+            event(*args, **kwargs)
+            return call(*args, **kwargs)
 
         for name in self.EVENTS:
-            session.attach(pipe, name, "diffcache.run", relay(getattr(run, name)))
+            hook = functools.partial(relay, getattr(run, name))
+            session.attach(pipe, name, "diffcache.run", hook)
 
     def before_call(self, args: tuple, kwargs: dict) -> None:
         pass

@@ -12,6 +12,7 @@ kernels through :meth:`kernel`, so each run's Stats name the backends its own ca
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -121,7 +122,8 @@ class Session:
             self._hook(site, handler, name)
 
     def _hook(self, site: Site, handler: Handler, name: str) -> None:
-        self.attach(site.module, "forward", f"diffcache.{name}", self._site_hook(site, handler))
+        hook = functools.partial(self._site_call, site, handler)
+        self.attach(site.module, "forward", f"diffcache.{name}", hook)
         if site.spec is not None:  # a module site: peft may wrap it (diffcache.lora.Rebind)
             self.rebind.add(site, self.attachments[-1], handler, name)
 
@@ -131,7 +133,7 @@ class Session:
         driver.attach(self)
         for e, module in enumerate(self.target.experts):
             site = Site("step", self.target.expert_names[e], module, e)
-            self.attach(module, "forward", "diffcache.call", self._call_hook(site))
+            self.attach(module, "forward", "diffcache.call", functools.partial(self._call, site))
 
     def close(self) -> None:
         """Detach everything this session attached, newest first; idempotent."""
@@ -149,43 +151,38 @@ class Session:
         )
 
     # -- the core's wrappers ----------------------------------------------------------------
-    def _call_hook(self, site: Site) -> hooks.Hook:
+    def _call(self, site: Site, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        """The hook on every expert: one denoiser call of the run."""
         run, expected = self.run, self._expected[site.expert]
+        self.driver.before_call(args, kwargs)
+        self.rebind()
+        run.begin_call(site.expert)
+        self._seen = dict.fromkeys(expected, 0)
+        call = Call(run, site, inner, args, kwargs)
+        try:
+            out = self._step(call) if self._step is not None else call.compute()
+        except BaseException:  # an error or an interrupt in the denoiser ends the run:
+            run.end_run()  # its cached tensors are released now, not at the next call
+            raise
+        run.record("step", float(call.computed))
+        if run.tracing and self._step is not None:
+            call.traced()
+        run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
+        self.driver.after_call()
+        return out
 
-        def call_hook(inner: Callable, *args: Any, **kwargs: Any) -> Any:
-            self.driver.before_call(args, kwargs)
-            self.rebind()
-            run.begin_call(site.expert)
-            self._seen = dict.fromkeys(expected, 0)
-            call = Call(run, site, inner, args, kwargs)
-            try:
-                out = self._step(call) if self._step is not None else call.compute()
-            except BaseException:  # an error or an interrupt in the denoiser ends the run:
-                run.end_run()  # its cached tensors are released now, not at the next call
-                raise
-            run.record("step", float(call.computed))
-            if run.tracing and self._step is not None:
-                call.traced()
-            run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
-            self.driver.after_call()
-            return out
-
-        return call_hook
-
-    def _site_hook(self, site: Site, handler: Handler) -> hooks.Hook:
-        run = self.run
-
-        def site_hook(inner: Callable, *args: Any, **kwargs: Any) -> Any:
-            call = Call(run, site, inner, args, kwargs)
-            out = handler(call)
-            run.record(site.kind, float(call.computed))
-            if run.tracing:
-                call.traced()
-            if site.kind in self._seen:
-                self._seen[site.kind] += 1
-            return out
-
-        return site_hook
+    def _site_call(
+        self, site: Site, handler: Handler, inner: Callable, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The hook on every site a method asked for: ``handler`` answers the call."""
+        call = Call(self.run, site, inner, args, kwargs)
+        out = handler(call)
+        self.run.record(site.kind, float(call.computed))
+        if self.run.tracing:
+            call.traced()
+        if site.kind in self._seen:
+            self._seen[site.kind] += 1
+        return out
 
     # -- checks -----------------------------------------------------------------------------
     def check_parts(self) -> None:
