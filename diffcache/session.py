@@ -21,7 +21,7 @@ from diffcache import hooks
 from diffcache.adapter import Target
 from diffcache.compiled import check_not_compiled_after
 from diffcache.distributed import check_not_split_after
-from diffcache.errors import DiffCacheError, RunError
+from diffcache.errors import RunError
 from diffcache.lora import Rebind
 from diffcache.runstate import RunState
 from diffcache.sites import Site
@@ -143,12 +143,6 @@ class Session:
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of an accelerated pipeline is a plain pipeline
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise DiffCacheError(
-            f"cannot pickle {type(self.target.root).__name__} while it is accelerated; call "
-            "diffcache.remove() first."
-        )
 
     # -- the core's wrappers ----------------------------------------------------------------
     def _call(self, site: Site, inner: Callable, *args: Any, **kwargs: Any) -> Any:
