@@ -95,10 +95,6 @@ class Session:
         self._seen: dict[str, int] = {}
         self.rebind = Rebind(target.experts, self.attachments, self._hook)
 
-    @property
-    def kernels(self) -> str:
-        return self.run.kernels
-
     def kernel(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``op(*args, **kwargs)``, a :mod:`diffcache.kernels` op, on the plan's backend; the
         current run's ``Stats.kernels`` records which backend ran."""

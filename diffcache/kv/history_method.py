@@ -109,7 +109,7 @@ class _Generations:
         self.store: MeteredHistory | None = None
 
     def new_store(self, inner: Callable, *args: Any, **kwargs: Any) -> MeteredHistory:
-        store = BudgetedHistory(self.factory(), self.session.kernels)
+        store = BudgetedHistory(self.factory(), self.session.run.kernels)
         self.store = MeteredHistory(store, self.run, self.check)
         return self.store
 

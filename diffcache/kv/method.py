@@ -53,7 +53,7 @@ class _Generations:
     def new_policy(self, inner: Callable, *args: Any, **kwargs: Any) -> Policy:
         """A fresh policy for the generation that begins."""
         policy = self.factory()
-        policy.kernels, policy.kernel_record = self.session.kernels, {}  # Stats start later
+        policy.kernels, policy.kernel_record = self.session.run.kernels, {}  # Stats start later
         if self.run.tracing:
             policy.tracer = self.run.trace
         self.policy, self.calls, self.full_call = policy, 0, 0.0
