@@ -112,12 +112,7 @@ def train(
     processors = base.use_padded_cross_attention(dit)
 
     def loss_of(i: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = base.flow_sigmas(torch.rand(batch, generator=gen))
-        drop = torch.rand(batch, generator=gen) < base.PROMPT_DROPOUT
-        which = torch.where(drop, len(vocab) - 1, index[idx])
+        x0, noise, sigma, which = base.flow_batch(latents, index, len(vocab) - 1, batch, gen)
         return base.flow_loss(dit, processors, x0, noise, sigma, hidden[which], bias[which])
 
     params = [p for p in dit.parameters() if p.requires_grad]

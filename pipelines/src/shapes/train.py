@@ -284,6 +284,19 @@ def flow_sigmas(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def flow_batch(
+    latents: torch.Tensor, prompt_index: torch.Tensor, empty: int, batch: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random training batch from ``gen``: latents, their noise, noise levels and prompt
+    indices (``prompt_index`` of each latent, ``PROMPT_DROPOUT`` of them set to ``empty``)."""
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = flow_sigmas(torch.rand(batch, generator=gen))
+    drop = torch.rand(batch, generator=gen) < PROMPT_DROPOUT
+    return x0, noise, sigma, torch.where(drop, empty, prompt_index[idx])
+
+
 def flow_loss(
     transformer: Any,
     processors: Sequence[PaddedCrossAttention],
@@ -327,12 +340,7 @@ def train_denoiser(
     ema = [p.detach().clone() for p in params]
 
     def loss_of(i: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = flow_sigmas(torch.rand(batch, generator=gen))
-        drop = torch.rand(batch, generator=gen) < PROMPT_DROPOUT
-        which = torch.where(drop, len(vocab) - 1, prompt_index[idx])
+        x0, noise, sigma, which = flow_batch(latents, prompt_index, len(vocab) - 1, batch, gen)
         hidden, bias = encode_text(tokenizer, text_encoder, vocab)
         return flow_loss(transformer, processors, x0, noise, sigma, hidden[which], bias[which])
 
