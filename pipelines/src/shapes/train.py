@@ -199,6 +199,13 @@ def latent_stats(latents: torch.Tensor) -> tuple[list[float], list[float]]:
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
+def normalise(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, Z, F, H, W) latents normalised per channel (what ``WanPipeline`` undoes before
+    decoding with the VAE config's ``latents_mean`` / ``latents_std``)."""
+    shape = (1, -1, 1, 1, 1)
+    return (latents - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
 class PaddedCrossAttention:
     """Training-only cross-attention processor for ``WanAttention`` that treats a short text
     sequence as WanPipeline's 512-token one.
@@ -277,6 +284,40 @@ def flow_sigmas(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def flow_batch(
+    latents: torch.Tensor, prompt_index: torch.Tensor, empty: int, batch: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random training batch from ``gen``: latents, their noise, noise levels and prompt
+    indices (``prompt_index`` of each latent, ``PROMPT_DROPOUT`` of them set to ``empty``)."""
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = flow_sigmas(torch.rand(batch, generator=gen))
+    drop = torch.rand(batch, generator=gen) < PROMPT_DROPOUT
+    return x0, noise, sigma, torch.where(drop, empty, prompt_index[idx])
+
+
+def flow_loss(
+    transformer: Any,
+    processors: Sequence[PaddedCrossAttention],
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    hidden: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """The flow-matching loss of ``transformer`` on latents ``x0`` noised to ``sigma`` (B,)
+    with ``noise``, under the short prompt embeddings ``hidden`` and their ``bias`` (B, L)."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    for proc in processors:
+        proc.bias = bias
+    pred = transformer(
+        noisy, timestep=sigma * 1000, encoder_hidden_states=hidden, return_dict=False
+    )[0]
+    return F.mse_loss(pred, noise - x0)
+
+
 def train_denoiser(
     latents: torch.Tensor,
     prompts: Sequence[str],
@@ -299,21 +340,9 @@ def train_denoiser(
     ema = [p.detach().clone() for p in params]
 
     def loss_of(i: int, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = flow_sigmas(torch.rand(batch, generator=gen))
-        drop = torch.rand(batch, generator=gen) < PROMPT_DROPOUT
-        which = torch.where(drop, len(vocab) - 1, prompt_index[idx])
-        s = sigma.view(-1, 1, 1, 1, 1)
-        noisy = (1 - s) * x0 + s * noise
+        x0, noise, sigma, which = flow_batch(latents, prompt_index, len(vocab) - 1, batch, gen)
         hidden, bias = encode_text(tokenizer, text_encoder, vocab)
-        for proc in processors:
-            proc.bias = bias[which]
-        pred = transformer(
-            noisy, timestep=sigma * 1000, encoder_hidden_states=hidden[which], return_dict=False
-        )[0]
-        return F.mse_loss(pred, noise - x0)
+        return flow_loss(transformer, processors, x0, noise, sigma, hidden[which], bias[which])
 
     def update_ema(i: int) -> None:
         decay = min(ema_decay, (1 + i) / (10 + i))
@@ -340,10 +369,7 @@ def train_transformer(steps: int = 5, seed: int = 0, clips: int = 32) -> list[fl
     torch.manual_seed(seed)
     vae = vae_model().eval()
     latents, prompts = encode_clips(vae, clips, seed)
-    mean, std = latent_stats(latents)
-    latents = (latents - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(
-        1, -1, 1, 1, 1
-    )
+    latents = normalise(latents, *latent_stats(latents))
     return train_denoiser(latents, prompts, steps=steps, seed=seed, batch=8)[3]
 
 
@@ -447,9 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     latents, prompts = encode_clips(vae, max(int(6144 * k), 64))
     mean, std = latent_stats(latents)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    latents = (latents - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(
-        1, -1, 1, 1, 1
-    )
+    latents = normalise(latents, mean, std)
     lap("encode_s")
     tokenizer, text_encoder, transformer, losses = train_denoiser(latents, prompts, int(3000 * k))
     lap("denoiser_s")
