@@ -84,7 +84,7 @@ from diffcache.eval.macs import count_macs
 from diffcache.eval.metrics import psnr
 from diffcache.eval.timing import ideal_speedup, rotated, sync, time_inside, timed
 from diffcache.generate import Request, generate
-from diffcache.models import builtin_models, load_model
+from diffcache.models import builtin_models, cast, load_model
 from diffcache.plan import Plan
 from diffcache.profiles import calibration_prompts
 from diffcache.registry import find_adapter
@@ -314,18 +314,6 @@ def fmt(value: float | None, spec: str) -> str:
     if math.isinf(value):
         return "inf"
     return format(value, spec)
-
-
-def cast(pipe: Any, dtype: torch.dtype) -> None:
-    """``pipe`` in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` loads it: the modules a
-    model lists in ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms) stay float32."""
-    for part in pipe.components.values():
-        if isinstance(part, torch.nn.Module):
-            keep = getattr(part, "_keep_in_fp32_modules", None) or []
-            torch.nn.Module.to(part, dtype)  # diffusers' .to warns about the list kept below
-            for name, module in part.named_modules():
-                if any(k in name.split(".") for k in keep):
-                    module.float()
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:

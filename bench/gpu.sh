@@ -14,9 +14,13 @@
 #            native tests, then their kernel_speed.py rows (part of tests and kernels as well)
 #   var-bench  bench/var.py: the full grid (var-digits, VAR-d16 / d30 and Infinity-2B with random
 #            weights; 6 KV methods x 50/30/10% budgets; 3 rounds), table in $OUT/var-bench/var.md
-#   cp       context parallel (needs 2 GPUs): torchrun over NCCL, Ulysses degree 2, every method's
-#            bundled plan on wan2.1-tiny and flux-tiny; each rank equals one process (Stats
-#            equal, media within 1e-4); the CPU run of the same check is tests/test_context_parallel.py
+#   cp       context parallel (needs 2 GPUs): torchrun over NCCL, Ulysses degree 2 (float32), then
+#            ring degree 2 (cuDNN attention, bfloat16: ring merges the log-sum-exp that only
+#            half-precision GPU backends return), every method's bundled plan on wan2.1-tiny and
+#            flux-tiny; each rank equals one process with the same attention and dtype (Stats
+#            equal, media within 1e-4; 5e-2 in bfloat16, where two attention kernels differed
+#            by up to 3e-2 on flux-tiny in one CPU process); the CPU run of the Ulysses check
+#            is tests/test_context_parallel.py
 # Python packages the machine lacks (diffusers) travel as wheels in .whl/ (see the README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,13 +85,14 @@ for part in "${@:-tests kernels dlm dit}"; do
             var-bench) run var-bench 540 python3 bench/var.py "${VAR[@]}" --out "$OUT/var-bench" ;;
             cp)
                 for m in wan2.1-tiny flux-tiny; do
-                    plans=(--plan none)
+                    cmd=(env PYTHONSAFEPATH=1 python3 -m torch.distributed.run --nproc_per_node 2
+                         -m diffcache.testing.context_parallel --model "$m" --plan none)
                     for suffix in "" -ertacache -invardiff -hyca; do
-                        plans+=(--plan "$m$suffix.yaml")
+                        cmd+=(--plan "$m$suffix.yaml")
                     done
-                    run "cp-$m" 240 env PYTHONSAFEPATH=1 python3 -m torch.distributed.run \
-                        --nproc_per_node 2 -m diffcache.testing.context_parallel --model "$m" \
-                        --ulysses 2 "${plans[@]}" --out "$OUT/cp-$m" --check 1e-4
+                    run "cp-$m" 140 "${cmd[@]}" --ulysses 2 --out "$OUT/cp-$m" --check 1e-4
+                    run "cp-ring-$m" 140 "${cmd[@]}" --ring 2 --attention-backend _native_cudnn \
+                        --dtype bfloat16 --out "$OUT/cp-ring-$m" --check 5e-2
                 done ;;
             *) echo "gpu.sh: unknown part '$p' (tests, kernels, dlm, dit, var, var-bench, cp)"
                exit 2 ;;

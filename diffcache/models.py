@@ -255,6 +255,21 @@ def loading_bar(show: bool) -> Iterator[None]:
             (lib.enable_progress_bar if on else lib.disable_progress_bar)()
 
 
+def cast(pipe: Any, dtype: Any) -> None:
+    """``pipe`` in the torch dtype ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` loads
+    it: the modules a model lists in ``_keep_in_fp32_modules`` (Wan: rope, time embedder,
+    norms) stay float32."""
+    import torch
+
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            keep = getattr(part, "_keep_in_fp32_modules", None) or []
+            torch.nn.Module.to(part, dtype)  # diffusers' .to warns about the list kept below
+            for name, module in part.named_modules():
+                if any(k in name.split(".") for k in keep):
+                    module.float()
+
+
 def _load_diffusers(path: Path) -> Any:
     from diffusers import DiffusionPipeline
 

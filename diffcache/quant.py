@@ -1,4 +1,5 @@
-"""Quantized denoisers: torchao weight-only int8 on a pipeline, a GGUF transformer checked
+"""Quantized denoisers: torchao weight-only int8 or bitsandbytes (8-bit, 4-bit) on a pipeline
+in place, a GGUF transformer checked
 against its config before diffusers loads it (alone, or as the ``.gguf`` file in a pipeline
 folder's ``transformer/``, which ``load_model`` and ``--model`` read). How the weights are
 stored is what ``diffcache.weights`` describes for plans (``valid_for.weights``).
@@ -25,15 +26,45 @@ def quantize_int8(pipe: Any) -> Any:
     refused if it was calibrated (``valid_for.weights``): profile the quantized one."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from diffcache.api import is_accelerated
-
-    if is_accelerated(pipe):  # its plan's valid_for.weights was checked on the float weights
-        raise AlreadyAcceleratedError(
-            f"{type(pipe).__name__} is accelerated; call diffcache.remove(), quantize, then "
-            "accelerate."
-        )
-    for module in _denoisers(pipe):
+    for module in _denoisers_to_quantize(pipe):
         quantize_(module, Int8WeightOnlyConfig())
+    return pipe
+
+
+def quantize_bnb(pipe: Any, config: Any = None) -> Any:
+    """bitsandbytes on every denoiser of ``pipe`` (a pipeline or a bare transformer), in place,
+    as diffusers' ``from_pretrained(quantization_config=config)`` quantizes a transformer
+    (the same layer replacement and weight conversion), but on a loaded model and on any
+    device, CPU included, where diffusers' loader needs a GPU. ``config``: a diffusers
+    ``BitsAndBytesConfig`` (default 8-bit, ``load_in_8bit=True``); returns ``pipe``."""
+    from accelerate.utils import set_module_tensor_to_device
+    from diffusers import BitsAndBytesConfig
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    config = config or BitsAndBytesConfig(load_in_8bit=True)
+    if not isinstance(config, BitsAndBytesConfig):
+        raise DiffCacheError(
+            f"quantize_bnb: config is a {type(config).__name__}, not a diffusers "
+            "BitsAndBytesConfig."
+        )
+    if not (config.load_in_8bit or config.load_in_4bit):
+        raise DiffCacheError(
+            "quantize_bnb: the BitsAndBytesConfig sets neither load_in_8bit=True nor "
+            "load_in_4bit=True."
+        )
+    for module in _denoisers_to_quantize(pipe):
+        quantizer = DiffusersAutoQuantizer.from_config(config, pre_quantized=False)
+        state = module.state_dict()
+        device = next(module.parameters()).device
+        keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+        quantizer.preprocess_model(model=module, device_map=None, keep_in_fp32_modules=keep)
+        for name, value in state.items():  # the replaced layers are empty: fill them
+            if quantizer.check_if_quantized_param(module, value, name, state):
+                quantizer.create_quantized_param(module, value, name, device, state)
+            else:
+                set_module_tensor_to_device(module, name, device, value=value)
+        quantizer.postprocess_model(module)
+        module.hf_quantizer = quantizer  # as from_pretrained leaves it (save, dequantize)
     return pipe
 
 
@@ -113,9 +144,17 @@ def gguf_components(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _denoisers(pipe: Any) -> list[torch.nn.Module]:
-    """The denoiser(s) of a pipeline (its adapter's experts), or ``pipe`` itself if it is one."""
+def _denoisers_to_quantize(pipe: Any) -> list[torch.nn.Module]:
+    """The denoiser(s) of a pipeline (its adapter's experts), or ``pipe`` itself if it is one;
+    refused if ``pipe`` is accelerated (its plan's ``valid_for.weights`` was checked on the
+    weights it had)."""
     from diffcache.adapter import Target
+    from diffcache.api import is_accelerated
     from diffcache.registry import find_adapter
 
+    if is_accelerated(pipe):
+        raise AlreadyAcceleratedError(
+            f"{type(pipe).__name__} is accelerated; call diffcache.remove(), quantize, then "
+            "accelerate."
+        )
     return list(Target.resolve(find_adapter(pipe), pipe).experts)

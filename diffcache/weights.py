@@ -16,8 +16,9 @@ from diffcache.errors import PlanError
 def weights(modules: Iterable[torch.nn.Module]) -> str:
     """How the linear layers of ``modules`` store their weights: the dtype of plain ones
     (``float32``, ``bfloat16``), ``<library>:<kind>`` for quantized ones (``torchao:Int8Tensor``,
-    ``gguf:Q8_0``, ``bitsandbytes:Int8Params``); several kinds are joined with ``+``. A model
-    without linear layers is described by all its parameters (``none`` if it has none)."""
+    ``gguf:Q8_0``, ``bitsandbytes:Int8Params``, ``bitsandbytes:nf4``); several kinds are joined
+    with ``+``. A model without linear layers is described by all its parameters (``none`` if it
+    has none)."""
     modules = list(modules)
     linear = [m.weight for x in modules for m in x.modules() if isinstance(m, torch.nn.Linear)]
     tensors = linear or [p for x in modules for p in x.parameters()]
@@ -25,13 +26,15 @@ def weights(modules: Iterable[torch.nn.Module]) -> str:
 
 
 def _kind(weight: torch.Tensor) -> str:
-    quant_type = getattr(weight, "quant_type", None)  # diffusers' GGUFParameter
-    if quant_type is not None:
-        return f"gguf:{getattr(quant_type, 'name', quant_type)}"
+    """``<library>:<quant type>`` for a weight that names its quantization (diffusers'
+    ``GGUFParameter``: ``gguf:Q8_0``; bitsandbytes' ``Params4bit``: ``bitsandbytes:nf4``),
+    ``<library>:<class>`` for other tensor subclasses, the dtype of plain tensors."""
     cls = type(weight)
     if cls in (torch.Tensor, torch.nn.Parameter):
         return str(weight.dtype).removeprefix("torch.")
-    return f"{cls.__module__.split('.')[0]}:{cls.__name__}"
+    library = "gguf" if cls.__name__ == "GGUFParameter" else cls.__module__.split(".")[0]
+    quant_type = getattr(weight, "quant_type", None)
+    return f"{library}:{getattr(quant_type, 'name', quant_type) or cls.__name__}"
 
 
 def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:

@@ -153,3 +153,63 @@ def test_ulysses_over_two_cpu_processes_equals_one_process(tmp_path: Path, model
     assert cp.mismatches(ranks, one, atol=1e-4) == []
     for plan in PLANS[model]:
         assert ranks[0][plan]["stats"]["compute_fraction"] < 1, plan
+
+
+def test_ring_without_a_half_precision_gpu_backend_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Ring attention merges the log-sum-exp that only half-precision GPU backends return: the
+    script says which flags are missing (or that there is no GPU) before any model or process
+    group, in one argparse error."""
+    import torch.distributed as dist
+
+    args = ["--model", "flux-tiny", "--plan", "none", "--out", str(tmp_path / "out")]
+    refusals = {
+        "got --attention-backend None, --dtype float32": ["--ring", "2"],
+        "got --attention-backend _native_cudnn, --dtype float32": [
+            *("--ring", "2", "--attention-backend", "_native_cudnn"),
+        ],
+    }
+    if not torch.cuda.is_available():
+        refusals["--ring 2 --attention-backend _native_cudnn: no GPU"] = [
+            *("--ring", "2", "--attention-backend", "_native_cudnn", "--dtype", "bfloat16"),
+        ]
+    for want, ring in refusals.items():
+        with pytest.raises(SystemExit) as e:
+            cp.main([*args, *ring])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and want in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not dist.is_initialized()
+
+
+def test_run_plans_in_bfloat16_runs_the_bundled_calibrated_plans() -> None:
+    """The half-precision check (ring) runs the float32 plans: refused on bfloat16 weights by
+    accelerate, run here, where context parallel is compared with one process on the same
+    plan."""
+    from diffcache.errors import PlanError
+    from diffcache.models import cast, load_model
+
+    plan = "flux-tiny-ertacache.yaml"
+    pipe = load_model("flux-tiny")
+    cast(pipe, torch.bfloat16)
+    with pytest.raises(PlanError, match="valid_for.weights"):
+        diffcache.accelerate(pipe, plan)
+    got = cp.run_plans("flux-tiny", [plan], dtype="bfloat16")[plan]
+    assert 0 < got["stats"]["compute_fraction"] < 1 and torch.isfinite(got["media"]).all()
+
+
+def test_cast_keeps_the_modules_a_model_lists_in_float32() -> None:
+    """As from_pretrained(torch_dtype=...): Wan's time embedder and norms stay float32, the
+    attention projections and the text encoder take the dtype."""
+    from diffcache.models import cast, load_model
+
+    pipe = load_model("wan2.1-tiny")
+    cast(pipe, torch.bfloat16)
+    params = dict(pipe.transformer.named_parameters())
+    time_embedder = [
+        p for n, p in params.items() if n.startswith("condition_embedder.time_embedder.")
+    ]
+    assert time_embedder and {p.dtype for p in time_embedder} == {torch.float32}
+    assert params["blocks.0.norm2.weight"].dtype == torch.float32
+    assert params["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16
+    assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -11,7 +11,8 @@ On a machine without GPUs the processes talk over gloo. diffusers 0.42.1 compute
 device as ``rank % torch.accelerator.device_count()``, which divides by zero on CPU;
 :func:`enable_context_parallel` makes that count 1 while the model is set up (the CPU device has
 no index). Ring attention needs an attention backend that returns the log-sum-exp, which none of
-diffusers' CPU backends does, so on CPU only Ulysses runs.
+diffusers' CPU backends does, so on CPU only Ulysses runs; on GPUs ``--ring 2 --attention-backend
+_native_cudnn --dtype bfloat16`` (those backends take half precision only).
 
 :func:`sharded_toy_rank` is one rank of our own sharded toy: ``ToyPipeline`` whose latents are split
 along their last dimension, so each rank's run is its slice of the one-process run only if every
@@ -51,18 +52,26 @@ def enable_context_parallel(transformer: Any, ring: int = 1, ulysses: int = 1) -
 
 
 def run_plans(
-    model: str, plans: list[str], ring: int = 1, ulysses: int = 1, backend: str | None = None
+    model: str,
+    plans: list[str],
+    ring: int = 1,
+    ulysses: int = 1,
+    backend: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, dict[str, Any]]:
     """``model``'s default request (seed 0) once per plan (``"none"``: uncached), on one
-    pipeline: context parallel when ``ring * ulysses`` > 1 (call it on every rank), each plan
-    applied after parallelism is on and removed after its run; ``backend`` names diffusers'
-    attention backend. Returns ``{plan: {"media":
-    tensor, "stats": dict | None}}``."""
+    pipeline in ``dtype``: context parallel when ``ring * ulysses`` > 1 (call it on every
+    rank), each plan applied after parallelism is on and removed after its run; ``backend``
+    names diffusers' attention backend. A calibrated plan runs whatever its ``valid_for.weights``
+    (the bundled ones are float32): this compares context parallel with one process on the same
+    plans. Returns ``{plan: {"media": tensor, "stats": dict | None}}``."""
     import diffcache
     from diffcache.generate import Request, generate
-    from diffcache.models import load_model
+    from diffcache.models import cast, load_model
+    from diffcache.plan import Plan
 
     pipe = load_model(model).to("cuda" if torch.cuda.is_available() else "cpu")
+    cast(pipe, getattr(torch, dtype))
     if backend is not None:
         pipe.transformer.set_attention_backend(backend)
     if ring * ulysses > 1:
@@ -70,12 +79,20 @@ def run_plans(
     results = {}
     for plan in plans:
         if plan != "none":
-            diffcache.accelerate(pipe, plan=plan)
+            diffcache.accelerate(pipe, plan=_any_weights(Plan.load(plan)))
         media = torch.from_numpy(generate(pipe, Request(prompt="a red ball on a table")))
         stats = diffcache.stats(pipe).as_dict() if plan != "none" else None
         diffcache.remove(pipe)
         results[plan] = {"media": media, "stats": stats}
     return results
+
+
+def _any_weights(plan: Any) -> Any:
+    """``plan`` without its ``valid_for.weights`` check."""
+    import dataclasses
+
+    valid_for = {k: v for k, v in plan.valid_for.items() if k != "weights"}
+    return dataclasses.replace(plan, valid_for=valid_for)
 
 
 def toy_script(world: int, steps: int = 8) -> list[torch.Tensor]:
@@ -141,12 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="append", required=True, help="repeat; none: uncached")
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--ulysses", type=int, default=1)
-    parser.add_argument("--attention-backend", help="diffusers' name, e.g. _native_cudnn for ring")
+    parser.add_argument(
+        "--attention-backend",
+        help="diffusers' name; ring needs one that returns the log-sum-exp: _native_cudnn, "
+        "_native_flash, flash, sage (GPU, float16 / bfloat16)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the pipeline's, as from_pretrained(torch_dtype=...) loads it (default float32)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--check", type=float, metavar="ATOL", help="rank 0 compares with one process after"
     )
     args = parser.parse_args(argv)
+    if args.ring > 1 and (args.attention_backend is None or args.dtype == "float32"):
+        parser.error(
+            f"--ring {args.ring} needs --attention-backend (e.g. _native_cudnn) and --dtype "
+            "bfloat16 or float16: ring attention merges the log-sum-exp that only those "
+            f"half-precision GPU backends return (got --attention-backend "
+            f"{args.attention_backend}, --dtype {args.dtype})"
+        )
+    if args.ring > 1 and not torch.cuda.is_available():
+        parser.error(f"--ring {args.ring} --attention-backend {args.attention_backend}: no GPU")
     import torch.distributed as dist
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -154,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        results = run_plans(args.model, args.plan, args.ring, args.ulysses, args.attention_backend)
+        setup = {"backend": args.attention_backend, "dtype": args.dtype}
+        results = run_plans(args.model, args.plan, args.ring, args.ulysses, **setup)
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(results, args.out / f"rank{rank}.pt")
         dist.barrier()
@@ -164,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.load(args.out / f"rank{r}.pt", weights_only=False)
             for r in range(dist.get_world_size())
         ]
-        one = run_plans(args.model, args.plan)
+        one = run_plans(args.model, args.plan, **setup)  # the same attention, unsplit
         found = mismatches(ranks, one, args.check)
         for plan in args.plan:
             stats = results[plan]["stats"] or {}

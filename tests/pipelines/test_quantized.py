@@ -1,6 +1,7 @@
 """Every DiT method on quantized transformers: torchao weight-only int8 (``quantize_`` and
-diffusers' ``TorchAoConfig`` on a saved folder) and a GGUF file written here with the ``gguf``
-package (diffusers' ``from_single_file``). Counts: a plan-driven method decides as on the float
+diffusers' ``TorchAoConfig`` on a saved folder), a GGUF file written here with the ``gguf``
+package (diffusers' ``from_single_file``) and bitsandbytes 8-bit / nf4 (``quantize_bnb``:
+diffusers' loader needs a GPU). Counts: a plan-driven method decides as on the float
 model; EasyCache's decisions follow its rule on the values it measured. ``remove`` gives the
 quantized pipeline's own output bit for bit; a calibrated plan records the weights it was
 profiled on and refuses others."""
@@ -25,7 +26,7 @@ from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
 from diffcache.plan import Plan
-from diffcache.quant import load_gguf, quantize_int8
+from diffcache.quant import load_gguf, quantize_bnb, quantize_int8
 from diffcache.registry import find_adapter
 from diffcache.testing.golden import default_request
 from diffcache.testing.toys import clean
@@ -54,11 +55,15 @@ def _stats(pipe: Any) -> dict[str, Any]:
 def _expected_easycache(trace: list[dict[str, Any]]) -> list[str]:
     """EasyCache's rule replayed on the values each decision recorded: computed on warm-up, the
     last step and before ``k`` exists, otherwise reused iff the accumulated change ``acc`` is
-    under ``threshold``."""
-    out = []
+    under ``threshold``; the other CFG branches of a step follow its first branch."""
+    out, first = [], {}
     for event in trace:
-        v = event["values"]
-        out.append("computed" if "reason" in v or not v["acc"] < v["threshold"] else "reused")
+        v, step = event["values"], (event["step"], event["substep"])
+        if event["branch"]:
+            out.append(first[step])
+            continue
+        first[step] = "computed" if "reason" in v or not v["acc"] < v["threshold"] else "reused"
+        out.append(first[step])
     return out
 
 
@@ -126,11 +131,12 @@ def test_every_method_on_torchao_int8(dit_int8: Any, dit: Any, method: str) -> N
     _run_each_method(dit_int8, dit, "dit-tiny", method)
 
 
-def test_quantize_int8_refuses_an_accelerated_pipeline(dit: Any) -> None:
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_bnb])
+def test_quantizing_refuses_an_accelerated_pipeline(dit: Any, quantize: Any) -> None:
     diffcache.accelerate(dit, "dit-tiny.yaml")
     try:
         with pytest.raises(AlreadyAcceleratedError, match="call diffcache.remove"):
-            quantize_int8(dit)
+            quantize(dit)
     finally:
         diffcache.remove(dit)
     assert weights([dit.transformer]) == "float32"
@@ -281,26 +287,37 @@ def test_cli_gguf_folder_that_does_not_match_is_one_line(
 
 
 # ---------------------------------------------------------------------------- plans
+QUANTIZED = {  # how to quantize dit-tiny, and what its plans record
+    "torchao:Int8Tensor": quantize_int8,
+    "bitsandbytes:Int8Params": quantize_bnb,
+    "bitsandbytes:nf4": lambda pipe: quantize_bnb(pipe, _nf4()),
+}
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
 def test_calibrated_plan_records_and_requires_its_weights(
-    dit: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+    dit: Any, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Profiled on int8 weights: the plan says so (provenance and valid_for.weights), runs on
-    the int8 pipeline and is refused on the float one (one line, the fix), which stays clean."""
-    quant = quantize_int8(copy.deepcopy(dit))
+    """Profiled on quantized weights: the plan says so (provenance and valid_for.weights), runs
+    on the quantized pipeline and is refused on the float one (one line, the fix), which stays
+    clean."""
+    if kind.startswith("bitsandbytes"):
+        pytest.importorskip("bitsandbytes")
+    quant = QUANTIZED[kind](load_model("dit-tiny"))
     request = default_request("dit-tiny")
     plan = diffcache.profile(quant, "ertacache", prompts=["1"], request=request)
-    assert plan.provenance["weights"] == plan.valid_for["weights"] == "torchao:Int8Tensor"
+    assert plan.provenance["weights"] == plan.valid_for["weights"] == kind
     diffcache.accelerate(quant, plan)
     diffcache.remove(quant)
     with pytest.raises(PlanError) as e:
         diffcache.accelerate(dit, plan)
     message = str(e.value)
     assert "valid_for.weights" in message and "\n" not in message
-    assert "calibrated on torchao:Int8Tensor weights but this model's are float32" in message
+    assert f"calibrated on {kind} weights but this model's are float32" in message
     assert "diffcache profile" in message
     assert clean(dit.transformer, dit.scheduler) and not diffcache.is_accelerated(dit)
     out = tmp_path / "x.png"  # the CLI's float dit-tiny: exit 2, the same line, no image
-    args = ["generate", "--model", "dit-tiny", "--plan", str(plan.save(tmp_path / "int8.yaml"))]
+    args = ["generate", "--model", "dit-tiny", "--plan", str(plan.save(tmp_path / "q.yaml"))]
     assert main([*args, "--out", str(out)]) == 2 and not out.exists()
     err = capsys.readouterr().err
     assert err.startswith("diffcache: error: ") and err.count("\n") == 1
@@ -313,14 +330,94 @@ def test_uncalibrated_plan_records_weights_in_provenance_only(dit: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- bitsandbytes
+def _nf4() -> Any:
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+def _bnb_by_hand(module: torch.nn.Module, four_bit: bool) -> torch.nn.Module:
+    """Every ``nn.Linear`` of ``module`` swapped for a bitsandbytes layer the way bitsandbytes'
+    own docs build one: the float weights loaded into it, then quantized by ``.to(device)``."""
+    import bitsandbytes as bnb
+
+    for name, linear in [(n, m) for n, m in module.named_modules() if type(m) is torch.nn.Linear]:
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
+        layer = (
+            bnb.nn.Linear4bit(  # no double quantization: BitsAndBytesConfig's default
+                *shape, torch.float32, compress_statistics=False, quant_type="nf4"
+            )
+            if four_bit
+            else bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False)
+        )
+        layer.load_state_dict(linear.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, layer.to("cpu"))
+    return module
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["int8", "nf4"])
+def test_quantize_bnb_is_bitsandbytes_layers_by_hand(four_bit: bool) -> None:
+    """quantize_bnb (diffusers' replacement, on CPU) gives the pipeline built from bitsandbytes
+    layers by hand, bit for bit; the weights are named by their bitsandbytes kind and the
+    output is not the float model's."""
+    pytest.importorskip("bitsandbytes")
+    request = default_request("flux-tiny")
+    plain, quant, by_hand = (load_model("flux-tiny") for _ in range(3))
+    quantize_bnb(quant, _nf4() if four_bit else None)
+    _bnb_by_hand(by_hand.transformer, four_bit)
+    kind = "bitsandbytes:nf4" if four_bit else "bitsandbytes:Int8Params"
+    assert weights([quant.transformer]) == weights([by_hand.transformer]) == kind
+    got = generate(quant, request)
+    assert np.array_equal(got, generate(by_hand, request))
+    assert not np.array_equal(got, generate(plain, request))
+
+
+def test_quantize_bnb_names_a_wrong_config() -> None:
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    pipe = load_model("dit-tiny")
+    wrong = {
+        "sets neither load_in_8bit=True nor load_in_4bit=True": BitsAndBytesConfig(),
+        "config is a TorchAoConfig, not a diffusers BitsAndBytesConfig": TorchAoConfig(
+            Int8WeightOnlyConfig()
+        ),
+    }
+    for want, config in wrong.items():
+        with pytest.raises(DiffCacheError) as e:
+            quantize_bnb(pipe, config)
+        assert "\n" not in str(e.value) and want in str(e.value)
+    assert weights([pipe.transformer]) == "float32"
+
+
+@pytest.fixture(scope="module", params=["flux-tiny-int8", "wan2.1-tiny-nf4"])
+def bnb_pipes(request: pytest.FixtureRequest) -> tuple[Any, Any, str]:
+    """(the float pipeline, its bitsandbytes twin, the model name)."""
+    pytest.importorskip("bitsandbytes")
+    model, _, kind = request.param.rpartition("-")
+    quant = quantize_bnb(load_model(model), _nf4() if kind == "nf4" else None)
+    return load_model(model), quant, model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_bitsandbytes(bnb_pipes: tuple[Any, Any, str], method: str) -> None:
+    plain, quant, model = bnb_pipes
+    assert weights([quant.transformer]).startswith("bitsandbytes:")
+    _run_each_method(quant, plain, model, method)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_bitsandbytes_through_diffusers_needs_a_gpu(dit: Any, tmp_path: Path) -> None:
-    """bitsandbytes 0.50's layers run on CPU, but diffusers' BitsAndBytesConfig loader refuses
-    without a GPU, so there is no bitsandbytes pipeline to cache on this machine."""
+    """diffusers' BitsAndBytesConfig loader refuses without a GPU, even with device_map="cpu":
+    quantize_bnb is the CPU route."""
     pytest.importorskip("bitsandbytes")
     from diffusers import BitsAndBytesConfig
 
     dit.transformer.save_pretrained(tmp_path)
-    for config in (BitsAndBytesConfig(load_in_8bit=True), BitsAndBytesConfig(load_in_4bit=True)):
-        with pytest.raises(RuntimeError, match="No GPU found"):
-            type(dit.transformer).from_pretrained(tmp_path, quantization_config=config)
+    for config in (BitsAndBytesConfig(load_in_8bit=True), _nf4()):
+        for device_map in (None, "cpu"):
+            with pytest.raises(RuntimeError, match="No GPU found"):
+                type(dit.transformer).from_pretrained(
+                    tmp_path, quantization_config=config, device_map=device_map
+                )
