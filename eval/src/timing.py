@@ -85,7 +85,9 @@ def ideal_speedup(compute_fraction: float | None, share: float = 1.0) -> float |
     ideal 1 / the fraction; below 1 the rest, e.g. the text encoder and VAE around a denoiser,
     stays as it is: 1 / ((1 - share) + share x fraction), Amdahl's law). A fraction above 1
     counts as 1 (work that does not scale, the sampler's say, can only bring a costlier plan
-    closer to the baseline, never past it); None when unknown."""
+    closer to the baseline, never past it); None when unknown. The benches' "of ideal"
+    (DESIGN.md section 8) divides by this with ``share`` the part the fraction counts;
+    :func:`above_ideal` uses share 1, the bound no measured speedup can pass."""
     if compute_fraction is None or compute_fraction <= 0:
         return None
     return 1.0 / ((1.0 - share) + share * min(compute_fraction, 1.0))
