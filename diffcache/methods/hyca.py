@@ -182,7 +182,10 @@ class _HyCa:
         self.dim_solver = solver_of[cal.labels]  # (blocks, D): index into self.solvers
         self.keep = history_length(cal.cluster_solvers)  # history entries the plan reads
         self.cluster_solvers = cal.cluster_solvers
-        self.weights: dict[tuple, torch.Tensor] = {}  # (steps, k, device) -> (blocks, H, D)
+        self.weights: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (steps, k, device) -> (H, D)s
+        from diffcache import kernels  # resolved once: a skipped block call is on the hot path
+
+        self.forecast = kernels.forecast
 
     def weights_for(self, block: int, steps: tuple[int, ...], k: int, dims: int, device) -> Any:
         """``(H, D)``: each of ``block``'s dimensions' solver weights over the history at
@@ -199,7 +202,7 @@ class _HyCa:
         w = self.weights.get(key)
         if w is None:
             table = torch.tensor([solver_weights(s, steps, k) for s in self.solvers])  # (S, H)
-            w = table[self.dim_solver].transpose(1, 2).contiguous().to(device)  # (blocks, H, D)
+            w = table[self.dim_solver].transpose(1, 2).contiguous().to(device).unbind(0)
             if len(self.weights) > 4096:
                 self.weights.clear()
             self.weights[key] = w
@@ -230,13 +233,11 @@ class _HyCa:
 
     def reuse(self, call: Call, st: _History) -> Any:
         """The block's output forecast: its input plus each dimension's solver on the history."""
-        from diffcache import kernels
-
         x = self.blocks.inputs(call)
         block = self.index[call.site.name]
         w = self.weights_for(block, tuple(st.steps), call.step, x[0].shape[-1], x[0].device)
         history = st.parts(self.keep)
-        outs = [self.kernel(kernels.forecast, i, h, w) for i, h in zip(x, history, strict=True)]
+        outs = [self.kernel(self.forecast, i, h, w) for i, h in zip(x, history, strict=True)]
         if self.run.tracing:
             self.explain(call, st.steps, x, outs)
         return tuple(outs) if isinstance(st.template, (tuple, list)) else outs[0]

@@ -85,7 +85,9 @@ def ideal_speedup(compute_fraction: float | None, share: float = 1.0) -> float |
     ideal 1 / the fraction; below 1 the rest, e.g. the text encoder and VAE around a denoiser,
     stays as it is: 1 / ((1 - share) + share x fraction), Amdahl's law). A fraction above 1
     counts as 1 (work that does not scale, the sampler's say, can only bring a costlier plan
-    closer to the baseline, never past it); None when unknown."""
+    closer to the baseline, never past it); None when unknown. The benches' "of ideal"
+    (DESIGN.md section 8) divides by this with ``share`` the part the fraction counts;
+    :func:`above_ideal` uses share 1, the bound no measured speedup can pass."""
     if compute_fraction is None or compute_fraction <= 0:
         return None
     return 1.0 / ((1.0 - share) + share * min(compute_fraction, 1.0))
@@ -103,31 +105,33 @@ def time_inside(
     modules: Sequence[torch.nn.Module], device: str | torch.device = "cpu"
 ) -> Iterator[list[float]]:
     """Sum the wall seconds spent inside calls of ``modules`` (device work included; a call
-    made inside another of them counts once) into the yielded one-item list."""
-    total, start, depth = [0.0], [0.0], [0]
+    made inside another of them counts once) into the yielded one-item list. The timers wrap
+    each module's ``forward`` as diffcache's hooks do (:func:`diffcache.hooks.attach`), so a
+    module compiled on its own is timed outside its graph."""
+    from diffcache import hooks
 
-    def pre(_mod: Any, _args: Any) -> None:
+    total, depth = [0.0], [0]
+
+    def timer(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         depth[0] += 1
         if depth[0] == 1:
             sync(device)
-            start[0] = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                sync(device)
+                total[0] += time.perf_counter() - t0
 
-    def post(_mod: Any, _args: Any, _out: Any) -> None:
-        depth[0] -= 1
-        if depth[0] == 0:
-            sync(device)
-            total[0] += time.perf_counter() - start[0]
-
-    handles = [
-        h
-        for m in modules
-        for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))
-    ]
+    attached: list[hooks.Attachment] = []
     try:
+        attached += [hooks.attach(m, "forward", "diffcache.timer", timer) for m in modules]
         yield total
     finally:
-        for h in handles:
-            h.remove()
+        for a in reversed(attached):
+            a.detach()
 
 
 def costlier(compute_fraction: float) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from diffcache import hooks
 from diffcache.cli import main
 from diffcache.eval import plots, runner, timing
 from diffcache.eval import report as rp
@@ -95,8 +96,31 @@ def test_time_inside_sums_the_outermost_calls_only() -> None:
     with timing.time_inside([child]) as only_child:
         _, parent_wall = timing.timed(parent)
     assert 0.02 <= only_child[0] <= parent_wall - 0.01  # the child's sleep, not the parent's
-    parent()  # the hooks are gone after the block
-    assert not parent._forward_hooks and not parent._forward_pre_hooks
+    parent()  # the timers are gone after the block
+    assert not hooks.layers(parent) and not hooks.layers(child)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.linear(x))
+
+
+def test_time_inside_times_a_module_compiled_on_its_own() -> None:
+    """A block compiled in place with ``fullgraph=True`` (how bench/dit_variants.py's compiled
+    column runs HyCa) is timed outside its graph: the graph still compiles whole, the output is
+    the module's, and the time is inside the wall time of the calls."""
+    net, x = _Block(), torch.randn(2, 4)
+    want = net(x)
+    net.compile(backend="eager", fullgraph=True)
+    with timing.time_inside([net]) as inside:
+        out, wall = timing.timed(lambda: net(x))
+    assert torch.equal(out, want)
+    assert 0 < inside[0] <= wall
+    assert not hooks.layers(net)
 
 
 def test_measurement_threads_default_and_restore(monkeypatch) -> None:
