@@ -59,7 +59,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from diffcache.kernels import kv_compact
+from diffcache.kernels import kv_compact, take_rows
 from diffcache.kv.history import ScaleCall, Schedule
 
 CONTEXTUAL, STRUCTURAL = 0, 1
@@ -365,17 +365,26 @@ def _pivot_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept rows ``keep`` ``[B, H, m]`` of ``k``/``v`` with every other row averaged, K and V
     alike, into the kept row whose key is most cosine-similar to its key (LOOK-M pivot)."""
-    d = k.shape[-1]
-    kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
+    kept_k, kept_v = take_rows(k, keep), take_rows(v, keep)
     evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
     evicted.scatter_(2, keep, False)
     gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
     gone = gone.view(*k.shape[:2], -1)
-    gone_k, gone_v = k.gather(2, _rows(gone, d)), v.gather(2, _rows(gone, d))
-    pivot = _rows(_most_similar(gone_k, kept_k), d)
-    merged_k = kept_k.scatter_reduce(2, pivot, gone_k, reduce="mean", include_self=True)
-    merged_v = kept_v.scatter_reduce(2, pivot, gone_v, reduce="mean", include_self=True)
-    return merged_k, merged_v
+    gone_k, gone_v = take_rows(k, gone), take_rows(v, gone)
+    pivot = _most_similar(gone_k, kept_k)
+    return _mean_into(kept_k, pivot, gone_k), _mean_into(kept_v, pivot, gone_v)
+
+
+def _mean_into(kept: torch.Tensor, pivot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each kept row ``[B, H, m, d]`` averaged with the ``rows`` ``[B, H, E, d]`` whose ``pivot``
+    ``[B, H, E]`` names it: ``kept.scatter_reduce(2, pivot, rows, "mean", include_self=True)``
+    with the rows flattened: one ``index_add`` (whole rows, not element by element) and an
+    exact count per kept row."""
+    b, h, m, d = kept.shape
+    flat = (pivot + torch.arange(0, b * h * m, m, device=pivot.device).view(b, h, 1)).view(-1)
+    total = kept.reshape(-1, d).index_add(0, flat, rows.reshape(-1, d))
+    count = torch.bincount(flat, minlength=b * h * m).add_(1)
+    return (total / count[:, None].to(kept.dtype)).view(b, h, m, d)
 
 
 def _most_similar(rows: torch.Tensor, pool: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -388,10 +397,6 @@ def _most_similar(rows: torch.Tensor, pool: torch.Tensor, chunk: int = 1024) -> 
         for i in range(0, rows.shape[2], chunk)
     ]
     return torch.cat(parts, dim=2)
-
-
-def _rows(index: torch.Tensor, d: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(*index.shape, d)
 
 
 def _pair_rows(call: ScaleCall, batch: int) -> int:

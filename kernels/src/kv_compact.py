@@ -75,10 +75,18 @@ def _check(
         raise ValueError(f"kv_compact: keep must be int64 indices, got {keep.dtype}")
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[B, H, m]`` of ``x`` ``[B, H, L, d]`` per (batch row, head), ``[B, H, m,
+    d]``: ``x.gather(2, index broadcast over d)`` as one advanced index, which copies whole rows
+    (the gather reads element by element: about 3x slower on a CPU)."""
+    b, h, _ = index.shape
+    heads = torch.arange(h, device=index.device)[:, None]
+    return x[torch.arange(b, device=index.device)[:, None, None], heads, index]
+
+
 def _gather(old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    b, h, m = keep.shape
     both = torch.cat((old, new), dim=2) if new.shape[2] else old  # a store's rows in one buffer
-    return both.gather(2, keep[..., None].expand(b, h, m, both.shape[3]))
+    return take_rows(both, keep)
 
 
 def kv_compact_ref(
@@ -88,7 +96,7 @@ def kv_compact_ref(
     new_v: torch.Tensor,
     keep: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: ``torch.cat`` of history and new rows, then ``gather`` (K and V).
+    """Torch reference: ``torch.cat`` of history and new rows, then :func:`take_rows` (K and V).
 
     Raises:
         ValueError: Shapes or dtypes do not fit.

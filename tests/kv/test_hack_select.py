@@ -12,6 +12,7 @@ from diffcache.kv import ScaleCall, Schedule, Selection
 from diffcache.kv.hack import (
     HACKOptions,
     HACKSelection,
+    _mean_into,
     _most_similar,
     head_order,
     permute_heads,
@@ -314,6 +315,21 @@ def test_pivot_search_in_chunks_matches_the_whole_similarity_map():
     rows, pool = torch.randn(2, 3, 10, D, generator=gen), torch.randn(2, 3, 4, D, generator=gen)
     cos = torch.nn.functional.cosine_similarity(rows.unsqueeze(3), pool.unsqueeze(2), dim=-1)
     assert torch.equal(_most_similar(rows, pool, chunk=3), cos.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pivot_mean_is_scatter_reduce_bit_for_bit(dtype):
+    """The merge's flattened index_add averages exactly as ``scatter_reduce(mean,
+    include_self)`` does, bf16 included where a kept row takes over 256 rows (its count is
+    exact in both, not summed in bf16)."""
+    gen = torch.Generator().manual_seed(3)
+    kept = torch.randn(2, 3, 5, D, generator=gen).to(dtype)
+    rows = torch.randn(2, 3, 400, D, generator=gen).to(dtype)
+    pivot = torch.randint(0, 5, (2, 3, 400), generator=gen)
+    pivot[0, 0] = 2  # one kept row takes all 400
+    index = pivot.unsqueeze(-1).expand(*pivot.shape, D)
+    expect = kept.scatter_reduce(2, index, rows, reduce="mean", include_self=True)
+    assert torch.equal(_mean_into(kept, pivot, rows), expect)
 
 
 def test_head_order_puts_contextual_heads_first():
