@@ -17,6 +17,7 @@ kernel does not need ``keep`` sorted; the store's rows stay in order only if it 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping
 
 import torch
@@ -87,11 +88,18 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if sd != 1 or sl != d or sb % d or sh % d:
         heads = torch.arange(h, device=index.device)[:, None]
         return x[torch.arange(b, device=index.device)[:, None, None], heads, index]
-    first = torch.arange(b, device=index.device)[:, None, None] * (sb // d)
-    first = first + torch.arange(h, device=index.device)[:, None] * (sh // d)
     span = (b - 1) * (sb // d) + (h - 1) * (sh // d) + x.shape[2]
     table = x.as_strided((span, d), (d, 1))
+    first = _first_rows(b, h, sb // d, sh // d, index.device)
     return table.index_select(0, (index + first).view(-1)).view(b, h, m, d)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_rows(b: int, h: int, batch: int, head: int, device: torch.device) -> torch.Tensor:
+    """``[B, H, 1]``: the table row where each (batch row, head) starts, ``batch`` and ``head``
+    rows apart; made once per layout (never written to)."""
+    rows = torch.arange(b, device=device)[:, None, None] * batch
+    return rows + torch.arange(h, device=device)[:, None] * head
 
 
 def _gather(old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
