@@ -59,6 +59,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from diffcache.kernels import kv_compact, take_rows
 from diffcache.kv.history import ScaleCall, Schedule
 
 CONTEXTUAL, STRUCTURAL = 0, 1
@@ -105,11 +106,55 @@ class HACKOptions:
                 raise ValueError(f"hack: {name}={value}; it must be at least {low}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One head group of a layer as the selection runs it, its masks made once: ``heads`` (the
+    layer's), their ``classes``, the rows it keeps (``budget``); ``structural`` ``[Hg, 1]``
+    marks the heads that keep mandatory rows and ``merging`` indexes the heads whose evicted
+    rows are merged, each None where the group's heads all do or none does."""
+
+    heads: list[int]
+    classes: tuple[int, ...]
+    budget: int
+    structural: torch.Tensor | None
+    merging: torch.Tensor | None
+
+
+def _layer_groups(
+    row: list[int], budgets: dict[int, int], merging: tuple[int, ...]
+) -> list[_Group]:
+    """A layer's head groups (its heads' classes ``row``): all heads in one where both classes
+    keep as many rows, else the contextual heads, then the structural ones."""
+    if budgets[CONTEXTUAL] == budgets[STRUCTURAL]:
+        parts = [list(range(len(row)))]
+    else:
+        parts = [
+            g for c in (CONTEXTUAL, STRUCTURAL) if (g := [h for h, x in enumerate(row) if x == c])
+        ]
+    groups = []
+    for heads in parts:
+        classes = tuple(row[h] for h in heads)
+        structural = [c == STRUCTURAL for c in classes]
+        merged = [j for j, c in enumerate(classes) if c in merging]
+        groups.append(
+            _Group(
+                heads,
+                classes,
+                budgets[classes[0]],
+                None if len(set(structural)) == 1 else torch.tensor(structural)[:, None],
+                None if len(merged) in (0, len(heads)) else torch.tensor(merged),
+            )
+        )
+    return groups
+
+
 class HACKSelection:
-    """HACK (reconstructed) as a :class:`~diffcache.kv.history.Selection`: per layer a contextual
-    and a structural head group (``classes[l][h]``: 0 contextual, 1 structural), budgets
+    """HACK (reconstructed) as a :class:`~diffcache.kv.history.Selection`: per layer contextual
+    and structural heads (``classes[l][h]``: 0 contextual, 1 structural), budgets
     ``budget_contextual`` (B_C) and ``budget_structural`` (B_S) rows per head, the open
-    questions answered by ``options``."""
+    questions answered by ``options``. With ``B_C = B_S`` a layer's heads are one group, its
+    contextual heads' rows masked out of the mandatory set (one score, top-k and compaction per
+    layer); else a contextual and a structural group, selected one after the other."""
 
     variant = "reconstructed"
 
@@ -129,36 +174,34 @@ class HACKSelection:
                 f"{budget_structural}; both must be at least 1 row"
             )
         self.classes = table
-        self._by_layer = [  # (class, heads) of each layer's non-empty groups
-            [
-                (c, g)
-                for c in (CONTEXTUAL, STRUCTURAL)
-                if (g := [h for h, x in enumerate(row) if x == c])
-            ]
-            for row in table.tolist()
-        ]
         self.budgets = {CONTEXTUAL: int(budget_contextual), STRUCTURAL: int(budget_structural)}
         self.options = options or HACKOptions()
         self.when = self.options.when
+        merging = _MERGE_KINDS[self.options.merge_heads]
+        self._by_layer = [_layer_groups(row, self.budgets, merging) for row in table.tolist()]
 
     # -- the Selection protocol -------------------------------------------------------------
 
     def groups(self, layer: int, heads: int) -> list[list[int]]:
-        """The layer's contextual heads, then its structural heads (empty groups left out)."""
-        return [g for _, g in self._groups(layer, heads)]
+        """One group of all the layer's heads where ``B_C = B_S`` (both classes keep as many rows:
+        one dense tensor, scored, selected and compacted in one pass); else its contextual
+        heads, then its structural heads (empty groups left out)."""
+        return [g.heads for g in self._groups(layer, heads)]
 
     def keep(
         self, call: ScaleCall, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor | None:
         batch, heads, rows, _ = k.shape
-        kind = self.group_kind(call.layer, group)
         budget = self.budget(call, group, rows)
         if budget is None or rows <= budget:
             return None
         positions = self._row_positions(call, k)
         mandatory = None  # contextual heads have none
-        if kind == STRUCTURAL:
+        g = self._group(call.layer, group)
+        if STRUCTURAL in g.classes:
             mandatory = self._mandatory(call, positions)
+            if g.structural is not None:  # a group of both classes: its contextual heads
+                mandatory = mandatory & g.structural.to(k.device)  # have none
             if self._mandatory_count(call.schedule, call.si) > budget:  # an upper bound: the
                 worst = int(mandatory.sum(-1).max())  # exact count (a host sync) only then
                 if worst > budget:
@@ -179,46 +222,42 @@ class HACKSelection:
         compression) before ``start_scale``."""
         if call.si < self.options.start_scale:
             return None
-        return self.budgets[self.group_kind(call.layer, group)]
+        return self._group(call.layer, group).budget
 
     # -- the merge at the last scale ---------------------------------------------------------
 
     def merge(
         self, call: ScaleCall, group: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The kept rows ``keep`` of ``k``/``v`` with the evicted rows merged into them where
-        the merge applies (:meth:`merges`): each evicted row is averaged, K and V alike, into
-        the kept row whose key is most cosine-similar to its key (LOOK-M pivot); None where it
-        does not apply or nothing is evicted (the store compacts the kept rows itself)."""
+        """The kept rows ``keep`` of ``k``/``v`` with the evicted rows merged into them on the
+        group's heads where the merge applies (:meth:`merges`): each evicted row is averaged,
+        K and V alike, into the kept row whose key is most cosine-similar to its key (LOOK-M
+        pivot); None where it applies to none of them or nothing is evicted (the store compacts
+        the kept rows itself)."""
         if not self.merges(call, group) or keep.shape[-1] == k.shape[2]:
             return None
-        d = k.shape[-1]
-        kept_k, kept_v = k.gather(2, _rows(keep, d)), v.gather(2, _rows(keep, d))
-        evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
-        evicted.scatter_(2, keep, False)
-        gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
-        gone = gone.view(*k.shape[:2], -1)
-        gone_k, gone_v = k.gather(2, _rows(gone, d)), v.gather(2, _rows(gone, d))
-        pivot = _rows(_most_similar(gone_k, kept_k), d)
-        merged_k = kept_k.scatter_reduce(2, pivot, gone_k, reduce="mean", include_self=True)
-        merged_v = kept_v.scatter_reduce(2, pivot, gone_v, reduce="mean", include_self=True)
-        return merged_k, merged_v
+        heads = self._group(call.layer, group).merging
+        if heads is None:  # every head of the group merges
+            return _pivot_merge(k, v, keep)
+        kept_k, kept_v = kv_compact(  # the store's compaction, for the heads that do not merge
+            k, v, k[:, :, :0], v[:, :, :0], keep, backend=call.kernels, record=call.record
+        )
+        heads = heads.to(k.device)
+        merged_k, merged_v = _pivot_merge(*(t.index_select(1, heads) for t in (k, v, keep)))
+        return kept_k.index_copy_(1, heads, merged_k), kept_v.index_copy_(1, heads, merged_v)
 
     def merges(self, call: ScaleCall, group: int) -> bool:
-        """Whether :meth:`merge` merges (rather than only gathers) for this call and group:
-        ``merge_at="last"`` is the last selection some query reads (the last scale when
-        ``when="pre"``, the one before it when ``"post"``)."""
+        """Whether :meth:`merge` merges (rather than only gathers) for this call and some head
+        of the group: ``merge_at="last"`` is the last selection some query reads (the last
+        scale when ``when="pre"``, the one before it when ``"post"``)."""
         o = self.options
         last = len(call.schedule) - (1 if o.when == "pre" else 2)
         if o.merge == "none" or (o.merge_at == "last" and call.si != last):
             return False
-        return self.group_kind(call.layer, group) in _MERGE_KINDS[o.merge_heads]
+        kinds = _MERGE_KINDS[o.merge_heads]
+        return any(c in kinds for c in self._group(call.layer, group).classes)
 
     # -- checks and helpers ------------------------------------------------------------------
-
-    def group_kind(self, layer: int, group: int) -> int:
-        """CONTEXTUAL (0) or STRUCTURAL (1): the class of group ``group`` of ``layer``."""
-        return self._groups(layer, self.classes.shape[1])[group][0]
 
     def validate(self, schedule: Schedule, layers: int, heads: int) -> None:
         """Refuse, before any work, a class table that does not match the model or a structural
@@ -241,13 +280,16 @@ class HACKSelection:
         """:meth:`validate` with the heads of the class table (the budgeted store's hook)."""
         self.validate(schedule, layers, self.classes.shape[1])
 
-    def _groups(self, layer: int, heads: int) -> list[tuple[int, list[int]]]:
+    def _groups(self, layer: int, heads: int) -> list[_Group]:
         if heads != self.classes.shape[1] or not 0 <= layer < self.classes.shape[0]:
             raise ValueError(
                 f"hack: layer {layer} with {heads} heads is outside the head classes "
                 f"{tuple(self.classes.shape)} (layers x heads)"
             )
         return self._by_layer[layer]
+
+    def _group(self, layer: int, group: int) -> _Group:
+        return self._groups(layer, self.classes.shape[1])[group]
 
     def _row_positions(self, call: ScaleCall, k: torch.Tensor) -> torch.Tensor:
         """The generation positions of ``k``'s rows, as the store hands them over
@@ -318,6 +360,33 @@ class HACKSelection:
         return logits.softmax(dim=-1).sum(dim=2)
 
 
+def _pivot_merge(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept rows ``keep`` ``[B, H, m]`` of ``k``/``v`` with every other row averaged, K and V
+    alike, into the kept row whose key is most cosine-similar to its key (LOOK-M pivot)."""
+    kept_k, kept_v = take_rows(k, keep), take_rows(v, keep)
+    evicted = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
+    evicted.scatter_(2, keep, False)
+    gone = torch.arange(k.shape[2], device=k.device).expand(k.shape[:3])[evicted]
+    gone = gone.view(*k.shape[:2], -1)
+    gone_k, gone_v = take_rows(k, gone), take_rows(v, gone)
+    pivot = _most_similar(gone_k, kept_k)
+    return _mean_into(kept_k, pivot, gone_k), _mean_into(kept_v, pivot, gone_v)
+
+
+def _mean_into(kept: torch.Tensor, pivot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each kept row ``[B, H, m, d]`` averaged with the ``rows`` ``[B, H, E, d]`` whose ``pivot``
+    ``[B, H, E]`` names it: ``kept.scatter_reduce(2, pivot, rows, "mean", include_self=True)``
+    with the rows flattened: one ``index_add`` (whole rows, not element by element) and an
+    exact count per kept row."""
+    b, h, m, d = kept.shape
+    flat = (pivot + torch.arange(0, b * h * m, m, device=pivot.device).view(b, h, 1)).view(-1)
+    total = kept.reshape(-1, d).index_add(0, flat, rows.reshape(-1, d))
+    count = torch.bincount(flat, minlength=b * h * m).add_(1)
+    return (total / count[:, None].to(kept.dtype)).view(b, h, m, d)
+
+
 def _most_similar(rows: torch.Tensor, pool: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """For each of ``rows`` ``[B, H, E, d]`` the index of its most cosine-similar row of ``pool``
     ``[B, H, m, d]``, ``chunk`` rows at a time (the last scale's E × m map is large)."""
@@ -328,10 +397,6 @@ def _most_similar(rows: torch.Tensor, pool: torch.Tensor, chunk: int = 1024) -> 
         for i in range(0, rows.shape[2], chunk)
     ]
     return torch.cat(parts, dim=2)
-
-
-def _rows(index: torch.Tensor, d: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(*index.shape, d)
 
 
 def _pair_rows(call: ScaleCall, batch: int) -> int:

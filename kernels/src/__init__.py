@@ -16,7 +16,7 @@ from ._dispatch import Backend, describe, ops, pick, plan_backend, resolve_backe
 from .add_residual import add_residual, add_residual_ref
 from .forecast import forecast, forecast_ref
 from .gated_apply import gated_apply, gated_apply_ref
-from .kv_compact import kv_compact, kv_compact_ref
+from .kv_compact import kv_compact, kv_compact_ref, take_rows
 from .kv_rows import kv_gather, kv_gather_ref, kv_scatter, kv_scatter_ref
 from .l1_change import l1_change, l1_change_ref
 from .rectified_residual import rectified_residual, rectified_residual_ref
@@ -47,6 +47,7 @@ __all__ = [
     "rectified_residual",
     "rectified_residual_ref",
     "resolve_backend",
+    "take_rows",
     "token_confidence",
     "token_confidence_ref",
     "window_scores",

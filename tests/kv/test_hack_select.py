@@ -12,6 +12,7 @@ from diffcache.kv import ScaleCall, Schedule, Selection
 from diffcache.kv.hack import (
     HACKOptions,
     HACKSelection,
+    _mean_into,
     _most_similar,
     head_order,
     permute_heads,
@@ -66,9 +67,10 @@ def drive(sel, batch=4, cond_rows=2, seed=0, schedule=SCHED, scale=0.7, rows=Non
     return log
 
 
-def reference_keep(entry, kind, budget, opts, obs=None):
+def reference_keep(entry, budget, opts, obs=None):
     """§2.2.3 as a loop: subset softmax attention of N_obs strided queries, top-B_C for
-    contextual heads; first scales + most recent scale + top of the rest for structural."""
+    contextual heads; first scales + most recent scale + top of the rest for structural (each
+    head's class from CLASSES)."""
     q, k, pos, call = entry["q"], entry["k"], entry["pos"], entry["call"]
     batch, heads, rows, _ = k.shape
     if rows <= budget or call.si < opts.get("start_scale", 0):
@@ -85,8 +87,10 @@ def reference_keep(entry, kind, budget, opts, obs=None):
     if opts.get("recent_cap"):  # only the scale's last tokens
         lo = max(lo, hi - opts["recent_cap"])
 
+    kinds = [CLASSES[call.layer][h] for h in entry["heads"]]
+
     def mandatory(b, h):
-        if kind == 0:
+        if kinds[h] == 0:
             return set()
         return {j for j in range(rows) if pos[b, h, j] < SCHED.start(2) or lo <= pos[b, h, j] < hi}
 
@@ -134,11 +138,13 @@ def test_selection_matches_the_slow_reference_at_every_call(opts):
     assert isinstance(sel, Selection) and sel.when == "pre"
     compressed = set()
     for entry in drive(sel):
-        kind = sel.group_kind(entry["call"].layer, entry["group"])
+        kinds = {CLASSES[entry["call"].layer][h] for h in entry["heads"]}
+        assert len(kinds) == 1  # B_C != B_S: a group of each class
+        kind = kinds.pop()
         obs = None
         if opts.get("sampling") == "random":  # the draw itself is tested on its own below
             obs = sel.observed_queries(entry["call"], entry["q"].shape[2]).tolist()
-        expect = reference_keep(entry, kind, budgets[kind], opts, obs)
+        expect = reference_keep(entry, budgets[kind], opts, obs)
         if expect is None:
             assert entry["keep"] is None
             continue
@@ -149,13 +155,34 @@ def test_selection_matches_the_slow_reference_at_every_call(opts):
     assert min(si for _, si in compressed) == max(2, opts.get("start_scale", 0))
 
 
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_equal_budgets_select_a_layer_as_one_group_each_head_by_its_class(opts):
+    """B_C = B_S: one group of all heads per layer (one score, top-k and compaction), and every
+    head still keeps what the reference says for its own class."""
+    opts = dict(opts, n_obs=5, recent_cap=7)  # structural: 5 first-scale rows + 7 recent of 16
+    sel = HACKSelection(CLASSES, 16, 16, HACKOptions(**opts))
+    assert [sel.groups(layer, 4) for layer in range(2)] == [[[0, 1, 2, 3]]] * 2
+    compressed = set()
+    for entry in drive(sel):
+        obs = None
+        if opts.get("sampling") == "random":
+            obs = sel.observed_queries(entry["call"], entry["q"].shape[2]).tolist()
+        expect = reference_keep(entry, 16, opts, obs)
+        if expect is None:
+            assert entry["keep"] is None
+            continue
+        assert torch.equal(entry["keep"], expect)
+        compressed.add(entry["call"].si)
+    assert compressed == {3, 4}  # 14 rows fit at scale 2; 30, then 16 + 25, do not
+
+
 def test_structural_heads_keep_first_scales_and_recent_scale():
     for recent in ("current", "previous"):
         sel = HACKSelection(CLASSES, 3, 33, HACKOptions(recent=recent, n_obs=4, when="post"))
         seen = 0
         for entry in drive(sel, seed=1):
             call, keep = entry["call"], entry["keep"]
-            if keep is None or sel.group_kind(call.layer, entry["group"]) == 0:
+            if keep is None or CLASSES[call.layer][entry["heads"][0]] == 0:
                 continue
             kept = entry["pos"].gather(2, keep)
             r = call.si if recent == "current" else call.si - 1
@@ -273,6 +300,14 @@ def test_pivot_merge_matches_a_hand_computation():
         assert sel.merge(call, group, k, v, keep) is None
     every = HACKSelection([[0, 1]], 2, 4, HACKOptions(merge_at="every", merge_heads="all"))
     assert torch.equal(every.merge(early, 1, k, v, keep)[1], mv)
+    # B_C = B_S: both heads in one group; the contextual head 0 merges, the structural head 1
+    # keeps its rows 0 and 2 as they are
+    shared = HACKSelection([[0, 1]], 2, 2)
+    k2, v2, keep2 = k.expand(1, 2, 5, 2), v.expand(1, 2, 5, 2), keep.expand(1, 2, 2)
+    sk, sv = shared.merge(last, 0, k2, v2, keep2)
+    assert torch.equal(sk[0, 0], mk[0, 0]) and torch.equal(sv[0, 0], mv[0, 0])
+    assert sk[0, 1].tolist() == [[1.0, 0.0], [0.0, 1.0]] and sv[0, 1].tolist() == [[1, 2], [5, 6]]
+    assert shared.merge(early, 0, k2, v2, keep2) is None
 
 
 def test_pivot_search_in_chunks_matches_the_whole_similarity_map():
@@ -280,6 +315,21 @@ def test_pivot_search_in_chunks_matches_the_whole_similarity_map():
     rows, pool = torch.randn(2, 3, 10, D, generator=gen), torch.randn(2, 3, 4, D, generator=gen)
     cos = torch.nn.functional.cosine_similarity(rows.unsqueeze(3), pool.unsqueeze(2), dim=-1)
     assert torch.equal(_most_similar(rows, pool, chunk=3), cos.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pivot_mean_is_scatter_reduce_bit_for_bit(dtype):
+    """The merge's flattened index_add averages exactly as ``scatter_reduce(mean,
+    include_self)`` does, bf16 included where a kept row takes over 256 rows (its count is
+    exact in both, not summed in bf16)."""
+    gen = torch.Generator().manual_seed(3)
+    kept = torch.randn(2, 3, 5, D, generator=gen).to(dtype)
+    rows = torch.randn(2, 3, 400, D, generator=gen).to(dtype)
+    pivot = torch.randint(0, 5, (2, 3, 400), generator=gen)
+    pivot[0, 0] = 2  # one kept row takes all 400
+    index = pivot.unsqueeze(-1).expand(*pivot.shape, D)
+    expect = kept.scatter_reduce(2, index, rows, reduce="mean", include_self=True)
+    assert torch.equal(_mean_into(kept, pivot, rows), expect)
 
 
 def test_head_order_puts_contextual_heads_first():
@@ -297,7 +347,7 @@ def per_head_keeps(log):
 
 
 def groups_are_contiguous(classes):
-    sel = HACKSelection(classes, 1, 1)
+    sel = HACKSelection(classes, 1, 2)  # B_C != B_S: a group of each class
     groups = [sel.groups(layer, len(classes[0])) for layer in range(len(classes))]
     return all(sum(g, []) == list(range(len(classes[0]))) for g in groups)
 

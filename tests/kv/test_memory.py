@@ -113,8 +113,9 @@ GEO = Geometry(3, 2, 4, Schedule.square((1, 2, 3, 4, 5)), rows=2)
         ),
         # per layer a contextual (12 rows) and a structural (30 rows) head, in either order
         HACKSelection([[0, 1], [1, 0], [1, 0]], 12, 30, HACKOptions(recent_cap=4, n_obs=4)),
+        HACKSelection([[0, 1], [1, 0], [1, 0]], 30, 30, HACKOptions(recent_cap=4, n_obs=4)),
     ],
-    ids=["streaming", "pyramidkv", "scalekv", "hack"],
+    ids=["streaming", "pyramidkv", "scalekv", "hack", "hack-one-group"],
 )
 def test_selection_budget_equals_the_store_measurement(selection):
     """The rows ``diffcache kv`` assumes are the rows the budgeted store really keeps."""
@@ -141,3 +142,16 @@ def test_head_groups_with_their_own_budgets_by_hand():
     assert GEO.sweep_peak(budget, groups) == (2 * (12 + 30) + 12 + 30 + 25) * head
     with pytest.raises(ValueError, match="2 budgets for 1 groups"):
         GEO.history_before(budget)
+
+
+def test_hack_with_equal_budgets_holds_a_whole_layer_at_its_transient_rows():
+    """B_C = B_S = 30: a layer's contextual and structural heads are selected in one pass, so
+    both hold their history + the new map at once. At the last scale (25 tokens on 30 held)
+    the peak is the last layer's 2 heads at 30 + 25 rows with the two before it compacted to
+    30 (two groups one after the other would hold one head at 30 instead of 55)."""
+    sel = HACKSelection([[0, 1], [1, 0], [1, 0]], 30, 30, HACKOptions(recent_cap=4, n_obs=4))
+    store = run_store(sel, GEO)
+    assert store.groups == {layer: [[0, 1]] for layer in range(3)}
+    assert store.peak_nbytes() == (30 + 30 + 55) * GEO.row_bytes
+    budget, groups = selection_budget(sel, GEO.schedule, GEO.layers, GEO.heads)
+    assert groups == [[2]] * 3 and GEO.sweep_peak(budget, groups) == store.peak_nbytes()

@@ -106,28 +106,21 @@ def _pyramid(budget: int, window: int, layer: int, length: int, beta: int = 20) 
     return high - layer * ((high - low) // (LAYERS - 1)) + window
 
 
-def _groups(when: str, layer: int) -> list[list[int]]:
-    """One group of every head, or HACK's (``when="pre"``): contextual heads, then structural."""
-    if when == "pre":
-        return [[h for h in range(HEADS) if CLASSES[layer][h] == c] for c in (0, 1)]
-    return [list(range(HEADS))]
-
-
 def _expected(
     when: str, budget: Callable[[int, int, int], int | None]
 ) -> list[tuple[int, int, list[int], int, int]]:
-    """The rows each (scale, layer, head group) attends and holds: a post-attention rule attends
-    history + new rows, then keeps min(budget, all); a pre-attention rule keeps first and
-    attends what it kept. ``budget(si, layer, length)``: None = keep all."""
-    out, held = [], {}
+    """The rows each (scale, layer) attends and holds, one group of every head (HACK's plan
+    keeps B_C = B_S: both classes in one group): a post-attention rule attends history + new
+    rows, then keeps min(budget, all); a pre-attention rule keeps first and attends what it
+    kept. ``budget(si, layer, length)``: None = keep all."""
+    out, held = [], [0] * LAYERS
     for si in range(len(SCHEDULE)):
         for layer in range(LAYERS):
-            for heads in _groups(when, layer):
-                total = held.get((layer, tuple(heads)), 0) + SCHEDULE.tokens(si)
-                b = budget(si, layer, total)
-                kept = total if b is None else min(b, total)
-                out.append((si, layer, heads, kept if when == "pre" else total, kept))
-                held[layer, tuple(heads)] = kept
+            total = held[layer] + SCHEDULE.tokens(si)
+            b = budget(si, layer, total)
+            kept = total if b is None else min(b, total)
+            out.append((si, layer, list(range(HEADS)), kept if when == "pre" else total, kept))
+            held[layer] = kept
     return out
 
 
