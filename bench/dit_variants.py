@@ -4,7 +4,7 @@ models (issue 24's benchmark), against the same variant uncached.
 Variants (``--variants``): ``base`` (the model as built), ``lora`` (dit-digits only: the built-in
 ``dit-digits-lora``, a class-shift LoRA trained here, scored on the shifted classes; wan-shapes
 has no trained LoRA), ``int8`` (torchao weight-only int8: ``diffcache.quant.quantize_int8``),
-``8step`` (dit-digits only: the distilled ``dit-digits-8step``) and ``compiled``
+``8step`` (the distilled ``dit-digits-8step`` and ``wan-shapes-8step``) and ``compiled``
 (``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``,
 uncached and cached alike). A compiled cell compiles its pipeline and runs one untimed
 generation first, whose seconds are printed apart (the compile; evaluate's warm-up and timed
@@ -67,16 +67,17 @@ MODELS = ("dit-digits", "wan-shapes")
 VARIANTS = ("base", "lora", "int8", "8step", "compiled")
 METHODS = {"easycache": "", "ertacache": "-ertacache", "hyca": "-hyca", "invardiff": "-invardiff"}
 #: the variant's built-in model where it is one (the others prepare the model's own pipeline)
-MODEL_OF = {("dit-digits", "lora"): "dit-digits-lora", ("dit-digits", "8step"): "dit-digits-8step"}
+MODEL_OF = {
+    ("dit-digits", "lora"): "dit-digits-lora",
+    ("dit-digits", "8step"): "dit-digits-8step",
+    ("wan-shapes", "8step"): "wan-shapes-8step",
+}
 #: plain runs (the first inputs, one seed) whose median gives the denoiser's share of the time
 SHARE_INPUTS = 6
 #: the sites a block or module method's compute fraction counts (``Target.sites``' kind)
 SITES = {"hyca": "block", "invardiff": "module"}
 #: variants a model has no form of, and why
-MISSING = {
-    ("wan-shapes", "lora"): "no LoRA trained for it",
-    ("wan-shapes", "8step"): "not distilled",
-}
+MISSING = {("wan-shapes", "lora"): "no LoRA trained for it"}
 
 
 def prepare_for(variant: str, method: str, backend: str, first: str) -> Callable[[Any], Any] | None:
