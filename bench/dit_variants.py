@@ -5,7 +5,7 @@ Variants (``--variants``): ``base`` (the model as built), ``lora`` (the built-in
 trained here: ``dit-digits-lora``, a class shift scored on the shifted classes, and
 ``wan-shapes-lora``, a direction swap scored on the reversed directions), ``int8`` (torchao
 weight-only int8: ``diffcache.quant.quantize_int8``),
-``8step`` (dit-digits only: the distilled ``dit-digits-8step``) and ``compiled``
+``8step`` (the distilled ``dit-digits-8step`` and ``wan-shapes-8step``) and ``compiled``
 (``torch.compile`` where each method supports it, ``bench/compile_cache.py``'s ``WHERE``,
 uncached and cached alike). A compiled cell compiles its pipeline and runs one untimed
 generation first, whose seconds are printed apart (the compile; evaluate's warm-up and timed
@@ -74,6 +74,7 @@ MODEL_OF = {
     ("dit-digits", "lora"): "dit-digits-lora",
     ("wan-shapes", "lora"): "wan-shapes-lora",
     ("dit-digits", "8step"): "dit-digits-8step",
+    ("wan-shapes", "8step"): "wan-shapes-8step",
 }
 #: plain runs (the first inputs, one seed) whose median gives the denoiser's share of the time
 SHARE_INPUTS = 6
@@ -82,10 +83,6 @@ SHARE_INPUTS = 6
 COUNTS = {"easycache": "denoiser", "ertacache": "denoiser", "hyca": "block", "invardiff": "module"}
 #: the parts whose share of a plain run :func:`shares` measures
 PARTS = ("denoiser", "block", "module")
-#: variants a model has no form of, and why
-MISSING = {
-    ("wan-shapes", "8step"): "not distilled",
-}
 
 
 def prepare_for(variant: str, method: str, backend: str, first: str) -> Callable[[Any], Any] | None:
@@ -212,10 +209,6 @@ def main(argv: list[str] | None = None) -> None:
     print(header, flush=True)
     for model in args.models:
         for variant in args.variants:
-            if (model, variant) in MISSING:
-                lines.append(f"{model:<11} {variant:<8} (none: {MISSING[model, variant]})")
-                print(lines[-1], flush=True)
-                continue
             own = MODEL_OF.get((model, variant), model)
             prompts = None
             if args.inputs:

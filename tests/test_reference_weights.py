@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from diffcache.errors import UnsupportedModelError
-from diffcache.pipelines import digits, digits_fewstep, shapes, var_digits
+from diffcache.pipelines import digits, digits_fewstep, shapes, shapes_fewstep, var_digits
 from diffcache.pipelines._weights import CHECKSUMS
 
 MODELS = {
     "dit-digits": digits,
     "dit-digits-8step": digits_fewstep,
     "wan-shapes": shapes,
+    "wan-shapes-8step": shapes_fewstep,
     "var-digits": var_digits,
 }
 FILES = [(m, f) for m, module in MODELS.items() for f in module.WEIGHTS.files]

@@ -56,7 +56,7 @@ def golden_plans() -> dict[str, str]:
     from diffcache.profiles import bundled_plans
 
     small = [m for m in builtin_models() if m.endswith("-tiny")]
-    small += ["dit-digits", "dit-digits-8step", "wan-shapes"]
+    small += ["dit-digits", "dit-digits-8step", "wan-shapes", "wan-shapes-8step"]
     found = {}
     for name in bundled_plans():
         stem = name.removesuffix(".yaml")

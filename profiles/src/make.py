@@ -12,7 +12,8 @@ quantile that computes at most half of the module calls (first pass). ERTACache 
 Euler update the adjustment is defined for. The var-digits KV plans keep 30% of the history KV
 (``--target-kv 0.3``). ``dit-digits-8step`` (the few-step student, on its ten classes at seed 0
 and its 8 steps) takes, per method, the lowest of the targets 0.75 / 0.5 that kept its task score
-in ``bench/fewstep.py``.
+in ``bench/fewstep.py``; ``wan-shapes-8step`` (wan-shapes' student) the same targets on
+wan-shapes' calibration prompts at seed 100.
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ PLANS: dict[str, tuple[str, str, dict[str, Any], float, Any, int]] = {
     ),
     "dit-digits-8step-hyca.yaml": ("dit-digits-8step", "hyca", {}, 0.5, _digits, 0),
     "dit-digits-8step-invardiff.yaml": ("dit-digits-8step", "invardiff", {}, 0.75, _digits, 0),
+    # wan-shapes' few-step student at its 8 steps, on wan-shapes' calibration prompts and seed,
+    # with dit-digits-8step's targets (EasyCache's warm-up 4 again floors it at 0.625);
+    # ERTACache with its timestep adjustment: the student's sampler is flow-matching Euler
+    "wan-shapes-8step.yaml": (
+        "wan-shapes-8step", "easycache", {"warmup_steps": 4}, 0.75, _shapes_calibration, 100,
+    ),
+    "wan-shapes-8step-ertacache.yaml": (
+        "wan-shapes-8step", "ertacache", {"time_adjust": True}, 0.5, _shapes_calibration, 100,
+    ),
+    "wan-shapes-8step-hyca.yaml": (
+        "wan-shapes-8step", "hyca", {}, 0.5, _shapes_calibration, 100,
+    ),
+    "wan-shapes-8step-invardiff.yaml": (
+        "wan-shapes-8step", "invardiff", {}, 0.75, _shapes_calibration, 100,
+    ),
 }  # fmt: skip
 
 #: the random-weight tiny latent-diffusion models (not the text LMs or next-scale models these
