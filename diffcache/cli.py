@@ -352,12 +352,12 @@ def _family(pipe: Any, req: Any, sample: str | None = None, inputs: str | None =
 
 def _loras(args: argparse.Namespace, adapter: Any) -> list[Any]:
     """The ``--lora`` files, checked, and the model's family able to load them (a built-in
-    model's now; a folder's when it is loaded)."""
-    from diffcache.lora_files import check_loader, parse_lora, pipeline_class
+    model's, or the one a folder's files name), all before the model is built."""
+    from diffcache.lora_files import check_model, parse_lora
 
     loras = [parse_lora(given) for given in args.lora or ()]
-    if loras and adapter is not None:
-        check_loader(pipeline_class(adapter), adapter.family, args.model)
+    if loras:
+        check_model(args.model, adapter)
     return loras
 
 
