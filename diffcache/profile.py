@@ -43,7 +43,7 @@ from diffcache.eval.timing import (
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.kv.memory import Geometry
-from diffcache.lora import adapter_state
+from diffcache.lora import adapter_state, weights_norm
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import latent_part, sample_of
@@ -707,6 +707,7 @@ def _with_provenance(
         "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": fingerprint(target.experts),
         "weights": weights(target.experts),
+        "weights_norm": weights_norm(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
         "seeds": sorted({r.seed for r in requests}),
