@@ -92,10 +92,13 @@ def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
     return torch.cat(sums).numpy().tobytes() if sums else b""
 
 
-def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float]:
+def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
     """Each module's squared weight norm (its plain parameters' sum of squares, float64): what
     ``diffcache profile`` records (``provenance.weights_norm``), so that a run on weights a LoRA
-    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart."""
+    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart. None
+    while some weights are not in memory (on the meta device: sequential offloading)."""
+    if any(p.is_meta for root in modules for p in root.parameters()):
+        return None
     return [float(sum(float(s[1]) for s in _sums(root))) for root in modules]
 
 
@@ -240,7 +243,7 @@ class LoraWatch:
         profiled_state = self.plan.provenance.get("lora")
         if norm is not None and not self.warned and key == state_key(profiled_state):
             have = weights_norm(self.modules)
-            if not same_weights(norm, have):
+            if have is not None and not same_weights(norm, have):
                 self._warn(
                     f"weights {have}",
                     "its weights (provenance.weights_norm)",

@@ -707,7 +707,6 @@ def _with_provenance(
         "tool": f"diffcache {metadata.version('diffcache')} profile",
         "model_fingerprint": fingerprint(target.experts),
         "weights": weights(target.experts),
-        "weights_norm": weights_norm(target.experts),
         "prompts": len(prompts),
         "prompts_sha256": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest(),
         "seeds": sorted({r.seed for r in requests}),
@@ -715,6 +714,9 @@ def _with_provenance(
         "measured": dict(calibrated.measured),
         **{k: v for k, v in targets.items() if v is not None},
     }
+    norm = weights_norm(target.experts)  # not with weights offloaded to the meta device
+    if norm is not None:
+        provenance["weights_norm"] = norm
     lora = adapter_state(target.experts, target.pipe)  # recorded with a LoRA only (none: default)
     if lora is not None:
         provenance["lora"] = lora

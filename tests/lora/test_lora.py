@@ -261,6 +261,15 @@ def test_a_lora_merged_by_peft_alone_is_told_apart_by_the_weights_norm(
     assert "no LoRA on other weights" in message and "merge_and_unload" in message
 
 
+def test_weights_offloaded_to_meta_have_no_norm() -> None:
+    """Weights not in memory (sequential offloading keeps them on the meta device) are not
+    read: no norm recorded or compared, where reading them would fail."""
+    here, there = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")
+    want = float(here.weight.double().square().sum() + here.bias.double().square().sum())
+    assert diffcache.lora.weights_norm([here]) == pytest.approx([want], rel=1e-12)
+    assert diffcache.lora.weights_norm([here, there]) is None
+
+
 def test_cli_refuses_a_plan_for_another_lora_state(tmp_path: Path, capsys) -> None:
     from diffcache.cli import main
 
