@@ -95,11 +95,12 @@ def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
 def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
     """Each module's squared weight norm (its plain parameters' sum of squares, float64): what
     ``diffcache profile`` records (``provenance.weights_norm``), so that a run on weights a LoRA
-    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart. None
-    while some weights are not in memory (on the meta device: sequential offloading)."""
+    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart; to 12
+    significant digits, so that a plan file does not depend on the machine's summation order.
+    None while some weights are not in memory (on the meta device: sequential offloading)."""
     if any(p.is_meta for root in modules for p in root.parameters()):
         return None
-    return [float(sum(float(s[1]) for s in _sums(root))) for root in modules]
+    return [float(f"{sum(float(s[1]) for s in _sums(root)):.12g}") for root in modules]
 
 
 def same_weights(recorded: Sequence[float], have: Sequence[float]) -> bool:

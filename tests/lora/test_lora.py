@@ -233,7 +233,7 @@ def test_a_lora_merged_by_peft_alone_is_told_apart_by_the_weights_norm(
     pipe, req = dit
     plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
     want = sum(float(p.detach().double().square().sum()) for p in pipe.transformer.parameters())
-    assert plan.provenance["weights_norm"] == pytest.approx([want], rel=1e-12)
+    assert plan.provenance["weights_norm"] == pytest.approx([want], rel=1e-11)  # 12 digits
     plan = Plan.load(plan.save(tmp_path / "p.yaml"))  # the norm as a plan file keeps it
     monkeypatch.setattr(diffcache.lora, "_WARNED", set())
     caplog.set_level(logging.WARNING, logger="diffcache.lora")
@@ -266,7 +266,7 @@ def test_weights_offloaded_to_meta_have_no_norm() -> None:
     read: no norm recorded or compared, where reading them would fail."""
     here, there = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")
     want = float(here.weight.double().square().sum() + here.bias.double().square().sum())
-    assert diffcache.lora.weights_norm([here]) == pytest.approx([want], rel=1e-12)
+    assert diffcache.lora.weights_norm([here]) == pytest.approx([want], rel=1e-11)
     assert diffcache.lora.weights_norm([here, there]) is None
 
 
