@@ -78,11 +78,12 @@ def _unloaded(modules: Sequence[torch.nn.Module], pipe: Any) -> list[str]:
 
 def _sums(root: torch.nn.Module) -> list[torch.Tensor]:
     """Each plain tensor parameter of ``root`` in two numbers (on the CPU): its sum and sum of
-    squares in float64, reduced on its own device."""
+    squares in float64, reduced on its own device. Quantized ones (tensor subclasses, which
+    cannot even be detached in inference mode) are left out."""
     return [
         torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
         for p in root.parameters()
-        if type(p.detach()) is torch.Tensor
+        if type(p) in (torch.nn.Parameter, torch.Tensor)
     ]
 
 
