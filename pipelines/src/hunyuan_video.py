@@ -102,8 +102,7 @@ I2V = register_adapter(
             STEPS,
             guidance(),
         ),
-        cfg="separate",
-        rules=(_true_cfg,),
+        rules=(_true_cfg,),  # cfg stays "none": true CFG is opt-in, off by default
     )
 )
 
