@@ -352,12 +352,12 @@ def _family(pipe: Any, req: Any, sample: str | None = None, inputs: str | None =
 
 def _loras(args: argparse.Namespace, adapter: Any) -> list[Any]:
     """The ``--lora`` files, checked, and the model's family able to load them (a built-in
-    model's now; a folder's when it is loaded)."""
-    from diffcache.lora_files import check_loader, parse_lora, pipeline_class
+    model's, or the one a folder's files name), all before the model is built."""
+    from diffcache.lora_files import check_model, parse_lora
 
     loras = [parse_lora(given) for given in args.lora or ()]
-    if loras and adapter is not None:
-        check_loader(pipeline_class(adapter), adapter.family, args.model)
+    if loras:
+        check_model(args.model, adapter)
     return loras
 
 
@@ -873,7 +873,11 @@ def _plans_check(args: argparse.Namespace) -> int:
 def _plans_import(args: argparse.Namespace) -> int:
     import diffcache
     from diffcache.generate import check_writable
-    from diffcache.methods.invardiff_calibrate import import_reference_books, read_reference_books
+    from diffcache.methods.invardiff_calibrate import (
+        import_reference_books,
+        read_reference_books,
+        reference_keys,
+    )
     from diffcache.models import builtin_models
 
     out = Path(args.out)
@@ -887,6 +891,8 @@ def _plans_import(args: argparse.Namespace) -> int:
     if args.model is None:
         raise DiffCacheError("plans import --method invardiff needs --model")
     entry = builtin_models().get(args.model)  # a built-in model's family is known now
+    if entry is not None:
+        reference_keys(entry.plan_family, f"--model {args.model}")
     # a malformed book file fails before the model is built
     read_reference_books(args.file, entry.plan_family if entry is not None else None)
     plan = import_reference_books(args.file, diffcache.load_model(args.model), out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
 UNLOADED = "unloaded"  # the weight shown for an adapter fused, then unloaded
 _WARNED: set[tuple[str, str]] = set()  # (plan, state) warned about in this process
+#: relative tolerance of :func:`same_weights`: float64 sums of squares in another order differ
+#: by about 1e-15; the digits LoRA merged into dit-digits moves its norm by 4e-5
+WEIGHTS_RTOL = 1e-10
 
 
 def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
@@ -72,16 +76,40 @@ def _unloaded(modules: Sequence[torch.nn.Module], pipe: Any) -> list[str]:
     return sorted(fused - set(merged))
 
 
-def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
-    """The weights themselves, cheaply (on their device): each plain tensor parameter's sum
-    and sum of squares in float64."""
-    sums = [
+def _sums(root: torch.nn.Module) -> list[torch.Tensor]:
+    """Each plain tensor parameter of ``root`` in two numbers (on the CPU): its sum and sum of
+    squares in float64, reduced on its own device. Quantized ones (tensor subclasses, which
+    cannot even be detached in inference mode) are left out."""
+    return [
         torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-        for root in modules
         for p in root.parameters()
-        if type(p.detach()) is torch.Tensor
+        if type(p) in (torch.nn.Parameter, torch.Tensor)
     ]
+
+
+def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
+    """The weights themselves, cheaply: :func:`_sums` of every parameter."""
+    sums = [s for root in modules for s in _sums(root)]
     return torch.cat(sums).numpy().tobytes() if sums else b""
+
+
+def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
+    """Each module's squared weight norm (its plain parameters' sum of squares, float64): what
+    ``diffcache profile`` records (``provenance.weights_norm``), so that a run on weights a LoRA
+    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart; to 12
+    significant digits, so that a plan file does not depend on the machine's summation order.
+    None while some weights are not in memory (on the meta device: sequential offloading)."""
+    if any(p.is_meta for root in modules for p in root.parameters()):
+        return None
+    return [float(f"{sum(float(s[1]) for s in _sums(root)):.12g}") for root in modules]
+
+
+def same_weights(recorded: Sequence[float], have: Sequence[float]) -> bool:
+    """Whether the norms of :func:`weights_norm` ``have`` are those ``recorded`` (up to float64
+    summation order: another device or thread count); a merged LoRA moves them far more."""
+    return len(have) == len(recorded) and all(
+        math.isclose(a, b, rel_tol=WEIGHTS_RTOL) for a, b in zip(have, recorded, strict=True)
+    )
 
 
 def signature(modules: Sequence[torch.nn.Module], pipe: Any = None) -> tuple:
@@ -170,7 +198,10 @@ class LoraWatch:
     ``valid_for.lora`` refuses a run under another state (the pipeline stays accelerated); a
     calibrated plan that records the state it was profiled with (``provenance.lora``; none
     recorded: profiled without LoRA) but does not require it warns when they differ: once per
-    session, and once per process for a plan and state (``eval`` accelerates again and again)."""
+    session, and once per process for a plan and state (``eval`` accelerates again and again).
+    Under the state it was profiled with, a plan that records its weights' norm
+    (``provenance.weights_norm``) warns alike when they are other weights (a LoRA merged with
+    peft alone leaves no adapter to see), read once per session: one pass over the weights."""
 
     def __init__(
         self, modules: Sequence[torch.nn.Module], plan: Any, run: Any, pipe: Any = None
@@ -179,6 +210,7 @@ class LoraWatch:
         calibrated = bool(plan.calibration or plan.tensors)  # profiled data: made on one model
         recorded = plan.provenance.get("lora", NONE) if calibrated else None
         self.recorded = recorded if "lora" not in plan.valid_for else None
+        self.norm = plan.provenance.get("weights_norm") if calibrated else None
         self.warned = False
         self._sig: tuple | None = None
         self._state: dict[str, Any] | None = None
@@ -202,19 +234,43 @@ class LoraWatch:
             )
         if self.recorded is not None and not self.warned:
             profiled = self.recorded.get("sha256") if isinstance(self.recorded, Mapping) else NONE
-            if key != profiled and (self.plan.source, key) not in _WARNED:
-                self.warned = True
-                _WARNED.add((self.plan.source, key))
-                logger.warning(
-                    "diffcache: %s was calibrated with %s but this run has %s; its calibration "
-                    "may not fit: run `diffcache profile` on the pipeline with this LoRA "
-                    "(diffcache.profile(pipe, %r, prompts)) for a plan that does.",
-                    self.plan.name,
+            if key != profiled:
+                self._warn(
+                    key,
                     describe(self.recorded if isinstance(self.recorded, Mapping) else None),
                     describe(state),
-                    self.plan.method,
+                    "with this LoRA",
+                )
+        norm, self.norm = self.norm, None  # read once per session
+        profiled_state = self.plan.provenance.get("lora")
+        if norm is not None and not self.warned and key == state_key(profiled_state):
+            have = weights_norm(self.modules)
+            if have is not None and not same_weights(norm, have):
+                self._warn(
+                    f"weights {have}",
+                    "its weights (provenance.weights_norm)",
+                    f"{describe(state)} on other weights (their norm differs: a LoRA merged "
+                    "into them, e.g. by peft's merge_and_unload, or another checkpoint)",
+                    "as you run it",
                 )
         return {"lora": key}
+
+    def _warn(self, key: str, profiled: str, have: str, fix: str) -> None:
+        """One warning per session, and per plan and ``key`` per process."""
+        if (self.plan.source, key) in _WARNED:
+            return
+        self.warned = True
+        _WARNED.add((self.plan.source, key))
+        logger.warning(
+            "diffcache: %s was calibrated with %s but this run has %s; its calibration may not "
+            "fit: run `diffcache profile` on the pipeline %s (diffcache.profile(pipe, %r, "
+            "prompts)) for a plan that does.",
+            self.plan.name,
+            profiled,
+            have,
+            fix,
+            self.plan.method,
+        )
 
 
 class Rebind:

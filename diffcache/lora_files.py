@@ -106,11 +106,24 @@ def loader(pipeline_class: type | None, family: str) -> str | None:
     return "peft" if family in PEFT_FAMILIES else None
 
 
-def pipeline_class(adapter: Any) -> type | None:
-    """The diffusers pipeline class of a family adapter (None for our own pipelines)."""
+def check_model(model: str, adapter: Any) -> None:
+    """Refuse ``--lora`` on ``model`` before it is built when its family has no LoRA loader:
+    a built-in model by its ``adapter`` (None for a folder), a model folder by the pipeline
+    class its files name (:func:`diffcache.models.folder_pipeline`, e.g. model_index.json's
+    ``_class_name``). A folder naming no known family is left to loading it."""
     import diffusers
 
-    return getattr(diffusers, adapter.pipelines[0], None) if adapter.pipelines else None
+    from diffcache.models import folder_pipeline
+    from diffcache.registry import adapters
+
+    if adapter is not None:
+        name = adapter.pipelines[0] if adapter.pipelines else None
+    else:
+        name = folder_pipeline(Path(model))
+        adapter = next((a for a in adapters().values() if name in a.pipelines), None)
+        if adapter is None:
+            return
+    check_loader(getattr(diffusers, name, None) if name else None, adapter.family, model)
 
 
 def check_loader(pipeline_class: type | None, family: str, model: str) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
@@ -101,6 +102,9 @@ class Loader:
     detect: Callable[[Path], bool]
     load: Callable[[Path], Any]
     needs: str
+    #: the class name of the pipeline ``load`` builds from a folder, read off its files without
+    #: building it (None: the loader cannot say)
+    pipeline: Callable[[Path], str | None] = lambda path: None
 
 
 _EXTRA_MODELS: dict[str, ModelEntry] = {}
@@ -164,9 +168,9 @@ def load_model(name_or_path: str | Path) -> Any:
         )
     path = Path(name_or_path)
     if path.is_dir():
-        for loader in _LOADERS:
-            if loader.detect(path):
-                return loader.load(path)
+        loader = _loader_of(path)
+        if loader is not None:
+            return loader.load(path)
         formats = "; ".join(f"{x.name}: {x.needs}" for x in _LOADERS)
         raise UnsupportedModelError(
             f"{path}: no loader recognises this folder ({formats}); point at the folder "
@@ -174,6 +178,18 @@ def load_model(name_or_path: str | Path) -> Any:
         )
     entry = model_entry(str(name_or_path))
     return with_defaults(entry.build(), entry)
+
+
+def _loader_of(folder: Path) -> Loader | None:
+    """The first registered loader that reads ``folder``."""
+    return next((x for x in _LOADERS if x.detect(folder)), None)
+
+
+def folder_pipeline(folder: Path) -> str | None:
+    """The class name of the pipeline :func:`load_model` builds from ``folder``, read off its
+    files without building anything (None when no loader says)."""
+    loader = _loader_of(folder)
+    return loader.pipeline(folder) if loader is not None else None
 
 
 def builtin_of(pipe: Any) -> ModelEntry | None:
@@ -285,11 +301,22 @@ def _load_diffusers(path: Path) -> Any:
         ) from e
 
 
+def _diffusers_pipeline(path: Path) -> str | None:
+    """A diffusers folder's pipeline class: model_index.json's ``_class_name`` (None when the
+    file cannot be read: loading the folder names that)."""
+    try:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 register_loader(
     Loader(
         "diffusers",
         lambda p: (p / "model_index.json").is_file(),
         _load_diffusers,
         "model_index.json",
+        _diffusers_pipeline,
     )
 )

@@ -43,7 +43,7 @@ from diffcache.eval.timing import (
 )
 from diffcache.generate import Request, check, check_writable, expand, generate
 from diffcache.kv.memory import Geometry
-from diffcache.lora import adapter_state
+from diffcache.lora import adapter_state, weights_norm
 from diffcache.methods.base import Calibrated, MethodConfig, Observer
 from diffcache.models import builtin_of
 from diffcache.output import latent_part, sample_of
@@ -714,6 +714,9 @@ def _with_provenance(
         "measured": dict(calibrated.measured),
         **{k: v for k, v in targets.items() if v is not None},
     }
+    norm = weights_norm(target.experts)  # not with weights offloaded to the meta device
+    if norm is not None:
+        provenance["weights_norm"] = norm
     lora = adapter_state(target.experts, target.pipe)  # recorded with a LoRA only (none: default)
     if lora is not None:
         provenance["lora"] = lora

@@ -248,6 +248,18 @@ STEP_KEYS = ("step_cache_bool", "step_cache_book")
 METADATA_KEYS = ("cache_version", "rate_method", "config", "release")
 
 
+def reference_keys(family: str, given: str = "") -> dict[tuple[str, str], tuple[str, str]]:
+    """The reference books' (section, key) -> (stack, module) of ``family``'s models (a
+    pipeline variant's base family), or a DiffCacheError (naming ``given``, the model as the
+    user gave it) when the reference has none."""
+    if family not in REFERENCE_KEYS:
+        raise DiffCacheError(
+            f"invardiff: no reference book layout for {family} models"
+            f"{f' ({given})' if given else ''}; known: {', '.join(REFERENCE_KEYS)}"
+        )
+    return REFERENCE_KEYS[family]
+
+
 def book_layout(family: str | None = None) -> dict[str, list[str]]:
     """Section -> the module keys the reference writes in it, for ``family``'s books (None: any
     family's)."""
@@ -326,13 +338,9 @@ def import_reference_books(path: str | Path, pipe: Any, out: str | Path | None =
     from diffcache.registry import find_adapter
 
     target = Target.resolve(find_adapter(pipe), pipe)
-    keys = REFERENCE_KEYS.get(target.adapter.name)
-    if keys is None:
-        raise DiffCacheError(
-            f"invardiff: no reference book layout for {target.adapter.name} models; "
-            f"known: {', '.join(REFERENCE_KEYS)}"
-        )
-    step, data = read_reference_books(path, target.adapter.name)
+    family = target.adapter.family  # a pipeline variant's books are its base family's
+    keys = reference_keys(family)
+    step, data = read_reference_books(path, family)
     t = len(step)
     sites = target.sites("module")
     module = torch.zeros(t, len(sites), dtype=torch.bool)

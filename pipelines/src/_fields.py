@@ -18,6 +18,12 @@ def prompt(call_arg: str = "prompt") -> Field:
 
 
 NEGATIVE_PROMPT = Field("negative_prompt", str, "what to steer away from (CFG)", "negative_prompt")
+#: a guidance-distilled family's classifier-free guidance on top of its guidance embedding
+#: (HunyuanVideo): above 1, with a negative prompt, a second denoiser call per step
+TRUE_CFG = Field(
+    "true_cfg", float, "true CFG scale (above 1, with --negative-prompt)", "true_cfg_scale",
+    min=0.0, max=100.0,
+)  # fmt: skip
 STEPS = Field("steps", int, "denoising steps", "num_inference_steps", min=1, max=MAX_STEPS)
 #: the video VAEs of Wan, HunyuanVideo and CogVideoX compress time 4x and keep the first frame,
 #: so they make 4k + 1 frames; their pipelines would change another count without an error

@@ -11,7 +11,6 @@ when a tokenizer is loaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +65,18 @@ def detect_family(path: str | Path) -> str | None:
     return None
 
 
-def register_family_loader(family: str, title: str, load: Callable[[Path], Any]) -> Loader:
-    """Register ``load`` for the folders whose config.json names ``family``
-    (:func:`detect_family`); ``title`` is the family as written in the loader's description."""
+def register_family_loader(pipeline: Any, title: str) -> Loader:
+    """Register ``pipeline.from_pretrained`` for the folders whose config.json names its
+    ``family`` (:func:`detect_family`); ``title`` is the family as written in the loader's
+    description."""
+    family = pipeline.family
     return register_loader(
         Loader(
             family,
             lambda path: detect_family(path) == family,
-            load,
+            pipeline.from_pretrained,
             f"config.json naming {title}, safetensors",
+            lambda path: pipeline.__name__,
         )
     )
 

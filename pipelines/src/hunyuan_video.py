@@ -3,6 +3,7 @@ weights."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from diffcache import variants
@@ -11,7 +12,9 @@ from diffcache.pipelines._fields import (
     FRAMES,
     IMAGE,
     INPUT_IMAGE,
+    NEGATIVE_PROMPT,
     STEPS,
+    TRUE_CFG,
     guidance,
     prompt,
     required,
@@ -65,16 +68,41 @@ ADAPTER = register_adapter(
     )
 )
 
+
+def _true_cfg(values: Mapping[str, Any]) -> str | None:
+    """A negative prompt without a true CFG scale above 1, or the other way round: the
+    pipeline would ignore what was given."""
+    negative, scale = values.get("negative_prompt"), values.get("true_cfg")
+    if negative is not None and (scale is None or scale <= 1):
+        given = "" if scale is None else f" (--true-cfg {scale:g})"
+        return f"--negative-prompt needs --true-cfg above 1 on hunyuanvideo-i2v models{given}"
+    if negative is None and scale is not None and scale > 1:
+        return f"--true-cfg {scale:g} needs --negative-prompt on hunyuanvideo-i2v models"
+    return None
+
+
 # HunyuanVideoImageToVideoPipeline: the image enters the Llava text encoder, and the first latent
 # frame is the image's (``token_replace``: the transformer's token-replace blocks; the 33-channel
 # ``latent_concat`` checkpoint concatenates image latents and a mask instead). One transformer
-# call per step, as in text-to-video.
+# call per step, as in text-to-video; with a negative prompt and ``true_cfg_scale > 1`` (the
+# ``true_cfg`` field) a second, separate call per step: cond first (branch 0), then uncond (the
+# negative prompt with a black image: branch 1).
 I2V = register_adapter(
     variants.variant(
         ADAPTER,
         "hunyuanvideo-i2v",
         ("HunyuanVideoImageToVideoPipeline",),
-        (prompt(), required(INPUT_IMAGE), *IMAGE, FRAMES, STEPS, guidance()),
+        (
+            prompt(),
+            NEGATIVE_PROMPT,
+            TRUE_CFG,
+            required(INPUT_IMAGE),
+            *IMAGE,
+            FRAMES,
+            STEPS,
+            guidance(),
+        ),
+        rules=(_true_cfg,),  # cfg stays "none": true CFG is opt-in, off by default
     )
 )
 

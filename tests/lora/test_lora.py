@@ -219,6 +219,57 @@ def test_profile_records_the_lora_state(dit) -> None:
     assert "lora" not in plan.valid_for and plan.provenance["lora"]["adapters"] == {"p": 1.0}
 
 
+def test_a_lora_merged_by_peft_alone_is_told_apart_by_the_weights_norm(
+    dit, caplog, monkeypatch, tmp_path: Path
+) -> None:
+    """peft's ``merge_and_unload`` leaves no adapter (the state reads "no LoRA"), but the
+    weights' norm the plan records (each expert's sum of squares, here by hand) is not the
+    merged model's: one warning naming it; none on the weights it was profiled on. The weights
+    are read once per session, not per call."""
+    from peft import get_peft_model
+
+    from diffcache.testing.lora import lora_config
+
+    pipe, req = dit
+    plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
+    want = sum(float(p.detach().double().square().sum()) for p in pipe.transformer.parameters())
+    assert plan.provenance["weights_norm"] == pytest.approx([want], rel=1e-11)  # 12 digits
+    plan = Plan.load(plan.save(tmp_path / "p.yaml"))  # the norm as a plan file keeps it
+    monkeypatch.setattr(diffcache.lora, "_WARNED", set())
+    caplog.set_level(logging.WARNING, logger="diffcache.lora")
+    reads = []
+    norm = diffcache.lora.weights_norm
+    monkeypatch.setattr(diffcache.lora, "weights_norm", lambda m: reads.append(1) or norm(m))
+
+    def two_runs() -> None:
+        diffcache.accelerate(pipe, plan)
+        try:
+            _run(pipe, req)
+            _run(pipe, req)
+        finally:
+            diffcache.remove(pipe)
+
+    two_runs()
+    assert not caplog.records and len(reads) == 1
+    torch.manual_seed(0)
+    config = lora_config(targets=("to_q", "to_v"))
+    pipe.transformer = get_peft_model(pipe.transformer, config).merge_and_unload()
+    assert adapter_state([pipe.transformer]) is None  # what the LoRA state alone sees
+    two_runs()
+    assert len(reads) == 2 and len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "no LoRA on other weights" in message and "merge_and_unload" in message
+
+
+def test_weights_offloaded_to_meta_have_no_norm() -> None:
+    """Weights not in memory (sequential offloading keeps them on the meta device) are not
+    read: no norm recorded or compared, where reading them would fail."""
+    here, there = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")
+    want = float(here.weight.double().square().sum() + here.bias.double().square().sum())
+    assert diffcache.lora.weights_norm([here]) == pytest.approx([want], rel=1e-11)
+    assert diffcache.lora.weights_norm([here, there]) is None
+
+
 def test_cli_refuses_a_plan_for_another_lora_state(tmp_path: Path, capsys) -> None:
     from diffcache.cli import main
 

@@ -133,6 +133,44 @@ def test_bad_lora_is_one_line_before_the_model_loads(
     assert words.format(tmp=tmp_path) in line
 
 
+@pytest.mark.parametrize("command", ["generate", "profile", "eval"])
+def test_folder_without_lora_loader_is_refused_before_it_loads(
+    tmp_path: Path, capsys, monkeypatch, command: str
+) -> None:
+    """A model folder's family is read off its files (config.json naming LLaDA; a diffusers
+    folder's model_index.json ``_class_name``): --lora on one with no LoRA loader is one line
+    before the folder is loaded, and a folder whose family has one goes on to load."""
+    from safetensors.torch import save_file
+
+    from diffcache import lora_files
+
+    lora = tmp_path / "w.safetensors"
+    save_file({"a.lora_A.weight": torch.ones(2, 2), "a.lora_B.weight": torch.ones(2, 2)}, lora)
+    llada = tmp_path / "llada"
+    llada.mkdir()
+    (llada / "config.json").write_text(json.dumps({"model_type": "llada"}))
+    dit = tmp_path / "dit"
+    load_model("dit-tiny").save_pretrained(dit)
+
+    def built(name):
+        raise AssertionError(f"{name} was built")
+
+    monkeypatch.setattr(diffcache, "load_model", built)
+    argv = {
+        "generate": ["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")],
+        "profile": ["profile", "--method", "easycache", "--out", str(tmp_path / "p.yaml")],
+        "eval": ["eval", "--plan", "dit-tiny.yaml", "--out", str(tmp_path / "ev")],
+    }[command]
+    argv += ["--lora", str(lora)]
+    assert main([*argv, "--model", str(llada)]) == 2
+    assert f"--lora: {llada} (llada) has no LoRA loader" in _error(capsys)
+    with pytest.raises(AssertionError, match=f"{dit} was built"):  # DiT loads LoRAs with peft
+        main([*argv, "--model", str(dit)])
+    monkeypatch.setattr(lora_files, "PEFT_FAMILIES", ())  # DiTPipeline has no load_lora_weights
+    assert main([*argv, "--model", str(dit)]) == 2
+    assert f"--lora: {dit} (dit) has no LoRA loader" in _error(capsys)
+
+
 def test_lora_for_another_model_is_refused(tmp_path: Path, capsys) -> None:
     """The digits LoRA names modules flux-tiny has not: one line naming the file."""
     lora = str(HERE / "adapter.safetensors")

@@ -482,6 +482,57 @@ def test_reference_wan_books_import_and_run(wan, tmp_path) -> None:
     assert main([*cli[:2], str(tmp_path / "none.json"), *cli[3:], "--out", "x.yaml"]) == 2
 
 
+def test_reference_books_import_for_a_pipeline_variant(tmp_path, capsys, monkeypatch) -> None:
+    """``plans import --model wan-tiny-i2v``: the books of the variant's base family (Wan2.1)
+    make a wan2.1 plan that runs on the image-to-video pipeline, each module computed where the
+    books say (a reused step reuses all, the step after computes all), in both CFG branches; a
+    variant whose family has no reference books is refused before the model is built."""
+    from PIL import Image
+
+    from diffcache.generate import Request
+
+    steps = [False, False, True, False, False, True, False, False]
+    layers = len(diffcache.load_model("wan-tiny-i2v").transformer.blocks)
+    books = _wan_books(layers)
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps({"step_cache_bool": steps, "module_cache_book": books}))
+    out = tmp_path / "i2v.yaml"
+    cli = ["plans", "import", str(path), "--method", "invardiff", "--out", str(out)]
+    assert main([*cli, "--model", "wan-tiny-i2v"]) == 0
+    plan = Plan.load(out)
+    assert plan.model == "wan2.1" and plan.valid_for["num_inference_steps"] == STEPS
+
+    def reused(k: int, key: str, layer: int) -> bool:
+        return steps[k] or (books[key][k][layer] and not steps[k - 1])
+
+    computed = sum(
+        not reused(k, key, layer) for k in range(STEPS) for key in books for layer in range(layers)
+    )
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "in.png")
+    req = Request(prompt="a cat", image=str(tmp_path / "in.png"), steps=STEPS, height=32, width=32)
+    pipe = diffcache.load_model("wan-tiny-i2v")
+    diffcache.accelerate(pipe, out)
+    try:
+        assert np.isfinite(generate(pipe, req)).all()
+        stats = diffcache.stats(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert (stats.steps, stats.model_calls) == (STEPS, 2 * STEPS)
+    assert stats.work["module"][0] == 2 * computed
+
+    def built(name: str) -> None:
+        raise AssertionError(f"{name} was built")
+
+    monkeypatch.setattr(diffcache, "load_model", built)
+    capsys.readouterr()
+    assert main([*cli, "--model", "hunyuanvideo-tiny-i2v"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "diffcache: error: invardiff: no reference book layout for hunyuanvideo models "
+        "(--model hunyuanvideo-tiny-i2v); known: wan2.1, flux"
+    ), err
+
+
 def _wan_books(layers: int, keys: tuple[str, ...] = ("self_attn", "cross_attn", "ffn")) -> dict:
     rows = [[t > 0 and (t + layer) % 2 == 0 for layer in range(layers)] for t in range(STEPS)]
     return {key: rows for key in keys}

@@ -29,8 +29,11 @@ from diffcache.registry import find_adapter
 from diffcache.testing.toys import clean
 
 STEPS, STRENGTH = 8, 0.5
+#: a variant name's suffix: the model's run with a negative prompt and true CFG (HunyuanVideo)
+TRUE_CFG = "+true-cfg"
 VARIANTS = ["wan-tiny-i2v", "wan22-tiny-i2v", "wan-tiny-v2v", "cogvideox-tiny-i2v"]
 VARIANTS += ["cogvideox-tiny-v2v", "hunyuanvideo-tiny-i2v", "hunyuanvideo-tiny-i2v-33ch"]
+VARIANTS += ["hunyuanvideo-tiny-i2v" + TRUE_CFG]
 VARIANTS += [pytest.param("qwenimage-tiny-edit", marks=pytest.mark.slow)]
 METHODS = ["easycache", "ertacache", "invardiff", "hyca"]
 
@@ -50,8 +53,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _request(name: str, inputs: dict[str, str]) -> Request:
     given = {"video": inputs["video"], "strength": STRENGTH} if "v2v" in name else {}
     given = given or {"image": inputs["image"]}
+    if name.endswith(TRUE_CFG):
+        given |= {"negative_prompt": "blurry", "true_cfg": 3.0}
     small = Request(prompt="a cat", steps=STEPS, height=32, width=32, **given)
-    return small.merged(builtin_models()[name].defaults)
+    return small.merged(builtin_models()[name.removesuffix(TRUE_CFG)].defaults)
 
 
 class _Calls:
@@ -81,7 +86,7 @@ class _Calls:
 def variant(request: pytest.FixtureRequest, inputs: dict[str, str]) -> dict[str, Any]:
     """The model, its request, its plain output and its plain calls, grouped by step."""
     name = request.param
-    pipe, req = load_model(name), _request(name, inputs)
+    pipe, req = load_model(name.removesuffix(TRUE_CFG)), _request(name, inputs)
     calls = _Calls(pipe)
     base = generate(pipe, req)
     calls.close()
@@ -104,7 +109,8 @@ def test_steps_are_the_steps_the_pipeline_runs(variant: dict[str, Any]) -> None:
     name, experts = variant["name"], variant["experts"]
     want = int(STEPS * STRENGTH) if "v2v" in name else STEPS
     assert len(experts) == want and variant["calls"] == want * variant["branches"]
-    separate = name.startswith(("wan", "qwenimage"))  # CFG: separate calls / batched / none
+    # CFG: separate calls / batched / none
+    separate = name.startswith(("wan", "qwenimage")) or name.endswith(TRUE_CFG)
     assert variant["branches"] == (2 if separate else 1)
     if name == "wan22-tiny-i2v":
         assert experts == sorted(experts) and experts[0] == 0 and experts[-1] == 1
@@ -355,6 +361,57 @@ def test_cli_hunyuanvideo_image_to_video(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "diffcache: error: --image is required for hunyuanvideo-i2v models", err
+
+
+def test_hunyuanvideo_i2v_negative_prompt_runs_true_cfg(inputs: dict[str, str]) -> None:
+    """``negative_prompt`` + ``true_cfg`` reach HunyuanVideoImageToVideoPipeline as its own
+    ``negative_prompt`` / ``true_cfg_scale``: the output is the pipeline's called with them,
+    and another negative prompt changes it."""
+    pipe = load_model("hunyuanvideo-tiny-i2v")
+    req = Request(prompt="a cat", image=inputs["image"], steps=3, height=32, width=32, frames=5)
+    cfg = req.replace(negative_prompt="blurry", true_cfg=3.0)
+    direct = pipe(
+        image=Image.open(inputs["image"]).convert("RGB"),
+        prompt="a cat",
+        negative_prompt="blurry",
+        true_cfg_scale=3.0,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        num_frames=5,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    ).frames[0]
+    out = generate(pipe, cfg)
+    assert np.array_equal(out, direct)
+    assert not np.array_equal(out, generate(pipe, req))
+    assert not np.array_equal(out, generate(pipe, cfg.replace(negative_prompt="x")))
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg above 1"),
+        (["--negative-prompt", "blurry", "--true-cfg", "1"], "above 1 on hunyuanvideo-i2v models"
+         " (--true-cfg 1)"),
+        (["--true-cfg", "4.5"], "--true-cfg 4.5 needs --negative-prompt on hunyuanvideo-i2v"),
+    ],
+)  # fmt: skip
+def test_cli_hunyuanvideo_i2v_negative_prompt_without_true_cfg_is_refused(
+    inputs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture, monkeypatch, flags, error
+) -> None:
+    """The pipeline ignores a negative prompt unless true_cfg_scale > 1 (and the scale without
+    one): one line before the model is built."""
+
+    def built(name: str) -> None:
+        raise AssertionError(f"{name} was built")
+
+    monkeypatch.setattr(diffcache, "load_model", built)
+    argv = ["generate", "--model", "hunyuanvideo-tiny-i2v", "--prompt", "a cat"]
+    argv += ["--image", inputs["image"], "--out", str(tmp_path / "o.gif"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffcache: error: ") and error in err[0], err
 
 
 def test_qwenimage_edit_keeps_the_image_and_the_prompt(inputs: dict[str, str]) -> None:

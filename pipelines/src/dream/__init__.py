@@ -124,4 +124,4 @@ def build_tiny() -> DreamPipeline:
     return DreamPipeline(*build_tiny_dream())
 
 
-dlm_loading.register_family_loader(DreamPipeline.family, "Dream", DreamPipeline.from_pretrained)
+dlm_loading.register_family_loader(DreamPipeline, "Dream")

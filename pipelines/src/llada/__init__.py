@@ -152,4 +152,4 @@ def build_tiny() -> LLaDAPipeline:
     return LLaDAPipeline(*build_tiny_llada())
 
 
-dlm_loading.register_family_loader(LLaDAPipeline.family, "LLaDA", LLaDAPipeline.from_pretrained)
+dlm_loading.register_family_loader(LLaDAPipeline, "LLaDA")
