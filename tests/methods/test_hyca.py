@@ -293,6 +293,23 @@ def test_four_point_solvers_run_and_plans_of_the_old_pool_still_do(flux_plan) ->
     assert (_generate_with(pipe, old, one)[0] == _generate_with(pipe, plan, one)[0]).all()
 
 
+def _toy_plan(dims: int) -> Plan:
+    """HyCa on the two toy blocks, warm-up 2, a full step every 3: block 0's ``dims``
+    dimensions forecast by ``linear``, block 1's by ``reuse``."""
+    cfg = HyCaConfig(warmup_steps=2, interval=3, solvers=("linear", "reuse"))
+    return Plan(
+        model="toy",
+        method="hyca",
+        options=cfg.to_options(),
+        calibration={"cluster_solvers": ["linear", "reuse"]},
+        tensors={
+            "labels": torch.tensor([[0] * dims, [1] * dims]),
+            "errors": torch.zeros(2, dims, 2),
+            "indicators": torch.zeros(2, dims, 3),
+        },
+    )
+
+
 def test_skipped_steps_return_the_solvers_forecast_for_that_step() -> None:
     """Toy blocks on scripted latents ``x_k = k^2``: block 0's residual is ``x_k`` (forecast
     by ``linear``), block 1's is ``-2x_k / 2 = -x_k`` at its computed input ``2x_k`` (by
@@ -304,18 +321,7 @@ def test_skipped_steps_return_the_solvers_forecast_for_that_step() -> None:
     steps, dims = 8, 3
     xs = [float(k * k) for k in range(steps)]
     pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), x) for x in xs])
-    cfg = HyCaConfig(warmup_steps=2, interval=3, solvers=("linear", "reuse"))
-    plan = Plan(
-        model="toy",
-        method="hyca",
-        options=cfg.to_options(),
-        calibration={"cluster_solvers": ["linear", "reuse"]},
-        tensors={
-            "labels": torch.tensor([[0] * dims, [1] * dims]),
-            "errors": torch.zeros(2, dims, 2),
-            "indicators": torch.zeros(2, dims, 3),
-        },
-    )
+    plan = _toy_plan(dims)
     diffcache.accelerate(pipe, plan)
     pipe(torch.full((1, 2, dims), xs[0]), steps=steps)
     full = [0, 1, 2, 5]  # k < 2, and (k - 2) % 3 == 0
@@ -346,18 +352,7 @@ def test_the_solver_weights_are_made_once_per_skipped_step_for_all_blocks(monkey
     )
     steps, dims = 8, 3
     pipe = ToyPipeline(cfg="none", script=[torch.full((1, 2, dims), float(k)) for k in range(8)])
-    cfg = HyCaConfig(warmup_steps=2, interval=3, solvers=("linear", "reuse"))
-    plan = Plan(
-        model="toy",
-        method="hyca",
-        options=cfg.to_options(),
-        calibration={"cluster_solvers": ["linear", "reuse"]},
-        tensors={
-            "labels": torch.tensor([[0] * dims, [1] * dims]),
-            "errors": torch.zeros(2, dims, 2),
-            "indicators": torch.zeros(2, dims, 3),
-        },
-    )
+    plan = _toy_plan(dims)
     diffcache.accelerate(pipe, plan)
     pipe(torch.full((1, 2, dims), 0.0), steps=steps)
     skipped = [k for k in range(steps) if not (k < 2 or (k - 2) % 3 == 0)]
