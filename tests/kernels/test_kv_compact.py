@@ -197,3 +197,22 @@ def test_native_infinity_geometry(m: int, dtypes: tuple[torch.dtype, ...]) -> No
     assert record == {"kv_compact": "triton"}
     want_k, want_v = kv_compact_ref(*case)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "narrow", "transposed"])
+def test_take_rows_equals_gather_on_every_layout(layout: str) -> None:
+    """``take_rows`` reads a store buffer's rows through one table (contiguous rows and
+    ``narrow`` views of a longer buffer) and other layouts by advanced indexing: each equals
+    ``gather`` over the rows, bit for bit."""
+    from diffcache.kernels import take_rows
+
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randn(2, 3, 12, 4, generator=g)
+    x = {
+        "contiguous": buffer,
+        "narrow": buffer.narrow(2, 0, 7),  # a store's held rows: a view of its buffer
+        "transposed": buffer.transpose(1, 2).contiguous().transpose(1, 2),  # heads innermost
+    }[layout]
+    index = _keep(2, 3, x.shape[2], 5, g, "cpu")
+    want = x.gather(2, index[..., None].expand(2, 3, 5, 4))
+    assert torch.equal(take_rows(x, index), want)
