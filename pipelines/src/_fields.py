@@ -3,7 +3,7 @@ serves must mean the same in every family (``register_adapter`` checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,24 @@ TRUE_CFG = Field(
     "true_cfg", float, "true CFG scale (above 1, with --negative-prompt)", "true_cfg_scale",
     min=0.0, max=100.0,
 )  # fmt: skip
+
+
+def true_cfg_rule(family: str) -> Callable[[Mapping[str, Any]], str | None]:
+    """The rule of a family taking :data:`NEGATIVE_PROMPT` and :data:`TRUE_CFG`: its pipeline
+    runs true CFG only with both (a scale above 1), and ignores either one given alone."""
+
+    def rule(values: Mapping[str, Any]) -> str | None:
+        negative, scale = values.get("negative_prompt"), values.get("true_cfg")
+        if negative is not None and (scale is None or scale <= 1):
+            given = "" if scale is None else f" (--true-cfg {scale:g})"
+            return f"--negative-prompt needs --true-cfg above 1 on {family} models{given}"
+        if negative is None and scale is not None and scale > 1:
+            return f"--true-cfg {scale:g} needs --negative-prompt on {family} models"
+        return None
+
+    return rule
+
+
 STEPS = Field("steps", int, "denoising steps", "num_inference_steps", min=1, max=MAX_STEPS)
 #: the video VAEs of Wan, HunyuanVideo and CogVideoX compress time 4x and keep the first frame,
 #: so they make 4k + 1 frames; their pipelines would change another count without an error

@@ -3,7 +3,6 @@ weights."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from diffcache import variants
@@ -18,6 +17,7 @@ from diffcache.pipelines._fields import (
     guidance,
     prompt,
     required,
+    true_cfg_rule,
 )
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import (
@@ -31,9 +31,10 @@ from diffcache.registry import register_adapter
 from diffcache.sites import ModuleSite, Stack
 
 # HunyuanVideo is guidance-distilled: ``guidance_scale`` feeds the transformer's guidance
-# embedding and each step makes one transformer call. The pipeline can also run true CFG
-# (a second, separate call per step) when ``true_cfg_scale > 1`` and a negative prompt is given;
-# that mode is not exposed here, so there is no ``negative_prompt`` field.
+# embedding and each step makes one transformer call. With a negative prompt and
+# ``true_cfg_scale > 1`` (the ``true_cfg`` field) the pipeline also runs true CFG: a second,
+# separate call per step, cond first (branch 0), then uncond (the negative prompt: branch 1).
+# cfg stays "none": true CFG is opt-in, off by default.
 ADAPTER = register_adapter(
     Adapter(
         name="hunyuanvideo",
@@ -64,29 +65,17 @@ ADAPTER = register_adapter(
         output="frames",
         seed_arg="generator",
         call_args={"output_type": "np"},
-        fields=(prompt(), *IMAGE, FRAMES, STEPS, guidance()),
+        fields=(prompt(), NEGATIVE_PROMPT, TRUE_CFG, *IMAGE, FRAMES, STEPS, guidance()),
+        rules=(true_cfg_rule("hunyuanvideo"),),
     )
 )
-
-
-def _true_cfg(values: Mapping[str, Any]) -> str | None:
-    """A negative prompt without a true CFG scale above 1, or the other way round: the
-    pipeline would ignore what was given."""
-    negative, scale = values.get("negative_prompt"), values.get("true_cfg")
-    if negative is not None and (scale is None or scale <= 1):
-        given = "" if scale is None else f" (--true-cfg {scale:g})"
-        return f"--negative-prompt needs --true-cfg above 1 on hunyuanvideo-i2v models{given}"
-    if negative is None and scale is not None and scale > 1:
-        return f"--true-cfg {scale:g} needs --negative-prompt on hunyuanvideo-i2v models"
-    return None
 
 
 # HunyuanVideoImageToVideoPipeline: the image enters the Llava text encoder, and the first latent
 # frame is the image's (``token_replace``: the transformer's token-replace blocks; the 33-channel
 # ``latent_concat`` checkpoint concatenates image latents and a mask instead). One transformer
-# call per step, as in text-to-video; with a negative prompt and ``true_cfg_scale > 1`` (the
-# ``true_cfg`` field) a second, separate call per step: cond first (branch 0), then uncond (the
-# negative prompt with a black image: branch 1).
+# call per step, as in text-to-video, and true CFG alike (its uncond call: the negative prompt
+# with a black image).
 I2V = register_adapter(
     variants.variant(
         ADAPTER,
@@ -102,7 +91,7 @@ I2V = register_adapter(
             STEPS,
             guidance(),
         ),
-        rules=(_true_cfg,),  # cfg stays "none": true CFG is opt-in, off by default
+        rules=(true_cfg_rule("hunyuanvideo-i2v"),),
     )
 )
 
