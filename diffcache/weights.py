@@ -11,6 +11,11 @@ from typing import Any
 import torch
 
 from diffcache.errors import PlanError
+from diffcache.lora import same_weights, weights_norm
+
+#: ``valid_for.weights``: the very weights the plan was profiled on (``provenance.weights`` and
+#: ``provenance.weights_norm``), not only their storage
+PROFILED = "profiled"
 
 
 def weights(modules: Iterable[torch.nn.Module]) -> str:
@@ -38,12 +43,44 @@ def _kind(weight: torch.Tensor) -> str:
 
 
 def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
-    """Refuse ``plan`` if it is valid for other weights than ``experts`` have."""
+    """Refuse ``plan`` if it is valid for other weights than ``experts`` have: another storage
+    (``valid_for.weights: float32`` ...), or with ``valid_for.weights: profiled`` other weights
+    than it was profiled on (their storage and norm in ``provenance``: a LoRA merged into them
+    leaves no adapter to see, but moves the norm)."""
     want = plan.valid_for.get("weights")
+    if want is None:
+        return
+    fix = f"profile the model as you run it ({type(plan.config).profile_hint()})"
+    kind = plan.provenance.get("weights") if want == PROFILED else want
     have = weights(experts)
-    if want is not None and want != have:
+    if kind is not None and kind != have:
         raise PlanError(
-            f"{plan.source}: valid_for.weights: the plan was calibrated on {want} weights but "
-            f"this model's are {have}; profile the model as you run it "
-            f"({type(plan.config).profile_hint()}), or load it as it was profiled."
+            f"{plan.source}: valid_for.weights: the plan was calibrated on {kind} weights but "
+            f"this model's are {have}; {fix}, or load it as it was profiled."
+        )
+    if want == PROFILED:
+        _check_norm(plan, experts, fix)
+
+
+def _check_norm(plan: Any, experts: Sequence[torch.nn.Module], fix: str) -> None:
+    """``valid_for.weights: profiled``: the weights' norm is the one the plan records."""
+    where = f"{plan.source}: valid_for.weights: profiled"
+    recorded = plan.provenance.get("weights_norm")
+    if recorded is None:
+        raise PlanError(
+            f"{where}: the plan records no weights' norm (provenance.weights_norm) to compare "
+            f"with; {fix}."
+        )
+    have = weights_norm(experts)
+    if have is None:
+        raise PlanError(
+            f"{where}: this model's weights are not in memory (on the meta device: sequential "
+            "offloading), so they cannot be compared; accelerate before offloading, or drop "
+            "the key."
+        )
+    if not same_weights(recorded, have):
+        raise PlanError(
+            f"{where}: the plan was profiled on weights of squared norm {recorded} but this "
+            f"model's is {have} (a LoRA fused or merged into them, or another checkpoint); "
+            f"{fix}, or load the weights it was profiled on."
         )
