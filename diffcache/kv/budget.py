@@ -14,7 +14,10 @@ evicted rows folded into kept ones); the store then uses what it returns instead
 compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
 selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
 never keeps more, sizes the group's buffers by it, and does not ask ``keep`` while the group's
-rows fit within it (nothing to select: no op, no copy).
+rows fit within it (nothing to select: no op, no copy). Every selection's kept indices are
+checked for dtype, shape and budget; those of a selection diffcache does not define also for
+being sorted, unique and in range (one host synchronisation per compaction; diffcache's own
+keep them so by construction and are not read back).
 
 Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
 group's first call for the most rows it will hold at once (its budget plus the current map, by
@@ -38,10 +41,12 @@ from diffcache.kernels import kv_compact
 from diffcache.kv.history import ScaleCall, Selection, attention
 
 
-def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | None) -> None:
-    """Raise ValueError unless ``keep`` is ``[B, Hg, m]`` int64, strictly increasing, in
-    ``[0, L)`` and ``m`` is within ``budget`` (``shape`` = ``(B, Hg, L)``); one host
-    synchronisation."""
+def check_keep(
+    keep: torch.Tensor, shape: tuple[int, int, int], budget: int | None, values: bool = True
+) -> None:
+    """Raise ValueError unless ``keep`` is ``[B, Hg, m]`` int64 and ``m`` is within ``budget``
+    (``shape`` = ``(B, Hg, L)``), and with ``values`` unless it is strictly increasing and in
+    ``[0, L)``: one host synchronisation (the rest reads shapes only)."""
     b, hg, length = shape
     if keep.dtype != torch.int64 or keep.dim() != 3 or tuple(keep.shape[:2]) != (b, hg):
         raise ValueError(
@@ -50,14 +55,22 @@ def check_keep(keep: torch.Tensor, shape: tuple[int, int, int], budget: int | No
     m = keep.shape[-1]
     if budget is not None and m > budget:
         raise ValueError(f"the selection kept {m} rows, more than its budget of {budget}")
+    if not values or not m:
+        return
     # sorted, unique and in range <=> every step of -1, keep..., length is positive
     steps = F.pad(F.pad(keep, (1, 0), value=-1), (0, 1), value=length).diff(dim=-1)
-    if m and not bool((steps > 0).all()):
+    if not bool((steps > 0).all()):
         if int(keep.min()) < 0 or int(keep.max()) >= length:
             raise ValueError(
                 f"kept indices must lie in [0, {length}), got [{keep.min()}, {keep.max()}]"
             )
         raise ValueError("kept indices must be sorted ascending and unique per (row, head)")
+
+
+def ours(selection: Selection) -> bool:
+    """Whether diffcache defines ``selection``'s class: its kept indices are sorted, unique and
+    in range by construction (its tests pin them), so the store does not read them back."""
+    return type(selection).__module__.split(".")[0] == "diffcache"
 
 
 def capacity(selection: Selection, call: ScaleCall, group: int) -> int:
@@ -139,6 +152,7 @@ class BudgetedHistory:
         if selection.when not in ("pre", "post"):
             raise ValueError(f"selection.when must be 'pre' or 'post', got {selection.when!r}")
         self.selection = selection
+        self.check_values = not ours(selection)  # a third party's: read its indices back
         self.kernels = kernels
         self.kernel_record: dict[str, str] = {}
         self.groups: dict[int, list[list[int]]] = {}
@@ -234,7 +248,7 @@ class BudgetedHistory:
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
             return False
-        check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget)
+        check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget, self.check_values)
         merge = getattr(self.selection, "merge", None)
         merged = None if merge is None else merge(call, g, k, v, keep)
         if merged is not None:
