@@ -686,8 +686,9 @@ def test_schedule_by_hand_per_channel_per_step_and_at_a_zero_denominator() -> No
 def test_each_reused_call_is_rectified_with_its_own_branch_and_step_row(monkeypatch) -> None:
     """Two CFG branches, a plan reusing most steps: every reused call gets the plan's scale and
     shift of its own (branch, step), read from ``schedule`` of the plan's calibration here, in a
-    first run and in a second (the rows are made once per model and device, not per run)."""
+    first run and again in a second (served from the rows the first one made)."""
     from diffcache import kernels
+    from diffcache.api import session_of
     from diffcache.testing.toys import ToyPipeline, plan_for
 
     seen: list[tuple[int, int, list[float], list[float]]] = []
@@ -704,8 +705,6 @@ def test_each_reused_call_is_rectified_with_its_own_branch_and_step_row(monkeypa
     monkeypatch.setattr(kernels, "rectified_residual", spy)
     diffcache.accelerate(pipe, plan)
     try:
-        from diffcache.api import session_of
-
         session_run = session_of(pipe).run
         for _ in range(2):
             pipe(latents=torch.ones(1, 3, 4), steps=6, guidance_scale=4.0)
