@@ -187,6 +187,17 @@ class _ERTACache:
         self.latent_arg, self.latent_pos = t.adapter.latent_arg, t.arg_index(t.adapter.latent_arg)
         self.cdim = t.adapter.channel_dim
         self.reuse_at = frozenset(sched.reuse)
+        self.rows: dict[torch.device, tuple[list[list[torch.Tensor]], ...]] = {}
+
+    def rectifier(self, call: Call, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's per-channel ``scale`` and ``shift`` on ``device``: the plan's tables are
+        moved there once and split into (branch, step) rows, not indexed and copied per call."""
+        rows = self.rows.get(device)
+        if rows is None:
+            tables = (self.sched.scale, self.sched.shift)
+            rows = tuple([list(b.unbind(0)) for b in t.to(device).unbind(0)] for t in tables)
+            self.rows[device] = rows
+        return rows[0][call.branch][call.step], rows[1][call.branch][call.step]
 
     def decide(self, call: Call, st: _Branch) -> bool:
         """Whether this call reuses: a planned step, with a residual cached (the trace gets the
@@ -211,8 +222,7 @@ class _ERTACache:
 
         x = call.arg(self.latent_arg, self.latent_pos)
         x = x.narrow(self.cdim, 0, st.residual.shape[self.cdim])
-        scale = self.sched.scale[call.branch, call.step].to(x.device)
-        shift = self.sched.shift[call.branch, call.step].to(x.device)
+        scale, shift = self.rectifier(call, x.device)
         call.explain(scale=scale, shift=shift)  # the rectifier, per latent channel
         dtype = sample_of(st.template).dtype
         out = self.kernel(

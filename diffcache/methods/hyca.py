@@ -145,7 +145,7 @@ class _History:
     store: the ``c``-th is written at ``c % keep`` and ``c % keep + keep``, so the last ``n``
     are always the contiguous slice ending at ``c % keep + keep``, oldest first (no rebuild)."""
 
-    steps: list[int] = dataclasses.field(default_factory=list)
+    steps: tuple[int, ...] = ()  # the full steps held, oldest first
     buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (2 keep, *shape)
     stored: int = 0  # residuals stored so far
     template: Any = None
@@ -223,19 +223,20 @@ class _HyCa:
             ]
         slot = st.stored % self.keep
         for b, i, o in zip(st.buffers, x, y, strict=True):
-            torch.sub(o.float(), i.float(), out=b[slot + self.keep])
-            b[slot].copy_(b[slot + self.keep])
+            newest = b[slot + self.keep]
+            torch.sub(o.float(), i.float(), out=newest)
+            b[slot].copy_(newest)
         if self.run.tracing:
             call.explain(residual_mean=[float(b[slot].mean()) for b in st.buffers])
         st.stored += 1
-        st.steps = [*st.steps[max(0, len(st.steps) - self.keep + 1) :], call.step]
+        st.steps = (*st.steps[max(0, len(st.steps) - self.keep + 1) :], call.step)
         st.template = out
 
     def reuse(self, call: Call, st: _History) -> Any:
         """The block's output forecast: its input plus each dimension's solver on the history."""
         x = self.blocks.inputs(call)
         block = self.index[call.site.name]
-        w = self.weights_for(block, tuple(st.steps), call.step, x[0].shape[-1], x[0].device)
+        w = self.weights_for(block, st.steps, call.step, x[0].shape[-1], x[0].device)
         history = st.parts(self.keep)
         outs = [self.kernel(self.forecast, i, h, w) for i, h in zip(x, history, strict=True)]
         if self.run.tracing:
@@ -250,7 +251,7 @@ class _HyCa:
         self.store(call, st, out)
         return out
 
-    def explain(self, call: Call, steps: list[int], x: list, outs: list) -> None:
+    def explain(self, call: Call, steps: tuple[int, ...], x: list, outs: list) -> None:
         """The trace of a forecast: the full steps it extrapolates from, each cluster's solver
         (as run on this history) with its weights over them, and per stream the mean of the
         forecast residual (computed calls trace their residual's mean too)."""

@@ -53,10 +53,22 @@ def rectified_residual_ref(
     """Torch reference: ``(x + r) * scale + shift`` in float32, ``scale`` and ``shift`` broadcast
     along ``channel_dim``, cast to ``out_dtype`` (default ``x.dtype``)."""
     _check(x, r, scale, shift, channel_dim)
+    return _rectified_torch(x, r, scale, shift, channel_dim, out_dtype or x.dtype)
+
+
+def _rectified_torch(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    channel_dim: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`rectified_residual_ref`'s arithmetic on checked inputs (the op checks them once)."""
     view = [1] * x.dim()
     view[channel_dim] = -1
     y = (x.float() + r.float()) * scale.float().view(view) + shift.float().view(view)
-    return y.to(out_dtype or x.dtype)
+    return y.to(out_dtype)
 
 
 if triton is not None:
@@ -132,6 +144,6 @@ def rectified_residual(
     if chosen is Backend.TRITON:
         out = _rectified_triton(x, r, scale, shift, channel_dim, dtype)
     else:
-        out = rectified_residual_ref(x, r, scale, shift, channel_dim, dtype)
+        out = _rectified_torch(x, r, scale, shift, channel_dim, dtype)
     _record(SPEC, chosen, record)
     return out

@@ -681,3 +681,38 @@ def test_schedule_by_hand_per_channel_per_step_and_at_a_zero_denominator() -> No
         "ertacache calibration: tensors do not fit together (pair_rel (2, 3, 3); step_change "
         "(2, 2) (want (2, 3)); out_abs (1, 3) (want (2, 3))); re-run diffcache profile"
     )
+
+
+def test_each_reused_call_is_rectified_with_its_own_branch_and_step_row(monkeypatch) -> None:
+    """Two CFG branches, a plan reusing most steps: every reused call gets the plan's scale and
+    shift of its own (branch, step), read from ``schedule`` of the plan's calibration here, in a
+    first run and again in a second (served from the rows the first one made)."""
+    from diffcache import kernels
+    from diffcache.api import session_of
+    from diffcache.testing.toys import ToyPipeline, plan_for
+
+    seen: list[tuple[int, int, list[float], list[float]]] = []
+    rectified = kernels.rectified_residual
+    pipe = ToyPipeline(cfg="separate")
+    plan = plan_for(pipe, ERTACacheConfig(threshold=1e6, time_adjust=False), num_inference_steps=6)
+    sched = schedule(plan.calibration_data, plan.config)
+    assert not torch.equal(sched.scale[0], sched.scale[1])  # the branches' rows differ
+
+    def spy(x, r, scale, shift, *args, **kw):
+        seen.append((session_run.step, session_run.branch, scale.tolist(), shift.tolist()))
+        return rectified(x, r, scale, shift, *args, **kw)
+
+    monkeypatch.setattr(kernels, "rectified_residual", spy)
+    diffcache.accelerate(pipe, plan)
+    try:
+        session_run = session_of(pipe).run
+        for _ in range(2):
+            pipe(latents=torch.ones(1, 3, 4), steps=6, guidance_scale=4.0)
+    finally:
+        diffcache.remove(pipe)
+    want = [
+        (k, b, sched.scale[b, k].tolist(), sched.shift[b, k].tolist())
+        for k in sched.reuse
+        for b in (0, 1)
+    ]
+    assert sched.reuse == (1, 2, 3, 4) and seen == want * 2
