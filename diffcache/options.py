@@ -76,18 +76,18 @@ def _from_mapping(cls: type, data: Any, where: str, errs: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     before, values = len(errs), {}
+    path = f"{where}.{{}}" if where else "{}"  # a key's path ("" where: the keys at the top)
     for key, value in data.items():
         f = fields.get(key) if isinstance(key, str) else None
         if f is None:
             known = ", ".join(fields) or "(none)"
-            errs.append(
-                f"{where}.{key}: unknown option{did_you_mean(str(key), fields)}; known: {known}"
-            )
+            close = did_you_mean(str(key), fields)
+            errs.append(f"{path.format(key)}: unknown key{close}; known: {known}")
             continue
-        values[key] = _coerce(value, hints[key], f.metadata, f"{where}.{key}", errs)
+        values[key] = _coerce(value, hints[key], f.metadata, path.format(key), errs)
     for name, f in fields.items():
         if name not in data and f.default is MISSING and f.default_factory is MISSING:
-            errs.append(f"{where}.{name}: required field is missing")
+            errs.append(f"{path.format(name)}: required key is missing")
     if len(errs) > before:
         return _BAD
     try:
@@ -184,7 +184,7 @@ def _mapping(value: Any, hint: Any, meta: Mapping[str, Any], where: str, errs: l
 
 
 def _fail(errs: list[str], where: str, problem: str) -> Any:
-    errs.append(f"{where}: {problem}")
+    errs.append(f"{where}: {problem}" if where else problem)
     return _BAD
 
 

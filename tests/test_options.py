@@ -183,7 +183,7 @@ def test_from_mapping_lists_every_problem() -> None:
     with pytest.raises(PlanError) as e:
         from_mapping(Config, data, "plan.yaml: options")
     assert str(e.value).splitlines() == [
-        "plan.yaml: options.stpes: unknown option (did you mean 'steps'?); known: steps, order, "
+        "plan.yaml: options.stpes: unknown key (did you mean 'steps'?); known: steps, order, "
         "span, names, weights, scales, quantiles, limit, tau, enabled",
         "plan.yaml: options.order: expected one of 'linear', 'cubic', got 'cubc' "
         "(did you mean 'cubic'?)",
@@ -191,11 +191,11 @@ def test_from_mapping_lists_every_problem() -> None:
         "plan.yaml: options.names[1]: expected str, got int 3",
         "plan.yaml: options.weights.attn: must be >= 0, got -1.0",
         "plan.yaml: options.quantiles.attn: must be <= 1, got 1.5",
-        "plan.yaml: options.quantiles.mpl: unknown option (did you mean 'mlp'?); known: attn, mlp",
+        "plan.yaml: options.quantiles.mpl: unknown key (did you mean 'mlp'?); known: attn, mlp",
         "plan.yaml: options.limit: must be >= 1, got 0",
         "plan.yaml: options.tau: expected float, got bool True",
         "plan.yaml: options.enabled: expected bool, got str 'yes'",
-        "plan.yaml: options.steps: required field is missing",
+        "plan.yaml: options.steps: required key is missing",
     ]
 
 
@@ -204,8 +204,8 @@ def test_from_mapping_lists_every_problem() -> None:
     [
         ([1], "options: expected a mapping (Config), got a list of 1 item"),
         (None, "options: expected a mapping (Config), got null"),
-        ({}, "options.steps: required field is missing"),
-        ({"steps": [], 3: 1}, "options.3: unknown option; known: steps,"),
+        ({}, "options.steps: required key is missing"),
+        ({"steps": [], 3: 1}, "options.3: unknown key; known: steps,"),
     ],
     ids=["list", "null", "missing-required", "non-string-key"],
 )
