@@ -261,7 +261,13 @@ class PositionKVConfig(MethodConfig):
 @dataclasses.dataclass(frozen=True)
 class HistoryKVConfig(MethodConfig):
     """What every next-scale KV method shares (VAR, Infinity): a selection over the history
-    store, its work counted in attention pairs, with the store's compaction kernel."""
+    store, its work counted in attention pairs, with the store's compaction kernel.
+
+    Each defines ``make(calibration, schedule, layers, heads)``: its selection for a model of
+    that schedule and shape (None: the unlimited budget), ``calibration`` the plan's
+    calibration data (None for a method without one); ``accelerate`` and ``diffcache kv``
+    build it the same way (``kv.history_method.attach_selection``, ``kv.memory.plan_memory``).
+    """
 
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "attn_pair"
