@@ -11,7 +11,7 @@ import torch
 
 from diffcache.adapter import Target
 from diffcache.calibration import check_fingerprint
-from diffcache.drivers import DRIVERS, PipelineDriver
+from diffcache.drivers import DRIVERS
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -115,13 +115,6 @@ def resolve(model: Any, plan: Plan) -> Target:
     check_fingerprint(plan, target.experts)
     check_weights(plan, target.experts)
     check_lora(plan, target.experts, target.pipe)
-    if target.driver == "pipeline":
-        missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
-        if missing:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} lacks the driver events {', '.join(missing)} that its "
-                f"family's adapter ({adapter.name!r}) relies on."
-            )
     if target.driver == "timestep" and target.adapter.driver != "scheduler":
         raise UnsupportedModelError(
             f"{type(model).__name__}: pass the whole pipeline; its {target.adapter.driver} "
