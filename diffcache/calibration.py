@@ -124,7 +124,7 @@ def read_calibration(
                 problems.append(f"{where}.{name}: required key is missing")
             continue
         try:
-            values[name] = coerce(data[name], hints[name], f.metadata, f"{where}.{name}")
+            values[name] = coerce(data[name], hints[name], f"{where}.{name}", f.metadata)
         except PlanError as e:
             problems.append(str(e))
     if problems:

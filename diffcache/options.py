@@ -1,6 +1,6 @@
 """Typed, documented option fields and strict coercion of plain (YAML) data into them.
 
-``option`` declares a dataclass field with its documentation and numeric bounds; ``from_mapping``
+``option`` declares a dataclass field with its documentation and numeric bounds; ``coerce``
 builds a frozen dataclass from a plan's mapping and reports every problem at once, each named by
 its key path (``options.quantiles.attn``); ``to_plain`` turns it back into plain data.
 """
@@ -36,28 +36,23 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
-def coerce(value: Any, hint: Any, meta: Mapping[str, Any], where: str) -> Any:
-    """``value`` (plain YAML data) as type ``hint``, or a PlanError naming ``where`` (a key path
-    like ``options.quantiles.attn``) for every problem found, one per line."""
+def coerce(value: Any, hint: Any, where: str, meta: Mapping[str, Any] | None = None) -> Any:
+    """``value`` (plain YAML data) as type ``hint`` (bounded by ``meta``'s min / max), or a
+    PlanError naming ``where`` (a key path like ``options.quantiles.attn``) for every problem
+    found, one per line. A dataclass ``hint`` is built from a mapping: unknown keys, missing
+    required fields, wrong types and out-of-range values (fields with defaults may be absent)."""
     problems: list[str] = []
-    out = _coerce(value, hint, meta, where, problems)
+    out = _coerce(value, hint, meta or {}, where, problems)
     if problems:
         raise PlanError("\n".join(problems))
     return out
-
-
-def from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Build the dataclass ``cls`` from a mapping (:func:`coerce`): unknown keys, missing
-    required fields, wrong types and out-of-range values, each prefixed by ``where.key``.
-    Fields with defaults may be absent."""
-    return coerce(data, cls, {}, where)
 
 
 def to_plain(obj: Any) -> Any:
     """Dataclass / tuple / Mapping / tensor -> plain dict / list / scalars, in field order (for
     YAML, and for a trace's values).
 
-    Only ``init`` fields of a dataclass are written, so ``from_mapping`` reads the result back.
+    Only ``init`` fields of a dataclass are written, so ``coerce`` reads the result back.
     """
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()

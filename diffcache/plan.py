@@ -20,7 +20,7 @@ import torch
 from diffcache.calibration import SIDECAR, read_calibration, read_sidecar, write_sidecar
 from diffcache.display import format_options
 from diffcache.errors import PlanError, did_you_mean
-from diffcache.options import from_mapping, to_plain
+from diffcache.options import coerce, to_plain
 from diffcache.profiles import bundled_plan
 from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
@@ -147,7 +147,7 @@ class Plan:
             keys = ", ".join(f.name for f in dataclasses.fields(PlanFile))
             raise PlanError(f"{source}: a plan is a mapping of {keys}")
         try:
-            top = from_mapping(PlanFile, data, "")
+            top = coerce(data, PlanFile, "")
         except PlanError as e:
             raise PlanError("\n".join(f"{source}: {p}" for p in str(e).splitlines())) from None
         if top.model not in adapters():

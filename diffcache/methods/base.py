@@ -22,7 +22,7 @@ from diffcache.adapter import Capabilities
 from diffcache.calibration import calibrator, fingerprint, split_calibration
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.fewstep import StepLimit
-from diffcache.options import from_mapping, option, to_plain
+from diffcache.options import coerce, option, to_plain
 from diffcache.plan import Plan
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class MethodConfig:
             options = {}
         if not isinstance(options, Mapping):
             raise PlanError(f"{where}: expected a mapping of options, got {options!r}")
-        return from_mapping(cls, options, where)
+        return coerce(options, cls, where)
 
     def to_options(self) -> dict[str, Any]:
         return to_plain(self)
