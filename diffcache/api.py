@@ -62,9 +62,9 @@ def accelerate(
         on_error=lambda: remove(model),
         owner=type(model).__name__,
         tracing=trace,
-        few_steps=FewStepWarning(config.steps_problem, type(model).__name__),
     )
     run.reporters.append(LoraWatch(target.experts, plan, run, target.pipe).facts)
+    run.reporters.append(FewStepWarning(config.steps_problem, run))
     _, apply = get_method(plan.method)
     open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)
     logger.info(
