@@ -112,11 +112,8 @@ def plan_for(
 
 def selection_of(plan: dict[str, Any], schedule: Schedule, layers: int, heads: int) -> Any:
     """The selection ``plan``'s method builds for this model (as ``accelerate`` does)."""
-    config = methods()[plan["method"]].from_options(plan["options"])
-    if plan["method"] != "hack":
-        return config.make(schedule, layers, heads)
-    classes = tuple(tuple(r) for r in plan["calibration"]["classes"])
-    return config.make(config.calibration(classes=classes), schedule, layers, heads)
+    loaded = diffcache.Plan.load(plan)
+    return loaded.config.make(loaded.calibration_data, schedule, layers, heads)
 
 
 def memory_check(

@@ -11,7 +11,7 @@ import torch
 
 from diffcache.adapter import Target
 from diffcache.calibration import check_fingerprint
-from diffcache.drivers import DRIVERS, PipelineDriver
+from diffcache.drivers import DRIVERS
 from diffcache.errors import (
     AlreadyAcceleratedError,
     DiffCacheError,
@@ -62,9 +62,9 @@ def accelerate(
         on_error=lambda: remove(model),
         owner=type(model).__name__,
         tracing=trace,
-        few_steps=FewStepWarning(config.steps_problem, type(model).__name__),
     )
     run.reporters.append(LoraWatch(target.experts, plan, run, target.pipe).facts)
+    run.reporters.append(FewStepWarning(config.steps_problem, run))
     _, apply = get_method(plan.method)
     open_session(model, Session(target, plan, run, plan.calibration_data), apply, config)
     logger.info(
@@ -115,13 +115,6 @@ def resolve(model: Any, plan: Plan) -> Target:
     check_fingerprint(plan, target.experts)
     check_weights(plan, target.experts)
     check_lora(plan, target.experts, target.pipe)
-    if target.driver == "pipeline":
-        missing = [e for e in PipelineDriver.EVENTS if not callable(getattr(model, e, None))]
-        if missing:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} lacks the driver events {', '.join(missing)} that its "
-                f"family's adapter ({adapter.name!r}) relies on."
-            )
     if target.driver == "timestep" and target.adapter.driver != "scheduler":
         raise UnsupportedModelError(
             f"{type(model).__name__}: pass the whole pipeline; its {target.adapter.driver} "

@@ -121,10 +121,10 @@ def read_calibration(
             continue
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.append(f"{where}.{name}: required field is missing")
+                problems.append(f"{where}.{name}: required key is missing")
             continue
         try:
-            values[name] = coerce(data[name], hints[name], f.metadata, f"{where}.{name}")
+            values[name] = coerce(data[name], hints[name], f"{where}.{name}", f.metadata)
         except PlanError as e:
             problems.append(str(e))
     if problems:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffcache.errors import strength_runs
+
+if TYPE_CHECKING:
+    from diffcache.runstate import RunState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +48,25 @@ class StepLimit:
 
 
 class FewStepWarning:
-    """Warns once per step count at which the method reuses nothing (``problem(steps)``: the
-    method's ``steps_problem``); the run stays exact. ``owner``: the model, for the message."""
+    """One of a run's reporters (``RunState.reporters``): where the plan sets no
+    ``num_inference_steps``, warns once per step count at which the method reuses nothing
+    (``problem(steps)``: the method's ``steps_problem``); the run stays exact. Reports no facts."""
 
-    def __init__(self, problem: Callable[[int], str | None], owner: str) -> None:
-        self.problem, self.owner = problem, owner
+    def __init__(self, problem: Callable[[int], str | None], run: RunState) -> None:
+        self.problem, self.run = problem, run
         self.warned: set[int] = set()
 
-    def __call__(self, steps: int, scheduled: int | None = None) -> None:
-        """Warn about a run of ``steps`` steps, of the ``scheduled`` steps the call set (the
-        message says so where ``strength`` made them fewer)."""
+    def __call__(self) -> dict[str, Any]:
+        """At a run's first model call: warn about its ``num_steps`` steps, of the ``scheduled``
+        steps the call set (the message says so where ``strength`` made them fewer)."""
+        run, steps = self.run, self.run.num_steps
+        if steps is None or "num_inference_steps" in run.valid_for:
+            return {}
         problem = self.problem(steps)
         if problem and steps not in self.warned:
             self.warned.add(steps)
-            ran = f"this {steps}-step run{strength_runs(steps, scheduled)}"
+            ran = f"this {steps}-step run{strength_runs(steps, run.scheduled)}"
             warnings.warn(
-                f"diffcache: {self.owner}: {problem}; {ran} computes every step", stacklevel=2
+                f"diffcache: {run.owner}: {problem}; {ran} computes every step", stacklevel=2
             )
+        return {}

@@ -32,7 +32,6 @@ from diffcache.distributed import split_below
 from diffcache.errors import DiffCacheError
 
 Hook = Callable[..., Any]
-PREFIX = "diffcache."
 _ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the wrapped forward
 
 
@@ -99,10 +98,6 @@ class Attachment:
 
 def attach(obj: Any, attr: str, name: str, hook: Hook) -> Attachment:
     """Wrap ``obj.<attr>`` with ``hook`` under ``name`` (outermost among our layers there)."""
-    if not name.startswith(PREFIX):
-        raise ValueError(f"hook names start with {PREFIX!r}, got {name!r}")
-    if not hasattr(obj, "__dict__"):
-        raise DiffCacheError(f"{type(obj).__name__} has no instance dict; diffcache cannot hook it")
     d = obj.__dict__
     slot = attr
     if attr == "forward" and compiled.compiled_in_place(obj):

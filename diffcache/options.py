@@ -1,6 +1,6 @@
 """Typed, documented option fields and strict coercion of plain (YAML) data into them.
 
-``option`` declares a dataclass field with its documentation and numeric bounds; ``from_mapping``
+``option`` declares a dataclass field with its documentation and numeric bounds; ``coerce``
 builds a frozen dataclass from a plan's mapping and reports every problem at once, each named by
 its key path (``options.quantiles.attn``); ``to_plain`` turns it back into plain data.
 """
@@ -36,28 +36,23 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
-def coerce(value: Any, hint: Any, meta: Mapping[str, Any], where: str) -> Any:
-    """``value`` (plain YAML data) as type ``hint``, or a PlanError naming ``where`` (a key path
-    like ``options.quantiles.attn``) for every problem found, one per line."""
+def coerce(value: Any, hint: Any, where: str, meta: Mapping[str, Any] | None = None) -> Any:
+    """``value`` (plain YAML data) as type ``hint`` (bounded by ``meta``'s min / max), or a
+    PlanError naming ``where`` (a key path like ``options.quantiles.attn``) for every problem
+    found, one per line. A dataclass ``hint`` is built from a mapping: unknown keys, missing
+    required fields, wrong types and out-of-range values (fields with defaults may be absent)."""
     problems: list[str] = []
-    out = _coerce(value, hint, meta, where, problems)
+    out = _coerce(value, hint, meta or {}, where, problems)
     if problems:
         raise PlanError("\n".join(problems))
     return out
-
-
-def from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Build the dataclass ``cls`` from a mapping (:func:`coerce`): unknown keys, missing
-    required fields, wrong types and out-of-range values, each prefixed by ``where.key``.
-    Fields with defaults may be absent."""
-    return coerce(data, cls, {}, where)
 
 
 def to_plain(obj: Any) -> Any:
     """Dataclass / tuple / Mapping / tensor -> plain dict / list / scalars, in field order (for
     YAML, and for a trace's values).
 
-    Only ``init`` fields of a dataclass are written, so ``from_mapping`` reads the result back.
+    Only ``init`` fields of a dataclass are written, so ``coerce`` reads the result back.
     """
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()
@@ -76,18 +71,18 @@ def _from_mapping(cls: type, data: Any, where: str, errs: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     before, values = len(errs), {}
+    path = f"{where}.{{}}" if where else "{}"  # a key's path ("" where: the keys at the top)
     for key, value in data.items():
         f = fields.get(key) if isinstance(key, str) else None
         if f is None:
             known = ", ".join(fields) or "(none)"
-            errs.append(
-                f"{where}.{key}: unknown option{did_you_mean(str(key), fields)}; known: {known}"
-            )
+            close = did_you_mean(str(key), fields)
+            errs.append(f"{path.format(key)}: unknown key{close}; known: {known}")
             continue
-        values[key] = _coerce(value, hints[key], f.metadata, f"{where}.{key}", errs)
+        values[key] = _coerce(value, hints[key], f.metadata, path.format(key), errs)
     for name, f in fields.items():
         if name not in data and f.default is MISSING and f.default_factory is MISSING:
-            errs.append(f"{where}.{name}: required field is missing")
+            errs.append(f"{path.format(name)}: required key is missing")
     if len(errs) > before:
         return _BAD
     try:
@@ -184,7 +179,7 @@ def _mapping(value: Any, hint: Any, meta: Mapping[str, Any], where: str, errs: l
 
 
 def _fail(errs: list[str], where: str, problem: str) -> Any:
-    errs.append(f"{where}: {problem}")
+    errs.append(f"{where}: {problem}" if where else problem)
     return _BAD
 
 

@@ -13,21 +13,19 @@ import functools
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from diffcache.calibration import SIDECAR, read_calibration, read_sidecar, write_sidecar
 from diffcache.display import format_options
 from diffcache.errors import PlanError, did_you_mean
-from diffcache.options import to_plain
+from diffcache.options import coerce, to_plain
 from diffcache.profiles import bundled_plan
 from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
-REQUIRED = ("diffcache", "model", "method")
-KEYS = (*REQUIRED, "options", "valid_for", "calibration", "kernels", "provenance")
 MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
@@ -35,7 +33,27 @@ VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str, "w
 #: what plans for a family with a scheduler (every driver but our own pipelines') may carry;
 #: ``lora``: the hash of the LoRA adapters on the denoiser (``diffcache.lora``), or ``none``
 SCHEDULED: dict[str, type] = {"scheduler": str, "lora": str}
-KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanFile:
+    """A plan file's top-level keys and their types, in schema order (checked by ``coerce``)."""
+
+    diffcache: int
+    model: str
+    method: str
+    options: Mapping | None = None
+    valid_for: Mapping | None = None
+    calibration: Mapping | None = None
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    provenance: Mapping | None = None
+
+    def __post_init__(self) -> None:
+        if self.diffcache != SCHEMA_VERSION:
+            raise ValueError(
+                f"diffcache: schema version {self.diffcache} is not supported (this diffcache "
+                f"reads version {SCHEMA_VERSION})."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,56 +144,31 @@ class Plan:
     def from_dict(cls, data: Any, source: str = "<dict>", template: bool = False) -> Plan:
         """Validate plain plan data (as read from YAML); every problem names ``source``."""
         if not isinstance(data, Mapping):
-            raise PlanError(f"{source}: a plan is a mapping of {', '.join(KEYS)}")
-        problems = [
-            f"{source}: {key}: unknown key{did_you_mean(str(key), KEYS)}; "
-            f"allowed: {', '.join(KEYS)}"
-            for key in data
-            if key not in KEYS
-        ]
-        problems += [
-            f"{source}: {key}: required key is missing" for key in REQUIRED if key not in data
-        ]
-        version = data.get("diffcache", SCHEMA_VERSION)
-        if type(version) is not int or version != SCHEMA_VERSION:
-            problems.append(
-                f"{source}: diffcache: schema version {version!r} is not supported "
-                f"(this diffcache reads version {SCHEMA_VERSION}, an integer)."
-            )
-        for key in ("model", "method"):
-            if key in data and (not isinstance(data[key], str) or not data[key]):
-                problems.append(f"{source}: {key}: expected a non-empty string, got {data[key]!r}")
-        for key in MAPPINGS:
-            if data.get(key) is not None and not isinstance(data[key], Mapping):
-                problems.append(f"{source}: {key}: expected a mapping, got {data[key]!r}")
-        kernels = data.get("kernels", "auto")
-        if kernels not in KERNEL_CHOICES:
-            problems.append(
-                f"{source}: kernels: {kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
-                f"{did_you_mean(str(kernels), KERNEL_CHOICES)}"
-            )
-        if problems:
-            raise PlanError("\n".join(problems))
-        model = data["model"]
-        if model not in adapters():
+            keys = ", ".join(f.name for f in dataclasses.fields(PlanFile))
+            raise PlanError(f"{source}: a plan is a mapping of {keys}")
+        try:
+            top = coerce(data, PlanFile, "")
+        except PlanError as e:
+            raise PlanError("\n".join(f"{source}: {p}" for p in str(e).splitlines())) from None
+        if top.model not in adapters():
             raise PlanError(
-                f"{source}: model: unknown model family {model!r}{did_you_mean(model, adapters())}"
-                f"; known: {', '.join(adapters())}."
+                f"{source}: model: unknown model family {top.model!r}"
+                f"{did_you_mean(top.model, adapters())}; known: {', '.join(adapters())}."
             )
-        config_cls, _ = get_method(data["method"], f"{source}: method")
-        valid_for = dict(data.get("valid_for") or {})
-        _check_valid_for(valid_for, valid_for_keys(model, config_cls), model, source)
-        calibration = dict(data.get("calibration") or {})
+        config_cls, _ = get_method(top.method, f"{source}: method")
+        valid_for = dict(top.valid_for or {})
+        _check_valid_for(valid_for, valid_for_keys(top.model, config_cls), top.model, source)
+        calibration = dict(top.calibration or {})
         sidecar = calibration.pop(SIDECAR, None)
         tensors = read_sidecar(sidecar, source) if sidecar is not None else {}
         return cls(
-            model=model,
-            method=data["method"],
-            options=dict(data.get("options") or {}),
+            model=top.model,
+            method=top.method,
+            options=dict(top.options or {}),
             valid_for=valid_for,
             calibration=calibration,
-            kernels=kernels,
-            provenance=dict(data.get("provenance") or {}),
+            kernels=top.kernels,
+            provenance=dict(top.provenance or {}),
             tensors=tensors,
             sidecar=dict(sidecar or {}),
             source=source,

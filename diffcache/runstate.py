@@ -116,8 +116,6 @@ class RunState:
         on_error: cleans the model before a mid-run error propagates (set by ``accelerate``).
         owner: the accelerated object's class name, for messages.
         tracing: keep every decision in ``Stats.trace``.
-        few_steps: called with a run's step count and its scheduled count at its first model
-            call where the plan sets no ``num_inference_steps`` (``fewstep.FewStepWarning``).
     """
 
     def __init__(
@@ -129,10 +127,8 @@ class RunState:
         on_error: Callable[[], None] | None = None,
         owner: str = "the model",
         tracing: bool = False,
-        few_steps: Callable[[int, int | None], None] | None = None,
     ) -> None:
         assert kind in KINDS, f"unknown work kind {kind!r}"
-        self.few_steps = few_steps
         self.method, self.kind, self.kernels, self.owner = method, kind, kernels, owner
         self.tracing = tracing
         self.valid_for = dict(valid_for or {})
@@ -145,7 +141,8 @@ class RunState:
         self._checked = False
         self._opened = False  # the current step index is in use (a call or begin_step saw it)
         self._slots: dict[Hashable, Any] = {}
-        self.reporters: list[Callable[[], dict[str, Any]]] = []  # facts of the model, per run
+        #: checks at each run's first model call (LoRA state, few steps), returning its facts
+        self.reporters: list[Callable[[], dict[str, Any]]] = []
         self._call: list[float] | None = None  # [done, total] of the current model call
         self._t0 = 0.0
         self.stats = self._new_stats()
@@ -282,8 +279,6 @@ class RunState:
         want = self.valid_for.get("num_inference_steps")
         if want is not None and self.num_steps is not None and self.num_steps != want:
             raise self.refuse(steps_mismatch(want, self.num_steps, self.scheduled))
-        if want is None and self.num_steps is not None and self.few_steps is not None:
-            self.few_steps(self.num_steps, self.scheduled)
         for key, want in self.valid_for.items():
             if key in CHECKED_AT_ACCELERATE or key == "num_inference_steps":
                 continue

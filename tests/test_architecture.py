@@ -32,8 +32,11 @@ CORE = ENGINE + ("streams", "display", "calibration", "generate", "profile")
 #: ``diffcache.profiles`` (compile and weights checks were already in ``compiled`` / ``weights``),
 #: the step-count refusal messages to ``errors``; +1 for issue 23's ``kv_attn_macs`` Stats field.
 #: 2,142 after the engine's own code was made simpler (stdlib instead of hand-written checks,
-#: bound methods instead of closure factories, aliases and a redundant pickle guard removed)
-ENGINE_LINES = 2142
+#: bound methods instead of closure factories, aliases and a redundant pickle guard removed);
+#: 2,113 after a plan file's top-level keys became a dataclass checked by the options' coercion,
+#: ``coerce`` became the one entry point, the few-step warning became a run reporter like the
+#: LoRA watch, and three checks no caller reaches were dropped
+ENGINE_LINES = 2113
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}

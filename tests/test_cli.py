@@ -552,7 +552,7 @@ BAD_INPUT = {
     ),
     "profile-unknown-option": (
         [*PROFILE, "--num-prompts", "2", "--option", "treshold=1", "--out", "p.yaml"],
-        "options.treshold: unknown option (did you mean 'threshold'?)",
+        "options.treshold: unknown key (did you mean 'threshold'?)",
     ),
     "profile-option-not-key-value": (
         [*PROFILE, "--num-prompts", "2", "--option", "warmup_steps", "--out", "p.yaml"],

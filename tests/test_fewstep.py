@@ -156,6 +156,30 @@ def test_the_warning_says_when_strength_made_the_step_count() -> None:
     ]
 
 
+def test_a_plan_stating_its_step_count_refuses_a_few_step_run_without_warning() -> None:
+    """A plan for 8 steps run at 3 (a count its options reuse nothing in): the run is refused
+    for the step count, and no few-step warning comes first (it is for stepless plans)."""
+    from diffcache.testing.toys import ToyPipeline
+
+    pipe = ToyPipeline(cfg="none")
+    config = EasyCacheConfig(threshold=1e6, warmup_steps=3)
+    assert config.steps_problem(3) is not None and config.steps_problem(8) is None
+    plan = {"diffcache": 1, "model": "toy", "method": "easycache"}
+    diffcache.accelerate(
+        pipe, {**plan, "options": config.to_options(), "valid_for": {"num_inference_steps": 8}}
+    )
+    pipe.scheduler.set_timesteps(3)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            t = pipe.scheduler.timesteps[0]
+            with pytest.raises(PlanError, match="num_inference_steps=8"):
+                pipe.transformer(torch.ones(1, 2), t, torch.tensor([1.0]))
+    finally:
+        diffcache.remove(pipe)
+    assert [str(w.message) for w in seen] == []
+
+
 def test_a_plan_for_too_few_steps_is_refused_at_load() -> None:
     plan = Plan.load("dit-tiny.yaml")
     with pytest.raises(PlanError) as err:

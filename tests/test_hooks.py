@@ -49,15 +49,11 @@ def test_signature_is_preserved() -> None:
     assert list(inspect.signature(net.forward).parameters) == ["x", "scale"]
 
 
-def test_double_attach_and_bad_names_raise() -> None:
+def test_double_attach_raises() -> None:
     net = Net()
     hooks.attach(net, "forward", "diffcache.a", _add(1))
     with pytest.raises(ValueError, match="already attached"):
         hooks.attach(net, "forward", "diffcache.a", _add(1))
-    with pytest.raises(ValueError, match="start with 'diffcache.'"):
-        hooks.attach(net, "forward", "mine", _add(1))
-    with pytest.raises(DiffCacheError, match="no instance dict"):
-        hooks.attach(object(), "forward", "diffcache.a", _add(1))
 
 
 def test_existing_instance_attribute_is_restored() -> None:

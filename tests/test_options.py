@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional
 import pytest
 
 from diffcache.errors import PlanError
-from diffcache.options import coerce, from_mapping, option, to_plain
+from diffcache.options import coerce, option, to_plain
 from diffcache.yamlio import dump_yaml, loads_yaml
 
 
@@ -84,7 +84,7 @@ def test_option_refuses_default_and_factory() -> None:
     ids=lambda v: repr(v),
 )
 def test_coerce_accepts(value: Any, hint: Any, expected: Any) -> None:
-    out = coerce(value, hint, {}, "options.x")
+    out = coerce(value, hint, "options.x")
     assert out == expected and type(out) is type(expected)
 
 
@@ -132,13 +132,13 @@ def test_coerce_accepts(value: Any, hint: Any, expected: Any) -> None:
 )
 def test_coerce_refuses(value: Any, hint: Any, meta: dict[str, Any], message: str) -> None:
     with pytest.raises(PlanError) as e:
-        coerce(value, hint, meta, "options.x")
+        coerce(value, hint, "options.x", meta)
     assert message in str(e.value)
 
 
 def test_coerce_reports_every_item() -> None:
     with pytest.raises(PlanError) as e:
-        coerce([1, "a", 2.5, -1], tuple[int, ...], {"min": 0}, "options.steps")
+        coerce([1, "a", 2.5, -1], tuple[int, ...], "options.steps", {"min": 0})
     assert str(e.value).splitlines() == [
         "options.steps[1]: expected int, got str 'a'",
         "options.steps[2]: expected int, got float 2.5",
@@ -148,15 +148,15 @@ def test_coerce_reports_every_item() -> None:
 
 def test_unsupported_hint_is_a_programming_error() -> None:
     with pytest.raises(TypeError, match="not supported"):
-        coerce([1], set[int], {}, "options.x")
+        coerce([1], set[int], "options.x")
 
 
-def test_from_mapping_builds_the_dataclass() -> None:
+def test_coerce_dataclass_builds_the_dataclass() -> None:
     data = loads_yaml(
         "steps: [0, 5]\norder: cubic\nspan: [0, 0.5]\nweights: {attn: 1}\n"
         "quantiles: {mlp: 9e-1}\nlimit: 3\ntau: 5e-2\n"
     )
-    config = from_mapping(Config, data, "options")
+    config = coerce(data, Config, "options")
     assert config == Config(
         steps=(0, 5),
         order="cubic",
@@ -168,7 +168,7 @@ def test_from_mapping_builds_the_dataclass() -> None:
     )
 
 
-def test_from_mapping_lists_every_problem() -> None:
+def test_coerce_dataclass_lists_every_problem() -> None:
     data = {
         "stpes": [1],
         "order": "cubc",
@@ -181,9 +181,9 @@ def test_from_mapping_lists_every_problem() -> None:
         "enabled": "yes",
     }
     with pytest.raises(PlanError) as e:
-        from_mapping(Config, data, "plan.yaml: options")
+        coerce(data, Config, "plan.yaml: options")
     assert str(e.value).splitlines() == [
-        "plan.yaml: options.stpes: unknown option (did you mean 'steps'?); known: steps, order, "
+        "plan.yaml: options.stpes: unknown key (did you mean 'steps'?); known: steps, order, "
         "span, names, weights, scales, quantiles, limit, tau, enabled",
         "plan.yaml: options.order: expected one of 'linear', 'cubic', got 'cubc' "
         "(did you mean 'cubic'?)",
@@ -191,11 +191,11 @@ def test_from_mapping_lists_every_problem() -> None:
         "plan.yaml: options.names[1]: expected str, got int 3",
         "plan.yaml: options.weights.attn: must be >= 0, got -1.0",
         "plan.yaml: options.quantiles.attn: must be <= 1, got 1.5",
-        "plan.yaml: options.quantiles.mpl: unknown option (did you mean 'mlp'?); known: attn, mlp",
+        "plan.yaml: options.quantiles.mpl: unknown key (did you mean 'mlp'?); known: attn, mlp",
         "plan.yaml: options.limit: must be >= 1, got 0",
         "plan.yaml: options.tau: expected float, got bool True",
         "plan.yaml: options.enabled: expected bool, got str 'yes'",
-        "plan.yaml: options.steps: required field is missing",
+        "plan.yaml: options.steps: required key is missing",
     ]
 
 
@@ -204,21 +204,21 @@ def test_from_mapping_lists_every_problem() -> None:
     [
         ([1], "options: expected a mapping (Config), got a list of 1 item"),
         (None, "options: expected a mapping (Config), got null"),
-        ({}, "options.steps: required field is missing"),
-        ({"steps": [], 3: 1}, "options.3: unknown option; known: steps,"),
+        ({}, "options.steps: required key is missing"),
+        ({"steps": [], 3: 1}, "options.3: unknown key; known: steps,"),
     ],
     ids=["list", "null", "missing-required", "non-string-key"],
 )
-def test_from_mapping_refuses(data: Any, message: str) -> None:
+def test_coerce_dataclass_refuses(data: Any, message: str) -> None:
     with pytest.raises(PlanError) as e:
-        from_mapping(Config, data, "options")
+        coerce(data, Config, "options")
     assert str(e.value).startswith(message)
 
 
-def test_from_mapping_reports_post_init_checks() -> None:
-    assert from_mapping(Checked, {"lo": 0.5}, "calibration") == Checked(lo=0.5)
+def test_coerce_dataclass_reports_post_init_checks() -> None:
+    assert coerce({"lo": 0.5}, Checked, "calibration") == Checked(lo=0.5)
     with pytest.raises(PlanError, match=r"^calibration: lo \(2.0\) must not exceed hi \(1.0\)$"):
-        from_mapping(Checked, {"lo": 2}, "calibration")
+        coerce({"lo": 2}, Checked, "calibration")
 
 
 def test_to_plain_round_trips_through_yaml() -> None:
@@ -244,7 +244,7 @@ def test_to_plain_round_trips_through_yaml() -> None:
         "enabled": True,
     }
     assert list(plain) == [f.name for f in dataclasses.fields(Config)]
-    assert from_mapping(Config, loads_yaml(dump_yaml(plain)), "options") == config
+    assert coerce(loads_yaml(dump_yaml(plain)), Config, "options") == config
 
 
 def test_to_plain_leaves_scalars_and_converts_containers() -> None:

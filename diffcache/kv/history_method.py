@@ -18,6 +18,7 @@ multiply-accumulates of each scale over the key rows its queries attended: ``2·
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -174,14 +175,14 @@ def token_budget(budget: int | None, ratio: float | None, schedule: Schedule) ->
     return max(1, int(ratio * schedule.start(len(schedule) - 1)))
 
 
-def attach_selection(
-    session: Session, name: str, make: Callable[[Schedule, int, int], Selection | None]
-) -> None:
-    """Build the method's selection for the session's model with ``make(schedule, layers,
-    heads)`` (None: the unlimited budget) on its default schedule (a ``ratio`` budget is
-    resolved there), check it before any work (its optional ``check(schedule, layers)``, again
-    for each generation's schedule) and attach it (:func:`attach_history`). A plan that does not
-    fit the model is refused with one PlanError line naming the plan and the mismatch."""
+def attach_selection(session: Session, config: Any) -> None:
+    """Build the method's selection for the session's model with ``config.make(calibration,
+    schedule, layers, heads)`` (``HistoryKVConfig``; None: the unlimited budget) on its default
+    schedule (a ``ratio`` budget is resolved there), check it before any work (its optional
+    ``check(schedule, layers)``, again for each generation's schedule) and attach it
+    (:func:`attach_history`). A plan that does not fit the model is refused with one PlanError
+    line naming the plan and the mismatch."""
+    name, make = config.name, functools.partial(config.make, session.calibration)
     history_seam(session, name)
     schedule, layers, heads = model_shape(session)
     selection = fitted_selection(session.plan.source, make, schedule, layers, heads)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -202,14 +201,12 @@ def plan_memory(plan: Plan, geo: Geometry) -> PlanMemory:
     selection for that model (the method's ``make``, checked as at ``accelerate``) and the rows
     it keeps per head group. A plan whose method keeps no budgeted history, or whose budget does
     not fit the model, is one PlanError line naming the plan."""
-    make = getattr(plan.config, "make", None)
-    if make is not None and plan.calibration_data is not None:
-        make = functools.partial(make, plan.calibration_data)
-    if make is None or list(inspect.signature(make).parameters) != ["schedule", "layers", "heads"]:
+    if plan.config.needs.kv_store != "history":
         raise PlanError(
             f"{plan.source}: method {plan.method} keeps no budgeted KV history (diffcache kv "
             "covers scalekv, hack, h2o, snapkv, streaming, pyramidkv)"
         )
+    make = functools.partial(plan.config.make, plan.calibration_data)
     selection = fitted_selection(plan.source, make, geo.schedule, geo.layers, geo.heads)
     budget: Budget | None = None
     groups: Groups | None = None

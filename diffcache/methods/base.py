@@ -22,7 +22,7 @@ from diffcache.adapter import Capabilities
 from diffcache.calibration import calibrator, fingerprint, split_calibration
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.fewstep import StepLimit
-from diffcache.options import from_mapping, option, to_plain
+from diffcache.options import coerce, option, to_plain
 from diffcache.plan import Plan
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class MethodConfig:
             options = {}
         if not isinstance(options, Mapping):
             raise PlanError(f"{where}: expected a mapping of options, got {options!r}")
-        return from_mapping(cls, options, where)
+        return coerce(options, cls, where)
 
     def to_options(self) -> dict[str, Any]:
         return to_plain(self)
@@ -261,7 +261,13 @@ class PositionKVConfig(MethodConfig):
 @dataclasses.dataclass(frozen=True)
 class HistoryKVConfig(MethodConfig):
     """What every next-scale KV method shares (VAR, Infinity): a selection over the history
-    store, its work counted in attention pairs, with the store's compaction kernel."""
+    store, its work counted in attention pairs, with the store's compaction kernel.
+
+    Each defines ``make(calibration, schedule, layers, heads)``: its selection for a model of
+    that schedule and shape (None: the unlimited budget), ``calibration`` the plan's
+    calibration data (None for a method without one); ``accelerate`` and ``diffcache kv``
+    build it the same way (``kv.history_method.attach_selection``, ``kv.memory.plan_memory``).
+    """
 
     granularity: ClassVar[str] = "kv"
     kind: ClassVar[str] = "attn_pair"

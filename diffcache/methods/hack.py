@@ -23,7 +23,7 @@ kept rows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from diffcache.errors import PlanError
 from diffcache.kv.hack import STRUCTURAL, HACKOptions, HACKSelection
@@ -135,5 +135,4 @@ class HACKConfig(HistoryKVConfig):
 
 @register_method(HACKConfig)
 def apply(session: Session, cfg: HACKConfig) -> None:
-    calibration: Any = session.calibration
-    attach_selection(session, cfg.name, lambda s, layers, h: cfg.make(calibration, s, layers, h))
+    attach_selection(session, cfg)

@@ -58,7 +58,9 @@ class HistoryBudgetConfig(HistoryKVConfig, abc.ABC):
     def selection(self, tokens: int, layers: int) -> Selection:
         """The selection that keeps ``tokens`` rows per head on a model of ``layers`` layers."""
 
-    def make(self, schedule: Schedule, layers: int, heads: int) -> Selection | None:
+    def make(
+        self, calibration: None, schedule: Schedule, layers: int, heads: int
+    ) -> Selection | None:
         tokens = token_budget(self.budget, self.ratio, schedule)
         return None if tokens is None else self.selection(tokens, layers)
 
@@ -143,19 +145,19 @@ class PyramidKVConfig(SnapKVConfig):
 
 @register_method(H2OConfig)
 def apply_h2o(session: Session, cfg: H2OConfig) -> None:
-    attach_selection(session, cfg.name, cfg.make)
+    attach_selection(session, cfg)
 
 
 @register_method(SnapKVConfig)
 def apply_snapkv(session: Session, cfg: SnapKVConfig) -> None:
-    attach_selection(session, cfg.name, cfg.make)
+    attach_selection(session, cfg)
 
 
 @register_method(StreamingConfig)
 def apply_streaming(session: Session, cfg: StreamingConfig) -> None:
-    attach_selection(session, cfg.name, cfg.make)
+    attach_selection(session, cfg)
 
 
 @register_method(PyramidKVConfig)
 def apply_pyramidkv(session: Session, cfg: PyramidKVConfig) -> None:
-    attach_selection(session, cfg.name, cfg.make)
+    attach_selection(session, cfg)

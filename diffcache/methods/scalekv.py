@@ -120,7 +120,9 @@ class ScaleKVConfig(HistoryKVConfig):
         )
         return ScaleKVBudgets(average, scales)
 
-    def make(self, schedule: Schedule, layers: int, heads: int) -> ScaleKVSelection | None:
+    def make(
+        self, calibration: None, schedule: Schedule, layers: int, heads: int
+    ) -> ScaleKVSelection | None:
         budgets = self.budgets(schedule, layers)
         if budgets is None:
             return None
@@ -145,4 +147,4 @@ def import_budgets(path: str, depth: int, family: str, average: int = 650) -> Pl
 
 @register_method(ScaleKVConfig)
 def apply(session: Session, cfg: ScaleKVConfig) -> None:
-    attach_selection(session, cfg.name, cfg.make)
+    attach_selection(session, cfg)

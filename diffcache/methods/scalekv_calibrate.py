@@ -118,7 +118,7 @@ def calibrate(cfg: ScaleKVConfig, profiling: Any) -> Calibrated:
 def _fits(cfg: ScaleKVConfig, schedule: Any, layers: int, heads: int) -> None:
     """Refuse budgets the selection cannot keep on the model's schedule (one line)."""
     try:
-        selection = cfg.make(schedule, layers, heads)
+        selection = cfg.make(None, schedule, layers, heads)
         check = getattr(selection, "check", None)
         if check is not None:
             check(schedule, layers)

@@ -256,7 +256,7 @@ def _options(spec: str, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
             continue
         hint, bounds = known[key]
         try:
-            out[key] = coerce(value, hint, bounds, key)
+            out[key] = coerce(value, hint, key, bounds)
         except PlanError as e:
             problems.append(str(e))
     if problems:

@@ -160,7 +160,7 @@ def test_released_scalekv_tables_give_the_published_kv_memory(
     """ScaleKV Table 1 at batch 8 (16 rows with CFG), K fp32 and V bf16, at 1M: the history
     before the last map is 6425 rows per layer in full and 650 on average at 10%."""
     schedule = Schedule.square(SQUARE_1M)
-    selection = Plan.load(plan).config.make(schedule, layers, heads)
+    selection = Plan.load(plan).config.make(None, schedule, layers, heads)
     selection.check(schedule, layers)
     geometry = Geometry(layers, heads, width // heads, schedule, rows=16, k_bytes=4, v_bytes=2)
 

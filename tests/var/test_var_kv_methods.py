@@ -380,10 +380,10 @@ def test_var_d30_plans_give_the_published_budgets_on_the_d30_schedule() -> None:
     assert (d30.total, d30.start(len(d30) - 1)) == (680, 424)
     want = {"h2o": 212, "snapkv": 212, "streaming": 42, "pyramidkv": 42}
     for method, tokens in want.items():
-        selection = Plan.load(f"var-d30-{method}.yaml").config.make(d30, 30, 30)
+        selection = Plan.load(f"var-d30-{method}.yaml").config.make(None, d30, 30, 30)
         assert selection.tokens == tokens
         selection.check(d30, 30)
-    scalekv = Plan.load("var-d30-scalekv.yaml").config.make(d30, 30, 30)
+    scalekv = Plan.load("var-d30-scalekv.yaml").config.make(None, d30, 30, 30)
     scalekv.check(d30, 30)
     assert {scalekv.budgets.budget(si, layer) for si in range(9) for layer in range(30)} == {42}
     hack = Plan.load("var-d30-hack.yaml", template=True)
