@@ -1,0 +1,94 @@
+"""``diffcache.lora.LoraWatch``'s rules on dit-tiny with a peft LoRA: which plans warn about
+the LoRA state or the weights they run on (calibrated ones, against what they were profiled
+with, unless they require it), and the warning's words (the plan, both states, the fix)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import pytest
+import torch
+
+import diffcache
+import diffcache.lora
+from diffcache.generate import generate
+from diffcache.models import load_model
+from diffcache.pipelines.digits.lora import set_weight
+from diffcache.plan import Plan
+from diffcache.testing.lora import inject_lora
+from diffcache.testing.toys import tiny_request
+
+pytest.importorskip("peft")
+
+HASH = "[0-9a-f]{16}"
+
+
+@pytest.fixture
+def dit(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """dit-tiny, its request, and the LoRA warnings of this test only."""
+    monkeypatch.setattr(diffcache.lora, "_WARNED", set())
+    caplog.set_level(logging.WARNING, logger="diffcache.lora")
+    return load_model("dit-tiny"), tiny_request("dit-tiny", 20)[2]
+
+
+def _run(pipe, req, plan) -> None:
+    diffcache.accelerate(pipe, plan)
+    try:
+        generate(pipe, req)
+    finally:
+        diffcache.remove(pipe)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "diffcache.lora"]
+
+
+def test_an_uncalibrated_plan_warns_about_neither_lora_nor_weights(dit, caplog) -> None:
+    """EasyCache measures the model as it runs: a profiled EasyCache plan records the LoRA state
+    and weights' norm it was profiled on, but other weights (changed in place) or a LoRA do
+    not make it warn."""
+    pipe, req = dit
+    plan = diffcache.profile(pipe, "easycache", prompts=["1"], request=req)
+    assert "weights_norm" in plan.provenance and not (plan.calibration or plan.tensors)
+    with torch.no_grad():
+        next(pipe.transformer.parameters()).mul_(1.5)  # other weights, no LoRA
+    _run(pipe, req, plan)
+    inject_lora(pipe.transformer, "u", targets=("to_q",))
+    _run(pipe, req, plan)
+    assert _warnings(caplog) == []
+
+
+def test_a_plan_profiled_under_a_lora_warns_under_another_state_only(dit, caplog) -> None:
+    """Profiled with LoRA ``p`` at weight 1: no warning under that state, one under ``p`` at
+    0.5 that names the plan, both states, the fix and the profile call."""
+    pipe, req = dit
+    inject_lora(pipe.transformer, "p", targets=("to_q",))
+    plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
+    profiled = plan.provenance["lora"]["sha256"]
+    _run(pipe, req, plan)
+    assert _warnings(caplog) == []
+    set_weight(pipe.transformer, 0.5, "p")
+    _run(pipe, req, plan)
+    [message] = _warnings(caplog)
+    want = (
+        f"diffcache: {re.escape(plan.name)} was calibrated with LoRA p=1.0 \\[{profiled}\\] but "
+        f"this run has LoRA p=0.5 \\[{HASH}\\]; its calibration may not fit: run `diffcache "
+        "profile` on the pipeline with this LoRA \\(diffcache.profile\\(pipe, 'ertacache', "
+        "prompts\\)\\) for a plan that does."
+    )
+    assert plan.name and re.fullmatch(want, message), message
+
+
+def test_a_plan_that_requires_its_lora_state_does_not_warn_about_it(dit, caplog) -> None:
+    """A calibrated plan with ``valid_for.lora`` (here the bundled plan, which records no
+    LoRA, made to require the pipeline's): run under that state, it is neither refused nor
+    warns that it was profiled without LoRA."""
+    pipe, req = dit
+    inject_lora(pipe.transformer, "v", targets=("to_q",))
+    key = diffcache.lora.adapter_state([pipe.transformer])["sha256"]
+    plan = Plan.load("dit-tiny-ertacache.yaml")
+    assert "lora" not in plan.provenance
+    _run(pipe, req, dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": key}))
+    assert _warnings(caplog) == []
