@@ -92,3 +92,38 @@ def test_a_plan_that_requires_its_lora_state_does_not_warn_about_it(dit, caplog)
     assert "lora" not in plan.provenance
     _run(pipe, req, dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": key}))
     assert _warnings(caplog) == []
+
+
+def test_describe_words_a_state() -> None:
+    """No state: ``no LoRA``; else each adapter at its weight, ``(fused)`` when fused, and
+    the hash."""
+    describe = diffcache.lora.describe
+    assert describe(None) == "no LoRA"
+    state = {"adapters": {"a": 1.0, "b": 0.5}, "fused": True, "sha256": "0123456789abcdef"}
+    assert describe(state) == "LoRA a=1.0, b=0.5 (fused) [0123456789abcdef]"
+    assert describe({**state, "fused": False}) == "LoRA a=1.0, b=0.5 [0123456789abcdef]"
+
+
+def test_a_plan_on_other_weights_under_its_lora_warns_once_per_weights(dit, caplog) -> None:
+    """Profiled under LoRA ``p``, run under ``p`` on base weights changed in place: the LoRA
+    state is the one profiled, the weights' norm is not: one warning naming both (the fix:
+    profile as you run it); changed again, a new session warns again (other weights)."""
+    pipe, req = dit
+    inject_lora(pipe.transformer, "p", targets=("to_q",))
+    plan = diffcache.profile(pipe, "ertacache", prompts=["1", "2"], target_compute=0.6)
+    profiled = plan.provenance["lora"]["sha256"]
+    weight = next(pipe.transformer.parameters())
+    for factor in (1.5, 2.0):
+        with torch.no_grad():
+            weight.mul_(factor)
+        _run(pipe, req, plan)
+    first, second = _warnings(caplog)
+    want = (
+        f"diffcache: {re.escape(plan.name)} was calibrated with its weights "
+        f"\\(provenance.weights_norm\\) but this run has LoRA p=1.0 \\[{profiled}\\] on other "
+        "weights \\(their norm differs: a LoRA merged into them, e.g. by peft's "
+        "merge_and_unload, or another checkpoint\\); its calibration may not fit: run "
+        "`diffcache profile` on the pipeline as you run it \\(diffcache.profile\\(pipe, "
+        "'ertacache', prompts\\)\\) for a plan that does."
+    )
+    assert re.fullmatch(want, first) and second == first, first
