@@ -127,3 +127,25 @@ def test_a_plan_on_other_weights_under_its_lora_warns_once_per_weights(dit, capl
         "'ertacache', prompts\\)\\) for a plan that does."
     )
     assert re.fullmatch(want, first) and second == first, first
+
+
+def test_lora_tensors_written_in_place_are_another_state(dit) -> None:
+    """A plan requiring the pipeline's LoRA state runs; the adapter's tensors then written in
+    place between runs (same adapter, same weight, no new tensor) are another state, and the
+    next run is refused."""
+    from diffcache.errors import PlanError
+
+    pipe, req = dit
+    inject_lora(pipe.transformer, "v", targets=("to_q",))
+    key = diffcache.lora.adapter_state([pipe.transformer])["sha256"]
+    plan = Plan.load("dit-tiny-ertacache.yaml")
+    diffcache.accelerate(pipe, dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": key}))
+    try:
+        generate(pipe, req)
+        layer = next(m for m in pipe.transformer.modules() if hasattr(m, "lora_B"))
+        with torch.no_grad():
+            layer.lora_B["v"].weight.add_(1.0)
+        with pytest.raises(PlanError, match=f"valid for LoRA state {key} but this call has LoRA"):
+            generate(pipe, req)
+    finally:
+        diffcache.remove(pipe)
