@@ -149,3 +149,33 @@ def test_lora_tensors_written_in_place_are_another_state(dit) -> None:
             generate(pipe, req)
     finally:
         diffcache.remove(pipe)
+
+
+def test_a_second_lora_fused_and_unloaded_while_accelerated_is_seen(tmp_path) -> None:
+    """flux-tiny with LoRA ``l0`` fused and unloaded, under a plan requiring that state: a
+    second LoRA then fused and unloaded under the same name while accelerated leaves no LoRA
+    layer either way, only the pipeline's ``fused_loras`` and the weights tell: the next run
+    is refused."""
+    from diffcache.errors import PlanError
+    from diffcache.testing.lora import write_lora
+
+    pipe = load_model("flux-tiny")
+    folders = [write_lora(pipe, tmp_path / f"l{i}", seed=i) for i in range(2)]
+
+    def fuse_unload(folder) -> None:
+        pipe.load_lora_weights(folder, adapter_name="x")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+
+    fuse_unload(folders[0])
+    key = diffcache.lora.adapter_state([pipe.transformer], pipe)["sha256"]
+    plan = Plan.load("flux-tiny-ertacache.yaml")
+    req = tiny_request("flux-tiny", 20)[2]
+    diffcache.accelerate(pipe, dataclasses.replace(plan, valid_for={**plan.valid_for, "lora": key}))
+    try:
+        generate(pipe, req)
+        fuse_unload(folders[1])
+        with pytest.raises(PlanError, match=f"valid for LoRA state {key} but this call has LoRA"):
+            generate(pipe, req)
+    finally:
+        diffcache.remove(pipe)
