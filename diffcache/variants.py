@@ -91,8 +91,9 @@ class ScheduleStart:
         if isinstance(t, torch.Tensor) and t.numel():
             times = self.session.target.scheduler.timesteps
             at = (times.to(t.device, torch.float64) == t.flatten().max().double()).nonzero()
-            if len(at) and run.num_steps is not None:  # the first match: a time repeats
-                self._begin_at(int(at[0]))  # in a second-order schedule
+            if len(at) and run.num_steps is not None:  # the last match: a second-order
+                self._begin_at(int(at[-1]))  # schedule has each later time twice, and a
+                # slice at t_start x 2 starts at the second of them
 
     def _set_begin_index(self, call: Any, begin_index: int = 0, *args: Any, **kwargs: Any) -> Any:
         out = call(begin_index, *args, **kwargs)
