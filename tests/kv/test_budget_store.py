@@ -352,33 +352,21 @@ def test_a_selection_must_say_pre_or_post():
         BudgetedHistory(Fixed("both", keep_all))
 
 
-@pytest.mark.parametrize("when", ["pre", "post"])
-def test_pairs_count_every_query_key_pair_attended(when):
+@pytest.mark.parametrize(("when", "keys"), [("pre", [1, 5, 5, 5]), ("post", [1, 5, 14, 21])])
+def test_pairs_count_every_query_key_pair_attended(when, keys):
     """Batch 3, 4 heads, 2 layers over maps of 1, 4, 9, 16 rows; the selection keeps the last
-    5 rows once a group holds more: per call, batch x heads x queries x the keys attended
-    (pre: the kept rows; post: history + the new map)."""
-    budget = 5
+    5 rows once a group holds more. Per call: batch x heads x queries x the keys attended,
+    by hand: pre, the kept rows (1, 5, 5, 5); post, history + the new map (1, 5, 5 + 9,
+    5 + 16)."""
 
     def rule(call, group, length, b, hg):
-        return torch.arange(length - budget, length).expand(b, hg, budget)
+        return torch.arange(length - 5, length).expand(b, hg, 5)
 
-    store = BudgetedHistory(Fixed(when, rule, budget=budget))
+    store = BudgetedHistory(Fixed(when, rule, budget=5))
     sweep(store)
-    held, expect = 0, {}
-    for si in range(len(SCHED)):
-        n = SCHED.tokens(si)
-        keys = min(budget, held + n) if when == "pre" else held + n
-        expect[si] = 2 * 3 * 4 * n * keys
-        held = min(budget, held + n)
+    expect = {si: 2 * 3 * 4 * SCHED.tokens(si) * keys[si] for si in range(len(SCHED))}
     assert store.scale_pairs == expect
-    assert (
-        store.pairs
-        == sum(expect.values())
-        == 2
-        * 3
-        * 4
-        * (1 + 4 * 5 + 9 * (5 if when == "pre" else 14) + 16 * (5 if when == "pre" else 21))
-    )
+    assert store.pairs == sum(expect.values())
 
 
 @pytest.mark.parametrize("when", ["pre", "post"])
