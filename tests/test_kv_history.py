@@ -1,9 +1,11 @@
 """The next-scale history store's contract: schedule arithmetic and the plain (full) store."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from diffcache.kv import FullHistory, History, ScaleCall, Schedule
+from diffcache.kv.history import at_least_fp32, attention
 
 VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 INFINITY_1M = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -39,3 +41,25 @@ def test_full_history_is_concatenation_then_sdpa():
         expect = F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), scale=1.0)
         assert torch.equal(out, expect)
     assert store.history_nbytes() == store.nbytes() == 2 * 2 * 3 * sched.total * 4 * 8
+
+
+def test_a_schedule_needs_maps_of_at_least_one_token():
+    for sizes in ((), ((1, 1), (0, 2)), ((1, 1), (2, 0))):
+        with pytest.raises(AssertionError):
+            Schedule(sizes)
+
+
+def test_cosine_attention_keeps_k_in_fp32_and_attends_in_the_query_dtype():
+    """16-bit floats become float32, float32 and float64 stay; the attention casts the fp32 K
+    (and V) to the queries' dtype, as the model's own attention would."""
+    assert at_least_fp32(torch.ones(1, dtype=torch.bfloat16)).dtype == torch.float32
+    assert at_least_fp32(torch.ones(1, dtype=torch.float16)).dtype == torch.float32
+    assert at_least_fp32(torch.ones(1, dtype=torch.float64)).dtype == torch.float64
+    x = torch.randn(2, 3)
+    assert at_least_fp32(x) is x
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=g) for _ in "qkv")
+    q16, v16 = q.bfloat16(), v.bfloat16()
+    out = attention(q16, k, v16, 0.5)
+    expect = F.scaled_dot_product_attention(q16, k.bfloat16(), v16, scale=0.5)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expect)

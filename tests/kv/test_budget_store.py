@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from diffcache.kv import FullHistory, History, ScaleCall, Schedule
 from diffcache.kv.baselines import SnapKVSelection
-from diffcache.kv.budget import BudgetedHistory
+from diffcache.kv.budget import BudgetedHistory, capacity, check_keep
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
 from diffcache.testing.kernels import needs_interpreter
@@ -65,6 +65,22 @@ def test_keep_everything_is_bit_exact_with_full_history(when, batch):
     assert store.nbytes() == store.history_nbytes() == 2 * 2 * batch * 4 * SCHED.total * 8 * 8
 
 
+@pytest.mark.parametrize("when", ["pre", "post"])
+def test_a_selection_keeping_more_than_its_budget_grows_the_buffers(when):
+    """The buffers are sized by the budget (3 rows: room for 19, the 3 kept plus the last map
+    of 16); a selection that keeps everything anyway (``None``) still holds and attends every
+    row: the history of 14 rows is copied into grown buffers at the last scale, bit-exact with
+    the full cache, positions and bytes included."""
+    full_out, _ = sweep(FullHistory())
+    store = BudgetedHistory(Fixed(when, lambda *a: None, budget=3))
+    out, _ = sweep(store)
+    assert all(torch.equal(a, b) for a, b in zip(out, full_out, strict=True))
+    assert store.rows[0][0].k.shape[2] == SCHED.total == 30
+    assert torch.equal(store.positions(1, 0), torch.arange(30).expand(3, 4, 30))
+    assert store.positions(1, 0).dtype == torch.int64  # the selection's index type
+    assert store.nbytes() == 2 * 3 * 4 * 30 * 8 * (8 + 8)
+
+
 def random_subsets(call, group, length, b, hg, m=None):
     """A sorted random subset of ``m`` rows per (row, head), seeded by the call."""
     m = m or max(1, (length * 2) // 3)
@@ -80,7 +96,13 @@ def masked_oracle(q, k, v, keep):
 
 
 @pytest.mark.parametrize(
-    ("groups", "sizes"), [(None, None), ([[2, 0], [1, 3]], {0: 5, 1: 9}), ([[3], [0, 1, 2]], {})]
+    ("groups", "sizes"),
+    [
+        (None, None),
+        ([[2, 0], [1, 3]], {0: 5, 1: 9}),
+        ([[3], [0, 1, 2]], {}),
+        ([[0, 1], [2, 3]], {0: 3, 1: 6}),  # in order: the outputs are concatenated
+    ],
 )
 def test_pre_selection_gather_equals_mask_oracle(groups, sizes):
     """§3.2 item 3 through the store: groups of any heads, each its own kept count."""
@@ -288,3 +310,118 @@ def test_triton_kernels_keep_what_the_torch_path_keeps(method):
         assert store.kernel_record == {"kv_compact": kernels, "window_scores": kernels}
     assert all(torch.equal(a, b) for a, b in zip(*(r[0] for r in runs.values()), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(*(r[1] for r in runs.values()), strict=True))
+
+
+def test_the_buffers_hold_the_most_rows_a_group_holds_at_once():
+    """``capacity`` walks the budget over the schedule (maps of 1, 4, 9, 16 rows): a budget
+    above every length holds all 30 rows at the end; a budget of 7 holds 7 + 16 at the last
+    scale; no budget method at all, the whole schedule."""
+    call = ScaleCall(layer=0, si=0, schedule=SCHED, cond_rows=1)
+    assert capacity(Fixed("post", keep_all, budget=None), call, 0) == SCHED.total == 30
+    assert capacity(Fixed("post", keep_all, budget=7), call, 0) == 7 + 16
+    assert capacity(Fixed("post", keep_all, budget=1), call, 0) == 1 + 16
+
+    class NoBudget:
+        when = "post"
+
+    assert capacity(NoBudget(), call, 0) == 30
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (torch.arange(9).expand(2, 9), r"must be int64 \[B=2, Hg=2, m\], got torch.int64 \[2, 9\]"),
+        # one image's rows for a batch of two: they would broadcast
+        (torch.arange(9).expand(1, 2, 9), r"must be int64 \[B=2, Hg=2, m\], got .* \[1, 2, 9\]"),
+        (torch.arange(9, dtype=torch.int32).expand(2, 2, 9), r"must be int64 .* got torch.int32"),
+        (torch.tensor([-1, 0, 8]).expand(2, 2, 3), r"must lie in \[0, 9\), got \[-1, 8\]$"),
+        (torch.tensor([0, 5, 5]).expand(2, 2, 3), "must be sorted ascending and unique per"),
+    ],
+    ids=["2-d", "batch", "int32", "negative", "repeated"],
+)
+def test_check_keep_refuses_with_the_store_own_message(keep, message):
+    """The store checks a selection's kept indices itself (a merge gathers with them, and
+    not every compaction checks them), each refusal its own message."""
+    with pytest.raises(ValueError, match=f"^kept indices {message}"):
+        check_keep(keep, (2, 2, 9), None)
+    check_keep(torch.tensor([0, 5, 8]).expand(2, 2, 3), (2, 2, 9), 3)  # a good one passes
+
+
+def test_a_selection_must_say_pre_or_post():
+    with pytest.raises(ValueError, match=r"^selection.when must be 'pre' or 'post', got 'both'$"):
+        BudgetedHistory(Fixed("both", keep_all))
+
+
+@pytest.mark.parametrize(("when", "keys"), [("pre", [1, 5, 5, 5]), ("post", [1, 5, 14, 21])])
+def test_pairs_count_every_query_key_pair_attended(when, keys):
+    """Batch 3, 4 heads, 2 layers over maps of 1, 4, 9, 16 rows; the selection keeps the last
+    5 rows once a group holds more. Per call: batch x heads x queries x the keys attended,
+    by hand: pre, the kept rows (1, 5, 5, 5); post, history + the new map (1, 5, 5 + 9,
+    5 + 16)."""
+
+    def rule(call, group, length, b, hg):
+        return torch.arange(length - 5, length).expand(b, hg, 5)
+
+    store = BudgetedHistory(Fixed(when, rule, budget=5))
+    sweep(store)
+    expect = {si: 2 * 3 * 4 * SCHED.tokens(si) * keys[si] for si in range(len(SCHED))}
+    assert store.scale_pairs == expect
+    assert store.pairs == sum(expect.values())
+
+
+@pytest.mark.parametrize("when", ["pre", "post"])
+def test_a_group_exactly_at_its_budget_is_not_asked(when):
+    """Budget 5 over maps of 1, 4, 9, 16 rows: after scale 1 a group holds exactly 5 rows,
+    which fit; it is asked at scales 2 and 3 only."""
+    asked = []
+
+    def rule(call, group, length, b, hg):
+        asked.append(call.si)
+        return torch.arange(length - 5, length).expand(b, hg, 5)
+
+    sweep(BudgetedHistory(Fixed(when, rule, budget=5)), layers=1)
+    assert asked == [2, 3]
+
+
+def test_the_selection_sees_the_group_history_and_new_rows_of_k_and_v():
+    """``keep`` gets the K and V rows it chooses among (history kept, then the new map), as
+    the protocol says: a rule may score by V."""
+    seen = []
+
+    class ByValue(Fixed):
+        def keep(self, call, group, q, k, v):
+            seen.append((k.clone(), v.clone()))
+            top = v[..., 0].topk(3, dim=-1).indices
+            return top.sort(dim=-1).values
+
+    store = BudgetedHistory(ByValue("post", None, budget=3))
+    _, ins = sweep(store, layers=1)
+    hk, hv = ins[0][1], ins[0][2]
+    for si in range(len(SCHED)):
+        k_all = torch.cat((hk, ins[si][1]), 2) if si else hk
+        v_all = torch.cat((hv, ins[si][2]), 2) if si else hv
+        if k_all.shape[2] > 3:
+            k_seen, v_seen = seen.pop(0)
+            assert torch.equal(k_seen, k_all) and torch.equal(v_seen, v_all)
+            idx = v_all[..., 0].topk(3, dim=-1).indices.sort(dim=-1).values
+            gather = idx[..., None].expand(-1, -1, -1, 8)
+            k_all, v_all = k_all.gather(2, gather), v_all.gather(2, gather)
+        hk, hv = k_all, v_all
+    assert seen == []
+    assert torch.equal(store.held(0, 0)[1], hv)
+
+
+def test_a_merge_of_the_wrong_shape_is_refused():
+    """A merge must hand back K and V of the kept rows' shape; K alone wrong is refused."""
+
+    class BadMerge(Fixed):
+        def merge(self, call, group, k, v, keep):
+            idx = keep[..., None].expand(-1, -1, -1, k.shape[-1])
+            return k.gather(2, idx)[:, :, :-1], v.gather(2, idx)
+
+    store = BudgetedHistory(
+        BadMerge("post", lambda c, g, length, b, hg: torch.arange(3).expand(b, hg, 3))
+    )
+    q = torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match=r"^merge must return K and V of shape \[1, 2, 3, 4\]$"):
+        store.attend(ScaleCall(layer=0, si=2, schedule=SCHED, cond_rows=1), q, q, q)

@@ -3,16 +3,22 @@ store's own measurement against the arithmetic (§3.2 item 10)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from diffcache.errors import PlanError
 from diffcache.kv import ScaleCall, Schedule
 from diffcache.kv.baselines import PyramidKVSelection, SlidingWindowSelection, StreamingSelection
 from diffcache.kv.budget import BudgetedHistory
 from diffcache.kv.hack import HACKOptions, HACKSelection
-from diffcache.kv.memory import MIB, Geometry, kv_bytes, selection_budget
+from diffcache.kv.history_method import KeepAll
+from diffcache.kv.memory import MIB, Geometry, kv_bytes, plan_memory, selection_budget
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import RELEASED_8B_10PCT, ScaleBudget, ScaleKVBudgets
+from diffcache.pipelines.kv_configs import kv_config
+from diffcache.plan import Plan
 
 INFINITY_1M = Schedule.square((1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64))
 VAR_256 = Schedule.square((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
@@ -155,3 +161,82 @@ def test_hack_with_equal_budgets_holds_a_whole_layer_at_its_transient_rows():
     assert store.peak_nbytes() == (30 + 30 + 55) * GEO.row_bytes
     budget, groups = selection_budget(sel, GEO.schedule, GEO.layers, GEO.heads)
     assert groups == [[2]] * 3 and GEO.sweep_peak(budget, groups) == store.peak_nbytes()
+
+
+def test_head_groups_must_split_every_layer_into_its_heads():
+    """A group table of the wrong depth (the heads add up) and one of the right depth whose
+    heads do not add up are both refused, naming the model."""
+    for groups in ([[2], [2]], [[2], [1], [2]]):
+        with pytest.raises(ValueError, match=r"^head groups .* do not split 3 x 2 heads$"):
+            GEO.group_sizes(groups)
+    assert GEO.group_sizes([[1, 1], [2], [1, 1]]) == [[1, 1], [2], [1, 1]]
+
+
+def test_attention_macs_are_the_pairs_the_full_store_attends():
+    """The plain cache's MACs per scale: 2·head_dim per (query, key) pair the store counts
+    when it keeps everything (one scale by hand: maps of 1 and 4 tokens, 2 layers, 3 heads,
+    head_dim 5, 2 rows: 2·5 MACs × 4 queries × 5 keys × 3 heads × 2 rows × 2 layers)."""
+    store = run_store(KeepAll(), GEO)
+    per_pair = 2 * GEO.head_dim
+    assert GEO.attention_macs() == [per_pair * p for p in store.scale_pairs.values()]
+    assert Geometry(2, 3, 5, Schedule.square((1, 2)), rows=2).attention_macs()[1] == 2400
+
+
+def test_a_reported_geometry_rebuilds_the_model_geometry():
+    """``Stats.kv_geometry`` holds the schedule as lists; :meth:`Geometry.of` reads it back."""
+    stats_geometry = dict(
+        layers=3, heads=2, head_dim=4, schedule=[[1, 1], [2, 2], [3, 3], [4, 4], [5, 5]], rows=2
+    )
+    assert Geometry.of({**stats_geometry, "k_bytes": 4, "v_bytes": 2}) == GEO
+    assert Geometry.of({**stats_geometry, "k_bytes": 2, "v_bytes": 2}).row_bytes == 2 * 2 * 4 * 4
+
+
+def _plan(make, source="p.yaml", method="custom"):
+    """A stand-in for a loaded plan whose method config builds its selection with ``make``."""
+    return SimpleNamespace(
+        config=SimpleNamespace(make=make), calibration_data=None, source=source, method=method
+    )
+
+
+def test_a_selection_without_a_budget_is_refused_naming_the_plan():
+    """``diffcache kv`` needs the rows per head group; a selection that does not say them is a
+    ValueError naming its class, one PlanError line naming the plan in ``plan_memory``."""
+    with pytest.raises(ValueError, match=r"^KeepAll declares no budget per head group$"):
+        selection_budget(KeepAll(), GEO.schedule, GEO.layers, GEO.heads)
+
+    def make(schedule, layers, heads):
+        return KeepAll()
+
+    with pytest.raises(
+        PlanError, match=r"^p\.yaml: method custom: KeepAll declares no budget per head group$"
+    ):
+        plan_memory(_plan(make), GEO)
+
+
+def test_a_plan_that_keeps_everything_holds_the_full_cache():
+    """A baseline without a budget or ratio keeps every row: its history and peaks are the full
+    cache's, scale by scale (the plain cache only grows, so each peak is the history after)."""
+    plan = Plan.from_dict({"diffcache": 1, "model": "var", "method": "streaming"}, source="s")
+    memory = plan_memory(plan, GEO)
+    row = GEO.layers * GEO.row_bytes  # one position in every layer
+    assert memory.kept == memory.full == [GEO.schedule.start(si) * row for si in range(5)]
+    assert memory.kept_peaks == memory.full_peaks
+    assert memory.full_peaks == [GEO.schedule.start(si + 1) * row for si in range(5)]
+
+
+def test_a_plan_for_another_depth_is_one_line_naming_the_plan():
+    """Issue 23's bad input: the 8B plan's roles are for 40 layers; on Infinity-2B (32) the
+    error names the plan file and both depths, and names what ``diffcache kv`` covers for a
+    method without a budgeted history."""
+    geo = kv_config("infinity-2b").geometry(1, "bf16")
+    plan = Plan.load("infinity-8b-scalekv.yaml")
+    with pytest.raises(
+        PlanError, match=r"infinity-8b-scalekv\.yaml: .*40 layers, the model has 32"
+    ):
+        plan_memory(plan, geo)
+    with pytest.raises(PlanError) as err:
+        plan_memory(_plan(lambda schedule, layers: None), geo)
+    assert str(err.value) == (
+        "p.yaml: method custom keeps no budgeted KV history (diffcache kv covers scalekv, hack, "
+        "h2o, snapkv, streaming, pyramidkv)"
+    )

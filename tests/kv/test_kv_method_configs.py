@@ -1,0 +1,75 @@
+"""Issue 23's bad input at the method configs, before any model runs: a budget that would hold
+the whole cache, and two ways of giving the budget at once (research/var.md §3.2 item 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffcache.errors import PlanError
+from diffcache.kv import Schedule
+from diffcache.methods.hack import HACKCalibration, HACKConfig
+from diffcache.methods.scalekv import ScaleKVConfig, ScaleKVScale
+
+SCHED = Schedule.square((1, 2, 3, 4))  # 30 tokens
+CLASSES = HACKCalibration(((0, 1), (1, 0)))
+
+
+def test_a_scalekv_average_holding_the_whole_cache_is_refused():
+    with pytest.raises(PlanError) as err:
+        ScaleKVConfig(average=30).make(SCHED, 2, 2)
+    assert str(err.value) == (
+        "scalekv average budget of 30 rows is not below the whole cache of 30 rows: it would "
+        "keep everything"
+    )
+    budgets = ScaleKVConfig(average=29).make(SCHED, 2, 2).budgets
+    # without per-scale tables every layer keeps the average after scales 0..2
+    assert [[budgets.budget(si, layer) for layer in range(2)] for si in range(3)] == [[29] * 2] * 3
+
+
+def test_a_hack_budget_holding_the_whole_cache_is_refused():
+    with pytest.raises(PlanError) as err:
+        HACKConfig(budget=30).make(CLASSES, SCHED, 2, 2)
+    assert str(err.value) == (
+        "hack: budget of 30 rows per head is not below the whole cache of 30 rows: it would "
+        "keep everything"
+    )
+    assert HACKConfig(budget=29).make(CLASSES, SCHED, 2, 2) is not None
+
+
+def test_hack_budget_and_compression_together_are_refused():
+    with pytest.raises(
+        PlanError, match=r"^hack: give budget \(5\) or compression \(0.5\), not both$"
+    ):
+        HACKConfig(budget=5, compression=0.5).average(SCHED)
+    assert HACKConfig(budget=5).average(SCHED) == 5 and HACKConfig().average(SCHED) is None
+
+
+def test_a_scalekv_compression_after_the_last_scale_is_refused():
+    """Maps 1..4: compressions may follow scales 0..2; one after scale 3 would shape a history
+    no scale reads."""
+    late = ScaleKVScale(after_scale=3, roles="DR", drafter=12, refiner=4)
+    with pytest.raises(PlanError) as err:
+        ScaleKVConfig(average=8, scales=(late,)).make(SCHED, 2, 2)
+    assert str(err.value) == (
+        "scalekv budgets after scale 3, but the model's schedule has 4 scales (compressions "
+        "after scales 0..2)"
+    )
+    last_allowed = ScaleKVScale(after_scale=2, roles="DR", drafter=12, refiner=4)
+    budgets = ScaleKVConfig(average=8, scales=(last_allowed,), window=4).make(SCHED, 2, 2).budgets
+    assert [budgets.budget(2, layer) for layer in range(2)] == [12, 4]
+
+
+def test_scalekv_kv_target_is_a_ratio_of_the_average_without_tables():
+    """``diffcache profile --target-kv``: the ratio replaces the average and the per-scale
+    tables (the calibrator makes new ones); the other options stay."""
+    table = (ScaleKVScale(after_scale=2, roles="DR", drafter=12, refiner=4),)
+    cfg = ScaleKVConfig(average=8, scales=table, window=4, variant="paper")
+    assert cfg.kv_target(0.3) == ScaleKVConfig(ratio=0.3, window=4, variant="paper")
+
+
+def test_scalekv_options_reach_the_selection():
+    """Non-default pooling and the released extra compression after the last scale."""
+    cfg = ScaleKVConfig(average=8, window=4, kernel=3, pooling="avg", reference_compat=True)
+    selection = cfg.make(SCHED, 2, 2)
+    assert (selection.pooling, selection.reference_compat) == ("avg", True)
+    assert (selection.window, selection.kernel, selection.base_capacity) == (4, 3, 8)
