@@ -110,7 +110,7 @@ def _session(kv=None, kernels="auto"):
     """The parts of a session the method side reads before attaching anything."""
     adapter = SimpleNamespace(name="dit-tiny", kv=kv)
     run = RunState("h2o", kind="attn_pair", kernels=kernels)
-    return SimpleNamespace(target=SimpleNamespace(adapter=adapter), run=run)
+    return SimpleNamespace(target=SimpleNamespace(adapter=adapter), run=run, calibration=None)
 
 
 def test_a_model_without_a_history_store_is_refused_naming_what_it_declares():
@@ -124,7 +124,8 @@ def test_a_model_without_a_history_store_is_refused_naming_what_it_declares():
     with pytest.raises(UnsupportedModelError, match=r"; dit-tiny declares a rows store$"):
         history_seam(_session(rows), "h2o")
     with pytest.raises(UnsupportedModelError, match=r"^scalekv needs a model with a history"):
-        attach_selection(_session(), "scalekv", lambda schedule, layers, heads: None)
+        config = SimpleNamespace(name="scalekv", make=lambda calibration, *shape: None)
+        attach_selection(_session(), config)
     history = SimpleNamespace(store="history", policy="history_store")
     assert history_seam(_session(history), "h2o") == "history_store"
 

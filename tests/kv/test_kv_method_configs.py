@@ -16,12 +16,12 @@ CLASSES = HACKCalibration(((0, 1), (1, 0)))
 
 def test_a_scalekv_average_holding_the_whole_cache_is_refused():
     with pytest.raises(PlanError) as err:
-        ScaleKVConfig(average=30).make(SCHED, 2, 2)
+        ScaleKVConfig(average=30).make(None, SCHED, 2, 2)
     assert str(err.value) == (
         "scalekv average budget of 30 rows is not below the whole cache of 30 rows: it would "
         "keep everything"
     )
-    budgets = ScaleKVConfig(average=29).make(SCHED, 2, 2).budgets
+    budgets = ScaleKVConfig(average=29).make(None, SCHED, 2, 2).budgets
     # without per-scale tables every layer keeps the average after scales 0..2
     assert [[budgets.budget(si, layer) for layer in range(2)] for si in range(3)] == [[29] * 2] * 3
 
@@ -49,13 +49,13 @@ def test_a_scalekv_compression_after_the_last_scale_is_refused():
     no scale reads."""
     late = ScaleKVScale(after_scale=3, roles="DR", drafter=12, refiner=4)
     with pytest.raises(PlanError) as err:
-        ScaleKVConfig(average=8, scales=(late,)).make(SCHED, 2, 2)
+        ScaleKVConfig(average=8, scales=(late,)).make(None, SCHED, 2, 2)
     assert str(err.value) == (
         "scalekv budgets after scale 3, but the model's schedule has 4 scales (compressions "
         "after scales 0..2)"
     )
     last_allowed = ScaleKVScale(after_scale=2, roles="DR", drafter=12, refiner=4)
-    budgets = ScaleKVConfig(average=8, scales=(last_allowed,), window=4).make(SCHED, 2, 2).budgets
+    budgets = ScaleKVConfig(average=8, scales=(last_allowed,), window=4).make(None, SCHED, 2, 2).budgets
     assert [budgets.budget(2, layer) for layer in range(2)] == [12, 4]
 
 
@@ -70,6 +70,6 @@ def test_scalekv_kv_target_is_a_ratio_of_the_average_without_tables():
 def test_scalekv_options_reach_the_selection():
     """Non-default pooling and the released extra compression after the last scale."""
     cfg = ScaleKVConfig(average=8, window=4, kernel=3, pooling="avg", reference_compat=True)
-    selection = cfg.make(SCHED, 2, 2)
+    selection = cfg.make(None, SCHED, 2, 2)
     assert (selection.pooling, selection.reference_compat) == ("avg", True)
     assert (selection.window, selection.kernel, selection.base_capacity) == (4, 3, 8)

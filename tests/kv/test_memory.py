@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError
 from diffcache.kv import ScaleCall, Schedule
 from diffcache.kv.baselines import PyramidKVSelection, SlidingWindowSelection, StreamingSelection
@@ -191,11 +192,11 @@ def test_a_reported_geometry_rebuilds_the_model_geometry():
     assert Geometry.of({**stats_geometry, "k_bytes": 2, "v_bytes": 2}).row_bytes == 2 * 2 * 4 * 4
 
 
-def _plan(make, source="p.yaml", method="custom"):
-    """A stand-in for a loaded plan whose method config builds its selection with ``make``."""
-    return SimpleNamespace(
-        config=SimpleNamespace(make=make), calibration_data=None, source=source, method=method
-    )
+def _plan(make, kv_store="history", source="p.yaml", method="custom"):
+    """A stand-in for a loaded plan whose method config needs a ``kv_store`` and builds its
+    selection with ``make(calibration, schedule, layers, heads)``."""
+    config = SimpleNamespace(make=make, needs=Capabilities(kv_store=kv_store))
+    return SimpleNamespace(config=config, calibration_data=None, source=source, method=method)
 
 
 def test_a_selection_without_a_budget_is_refused_naming_the_plan():
@@ -204,7 +205,7 @@ def test_a_selection_without_a_budget_is_refused_naming_the_plan():
     with pytest.raises(ValueError, match=r"^KeepAll declares no budget per head group$"):
         selection_budget(KeepAll(), GEO.schedule, GEO.layers, GEO.heads)
 
-    def make(schedule, layers, heads):
+    def make(calibration, schedule, layers, heads):
         return KeepAll()
 
     with pytest.raises(
@@ -235,7 +236,7 @@ def test_a_plan_for_another_depth_is_one_line_naming_the_plan():
     ):
         plan_memory(plan, geo)
     with pytest.raises(PlanError) as err:
-        plan_memory(_plan(lambda schedule, layers: None), geo)
+        plan_memory(_plan(None, kv_store=""), geo)
     assert str(err.value) == (
         "p.yaml: method custom keeps no budgeted KV history (diffcache kv covers scalekv, hack, "
         "h2o, snapkv, streaming, pyramidkv)"
