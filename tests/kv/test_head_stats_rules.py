@@ -20,6 +20,7 @@ from diffcache.kv.head_stats import (
     selectivity_table,
     split_budget,
     variance_table,
+    zscore,
 )
 
 SCHED = Schedule.square((1, 2, 3))  # 1, 4, 9 tokens
@@ -163,3 +164,9 @@ def test_a_table_entry_of_the_wrong_length_is_refused_naming_both_counts():
         "selectivity_table: layer 0 scale 2 has 9 queries and 13 keys; the schedule says 9 and 14"
     )
     _refuses(message, selectivity_table, {(0, 2): (q, k)}, SCHED, 2)
+
+
+def test_zscore_adds_its_default_eps_to_each_scales_deviation():
+    """Scale 0 of [0, 2]: mean 1, population std 1, so Z = ±1 / (1 + 1e-6)."""
+    z = zscore(torch.tensor([[0.0], [2.0]], dtype=torch.float64))
+    assert z.flatten().tolist() == pytest.approx([-1 / (1 + 1e-6), 1 / (1 + 1e-6)], rel=1e-12)
