@@ -55,7 +55,9 @@ def test_a_scalekv_compression_after_the_last_scale_is_refused():
         "after scales 0..2)"
     )
     last_allowed = ScaleKVScale(after_scale=2, roles="DR", drafter=12, refiner=4)
-    budgets = ScaleKVConfig(average=8, scales=(last_allowed,), window=4).make(None, SCHED, 2, 2).budgets
+    budgets = (
+        ScaleKVConfig(average=8, scales=(last_allowed,), window=4).make(None, SCHED, 2, 2).budgets
+    )
     assert [budgets.budget(2, layer) for layer in range(2)] == [12, 4]
 
 
