@@ -200,7 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="invardiff: the model the books were made for")
     q.add_argument("--depth", type=int, help="scalekv: the model's layers")
     q.add_argument("--family", default="infinity", help="scalekv: the plan's model family")
-    q.add_argument("--average", type=int, default=650, help="scalekv: the file's mean budget")
+    q.add_argument(
+        "--average", type=int, help="scalekv: the file's mean budget (default: the released 650)"
+    )
     q.add_argument("--out", required=True, help="plan file to write (.yaml)")
     q.set_defaults(func=_plans_import)
 
@@ -902,6 +904,7 @@ def _plans_import(args: argparse.Namespace) -> int:
 
 
 def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
+    from diffcache.kv.scalekv_budgets import RELEASED_AVERAGE
     from diffcache.methods.scalekv import import_budgets
     from diffcache.registry import adapters
 
@@ -911,7 +914,8 @@ def _import_scalekv(args: argparse.Namespace, out: Path) -> int:
         )
     if args.family not in adapters():
         raise DiffCacheError(f"--family {args.family}: known families: {', '.join(adapters())}")
-    plan = import_budgets(args.file, args.depth, args.family, args.average).save(out)
+    average = RELEASED_AVERAGE if args.average is None else args.average
+    plan = import_budgets(args.file, args.depth, args.family, average).save(out)
     print(f"wrote {plan}: scalekv budgets for a {args.depth}-layer {args.family} model")
     return 0
 

@@ -20,6 +20,10 @@ from pathlib import Path
 
 from diffcache.errors import PlanError
 
+#: the released 10% files' average budget, tokens per head and layer (research/var.md §2.1.4:
+#: 650 / 6425 ≈ 10.1% of the 1M-pixel cache)
+RELEASED_AVERAGE = 650
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaleBudget:
@@ -73,7 +77,9 @@ def check_average(s: ScaleBudget, average: int, source: str = "") -> None:
         )
 
 
-def read_scalekv_json(path: str | Path, layers: int, average: int = 650) -> ScaleKVBudgets:
+def read_scalekv_json(
+    path: str | Path, layers: int, average: int = RELEASED_AVERAGE
+) -> ScaleKVBudgets:
     """Read a ScaleKV budget file of the released format for a model of ``layers`` layers."""
     path = Path(path)
     try:
@@ -115,7 +121,7 @@ def _released(
         ScaleBudget(s - 2, "".join("D" if b in ds else "R" for b in range(layers)), mx, mn)
         for s, ds, mx, mn in plan
     )
-    return ScaleKVBudgets(650, scales, source=source)
+    return ScaleKVBudgets(RELEASED_AVERAGE, scales, source=source)
 
 
 #: StargazerX0/ScaleKV ``budgets/2b_10%_budget.json`` (Infinity-2B, 32 layers, 650 on average),

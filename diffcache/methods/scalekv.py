@@ -26,7 +26,12 @@ from diffcache.errors import PlanError
 from diffcache.kv.history import Schedule
 from diffcache.kv.history_method import attach_selection, token_budget
 from diffcache.kv.scalekv import ScaleKVSelection
-from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets, read_scalekv_json
+from diffcache.kv.scalekv_budgets import (
+    RELEASED_AVERAGE,
+    ScaleBudget,
+    ScaleKVBudgets,
+    read_scalekv_json,
+)
 from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.plan import Plan
 from diffcache.registry import register_method
@@ -137,7 +142,7 @@ class ScaleKVConfig(HistoryKVConfig):
         )
 
 
-def import_budgets(path: str, depth: int, family: str, average: int = 650) -> Plan:
+def import_budgets(path: str, depth: int, family: str, average: int = RELEASED_AVERAGE) -> Plan:
     """A plan of family ``family`` from a budget file of the released format
     (``budgets/{2b,8b}_10%_budget.json`` of StargazerX0/ScaleKV) for a ``depth``-layer model."""
     config = ScaleKVConfig.from_budgets(read_scalekv_json(path, depth, average))

@@ -104,3 +104,32 @@ def test_a_plan_missing_a_triggered_scale_is_one_error():
         PlanError, match=r"no entry for the compression after scale 6 \(key 'Scale 8'\)"
     ):
         ScaleKVSelection(RELEASED_2B_10PCT).check(early, layers=32)
+
+
+def test_a_released_file_imports_without_naming_its_average(tmp_path, capsys):
+    """``diffcache plans import --method scalekv`` without ``--average`` reads a released 10%
+    file as the released 650 tokens per head and layer: the 8B file's rows (research/var.md
+    §2.1.4, written out here in its JSON format) pass the exact per-scale average check only at
+    650, and the plan equals the transcribed table."""
+    from diffcache.cli import main
+    from diffcache.plan import Plan
+
+    rows = {9: (909, 629), 10: (1464, 584), 11: (2463, 503), 12: (4054, 374), 13: (6200, 200)}
+    data = {}
+    for s, (mx, mn) in rows.items():
+        blocks = {f"Block {b}": int(b < 3) for b in range(40)}
+        data[f"Scale {s}"] = {"Max": mx, "Min": mn, "High": 3, **blocks}
+    out = tmp_path / "plan.yaml"
+    argv = ["plans", "import", str(write(tmp_path, data)), "--method", "scalekv", "--depth", "40"]
+    assert main([*argv, "--family", "infinity", "--out", str(out)]) == 0
+    capsys.readouterr()
+    options = Plan.load(out).options
+    assert options["average"] == 650
+    drafters = "D" * 3 + "R" * 37
+    assert options["scales"] == [
+        {"after_scale": s - 2, "roles": drafters, "drafter": mx, "refiner": mn}
+        for s, (mx, mn) in rows.items()
+    ]
+    assert [(s.applies_after_si, s.drafter, s.refiner) for s in RELEASED_8B_10PCT.scales] == [
+        (s - 2, mx, mn) for s, (mx, mn) in rows.items()
+    ]
