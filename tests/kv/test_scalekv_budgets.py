@@ -13,6 +13,8 @@ from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import (
     RELEASED_2B_10PCT,
     RELEASED_8B_10PCT,
+    ScaleBudget,
+    ScaleKVBudgets,
     read_scalekv_json,
 )
 
@@ -130,6 +132,41 @@ def test_a_released_file_imports_without_naming_its_average(tmp_path, capsys):
         {"after_scale": s - 2, "roles": drafters, "drafter": mx, "refiner": mn}
         for s, (mx, mn) in rows.items()
     ]
-    assert [(s.applies_after_si, s.drafter, s.refiner) for s in RELEASED_8B_10PCT.scales] == [
-        (s - 2, mx, mn) for s, (mx, mn) in rows.items()
+    released = RELEASED_8B_10PCT.scales
+    assert [(s.applies_after_si, s.roles, s.drafter, s.refiner) for s in released] == [
+        (s - 2, drafters, mx, mn) for s, (mx, mn) in rows.items()
     ]
+
+
+def test_every_error_names_the_file_and_what_it_wants(tmp_path):
+    """The messages a user of ``plans import`` reads: the file's path, the key, the layers it
+    wants ('Block 0'..'Block 3' for 4 layers) and the scale of an average that does not hold;
+    'Scale 2' (after scale 0) is the first key a file can have."""
+    path = write(tmp_path, {**FIXTURE, "Scale 9": {**FIXTURE["Scale 9"], "Max": 161}})
+    with pytest.raises(PlanError) as err:
+        read_scalekv_json(path, layers=4, average=100)
+    assert str(err.value) == (
+        f"ScaleKV budgets {path} after scale 7: 1·161 + 3·80 = 401 is not 4·100 = 400"
+    )
+    path = write(tmp_path, {**FIXTURE, "Scale 9": {**FIXTURE["Scale 9"], "Block 3": 2}})
+    with pytest.raises(PlanError) as err:
+        read_scalekv_json(path, layers=4, average=100)
+    assert str(err.value) == (
+        f"ScaleKV budgets {path} 'Scale 9': want 'Block 0'..'Block 3' each 0 or 1 "
+        "for a 4-layer model"
+    )
+    with pytest.raises(PlanError) as err:
+        read_scalekv_json(write(tmp_path, {"Scale 1": FIXTURE["Scale 9"]}), layers=4)
+    assert str(err.value) == (
+        f"ScaleKV budgets {path}: key 'Scale 1' is not 'Scale <s>' with s >= 2"
+    )
+    first = read_scalekv_json(write(tmp_path, {"Scale 2": FIXTURE["Scale 9"]}), 4, 100)
+    assert [(s.applies_after_si, s.roles) for s in first.scales] == [(0, "DRRR")]
+    assert first.source == str(path)
+
+
+def test_a_plan_built_in_code_names_no_file():
+    """A plan made in code (no ``source``) says only which scale breaks the average."""
+    with pytest.raises(PlanError) as err:
+        ScaleKVBudgets(100, (ScaleBudget(7, "DRRR", 161, 80),))
+    assert str(err.value) == "ScaleKV budgets after scale 7: 1·161 + 3·80 = 401 is not 4·100 = 400"
