@@ -10,13 +10,21 @@ from typing import Any
 
 
 def training_parser(
-    doc: str, out: Path, threads: int, steps_help: str = "scale every step count"
+    doc: str,
+    out: Path,
+    threads: int,
+    steps_help: str = "scale every step count",
+    steps: int | None = None,
 ) -> argparse.ArgumentParser:
     """A script's parser (its docstring's first line as description) with ``--out`` (default
-    ``out``), ``--steps-scale`` and ``--threads`` (default ``threads``)."""
+    ``out``), ``--steps-scale`` (or, given ``steps``, ``--steps N`` with that default) and
+    ``--threads`` (default ``threads``)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--out", default=str(out))
-    p.add_argument("--steps-scale", type=float, default=1.0, help=steps_help)
+    if steps is None:
+        p.add_argument("--steps-scale", type=float, default=1.0, help=steps_help)
+    else:
+        p.add_argument("--steps", type=int, default=steps, help="training steps")
     p.add_argument("--threads", type=int, default=threads)
     return p
 

@@ -12,7 +12,6 @@ LoRA loader in diffusers, so the adapter goes into the transformer with peft's
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcache.pipelines._training import mean_last, write_summary
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines._weights import Weights
 
 HERE = Path(__file__).parent / "lora"
@@ -126,11 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import diffcache
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    args = training_parser(__doc__, HERE, threads=1, steps=800).parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ prompts' generations with and without the LoRA). It loads as any Wan LoRA does, 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffcache.pipelines._training import mean_last, write_summary
+from diffcache.pipelines._training import mean_last, training_parser, write_summary
 from diffcache.pipelines._weights import Weights
 from diffcache.pipelines.shapes import data
 
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffcache.pipelines.shapes import PROMPTS
     from diffcache.pipelines.shapes import load as load_base
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(HERE))
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    args = training_parser(__doc__, HERE, threads=1, steps=1200).parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
