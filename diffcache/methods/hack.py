@@ -32,7 +32,6 @@ from diffcache.kv.history import Schedule
 from diffcache.kv.history_method import attach_selection
 from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.registry import register_method
-from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +132,4 @@ class HACKConfig(HistoryKVConfig):
         )
 
 
-@register_method(HACKConfig)
-def apply(session: Session, cfg: HACKConfig) -> None:
-    attach_selection(session, cfg)
+register_method(HACKConfig)(attach_selection)  # the selection is the whole method

@@ -37,7 +37,6 @@ from diffcache.kv.history import Schedule, Selection
 from diffcache.kv.history_method import attach_selection, token_budget
 from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.registry import register_method
-from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,21 +142,6 @@ class PyramidKVConfig(SnapKVConfig):
         return PyramidKVSelection(tokens, layers, self.window, self.kernel, self.beta)
 
 
-@register_method(H2OConfig)
-def apply_h2o(session: Session, cfg: H2OConfig) -> None:
-    attach_selection(session, cfg)
-
-
-@register_method(SnapKVConfig)
-def apply_snapkv(session: Session, cfg: SnapKVConfig) -> None:
-    attach_selection(session, cfg)
-
-
-@register_method(StreamingConfig)
-def apply_streaming(session: Session, cfg: StreamingConfig) -> None:
-    attach_selection(session, cfg)
-
-
-@register_method(PyramidKVConfig)
-def apply_pyramidkv(session: Session, cfg: PyramidKVConfig) -> None:
-    attach_selection(session, cfg)
+# The selection is the whole method: each baseline's apply is attach_selection itself.
+for _config in (H2OConfig, SnapKVConfig, StreamingConfig, PyramidKVConfig):
+    register_method(_config)(attach_selection)

@@ -35,7 +35,6 @@ from diffcache.kv.scalekv_budgets import (
 from diffcache.methods.base import HistoryKVConfig, option
 from diffcache.plan import Plan
 from diffcache.registry import register_method
-from diffcache.session import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +149,4 @@ def import_budgets(path: str, depth: int, family: str, average: int = RELEASED_A
     return Plan(family, config.name, config.to_options(), provenance={"source": source})
 
 
-@register_method(ScaleKVConfig)
-def apply(session: Session, cfg: ScaleKVConfig) -> None:
-    attach_selection(session, cfg)
+register_method(ScaleKVConfig)(attach_selection)  # the selection is the whole method
