@@ -9,7 +9,6 @@ token row through one layer, text diffusion LMs), ``scale`` (one scale of a next
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -39,71 +38,6 @@ class ModuleSite:
 
 
 @dataclass(frozen=True)
-class Modulation:
-    """A block's AdaLN modulation, computed from the block's own parameters and the call's
-    conditioning argument(s) exactly as the block's forward does; its chunks are the gates.
-
-    Args:
-        name: how ``GatedTerm.gate`` refers to it.
-        source: the block attribute (dotted path) it comes from.
-        kind: ``table``: the parameter ``source`` plus the conditioning in float32 (Wan's
-            ``scale_shift_table + temb.float()``); ``linear``: the AdaLN-Zero module ``source``,
-            ``m.linear(m.silu(c))``, where ``c`` is the conditioning, or ``m.emb(*args,
-            hidden_dtype=...)`` when the module embeds its own (DiT: timestep and class labels);
-            ``call``: the module ``source`` called on the conditioning (Qwen-Image's
-            ``img_mod``).
-        args: the block call arguments that condition it.
-        chunks: how many equal chunks it splits into along ``dim``.
-    """
-
-    name: str
-    source: str
-    kind: str = "linear"
-    args: tuple[str, ...] = ("temb",)
-    chunks: int = 6
-    dim: int = 1
-
-    def __post_init__(self) -> None:
-        assert self.kind in ("table", "linear", "call"), f"modulation kind {self.kind!r}"
-
-
-@dataclass(frozen=True)
-class GatedTerm:
-    """One module output a block adds to a stream: ``part`` of module ``module``'s output
-    (tuple outputs), times chunk ``gate = (modulation name, index)`` (None: added ungated);
-    ``rows``: ``encoder`` / ``rest`` takes the first ``len(encoder stream)`` / the remaining
-    tokens of an output shared by both streams (CogVideoX's feed-forward)."""
-
-    module: str
-    part: int = 0
-    gate: tuple[str, int] | None = None
-    rows: str | None = None
-
-
-@dataclass(frozen=True)
-class GatedBlock:
-    """How a block combines its modules' outputs, for the block classes whose forward was read:
-    each output stream is its input plus its terms, added in this order. When every module of
-    such a block reuses its cached output, the block's result is that sum (``diffcache.gated``).
-
-    Args:
-        blocks: the block class names this describes (others keep their plain forward).
-        modulations: where the gates come from.
-        streams: ``(part, terms)`` for every part the block returns.
-        requires: block attributes that must have these values (else the forward differs).
-        absent: block call arguments that must be None or empty (else the forward differs).
-        clip_fp16: streams the block clips to the float16 range when in float16.
-    """
-
-    blocks: tuple[str, ...]
-    modulations: tuple[Modulation, ...]
-    streams: tuple[tuple[str, tuple[GatedTerm, ...]], ...]
-    requires: tuple[tuple[str, Any], ...] = ()
-    absent: tuple[str, ...] = ()
-    clip_fp16: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Stack:
     """A list of blocks on the denoiser.
 
@@ -112,15 +46,12 @@ class Stack:
         stream: ``single`` (one token stream) or ``dual`` (separate text and image streams).
         returns: a block's output structure (see ``ModuleSite.returns``).
         modules: the modules inside each block.
-        gated: how a block adds its modules' outputs to its input (AdaLN gates), where that
-            is the whole block: a block whose every module is reused can then be skipped.
     """
 
     attr: str
     stream: str = "single"
     returns: tuple[str, ...] = ("hidden",)
     modules: tuple[ModuleSite, ...] = ()
-    gated: GatedBlock | None = None
 
     def __post_init__(self) -> None:
         assert self.stream in ("single", "dual"), f"stream {self.stream!r}"

@@ -73,8 +73,8 @@ class InvarDiffConfig(MethodConfig):
       is not run; its output is its input plus each cached module output times its AdaLN gate
       (recomputed from the block's modulation and the current conditioning, as the block
       does), in one fused pass (``kernels.gated_apply``; ``diffcache.gated``). This is the
-      block's own arithmetic (bit for bit in float32), for the block classes the adapter
-      describes (``Stack.gated``: Wan, FLUX and HunyuanVideo dual-stream, Qwen-Image,
+      block's own arithmetic (bit for bit in float32), for the block classes described with
+      ``diffcache.gated.describe`` (Wan, FLUX and HunyuanVideo dual-stream, Qwen-Image,
       CogVideoX, DiT); FLUX's and HunyuanVideo's single-stream blocks gate ``proj_out`` of
       their concatenated module outputs, so they keep running. Such blocks count as skipped
       block calls; module work is unchanged. ``fuse_blocks: false`` runs them instead (the

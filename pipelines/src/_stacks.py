@@ -4,7 +4,8 @@ what it provides with these)."""
 from __future__ import annotations
 
 from diffcache.adapter import Capabilities
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite
+from diffcache.gated import GatedBlock, GatedTerm, Modulation
+from diffcache.sites import ModuleSite
 
 #: What a diffusers latent DiT offers: its whole step, its blocks and the modules inside them.
 LATENT_DIT = Capabilities(("step", "block", "module"), denoiser="latent")

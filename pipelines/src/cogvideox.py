@@ -7,11 +7,12 @@ from typing import Any
 
 from diffcache import variants
 from diffcache.adapter import Adapter
+from diffcache.gated import GatedBlock, GatedTerm, Modulation, describe
 from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded, tiny_t5
 from diffcache.registry import register_adapter
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.sites import ModuleSite, Stack
 
 # CogVideoXPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [uncond, cond] (negative prompt first). The transformer takes (B, F, C, H, W) latents.
@@ -26,6 +27,7 @@ GATED = GatedBlock(
         ("encoder", (GatedTerm("attn1", 1, ("n1", 5)), GatedTerm("ff", 0, ("n2", 5), "encoder"))),
     ),
 )
+describe(GATED)
 
 ADAPTER = register_adapter(
     Adapter(
@@ -43,7 +45,6 @@ ADAPTER = register_adapter(
                     ModuleSite("attn1", "self_attn", returns=("hidden", "encoder")),
                     ModuleSite("ff", "ff"),
                 ),
-                gated=GATED,
             ),
         ),
         media="video",

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from diffcache.adapter import Adapter
+from diffcache.gated import GatedBlock, GatedTerm, Modulation, describe
 from diffcache.pipelines._fields import STEPS, class_label, guidance
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import seeded
 from diffcache.registry import register_adapter
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.sites import ModuleSite, Stack
 
 
 def _num_classes(pipe: Any) -> int:
@@ -31,6 +32,7 @@ GATED = GatedBlock(
     requires=(("norm_type", "ada_norm_zero"), ("attn2", None), ("pos_embed", None)),
     absent=("cross_attention_kwargs",),
 )
+describe(GATED)
 
 # DiTPipeline runs CFG batched when guidance_scale > 1: one transformer call per step on
 # [cond, uncond] (the second half uses the null class 1000). It calls the transformer with the
@@ -46,7 +48,6 @@ ADAPTER = register_adapter(
             Stack(
                 "transformer_blocks",
                 modules=(ModuleSite("attn1", "self_attn"), ModuleSite("ff", "ff")),
-                gated=GATED,
             ),
         ),
         media="image",

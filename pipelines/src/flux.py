@@ -7,6 +7,7 @@ from typing import Any
 
 from diffcache import variants
 from diffcache.adapter import Adapter
+from diffcache.gated import describe
 from diffcache.pipelines._fields import (
     IMAGE,
     INPUT_IMAGE,
@@ -23,6 +24,9 @@ from diffcache.pipelines._tiny import on_components, on_tiny, seeded, tiny_clip,
 from diffcache.registry import register_adapter
 from diffcache.request import Field
 from diffcache.sites import ModuleSite, Stack
+
+# the dual-stream blocks, which clip the text stream to the float16 range in float16
+describe(dual_stream_gates("FluxTransformerBlock", clip_fp16=("encoder",)))
 
 # FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
 # embedding and the pipeline makes one transformer call per step. FluxPipeline can also run true
@@ -41,8 +45,6 @@ ADAPTER = register_adapter(
                 stream="dual",
                 returns=("encoder", "hidden"),
                 modules=DUAL_STREAM,
-                # FluxTransformerBlock clips the text stream to the float16 range in float16
-                gated=dual_stream_gates("FluxTransformerBlock", clip_fp16=("encoder",)),
             ),
             Stack(
                 "single_transformer_blocks",

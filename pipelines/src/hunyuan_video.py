@@ -7,6 +7,7 @@ from typing import Any
 
 from diffcache import variants
 from diffcache.adapter import Adapter
+from diffcache.gated import describe
 from diffcache.pipelines._fields import (
     FRAMES,
     IMAGE,
@@ -30,6 +31,9 @@ from diffcache.pipelines._tiny import (
 from diffcache.registry import register_adapter
 from diffcache.sites import ModuleSite, Stack
 
+# the dual-stream blocks; the token-replace (I2V) block modulates differently: it keeps running
+describe(dual_stream_gates("HunyuanVideoTransformerBlock"))
+
 # HunyuanVideo is guidance-distilled: ``guidance_scale`` feeds the transformer's guidance
 # embedding and each step makes one transformer call. With a negative prompt and
 # ``true_cfg_scale > 1`` (the ``true_cfg`` field) the pipeline also runs true CFG: a second,
@@ -48,8 +52,6 @@ ADAPTER = register_adapter(
                 stream="dual",
                 returns=("hidden", "encoder"),
                 modules=DUAL_STREAM,
-                # the token-replace (I2V) block modulates differently: it keeps running
-                gated=dual_stream_gates("HunyuanVideoTransformerBlock"),
             ),
             Stack(
                 "single_transformer_blocks",

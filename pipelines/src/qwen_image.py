@@ -7,6 +7,7 @@ from typing import Any
 
 from diffcache import variants
 from diffcache.adapter import Adapter
+from diffcache.gated import GatedBlock, GatedTerm, Modulation, describe
 from diffcache.pipelines._fields import (
     IMAGE,
     INPUT_IMAGE,
@@ -28,7 +29,7 @@ from diffcache.pipelines._tiny import (
 )
 from diffcache.registry import register_adapter
 from diffcache.request import Field
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.sites import ModuleSite, Stack
 
 # QwenImagePipeline runs true CFG as two separate transformer calls per step (cond, then
 # uncond) when ``true_cfg_scale > 1`` and a negative prompt is given; the request's guidance is
@@ -52,6 +53,7 @@ GATED = GatedBlock(
     absent=("modulate_index",),
     clip_fp16=("encoder", "hidden"),
 )
+describe(GATED)
 
 ADAPTER = register_adapter(
     Adapter(
@@ -70,7 +72,6 @@ ADAPTER = register_adapter(
                     ModuleSite("img_mlp", "ff"),
                     ModuleSite("txt_mlp", "context_ff"),
                 ),
-                gated=GATED,
             ),
         ),
         media="image",

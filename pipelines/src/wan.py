@@ -7,11 +7,12 @@ from typing import Any
 
 from diffcache import variants
 from diffcache.adapter import Adapter
+from diffcache.gated import GatedBlock, GatedTerm, Modulation, describe
 from diffcache.pipelines._fields import I2V_FIELDS, T2V_FIELDS, V2V_FIELDS
 from diffcache.pipelines._stacks import LATENT_DIT
 from diffcache.pipelines._tiny import on_components, seeded, t5_encoder, word_tokenizer
 from diffcache.registry import register_adapter
-from diffcache.sites import GatedBlock, GatedTerm, Modulation, ModuleSite, Stack
+from diffcache.sites import ModuleSite, Stack
 
 # WanPipeline runs CFG as two transformer calls per step (cond, then uncond) when
 # guidance_scale > 1; each call returns a tuple (return_dict=False). With ``transformer_2`` and
@@ -35,6 +36,7 @@ GATED = GatedBlock(
         ),
     ),
 )
+describe(GATED)
 
 ADAPTER = register_adapter(
     Adapter(
@@ -52,7 +54,6 @@ ADAPTER = register_adapter(
                     ModuleSite("attn2", "cross_attn"),
                     ModuleSite("ffn", "ff"),
                 ),
-                gated=GATED,
             ),
         ),
         media="video",
