@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from diffcache.errors import RunError
-from diffcache.session import Session, argument
+from diffcache.session import Call, Session
 from diffcache.variants import ScheduleStart
 
 
@@ -57,9 +57,9 @@ class SchedulerDriver:
         session.attach(scheduler, "set_timesteps", "diffcache.run", set_timesteps)
         session.attach(scheduler, "step", "diffcache.run", step)
 
-    def before_call(self, args: tuple, kwargs: dict) -> None:
+    def before_call(self, call: Call) -> None:
         self.session.check_parts()
-        self.start.first_call(args, kwargs)
+        self.start.first_call(call)
 
     def after_call(self) -> None:
         pass
@@ -78,9 +78,9 @@ class TimestepDriver:
         self.direction = 0
         self.branches = 0  # calls per step, learned on the first step
 
-    def before_call(self, args: tuple, kwargs: dict) -> None:
+    def before_call(self, call: Call) -> None:
         run = self.session.run
-        t = argument(args, kwargs, self.name, self.index)
+        t = call.arg(self.name, self.index)
         if t is None:
             raise run.fail(
                 RunError(
@@ -156,7 +156,7 @@ class PipelineDriver:
             hook = functools.partial(relay, getattr(run, name))
             session.attach(pipe, name, "diffcache.run", hook)
 
-    def before_call(self, args: tuple, kwargs: dict) -> None:
+    def before_call(self, call: Call) -> None:
         pass
 
     def after_call(self) -> None:

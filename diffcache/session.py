@@ -30,13 +30,6 @@ Handler = Callable[["Call"], Any]
 T = TypeVar("T")
 
 
-def argument(args: tuple, kwargs: dict, name: str, index: int | None) -> Any:
-    """A call's argument by keyword, else by its positional ``index``; None when absent."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if index is not None and index < len(args) else None
-
-
 class Call:
     """One call of a hooked site: its arguments, where it is in the run, and the real forward."""
 
@@ -67,7 +60,9 @@ class Call:
 
     def arg(self, name: str, index: int | None) -> Any:
         """An argument by keyword, else by its positional ``index``; None when absent."""
-        return argument(self.args, self.kwargs, name, index)
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[index] if index is not None and index < len(self.args) else None
 
     @property
     def step(self) -> int:
@@ -144,11 +139,11 @@ class Session:
     def _call(self, site: Site, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         """The hook on every expert: one denoiser call of the run."""
         run, expected = self.run, self._expected[site.expert]
-        self.driver.before_call(args, kwargs)
+        call = Call(run, site, inner, args, kwargs)
+        self.driver.before_call(call)
         self.rebind()
         run.begin_call(site.expert)
         self._seen = dict.fromkeys(expected, 0)
-        call = Call(run, site, inner, args, kwargs)
         try:
             out = self._step(call) if self._step is not None else call.compute()
         except BaseException:  # an error or an interrupt in the denoiser ends the run:

@@ -22,7 +22,7 @@ import torch
 
 from diffcache.adapter import Adapter
 from diffcache.request import Field
-from diffcache.session import Session, argument
+from diffcache.session import Call, Session
 
 
 def variant(
@@ -81,13 +81,13 @@ class ScheduleStart:
         self.updates = self.total = updates
         self.order, self.steps, self.started = order, steps, False
 
-    def first_call(self, args: tuple, kwargs: dict) -> None:
+    def first_call(self, call: Call) -> None:
         """At a denoiser call: the run's first one finds where its timestep is in the schedule."""
         run = self.session.run
         if not run.active or self.started:
             return
         self.started = True
-        t = argument(args, kwargs, self.time_arg, self.time_index)
+        t = call.arg(self.time_arg, self.time_index)
         if isinstance(t, torch.Tensor) and t.numel():
             times = self.session.target.scheduler.timesteps
             at = (times.to(t.device, torch.float64) == t.flatten().max().double()).nonzero()
