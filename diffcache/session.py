@@ -87,7 +87,7 @@ class Session:
         self.driver: Any = None
         self._step: Handler | None = None
         self._expected: list[Counter[str]] = [Counter() for _ in target.experts]
-        self._seen: dict[str, int] = {}
+        self._seen: Counter[str] = Counter()  # site calls of each kind in this call
         self.rebind = Rebind(target.experts, self.attachments, self._hook)
 
     def kernel(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -143,7 +143,7 @@ class Session:
         self.driver.before_call(call)
         self.rebind()
         run.begin_call(site.expert)
-        self._seen = dict.fromkeys(expected, 0)
+        self._seen = Counter()
         try:
             out = self._step(call) if self._step is not None else call.compute()
         except BaseException:  # an error or an interrupt in the denoiser ends the run:
@@ -152,7 +152,7 @@ class Session:
         run.record("step", float(call.computed))
         if run.tracing and self._step is not None:
             call.traced()
-        run.end_call({k: n - self._seen[k] for k, n in expected.items() if n > self._seen[k]})
+        run.end_call(expected - self._seen)  # the sites that never ran: skipped
         self.driver.after_call()
         return out
 
@@ -165,8 +165,7 @@ class Session:
         self.run.record(site.kind, float(call.computed))
         if self.run.tracing:
             call.traced()
-        if site.kind in self._seen:
-            self._seen[site.kind] += 1
+        self._seen[site.kind] += 1
         return out
 
     # -- checks -----------------------------------------------------------------------------
