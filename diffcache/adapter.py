@@ -234,14 +234,8 @@ class Target:
                     if kind == "block":
                         out.append(Site("block", name, block, e, stack, i))
                     elif kind == "module":
-                        out += _module_sites(block, name, e, stack, i)
+                        for m in stack.modules:
+                            sub = getattr(block, m.attr, None)
+                            if isinstance(sub, torch.nn.Module):
+                                out.append(Site("module", f"{name}.{m.attr}", sub, e, stack, i, m))
         return out
-
-
-def _module_sites(block: Any, name: str, expert: int, stack: Stack, index: int) -> list[Site]:
-    out = []
-    for m in stack.modules:
-        module = getattr(block, m.attr, None)
-        if isinstance(module, torch.nn.Module):
-            out.append(Site("module", f"{name}.{m.attr}", module, expert, stack, index, m))
-    return out
