@@ -53,11 +53,10 @@ class Capabilities:
 class KVSeam:
     """Where a KV method meets a model whose attention keeps K/V in a store (the protocol of
     ``diffcache.kv.Store``): the model's attention writes each layer's fresh rows to the
-    generation's store and attends over what the store reads back.
+    generation's store and attends over what the store reads back. The kind of store is the
+    adapter's ``provides.kv_store``.
 
     Args:
-        store: the kind of store: ``position`` (one row per absolute position: text diffusion
-            LMs, research/dlm.md §6).
         policy: the pipeline method that returns each generation's policy (which rows to
             recompute, when to refresh); a KV method wraps it to hand in its own, and the
             pipeline gives the policy the generation's store (``Policy.start``).
@@ -67,13 +66,9 @@ class KVSeam:
             (LLaDA's ``remasking="random"``), so the next step's tokens can be drawn ahead.
     """
 
-    store: str
     policy: str
     semi_autoregressive: bool = False
     random_remasking: bool = False
-
-    def __post_init__(self) -> None:
-        assert self.store in KV_STORES, f"KV store {self.store!r} not in {KV_STORES}"
 
 
 @dataclass(frozen=True)
@@ -147,8 +142,7 @@ class Adapter:
         assert ("block" in sites) == bool(self.stacks), f"{self.name}: block sites and stacks"
         modules = any(s.modules for s in self.stacks)
         assert ("module" in sites) == modules, f"{self.name}: module sites and stack modules"
-        if self.kv is not None:
-            assert self.kv.store == self.provides.kv_store, f"{self.name}: kv and provides"
+        assert self.kv is None or self.provides.kv_store, f"{self.name}: kv needs a kv_store"
         names = [f.name for f in self.fields]
         assert len(names) == len(set(names)), f"{self.name}: duplicate request fields {names}"
         inputs = [f.name for f in self.fields if f.input]

@@ -119,7 +119,7 @@ def _session(kv: KVSeam | None) -> Session:
         driver="pipeline",
         cfg="none",
         media="text",
-        provides=Capabilities(kv_store=kv.store if kv else ""),
+        provides=Capabilities(kv_store="position" if kv else ""),
         kv=kv,
     )
     return Session(Target.resolve(adapter, SeamPipe()), None, RunState("toy", kernels="torch"))
@@ -128,7 +128,7 @@ def _session(kv: KVSeam | None) -> Session:
 def test_a_kv_method_installs_its_policy_where_the_adapter_seam_says() -> None:
     """The policy hook is found through ``Adapter.kv``, not a pipeline attribute name known to
     the method: the seam's method returns the method's policy until the session closes."""
-    session = _session(KVSeam(store="position", policy="next_policy"))
+    session = _session(KVSeam(policy="next_policy"))
     pipe = session.target.pipe
     attach_policy(session, "toy", MethodPolicy)
     policy = pipe.next_policy()
@@ -153,6 +153,7 @@ def test_the_text_lms_declare_the_position_store_seam_of_their_pipeline() -> Non
     from diffcache.pipelines.dream import ADAPTER as DREAM
     from diffcache.pipelines.llada import ADAPTER as LLADA
 
-    assert DREAM.kv == KVSeam(store="position", policy="cache_policy")
+    assert DREAM.kv == KVSeam(policy="cache_policy") and DREAM.provides.kv_store == "position"
     sampler = {"semi_autoregressive": True, "random_remasking": True}
-    assert LLADA.kv == KVSeam(store="position", policy="cache_policy", **sampler)
+    assert LLADA.kv == KVSeam(policy="cache_policy", **sampler)
+    assert LLADA.provides.kv_store == "position"

@@ -126,11 +126,11 @@ def history_seam(session: Session, name: str) -> str:
     """The pipeline method that hands out each generation's history store, or
     UnsupportedModelError naming the capability the model lacks."""
     adapter = session.target.adapter
-    if adapter.kv is None or adapter.kv.store != "history":
-        have = "none" if adapter.kv is None else f"a {adapter.kv.store} store"
+    if adapter.kv is None or adapter.provides.kv_store != "history":
+        have = "none" if adapter.kv is None else f"a {adapter.provides.kv_store} store"
         raise UnsupportedModelError(
-            f"{name} needs a model with a history KV store (Adapter.kv store='history'); "
-            f"{adapter.name} declares {have}"
+            f"{name} needs a model with a history KV store (Adapter.kv, provides.kv_store="
+            f"'history'); {adapter.name} declares {have}"
         )
     return adapter.kv.policy
 

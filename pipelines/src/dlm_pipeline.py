@@ -470,7 +470,7 @@ class RequestRule:
 #: the KV seam of our text LMs (their adapters declare it): a position store, and each
 #: generation's policy from :meth:`DiffusionLMPipeline.cache_policy`; a family adds what its
 #: sampler offers policies (``semi_autoregressive``, ``random_remasking``)
-KV_SEAM = KVSeam(store="position", policy=DiffusionLMPipeline.cache_policy.__name__)
+KV_SEAM = KVSeam(policy=DiffusionLMPipeline.cache_policy.__name__)
 
 
 def first_occurrence(targets: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import diffcache
+from diffcache.adapter import Capabilities
 from diffcache.errors import PlanError, UnsupportedModelError
 from diffcache.kv import ScaleCall, Schedule
 from diffcache.kv.baselines import UniformSelection
@@ -106,9 +107,9 @@ def test_budget_and_ratio_together_are_refused():
     assert token_budget(7, None, SCHED) == 7 and token_budget(None, None, SCHED) is None
 
 
-def _session(kv=None, kernels="auto"):
+def _session(kv=None, kernels="auto", store=""):
     """The parts of a session the method side reads before attaching anything."""
-    adapter = SimpleNamespace(name="dit-tiny", kv=kv)
+    adapter = SimpleNamespace(name="dit-tiny", kv=kv, provides=Capabilities(kv_store=store))
     run = RunState("h2o", kind="attn_pair", kernels=kernels)
     return SimpleNamespace(target=SimpleNamespace(adapter=adapter), run=run, calibration=None)
 
@@ -117,17 +118,17 @@ def test_a_model_without_a_history_store_is_refused_naming_what_it_declares():
     with pytest.raises(UnsupportedModelError) as err:
         history_seam(_session(), "h2o")
     assert str(err.value) == (
-        "h2o needs a model with a history KV store (Adapter.kv store='history'); "
+        "h2o needs a model with a history KV store (Adapter.kv, provides.kv_store='history'); "
         "dit-tiny declares none"
     )
-    rows = SimpleNamespace(store="rows", policy="cache_policy")
-    with pytest.raises(UnsupportedModelError, match=r"; dit-tiny declares a rows store$"):
-        history_seam(_session(rows), "h2o")
+    rows = SimpleNamespace(policy="cache_policy")
+    with pytest.raises(UnsupportedModelError, match=r"; dit-tiny declares a position store$"):
+        history_seam(_session(rows, store="position"), "h2o")
     with pytest.raises(UnsupportedModelError, match=r"^scalekv needs a model with a history"):
         config = SimpleNamespace(name="scalekv", make=lambda calibration, *shape: None)
         attach_selection(_session(), config)
-    history = SimpleNamespace(store="history", policy="history_store")
-    assert history_seam(_session(history), "h2o") == "history_store"
+    history = SimpleNamespace(policy="history_store")
+    assert history_seam(_session(history, store="history"), "h2o") == "history_store"
 
 
 def test_each_generation_store_runs_the_plan_kernel_backend():

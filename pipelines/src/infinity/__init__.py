@@ -48,7 +48,7 @@ ADAPTER = register_adapter(
         cfg="batched",
         media="image",
         provides=Capabilities(sites=("step",), kv_store="history", denoiser="next-scale"),
-        kv=KVSeam(store="history", policy="history_store"),
+        kv=KVSeam(policy="history_store"),
         output="images",
         seed_arg="generator",
         fields=(

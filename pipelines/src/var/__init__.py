@@ -38,7 +38,7 @@ ADAPTER = register_adapter(
         provides=Capabilities(sites=("step",), kv_store="history", denoiser="next-scale"),
         output="images",
         seed_arg="generator",
-        kv=KVSeam(store="history", policy="history_store"),
+        kv=KVSeam(policy="history_store"),
         fields=FIELDS,
     )
 )
