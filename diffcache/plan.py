@@ -26,7 +26,6 @@ from diffcache.registry import adapters, get_method
 from diffcache.yamlio import dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
-MAPPINGS = ("options", "valid_for", "calibration", "provenance")
 #: valid_for keys every plan may carry; adapters (``Adapter.valid_for``) and methods
 #: (``MethodConfig.valid_for_keys``) declare more.
 VALID_FOR: dict[str, type] = {"num_inference_steps": int, "fingerprint": str, "weights": str}
@@ -77,7 +76,7 @@ class Plan:
     template: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (*MAPPINGS, "tensors", "sidecar"):
+        for name in ("options", "valid_for", "calibration", "provenance", "tensors", "sidecar"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         problems = self.config.plan_problems(self.valid_for)
         if problems:
@@ -157,7 +156,7 @@ class Plan:
             )
         config_cls, _ = get_method(top.method, f"{source}: method")
         valid_for = dict(top.valid_for or {})
-        _check_valid_for(valid_for, valid_for_keys(top.model, config_cls), top.model, source)
+        _check_valid_for(valid_for, top.model, config_cls, source)
         calibration = dict(top.calibration or {})
         sidecar = calibration.pop(SIDECAR, None)
         tensors = read_sidecar(sidecar, source) if sidecar is not None else {}
@@ -208,17 +207,13 @@ class Plan:
         return path
 
 
-def valid_for_keys(family: str, config_cls: Any) -> dict[str, type]:
-    """The ``valid_for`` keys (with their types) of a plan for ``family`` with this method:
-    the core's, ``scheduler`` where the family has one, and those the adapter and method add."""
+def _check_valid_for(valid_for: dict[str, Any], family: str, config_cls: Any, source: str) -> None:
+    """Refuse every ``valid_for`` key a plan for ``family`` with this method cannot carry (it
+    may carry the core's, ``SCHEDULED`` where the family has a scheduler, and those the adapter
+    and method add) and every value of the wrong type, under 1 or empty."""
     adapter = adapters()[family]
     scheduled = SCHEDULED if adapter.driver != "pipeline" else {}
-    return {**VALID_FOR, **scheduled, **adapter.valid_for, **config_cls.valid_for_keys}
-
-
-def _check_valid_for(
-    valid_for: dict[str, Any], allowed: Mapping[str, type], family: str, source: str
-) -> None:
+    allowed = {**VALID_FOR, **scheduled, **adapter.valid_for, **config_cls.valid_for_keys}
     problems = []
     for key, value in valid_for.items():
         where = f"{source}: valid_for.{key}"
