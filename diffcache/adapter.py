@@ -1,11 +1,5 @@
-"""Adapter (one per model family, pure data) and Target (one resolved model).
-
-An adapter says where diffcache finds things in a family: the denoiser(s) ("experts"), how step
-boundaries are seen (the *driver*), the latent and timestep arguments, the CFG style, the block
-stacks and the modules inside a block (the *sites* methods hook), what its model offers methods
-(``Capabilities``), the request fields a generation takes and which extra ``valid_for`` keys plans
-may carry. No upstream code is copied.
-"""
+"""Adapter (one per model family, pure data: where diffcache finds things in it) and Target
+(one resolved model). No upstream code is copied."""
 
 from __future__ import annotations
 
@@ -81,9 +75,8 @@ class Adapter:
         denoisers: denoiser class names it matches (for bare-denoiser use).
         experts: pipeline attributes holding denoisers, in order (Wan2.2: ``transformer`` and
             ``transformer_2``); absent or ``None`` ones are skipped.
-        driver: who tells runs and steps: ``scheduler`` (stock diffusers: ``set_timesteps`` /
-            ``step``), ``pipeline`` (our own pipelines call ``begin_run`` / ``begin_step`` /
-            ``end_run``). A bare denoiser always uses the ``timestep`` driver.
+        driver: who tells runs and steps (``diffcache.drivers``): ``scheduler`` or ``pipeline``;
+            a bare denoiser always uses ``timestep``.
         latent_arg: denoiser argument carrying the latent (``hidden_states``).
         timestep_arg: denoiser argument carrying the timestep.
         channel_dim: latent channel axis of the denoiser input and output (``-1``: packed tokens).
