@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffcache.errors import RunError
+from diffcache.errors import RunError, steps_past, steps_short
 from diffcache.session import Call, Session
 from diffcache.variants import ScheduleStart
 
@@ -97,7 +97,7 @@ class TimestepDriver:
         if not run.active:  # the last run ended after its last step
             if move and move == self.direction:
                 self.last = None
-                raise run.refuse(self._too_long(want), after=want or seen)
+                raise run.refuse(steps_past(want), after=want or seen)
             self._new_run(value)
             return
         if not move:  # another branch of the same step
@@ -109,13 +109,10 @@ class TimestepDriver:
                 return
             if self.direction:
                 self.last = None
-                raise run.refuse(self._too_long(want), after=seen)
+                raise run.refuse(steps_past(want), after=seen)
         elif want is not None and seen < want:
             self.last = None
-            raise run.refuse(
-                f"the plan is valid for num_inference_steps={want} but the last run stopped "
-                f"after {seen} steps (valid_for.num_inference_steps)"
-            )
+            raise run.refuse(steps_short(want, seen))
         run.end_run()
         self._new_run(value)
 
@@ -125,13 +122,6 @@ class TimestepDriver:
             self.branches = max(self.branches, run.branch + 1)
         elif run.is_last_step() and run.branch + 1 >= self.branches:
             run.end_run()  # the last call of the last step: release the run's state now
-
-    @staticmethod
-    def _too_long(want: int | None) -> str:
-        return (
-            f"the plan is valid for num_inference_steps={want} but this run goes on past step "
-            f"{want} (valid_for.num_inference_steps)"
-        )
 
     def _new_run(self, value: float) -> None:
         self.session.run.begin_run(self.expected)

@@ -80,3 +80,19 @@ def steps_mismatch(expected: int, actual: int, scheduled: int | None = None) -> 
         f"the plan is valid for num_inference_steps={expected} but this call runs {actual} steps; "
         f"run with {expected} steps or {fix}"
     )
+
+
+def steps_past(expected: int | None) -> str:
+    """The problem of a bare denoiser's run that goes on past the plan's step count."""
+    return (
+        f"the plan is valid for num_inference_steps={expected} but this run goes on past step "
+        f"{expected} (valid_for.num_inference_steps)"
+    )
+
+
+def steps_short(expected: int, ran: int) -> str:
+    """The problem of a bare denoiser's run that stopped before the plan's step count."""
+    return (
+        f"the plan is valid for num_inference_steps={expected} but the last run stopped after "
+        f"{ran} steps (valid_for.num_inference_steps)"
+    )
