@@ -131,8 +131,6 @@ class TimestepDriver:
 class PipelineDriver:
     """Runs and steps from our own pipelines' event methods."""
 
-    EVENTS = ("begin_run", "begin_step", "end_run")
-
     def attach(self, session: Session) -> None:
         self.session = session
         run, pipe = session.run, session.target.pipe
@@ -142,7 +140,7 @@ class PipelineDriver:
             event(*args, **kwargs)
             return call(*args, **kwargs)
 
-        for name in self.EVENTS:
+        for name in ("begin_run", "begin_step", "end_run"):
             hook = functools.partial(relay, getattr(run, name))
             session.attach(pipe, name, "diffcache.run", hook)
 
