@@ -150,5 +150,4 @@ def is_accelerated(model: Any) -> bool:
 
 def session_of(model: Any) -> Session | None:
     """The session ``accelerate`` opened on ``model``, if any."""
-    session = getattr(model, "__dict__", {}).get(SESSION_ATTR)
-    return session if isinstance(session, Session) else None
+    return getattr(model, "__dict__", {}).get(SESSION_ATTR)
