@@ -102,8 +102,7 @@ class Session:
 
     def on_step(self, handler: Handler) -> None:
         """``handler(call)`` answers every denoiser call (compute it or return a reuse)."""
-        if self._step is not None:
-            raise ValueError("a session has one step handler")
+        assert self._step is None, "a session has one step handler"
         self._step = handler
 
     def on_sites(self, sites: Sequence[Site], handler: Handler, name: str) -> None:
