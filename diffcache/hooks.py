@@ -6,7 +6,7 @@ patched on classes, so two objects of one class stay independent.
 
 Other libraries wrap ``forward`` the same way and keep the callable they wrapped: accelerate's
 offload hooks in ``module._old_forward``, diffusers' hook registry in its function references.
-Two rules make us compose with them in either order:
+These rules make us compose with them in either order:
 
 - On a module that carries an accelerate hook, a layer goes *under* it (into ``_old_forward``):
   diffusers removes and re-adds that hook after every pipeline call, restoring ``forward`` from

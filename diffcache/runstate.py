@@ -4,8 +4,7 @@ A *run* is one generation call. Its *steps* are the steps the user asked for; a 
 scheduler's extra model evaluations are *sub-steps* of a step. The *branch* is the index of the
 denoiser call within a sub-step (separate CFG: 0 = cond, 1 = uncond; batched or no CFG: 0); the
 *expert* is which denoiser runs (Wan2.2 has two). Drivers (``diffcache.drivers``) feed the
-boundaries; our own pipelines call :meth:`begin_run`, :meth:`begin_step` and :meth:`end_run`
-themselves (through their driver events).
+boundaries.
 
 Method state lives in slots keyed by the method (site, expert, branch ...) and is released when the
 run ends: nothing of one call is reachable from the next. Stats stay until the next run starts.
