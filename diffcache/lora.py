@@ -33,9 +33,12 @@ WEIGHTS_RTOL = 1e-10
 
 
 def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
+    """Every LoRA layer of ``modules`` (run at each run's first call). peft keeps ``scaling``
+    in the layer's instance dict: looked for there first, since a missing attribute costs
+    ``nn.Module.__getattr__`` an exception on each of the other modules."""
     for e, root in enumerate(modules):
         for name, module in root.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "scaling"):
+            if "scaling" in vars(module) and hasattr(module, "lora_A"):
                 yield f"{e}.{name}", module
 
 
