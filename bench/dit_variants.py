@@ -33,6 +33,12 @@ uncached variant's, lost / won samples and the sign test's p; under the table ea
 shares. Goals (issue 24): of ideal >= 0.9 where a method skips work, no cell losing task score
 at p < 0.05. Numbers are printed as measured; nothing is asserted.
 
+``--clock`` is what every run and share is timed by: ``wall`` (the default, ``time.perf_counter``)
+or ``cpu`` (``time.process_time``: the process's CPU seconds, which on a machine loaded by other
+work read what an idle machine's wall clock would, less the effects of cache and core sharing;
+meaningful with 1 torch thread, the default, and on a CPU only). The clock is printed with the
+table.
+
     python bench/dit_variants.py --models dit-digits --variants base,int8,8step --inputs 10
 """
 
@@ -83,6 +89,11 @@ SHARE_INPUTS = 6
 COUNTS = {"easycache": "denoiser", "ertacache": "denoiser", "hyca": "block", "invardiff": "module"}
 #: the parts whose share of a plain run :func:`shares` measures
 PARTS = ("denoiser", "block", "module")
+#: ``--clock``: what the runs are timed by, and how the table names it
+CLOCKS: dict[str, tuple[Callable[[], float], str]] = {
+    "wall": (time.perf_counter, "wall seconds (time.perf_counter)"),
+    "cpu": (time.process_time, "CPU seconds of the process (time.process_time)"),
+}
 
 
 def prepare_for(variant: str, method: str, backend: str, first: str) -> Callable[[Any], Any] | None:
@@ -126,7 +137,12 @@ def plan_for(model: str, variant: str, method: str) -> Plan:
     return made
 
 
-def shares(own: str, prepare: Callable[[Any], Any] | None, inputs: list[str]) -> dict[str, float]:
+def shares(
+    own: str,
+    prepare: Callable[[Any], Any] | None,
+    inputs: list[str],
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """The share of a plain run's time on this variant spent inside the denoiser calls
     (``"denoiser"``), its block calls (``"block"``) and its module calls (``"module"``): each the
     median over the inputs of (seconds inside those calls) / (seconds of the whole generation),
@@ -134,7 +150,7 @@ def shares(own: str, prepare: Callable[[Any], Any] | None, inputs: list[str]) ->
     scheduler, the VAE, which no cache skips; outside the blocks also the denoiser's embeddings
     and final layer, which the block methods always run). Sites a compiled graph holds (the
     blocks of a transformer compiled whole, the modules of blocks compiled on their own) are
-    not timed: a timer there would break the graph."""
+    not timed: a timer there would break the graph. ``clock`` times both."""
     pipe = load_model(own)
     pipe = prepare(pipe) if prepare is not None else pipe
     adapter = find_adapter(pipe)
@@ -150,8 +166,10 @@ def shares(own: str, prepare: Callable[[Any], Any] | None, inputs: list[str]) ->
         generate(pipe, requests[0])
         for request in requests:
             with ExitStack() as stack:
-                inside = {k: stack.enter_context(time_inside(m)) for k, m in parts.items()}
-                _, seconds = timed(lambda r=request: generate(pipe, r))
+                inside = {
+                    k: stack.enter_context(time_inside(m, clock=clock)) for k, m in parts.items()
+                }
+                _, seconds = timed(lambda r=request: generate(pipe, r), clock=clock)
             for name, total in inside.items():
                 measured[name].append(total[0] / seconds)
     return {name: statistics.median(values) for name, values in measured.items()}
@@ -197,8 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--compile-backend", choices=BACKENDS, default="inductor", help="torch.compile backend"
     )
+    p.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="time runs in wall or CPU seconds"
+    )
     p.add_argument("--out", default="out/bench-dit-variants")
     args = p.parse_args(argv)
+    clock, clock_name = CLOCKS[args.clock]
     header = (
         f"{'model':<11} {'variant':<8} {'method':<10} {'compute':>7} {'speedup (range)':>20} "
         f"{'share':>5} {'of ideal':>8} {'of 1/cf':>7} "
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'lost/won':>8} {'p':>6}"
     )
     lines, notes = [header], ["share of a plain run's time (denoiser, blocks, modules):"]
+    print(f"timed in {clock_name}", flush=True)
     print(header, flush=True)
     for model in args.models:
         for variant in args.variants:
@@ -220,20 +243,20 @@ def main(argv: list[str] | None = None) -> None:
                 prepare = prepare_for(variant, method, args.compile_backend, inputs[0])
                 where = WHERE[method] if variant == "compiled" else ""
                 if where not in measured:
-                    measured[where] = share = shares(own, prepare, inputs[:SHARE_INPUTS])
+                    measured[where] = share = shares(own, prepare, inputs[:SHARE_INPUTS], clock)
                     values = ", ".join(f"{share[k]:.3f}" if k in share else "-" for k in PARTS)
                     notes.append(f"{model} {variant} {where}".rstrip() + f": {values}")
                 report = evaluate(
                     own, [plan], Path(args.out) / f"{model}-{variant}-{method}",
                     prompts=prompts or None, seeds=args.seeds, repeats=args.repeats,
-                    samples=0, prepare=prepare,
+                    samples=0, prepare=prepare, clock=clock,
                 )  # fmt: skip
                 lines.append(row(model, variant, method, report, measured[where]))
                 print(lines[-1], flush=True)
                 if variant == "compiled":  # beside the first generation's (the compile)
                     latency = report["baseline"]["latency_s"]
                     print(f"  uncached compiled, warmed: {latency:.2f} s a generation", flush=True)
-    print("\n".join(["", *lines, "", *notes]))
+    print("\n".join(["", f"timed in {clock_name}", *lines, "", *notes]))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,12 @@ WEIGHTS_RTOL = 1e-10
 
 
 def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
+    """Every LoRA layer of ``modules`` (run at each run's first call). peft keeps ``scaling``
+    in the layer's instance dict: looked for there first, since a missing attribute costs
+    ``nn.Module.__getattr__`` an exception on each of the other modules."""
     for e, root in enumerate(modules):
         for name, module in root.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "scaling"):
+            if "scaling" in vars(module) and hasattr(module, "lora_A"):
                 yield f"{e}.{name}", module
 
 
@@ -101,7 +104,15 @@ def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
     None while some weights are not in memory (on the meta device: sequential offloading)."""
     if any(p.is_meta for root in modules for p in root.parameters()):
         return None
-    return [float(f"{sum(float(s[1]) for s in _sums(root)):.12g}") for root in modules]
+    return [float(f"{_square_sum(root):.12g}") for root in modules]
+
+
+def _square_sum(root: torch.nn.Module) -> float:
+    """The sum of squares of ``root``'s plain tensor parameters (those :func:`_sums` reads),
+    accumulated in float64 by ``vector_norm`` as it reads them: no float64 copy of the weights
+    (that copy, paged in afresh at each session's first call, was most of the check's time)."""
+    plain = (p for p in root.parameters() if type(p) in (torch.nn.Parameter, torch.Tensor))
+    return sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in plain)
 
 
 def same_weights(recorded: Sequence[float], have: Sequence[float]) -> bool:
@@ -201,7 +212,9 @@ class LoraWatch:
     session, and once per process for a plan and state (``eval`` accelerates again and again).
     Under the state it was profiled with, a plan that records its weights' norm
     (``provenance.weights_norm``) warns alike when they are other weights (a LoRA merged with
-    peft alone leaves no adapter to see), read once per session: one pass over the weights."""
+    peft alone leaves no adapter to see). Work done once per session is done when it opens
+    (``accelerate``), not in its first generation: the weights are read then (one pass over
+    them), and the LoRA state is hashed then, so a run rehashes only when it changed."""
 
     def __init__(
         self, modules: Sequence[torch.nn.Module], plan: Any, run: Any, pipe: Any = None
@@ -211,9 +224,10 @@ class LoraWatch:
         recorded = plan.provenance.get("lora", NONE) if calibrated else None
         self.recorded = recorded if "lora" not in plan.valid_for else None
         self.norm = plan.provenance.get("weights_norm") if calibrated else None
+        self.have = weights_norm(self.modules) if self.norm is not None else None
         self.warned = False
-        self._sig: tuple | None = None
-        self._state: dict[str, Any] | None = None
+        self._sig = signature(self.modules, pipe)
+        self._state = adapter_state(self.modules, pipe)
 
     def state(self) -> dict[str, Any] | None:
         """The current state, rehashed only when :func:`signature` changed."""
@@ -241,10 +255,10 @@ class LoraWatch:
                     describe(state),
                     "with this LoRA",
                 )
-        norm, self.norm = self.norm, None  # read once per session
+        norm, self.norm = self.norm, None  # compared at the session's first call
         profiled_state = self.plan.provenance.get("lora")
         if norm is not None and not self.warned and key == state_key(profiled_state):
-            have = weights_norm(self.modules)
+            have = self.have
             if have is not None and not same_weights(norm, have):
                 self._warn(
                     f"weights {have}",

@@ -186,6 +186,21 @@ class _HyCa:
         from diffcache import kernels  # resolved once: a skipped block call is on the hot path
 
         self.forecast = kernels.forecast
+        steps = session.run.valid_for.get("num_inference_steps")
+        if steps:  # the blocks' device now (a model without weights: the CPU)
+            probe = next(session.target.denoiser.parameters(), torch.empty(0))
+            self.prepare(int(steps), probe.device)
+
+    def prepare(self, steps: int, device: torch.device) -> None:
+        """Make now, when the session opens, the weights of every forecast a run of ``steps``
+        steps makes (each skipped step's history is the schedule's last full steps), so that
+        its first generation does not."""
+        held: tuple[int, ...] = ()
+        for k in range(steps):
+            if self.cfg.full(k):
+                held = (*held, k)[-self.keep :]
+            elif held:
+                self.table(held, k, device)
 
     def weights_for(self, block: int, steps: tuple[int, ...], k: int, dims: int, device) -> Any:
         """``(H, D)``: each of ``block``'s dimensions' solver weights over the history at
@@ -198,6 +213,11 @@ class _HyCa:
                     f"but this block has {dims} ({self.run.where()}); profile this model"
                 )
             )
+        return self.table(steps, k, device)[block]
+
+    def table(self, steps: tuple[int, ...], k: int, device: Any) -> tuple[torch.Tensor, ...]:
+        """Every block's ``(H, D)`` weights forecasting step ``k`` from the history at
+        ``steps``, made once per (steps, k, device)."""
         key = (steps, k, device)  # blocks spread over devices keep one table per device
         w = self.weights.get(key)
         if w is None:
@@ -206,7 +226,7 @@ class _HyCa:
             if len(self.weights) > 4096:
                 self.weights.clear()
             self.weights[key] = w
-        return w[block]
+        return w
 
     def decide(self, call: Call, st: _History) -> bool:
         """Whether this call computes: a full step of the schedule, or no history yet."""

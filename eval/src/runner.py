@@ -85,6 +85,7 @@ def evaluate(
     threads: int | None = None,
     trace: bool = False,
     prepare: Callable[[Any], Any] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``plans`` (plans or ``diffusers:...`` specs) against the plain ``model`` and
     write ``out/report.{json,md,html}`` with sample media for the first ``samples`` requests.
@@ -103,7 +104,9 @@ def evaluate(
     run's ``trace``. ``prepare`` turns the loaded pipeline into the variant every run uses,
     the plain one and the plans alike (a LoRA, quantized weights, ``torch.compile``) and
     returns it; the report's ``lora`` is the LoRA state of that variant (``diffcache.lora``),
-    when it has one. Returns the report (None on the other processes).
+    when it has one. ``clock`` times the runs (default ``time.perf_counter``, wall seconds; a
+    benchmark on a loaded machine may pass ``time.process_time``: the latencies are then CPU
+    seconds). Returns the report (None on the other processes).
     """
     check_report_dir(out)
     if seeds < 1:
@@ -116,7 +119,7 @@ def evaluate(
     with measurement_threads(threads):
         return _evaluate(
             model, plans, out, prompts, seeds, request, warmup, samples, progress, answers, macs,
-            repeats, trace, prepare,
+            repeats, trace, prepare, clock,
         )  # fmt: skip
 
 
@@ -135,6 +138,7 @@ def _evaluate(
     repeats: int,
     trace: bool = False,
     prepare: Callable[[Any], Any] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` after its arguments are checked, on the measurement's threads."""
     comparisons = [comparison(p) for p in plans]  # every plan is valid before any work
@@ -181,7 +185,7 @@ def _evaluate(
                 name = BASELINE if c is None else c.name
                 if device == "cuda" and c is None:
                     torch.cuda.reset_peak_memory_stats()
-                out_i, seconds, stats = _timed(pipe, req, device, c)
+                out_i, seconds, stats = _timed(pipe, req, device, c, clock)
                 if device == "cuda" and c is None:
                     peak = max(peak or 0, torch.cuda.max_memory_allocated())
                 times.setdefault(name, []).append(seconds)
@@ -688,14 +692,21 @@ def _progress(items: Sequence[Any], on: bool) -> Any:
     return tqdm(items, desc="eval", unit="request")
 
 
-def _timed(pipe: Any, req: Request, device: str, c: Comparison | None) -> tuple[Any, float, Any]:
-    """One timed generation of ``req``, plain (``c`` None) or with comparison ``c`` set up for
-    it: the output, the seconds, and our stats (None for the plain pipeline and diffusers')."""
+def _timed(
+    pipe: Any,
+    req: Request,
+    device: str,
+    c: Comparison | None,
+    clock: Callable[[], float] | None = None,
+) -> tuple[Any, float, Any]:
+    """One generation of ``req`` timed by ``clock``, plain (``c`` None) or with comparison
+    ``c`` set up for it: the output, the seconds, and our stats (None for the plain pipeline
+    and diffusers')."""
     if c is None:
-        return (*timed(lambda: generate(pipe, req), device), None)
+        return (*timed(lambda: generate(pipe, req), device, clock), None)
     c.setup(pipe)
     try:
-        out, seconds = timed(lambda: generate(pipe, req), device)
+        out, seconds = timed(lambda: generate(pipe, req), device, clock)
         stats = diffcache.stats(pipe) if c.plan is not None else None
     finally:
         c.teardown(pipe)

@@ -49,7 +49,8 @@ def timed(
     device: str | torch.device = "cpu",
     clock: Callable[[], float] | None = None,
 ) -> tuple[T, float]:
-    """``fn()`` and the wall seconds it took (device work included)."""
+    """``fn()`` and the seconds it took by ``clock`` (default ``time.perf_counter``: wall
+    seconds; device work included)."""
     clock = clock or time.perf_counter
     sync(device)
     t0 = clock()
@@ -102,28 +103,32 @@ def above_ideal(speedup: float | None, compute_fraction: float | None) -> bool:
 
 @contextmanager
 def time_inside(
-    modules: Sequence[torch.nn.Module], device: str | torch.device = "cpu"
+    modules: Sequence[torch.nn.Module],
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] | None = None,
 ) -> Iterator[list[float]]:
-    """Sum the wall seconds spent inside calls of ``modules`` (device work included; a call
-    made inside another of them counts once) into the yielded one-item list. The timers wrap
-    each module's ``forward`` as diffcache's hooks do (:func:`diffcache.hooks.attach`), so a
-    module compiled on its own is timed outside its graph."""
+    """Sum the seconds spent inside calls of ``modules`` (``clock``'s, default wall seconds;
+    device work included; a call made inside another of them counts once) into the yielded
+    one-item list. The timers wrap each module's ``forward`` as diffcache's hooks do
+    (:func:`diffcache.hooks.attach`), so a module compiled on its own is timed outside its
+    graph."""
     from diffcache import hooks
 
+    clock = clock or time.perf_counter
     total, depth = [0.0], [0]
 
     def timer(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         depth[0] += 1
         if depth[0] == 1:
             sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return inner(*args, **kwargs)
         finally:
             depth[0] -= 1
             if depth[0] == 0:
                 sync(device)
-                total[0] += time.perf_counter() - t0
+                total[0] += clock() - t0
 
     attached: list[hooks.Attachment] = []
     try:

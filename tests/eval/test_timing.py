@@ -109,6 +109,34 @@ class _Block(torch.nn.Module):
         return torch.nn.functional.gelu(self.linear(x))
 
 
+def test_time_inside_reads_the_clock_it_is_given() -> None:
+    """With a clock that ticks 1 a reading: each outermost call adds the gap between its two
+    readings, and the nested child reads it once in between (its start; it adds nothing), so
+    two parent calls sum 2 x 2 = 4."""
+    ticks = itertools.count()
+    child = _Sleepy(0.0)
+    parent = _Sleepy(0.0, child)
+    with timing.time_inside([parent, child], clock=lambda: float(next(ticks))) as inside:
+        parent()
+        parent()
+    assert inside[0] == 4.0
+
+
+def test_evaluate_times_the_runs_by_its_clock(tmp_path: Path) -> None:
+    """``evaluate(clock=...)`` (``bench/dit_variants.py --clock cpu``): every timed run reads
+    that clock twice, so with one that ticks 1 a reading each latency is 1 and the speedup 1."""
+    ticks = itertools.count()
+    plan = Plan.load("dit-tiny.yaml").to_dict()
+    plan["options"]["warmup_steps"] = 2
+    plan["valid_for"]["num_inference_steps"] = 4
+    report = runner.evaluate(
+        "dit-tiny", [plan], tmp_path, prompts=["1"], request=runner.Request(steps=4),
+        repeats=2, threads=1, samples=0, clock=lambda: float(next(ticks)),
+    )  # fmt: skip
+    assert report["baseline"]["latency_s"] == 1.0
+    assert report["runs"][0]["latency_s"] == 1.0 and report["runs"][0]["speedup"] == 1.0
+
+
 def test_time_inside_times_a_module_compiled_on_its_own() -> None:
     """A block compiled in place with ``fullgraph=True`` (how bench/dit_variants.py's compiled
     column runs HyCa) is timed outside its graph: the graph still compiles whole, the output is

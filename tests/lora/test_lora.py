@@ -225,7 +225,7 @@ def test_a_lora_merged_by_peft_alone_is_told_apart_by_the_weights_norm(
     """peft's ``merge_and_unload`` leaves no adapter (the state reads "no LoRA"), but the
     weights' norm the plan records (each expert's sum of squares, here by hand) is not the
     merged model's: one warning naming it; none on the weights it was profiled on. The weights
-    are read once per session, not per call."""
+    are read once per session, when it opens (``accelerate``), not in its runs."""
     from peft import get_peft_model
 
     from diffcache.testing.lora import lora_config
@@ -242,8 +242,10 @@ def test_a_lora_merged_by_peft_alone_is_told_apart_by_the_weights_norm(
     monkeypatch.setattr(diffcache.lora, "weights_norm", lambda m: reads.append(1) or norm(m))
 
     def two_runs() -> None:
+        before = len(reads)
         diffcache.accelerate(pipe, plan)
         try:
+            assert len(reads) == before + 1  # read by accelerate, outside the generations
             _run(pipe, req)
             _run(pipe, req)
         finally:

@@ -360,6 +360,34 @@ def test_the_solver_weights_are_made_once_per_skipped_step_for_all_blocks(monkey
     assert made == [k for k in skipped for _ in ("linear", "reuse")]  # the plan's solvers
 
 
+def test_a_plan_for_a_step_count_makes_its_weights_when_the_session_opens(monkeypatch) -> None:
+    """With ``valid_for.num_inference_steps``, the histories of every skipped step follow from
+    the schedule: ``accelerate`` makes their weights (the same stencils, in step order) and the
+    run makes none, with the same outputs as weights made as the run goes."""
+    from diffcache.methods import hyca
+    from diffcache.testing.toys import ToyPipeline
+
+    made = []
+    monkeypatch.setattr(
+        hyca,
+        "solver_weights",
+        lambda s, steps, k: made.append((steps, k)) or solver_weights(s, steps, k),
+    )
+    steps, dims = 8, 3
+    outputs = []
+    for valid_for in ({}, {"num_inference_steps": steps}):
+        script = [torch.full((1, 2, dims), float(k * k)) for k in range(steps)]
+        pipe = ToyPipeline(cfg="none", script=script)
+        diffcache.accelerate(pipe, dataclasses.replace(_toy_plan(dims), valid_for=valid_for))
+        opened = list(made)
+        pipe(torch.full((1, 2, dims), 0.0), steps=steps)
+        outputs.append([o.tolist() for o in pipe.scheduler.outputs])
+        made.clear()
+    histories = [((1, 2), 3), ((1, 2), 4), ((2, 5), 6), ((2, 5), 7)]  # the last two full steps
+    assert opened == [h for h in histories for _ in ("linear", "reuse")] and made == []
+    assert outputs[0] == outputs[1]
+
+
 def _lagrange(steps: list[int], k: int) -> list[float]:
     """Weights of the polynomial through ``steps`` evaluated at ``k`` (written out here)."""
     return [math.prod((k - m) / (s - m) for m in steps if m != s) for s in steps]
