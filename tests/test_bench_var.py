@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,8 @@ def test_hack_with_unequal_classes_measures_the_memory_arithmetic(bench: dict[st
         (["--methods", "scalekv,hak"], "--methods: unknown ['hak']"),
         (["--models", "dit-tiny"], "--models: unknown ['dit-tiny']"),
         (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
+        (["--clock", "cpu", "--device", "cuda"], "--clock cpu: CPU time does not count the GPU"),
+        (["--clock", "gpu"], "--clock: invalid choice: 'gpu'"),
     ],
 )
 def test_bad_flags_are_one_usage_line(
@@ -153,9 +156,14 @@ def test_bad_flags_are_one_usage_line(
 def test_infinity_runs_with_its_prompt_and_measures_the_arithmetic(
     bench: dict[str, Any], tmp_path: Path
 ) -> None:
+    """(With ``--clock cpu``: the process's CPU seconds, named in the JSON and the table.)"""
     argv = ["--models", "infinity-tiny", "--methods", "h2o", "--budgets", "0.5", "--rounds", "1"]
+    argv += ["--clock", "cpu"]
     assert bench["main"]([*argv, "--device", "cpu", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "var.json").read_text())["models"]["infinity-tiny"]
+    report = json.loads((tmp_path / "var.json").read_text())
+    assert report["clock"] == "cpu" and bench["CLOCKS"]["cpu"] is time.process_time
+    assert "time ratio [min, max] (cpu clock)" in (tmp_path / "var.md").read_text()
+    res = report["models"]["infinity-tiny"]
     (cell,) = res["cells"]
     schedule = Schedule([tuple(s) for s in res["schedule"]])
     rows = int(0.5 * schedule.start(len(schedule) - 1))

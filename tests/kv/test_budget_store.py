@@ -81,6 +81,29 @@ def test_a_selection_keeping_more_than_its_budget_grows_the_buffers(when):
     assert store.nbytes() == 2 * 3 * 4 * 30 * 8 * (8 + 8)
 
 
+def test_positions_follow_the_maps_a_layer_was_given():
+    """Positions are written when read: the rows appended since a compaction are one run of
+    consecutive positions, and a map that does not continue it (here scale 2 skipped: maps of
+    1, 4, then 16 rows at position 14) starts a new run. A selection that keeps the last
+    row of each map then holds positions 0, 4, 29; the rows hold the k each map handed over."""
+    seen = {}
+
+    def last_of_each(call, group, length, b, hg):
+        seen[call.si] = call.positions.clone()
+        return torch.tensor([0, 4, length - 1]).expand(b, hg, 3)
+
+    store = BudgetedHistory(Fixed("post", last_of_each, budget=8))
+    ks = {}
+    for si in (0, 1, 3):
+        q, k, v = (torch.randn(1, 2, SCHED.tokens(si), 4) for _ in "qkv")
+        ks[si] = k
+        store.attend(ScaleCall(0, si, SCHED, 1), q, k, v)
+    assert torch.equal(seen[3], torch.cat((torch.arange(5), torch.arange(14, 30))).expand(1, 2, -1))
+    assert torch.equal(store.positions(0, 0), torch.tensor([0, 4, 29]).expand(1, 2, 3))
+    want = torch.cat((ks[0], ks[1][:, :, 3:], ks[3][:, :, -1:]), dim=2)
+    assert torch.equal(store.held(0, 0)[0], want)
+
+
 def random_subsets(call, group, length, b, hg, m=None):
     """A sorted random subset of ``m`` rows per (row, head), seeded by the call."""
     m = m or max(1, (length * 2) // 3)
