@@ -188,3 +188,10 @@ def test_var_attend_replays_one_generation_into_every_store(tmp_path: Path) -> N
     names = ["plain"] + [f"{m}@{b:g}" for m in ("scalekv", "hack") for b in (0.5, 0.3, 0.1)]
     assert sorted(res["cells"]) == sorted(names) and res["cells"]["plain"]["vs_plain"] == 1.0
     assert all("vs_plain" in c or "below" in c["refused"] for c in res["cells"].values())
+    # the key rows the queries attended: the plain cache every earlier map and its own, per
+    # layer; a compressing store fewer; each replay dispatches aten ops, SDPA among them
+    plain = res["cells"]["plain"]
+    assert plain["key_rows"] == 2 * sum(SCHEDULE.start(si + 1) for si in range(len(SCHEDULE)))
+    ran = [c for c in res["cells"].values() if "vs_plain" in c]
+    assert all(c["key_rows"] < plain["key_rows"] for c in ran if c is not plain)
+    assert all(c["aten_ops"] >= res["calls"] and c["attention_ms"] > 0 for c in ran)
