@@ -14,17 +14,20 @@ evicted rows folded into kept ones); the store then uses what it returns instead
 compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
 selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
 never keeps more, sizes the group's buffers by it, and does not ask ``keep`` while the group's
-rows fit within it (nothing to select: no op, no copy). Every selection's kept indices are
-checked for dtype, shape and budget; those of a selection diffcache does not define also for
-being sorted, unique and in range (one host synchronisation per compaction; diffcache's own
-keep them so by construction and are not read back).
+rows fit within it (nothing to select: no op, no copy), nor, for diffcache's own selections,
+where it is None (:func:`ours`). Every selection's kept indices are checked for dtype, shape
+and budget; those of a selection diffcache does not define also for being sorted, unique and
+in range (one host synchronisation per compaction; diffcache's own keep them so by
+construction and are not read back).
 
 Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
 group's first call for the most rows it will hold at once (its budget plus the current map, by
 walking ``budget`` over the schedule; the whole schedule without ``budget``); the new map's rows
-are written after the history and the kept rows compacted to the front with
-:func:`diffcache.kernels.kv_compact` (the plan's ``kernels:`` backend: its torch reference on a
-CPU, the Triton kernel on CUDA), so no scale concatenates the whole history. K and V keep the
+are written after the history and the kept rows compacted to the front: where the plan's
+``kernels:`` backend runs Triton (CUDA) by :func:`diffcache.kernels.kv_compact`, else by one
+``index_select`` per buffer over its rows (the same rows as kv_compact's torch reference,
+without its new tensors), so no scale concatenates the whole history. The rows' positions are
+written when read (a selection is asked, or :meth:`BudgetedHistory.positions`). K and V keep the
 dtypes the model hands over (cosine attention: K fp32 next to 16-bit V). Bytes count the rows
 held, not the buffers' spare room. With one group of all heads in order and nothing evicted it is
 bit-exact with :class:`~diffcache.kv.history.FullHistory`.
@@ -70,7 +73,9 @@ def check_keep(
 
 def ours(selection: Selection) -> bool:
     """Whether diffcache defines ``selection``'s class: its kept indices are sorted, unique and
-    in range by construction (its tests pin them), so the store does not read them back."""
+    in range by construction, and where its ``budget`` is None (no compression at this call)
+    its ``keep`` keeps everything (its tests pin both), so the store does not read the indices
+    back, nor ask it where its budget is None."""
     return type(selection).__module__.split(".")[0] == "diffcache"
 
 
@@ -112,7 +117,6 @@ class _Rows:
         # j·capacity + r), where a compaction moves its kept rows; made once
         self.tables = (self.k.view(-1, d), self.v.view(-1, d), self.pos.view(-1))
         self.first = torch.arange(0, b * hg * rows, rows, device=k.device).view(b, hg, 1)
-        self.fronts: dict[int, torch.Tensor] = {}  # m -> table rows of the first m rows
 
     def grown(self, rows: int, arange: torch.Tensor) -> _Rows:
         """The same held rows in buffers of ``rows`` rows (a selection kept more than it said);
@@ -165,16 +169,14 @@ class _Rows:
 
     def compact(self, keep: torch.Tensor) -> None:
         """Hold only the rows ``keep`` ``[B, Hg, m]`` (indices into the held rows, whose
-        positions are written: :meth:`positions`), moved to the front in place: per buffer one
-        ``index_select`` of the kept rows (a copy: nothing is read after it is written) and one
-        ``index_copy_`` into the first ``m`` rows."""
+        positions are written: :meth:`positions`), moved to the front: per buffer one
+        ``index_select`` of the kept rows from its row table (a copy: nothing is read after it
+        is written), copied into the first ``m`` rows."""
         m = keep.shape[-1]
-        front = self.fronts.get(m)
-        if front is None:
-            front = self.fronts[m] = (self.first + torch.arange(m, device=keep.device)).view(-1)
         kept = (keep + self.first).view(-1)
-        for table in self.tables:
-            table.index_copy_(0, front, table.index_select(0, kept))
+        for buffer, table in zip((self.k, self.v, self.pos), self.tables, strict=True):
+            rows = table.index_select(0, kept)
+            buffer.narrow(2, 0, m).copy_(rows.view(*keep.shape, *buffer.shape[3:]))
         self.length = self.written = m
 
 
@@ -201,7 +203,7 @@ class BudgetedHistory:
         if selection.when not in ("pre", "post"):
             raise ValueError(f"selection.when must be 'pre' or 'post', got {selection.when!r}")
         self.selection = selection
-        self.check_values = not ours(selection)  # a third party's: read its indices back
+        self.ours = ours(selection)  # else a third party's: read its indices back
         self.budget_of = getattr(selection, "budget", None)
         self.merge = getattr(selection, "merge", None)
         self.kernels = kernels
@@ -304,7 +306,10 @@ class BudgetedHistory:
         k, v = held
         length = k.shape[2]
         budget = None if self.budget_of is None else self.budget_of(call, g, length)
-        if budget is not None and length <= budget:
+        if budget is None:
+            if self.ours:  # one of ours sets no budget where it does not compress
+                return False
+        elif length <= budget:
             return False
         pos = rows.positions(self._arange)
         call = dataclasses.replace(
@@ -313,7 +318,7 @@ class BudgetedHistory:
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
             return False
-        check_keep(keep, (k.shape[0], k.shape[1], length), budget, self.check_values)
+        check_keep(keep, (k.shape[0], k.shape[1], length), budget, not self.ours)
         merged = None if self.merge is None else self.merge(call, g, k, v, keep)
         if merged is not None:
             k2, v2 = merged
