@@ -302,7 +302,8 @@ class BudgetedHistory:
         held: tuple[torch.Tensor, torch.Tensor],
     ) -> bool:
         """Ask the selection what to keep of the ``held`` rows and compact to it; whether it
-        did. A group within its budget is left as it is, without asking (no op, no copy)."""
+        did. A group within its budget, or one of diffcache's own selections where it sets no
+        budget, is left as it is, without asking (no op, no copy)."""
         k, v = held
         length = k.shape[2]
         budget = None if self.budget_of is None else self.budget_of(call, g, length)
