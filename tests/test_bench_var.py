@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,8 @@ def test_hack_with_unequal_classes_measures_the_memory_arithmetic(bench: dict[st
         (["--methods", "scalekv,hak"], "--methods: unknown ['hak']"),
         (["--models", "dit-tiny"], "--models: unknown ['dit-tiny']"),
         (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
+        (["--clock", "cpu", "--device", "cuda"], "--clock cpu: CPU time does not count the GPU"),
+        (["--clock", "gpu"], "--clock: invalid choice: 'gpu'"),
     ],
 )
 def test_bad_flags_are_one_usage_line(
@@ -153,9 +156,14 @@ def test_bad_flags_are_one_usage_line(
 def test_infinity_runs_with_its_prompt_and_measures_the_arithmetic(
     bench: dict[str, Any], tmp_path: Path
 ) -> None:
+    """(With ``--clock cpu``: the process's CPU seconds, named in the JSON and the table.)"""
     argv = ["--models", "infinity-tiny", "--methods", "h2o", "--budgets", "0.5", "--rounds", "1"]
+    argv += ["--clock", "cpu"]
     assert bench["main"]([*argv, "--device", "cpu", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "var.json").read_text())["models"]["infinity-tiny"]
+    report = json.loads((tmp_path / "var.json").read_text())
+    assert report["clock"] == "cpu" and bench["CLOCKS"]["cpu"] is time.process_time
+    assert "time ratio [min, max] (cpu clock)" in (tmp_path / "var.md").read_text()
+    res = report["models"]["infinity-tiny"]
     (cell,) = res["cells"]
     schedule = Schedule([tuple(s) for s in res["schedule"]])
     rows = int(0.5 * schedule.start(len(schedule) - 1))
@@ -180,3 +188,10 @@ def test_var_attend_replays_one_generation_into_every_store(tmp_path: Path) -> N
     names = ["plain"] + [f"{m}@{b:g}" for m in ("scalekv", "hack") for b in (0.5, 0.3, 0.1)]
     assert sorted(res["cells"]) == sorted(names) and res["cells"]["plain"]["vs_plain"] == 1.0
     assert all("vs_plain" in c or "below" in c["refused"] for c in res["cells"].values())
+    # the key rows the queries attended: the plain cache every earlier map and its own, per
+    # layer; a compressing store fewer; each replay dispatches aten ops, SDPA among them
+    plain = res["cells"]["plain"]
+    assert plain["key_rows"] == 2 * sum(SCHEDULE.start(si + 1) for si in range(len(SCHEDULE)))
+    ran = [c for c in res["cells"].values() if "vs_plain" in c]
+    assert all(c["key_rows"] < plain["key_rows"] for c in ran if c is not plain)
+    assert all(c["aten_ops"] >= res["calls"] and c["attention_ms"] > 0 for c in ran)

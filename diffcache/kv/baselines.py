@@ -28,11 +28,10 @@ from diffcache.errors import PlanError
 from diffcache.kv.history import ScaleCall, Schedule
 from diffcache.kv.select import (
     accumulated_attention,
+    ends,
     last_rows,
     pooled_window_scores,
-    positional,
     recent,
-    sinks,
     topk_with_mandatory,
 )
 
@@ -93,7 +92,7 @@ class SlidingWindowSelection(UniformSelection):
     def select(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, budget: int
     ) -> torch.Tensor:
-        return positional(k, recent(k.shape[2], budget))
+        return ends(k, 0, budget)
 
 
 class StreamingSelection(UniformSelection):
@@ -108,9 +107,7 @@ class StreamingSelection(UniformSelection):
     def select(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, budget: int
     ) -> torch.Tensor:
-        length = k.shape[2]
-        kept = torch.cat((sinks(length, self.sinks), recent(length, budget - self.sinks)))
-        return positional(k, kept)
+        return ends(k, self.sinks, budget - self.sinks)
 
 
 class SnapKVSelection(UniformSelection):

@@ -14,17 +14,20 @@ evicted rows folded into kept ones); the store then uses what it returns instead
 compaction, which it runs where ``merge`` returns None (nothing merged at this call). A
 selection may offer ``budget(call, group, length) -> int | None``: the store then checks it
 never keeps more, sizes the group's buffers by it, and does not ask ``keep`` while the group's
-rows fit within it (nothing to select: no op, no copy). Every selection's kept indices are
-checked for dtype, shape and budget; those of a selection diffcache does not define also for
-being sorted, unique and in range (one host synchronisation per compaction; diffcache's own
-keep them so by construction and are not read back).
+rows fit within it (nothing to select: no op, no copy), nor, for diffcache's own selections,
+where it is None (:func:`ours`). Every selection's kept indices are checked for dtype, shape
+and budget; those of a selection diffcache does not define also for being sorted, unique and
+in range (one host synchronisation per compaction; diffcache's own keep them so by
+construction and are not read back).
 
 Storage: per layer and head group, K and V buffers (and the rows' positions) preallocated at the
 group's first call for the most rows it will hold at once (its budget plus the current map, by
 walking ``budget`` over the schedule; the whole schedule without ``budget``); the new map's rows
-are written after the history and the kept rows compacted to the front with
-:func:`diffcache.kernels.kv_compact` (the plan's ``kernels:`` backend: its torch reference on a
-CPU, the Triton kernel on CUDA), so no scale concatenates the whole history. K and V keep the
+are written after the history and the kept rows compacted to the front: where the plan's
+``kernels:`` backend runs Triton (CUDA) by :func:`diffcache.kernels.kv_compact`, else by one
+``index_select`` per buffer over its rows (the same rows as kv_compact's torch reference,
+without its new tensors), so no scale concatenates the whole history. The rows' positions are
+written when read (a selection is asked, or :meth:`BudgetedHistory.positions`). K and V keep the
 dtypes the model hands over (cosine attention: K fp32 next to 16-bit V). Bytes count the rows
 held, not the buffers' spare room. With one group of all heads in order and nothing evicted it is
 bit-exact with :class:`~diffcache.kv.history.FullHistory`.
@@ -37,8 +40,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from diffcache.kernels import kv_compact
-from diffcache.kv.history import ScaleCall, Selection, attention
+from diffcache.kernels import Backend, kv_compact, pick
+from diffcache.kernels.kv_compact import SPEC as KV_COMPACT
+from diffcache.kv.history import ScaleCall, Schedule, Selection, attention
 
 
 def check_keep(
@@ -69,7 +73,9 @@ def check_keep(
 
 def ours(selection: Selection) -> bool:
     """Whether diffcache defines ``selection``'s class: its kept indices are sorted, unique and
-    in range by construction (its tests pin them), so the store does not read them back."""
+    in range by construction, and where its ``budget`` is None (no compression at this call)
+    its ``keep`` keeps everything (its tests pin both), so the store does not read the indices
+    back, nor ask it where its budget is None."""
     return type(selection).__module__.split(".")[0] == "diffcache"
 
 
@@ -93,45 +99,85 @@ def capacity(selection: Selection, call: ScaleCall, group: int) -> int:
 class _Rows:
     """One head group's rows of one layer: K, V ``[B, Hg, capacity, d]`` and their generation
     positions ``[B, Hg, capacity]``; the first :attr:`length` rows are held, in cache order.
-    Every access is a ``narrow`` view (one op, no copy)."""
+    Every access is a ``narrow`` view (one op, no copy).
+
+    The positions of the rows appended since the last compaction are consecutive (``tail``,
+    ``tail + 1``, ...: a map follows the one before it), so they are written into ``pos`` only
+    when read (:meth:`positions`: a selection asks, or a caller) rather than at every append;
+    the first :attr:`written` rows' positions are in ``pos``."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: int) -> None:
         b, hg, _, d = k.shape
         self.k = k.new_empty(b, hg, rows, d)
         self.v = v.new_empty(b, hg, rows, d)
         self.pos = torch.empty(b, hg, rows, dtype=torch.int64, device=k.device)
-        self.length = 0
+        self.length = self.written = self.tail = 0
         self.row_bytes = b * hg * d * (k.element_size() + v.element_size())
+        # the buffers as tables of rows (row r of (batch row i, head j): i·Hg·capacity +
+        # j·capacity + r), where a compaction moves its kept rows; made once
+        self.tables = (self.k.view(-1, d), self.v.view(-1, d), self.pos.view(-1))
+        self.first = torch.arange(0, b * hg * rows, rows, device=k.device).view(b, hg, 1)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Write the new map's rows (generation positions ``pos`` ``[n]``) after the history,
-        growing the buffers if a selection keeps more than it said."""
+    def grown(self, rows: int, arange: torch.Tensor) -> _Rows:
+        """The same held rows in buffers of ``rows`` rows (a selection kept more than it said);
+        ``arange`` as for :meth:`positions`."""
+        grown = _Rows(self.k, self.v, rows)
+        self.positions(arange)
+        old = grown.length = grown.written = self.length
+        for mine, theirs in ((grown.k, self.k), (grown.v, self.v), (grown.pos, self.pos)):
+            mine.narrow(2, 0, old).copy_(theirs.narrow(2, 0, old))
+        return grown
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int, arange: torch.Tensor) -> None:
+        """Write the new map's rows (generation positions ``start``, ``start + 1``, ...) after
+        the history (the buffers have room: :meth:`grown`); ``arange`` as for
+        :meth:`positions`."""
         old, n = self.length, k.shape[2]
-        if old + n > self.k.shape[2]:
-            grown = _Rows(self.k, self.v, old + n)
-            for mine, theirs in ((grown.k, self.k), (grown.v, self.v), (grown.pos, self.pos)):
-                mine.narrow(2, 0, old).copy_(theirs.narrow(2, 0, old))
-            self.k, self.v, self.pos = grown.k, grown.v, grown.pos
+        if self.written < old and self.tail + old - self.written != start:
+            self.positions(arange)  # not the next map: the pending run is written first
+        if self.written == old:
+            self.tail = start
         self.k.narrow(2, old, n).copy_(k)
         self.v.narrow(2, old, n).copy_(v)
-        self.pos.narrow(2, old, n).copy_(pos)
         self.length = old + n
 
-    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the held K, V and positions."""
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the held K and V."""
         n = self.length
-        return self.k.narrow(2, 0, n), self.v.narrow(2, 0, n), self.pos.narrow(2, 0, n)
+        return self.k.narrow(2, 0, n), self.v.narrow(2, 0, n)
+
+    def positions(self, arange: torch.Tensor) -> torch.Tensor:
+        """A view of the held rows' positions ``[B, Hg, length]``, the pending ones written
+        from ``arange`` (every generation position, in order)."""
+        pending = self.length - self.written
+        if pending:
+            self.pos.narrow(2, self.written, pending).copy_(arange.narrow(0, self.tail, pending))
+            self.written = self.length
+        return self.pos.narrow(2, 0, self.length)
 
     def keep_rows(
         self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
     ) -> None:
-        """Hold K/V rows ``k``/``v`` ``[B, Hg, m, d]`` at the positions ``pos`` of ``keep``."""
+        """Hold K/V rows ``k``/``v`` ``[B, Hg, m, d]`` at the positions ``pos`` (the held rows',
+        :meth:`positions`) of ``keep``."""
         m = keep.shape[-1]
         kept_pos = pos.gather(2, keep)  # before the copies below overwrite ``pos``'s rows
         self.k.narrow(2, 0, m).copy_(k)
         self.v.narrow(2, 0, m).copy_(v)
         self.pos.narrow(2, 0, m).copy_(kept_pos)
-        self.length = m
+        self.length = self.written = m
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Hold only the rows ``keep`` ``[B, Hg, m]`` (indices into the held rows, whose
+        positions are written: :meth:`positions`), moved to the front: per buffer one
+        ``index_select`` of the kept rows from its row table (a copy: nothing is read after it
+        is written), copied into the first ``m`` rows."""
+        m = keep.shape[-1]
+        kept = (keep + self.first).view(-1)
+        for buffer, table in zip((self.k, self.v, self.pos), self.tables, strict=True):
+            rows = table.index_select(0, kept)
+            buffer.narrow(2, 0, m).copy_(rows.view(*keep.shape, *buffer.shape[3:]))
+        self.length = self.written = m
 
 
 class BudgetedHistory:
@@ -148,15 +194,26 @@ class BudgetedHistory:
     ``ScaleCall.kernels``; ``kernels`` runs the compaction (:attr:`kernel_record` names the
     backend each op used). One store serves one generation."""
 
-    def __init__(self, selection: Selection, kernels: str = "auto") -> None:
+    def __init__(
+        self,
+        selection: Selection,
+        kernels: str = "auto",
+        sizes: dict[tuple[int, int, Schedule], int] | None = None,
+    ) -> None:
         if selection.when not in ("pre", "post"):
             raise ValueError(f"selection.when must be 'pre' or 'post', got {selection.when!r}")
         self.selection = selection
-        self.check_values = not ours(selection)  # a third party's: read its indices back
+        self.ours = ours(selection)  # else a third party's: read its indices back
+        self.budget_of = getattr(selection, "budget", None)
+        self.merge = getattr(selection, "merge", None)
         self.kernels = kernels
         self.kernel_record: dict[str, str] = {}
+        # buffer rows per (layer, group, schedule): :func:`capacity`, walked once per
+        # selection (a session's generations may share this mapping)
+        self.sizes = {} if sizes is None else sizes
         self.groups: dict[int, list[list[int]]] = {}
         self.slices: dict[int, list[slice | torch.Tensor]] = {}
+        self.whole: dict[int, bool] = {}  # the layer's heads are one group, in order
         self.rows: dict[int, list[_Rows | None]] = {}
         self.scale_history: dict[int, int] = {}
         self.pairs = 0  # (query row, key row) pairs attended, summed over batch rows and heads
@@ -175,15 +232,16 @@ class BudgetedHistory:
                 )
             self.groups[layer] = groups
             self.slices[layer] = [_heads(ids, device) for ids in groups]
+            self.whole[layer] = groups == [list(range(heads))]
             self.rows[layer] = [None] * len(groups)
         return self.groups[layer]
 
     def attend(
         self, call: ScaleCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        self.scale_history.setdefault(call.si, self.history_nbytes())
+        self.scale_history.setdefault(call.si, self._held)
         groups = self._layer_groups(call.layer, q.shape[1], q.device)
-        if self.slices[call.layer] == [slice(0, q.shape[1])]:
+        if self.whole[call.layer]:
             return self._attend_group(call, 0, q, k, v)
         outs = []
         for g, heads in enumerate(self.slices[call.layer]):
@@ -199,19 +257,21 @@ class BudgetedHistory:
     def _attend_group(
         self, call: ScaleCall, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
+        n = k.shape[2]
         rows = self.rows[call.layer][g]
         if rows is None:
-            rows = _Rows(k, v, capacity(self.selection, call, g))
-            self.rows[call.layer][g] = rows
-        start, n = call.schedule.start(call.si), k.shape[2]
-        rows.append(k, v, self._positions(call.schedule.total, k.device).narrow(0, start, n))
-        self._held += k.shape[2] * rows.row_bytes
+            rows = self.rows[call.layer][g] = _Rows(k, v, self._capacity(call, g))
+        arange = self._positions(call.schedule.total, k.device)
+        if rows.length + n > rows.k.shape[2]:  # a selection kept more than it said
+            rows = self.rows[call.layer][g] = rows.grown(rows.length + n, arange)
+        rows.append(k, v, call.schedule.start(call.si), arange)
+        self._held += n * rows.row_bytes
         self._peak = max(self._peak, self._held)
         self._held -= rows.length * rows.row_bytes
         held = rows.held()
         if self.selection.when == "pre" and self._compact(call, g, q, rows, held):
             held = rows.held()
-        hk, hv, _ = held
+        hk, hv = held
         pairs = q.shape[0] * q.shape[1] * q.shape[2] * hk.shape[2]
         self.pairs += pairs
         self.scale_pairs[call.si] = self.scale_pairs.get(call.si, 0) + pairs
@@ -220,6 +280,12 @@ class BudgetedHistory:
             self._compact(call, g, q, rows, held)
         self._held += rows.length * rows.row_bytes
         return out
+
+    def _capacity(self, call: ScaleCall, g: int) -> int:
+        key = (call.layer, g, call.schedule)
+        if key not in self.sizes:
+            self.sizes[key] = capacity(self.selection, call, g)
+        return self.sizes[key]
 
     def _positions(self, total: int, device: torch.device) -> torch.Tensor:
         """``arange(total)`` on ``device``, made once per store (rows' positions are its views)."""
@@ -233,50 +299,57 @@ class BudgetedHistory:
         g: int,
         q: torch.Tensor,
         rows: _Rows,
-        held: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        held: tuple[torch.Tensor, torch.Tensor],
     ) -> bool:
         """Ask the selection what to keep of the ``held`` rows and compact to it; whether it
-        did. A group within its budget is left as it is, without asking (no op, no copy)."""
-        k, v, pos = held
-        budget_of = getattr(self.selection, "budget", None)
-        budget = budget_of(call, g, k.shape[2]) if budget_of is not None else None
-        if budget is not None and k.shape[2] <= budget:
+        did. A group within its budget, or one of diffcache's own selections where it sets no
+        budget, is left as it is, without asking (no op, no copy)."""
+        k, v = held
+        length = k.shape[2]
+        budget = None if self.budget_of is None else self.budget_of(call, g, length)
+        if budget is None:
+            if self.ours:  # one of ours sets no budget where it does not compress
+                return False
+        elif length <= budget:
             return False
+        pos = rows.positions(self._arange)
         call = dataclasses.replace(
             call, positions=pos, kernels=self.kernels, record=self.kernel_record
         )
         keep = self.selection.keep(call, g, q, k, v)
         if keep is None:
             return False
-        check_keep(keep, (k.shape[0], k.shape[1], k.shape[2]), budget, self.check_values)
-        merge = getattr(self.selection, "merge", None)
-        merged = None if merge is None else merge(call, g, k, v, keep)
+        check_keep(keep, (k.shape[0], k.shape[1], length), budget, not self.ours)
+        merged = None if self.merge is None else self.merge(call, g, k, v, keep)
         if merged is not None:
             k2, v2 = merged
             want = (*keep.shape, k.shape[-1])
             if tuple(k2.shape) != want or tuple(v2.shape) != want:
                 raise ValueError(f"merge must return K and V of shape {list(want)}")
-        else:
+            rows.keep_rows(k2, v2, pos, keep)
+        elif pick(KV_COMPACT, self.kernels, k, v, k, v, keep) is Backend.TRITON:
             empty = k[:, :, :0]
             k2, v2 = kv_compact(
                 k, v, empty, v[:, :, :0], keep, backend=self.kernels, record=self.kernel_record
             )
-        rows.keep_rows(k2, v2, pos, keep)
+            rows.keep_rows(k2, v2, pos, keep)
+        else:  # the torch path: the kept rows moved within the buffers, no new tensor
+            rows.compact(keep)
+            self.kernel_record[KV_COMPACT.name] = Backend.TORCH.value
         return True
 
     def held(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V rows ``group`` of ``layer`` holds, ``[B, Hg, L, d]`` (views)."""
         rows = self.rows[layer][group]
         assert rows is not None, f"layer {layer} group {group} holds no rows yet"
-        k, v, _ = rows.held()
-        return k, v
+        return rows.held()
 
     def positions(self, layer: int, group: int) -> torch.Tensor:
         """The generation positions of the rows ``group`` of ``layer`` holds, ``[B, Hg, L]``
         (the schedule maps them to a scale and ``(y, x)``); bookkeeping, not in the bytes."""
         rows = self.rows[layer][group]
         assert rows is not None, f"layer {layer} group {group} holds no rows yet"
-        return rows.held()[2]
+        return rows.positions(self._arange)
 
     def nbytes(self) -> int:
         return self._held

@@ -54,6 +54,7 @@ between calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -339,10 +340,8 @@ class HACKSelection:
         uses, ascending; "random" draws them from a generator seeded with
         ``seed·1000003 + layer·scales + si``."""
         o = self.options
-        if n <= o.n_obs:
-            return torch.arange(n)
-        if o.sampling == "stride":
-            return torch.arange(o.n_obs) * n // o.n_obs
+        if n <= o.n_obs or o.sampling == "stride":
+            return _strided(n, o.n_obs)
         salt = call.layer * len(call.schedule) + call.si
         gen = torch.Generator().manual_seed(o.seed * 1_000_003 + salt)
         return torch.randperm(n, generator=gen)[: o.n_obs].sort().values
@@ -358,6 +357,13 @@ class HACKSelection:
         if mandatory is not None and self.options.softmax_over == "candidates":
             logits = logits.masked_fill(mandatory.unsqueeze(2), float("-inf"))
         return logits.softmax(dim=-1).sum(dim=2)
+
+
+@functools.lru_cache(maxsize=256)
+def _strided(n: int, n_obs: int) -> torch.Tensor:
+    """``i·n // n_obs`` for ``i < n_obs`` (every query when ``n <= n_obs``), made once per
+    ``(n, n_obs)`` (never written to)."""
+    return torch.arange(n) if n <= n_obs else torch.arange(n_obs) * n // n_obs
 
 
 def _pivot_merge(

@@ -108,9 +108,14 @@ class _Generations:
     ) -> None:
         self.session, self.run, self.factory, self.check = session, session.run, factory, check
         self.store: MeteredHistory | None = None
+        self.selection: Selection | None = None
+        self.sizes: dict[tuple[int, int, Schedule], int] = {}  # the selection's buffer sizes
 
     def new_store(self, inner: Callable, *args: Any, **kwargs: Any) -> MeteredHistory:
-        store = BudgetedHistory(self.factory(), self.session.run.kernels)
+        selection = self.factory()
+        if selection is not self.selection:  # buffer sizes are the selection's
+            self.selection, self.sizes = selection, {}
+        store = BudgetedHistory(selection, self.session.run.kernels, self.sizes)
         self.store = MeteredHistory(store, self.run, self.check)
         return self.store
 

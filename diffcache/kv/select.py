@@ -193,10 +193,18 @@ def topk_with_mandatory(scores: torch.Tensor, mandatory: torch.Tensor, budget: i
     return torch.cat((rest, fixed), dim=-1).sort(dim=-1).values
 
 
-def positional(like: torch.Tensor, mandatory: torch.Tensor) -> torch.Tensor:
-    """Keep exactly the mandatory positions (sliding window, StreamingLLM) for every (row, head)
-    of ``like`` ``[B, Hg, L, d]``: ``[B, Hg, m]`` sorted, on ``like``'s device."""
-    return torch.unique(mandatory).to(like.device).expand(*like.shape[:2], -1)
+def ends(like: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Keep the first ``first`` and the last ``last`` of ``like``'s ``L`` rows (``[B, Hg, L,
+    d]``; StreamingLLM's sinks and recent rows, a sliding window with ``first=0``) for every
+    (row, head): ``[B, Hg, m]`` sorted, each row once, on ``like``'s device. The index depends on
+    ``L`` alone: made once per ``(L, first, last, device)``."""
+    return _ends(like.shape[2], first, last, like.device).expand(*like.shape[:2], -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _ends(length: int, first: int, last: int, device: torch.device) -> torch.Tensor:
+    """:func:`ends`' index (never written to)."""
+    return torch.unique(torch.cat((sinks(length, first), recent(length, last)))).to(device)
 
 
 def after_length_exceeds(call: ScaleCall, base: int) -> bool:

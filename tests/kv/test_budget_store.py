@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffcache.kv import FullHistory, History, ScaleCall, Schedule
 from diffcache.kv.baselines import SnapKVSelection
 from diffcache.kv.budget import BudgetedHistory, capacity, check_keep
+from diffcache.kv.hack import HACKOptions, HACKSelection
 from diffcache.kv.scalekv import ScaleKVSelection
 from diffcache.kv.scalekv_budgets import ScaleBudget, ScaleKVBudgets
 from diffcache.testing.kernels import needs_interpreter
@@ -79,6 +80,52 @@ def test_a_selection_keeping_more_than_its_budget_grows_the_buffers(when):
     assert torch.equal(store.positions(1, 0), torch.arange(30).expand(3, 4, 30))
     assert store.positions(1, 0).dtype == torch.int64  # the selection's index type
     assert store.nbytes() == 2 * 3 * 4 * 30 * 8 * (8 + 8)
+
+
+def test_positions_follow_the_maps_a_layer_was_given():
+    """Positions are written when read: the rows appended since a compaction are one run of
+    consecutive positions, and a map that does not continue it (here scale 2 skipped: maps of
+    1, 4, then 16 rows at position 14) starts a new run. A selection that keeps the last
+    row of each map then holds positions 0, 4, 29; the rows hold the k each map handed over."""
+    seen = {}
+
+    def last_of_each(call, group, length, b, hg):
+        seen[call.si] = call.positions.clone()
+        return torch.tensor([0, 4, length - 1]).expand(b, hg, 3)
+
+    store = BudgetedHistory(Fixed("post", last_of_each, budget=8))
+    ks = {}
+    for si in (0, 1, 3):
+        q, k, v = (torch.randn(1, 2, SCHED.tokens(si), 4) for _ in "qkv")
+        ks[si] = k
+        store.attend(ScaleCall(0, si, SCHED, 1), q, k, v)
+    assert torch.equal(seen[3], torch.cat((torch.arange(5), torch.arange(14, 30))).expand(1, 2, -1))
+    assert torch.equal(store.positions(0, 0), torch.tensor([0, 4, 29]).expand(1, 2, 3))
+    want = torch.cat((ks[0], ks[1][:, :, 3:], ks[3][:, :, -1:]), dim=2)
+    assert torch.equal(store.held(0, 0)[0], want)
+
+
+def test_our_selections_keep_everything_where_their_budget_is_none():
+    """The store does not ask diffcache's own selections where their budget is None (no
+    compression at that call): ScaleKV until the cache has exceeded its base (5 rows here:
+    scales 0 and 1) and at the last scale, HACK before its start_scale (2). Asked anyway, each
+    keeps everything (None) there, and selects where the budget is set."""
+    plan = ScaleKVBudgets(4, tuple(ScaleBudget(si, "D", 4, 4) for si in range(4)))
+    scalekv = ScaleKVSelection(plan, "paper", base_capacity=5, window=4, kernel=3)
+    hack = HACKSelection([[0, 1]], 3, 3, HACKOptions(start_scale=2, first_scales=0, recent_cap=1))
+    unset = {}
+    for name, sel in (("scalekv", scalekv), ("hack", hack)):
+        for si in range(len(SCHED)):
+            length = SCHED.start(si + 1)
+            q, k, v = (torch.randn(1, 2, n, 4) for n in (SCHED.tokens(si), length, length))
+            call = ScaleCall(0, si, SCHED, 1, positions=torch.arange(length).expand(1, 2, -1))
+            kept = sel.keep(call, 0, q, k, v)
+            if sel.budget(call, 0, length) is None:
+                unset.setdefault(name, []).append(si)
+                assert kept is None, (name, si)
+            else:
+                assert kept is not None and kept.shape[-1] < length, (name, si)
+    assert unset == {"scalekv": [0, 1, 3], "hack": [0, 1]}
 
 
 def random_subsets(call, group, length, b, hg, m=None):
