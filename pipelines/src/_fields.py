@@ -19,7 +19,7 @@ def prompt(call_arg: str = "prompt") -> Field:
 
 NEGATIVE_PROMPT = Field("negative_prompt", str, "what to steer away from (CFG)", "negative_prompt")
 #: a guidance-distilled family's classifier-free guidance on top of its guidance embedding
-#: (HunyuanVideo): above 1, with a negative prompt, a second denoiser call per step
+#: (FLUX, HunyuanVideo): above 1, with a negative prompt, a second denoiser call per step
 TRUE_CFG = Field(
     "true_cfg", float, "true CFG scale (above 1, with --negative-prompt)", "true_cfg_scale",
     min=0.0, max=100.0,
