@@ -35,8 +35,9 @@ CORE = ENGINE + ("streams", "display", "calibration", "generate", "profile")
 #: bound methods instead of closure factories, aliases and a redundant pickle guard removed);
 #: 2,113 after a plan file's top-level keys became a dataclass checked by the options' coercion,
 #: ``coerce`` became the one entry point, the few-step warning became a run reporter like the
-#: LoRA watch, and three checks no caller reaches were dropped
-ENGINE_LINES = 2113
+#: LoRA watch, and three checks no caller reaches were dropped; +1 for the run reporter that
+#: checks ``valid_for.weights`` at each run (``weights.WeightsWatch``), as the LoRA watch
+ENGINE_LINES = 2114
 #: what one family or another calls its request fields and outputs: adapters declare them
 VOCABULARY = {"prompt", "class_label", "class_labels", "frames", "images", "texts", "generator"}
 VOCABULARY |= {"output_type", "negative_prompt", "gen_length", "num_frames"}
