@@ -9,7 +9,7 @@ alternating in each round (their order rotated by the round), and the norm's sha
 (the median of the per-round ratios). Numbers are printed as measured; nothing is asserted.
 
     python bench/weights_check.py                          # flux-tiny, dit-digits, wan-shapes
-    python bench/weights_check.py --models wan2.1-1.3b-random --repeats 3
+    python bench/weights_check.py --models wan2.1-1.3b-random --repeats 3 --steps 2
 """
 
 from __future__ import annotations
@@ -38,14 +38,17 @@ def cpu_seconds(fn: Callable[[], Any]) -> float:
     return time.process_time() - t0
 
 
-def measure(name: str, repeats: int) -> dict[str, Any]:
-    """The parameter count, and the norm's and a generation's CPU seconds per round."""
+def measure(name: str, repeats: int, steps: int | None) -> dict[str, Any]:
+    """The parameter count, and the norm's and a generation's (of ``steps``, default the
+    model's) CPU seconds per round."""
     pipe = load_model(name)
     experts = Target.resolve(find_adapter(pipe), pipe).experts
     entry = builtin_models()[name]
     prompt = "a red square moving left" if name == "wan-shapes" else "a cat"
     request = Request(**({} if entry.family == "dit" else {"prompt": prompt}))
     request = request.merged(entry.defaults)  # dit-digits: its default class 3
+    if steps is not None:
+        request = request.replace(steps=steps)
     jobs = {"norm": lambda: weights_norm(experts), "run": lambda: generate(pipe, request)}
     for job in jobs.values():  # warm-up
         job()
@@ -63,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=names, default=list(MODELS))
     parser.add_argument("--repeats", type=positive, default=9)
     parser.add_argument("--threads", type=positive, default=None)
+    parser.add_argument("--steps", type=positive, default=None, help="default: the model's")
     args = parser.parse_args(argv)
     with measurement_threads(args.threads) as threads:
         print(f"CPU seconds (time.process_time), {threads} torch thread(s), median (range)")
         print(f"{'model':<22}{'params':>12}{'norm s':>28}{'run s':>28}{'norm / run':>12}")
         for name in args.models:
-            m = measure(name, args.repeats)
+            m = measure(name, args.repeats, args.steps)
             norm, run, share = (summary(m[k]) for k in ("norm", "run", "share"))
             cells = [f"{a:.4f} ({b:.4f}-{c:.4f})" for a, b, c in (norm, run)]
             print(f"{name:<22}{m['params']:>12,}{cells[0]:>28}{cells[1]:>28}{share[0]:>12.2%}")
