@@ -81,15 +81,17 @@ def _unloaded(modules: Sequence[torch.nn.Module], pipe: Any) -> list[str]:
     return sorted(fused - set(merged))
 
 
+def _plain(root: torch.nn.Module) -> list[torch.Tensor]:
+    """The plain tensor parameters of ``root``, detached: quantized ones (tensor subclasses,
+    which cannot even be detached in inference mode) are left out."""
+    kinds = (torch.nn.Parameter, torch.Tensor)
+    return [p.detach() for p in root.parameters() if type(p) in kinds]
+
+
 def _sums(root: torch.nn.Module) -> list[torch.Tensor]:
     """Each plain tensor parameter of ``root`` in two numbers (on the CPU): its sum and sum of
-    squares in float64, reduced on its own device. Quantized ones (tensor subclasses, which
-    cannot even be detached in inference mode) are left out."""
-    return [
-        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-        for p in root.parameters()
-        if type(p) in (torch.nn.Parameter, torch.Tensor)
-    ]
+    squares in float64, reduced on its own device."""
+    return [torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for p in _plain(root)]
 
 
 def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
@@ -99,14 +101,16 @@ def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
 
 
 def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
-    """Each module's squared weight norm (its plain parameters' sum of squares, float64): what
-    ``diffcache profile`` records (``provenance.weights_norm``), so that a run on weights a LoRA
-    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart; to 12
-    significant digits, so that a plan file does not depend on the machine's summation order.
-    None while some weights are not in memory (on the meta device: sequential offloading)."""
+    """Each module's squared weight norm (its plain parameters' sum of squares, float64: each
+    parameter's norm by ``vector_norm``): what ``diffcache profile`` records
+    (``provenance.weights_norm``), so that a run on weights a LoRA was merged into (peft's
+    ``merge_and_unload``: no adapter left to see) is told apart; to 12 significant digits, so
+    that a plan file does not depend on the machine's summation order. None while some weights
+    are not in memory (on the meta device: sequential offloading)."""
     if any(p.is_meta for root in modules for p in root.parameters()):
         return None
-    return [float(f"{sum(float(s[1]) for s in _sums(root)):.12g}") for root in modules]
+    norms = [[torch.linalg.vector_norm(p, dtype=torch.float64) for p in _plain(r)] for r in modules]
+    return [float(f"{sum(float(n) ** 2 for n in ns):.12g}") for ns in norms]
 
 
 def same_weights(recorded: Sequence[float], have: Sequence[float]) -> bool:

@@ -46,11 +46,14 @@ def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
         raise PlanError(f"{problem}.")
 
 
-def weights_problem(plan: Any, experts: Sequence[torch.nn.Module]) -> str | None:
+def weights_problem(
+    plan: Any, experts: Sequence[torch.nn.Module], offloaded_ok: bool = False
+) -> str | None:
     """Why ``plan`` is not valid for the weights of ``experts`` (None where it is): another
     storage (``valid_for.weights: float32`` ...), or with ``valid_for.weights: profiled``
     other weights than it was profiled on (their storage and norm in ``provenance``: a LoRA
-    merged into them leaves no adapter to see, but moves the norm)."""
+    merged into them leaves no adapter to see, but moves the norm). ``offloaded_ok``: weights
+    on the meta device (sequential offloading), which cannot be read, pass."""
     want = plan.valid_for.get("weights")
     if want is None:
         return None
@@ -62,10 +65,12 @@ def weights_problem(plan: Any, experts: Sequence[torch.nn.Module]) -> str | None
             f"{plan.source}: valid_for.weights: the plan was calibrated on {kind} weights but "
             f"this model's are {have}; {fix}, or load it as it was profiled"
         )
-    return _norm_problem(plan, experts, fix) if want == PROFILED else None
+    return _norm_problem(plan, experts, fix, offloaded_ok) if want == PROFILED else None
 
 
-def _norm_problem(plan: Any, experts: Sequence[torch.nn.Module], fix: str) -> str | None:
+def _norm_problem(
+    plan: Any, experts: Sequence[torch.nn.Module], fix: str, offloaded_ok: bool
+) -> str | None:
     """``valid_for.weights: profiled``: the weights' norm is the one the plan records."""
     where = f"{plan.source}: valid_for.weights: profiled"
     recorded = plan.provenance.get("weights_norm")
@@ -75,13 +80,13 @@ def _norm_problem(plan: Any, experts: Sequence[torch.nn.Module], fix: str) -> st
             f"with; {fix}"
         )
     have = weights_norm(experts)
-    if have is None:
+    if have is None and not offloaded_ok:
         return (
             f"{where}: this model's weights are not in memory (on the meta device: sequential "
             "offloading), so they cannot be compared; accelerate before offloading, or drop "
             "the key"
         )
-    if not same_weights(recorded, have):
+    if have is not None and not same_weights(recorded, have):
         return (
             f"{where}: the plan was profiled on weights of squared norm {recorded} but this "
             f"model's is {have} (a LoRA fused or merged into them, or another checkpoint); "
@@ -96,14 +101,15 @@ class WeightsWatch:
     state dict loaded, the model quantized) refuse the run before any denoising step, and the
     pipeline stays accelerated. With ``profiled`` each run reads the weights' norm once: peft
     writes merged weights through ``.data``, which bumps no version counter, so nothing cheaper
-    tells that they changed."""
+    tells that they changed. Weights offloaded to the meta device after ``accelerate`` read
+    them (sequential offloading) cannot be read again: they pass."""
 
     def __init__(self, experts: Sequence[torch.nn.Module], plan: Any, run: Any) -> None:
         self.experts, self.plan, self.run = list(experts), plan, run
 
     def facts(self) -> dict[str, Any]:
         """No facts; refuses the run where :func:`weights_problem` finds one."""
-        problem = weights_problem(self.plan, self.experts)
+        problem = weights_problem(self.plan, self.experts, offloaded_ok=True)
         if problem is not None:
             raise self.run.refuse(problem)
         return {}

@@ -22,9 +22,10 @@ from diffcache.errors import PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
 from diffcache.plan import Plan
+from diffcache.runstate import RunState
 from diffcache.testing.lora import lora_config, write_lora
 from diffcache.testing.toys import clean, tiny_request
-from diffcache.weights import check_weights
+from diffcache.weights import WeightsWatch, check_weights
 
 pytest.importorskip("peft")
 
@@ -125,6 +126,21 @@ def test_other_storage_and_unreadable_weights_are_refused(tmp_path: Path) -> Non
     bare = dataclasses.replace(plan, provenance={"weights": "float32"})
     with pytest.raises(PlanError, match=r"records no weights' norm \(provenance.weights_norm\)"):
         check_weights(bare, [torch.nn.Linear(2, 2)])
+
+
+def test_a_run_reads_what_it_can() -> None:
+    """At a run, weights offloaded to the meta device after ``accelerate`` read them cannot be
+    read again: they pass; other storage is refused there as at ``accelerate``."""
+    plan = Plan.load("dit-tiny-ertacache.yaml")
+    plan = dataclasses.replace(plan, valid_for={**plan.valid_for, "weights": "profiled"})
+    run = RunState("ertacache", owner="DiTPipeline")
+    meta = [torch.nn.Linear(2, 2, device="meta")]
+    assert WeightsWatch(meta, plan, run).facts() == {}
+    with pytest.raises(PlanError, match=r"not in memory \(on the meta device"):
+        check_weights(plan, meta)
+    half = [torch.nn.Linear(2, 2).to(torch.float16)]
+    with pytest.raises(PlanError, match="calibrated on float32 weights but this model's are "):
+        WeightsWatch(half, plan, run).facts()
 
 
 def _one_line_refusal(pipe: Any, req: Any) -> str:
