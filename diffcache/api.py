@@ -26,7 +26,7 @@ from diffcache.plan import Plan
 from diffcache.registry import find_adapter, get_method
 from diffcache.runstate import RunState, Stats
 from diffcache.session import Session
-from diffcache.weights import check_weights
+from diffcache.weights import WeightsWatch, check_weights
 
 logger = logging.getLogger(__name__)
 SESSION_ATTR = "_diffcache"
@@ -63,6 +63,7 @@ def accelerate(
         owner=type(model).__name__,
         tracing=trace,
     )
+    run.reporters.append(WeightsWatch(target.experts, plan, run).facts)
     run.reporters.append(LoraWatch(target.experts, plan, run, target.pipe).facts)
     run.reporters.append(FewStepWarning(config.steps_problem, run))
     _, apply = get_method(plan.method)

@@ -27,9 +27,14 @@ logger = logging.getLogger(__name__)
 NONE = "none"  # the valid_for.lora / provenance value of a model without LoRA
 UNLOADED = "unloaded"  # the weight shown for an adapter fused, then unloaded
 _WARNED: set[tuple[str, str]] = set()  # (plan, state) warned about in this process
-#: relative tolerance of :func:`same_weights`: float64 sums of squares in another order differ
-#: by about 1e-15; the digits LoRA merged into dit-digits moves its norm by 4e-5
-WEIGHTS_RTOL = 1e-10
+#: ``valid_for.weights``: the very weights the plan was profiled on (``provenance.weights`` and
+#: ``provenance.weights_norm``), not only their storage
+PROFILED = "profiled"
+#: relative tolerance of :func:`same_weights`. float64 sums of squares in another order differ
+#: by about 1e-15, and a float32 LoRA fused then unfused (one rounding each way) moves the norm
+#: by up to 2.4e-10 (measured: flux-tiny, wan-shapes-lora, dit-digits-lora); a fused LoRA moves
+#: it by 4e-5 (the digits LoRA on dit-digits) to 6e-2 (random ones on flux-tiny)
+WEIGHTS_RTOL = 1e-7
 
 
 def _layers(modules: Sequence[torch.nn.Module]) -> Iterator[tuple[str, Any]]:
@@ -79,15 +84,17 @@ def _unloaded(modules: Sequence[torch.nn.Module], pipe: Any) -> list[str]:
     return sorted(fused - set(merged))
 
 
+def _plain(root: torch.nn.Module) -> list[torch.Tensor]:
+    """The plain tensor parameters of ``root``, detached: quantized ones (tensor subclasses,
+    which cannot even be detached in inference mode) are left out."""
+    kinds = (torch.nn.Parameter, torch.Tensor)
+    return [p.detach() for p in root.parameters() if type(p) in kinds]
+
+
 def _sums(root: torch.nn.Module) -> list[torch.Tensor]:
     """Each plain tensor parameter of ``root`` in two numbers (on the CPU): its sum and sum of
-    squares in float64, reduced on its own device. Quantized ones (tensor subclasses, which
-    cannot even be detached in inference mode) are left out."""
-    return [
-        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-        for p in root.parameters()
-        if type(p) in (torch.nn.Parameter, torch.Tensor)
-    ]
+    squares in float64, reduced on its own device."""
+    return [torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for p in _plain(root)]
 
 
 def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
@@ -97,22 +104,16 @@ def _checksum(modules: Sequence[torch.nn.Module]) -> bytes:
 
 
 def weights_norm(modules: Sequence[torch.nn.Module]) -> list[float] | None:
-    """Each module's squared weight norm (its plain parameters' sum of squares, float64): what
-    ``diffcache profile`` records (``provenance.weights_norm``), so that a run on weights a LoRA
-    was merged into (peft's ``merge_and_unload``: no adapter left to see) is told apart; to 12
-    significant digits, so that a plan file does not depend on the machine's summation order.
-    None while some weights are not in memory (on the meta device: sequential offloading)."""
+    """Each module's squared weight norm (its plain parameters' sum of squares, float64: each
+    parameter's norm by ``vector_norm``): what ``diffcache profile`` records
+    (``provenance.weights_norm``), so that a run on weights a LoRA was merged into (peft's
+    ``merge_and_unload``: no adapter left to see) is told apart; to 12 significant digits, so
+    that a plan file does not depend on the machine's summation order. None while some weights
+    are not in memory (on the meta device: sequential offloading)."""
     if any(p.is_meta for root in modules for p in root.parameters()):
         return None
-    return [float(f"{_square_sum(root):.12g}") for root in modules]
-
-
-def _square_sum(root: torch.nn.Module) -> float:
-    """The sum of squares of ``root``'s plain tensor parameters (those :func:`_sums` reads),
-    accumulated in float64 by ``vector_norm`` as it reads them: no float64 copy of the weights
-    (that copy, paged in afresh at each session's first call, was most of the check's time)."""
-    plain = (p for p in root.parameters() if type(p) in (torch.nn.Parameter, torch.Tensor))
-    return sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in plain)
+    norms = [[torch.linalg.vector_norm(p, dtype=torch.float64) for p in _plain(r)] for r in modules]
+    return [float(f"{sum(float(n) ** 2 for n in ns):.12g}") for ns in norms]
 
 
 def same_weights(recorded: Sequence[float], have: Sequence[float]) -> bool:
@@ -212,9 +213,11 @@ class LoraWatch:
     session, and once per process for a plan and state (``eval`` accelerates again and again).
     Under the state it was profiled with, a plan that records its weights' norm
     (``provenance.weights_norm``) warns alike when they are other weights (a LoRA merged with
-    peft alone leaves no adapter to see). Work done once per session is done when it opens
-    (``accelerate``), not in its first generation: the weights are read then (one pass over
-    them), and the LoRA state is hashed then, so a run rehashes only when it changed."""
+    peft alone leaves no adapter to see); a plan that requires them (``valid_for.weights:
+    profiled``) is refused instead (``diffcache.weights.WeightsWatch``). Work done once per
+    session is done when it opens (``accelerate``), not in its first generation: the weights
+    are read then (one pass over them), and the LoRA state is hashed then, so a run rehashes
+    only when it changed."""
 
     def __init__(
         self, modules: Sequence[torch.nn.Module], plan: Any, run: Any, pipe: Any = None
@@ -223,7 +226,8 @@ class LoraWatch:
         calibrated = bool(plan.calibration or plan.tensors)  # profiled data: made on one model
         recorded = plan.provenance.get("lora", NONE) if calibrated else None
         self.recorded = recorded if "lora" not in plan.valid_for else None
-        self.norm = plan.provenance.get("weights_norm") if calibrated else None
+        checked = plan.valid_for.get("weights") == PROFILED  # refused, not warned: WeightsWatch
+        self.norm = plan.provenance.get("weights_norm") if calibrated and not checked else None
         self.have = weights_norm(self.modules) if self.norm is not None else None
         self.warned = False
         self._sig = signature(self.modules, pipe)

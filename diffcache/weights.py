@@ -1,7 +1,7 @@
 """How a denoiser's weights are stored (``float32``, ``torchao:Int8Tensor``, ``gguf:Q8_0`` ...):
-what profiled plans record (``provenance.weights``, ``valid_for.weights``) and ``accelerate``
-checks. Kept apart from ``diffcache.quant`` (which builds quantized models) so that the engine
-can import it."""
+what profiled plans record (``provenance.weights``, ``valid_for.weights``) and what
+``accelerate`` and then each run check (:class:`WeightsWatch`). Kept apart from
+``diffcache.quant`` (which builds quantized models) so that the engine can import it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ from typing import Any
 import torch
 
 from diffcache.errors import PlanError
-from diffcache.lora import same_weights, weights_norm
-
-#: ``valid_for.weights``: the very weights the plan was profiled on (``provenance.weights`` and
-#: ``provenance.weights_norm``), not only their storage
-PROFILED = "profiled"
+from diffcache.lora import PROFILED, same_weights, weights_norm
 
 
 def weights(modules: Iterable[torch.nn.Module]) -> str:
@@ -43,44 +39,77 @@ def _kind(weight: torch.Tensor) -> str:
 
 
 def check_weights(plan: Any, experts: Sequence[torch.nn.Module]) -> None:
-    """Refuse ``plan`` if it is valid for other weights than ``experts`` have: another storage
-    (``valid_for.weights: float32`` ...), or with ``valid_for.weights: profiled`` other weights
-    than it was profiled on (their storage and norm in ``provenance``: a LoRA merged into them
-    leaves no adapter to see, but moves the norm)."""
+    """Refuse ``plan`` (at ``accelerate``) if it is valid for other weights than ``experts``
+    have (:func:`weights_problem`)."""
+    problem = weights_problem(plan, experts)
+    if problem is not None:
+        raise PlanError(f"{problem}.")
+
+
+def weights_problem(
+    plan: Any, experts: Sequence[torch.nn.Module], offloaded_ok: bool = False
+) -> str | None:
+    """Why ``plan`` is not valid for the weights of ``experts`` (None where it is): another
+    storage (``valid_for.weights: float32`` ...), or with ``valid_for.weights: profiled``
+    other weights than it was profiled on (their storage and norm in ``provenance``: a LoRA
+    merged into them leaves no adapter to see, but moves the norm). ``offloaded_ok``: weights
+    on the meta device (sequential offloading), which cannot be read, pass."""
     want = plan.valid_for.get("weights")
     if want is None:
-        return
+        return None
     fix = f"profile the model as you run it ({type(plan.config).profile_hint()})"
     kind = plan.provenance.get("weights") if want == PROFILED else want
     have = weights(experts)
     if kind is not None and kind != have:
-        raise PlanError(
+        return (
             f"{plan.source}: valid_for.weights: the plan was calibrated on {kind} weights but "
-            f"this model's are {have}; {fix}, or load it as it was profiled."
+            f"this model's are {have}; {fix}, or load it as it was profiled"
         )
-    if want == PROFILED:
-        _check_norm(plan, experts, fix)
+    return _norm_problem(plan, experts, fix, offloaded_ok) if want == PROFILED else None
 
 
-def _check_norm(plan: Any, experts: Sequence[torch.nn.Module], fix: str) -> None:
+def _norm_problem(
+    plan: Any, experts: Sequence[torch.nn.Module], fix: str, offloaded_ok: bool
+) -> str | None:
     """``valid_for.weights: profiled``: the weights' norm is the one the plan records."""
     where = f"{plan.source}: valid_for.weights: profiled"
     recorded = plan.provenance.get("weights_norm")
     if recorded is None:
-        raise PlanError(
+        return (
             f"{where}: the plan records no weights' norm (provenance.weights_norm) to compare "
-            f"with; {fix}."
+            f"with; {fix}"
         )
     have = weights_norm(experts)
-    if have is None:
-        raise PlanError(
+    if have is None and not offloaded_ok:
+        return (
             f"{where}: this model's weights are not in memory (on the meta device: sequential "
             "offloading), so they cannot be compared; accelerate before offloading, or drop "
-            "the key."
+            "the key"
         )
-    if not same_weights(recorded, have):
-        raise PlanError(
+    if have is not None and not same_weights(recorded, have):
+        return (
             f"{where}: the plan was profiled on weights of squared norm {recorded} but this "
             f"model's is {have} (a LoRA fused or merged into them, or another checkpoint); "
-            f"{fix}, or load the weights it was profiled on."
+            f"{fix}, or load the weights it was profiled on (pipe.unfuse_lora() undoes fuse_lora())"
         )
+    return None
+
+
+class WeightsWatch:
+    """A plan's ``valid_for.weights`` (none: nothing to check) at the first call of each run,
+    as at ``accelerate``: weights changed in place since (a LoRA fused, merged by peft, another
+    state dict loaded, the model quantized) refuse the run before any denoising step, and the
+    pipeline stays accelerated. With ``profiled`` each run reads the weights' norm once: peft
+    writes merged weights through ``.data``, which bumps no version counter, so nothing cheaper
+    tells that they changed. Weights offloaded to the meta device after ``accelerate`` read
+    them (sequential offloading) cannot be read again: they pass."""
+
+    def __init__(self, experts: Sequence[torch.nn.Module], plan: Any, run: Any) -> None:
+        self.experts, self.plan, self.run = list(experts), plan, run
+
+    def facts(self) -> dict[str, Any]:
+        """No facts; refuses the run where :func:`weights_problem` finds one."""
+        problem = weights_problem(self.plan, self.experts, offloaded_ok=True)
+        if problem is not None:
+            raise self.run.refuse(problem)
+        return {}

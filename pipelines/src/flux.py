@@ -13,11 +13,14 @@ from diffcache.pipelines._fields import (
     INPUT_IMAGE,
     MASK,
     MAX_AREA,
+    NEGATIVE_PROMPT,
     STEPS,
     STRENGTH,
+    TRUE_CFG,
     guidance,
     prompt,
     required,
+    true_cfg_rule,
 )
 from diffcache.pipelines._stacks import DUAL_STREAM, LATENT_DIT, dual_stream_gates
 from diffcache.pipelines._tiny import on_components, on_tiny, seeded, tiny_clip, tiny_t5
@@ -29,9 +32,10 @@ from diffcache.sites import ModuleSite, Stack
 describe(dual_stream_gates("FluxTransformerBlock", clip_fp16=("encoder",)))
 
 # FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes into the transformer's guidance
-# embedding and the pipeline makes one transformer call per step. FluxPipeline can also run true
-# CFG: with ``true_cfg_scale > 1`` *and* a negative prompt it makes a second, separate call per
-# step (cond first, then uncond). That mode is not exposed here, so no ``negative_prompt`` field.
+# embedding and the pipeline makes one transformer call per step. With a negative prompt and
+# ``true_cfg_scale > 1`` (the ``true_cfg`` field) it also runs true CFG: a second, separate call
+# per step, cond first (branch 0), then uncond (the negative prompt: branch 1). cfg stays
+# "none": true CFG is opt-in, off by default.
 ADAPTER = register_adapter(
     Adapter(
         name="flux",
@@ -57,21 +61,25 @@ ADAPTER = register_adapter(
         output="images",
         seed_arg="generator",
         call_args={"output_type": "np"},
-        fields=(prompt(), *IMAGE, STEPS, guidance()),
+        fields=(prompt(), NEGATIVE_PROMPT, TRUE_CFG, *IMAGE, STEPS, guidance()),
+        rules=(true_cfg_rule("flux"),),
     )
 )
 
 
-def variant(name: str, pipeline: str, *inputs: Field) -> Adapter:
+def variant(name: str, pipeline: str, *inputs: Field, true_cfg: bool = True) -> Adapter:
     """A FLUX pipeline variant: the same transformer and stacks, another pipeline class and its
-    input fields; FLUX plans serve it, and ``strength`` (when it takes one) shortens its run."""
+    input fields; FLUX plans serve it, and ``strength`` (when it takes one) shortens its run.
+    ``true_cfg``: its pipeline takes ``negative_prompt`` and ``true_cfg_scale``."""
+    cfg = (NEGATIVE_PROMPT, TRUE_CFG) if true_cfg else ()
     return register_adapter(
         variants.variant(
             ADAPTER,
             name,
             (pipeline,),
-            (prompt(), *inputs, *IMAGE, STEPS, guidance()),
+            (prompt(), *cfg, *inputs, *IMAGE, STEPS, guidance()),
             steps_run=variants.img2img_steps if STRENGTH in inputs else None,
+            rules=(true_cfg_rule(name),) if true_cfg else (),
         )
     )
 
@@ -80,8 +88,16 @@ IMG2IMG = variant("flux-img2img", "FluxImg2ImgPipeline", required(INPUT_IMAGE), 
 INPAINT = variant(
     "flux-inpaint", "FluxInpaintPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH
 )
-# FLUX.1-Fill: the transformer also reads the masked image's latents and the mask (384 inputs)
-FILL = variant("flux-fill", "FluxFillPipeline", required(INPUT_IMAGE), required(MASK), STRENGTH)
+# FLUX.1-Fill: the transformer also reads the masked image's latents and the mask (384 inputs);
+# FluxFillPipeline has no negative prompt (no true CFG)
+FILL = variant(
+    "flux-fill",
+    "FluxFillPipeline",
+    required(INPUT_IMAGE),
+    required(MASK),
+    STRENGTH,
+    true_cfg=False,
+)
 # FLUX.1-Kontext: the input image's latents join the sequence as more tokens; the pipeline
 # scales its output (and the input image) to about ``max_area`` pixels (default 1024 x 1024)
 KONTEXT = variant("flux-kontext", "FluxKontextPipeline", required(INPUT_IMAGE), MAX_AREA)
