@@ -489,6 +489,43 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         assert got == set(want.nonzero().flatten().tolist()), step
 
 
+def test_dkv_greedy_batch_rows_recompute_their_own_windows(llada) -> None:
+    """Greedy on three prompts (blocks of 8 masks in 4 steps: 2 scheduled a step, window 2):
+    each batch row's cached step recomputes its own last-decoded, scheduled and window
+    positions; the rows' sets differ in size (padded by repeating a position), and the work
+    recorded is each row's distinct positions, at every layer."""
+    from diffcache.methods.dkv_cache import neighbours
+
+    prompts = ["hello", "the quick brown fox", "a"]
+    options = {"variant": "greedy", "refresh_every": 2, "window": 2}
+    gen = torch.Generator().manual_seed(0)
+    kw = {"gen_length": 16, "steps": 8, "block_length": 8, "generator": gen}
+    out, writes = store_writes(llada, "dkv_cache", options, prompts, **kw)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    assert bool((out.committed_at >= 0).all())
+    layer0 = {step: r for step, layer, r in writes if layer == 0}
+    assert sorted(layer0) == list(range(8))
+    ragged = False
+    for step, r in layer0.items():
+        got = [set(row.tolist()) for row in r]
+        ragged |= len({len(g) for g in got}) > 1
+        for b, row in enumerate(got):
+            if step % 4 % 2 == 0:  # a refresh: every 2 block steps
+                assert row == set(range(length)), (step, b)
+                continue
+            at = torch.full((length,), -1)
+            at[p:] = out.committed_at[b]
+            now = at == step
+            masked = (at >= step) & ~now
+            masked[:p] = False
+            want = now | (at == step - 1) | neighbours(now[None], masked[None], 2)[0]
+            assert row == set(want.nonzero().flatten().tolist()), (step, b)
+    assert ragged  # some cached step pads a row
+    done, _ = diffcache.stats(llada).work["token_layer"]
+    distinct = sum(len(set(row.tolist())) for r in layer0.values() for row in r)
+    assert done == distinct * llada.model.num_layers
+
+
 def test_dkv_greedy_commits_the_fixed_counts_whatever_the_request_threshold(llada) -> None:
     """Greedy commits the tokens its order scheduled, LLaDA's fixed per-step count (2 of a
     block's 4 masks a step here): a request's parallel-decoding threshold or factor, which
