@@ -259,6 +259,73 @@ def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:
     diffcache.accelerate(dream, plan)
     got = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
     assert torch.equal(*got)
+    # only ``origin`` is replaced: ``topk_margin`` keeps its own confidence (a margin), here
+    # with another commit order than ``maskgit_plus``'s, as in the plain pipeline
+    orders = [dream("hello", alg=a, **REQ).committed_at for a in ("topk_margin", "maskgit_plus")]
+    assert not torch.equal(*orders)
+
+
+def test_elastic_decodes_until_no_mask_is_left_whatever_the_steps(llada) -> None:
+    """Elastic-Cache's window decodes one block until no mask is left: llada-tiny's
+    confidences (about 0.02) are below the threshold, so each step commits the window's best
+    only, 8 steps for 8 masks, whatever the request's step count."""
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(llada, plan)
+    runs = [llada("hello", **{**REQ, "steps": steps}) for steps in (2, 8)]
+    for out in runs:
+        assert out.steps == 8
+        assert sorted(out.committed_at[0].tolist()) == list(range(8))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+def _eos_head(pipe, factor: float) -> int:
+    """Make ``pipe``'s head score EOS as ``factor`` times the token its plain generation of
+    "hello" commits most (a test copy of the model); returns the EOS id."""
+    out = pipe("hello", **REQ)
+    tokens = out.tokens[0, out.prompt_len :].tolist()
+    eos = pipe.tokenizer.eos_token_id
+    with torch.no_grad():
+        head = pipe.model.model.transformer["ff_out"].weight
+        head[eos] = factor * head[max(set(tokens), key=tokens.count)]
+    return eos
+
+
+def test_elastic_without_its_decoding_rule_does_not_cut_at_eos(llada) -> None:
+    """``decode: false`` leaves the decoding to the request's rule, EOS stop included: with a
+    head that decodes EOS early, the identity plan equals the plain pipeline, which goes on
+    decoding the masks after an EOS."""
+    eos = _eos_head(llada, 1.05)
+    kw = {**REQ, "gen_length": 16, "steps": 16, "block_length": 16}
+    plain = llada("hello", **kw)
+    at = plain.committed_at[0]
+    first = int((plain.tokens[0, plain.prompt_len :] == eos).long().argmax())
+    assert plain.tokens[0, plain.prompt_len + first] == eos
+    assert bool((at[first + 1 :] > at[first]).any())  # masks after the EOS decoded later
+    identity = {"refresh_every": 1, "decode": False}
+    diffcache.accelerate(
+        llada, {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": identity}
+    )
+    got = llada("hello", **kw)
+    assert torch.equal(got.tokens, plain.tokens)
+    assert torch.equal(got.committed_at, plain.committed_at)
+
+
+def test_elastic_eos_stop_under_cfg_follows_each_real_rows_eos(llada) -> None:
+    """Under classifier-free guidance (the model runs each row twice) each real row stops at
+    its own EOS: no position right of an EOS is committed after it, every position left of
+    the row's first EOS is committed; the row without an EOS decodes every position."""
+    eos = _eos_head(llada, 1.1)
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(llada, plan)
+    kw = {**REQ, "gen_length": 16, "steps": 16, "block_length": 16, "cfg_scale": 1.0}
+    out = llada(["hello", "the quick brown fox"], **kw)
+    gen, at = out.tokens[:, out.prompt_len :], out.committed_at
+    assert not bool((gen[1] == eos).any()) and bool((at[1] >= 0).all())
+    where = (gen[0] == eos).nonzero().flatten().tolist()
+    assert where and bool((at[0] == -1).any())  # an EOS, and masks it left
+    for e in where:
+        assert bool((at[0, e + 1 :] <= at[0, e]).all()), e  # nothing right of it committed later
+    assert bool((at[0, : where[0]] >= 0).all())
 
 
 def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
