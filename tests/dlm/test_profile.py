@@ -61,6 +61,14 @@ def test_dkv_refresh_is_a_whole_number_and_the_closest_to_full(llada) -> None:
         assert search[every - 1] > 0.6
 
 
+def test_dkv_target_of_full_compute_keeps_every_step_a_refresh(llada) -> None:
+    """A compute target of 1 is met by full computation, the value closest to it: refresh
+    every step (``refresh_every`` 1, the identity), not the cheapest period that also meets it."""
+    plan = diffcache.profile(llada, "dkv_cache", PROMPTS, request=REQUEST, target_compute=1.0)
+    assert plan.options["refresh_every"] == 1
+    assert plan.provenance["measured"]["compute_fraction"] == 1.0
+
+
 def test_prefill_has_no_knob(llada) -> None:
     message = (
         "dkv_cache variant prefill has no knob to meet a compute target; "

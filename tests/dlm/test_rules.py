@@ -259,6 +259,73 @@ def test_elastic_on_dream_decodes_by_confidence_not_origin(dream) -> None:
     diffcache.accelerate(dream, plan)
     got = [dream("hello", alg=alg, **REQ).tokens for alg in ("origin", "maskgit_plus")]
     assert torch.equal(*got)
+    # only ``origin`` is replaced: ``topk_margin`` keeps its own confidence (a margin), here
+    # with another commit order than ``maskgit_plus``'s, as in the plain pipeline
+    orders = [dream("hello", alg=a, **REQ).committed_at for a in ("topk_margin", "maskgit_plus")]
+    assert not torch.equal(*orders)
+
+
+def test_elastic_decodes_until_no_mask_is_left_whatever_the_steps(llada) -> None:
+    """Elastic-Cache's window decodes one block until no mask is left: llada-tiny's
+    confidences (about 0.02) are below the threshold, so each step commits the window's best
+    only, 8 steps for 8 masks, whatever the request's step count."""
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(llada, plan)
+    runs = [llada("hello", **{**REQ, "steps": steps}) for steps in (2, 8)]
+    for out in runs:
+        assert out.steps == 8
+        assert sorted(out.committed_at[0].tolist()) == list(range(8))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+def _eos_head(pipe, factor: float) -> int:
+    """Make ``pipe``'s head score EOS as ``factor`` times the token its plain generation of
+    "hello" commits most (a test copy of the model); returns the EOS id."""
+    out = pipe("hello", **REQ)
+    tokens = out.tokens[0, out.prompt_len :].tolist()
+    eos = pipe.tokenizer.eos_token_id
+    with torch.no_grad():
+        head = pipe.model.model.transformer["ff_out"].weight
+        head[eos] = factor * head[max(set(tokens), key=tokens.count)]
+    return eos
+
+
+def test_elastic_without_its_decoding_rule_does_not_cut_at_eos(llada) -> None:
+    """``decode: false`` leaves the decoding to the request's rule, EOS stop included: with a
+    head that decodes EOS early, the identity plan equals the plain pipeline, which goes on
+    decoding the masks after an EOS."""
+    eos = _eos_head(llada, 1.05)
+    kw = {**REQ, "gen_length": 16, "steps": 16, "block_length": 16}
+    plain = llada("hello", **kw)
+    at = plain.committed_at[0]
+    first = int((plain.tokens[0, plain.prompt_len :] == eos).long().argmax())
+    assert plain.tokens[0, plain.prompt_len + first] == eos
+    assert bool((at[first + 1 :] > at[first]).any())  # masks after the EOS decoded later
+    identity = {"refresh_every": 1, "decode": False}
+    diffcache.accelerate(
+        llada, {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": identity}
+    )
+    got = llada("hello", **kw)
+    assert torch.equal(got.tokens, plain.tokens)
+    assert torch.equal(got.committed_at, plain.committed_at)
+
+
+def test_elastic_eos_stop_under_cfg_follows_each_real_rows_eos(llada) -> None:
+    """Under classifier-free guidance (the model runs each row twice) each real row stops at
+    its own EOS: no position right of an EOS is committed after it, every position left of
+    the row's first EOS is committed; the row without an EOS decodes every position."""
+    eos = _eos_head(llada, 1.1)
+    plan = {"diffcache": 1, "model": "llada", "method": "elastic_cache", "options": {}}
+    diffcache.accelerate(llada, plan)
+    kw = {**REQ, "gen_length": 16, "steps": 16, "block_length": 16, "cfg_scale": 1.0}
+    out = llada(["hello", "the quick brown fox"], **kw)
+    gen, at = out.tokens[:, out.prompt_len :], out.committed_at
+    assert not bool((gen[1] == eos).any()) and bool((at[1] >= 0).all())
+    where = (gen[0] == eos).nonzero().flatten().tolist()
+    assert where and bool((at[0] == -1).any())  # an EOS, and masks it left
+    for e in where:
+        assert bool((at[0, e + 1 :] <= at[0, e]).all()), e  # nothing right of it committed later
+    assert bool((at[0, : where[0]] >= 0).all())
 
 
 def test_elastic_batch_rows_measure_their_own_similarity(llada) -> None:
@@ -487,6 +554,43 @@ def test_dkv_greedy_recomputes_decoded_scheduled_and_their_windows(llada) -> Non
         masked[:p] = False
         want = now | (at == step - 1) | neighbours(now[None], masked[None], 1)[0]
         assert got == set(want.nonzero().flatten().tolist()), step
+
+
+def test_dkv_greedy_batch_rows_recompute_their_own_windows(llada) -> None:
+    """Greedy on three prompts (blocks of 8 masks in 4 steps: 2 scheduled a step, window 2):
+    each batch row's cached step recomputes its own last-decoded, scheduled and window
+    positions; the rows' sets differ in size (padded by repeating a position), and the work
+    recorded is each row's distinct positions, at every layer."""
+    from diffcache.methods.dkv_cache import neighbours
+
+    prompts = ["hello", "the quick brown fox", "a"]
+    options = {"variant": "greedy", "refresh_every": 2, "window": 2}
+    gen = torch.Generator().manual_seed(0)
+    kw = {"gen_length": 16, "steps": 8, "block_length": 8, "generator": gen}
+    out, writes = store_writes(llada, "dkv_cache", options, prompts, **kw)
+    p, length = out.prompt_len, out.tokens.shape[1]
+    assert bool((out.committed_at >= 0).all())
+    layer0 = {step: r for step, layer, r in writes if layer == 0}
+    assert sorted(layer0) == list(range(8))
+    ragged = False
+    for step, r in layer0.items():
+        got = [set(row.tolist()) for row in r]
+        ragged |= len({len(g) for g in got}) > 1
+        for b, row in enumerate(got):
+            if step % 4 % 2 == 0:  # a refresh: every 2 block steps
+                assert row == set(range(length)), (step, b)
+                continue
+            at = torch.full((length,), -1)
+            at[p:] = out.committed_at[b]
+            now = at == step
+            masked = (at >= step) & ~now
+            masked[:p] = False
+            want = now | (at == step - 1) | neighbours(now[None], masked[None], 2)[0]
+            assert row == set(want.nonzero().flatten().tolist()), (step, b)
+    assert ragged  # some cached step pads a row
+    done, _ = diffcache.stats(llada).work["token_layer"]
+    distinct = sum(len(set(row.tolist())) for r in layer0.values() for row in r)
+    assert done == distinct * llada.model.num_layers
 
 
 def test_dkv_greedy_commits_the_fixed_counts_whatever_the_request_threshold(llada) -> None:
