@@ -514,6 +514,20 @@ def test_bad_requests_fail_before_the_model_runs(llada, kw, message) -> None:
     assert not calls
 
 
+def test_dream_with_fewer_steps_than_blocks_is_refused_before_the_model_runs(dream) -> None:
+    """Dream gives each block steps // blocks steps: 1 step over 2 blocks would decode nothing
+    (all masks out, no error, before the rule); 2 steps decode both blocks, one step each."""
+    calls = []
+    hook = dream.model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(DiffCacheError, match=r"^steps 1 is fewer than the number of blocks 2 "):
+        dream("hello", gen_length=8, block_length=4, steps=1)
+    assert not calls
+    out = dream("hello", gen_length=8, block_length=4, steps=2)
+    hook.remove()
+    assert len(calls) == 2
+    assert out.steps == 2 and bool((out.committed_at >= 0).all())
+
+
 def test_empty_prompt_in_a_batch_is_refused(llada) -> None:
     with pytest.raises(DiffCacheError, match=r"prompt\(s\) \[1\] of the batch are empty"):
         llada(["hello", " "], gen_length=8, steps=8)

@@ -39,6 +39,20 @@ from diffcache.sites import Stack
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
+
+def steps_problem(gen_length: int, steps: int, block_length: int) -> str | None:
+    """Dream gives each block ``steps // blocks`` steps: fewer steps than blocks would decode
+    nothing (LLaDA's divisibility rule implies the same bound)."""
+    blocks = gen_length // block_length
+    if steps < blocks:
+        return (
+            f"steps {steps} is fewer than the number of blocks {blocks} (gen_length {gen_length} "
+            f"/ block_length {block_length}): each block needs a step; raise steps to at least "
+            f"{blocks} or lengthen block_length"
+        )
+    return None
+
+
 ADAPTER = register_adapter(
     Adapter(
         name="dream",
@@ -54,7 +68,7 @@ ADAPTER = register_adapter(
         seed_arg="generator",
         kv=KV_SEAM,
         fields=FIELDS,
-        rules=(rule(block_problem),),
+        rules=(rule(block_problem), rule(steps_problem)),
         valid_for={"gen_length": int, "block_length": int},
     )
 )
@@ -75,6 +89,11 @@ class DreamPipeline(DiffusionLMPipeline):
         "factor": None,
         "reference_compat": False,
     }
+
+    def check_request(self, gen_length: int, steps: int, block_length: int) -> None:
+        problem = steps_problem(gen_length, steps, block_length)
+        if problem:
+            raise RequestError(problem)
 
     def score(
         self,
