@@ -1,5 +1,6 @@
-"""Issue 23's bad input at the method configs, before any model runs: a budget that would hold
-the whole cache, and two ways of giving the budget at once (research/var.md §3.2 item 5)."""
+"""The VAR KV method configs before any model runs: issue 23's bad input (a budget that would
+hold the whole cache, two ways of giving the budget at once; research/var.md §3.2 item 5), the
+budgets they hand their selections and what ``--target-kv`` makes of them."""
 
 from __future__ import annotations
 
@@ -75,3 +76,44 @@ def test_scalekv_options_reach_the_selection():
     selection = cfg.make(None, SCHED, 2, 2)
     assert (selection.pooling, selection.reference_compat) == ("avg", True)
     assert (selection.window, selection.kernel, selection.base_capacity) == (4, 3, 8)
+
+
+def test_hack_kv_target_replaces_a_budget_by_the_history_fraction():
+    """``--target-kv 0.3`` from a plan with a budget: the budget goes, B = round(0.3 x 14) = 4
+    rows (14: the history the last scale sees), the other options stay."""
+    cfg = HACKConfig(budget=10, contextual_ratio=2.0).kv_target(0.3)
+    assert (cfg.budget, cfg.compression, cfg.reference) == (None, 0.7, "history")
+    assert cfg.contextual_ratio == 2.0 and cfg.average(SCHED) == 4
+
+
+@pytest.mark.parametrize(
+    ("budget", "ratio", "classes", "want"),
+    [
+        # alpha = 3/4 contextual: B_S = floor(10 / (3/4 x 2 + 1/4)) = 5,
+        # B_C = floor((10 - 1/4 x 5) / (3/4)) = 11
+        (10, 2.0, ((0, 0), (0, 1)), (11, 5)),
+        # alpha = 1/4: B_S = floor(10 / (1/4 x 2 + 3/4)) = 8, B_C = floor((10 - 6) / (1/4)) = 16
+        (10, 2.0, ((1, 1), (0, 1)), (16, 8)),
+        # B = 1, alpha 1/2, ratio 10: B_S = floor(1 / 5.5) = 0 rows, raised to 1; B_C = 2
+        (1, 10.0, ((0, 1), (1, 0)), (2, 1)),
+        # B = 1, ratio 1/10: B_S = floor(1 / 0.55) = 1, B_C = floor(0.5 / 0.5) = 1
+        (1, 0.1, ((0, 1), (1, 0)), (1, 1)),
+        # ratio 1/10 at B = 3: B_S = floor(3 / 0.55) = 5, B_C = floor(0.5 / 0.5) = 1
+        (3, 0.1, ((0, 1), (1, 0)), (1, 5)),
+    ],
+)
+def test_hack_budgets_split_by_the_contextual_fraction_of_the_classes(budget, ratio, classes, want):
+    """alpha·B_C + (1 − alpha)·B_S = B with B_C / B_S = ratio, alpha the contextual fraction of
+    the calibration's heads (research/var.md §2.2.3), each class keeping at least one row."""
+    cfg = HACKConfig(budget=budget, contextual_ratio=ratio)
+    selection = cfg.make(HACKCalibration(classes), SCHED, 2, 2)
+    assert (selection.budgets[0], selection.budgets[1]) == want
+
+
+def test_hack_classes_for_another_model_name_both_shapes():
+    with pytest.raises(PlanError) as err:
+        HACKConfig(budget=5).make(HACKCalibration(()), SCHED, 2, 2)
+    assert str(err.value) == (
+        "hack: the calibration's head classes are for 0 layers x 0 heads, the model has 2 "
+        "layers x 2 heads"
+    )
