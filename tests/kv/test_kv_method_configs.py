@@ -9,6 +9,7 @@ import pytest
 from diffcache.errors import PlanError
 from diffcache.kv import Schedule
 from diffcache.methods.hack import HACKCalibration, HACKConfig
+from diffcache.methods.kv_baselines import H2OConfig, PyramidKVConfig, SnapKVConfig, StreamingConfig
 from diffcache.methods.scalekv import ScaleKVConfig, ScaleKVScale
 
 SCHED = Schedule.square((1, 2, 3, 4))  # 30 tokens
@@ -117,3 +118,36 @@ def test_hack_classes_for_another_model_name_both_shapes():
         "hack: the calibration's head classes are for 0 layers x 0 heads, the model has 2 "
         "layers x 2 heads"
     )
+
+
+def test_baseline_options_reach_their_selections():
+    """Every option other than the defaults: H2O's recent rows, SnapKV's and PyramidKV's window
+    and kernel, PyramidKV's beta, StreamingLLM's sinks; H2O's recent defaults to half the
+    budget."""
+    h2o = H2OConfig(budget=8, recent=3).make(None, SCHED, 2, 2)
+    assert (h2o.tokens, h2o.recent) == (8, 3)
+    assert H2OConfig(budget=9).make(None, SCHED, 2, 2).recent == 4
+    snap = SnapKVConfig(budget=8, window=2, kernel=3).make(None, SCHED, 2, 2)
+    assert (snap.tokens, snap.window, snap.kernel) == (8, 2, 3)
+    pyramid = PyramidKVConfig(budget=8, window=2, kernel=3, beta=4).make(None, SCHED, 2, 2)
+    assert (pyramid.tokens, pyramid.layers, pyramid.window, pyramid.kernel, pyramid.beta) == (
+        8,
+        2,
+        2,
+        3,
+        4,
+    )
+    streaming = StreamingConfig(budget=8, sinks=2).make(None, SCHED, 2, 2)
+    assert (streaming.tokens, streaming.sinks) == (8, 2)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [H2OConfig(budget=10), SnapKVConfig(budget=10, window=2), StreamingConfig(budget=10)]
+    + [PyramidKVConfig(budget=10, window=2)],
+)
+def test_baseline_kv_target_replaces_a_budget_by_the_history_fraction(config):
+    """``--target-kv 0.5`` from a plan with a budget: floor(0.5 x 14) = 7 rows per head."""
+    cfg = config.kv_target(0.5)
+    assert (cfg.budget, cfg.ratio) == (None, 0.5)
+    assert cfg.make(None, SCHED, 2, 2).tokens == 7

@@ -576,3 +576,21 @@ def test_hack_aggressive_structural_heads_must_keep_the_first_map_and_the_newest
     with pytest.raises(PlanError, match="below the 2 rows structural heads must keep"):
         diffcache.accelerate(pipe, _plan("hack", one.to_options()))
     assert not diffcache.is_accelerated(pipe)
+
+
+def test_snapkv_aggressive_keeps_a_one_row_window(plain, monkeypatch) -> None:
+    """aggressive()'s observation window is the newest row alone: at a budget of 1 every head
+    holds exactly that row after every scale (position 0, then 4, 13, 29)."""
+    pipe, _ = plain
+    config = dataclasses.replace(methods()["snapkv"].aggressive(), budget=1)
+    seen = _held_positions(monkeypatch)
+    diffcache.accelerate(pipe, _plan("snapkv", config.to_options()))
+    try:
+        _run(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert seen == [
+        (si, layer, [[SCHEDULE.start(si + 1) - 1]] * HEADS)
+        for si in range(len(SCHEDULE))
+        for layer in range(LAYERS)
+    ]
