@@ -27,11 +27,14 @@ def test_the_process_count_is_the_launchers_world_size(world, want, monkeypatch)
 
 
 def test_each_process_takes_every_size_th_item_from_its_rank(monkeypatch) -> None:
-    """Rank 1 of 3 (accelerate's process index, faked): items 1, 4, 7 of 0..7; in one process
-    the rank is 0 without asking accelerate, and the share is everything."""
+    """Rank 1 of 2, then of 3 (accelerate's process index, faked): items 1, 3, 5, 7, then 1, 4,
+    7 of 0..7; in one process the rank is 0 without asking accelerate, and the share is
+    everything."""
     monkeypatch.setattr(distributed, "_state", lambda: SimpleNamespace(process_index=1))
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert (distributed.rank(), distributed.is_main()) == (1, False)
+    assert distributed.shard(list(range(8))) == [1, 3, 5, 7]
+    monkeypatch.setenv("WORLD_SIZE", "3")
     assert distributed.shard(list(range(8))) == [1, 4, 7]
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert (distributed.rank(), distributed.is_main()) == (0, True)
