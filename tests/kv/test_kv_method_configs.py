@@ -77,6 +77,9 @@ def test_scalekv_options_reach_the_selection():
     selection = cfg.make(None, SCHED, 2, 2)
     assert (selection.pooling, selection.reference_compat) == ("avg", True)
     assert (selection.window, selection.kernel, selection.base_capacity) == (4, 3, 8)
+    paper = ScaleKVConfig(average=8, window=4, variant="paper", base_capacity=5)
+    selection = paper.make(None, SCHED, 2, 2)
+    assert (selection.variant, selection.base_capacity, selection.pooling) == ("paper", 5, "avg")
 
 
 def test_hack_kv_target_replaces_a_budget_by_the_history_fraction():
