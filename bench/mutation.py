@@ -8,7 +8,8 @@ function, then forks one child per mutant that runs only the tests calling the m
 mutmut derives a module's import name from its path, and ``diffcache.kernels`` lives in
 ``kernels/src`` (pyproject.toml's ``package-dir``), so each module runs in a staging copy of the
 installed layout, ``out/mutation/work/<module>/`` (``diffcache/`` with the mapped folders moved in,
-``tests/``). Lines that only record traces or Stats are not mutated (``SKIP_LINES``).
+``tests/``, and ``bench/`` for the tests that run its scripts). Lines that only record traces or
+Stats are not mutated (``SKIP_LINES``).
 
 Resumable: a module whose report matches its current source and tests is not run again; an
 interrupted module resumes where mutmut stopped (it keeps every verdict as it goes). A changed
@@ -88,6 +89,7 @@ def stage(module: str, tests: list[str], work: Path) -> None:
     for folder, target in package_dirs().items():
         shutil.copytree(ROOT / folder, work / target, ignore=IGNORE)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=IGNORE)
+    shutil.copytree(ROOT / "bench", work / "bench", ignore=IGNORE)  # tests that run its scripts
     pytest_ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
     pytest_ini = pytest_ini["ini_options"] | {"testpaths": tests}
     pytest_ini["addopts"] += " -p no:cacheprovider"
@@ -96,6 +98,7 @@ def stage(module: str, tests: list[str], work: Path) -> None:
         + "".join(f"{key} = {json.dumps(value)}\n" for key, value in pytest_ini.items())
         + "[tool.mutmut]\n"
         'source_paths = ["diffcache"]\n'
+        'also_copy = ["bench/"]\n'
         f"only_mutate = {json.dumps([installed_path(module)])}\n"
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         f"do_not_mutate_patterns = {json.dumps(SKIP_LINES)}\n"

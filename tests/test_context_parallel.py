@@ -94,6 +94,10 @@ def test_layers_see_input_and_output_sharded_alike(model: str, plan: str, under_
         else:
             assert not any(isinstance(f, Layer) for f in refs), name
     assert isinstance(model_.forward, Layer)  # the step site, outermost on the root
+    from diffcache.hooks import hooked
+
+    # parallelism enabled first: the run-start check finds no late split (it would raise)
+    distributed.check_not_split_after({"transformer": model_}, None, hooked)
     diffcache.remove(pipe)
     assert not any(layers(m) for m in model_.modules())
 

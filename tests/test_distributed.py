@@ -8,10 +8,52 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from diffcache import distributed
 from diffcache.cli import main
+
+
+@pytest.mark.parametrize(("world", "want"), [(None, 1), ("", 1), ("0", 1), ("1", 1), ("3", 3)])
+def test_the_process_count_is_the_launchers_world_size(world, want, monkeypatch) -> None:
+    """Unset, empty or 0 (no launcher): one process."""
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    assert distributed.size() == want
+
+
+def test_each_process_takes_every_size_th_item_from_its_rank(monkeypatch) -> None:
+    """Rank 1 of 2, then of 3 (accelerate's process index, faked): items 1, 3, 5, 7, then 1, 4,
+    7 of 0..7; in one process the rank is 0 without asking accelerate, and the share is
+    everything."""
+    monkeypatch.setattr(distributed, "_state", lambda: SimpleNamespace(process_index=1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (distributed.rank(), distributed.is_main()) == (1, False)
+    assert distributed.shard(list(range(8))) == [1, 3, 5, 7]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert distributed.shard(list(range(8))) == [1, 4, 7]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert (distributed.rank(), distributed.is_main()) == (0, True)
+    assert distributed.shard(list(range(8))) == list(range(8))
+
+
+def test_gather_hands_accelerate_a_list_of_this_process_object(monkeypatch) -> None:
+    """gather_object concatenates every process's list in rank order; in one process gather
+    is the object alone, without accelerate."""
+    import accelerate.utils
+
+    sent = []
+    monkeypatch.setattr(distributed, "_state", lambda: None)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda x: sent.append(x) or [*x, "b"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.gather("a") == ["a"] and sent == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.gather("a") == ["a", "b"] and sent == [["a"]]
+
 
 LAUNCH = [
     sys.executable,

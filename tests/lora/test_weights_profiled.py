@@ -121,8 +121,13 @@ def test_other_storage_and_unreadable_weights_are_refused(tmp_path: Path) -> Non
     half = [torch.nn.Linear(2, 2).to(torch.float16)]
     with pytest.raises(PlanError, match="calibrated on float32 weights but this model's are "):
         check_weights(plan, half)
-    with pytest.raises(PlanError, match=r"not in memory \(on the meta device"):
+    with pytest.raises(PlanError) as err:
         check_weights(plan, [torch.nn.Linear(2, 2, device="meta")])
+    assert str(err.value) == (
+        f"{plan.source}: valid_for.weights: profiled: this model's weights are not in memory "
+        "(on the meta device: sequential offloading), so they cannot be compared; accelerate "
+        "before offloading, or drop the key."
+    )
     bare = dataclasses.replace(plan, provenance={"weights": "float32"})
     with pytest.raises(PlanError, match=r"records no weights' norm \(provenance.weights_norm\)"):
         check_weights(bare, [torch.nn.Linear(2, 2)])
@@ -257,3 +262,14 @@ def test_the_norm_is_read_once_per_run_only_when_the_plan_requires_it(
         finally:
             diffcache.remove(pipe)
         assert len(reads) == want, (plan.valid_for, len(reads))
+
+
+def test_a_storage_named_in_valid_for_is_the_one_required(tmp_path: Path) -> None:
+    """``valid_for.weights: bfloat16`` requires bfloat16 weights, whatever storage the plan was
+    profiled on (``provenance.weights``: float32 here); float32 weights are refused."""
+    plan = _profiled("dit-tiny-ertacache.yaml", tmp_path)
+    bf16 = dataclasses.replace(plan, valid_for={**plan.valid_for, "weights": "bfloat16"})
+    assert bf16.provenance["weights"] == "float32"
+    with pytest.raises(PlanError, match="calibrated on bfloat16 weights but this model's are "):
+        check_weights(bf16, [torch.nn.Linear(2, 2)])
+    check_weights(bf16, [torch.nn.Linear(2, 2).to(torch.bfloat16)])

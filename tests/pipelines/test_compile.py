@@ -155,8 +155,17 @@ def test_sites_inside_a_compiled_graph_are_refused(
     compile_pipe: Any, where: str, method: str, words: str
 ) -> None:
     pipe = compile_pipe(load_model("dit-tiny"), where, backend="eager")
-    with pytest.raises(UnsupportedModelError, match=rf"transformer_blocks\.0: {words}"):
+    fix = {
+        "block": "compile its blocks on their own instead (transformer.compile_repeated_blocks("
+        "fullgraph=True), or .compile() on each block)",
+        "module": "compile the modules it caches on their own instead (.compile() on each "
+        "block's attention and feed-forward modules)",
+    }[words.split()[0]]
+    with pytest.raises(UnsupportedModelError) as e:
         diffcache.accelerate(pipe, _plan("dit-tiny", method))
+    message = str(e.value)
+    assert "transformer_blocks.0: " in message and f"{words}" in message
+    assert message.endswith(f" would break its graph; {fix}")
     assert clean(pipe.transformer, *_blocks(pipe), pipe.scheduler, exact=False)
 
 
@@ -208,7 +217,11 @@ def test_compiling_after_accelerate_is_refused(method: str) -> None:
     diffcache.accelerate(pipe, _plan("dit-tiny", method))
     target = pipe.transformer if method == "easycache" else _blocks(pipe)[0]
     target.compile(backend="eager")
-    with pytest.raises(RunError, match="was compiled after accelerate"):
+    want = (
+        rf"^{type(target).__name__} was compiled after accelerate \(.*\); diffcache detached "
+        r"itself: compile first, then call diffcache\.accelerate\(\)\.$"
+    )
+    with pytest.raises(RunError, match=want):
         generate(pipe, _request("dit-tiny"))
     assert clean(pipe.transformer, *_blocks(pipe), pipe.scheduler, exact=False)
 

@@ -26,7 +26,7 @@ from diffcache.errors import AlreadyAcceleratedError, DiffCacheError, PlanError
 from diffcache.generate import generate
 from diffcache.models import load_model
 from diffcache.plan import Plan
-from diffcache.quant import load_gguf, quantize_bnb, quantize_int8
+from diffcache.quant import gguf_problems, load_gguf, quantize_bnb, quantize_int8
 from diffcache.registry import find_adapter
 from diffcache.testing.golden import default_request
 from diffcache.testing.toys import clean
@@ -135,10 +135,13 @@ def test_every_method_on_torchao_int8(dit_int8: Any, dit: Any, method: str) -> N
 def test_quantizing_refuses_an_accelerated_pipeline(dit: Any, quantize: Any) -> None:
     diffcache.accelerate(dit, "dit-tiny.yaml")
     try:
-        with pytest.raises(AlreadyAcceleratedError, match="call diffcache.remove"):
+        with pytest.raises(AlreadyAcceleratedError) as e:
             quantize(dit)
     finally:
         diffcache.remove(dit)
+    assert str(e.value) == (
+        "DiTPipeline is accelerated; call diffcache.remove(), quantize, then accelerate."
+    )
     assert weights([dit.transformer]) == "float32"
 
 
@@ -229,6 +232,92 @@ def test_gguf_that_does_not_match_the_config_is_one_line(
     n = len([k for k in plain.transformer.state_dict() if k.startswith("transformer_blocks.0.")])
     assert f"{n} missing from the file (transformer_blocks.{config['num_layers'] - 1}." in message
     assert "pass config= the folder of the model the file was made from" in message
+
+
+def test_gguf_problems_name_three_keys_of_each_kind_and_count_them(
+    flux_gguf: tuple[Any, Any, Path, Path], tmp_path: Path
+) -> None:
+    """Configs with one block fewer, one more, and a wider text embedding than the file: each
+    kind of problem counts its keys and names the first three (then "..."); a file that does
+    not exist is one line."""
+    plain, _, path, folder = flux_gguf
+    cls, config = type(plain.transformer), json.loads((folder / "config.json").read_text())
+    last = config["num_layers"] - 1
+    block = [
+        k for k in plain.transformer.state_dict() if k.startswith(f"transformer_blocks.{last}.")
+    ]
+    new = [
+        k.replace(f"transformer_blocks.{last}.", f"transformer_blocks.{last + 1}.") for k in block
+    ]
+    want = list(plain.transformer.context_embedder.weight.shape)
+    shape = f"context_embedder.weight is {want} in the file, {[want[0], want[1] * 2]} in the config"
+
+    def problems(*most: int, **changes: int) -> list[str]:
+        other = tmp_path / "-".join(f"{k}{v}" for k, v in changes.items())
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps(config | changes))
+        return gguf_problems(path, cls, other, *most)
+
+    assert len(block) > 3
+    assert problems(num_layers=last) == [
+        f"{len(block)} not in the model ({block[0]}, {block[1]}, {block[2]}, ...)"
+    ]
+    wider = config["joint_attention_dim"] * 2
+    assert problems(num_layers=last + 2, joint_attention_dim=wider) == [
+        f"1 other shapes ({shape})",
+        f"{len(block)} missing from the file ({new[0]}, {new[1]}, {new[2]}, ...)",
+    ]
+    assert problems(1, joint_attention_dim=wider) == [f"1 other shapes ({shape})"]
+    with pytest.raises(DiffCacheError) as e:
+        gguf_problems(tmp_path / "none.gguf", cls, folder)
+    assert str(e.value) == f"{tmp_path / 'none.gguf'}: no such GGUF file"
+
+
+def test_load_gguf_joins_the_problems_in_one_line(
+    flux_gguf: tuple[Any, Any, Path, Path], tmp_path: Path
+) -> None:
+    plain, _, path, folder = flux_gguf
+    config = json.loads((folder / "config.json").read_text())
+    config["num_layers"] += 1
+    config["joint_attention_dim"] *= 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DiffCacheError) as e:
+        load_gguf(path, type(plain.transformer), tmp_path)
+    found = gguf_problems(path, type(plain.transformer), tmp_path)
+    assert len(found) == 2 and str(e.value) == (
+        f"{path}: the GGUF file does not match the FluxTransformer2DModel configuration in "
+        f"{tmp_path}: {found[0]}; {found[1]}; pass config= the folder of the model the file "
+        "was made from."
+    )
+
+
+def test_load_gguf_computes_in_the_dtype_asked_for(flux_gguf: tuple[Any, Any, Path, Path]) -> None:
+    """``compute_dtype`` reaches diffusers' GGUF config: the unquantized parameters (norms,
+    biases) are held in it; float32 by default."""
+    plain, quant, path, folder = flux_gguf
+    half = load_gguf(path, type(plain.transformer), folder, compute_dtype=torch.bfloat16)
+    assert half.hf_quantizer.quantization_config.compute_dtype == torch.bfloat16
+    assert quant.transformer.hf_quantizer.quantization_config.compute_dtype == torch.float32
+    assert half.context_embedder.bias.dtype == torch.bfloat16
+    assert quant.transformer.context_embedder.bias.dtype == torch.float32
+
+
+def test_a_pipeline_folder_with_two_gguf_files_for_one_component_is_refused(
+    tmp_path: Path,
+) -> None:
+    from diffcache.quant import gguf_components
+
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "transformer").mkdir()
+    for name in ("b.gguf", "a.gguf"):
+        (tmp_path / "transformer" / name).write_bytes(b"")
+    with pytest.raises(DiffCacheError) as e:
+        gguf_components(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / 'transformer'}: 2 GGUF files (a.gguf, b.gguf); keep the one the pipeline "
+        "should load."
+    )
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +460,22 @@ def test_quantize_bnb_is_bitsandbytes_layers_by_hand(four_bit: bool) -> None:
     got = generate(quant, request)
     assert np.array_equal(got, generate(by_hand, request))
     assert not np.array_equal(got, generate(plain, request))
+
+
+def test_quantize_bnb_leaves_the_quantizer_from_pretrained_leaves() -> None:
+    """The model keeps its quantizer as diffusers' loader leaves it: ``dequantize()`` gives back
+    float Linear layers, each weight within one int8 step (its row's absmax / 127) of the
+    original."""
+    pytest.importorskip("bitsandbytes")
+    pipe = load_model("flux-tiny")
+    before = pipe.transformer.context_embedder.weight.detach().clone()
+    quantize_bnb(pipe)
+    assert type(pipe.transformer.context_embedder).__name__ == "Linear8bitLt"
+    pipe.transformer.dequantize()
+    after = pipe.transformer.context_embedder
+    assert type(after) is torch.nn.Linear and after.weight.dtype == torch.float32
+    step = before.abs().amax(dim=1, keepdim=True) / 127
+    assert ((after.weight - before).abs() <= step).all()
 
 
 def test_quantize_bnb_names_a_wrong_config() -> None:

@@ -479,3 +479,118 @@ def test_each_schedule_is_checked_once_per_session(monkeypatch, plain) -> None:
     finally:
         diffcache.remove(pipe)
     assert seen == [SCHEDULE, small, small]
+
+
+#: each method's aggressive() on var-tiny, by hand: when it selects and its rows by (scale,
+#: layer, rows), as in RULES (DESIGN.md §8's contract: an aggressive setting skips work)
+AGGRESSIVE: dict[str, tuple[str, Callable[[int, int, int], int | None]]] = {
+    "h2o": ("post", lambda si, layer, n: 2),  # budget 2: one recent row, one heavy hitter
+    "snapkv": ("post", lambda si, layer, n: 2),  # budget 2: a 1-row window and one top row
+    "streaming": ("post", lambda si, layer, n: 6),  # the 5 sinks and the newest row
+    "pyramidkv": ("post", lambda si, layer, n: _pyramid(3, 1, layer, n)),
+    # average 4, base capacity 4: first exceeded by the 5 rows after scale 1; none after the
+    # last scale
+    "scalekv": ("post", lambda si, layer, n: 4 if si in (1, 2) else None),
+    "hack": ("pre", lambda si, layer, n: 3),  # B = round(0.1 x 30), alpha 1/2: B_C = B_S = 3
+}
+
+
+@pytest.mark.parametrize("method", sorted(AGGRESSIVE))
+def test_aggressive_keeps_its_hand_budget_and_repeats(
+    method: str, plain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every next-scale KV method's aggressive(): every layer holds the rows worked out by hand
+    above, the output changes but stays the same from one call to the next, and remove()
+    leaves the plain pipeline (test_contracts.py's contract, on var-tiny)."""
+    pipe, base = plain
+    seen = _spy(monkeypatch)
+    diffcache.accelerate(pipe, _plan(method, methods()[method].aggressive().to_options()))
+    try:
+        first = _run(pipe)
+        stats = diffcache.stats(pipe).as_dict()
+        calls = list(seen)
+        second = _run(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert calls == _expected(*AGGRESSIVE[method])
+    assert stats["compute_fraction"] < 1.0
+    assert stats["kv_history_bytes"][-1] < GEOMETRY.history_before(None)[-1]
+    assert not _same(first, base) and _same(first, second)
+    assert _same(_run(pipe), base)
+
+
+def _held_positions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, list[list[int]]]]:
+    """(scale, layer, the positions each head of the first batch row holds after it)."""
+    seen = []
+    inner = BudgetedHistory._attend_group
+
+    def attend_group(self, call, g, q, k, v):
+        out = inner(self, call, g, q, k, v)
+        if self.groups[call.layer][g] == list(range(HEADS)):
+            seen.append((call.si, call.layer, self.positions(call.layer, g)[0].tolist()))
+        return out
+
+    monkeypatch.setattr(BudgetedHistory, "_attend_group", attend_group)
+    return seen
+
+
+def test_scalekv_aggressive_keeps_the_centroids_of_a_2x2_grid(plain, monkeypatch) -> None:
+    """aggressive()'s budget is its window: after scales 1 (the 2x2 map, positions 1-4) and
+    2 (the 3x3 map from 5: patches of 1, centroids at its (0,0), (0,1), (1,0), (1,1)) every
+    head keeps those 4 centroids only (research/var.md §2.1.3's grid)."""
+    pipe, _ = plain
+    seen = _held_positions(monkeypatch)
+    diffcache.accelerate(pipe, _plan("scalekv", methods()["scalekv"].aggressive().to_options()))
+    try:
+        _run(pipe)
+    finally:
+        diffcache.remove(pipe)
+    held = {(si, layer): rows for si, layer, rows in seen if si in (1, 2)}
+    want = {1: [1, 2, 3, 4], 2: [5, 6, 8, 9]}
+    assert held == {(si, layer): [want[si]] * HEADS for si in (1, 2) for layer in range(LAYERS)}
+
+
+def test_hack_aggressive_structural_heads_must_keep_the_first_map_and_the_newest_row(
+    plain, monkeypatch
+) -> None:
+    """aggressive()'s mandatory set is two rows: the 1x1 map (position 0) and the newest row of
+    the current map. At a budget of 2 the structural heads (CLASSES: layer 0 head 1, layer 1
+    head 0) hold exactly those after every scale; at 1 the plan is refused naming the 2."""
+    from diffcache.errors import PlanError
+
+    pipe, _ = plain
+    config = dataclasses.replace(methods()["hack"].aggressive(), compression=None, budget=2)
+    seen = _held_positions(monkeypatch)
+    diffcache.accelerate(pipe, _plan("hack", config.to_options()))
+    try:
+        _run(pipe)
+    finally:
+        diffcache.remove(pipe)
+    structural = {(si, layer): rows[1 - layer] for si, layer, rows in seen}
+    assert structural == {
+        (si, layer): [0, SCHEDULE.start(si + 1) - 1] if si else [0]
+        for si in range(len(SCHEDULE))
+        for layer in range(LAYERS)
+    }
+    one = dataclasses.replace(config, budget=1)
+    with pytest.raises(PlanError, match="below the 2 rows structural heads must keep"):
+        diffcache.accelerate(pipe, _plan("hack", one.to_options()))
+    assert not diffcache.is_accelerated(pipe)
+
+
+def test_snapkv_aggressive_keeps_a_one_row_window(plain, monkeypatch) -> None:
+    """aggressive()'s observation window is the newest row alone: at a budget of 1 every head
+    holds exactly that row after every scale (position 0, then 4, 13, 29)."""
+    pipe, _ = plain
+    config = dataclasses.replace(methods()["snapkv"].aggressive(), budget=1)
+    seen = _held_positions(monkeypatch)
+    diffcache.accelerate(pipe, _plan("snapkv", config.to_options()))
+    try:
+        _run(pipe)
+    finally:
+        diffcache.remove(pipe)
+    assert seen == [
+        (si, layer, [[SCHEDULE.start(si + 1) - 1]] * HEADS)
+        for si in range(len(SCHEDULE))
+        for layer in range(LAYERS)
+    ]
