@@ -2,7 +2,10 @@
 
 With torchao installed, every diffusers import logs that torchao's CUDA-only extensions cannot
 load (on a CPU build of torch), that two of torchao's Enums need no pytree registration any more,
-and that diffusers cannot import torchao tensor classes that torchao 0.18 moved. ``install`` drops
+and that diffusers cannot import torchao tensor classes that torchao 0.18 moved; with
+bitsandbytes installed, on a CPU with AVX512-BF16 its import logs that it could not fetch an
+optional 4-bit kernel from the Hugging Face hub (offline: it falls back to its own CPU code,
+which is what runs anyway where that kernel is absent). ``install`` drops
 exactly those records, by logger and message; every other record of these loggers still shows.
 """
 
@@ -16,6 +19,9 @@ KNOWN: dict[str, tuple[str, ...]] = {
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
     "diffusers.quantizers.torchao.torchao_quantizer": (
         "Unable to import `torchao` Tensor objects",
+    ),
+    "bitsandbytes.backends.cpu.ops": (
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
     ),
 }
 
